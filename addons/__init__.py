@@ -1,0 +1,10 @@
+"""mitmproxy addons: thin adapters that feed each intercepted call to the cedargate core."""
+
+from __future__ import annotations
+
+
+def default_addons(runtime=None) -> list:
+    from addons.agent_auth import AgentAuth
+    from addons.enforcer import Enforcer
+
+    return [AgentAuth(runtime.agents if runtime else None), Enforcer(runtime)]

@@ -1,0 +1,94 @@
+"""Agent authentication with standard proxy credentials (`http://AGENT:TOKEN@proxy`).
+
+Modelled on mitmproxy's own proxyauth addon: a CONNECT authenticates the client connection for every
+request tunnelled through it; a plain HTTP request authenticates itself. Missing or wrong credentials
+get 407 with `Proxy-Authenticate`. The credential header is removed before anything goes upstream.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import weakref
+from collections.abc import MutableMapping
+
+from mitmproxy import connection, http
+
+from addons.options import add_options, settings_from_options
+from proxy.agents import AgentDirectory
+
+log = logging.getLogger(__name__)
+
+AGENT = "cedargate.agent"
+REALM = "cedargate"
+
+
+class AgentAuth:
+    def __init__(self, directory: AgentDirectory | None = None) -> None:
+        self._given = directory is not None
+        self.directory = directory
+        self.authenticated: MutableMapping[connection.Client, str] = weakref.WeakKeyDictionary()
+
+    def load(self, loader) -> None:
+        add_options(loader)
+
+    def configure(self, updated: set[str]) -> None:
+        if not self._given and (self.directory is None or "cedargate_config" in updated):
+            self.directory = AgentDirectory(settings_from_options().agents)
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        agent = self._authenticate(flow)
+        if agent:
+            self.authenticated[flow.client_conn] = agent
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        agent = self.authenticated.get(flow.client_conn)
+        if agent:
+            flow.metadata[AGENT] = agent
+            # A tunnelled request carries no proxy credential of its own; drop one if sent anyway.
+            flow.request.headers.pop("Proxy-Authorization", None)
+        else:
+            self._authenticate(flow)
+
+    def _authenticate(self, flow: http.HTTPFlow) -> str | None:
+        credentials = parse_basic(flow.request.headers.get("Proxy-Authorization", ""))
+        flow.request.headers.pop("Proxy-Authorization", None)
+        if credentials and self.directory and self.directory.verify(*credentials):
+            flow.metadata[AGENT] = credentials[0]
+            return credentials[0]
+        log.info("proxy authentication failed from %s", flow.client_conn.peername)
+        flow.response = proxy_auth_required("missing" if credentials is None else "invalid")
+        return None
+
+
+def parse_basic(value: str) -> tuple[str, str] | None:
+    scheme, _, encoded = value.partition(" ")
+    if scheme.lower() != "basic" or not encoded:
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    agent, sep, token = decoded.partition(":")
+    return (agent, token) if sep and agent else None
+
+
+def proxy_auth_required(which: str) -> http.Response:
+    body = {
+        "type": "urn:cedargate:problem:proxy-auth-required",
+        "title": "Proxy authentication required",
+        "status": 407,
+        "detail": f"{which} proxy credentials: route calls through http://AGENT_ID:TOKEN@<proxy host>:<port>",
+    }
+    return http.Response.make(
+        407,
+        json.dumps(body),
+        {"Proxy-Authenticate": f'Basic realm="{REALM}"', "Content-Type": "application/problem+json"},
+    )
+
+
+addons = [AgentAuth()]

@@ -1,0 +1,68 @@
+"""Liveness and status: is the proxy able to decide calls, and with which policies."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from override_api.deps import RuntimeDep
+
+router = APIRouter(tags=["health"])
+
+
+class PolicyStatus(BaseModel):
+    directory: str
+    revision: str | None
+    loaded_at: datetime | None
+    policies: int
+    files: list[str]
+    last_reload_error: str | None
+    last_reload_error_at: datetime | None
+
+
+class StoreStatus(BaseModel):
+    healthy: bool
+    pending_records: int
+    records_written: int
+    last_error: str | None
+
+
+class Status(BaseModel):
+    status: str
+    policies: PolicyStatus
+    store: StoreStatus
+
+
+@router.get("/healthz", summary="Can the proxy decide and record calls?")
+def healthz(runtime: RuntimeDep) -> JSONResponse:
+    reason = runtime.recorder.unavailable_reason()
+    if reason:
+        return JSONResponse({"status": "unavailable", "detail": reason}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/status", response_model=Status, summary="Live policy revision, reload errors and store health")
+def status(runtime: RuntimeDep) -> Status:
+    engine, recorder = runtime.engine, runtime.recorder
+    bundle = engine.snapshot.bundle
+    return Status(
+        status="degraded" if engine.status.last_error or not recorder.healthy else "ok",
+        policies=PolicyStatus(
+            directory=str(engine.policy_dir),
+            revision=engine.status.revision,
+            loaded_at=engine.status.loaded_at,
+            policies=len(bundle.policies),
+            files=list(bundle.files),
+            last_reload_error=engine.status.last_error,
+            last_reload_error_at=engine.status.last_error_at,
+        ),
+        store=StoreStatus(
+            healthy=recorder.healthy,
+            pending_records=recorder.pending,
+            records_written=recorder.written,
+            last_error=recorder.last_error,
+        ),
+    )

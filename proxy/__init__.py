@@ -1,0 +1,1 @@
+"""cedargate's core: plain Python on plain data, knowing nothing of mitmproxy or FastAPI."""

@@ -1,0 +1,111 @@
+"""cedargate's settings: a YAML file parsed into pydantic models, with command-line flags on top.
+
+Every value has a safe default, so `cedargate run --policy-dir policies/` works without a file.
+A bad value raises `ConfigError` with the field's path and what was wrong.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the field and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Listen(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+class AgentCredential(_Strict):
+    """One agent's proxy credential: a SHA-256 hash of its token, or the name of a variable holding it."""
+
+    token_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    token_env: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AgentCredential:
+        if (self.token_sha256 is None) == (self.token_env is None):
+            raise ValueError("give exactly one of token_sha256 (see `cedargate hash-token`) or token_env")
+        return self
+
+
+class Settings(_Strict):
+    proxy: Listen = Listen()
+    api: Listen = Listen(port=8081)
+    allow_non_loopback: bool = False
+    policy_dir: Path = Path("policies")
+    policy_reload_interval: float = Field(1.0, ge=0, description="seconds between policy checks; 0 = off")
+    state_dir: Path = Path(".cedargate")
+    database_url: str | None = None
+    agents: dict[str, AgentCredential] = {}
+    context_headers: tuple[str, ...] = ("content-type", "user-agent", "accept")
+    max_body_bytes: int = Field(64 * 1024, ge=0)
+    passthrough_hosts: tuple[str, ...] = Field(
+        (), description="hosts (regexes, as mitmproxy's ignore_hosts) tunnelled without inspection"
+    )
+
+    @field_validator("agents")
+    @classmethod
+    def _agent_ids(cls, agents: dict[str, AgentCredential]) -> dict[str, AgentCredential]:
+        for agent_id in agents:
+            if not agent_id or ":" in agent_id or any(c.isspace() for c in agent_id):
+                raise ValueError(f"agent id {agent_id!r} must be non-empty, without ':' or spaces")
+        return agents
+
+    @field_validator("context_headers")
+    @classmethod
+    def _lower(cls, headers: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(h.lower() for h in headers)
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.state_dir / 'cedargate.db'}"
+
+
+def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Read the YAML file (if any), apply `overrides` (dotted keys, e.g. "proxy.port"), validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: cannot be read: {exc}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path}: not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: must be a mapping of settings")
+        data = loaded or {}
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        target = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            target = target.setdefault(key, {})
+        target[leaf] = value
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        where = f"config file {path}" if path else "settings"
+        lines = [f"  {'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError(f"{where} has bad values:\n" + "\n".join(lines)) from exc

@@ -1,0 +1,180 @@
+"""The decision path: one agent call in, one `Verdict` out, and the record of it.
+
+`Gate.decide` never raises and never returns "allow" unless the call mapped cleanly, Cedar allowed it
+with no evaluation errors, and the record can take the row. Every other path is a refusal with a
+problem type saying why. The verdict keeps the determining policies with their annotations, which is
+what a later step needs to turn a denial into an override request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+
+from proxy.engine import CedarRequest, Engine
+from proxy.mapping import Call, MappingError, MappingOptions, map_call
+from proxy.policy import PolicyInfo
+from proxy.store import Recorder, utcnow
+
+log = logging.getLogger(__name__)
+
+PROBLEM_BASE = "urn:cedargate:problem:"
+
+
+class Outcome(str, Enum):
+    ALLOW = "allow"
+    DENY = "deny"
+    ERROR = "error"
+
+
+class Problem(str, Enum):
+    """Why a call was refused; the value is the tail of the problem type URI."""
+
+    POLICY_DENIED = "policy-denied"
+    NO_PERMIT = "no-permit"
+    EVALUATION_ERROR = "evaluation-error"
+    MAPPING_ERROR = "mapping-error"
+    STORE_UNAVAILABLE = "store-unavailable"
+
+    @property
+    def uri(self) -> str:
+        return PROBLEM_BASE + self.value
+
+
+@dataclass(frozen=True)
+class Verdict:
+    decision_id: str
+    outcome: Outcome
+    call: Call
+    at: datetime
+    started: float
+    request: CedarRequest | None = None
+    determining: tuple[PolicyInfo, ...] = ()
+    errors: tuple[str, ...] = ()
+    revision: str | None = None
+    problem: Problem | None = None
+    status: int = 200
+    detail: str = ""
+    extra_headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def allowed(self) -> bool:
+        return self.outcome is Outcome.ALLOW
+
+    @property
+    def action(self) -> str:
+        return f'Action::"{self.request.action[1]}"' if self.request else ""
+
+    @property
+    def resource(self) -> str:
+        return f'{self.request.resource[0]}::"{self.request.resource[1]}"' if self.request else ""
+
+    def problem_body(self) -> dict:
+        """RFC 9457 problem details for a refused call."""
+        assert self.problem is not None
+        return {
+            "type": self.problem.uri,
+            "title": _TITLES[self.problem],
+            "status": self.status,
+            "detail": self.detail,
+            "decision_id": self.decision_id,
+            "policies": [{"id": p.policy_id, "effect": p.effect, "reason": p.reason} for p in self.determining],
+            "errors": list(self.errors),
+            "policy_revision": self.revision,
+            "agent": self.call.agent,
+            "action": self.action or None,
+            "resource": self.resource or None,
+        }
+
+    def problem_json(self) -> bytes:
+        return json.dumps(self.problem_body()).encode()
+
+
+_TITLES = {
+    Problem.POLICY_DENIED: "Denied by policy",
+    Problem.NO_PERMIT: "No policy permits this call",
+    Problem.EVALUATION_ERROR: "Policy evaluation failed; call refused",
+    Problem.MAPPING_ERROR: "Call cannot be checked; refused",
+    Problem.STORE_UNAVAILABLE: "Decision record unavailable; call refused",
+}
+
+
+class Gate:
+    def __init__(self, engine: Engine, recorder: Recorder, mapping: MappingOptions | None = None) -> None:
+        self.engine = engine
+        self.recorder = recorder
+        self.mapping = mapping or MappingOptions()
+
+    def decide(self, call: Call) -> Verdict:
+        started = time.perf_counter()
+        base = dict(decision_id=str(uuid.uuid4()), call=call, at=utcnow(), started=started)
+        try:
+            return self._decide(call, base)
+        except Exception as exc:  # anything unforeseen refuses the call; it never lets it through
+            log.exception("decision failed for %s %s", call.method, call.url)
+            return Verdict(
+                **base, outcome=Outcome.ERROR, problem=Problem.EVALUATION_ERROR, status=403,
+                errors=(f"{type(exc).__name__}: {exc}",), detail="cedargate could not decide this call",
+            )
+
+    def _decide(self, call: Call, base: dict) -> Verdict:
+        unavailable = self.recorder.unavailable_reason()
+        if unavailable:
+            return Verdict(
+                **base, outcome=Outcome.ERROR, problem=Problem.STORE_UNAVAILABLE, status=503,
+                detail=unavailable, extra_headers={"Retry-After": "5"},
+            )
+        try:
+            request = map_call(call, self.mapping)
+        except MappingError as exc:
+            return Verdict(
+                **base, outcome=Outcome.ERROR, problem=Problem.MAPPING_ERROR, status=exc.status, detail=str(exc)
+            )
+        evaluation = self.engine.evaluate(request)
+        policies = self.engine.snapshot.bundle.policies
+        determining = tuple(policies[p] for p in evaluation.determining if p in policies)
+        common = dict(base, request=request, determining=determining, errors=evaluation.errors,
+                      revision=evaluation.revision)
+        if evaluation.allowed:
+            return Verdict(**common, outcome=Outcome.ALLOW)
+        if evaluation.errors or evaluation.decision != "Deny":
+            return Verdict(
+                **common, outcome=Outcome.ERROR, problem=Problem.EVALUATION_ERROR, status=403,
+                detail="a policy could not be evaluated for this call, so it is refused: "
+                + "; ".join(evaluation.errors or (f"Cedar returned {evaluation.decision}",)),
+            )
+        forbids = tuple(p for p in determining if p.effect == "forbid")
+        if forbids:
+            reasons = "; ".join(p.reason or f'forbidden by policy "{p.policy_id}"' for p in forbids)
+            return Verdict(**common, outcome=Outcome.DENY, problem=Problem.POLICY_DENIED, status=403, detail=reasons)
+        return Verdict(
+            **common, outcome=Outcome.DENY, problem=Problem.NO_PERMIT, status=403,
+            detail=f"no policy permits {call.agent} to {call.method.upper()} {call.url} (default deny)",
+        )
+
+    def finish(self, verdict: Verdict, upstream_status: int | None = None) -> None:
+        """Append the verdict to the record, with the upstream's status once it is known."""
+        call = verdict.call
+        self.recorder.record({
+            "decision_id": verdict.decision_id,
+            "at": verdict.at,
+            "agent": call.agent,
+            "method": call.method.upper(),
+            "scheme": call.scheme,
+            "host": call.host,
+            "port": call.port,
+            "path": call.path,
+            "action": verdict.action,
+            "resource": verdict.resource,
+            "decision": verdict.outcome.value,
+            "determining_policies": json.dumps([p.policy_id for p in verdict.determining]),
+            "errors": json.dumps(list(verdict.errors) + ([verdict.detail] if verdict.outcome is Outcome.ERROR else [])),
+            "policy_revision": verdict.revision,
+            "upstream_status": upstream_status,
+            "duration_ms": round((time.perf_counter() - verdict.started) * 1000, 3),
+        })

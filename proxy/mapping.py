@@ -1,0 +1,143 @@
+"""Turning an agent's HTTP call into a Cedar request.
+
+principal = `Agent::"<id>"`, action = the HTTP method (`Action::"get"`, `"post"`, ...; the schema groups
+them as `read` and `write`), resource = `Host::"<host>"`, context = scheme, host, port, method, path,
+query, the operator's selected headers and the JSON body when there is one. The Cedar schema of this
+mapping is `policies/schema.cedarschema`. Anything that cannot be mapped faithfully raises
+`MappingError`; the caller refuses the call rather than guess.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from proxy.engine import CedarRequest
+
+METHOD_ACTIONS = {
+    m: m.lower() for m in ("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE")
+}
+
+# Never let credentials into the context or the record, whatever the operator selects.
+SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key"})
+
+# Cedar reads these keys in JSON as escapes for entity and extension values; an agent's body must
+# not be able to smuggle an entity reference into the context.
+CEDAR_ESCAPES = frozenset({"__entity", "__extn", "__expr"})
+
+MAX_BODY_DEPTH = 32
+CEDAR_LONG_MIN, CEDAR_LONG_MAX = -(2**63), 2**63 - 1
+
+
+class MappingError(Exception):
+    """The call cannot be expressed as a Cedar request; `status` is the HTTP status to refuse with."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Call:
+    """One agent call as plain data, independent of mitmproxy."""
+
+    agent: str
+    method: str
+    scheme: str
+    host: str
+    port: int
+    path: str
+    query: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+    @property
+    def url(self) -> str:
+        default = {"http": 80, "https": 443}.get(self.scheme)
+        netloc = self.host if self.port == default else f"{self.host}:{self.port}"
+        return f"{self.scheme}://{netloc}{self.path}" + (f"?{self.query}" if self.query else "")
+
+
+@dataclass(frozen=True)
+class MappingOptions:
+    context_headers: tuple[str, ...] = ("content-type", "user-agent", "accept")
+    max_body_bytes: int = 64 * 1024
+
+
+def map_call(call: Call, options: MappingOptions) -> CedarRequest:
+    action = METHOD_ACTIONS.get(call.method.upper())
+    if action is None:
+        raise MappingError(f"HTTP method {call.method!r} has no Cedar action; cedargate does not forward it", 405)
+    host = call.host.lower().rstrip(".")
+    if not host:
+        raise MappingError("the call names no host")
+    context: dict = {
+        "scheme": call.scheme,
+        "host": host,
+        "port": call.port,
+        "method": call.method.upper(),
+        "path": call.path,
+        "query": call.query,
+        "headers": select_headers(call.headers, options.context_headers),
+    }
+    body = json_body(call, options.max_body_bytes)
+    if body is not None:
+        context["body"] = body
+    return CedarRequest(("Agent", call.agent), ("Action", action), ("Host", host), context)
+
+
+def select_headers(headers: Mapping[str, str], wanted: Iterable[str]) -> dict[str, str]:
+    lowered = {k.lower(): v for k, v in headers.items()}
+    return {name: lowered[name] for name in wanted if name in lowered and name not in SECRET_HEADERS}
+
+
+def json_body(call: Call, max_bytes: int):
+    """The body as Cedar JSON when it is JSON; None when there is no JSON body."""
+    content_type = next((v for k, v in call.headers.items() if k.lower() == "content-type"), "")
+    media = content_type.split(";", 1)[0].strip().lower()
+    if not call.body or not (media == "application/json" or media.endswith("+json")):
+        return None
+    if len(call.body) > max_bytes:
+        # Dropping the body would let an agent pad a call past any body-based policy; refuse instead.
+        raise MappingError(
+            f"JSON body of {len(call.body)} bytes exceeds the {max_bytes}-byte inspection limit", 413
+        )
+    try:
+        parsed = json.loads(call.body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MappingError(f"body is declared as JSON but does not parse: {exc}") from exc
+    return to_cedar_value(parsed)
+
+
+def to_cedar_value(value, depth: int = 0):
+    """Convert parsed JSON to Cedar's JSON value form.
+
+    Cedar has no null and no floats: nulls are dropped from records, floats become `decimal` when
+    Cedar can hold them exactly enough (4 places) and strings otherwise, and integers outside Cedar's
+    64-bit Long become strings. Anything else Cedar would reject fails the call, not the policy.
+    """
+    if depth > MAX_BODY_DEPTH:
+        raise MappingError(f"JSON body nests deeper than {MAX_BODY_DEPTH} levels")
+    if isinstance(value, bool) or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return value if CEDAR_LONG_MIN <= value <= CEDAR_LONG_MAX else str(value)
+    if isinstance(value, float):
+        return _decimal(value)
+    if isinstance(value, list):
+        return [to_cedar_value(v, depth + 1) for v in value if v is not None]
+    if isinstance(value, dict):
+        if CEDAR_ESCAPES.intersection(value):
+            raise MappingError(f"JSON body uses a key reserved by Cedar ({', '.join(CEDAR_ESCAPES & set(value))})")
+        return {k: to_cedar_value(v, depth + 1) for k, v in value.items() if v is not None}
+    raise MappingError(f"JSON value of type {type(value).__name__} cannot be mapped")
+
+
+def _decimal(value: float):
+    if math.isfinite(value) and abs(value) < 922_337_203_685_477 and round(value, 4) == value:
+        text = f"{value:.4f}".rstrip("0")
+        # Cedar's decimal literal needs a fractional digit ("2.0", not "2.").
+        return {"__extn": {"fn": "decimal", "arg": text + "0" if text.endswith(".") else text}}
+    return repr(value)

@@ -1,0 +1,84 @@
+"""`cedargate run`: the mitmproxy proxy and the override API in one process and one event loop.
+
+This is the one place in `proxy/` that touches mitmproxy and uvicorn: it assembles the two fronts
+around a single `Runtime`, so the API reports on exactly the core that decides the calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from proxy.config import Settings
+from proxy.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
+    import uvicorn
+    from mitmproxy import options
+    from mitmproxy.tools.dump import DumpMaster
+
+    from addons import default_addons
+    from override_api.main import create_app
+
+    for name, listen in (("proxy", settings.proxy), ("API", settings.api)):
+        if not listen.is_loopback:
+            if not settings.allow_non_loopback:
+                raise SystemExit(
+                    f"refusing to bind the {name} to non-loopback address {listen.host}: "
+                    "agents or others on the network could reach it; pass --allow-non-loopback to mean it"
+                )
+            log.warning("the %s listens on non-loopback address %s", name, listen.host)
+
+    runtime = Runtime.start(settings)
+    opts = options.Options(listen_host=settings.proxy.host, listen_port=settings.proxy.port,
+                           confdir=str(settings.state_dir))
+    master = DumpMaster(opts, with_termlog=False, with_dumper=False)
+    master.addons.add(*default_addons(runtime))
+    opts.update(
+        # Contact no upstream before the call is decided (eager would connect on CONNECT).
+        connection_strategy="lazy",
+        ignore_hosts=list(settings.passthrough_hosts),
+    )
+
+    class _Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):  # the shared loop's handlers below stop both fronts
+            yield
+
+    api = _Server(uvicorn.Config(create_app(runtime), host=settings.api.host, port=settings.api.port,
+                                 log_level="warning", lifespan="off"))
+
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        api.should_exit = True
+        master.shutdown()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+
+    async def announce() -> None:
+        while not (api.started and _proxy_addrs(master)):
+            await asyncio.sleep(0.02)
+        # Port 0 asks the OS for a free port; print the real ones so tests and users can find them.
+        proxy_port = _proxy_addrs(master)[0][1]
+        api_port = api.servers[0].sockets[0].getsockname()[1] if api.servers else settings.api.port
+        print(f"cedargate proxy listening on http://{settings.proxy.host}:{proxy_port}", flush=True)
+        print(f"cedargate API listening on http://{settings.api.host}:{api_port}", flush=True)
+        print(f"policy revision {runtime.engine.status.revision[:12]} from {settings.policy_dir}", flush=True)
+        if ready:
+            ready.set()
+
+    try:
+        await asyncio.gather(master.run(), api.serve(), announce())
+    finally:
+        runtime.close()
+
+
+def _proxy_addrs(master) -> list:
+    return [addr for server in master.addons.get("proxyserver").servers for addr in server.listen_addrs]
