@@ -60,6 +60,9 @@ class Settings(_Strict):
     agents: dict[str, AgentCredential] = {}
     context_headers: tuple[str, ...] = ("content-type", "user-agent", "accept")
     max_body_bytes: int = Field(64 * 1024, ge=0)
+    upstream_ca_bundle: Path | None = Field(
+        None, description="PEM bundle of CAs trusted for upstream TLS besides the system's (private CAs)"
+    )
     passthrough_hosts: tuple[str, ...] = Field(
         (), description="hosts (regexes, as mitmproxy's ignore_hosts) tunnelled without inspection"
     )
@@ -90,6 +93,8 @@ def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | No
             loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         except OSError as exc:
             raise ConfigError(f"config file {path}: cannot be read: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path}: is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path}: not valid YAML: {exc}") from exc
         if loaded is not None and not isinstance(loaded, dict):
@@ -101,7 +106,11 @@ def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | No
         target = data
         *parents, leaf = dotted.split(".")
         for key in parents:
-            target = target.setdefault(key, {})
+            if target.get(key) is None:  # `proxy:` with its keys commented out is an empty section
+                target[key] = {}
+            target = target[key]
+            if not isinstance(target, dict):
+                raise ConfigError(f"config file {path}: `{key}` must be a mapping to set `{dotted}` from a flag")
         target[leaf] = value
     try:
         return Settings.model_validate(data)

@@ -21,7 +21,14 @@ from pathlib import Path
 import cedarpy
 from cedarpy import pst
 
-from proxy.policy import PolicyBundle, PolicyLoadError, directory_signature, load_bundle, policy_set_of
+from proxy.policy import (
+    PolicyBundle,
+    PolicyInfo,
+    PolicyLoadError,
+    directory_signature,
+    load_bundle,
+    policy_set_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +59,8 @@ class Evaluation:
     determining: tuple[str, ...]
     errors: tuple[str, ...]
     revision: str
+    # The determining policies' details from the same snapshot, so no second read can mix revisions.
+    policies: tuple[PolicyInfo, ...] = ()
 
     @property
     def allowed(self) -> bool:
@@ -154,11 +163,14 @@ class Engine:
         policies = snap.policies_for(request.action, request.resource[0])
         entities = snap.entities_for(request.principal, request.resource)
         result = cedarpy.is_authorized(request.as_cedarpy(), policies, entities)
+        determining = tuple(result.diagnostics.reasons)
+        known = snap.bundle.policies
         return Evaluation(
             decision=result.decision.value,
-            determining=tuple(result.diagnostics.reasons),
+            determining=determining,
             errors=tuple(result.diagnostics.errors),
             revision=snap.bundle.revision,
+            policies=tuple(known[p] for p in determining if p in known),
         )
 
     def reload(self) -> bool:
@@ -193,9 +205,20 @@ class Engine:
             return
 
         def loop() -> None:
+            pending = None
             while not self._stop.wait(interval):
                 try:
-                    self.reload_if_changed()
+                    signature = directory_signature(self.policy_dir)
+                    if signature == self._signature or signature != pending:
+                        # Reload only once the files looked the same on two polls, so an editor's
+                        # half-saved file that happens to validate is never live, even briefly.
+                        pending = None if signature == self._signature else signature
+                        continue
+                    pending = None
+                    self.reload()
+                except OSError as exc:
+                    self.status.last_error = f"policy directory unreadable: {exc}"
+                    self.status.last_error_at = datetime.now(UTC)
                 except Exception:  # the watcher must outlive any surprise; the old set stays live
                     log.exception("policy watcher failed")
 

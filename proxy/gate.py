@@ -123,11 +123,12 @@ class Gate:
             )
 
     def _decide(self, call: Call, base: dict) -> Verdict:
-        unavailable = self.recorder.unavailable_reason()
-        if unavailable:
+        if self.recorder.unavailable_reason():
+            # The reason itself is for operators (/status, the log); it may describe others' calls.
             return Verdict(
                 **base, outcome=Outcome.ERROR, problem=Problem.STORE_UNAVAILABLE, status=503,
-                detail=unavailable, extra_headers={"Retry-After": "5"},
+                detail="cedargate cannot record decisions right now, so it forwards nothing; retry later",
+                extra_headers={"Retry-After": "5"},
             )
         try:
             request = map_call(call, self.mapping)
@@ -136,8 +137,7 @@ class Gate:
                 **base, outcome=Outcome.ERROR, problem=Problem.MAPPING_ERROR, status=exc.status, detail=str(exc)
             )
         evaluation = self.engine.evaluate(request)
-        policies = self.engine.snapshot.bundle.policies
-        determining = tuple(policies[p] for p in evaluation.determining if p in policies)
+        determining = evaluation.policies
         common = dict(base, request=request, determining=determining, errors=evaluation.errors,
                       revision=evaluation.revision)
         if evaluation.allowed:

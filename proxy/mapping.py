@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from proxy.engine import CedarRequest
+from proxy.hosts import canonical_host
 
 METHOD_ACTIONS = {
     m: m.lower() for m in ("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE")
@@ -70,9 +72,10 @@ def map_call(call: Call, options: MappingOptions) -> CedarRequest:
     action = METHOD_ACTIONS.get(call.method.upper())
     if action is None:
         raise MappingError(f"HTTP method {call.method!r} has no Cedar action; cedargate does not forward it", 405)
-    host = call.host.lower().rstrip(".")
+    host = canonical_host(call.host)
     if not host:
         raise MappingError("the call names no host")
+    check_normal_path(call.path)
     context: dict = {
         "scheme": call.scheme,
         "host": host,
@@ -86,6 +89,41 @@ def map_call(call: Call, options: MappingOptions) -> CedarRequest:
     if body is not None:
         context["body"] = body
     return CedarRequest(("Agent", call.agent), ("Action", action), ("Host", host), context)
+
+
+UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+
+
+def check_normal_path(path: str) -> None:
+    """Refuse a path that an upstream may read differently from how a policy would.
+
+    Policies match `context.path` as sent, while servers decode escapes and resolve dot segments, so
+    `/v1/%76olumes/x` or `/v1/x/../volumes/x` could slip past `like "/v1/volumes/*"`. Like Envoy's
+    path normalization, but refusing instead of rewriting, so allowed calls pass unchanged.
+    """
+    if path == "*":
+        return
+    problem = None
+    if not path.startswith("/"):
+        problem = "it does not start with /"
+    elif "\x00" in path or "\\" in path:
+        problem = "it contains a NUL byte or a backslash"
+    elif "//" in path:
+        problem = "it contains an empty segment (//)"
+    elif any(segment in (".", "..") for segment in path.split("/")):
+        problem = "it contains a . or .. segment"
+    elif "%" in path:
+        for escape in _ESCAPE.findall(path):
+            char = chr(int(escape, 16))
+            if char in UNRESERVED:
+                problem = f"%{escape} escapes {char!r}, which must be sent unescaped"
+            elif char in "/\\\x00":
+                problem = f"%{escape} escapes a slash, backslash or NUL, which upstreams read differently"
+            if problem:
+                break
+    if problem:
+        raise MappingError(f"path {path!r} is not in normal form (RFC 3986 section 6.2.2): {problem}")
 
 
 def select_headers(headers: Mapping[str, str], wanted: Iterable[str]) -> dict[str, str]:
@@ -108,7 +146,7 @@ def json_body(call: Call, max_bytes: int):
         parsed = json.loads(call.body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise MappingError(f"body is declared as JSON but does not parse: {exc}") from exc
-    return to_cedar_value(parsed)
+    return None if parsed is None else to_cedar_value(parsed)
 
 
 def to_cedar_value(value, depth: int = 0):

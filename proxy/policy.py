@@ -19,6 +19,8 @@ from pathlib import Path
 import cedarpy
 from cedarpy import pst
 
+from proxy.hosts import canonical_host
+
 ENTITIES_FILE = "entities.json"
 
 
@@ -233,6 +235,13 @@ def _load_entities(text: str, schema: cedarpy.Schema) -> tuple[cedarpy.Entities,
         uids = frozenset((e["uid"]["type"], e["uid"]["id"]) for e in raw)
     except (KeyError, TypeError) as exc:
         raise PolicyLoadError(f'{ENTITIES_FILE}: every entity needs "uid": {{"type", "id"}}') from exc
+    for entity_type, entity_id in uids:
+        # Calls are mapped to the canonical host; a host listed any other way would never match.
+        if entity_type == "Host" and canonical_host(entity_id) != entity_id:
+            raise PolicyLoadError(
+                f'{ENTITIES_FILE}: Host::"{entity_id}" must be written as the proxy sees it: '
+                f'Host::"{canonical_host(entity_id)}"'
+            )
     try:
         # Built with the schema so Cedar adds the schema's action entities and their groups.
         entities = cedarpy.Entities.from_json_str(text, schema=schema)

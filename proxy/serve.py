@@ -44,6 +44,8 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         connection_strategy="lazy",
         ignore_hosts=list(settings.passthrough_hosts),
     )
+    if settings.upstream_ca_bundle:
+        opts.update(ssl_verify_upstream_trusted_ca=str(settings.upstream_ca_bundle))
 
     class _Server(uvicorn.Server):
         @contextlib.contextmanager

@@ -48,7 +48,8 @@ class DecisionRecord(SQLModel, table=True):
 
 def make_engine(url: str) -> SAEngine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False})
+        # hide_parameters: a failure message must never carry other agents' calls into a log or answer.
+        engine = create_engine(url, connect_args={"check_same_thread": False}, hide_parameters=True)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record) -> None:
@@ -60,7 +61,7 @@ def make_engine(url: str) -> SAEngine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, hide_parameters=True)
 
 
 class Recorder:
@@ -96,6 +97,11 @@ class Recorder:
         return self._queue.qsize()
 
     def record(self, row: dict[str, Any]) -> None:
+        # PostgreSQL refuses NUL in text, and mitmproxy lets one through in a path: escape it here
+        # so one agent's odd call can never wedge the record for everyone.
+        for key, value in row.items():
+            if isinstance(value, str) and "\x00" in value:
+                row[key] = value.replace("\x00", "\\x00")
         self._queue.put_nowait(row)
 
     def unavailable_reason(self) -> str | None:
@@ -138,7 +144,7 @@ class Recorder:
                     if not self._failing:
                         log.error("decision store write failed; refusing calls until it recovers: %s", exc)
                     self._failing = True
-                    self.last_error = str(exc)
+                    self.last_error = _short(exc)
                     if self._stop.wait(self.retry_interval):
                         return
                     continue
@@ -150,6 +156,11 @@ class Recorder:
                 for _ in batch:
                     self._queue.task_done()
                 break
+
+
+def _short(exc: Exception) -> str:
+    cause = getattr(exc, "orig", None) or exc
+    return f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"
 
 
 def count_decisions(engine: SAEngine) -> dict[str, int]:

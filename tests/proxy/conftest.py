@@ -1,0 +1,74 @@
+"""Fixtures for the core's unit tests: a private copy of the bundled policies, a real SQLite record in
+a temporary file, a gate wired from both, and a throw-away PostgreSQL schema.
+
+Everything here is a real part: real cedarpy, real files, real databases. Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from proxy_support import PG_CONNINFO, PG_SERVER, POLICIES, pg_unreachable_reason
+
+from proxy.engine import Engine
+from proxy.gate import Gate
+from proxy.store import Recorder, make_engine
+
+
+@pytest.fixture
+def policy_dir(tmp_path: Path) -> Path:
+    """A private copy of the bundled policies/ (schema, ops.cedar, entities.json) the test may edit."""
+    target = tmp_path / "policies"
+    target.mkdir()
+    for name in ("schema.cedarschema", "ops.cedar", "entities.json"):
+        shutil.copy2(POLICIES / name, target / name)
+    return target
+
+
+@pytest.fixture
+def engine(policy_dir: Path) -> Iterator[Engine]:
+    eng = Engine(policy_dir)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    path = tmp_path / "state" / "cedargate.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture
+def recorder(db_path: Path) -> Iterator[Recorder]:
+    rec = Recorder(make_engine(f"sqlite:///{db_path}"), retry_interval=0.05)
+    yield rec
+    rec.close(timeout=2)
+    rec.engine.dispose()
+
+
+@pytest.fixture
+def gate(engine: Engine, recorder: Recorder) -> Gate:
+    return Gate(engine, recorder)
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A SQLAlchemy URL whose connections live in a fresh, uniquely named schema, dropped afterwards."""
+    problem = pg_unreachable_reason()
+    if problem:
+        pytest.skip(problem)
+    import psycopg
+
+    schema = f"cg_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_CONNINFO, autocommit=True) as con:
+        con.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield f"{PG_SERVER}?options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(PG_CONNINFO, autocommit=True) as con:
+            con.execute(f'DROP SCHEMA "{schema}" CASCADE')

@@ -1,0 +1,92 @@
+"""Helpers the core's unit tests share: building calls, editing watched files, reading the record.
+
+Imported by plain name (pytest puts tests/proxy on sys.path, as there is no tests/__init__.py).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from proxy.mapping import Call
+
+REPO = Path(__file__).resolve().parents[2]
+POLICIES = REPO / "policies"
+BUNDLED_IDS = frozenset(
+    {"ops-read", "ops-stop-instance", "protect-production-instances", "no-volume-deletion"}
+)
+
+PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+PG_CONNINFO = "host=127.0.0.1 port=5432 user=postgres dbname=test"
+
+
+def make_call(
+    method: str,
+    url: str,
+    *,
+    agent: str = "ops-bot",
+    headers: dict[str, str] | None = None,
+    body: bytes = b"",
+) -> Call:
+    """A `Call` as the enforcer builds it from a flow, from a plain URL."""
+    parts = urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}[parts.scheme]
+    return Call(
+        agent=agent,
+        method=method,
+        scheme=parts.scheme,
+        host=parts.hostname or "",
+        port=port,
+        path=parts.path or "/",
+        query=parts.query,
+        headers=headers or {},
+        body=body,
+    )
+
+
+def write_policy_file(path: Path, text: str) -> None:
+    """Write a file the engine watches, making sure its (size, mtime) signature changes.
+
+    The engine polls (name, size, mtime). Kernel timestamps are coarse (a few ms), so two writes of
+    the same size inside one test could otherwise look identical; an editor saving seconds apart
+    always differs. Pushing mtime forward reproduces the latter.
+    """
+    old = path.stat().st_mtime_ns if path.exists() else 0
+    path.write_text(text, encoding="utf-8")
+    new = max(path.stat().st_mtime_ns, old + 1_000_000_000)
+    os.utime(path, ns=(new, new))
+
+
+def wait_until(predicate: Callable[[], object], what: str, timeout: float = 30.0) -> None:
+    """Poll until `predicate()` is truthy; fail naming `what` if it never becomes so."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for: {what}")
+        time.sleep(0.02)
+
+
+def sqlite_rows(db_path: Path, where: str = "1=1", params: tuple = ()) -> list[sqlite3.Row]:
+    """Read the decision record straight from the file, as an operator's sqlite3 shell would."""
+    con = sqlite3.connect(db_path)
+    con.row_factory = sqlite3.Row
+    try:
+        return con.execute(f"SELECT * FROM decisions WHERE {where} ORDER BY id", params).fetchall()
+    finally:
+        con.close()
+
+
+def pg_unreachable_reason() -> str | None:
+    try:
+        import psycopg
+    except ImportError as exc:  # pragma: no cover - psycopg is a declared dependency
+        return f"psycopg is not installed: {exc}"
+    try:
+        psycopg.connect(PG_CONNINFO, connect_timeout=3).close()
+    except Exception as exc:
+        return f"PostgreSQL at 127.0.0.1:5432 (database test, user postgres) is unreachable: {exc}"
+    return None
