@@ -65,6 +65,10 @@ class Enforcer:
         verdict = self.gate.decide(call_of(flow, agent))
         flow.metadata[VERDICT] = verdict
         if not verdict.allowed:
+            log.info(
+                "%s %s %s %s: %s", verdict.outcome.value, agent, verdict.call.method, verdict.call.url,
+                ", ".join(p.policy_id for p in verdict.determining) or verdict.problem.value,
+            )
             flow.response = refusal(verdict)
             self._finish(flow, verdict, None)
 

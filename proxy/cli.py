@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # mitmproxy logs every connection at INFO; cedargate's own lines say what matters per call.
+    logging.getLogger("mitmproxy").setLevel(max(logging.WARNING, logging.getLogger().level))
     overrides = {
         "policy_dir": args.policy_dir,
         "proxy.host": args.listen_host,
