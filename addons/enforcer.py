@@ -2,21 +2,26 @@
 
 Runs inside `cedargate run`, or alone under stock mitmproxy:
     mitmdump -s addons/enforcer.py --set policy_dir=policies/ --set cedargate_config=cedargate.yaml
-Allowed calls pass unchanged; refused ones get the verdict's problem+json. The verdict is recorded once
-the upstream answered (or failed), so the record holds the upstream status and the duration.
+Allowed calls pass unchanged; refused ones get the verdict's problem+json. An escalatable denial is
+held (the hook awaits the core's `Oversight`) until a human decides or the hold ends; a refused
+held flow gets a response, never `flow.kill()` (mitmproxy issue 8045: the client would hang). The
+verdict is recorded once the upstream answered (or failed), with the upstream status and duration.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from dataclasses import replace
 from urllib.parse import urlsplit
 
 from mitmproxy import exceptions, http
 
 from addons.agent_auth import AGENT, AgentAuth
 from addons.options import add_options, settings_from_options
-from proxy.gate import Gate, Verdict
+from proxy.gate import Gate, Outcome, Verdict
 from proxy.mapping import Call
+from proxy.oversight import requested_wait
 from proxy.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -29,6 +34,7 @@ class Enforcer:
     def __init__(self, runtime: Runtime | None = None) -> None:
         self._given = runtime is not None
         self.runtime = runtime
+        self._sweeper: asyncio.Task | None = None
 
     @property
     def gate(self) -> Gate:
@@ -51,11 +57,24 @@ class Enforcer:
             self.runtime.close()
         self.runtime = runtime
 
+    def running(self) -> None:
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await asyncio.to_thread(self.runtime.oversight.sweep)
+            except Exception:  # a store hiccup must not end expiry for good
+                log.exception("override expiry sweep failed")
+
     def done(self) -> None:
+        if self._sweeper:
+            self._sweeper.cancel()
         if self.runtime and not self._given:
             self.runtime.close()
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
         agent = flow.metadata.get(AGENT)
@@ -64,6 +83,10 @@ class Enforcer:
             return
         verdict = self.gate.decide(call_of(flow, agent))
         flow.metadata[VERDICT] = verdict
+        if verdict.outcome is Outcome.ESCALATE:
+            verdict = await self._hold(flow, verdict)
+            if verdict is None:
+                return  # granted and released: forward the original call, once
         if not verdict.allowed:
             log.info(
                 "%s %s %s %s: %s", verdict.outcome.value, agent, verdict.call.method, verdict.call.url,
@@ -71,6 +94,22 @@ class Enforcer:
             )
             flow.response = refusal(verdict)
             self._finish(flow, verdict, None)
+
+    async def _hold(self, flow: http.HTTPFlow, verdict: Verdict) -> Verdict | None:
+        """Hold an escalated call; None when it is released, else the refusal to answer with."""
+        settings = self.runtime.settings
+        wait = requested_wait(flow.request.headers.get("Prefer"), settings.hold_max_wait)
+        try:
+            resolution = await self.runtime.oversight.resolve(
+                verdict, wait, flow.request.headers.get("X-Agent-Justification"),
+                client_alive=lambda: flow.client_conn.connected,
+            )
+        except Exception as exc:  # the override path failing must refuse, never release
+            log.exception("override handling failed for %s", verdict.call.url)
+            return replace(verdict, detail=f"{verdict.detail} (the override request could not be stored: {exc})")
+        if resolution.release:
+            return None
+        return resolution.verdict
 
     def response(self, flow: http.HTTPFlow) -> None:
         verdict = flow.metadata.get(VERDICT)

@@ -28,7 +28,7 @@ def new_token() -> str:
 
 
 class AgentDirectory:
-    """Maps agent ids to token hashes and verifies a presented (agent, token) pair."""
+    """Maps ids (agents, or approvers) to token hashes and checks presented tokens."""
 
     def __init__(self, credentials: Mapping[str, AgentCredential], environ: Mapping[str, str] = os.environ):
         self._hashes: dict[str, str] = {}
@@ -43,6 +43,14 @@ class AgentDirectory:
     @property
     def agent_ids(self) -> frozenset[str]:
         return frozenset(self._hashes)
+
+    def identify(self, token: str) -> str | None:
+        """The id whose token this is (bearer tokens carry no id), or None."""
+        presented = hash_token(token)
+        for holder, expected in self._hashes.items():
+            if hmac.compare_digest(presented, expected):
+                return holder
+        return None
 
     def verify(self, agent_id: str, token: str) -> bool:
         expected = self._hashes.get(agent_id)

@@ -49,6 +49,12 @@ class AgentCredential(_Strict):
         return self
 
 
+class ApproverCredential(AgentCredential):
+    """A human reviewer: a bearer token (hashed, or from a variable) and the roles they hold."""
+
+    roles: tuple[str, ...] = Field(min_length=1)
+
+
 class Settings(_Strict):
     proxy: Listen = Listen()
     api: Listen = Listen(port=8081)
@@ -58,6 +64,10 @@ class Settings(_Strict):
     state_dir: Path = Path(".cedargate")
     database_url: str | None = None
     agents: dict[str, AgentCredential] = {}
+    approvers: dict[str, ApproverCredential] = {}
+    hold_max_wait: float = Field(55.0, ge=0, description="longest a held call waits for a human, seconds")
+    override_expiry: str = Field("1h", description="default time a pending override request stays open")
+    grant_ttl: str = Field("10m", description="time an unused grant stays valid")
     context_headers: tuple[str, ...] = ("content-type", "user-agent", "accept")
     max_body_bytes: int = Field(64 * 1024, ge=0)
     upstream_ca_bundle: Path | None = Field(
@@ -74,6 +84,14 @@ class Settings(_Strict):
             if not agent_id or ":" in agent_id or any(c.isspace() for c in agent_id):
                 raise ValueError(f"agent id {agent_id!r} must be non-empty, without ':' or spaces")
         return agents
+
+    @field_validator("override_expiry", "grant_ttl")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        from proxy.escalation import parse_duration
+
+        parse_duration(value)
+        return value
 
     @field_validator("context_headers")
     @classmethod

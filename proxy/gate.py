@@ -17,6 +17,8 @@ from datetime import datetime
 from enum import Enum
 
 from proxy.engine import CedarRequest, Engine
+from proxy.escalation import Escalation, escalation_of
+from proxy.hosts import canonical_host
 from proxy.mapping import Call, MappingError, MappingOptions, map_call
 from proxy.policy import PolicyInfo
 from proxy.store import Recorder, utcnow
@@ -28,7 +30,8 @@ PROBLEM_BASE = "urn:cedargate:problem:"
 
 class Outcome(str, Enum):
     ALLOW = "allow"
-    DENY = "deny"
+    DENY = "deny"  # a hard deny: no human can override it
+    ESCALATE = "escalate"  # denied, but every determining forbid lets a human grant an exception
     ERROR = "error"
 
 
@@ -40,6 +43,11 @@ class Problem(str, Enum):
     EVALUATION_ERROR = "evaluation-error"
     MAPPING_ERROR = "mapping-error"
     STORE_UNAVAILABLE = "store-unavailable"
+    PROXY_API = "proxy-api"
+    OVERRIDE_PENDING = "override-pending"
+    OVERRIDE_DENIED = "override-denied"
+    OVERRIDE_EXPIRED = "override-expired"
+    RELEASE_REFUSED = "override-release-refused"
 
     @property
     def uri(self) -> str:
@@ -61,6 +69,8 @@ class Verdict:
     status: int = 200
     detail: str = ""
     extra_headers: dict[str, str] = field(default_factory=dict)
+    escalation: Escalation | None = None
+    extra: dict = field(default_factory=dict)  # more problem members, e.g. the override id
 
     @property
     def allowed(self) -> bool:
@@ -89,6 +99,7 @@ class Verdict:
             "agent": self.call.agent,
             "action": self.action or None,
             "resource": self.resource or None,
+            **self.extra,
         }
 
     def problem_json(self) -> bytes:
@@ -101,14 +112,25 @@ _TITLES = {
     Problem.EVALUATION_ERROR: "Policy evaluation failed; call refused",
     Problem.MAPPING_ERROR: "Call cannot be checked; refused",
     Problem.STORE_UNAVAILABLE: "Decision record unavailable; call refused",
+    Problem.PROXY_API: "Agents cannot call cedargate's own API",
+    Problem.OVERRIDE_PENDING: "Denied by policy; a human is reviewing an override request",
+    Problem.OVERRIDE_DENIED: "Denied by policy; the override request was denied",
+    Problem.OVERRIDE_EXPIRED: "Denied by policy; the override request expired",
+    Problem.RELEASE_REFUSED: "Override granted, but current policy now refuses the call",
 }
 
 
 class Gate:
-    def __init__(self, engine: Engine, recorder: Recorder, mapping: MappingOptions | None = None) -> None:
+    def __init__(
+        self, engine: Engine, recorder: Recorder, mapping: MappingOptions | None = None, *,
+        default_expiry: int = 3600, protected: frozenset[tuple[str, int]] = frozenset(),
+    ) -> None:
         self.engine = engine
         self.recorder = recorder
         self.mapping = mapping or MappingOptions()
+        self.default_expiry = default_expiry
+        # (host, port) of cedargate's own API: an agent must never reach it through the proxy.
+        self.protected = protected
 
     def decide(self, call: Call) -> Verdict:
         started = time.perf_counter()
@@ -129,6 +151,11 @@ class Gate:
                 **base, outcome=Outcome.ERROR, problem=Problem.STORE_UNAVAILABLE, status=503,
                 detail="cedargate cannot record decisions right now, so it forwards nothing; retry later",
                 extra_headers={"Retry-After": "5"},
+            )
+        if self._addresses_own_api(call):
+            return Verdict(
+                **base, outcome=Outcome.DENY, problem=Problem.PROXY_API, status=403,
+                detail="cedargate's override API is for humans; the proxy never forwards calls to it",
             )
         try:
             request = map_call(call, self.mapping)
@@ -151,11 +178,24 @@ class Gate:
         forbids = tuple(p for p in determining if p.effect == "forbid")
         if forbids:
             reasons = "; ".join(p.reason or f'forbidden by policy "{p.policy_id}"' for p in forbids)
-            return Verdict(**common, outcome=Outcome.DENY, problem=Problem.POLICY_DENIED, status=403, detail=reasons)
+            escalation = escalation_of(forbids, self.default_expiry)
+            return Verdict(
+                **common, outcome=Outcome.ESCALATE if escalation else Outcome.DENY,
+                problem=Problem.POLICY_DENIED, status=403, detail=reasons, escalation=escalation,
+            )
         return Verdict(
             **common, outcome=Outcome.DENY, problem=Problem.NO_PERMIT, status=403,
             detail=f"no policy permits {call.agent} to {call.method.upper()} {call.url} (default deny)",
         )
+
+    def _addresses_own_api(self, call: Call) -> bool:
+        if not self.protected:
+            return False
+        host = canonical_host(call.host)
+        for api_host, api_port in self.protected:
+            if call.port == api_port and (host == api_host or _loopback(host) and _loopback(api_host)):
+                return True
+        return False
 
     def finish(self, verdict: Verdict, upstream_status: int | None = None) -> None:
         """Append the verdict to the record, with the upstream's status once it is known."""
@@ -178,3 +218,7 @@ class Gate:
             "upstream_status": upstream_status,
             "duration_ms": round((time.perf_counter() - verdict.started) * 1000, 3),
         })
+
+
+def _loopback(host: str) -> bool:
+    return host == "localhost" or host.startswith("127.") or host == "::1" or host == "0.0.0.0"

@@ -19,6 +19,7 @@ from pathlib import Path
 import cedarpy
 from cedarpy import pst
 
+from proxy.escalation import AnnotationError, check_annotations
 from proxy.hosts import canonical_host
 
 ENTITIES_FILE = "entities.json"
@@ -107,6 +108,12 @@ def load_bundle(directory: str | Path) -> PolicyBundle:
             infos[info.policy_id] = info
             templates[info.policy_id] = template
 
+    try:
+        check_annotations(infos.values())
+    except AnnotationError as exc:
+        bad = next((i for i in infos.values() if f'"{i.policy_id}"' in str(exc)), None)
+        where = f"{bad.file}:{bad.line}: " if bad else ""
+        raise PolicyLoadError(f"{where}{exc}") from exc
     policy_set = policy_set_of(templates.values())
     entities_json = texts.get(ENTITIES_FILE, "[]")
     entities, uids = _load_entities(entities_json, schema)

@@ -1,4 +1,4 @@
-"""Assembling the core from settings: engine, recorder, gate and agent directory, started and stopped together.
+"""Assembling the core from settings: engine, recorder, gate, overrides and directories, started and stopped together.
 
 Both fronts use this: `cedargate run` builds one `Runtime` and hands it to the addons and the API, and
 the enforcer addon builds its own when it runs under stock mitmproxy.
@@ -7,13 +7,17 @@ the enforcer addon builds its own when it runs under stock mitmproxy.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from proxy.agents import AgentDirectory
 from proxy.config import Settings
 from proxy.engine import Engine
+from proxy.escalation import parse_duration
 from proxy.gate import Gate
+from proxy.holds import Holds
 from proxy.mapping import MappingOptions
+from proxy.overrides import OverrideStore
+from proxy.oversight import Oversight
 from proxy.store import Recorder, make_engine
 
 log = logging.getLogger(__name__)
@@ -26,6 +30,11 @@ class Runtime:
     recorder: Recorder
     gate: Gate
     agents: AgentDirectory
+    approvers: AgentDirectory
+    overrides: OverrideStore
+    holds: Holds
+    oversight: Oversight
+    api_base_url: str = field(default="")
 
     @classmethod
     def start(cls, settings: Settings) -> Runtime:
@@ -33,14 +42,34 @@ class Runtime:
         # The state dir holds the CA key and the record: only its owner may enter.
         settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         engine = Engine(settings.policy_dir)
-        recorder = Recorder(make_engine(settings.effective_database_url))
+        database = make_engine(settings.effective_database_url)
+        recorder = Recorder(database)
+        overrides = OverrideStore(database, grant_ttl=parse_duration(settings.grant_ttl))
         mapping = MappingOptions(context_headers=settings.context_headers, max_body_bytes=settings.max_body_bytes)
+        gate = Gate(engine, recorder, mapping, default_expiry=parse_duration(settings.override_expiry),
+                    protected=frozenset({(settings.api.host, settings.api.port)}))
+        holds = Holds()
+        runtime = cls(
+            settings, engine, recorder, gate, AgentDirectory(settings.agents), AgentDirectory(settings.approvers),
+            overrides, holds, None,  # type: ignore[arg-type]
+            api_base_url=f"http://{settings.api.host}:{settings.api.port}",
+        )
+        runtime.oversight = Oversight(gate, overrides, holds, recorder, lambda: runtime.api_base_url)
         engine.watch(settings.policy_reload_interval)
         log.info(
             "policies loaded from %s: revision %s, %d policies",
             settings.policy_dir, engine.status.revision[:12], len(engine.snapshot.bundle.policies),
         )
-        return cls(settings, engine, recorder, Gate(engine, recorder, mapping), AgentDirectory(settings.agents))
+        return runtime
+
+    def api_started(self, host: str, port: int) -> None:
+        """The API's real address (port 0 picks one): protect it and link to it from answers."""
+        self.api_base_url = f"http://{host}:{port}"
+        self.gate.protected = frozenset({(host, port)})
+
+    def roles_of(self, approver: str) -> frozenset[str]:
+        credential = self.settings.approvers.get(approver)
+        return frozenset(credential.roles) if credential else frozenset()
 
     def close(self) -> None:
         self.engine.close()

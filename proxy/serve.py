@@ -70,6 +70,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         # Port 0 asks the OS for a free port; print the real ones so tests and users can find them.
         proxy_port = _proxy_addrs(master)[0][1]
         api_port = api.servers[0].sockets[0].getsockname()[1] if api.servers else settings.api.port
+        runtime.api_started(settings.api.host, api_port)
         print(f"cedargate proxy listening on http://{settings.proxy.host}:{proxy_port}", flush=True)
         print(f"cedargate API listening on http://{settings.api.host}:{api_port}", flush=True)
         print(f"policy revision {runtime.engine.status.revision[:12]} from {settings.policy_dir}", flush=True)

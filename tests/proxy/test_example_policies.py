@@ -1,13 +1,14 @@
 """The bundled policies against their test cases, kept as data the way cedar-examples does.
 
-Each file under policies/tests/ALLOW and policies/tests/DENY is one agent call:
+Each file under policies/tests/ALLOW, DENY (hard deny) and ESCALATE (a denial a human may override) is
+one agent call:
 
     {"description": "...", "agent": "ops-bot", "method": "POST", "url": "http://127.0.0.1:9000/v1/...",
      "headers": {...}, "body": <any JSON, sent as application/json>,
      "expect_policies": ["protect-production-instances"], "expect_problem": "policy-denied"}
 
-`expect_policies` (the determining policies, in any order) and `expect_problem` (the problem type of a
-refusal) are checked when given. Add a case by adding a file.
+`expect_policies` (the determining policies, in any order), `expect_problem` (the problem type of a
+refusal) and `expect_roles` (the roles an escalation needs) are checked when given. Add a case by adding a file.
 """
 
 from __future__ import annotations
@@ -21,18 +22,20 @@ from proxy_support import POLICIES, make_call
 from proxy.gate import Gate, Outcome
 
 CASES = POLICIES / "tests"
-KNOWN_KEYS = {"description", "agent", "method", "url", "headers", "body", "expect_policies", "expect_problem"}
+KNOWN_KEYS = {"description", "agent", "method", "url", "headers", "body", "expect_policies", "expect_problem",
+              "expect_roles"}
+EXPECTED = {"ALLOW": Outcome.ALLOW, "DENY": Outcome.DENY, "ESCALATE": Outcome.ESCALATE}
 
 
 def _cases() -> list[tuple[str, Path]]:
     return [
-        (folder, path) for folder in ("ALLOW", "DENY") for path in sorted((CASES / folder).glob("*.json"))
+        (folder, path) for folder in EXPECTED for path in sorted((CASES / folder).glob("*.json"))
     ]
 
 
 def test_there_are_cases_of_both_kinds():
     folders = [folder for folder, _ in _cases()]
-    assert folders.count("ALLOW") >= 4 and folders.count("DENY") >= 6
+    assert folders.count("ALLOW") >= 4 and folders.count("DENY") >= 4 and folders.count("ESCALATE") >= 3
 
 
 @pytest.mark.parametrize("folder, path", _cases(), ids=[f"{f}/{p.stem}" for f, p in _cases()])
@@ -49,10 +52,12 @@ def test_case(gate: Gate, folder: str, path: Path):
 
     verdict = gate.decide(call)
 
-    expected = Outcome.ALLOW if folder == "ALLOW" else Outcome.DENY
+    expected = EXPECTED[folder]
     assert verdict.outcome is expected, f"{path.name}: {verdict.outcome.value}: {verdict.detail}"
     assert not verdict.errors
     if "expect_policies" in case:
         assert sorted(p.policy_id for p in verdict.determining) == sorted(case["expect_policies"])
     if "expect_problem" in case:
         assert verdict.problem is not None and verdict.problem.value == case["expect_problem"]
+    if "expect_roles" in case:
+        assert verdict.escalation is not None and sorted(verdict.escalation.roles) == sorted(case["expect_roles"])

@@ -38,7 +38,7 @@ def test_stop_on_dev_host_is_allowed(gate: Gate):
 
 def test_denied_by_forbid_carries_the_reason_in_an_rfc9457_body(gate: Gate):
     verdict = gate.decide(make_call(*STOP_PROD))
-    assert not verdict.allowed and verdict.outcome is Outcome.DENY
+    assert not verdict.allowed and verdict.outcome is Outcome.ESCALATE
     body = verdict.problem_body()
 
     assert body["type"] == PROBLEM_BASE + "policy-denied" == Problem.POLICY_DENIED.uri
@@ -241,7 +241,7 @@ def test_finish_writes_the_row_an_operator_reads(gate: Gate, recorder: Recorder,
 
     row = rows[denied.decision_id]
     assert (row["decision"], row["determining_policies"], row["upstream_status"], row["path"]) == (
-        "deny",
+        "escalate",
         '["protect-production-instances"]',
         None,
         "/v1/instances/i-1/stop",

@@ -49,7 +49,7 @@ def test_bundled_policies_load_with_their_ids_effects_lines_and_reasons():
         "ops-read": ("ops.cedar", 5),
         "ops-stop-instance": ("ops.cedar", 9),
         "protect-production-instances": ("ops.cedar", 14),
-        "no-volume-deletion": ("ops.cedar", 23),
+        "no-volume-deletion": ("ops.cedar", 25),
     }
     assert bundle.policies["no-volume-deletion"].reason == "Deleting a volume destroys its data for good."
     assert bundle.policies["ops-read"].reason is None

@@ -1,0 +1,122 @@
+"""Reviewing override requests: list, show, approve, deny. Every answer says what the reviewer needs."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Literal
+
+from fastapi import APIRouter, HTTPException, Query
+from pydantic import BaseModel, Field
+
+from override_api.deps import CurrentApprover, RuntimeDep
+from proxy.overrides import Override, OverrideError, OverrideStatus
+
+router = APIRouter(prefix="/overrides", tags=["overrides"])
+
+
+class VotePublic(BaseModel):
+    approver: str
+    roles: list[str]
+    verdict: str
+    reason: str
+    at: datetime
+
+
+class OverrideSummary(BaseModel):
+    id: str
+    status: OverrideStatus
+    agent: str
+    method: str
+    url: str
+    action: str
+    resource: str
+    reasons: list[str]
+    created_at: datetime
+    expires_at: datetime
+
+
+class OverridePublic(OverrideSummary):
+    headers: dict[str, str]
+    body: str = Field(description="the call's body as text (undecodable bytes replaced)")
+    body_sha256: str
+    justification: str | None
+    cedar_request: dict
+    policies: list[dict]
+    requirements: list[dict]
+    policy_revision: str
+    decision_id: str
+    decided_at: datetime | None
+    decided_reason: str | None
+    grant_expires_at: datetime | None
+    released_at: datetime | None
+    votes: list[VotePublic]
+
+
+class Review(BaseModel):
+    reason: str = Field(min_length=1, max_length=2000, description="why; shown to the agent and kept in the record")
+
+
+def _summary_fields(o: Override) -> dict:
+    return dict(
+        id=o.id, status=o.status, agent=o.agent, method=o.method, url=o.url, action=o.action,
+        resource=o.resource, reasons=[p["reason"] or p["id"] for p in json.loads(o.policies)],
+        created_at=o.created_at, expires_at=o.expires_at,
+    )
+
+
+def _public(runtime, o: Override) -> OverridePublic:
+    votes = runtime.overrides.votes(o.id)
+    return OverridePublic(
+        **_summary_fields(o), headers=json.loads(o.headers), body=o.body.decode("utf-8", "replace"),
+        body_sha256=o.body_sha256, justification=o.justification, cedar_request=json.loads(o.cedar_request),
+        policies=json.loads(o.policies), requirements=json.loads(o.requirements), policy_revision=o.policy_revision,
+        decision_id=o.decision_id, decided_at=o.decided_at, decided_reason=o.decided_reason,
+        grant_expires_at=o.grant_expires_at, released_at=o.released_at,
+        votes=[VotePublic(approver=v.approver, roles=sorted(v.roles), verdict=v.verdict, reason=v.reason, at=v.at)
+               for v in votes],
+    )
+
+
+@router.get("", response_model=list[OverrideSummary], summary="List override requests, newest first")
+def list_overrides(
+    runtime: RuntimeDep, approver: CurrentApprover,
+    status: OverrideStatus | None = None, agent: str | None = None, action: str | None = None,
+    limit: int = Query(100, ge=1, le=1000),
+) -> list[OverrideSummary]:
+    found = runtime.overrides.list(status.value if status else None, agent, action, limit)
+    return [OverrideSummary(**_summary_fields(o)) for o in found]
+
+
+@router.get("/{override_id}", response_model=OverridePublic, summary="Everything about one override request")
+def show_override(override_id: str, runtime: RuntimeDep, approver: CurrentApprover) -> OverridePublic:
+    override = runtime.overrides.get(override_id)
+    if override is None:
+        raise HTTPException(404, detail=f"no override request {override_id}")
+    return _public(runtime, override)
+
+
+def _review(runtime, approver, override_id: str, verdict: Literal["approve", "deny"], reason: str):
+    try:
+        override, changed = runtime.overrides.vote(override_id, approver.id, approver.roles, verdict, reason)
+    except OverrideError as exc:
+        raise HTTPException(exc.status, detail=exc.detail) from exc
+    oversight = runtime.oversight
+    oversight.event("approval" if verdict == "approve" else "denial", override, actor=approver.id,
+                    payload={"reason": reason, "roles": sorted(approver.roles)})
+    if changed:
+        oversight.event("grant" if override.status == OverrideStatus.GRANTED.value else "denied", override,
+                        actor=approver.id, payload={"reason": reason})
+        runtime.holds.notify(override_id)
+    return _public(runtime, override)
+
+
+@router.post("/{override_id}/approve", response_model=OverridePublic,
+             summary="Approve: once every required approval is in, the exact call is released once")
+def approve(override_id: str, review: Review, runtime: RuntimeDep, approver: CurrentApprover) -> OverridePublic:
+    return _review(runtime, approver, override_id, "approve", review.reason)
+
+
+@router.post("/{override_id}/deny", response_model=OverridePublic, summary="Deny: final; the agent is told why")
+def deny(override_id: str, review: Review, runtime: RuntimeDep, approver: CurrentApprover) -> OverridePublic:
+    return _review(runtime, approver, override_id, "deny", review.reason)

@@ -1,0 +1,293 @@
+"""Override requests: a denied call waiting for humans, and the one-time grant that may release it.
+
+State machine: pending -> granted | denied | expired; granted -> released | release_refused |
+grant_expired. Every transition is a conditional UPDATE on (id, version, status), so concurrent
+approve/approve and approve/deny end in exactly one consistent state on SQLite and PostgreSQL alike:
+the loser's transaction changes nothing and is retried against the new state. A grant is consumed by
+the transition granted -> released, which succeeds for exactly one caller.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import Enum
+
+from sqlalchemy import Column, DateTime, LargeBinary, UniqueConstraint, update
+from sqlalchemy.engine import Engine as SAEngine
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlmodel import Field, Session, SQLModel, select
+
+from proxy.escalation import Escalation, Requirement
+from proxy.hosts import canonical_host
+from proxy.mapping import Call
+from proxy.store import utcnow
+
+
+class OverrideStatus(str, Enum):
+    PENDING = "pending"
+    GRANTED = "granted"
+    DENIED = "denied"
+    EXPIRED = "expired"
+    RELEASED = "released"
+    RELEASE_REFUSED = "release_refused"
+    GRANT_EXPIRED = "grant_expired"
+
+
+def _moment(index: bool = False, optional: bool = False):
+    # timestamptz on PostgreSQL, so comparisons never depend on the server's time zone.
+    return Field(default=None if optional else ..., index=index, sa_type=DateTime(timezone=True))
+
+
+class Override(SQLModel, table=True):
+    __tablename__ = "overrides"
+
+    id: str = Field(primary_key=True)
+    fingerprint: str = Field(index=True)
+    status: str = Field(index=True)
+    version: int = 0
+    agent: str = Field(index=True)
+    method: str
+    url: str
+    host: str
+    path: str
+    action: str = Field(index=True)
+    resource: str
+    headers: str = "{}"  # JSON, secrets removed
+    body: bytes = Field(default=b"", sa_column=Column(LargeBinary, nullable=False))
+    body_sha256: str
+    cedar_request: str = "{}"  # JSON
+    policies: str = "[]"  # JSON: id, reason, annotations of each determining forbid
+    requirements: str = "[]"  # JSON: roles and approvals each policy needs
+    policy_revision: str
+    decision_id: str
+    justification: str | None = None
+    created_at: datetime = _moment()
+    expires_at: datetime = _moment(index=True)
+    decided_at: datetime | None = _moment(optional=True)
+    decided_reason: str | None = None
+    grant_expires_at: datetime | None = _moment(optional=True)
+    released_at: datetime | None = _moment(optional=True)
+    release_decision_id: str | None = None
+
+
+class OverrideVote(SQLModel, table=True):
+    __tablename__ = "override_votes"
+    __table_args__ = (UniqueConstraint("override_id", "approver"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    override_id: str = Field(index=True, foreign_key="overrides.id")
+    approver: str
+    roles: str = "[]"
+    verdict: str  # approve | deny
+    reason: str
+    at: datetime = _moment()
+
+
+class OverrideError(Exception):
+    """A reviewer's request that cannot be carried out; `status` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+# Headers bound into the fingerprint: a different content type is a different call.
+BOUND_HEADERS = ("content-type",)
+SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key"})
+
+
+def fingerprint(call: Call) -> str:
+    """Same agent, method, normalized URL, body and bound headers => same fingerprint."""
+    lowered = {k.lower(): v for k, v in call.headers.items()}
+    parts = {
+        "agent": call.agent,
+        "method": call.method.upper(),
+        "url": f"{call.scheme}://{canonical_host(call.host)}:{call.port}{call.path}?{call.query}",
+        "body": hashlib.sha256(call.body).hexdigest(),
+        "headers": {h: lowered.get(h, "") for h in BOUND_HEADERS},
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Vote:
+    approver: str
+    roles: frozenset[str]
+    verdict: str
+    reason: str
+    at: datetime
+
+
+class OverrideStore:
+    """Plain operations on override requests; every method is one short transaction."""
+
+    RETRIES = 20
+
+    def __init__(self, engine: SAEngine, grant_ttl: int = 600) -> None:
+        self.engine = engine
+        self.grant_ttl = grant_ttl
+        # One proxy process opens overrides; the lock keeps identical concurrent calls on one request.
+        self._open_lock = threading.Lock()
+        SQLModel.metadata.create_all(engine, tables=[Override.__table__, OverrideVote.__table__])
+
+    def open_or_attach(
+        self, call: Call, *, decision_id: str, escalation: Escalation, policies: list[dict],
+        cedar_request: dict, revision: str, justification: str | None,
+    ) -> tuple[Override, bool]:
+        """The live (pending or granted) override for this exact call, or a new pending one."""
+        print_ = fingerprint(call)
+        now = utcnow()
+        with self._open_lock, Session(self.engine, expire_on_commit=False) as session:
+            live = session.exec(
+                select(Override).where(
+                    Override.fingerprint == print_,
+                    Override.status.in_([OverrideStatus.PENDING.value, OverrideStatus.GRANTED.value]),
+                ).order_by(Override.created_at.desc())
+            ).first()
+            if live and _still_live(live, now):
+                return live, False
+            override = Override(
+                id=str(uuid.uuid4()), fingerprint=print_, status=OverrideStatus.PENDING.value,
+                agent=call.agent, method=call.method.upper(), url=call.url, host=canonical_host(call.host),
+                path=call.path, action=cedar_request["action"], resource=cedar_request["resource"],
+                headers=json.dumps({k: v for k, v in call.headers.items() if k.lower() not in SECRET_HEADERS}),
+                body=call.body, body_sha256=hashlib.sha256(call.body).hexdigest(),
+                cedar_request=json.dumps(cedar_request), policies=json.dumps(policies),
+                requirements=json.dumps([r.as_dict() for r in escalation.requirements]),
+                policy_revision=revision, decision_id=decision_id, justification=justification,
+                created_at=now, expires_at=now + timedelta(seconds=escalation.expires_in),
+            )
+            session.add(override)
+            session.commit()
+            return override, True
+
+    def get(self, override_id: str) -> Override | None:
+        with Session(self.engine, expire_on_commit=False) as session:
+            return session.get(Override, override_id)
+
+    def votes(self, override_id: str) -> list[Vote]:
+        with Session(self.engine) as session:
+            rows = session.exec(
+                select(OverrideVote).where(OverrideVote.override_id == override_id).order_by(OverrideVote.at)
+            ).all()
+        return [Vote(r.approver, frozenset(json.loads(r.roles)), r.verdict, r.reason, r.at) for r in rows]
+
+    def list(self, status: str | None = None, agent: str | None = None, action: str | None = None,
+             limit: int = 100) -> list[Override]:
+        query = select(Override).order_by(Override.created_at.desc()).limit(limit)
+        if status:
+            query = query.where(Override.status == status)
+        if agent:
+            query = query.where(Override.agent == agent)
+        if action:
+            query = query.where(Override.action == action)
+        with Session(self.engine, expire_on_commit=False) as session:
+            return list(session.exec(query).all())
+
+    def vote(self, override_id: str, approver: str, roles: frozenset[str], verdict: str,
+             reason: str) -> tuple[Override, bool]:
+        """Record one approver's approve/deny; returns the override and whether this vote changed its status."""
+        for _ in range(self.RETRIES):
+            try:
+                with Session(self.engine, expire_on_commit=False) as session:
+                    override = session.get(Override, override_id)
+                    if override is None:
+                        raise OverrideError(404, f"no override request {override_id}")
+                    self._check_vote(override, approver, roles, verdict)
+                    now = utcnow()
+                    if override.status == OverrideStatus.PENDING.value and _aware(override.expires_at) <= now:
+                        raise OverrideError(409, "the override request has expired")
+                    prior = session.exec(select(OverrideVote).where(
+                        OverrideVote.override_id == override_id, OverrideVote.approver == approver)).first()
+                    if prior is None:
+                        session.add(OverrideVote(override_id=override_id, approver=approver,
+                                                 roles=json.dumps(sorted(roles)), verdict=verdict,
+                                                 reason=reason, at=now))
+                        session.flush()
+                    elif prior.verdict != verdict:
+                        raise OverrideError(409, f"{approver} already voted to {prior.verdict} this request")
+                    approvals = {
+                        v.approver: frozenset(json.loads(v.roles))
+                        for v in session.exec(select(OverrideVote).where(
+                            OverrideVote.override_id == override_id, OverrideVote.verdict == "approve")).all()
+                    }
+                    values: dict = {"version": override.version + 1}
+                    if verdict == "deny":
+                        values.update(status=OverrideStatus.DENIED.value, decided_at=now, decided_reason=reason)
+                    elif all(r.satisfied_by(approvals) for r in requirements_of(override)):
+                        values.update(status=OverrideStatus.GRANTED.value, decided_at=now, decided_reason=reason,
+                                      grant_expires_at=now + timedelta(seconds=self.grant_ttl))
+                    changed = session.execute(
+                        update(Override)
+                        .where(Override.id == override_id, Override.version == override.version,
+                               Override.status == OverrideStatus.PENDING.value)
+                        .values(**values)
+                    ).rowcount
+                    if changed != 1:
+                        session.rollback()  # someone else moved it first: look again
+                        continue
+                    session.commit()
+                    return self.get(override_id), "status" in values
+            except (IntegrityError, OperationalError):
+                continue  # a concurrent vote or a busy SQLite writer: retry against the new state
+        raise OverrideError(503, "the override request is too contended to update; retry")
+
+    @staticmethod
+    def _check_vote(override: Override, approver: str, roles: frozenset[str], verdict: str) -> None:
+        if override.status != OverrideStatus.PENDING.value:
+            raise OverrideError(409, f"the override request is {override.status}, not pending")
+        if approver == override.agent:
+            raise OverrideError(403, "an approver cannot decide on a call made under their own identity")
+        needed = {r for req in json.loads(override.requirements) for r in req["roles"]}
+        if not roles & needed:
+            raise OverrideError(
+                403, f"{approver} holds none of the roles this request needs ({', '.join(sorted(needed))})"
+            )
+
+    def transition(self, override_id: str, from_status: OverrideStatus, to_status: OverrideStatus,
+                   **values) -> bool:
+        """Move one override if it is still in `from_status`; True for exactly one caller."""
+        with Session(self.engine) as session:
+            changed = session.execute(
+                update(Override)
+                .where(Override.id == override_id, Override.status == from_status.value)
+                .values(status=to_status.value, version=Override.version + 1, **values)
+            ).rowcount
+            session.commit()
+        return changed == 1
+
+    def expire_due(self) -> list[tuple[str, str]]:
+        """Expire pending requests and unused grants past their time; returns (id, new status)."""
+        now = utcnow()
+        expired = []
+        with Session(self.engine) as session:
+            due = session.exec(select(Override.id, Override.status).where(
+                ((Override.status == OverrideStatus.PENDING.value) & (Override.expires_at <= now))
+                | ((Override.status == OverrideStatus.GRANTED.value) & (Override.grant_expires_at <= now))
+            )).all()
+        for override_id, status in due:
+            target = OverrideStatus.EXPIRED if status == OverrideStatus.PENDING.value else OverrideStatus.GRANT_EXPIRED
+            if self.transition(override_id, OverrideStatus(status), target, decided_at=now):
+                expired.append((override_id, target.value))
+        return expired
+
+
+def requirements_of(override: Override) -> list[Requirement]:
+    return [Requirement(r["policy_id"], tuple(r["roles"]), r["approvals"]) for r in json.loads(override.requirements)]
+
+
+def _still_live(override: Override, now: datetime) -> bool:
+    if override.status == OverrideStatus.PENDING.value:
+        return _aware(override.expires_at) > now
+    return override.grant_expires_at is not None and _aware(override.grant_expires_at) > now
+
+
+def _aware(moment: datetime) -> datetime:
+    # SQLite hands datetimes back without their zone; they were written in UTC.
+    return moment if moment.tzinfo else moment.replace(tzinfo=utcnow().tzinfo)

@@ -1,0 +1,153 @@
+"""Graceful escalation: turning an escalatable denial into a held call that a human may release once.
+
+`Oversight.resolve` stores (or joins) the override request before the agent hears anything, holds the
+call until a human decides or the hold ends, and returns a `Resolution`: release the call upstream, or
+refuse it with a problem saying why (denied, expired, still pending with where to look, or refused at
+release because current policy now hard-denies it). A grant is consumed by exactly one release.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from proxy.gate import Gate, Outcome, Problem, Verdict
+from proxy.holds import Holds
+from proxy.overrides import Override, OverrideStatus, OverrideStore
+from proxy.store import Recorder, utcnow
+
+log = logging.getLogger(__name__)
+
+# Re-read the store this often while holding, to see decisions made by another process (the CLI
+# against a shared database) and expiries; in-process decisions wake the hold at once.
+POLL_INTERVAL = 1.0
+
+
+@dataclass(frozen=True)
+class Resolution:
+    release: bool
+    verdict: Verdict  # for a refusal: the verdict to answer with
+    override_id: str | None = None
+
+
+def requested_wait(prefer: str | None, maximum: float) -> float:
+    """How long to hold, from RFC 7240 `Prefer: wait=N` / `Prefer: respond-async`, capped at `maximum`."""
+    if not prefer:
+        return maximum
+    preferences = [p.strip().lower() for p in prefer.split(",")]
+    if "respond-async" in preferences:
+        return 0.0
+    for preference in preferences:
+        match = re.fullmatch(r"wait\s*=\s*(\d+)", preference)
+        if match:
+            return min(float(match.group(1)), maximum)
+    return maximum
+
+
+class Oversight:
+    def __init__(self, gate: Gate, overrides: OverrideStore, holds: Holds, recorder: Recorder,
+                 api_base_url: Callable[[], str]) -> None:
+        self.gate = gate
+        self.overrides = overrides
+        self.holds = holds
+        self.recorder = recorder
+        self.api_base_url = api_base_url
+
+    async def resolve(self, verdict: Verdict, wait: float, justification: str | None,
+                      client_alive: Callable[[], bool]) -> Resolution:
+        assert verdict.outcome is Outcome.ESCALATE and verdict.escalation and verdict.request
+        deadline = time.monotonic() + wait
+        override = await self._open(verdict, justification)
+        while True:
+            status = OverrideStatus(override.status)
+            if status is OverrideStatus.GRANTED:
+                if not client_alive():  # leave the grant for the agent's retry
+                    return self._refuse(verdict, override, Problem.OVERRIDE_PENDING, "the client went away")
+                resolution = await asyncio.to_thread(self._release, verdict, override)
+                if resolution is not None:
+                    return resolution
+                # Another identical call consumed this grant first: this one is a new decision.
+                override = await self._open(verdict, justification)
+                continue
+            if status is OverrideStatus.DENIED:
+                return self._refuse(verdict, override, Problem.OVERRIDE_DENIED,
+                                    f"a reviewer denied the override: {override.decided_reason}")
+            if status is not OverrideStatus.PENDING:
+                return self._refuse(verdict, override, Problem.OVERRIDE_EXPIRED,
+                                    "the override request expired before enough approvals arrived")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return self._refuse(verdict, override, Problem.OVERRIDE_PENDING,
+                                    f"{verdict.detail} An override request is waiting for review; "
+                                    "retry the identical call after it is granted.")
+            await self.holds.wait(override.id, min(remaining, POLL_INTERVAL))
+            override = await asyncio.to_thread(self.overrides.get, override.id)
+
+    async def _open(self, verdict: Verdict, justification: str | None) -> Override:
+        request = verdict.request
+        policies = [{"id": p.policy_id, "reason": p.reason, "annotations": dict(p.annotations)}
+                    for p in verdict.determining]
+        override, created = await asyncio.to_thread(
+            self.overrides.open_or_attach, verdict.call, decision_id=verdict.decision_id,
+            escalation=verdict.escalation, policies=policies,
+            cedar_request={"principal": f'Agent::"{request.principal[1]}"', "action": verdict.action,
+                           "resource": verdict.resource, "context": request.context},
+            revision=verdict.revision, justification=justification,
+        )
+        if created:
+            self.event("override_created", override, decision_id=verdict.decision_id,
+                       payload={"policies": policies, "requirements": override.requirements,
+                                "expires_at": override.expires_at.isoformat(), "justification": justification})
+        return override
+
+    def _release(self, verdict: Verdict, override: Override) -> Resolution | None:
+        """Check the call against the current policies, then consume the grant; None if already consumed."""
+        now = utcnow()
+        recheck = self.gate.decide(verdict.call)
+        if recheck.outcome in (Outcome.DENY, Outcome.ERROR):
+            if self.overrides.transition(override.id, OverrideStatus.GRANTED, OverrideStatus.RELEASE_REFUSED,
+                                         released_at=now, release_decision_id=verdict.decision_id):
+                self.event("release_refused", override, decision_id=verdict.decision_id,
+                           payload={"recheck": recheck.problem_body()})
+            return self._refuse(replace(recheck, decision_id=verdict.decision_id), override,
+                                Problem.RELEASE_REFUSED,
+                                f"the override was granted, but the current policies refuse the call: {recheck.detail}")
+        if not self.overrides.transition(override.id, OverrideStatus.GRANTED, OverrideStatus.RELEASED,
+                                         released_at=now, release_decision_id=verdict.decision_id):
+            return None
+        self.event("release", override, decision_id=verdict.decision_id,
+                   payload={"policy_revision": recheck.revision})
+        log.info("released %s %s for %s under override %s", verdict.call.method, verdict.call.url,
+                 verdict.call.agent, override.id)
+        return Resolution(True, verdict, override.id)
+
+    def _refuse(self, verdict: Verdict, override: Override, problem: Problem, detail: str) -> Resolution:
+        status_url = f"{self.api_base_url()}/overrides/{override.id}"
+        extra = {"override_id": override.id, "override_status": override.status, "override_url": status_url}
+        headers = dict(verdict.extra_headers)
+        if problem is Problem.OVERRIDE_PENDING:
+            headers["Retry-After"] = "10"
+            extra["retry_after"] = 10
+            extra["required_roles"] = sorted(verdict.escalation.roles) if verdict.escalation else []
+        refused = replace(verdict, problem=problem, status=403, detail=detail, extra=extra,
+                          extra_headers=headers)
+        return Resolution(False, refused, override.id)
+
+    def event(self, kind: str, override: Override, *, decision_id: str | None = None,
+              actor: str | None = None, payload: dict | None = None) -> None:
+        self.recorder.record_event({
+            "kind": kind, "override_id": override.id, "decision_id": decision_id, "agent": override.agent,
+            "actor": actor, "payload": payload or {},
+        })
+
+    def sweep(self) -> None:
+        """Expire due requests and grants, record it, and wake their holders."""
+        for override_id, status in self.overrides.expire_due():
+            override = self.overrides.get(override_id)
+            if override:
+                self.event("expired" if status == OverrideStatus.EXPIRED.value else "grant_expired", override)
+            self.holds.notify(override_id)
