@@ -1,4 +1,4 @@
-"""The `cedargate` command: run the proxy, hash agent tokens, check a policy directory."""
+"""The `cedargate` command: run the proxy, review overrides, hash tokens, check a policy directory."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 
 from proxy.agents import hash_token, new_token
 from proxy.config import ConfigError, load_settings
+from proxy.overrides_cli import add_overrides_commands, run_overrides_command
 from proxy.policy import PolicyLoadError, load_bundle
 
 
@@ -35,9 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     hasher = sub.add_parser("hash-token", help="print the token_sha256 of a token read from stdin")
     hasher.add_argument("--new", action="store_true", help="make a new random token and print both")
 
+    add_overrides_commands(sub)
+
     args = parser.parse_args(argv)
     if args.command == "run":
         return _run(args)
+    if args.command == "overrides":
+        return run_overrides_command(args)
     if args.command == "check":
         return _check(args.policy_dir)
     return _hash(args.new)

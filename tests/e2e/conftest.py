@@ -33,6 +33,14 @@ from cryptography.x509.oid import NameOID
 REPO = Path(__file__).resolve().parents[2]
 CEDARGATE = Path(sys.executable).parent / "cedargate"
 AGENT, TOKEN = "ops-bot", "e2e-token-3f9c1a"
+# Reviewers: id -> (bearer token, roles). "ops-bot" as a reviewer exists to prove self-approval is refused.
+APPROVERS = {
+    "erin": ("erin-token-1", ["engineering-manager"]),
+    "sam": ("sam-token-2", ["security"]),
+    "lee": ("lee-token-3", ["lead-engineer"]),
+    "sec-lead": ("sec-lead-token-4", ["security", "lead-engineer"]),
+    "ops-bot": ("ops-bot-reviewer-5", ["engineering-manager"]),
+}
 
 
 @dataclass
@@ -173,6 +181,10 @@ def write_config(path: Path, policy_dir: Path, state_dir: Path, upstream: Upstre
         "policy_reload_interval": 0.2,
         "upstream_ca_bundle": str(upstream.ca_file),
         "agents": {AGENT: {"token_sha256": hashlib.sha256(TOKEN.encode()).hexdigest()}},
+        "approvers": {
+            name: {"token_sha256": hashlib.sha256(token.encode()).hexdigest(), "roles": roles}
+            for name, (token, roles) in APPROVERS.items()
+        },
         **extra,
     }
     path.write_text(yaml.safe_dump(config))

@@ -48,13 +48,15 @@ def test_allowed_call_reaches_upstream_unchanged_without_the_proxy_credential(ce
 def test_denied_call_gets_problem_json_and_never_reaches_upstream(cedargate, upstream, scheme):
     port = upstream.http_port if scheme == "http" else upstream.https_port
     with client(cedargate) as http:
-        response = http.post(f"{scheme}://127.0.0.1:{port}{STOP_PATH}", json={"force": True})
+        # The forbid is escalatable; respond-async asks not to be held while a human looks.
+        response = http.post(f"{scheme}://127.0.0.1:{port}{STOP_PATH}", json={"force": True},
+                             headers={"Prefer": "respond-async"})
     assert response.status_code == 403
     assert response.headers["content-type"] == "application/problem+json"
     problem = response.json()
-    assert problem["type"] == "urn:cedargate:problem:policy-denied"
+    assert problem["type"] == "urn:cedargate:problem:override-pending"
     assert problem["status"] == 403
-    assert problem["detail"] == "Stopping an instance on a production-critical host needs a human decision."
+    assert problem["detail"].startswith("Stopping an instance on a production-critical host needs a human decision.")
     assert problem["policies"] == [{
         "id": "protect-production-instances", "effect": "forbid",
         "reason": "Stopping an instance on a production-critical host needs a human decision.",
@@ -67,7 +69,7 @@ def test_denied_call_gets_problem_json_and_never_reaches_upstream(cedargate, ups
 def test_stop_on_dev_host_is_allowed_and_volume_delete_is_denied(cedargate, upstream):
     with client(cedargate) as http:
         stopped = http.post(f"http://localhost:{upstream.http_port}{STOP_PATH}")
-        deleted = http.delete(f"http://localhost:{upstream.http_port}/v1/volumes/vol-9")
+        deleted = http.delete(f"http://localhost:{upstream.http_port}/v1/volumes/vol-9", headers={"Prefer": "wait=0"})
     assert stopped.status_code == 200
     assert deleted.status_code == 403
     assert deleted.json()["policies"][0]["id"] == "no-volume-deletion"
@@ -109,7 +111,8 @@ def test_curl_through_the_proxy(cedargate, upstream, scheme):
             "-w", "\n%{http_code}"]
     allowed = subprocess.run([*base, f"{scheme}://localhost:{port}/v1/instances"],
                              capture_output=True, text=True, timeout=20)
-    denied = subprocess.run([*base, "-X", "DELETE", f"{scheme}://localhost:{port}/v1/volumes/v-1"],
+    denied = subprocess.run([*base, "-H", "Prefer: respond-async", "-X", "DELETE",
+                             f"{scheme}://localhost:{port}/v1/volumes/v-1"],
                             capture_output=True, text=True, timeout=20)
     body, code = allowed.stdout.rsplit("\n", 1)
     assert code == "200" and json.loads(body)["path"] == "/v1/instances"
@@ -122,11 +125,11 @@ def test_every_decision_is_recorded_without_secrets(cedargate, upstream):
     with client(cedargate) as http:
         http.get(f"http://localhost:{upstream.http_port}/v1/instances",
                  headers={"Authorization": "Bearer upstream-secret", "Cookie": "session=cookie-secret"})
-        http.delete(f"http://localhost:{upstream.http_port}/v1/volumes/v-1")
+        http.delete(f"http://localhost:{upstream.http_port}/v1/volumes/v-1", headers={"Prefer": "respond-async"})
         http.request("PROPFIND", f"http://localhost:{upstream.http_port}/dav")
     rows = records(cedargate, 3)
     assert [(r["method"], r["decision"], r["upstream_status"]) for r in rows] == [
-        ("GET", "allow", 200), ("DELETE", "deny", None), ("PROPFIND", "error", None),
+        ("GET", "allow", 200), ("DELETE", "escalate", None), ("PROPFIND", "error", None),
     ]
     allow, deny, error = rows
     assert allow["agent"] == AGENT and allow["host"] == "localhost" and allow["path"] == "/v1/instances"
@@ -161,7 +164,7 @@ def test_hot_reload_swaps_valid_sets_and_keeps_last_good_on_error(cedargate, ups
     ops = cedargate.policy_dir / "ops.cedar"
     original = ops.read_text()
     first_revision = cedargate_status(cedargate)["policies"]["revision"]
-    with client(cedargate) as http:
+    with client(cedargate, headers={"Prefer": "respond-async"}) as http:
         assert http.delete(url).status_code == 403
 
         # A broken edit is refused: the last good set stays live and the error is shown.
