@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from ipaddress import IPv4Address
@@ -36,6 +37,7 @@ AGENT, TOKEN = "ops-bot", "e2e-token-3f9c1a"
 # Reviewers: id -> (bearer token, roles). "ops-bot" as a reviewer exists to prove self-approval is refused.
 APPROVERS = {
     "erin": ("erin-token-1", ["engineering-manager"]),
+    "max": ("max-token-6", ["engineering-manager"]),
     "sam": ("sam-token-2", ["security"]),
     "lee": ("lee-token-3", ["lead-engineer"]),
     "sec-lead": ("sec-lead-token-4", ["security", "lead-engineer"]),
@@ -224,6 +226,30 @@ def policy_dir(tmp_path) -> Path:
     target = tmp_path / "policies"
     shutil.copytree(REPO / "policies", target, ignore=shutil.ignore_patterns("tests"))
     return target
+
+
+PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request):
+    """None (the embedded SQLite default), or a fresh schema on the real PostgreSQL server."""
+    if request.param == "sqlite":
+        yield None
+        return
+    import sqlalchemy
+
+    schema = f"cg_e2e_{uuid.uuid4().hex[:12]}"
+    server = sqlalchemy.create_engine(PG_SERVER)
+    try:
+        with server.begin() as conn:
+            conn.execute(sqlalchemy.text(f"CREATE SCHEMA {schema}"))
+    except sqlalchemy.exc.OperationalError as exc:
+        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is not reachable: {exc}")
+    yield f"{PG_SERVER}?options=-csearch_path%3D{schema}"
+    with server.begin() as conn:
+        conn.execute(sqlalchemy.text(f"DROP SCHEMA {schema} CASCADE"))
+    server.dispose()
 
 
 @pytest.fixture

@@ -16,6 +16,16 @@ from conftest import APPROVERS, CEDARGATE, REPO, TOKEN, start_cedargate, write_c
 STOP = "/v1/instances/i-0abc/stop"
 
 
+@pytest.fixture
+def cedargate(tmp_path, policy_dir, upstream, database_url):
+    """The override lifecycle runs against both stores: SQLite (default) and PostgreSQL."""
+    config = write_config(tmp_path / "c.yaml", policy_dir, tmp_path / "state", upstream, database_url=database_url)
+    gate = start_cedargate(config)
+    upstream.reset()
+    yield gate
+    gate.stop()
+
+
 def agent(gate, **kwargs) -> httpx.Client:
     return httpx.Client(proxy=gate.proxy_url, verify=ssl.create_default_context(cafile=gate.ca_cert),
                         timeout=60, **kwargs)
@@ -159,6 +169,23 @@ def test_same_approver_twice_counts_once(cedargate, upstream):
     assert approve(cedargate, override_id, "lee").json()["status"] == "granted"
 
 
+def test_concurrent_approve_and_deny_end_in_exactly_one_state(cedargate, upstream):
+    for attempt in range(5):
+        with agent(cedargate, headers={"Prefer": "respond-async"}) as http:
+            override_id = http.post(stop_url(upstream).replace("i-0abc", f"i-race{attempt}")).json()["override_id"]
+        with ThreadPoolExecutor(2) as pool:
+            approving = pool.submit(approve, cedargate, override_id, "erin")
+            denying = pool.submit(deny, cedargate, override_id, "max")
+            answers = {"approve": approving.result(), "deny": denying.result()}
+        final = api(cedargate, "GET", f"/overrides/{override_id}").json()
+        winner = "approve" if final["status"] == "granted" else "deny"
+        assert final["status"] in ("granted", "denied")
+        assert answers[winner].status_code == 200 and answers[winner].json()["status"] == final["status"]
+        loser = answers["deny" if winner == "approve" else "approve"]
+        assert loser.status_code == 409
+        assert [v["approver"] for v in final["votes"]] == ["erin" if winner == "approve" else "max"]
+
+
 def test_self_approval_and_agent_credentials_are_refused(cedargate, upstream):
     with agent(cedargate, headers={"Prefer": "respond-async"}) as http:
         override_id = http.post(stop_url(upstream)).json()["override_id"]
@@ -233,8 +260,9 @@ def test_cli_reviews_through_the_api(cedargate, upstream):
     assert again.returncode == 1 and "409" in again.stderr
 
 
-def test_held_calls_survive_kill_9_and_each_goes_upstream_exactly_once(tmp_path, policy_dir, upstream):
-    config = write_config(tmp_path / "c.yaml", policy_dir, tmp_path / "state", upstream)
+def test_held_calls_survive_kill_9_and_each_goes_upstream_exactly_once(tmp_path, policy_dir, upstream,
+                                                                       database_url):
+    config = write_config(tmp_path / "c.yaml", policy_dir, tmp_path / "state", upstream, database_url=database_url)
     gate = start_cedargate(config)
     upstream.reset()
     urls = [stop_url(upstream).replace("i-0abc", f"i-{n}") for n in range(4)]
