@@ -30,7 +30,8 @@ def new_token() -> str:
 class AgentDirectory:
     """Maps ids (agents, or approvers) to token hashes and checks presented tokens."""
 
-    def __init__(self, credentials: Mapping[str, AgentCredential], environ: Mapping[str, str] = os.environ):
+    def __init__(self, credentials: Mapping[str, AgentCredential], environ: Mapping[str, str] = os.environ,
+                 kind: str = "agent"):
         self._hashes: dict[str, str] = {}
         for agent_id, cred in credentials.items():
             if cred.token_sha256:
@@ -38,7 +39,8 @@ class AgentDirectory:
             elif cred.token_env and environ.get(cred.token_env):
                 self._hashes[agent_id] = hash_token(environ[cred.token_env])
             else:
-                log.warning("agent %s: environment variable %s is not set; it cannot log in", agent_id, cred.token_env)
+                log.warning("%s %s: environment variable %s is not set; it cannot log in", kind, agent_id,
+                            cred.token_env)
 
     @property
     def agent_ids(self) -> frozenset[str]:

@@ -1,25 +1,30 @@
 """The decision record: one row per decided call, appended through a batching writer thread.
 
 Writing a row per call in the request path would cost a commit each (the naive design ran at 0.6x of
-plain mitmproxy). `Recorder.record` only enqueues; one writer thread drains the queue in batches, one
-transaction each. Nothing is dropped: a failed batch is kept and retried, and while the store is
-failing (or the queue is full) `Recorder.healthy` is False so the gate refuses new calls instead of
-forwarding calls it could not record.
+plain mitmproxy). `Recorder.record` (decisions) and `Recorder.record_event` (what happens to overrides)
+only enqueue; one writer thread drains the queue in batches, one transaction each, and in that same
+transaction chains every decision and event, in the order they were enqueued, onto the hash-chained
+audit log (`proxy.audit`). That thread keeps the chain's head in memory, so only one cedargate process
+may write to a given database. Nothing is dropped: a failed batch is kept and retried, and while the
+store is failing (or the queue is full) `Recorder.healthy` is False so the gate refuses new calls
+instead of forwarding calls it could not record.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine as SAEngine
 from sqlmodel import Field, Session, SQLModel, create_engine, func, select
+
+from proxy import audit
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,10 @@ def make_engine(url: str) -> SAEngine:
     return create_engine(url, pool_pre_ping=True, hide_parameters=True)
 
 
+_DECISION, _EVENT = "decision", "event"
+EVENT_KEYS = frozenset({"kind", "decision_id", "override_id", "agent", "actor", "payload"})
+
+
 class Recorder:
     def __init__(
         self,
@@ -77,12 +86,12 @@ class Recorder:
         self.batch_size = batch_size
         self.retry_interval = retry_interval
         # Unbounded so that a call already forwarded is always recorded; admission of new calls is
-        # what `healthy` bounds.
-        self._queue: queue.Queue[dict[str, Any]] = queue.Queue()
+        # what `healthy` bounds. One queue for decisions and events keeps their order for the chain.
+        self._queue: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
         self.max_pending = max_pending
         self._failing = False
         self.last_error: str | None = None
-        self.written = 0
+        self.written = 0  # decision rows
         self._stop = threading.Event()
         SQLModel.metadata.create_all(engine)
         self._thread = threading.Thread(target=self._run, name="cedargate-recorder", daemon=True)
@@ -97,12 +106,35 @@ class Recorder:
         return self._queue.qsize()
 
     def record(self, row: dict[str, Any]) -> None:
-        # PostgreSQL refuses NUL in text, and mitmproxy lets one through in a path: escape it here
-        # so one agent's odd call can never wedge the record for everyone.
         for key, value in row.items():
-            if isinstance(value, str) and "\x00" in value:
-                row[key] = value.replace("\x00", "\\x00")
-        self._queue.put_nowait(row)
+            if isinstance(value, str):
+                row[key] = _storable(value)
+        self._queue.put_nowait((_DECISION, row))
+
+    def record_event(self, event: Mapping[str, Any]) -> None:
+        """Chain an event other than a decision (an override created, approved, released...) onto the log.
+
+        `event` has `kind` and optionally `decision_id`, `override_id`, `agent`, `actor` (strings) and
+        `payload` (a dict of JSON values and datetimes); its time is now. Like `record`, it is never
+        dropped; an event the log could not hold raises here, in the caller, not later in the writer.
+        """
+        unknown = set(event) - EVENT_KEYS
+        if unknown:
+            raise ValueError(f"unknown audit event keys {sorted(unknown)}; an event has {sorted(EVENT_KEYS)}")
+        kind = event.get("kind")
+        if not isinstance(kind, str) or not kind:
+            raise ValueError(f"an audit event needs a kind, a non-empty string like 'approval', not {kind!r}")
+        item: dict[str, Any] = {"kind": _storable(kind), "at": utcnow()}
+        for key in ("decision_id", "override_id", "agent", "actor"):
+            value = event.get(key)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"audit event {key} must be a string or None, not {type(value).__name__}")
+            item[key] = None if value is None else _storable(value)
+        payload = event.get("payload") or {}
+        if not isinstance(payload, dict):
+            raise TypeError(f"audit event payload must be a dict, not {type(payload).__name__}")
+        item["payload"] = audit.canonical_text(payload)  # now: a later change by the caller is not recorded
+        self._queue.put_nowait((_EVENT, item))
 
     def unavailable_reason(self) -> str | None:
         if self._failing:
@@ -125,6 +157,7 @@ class Recorder:
 
     def _run(self) -> None:
         table = DecisionRecord.__table__
+        head: tuple[int, str] | None = None  # the audit chain's head, read in the first transaction
         while not self._stop.is_set():
             try:
                 first = self._queue.get(timeout=0.2)
@@ -136,11 +169,20 @@ class Recorder:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
+            rows = [item for tag, item in batch if tag == _DECISION]
+            events = [_decision_event(item) if tag == _DECISION else item for tag, item in batch]
             while True:
                 try:
                     with self.engine.begin() as conn:
-                        conn.execute(table.insert(), batch)
+                        if head is None:
+                            head = audit.read_head(conn)
+                        if rows:
+                            conn.execute(table.insert(), rows)
+                        new_head = audit.append(conn, events, head)
+                    head = new_head
                 except Exception as exc:  # any driver error: keep the batch, refuse calls, retry
+                    # Whether a failed commit left anything behind is unknown: take the head afresh.
+                    head = None
                     if not self._failing:
                         log.error("decision store write failed; refusing calls until it recovers: %s", exc)
                     self._failing = True
@@ -152,10 +194,28 @@ class Recorder:
                     log.warning("decision store recovered")
                 self._failing = False
                 self.last_error = None
-                self.written += len(batch)
+                self.written += len(rows)
                 for _ in batch:
                     self._queue.task_done()
                 break
+
+
+def _decision_event(row: dict[str, Any]) -> dict[str, Any]:
+    return {"kind": "decision", "at": row.get("at"), "decision_id": row.get("decision_id"),
+            "agent": row.get("agent"), "payload": row}
+
+
+def _storable(text: str) -> str:
+    """Text every store takes as it is, so one agent's odd call can never wedge the record for everyone.
+
+    PostgreSQL refuses NUL, which mitmproxy lets through in a path; and a byte that is not UTF-8 reaches
+    here as a lone surrogate, which no driver can encode. Both become visible backslash escapes.
+    """
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def _short(exc: Exception) -> str:
