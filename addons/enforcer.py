@@ -13,13 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import replace
-from urllib.parse import urlsplit
 
 from mitmproxy import exceptions, http
 
-from addons.agent_auth import AGENT, AgentAuth
+from addons.agent_auth import AGENT, AgentAuth, proxy_auth_required
 from addons.options import add_options, settings_from_options
-from proxy.gate import Gate, Outcome, Verdict
+from proxy.gate import Outcome, Verdict
 from proxy.mapping import Call
 from proxy.oversight import requested_wait
 from proxy.runtime import Runtime
@@ -35,11 +34,6 @@ class Enforcer:
         self._given = runtime is not None
         self.runtime = runtime
         self._sweeper: asyncio.Task | None = None
-
-    @property
-    def gate(self) -> Gate:
-        assert self.runtime is not None, "the enforcer is not configured"
-        return self.runtime.gate
 
     def load(self, loader) -> None:
         add_options(loader)
@@ -77,11 +71,24 @@ class Enforcer:
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
+        try:
+            await self._enforce(flow)
+        except Exception:
+            # mitmproxy forwards a flow whose hook raised; cedargate must refuse it instead.
+            log.exception("enforcement failed for %s", flow.request.pretty_url)
+            flow.response = http.Response.make(
+                500, b'{"type": "urn:cedargate:problem:internal-error", "title": "cedargate failed to decide '
+                b'this call; it was not forwarded", "status": 500}', {"Content-Type": "application/problem+json"},
+            )
+
+    async def _enforce(self, flow: http.HTTPFlow) -> None:
         agent = flow.metadata.get(AGENT)
         if not agent:  # only reachable if authentication did not run; never forward unattributed calls
-            flow.response = http.Response.make(407, b"proxy authentication required")
+            flow.response = proxy_auth_required("missing")
             return
-        verdict = self.gate.decide(call_of(flow, agent))
+        if self.runtime is None:
+            raise RuntimeError("the enforcer has no policies loaded")
+        verdict = self.runtime.gate.decide(call_of(flow, agent))
         flow.metadata[VERDICT] = verdict
         if verdict.outcome is Outcome.ESCALATE:
             verdict = await self._hold(flow, verdict)
@@ -122,14 +129,15 @@ class Enforcer:
             self._finish(flow, verdict, None)
 
     def _finish(self, flow: http.HTTPFlow, verdict: Verdict, status: int | None) -> None:
-        if not flow.metadata.get(RECORDED):
+        if not flow.metadata.get(RECORDED) and self.runtime:
             flow.metadata[RECORDED] = True
-            self.gate.finish(verdict, status)
+            self.runtime.gate.finish(verdict, status)
 
 
 def call_of(flow: http.HTTPFlow, agent: str) -> Call:
     request = flow.request
-    parts = urlsplit(request.path)
+    # Not urlsplit: it reads a leading "//" as a host, and raises on some paths.
+    path, _, query = request.path.partition("?")
     return Call(
         agent=agent,
         method=request.method,
@@ -137,8 +145,9 @@ def call_of(flow: http.HTTPFlow, agent: str) -> Call:
         # The address mitmproxy will connect to, not the Host header an agent could set to anything.
         host=request.host,
         port=request.port,
-        path=parts.path or "/",
-        query=parts.query,
+        path=path,
+        query=query,
+        host_header=request.host_header,
         headers=request.headers,
         # Decoded (gzip etc.) so policies see the JSON the upstream will see; undecodable stays raw
         # and then fails JSON mapping, which refuses the call.

@@ -70,7 +70,7 @@ def requirement_of(policy: PolicyInfo) -> Requirement | None:
     if not roles:
         raise AnnotationError(f'policy "{policy.policy_id}": @escalate needs at least one role name')
     raw = policy.annotations.get("approvals", "1")
-    if not raw.isdigit() or int(raw) < 1:
+    if not re.fullmatch(r"[0-9]+", raw) or int(raw) < 1:
         raise AnnotationError(f'policy "{policy.policy_id}": @approvals("{raw}") must be a whole number >= 1')
     return Requirement(policy.policy_id, roles, max(int(raw), len(roles)))
 

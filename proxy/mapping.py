@@ -54,6 +54,7 @@ class Call:
     query: str = ""
     headers: Mapping[str, str] = field(default_factory=dict)
     body: bytes = b""
+    host_header: str | None = None  # the Host header or :authority as the agent sent it
 
     @property
     def url(self) -> str:
@@ -75,6 +76,11 @@ def map_call(call: Call, options: MappingOptions) -> CedarRequest:
     host = canonical_host(call.host)
     if not host:
         raise MappingError("the call names no host")
+    if call.host_header and canonical_host(_hostname(call.host_header)) != host:
+        # A policy sees where the call goes; an upstream routing by Host must not see another host.
+        raise MappingError(
+            f"the Host header names {_hostname(call.host_header)!r} but the call goes to {host!r}; send them alike"
+        )
     check_normal_path(call.path)
     context: dict = {
         "scheme": call.scheme,
@@ -89,6 +95,12 @@ def map_call(call: Call, options: MappingOptions) -> CedarRequest:
     if body is not None:
         context["body"] = body
     return CedarRequest(("Agent", call.agent), ("Action", action), ("Host", host), context)
+
+
+def _hostname(authority: str) -> str:
+    if authority.startswith("["):
+        return authority[1:].split("]", 1)[0]
+    return authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
 
 
 UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")

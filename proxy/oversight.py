@@ -39,13 +39,11 @@ def requested_wait(prefer: str | None, maximum: float) -> float:
     if not prefer:
         return maximum
     preferences = [p.strip().lower() for p in prefer.split(",")]
-    if "respond-async" in preferences:
-        return 0.0
     for preference in preferences:
         match = re.fullmatch(r"wait\s*=\s*(\d+)", preference)
-        if match:
+        if match:  # with respond-async too: RFC 7240's "answer async if it takes longer than N"
             return min(float(match.group(1)), maximum)
-    return maximum
+    return 0.0 if "respond-async" in preferences else maximum
 
 
 class Oversight:
@@ -113,6 +111,7 @@ class Oversight:
                                          released_at=now, release_decision_id=verdict.decision_id):
                 self.event("release_refused", override, decision_id=verdict.decision_id,
                            payload={"recheck": recheck.problem_body()})
+            override = self.overrides.get(override.id) or override  # report the status it has now
             return self._refuse(replace(recheck, decision_id=verdict.decision_id), override,
                                 Problem.RELEASE_REFUSED,
                                 f"the override was granted, but the current policies refuse the call: {recheck.detail}")

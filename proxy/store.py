@@ -103,7 +103,8 @@ class Recorder:
 
     @property
     def pending(self) -> int:
-        return self._queue.qsize()
+        # unfinished_tasks also counts the batch the writer holds while retrying.
+        return self._queue.unfinished_tasks
 
     def record(self, row: dict[str, Any]) -> None:
         for key, value in row.items():

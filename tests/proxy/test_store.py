@@ -142,7 +142,7 @@ def test_backlog_over_max_pending_refuses_new_calls(db_path: Path):
     locker.execute("BEGIN EXCLUSIVE")
     try:
         recorder.record(_row(0))
-        wait_until(lambda: recorder.pending == 0, "the writer to take the first row")
+        wait_until(lambda: recorder._queue.qsize() == 0, "the writer to take the first row off the queue")
         for i in range(1, 5):
             recorder.record(_row(i))
         assert recorder.unavailable_reason() is None  # 4 behind: still admitting calls

@@ -1,0 +1,40 @@
+"""Fixtures for the override API's tests: a real, started core around a private copy of the bundled
+policies and a temporary SQLite record, and a TestClient on the app built around it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from override_api.main import create_app
+from proxy.config import Settings
+from proxy.runtime import Runtime
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def policy_dir(tmp_path: Path) -> Path:
+    """The bundled policies/ (without its test cases), copied so a test may break it."""
+    target = tmp_path / "policies"
+    shutil.copytree(REPO / "policies", target, ignore=shutil.ignore_patterns("tests"))
+    return target
+
+
+@pytest.fixture
+def runtime(tmp_path: Path, policy_dir: Path) -> Iterator[Runtime]:
+    settings = Settings(policy_dir=policy_dir, state_dir=tmp_path / "state", policy_reload_interval=0)
+    started = Runtime.start(settings)
+    yield started
+    started.close()
+
+
+@pytest.fixture
+def client(runtime: Runtime) -> Iterator[TestClient]:
+    with TestClient(create_app(runtime)) as test_client:
+        yield test_client

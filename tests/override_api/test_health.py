@@ -1,0 +1,167 @@
+"""/healthz and /status as an operator (or a load balancer) reads them, against a real running core."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from proxy.mapping import Call
+from proxy.runtime import Runtime
+
+
+def wait_until(predicate: Callable[[], object], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for: {what}")
+        time.sleep(0.02)
+
+
+def decide_and_record(runtime: Runtime) -> None:
+    """One call through the gate, finished as the enforcer finishes it once the upstream answered."""
+    call = Call(
+        agent="ops-bot", method="GET", scheme="http", host="localhost", port=9000, path="/v1/instances"
+    )
+    runtime.gate.finish(runtime.gate.decide(call), 200)
+
+
+def drop_decisions_table(runtime: Runtime) -> tuple[Path, list[str]]:
+    """Break the record as a bad migration or an operator's mistake would; returns what restores it."""
+    database = Path(runtime.settings.state_dir) / "cedargate.db"
+    db = sqlite3.connect(database)
+    try:
+        with db:
+            schema = [sql for (sql,) in db.execute(
+                "SELECT sql FROM sqlite_master"
+                " WHERE tbl_name = 'decisions' AND sql IS NOT NULL ORDER BY type DESC"
+            )]
+            db.execute("DROP TABLE decisions")
+    finally:
+        db.close()
+    return database, schema
+
+
+def restore(database: Path, schema: list[str]) -> None:
+    db = sqlite3.connect(database)
+    try:
+        with db:
+            for sql in schema:
+                db.execute(sql)
+    finally:
+        db.close()
+
+
+def test_healthz_is_ok_while_the_proxy_can_decide_and_record(client):
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+def test_status_shows_the_live_policy_revision_and_a_healthy_store(client, runtime, policy_dir):
+    response = client.get("/status")
+    assert response.status_code == 200
+    status = response.json()
+    assert status["status"] == "ok"
+    policies = status["policies"]
+    assert re.fullmatch(r"[0-9a-f]{64}", policies["revision"])
+    assert policies["revision"] == runtime.engine.status.revision
+    assert policies["policies"] == 4
+    assert sorted(policies["files"]) == ["entities.json", "ops.cedar", "schema.cedarschema"]
+    assert policies["directory"] == str(policy_dir)
+    assert policies["loaded_at"] is not None
+    assert policies["last_reload_error"] is None
+    assert status["store"]["healthy"] is True
+    assert status["store"]["last_error"] is None
+
+
+def test_status_counts_the_records_written(client, runtime):
+    decide_and_record(runtime)
+    assert runtime.recorder.flush()
+    assert client.get("/status").json()["store"]["records_written"] == 1
+
+
+def test_failed_reload_is_reported_while_the_previous_revision_stays_live(client, runtime, policy_dir):
+    live = client.get("/status").json()["policies"]
+    (policy_dir / "broken.cedar").write_text('@id("half-written")\npermit (principal, action, resource\n')
+
+    assert runtime.engine.reload() is False
+
+    status = client.get("/status").json()
+    assert status["status"] == "degraded"
+    policies = status["policies"]
+    assert "broken.cedar" in policies["last_reload_error"]
+    assert policies["last_reload_error_at"] is not None
+    assert policies["revision"] == live["revision"]
+    assert policies["policies"] == live["policies"]
+    assert policies["files"] == live["files"]
+    # The old set still decides every call, so the proxy is still serving.
+    assert client.get("/healthz").status_code == 200
+
+
+def test_fixed_policies_clear_the_reload_error(client, runtime, policy_dir):
+    live = client.get("/status").json()["policies"]["revision"]
+    broken = policy_dir / "broken.cedar"
+    broken.write_text('@id("half-written")\npermit (principal, action, resource\n')
+    assert runtime.engine.reload() is False
+    broken.unlink()
+
+    assert runtime.engine.reload() is True
+
+    status = client.get("/status").json()
+    assert status["status"] == "ok"
+    assert status["policies"]["last_reload_error"] is None
+    assert status["policies"]["revision"] == live
+
+
+def test_healthz_is_503_while_the_store_fails_and_recovers_with_it(client, runtime):
+    database, schema = drop_decisions_table(runtime)
+    decide_and_record(runtime)
+    wait_until(runtime.recorder.unavailable_reason, "the recorder to report the store failing")
+
+    response = client.get("/healthz")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "unavailable"
+    assert "decision store" in body["detail"]
+    assert "no such table: decisions" in body["detail"]
+    store = client.get("/status").json()
+    assert store["status"] == "degraded"
+    assert store["store"]["healthy"] is False
+    assert "no such table: decisions" in store["store"]["last_error"]
+
+    restore(database, schema)
+    assert runtime.recorder.flush(timeout=20), "the held-back row was not written after the store recovered"
+
+    assert client.get("/healthz").json() == {"status": "ok"}
+    db = sqlite3.connect(database)
+    try:
+        assert db.execute("SELECT agent, method, path, upstream_status FROM decisions").fetchall() == [
+            ("ops-bot", "GET", "/v1/instances", 200)
+        ]
+    finally:
+        db.close()
+
+
+def test_status_counts_rows_held_back_by_a_failing_store_as_pending(client, runtime):
+    database, schema = drop_decisions_table(runtime)
+    decide_and_record(runtime)
+    wait_until(runtime.recorder.unavailable_reason, "the recorder to report the store failing")
+    try:
+        assert client.get("/status").json()["store"]["pending_records"] == 1
+    finally:
+        restore(database, schema)
+        assert runtime.recorder.flush(timeout=20)
+
+
+def test_openapi_document_is_served(client: TestClient):
+    response = client.get("/openapi.json")
+    assert response.status_code == 200
+    document = response.json()
+    assert document["info"]["title"] == "cedargate override API"
+    assert {"/healthz", "/status"} <= set(document["paths"])
