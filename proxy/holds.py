@@ -1,14 +1,17 @@
-"""Where held calls wait: one asyncio event per override request, woken when a human decides.
+"""Where held calls wait: one asyncio event per waiter, woken when a human decides or the request expires.
 
-The waiter always re-reads the override from the store after waking: the wake-up is only a hint, so
-a lost or spurious one costs a little latency, never a wrong release. Reviewers' decisions arrive on
+A waiter subscribes *before* it reads the override's status, so a decision committed between the read
+and the wait still wakes it: no wake-up is lost, and no held call needs to poll the store. The waiter
+always re-reads the override after waking; a wake-up is only a hint. Reviewers' decisions arrive on
 other threads (the API's worker threads), hence `notify` is thread-safe.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import defaultdict
+from collections.abc import Iterator
 
 
 class Holds:
@@ -18,24 +21,27 @@ class Holds:
 
     @property
     def held(self) -> int:
-        return sum(len(events) for events in self._events.values())
+        return sum(len(events) for events in list(self._events.values()))
 
-    async def wait(self, override_id: str, timeout: float) -> bool:
-        """Wait until notified about this override or `timeout` passes; True if notified."""
+    @contextlib.contextmanager
+    def watching(self, override_id: str) -> Iterator[asyncio.Event]:
+        """An event set whenever this override may have changed, for as long as the block runs."""
         self._loop = asyncio.get_running_loop()
         event = asyncio.Event()
         self._events[override_id].add(event)
         try:
-            await asyncio.wait_for(event.wait(), timeout)
-            return True
-        except TimeoutError:
-            return False
+            yield event
         finally:
             waiting = self._events.get(override_id)
             if waiting is not None:
                 waiting.discard(event)
                 if not waiting:
                     del self._events[override_id]
+
+    async def wait(self, override_id: str, timeout: float) -> bool:
+        """Wait until notified about this override or `timeout` passes; True if notified."""
+        with self.watching(override_id) as woken:
+            return await wait_for_event(woken, timeout)
 
     def notify(self, override_id: str) -> None:
         loop = self._loop
@@ -46,3 +52,11 @@ class Holds:
     def _wake(self, override_id: str) -> None:
         for event in list(self._events.get(override_id, ())):
             event.set()
+
+
+async def wait_for_event(event: asyncio.Event, timeout: float) -> bool:
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+        return True
+    except TimeoutError:
+        return False

@@ -16,16 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from proxy.gate import Gate, Outcome, Problem, Verdict
-from proxy.holds import Holds
+from proxy.holds import Holds, wait_for_event
 from proxy.overrides import Override, OverrideStatus, OverrideStore
 from proxy.store import Recorder, utcnow
 
 log = logging.getLogger(__name__)
-
-# Re-read the store this often while holding, to see decisions made by another process (the CLI
-# against a shared database) and expiries; in-process decisions wake the hold at once.
-POLL_INTERVAL = 1.0
-
 
 @dataclass(frozen=True)
 class Resolution:
@@ -61,16 +56,23 @@ class Oversight:
         deadline = time.monotonic() + wait
         override = await self._open(verdict, justification)
         while True:
+            with self.holds.watching(override.id) as woken:
+                outcome = await self._hold(verdict, override, deadline, woken, client_alive)
+            if outcome is not None:
+                return outcome
+            # Another identical call consumed the grant first: this one is a new decision.
+            override = await self._open(verdict, justification)
+
+    async def _hold(self, verdict: Verdict, override: Override, deadline: float, woken: asyncio.Event,
+                    client_alive: Callable[[], bool]) -> Resolution | None:
+        while True:
+            # Read after subscribing, so a decision committed from here on still wakes this hold.
+            override = await asyncio.to_thread(self.overrides.get, override.id) or override
             status = OverrideStatus(override.status)
             if status is OverrideStatus.GRANTED:
                 if not client_alive():  # leave the grant for the agent's retry
                     return self._refuse(verdict, override, Problem.OVERRIDE_PENDING, "the client went away")
-                resolution = await asyncio.to_thread(self._release, verdict, override)
-                if resolution is not None:
-                    return resolution
-                # Another identical call consumed this grant first: this one is a new decision.
-                override = await self._open(verdict, justification)
-                continue
+                return await asyncio.to_thread(self._release, verdict, override)
             if status is OverrideStatus.DENIED:
                 return self._refuse(verdict, override, Problem.OVERRIDE_DENIED,
                                     f"a reviewer denied the override: {override.decided_reason}")
@@ -82,8 +84,9 @@ class Oversight:
                 return self._refuse(verdict, override, Problem.OVERRIDE_PENDING,
                                     f"{verdict.detail} An override request is waiting for review; "
                                     "retry the identical call after it is granted.")
-            await self.holds.wait(override.id, min(remaining, POLL_INTERVAL))
-            override = await asyncio.to_thread(self.overrides.get, override.id)
+            woken.clear()
+            # No polling: decisions made through the API and expiries by the sweeper notify this hold.
+            await wait_for_event(woken, remaining)
 
     async def _open(self, verdict: Verdict, justification: str | None) -> Override:
         request = verdict.request
