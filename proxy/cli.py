@@ -8,6 +8,7 @@ import logging
 import sys
 
 from proxy.agents import hash_token, new_token
+from proxy.audit_cli import add_audit_commands, run_audit_command
 from proxy.config import ConfigError, load_settings
 from proxy.overrides_cli import add_overrides_commands, run_overrides_command
 from proxy.policy import PolicyLoadError, load_bundle
@@ -37,12 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     hasher.add_argument("--new", action="store_true", help="make a new random token and print both")
 
     add_overrides_commands(sub)
+    add_audit_commands(sub)
 
     args = parser.parse_args(argv)
     if args.command == "run":
         return _run(args)
     if args.command == "overrides":
         return run_overrides_command(args)
+    if args.command == "audit":
+        return run_audit_command(args)
     if args.command == "check":
         return _check(args.policy_dir)
     return _hash(args.new)

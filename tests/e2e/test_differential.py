@@ -15,7 +15,7 @@ from pathlib import Path
 import cedarpy
 import httpx
 import pytest
-from conftest import AGENT, REPO, start_cedargate, write_config
+from e2e_support import AGENT, REPO, start_cedargate, write_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

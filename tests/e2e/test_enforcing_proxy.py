@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from conftest import AGENT, TOKEN, start_cedargate, write_config
+from e2e_support import AGENT, TOKEN, start_cedargate, write_config
 
 STOP_PATH = "/v1/instances/i-0abc/stop"
 

@@ -11,7 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from conftest import APPROVERS, CEDARGATE, REPO, TOKEN, start_cedargate, write_config
+import sqlalchemy
+from e2e_support import APPROVERS, CEDARGATE, REPO, TOKEN, start_cedargate, write_config
 
 STOP = "/v1/instances/i-0abc/stop"
 
@@ -289,3 +290,38 @@ def test_held_calls_survive_kill_9_and_each_goes_upstream_exactly_once(tmp_path,
         assert sorted(c.path for c in upstream.calls) == sorted(STOP.replace("i-0abc", f"i-{n}") for n in range(4))
     finally:
         restarted.stop()
+
+
+def test_the_record_links_the_whole_story_and_audit_verify_catches_tampering(cedargate, upstream, database_url):
+    with ThreadPoolExecutor(1) as pool, agent(cedargate) as http:
+        held = pool.submit(http.post, stop_url(upstream))
+        [request] = pending(cedargate)
+        approve(cedargate, request["id"])
+        assert held.result(timeout=30).status_code == 200
+        http.get(f"http://localhost:{upstream.http_port}/v1/instances")
+    url = database_url or f"sqlite:///{cedargate.database}"
+    store = sqlalchemy.create_engine(url)
+
+    def verify():
+        return subprocess.run([str(CEDARGATE), "audit", "verify", "--database-url", url],
+                              capture_output=True, text=True, timeout=30)
+
+    deadline = time.monotonic() + 10
+    while True:
+        with store.connect() as db:
+            story = db.execute(sqlalchemy.text("SELECT seq, kind, actor FROM audit_log WHERE override_id = :id "
+                                               "ORDER BY seq"), {"id": request["id"]}).fetchall()
+        if [k for _, k, _ in story][-1:] == ["release"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert [(kind, actor) for _, kind, actor in story] == [
+        ("override_created", None), ("approval", "erin"), ("grant", "erin"), ("release", None)]
+    assert verify().returncode == 0
+
+    edited = story[1][0]
+    with store.begin() as db:
+        db.execute(sqlalchemy.text("UPDATE audit_log SET actor = 'mallory' WHERE seq = :seq"), {"seq": edited})
+    store.dispose()
+    result = verify()
+    assert result.returncode == 1
+    assert f"TAMPERED at row seq {edited}" in result.stdout

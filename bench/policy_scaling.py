@@ -1,0 +1,474 @@
+#!/usr/bin/env python3
+"""Per-decision cost of cedargate's core as the policy set grows: 20 policies against 2000.
+
+No sockets. For each size a policy directory is generated (the schema of policies/, a generated
+entities.json, and a varied policy set) and loaded by `proxy.engine.Engine`, as `cedargate run` would.
+The same fixed mix of requests is then decided, call by call, three ways:
+
+  engine   Engine.evaluate: the policy slice for the call's (action, resource type), the entity set,
+           cedarpy.is_authorized
+  gate     Gate.decide + Gate.finish: mapping the HTTP call, evaluating, building the verdict and
+           queueing its row to a real Recorder writing to SQLite in a temp dir (its writer thread runs)
+  naive    cedarpy.is_authorized against the whole PolicySet handle (no slicing), same entities
+
+Each figure is the median (and p99) of per-call wall times, gathered in chunks that alternate between
+the cells so load elsewhere on the machine hits them alike. Before timing, every request is decided
+both sliced and naive and the decisions and determining policies must agree. Target: at 2000
+policies a decision (engine) costs at most 3x what it costs at 20. Results go to
+bench/results/policy_scaling.json.
+
+    .venv/bin/python bench/policy_scaling.py [--sizes 20 2000] [--calls 5000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from contextlib import ExitStack
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import cedarpy  # noqa: E402
+
+from proxy.engine import CedarRequest, Engine  # noqa: E402
+from proxy.gate import Gate  # noqa: E402
+from proxy.mapping import Call, MappingOptions, map_call  # noqa: E402
+from proxy.store import Recorder, count_decisions, make_engine  # noqa: E402
+
+RESULTS = REPO / "bench" / "results" / "policy_scaling.json"
+TARGET_RATIO = 3.0
+
+METHODS = ("get", "post", "put", "delete")
+TEAMS = [f"team-{i}" for i in range(12)]
+AGENTS = [(f"agent-{i}", TEAMS[i % len(TEAMS)]) for i in range(60)]
+HOSTS = [f"host-{i}.svc.example" for i in range(120)]
+TAGS = ("dev", "staging", "production-critical", "pci", "frozen", "eu", "us")
+SERVICES = 50  # paths are /v1/svc-0/... to /v1/svc-49/...
+
+# The policy mixes: (weight, kind). In "varied", most policies name one action, as the example set
+# does; some name an action group (`in Action::"read"`) or a list, which the engine's slices keep for
+# every action. "single-action" drops those: the best case for slicing by action.
+MIXES = {
+    "varied": [
+        (40, "permit-team-action-path"),
+        (15, "permit-team-action-tag"),
+        (15, "forbid-action-production-admin"),
+        (10, "permit-agent-action-host"),
+        (10, "permit-team-read-group"),
+        (5, "forbid-write-group-frozen"),
+        (5, "forbid-team-action-list-config"),
+    ],
+    "single-action": [
+        (50, "permit-team-action-path"),
+        (20, "permit-team-action-tag"),
+        (20, "forbid-action-production-admin"),
+        (10, "permit-agent-action-host"),
+    ],
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Generated policy directory
+# --------------------------------------------------------------------------------------------------
+
+
+def generate_entities(rng: random.Random) -> list[dict]:
+    entities: list[dict] = [{"uid": {"type": "Team", "id": t}, "attrs": {}, "parents": []} for t in TEAMS]
+    entities += [
+        {"uid": {"type": "Agent", "id": a}, "attrs": {}, "parents": [{"type": "Team", "id": t}]}
+        for a, t in AGENTS
+    ]
+    for env in ("production", "staging", "development"):
+        entities.append({"uid": {"type": "Environment", "id": env}, "attrs": {}, "parents": []})
+    for i, host in enumerate(HOSTS):
+        env = ("production", "staging", "development")[i % 3]
+        tags = sorted(rng.sample(TAGS, rng.randint(0, 3)))
+        entities.append(
+            {
+                "uid": {"type": "Host", "id": host},
+                "attrs": {"tags": tags},
+                "parents": [{"type": "Environment", "id": env}],
+            }
+        )
+    return entities
+
+
+def generate_policy(i: int, kind: str, rng: random.Random) -> str:
+    team = rng.choice(TEAMS)
+    method = rng.choice(METHODS)
+    svc = rng.randrange(SERVICES)
+    pid = f"gen-{i:05d}-{kind}"
+    if kind == "permit-team-action-path":
+        return (
+            f'@id("{pid}")\npermit (principal in Team::"{team}", action == Action::"{method}", resource)\n'
+            f'when {{ context.path like "/v1/svc-{svc}/*" }};\n'
+        )
+    if kind == "permit-team-action-tag":
+        tag = rng.choice(("dev", "staging", "eu", "us"))
+        return (
+            f'@id("{pid}")\npermit (principal in Team::"{team}", action == Action::"{method}", resource)\n'
+            f'when {{ resource.tags.contains("{tag}") && context.path like "/v1/svc-{svc}/*" }};\n'
+        )
+    if kind == "forbid-action-production-admin":
+        return (
+            f'@id("{pid}")\n@reason("Admin calls to svc-{svc} in production need a human.")\n'
+            f'forbid (principal, action == Action::"{method}", resource in Environment::"production")\n'
+            f'when {{ context.path like "/v1/svc-{svc}/admin/*" }};\n'
+        )
+    if kind == "permit-agent-action-host":
+        agent = rng.choice(AGENTS)[0]
+        host = rng.choice(HOSTS)
+        return (
+            f'@id("{pid}")\npermit (principal == Agent::"{agent}", action == Action::"{method}", '
+            f'resource == Host::"{host}")\nwhen {{ context.path like "/v1/svc-{svc}/*" }};\n'
+        )
+    if kind == "permit-team-read-group":
+        return (
+            f'@id("{pid}")\npermit (principal in Team::"{team}", action in Action::"read", resource)\n'
+            f'when {{ context.path like "/v1/svc-{svc}/*" && !resource.tags.contains("pci") }};\n'
+        )
+    if kind == "forbid-write-group-frozen":
+        return (
+            f'@id("{pid}")\n@reason("svc-{svc} is frozen on tagged hosts.")\n'
+            f'forbid (principal, action in Action::"write", resource)\n'
+            f'when {{ resource.tags.contains("frozen") && context.path like "/v1/svc-{svc}/*" }};\n'
+        )
+    if kind == "forbid-team-action-list-config":
+        return (
+            f'@id("{pid}")\n@reason("{team} does not change svc-{svc} configuration.")\n'
+            f'forbid (principal in Team::"{team}", action in [Action::"put", Action::"delete"], resource)\n'
+            f'when {{ context.path like "/v1/svc-{svc}/config/*" }};\n'
+        )
+    raise ValueError(kind)
+
+
+def generate_policy_dir(directory: Path, size: int, seed: int, mix: str = "varied") -> Counter:
+    rng = random.Random(seed)
+    directory.mkdir(parents=True)
+    shutil.copy(REPO / "policies" / "schema.cedarschema", directory / "schema.cedarschema")
+    (directory / "entities.json").write_text(json.dumps(generate_entities(random.Random(seed)), indent=1))
+    kinds = [k for _, k in MIXES[mix]]
+    weights = [w for w, _ in MIXES[mix]]
+    # Every kind appears even in a small set; the rest follow the weights.
+    chosen = (kinds * (size // len(kinds) + 1))[: min(size, len(kinds))]
+    chosen += rng.choices(kinds, weights=weights, k=size - len(chosen))
+    rng.shuffle(chosen)
+    texts = [generate_policy(i, kind, rng) for i, kind in enumerate(chosen)]
+    # Split over a few files, as an operator would.
+    files = max(1, min(8, size // 100))
+    for f in range(files):
+        (directory / f"generated-{f}.cedar").write_text("\n".join(texts[f::files]))
+    return Counter(chosen)
+
+
+def generate_calls(count: int, seed: int) -> list[Call]:
+    rng = random.Random(seed)
+    calls = []
+    for _ in range(count):
+        agent = rng.choice(AGENTS)[0]
+        method = rng.choices(METHODS, weights=(6, 2, 1, 1))[0].upper()
+        svc = rng.randrange(SERVICES)
+        tail = rng.choice(("items", "items/42", "admin/users", "config/limits", "status"))
+        calls.append(
+            Call(
+                agent=agent,
+                method=method,
+                scheme="https",
+                host=rng.choice(HOSTS),
+                port=443,
+                path=f"/v1/svc-{svc}/{tail}",
+                query=rng.choice(("", "page=2")),
+                headers={"User-Agent": "agent/1.0", "Accept": "application/json"},
+            )
+        )
+    return calls
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------------
+
+
+class Timer:
+    """Per-call wall times of fn(item), cycling through items, gathered over several chunks.
+
+    Chunks of the different cells are run interleaved, so a burst of other load on the machine falls
+    on every cell alike rather than on whichever cell ran then. The GC runs as in a live process.
+    """
+
+    def __init__(self, fn, items: list) -> None:
+        self.fn = fn
+        self.items = items
+        self.next = 0
+        self.samples: list[int] = []
+
+    def run(self, calls: int, record: bool = True) -> None:
+        fn, items, n = self.fn, self.items, len(self.items)
+        clock = time.perf_counter_ns
+        append = self.samples.append if record else (lambda _x: None)
+        start = self.next
+        for i in range(start, start + calls):
+            item = items[i % n]
+            t0 = clock()
+            fn(item)
+            append(clock() - t0)
+        self.next = start + calls
+
+    def stats(self) -> dict:
+        samples = sorted(self.samples)
+        calls = len(samples)
+        return {
+            "calls": calls,
+            "median_us": samples[calls // 2] / 1000,
+            "p99_us": samples[min(calls - 1, int(calls * 0.99))] / 1000,
+            "mean_us": sum(samples) / calls / 1000,
+        }
+
+
+def slice_sizes(engine: Engine) -> dict[str, int] | None:
+    """How many policies each action's slice holds (uses the engine's own scope test)."""
+    try:
+        from proxy.engine import _scope_may_match
+    except ImportError:
+        return None
+    templates = engine.snapshot.bundle.templates.values()
+    return {m: sum(1 for t in templates if _scope_may_match(t, ("Action", m), "Host")) for m in METHODS}
+
+
+def naive(engine: Engine):
+    def decide(request: CedarRequest):
+        snap = engine.snapshot
+        return cedarpy.is_authorized(
+            request.as_cedarpy(),
+            snap.bundle.policy_set,
+            snap.entities_for(request.principal, request.resource),
+        )
+
+    return decide
+
+
+class Setup:
+    """One policy set, loaded and checked, with its timers; `close` stops what it started."""
+
+    def __init__(self, size: int, tmp: Path, args) -> None:
+        policy_dir = tmp / f"policies-{size}"
+        self.mix = generate_policy_dir(policy_dir, size, seed=args.seed + size, mix=args.mix)
+        started = time.perf_counter()
+        self.engine = engine = Engine(policy_dir)
+        self.load_s = time.perf_counter() - started
+        self.recorder: Recorder | None = None
+        options = MappingOptions()
+        calls = generate_calls(args.distinct, seed=args.seed)
+        requests = [map_call(c, options) for c in calls]
+        self.distinct = len(requests)
+
+        # The slices must decide exactly as the whole set does. (This also builds every slice.)
+        decide_naive = naive(engine)
+        self.decisions: Counter = Counter()
+        self.mismatches = []
+        for request in requests:
+            sliced = engine.evaluate(request)
+            full = decide_naive(request)
+            self.decisions[sliced.decision] += 1
+            same = (
+                sliced.decision == full.decision.value
+                and sorted(sliced.determining) == sorted(full.diagnostics.reasons)
+                and sorted(sliced.errors) == sorted(full.diagnostics.errors)
+            )
+            if not same:
+                self.mismatches.append(
+                    {
+                        "request": request.as_cedarpy(),
+                        "sliced": [sliced.decision, sliced.determining],
+                        "full": [full.decision.value, full.diagnostics.reasons],
+                    }
+                )
+
+        self.recorder = Recorder(make_engine(f"sqlite:///{tmp / f'decisions-{size}.db'}"))
+        gate = Gate(engine, self.recorder, options)
+
+        def decide_and_record(call: Call) -> None:
+            gate.finish(gate.decide(call), 200)
+
+        self.timers = {
+            "engine": Timer(engine.evaluate, requests),
+            "gate": Timer(decide_and_record, calls),
+            "naive": Timer(decide_naive, requests),
+        }
+
+    def result(self, expected_rows: int) -> dict:
+        assert self.recorder is not None
+        flushed = self.recorder.flush(30)
+        rows = sum(count_decisions(self.recorder.engine).values())
+        return {
+            "policies": len(self.engine.snapshot.bundle.policies),
+            "policy_mix": dict(sorted(self.mix.items())),
+            "slice_sizes": slice_sizes(self.engine),
+            "load_s": round(self.load_s, 3),
+            "distinct_requests": self.distinct,
+            "decisions": dict(self.decisions),
+            "sliced_vs_full_mismatches": len(self.mismatches),
+            "mismatch_examples": self.mismatches[:3],
+            "timings": {name: timer.stats() for name, timer in self.timers.items()},
+            "recorder": {"flushed": flushed, "rows": rows, "expected_rows": expected_rows},
+        }
+
+    def close(self) -> None:
+        if self.recorder:
+            self.recorder.close()
+        self.engine.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", type=int, nargs="+", default=[20, 2000])
+    parser.add_argument("--calls", type=int, default=5000, help="timed decisions per size and method")
+    parser.add_argument("--warmup", type=int, default=500)
+    parser.add_argument("--chunks", type=int, default=10, help="interleaved chunks the calls are split into")
+    parser.add_argument("--distinct", type=int, default=500, help="distinct requests cycled through")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--mix", choices=sorted(MIXES), default="varied", help="policy mix (see MIXES)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+
+    started = time.monotonic()
+    load_at_start = os.getloadavg()
+    if load_at_start[0] > 0.5:
+        print(
+            f"note: load average {load_at_start[0]:.2f} before starting: other work on this machine "
+            "makes the figures noisier",
+            flush=True,
+        )
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="cedargate-policy-bench-") as td, ExitStack() as stack:
+        setups = {}
+        for size in args.sizes:
+            print(
+                f"{size} policies: generating, loading, checking slices against the whole set...", flush=True
+            )
+            setups[size] = Setup(size, Path(td), args)
+            stack.callback(setups[size].close)
+        cells = [(size, name) for size in args.sizes for name in ("engine", "gate", "naive")]
+        for size, name in cells:
+            setups[size].timers[name].run(args.warmup, record=False)
+        per_chunk = -(-args.calls // args.chunks)
+        print(f"timing {args.calls} calls per cell in {args.chunks} interleaved chunks...", flush=True)
+        for chunk in range(args.chunks):
+            calls = max(0, min(per_chunk, args.calls - chunk * per_chunk))
+            for size, name in cells if chunk % 2 == 0 else reversed(cells):
+                setups[size].timers[name].run(calls)
+                # Let the recorder write its backlog now, so it does not compete with the next cell.
+                setups[size].recorder.flush(30)
+        for size, setup in setups.items():
+            results[str(size)] = setup.result(expected_rows=args.warmup + args.calls)
+    elapsed = time.monotonic() - started
+
+    small, large = str(min(args.sizes)), str(max(args.sizes))
+    ratios = {
+        method: results[large]["timings"][method]["median_us"]
+        / results[small]["timings"][method]["median_us"]
+        for method in ("engine", "gate", "naive")
+    }
+    saved = {
+        size: 1 - r["timings"]["engine"]["median_us"] / r["timings"]["naive"]["median_us"]
+        for size, r in results.items()
+    }
+    check = {
+        "target": f"a decision with {large} policies costs at most {TARGET_RATIO}x one with {small} "
+        "(Engine.evaluate)",
+        "measured": round(ratios["engine"], 2),
+        "meets": ratios["engine"] <= TARGET_RATIO,
+    }
+    versions = {}
+    for dist in ("cedarpy", "mitmproxy", "sqlalchemy"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    out = {
+        "benchmark": "policy_scaling",
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "statistic": "median and p99 of per-call wall time over the timed calls",
+        "calls_per_cell": args.calls,
+        "warmup_per_cell": args.warmup,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "loadavg_at_start": load_at_start,
+            "loadavg_at_end": os.getloadavg(),
+        },
+        "versions": versions,
+        "mix": args.mix,
+        "mix_weights": {k: w for w, k in MIXES[args.mix]},
+        "results": results,
+        "ratio_large_to_small": {k: round(v, 2) for k, v in ratios.items()},
+        "slicing_saves": {k: round(v, 3) for k, v in saved.items()},
+        "check": check,
+        "elapsed_s": round(elapsed, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = args.out.with_suffix(".json.tmp")
+    tmp_out.write_text(json.dumps(out, indent=2) + "\n")
+    tmp_out.replace(args.out)
+
+    print()
+    print(
+        f"per-decision wall time, median (p99) of {args.calls} calls over {args.distinct} distinct requests"
+    )
+    header = (
+        f"{'policies':>8} {'in GET slice':>12} {'engine us':>16} {'gate us':>16} {'naive us':>16} "
+        f"{'slicing saves':>13}"
+    )
+    print(header)
+    print("-" * len(header))
+    for size, r in results.items():
+        t = r["timings"]
+        cell = {m: f"{t[m]['median_us']:.1f} ({t[m]['p99_us']:.0f})" for m in t}
+        in_slice = (r["slice_sizes"] or {}).get("get", "?")
+        print(
+            f"{size:>8} {in_slice:>12} {cell['engine']:>16} {cell['gate']:>16} {cell['naive']:>16} "
+            f"{saved[size]:>12.0%}"
+        )
+    print(
+        f"{large}/{small} ratio: engine {ratios['engine']:.2f}x, gate {ratios['gate']:.2f}x, "
+        f"naive {ratios['naive']:.2f}x"
+    )
+    for size, r in results.items():
+        print(
+            f"{size} policies: loaded in {r['load_s']:.2f} s; slices {r['slice_sizes']}; "
+            f"decisions {r['decisions']}; "
+            f"sliced vs full mismatches {r['sliced_vs_full_mismatches']}; "
+            f"recorded {r['recorder']['rows']}/{r['recorder']['expected_rows']} rows"
+        )
+    print(
+        f"{check['target']}: measured {check['measured']}x -> "
+        f"meets target: {'yes' if check['meets'] else 'no'}"
+    )
+    if any(r["sliced_vs_full_mismatches"] for r in results.values()):
+        print("WARNING: sliced and full policy sets decided differently; see mismatch_examples in the JSON")
+    shown = args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out
+    print(f"written {shown} in {elapsed:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,782 @@
+#!/usr/bin/env python3
+"""What cedargate costs on the wire, next to plain mitmproxy, against one loopback upstream.
+
+Three targets, measured in one run, interleaved round by round so drift hits them alike:
+  direct     the load client talks to the upstream itself (the client's and upstream's own ceiling)
+  mitmdump   stock `mitmdump -q --set connection_strategy=lazy`, no addon
+  cedargate  `cedargate run` enforcing the bundled example policies (a copy of policies/), recording
+             every decision to SQLite in a temporary state dir
+
+Every request is `GET http://localhost:<upstream>/v1/instances` as agent ops-bot (Team ops), which the
+example policy "ops-read" permits; through a proxy it is sent in absolute form with basic proxy
+credentials, the same bytes to both proxies (plain mitmdump just passes the credentials on).
+Each cell (target x concurrency) runs a warm-up, then a fixed number of requests on keep-alive
+connections; a cell's figures are the median over the rounds.
+
+The load client is `wrk` (one thread; a Lua script fixes the request count) when it is installed,
+else an asyncio raw-socket client in this process. The upstream is an asyncio raw-socket HTTP/1.1
+server in its own process. Results go to bench/results/proxy_overhead.json.
+
+    .venv/bin/python bench/proxy_overhead.py [--requests 3000] [--rounds 3] [--client auto|wrk|python]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+RESULTS = REPO / "bench" / "results" / "proxy_overhead.json"
+
+AGENT = "ops-bot"
+TOKEN = "bench-token-" + "x" * 32
+REQUEST_PATH = "/v1/instances"
+UPSTREAM_BODY = b'{"instances": [{"id": "i-1", "state": "running"}]}'
+
+# Targets the brief sets; a miss is reported, never a failing exit.
+TARGET_THROUGHPUT_RATIO = 0.9
+TARGET_P50_DELTA_MS = 0.15
+
+
+# --------------------------------------------------------------------------------------------------
+# The upstream: a minimal keep-alive HTTP/1.1 server (run as `proxy_overhead.py --serve-upstream`).
+# --------------------------------------------------------------------------------------------------
+
+_RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+    + str(len(UPSTREAM_BODY)).encode()
+    + b"\r\nConnection: keep-alive\r\n\r\n"
+    + UPSTREAM_BODY
+)
+
+
+class _UpstreamProtocol(asyncio.Protocol):
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.buf = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        out = []
+        close = False
+        while True:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                break
+            head = self.buf[:end].lower()
+            length = 0
+            at = head.find(b"\r\ncontent-length:")
+            if at >= 0:
+                line_end = head.find(b"\r\n", at + 2)
+                length = int(head[at + 17 : line_end if line_end >= 0 else len(head)].strip())
+            if len(self.buf) < end + 4 + length:
+                break  # wait for the rest of the body
+            self.buf = self.buf[end + 4 + length :]
+            out.append(_RESPONSE)
+            if b"\r\nconnection: close" in head:
+                close = True
+                break
+        if out:
+            self.transport.write(b"".join(out))
+        if close:
+            self.transport.close()
+
+
+def serve_upstream() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(_UpstreamProtocol, "127.0.0.1", 0, backlog=512)
+        print(server.sockets[0].getsockname()[1], flush=True)
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        # Also stop when the parent goes away (its end of our stdin closes).
+        loop.add_reader(sys.stdin.fileno(), stop.set)
+        await stop.wait()
+        server.close()
+
+    asyncio.run(main())
+
+
+# --------------------------------------------------------------------------------------------------
+# Processes: started here, always stopped here.
+# --------------------------------------------------------------------------------------------------
+
+
+class Processes:
+    """Every child this script starts; `stop_all` ends each one by its own pid, politely then firmly."""
+
+    def __init__(self) -> None:
+        self.children: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, argv: list[str], **kwargs) -> subprocess.Popen:
+        proc = subprocess.Popen(argv, **kwargs)
+        self.children.append((name, proc))
+        return proc
+
+    def stop(self, proc: subprocess.Popen, timeout: float = 15.0) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream:
+                stream.close()
+
+    def stop_all(self) -> None:
+        for _name, proc in reversed(self.children):
+            try:
+                self.stop(proc)
+            except Exception as exc:  # keep stopping the others
+                print(f"warning: could not stop pid {proc.pid}: {exc}", file=sys.stderr)
+        self.children.clear()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) from /proc, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(
+    predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None
+):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
+            raise RuntimeError(f"{what}: process exited with {proc.returncode}\n{tail}")
+        time.sleep(0.05)
+    raise RuntimeError(f"{what}: not ready after {timeout}s")
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def probe(proxy_port: int | None, url: str, method: str = "GET") -> tuple[int, bytes]:
+    """One request through the proxy (or direct) with the benchmark's credentials."""
+    handlers = []
+    if proxy_port is not None:
+        handlers.append(urllib.request.ProxyHandler({"http": f"http://127.0.0.1:{proxy_port}"}))
+    else:
+        handlers.append(urllib.request.ProxyHandler({}))
+    opener = urllib.request.build_opener(*handlers)
+    req = urllib.request.Request(url, method=method, headers={"Proxy-Authorization": proxy_auth()})
+    try:
+        with opener.open(req, timeout=10) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def proxy_auth() -> str:
+    return "Basic " + base64.b64encode(f"{AGENT}:{TOKEN}".encode()).decode()
+
+
+# --------------------------------------------------------------------------------------------------
+# Load clients. Both send the same bytes and return the same figures.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CellResult:
+    requests: int
+    errors: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    mean_ms: float
+    proxy_cpu_us_per_req: float | None = None  # user+system CPU of the proxy process, all threads
+
+
+def request_bytes(upstream_port: int, via_proxy: bool) -> bytes:
+    target = f"http://localhost:{upstream_port}{REQUEST_PATH}" if via_proxy else REQUEST_PATH
+    lines = [
+        f"GET {target} HTTP/1.1",
+        f"Host: localhost:{upstream_port}",
+        "User-Agent: cedargate-bench",
+        "Accept: application/json",
+    ]
+    if via_proxy:
+        lines.append(f"Proxy-Authorization: {proxy_auth()}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+WRK_SCRIPT = r"""
+-- Generated by bench/proxy_overhead.py: fixed request count, figures as one JSON line.
+wrk.method = "GET"
+wrk.path = "@PATH@"
+wrk.headers["Host"] = "@HOST@"
+wrk.headers["User-Agent"] = "cedargate-bench"
+wrk.headers["Accept"] = "application/json"
+@AUTH@
+local limit = @LIMIT@
+local count = 0
+-- wrk has no request-count option and its main thread sleeps for the whole -d duration: once the
+-- count is reached, stop this (only) thread and wake the main thread with SIGINT, which wrk handles
+-- by joining the threads and reporting as usual.
+local ffi = require("ffi")
+ffi.cdef("int getpid(void); int tgkill(int tgid, int tid, int sig);")
+function response(status, headers, body)
+  count = count + 1
+  if count == limit then
+    wrk.thread:stop()
+    local pid = ffi.C.getpid()
+    ffi.C.tgkill(pid, pid, 2)
+  end
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH_JSON {"requests": %d, "duration_us": %d, "p50_us": %d, "p99_us": %d, "mean_us": %f, ' ..
+    '"errors": %d}\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99), latency.mean,
+    e.connect + e.read + e.write + e.timeout + e.status))
+end
+"""
+
+
+def run_wrk(
+    workdir: Path, connect_port: int, upstream_port: int, via_proxy: bool, concurrency: int, count: int
+) -> CellResult:
+    script = (
+        WRK_SCRIPT.replace(
+            "@PATH@", f"http://localhost:{upstream_port}{REQUEST_PATH}" if via_proxy else REQUEST_PATH
+        )
+        .replace("@HOST@", f"localhost:{upstream_port}")
+        .replace("@AUTH@", f'wrk.headers["Proxy-Authorization"] = "{proxy_auth()}"' if via_proxy else "")
+        .replace("@LIMIT@", str(count))
+    )
+    lua = workdir / f"wrk-{connect_port}-{concurrency}.lua"
+    lua.write_text(script)
+    argv = [
+        "wrk",
+        "-t1",
+        f"-c{concurrency}",
+        "-d120s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(lua),
+        f"http://127.0.0.1:{connect_port}/",
+    ]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=180)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
+    if out.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({out.returncode}): {out.stdout}\n{out.stderr}")
+    data = json.loads(line.split(" ", 1)[1])
+    seconds = data["duration_us"] / 1e6
+    return CellResult(
+        requests=data["requests"],
+        errors=data["errors"],
+        seconds=seconds,
+        rps=data["requests"] / seconds,
+        p50_ms=data["p50_us"] / 1000,
+        p99_ms=data["p99_us"] / 1000,
+        mean_ms=data["mean_us"] / 1000,
+    )
+
+
+class _ClientConn(asyncio.Protocol):
+    """One keep-alive connection that sends a request and resolves a future on the full response."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.waiter: asyncio.Future | None = None
+        self.need = -1
+        self.status = 0
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        if self.need < 0:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(buf[:end]).lower()
+            self.status = int(head[9:12])
+            at = head.find(b"\r\ncontent-length:")
+            if at < 0:
+                self._fail(RuntimeError("response without content-length"))
+                return
+            line_end = head.find(b"\r\n", at + 2)
+            length = int(head[at + 17 : line_end if line_end >= 0 else len(head)].strip())
+            self.need = end + 4 + length
+        if len(buf) >= self.need:
+            del buf[: self.need]
+            self.need = -1
+            if self.waiter and not self.waiter.done():
+                self.waiter.set_result(self.status)
+
+    def connection_lost(self, exc) -> None:
+        self._fail(exc or ConnectionError("connection closed"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.waiter and not self.waiter.done():
+            self.waiter.set_exception(exc)
+
+    async def roundtrip(self, payload: bytes) -> int:
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(payload)
+        return await self.waiter
+
+
+async def _python_load(connect_port: int, payload: bytes, concurrency: int, count: int) -> CellResult:
+    loop = asyncio.get_running_loop()
+    conns = []
+    for _ in range(concurrency):
+        _t, proto = await loop.create_connection(_ClientConn, "127.0.0.1", connect_port)
+        conns.append(proto)
+    latencies: list[int] = []
+    errors = 0
+    remaining = count
+    clock = time.perf_counter_ns
+
+    async def worker(conn: _ClientConn) -> None:
+        nonlocal remaining, errors
+        while remaining > 0:
+            remaining -= 1
+            t0 = clock()
+            status = await conn.roundtrip(payload)
+            latencies.append(clock() - t0)
+            if status >= 400:
+                errors += 1
+
+    started = clock()
+    await asyncio.gather(*(worker(c) for c in conns))
+    seconds = (clock() - started) / 1e9
+    for c in conns:
+        c.transport.close()
+    await asyncio.gather(*(c.closed for c in conns))
+    latencies.sort()
+    n = len(latencies)
+    return CellResult(
+        requests=n,
+        errors=errors,
+        seconds=seconds,
+        rps=n / seconds,
+        p50_ms=latencies[n // 2] / 1e6,
+        p99_ms=latencies[min(n - 1, int(n * 0.99))] / 1e6,
+        mean_ms=sum(latencies) / n / 1e6,
+    )
+
+
+def run_python(
+    connect_port: int, upstream_port: int, via_proxy: bool, concurrency: int, count: int
+) -> CellResult:
+    return asyncio.run(
+        _python_load(connect_port, request_bytes(upstream_port, via_proxy), concurrency, count)
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The targets.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    name: str
+    port: int
+    via_proxy: bool
+    proc: subprocess.Popen | None = None
+    note: str = ""
+
+
+def start_upstream(procs: Processes) -> int:
+    proc = procs.start(
+        "upstream",
+        [sys.executable, str(Path(__file__).resolve()), "--serve-upstream"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    line = proc.stdout.readline()
+    if not line.strip():
+        raise RuntimeError("upstream server did not start")
+    port = int(line)
+    wait_for(lambda: port_open(port), 10, "upstream")
+    return port
+
+
+def start_mitmdump(procs: Processes, tmp: Path) -> Target:
+    port = free_port()
+    confdir = tmp / "mitmdump-conf"
+    confdir.mkdir()
+    log = tmp / "mitmdump.log"
+    argv = [
+        str(BIN / "mitmdump"),
+        "--listen-host",
+        "127.0.0.1",
+        "--listen-port",
+        str(port),
+        "-q",
+        "--set",
+        "connection_strategy=lazy",
+        "--set",
+        f"confdir={confdir}",
+    ]
+    with open(log, "wb") as fh:
+        proc = procs.start("mitmdump", argv, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT)
+    wait_for(lambda: port_open(port), 30, "mitmdump", proc, log)
+    return Target("mitmdump", port, True, proc, " ".join(argv[1:]))
+
+
+def start_cedargate(procs: Processes, tmp: Path) -> tuple[Target, Path, Path]:
+    policy_dir = tmp / "policies"
+    shutil.copytree(REPO / "policies", policy_dir)  # a stable copy: the repo may change under us
+    state_dir = tmp / "cedargate-state"
+    config = tmp / "cedargate.yaml"
+    config.write_text(
+        "# written by bench/proxy_overhead.py\n"
+        f"policy_dir: {policy_dir}\n"
+        f"state_dir: {state_dir}\n"
+        "agents:\n"
+        f"  {AGENT}:\n"
+        f"    token_sha256: {hashlib.sha256(TOKEN.encode()).hexdigest()}\n"
+    )
+    out, log = tmp / "cedargate.out", tmp / "cedargate.log"
+    argv = [
+        str(BIN / "cedargate"),
+        "run",
+        "--config",
+        str(config),
+        "--listen-port",
+        "0",
+        "--api-port",
+        "0",
+        "--state-dir",
+        str(state_dir),
+        "--policy-dir",
+        str(policy_dir),
+        "--log-level",
+        "WARNING",
+    ]
+    with open(out, "wb") as fo, open(log, "wb") as fe:
+        proc = procs.start("cedargate", argv, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe)
+
+    def ready() -> int | None:
+        for line in out.read_text(errors="replace").splitlines():
+            if line.startswith("cedargate proxy listening on http://"):
+                return int(line.rsplit(":", 1)[1])
+        return None
+
+    port = wait_for(ready, 60, "cedargate", proc, log)
+    wait_for(lambda: port_open(port), 10, "cedargate proxy port", proc, log)
+    return Target("cedargate", port, True, proc, " ".join(argv[1:])), state_dir, log
+
+
+def decisions_recorded(state_dir: Path) -> dict[str, int]:
+    db = state_dir / "cedargate.db"
+    if not db.exists():
+        return {}
+    with sqlite3.connect(db) as conn:
+        return dict(conn.execute("SELECT decision, count(*) FROM decisions GROUP BY decision").fetchall())
+
+
+# --------------------------------------------------------------------------------------------------
+# The run.
+# --------------------------------------------------------------------------------------------------
+
+
+def versions() -> dict[str, str]:
+    from importlib import metadata
+
+    found = {}
+    for dist in ("cedargate", "mitmproxy", "cedarpy", "sqlalchemy"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    wrk = shutil.which("wrk")
+    if wrk:
+        out = subprocess.run([wrk, "--version"], capture_output=True, text=True)
+        found["wrk"] = (out.stdout or out.stderr).split("[", 1)[0].strip()
+    return found
+
+
+def git_commit() -> str | None:
+    """HEAD, marked dirty when proxy/, addons/ or policies/ differ from it (others may be editing)."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "proxy", "addons", "policies"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def times(a: float, b: float) -> str:
+    return f"{a / b:.3f}x" if b else "n/a"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=3000, help="measured requests per cell and round")
+    parser.add_argument("--warmup", type=int, default=500, help="unmeasured requests before each cell")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; a cell reports the median round")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--client", choices=["auto", "wrk", "python"], default="auto")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--serve-upstream", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_upstream:
+        serve_upstream()
+        return 0
+
+    client = args.client
+    if client == "auto":
+        client = "wrk" if shutil.which("wrk") else "python"
+    if client == "wrk" and not shutil.which("wrk"):
+        parser.error("wrk is not installed (apt-get install wrk), use --client python")
+    client_desc = {
+        "wrk": "wrk (1 thread, Lua script fixing the request count), keep-alive",
+        "python": "asyncio raw-socket client in the benchmark process, keep-alive",
+    }[client]
+
+    # SIGTERM/SIGHUP become SystemExit, so the ExitStack below still stops every child.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
+
+    procs = Processes()
+    started = time.monotonic()
+    load_at_start = os.getloadavg()
+    if load_at_start[0] > 0.5:
+        print(
+            f"note: load average {load_at_start[0]:.2f} before starting: other work on this machine "
+            "makes the figures noisier",
+            flush=True,
+        )
+    with ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cedargate-bench-")))
+        stack.callback(procs.stop_all)
+        upstream_port = start_upstream(procs)
+        url = f"http://localhost:{upstream_port}{REQUEST_PATH}"
+        mitm = start_mitmdump(procs, tmp)
+        cedar, state_dir, cedar_log = start_cedargate(procs, tmp)
+        targets = [Target("direct", upstream_port, False, note="client -> upstream"), mitm, cedar]
+
+        # Sanity: every target answers the benchmark request with 200, and cedargate enforces.
+        for t in targets:
+            status, body = probe(t.port if t.via_proxy else None, url)
+            if status != 200 or body != UPSTREAM_BODY:
+                raise RuntimeError(
+                    f"{t.name}: the benchmark request got {status} {body[:300]!r}; "
+                    "do the example policies still allow ops-bot to GET on localhost?"
+                )
+        status, body = probe(cedar.port, f"http://localhost:{upstream_port}/v1/volumes/vol-1", "DELETE")
+        enforcing = status == 403 and b"urn:cedargate:problem:" in body
+        if not enforcing:
+            print(
+                f"warning: cedargate did not refuse DELETE /v1/volumes/vol-1 (policy no-volume-deletion): "
+                f"{status} {body[:300]!r}",
+                file=sys.stderr,
+            )
+
+        def measure(t: Target, concurrency: int, count: int) -> CellResult:
+            cpu_before = cpu_seconds(t.proc.pid) if t.proc else None
+            if client == "wrk":
+                cell = run_wrk(tmp, t.port, upstream_port, t.via_proxy, concurrency, count)
+            else:
+                cell = run_python(t.port, upstream_port, t.via_proxy, concurrency, count)
+            if cpu_before is not None:
+                cell.proxy_cpu_us_per_req = (cpu_seconds(t.proc.pid) - cpu_before) / cell.requests * 1e6
+            return cell
+
+        raw: dict[str, dict[int, list[CellResult]]] = {
+            t.name: {c: [] for c in args.concurrency} for t in targets
+        }
+        for rnd in range(args.rounds):
+            for concurrency in args.concurrency:
+                # Rotate the order each round so no target always runs first (or right after another).
+                order = targets[rnd % len(targets) :] + targets[: rnd % len(targets)]
+                for t in order:
+                    measure(t, concurrency, args.warmup)
+                    cell = measure(t, concurrency, args.requests)
+                    raw[t.name][concurrency].append(cell)
+                    print(
+                        f"round {rnd + 1}/{args.rounds} c={concurrency:<3} {t.name:<10} "
+                        f"{cell.rps:8.0f} req/s  p50 {cell.p50_ms:6.3f} ms  p99 {cell.p99_ms:6.3f} ms"
+                        f"  errors {cell.errors}"
+                        + (f"  proxy CPU {cell.proxy_cpu_us_per_req:.0f} us/req" if t.proc else ""),
+                        flush=True,
+                    )
+
+        # Stop cedargate first so its recorder flushes, then read what it recorded.
+        procs.stop(cedar.proc)
+        recorded = decisions_recorded(state_dir)
+        cedar_stderr = cedar_log.read_text(errors="replace")[-2000:]
+        elapsed = time.monotonic() - started
+
+    summary: dict[str, dict[str, dict]] = {}
+    for name, by_c in raw.items():
+        summary[name] = {}
+        for c, cells in by_c.items():
+            summary[name][str(c)] = {
+                "rps": statistics.median(x.rps for x in cells),
+                "p50_ms": statistics.median(x.p50_ms for x in cells),
+                "p99_ms": statistics.median(x.p99_ms for x in cells),
+                "mean_ms": statistics.median(x.mean_ms for x in cells),
+                "proxy_cpu_us_per_req": (
+                    statistics.median(x.proxy_cpu_us_per_req for x in cells)
+                    if cells[0].proxy_cpu_us_per_req is not None
+                    else None
+                ),
+                "errors": sum(x.errors for x in cells),
+                "rounds": [asdict(x) for x in cells],
+            }
+
+    checks = []
+    for c in args.concurrency:
+        ratio = summary["cedargate"][str(c)]["rps"] / summary["mitmdump"][str(c)]["rps"]
+        checks.append(
+            {
+                "target": f"cedargate throughput >= {TARGET_THROUGHPUT_RATIO}x plain mitmdump "
+                f"at concurrency {c}",
+                "measured": round(ratio, 3),
+                "meets": ratio >= TARGET_THROUGHPUT_RATIO,
+            }
+        )
+    if 1 in args.concurrency:
+        delta = summary["cedargate"]["1"]["p50_ms"] - summary["mitmdump"]["1"]["p50_ms"]
+        checks.append(
+            {
+                "target": f"cedargate p50 at concurrency 1 at most {TARGET_P50_DELTA_MS} ms "
+                "above plain mitmdump",
+                "measured": round(delta, 3),
+                "meets": delta <= TARGET_P50_DELTA_MS,
+            }
+        )
+
+    # One allowed probe plus every request sent through cedargate; wrk may send a few more than asked
+    # (the requests in flight on other connections when it stops), so the count is a lower bound.
+    expected_allowed = 1 + args.rounds * len(args.concurrency) * (args.warmup + args.requests)
+    total_errors = sum(summary[n][str(c)]["errors"] for n in summary for c in args.concurrency)
+    result = {
+        "benchmark": "proxy_overhead",
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "client": client_desc,
+        "request": f"GET {url} as agent {AGENT} (allowed by policy ops-read), "
+        "HTTP/1.1 keep-alive, plain HTTP",
+        "upstream": "asyncio raw-socket HTTP/1.1 server in its own process, "
+        f"{len(UPSTREAM_BODY)}-byte JSON body",
+        "requests_per_cell": args.requests,
+        "warmup_per_cell": args.warmup,
+        "rounds": args.rounds,
+        "statistic": "median over rounds of each round's throughput and latency percentiles",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "loadavg_at_start": load_at_start,
+            "loadavg_at_end": os.getloadavg(),
+        },
+        "versions": versions(),
+        "cedargate_commit": git_commit(),
+        "targets": {t.name: t.note for t in targets},
+        "results": summary,
+        "checks": checks,
+        "errors_total": total_errors,
+        "cedargate_refused_forbidden_probe": enforcing,
+        "cedargate_decisions_recorded": recorded,
+        "cedargate_decisions_expected": {"allow_at_least": expected_allowed, "deny": 1},
+        "elapsed_s": round(elapsed, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = args.out.with_suffix(".json.tmp")
+    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
+    tmp_out.replace(args.out)
+
+    print()
+    print(
+        f"client: {client_desc}; {args.requests} requests per cell after {args.warmup} warm-up, "
+        f"median of {args.rounds} rounds; {os.cpu_count()} CPUs"
+    )
+    header = (
+        f"{'target':<10} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs mitmdump':>12} "
+        f"{'proxy CPU us/req':>17}"
+    )
+    print(header)
+    print("-" * len(header))
+    for c in args.concurrency:
+        for name in summary:
+            s = summary[name][str(c)]
+            rel = times(s["rps"], summary["mitmdump"][str(c)]["rps"])
+            cpu = "" if s["proxy_cpu_us_per_req"] is None else f"{s['proxy_cpu_us_per_req']:.0f}"
+            print(
+                f"{name:<10} {c:>4} {s['rps']:>9.0f} {s['p50_ms']:>8.3f} {s['p99_ms']:>8.3f} "
+                f"{rel:>12} {cpu:>17}"
+            )
+    print()
+    for chk in checks:
+        print(
+            f"{chk['target']}: measured {chk['measured']} -> meets target: {'yes' if chk['meets'] else 'no'}"
+        )
+    print(
+        f"errors: {total_errors}; cedargate recorded {recorded} "
+        f"(expected allow >= {expected_allowed}, deny = 1)"
+    )
+    if total_errors:
+        print("warning: some requests failed; see the JSON. cedargate log tail:\n" + cedar_stderr)
+    print(
+        f"written {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out} "
+        f"in {elapsed:.0f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

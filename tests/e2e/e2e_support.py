@@ -1,0 +1,260 @@
+"""End-to-end harness: a real upstream on loopback (HTTP and HTTPS) and the real `cedargate run` process.
+
+Each test gets its own cedargate, started as users start it (the console script, a YAML config, a
+policy directory), on port 0 so tests never collide; the printed listening lines give the ports.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+REPO = Path(__file__).resolve().parents[2]
+CEDARGATE = Path(sys.executable).parent / "cedargate"
+AGENT, TOKEN = "ops-bot", "e2e-token-3f9c1a"
+# Reviewers: id -> (bearer token, roles). "ops-bot" as a reviewer exists to prove self-approval is refused.
+APPROVERS = {
+    "erin": ("erin-token-1", ["engineering-manager"]),
+    "max": ("max-token-6", ["engineering-manager"]),
+    "sam": ("sam-token-2", ["security"]),
+    "lee": ("lee-token-3", ["lead-engineer"]),
+    "sec-lead": ("sec-lead-token-4", ["security", "lead-engineer"]),
+    "ops-bot": ("ops-bot-reviewer-5", ["engineering-manager"]),
+}
+
+
+@dataclass
+class SeenCall:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class Upstream:
+    """A loopback API that records every call it receives, so tests can say what got through."""
+
+    http_port: int
+    https_port: int
+    ca_file: Path
+    calls: list[SeenCall] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.calls.clear()
+
+
+def _handler(calls: list[SeenCall]):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _serve(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else b""
+            calls.append(SeenCall(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+            payload = json.dumps({"ok": True, "method": self.command, "path": self.path}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _serve
+
+        def log_message(self, *args) -> None:
+            pass
+
+    return Handler
+
+
+def _make_tls(tmp: Path) -> tuple[Path, Path, Path]:
+    """A private CA and a leaf for localhost/127.0.0.1, as an internal service would have."""
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cedargate test CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=2))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(IPv4Address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_file, cert_file, key_file = tmp / "upstream-ca.pem", tmp / "upstream.pem", tmp / "upstream-key.pem"
+    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_file.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return ca_file, cert_file, key_file
+
+
+@pytest.fixture(scope="session")
+def upstream(tmp_path_factory) -> Upstream:
+    tmp = tmp_path_factory.mktemp("upstream")
+    ca_file, cert_file, key_file = _make_tls(tmp)
+    calls: list[SeenCall] = []
+    plain = ThreadingHTTPServer(("127.0.0.1", 0), _handler(calls))
+    secure = ThreadingHTTPServer(("127.0.0.1", 0), _handler(calls))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    secure.socket = context.wrap_socket(secure.socket, server_side=True)
+    for server in (plain, secure):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield Upstream(plain.server_address[1], secure.server_address[1], ca_file, calls)
+    plain.shutdown()
+    secure.shutdown()
+
+
+@dataclass
+class Cedargate:
+    process: subprocess.Popen
+    proxy_port: int
+    api_port: int
+    state_dir: Path
+    policy_dir: Path
+    output: list[str]
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://{AGENT}:{TOKEN}@127.0.0.1:{self.proxy_port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.state_dir / "mitmproxy-ca-cert.pem"
+
+    @property
+    def database(self) -> Path:
+        return self.state_dir / "cedargate.db"
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        return self.process.returncode
+
+
+def write_config(path: Path, policy_dir: Path, state_dir: Path, upstream: Upstream, **extra) -> Path:
+    config = {
+        "proxy": {"host": "127.0.0.1", "port": 0},
+        "api": {"host": "127.0.0.1", "port": 0},
+        "policy_dir": str(policy_dir),
+        "state_dir": str(state_dir),
+        "policy_reload_interval": 0.2,
+        "upstream_ca_bundle": str(upstream.ca_file),
+        "agents": {AGENT: {"token_sha256": hashlib.sha256(TOKEN.encode()).hexdigest()}},
+        "approvers": {
+            name: {"token_sha256": hashlib.sha256(token.encode()).hexdigest(), "roles": roles}
+            for name, (token, roles) in APPROVERS.items()
+        },
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def start_cedargate(config: Path, *extra_args: str, timeout: float = 30.0) -> Cedargate:
+    loaded = yaml.safe_load(config.read_text())
+    process = subprocess.Popen(
+        [str(CEDARGATE), "run", "--config", str(config), *extra_args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    output: list[str] = []
+    ports: dict[str, int] = {}
+    deadline = time.monotonic() + timeout
+    while len(ports) < 2:
+        line = process.stdout.readline()
+        if not line:
+            process.wait(5)
+            raise RuntimeError("cedargate exited before listening:\n" + "".join(output))
+        output.append(line)
+        listening = re.match(r"cedargate (proxy|API) listening on http://[^\s]+:(\d+)$", line.strip())
+        if listening:
+            ports[listening.group(1)] = int(listening.group(2))
+        if time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError("cedargate did not start in time:\n" + "".join(output))
+    # Keep draining output so the child never blocks on a full pipe.
+    threading.Thread(target=lambda: output.extend(process.stdout), daemon=True).start()
+    return Cedargate(process, ports["proxy"], ports["API"], Path(loaded["state_dir"]), Path(loaded["policy_dir"]), output)
+
+
+@pytest.fixture
+def policy_dir(tmp_path) -> Path:
+    """A private copy of the bundled example policies, so a test may edit it."""
+    target = tmp_path / "policies"
+    shutil.copytree(REPO / "policies", target, ignore=shutil.ignore_patterns("tests"))
+    return target
+
+
+PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request):
+    """None (the embedded SQLite default), or a fresh schema on the real PostgreSQL server."""
+    if request.param == "sqlite":
+        yield None
+        return
+    import sqlalchemy
+
+    schema = f"cg_e2e_{uuid.uuid4().hex[:12]}"
+    server = sqlalchemy.create_engine(PG_SERVER)
+    try:
+        with server.begin() as conn:
+            conn.execute(sqlalchemy.text(f"CREATE SCHEMA {schema}"))
+    except sqlalchemy.exc.OperationalError as exc:
+        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is not reachable: {exc}")
+    yield f"{PG_SERVER}?options=-csearch_path%3D{schema}"
+    with server.begin() as conn:
+        conn.execute(sqlalchemy.text(f"DROP SCHEMA {schema} CASCADE"))
+    server.dispose()
+
+
+@pytest.fixture
+def cedargate(tmp_path, policy_dir, upstream):
+    gate = start_cedargate(write_config(tmp_path / "cedargate.yaml", policy_dir, tmp_path / "state", upstream))
+    upstream.reset()
+    yield gate
+    gate.stop()
