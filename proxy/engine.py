@@ -1,11 +1,13 @@
 """The Cedar decision engine: one live policy bundle, evaluated per call, swapped whole on reload.
 
 `Engine.evaluate` takes a Cedar request (plain dicts) and returns an `Evaluation`. It reads the current
-`Snapshot` once, so a decision never mixes two policy revisions. Each snapshot slices its policy set
-by (action, resource type): a call is evaluated only against policies whose scope can match it, so
-decision cost grows with the policies that apply, not with all of them. Slicing is exact because
-Cedar checks the scope before any `when`/`unless` clause, so a policy whose scope cannot match can
-neither be satisfied nor raise an error.
+`Snapshot` once, so a decision never mixes two policy revisions. Each snapshot indexes its policies by
+scope: a call is evaluated only against the policies whose `principal`, `action` and `resource` scope
+can hold for it (using the entity hierarchy, as Cedar's `in` does), so decision cost grows with the
+policies that apply, not with all of them. Slicing is exact because Cedar checks the scope before any
+`when`/`unless` clause: a policy whose scope does not hold can neither be satisfied nor raise an error.
+The same holds for a policy whose *first* condition is `context.path like "/literal/prefix*..."`: when
+the path lacks the prefix, Cedar stops there, so the index also slices on those path prefixes.
 """
 
 from __future__ import annotations
@@ -68,70 +70,163 @@ class Evaluation:
         return self.decision == "Allow" and not self.errors
 
 
+Uid = tuple[str, str]
+
+# Calls with a new (agent, action, host) cost one index lookup; bound the caches against hostile traffic.
+SLICE_CACHE_SIZE = 8192
+POLICY_SET_CACHE_SIZE = 1024
+
+
+class ScopeIndex:
+    """Which policies' scopes can hold for a (principal, action, resource), answered from the entity graph."""
+
+    def __init__(self, bundle: PolicyBundle) -> None:
+        # The entity set as Cedar holds it, with the schema's action entities and their groups.
+        self._parents: dict[Uid, tuple[Uid, ...]] = {
+            (e["uid"]["type"], e["uid"]["id"]): tuple((p["type"], p["id"]) for p in e.get("parents", ()))
+            for e in json.loads(str(bundle.entities))
+        }
+        self._ancestry: dict[Uid, frozenset[Uid]] = {}
+        self._by_action: dict[Uid, list[pst.Template]] = {}
+        self._any_action: list[pst.Template] = []
+        self._path_prefix = {t.id: _leading_path_prefix(t) for t in bundle.templates.values()}
+        self.path_prefixes = frozenset(p for p in self._path_prefix.values() if p is not None)
+        for template in bundle.templates.values():
+            if isinstance(template.action, pst.ActionEq):
+                self._by_action.setdefault(_uid(template.action.entity), []).append(template)
+            else:
+                self._any_action.append(template)
+
+    def ancestry(self, uid: Uid) -> frozenset[Uid]:
+        """The entity and everything it is `in`, transitively (an unlisted entity: only itself)."""
+        known = self._ancestry.get(uid)
+        if known is None:
+            seen, stack = {uid}, list(self._parents.get(uid, ()))
+            while stack:
+                parent = stack.pop()
+                if parent not in seen:
+                    seen.add(parent)
+                    stack.extend(self._parents.get(parent, ()))
+            known = self._ancestry[uid] = frozenset(seen)
+        return known
+
+    def path_key(self, path: str) -> frozenset[str]:
+        """The indexed path prefixes this path starts with: calls sharing it share a slice."""
+        if not self.path_prefixes:
+            return frozenset()
+        return frozenset(path[:i] for i in range(len(path) + 1)) & self.path_prefixes
+
+    def applicable(self, principal: Uid, action: Uid, resource: Uid, path: str = "/") -> tuple[str, ...]:
+        principals, actions, resources = self.ancestry(principal), self.ancestry(action), self.ancestry(resource)
+        return tuple(sorted(
+            t.id for t in (*self._by_action.get(action, ()), *self._any_action)
+            if _action_holds(t.action, actions)
+            and _scope_holds(t.principal, principal, principals)
+            and _scope_holds(t.resource, resource, resources)
+            and (self._path_prefix[t.id] is None or path.startswith(self._path_prefix[t.id]))
+        ))
+
+
+def _leading_path_prefix(template: pst.Template) -> str | None:
+    """The literal prefix of `context.path like "..."` when it is the first thing Cedar evaluates."""
+    if not template.clauses or not isinstance(template.clauses[0], pst.When):
+        return None
+    expr = template.clauses[0].expr
+    while isinstance(expr, pst.BinaryOp) and expr.op == "and":
+        expr = expr.left
+    if not (isinstance(expr, pst.Like) and isinstance(expr.base, pst.GetAttr) and expr.base.attr == "path"
+            and isinstance(expr.base.base, pst.Var) and expr.base.base.name == "context"):
+        return None
+    prefix = []
+    for element in expr.pattern:
+        if not isinstance(element, pst.Char):
+            break
+        prefix.append(element.value)
+    return "".join(prefix) or None
+
+
+def _uid(uid: pst.EntityUid) -> Uid:
+    return (str(uid.type), uid.id)
+
+
+def _scope_holds(constraint, uid: Uid, ancestry: frozenset[Uid]) -> bool:
+    if isinstance(constraint, pst.ScopeEq):
+        return _uid(constraint.entity) == uid
+    if isinstance(constraint, pst.ScopeIn):
+        return _uid(constraint.entity) in ancestry
+    if isinstance(constraint, pst.ScopeIs):
+        return str(constraint.entity_type) == uid[0]
+    if isinstance(constraint, pst.ScopeIsIn):
+        return str(constraint.entity_type) == uid[0] and _uid(constraint.entity) in ancestry
+    return True  # ScopeAny, or a form this index does not know: keep the policy
+
+
+def _action_holds(constraint, ancestry: frozenset[Uid]) -> bool:
+    if isinstance(constraint, pst.ActionEq):
+        return _uid(constraint.entity) in ancestry
+    if isinstance(constraint, pst.ActionIn):
+        return any(_uid(e) in ancestry for e in constraint.entities)
+    return True
+
+
+class _Lru(OrderedDict):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def put(self, key, value) -> None:
+        self[key] = value
+        if len(self) > self.size:
+            self.popitem(last=False)
+
+
 class Snapshot:
     """A loaded bundle plus its per-call caches; never mutated in a way a reader could observe."""
 
     def __init__(self, bundle: PolicyBundle) -> None:
         self.bundle = bundle
-        self._slices: dict[tuple[tuple[str, str], str], cedarpy.PolicySet] = {}
-        self._overlays: OrderedDict[tuple, cedarpy.Entities] = OrderedDict()
+        self.index = ScopeIndex(bundle)
+        self._slices: _Lru = _Lru(SLICE_CACHE_SIZE)  # (principal, action, resource, path key) -> PolicySet
+        self._sets: _Lru = _Lru(POLICY_SET_CACHE_SIZE)  # policy ids -> PolicySet, shared across calls
+        self._overlays: _Lru = _Lru(OVERLAY_CACHE_SIZE)
         self._lock = threading.Lock()
 
-    def policies_for(self, action: tuple[str, str], resource_type: str) -> cedarpy.PolicySet:
-        key = (action, resource_type)
+    def policies_for(self, principal: Uid, action: Uid, resource: Uid, path: str = "/") -> cedarpy.PolicySet:
+        key = (principal, action, resource, self.index.path_key(path))
         sliced = self._slices.get(key)
+        if sliced is not None:
+            return sliced
+        ids = self.index.applicable(principal, action, resource, path)
+        sliced = self._sets.get(ids)
         if sliced is None:
-            chosen = [t for t in self.bundle.templates.values() if _scope_may_match(t, action, resource_type)]
-            sliced = self.bundle.policy_set if len(chosen) == len(self.bundle.templates) else policy_set_of(chosen)
-            self._slices[key] = sliced
+            templates = self.bundle.templates
+            sliced = (self.bundle.policy_set if len(ids) == len(templates)
+                      else policy_set_of(templates[i] for i in ids))
+        with self._lock:
+            self._sets.put(ids, sliced)
+            self._slices.put(key, sliced)
         return sliced
 
-    def entities_for(self, principal: tuple[str, str], resource: tuple[str, str]) -> cedarpy.Entities:
+    def entities_for(self, principal: Uid, resource: Uid) -> cedarpy.Entities:
         """The entity set with the principal and resource present, adding bare ones when unlisted.
 
         An agent or host missing from entities.json still gets an entity (no parents, no tags), so
         `resource.tags.contains(...)` is false for it rather than an error that would deny everything.
         """
-        missing = [uid for uid in (principal, resource) if uid not in self.bundle.entity_uids]
+        missing = tuple(uid for uid in (principal, resource) if uid not in self.bundle.entity_uids)
         if not missing:
             return self.bundle.entities
-        key = tuple(missing)
-        with self._lock:
-            cached = self._overlays.get(key)
-            if cached is not None:
-                self._overlays.move_to_end(key)
-                return cached
-        delta = json.dumps([_bare_entity(uid) for uid in missing])
-        overlay = self.bundle.entities.with_added_json_str(delta)
-        with self._lock:
-            self._overlays[key] = overlay
-            if len(self._overlays) > OVERLAY_CACHE_SIZE:
-                self._overlays.popitem(last=False)
+        overlay = self._overlays.get(missing)
+        if overlay is None:
+            overlay = self.bundle.entities.with_added_json_str(json.dumps([_bare_entity(uid) for uid in missing]))
+            with self._lock:
+                self._overlays.put(missing, overlay)
         return overlay
 
 
-def _bare_entity(uid: tuple[str, str]) -> dict:
+def _bare_entity(uid: Uid) -> dict:
     attrs = {"tags": []} if uid[0] == "Host" else {}
     return {"uid": {"type": uid[0], "id": uid[1]}, "attrs": attrs, "parents": []}
-
-
-def _scope_may_match(template: pst.Template, action: tuple[str, str], resource_type: str) -> bool:
-    """Conservative: False only when the scope provably excludes this action and resource type."""
-    constraint = template.action
-    if isinstance(constraint, pst.ActionEq):
-        if _uid(constraint.entity) != action:
-            return False
-    # `action in [...]` may name action groups whose members only the schema knows; keep it.
-    resource = template.resource
-    if isinstance(resource, (pst.ScopeIs, pst.ScopeIsIn)):
-        return str(resource.entity_type) == resource_type
-    if isinstance(resource, pst.ScopeEq) and isinstance(resource.entity, pst.EntityUid):
-        return str(resource.entity.type) == resource_type
-    return True
-
-
-def _uid(uid: pst.EntityUid) -> tuple[str, str]:
-    return (str(uid.type), uid.id)
 
 
 @dataclass
@@ -160,7 +255,8 @@ class Engine:
 
     def evaluate(self, request: CedarRequest) -> Evaluation:
         snap = self._snapshot  # read once: the whole decision uses this revision
-        policies = snap.policies_for(request.action, request.resource[0])
+        policies = snap.policies_for(request.principal, request.action, request.resource,
+                                     request.context.get("path", "/"))
         entities = snap.entities_for(request.principal, request.resource)
         result = cedarpy.is_authorized(request.as_cedarpy(), policies, entities)
         determining = tuple(result.diagnostics.reasons)

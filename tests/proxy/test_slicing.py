@@ -109,6 +109,11 @@ CONDITIONS = [
     # These raise at run time (64-bit overflow) for some ports, though they validate.
     "context.port + 9223372036854775000 > 0",
     "context.port * 4611686018427387904 > 0",
+    # The index slices on a leading path `like`; these pin down when that is exact and when it is not.
+    'context.path like "/v1/instances/*" && context.port * 4611686018427387904 > 0',
+    'context.port * 4611686018427387904 > 0 && context.path like "/v1/volumes/*"',
+    'context.path like "/v1/volumes/*" || context.port == 443',
+    'context.path like "/v1/*/stop" && resource.tags.contains("dev")',
 ]
 
 
@@ -228,7 +233,9 @@ def test_sliced_evaluation_equals_cedar_on_the_full_set(scratch: Path, texts: li
         want = _direct(engine, request)
 
         sliced_size = len(
-            engine.snapshot.policies_for(request.action, request.resource[0]).to_pst().static_policies
+            engine.snapshot.policies_for(
+                request.principal, request.action, request.resource, request.context["path"]
+            ).to_pst().static_policies
         )
         event("slice smaller than the set" if sliced_size < len(texts) else "slice is the whole set")
         event(f"decision {got.decision}" + (" with errors" if got.errors else ""))
@@ -250,7 +257,7 @@ def test_slicing_really_excludes_policies_and_still_agrees():
         engine = Engine(_policy_dir(Path(root), texts))
         for method, expect_errors in (("GET", False), ("DELETE", True)):
             request = map_call(Call("ops-bot", method, "http", "x", 8080, "/"), MappingOptions())
-            sliced = engine.snapshot.policies_for(request.action, "Host").to_pst().static_policies
+            sliced = engine.snapshot.policies_for(request.principal, request.action, request.resource, request.context["path"]).to_pst().static_policies
             assert set(sliced) == ({"p0", "p1"} if method == "DELETE" else {"p0"})
             got, want = engine.evaluate(request), _direct(engine, request)
             assert got.decision == want.decision.value == "Allow"
