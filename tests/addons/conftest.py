@@ -7,7 +7,6 @@ build, with real cedarpy and a real SQLite record in a temporary directory.
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,14 +15,6 @@ from addon_support import AGENT, REPO, TOKEN_SHA256
 
 from proxy.config import AgentCredential, Settings
 from proxy.runtime import Runtime
-
-
-@pytest.fixture
-def policy_dir(tmp_path: Path) -> Path:
-    """The bundled policies/ (without its test cases), copied so a test may edit it."""
-    target = tmp_path / "policies"
-    shutil.copytree(REPO / "policies", target, ignore=shutil.ignore_patterns("tests"))
-    return target
 
 
 @pytest.fixture

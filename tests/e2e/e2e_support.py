@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import signal
 import ssl
 import subprocess
@@ -218,14 +217,6 @@ def start_cedargate(config: Path, *extra_args: str, timeout: float = 30.0) -> Ce
     # Keep draining output so the child never blocks on a full pipe.
     threading.Thread(target=lambda: output.extend(process.stdout), daemon=True).start()
     return Cedargate(process, ports["proxy"], ports["API"], Path(loaded["state_dir"]), Path(loaded["policy_dir"]), output)
-
-
-@pytest.fixture
-def policy_dir(tmp_path) -> Path:
-    """A private copy of the bundled example policies, so a test may edit it."""
-    target = tmp_path / "policies"
-    shutil.copytree(REPO / "policies", target, ignore=shutil.ignore_patterns("tests"))
-    return target
 
 
 PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/test"

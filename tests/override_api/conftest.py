@@ -4,7 +4,6 @@ policies and a temporary SQLite record, and a TestClient on the app built around
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,15 +14,6 @@ from override_api.main import create_app
 from proxy.config import Settings
 from proxy.runtime import Runtime
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def policy_dir(tmp_path: Path) -> Path:
-    """The bundled policies/ (without its test cases), copied so a test may break it."""
-    target = tmp_path / "policies"
-    shutil.copytree(REPO / "policies", target, ignore=shutil.ignore_patterns("tests"))
-    return target
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ Everything here is a real part: real cedarpy, real files, real databases. Nothin
 
 from __future__ import annotations
 
-import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,16 +16,6 @@ from proxy_support import PG_CONNINFO, PG_SERVER, POLICIES, pg_unreachable_reaso
 from proxy.engine import Engine
 from proxy.gate import Gate
 from proxy.store import Recorder, make_engine
-
-
-@pytest.fixture
-def policy_dir(tmp_path: Path) -> Path:
-    """A private copy of the bundled policies/ (schema, ops.cedar, entities.json) the test may edit."""
-    target = tmp_path / "policies"
-    target.mkdir()
-    for name in ("schema.cedarschema", "ops.cedar", "entities.json"):
-        shutil.copy2(POLICIES / name, target / name)
-    return target
 
 
 @pytest.fixture
