@@ -8,14 +8,19 @@ policies that apply, not with all of them. Slicing is exact because Cedar checks
 `when`/`unless` clause: a policy whose scope does not hold can neither be satisfied nor raise an error.
 The same holds for a policy whose *first* condition is `context.path like "/literal/prefix*..."`: when
 the path lacks the prefix, Cedar stops there, so the index also slices on those path prefixes.
+Each slice also knows which context attributes its policies read; Cedar is handed only those (turning
+the context into Cedar values is most of cedarpy's cost per call), or all of it when a policy uses
+`context` as a whole.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -180,6 +185,41 @@ class _Lru(OrderedDict):
             self.popitem(last=False)
 
 
+@dataclass(frozen=True)
+class Slice:
+    policy_set: cedarpy.PolicySet
+    context_attributes: frozenset[str] | None  # None: some policy reads `context` whole
+
+    def context_of(self, context: dict) -> dict:
+        if self.context_attributes is None:
+            return context
+        return {k: v for k, v in context.items() if k in self.context_attributes}
+
+
+def _context_attributes(templates) -> frozenset[str] | None:
+    """The top-level context attributes these policies read, or None if any uses `context` itself."""
+    found: set[str] = set()
+    stack: list = [clause.expr for t in templates for clause in t.clauses]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (pst.GetAttr, pst.HasAttr)) and isinstance(node.base, pst.Var):
+            if node.base.name == "context":
+                found.add(node.attr if isinstance(node, pst.GetAttr) else node.attrs[0])
+            continue
+        if isinstance(node, pst.Var) and node.name == "context":
+            return None
+        if dataclasses.is_dataclass(node):
+            for f in dataclasses.fields(node):
+                value = getattr(node, f.name)
+                if isinstance(value, tuple):
+                    stack.extend(v for v in value if dataclasses.is_dataclass(v))
+                elif isinstance(value, Mapping):
+                    stack.extend(v for v in value.values() if dataclasses.is_dataclass(v))
+                elif dataclasses.is_dataclass(value):
+                    stack.append(value)
+    return frozenset(found)
+
+
 class Snapshot:
     """A loaded bundle plus its per-call caches; never mutated in a way a reader could observe."""
 
@@ -192,6 +232,9 @@ class Snapshot:
         self._lock = threading.Lock()
 
     def policies_for(self, principal: Uid, action: Uid, resource: Uid, path: str = "/") -> cedarpy.PolicySet:
+        return self.slice_for(principal, action, resource, path).policy_set
+
+    def slice_for(self, principal: Uid, action: Uid, resource: Uid, path: str = "/") -> Slice:
         key = (principal, action, resource, self.index.path_key(path))
         sliced = self._slices.get(key)
         if sliced is not None:
@@ -200,8 +243,9 @@ class Snapshot:
         sliced = self._sets.get(ids)
         if sliced is None:
             templates = self.bundle.templates
-            sliced = (self.bundle.policy_set if len(ids) == len(templates)
-                      else policy_set_of(templates[i] for i in ids))
+            chosen = [templates[i] for i in ids]
+            policy_set = self.bundle.policy_set if len(ids) == len(templates) else policy_set_of(chosen)
+            sliced = Slice(policy_set, _context_attributes(chosen))
         with self._lock:
             self._sets.put(ids, sliced)
             self._slices.put(key, sliced)
@@ -255,10 +299,12 @@ class Engine:
 
     def evaluate(self, request: CedarRequest) -> Evaluation:
         snap = self._snapshot  # read once: the whole decision uses this revision
-        policies = snap.policies_for(request.principal, request.action, request.resource,
-                                     request.context.get("path", "/"))
+        sliced = snap.slice_for(request.principal, request.action, request.resource,
+                                request.context.get("path", "/"))
         entities = snap.entities_for(request.principal, request.resource)
-        result = cedarpy.is_authorized(request.as_cedarpy(), policies, entities)
+        cedar_request = request.as_cedarpy()
+        cedar_request["context"] = sliced.context_of(request.context)
+        result = cedarpy.is_authorized(cedar_request, sliced.policy_set, entities)
         determining = tuple(result.diagnostics.reasons)
         known = snap.bundle.policies
         return Evaluation(
