@@ -190,7 +190,9 @@ def port_open(port: int) -> bool:
         return False
 
 
-def probe(proxy_port: int | None, url: str, method: str = "GET") -> tuple[int, bytes]:
+def probe(
+    proxy_port: int | None, url: str, method: str = "GET", headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
     """One request through the proxy (or direct) with the benchmark's credentials."""
     handlers = []
     if proxy_port is not None:
@@ -198,7 +200,9 @@ def probe(proxy_port: int | None, url: str, method: str = "GET") -> tuple[int, b
     else:
         handlers.append(urllib.request.ProxyHandler({}))
     opener = urllib.request.build_opener(*handlers)
-    req = urllib.request.Request(url, method=method, headers={"Proxy-Authorization": proxy_auth()})
+    req = urllib.request.Request(
+        url, method=method, headers={"Proxy-Authorization": proxy_auth(), **(headers or {})}
+    )
     try:
         with opener.open(req, timeout=10) as resp:
             return resp.status, resp.read()
@@ -617,12 +621,22 @@ def main() -> int:
                     f"{t.name}: the benchmark request got {status} {body[:300]!r}; "
                     "do the example policies still allow ops-bot to GET on localhost?"
                 )
-        status, body = probe(cedar.port, f"http://localhost:{upstream_port}/v1/volumes/vol-1", "DELETE")
-        enforcing = status == 403 and b"urn:cedargate:problem:" in body
+        # And it refuses what no example policy permits (PUT): default deny. `Prefer: respond-async`
+        # asks for an immediate answer should the call ever be escalated to a human instead.
+        try:
+            status, body = probe(
+                cedar.port,
+                f"http://localhost:{upstream_port}/v1/volumes/vol-1",
+                "PUT",
+                {"Prefer": "respond-async"},
+            )
+        except OSError as exc:
+            status, body = 0, repr(exc).encode()
+        enforcing = status >= 400 and b"urn:cedargate:problem:" in body
         if not enforcing:
             print(
-                f"warning: cedargate did not refuse DELETE /v1/volumes/vol-1 (policy no-volume-deletion): "
-                f"{status} {body[:300]!r}",
+                f"warning: cedargate did not refuse PUT /v1/volumes/vol-1, which no example policy "
+                f"permits: {status} {body[:300]!r}",
                 file=sys.stderr,
             )
 

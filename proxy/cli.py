@@ -6,10 +6,12 @@ import argparse
 import asyncio
 import logging
 import sys
+from pathlib import Path
 
 from proxy.agents import hash_token, new_token
 from proxy.audit_cli import add_audit_commands, run_audit_command
 from proxy.config import ConfigError, load_settings
+from proxy.manifest import MANIFEST_FILE, MANIFEST_SCHEMA_FILE, ManifestError, load_manifest, schema_text
 from proxy.overrides_cli import add_overrides_commands, run_overrides_command
 from proxy.policy import PolicyLoadError, load_bundle
 
@@ -34,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check", help="load and validate a policy directory, as `run` would at start")
     check.add_argument("policy_dir")
 
+    schema = sub.add_parser("schema", help="write the Cedar schema of a policy directory's actions.yaml")
+    schema.add_argument("policy_dir", nargs="?", default="policies")
+    schema.add_argument("--stdout", action="store_true", help="print it instead of writing actions.cedarschema")
+
     hasher = sub.add_parser("hash-token", help="print the token_sha256 of a token read from stdin")
     hasher.add_argument("--new", action="store_true", help="make a new random token and print both")
 
@@ -49,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_audit_command(args)
     if args.command == "check":
         return _check(args.policy_dir)
+    if args.command == "schema":
+        return _schema(args.policy_dir, args.stdout)
     return _hash(args.new)
 
 
@@ -84,6 +92,25 @@ def _check(policy_dir: str) -> int:
         print(f"cedargate: {exc}", file=sys.stderr)
         return 1
     print(f"{policy_dir}: {len(bundle.policies)} policies valid, revision {bundle.revision}")
+    return 0
+
+
+def _schema(policy_dir: str, to_stdout: bool) -> int:
+    try:
+        manifest = load_manifest(policy_dir)
+    except ManifestError as exc:
+        print(f"cedargate: {exc}", file=sys.stderr)
+        return 1
+    if manifest is None:
+        print(f"cedargate: {Path(policy_dir) / MANIFEST_FILE} does not exist", file=sys.stderr)
+        return 1
+    text = schema_text(manifest)
+    if to_stdout:
+        print(text, end="")
+        return 0
+    target = Path(policy_dir) / MANIFEST_SCHEMA_FILE
+    target.write_text(text, encoding="utf-8")
+    print(f"wrote {target}: {len(manifest.actions)} actions")
     return 0
 
 

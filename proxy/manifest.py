@@ -35,6 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MANIFEST_FILE = "actions.yaml"
+MANIFEST_SCHEMA_FILE = "actions.cedarschema"  # written by `cedargate schema`, loaded with the others
 FIELD_TYPES = {"String": "String", "Long": "Long", "Decimal": "decimal", "Bool": "Bool"}
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")

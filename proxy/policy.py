@@ -21,6 +21,7 @@ from cedarpy import pst
 
 from proxy.escalation import AnnotationError, check_annotations
 from proxy.hosts import canonical_host
+from proxy.manifest import MANIFEST_FILE, MANIFEST_SCHEMA_FILE, Manifest, ManifestError, load_manifest, schema_text
 
 ENTITIES_FILE = "entities.json"
 
@@ -55,6 +56,7 @@ class PolicyBundle:
     entities: cedarpy.Entities
     entity_uids: frozenset[tuple[str, str]]
     files: tuple[str, ...] = field(default=())
+    manifest: Manifest | None = None
 
 
 def directory_signature(directory: Path) -> tuple[tuple[str, int, int], ...]:
@@ -68,9 +70,9 @@ def directory_signature(directory: Path) -> tuple[tuple[str, int, int], ...]:
 
 def _bundle_files(directory: Path) -> list[Path]:
     files = sorted(directory.glob("*.cedar")) + sorted(directory.glob("*.cedarschema"))
-    entities = directory / ENTITIES_FILE
-    if entities.exists():
-        files.append(entities)
+    for extra in (ENTITIES_FILE, MANIFEST_FILE):
+        if (directory / extra).exists():
+            files.append(directory / extra)
     return files
 
 
@@ -84,6 +86,15 @@ def load_bundle(directory: str | Path) -> PolicyBundle:
         b"".join(name.encode() + b"\0" + text.encode() + b"\0" for name, text in texts.items())
     ).hexdigest()
 
+    try:
+        manifest = load_manifest(directory)
+    except ManifestError as exc:
+        raise PolicyLoadError(str(exc)) from exc
+    if manifest is not None and texts.get(MANIFEST_SCHEMA_FILE) != schema_text(manifest):
+        # Policies must be validated against the context the proxy will really send.
+        raise PolicyLoadError(
+            f"{MANIFEST_SCHEMA_FILE} does not match {MANIFEST_FILE}: run `cedargate schema {directory}`"
+        )
     schema_names = [n for n in texts if n.endswith(".cedarschema")]
     if not schema_names:
         raise PolicyLoadError(f"{directory}: no *.cedarschema file; policies are validated against it")
@@ -127,6 +138,7 @@ def load_bundle(directory: str | Path) -> PolicyBundle:
         entities=entities,
         entity_uids=uids,
         files=tuple(texts),
+        manifest=manifest,
     )
 
 
