@@ -55,8 +55,7 @@ class AgentAuth:
             self._authenticate(flow)
 
     def _authenticate(self, flow: http.HTTPFlow) -> str | None:
-        credentials = parse_basic(flow.request.headers.get("Proxy-Authorization", ""))
-        flow.request.headers.pop("Proxy-Authorization", None)
+        credentials = parse_basic(flow.request.headers.pop("Proxy-Authorization", ""))
         if credentials and self.directory and self.directory.verify(*credentials):
             flow.metadata[AGENT] = credentials[0]
             return credentials[0]

@@ -148,11 +148,32 @@ def call_of(flow: http.HTTPFlow, agent: str) -> Call:
         path=path,
         query=query,
         host_header=request.host_header,
-        headers=request.headers,
+        headers=plain_headers(request.headers),
         # Decoded (gzip etc.) so policies see the JSON the upstream will see; undecodable stays raw
         # and then fails JSON mapping, which refuses the call.
         body=request.get_content(strict=False) or b"",
     )
+
+
+def plain_headers(headers: http.Headers) -> dict[str, str]:
+    """The headers as a plain dict, as `http.Headers` reads them: each name as first spelled, the values
+    of a repeated name (in any case) joined with ", ".
+
+    One pass over the raw fields: through its Mapping interface, `http.Headers` scans every field again
+    for each name read, which made a call's few header reads cost a third of its Cedar evaluation.
+    """
+    spelled: dict[bytes, str] = {}  # lower-cased raw name -> the name as first spelled
+    plain: dict[str, str] = {}
+    for raw_name, raw_value in headers.fields:
+        value = raw_value.decode("utf-8", "surrogateescape")
+        key = raw_name.lower()
+        name = spelled.get(key)
+        if name is None:
+            name = spelled[key] = raw_name.decode("utf-8", "surrogateescape")
+            plain[name] = value
+        else:
+            plain[name] += ", " + value
+    return plain
 
 
 def refusal(verdict: Verdict) -> http.Response:

@@ -11,6 +11,7 @@ from pathlib import Path
 from proxy.agents import hash_token, new_token
 from proxy.audit_cli import add_audit_commands, run_audit_command
 from proxy.config import ConfigError, load_settings
+from proxy.explain import add_explain_command, run_explain_command
 from proxy.manifest import MANIFEST_FILE, MANIFEST_SCHEMA_FILE, ManifestError, load_manifest, schema_text
 from proxy.overrides_cli import add_overrides_commands, run_overrides_command
 from proxy.policy import PolicyLoadError, load_bundle
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
     add_overrides_commands(sub)
     add_audit_commands(sub)
+    add_explain_command(sub)
 
     args = parser.parse_args(argv)
     if args.command == "run":
@@ -53,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_overrides_command(args)
     if args.command == "audit":
         return run_audit_command(args)
+    if args.command == "explain":
+        return run_explain_command(args)
     if args.command == "check":
         return _check(args.policy_dir)
     if args.command == "schema":

@@ -297,8 +297,9 @@ class Engine:
     def snapshot(self) -> Snapshot:
         return self._snapshot
 
-    def evaluate(self, request: CedarRequest) -> Evaluation:
-        snap = self._snapshot  # read once: the whole decision uses this revision
+    def evaluate(self, request: CedarRequest, snapshot: Snapshot | None = None) -> Evaluation:
+        # Read once (or given by a caller that mapped with it): one decision, one revision.
+        snap = snapshot or self._snapshot
         sliced = snap.slice_for(request.principal, request.action, request.resource,
                                 request.context.get("path", "/"))
         entities = snap.entities_for(request.principal, request.resource)

@@ -19,7 +19,7 @@ from enum import Enum
 from proxy.engine import CedarRequest, Engine
 from proxy.escalation import Escalation, escalation_of
 from proxy.hosts import canonical_host
-from proxy.mapping import Call, MappingError, MappingOptions, map_call
+from proxy.mapping import Call, MappingError, MappingOptions, UnknownAction, map_call
 from proxy.policy import PolicyInfo
 from proxy.store import Recorder, utcnow
 
@@ -42,6 +42,7 @@ class Problem(str, Enum):
     NO_PERMIT = "no-permit"
     EVALUATION_ERROR = "evaluation-error"
     MAPPING_ERROR = "mapping-error"
+    UNKNOWN_ACTION = "unknown-action"
     STORE_UNAVAILABLE = "store-unavailable"
     PROXY_API = "proxy-api"
     OVERRIDE_PENDING = "override-pending"
@@ -111,6 +112,7 @@ _TITLES = {
     Problem.NO_PERMIT: "No policy permits this call",
     Problem.EVALUATION_ERROR: "Policy evaluation failed; call refused",
     Problem.MAPPING_ERROR: "Call cannot be checked; refused",
+    Problem.UNKNOWN_ACTION: "Unknown action: no manifest route classifies this call",
     Problem.STORE_UNAVAILABLE: "Decision record unavailable; call refused",
     Problem.PROXY_API: "Agents cannot call cedargate's own API",
     Problem.OVERRIDE_PENDING: "Denied by policy; a human is reviewing an override request",
@@ -122,7 +124,7 @@ _TITLES = {
 
 class Gate:
     def __init__(
-        self, engine: Engine, recorder: Recorder, mapping: MappingOptions | None = None, *,
+        self, engine: Engine, recorder: Recorder | None, mapping: MappingOptions | None = None, *,
         default_expiry: int = 3600, protected: frozenset[tuple[str, int]] = frozenset(),
     ) -> None:
         self.engine = engine
@@ -145,7 +147,7 @@ class Gate:
             )
 
     def _decide(self, call: Call, base: dict) -> Verdict:
-        if self.recorder.unavailable_reason():
+        if self.recorder is not None and self.recorder.unavailable_reason():
             # The reason itself is for operators (/status, the log); it may describe others' calls.
             return Verdict(
                 **base, outcome=Outcome.ERROR, problem=Problem.STORE_UNAVAILABLE, status=503,
@@ -157,13 +159,17 @@ class Gate:
                 **base, outcome=Outcome.DENY, problem=Problem.PROXY_API, status=403,
                 detail="cedargate's override API is for humans; the proxy never forwards calls to it",
             )
+        snapshot = self.engine.snapshot  # the manifest and the policies of one revision
         try:
-            request = map_call(call, self.mapping)
+            request = map_call(call, self.mapping, snapshot.bundle.manifest)
+        except UnknownAction as exc:
+            return Verdict(**base, outcome=Outcome.DENY, problem=Problem.UNKNOWN_ACTION, status=exc.status,
+                           detail=str(exc), revision=snapshot.bundle.revision)
         except MappingError as exc:
             return Verdict(
                 **base, outcome=Outcome.ERROR, problem=Problem.MAPPING_ERROR, status=exc.status, detail=str(exc)
             )
-        evaluation = self.engine.evaluate(request)
+        evaluation = self.engine.evaluate(request, snapshot)
         determining = evaluation.policies
         common = dict(base, request=request, determining=determining, errors=evaluation.errors,
                       revision=evaluation.revision)
@@ -189,13 +195,11 @@ class Gate:
         )
 
     def _addresses_own_api(self, call: Call) -> bool:
-        if not self.protected:
+        candidates = [api_host for api_host, api_port in self.protected if api_port == call.port]
+        if not candidates:  # the common case, decided without canonicalizing the host
             return False
         host = canonical_host(call.host)
-        for api_host, api_port in self.protected:
-            if call.port == api_port and (host == api_host or _loopback(host) and _loopback(api_host)):
-                return True
-        return False
+        return any(host == api_host or _loopback(host) and _loopback(api_host) for api_host in candidates)
 
     def finish(self, verdict: Verdict, upstream_status: int | None = None) -> None:
         """Append the verdict to the record, with the upstream's status once it is known."""

@@ -3,8 +3,9 @@
 principal = `Agent::"<id>"`, action = the HTTP method (`Action::"get"`, `"post"`, ...; the schema groups
 them as `read` and `write`), resource = `Host::"<host>"`, context = scheme, host, port, method, path,
 query, the operator's selected headers and the JSON body when there is one. The Cedar schema of this
-mapping is `policies/schema.cedarschema`. Anything that cannot be mapped faithfully raises
-`MappingError`; the caller refuses the call rather than guess.
+mapping is `policies/schema.cedarschema`. On a host the action manifest covers, the action is the
+route's named action and its typed fields join the context (see `proxy.manifest`). Anything that
+cannot be mapped faithfully raises `MappingError`; the caller refuses the call rather than guess.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from __future__ import annotations
 import json
 import math
 import re
+from urllib.parse import parse_qs
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from proxy.engine import CedarRequest
 from proxy.hosts import canonical_host
+from proxy.manifest import FieldError, Manifest, extract_fields
 
 METHOD_ACTIONS = {
     m: m.lower() for m in ("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE")
@@ -39,6 +42,13 @@ class MappingError(Exception):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+
+
+class UnknownAction(MappingError):
+    """The host has an action manifest and no route matches: nobody has classified this call's risk."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 403)
 
 
 @dataclass(frozen=True)
@@ -69,18 +79,19 @@ class MappingOptions:
     max_body_bytes: int = 64 * 1024
 
 
-def map_call(call: Call, options: MappingOptions) -> CedarRequest:
+def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = None) -> CedarRequest:
     action = METHOD_ACTIONS.get(call.method.upper())
     if action is None:
         raise MappingError(f"HTTP method {call.method!r} has no Cedar action; cedargate does not forward it", 405)
     host = canonical_host(call.host)
     if not host:
         raise MappingError("the call names no host")
-    if call.host_header and canonical_host(_hostname(call.host_header)) != host:
+    if call.host_header:
+        named = _hostname(call.host_header)
         # A policy sees where the call goes; an upstream routing by Host must not see another host.
-        raise MappingError(
-            f"the Host header names {_hostname(call.host_header)!r} but the call goes to {host!r}; send them alike"
-        )
+        # (Spelled as the call's own host, it is that host: canonical_host is costly, so skip it then.)
+        if named != call.host and canonical_host(named) != host:
+            raise MappingError(f"the Host header names {named!r} but the call goes to {host!r}; send them alike")
     check_normal_path(call.path)
     context: dict = {
         "scheme": call.scheme,
@@ -94,7 +105,31 @@ def map_call(call: Call, options: MappingOptions) -> CedarRequest:
     body = json_body(call, options.max_body_bytes)
     if body is not None:
         context["body"] = body
+    if manifest is not None:
+        action = _manifest_action(manifest, host, call, body, context) or action
     return CedarRequest(("Agent", call.agent), ("Action", action), ("Host", host), context)
+
+
+def _manifest_action(manifest: Manifest, host: str, call: Call, body, context: dict) -> str | None:
+    """The route's action, its fields added to `context`; None on a host the manifest does not cover."""
+    host_spec, match = manifest.match(host, call.method, call.path)
+    if host_spec is None:
+        return None
+    if match is None:
+        if host_spec.unknown == "http":
+            return None
+        raise UnknownAction(
+            f"{call.method.upper()} {call.path} on {host} matches no route of the action manifest, so nobody "
+            "has classified what it does; add it to actions.yaml to allow it"
+        )
+    # A repeated query parameter stays a list, which no typed field accepts: an agent must not show
+    # the policy one value and the upstream another.
+    query = {k: v[0] if len(v) == 1 else v for k, v in parse_qs(call.query, keep_blank_values=True).items()}
+    try:
+        context.update(extract_fields(match, query, body))
+    except FieldError as exc:
+        raise MappingError(str(exc)) from exc
+    return match.route.action
 
 
 def _hostname(authority: str) -> str:

@@ -21,7 +21,8 @@ from cedarpy import pst
 
 from proxy.escalation import AnnotationError, check_annotations
 from proxy.hosts import canonical_host
-from proxy.manifest import MANIFEST_FILE, MANIFEST_SCHEMA_FILE, Manifest, ManifestError, load_manifest, schema_text
+from proxy.manifest import MANIFEST_FILE, MANIFEST_SCHEMA_FILE, Manifest, ManifestError, load_manifest
+from proxy.manifest import schema_text as manifest_schema
 
 ENTITIES_FILE = "entities.json"
 
@@ -90,7 +91,7 @@ def load_bundle(directory: str | Path) -> PolicyBundle:
         manifest = load_manifest(directory)
     except ManifestError as exc:
         raise PolicyLoadError(str(exc)) from exc
-    if manifest is not None and texts.get(MANIFEST_SCHEMA_FILE) != schema_text(manifest):
+    if manifest is not None and texts.get(MANIFEST_SCHEMA_FILE) != manifest_schema(manifest):
         # Policies must be validated against the context the proxy will really send.
         raise PolicyLoadError(
             f"{MANIFEST_SCHEMA_FILE} does not match {MANIFEST_FILE}: run `cedargate schema {directory}`"

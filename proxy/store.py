@@ -4,15 +4,17 @@ Writing a row per call in the request path would cost a commit each (the naive d
 plain mitmproxy). `Recorder.record` (decisions) and `Recorder.record_event` (what happens to overrides)
 only enqueue; one writer thread drains the queue in batches, one transaction each, and in that same
 transaction chains every decision and event, in the order they were enqueued, onto the hash-chained
-audit log (`proxy.audit`). That thread keeps the chain's head in memory, so only one cedargate process
-may write to a given database. Nothing is dropped: a failed batch is kept and retried, and while the
-store is failing (or the queue is full) `Recorder.healthy` is False so the gate refuses new calls
-instead of forwarding calls it could not record.
+audit log (`proxy.audit`); under load it commits as a group (see `Recorder._linger`). That thread
+keeps the chain's head in memory, so only one cedargate process may write to a given database.
+Nothing is dropped: a failed batch is kept and retried, and while the store is failing (or the queue
+is full) `Recorder.healthy` is False so the gate refuses new calls instead of forwarding calls it could
+not record.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -70,6 +72,7 @@ def make_engine(url: str) -> SAEngine:
 
 
 _DECISION, _EVENT = "decision", "event"
+RATE_HORIZON = 0.5  # seconds: how far back the writer's estimate of the row rate mostly looks
 EVENT_KEYS = frozenset({"kind", "decision_id", "override_id", "agent", "actor", "payload"})
 
 
@@ -81,10 +84,16 @@ class Recorder:
         batch_size: int = 500,
         max_pending: int = 100_000,
         retry_interval: float = 0.5,
+        linger: float = 0.05,
+        busy_rate: float = 100.0,
     ) -> None:
         self.engine = engine
         self.batch_size = batch_size
         self.retry_interval = retry_interval
+        self.linger = linger
+        self.busy_rate = busy_rate
+        self._rate, self._rate_at = 0.0, time.monotonic()  # rows a second lately (writer thread only)
+        self._hurry = threading.Event()  # set by flush: write what is queued now, without lingering
         # Unbounded so that a call already forwarded is always recorded; admission of new calls is
         # what `healthy` bounds. One queue for decisions and events keeps their order for the chain.
         self._queue: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
@@ -148,6 +157,7 @@ class Recorder:
         """Wait until every row enqueued so far is committed; False if that did not happen in time."""
         deadline = time.monotonic() + timeout
         while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            self._hurry.set()  # again each time: the writer may have taken the last one for an earlier batch
             time.sleep(0.005)
         return not self._queue.unfinished_tasks
 
@@ -164,12 +174,14 @@ class Recorder:
                 first = self._queue.get(timeout=0.2)
             except queue.Empty:
                 continue
+            self._linger()
             batch = [first]
             while len(batch) < self.batch_size:
                 try:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
+            self._rate += len(batch) / RATE_HORIZON
             rows = [item for tag, item in batch if tag == _DECISION]
             events = [_decision_event(item) if tag == _DECISION else item for tag, item in batch]
             while True:
@@ -199,6 +211,23 @@ class Recorder:
                 for _ in batch:
                     self._queue.task_done()
                 break
+
+    def _linger(self) -> None:
+        """Group commit: while rows come faster than `busy_rate` a second, wait up to `linger` seconds
+        before taking a batch, so the calls in flight join its transaction.
+
+        A transaction's fixed cost (its statements, moving the head, the commit's page writes) is many
+        rows' worth, and every wake-up of this thread takes the GIL from the proxy's event loop: at a few
+        hundred calls a second, batches of one or two rows cost the proxy more than deciding the calls.
+        An idle proxy writes each row as soon as this thread wakes, and a waiting `flush` cuts the wait
+        short.
+        """
+        now = time.monotonic()
+        self._rate *= math.exp((self._rate_at - now) / RATE_HORIZON)  # rows taken since are added on
+        self._rate_at = now
+        if self._rate >= self.busy_rate and self._queue.qsize() + 1 < self.batch_size:
+            if self._hurry.wait(self.linger):
+                self._hurry.clear()
 
 
 def _decision_event(row: dict[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,8 @@ from proxy.mapping import Call
 REPO = Path(__file__).resolve().parents[2]
 POLICIES = REPO / "policies"
 BUNDLED_IDS = frozenset(
-    {"ops-read", "ops-stop-instance", "protect-production-instances", "no-volume-deletion"}
+    {"ops-read", "ops-stop-instance", "protect-production-instances", "no-volume-deletion",
+     "finance-refunds", "large-refunds"}
 )
 
 PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/test"

@@ -145,3 +145,65 @@ def test_five_hundred_routes_match_the_right_one(tmp_path):
     for i in (0, 250, 499):
         _, match = manifest.match("api.example", "POST", f"/v1/svc-{i}/items/it-{i}")
         assert match.route.action == f"act_{i}" and match.params == {"item_id": f"it-{i}"}
+
+
+# ---- the manifest in the mapping and the gate -------------------------------------------------------
+
+from proxy.mapping import Call, MappingError, MappingOptions, UnknownAction, map_call  # noqa: E402
+
+
+def call(method: str, path: str, body: bytes = b"", query: str = "", host: str = "api.payments.example") -> Call:
+    headers = {"Content-Type": "application/json"} if body else {}
+    return Call("billing-bot", method, "https", host, 443, path, query, headers, body)
+
+
+def test_a_route_maps_to_its_named_action_with_typed_context(manifest):
+    request = map_call(call("POST", "/v1/refunds/o-9", b'{"amount": 600.25, "currency": "EUR"}', "notify=true"),
+                       MappingOptions(), manifest)
+    assert request.action == ("Action", "process_refund")
+    context = request.context
+    assert (context["order_id"], context["currency"], context["notify"], context["severity"]) == (
+        "o-9", "EUR", True, "high")
+    assert context["amount"] == {"__extn": {"fn": "decimal", "arg": "600.25"}}
+    assert context["reversible"] is False and context["path"] == "/v1/refunds/o-9"
+
+
+def test_unknown_routes_are_refused_unless_the_host_falls_back_to_http(manifest):
+    with pytest.raises(UnknownAction) as refused:
+        map_call(call("DELETE", "/v1/refunds/o-9"), MappingOptions(), manifest)
+    assert refused.value.status == 403 and "actions.yaml" in str(refused.value)
+    fallback = map_call(call("GET", "/v1/stats", host="cache.internal.example"), MappingOptions(), manifest)
+    assert fallback.action == ("Action", "get")
+    other = map_call(call("DELETE", "/v1/refunds/o-9", host="elsewhere.example"), MappingOptions(), manifest)
+    assert other.action == ("Action", "delete")
+
+
+def test_a_repeated_query_parameter_cannot_show_the_policy_one_value(manifest):
+    with pytest.raises(MappingError, match="field 'notify' must be a Bool"):
+        map_call(call("POST", "/v1/refunds/o-9", b'{"amount": 1}', "notify=false&notify=true"),
+                 MappingOptions(), manifest)
+
+
+def test_the_gate_refuses_unknown_actions_and_escalates_by_field(policy_dir):
+    from proxy.engine import Engine
+    from proxy.gate import Gate, Outcome, Problem
+
+    gate = Gate(Engine(policy_dir), recorder=None)
+    unknown = gate.decide(call("PATCH", "/v1/refunds/o-1", b'{"amount": 1}'))
+    assert (unknown.outcome, unknown.problem, unknown.status) == (Outcome.DENY, Problem.UNKNOWN_ACTION, 403)
+    large = gate.decide(call("POST", "/v1/refunds/o-1", b'{"amount": 500.01, "currency": "EUR"}'))
+    assert large.outcome is Outcome.ESCALATE and [p.policy_id for p in large.determining] == ["large-refunds"]
+    exactly = gate.decide(call("POST", "/v1/refunds/o-1", b'{"amount": 500, "currency": "EUR"}'))
+    assert exactly.outcome is Outcome.ALLOW
+    missing = gate.decide(call("POST", "/v1/refunds/o-1", b'{"currency": "EUR"}'))
+    assert (missing.outcome, missing.problem, missing.status) == (Outcome.ERROR, Problem.MAPPING_ERROR, 400)
+    assert "field 'amount'" in missing.detail
+
+
+def test_a_stale_generated_schema_refuses_the_set(policy_dir):
+    from proxy.policy import PolicyLoadError, load_bundle
+
+    manifest_file = policy_dir / "actions.yaml"
+    manifest_file.write_text(manifest_file.read_text() + "      - {route: 'GET /v1/payouts', action: list_payouts}\n")
+    with pytest.raises(PolicyLoadError, match="actions.cedarschema does not match actions.yaml"):
+        load_bundle(policy_dir)

@@ -43,6 +43,8 @@ def test_bundled_policies_load_with_their_ids_effects_lines_and_reasons():
         "ops-stop-instance": "permit",
         "protect-production-instances": "forbid",
         "no-volume-deletion": "forbid",
+        "finance-refunds": "permit",
+        "large-refunds": "forbid",
     }
     # The line is the @id line, so an operator can jump to it.
     assert {i: (p.file, p.line) for i, p in bundle.policies.items()} == {
@@ -50,11 +52,14 @@ def test_bundled_policies_load_with_their_ids_effects_lines_and_reasons():
         "ops-stop-instance": ("ops.cedar", 9),
         "protect-production-instances": ("ops.cedar", 14),
         "no-volume-deletion": ("ops.cedar", 25),
+        "finance-refunds": ("payments.cedar", 4),
+        "large-refunds": ("payments.cedar", 12),
     }
     assert bundle.policies["no-volume-deletion"].reason == "Deleting a volume destroys its data for good."
     assert bundle.policies["ops-read"].reason is None
     assert re.fullmatch(r"[0-9a-f]{64}", bundle.revision)
-    assert set(bundle.files) == {"ops.cedar", "schema.cedarschema", "entities.json"}
+    assert set(bundle.files) == {"ops.cedar", "payments.cedar", "schema.cedarschema", "actions.cedarschema",
+                                 "entities.json", "actions.yaml"}
     assert ("Host", "127.0.0.1") in bundle.entity_uids
 
 

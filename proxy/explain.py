@@ -1,0 +1,130 @@
+"""`cedargate explain`: how one call would be mapped and decided, without sending it anywhere.
+
+It reads the same policy directory as the proxy and runs the same gate (mapping, scope-indexed Cedar
+evaluation, escalation rules), but records nothing and contacts no upstream: an operator can ask
+"what happens if the agent does this?" before the agent does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from urllib.parse import urlsplit
+
+from proxy.engine import Engine
+from proxy.gate import Gate, Outcome
+from proxy.mapping import Call, MappingOptions
+from proxy.policy import PolicyLoadError
+
+
+def add_explain_command(subparsers) -> None:
+    explain = subparsers.add_parser("explain", help="show how a call maps to Cedar and what would be decided")
+    explain.add_argument("method", help="HTTP method, e.g. POST")
+    explain.add_argument("url", help="the full URL the agent calls")
+    explain.add_argument("--agent", required=True, help="the agent id the call is made under")
+    explain.add_argument("--header", "-H", action="append", default=[], metavar="NAME: VALUE")
+    explain.add_argument("--data", "-d", help="the request body (sent as application/json if it parses as JSON)")
+    explain.add_argument("--policy-dir", default="policies")
+    explain.add_argument("--json", action="store_true", help="print the explanation as JSON")
+
+
+def run_explain_command(args: argparse.Namespace) -> int:
+    try:
+        call = _call_of(args)
+    except ValueError as exc:
+        print(f"cedargate: {exc}", file=sys.stderr)
+        return 2
+    try:
+        engine = Engine(args.policy_dir)
+    except PolicyLoadError as exc:
+        print(f"cedargate: {exc}", file=sys.stderr)
+        return 2
+    report = explain(engine, call)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(_text(report))
+    return 0 if report["decision"] == "allow" else 1
+
+
+def explain(engine: Engine, call: Call, mapping: MappingOptions | None = None) -> dict:
+    """The mapping, the decision and why, as plain data (nothing is recorded)."""
+    verdict = Gate(engine, recorder=None, mapping=mapping).decide(call)  # type: ignore[arg-type]
+    request = verdict.request
+    report: dict = {
+        "call": {"agent": call.agent, "method": call.method.upper(), "url": call.url},
+        "principal": f'{request.principal[0]}::"{request.principal[1]}"' if request else None,
+        "action": verdict.action or None,
+        "resource": verdict.resource or None,
+        "context": request.context if request else None,
+        "decision": verdict.outcome.value,
+        "policy_revision": verdict.revision,
+        "policies": [
+            {"id": p.policy_id, "effect": p.effect, "file": f"{p.file}:{p.line}", "annotations": dict(p.annotations)}
+            for p in verdict.determining
+        ],
+        "errors": list(verdict.errors),
+        "detail": verdict.detail or None,
+        "problem": verdict.problem.uri if verdict.problem else None,
+    }
+    if verdict.outcome is Outcome.ESCALATE and verdict.escalation:
+        report["escalation"] = {
+            "requirements": [r.as_dict() for r in verdict.escalation.requirements],
+            "expires_in_seconds": verdict.escalation.expires_in,
+        }
+    return report
+
+
+def _call_of(args: argparse.Namespace) -> Call:
+    url = urlsplit(args.url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError(f"{args.url!r} is not an http(s) URL")
+    headers: dict[str, str] = {}
+    for header in args.header:
+        name, sep, value = header.partition(":")
+        if not sep or not name.strip():
+            raise ValueError(f"header {header!r} must be 'Name: value'")
+        headers[name.strip()] = value.strip()
+    body = (args.data or "").encode()
+    if body and not any(k.lower() == "content-type" for k in headers):
+        try:
+            json.loads(body)
+            headers["Content-Type"] = "application/json"
+        except ValueError:
+            headers["Content-Type"] = "application/octet-stream"
+    return Call(
+        agent=args.agent, method=args.method.upper(), scheme=url.scheme, host=url.hostname,
+        port=url.port or (443 if url.scheme == "https" else 80), path=url.path or "/", query=url.query,
+        headers=headers, body=body,
+    )
+
+
+def _text(report: dict) -> str:
+    lines = [
+        f"call      {report['call']['agent']}: {report['call']['method']} {report['call']['url']}",
+        f"principal {report['principal']}",
+        f"action    {report['action']}",
+        f"resource  {report['resource']}",
+        f"context   {json.dumps(report['context'], sort_keys=True)}",
+        "",
+        f"decision  {report['decision'].upper()}" + (f"  ({report['problem']})" if report["problem"] else ""),
+    ]
+    if report["detail"]:
+        lines.append(f"          {report['detail']}")
+    for policy in report["policies"]:
+        notes = ", ".join(f'@{k}("{v}")' for k, v in policy["annotations"].items() if k != "id")
+        lines.append(f"  {policy['effect']:<6} {policy['id']}  ({policy['file']}) {notes}".rstrip())
+    for error in report["errors"]:
+        lines.append(f"  error  {error}")
+    if "escalation" in report:
+        for requirement in report["escalation"]["requirements"]:
+            lines.append(
+                f"escalates to {' + '.join(requirement['roles'])} ({requirement['approvals']} distinct "
+                f"approver(s)) for {requirement['policy_id']}; pending requests expire after "
+                f"{report['escalation']['expires_in_seconds']} s"
+            )
+    elif report["decision"] != "allow":
+        lines.append("no human can override this decision (hard deny)")
+    lines.append(f"policy revision {report['policy_revision']}")
+    return "\n".join(lines)
