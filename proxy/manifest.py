@@ -329,6 +329,7 @@ def schema_text(manifest: Manifest) -> str:
             "  context: {",
             "    scheme: String, host: String, port: Long, method: String, path: String, query: String,",
             "    headers: Headers,",
+            "    agent?: AgentStatements,",
             "    severity: String,",
             "    reversible: Bool,",
             *fields,

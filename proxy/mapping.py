@@ -102,6 +102,9 @@ def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = No
         "query": call.query,
         "headers": select_headers(call.headers, options.context_headers),
     }
+    told = agent_statements(call.headers)
+    if told:
+        context["agent"] = told
     body = json_body(call, options.max_body_bytes)
     if body is not None:
         context["body"] = body
@@ -171,6 +174,40 @@ def check_normal_path(path: str) -> None:
                 break
     if problem:
         raise MappingError(f"path {path!r} is not in normal form (RFC 3986 section 6.2.2): {problem}")
+
+
+_SESSION = re.compile(r"^[A-Za-z0-9._:@/-]{1,128}$")
+_CONFIDENCE = re.compile(r"^(0(\.\d{1,4})?|1(\.0{1,4})?)$")
+MAX_JUSTIFICATION = 2000
+
+
+def agent_statements(headers: Mapping[str, str]) -> dict:
+    """What the agent tells the policy about its call, from optional headers, validated.
+
+    `X-Agent-Justification` (free text, also shown to reviewers), `X-Agent-Confidence` (0 to 1, at most
+    4 places, a Cedar decimal), `X-Agent-Session` (an id). A bad value is refused with 400 rather than
+    dropped, so a policy never decides on a value the agent did not mean.
+    """
+    told: dict = {}
+    for name, value in headers.items():
+        key = name.lower()
+        if not key.startswith("x-agent-"):
+            continue
+        value = value.strip()
+        if key == "x-agent-justification":
+            if not value or len(value) > MAX_JUSTIFICATION or not value.isprintable():
+                raise MappingError(f"X-Agent-Justification must be 1 to {MAX_JUSTIFICATION} printable characters")
+            told["justification"] = value
+        elif key == "x-agent-confidence":
+            if not _CONFIDENCE.match(value):
+                raise MappingError(f"X-Agent-Confidence must be a number from 0 to 1 with at most 4 places, "
+                                   f"not {value[:40]!r}")
+            told["confidence"] = {"__extn": {"fn": "decimal", "arg": value if "." in value else f"{value}.0"}}
+        elif key == "x-agent-session":
+            if not _SESSION.match(value):
+                raise MappingError("X-Agent-Session must be 1 to 128 characters of letters, digits and ._:@/-")
+            told["session"] = value
+    return told
 
 
 def select_headers(headers: Mapping[str, str], wanted: Iterable[str]) -> dict[str, str]:

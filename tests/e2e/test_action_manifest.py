@@ -57,3 +57,22 @@ def test_manifest_routes_drive_allow_escalation_hard_deny_and_unknown_refusal(tm
     # 127.0.0.1 has no manifest: its POST is the plain HTTP action, and the ops permits do not cover it.
     assert production.status_code == 403 and production.json()["type"] == "urn:cedargate:problem:no-permit"
     assert [(c.method, c.path) for c in upstream.calls] == [("POST", "/v1/refunds/o-1")]
+
+
+def test_agent_headers_reach_the_policy_and_bad_ones_are_refused(cedargate, upstream):
+    stop = f"http://localhost:{upstream.http_port}/v1/instances/i-1/stop"
+    with httpx.Client(proxy=cedargate.proxy_url, verify=ssl.create_default_context(cafile=cedargate.ca_cert),
+                      timeout=30, headers={"Prefer": "respond-async"}) as http:
+        sure = http.post(stop, headers={"X-Agent-Confidence": "0.9", "X-Agent-Session": "incident-1"})
+        unsure = http.post(stop, headers={"X-Agent-Confidence": "0.4",
+                                          "X-Agent-Justification": "the logs look odd"})
+        garbled = http.post(stop, headers={"X-Agent-Confidence": "very"})
+    assert sure.status_code == 200
+    # A low confidence routes a routine call to a human, by policy alone (low-confidence-writes).
+    assert unsure.status_code == 403 and unsure.json()["type"] == "urn:cedargate:problem:override-pending"
+    assert [p["id"] for p in unsure.json()["policies"]] == ["low-confidence-writes"]
+    assert garbled.status_code == 400 and "X-Agent-Confidence" in garbled.json()["detail"]
+    assert len(upstream.calls) == 1
+    shown = httpx.get(f"{cedargate.api_url}/overrides/{unsure.json()['override_id']}",
+                      headers={"Authorization": "Bearer erin-token-1"}).json()
+    assert shown["justification"] == "the logs look odd"

@@ -357,3 +357,33 @@ def test_carve_out_forbid_denies_the_plain_path(carve_out_gate: Gate):
 def test_percent_encoded_path_does_not_dodge_a_forbid(carve_out_gate: Gate, path: str):
     verdict = carve_out_gate.decide(make_call("DELETE", f"http://localhost:9000{path}"))
     assert verdict.outcome is not Outcome.ALLOW
+
+
+# ---- what the agent tells the policy -------------------------------------------------------------------
+
+from proxy.mapping import agent_statements  # noqa: E402
+
+
+def test_agent_headers_become_validated_context():
+    told = agent_statements({"X-Agent-Justification": "  disk is full  ", "x-agent-confidence": "0.8",
+                             "X-Agent-Session": "incident-4711", "X-Other": "ignored"})
+    assert told == {"justification": "disk is full", "confidence": {"__extn": {"fn": "decimal", "arg": "0.8"}},
+                    "session": "incident-4711"}
+    assert agent_statements({"X-Agent-Confidence": "1"})["confidence"]["__extn"]["arg"] == "1.0"
+    assert agent_statements({}) == {}
+
+
+@pytest.mark.parametrize("header, value, message", [
+    ("X-Agent-Confidence", "1.5", "from 0 to 1"),
+    ("X-Agent-Confidence", "-0.1", "from 0 to 1"),
+    ("X-Agent-Confidence", "0.12345", "at most 4 places"),
+    ("X-Agent-Confidence", "high", "from 0 to 1"),
+    ("X-Agent-Session", "has spaces", "X-Agent-Session"),
+    ("X-Agent-Session", "x" * 129, "X-Agent-Session"),
+    ("X-Agent-Justification", "", "X-Agent-Justification"),
+    ("X-Agent-Justification", "line\nbreak", "printable"),
+])
+def test_bad_agent_headers_are_refused_with_400(header, value, message):
+    with pytest.raises(MappingError, match=message) as refused:
+        agent_statements({header: value})
+    assert refused.value.status == 400

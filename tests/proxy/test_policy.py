@@ -45,6 +45,7 @@ def test_bundled_policies_load_with_their_ids_effects_lines_and_reasons():
         "no-volume-deletion": "forbid",
         "finance-refunds": "permit",
         "large-refunds": "forbid",
+        "low-confidence-writes": "forbid",
     }
     # The line is the @id line, so an operator can jump to it.
     assert {i: (p.file, p.line) for i, p in bundle.policies.items()} == {
@@ -54,6 +55,7 @@ def test_bundled_policies_load_with_their_ids_effects_lines_and_reasons():
         "no-volume-deletion": ("ops.cedar", 25),
         "finance-refunds": ("payments.cedar", 4),
         "large-refunds": ("payments.cedar", 12),
+        "low-confidence-writes": ("ops.cedar", 32),
     }
     assert bundle.policies["no-volume-deletion"].reason == "Deleting a volume destroys its data for good."
     assert bundle.policies["ops-read"].reason is None
