@@ -19,3 +19,5 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) bench/proxy_overhead.py
 	$(PY) bench/policy_scaling.py
+	$(PY) bench/manifest_matching.py
+	$(PY) bench/held_calls.py
