@@ -55,8 +55,13 @@ class AgentAuth:
             self._authenticate(flow)
 
     def _authenticate(self, flow: http.HTTPFlow) -> str | None:
-        credentials = parse_basic(flow.request.headers.pop("Proxy-Authorization", ""))
-        if credentials and self.directory and self.directory.verify(*credentials):
+        try:
+            credentials = parse_basic(flow.request.headers.pop("Proxy-Authorization", ""))
+            valid = bool(credentials and self.directory and self.directory.verify(*credentials))
+        except Exception:  # mitmproxy would answer a CONNECT whose hook raised with 200: refuse instead
+            log.exception("proxy authentication failed unexpectedly")
+            credentials, valid = None, False
+        if credentials and valid:
             flow.metadata[AGENT] = credentials[0]
             return credentials[0]
         log.info("proxy authentication failed from %s", flow.client_conn.peername)
@@ -70,7 +75,7 @@ def parse_basic(value: str) -> tuple[str, str] | None:
         return None
     try:
         decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
+    except (binascii.Error, UnicodeDecodeError, ValueError):  # ValueError: non-ASCII base64
         return None
     agent, sep, token = decoded.partition(":")
     return (agent, token) if sep and agent else None

@@ -11,10 +11,11 @@ verdict is recorded once the upstream answered (or failed), with the upstream st
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from dataclasses import replace
 
-from mitmproxy import exceptions, http
+from mitmproxy import ctx, exceptions, http
 
 from addons.agent_auth import AGENT, AgentAuth, proxy_auth_required
 from addons.options import add_options, settings_from_options
@@ -39,6 +40,9 @@ class Enforcer:
         add_options(loader)
 
     def configure(self, updated: set[str]) -> None:
+        if "stream_large_bodies" in updated and ctx.options.stream_large_bodies:
+            # A streamed body goes upstream before the request hook can decide on the call.
+            raise exceptions.OptionsError("cedargate decides on whole requests: unset stream_large_bodies")
         relevant = {"cedargate_config", "policy_dir", "database_url"} & updated
         if self._given or (self.runtime and not relevant):
             return
@@ -52,7 +56,43 @@ class Enforcer:
         self.runtime = runtime
 
     def running(self) -> None:
+        # Under stock mitmproxy too: no raw TCP relayed undecided through a tunnel, and no upstream
+        # contacted before a call is decided.
+        ctx.options.update(rawtcp=False, connection_strategy="lazy")
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        flow.request.stream = False  # whatever set it: the call is decided on its whole body
+
+    async def server_connect(self, data) -> None:
+        """Refuse a connection that resolves to cedargate's own API, whatever name the agent used."""
+        if self.runtime is None or data.server.error:
+            return
+        host, port = data.server.address
+        api_hosts = {api_host for api_host, api_port in self.runtime.gate.protected if api_port == port}
+        if not api_hosts:
+            return
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port)
+        except OSError:
+            return  # unresolvable: the connection will fail on its own
+        addresses = {info[4][0] for info in infos}
+        if any(ipaddress.ip_address(a).is_loopback or a in api_hosts for a in addresses) and any(
+            h in ("localhost", "0.0.0.0", "::") or ipaddress.ip_address(h).is_loopback or h in addresses
+            for h in api_hosts
+        ):
+            data.server.error = "cedargate refuses connections to its own API"
+
+    def tcp_start(self, flow) -> None:
+        log.warning("refused a raw TCP stream from %s: cedargate forwards only decided HTTP calls",
+                    flow.client_conn.peername)
+        flow.kill()
+
+    def udp_start(self, flow) -> None:
+        flow.kill()
+
+    def dns_request(self, flow) -> None:
+        flow.kill()
 
     async def _sweep(self) -> None:
         while True:
@@ -109,7 +149,7 @@ class Enforcer:
         try:
             resolution = await self.runtime.oversight.resolve(
                 verdict, wait, flow.request.headers.get("X-Agent-Justification"),
-                client_alive=lambda: flow.client_conn.connected,
+                client_alive=lambda: flow.live and not flow.error and flow.client_conn.connected,
             )
         except Exception as exc:  # the override path failing must refuse, never release
             log.exception("override handling failed for %s", verdict.call.url)

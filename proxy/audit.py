@@ -82,7 +82,9 @@ def _json_default(value: Any) -> str:
 
 
 # What `json.dumps` with these options builds on every call; the writer hashes two objects per row.
-_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default)
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default
+)
 
 
 def iso_utc(at: datetime | str) -> str:

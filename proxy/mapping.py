@@ -91,7 +91,9 @@ def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = No
         # A policy sees where the call goes; an upstream routing by Host must not see another host.
         # (Spelled as the call's own host, it is that host: canonical_host is costly, so skip it then.)
         if named != call.host and canonical_host(named) != host:
-            raise MappingError(f"the Host header names {named!r} but the call goes to {host!r}; send them alike")
+            raise MappingError(
+                f"the Host header names {named!r} but the call goes to {host!r}; send them alike"
+            )
     check_normal_path(call.path)
     context: dict = {
         "scheme": call.scheme,
@@ -219,7 +221,10 @@ def json_body(call: Call, max_bytes: int):
     """The body as Cedar JSON when it is JSON; None when there is no JSON body."""
     content_type = next((v for k, v in call.headers.items() if k.lower() == "content-type"), "")
     media = content_type.split(";", 1)[0].strip().lower()
-    if not call.body or not (media == "application/json" or media.endswith("+json")):
+    if "," in media:
+        # Repeated Content-Type headers (joined with ","): upstreams pick differently; so may not we.
+        raise MappingError(f"the call has more than one Content-Type ({content_type!r})")
+    if not call.body or not (media in ("application/json", "text/json") or media.endswith("+json")):
         return None
     if len(call.body) > max_bytes:
         # Dropping the body would let an agent pad a call past any body-based policy; refuse instead.
@@ -227,10 +232,20 @@ def json_body(call: Call, max_bytes: int):
             f"JSON body of {len(call.body)} bytes exceeds the {max_bytes}-byte inspection limit", 413
         )
     try:
-        parsed = json.loads(call.body)
+        parsed = json.loads(call.body, object_pairs_hook=_unique_keys)
     except (ValueError, UnicodeDecodeError) as exc:
         raise MappingError(f"body is declared as JSON but does not parse: {exc}") from exc
     return None if parsed is None else to_cedar_value(parsed)
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    # {"amount": 1, "amount": 9999}: parsers disagree on which wins, so a policy could see the other one.
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        seen: set[str] = set()
+        repeated = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key {repeated!r} appears more than once")
+    return found
 
 
 def to_cedar_value(value, depth: int = 0):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 import uuid
 from dataclasses import dataclass
@@ -97,22 +98,30 @@ class OverrideError(Exception):
         self.detail = detail
 
 
-# Headers bound into the fingerprint: a different content type is a different call.
-BOUND_HEADERS = ("content-type",)
-SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key"})
+# Headers that describe the hop, not the call: everything else is bound into the fingerprint, since
+# policies read headers and upstreams act on them (Authorization, X-HTTP-Method-Override, tenants...).
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-authorization", "te", "trailer",
+                        "transfer-encoding", "upgrade", "content-length"})
+# Values a reviewer must not see; the names still show.
+_SECRET_NAME = re.compile(r"auth|token|secret|password|passwd|cookie|api[-_]?key|signature|credential", re.I)
 
 
 def fingerprint(call: Call) -> str:
-    """Same agent, method, normalized URL, body and bound headers => same fingerprint."""
-    lowered = {k.lower(): v for k, v in call.headers.items()}
+    """Same agent, method, normalized URL, body and end-to-end headers => same fingerprint."""
+    headers = sorted((k.lower(), v) for k, v in call.headers.items() if k.lower() not in HOP_BY_HOP)
     parts = {
         "agent": call.agent,
         "method": call.method.upper(),
         "url": f"{call.scheme}://{canonical_host(call.host)}:{call.port}{call.path}?{call.query}",
         "body": hashlib.sha256(call.body).hexdigest(),
-        "headers": {h: lowered.get(h, "") for h in BOUND_HEADERS},
+        "headers": headers,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def headers_for_review(headers) -> dict[str, str]:
+    return {k: ("[redacted]" if _SECRET_NAME.search(k) else v) for k, v in headers.items()
+            if k.lower() != "proxy-authorization"}
 
 
 @dataclass(frozen=True)
@@ -156,7 +165,7 @@ class OverrideStore:
                 id=str(uuid.uuid4()), fingerprint=print_, status=OverrideStatus.PENDING.value,
                 agent=call.agent, method=call.method.upper(), url=call.url, host=canonical_host(call.host),
                 path=call.path, action=cedar_request["action"], resource=cedar_request["resource"],
-                headers=json.dumps({k: v for k, v in call.headers.items() if k.lower() not in SECRET_HEADERS}),
+                headers=json.dumps(headers_for_review(call.headers)),
                 body=call.body, body_sha256=hashlib.sha256(call.body).hexdigest(),
                 cedar_request=json.dumps(cedar_request), policies=json.dumps(policies),
                 requirements=json.dumps([r.as_dict() for r in escalation.requirements]),
@@ -251,12 +260,18 @@ class OverrideStore:
             )
 
     def transition(self, override_id: str, from_status: OverrideStatus, to_status: OverrideStatus,
-                   **values) -> bool:
-        """Move one override if it is still in `from_status`; True for exactly one caller."""
+                   *, unexpired_grant: bool = False, **values) -> bool:
+        """Move one override if it is still in `from_status`; True for exactly one caller.
+
+        `unexpired_grant` also requires the grant to be within its time, so releasing never depends
+        on the expiry sweeper having run.
+        """
+        condition = [Override.id == override_id, Override.status == from_status.value]
+        if unexpired_grant:
+            condition.append(Override.grant_expires_at > utcnow())
         with Session(self.engine) as session:
             changed = session.execute(
-                update(Override)
-                .where(Override.id == override_id, Override.status == from_status.value)
+                update(Override).where(*condition)
                 .values(status=to_status.value, version=Override.version + 1, **values)
             ).rowcount
             session.commit()

@@ -9,6 +9,7 @@ release because current policy now hard-denies it). A grant is consumed by exact
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -73,6 +74,11 @@ class Oversight:
                 if not client_alive():  # leave the grant for the agent's retry
                     return self._refuse(verdict, override, Problem.OVERRIDE_PENDING, "the client went away")
                 return await asyncio.to_thread(self._release, verdict, override)
+            if status is OverrideStatus.RELEASED:
+                return None  # an identical call used the grant: this one is a new decision
+            if status is OverrideStatus.RELEASE_REFUSED:
+                return self._refuse(verdict, override, Problem.RELEASE_REFUSED,
+                                    "the override was granted, but the current policies refuse the call")
             if status is OverrideStatus.DENIED:
                 return self._refuse(verdict, override, Problem.OVERRIDE_DENIED,
                                     f"a reviewer denied the override: {override.decided_reason}")
@@ -109,7 +115,13 @@ class Oversight:
         """Check the call against the current policies, then consume the grant; None if already consumed."""
         now = utcnow()
         recheck = self.gate.decide(verdict.call)
-        if recheck.outcome in (Outcome.DENY, Outcome.ERROR):
+        if recheck.problem is Problem.STORE_UNAVAILABLE:  # passing trouble: keep the grant for a retry
+            return Resolution(False, replace(recheck, decision_id=verdict.decision_id), override.id)
+        granted_for = {p["id"] for p in json.loads(override.policies)}
+        needs_more = recheck.outcome is Outcome.ESCALATE and not {
+            p.policy_id for p in recheck.determining} <= granted_for
+        if recheck.outcome in (Outcome.DENY, Outcome.ERROR) or needs_more:
+            # A hard deny now, or policies that changed to need approvals nobody gave: never release.
             if self.overrides.transition(override.id, OverrideStatus.GRANTED, OverrideStatus.RELEASE_REFUSED,
                                          released_at=now, release_decision_id=verdict.decision_id):
                 self.event("release_refused", override, decision_id=verdict.decision_id,
@@ -119,10 +131,12 @@ class Oversight:
                                 Problem.RELEASE_REFUSED,
                                 f"the override was granted, but the current policies refuse the call: {recheck.detail}")
         if not self.overrides.transition(override.id, OverrideStatus.GRANTED, OverrideStatus.RELEASED,
-                                         released_at=now, release_decision_id=verdict.decision_id):
+                                         unexpired_grant=True, released_at=now,
+                                         release_decision_id=verdict.decision_id):
             return None
         self.event("release", override, decision_id=verdict.decision_id,
-                   payload={"policy_revision": recheck.revision})
+                   payload={"policy_revision": recheck.revision, "recheck": recheck.outcome.value,
+                            "policies": [p.policy_id for p in recheck.determining]})
         log.info("released %s %s for %s under override %s", verdict.call.method, verdict.call.url,
                  verdict.call.agent, override.id)
         return Resolution(True, verdict, override.id)

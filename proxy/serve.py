@@ -42,6 +42,8 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     opts.update(
         # Contact no upstream before the call is decided (eager would connect on CONNECT).
         connection_strategy="lazy",
+        # Bytes in a tunnel that are not HTTP would be relayed as raw TCP, undecided: refuse them.
+        rawtcp=False,
         ignore_hosts=list(settings.passthrough_hosts),
     )
     if settings.upstream_ca_bundle:

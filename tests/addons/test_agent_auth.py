@@ -101,6 +101,7 @@ def test_wrong_credentials_get_407_and_are_not_forwarded(auth, header):
     "header",
     [
         pytest.param("Basic !!!not-base64!!!", id="not-base64"),
+        pytest.param("Basic \u00e9\u00e9", id="non-ascii-base64"),
         pytest.param("Basic " + base64.b64encode(f"{AGENT}{TOKEN}".encode()).decode(), id="no-colon"),
         pytest.param("Basic " + base64.b64encode(f":{TOKEN}".encode()).decode(), id="empty-agent"),
         pytest.param("Basic " + base64.b64encode(b"\xff\xfe:\xff").decode(), id="not-utf8"),
@@ -115,6 +116,16 @@ def test_malformed_credentials_get_407(auth, header):
         auth.requestheaders(flow)
     assert_proxy_auth_required(flow, "missing")
     assert "Proxy-Authorization" not in flow.request.headers
+
+
+def test_a_connect_with_a_malformed_credential_is_refused_not_tunnelled(auth):
+    # mitmproxy answers 200 to a CONNECT whose hook raised; the credential must never get that far.
+    with taddons.context(auth):
+        client = tflow.tclient_conn()
+        connect = connect_flow(client, "Basic \u00e9\u00e9")
+        auth.http_connect(connect)
+    assert connect.response is not None and connect.response.status_code == 407
+    assert client not in auth.authenticated
 
 
 def test_connect_authenticates_the_client_connection_for_its_tunnelled_requests(auth):

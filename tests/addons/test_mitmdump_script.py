@@ -189,8 +189,11 @@ def agent_client(proxy_url: str) -> httpx.Client:
     return httpx.Client(proxy=proxy_url, trust_env=False, timeout=15)
 
 
-def recorded(state_dir: Path, expected: int, timeout: float = 10.0) -> list[dict]:
-    """The record's rows once the batching writer committed `expected` of them (or the wait ran out)."""
+def recorded(state_dir: Path, expected: int, timeout: float = 10.0, path: str | None = None) -> list[dict]:
+    """The record's rows (for `path`, if given) once the batching writer committed `expected` of them.
+
+    The proxy is shared across this module's tests, so a test waits for its own rows, not any rows.
+    """
     deadline = time.monotonic() + timeout
     while True:
         rows: list[dict] = []
@@ -198,6 +201,7 @@ def recorded(state_dir: Path, expected: int, timeout: float = 10.0) -> list[dict
             with sqlite3.connect(state_dir / "cedargate.db") as db:
                 db.row_factory = sqlite3.Row
                 rows = [dict(r) for r in db.execute("SELECT * FROM decisions ORDER BY id")]
+        rows = [r for r in rows if path is None or r["path"] == path]
         if len(rows) >= expected or time.monotonic() > deadline:
             return rows
         time.sleep(0.05)
@@ -248,7 +252,7 @@ def test_decisions_are_recorded_in_the_configured_state_dir(proxy, upstream):
     with agent_client(proxy.proxy()) as agent:
         agent.get(f"http://localhost:{upstream.port}/v1/instances/i-7")
         agent.put(f"http://localhost:{upstream.port}/v1/instances/i-7", json={"size": "xl"})
-    mine = [r for r in recorded(proxy.state_dir, expected=2, timeout=10) if r["path"] == "/v1/instances/i-7"]
+    mine = recorded(proxy.state_dir, expected=2, timeout=10, path="/v1/instances/i-7")
     assert [(r["method"], r["decision"], r["upstream_status"]) for r in mine] == [
         ("GET", "allow", 200), ("PUT", "deny", None),
     ]

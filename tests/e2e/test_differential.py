@@ -84,7 +84,7 @@ def test_proxy_decision_equals_cedar_on_the_full_set(differential_gate, upstream
     decide = cedar_oracle(differential_gate.policy_dir)
     trust = ssl.create_default_context(cafile=differential_gate.ca_cert)
     url = f"http://{call['host']}:{upstream.http_port}{call['path']}" + (f"?{call['query']}" if call["query"] else "")
-    headers = {"Accept": "*/*", "User-Agent": "differential"}
+    headers = {"Accept": "*/*", "User-Agent": "differential", "Prefer": "respond-async"}
     content = None
     if call["json"] is not None:
         headers["Content-Type"] = "application/json"

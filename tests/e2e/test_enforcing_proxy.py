@@ -196,7 +196,7 @@ def test_a_policy_that_errors_fails_closed_even_when_a_permit_matches(cedargate,
         'forbid (principal, action == Action::"get", resource)\n'
         'when { context.query like "limit=*" && context.port * 4611686018427387904 > 0 };\n'
     )
-    wait_for(lambda: len(cedargate_status(cedargate)["policies"]["files"]) == 4)
+    wait_for(lambda: "guard.cedar" in cedargate_status(cedargate)["policies"]["files"])
     with client(cedargate) as http:
         response = http.get(f"http://localhost:{upstream.http_port}/v1/instances?limit=5")
         unaffected = http.get(f"http://localhost:{upstream.http_port}/v1/instances")
@@ -246,3 +246,52 @@ def test_non_loopback_bind_needs_an_explicit_flag(tmp_path, policy_dir, upstream
 def test_ca_key_is_private_to_its_owner(cedargate):
     assert (cedargate.state_dir / "mitmproxy-ca.pem").stat().st_mode & 0o077 == 0
     assert cedargate.state_dir.stat().st_mode & 0o077 == 0
+
+
+def test_a_tunnel_carries_only_decided_http_never_raw_tcp(cedargate):
+    import base64
+    import socket
+    import socketserver
+    import threading
+
+    received: list[bytes] = []
+
+    class Sink(socketserver.BaseRequestHandler):
+        def handle(self):
+            self.request.settimeout(3)
+            try:
+                while chunk := self.request.recv(4096):
+                    received.append(chunk)
+                    self.request.sendall(chunk)
+            except OSError:
+                pass
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Sink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+
+    def tunnel(credential: str) -> tuple[bytes, bytes]:
+        with socket.create_connection(("127.0.0.1", cedargate.proxy_port), timeout=5) as conn:
+            conn.sendall(f"CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n"
+                         f"Proxy-Authorization: {credential}\r\n\r\n".encode())
+            answer = conn.recv(4096)
+            after = b""
+            if b" 200 " in answer.split(b"\r\n")[0] + b" ":
+                conn.sendall(b"\x00exfiltrate secret data\r\n*1\r\n$4\r\nPING\r\n")
+                try:
+                    while chunk := conn.recv(4096):
+                        after += chunk
+                except OSError:
+                    pass
+            return answer, after
+
+    try:
+        valid = "Basic " + base64.b64encode(f"{AGENT}:{TOKEN}".encode()).decode()
+        _, echoed = tunnel(valid)
+        malformed, _ = tunnel("Basic \u00e9\u00e9")
+        time.sleep(0.5)
+    finally:
+        server.shutdown()
+    assert b"exfiltrate" not in echoed
+    assert received == []  # not one byte of the non-HTTP stream reached the upstream
+    assert malformed.startswith(b"HTTP/1.1 407")

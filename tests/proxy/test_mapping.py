@@ -387,3 +387,15 @@ def test_bad_agent_headers_are_refused_with_400(header, value, message):
     with pytest.raises(MappingError, match=message) as refused:
         agent_statements({header: value})
     assert refused.value.status == 400
+
+
+@pytest.mark.parametrize("content_type, body, message", [
+    ("application/json", b'{"amount": 1, "amount": 9999}', "key 'amount' appears more than once"),
+    ("text/json", b'{"a": {"b": 1, "b": 2}}', "key 'b' appears more than once"),
+    ("application/json, text/plain", b'{"amount": 1}', "more than one Content-Type"),
+])
+def test_bodies_an_upstream_could_read_differently_are_refused(content_type, body, message):
+    call = Call("ops-bot", "POST", "http", "localhost", 9000, "/v1/x", headers={"Content-Type": content_type},
+                body=body)
+    with pytest.raises(MappingError, match=message):
+        map_call(call, MappingOptions())

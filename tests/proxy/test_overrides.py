@@ -101,7 +101,8 @@ def test_a_denied_call_opens_a_pending_request_that_keeps_the_call_without_secre
     )
     assert (stored.action, stored.resource) == ('Action::"post"', 'Host::"127.0.0.1"')
     assert stored.body == b'{"grace": 30}'
-    assert json.loads(stored.headers) == {"Content-Type": "application/json"}  # no Authorization
+    # Reviewers see that the call carried credentials, never their values.
+    assert json.loads(stored.headers) == {"Content-Type": "application/json", "Authorization": "[redacted]"}
     assert json.loads(stored.requirements) == [
         {"policy_id": "protect-production-instances", "roles": ["engineering-manager"], "approvals": 1}
     ]
@@ -117,15 +118,23 @@ def test_an_identical_call_joins_the_pending_request(store: OverrideStore):
     assert len(store.list()) == 1
 
 
-def test_the_fingerprint_ignores_credentials_and_host_spelling(store: OverrideStore):
+def test_the_fingerprint_ignores_host_spelling_and_hop_headers_but_binds_the_rest(store: OverrideStore):
     first, _ = open_request(store)
-    other_token = stop_call(headers={"content-type": "application/json", "Authorization": "Bearer other"})
-    no_token = stop_call(headers={"Content-Type": "application/json"})
+    hop = stop_call(headers={"Content-Type": "application/json", "Authorization": "Bearer agent-token",
+                             "Connection": "keep-alive", "Proxy-Authorization": "Basic eA=="})
     short_host = stop_call(url="http://127.1:9000/v1/instances/i-1/stop")
-    assert {fingerprint(c) for c in (other_token, no_token, short_host)} == {fingerprint(stop_call())}
-    for call in (other_token, no_token, short_host):
+    assert {fingerprint(c) for c in (hop, short_host)} == {fingerprint(stop_call())}
+    for call in (hop, short_host):
         joined, created = open_request(store, call)
         assert (joined.id, created) == (first.id, False)
+    # Upstreams act on these and policies read them: a grant never covers a call that differs in one.
+    for headers in ({"Content-Type": "application/json", "Authorization": "Bearer other"},
+                    {"Content-Type": "application/json"},
+                    {"Content-Type": "application/json", "Authorization": "Bearer agent-token",
+                     "X-HTTP-Method-Override": "DELETE"},
+                    {"Content-Type": "application/json", "Authorization": "Bearer agent-token",
+                     "X-Agent-Confidence": "0.1"}):
+        assert fingerprint(stop_call(headers=headers)) != fingerprint(stop_call())
 
 
 @pytest.mark.parametrize(
