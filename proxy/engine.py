@@ -10,7 +10,9 @@ The same holds for a policy whose *first* condition is `context.path like "/lite
 the path lacks the prefix, Cedar stops there, so the index also slices on those path prefixes.
 Each slice also knows which context attributes its policies read; Cedar is handed only those (turning
 the context into Cedar values is most of cedarpy's cost per call), or all of it when a policy uses
-`context` as a whole.
+`context` as a whole. A Cedar decision is a pure function of the request and the snapshot's policies
+and entities (Cedar has no clock or randomness), so each snapshot keeps a bounded cache of decisions
+keyed by the exact request handed to Cedar; a reload starts a new snapshot and so an empty cache.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ Uid = tuple[str, str]
 # Calls with a new (agent, action, host) cost one index lookup; bound the caches against hostile traffic.
 SLICE_CACHE_SIZE = 8192
 POLICY_SET_CACHE_SIZE = 1024
+DECISION_CACHE_SIZE = 4096
 
 
 class ScopeIndex:
@@ -229,6 +232,7 @@ class Snapshot:
         self._slices: _Lru = _Lru(SLICE_CACHE_SIZE)  # (principal, action, resource, path key) -> PolicySet
         self._sets: _Lru = _Lru(POLICY_SET_CACHE_SIZE)  # policy ids -> PolicySet, shared across calls
         self._overlays: _Lru = _Lru(OVERLAY_CACHE_SIZE)
+        self.decisions: _Lru = _Lru(DECISION_CACHE_SIZE)  # exact Cedar request -> Evaluation
         self._lock = threading.Lock()
 
     def policies_for(self, principal: Uid, action: Uid, resource: Uid, path: str = "/") -> cedarpy.PolicySet:
@@ -305,16 +309,24 @@ class Engine:
         entities = snap.entities_for(request.principal, request.resource)
         cedar_request = request.as_cedarpy()
         cedar_request["context"] = sliced.context_of(request.context)
+        key = (request.principal, request.action, request.resource,
+               json.dumps(cedar_request["context"], sort_keys=True, separators=(",", ":")))
+        cached = snap.decisions.get(key)
+        if cached is not None:
+            return cached
         result = cedarpy.is_authorized(cedar_request, sliced.policy_set, entities)
         determining = tuple(result.diagnostics.reasons)
         known = snap.bundle.policies
-        return Evaluation(
+        evaluation = Evaluation(
             decision=result.decision.value,
             determining=determining,
             errors=tuple(result.diagnostics.errors),
             revision=snap.bundle.revision,
             policies=tuple(known[p] for p in determining if p in known),
         )
+        with snap._lock:
+            snap.decisions.put(key, evaluation)
+        return evaluation
 
     def reload(self) -> bool:
         """Load the directory again; on error keep the current set and report. True if swapped."""

@@ -8,6 +8,7 @@ and IPv4-mapped IPv6 becomes the IPv4 address it connects to.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import socket
@@ -15,6 +16,7 @@ import socket
 _INET_ATON_FORM = re.compile(r"^(0x[0-9a-f]+|[0-9]+)(\.(0x[0-9a-f]+|[0-9]+)){0,3}$")
 
 
+@functools.lru_cache(maxsize=4096)  # pure, and called several times per call on a handful of hosts
 def canonical_host(host: str) -> str:
     name = host.strip().lower().rstrip(".")
     if name.startswith("[") and name.endswith("]"):
