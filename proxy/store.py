@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import Index, event
 from sqlalchemy.engine import Engine as SAEngine
 from sqlmodel import Field, Session, SQLModel, create_engine, func, select
 
@@ -33,19 +33,22 @@ log = logging.getLogger(__name__)
 
 class DecisionRecord(SQLModel, table=True):
     __tablename__ = "decisions"
+    # Every index is paid for on each recorded call: keep the ones audits need, "this decision" and
+    # "what did this agent do, when" (the time index serves time ranges across agents).
+    __table_args__ = (Index("ix_decisions_agent_at", "agent", "at"),)
 
     id: int | None = Field(default=None, primary_key=True)
     decision_id: str = Field(index=True, unique=True)
     at: datetime = Field(index=True)
-    agent: str = Field(index=True)
+    agent: str
     method: str
     scheme: str
-    host: str = Field(index=True)
+    host: str
     port: int
     path: str
     action: str
     resource: str
-    decision: str = Field(index=True)  # allow | deny | error
+    decision: str  # allow | deny | escalate | error
     determining_policies: str = "[]"  # JSON list of @ids
     errors: str = "[]"  # JSON list
     policy_revision: str | None = None
