@@ -11,7 +11,6 @@ verdict is recorded once the upstream answered (or failed), with the upstream st
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from dataclasses import replace
 
@@ -69,18 +68,14 @@ class Enforcer:
         if self.runtime is None or data.server.error:
             return
         host, port = data.server.address
-        api_hosts = {api_host for api_host, api_port in self.runtime.gate.protected if api_port == port}
-        if not api_hosts:
+        gate = self.runtime.gate
+        if not any(api_port == port for _, api_port in gate.protected):
             return
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(host, port)
         except OSError:
             return  # unresolvable: the connection will fail on its own
-        addresses = {info[4][0] for info in infos}
-        if any(ipaddress.ip_address(a).is_loopback or a in api_hosts for a in addresses) and any(
-            h in ("localhost", "0.0.0.0", "::") or ipaddress.ip_address(h).is_loopback or h in addresses
-            for h in api_hosts
-        ):
+        if gate.reaches_own_api({info[4][0] for info in infos}, port):
             data.server.error = "cedargate refuses connections to its own API"
 
     def tcp_start(self, flow) -> None:

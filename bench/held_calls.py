@@ -35,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import proxy_overhead as po  # noqa: E402  (the upstream, the load client and process handling)
+from figures import write_figures  # noqa: E402
 
 REPO = po.REPO
 RESULTS = REPO / "bench" / "results" / "held_calls.json"
@@ -205,8 +206,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     result = asyncio.run(run(args))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_figures(args.out, result)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -44,6 +44,8 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from figures import write_figures
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 RESULTS = REPO / "bench" / "results" / "proxy_overhead.json"
@@ -749,10 +751,7 @@ def main() -> int:
         "cedargate_decisions_expected": {"allow_at_least": expected_allowed, "deny": 1},
         "elapsed_s": round(elapsed, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-    tmp_out.replace(args.out)
+    write_figures(args.out, result)
 
     print()
     print(

@@ -6,12 +6,13 @@ A bad value raises `ConfigError` with the field's path and what was wrong.
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from proxy.hosts import is_loopback
 
 
 class ConfigError(Exception):
@@ -28,12 +29,7 @@ class Listen(_Strict):
 
     @property
     def is_loopback(self) -> bool:
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
+        return is_loopback(self.host)
 
 
 class AgentCredential(_Strict):

@@ -12,13 +12,14 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
 
 from proxy.engine import CedarRequest, Engine
 from proxy.escalation import Escalation, escalation_of
-from proxy.hosts import canonical_host
+from proxy.hosts import canonical_host, is_local
 from proxy.mapping import Call, MappingError, MappingOptions, UnknownAction, map_call
 from proxy.policy import PolicyInfo
 from proxy.store import Recorder, utcnow
@@ -195,11 +196,20 @@ class Gate:
         )
 
     def _addresses_own_api(self, call: Call) -> bool:
-        candidates = [api_host for api_host, api_port in self.protected if api_port == call.port]
-        if not candidates:  # the common case, decided without canonicalizing the host
+        return self.reaches_own_api([call.host], call.port)
+
+    def reaches_own_api(self, hosts: Iterable[str], port: int) -> bool:
+        """Whether any of `hosts` (the names a call uses, or the addresses they resolve to) on `port`
+        is cedargate's own API. The proxy asks with the name at decision time and again with the
+        resolved addresses before it connects, so no alias reaches the API."""
+        api_hosts = [api_host for api_host, api_port in self.protected if api_port == port]
+        if not api_hosts:  # the common case, decided without looking at the host
             return False
-        host = canonical_host(call.host)
-        return any(host == api_host or _loopback(host) and _loopback(api_host) for api_host in candidates)
+        for host in map(canonical_host, hosts):
+            for api_host in api_hosts:
+                if host == canonical_host(api_host) or is_local(host) and is_local(api_host):
+                    return True
+        return False
 
     def finish(self, verdict: Verdict, upstream_status: int | None = None) -> None:
         """Append the verdict to the record, with the upstream's status once it is known."""
@@ -223,6 +233,3 @@ class Gate:
             "duration_ms": round((time.perf_counter() - verdict.started) * 1000, 3),
         })
 
-
-def _loopback(host: str) -> bool:
-    return host == "localhost" or host.startswith("127.") or host == "::1" or host == "0.0.0.0"

@@ -35,3 +35,19 @@ def canonical_host(host: str) -> str:
         except OSError:
             return name
     return name
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address, in any spelling) is this machine's loopback."""
+    name = canonical_host(host)
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def is_local(host: str) -> bool:
+    """Loopback, or the wildcard address, which a socket bound to "any" also answers on."""
+    return is_loopback(host) or canonical_host(host) in ("0.0.0.0", "::")

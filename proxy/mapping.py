@@ -25,8 +25,13 @@ METHOD_ACTIONS = {
     m: m.lower() for m in ("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE")
 }
 
-# Never let credentials into the context or the record, whatever the operator selects.
-SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key"})
+# Headers that carry credentials by their name: never in the context or the record, whatever the
+# operator selects, and never shown to reviewers.
+_SECRET_HEADER = re.compile(r"auth|token|secret|password|passwd|cookie|api[-_]?key|signature|credential", re.I)
+
+
+def is_secret_header(name: str) -> bool:
+    return _SECRET_HEADER.search(name) is not None
 
 # Cedar reads these keys in JSON as escapes for entity and extension values; an agent's body must
 # not be able to smuggle an entity reference into the context.
@@ -214,7 +219,7 @@ def agent_statements(headers: Mapping[str, str]) -> dict:
 
 def select_headers(headers: Mapping[str, str], wanted: Iterable[str]) -> dict[str, str]:
     lowered = {k.lower(): v for k, v in headers.items()}
-    return {name: lowered[name] for name in wanted if name in lowered and name not in SECRET_HEADERS}
+    return {name: lowered[name] for name in wanted if name in lowered and not is_secret_header(name)}
 
 
 def json_body(call: Call, max_bytes: int):

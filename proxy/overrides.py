@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import threading
 import uuid
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from sqlmodel import Field, Session, SQLModel, select
 
 from proxy.escalation import Escalation, Requirement
 from proxy.hosts import canonical_host
-from proxy.mapping import Call
+from proxy.mapping import Call, is_secret_header
 from proxy.store import utcnow
 
 
@@ -102,8 +101,6 @@ class OverrideError(Exception):
 # policies read headers and upstreams act on them (Authorization, X-HTTP-Method-Override, tenants...).
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-authorization", "te", "trailer",
                         "transfer-encoding", "upgrade", "content-length"})
-# Values a reviewer must not see; the names still show.
-_SECRET_NAME = re.compile(r"auth|token|secret|password|passwd|cookie|api[-_]?key|signature|credential", re.I)
 
 
 def fingerprint(call: Call) -> str:
@@ -120,7 +117,8 @@ def fingerprint(call: Call) -> str:
 
 
 def headers_for_review(headers) -> dict[str, str]:
-    return {k: ("[redacted]" if _SECRET_NAME.search(k) else v) for k, v in headers.items()
+    # A reviewer sees that a credential was sent, never its value.
+    return {k: ("[redacted]" if is_secret_header(k) else v) for k, v in headers.items()
             if k.lower() != "proxy-authorization"}
 
 

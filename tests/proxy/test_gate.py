@@ -308,3 +308,22 @@ def test_a_reload_during_a_decision_does_not_mix_revisions(policy_dir: Path, rec
     assert verdict.revision == old_revision
     assert verdict.problem is Problem.POLICY_DENIED
     assert [p.policy_id for p in verdict.determining] == ["protect-production-instances"]
+
+
+# ---- the proxy's own API, by name at decision time and by address before connecting ---------------
+
+
+@pytest.mark.parametrize("protected, hosts, port, reaches", [
+    ({("127.0.0.1", 8081)}, ["127.0.0.1"], 8081, True),
+    ({("127.0.0.1", 8081)}, ["localhost"], 8081, True),
+    ({("127.0.0.1", 8081)}, ["::1"], 8081, True),            # another loopback spelling reaches it too
+    ({("127.0.0.1", 8081)}, ["127.1"], 8081, True),
+    ({("127.0.0.1", 8081)}, ["127.0.0.1"], 8082, False),
+    ({("127.0.0.1", 8081)}, ["10.0.0.5", "192.0.2.1"], 8081, False),
+    ({("0.0.0.0", 8081)}, ["127.0.0.2"], 8081, True),        # bound to "any": loopback reaches it
+    ({("api.internal", 8081)}, ["10.1.1.1"], 8081, False),   # a named API host never raises
+    ({("api.internal", 8081)}, ["API.internal."], 8081, True),
+])
+def test_reaches_own_api(gate: Gate, protected, hosts, port, reaches):
+    gate.protected = frozenset(protected)
+    assert gate.reaches_own_api(hosts, port) is reaches

@@ -399,3 +399,10 @@ def test_bodies_an_upstream_could_read_differently_are_refused(content_type, bod
                 body=body)
     with pytest.raises(MappingError, match=message):
         map_call(call, MappingOptions())
+
+
+@pytest.mark.parametrize("name", ["X-Auth-Token", "Private-Token", "X-Api-Key", "Cookie", "Authorization"])
+def test_credential_headers_never_enter_the_context_even_when_selected(name):
+    call = Call("ops-bot", "GET", "http", "localhost", 9000, "/v1/x", headers={name: "s3cret", "Accept": "*/*"})
+    context = map_call(call, MappingOptions(context_headers=(name.lower(), "accept"))).context
+    assert context["headers"] == {"accept": "*/*"}
