@@ -11,6 +11,7 @@ verdict is recorded once the upstream answered (or failed), with the upstream st
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from dataclasses import replace
 
@@ -20,13 +21,14 @@ from addons.agent_auth import AGENT, AgentAuth, proxy_auth_required
 from addons.options import add_options, settings_from_options
 from proxy.gate import Outcome, Verdict
 from proxy.mapping import Call
+from proxy.mcp import Exchange, SseRewriter, filter_tool_list, refusal_answer
 from proxy.oversight import requested_wait
 from proxy.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-VERDICT = "cedargate.verdict"
-RECORDED = "cedargate.recorded"
+VERDICTS = "cedargate.verdicts"  # decided and forwarded: recorded when the upstream answers or fails
+MCP = "cedargate.mcp"
 
 
 class Enforcer:
@@ -123,24 +125,80 @@ class Enforcer:
             return
         if self.runtime is None:
             raise RuntimeError("the enforcer has no policies loaded")
-        verdict = self.runtime.gate.decide(call_of(flow, agent))
-        flow.metadata[VERDICT] = verdict
-        if verdict.outcome is Outcome.ESCALATE:
-            verdict = await self._hold(flow, verdict)
-            if verdict is None:
-                return  # granted and released: forward the original call, once
-        if not verdict.allowed:
-            log.info(
-                "%s %s %s %s: %s", verdict.outcome.value, agent, verdict.call.method, verdict.call.url,
-                ", ".join(p.policy_id for p in verdict.determining) or verdict.problem.value,
-            )
+        call = call_of(flow, agent)
+        exchange = self.runtime.gate.mcp_exchange(call)
+        if exchange is not None and exchange.batch:
+            await self._enforce_batch(flow, call, exchange)
+            return
+        verdict = self.runtime.gate.decide(call)
+        flow.metadata[VERDICTS] = [verdict]
+        if exchange is not None:
+            flow.metadata[MCP] = exchange
+        verdict = await self._decided(flow, verdict)
+        if verdict is None:
+            self._prepare_mcp(flow, exchange)
+            return
+        message = exchange.messages[0] if exchange and exchange.messages else None
+        if message is not None and message.kind == "request":
+            # An MCP client shows a JSON-RPC answer to its model; an HTTP error would make it raise.
+            flow.response = rpc_response([refusal_answer(verdict.problem_body(), message)], False, verdict)
+        else:
             flow.response = refusal(verdict)
-            self._finish(flow, verdict, None)
+        self._refused(flow, verdict)
 
-    async def _hold(self, flow: http.HTTPFlow, verdict: Verdict) -> Verdict | None:
+    async def _decided(self, flow: http.HTTPFlow, verdict: Verdict, wait: float | None = None) -> Verdict | None:
+        """None when the call may go upstream (allowed, or granted and released); else the refusal."""
+        if verdict.outcome is Outcome.ESCALATE:
+            verdict = await self._hold(flow, verdict, wait)
+            if verdict is None:
+                return None  # granted and released: forward the original call, once
+        if verdict.allowed:
+            return None
+        log.info(
+            "%s %s %s %s: %s", verdict.outcome.value, verdict.call.agent, verdict.call.method, verdict.call.url,
+            ", ".join(p.policy_id for p in verdict.determining) or verdict.problem.value,
+        )
+        return verdict
+
+    async def _enforce_batch(self, flow: http.HTTPFlow, call: Call, exchange: Exchange) -> None:
+        """Decide each message of a JSON-RPC batch; forward the allowed ones, answer for the others.
+
+        An escalated message is not held (the batch's other answers would wait on a human): its
+        override request is opened at once, and its answer says to retry that call alone.
+        """
+        forwarded, answers, refused = [], [], []
+        verdicts = []
+        for message in exchange.messages:
+            verdict = self.runtime.gate.decide(replace(call, body=message.encoded()))
+            verdict_now = await self._decided(flow, verdict, wait=0.0)
+            if verdict_now is None:
+                forwarded.append(message)
+                verdicts.append(verdict)
+                continue
+            refused.append(verdict_now)
+            self.runtime.gate.finish(verdict_now, None)
+            if message.kind == "request":
+                answers.append(refusal_answer(verdict_now.problem_body(), message))
+        flow.metadata[VERDICTS] = verdicts
+        exchange = replace(exchange, messages=tuple(forwarded), answers=tuple(answers))
+        flow.metadata[MCP] = exchange
+        if not forwarded:
+            flow.response = (rpc_response(answers, True, refused[0]) if answers else refusal(refused[0]))
+            return
+        if refused:
+            flow.request.set_content(json.dumps([m.raw for m in forwarded]).encode())
+        self._prepare_mcp(flow, exchange)
+
+    def _prepare_mcp(self, flow: http.HTTPFlow, exchange: Exchange | None) -> None:
+        if exchange is not None:
+            # The answers are read (tools/list is filtered) and, for an event stream, rewritten as they
+            # stream: ask the server for them unencoded.
+            flow.request.headers.pop("accept-encoding", None)
+
+    async def _hold(self, flow: http.HTTPFlow, verdict: Verdict, wait: float | None) -> Verdict | None:
         """Hold an escalated call; None when it is released, else the refusal to answer with."""
-        settings = self.runtime.settings
-        wait = requested_wait(flow.request.headers.get("Prefer"), settings.hold_max_wait)
+        if wait is None:
+            wait = requested_wait(flow.request.headers.get("Prefer"), self.runtime.settings.hold_max_wait)
         try:
             resolution = await self.runtime.oversight.resolve(
                 verdict, wait, flow.request.headers.get("X-Agent-Justification"),
@@ -153,20 +211,62 @@ class Enforcer:
             return None
         return resolution.verdict
 
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        exchange: Exchange | None = flow.metadata.get(MCP)
+        if exchange is None or flow.response is None:
+            return
+        media = flow.response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media == "text/event-stream":
+            # An MCP server's stream may stay open for the session: pass events on as they come, with
+            # tools/list answers filtered and cedargate's own answers for refused messages appended.
+            flow.response.stream = SseRewriter(self._tool_filter(flow, exchange), exchange.answers)
+
     def response(self, flow: http.HTTPFlow) -> None:
-        verdict = flow.metadata.get(VERDICT)
-        if verdict and flow.response:
-            self._finish(flow, verdict, flow.response.status_code)
+        exchange: Exchange | None = flow.metadata.get(MCP)
+        if exchange is not None and flow.response is not None and not flow.response.stream:
+            try:
+                self._rewrite_answer(flow, exchange)
+            except Exception:
+                log.exception("cannot read the MCP answer to %s", flow.request.pretty_url)
+                flow.response = http.Response.make(502, json.dumps({
+                    "type": "urn:cedargate:problem:upstream-answer", "status": 502,
+                    "title": "cedargate could not check the MCP server's answer, so it is not passed on",
+                }).encode(), {"Content-Type": "application/problem+json"})
+        if flow.response is not None:
+            self._finish_forwarded(flow, flow.response.status_code)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        verdict = flow.metadata.get(VERDICT)
-        if verdict:
-            self._finish(flow, verdict, None)
+        self._finish_forwarded(flow, None)
 
-    def _finish(self, flow: http.HTTPFlow, verdict: Verdict, status: int | None) -> None:
-        if not flow.metadata.get(RECORDED) and self.runtime:
-            flow.metadata[RECORDED] = True
+    def _rewrite_answer(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
+        """Filter tools/list answers and add cedargate's answers to a JSON (not streamed) response."""
+        response = flow.response
+        media = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        answer = json.loads(response.get_content(strict=True) or b"null") if media == "application/json" else None
+        if answer is not None:
+            filtered = self._tool_filter(flow, exchange)(answer)
+            answer = filtered if filtered is not None else answer
+            if exchange.answers:
+                answer = (answer if isinstance(answer, list) else [answer]) + list(exchange.answers)
+            if filtered is not None or exchange.answers:
+                response.set_content(json.dumps(answer).encode())
+        elif exchange.answers and response.status_code == 202:
+            # The server took the forwarded notifications; the refused requests still need their answers.
+            flow.response = rpc_response(list(exchange.answers), True, None)
+
+    def _tool_filter(self, flow: http.HTTPFlow, exchange: Exchange):
+        call = call_of(flow, flow.metadata[AGENT])
+        gate = self.runtime.gate
+        return lambda answer: filter_tool_list(answer, exchange.list_ids, lambda names: gate.visible_tools(call, names))
+
+    def _finish_forwarded(self, flow: http.HTTPFlow, status: int | None) -> None:
+        """Record the verdicts of what was forwarded, once the upstream answered or failed."""
+        for verdict in flow.metadata.pop(VERDICTS, None) or ():
             self.runtime.gate.finish(verdict, status)
+
+    def _refused(self, flow: http.HTTPFlow, verdict: Verdict) -> None:
+        flow.metadata.pop(VERDICTS, None)
+        self.runtime.gate.finish(verdict, None)
 
 
 def call_of(flow: http.HTTPFlow, agent: str) -> Call:
@@ -209,6 +309,14 @@ def plain_headers(headers: http.Headers) -> dict[str, str]:
         else:
             plain[name] += ", " + value
     return plain
+
+
+def rpc_response(answers: list[dict], batch: bool, verdict: Verdict | None) -> http.Response:
+    """cedargate's JSON-RPC answer, as an MCP server would give it (HTTP 200, application/json)."""
+    headers = {"Content-Type": "application/json"}
+    if verdict is not None:
+        headers["X-Cedargate-Decision"] = verdict.decision_id
+    return http.Response.make(200, json.dumps(answers if batch else answers[0]).encode(), headers)
 
 
 def refusal(verdict: Verdict) -> http.Response:

@@ -255,6 +255,35 @@ class Snapshot:
             self._slices.put(key, sliced)
         return sliced
 
+    def could_allow(self, principal: Uid, action: Uid, resource: Uid) -> bool:
+        """Whether any call of `principal` doing `action` on `resource` could be allowed, whatever its context.
+
+        False only when no permit's scope holds for it, or a forbid with no conditions and no
+        `@escalate` does: then every such call is denied. Conditions are treated as possibly true (the
+        permits are evaluated on their scope alone), so this never hides what some call could do.
+        """
+        key = ("could_allow", principal, action, resource)
+        known = self.decisions.get(key)
+        if known is not None:
+            return known
+        ids = self.index.applicable(principal, action, resource)
+        templates = self.bundle.templates
+        chosen = []
+        for i in ids:
+            template = templates[i]
+            if template.effect == "permit":
+                chosen.append(dataclasses.replace(template, clauses=()))
+            elif not template.clauses and "escalate" not in self.bundle.policies[i].annotations:
+                chosen.append(template)
+        allowed = False
+        if chosen:
+            request = CedarRequest(principal, action, resource, {}).as_cedarpy()
+            result = cedarpy.is_authorized(request, policy_set_of(chosen), self.entities_for(principal, resource))
+            allowed = result.decision.value == "Allow"
+        with self._lock:
+            self.decisions.put(key, allowed)
+        return allowed
+
     def entities_for(self, principal: Uid, resource: Uid) -> cedarpy.Entities:
         """The entity set with the principal and resource present, adding bare ones when unlisted.
 
@@ -274,7 +303,9 @@ class Snapshot:
 
 def _bare_entity(uid: Uid) -> dict:
     attrs = {"tags": []} if uid[0] == "Host" else {}
-    return {"uid": {"type": uid[0], "id": uid[1]}, "attrs": attrs, "parents": []}
+    # An MCP tool is always in its server, so `resource in McpServer::"github"` holds for its tools.
+    parents = [{"type": "McpServer", "id": uid[1].split("/", 1)[0]}] if uid[0] == "Tool" else []
+    return {"uid": {"type": uid[0], "id": uid[1]}, "attrs": attrs, "parents": parents}
 
 
 @dataclass

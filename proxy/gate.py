@@ -20,7 +20,9 @@ from enum import Enum
 from proxy.engine import CedarRequest, Engine
 from proxy.escalation import Escalation, escalation_of
 from proxy.hosts import canonical_host, is_local
-from proxy.mapping import Call, MappingError, MappingOptions, UnknownAction, map_call
+from proxy.manifest import TOOL_NAME, McpEndpointSpec
+from proxy.mapping import Call, MappingError, MappingOptions, UnknownAction, map_call, parse_json
+from proxy.mcp import Exchange, McpError, parse_messages
 from proxy.policy import PolicyInfo
 from proxy.store import Recorder, utcnow
 
@@ -194,6 +196,45 @@ class Gate:
             **common, outcome=Outcome.DENY, problem=Problem.NO_PERMIT, status=403,
             detail=f"no policy permits {call.agent} to {call.method.upper()} {call.url} (default deny)",
         )
+
+    def mcp_endpoint(self, call: Call) -> McpEndpointSpec | None:
+        """The MCP endpoint the call is addressed to, if the action manifest names one there."""
+        manifest = self.engine.snapshot.bundle.manifest
+        return manifest.mcp_endpoint(canonical_host(call.host), call.path) if manifest else None
+
+    def mcp_exchange(self, call: Call) -> Exchange | None:
+        """The call's JSON-RPC messages if it goes to an MCP endpoint; None if it does not.
+
+        A body that is not JSON-RPC gives no messages: deciding the call then refuses it, saying why.
+        """
+        if self.mcp_endpoint(call) is None:
+            return None
+        if call.method.upper() != "POST":
+            return Exchange((), False)
+        try:
+            messages, batch = parse_messages(parse_json(call, self.mapping.max_body_bytes))
+        except (MappingError, McpError):
+            return Exchange((), False)
+        return Exchange(tuple(messages), batch)
+
+    def visible_tools(self, call: Call, names: Iterable[str]) -> set[str]:
+        """Of the tools an MCP server lists in answer to `call`, those the agent could ever be allowed to call.
+
+        A tool is hidden only when every call of it is denied without a human able to override: no
+        permit's scope holds, an unconditional forbid without @escalate does, or the manifest refuses it
+        as unknown. A tool that policy allows only for some arguments stays visible.
+        """
+        snapshot = self.engine.snapshot
+        manifest = snapshot.bundle.manifest
+        endpoint = manifest.mcp_endpoint(canonical_host(call.host), call.path) if manifest else None
+        if endpoint is None:
+            return set(names)
+        agent, action = ("Agent", call.agent), ("Action", "call_tool")
+        return {
+            name for name in names
+            if TOOL_NAME.match(name) and (name in endpoint.tools or endpoint.unknown_tools == "policy")
+            and snapshot.could_allow(agent, action, ("Tool", f"{endpoint.server}/{name}"))
+        }
 
     def _addresses_own_api(self, call: Call) -> bool:
         return self.reaches_own_api([call.host], call.port)

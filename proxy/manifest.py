@@ -38,7 +38,10 @@ MANIFEST_FILE = "actions.yaml"
 MANIFEST_SCHEMA_FILE = "actions.cedarschema"  # written by `cedargate schema`, loaded with the others
 FIELD_TYPES = {"String": "String", "Long": "Long", "Decimal": "decimal", "Bool": "Bool"}
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# MCP tool names (and cedargate's server names): one Cedar id "server/tool" must name exactly one tool.
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+MCP_ACTIONS = ("mcp", "call_tool", "mcp_rpc")  # the actions of the MCP mapping (see proxy.mcp)
 METHODS = ("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE")
 # Context attributes every HTTP call carries; a manifest field may not shadow them.
 RESERVED = frozenset({"scheme", "host", "port", "method", "path", "query", "headers", "body", "severity",
@@ -107,12 +110,71 @@ class RouteSpec(BaseModel):
         return self.route.split(" ", 1)[1]
 
 
+class ArgumentSpec(BaseModel):
+    """A tool argument given a Cedar type, so policies can compare it (`context.arguments.amount`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["String", "Long", "Decimal", "Bool"] = "String"
+    required: bool = True
+
+
+class ToolSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    severity: Literal["low", "medium", "high", "critical"] = "medium"
+    reversible: bool = True
+    arguments: dict[str, ArgumentSpec] = {}
+
+    @field_validator("arguments")
+    @classmethod
+    def _arguments(cls, value: dict) -> dict:
+        for name in value:
+            if not _NAME.match(name):
+                raise ValueError(f"argument {name!r} must be a name like order_id")
+        return value
+
+
+class McpEndpointSpec(BaseModel):
+    """An MCP server behind one URL path (streamable HTTP): its calls are tool calls, not POSTs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str
+    server: str  # names the server in policies: McpServer::"github", Tool::"github/delete_repository"
+    unknown_tools: Literal["refuse", "policy"] = "refuse"
+    tools: dict[str, ToolSpec] = {}
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/") or "{" in value or "?" in value:
+            raise ValueError(f"{value!r} must be a literal path like /mcp")
+        return value
+
+    @field_validator("server")
+    @classmethod
+    def _server(cls, value: str) -> str:
+        if not TOOL_NAME.match(value):
+            raise ValueError(f"server {value!r} must be 1 to 128 letters, digits, _ . or -")
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, value: dict) -> dict:
+        for name in value:
+            if not TOOL_NAME.match(name):
+                raise ValueError(f"tool {name!r} must be 1 to 128 letters, digits, _ . or -")
+        return value
+
+
 class HostSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     host: str
     unknown: Literal["refuse", "http"] = "refuse"
     routes: list[RouteSpec] = []
+    mcp: list[McpEndpointSpec] = []
 
 
 class ManifestSpec(BaseModel):
@@ -133,6 +195,7 @@ class _HostRoutes:
     # One alternation per method: `re` tries the routes in C, and the outer group names the route.
     patterns: Mapping[str, re.Pattern]
     routes: Mapping[str, RouteSpec]
+    mcp: Mapping[str, McpEndpointSpec]  # by path
 
 
 class Manifest:
@@ -158,6 +221,14 @@ class Manifest:
         if found is None:
             found = next((c for pattern, c in self._globs if fnmatch.fnmatchcase(host, pattern)), None)
         return found
+
+    @property
+    def mcp_endpoints(self) -> list[McpEndpointSpec]:
+        return [e for h in self.spec.hosts for e in h.mcp]
+
+    def mcp_endpoint(self, host: str, path: str) -> McpEndpointSpec | None:
+        routes = self.host(host)
+        return routes.mcp.get(path) if routes is not None else None
 
     def match(self, host: str, method: str, path: str) -> tuple[HostSpec | None, RouteMatch | None]:
         """(the host's spec or None if the host has no manifest, the matching route or None)."""
@@ -188,7 +259,8 @@ def _compile(host: HostSpec) -> _HostRoutes:
             if name:
                 regex += f"(?P<{key}_{name}>[^/]+)"
         by_method.setdefault(route.method, []).append(f"(?P<{key}>{regex})")
-    return _HostRoutes(host, {m: re.compile("|".join(alts)) for m, alts in by_method.items()}, routes)
+    return _HostRoutes(host, {m: re.compile("|".join(alts)) for m, alts in by_method.items()}, routes,
+                       {endpoint.path: endpoint for endpoint in host.mcp})
 
 
 def _split_template(template: str) -> list[tuple[str, str | None]]:
@@ -223,6 +295,25 @@ def load_manifest(directory: str | Path) -> Manifest | None:
                     f"{path.name}: hosts[{h}].routes[{r}] ({route.route}): action {route.action!r} is used "
                     "elsewhere with other fields or classification; one action, one context"
                 )
+            if route.action in MCP_ACTIONS:
+                raise ManifestError(f"{path.name}: hosts[{h}].routes[{r}] ({route.route}): action "
+                                    f"{route.action!r} is cedargate's own MCP action; choose another name")
+        paths = [e.path for e in host.mcp]
+        for e, endpoint in enumerate(host.mcp):
+            if paths.count(endpoint.path) > 1:
+                raise ManifestError(f"{path.name}: hosts[{h}].mcp[{e}]: path {endpoint.path!r} appears twice")
+    argument_types: dict[str, tuple[str, str]] = {}
+    for endpoint in (e for host in spec.hosts for e in host.mcp):
+        for tool, tool_spec in endpoint.tools.items():
+            for name, argument in tool_spec.arguments.items():
+                where = f"{endpoint.server}/{tool}"
+                first = argument_types.setdefault(name, (argument.type, where))
+                if first[0] != argument.type:
+                    # All tools share one Cedar context type, so an argument name has one type.
+                    raise ManifestError(
+                        f"{path.name}: tool {where!r}: argument {name!r} is a {argument.type} here but a "
+                        f"{first[0]} in {first[1]!r}; one argument name, one type"
+                    )
     return Manifest(spec)
 
 
@@ -337,4 +428,55 @@ def schema_text(manifest: Manifest) -> str:
             "};",
             "",
         ]
+    if manifest.mcp_endpoints:
+        lines += _mcp_schema(manifest)
     return "\n".join(lines)
+
+
+def _mcp_schema(manifest: Manifest) -> list[str]:
+    arguments: dict[str, str] = {}
+    for endpoint in manifest.mcp_endpoints:
+        for tool in endpoint.tools.values():
+            arguments.update({n: FIELD_TYPES[a.type] for n, a in tool.arguments.items()})
+    rpc = ["    scheme: String, host: String, port: Long, method: String, path: String, query: String,",
+           "    headers: Headers,",
+           "    agent?: AgentStatements,",
+           "    server: String,       // the endpoint's server name",
+           "    rpc_kind: String,     // request, notification, response, stream (GET) or end-session (DELETE)",
+           "    rpc_method: String,   // the JSON-RPC method, e.g. tools/call; empty when there is none"]
+    return [
+        "// MCP (streamable HTTP): a tools/call is `call_tool` on Tool::\"<server>/<tool>\", which is in",
+        "// McpServer::\"<server>\"; every other message on the endpoint is `mcp_rpc` on the McpServer.",
+        "entity McpServer;",
+        "entity Tool in [McpServer];",
+        "",
+        "// Arguments declared in actions.yaml, typed; a call's other arguments are present but untyped.",
+        "type ToolArguments = {",
+        *[f'  "{n}"?: {t},' for n, t in sorted(arguments.items())],
+        "};",
+        "",
+        "action mcp;",
+        "",
+        "action call_tool in [mcp] appliesTo {",
+        "  principal: [Agent],",
+        "  resource: [Tool],",
+        "  context: {",
+        *rpc,
+        "    tool: String,",
+        "    arguments: ToolArguments,",
+        "    severity: String,     // from actions.yaml; \"unclassified\" for a tool it does not list",
+        "    reversible: Bool,",
+        "  },",
+        "};",
+        "",
+        "action mcp_rpc in [mcp] appliesTo {",
+        "  principal: [Agent],",
+        "  resource: [McpServer],",
+        "  context: {",
+        *rpc,
+        "    uri?: String,         // resources/read, resources/subscribe, resources/unsubscribe",
+        "    prompt?: String,      // prompts/get",
+        "  },",
+        "};",
+        "",
+    ]

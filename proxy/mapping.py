@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 from proxy.engine import CedarRequest
 from proxy.hosts import canonical_host
-from proxy.manifest import FieldError, Manifest, extract_fields
+from proxy.manifest import FieldError, Manifest, McpEndpointSpec, extract_fields
+from proxy.mcp import McpError, map_message, parse_messages
 
 METHOD_ACTIONS = {
     m: m.lower() for m in ("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE")
@@ -112,12 +113,40 @@ def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = No
     told = agent_statements(call.headers)
     if told:
         context["agent"] = told
+    if manifest is not None:
+        endpoint = manifest.mcp_endpoint(host, call.path)
+        if endpoint is not None:
+            return _mcp_request(call, endpoint, context, options)
     body = json_body(call, options.max_body_bytes)
     if body is not None:
         context["body"] = body
     if manifest is not None:
         action = _manifest_action(manifest, host, call, body, context) or action
     return CedarRequest(("Agent", call.agent), ("Action", action), ("Host", host), context)
+
+
+def _mcp_request(call: Call, endpoint: McpEndpointSpec, context: dict, options: MappingOptions) -> CedarRequest:
+    """A message on an MCP endpoint: `call_tool` on its Tool, or `mcp_rpc` on its server (see proxy.mcp)."""
+    message = None
+    if call.method.upper() == "POST":
+        parsed = parse_json(call, options.max_body_bytes)
+        if parsed is None:
+            raise MappingError(f"a POST to the MCP endpoint {call.path} must carry JSON-RPC as application/json")
+        try:
+            messages, batch = parse_messages(parsed)
+        except McpError as exc:
+            raise MappingError(str(exc)) from None
+        if batch:  # the enforcer decides a batch message by message; a whole batch has no one action
+            raise MappingError("a JSON-RPC batch is decided message by message, not as one call")
+        message = messages[0]
+    try:
+        mapped = map_message(endpoint, call.method, message, to_cedar_value)
+    except McpError as exc:
+        raise MappingError(str(exc), 400 if message else 405) from None
+    except LookupError as exc:
+        raise UnknownAction(str(exc)) from None
+    context.update(mapped.context)
+    return CedarRequest(("Agent", call.agent), ("Action", mapped.action), mapped.resource, context)
 
 
 def _manifest_action(manifest: Manifest, host: str, call: Call, body, context: dict) -> str | None:
@@ -224,6 +253,12 @@ def select_headers(headers: Mapping[str, str], wanted: Iterable[str]) -> dict[st
 
 def json_body(call: Call, max_bytes: int):
     """The body as Cedar JSON when it is JSON; None when there is no JSON body."""
+    parsed = parse_json(call, max_bytes)
+    return None if parsed is None else to_cedar_value(parsed)
+
+
+def parse_json(call: Call, max_bytes: int):
+    """The body parsed when it is declared as JSON; None when there is no JSON body."""
     content_type = next((v for k, v in call.headers.items() if k.lower() == "content-type"), "")
     media = content_type.split(";", 1)[0].strip().lower()
     if "," in media:
@@ -240,7 +275,7 @@ def json_body(call: Call, max_bytes: int):
         parsed = json.loads(call.body, object_pairs_hook=_unique_keys)
     except (ValueError, UnicodeDecodeError) as exc:
         raise MappingError(f"body is declared as JSON but does not parse: {exc}") from exc
-    return None if parsed is None else to_cedar_value(parsed)
+    return parsed
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:

@@ -101,16 +101,23 @@ class OverrideError(Exception):
 # policies read headers and upstreams act on them (Authorization, X-HTTP-Method-Override, tenants...).
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-authorization", "te", "trailer",
                         "transfer-encoding", "upgrade", "content-length"})
+# An MCP client's session, not part of what a tool call does: a retry in a new session is the same call.
+MCP_SESSION_HEADERS = frozenset({"mcp-session-id", "last-event-id"})
 
 
-def fingerprint(call: Call) -> str:
-    """Same agent, method, normalized URL, body and end-to-end headers => same fingerprint."""
-    headers = sorted((k.lower(), v) for k, v in call.headers.items() if k.lower() not in HOP_BY_HOP)
+def fingerprint(call: Call, binding: bytes | None = None) -> str:
+    """Same agent, method, normalized URL, body and end-to-end headers => same fingerprint.
+
+    `binding` stands in for the body when the body holds more than what the call does: an MCP message's
+    JSON-RPC id and session differ on every retry of the same tool call (see `proxy.mcp`).
+    """
+    skip = HOP_BY_HOP | MCP_SESSION_HEADERS if binding is not None else HOP_BY_HOP
+    headers = sorted((k.lower(), v) for k, v in call.headers.items() if k.lower() not in skip)
     parts = {
         "agent": call.agent,
         "method": call.method.upper(),
         "url": f"{call.scheme}://{canonical_host(call.host)}:{call.port}{call.path}?{call.query}",
-        "body": hashlib.sha256(call.body).hexdigest(),
+        "body": hashlib.sha256(call.body if binding is None else binding).hexdigest(),
         "headers": headers,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
@@ -145,10 +152,10 @@ class OverrideStore:
 
     def open_or_attach(
         self, call: Call, *, decision_id: str, escalation: Escalation, policies: list[dict],
-        cedar_request: dict, revision: str, justification: str | None,
+        cedar_request: dict, revision: str, justification: str | None, binding: bytes | None = None,
     ) -> tuple[Override, bool]:
         """The live (pending or granted) override for this exact call, or a new pending one."""
-        print_ = fingerprint(call)
+        print_ = fingerprint(call, binding)
         now = utcnow()
         with self._open_lock, Session(self.engine, expire_on_commit=False) as session:
             live = session.exec(

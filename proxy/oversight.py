@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from proxy.gate import Gate, Outcome, Problem, Verdict
+from proxy.mcp import binding_of
 from proxy.holds import Holds, wait_for_event
 from proxy.overrides import Override, OverrideStatus, OverrideStore
 from proxy.store import Recorder, utcnow
@@ -104,6 +105,7 @@ class Oversight:
             cedar_request={"principal": f'Agent::"{request.principal[1]}"', "action": verdict.action,
                            "resource": verdict.resource, "context": request.context},
             revision=verdict.revision, justification=justification,
+            binding=binding_of(request.action[1], verdict.call.body),
         )
         if created:
             self.event("override_created", override, decision_id=verdict.decision_id,

@@ -1,0 +1,298 @@
+"""MCP over streamable HTTP: what a JSON-RPC message on an MCP endpoint does, and how to answer for it.
+
+Every MCP call is a POST of JSON-RPC to one URL, so method and path say nothing about what it does. On
+an endpoint the action manifest names (`mcp:` under a host), cedargate reads the message instead:
+
+- `tools/call` is `Action::"call_tool"` on `Tool::"<server>/<tool>"` (in `McpServer::"<server>"`), with
+  the tool's arguments in `context.arguments` (typed where actions.yaml declares them) and the tool's
+  classification in `context.severity` / `context.reversible`;
+- every other message (initialize, notifications, tools/list, a response to the server, the GET that
+  opens the server's stream, the DELETE that ends a session) is `Action::"mcp_rpc"` on the McpServer,
+  with `context.rpc_kind` and `context.rpc_method`.
+
+A JSON-RPC batch is decided message by message. A refusal is answered the way an MCP client can show
+it to its model: a tools/call gets a result with `isError: true` and text saying what was denied, why,
+and for an escalation the override id and how to retry; another request gets a JSON-RPC error. A
+`tools/list` answer is filtered so an agent does not see tools that policy hard-denies to it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.manifest import MCP_ACTIONS, TOOL_NAME, FieldError, FieldSpec, McpEndpointSpec, _typed
+
+MAX_BATCH = 64  # messages in one JSON-RPC batch; more is refused, not truncated
+MAX_METHOD = 256
+# JSON-RPC reserves -32000..-32099 for implementation-defined server errors.
+REFUSED_CODE = -32003
+UNCLASSIFIED = "unclassified"
+
+
+class McpError(ValueError):
+    """The body on an MCP endpoint is not a JSON-RPC 2.0 message cedargate can decide."""
+
+
+@dataclass(frozen=True)
+class Message:
+    """One JSON-RPC message as the agent sent it."""
+
+    raw: Mapping[str, Any]
+    kind: str  # request | notification | response
+    id: Any = None
+    method: str = ""
+
+    @property
+    def params(self) -> Mapping[str, Any]:
+        params = self.raw.get("params")
+        return params if isinstance(params, dict) else {}
+
+    @property
+    def tool(self) -> str | None:
+        return self.params.get("name") if self.method == "tools/call" else None
+
+    def encoded(self) -> bytes:
+        return json.dumps(self.raw, separators=(",", ":")).encode()
+
+    def binding(self) -> bytes:
+        """What the message asks for, without its id: a retry of the same call has a new id."""
+        return json.dumps({k: v for k, v in self.raw.items() if k != "id"}, sort_keys=True,
+                          separators=(",", ":")).encode()
+
+
+def parse_messages(parsed: Any) -> tuple[list[Message], bool]:
+    """(messages, whether they came as a batch) from a parsed JSON body; McpError if it is not JSON-RPC."""
+    if isinstance(parsed, list):
+        if not parsed:
+            raise McpError("an empty JSON-RPC batch")
+        if len(parsed) > MAX_BATCH:
+            raise McpError(f"a JSON-RPC batch of {len(parsed)} messages; cedargate decides at most {MAX_BATCH}")
+        return [_message(item, f"batch item {i}") for i, item in enumerate(parsed)], True
+    return [_message(parsed, "the body")], False
+
+
+def _message(item: Any, where: str) -> Message:
+    if not isinstance(item, dict) or item.get("jsonrpc") != "2.0":
+        raise McpError(f"{where} is not a JSON-RPC 2.0 message (an object with \"jsonrpc\": \"2.0\")")
+    has_id = "id" in item
+    ident = item.get("id")
+    if has_id and (isinstance(ident, bool) or not isinstance(ident, (str, int))):
+        raise McpError(f"{where} has an id that is not a string or an integer")
+    method = item.get("method")
+    if method is not None:
+        if not isinstance(method, str) or not 0 < len(method) <= MAX_METHOD or not method.isprintable():
+            raise McpError(f"{where} has a method that is not a name of 1 to {MAX_METHOD} characters")
+        if "params" in item and not isinstance(item["params"], dict):
+            raise McpError(f"{where}: params must be an object")
+        return Message(item, "request" if has_id else "notification", ident, method)
+    if has_id and ("result" in item) != ("error" in item):
+        return Message(item, "response", ident)
+    raise McpError(f"{where} is neither a request, a notification nor a response")
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One HTTP exchange on an MCP endpoint: the messages going upstream, and cedargate's own answers
+    for the ones it refused (added to what the server answers)."""
+
+    messages: tuple[Message, ...]
+    batch: bool
+    answers: tuple[dict, ...] = ()
+
+    @property
+    def list_ids(self) -> frozenset:
+        return frozenset(m.id for m in self.messages if m.kind == "request" and m.method == "tools/list")
+
+
+@dataclass(frozen=True)
+class McpMapping:
+    """A message as Cedar sees it: the action, the resource and what joins the context."""
+
+    action: str
+    resource: tuple[str, str]
+    context: dict
+
+
+def map_message(endpoint: McpEndpointSpec, http_method: str, message: Message | None,
+                to_cedar: Callable[[Any], Any]) -> McpMapping:
+    """Map one message on `endpoint` (None for the GET/DELETE that carry none).
+
+    Raises McpError when it cannot be mapped and LookupError when it names a tool the endpoint
+    refuses as unknown. `to_cedar` turns parsed JSON into Cedar values (the HTTP mapping's rules).
+    """
+    server = endpoint.server
+    if message is None:
+        kind = {"GET": "stream", "DELETE": "end-session"}.get(http_method.upper())
+        if kind is None:
+            raise McpError(f"an MCP endpoint takes POST, GET and DELETE, not {http_method.upper()}")
+        return McpMapping("mcp_rpc", ("McpServer", server),
+                          {"server": server, "rpc_kind": kind, "rpc_method": ""})
+    context: dict[str, Any] = {"server": server, "rpc_kind": message.kind, "rpc_method": message.method}
+    if message.method != "tools/call" or message.kind != "request":
+        params = message.params
+        if message.method.startswith("resources/") and isinstance(params.get("uri"), str):
+            context["uri"] = params["uri"]
+        if message.method == "prompts/get" and isinstance(params.get("name"), str):
+            context["prompt"] = params["name"]
+        return McpMapping("mcp_rpc", ("McpServer", server), context)
+    tool = message.params.get("name")
+    if not isinstance(tool, str) or not TOOL_NAME.match(tool):
+        raise McpError("tools/call names no tool, or one that is not 1 to 128 letters, digits, _ . or -")
+    arguments = message.params.get("arguments", {})
+    if arguments is None:
+        arguments = {}
+    if not isinstance(arguments, dict):
+        raise McpError(f"tools/call {tool}: arguments must be an object")
+    spec = endpoint.tools.get(tool)
+    if spec is None and endpoint.unknown_tools == "refuse":
+        raise LookupError(
+            f"tool {tool!r} of MCP server {server!r} is not in the action manifest, so nobody has classified "
+            "what it does; add it under the endpoint's tools in actions.yaml to allow it"
+        )
+    cedar_arguments = to_cedar(arguments)
+    if spec is not None:
+        for name, argument in spec.arguments.items():
+            if name not in arguments or arguments[name] is None:
+                if argument.required:
+                    raise McpError(f"tools/call {tool}: argument {name!r} is required by actions.yaml")
+                continue
+            field = FieldSpec.model_validate({"from": "body", "type": argument.type})
+            try:
+                cedar_arguments[name] = _typed(name, field, arguments[name])
+            except FieldError as exc:
+                raise McpError(f"tools/call {tool}: {exc}") from None
+    context.update(
+        tool=tool, arguments=cedar_arguments,
+        severity=spec.severity if spec else UNCLASSIFIED, reversible=spec.reversible if spec else False,
+    )
+    return McpMapping("call_tool", ("Tool", f"{server}/{tool}"), context)
+
+
+def binding_of(action: str, body: bytes) -> bytes | None:
+    """What an override for an MCP message binds to: the message without its JSON-RPC id; None if not MCP."""
+    if action not in MCP_ACTIONS:
+        return None
+    try:
+        parsed = json.loads(body) if body else None
+    except ValueError:
+        return body
+    return _message(parsed, "the body").binding() if isinstance(parsed, dict) else body
+
+
+# -- answering for a refused message --------------------------------------------------------------------
+
+_NEXT_STEP = {
+    "policy-denied": "This is a hard denial: do not retry this call.",
+    "no-permit": "No policy allows it: do not retry this call.",
+    "unknown-action": "Do not retry this call; an operator must classify the tool first.",
+    "override-pending": ("A human is reviewing an override request for it. Retry the identical call "
+                         "(same tool, same arguments) later; it goes through once it is granted."),
+    "override-denied": "A reviewer denied the exception: do not retry this call.",
+    "override-expired": "The override request expired without a decision; retrying asks again.",
+    "override-release-refused": "Do not retry this call.",
+    "store-unavailable": "This is temporary: retry the call in a little while.",
+}
+
+
+def refusal_text(problem: Mapping[str, Any], message: Message) -> str:
+    """What the model reads: what was denied, why, and what it can do next."""
+    what = f"tool {message.tool!r}" if message.tool else f"{message.method or 'this message'}"
+    lines = [f"cedargate refused {what}: {problem['title']}."]
+    if problem.get("detail"):
+        lines.append(f"Why: {problem['detail']}")
+    if problem.get("override_id"):
+        roles = ", ".join(problem.get("required_roles") or [])
+        lines.append(f"Override request: {problem['override_id']} (status {problem.get('override_status')}"
+                     + (f", needs approval by: {roles}" if roles else "") + ").")
+    step = _NEXT_STEP.get(str(problem.get("type", "")).rsplit(":", 1)[-1])
+    if step:
+        lines.append(step)
+    lines.append(f"Decision id: {problem.get('decision_id')}.")
+    return "\n".join(lines)
+
+
+def refusal_answer(problem: Mapping[str, Any], message: Message) -> dict:
+    """The JSON-RPC answer to a refused request: an isError tool result, or a JSON-RPC error."""
+    text = refusal_text(problem, message)
+    if message.method == "tools/call":
+        result = {"content": [{"type": "text", "text": text}], "isError": True,
+                  "_meta": {"cedargate/problem": dict(problem)}}
+        return {"jsonrpc": "2.0", "id": message.id, "result": result}
+    return {"jsonrpc": "2.0", "id": message.id,
+            "error": {"code": REFUSED_CODE, "message": text, "data": dict(problem)}}
+
+
+# -- tools/list filtering -------------------------------------------------------------------------------
+
+def filter_tool_list(answer: Any, list_ids: frozenset, visible: Callable[[Iterable[str]], set[str]]) -> Any | None:
+    """The answer with hidden tools removed from each tools/list result, or None if nothing changed."""
+    items = answer if isinstance(answer, list) else [answer]
+    changed = False
+    for item in items:
+        if not (isinstance(item, dict) and item.get("id") in list_ids and isinstance(item.get("result"), dict)):
+            continue
+        tools = item["result"].get("tools")
+        if not isinstance(tools, list):
+            continue
+        names = [t.get("name") for t in tools if isinstance(t, dict)]
+        shown = visible([n for n in names if isinstance(n, str)])
+        kept = [t for t in tools if isinstance(t, dict) and t.get("name") in shown]
+        if len(kept) != len(tools):
+            item["result"]["tools"] = kept
+            changed = True
+    return answer if changed else None
+
+
+class SseRewriter:
+    """Rewrites a text/event-stream chunk by chunk: each complete event's data may be replaced.
+
+    Used as mitmproxy's `response.stream` callable, so events reach the agent as they come (a long tool
+    call's progress notifications are not buffered); only whole events are rewritten, and bytes of an
+    event still incomplete wait for the next chunk. `extra` events are sent when the stream ends.
+    """
+
+    def __init__(self, rewrite: Callable[[Any], Any | None], extra: Iterable[dict] = ()) -> None:
+        self._rewrite = rewrite
+        self._extra = list(extra)
+        self._pending = b""
+
+    def __call__(self, chunk: bytes) -> bytes:
+        if not chunk:  # end of the stream
+            tail, self._pending = self._pending, b""
+            out = self._event(tail) if tail.strip() else tail
+            for answer in self._extra:
+                out += b"event: message\ndata: " + json.dumps(answer).encode() + b"\n\n"
+            self._extra = []
+            return out
+        self._pending += chunk
+        out = b""
+        while True:
+            end, size = _event_end(self._pending)
+            if end < 0:
+                return out
+            event, self._pending = self._pending[:end + size], self._pending[end + size:]
+            out += self._event(event)
+
+    def _event(self, event: bytes) -> bytes:
+        lines = event.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        data = [line[5:].removeprefix(b" ") for line in lines if line.startswith(b"data:")]
+        if not data:
+            return event
+        try:
+            parsed = json.loads(b"\n".join(data))
+        except ValueError:
+            return event
+        rewritten = self._rewrite(parsed)
+        if rewritten is None:
+            return event
+        kept = [line for line in lines if line and not line.startswith(b"data:")]
+        return b"\n".join(kept + [b"data: " + json.dumps(rewritten).encode()]) + b"\n\n"
+
+
+def _event_end(buffer: bytes) -> tuple[int, int]:
+    """Where the first event ends (a blank line), and the blank line's length; -1 if none yet."""
+    found = [(i, len(sep)) for sep in (b"\n\n", b"\r\n\r\n", b"\r\r") if (i := buffer.find(sep)) >= 0]
+    return min(found) if found else (-1, 0)
