@@ -114,7 +114,9 @@ def _schema(policy_dir: str, to_stdout: bool) -> int:
         return 0
     target = Path(policy_dir) / MANIFEST_SCHEMA_FILE
     target.write_text(text, encoding="utf-8")
-    print(f"wrote {target}: {len(manifest.actions)} actions")
+    endpoints = manifest.mcp_endpoints
+    mcp = f", {len(endpoints)} MCP endpoints ({sum(len(e.tools) for e in endpoints)} tools)" if endpoints else ""
+    print(f"wrote {target}: {len(manifest.actions)} actions{mcp}")
     return 0
 
 

@@ -106,16 +106,19 @@ class ScopeIndex:
                 self._any_action.append(template)
 
     def ancestry(self, uid: Uid) -> frozenset[Uid]:
-        """The entity and everything it is `in`, transitively (an unlisted entity: only itself)."""
+        """The entity and everything it is `in`, transitively (an unlisted entity: its implicit parents)."""
         known = self._ancestry.get(uid)
         if known is None:
-            seen, stack = {uid}, list(self._parents.get(uid, ()))
+            listed = uid in self._parents
+            seen, stack = {uid}, list(self._parents[uid] if listed else implicit_parents(uid))
             while stack:
                 parent = stack.pop()
                 if parent not in seen:
                     seen.add(parent)
                     stack.extend(self._parents.get(parent, ()))
-            known = self._ancestry[uid] = frozenset(seen)
+            known = frozenset(seen)
+            if listed:  # unlisted ids come from agents: caching them would let traffic grow memory
+                self._ancestry[uid] = known
         return known
 
     def path_key(self, path: str) -> frozenset[str]:
@@ -301,10 +304,15 @@ class Snapshot:
         return overlay
 
 
+def implicit_parents(uid: Uid) -> tuple[Uid, ...]:
+    """Parents of an entity entities.json does not list: an MCP tool is in its server, so
+    `resource in McpServer::"github"` holds for Tool::"github/search_issues"."""
+    return (("McpServer", uid[1].split("/", 1)[0]),) if uid[0] == "Tool" else ()
+
+
 def _bare_entity(uid: Uid) -> dict:
     attrs = {"tags": []} if uid[0] == "Host" else {}
-    # An MCP tool is always in its server, so `resource in McpServer::"github"` holds for its tools.
-    parents = [{"type": "McpServer", "id": uid[1].split("/", 1)[0]}] if uid[0] == "Tool" else []
+    parents = [{"type": t, "id": i} for t, i in implicit_parents(uid)]
     return {"uid": {"type": uid[0], "id": uid[1]}, "attrs": attrs, "parents": parents}
 
 

@@ -140,7 +140,7 @@ def _mcp_request(call: Call, endpoint: McpEndpointSpec, context: dict, options: 
             raise MappingError("a JSON-RPC batch is decided message by message, not as one call")
         message = messages[0]
     try:
-        mapped = map_message(endpoint, call.method, message, to_cedar_value)
+        mapped = map_message(endpoint, call.method, message, to_cedar_value, call.headers)
     except McpError as exc:
         raise MappingError(str(exc), 400 if message else 405) from None
     except LookupError as exc:

@@ -58,9 +58,35 @@ class Message:
         return json.dumps(self.raw, separators=(",", ":")).encode()
 
     def binding(self) -> bytes:
-        """What the message asks for, without its id: a retry of the same call has a new id."""
-        return json.dumps({k: v for k, v in self.raw.items() if k != "id"}, sort_keys=True,
-                          separators=(",", ":")).encode()
+        """What the message asks for, without its id and `params._meta` (progress tokens and the like):
+        a retry of the same call has a new id and new metadata."""
+        bound = {k: v for k, v in self.raw.items() if k != "id"}
+        if isinstance(bound.get("params"), dict):
+            bound["params"] = {k: v for k, v in bound["params"].items() if k != "_meta"}
+        return json.dumps(bound, sort_keys=True, separators=(",", ":")).encode()
+
+    @property
+    def name(self) -> str | None:
+        """What the message's method acts on, as the Mcp-Name header repeats it: a name or a URI."""
+        params = self.params
+        for key in ("name", "uri"):
+            if isinstance(params.get(key), str):
+                return params[key]
+        return None
+
+
+def check_routing_headers(message: Message, headers: Mapping[str, str]) -> None:
+    """Refuse a message whose Mcp-Method / Mcp-Name headers say something other than its body.
+
+    MCP lets gateways route on these headers without reading the body; cedargate decides on the body.
+    If they differ, the server or a gateway behind cedargate could act on what was not decided.
+    """
+    for name, value in headers.items():
+        key = name.lower()
+        if key == "mcp-method" and value != message.method:
+            raise McpError(f"the Mcp-Method header says {value[:80]!r} but the message is {message.method!r}")
+        if key == "mcp-name" and value != message.name:
+            raise McpError(f"the Mcp-Name header says {value[:80]!r} but the message names {message.name!r}")
 
 
 def parse_messages(parsed: Any) -> tuple[list[Message], bool]:
@@ -117,7 +143,7 @@ class McpMapping:
 
 
 def map_message(endpoint: McpEndpointSpec, http_method: str, message: Message | None,
-                to_cedar: Callable[[Any], Any]) -> McpMapping:
+                to_cedar: Callable[[Any], Any], headers: Mapping[str, str] | None = None) -> McpMapping:
     """Map one message on `endpoint` (None for the GET/DELETE that carry none).
 
     Raises McpError when it cannot be mapped and LookupError when it names a tool the endpoint
@@ -130,6 +156,7 @@ def map_message(endpoint: McpEndpointSpec, http_method: str, message: Message | 
             raise McpError(f"an MCP endpoint takes POST, GET and DELETE, not {http_method.upper()}")
         return McpMapping("mcp_rpc", ("McpServer", server),
                           {"server": server, "rpc_kind": kind, "rpc_method": ""})
+    check_routing_headers(message, headers or {})
     context: dict[str, Any] = {"server": server, "rpc_kind": message.kind, "rpc_method": message.method}
     if message.method != "tools/call" or message.kind != "request":
         params = message.params
@@ -182,6 +209,18 @@ def binding_of(action: str, body: bytes) -> bytes | None:
     return _message(parsed, "the body").binding() if isinstance(parsed, dict) else body
 
 
+def tool_call(cedar_request: Mapping[str, Any], body: bytes) -> dict | None:
+    """For a reviewer: the tool an MCP call asks for and its arguments as sent; None for other calls."""
+    context = cedar_request.get("context") or {}
+    if cedar_request.get("action") != 'Action::"call_tool"' or "tool" not in context:
+        return None
+    try:
+        arguments = json.loads(body)["params"].get("arguments") or {}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        arguments = {}
+    return {"server": context.get("server"), "name": context["tool"], "arguments": arguments}
+
+
 # -- answering for a refused message --------------------------------------------------------------------
 
 _NEXT_STEP = {
@@ -218,7 +257,8 @@ def refusal_answer(problem: Mapping[str, Any], message: Message) -> dict:
     """The JSON-RPC answer to a refused request: an isError tool result, or a JSON-RPC error."""
     text = refusal_text(problem, message)
     if message.method == "tools/call":
-        result = {"content": [{"type": "text", "text": text}], "isError": True,
+        # resultType: required from protocol revision 2026-07-28 on, ignored by clients of earlier ones.
+        result = {"content": [{"type": "text", "text": text}], "isError": True, "resultType": "complete",
                   "_meta": {"cedargate/problem": dict(problem)}}
         return {"jsonrpc": "2.0", "id": message.id, "result": result}
     return {"jsonrpc": "2.0", "id": message.id,

@@ -10,6 +10,7 @@ from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel, Field
 
 from override_api.deps import CurrentApprover, RuntimeDep
+from proxy.mcp import tool_call
 from proxy.overrides import Override, OverrideError, OverrideStatus
 
 router = APIRouter(prefix="/overrides", tags=["overrides"])
@@ -36,7 +37,14 @@ class OverrideSummary(BaseModel):
     expires_at: datetime
 
 
+class ToolCallPublic(BaseModel):
+    server: str
+    name: str
+    arguments: dict = Field(description="the tool's arguments as the agent sent them")
+
+
 class OverridePublic(OverrideSummary):
+    tool: ToolCallPublic | None = Field(None, description="for an MCP tool call: which tool, with what")
     headers: dict[str, str]
     body: str = Field(description="the call's body as text (undecodable bytes replaced)")
     body_sha256: str
@@ -67,9 +75,10 @@ def _summary_fields(o: Override) -> dict:
 
 def _public(runtime, o: Override) -> OverridePublic:
     votes = runtime.overrides.votes(o.id)
+    cedar_request = json.loads(o.cedar_request)
     return OverridePublic(
-        **_summary_fields(o), headers=json.loads(o.headers), body=o.body.decode("utf-8", "replace"),
-        body_sha256=o.body_sha256, justification=o.justification, cedar_request=json.loads(o.cedar_request),
+        **_summary_fields(o), tool=tool_call(cedar_request, o.body), headers=json.loads(o.headers), body=o.body.decode("utf-8", "replace"),
+        body_sha256=o.body_sha256, justification=o.justification, cedar_request=cedar_request,
         policies=json.loads(o.policies), requirements=json.loads(o.requirements), policy_revision=o.policy_revision,
         decision_id=o.decision_id, decided_at=o.decided_at, decided_reason=o.decided_reason,
         grant_expires_at=o.grant_expires_at, released_at=o.released_at,
