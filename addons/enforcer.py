@@ -132,8 +132,6 @@ class Enforcer:
             return
         verdict = self.runtime.gate.decide(call)
         flow.metadata[VERDICTS] = [verdict]
-        if exchange is not None:
-            flow.metadata[MCP] = exchange
         verdict = await self._decided(flow, verdict)
         if verdict is None:
             self._prepare_mcp(flow, exchange)
@@ -181,7 +179,6 @@ class Enforcer:
                 answers.append(refusal_answer(verdict_now.problem_body(), message))
         flow.metadata[VERDICTS] = verdicts
         exchange = replace(exchange, messages=tuple(forwarded), answers=tuple(answers))
-        flow.metadata[MCP] = exchange
         if not forwarded:
             flow.response = (rpc_response(answers, True, refused[0]) if answers else refusal(refused[0]))
             return
@@ -190,7 +187,9 @@ class Enforcer:
         self._prepare_mcp(flow, exchange)
 
     def _prepare_mcp(self, flow: http.HTTPFlow, exchange: Exchange | None) -> None:
+        """Mark a forwarded MCP call, so the server's answer is read (only those: not cedargate's own)."""
         if exchange is not None:
+            flow.metadata[MCP] = exchange
             # The answers are read (tools/list is filtered) and, for an event stream, rewritten as they
             # stream: ask the server for them unencoded.
             flow.request.headers.pop("accept-encoding", None)
@@ -215,11 +214,17 @@ class Enforcer:
         exchange: Exchange | None = flow.metadata.get(MCP)
         if exchange is None or flow.response is None:
             return
-        media = flow.response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        if media == "text/event-stream":
-            # An MCP server's stream may stay open for the session: pass events on as they come, with
-            # tools/list answers filtered and cedargate's own answers for refused messages appended.
-            flow.response.stream = SseRewriter(self._tool_filter(flow, exchange), exchange.answers)
+        try:
+            media = flow.response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+            encoded = flow.response.headers.get("content-encoding", "identity").strip().lower() != "identity"
+            if media == "text/event-stream" and not (encoded and (exchange.list_ids or exchange.answers)):
+                # An MCP server's stream may stay open for the session: pass events on as they come,
+                # with tools/list answers filtered and cedargate's answers for refused messages appended.
+                # (An encoded stream that must be read despite the request asking for none is read whole.)
+                flow.response.stream = SseRewriter(self._tool_filter(flow, exchange), exchange.answers)
+        except Exception:
+            log.exception("cannot prepare reading the MCP answer to %s", flow.request.pretty_url)
+            flow.kill()  # never pass an answer on unread
 
     def response(self, flow: http.HTTPFlow) -> None:
         exchange: Exchange | None = flow.metadata.get(MCP)
@@ -242,6 +247,10 @@ class Enforcer:
         """Filter tools/list answers and add cedargate's answers to a JSON (not streamed) response."""
         response = flow.response
         media = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media == "text/event-stream":  # not streamed: see responseheaders
+            rewriter = SseRewriter(self._tool_filter(flow, exchange), exchange.answers)
+            response.set_content(rewriter(response.get_content(strict=True) or b"") + rewriter(b""))
+            return
         answer = json.loads(response.get_content(strict=True) or b"null") if media == "application/json" else None
         if answer is not None:
             filtered = self._tool_filter(flow, exchange)(answer)

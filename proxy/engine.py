@@ -258,31 +258,28 @@ class Snapshot:
             self._slices.put(key, sliced)
         return sliced
 
-    def could_allow(self, principal: Uid, action: Uid, resource: Uid) -> bool:
-        """Whether any call of `principal` doing `action` on `resource` could be allowed, whatever its context.
+    def could_allow(self, principal: Uid, action: Uid, resource: Uid, path: str = "/") -> bool:
+        """Whether any call of `principal` doing `action` on `resource` at `path` could be allowed,
+        whatever the rest of its context.
 
-        False only when no permit's scope holds for it, or a forbid with no conditions and no
-        `@escalate` does: then every such call is denied. Conditions are treated as possibly true (the
-        permits are evaluated on their scope alone), so this never hides what some call could do.
+        False only when no permit's scope holds for it, or a forbid with no conditions and no `@escalate`
+        does: then every such call is denied. Conditions are taken as possibly true, so this never hides
+        what some call could do. The scope index answers it exactly (Cedar checks scope first; the
+        differential tests hold the index to Cedar), with no Cedar evaluation.
         """
-        key = ("could_allow", principal, action, resource)
+        key = ("could_allow", principal, action, resource, self.index.path_key(path))
         known = self.decisions.get(key)
         if known is not None:
             return known
-        ids = self.index.applicable(principal, action, resource)
-        templates = self.bundle.templates
-        chosen = []
-        for i in ids:
-            template = templates[i]
+        policies = self.bundle.policies
+        permitted = always_forbidden = False
+        for i in self.index.applicable(principal, action, resource, path):
+            template = self.bundle.templates[i]
             if template.effect == "permit":
-                chosen.append(dataclasses.replace(template, clauses=()))
-            elif not template.clauses and "escalate" not in self.bundle.policies[i].annotations:
-                chosen.append(template)
-        allowed = False
-        if chosen:
-            request = CedarRequest(principal, action, resource, {}).as_cedarpy()
-            result = cedarpy.is_authorized(request, policy_set_of(chosen), self.entities_for(principal, resource))
-            allowed = result.decision.value == "Allow"
+                permitted = True
+            elif not template.clauses and "escalate" not in policies[i].annotations:
+                always_forbidden = True
+        allowed = permitted and not always_forbidden
         with self._lock:
             self.decisions.put(key, allowed)
         return allowed

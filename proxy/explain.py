@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from urllib.parse import urlsplit
 
 from proxy.engine import Engine
@@ -49,8 +50,23 @@ def run_explain_command(args: argparse.Namespace) -> int:
 
 
 def explain(engine: Engine, call: Call, mapping: MappingOptions | None = None) -> dict:
-    """The mapping, the decision and why, as plain data (nothing is recorded)."""
-    verdict = Gate(engine, recorder=None, mapping=mapping).decide(call)  # type: ignore[arg-type]
+    """The mapping, the decision and why, as plain data (nothing is recorded).
+
+    A JSON-RPC batch to an MCP endpoint is decided message by message, as the proxy does: the report
+    then has one report per message under "batch", and its decision is "allow" only if all are allowed.
+    """
+    gate = Gate(engine, recorder=None, mapping=mapping)  # type: ignore[arg-type]
+    exchange = gate.mcp_exchange(call)
+    if exchange is not None and exchange.batch:
+        parts = [_explain(gate, replace(call, body=m.encoded())) for m in exchange.messages]
+        decisions = {p["decision"] for p in parts}
+        return {"call": parts[0]["call"], "batch": parts,
+                "decision": "allow" if decisions == {"allow"} else "/".join(sorted(decisions - {"allow"}))}
+    return _explain(gate, call)
+
+
+def _explain(gate: Gate, call: Call) -> dict:
+    verdict = gate.decide(call)
     request = verdict.request
     report: dict = {
         "call": {"agent": call.agent, "method": call.method.upper(), "url": call.url},
@@ -73,6 +89,9 @@ def explain(engine: Engine, call: Call, mapping: MappingOptions | None = None) -
             "requirements": [r.as_dict() for r in verdict.escalation.requirements],
             "expires_in_seconds": verdict.escalation.expires_in,
         }
+    if request and request.action == ("Action", "call_tool"):
+        tool = request.context["tool"]
+        report["listed_in_tools_list"] = bool(gate.visible_tools(call, [tool]))
     return report
 
 
@@ -101,6 +120,8 @@ def _call_of(args: argparse.Namespace) -> Call:
 
 
 def _text(report: dict) -> str:
+    if "batch" in report:
+        return "\n\n".join(f"message {i} of the batch\n" + _text(part) for i, part in enumerate(report["batch"]))
     lines = [
         f"call      {report['call']['agent']}: {report['call']['method']} {report['call']['url']}",
         f"principal {report['principal']}",
@@ -126,5 +147,8 @@ def _text(report: dict) -> str:
             )
     elif report["decision"] != "allow":
         lines.append("no human can override this decision (hard deny)")
+    if "listed_in_tools_list" in report:
+        lines.append("tools/list " + ("shows this tool to the agent" if report["listed_in_tools_list"]
+                                      else "hides this tool from the agent: policy denies every call of it"))
     lines.append(f"policy revision {report['policy_revision']}")
     return "\n".join(lines)

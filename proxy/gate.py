@@ -233,7 +233,7 @@ class Gate:
         return {
             name for name in names
             if TOOL_NAME.match(name) and (name in endpoint.tools or endpoint.unknown_tools == "policy")
-            and snapshot.could_allow(agent, action, ("Tool", f"{endpoint.server}/{name}"))
+            and snapshot.could_allow(agent, action, ("Tool", f"{endpoint.server}/{name}"), call.path)
         }
 
     def _addresses_own_api(self, call: Call) -> bool:

@@ -37,9 +37,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 MANIFEST_FILE = "actions.yaml"
 MANIFEST_SCHEMA_FILE = "actions.cedarschema"  # written by `cedargate schema`, loaded with the others
 FIELD_TYPES = {"String": "String", "Long": "Long", "Decimal": "decimal", "Bool": "Bool"}
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # MCP tool names (and cedargate's server names): one Cedar id "server/tool" must name exactly one tool.
-TOOL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}\Z")  # \Z, not $: "refund\n" is not a tool name
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 MCP_ACTIONS = ("mcp", "call_tool", "mcp_rpc")  # the actions of the MCP mapping (see proxy.mcp)
 METHODS = ("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE")

@@ -19,11 +19,15 @@ and for an escalation the override id and how to retry; another request gets a J
 from __future__ import annotations
 
 import json
+import logging
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from proxy.manifest import MCP_ACTIONS, TOOL_NAME, FieldError, FieldSpec, McpEndpointSpec, _typed
+
+log = logging.getLogger(__name__)
 
 MAX_BATCH = 64  # messages in one JSON-RPC batch; more is refused, not truncated
 MAX_METHOD = 256
@@ -158,7 +162,9 @@ def map_message(endpoint: McpEndpointSpec, http_method: str, message: Message | 
                           {"server": server, "rpc_kind": kind, "rpc_method": ""})
     check_routing_headers(message, headers or {})
     context: dict[str, Any] = {"server": server, "rpc_kind": message.kind, "rpc_method": message.method}
-    if message.method != "tools/call" or message.kind != "request":
+    # A tools/call without an id is a notification, but a JSON-RPC server may still run the tool: it is
+    # decided as the tool call it asks for.
+    if message.method != "tools/call":
         params = message.params
         if message.method.startswith("resources/") and isinstance(params.get("uri"), str):
             context["uri"] = params["uri"]
@@ -272,14 +278,15 @@ def filter_tool_list(answer: Any, list_ids: frozenset, visible: Callable[[Iterab
     items = answer if isinstance(answer, list) else [answer]
     changed = False
     for item in items:
-        if not (isinstance(item, dict) and item.get("id") in list_ids and isinstance(item.get("result"), dict)):
+        ident = item.get("id") if isinstance(item, dict) else None
+        if not (isinstance(ident, (str, int)) and ident in list_ids and isinstance(item.get("result"), dict)):
             continue
         tools = item["result"].get("tools")
         if not isinstance(tools, list):
             continue
         names = [t.get("name") for t in tools if isinstance(t, dict)]
         shown = visible([n for n in names if isinstance(n, str)])
-        kept = [t for t in tools if isinstance(t, dict) and t.get("name") in shown]
+        kept = [t for t in tools if isinstance(t, dict) and isinstance(t.get("name"), str) and t["name"] in shown]
         if len(kept) != len(tools):
             item["result"]["tools"] = kept
             changed = True
@@ -302,7 +309,13 @@ class SseRewriter:
     def __call__(self, chunk: bytes) -> bytes:
         if not chunk:  # end of the stream
             tail, self._pending = self._pending, b""
-            out = self._event(tail) if tail.strip() else tail
+            end, size = _event_end(tail, final=True)
+            if end >= 0:  # a last event whose blank line came with the last chunk
+                out, tail = self._event(tail[:end + size]), tail[end + size:]
+            else:
+                out = b""
+            # What is left is an event the stream ends inside, which a client never dispatches (HTML's
+            # SSE rules). It is dropped, not passed on: unfiltered, or glued to cedargate's own answers.
             for answer in self._extra:
                 out += b"event: message\ndata: " + json.dumps(answer).encode() + b"\n\n"
             self._extra = []
@@ -325,14 +338,26 @@ class SseRewriter:
             parsed = json.loads(b"\n".join(data))
         except ValueError:
             return event
-        rewritten = self._rewrite(parsed)
+        try:
+            rewritten = self._rewrite(parsed)
+        except Exception:  # never pass on what could not be checked; the stream itself goes on
+            log.exception("cannot check an MCP event; it is dropped")
+            return b""
         if rewritten is None:
             return event
         kept = [line for line in lines if line and not line.startswith(b"data:")]
         return b"\n".join(kept + [b"data: " + json.dumps(rewritten).encode()]) + b"\n\n"
 
 
-def _event_end(buffer: bytes) -> tuple[int, int]:
-    """Where the first event ends (a blank line), and the blank line's length; -1 if none yet."""
-    found = [(i, len(sep)) for sep in (b"\n\n", b"\r\n\r\n", b"\r\r") if (i := buffer.find(sep)) >= 0]
-    return min(found) if found else (-1, 0)
+# A line ending (CRLF, LF or a CR not starting a CRLF) followed by another: the blank line ending an event.
+_BLANK_LINE = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r)")
+
+
+def _event_end(buffer: bytes, final: bool = False) -> tuple[int, int]:
+    """Where the first event's last line ends, and the length of the line endings after it; -1 if the
+    buffer holds no complete event yet. A CR at the very end may be the first half of a CRLF, so it
+    waits for the next chunk unless the stream has ended."""
+    found = _BLANK_LINE.search(buffer)
+    if found is None or (not final and found.end() == len(buffer) and buffer.endswith(b"\r")):
+        return -1, 0
+    return found.start(), found.end() - found.start()

@@ -204,6 +204,8 @@ def test_a_stale_generated_schema_refuses_the_set(policy_dir):
     from proxy.policy import PolicyLoadError, load_bundle
 
     manifest_file = policy_dir / "actions.yaml"
-    manifest_file.write_text(manifest_file.read_text() + "      - {route: 'GET /v1/payouts', action: list_payouts}\n")
+    manifest = yaml.safe_load(manifest_file.read_text())
+    manifest["hosts"][0]["routes"].append({"route": "GET /v1/payouts", "action": "list_payouts"})
+    manifest_file.write_text(yaml.safe_dump(manifest))
     with pytest.raises(PolicyLoadError, match="actions.cedarschema does not match actions.yaml"):
         load_bundle(policy_dir)

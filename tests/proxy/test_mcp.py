@@ -62,7 +62,10 @@ def tool_call(name, arguments=None, *, id=7, **extra) -> dict:
 
 def mcp_call(message=None, *, method: str = "POST", agent: str = "ops-bot", url: str = GITHUB_MCP,
              headers: dict[str, str] | None = None, content_type: str | None = "application/json") -> Call:
-    body = b"" if message is None else (message if isinstance(message, bytes) else json.dumps(message).encode())
+    if message is None or isinstance(message, bytes):
+        body = message or b""
+    else:
+        body = json.dumps(message).encode()
     sent = dict(headers or {})
     if message is not None and content_type is not None:
         sent.setdefault("Content-Type", content_type)
@@ -185,7 +188,8 @@ def test_a_batch_is_split_in_order_and_marked_as_a_batch():
         ({"jsonrpc": "2.0", "id": 1, "method": 5}, "method that is not a name"),
         ({"jsonrpc": "2.0", "id": 1, "method": "x" * 257}, "method that is not a name"),
         ({"jsonrpc": "2.0", "id": 1, "method": "tools/\nlist"}, "method that is not a name"),
-        ({"jsonrpc": "2.0", "id": 1, "result": {}, "error": {"code": 1}}, "neither a request, a notification"),
+        ({"jsonrpc": "2.0", "id": 1, "result": {}, "error": {"code": 1}},
+         "neither a request, a notification"),
         ({"jsonrpc": "2.0", "id": 1}, "neither a request, a notification"),
         ({"jsonrpc": "2.0", "result": {}}, "neither a request, a notification"),
     ],
@@ -327,8 +331,6 @@ def test_an_unlisted_tool_left_to_policy_is_unclassified_and_irreversible(open_m
     assert request.context["arguments"] == {"x": 1}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: TOOL_NAME ends in `$`, which re.match also lets match before a "
-                   "trailing newline, so 'refund\\n' passes as a tool name and becomes Tool::\"tools/refund\\n\"")
 def test_a_tool_name_with_a_trailing_newline_is_refused(open_manifest):
     with pytest.raises(MappingError) as refused:
         map_mcp(open_manifest, tool_call("refund\n", {"order_id": "o-1", "amount": 9999}),
@@ -431,9 +433,6 @@ def test_other_paths_on_the_mcp_host_are_unknown_actions(bundled):
         map_mcp(bundled, tool_call("search_issues", {}), url="http://mcp.github.example/mcp/")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a tools/call sent without an id (a JSON-RPC notification) is mapped "
-                   "to mcp_rpc on the McpServer, so the tool's own policies never apply: the bundled hard-denied "
-                   "transfer_repository is allowed and forwarded to the server")
 def test_a_tool_call_sent_as_a_notification_is_not_waved_through(bundled_gate):
     message = tool_call("transfer_repository", {"repo": "acme/web"})
     del message["id"]
@@ -465,7 +464,8 @@ def test_routing_headers_that_agree_with_the_body_are_accepted(bundled, message,
         (tool_call("delete_repository", {"repo": "a/b"}), {"Mcp-Name": "search_issues"},
          "Mcp-Name header says 'search_issues' but the message names 'delete_repository'"),
         (rpc("tools/list"), {"Mcp-Name": "search_issues"}, "Mcp-Name header says 'search_issues'"),
-        (rpc("resources/read", uri="repo://a/b"), {"mcp-name": "repo://a/c"}, "Mcp-Name header says 'repo://a/c'"),
+        (rpc("resources/read", uri="repo://a/b"), {"mcp-name": "repo://a/c"},
+         "Mcp-Name header says 'repo://a/c'"),
     ],
 )
 def test_routing_headers_that_disagree_with_the_body_are_refused(bundled, message, headers, says):
@@ -485,7 +485,8 @@ def test_a_route_may_not_take_an_mcp_action_name(tmp_path, action):
 
 
 def test_two_endpoints_with_one_path_on_one_host_are_refused(tmp_path):
-    message = manifest_error(tmp_path, mcp_host({"path": "/mcp", "server": "a"}, {"path": "/mcp", "server": "b"}))
+    message = manifest_error(tmp_path, mcp_host({"path": "/mcp", "server": "a"},
+                                                {"path": "/mcp", "server": "b"}))
     assert "actions.yaml" in message and "hosts[0].mcp[" in message and "'/mcp'" in message
 
 
@@ -656,11 +657,13 @@ def test_ops_bot_sees_every_tool_it_could_ever_call(bundled_gate):
 
 
 def test_billing_bot_sees_no_tool_as_nothing_permits_it(bundled_gate):
-    assert bundled_gate.visible_tools(mcp_call(rpc("tools/list"), agent="billing-bot"), ALL_GITHUB_TOOLS) == set()
+    call = mcp_call(rpc("tools/list"), agent="billing-bot")
+    assert bundled_gate.visible_tools(call, ALL_GITHUB_TOOLS) == set()
 
 
 def test_an_unknown_agent_sees_no_tool(bundled_gate):
-    assert bundled_gate.visible_tools(mcp_call(rpc("tools/list"), agent="stranger"), ALL_GITHUB_TOOLS) == set()
+    call = mcp_call(rpc("tools/list"), agent="stranger")
+    assert bundled_gate.visible_tools(call, ALL_GITHUB_TOOLS) == set()
 
 
 def test_tools_of_a_call_that_is_not_to_an_mcp_endpoint_are_not_filtered(bundled_gate):
@@ -724,8 +727,9 @@ def test_the_bundled_tool_list_answer_is_filtered_for_the_agent(bundled_gate):
 
 
 def test_the_gate_splits_a_batch_and_knows_its_tool_list_ids(bundled_gate):
-    exchange = bundled_gate.mcp_exchange(mcp_call([rpc("tools/list", id="L"), tool_call("search_issues", {}, id=2),
-                                                   rpc("notifications/initialized", id=None)]))
+    batch = [rpc("tools/list", id="L"), tool_call("search_issues", {}, id=2),
+             rpc("notifications/initialized", id=None)]
+    exchange = bundled_gate.mcp_exchange(mcp_call(batch))
     assert exchange.batch and [m.method for m in exchange.messages] == [
         "tools/list", "tools/call", "notifications/initialized"]
     assert exchange.list_ids == frozenset({"L"})
@@ -742,7 +746,8 @@ def _fingerprint(message: dict, headers: dict[str, str] | None = None, action: s
 def test_a_retry_of_a_tool_call_binds_to_the_same_override():
     first = tool_call("delete_repository", {"repo": "acme/old"}, id=7, _meta={"progressToken": "p-1"})
     retry = {"params": {"_meta": {"progressToken": "p-99"}, "arguments": {"repo": "acme/old"},
-                        "name": "delete_repository"}, "method": "tools/call", "id": "retry-8", "jsonrpc": "2.0"}
+                        "name": "delete_repository"},
+             "method": "tools/call", "id": "retry-8", "jsonrpc": "2.0"}
     assert _fingerprint(first, {"Mcp-Session-Id": "s-1", "Last-Event-ID": "3"}) == _fingerprint(
         retry, {"mcp-session-id": "s-2"})
 
@@ -801,9 +806,12 @@ def test_a_pending_override_answer_names_the_override_and_says_to_retry(bundled_
     verdict = bundled_gate.decide(mcp_call(message_json))
     assert verdict.outcome is Outcome.ESCALATE
     # as proxy.oversight refuses a held call whose override is still waiting for review
-    pending = replace(verdict, problem=Problem.OVERRIDE_PENDING, detail=f"{verdict.detail} An override request "
-                      "is waiting for review.", extra={"override_id": "ovr-1234", "override_status": "pending",
-                                                       "retry_after": 10, "required_roles": ["security"]})
+    pending = replace(
+        verdict, problem=Problem.OVERRIDE_PENDING,
+        detail=f"{verdict.detail} An override request is waiting for review.",
+        extra={"override_id": "ovr-1234", "override_status": "pending", "retry_after": 10,
+               "required_roles": ["security"]},
+    )
     [message], _ = parse_messages(message_json)
 
     answer = refusal_answer(pending.problem_body(), message)
@@ -856,7 +864,8 @@ def test_an_answer_to_another_request_is_not_filtered():
 
 def test_only_the_tool_list_answers_of_a_batch_are_filtered():
     answers = [_list_answer(1, "a", "hidden"), _list_answer(2, "b", "hidden"),
-               {"jsonrpc": "2.0", "id": 3, "error": {"code": -1, "message": "x"}}, _list_answer("1", "hidden")]
+               {"jsonrpc": "2.0", "id": 3, "error": {"code": -1, "message": "x"}},
+               _list_answer("1", "hidden")]
     filtered = filter_tool_list(answers, frozenset({1, 3}), _hide("hidden"))
     assert [[t["name"] for t in a["result"]["tools"]] if "result" in a else a["error"] for a in filtered] == [
         ["a"], ["b", "hidden"], {"code": -1, "message": "x"}, ["hidden"]]
@@ -864,13 +873,11 @@ def test_only_the_tool_list_answers_of_a_batch_are_filtered():
 
 def test_an_answer_that_hides_nothing_is_left_alone():
     assert filter_tool_list(_list_answer(4, "a", "b"), frozenset({4}), _hide("hidden")) is None
-    assert filter_tool_list({"jsonrpc": "2.0", "id": 4, "error": {"code": 1}}, frozenset({4}), _hide()) is None
+    error = {"jsonrpc": "2.0", "id": 4, "error": {"code": 1}}
+    assert filter_tool_list(error, frozenset({4}), _hide()) is None
     assert filter_tool_list("not an answer", frozenset({4}), _hide()) is None
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: filter_tool_list tests `item.get('id') in list_ids` (and tool names "
-                   "`in shown`) without checking they are hashable: a server answer whose id is a list or object "
-                   "raises TypeError, which breaks the answer (502) or the event stream instead of passing it on")
 def test_an_answer_with_an_odd_id_passes_unfiltered():
     odd = [{"jsonrpc": "2.0", "id": [4], "result": {"tools": [{"name": "hidden"}]}},
            _list_answer(4, "a", "hidden")]
@@ -897,10 +904,12 @@ STREAM_EVENTS = [
     # answers a tools/call (id 6): not a tool list, whatever it holds
     b"id: 4\r\ndata: " + _data(_list_answer(6, "hidden")) + b"\r\n\r\n",
     # a progress notification
-    b"data: " + _data({"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progress": 1}}) + b"\n\n",
+    b"data: " + _data({"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progress": 1}})
+    + b"\n\n",
 ]
 STREAM = b"".join(STREAM_EVENTS)
-EXTRA = ({"jsonrpc": "2.0", "id": 9, "result": {"isError": True, "content": [{"type": "text", "text": "no"}]}},)
+EXTRA = ({"jsonrpc": "2.0", "id": 9,
+          "result": {"isError": True, "content": [{"type": "text", "text": "no"}]}},)
 
 
 def _filter(answer):
@@ -957,26 +966,28 @@ def test_a_stream_that_rewrites_nothing_passes_unchanged():
     assert feed([STREAM[:100], STREAM[100:]], lambda answer: None) == STREAM
 
 
-def test_the_last_event_without_its_blank_line_is_still_filtered():
+def test_an_event_the_stream_ends_inside_never_reaches_the_agent_unfiltered():
+    # A client never dispatches it (HTML's SSE rules); the rewriter drops it rather than pass it on.
     stream = b"data: " + _data(_list_answer(5, "shown", "hidden")) + b"\n"
-    events = sse_events(feed([stream], _filter))
-    assert [json.loads(e["data"]) for e in events] == [_list_answer(5, "shown")]
+    out = feed([stream], _filter)
+    assert sse_events(out) == [] and b"hidden" not in out
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: SseRewriter appends its extra answers right after an unterminated "
-                   "last event it did not rewrite (no line end, no blank line), so the first extra answer's "
-                   "`event:` line is glued onto that event's data line and the agent never gets the answer")
+def _json_or_text(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 def test_extra_answers_arrive_after_a_stream_whose_last_event_is_unterminated():
     stream = b"data: " + _data({"jsonrpc": "2.0", "id": 1, "result": {}})
     events = sse_events(feed([stream], _filter, EXTRA))
-    assert EXTRA[0] in [json.loads(e["data"]) for e in events if e["data"].startswith("{")]
+    assert EXTRA[0] in [_json_or_text(e["data"]) for e in events]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: _event_end only knows the blank lines \\n\\n, \\r\\n\\r\\n and \\r\\r; "
-                   "an LF line followed by a CRLF blank line (\\n\\r\\n), which SSE allows, does not end the event, "
-                   "so it is merged with the next one and a tools/list answer in it passes unfiltered")
 def test_an_event_ended_by_a_crlf_blank_line_after_an_lf_line_is_filtered():
     stream = (b"data: " + _data(_list_answer(5, "shown", "hidden")) + b"\n\r\n"
               + b"data: " + _data({"jsonrpc": "2.0", "method": "notifications/progress"}) + b"\n\n")
     events = sse_events(feed([stream], _filter))
-    assert json.loads(events[0]["data"]) == _list_answer(5, "shown")
+    assert _json_or_text(events[0]["data"]) == _list_answer(5, "shown")

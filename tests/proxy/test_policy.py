@@ -46,6 +46,11 @@ def test_bundled_policies_load_with_their_ids_effects_lines_and_reasons():
         "finance-refunds": "permit",
         "large-refunds": "forbid",
         "low-confidence-writes": "forbid",
+        "github-mcp-sessions": "permit",
+        "github-tools": "permit",
+        "no-repository-deletion": "forbid",
+        "no-repository-transfer": "forbid",
+        "no-merges-to-payments": "forbid",
     }
     # The line is the @id line, so an operator can jump to it.
     assert {i: (p.file, p.line) for i, p in bundle.policies.items()} == {
@@ -56,11 +61,16 @@ def test_bundled_policies_load_with_their_ids_effects_lines_and_reasons():
         "finance-refunds": ("payments.cedar", 4),
         "large-refunds": ("payments.cedar", 12),
         "low-confidence-writes": ("ops.cedar", 32),
+        "github-mcp-sessions": ("github.cedar", 4),
+        "github-tools": ("github.cedar", 8),
+        "no-repository-deletion": ("github.cedar", 12),
+        "no-repository-transfer": ("github.cedar", 18),
+        "no-merges-to-payments": ("github.cedar", 23),
     }
     assert bundle.policies["no-volume-deletion"].reason == "Deleting a volume destroys its data for good."
     assert bundle.policies["ops-read"].reason is None
     assert re.fullmatch(r"[0-9a-f]{64}", bundle.revision)
-    assert set(bundle.files) == {"ops.cedar", "payments.cedar", "schema.cedarschema", "actions.cedarschema",
+    assert set(bundle.files) == {"ops.cedar", "payments.cedar", "github.cedar", "schema.cedarschema", "actions.cedarschema",
                                  "entities.json", "actions.yaml"}
     assert ("Host", "127.0.0.1") in bundle.entity_uids
 

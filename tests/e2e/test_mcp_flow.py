@@ -290,11 +290,17 @@ def test_batch_is_decided_message_by_message(gate):
         tool(4, "delete_repository", repo="acme/a"),
         {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progressToken": 1, "progress": 1}},
     ]
+    refused_only = [tool(5, "shutdown_cluster", cluster="us-1"), tool(6, "unlisted_tool")]
     try:
         with httpx.Client(proxy=gate.proxy_url, timeout=30) as http:
             answered = http.post(url, json=batch, headers={"Accept": "application/json, text/event-stream"})
+            all_refused = http.post(url, json=refused_only)
     finally:
         server.shutdown()
+    # Nothing of a batch cedargate refuses whole goes upstream; each request gets one answer.
+    assert all_refused.status_code == 200
+    assert [(a["id"], a["result"]["isError"]) for a in all_refused.json()] == [(5, True), (6, True)]
+    assert "not in the action manifest" in all_refused.json()[1]["result"]["content"][0]["text"]
     assert answered.status_code == 200
     answers = {a["id"]: a for a in answered.json()}
     assert sorted(answers) == [1, 2, 3, 4]
