@@ -30,4 +30,5 @@ bench: $(VENV)/.installed
 	$(PY) bench/proxy_overhead.py
 	$(PY) bench/policy_scaling.py
 	$(PY) bench/manifest_matching.py
+	$(PY) bench/mcp_mapping.py
 	$(PY) bench/held_calls.py

@@ -1,9 +1,29 @@
-"""Writing a benchmark's figures: one JSON file under bench/results/, replaced whole."""
+"""What the benchmarks share: timing calls one by one, summing them up, and writing the figures as one
+JSON file under bench/results/, replaced whole."""
 
 from __future__ import annotations
 
 import json
+import statistics
+import time
 from pathlib import Path
+
+
+def timed(fn, items, repeat: int = 1) -> list[float]:
+    """Microseconds per call of `fn(item)`, for every item, `repeat` times over."""
+    samples = []
+    for _ in range(repeat):
+        for item in items:
+            start = time.perf_counter_ns()
+            fn(item)
+            samples.append((time.perf_counter_ns() - start) / 1000)
+    return samples
+
+
+def summary(cells: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """Median and p99 of each cell's samples, in microseconds."""
+    return {name: {"median_us": round(statistics.median(s), 2), "p99_us": round(sorted(s)[int(len(s) * 0.99)], 2)}
+            for name, s in cells.items()}
 
 
 def write_figures(path: Path, figures: dict) -> None:

@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -34,7 +32,7 @@ sys.path.insert(0, str(REPO))
 from proxy.engine import Engine  # noqa: E402
 from proxy.manifest import extract_fields, load_manifest, schema_text  # noqa: E402
 from proxy.mapping import Call, MappingOptions, map_call  # noqa: E402
-from figures import write_figures  # noqa: E402
+from figures import summary, timed, write_figures  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "manifest_matching.json"
 HOSTS, ROUTES_PER_HOST = 10, 50
@@ -42,7 +40,7 @@ HOSTS, ROUTES_PER_HOST = 10, 50
 
 def build(root: Path) -> Path:
     policy_dir = root / "policies"
-    shutil.copytree(REPO / "policies", policy_dir, ignore=shutil.ignore_patterns("tests", "payments.cedar",
+    shutil.copytree(REPO / "policies", policy_dir, ignore=shutil.ignore_patterns("tests", "payments.cedar", "github.cedar",
                                                                                   "actions.*"))
     hosts, policies = [], []
     for h in range(HOSTS):
@@ -63,15 +61,6 @@ def build(root: Path) -> Path:
     (policy_dir / "generated.cedar").write_text("\n".join(policies))
     return policy_dir
 
-
-def timed(fn, items, repeat: int) -> list[float]:
-    samples = []
-    for _ in range(repeat):
-        for item in items:
-            start = time.perf_counter_ns()
-            fn(item)
-            samples.append((time.perf_counter_ns() - start) / 1000)
-    return samples
 
 
 def main() -> int:
@@ -114,8 +103,7 @@ def main() -> int:
             "decision": timed(decide_uncached, indexes, repeat),
             "cached": timed(lambda i: engine.evaluate(requests[i]), indexes, repeat),
         }
-    figures = {name: {"median_us": round(statistics.median(s), 2),
-                      "p99_us": round(sorted(s)[int(len(s) * 0.99)], 2)} for name, s in cells.items()}
+    figures = summary(cells)
     result = {
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
         "routes": HOSTS * ROUTES_PER_HOST,

@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -35,7 +33,7 @@ from proxy.engine import Engine, Snapshot  # noqa: E402
 from proxy.gate import Gate  # noqa: E402
 from proxy.manifest import load_manifest, schema_text  # noqa: E402
 from proxy.mapping import Call, MappingOptions, map_call  # noqa: E402
-from figures import write_figures  # noqa: E402
+from figures import summary, timed, write_figures  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "mcp_mapping.json"
 TOOLS = 500
@@ -63,15 +61,6 @@ def build(root: Path) -> Path:
     (policy_dir / "bench.cedar").write_text("\n\n".join(policies) + "\n")
     return policy_dir
 
-
-def timed(fn, items, repeat: int) -> list[float]:
-    samples = []
-    for _ in range(repeat):
-        for item in items:
-            start = time.perf_counter_ns()
-            fn(item)
-            samples.append((time.perf_counter_ns() - start) / 1000)
-    return samples
 
 
 def main() -> int:
@@ -119,8 +108,7 @@ def main() -> int:
             "list_cold": timed(list_cold, range(5), 1),
             "list_warm": timed(lambda _: gate.visible_tools(listing, names), range(200), 1),
         }
-    figures = {name: {"median_us": round(statistics.median(s), 2),
-                      "p99_us": round(sorted(s)[int(len(s) * 0.99)], 2)} for name, s in cells.items()}
+    figures = summary(cells)
     result = {
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
         "tools": TOOLS,
