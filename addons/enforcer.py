@@ -21,7 +21,7 @@ from addons.agent_auth import AGENT, AgentAuth, proxy_auth_required
 from addons.options import add_options, settings_from_options
 from proxy.gate import Outcome, Verdict
 from proxy.mapping import Call
-from proxy.mcp import Exchange, SseRewriter, filter_tool_list, refusal_answer
+from proxy.mcp import Exchange, SseRewriter, filter_tool_list, read_json, refusal_answer
 from proxy.oversight import requested_wait
 from proxy.runtime import Runtime
 
@@ -83,6 +83,10 @@ class Enforcer:
     def tcp_start(self, flow) -> None:
         log.warning("refused a raw TCP stream from %s: cedargate forwards only decided HTTP calls",
                     flow.client_conn.peername)
+        flow.kill()
+
+    def websocket_start(self, flow) -> None:
+        # Upgrades are refused when the call is decided; should one get here, its messages are undecided.
         flow.kill()
 
     def udp_start(self, flow) -> None:
@@ -215,20 +219,26 @@ class Enforcer:
         if exchange is None or flow.response is None:
             return
         try:
-            media = flow.response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-            encoded = flow.response.headers.get("content-encoding", "identity").strip().lower() != "identity"
-            if media == "text/event-stream" and not (encoded and (exchange.list_ids or exchange.answers)):
+            response = flow.response
+            encoded = response.headers.get("content-encoding", "identity").strip().lower() != "identity"
+            if _media(response) == "text/event-stream" and not encoded:
                 # An MCP server's stream may stay open for the session: pass events on as they come,
-                # with tools/list answers filtered and cedargate's answers for refused messages appended.
-                # (An encoded stream that must be read despite the request asking for none is read whole.)
-                flow.response.stream = SseRewriter(self._tool_filter(flow, exchange), exchange.answers)
+                # tool lists filtered, cedargate's answers for refused messages appended at the end.
+                # (A stream encoded although the request asked for none is read whole, in `response`.)
+                response.stream = SseRewriter(self._tool_filter(flow), exchange.answers)
+                response.headers.pop("content-length", None)  # the rewritten stream has another length
+                if response.http_version.startswith("HTTP/1"):
+                    response.headers["transfer-encoding"] = "chunked"
         except Exception:
             log.exception("cannot prepare reading the MCP answer to %s", flow.request.pretty_url)
             flow.kill()  # never pass an answer on unread
 
     def response(self, flow: http.HTTPFlow) -> None:
+        if flow.response is None:
+            return
+        upstream_status = flow.response.status_code
         exchange: Exchange | None = flow.metadata.get(MCP)
-        if exchange is not None and flow.response is not None and not flow.response.stream:
+        if exchange is not None and not flow.response.stream:
             try:
                 self._rewrite_answer(flow, exchange)
             except Exception:
@@ -237,36 +247,40 @@ class Enforcer:
                     "type": "urn:cedargate:problem:upstream-answer", "status": 502,
                     "title": "cedargate could not check the MCP server's answer, so it is not passed on",
                 }).encode(), {"Content-Type": "application/problem+json"})
-        if flow.response is not None:
-            self._finish_forwarded(flow, flow.response.status_code)
+        self._finish_forwarded(flow, upstream_status)
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._finish_forwarded(flow, None)
 
     def _rewrite_answer(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
-        """Filter tools/list answers and add cedargate's answers to a JSON (not streamed) response."""
+        """Filter the tool lists in a whole (not streamed) MCP answer and add cedargate's answers to it."""
         response = flow.response
-        media = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        if media == "text/event-stream":  # not streamed: see responseheaders
-            rewriter = SseRewriter(self._tool_filter(flow, exchange), exchange.answers)
-            response.set_content(rewriter(response.get_content(strict=True) or b"") + rewriter(b""))
+        body = response.get_content(strict=True) or b""
+        if _media(response) == "text/event-stream":  # encoded: see responseheaders
+            rewriter = SseRewriter(self._tool_filter(flow), exchange.answers)
+            response.set_content(rewriter(body) + rewriter(b""))
             return
-        answer = json.loads(response.get_content(strict=True) or b"null") if media == "application/json" else None
-        if answer is not None:
-            filtered = self._tool_filter(flow, exchange)(answer)
-            answer = filtered if filtered is not None else answer
-            if exchange.answers:
-                answer = (answer if isinstance(answer, list) else [answer]) + list(exchange.answers)
-            if filtered is not None or exchange.answers:
-                response.set_content(json.dumps(answer).encode())
-        elif exchange.answers and response.status_code == 202:
-            # The server took the forwarded notifications; the refused requests still need their answers.
-            flow.response = rpc_response(list(exchange.answers), True, None)
+        if not body.strip():
+            if exchange.answers:  # e.g. 202 for the forwarded notifications: the refused requests need answers
+                flow.response = rpc_response(list(exchange.answers), True, None)
+            return
+        try:
+            answer = read_json(body)
+        except (ValueError, RecursionError):
+            if 200 <= response.status_code < 300:
+                raise  # a success the agent's client may read, but cedargate cannot check
+            return  # an error page: nothing in it for the client to act on
+        filtered = self._tool_filter(flow)(answer)
+        answer = filtered if filtered is not None else answer
+        if exchange.answers:
+            answer = (answer if isinstance(answer, list) else [answer]) + list(exchange.answers)
+        if filtered is not None or exchange.answers:
+            response.set_content(json.dumps(answer).encode())
 
-    def _tool_filter(self, flow: http.HTTPFlow, exchange: Exchange):
+    def _tool_filter(self, flow: http.HTTPFlow):
         call = call_of(flow, flow.metadata[AGENT])
         gate = self.runtime.gate
-        return lambda answer: filter_tool_list(answer, exchange.list_ids, lambda names: gate.visible_tools(call, names))
+        return lambda answer: filter_tool_list(answer, lambda names: gate.visible_tools(call, names))
 
     def _finish_forwarded(self, flow: http.HTTPFlow, status: int | None) -> None:
         """Record the verdicts of what was forwarded, once the upstream answered or failed."""
@@ -318,6 +332,10 @@ def plain_headers(headers: http.Headers) -> dict[str, str]:
         else:
             plain[name] += ", " + value
     return plain
+
+
+def _media(message: http.Message) -> str:
+    return message.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
 def rpc_response(answers: list[dict], batch: bool, verdict: Verdict | None) -> http.Response:

@@ -30,6 +30,7 @@ from pathlib import Path
 import cedarpy
 from cedarpy import pst
 
+from proxy.mcp import implicit_parents
 from proxy.policy import (
     PolicyBundle,
     PolicyInfo,
@@ -299,12 +300,6 @@ class Snapshot:
             with self._lock:
                 self._overlays.put(missing, overlay)
         return overlay
-
-
-def implicit_parents(uid: Uid) -> tuple[Uid, ...]:
-    """Parents of an entity entities.json does not list: an MCP tool is in its server, so
-    `resource in McpServer::"github"` holds for Tool::"github/search_issues"."""
-    return (("McpServer", uid[1].split("/", 1)[0]),) if uid[0] == "Tool" else ()
 
 
 def _bare_entity(uid: Uid) -> dict:

@@ -34,6 +34,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from proxy.hosts import canonical_host
+
 MANIFEST_FILE = "actions.yaml"
 MANIFEST_SCHEMA_FILE = "actions.cedarschema"  # written by `cedargate schema`, loaded with the others
 FIELD_TYPES = {"String": "String", "Long": "Long", "Decimal": "decimal", "Bool": "Bool"}
@@ -209,8 +211,8 @@ class Manifest:
             compiled = _compile(host)
             if any(c in host.host for c in "*?["):
                 self._globs.append((host.host.lower(), compiled))
-            else:
-                self._exact[host.host.lower()] = compiled
+            else:  # spelled as calls' hosts are: "API.Example." and "127.1" name the hosts they are
+                self._exact[canonical_host(host.host)] = compiled
 
     @property
     def actions(self) -> dict[str, RouteSpec]:
@@ -229,6 +231,19 @@ class Manifest:
     def mcp_endpoint(self, host: str, path: str) -> McpEndpointSpec | None:
         routes = self.host(host)
         return routes.mcp.get(path) if routes is not None else None
+
+    def mcp_lookalike(self, host: str, path: str) -> McpEndpointSpec | None:
+        """An endpoint `path` is not, but which servers may take it for: /MCP or /mcp/ for /mcp."""
+        routes = self.host(host)
+        if routes is None or not routes.mcp:
+            return None
+        folded = path.lower().rstrip("/")
+        return next((e for p, e in routes.mcp.items() if p.lower().rstrip("/") == folded), None)
+
+    @property
+    def argument_types(self) -> dict[str, str]:
+        """Each declared tool argument's type; one name has one type across all tools (checked at load)."""
+        return {n: a.type for e in self.mcp_endpoints for t in e.tools.values() for n, a in t.arguments.items()}
 
     def match(self, host: str, method: str, path: str) -> tuple[HostSpec | None, RouteMatch | None]:
         """(the host's spec or None if the host has no manifest, the matching route or None)."""

@@ -101,6 +101,9 @@ def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = No
                 f"the Host header names {named!r} but the call goes to {host!r}; send them alike"
             )
     check_normal_path(call.path)
+    if any(k.lower() == "upgrade" for k in call.headers):
+        # A WebSocket (or h2c) upgrade would open a channel whose messages no policy decides.
+        raise MappingError("cedargate decides each HTTP call and does not forward protocol upgrades (Upgrade)")
     context: dict = {
         "scheme": call.scheme,
         "host": host,
@@ -116,7 +119,12 @@ def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = No
     if manifest is not None:
         endpoint = manifest.mcp_endpoint(host, call.path)
         if endpoint is not None:
-            return _mcp_request(call, endpoint, context, options)
+            return _mcp_request(call, endpoint, context, options, manifest.argument_types)
+        lookalike = manifest.mcp_lookalike(host, call.path)
+        if lookalike is not None:
+            # The server may route it to its MCP endpoint, where it would not be decided as MCP.
+            raise MappingError(f"{call.path} is not the MCP endpoint {lookalike.path} of {host}, but a server "
+                               f"may take it for it; send MCP calls to {lookalike.path}", 404)
     body = json_body(call, options.max_body_bytes)
     if body is not None:
         context["body"] = body
@@ -125,7 +133,8 @@ def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = No
     return CedarRequest(("Agent", call.agent), ("Action", action), ("Host", host), context)
 
 
-def _mcp_request(call: Call, endpoint: McpEndpointSpec, context: dict, options: MappingOptions) -> CedarRequest:
+def _mcp_request(call: Call, endpoint: McpEndpointSpec, context: dict, options: MappingOptions,
+                 argument_types: Mapping[str, str]) -> CedarRequest:
     """A message on an MCP endpoint: `call_tool` on its Tool, or `mcp_rpc` on its server (see proxy.mcp)."""
     message = None
     if call.method.upper() == "POST":
@@ -140,7 +149,7 @@ def _mcp_request(call: Call, endpoint: McpEndpointSpec, context: dict, options: 
             raise MappingError("a JSON-RPC batch is decided message by message, not as one call")
         message = messages[0]
     try:
-        mapped = map_message(endpoint, call.method, message, to_cedar_value, call.headers)
+        mapped = map_message(endpoint, call.method, message, to_cedar_value, call.headers, argument_types)
     except McpError as exc:
         raise MappingError(str(exc), 400 if message else 405) from None
     except LookupError as exc:
@@ -266,16 +275,31 @@ def parse_json(call: Call, max_bytes: int):
         raise MappingError(f"the call has more than one Content-Type ({content_type!r})")
     if not call.body or not (media in ("application/json", "text/json") or media.endswith("+json")):
         return None
+    charset = _charset(content_type)
+    if charset not in (None, "utf-8", "utf8"):
+        # A server honouring charset=utf-7 (express.json does) reads other JSON than UTF-8 shows us.
+        raise MappingError(f"a JSON body must be UTF-8, not charset={charset}", 415)
     if len(call.body) > max_bytes:
         # Dropping the body would let an agent pad a call past any body-based policy; refuse instead.
         raise MappingError(
             f"JSON body of {len(call.body)} bytes exceeds the {max_bytes}-byte inspection limit", 413
         )
     try:
-        parsed = json.loads(call.body, object_pairs_hook=_unique_keys)
+        # Decoded as UTF-8 first: json.loads would guess UTF-16 or UTF-32 from the bytes.
+        parsed = json.loads(call.body.decode("utf-8"), object_pairs_hook=_unique_keys)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise MappingError(f"body is declared as JSON but does not parse: {exc}") from exc
+        raise MappingError(f"body is declared as JSON but does not parse as UTF-8 JSON: {exc}") from exc
+    except RecursionError:
+        raise MappingError("JSON body nests too deeply to be checked") from None
     return parsed
+
+
+def _charset(content_type: str) -> str | None:
+    for parameter in content_type.split(";")[1:]:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset":
+            return value.strip().strip('"').lower()
+    return None
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:

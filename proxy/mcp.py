@@ -36,6 +36,12 @@ REFUSED_CODE = -32003
 UNCLASSIFIED = "unclassified"
 
 
+def implicit_parents(uid: tuple[str, str]) -> tuple[tuple[str, str], ...]:
+    """Parents an entity has whether or not entities.json lists it: an MCP tool is in its server, so
+    `resource in McpServer::"github"` holds for Tool::"github/search_issues"."""
+    return (("McpServer", uid[1].split("/", 1)[0]),) if uid[0] == "Tool" else ()
+
+
 class McpError(ValueError):
     """The body on an MCP endpoint is not a JSON-RPC 2.0 message cedargate can decide."""
 
@@ -112,6 +118,9 @@ def _message(item: Any, where: str) -> Message:
     if has_id and (isinstance(ident, bool) or not isinstance(ident, (str, int))):
         raise McpError(f"{where} has an id that is not a string or an integer")
     method = item.get("method")
+    if method is not None and ("result" in item or "error" in item):
+        # A server would take it as an answer to its own request; we would decide it as a request.
+        raise McpError(f"{where} has a method and a result or error: it is both a request and a response")
     if method is not None:
         if not isinstance(method, str) or not 0 < len(method) <= MAX_METHOD or not method.isprintable():
             raise McpError(f"{where} has a method that is not a name of 1 to {MAX_METHOD} characters")
@@ -132,10 +141,6 @@ class Exchange:
     batch: bool
     answers: tuple[dict, ...] = ()
 
-    @property
-    def list_ids(self) -> frozenset:
-        return frozenset(m.id for m in self.messages if m.kind == "request" and m.method == "tools/list")
-
 
 @dataclass(frozen=True)
 class McpMapping:
@@ -147,7 +152,8 @@ class McpMapping:
 
 
 def map_message(endpoint: McpEndpointSpec, http_method: str, message: Message | None,
-                to_cedar: Callable[[Any], Any], headers: Mapping[str, str] | None = None) -> McpMapping:
+                to_cedar: Callable[[Any], Any], headers: Mapping[str, str] | None = None,
+                argument_types: Mapping[str, str] | None = None) -> McpMapping:
     """Map one message on `endpoint` (None for the GET/DELETE that carry none).
 
     Raises McpError when it cannot be mapped and LookupError when it names a tool the endpoint
@@ -186,13 +192,16 @@ def map_message(endpoint: McpEndpointSpec, http_method: str, message: Message | 
             "what it does; add it under the endpoint's tools in actions.yaml to allow it"
         )
     cedar_arguments = to_cedar(arguments)
-    if spec is not None:
-        for name, argument in spec.arguments.items():
-            if name not in arguments or arguments[name] is None:
-                if argument.required:
-                    raise McpError(f"tools/call {tool}: argument {name!r} is required by actions.yaml")
-                continue
-            field = FieldSpec.model_validate({"from": "body", "type": argument.type})
+    declared = dict(spec.arguments) if spec is not None else {}
+    for name, argument in declared.items():
+        if argument.required and (name not in arguments or arguments[name] is None):
+            raise McpError(f"tools/call {tool}: argument {name!r} is required by actions.yaml")
+    # The schema gives an argument name one type for every tool, so a name declared for any tool is
+    # typed (or refused) in every tool's call: a policy never compares a value of another type.
+    types = {**(argument_types or {}), **{n: a.type for n, a in declared.items()}}
+    for name, kind in types.items():
+        if name in arguments and arguments[name] is not None:
+            field = FieldSpec.model_validate({"from": "body", "type": kind})
             try:
                 cedar_arguments[name] = _typed(name, field, arguments[name])
             except FieldError as exc:
@@ -273,24 +282,31 @@ def refusal_answer(problem: Mapping[str, Any], message: Message) -> dict:
 
 # -- tools/list filtering -------------------------------------------------------------------------------
 
-def filter_tool_list(answer: Any, list_ids: frozenset, visible: Callable[[Iterable[str]], set[str]]) -> Any | None:
-    """The answer with hidden tools removed from each tools/list result, or None if nothing changed."""
+def filter_tool_list(answer: Any, visible: Callable[[Iterable[str]], set[str]]) -> Any | None:
+    """The answer with hidden tools removed from every tool list in it, or None if nothing changed.
+
+    Every result carrying a `tools` list is filtered, whichever request it answers: a server may replay
+    an earlier tools/list answer on its GET stream (resumption), or echo an id in another type.
+    """
     items = answer if isinstance(answer, list) else [answer]
     changed = False
     for item in items:
-        ident = item.get("id") if isinstance(item, dict) else None
-        if not (isinstance(ident, (str, int)) and ident in list_ids and isinstance(item.get("result"), dict)):
-            continue
-        tools = item["result"].get("tools")
+        result = item.get("result") if isinstance(item, dict) else None
+        tools = result.get("tools") if isinstance(result, dict) else None
         if not isinstance(tools, list):
             continue
-        names = [t.get("name") for t in tools if isinstance(t, dict)]
-        shown = visible([n for n in names if isinstance(n, str)])
+        names = [t["name"] for t in tools if isinstance(t, dict) and isinstance(t.get("name"), str)]
+        shown = visible(names)
         kept = [t for t in tools if isinstance(t, dict) and isinstance(t.get("name"), str) and t["name"] in shown]
         if len(kept) != len(tools):
-            item["result"]["tools"] = kept
+            result["tools"] = kept
             changed = True
     return answer if changed else None
+
+
+def read_json(body: bytes) -> Any:
+    """An MCP answer's JSON, read strictly (UTF-8): what cannot be read here is not passed on."""
+    return json.loads(body.decode("utf-8"))
 
 
 class SseRewriter:
@@ -335,9 +351,11 @@ class SseRewriter:
         if not data:
             return event
         try:
-            parsed = json.loads(b"\n".join(data))
-        except ValueError:
-            return event
+            parsed = read_json(b"\n".join(data))
+        except (ValueError, RecursionError):
+            # Every message on an MCP stream is JSON; one that cannot be checked is not passed on.
+            log.warning("dropped an MCP event that is not UTF-8 JSON")
+            return b""
         try:
             rewritten = self._rewrite(parsed)
         except Exception:  # never pass on what could not be checked; the stream itself goes on

@@ -23,6 +23,7 @@ from proxy.escalation import AnnotationError, check_annotations
 from proxy.hosts import canonical_host
 from proxy.manifest import MANIFEST_FILE, MANIFEST_SCHEMA_FILE, Manifest, ManifestError, load_manifest
 from proxy.manifest import schema_text as manifest_schema
+from proxy.mcp import implicit_parents
 
 ENTITIES_FILE = "entities.json"
 
@@ -262,6 +263,17 @@ def _load_entities(text: str, schema: cedarpy.Schema) -> tuple[cedarpy.Entities,
                 f'{ENTITIES_FILE}: Host::"{entity_id}" must be written as the proxy sees it: '
                 f'Host::"{canonical_host(entity_id)}"'
             )
+    for entity in raw:
+        uid = (entity["uid"]["type"], entity["uid"]["id"])
+        if uid[0] != "Tool":
+            continue
+        # The proxy puts an unlisted tool in its server; a listed one must say so too, or a policy on
+        # `resource in McpServer::"..."` would cover the tool only while it is not listed.
+        server = implicit_parents(uid)[0]
+        parents = {(p.get("type"), p.get("id")) for p in entity.get("parents", ()) if isinstance(p, dict)}
+        if "/" not in uid[1] or server not in parents:
+            raise PolicyLoadError(f'{ENTITIES_FILE}: Tool::"{uid[1]}" must be named "<server>/<tool>" and list '
+                                  f'McpServer::"{server[1]}" among its parents')
     try:
         # Built with the schema so Cedar adds the schema's action entities and their groups.
         entities = cedarpy.Entities.from_json_str(text, schema=schema)

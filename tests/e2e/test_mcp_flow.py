@@ -329,3 +329,69 @@ def test_mcp_routing_headers_must_match_the_message(gate):
     assert answered.status_code == 200 and answered.json()["result"]["isError"] is True
     assert "Mcp-Name header says 'search_issues'" in answered.json()["result"]["content"][0]["text"]
     assert server.bodies == []
+
+
+class _QuirkyServer(ThreadingHTTPServer):
+    """An MCP server that answers in ways clients accept but a strict reader might miss: a tool list
+    replayed on the GET stream (resumption) with a Content-Length, and JSON under another media type."""
+
+    TOOLS = {"jsonrpc": "2.0", "id": 1, "result": {"tools": [{"name": n, "inputSchema": {"type": "object"}}
+                                                             for n in ("search_issues", "shutdown_cluster")]}}
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _answer(self, media: str, payload: bytes, status: int = 200) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", media)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def do_GET(self) -> None:
+                server.seen.append(("GET", dict(self.headers)))
+                replay = b"id: 7\nevent: message\ndata: " + json.dumps(server.TOOLS).encode() + b"\n\n"
+                self._answer("text/event-stream", replay)
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                server.seen.append(("POST", json.loads(body)))
+                self._answer("application/json-rpc", json.dumps(server.TOOLS).encode())
+
+            def log_message(self, *args) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
+def test_tool_lists_are_filtered_wherever_the_server_sends_them(gate):
+    server = _QuirkyServer()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/mcp"
+    try:
+        with httpx.Client(proxy=gate.proxy_url, timeout=30) as http:
+            replayed = http.get(url, headers={"Accept": "text/event-stream", "Last-Event-ID": "6"})
+            listed = http.post(url, json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+            upgrade = http.get(url, headers={"Upgrade": "websocket", "Connection": "Upgrade",
+                                             "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                                             "Sec-WebSocket-Version": "13"})
+            utf7 = http.post(url, content=b'{"jsonrpc":"2.0","id":2,"method":"tools/+AGM-all","params":'
+                                          b'{"name":"shutdown_cluster","arguments":{"cluster":"eu-1"}}}',
+                             headers={"Content-Type": "application/json; charset=utf-7"})
+            lookalike = http.post(url + "/", json={"jsonrpc": "2.0", "id": 3, "method": "tools/list"})
+    finally:
+        server.shutdown()
+    # The event stream arrives whole and readable (its Content-Length was the server's, not ours).
+    assert replayed.status_code == 200 and "content-length" not in replayed.headers
+    data = [line[5:].strip() for line in replayed.text.splitlines() if line.startswith("data:")]
+    assert [[t["name"] for t in json.loads(d)["result"]["tools"]] for d in data] == [["search_issues"]]
+    assert [t["name"] for t in listed.json()["result"]["tools"]] == ["search_issues"]
+    # Refused before anything reaches the server: an upgrade, another charset, a path like the endpoint's.
+    assert upgrade.status_code == 400 and "upgrades" in upgrade.json()["detail"]
+    assert utf7.status_code == 415 and "must be UTF-8" in utf7.json()["detail"]
+    assert lookalike.status_code == 404 and "send MCP calls to /mcp" in lookalike.json()["detail"]
+    assert [method for method, _ in server.seen] == ["GET", "POST"]

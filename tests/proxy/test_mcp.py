@@ -430,7 +430,78 @@ def test_a_batch_is_not_mapped_as_one_call(bundled):
 
 def test_other_paths_on_the_mcp_host_are_unknown_actions(bundled):
     with pytest.raises(UnknownAction):
-        map_mcp(bundled, tool_call("search_issues", {}), url="http://mcp.github.example/mcp/")
+        map_mcp(bundled, tool_call("search_issues", {}), url="http://mcp.github.example/v1/repos")
+
+
+@pytest.mark.parametrize("path", ["/mcp/", "/MCP", "/Mcp/"])
+def test_paths_a_server_may_take_for_the_endpoint_are_refused(tmp_path, path):
+    # Even on a host whose other calls fall back to HTTP actions: express serves /MCP and /mcp/ as /mcp.
+    manifest = {"hosts": [{"host": "mcp.github.example", "unknown": "http",
+                           "mcp": [{"path": "/mcp", "server": "github", "tools": {"search_issues": {}}}]}]}
+    loaded = load_manifest(write_policy_dir(tmp_path / "p", manifest, ""))
+    with pytest.raises(MappingError) as refused:
+        map_mcp(loaded, tool_call("search_issues", {}), url=f"http://mcp.github.example{path}")
+    assert refused.value.status == 404 and "send MCP calls to /mcp" in str(refused.value)
+
+
+@pytest.mark.parametrize("charset", ["utf-7", "UTF-16", "iso-8859-1", '"utf-7"'])
+def test_a_json_body_in_another_charset_is_refused(bundled, charset):
+    # A server decoding charset=utf-7 would read "tools/+AGM-all" as tools/call.
+    body = b'{"jsonrpc":"2.0","id":1,"method":"tools/+AGM-all","params":{"name":"transfer_repository"}}'
+    with pytest.raises(MappingError) as refused:
+        map_mcp(bundled, body, content_type=f"application/json; charset={charset}")
+    assert refused.value.status == 415 and "must be UTF-8" in str(refused.value)
+
+
+def test_a_utf8_charset_and_utf16_bytes_are_told_apart(bundled):
+    assert map_mcp(bundled, rpc("ping"), content_type="application/json; charset=UTF-8").action[1] == "mcp_rpc"
+    utf16 = json.dumps(tool_call("transfer_repository", {"repo": "a/b"})).encode("utf-16")
+    with pytest.raises(MappingError, match="UTF-8"):
+        map_mcp(bundled, utf16)
+
+
+def test_a_protocol_upgrade_is_refused(bundled):
+    with pytest.raises(MappingError, match="upgrades"):
+        map_mcp(bundled, None, method="GET", headers={"Upgrade": "websocket", "Connection": "Upgrade"})
+
+
+def test_a_request_that_is_also_a_response_is_refused():
+    with pytest.raises(McpError, match="both a request and a response"):
+        parse_messages({"jsonrpc": "2.0", "id": 1, "method": "ping", "error": {"code": 1, "message": "x"}})
+
+
+def test_an_argument_declared_for_one_tool_is_typed_for_every_tool(tmp_path):
+    manifest = {"hosts": [{"host": "mcp.github.example", "mcp": [{
+        "path": "/mcp", "server": "github", "unknown_tools": "policy",
+        "tools": {"refund": {"arguments": {"amount": {"type": "Decimal"}}}, "tip": {}}}]}]}
+    loaded = load_manifest(write_policy_dir(tmp_path / "p", manifest, ""))
+    tip = map_mcp(loaded, tool_call("tip", {"amount": 5}))
+    assert tip.context["arguments"]["amount"] == {"__extn": {"fn": "decimal", "arg": "5.0"}}
+    unlisted = map_mcp(loaded, tool_call("other", {"amount": 2.5}))
+    assert unlisted.context["arguments"]["amount"] == {"__extn": {"fn": "decimal", "arg": "2.5"}}
+    with pytest.raises(MappingError, match="'amount' must be a Decimal"):
+        map_mcp(loaded, tool_call("tip", {"amount": "lots"}))
+    assert "amount" not in map_mcp(loaded, tool_call("tip", {})).context["arguments"]  # not required there
+
+
+def test_manifest_hosts_are_matched_as_the_proxy_spells_hosts(tmp_path):
+    manifest = {"hosts": [{"host": "MCP.GitHub.Example.",
+                           "mcp": [{"path": "/mcp", "server": "github", "tools": {"search_issues": {}}}]}]}
+    loaded = load_manifest(write_policy_dir(tmp_path / "p", manifest, ""))
+    assert map_mcp(loaded, tool_call("search_issues", {})).action == ("Action", "call_tool")
+
+
+def test_a_listed_tool_must_be_in_its_server(policy_dir):
+    import proxy.policy as policy
+
+    entities = json.loads((policy_dir / "entities.json").read_text())
+    entities.append({"uid": {"type": "Tool", "id": "github/search_issues"}, "attrs": {}, "parents": []})
+    (policy_dir / "entities.json").write_text(json.dumps(entities))
+    with pytest.raises(policy.PolicyLoadError, match='list McpServer::"github" among its parents'):
+        policy.load_bundle(policy_dir)
+    entities[-1]["parents"] = [{"type": "McpServer", "id": "github"}]
+    (policy_dir / "entities.json").write_text(json.dumps(entities))
+    assert ("Tool", "github/search_issues") in policy.load_bundle(policy_dir).entity_uids
 
 
 def test_a_tool_call_sent_as_a_notification_is_not_waved_through(bundled_gate):
@@ -720,19 +791,17 @@ def test_the_bundled_tool_list_answer_is_filtered_for_the_agent(bundled_gate):
     call = mcp_call(rpc("tools/list", id=4))
     answer = {"jsonrpc": "2.0", "id": 4, "result": {"tools": [{"name": n, "inputSchema": {}}
                                                               for n in ALL_GITHUB_TOOLS]}}
-    filtered = filter_tool_list(answer, bundled_gate.mcp_exchange(call).list_ids,
-                                lambda names: bundled_gate.visible_tools(call, names))
+    filtered = filter_tool_list(answer, lambda names: bundled_gate.visible_tools(call, names))
     assert [t["name"] for t in filtered["result"]["tools"]] == [
         "search_issues", "create_issue", "merge_pull_request", "delete_repository"]
 
 
-def test_the_gate_splits_a_batch_and_knows_its_tool_list_ids(bundled_gate):
+def test_the_gate_splits_a_batch(bundled_gate):
     batch = [rpc("tools/list", id="L"), tool_call("search_issues", {}, id=2),
              rpc("notifications/initialized", id=None)]
     exchange = bundled_gate.mcp_exchange(mcp_call(batch))
     assert exchange.batch and [m.method for m in exchange.messages] == [
         "tools/list", "tools/call", "notifications/initialized"]
-    assert exchange.list_ids == frozenset({"L"})
     assert bundled_gate.mcp_exchange(mcp_call(tool_call("x", {}), url="http://elsewhere.example/mcp")) is None
 
 
@@ -852,37 +921,32 @@ def _list_answer(id, *names):
 
 def test_a_tool_list_answer_loses_the_hidden_tools():
     answer = _list_answer(4, "shown", "hidden", "also_shown")
-    filtered = filter_tool_list(answer, frozenset({4}), _hide("hidden"))
+    filtered = filter_tool_list(answer, _hide("hidden"))
     assert [t["name"] for t in filtered["result"]["tools"]] == ["shown", "also_shown"]
 
 
-def test_an_answer_to_another_request_is_not_filtered():
-    answer = _list_answer(5, "shown", "hidden")  # looks like a tool list, but answers a tools/call
-    assert filter_tool_list(answer, frozenset({4}), _hide("hidden")) is None
-    assert [t["name"] for t in answer["result"]["tools"]] == ["shown", "hidden"]
-
-
-def test_only_the_tool_list_answers_of_a_batch_are_filtered():
+def test_every_tool_list_is_filtered_whatever_request_it_answers():
+    # A server may replay an old tools/list answer on its GET stream, or echo an id as another type.
     answers = [_list_answer(1, "a", "hidden"), _list_answer(2, "b", "hidden"),
                {"jsonrpc": "2.0", "id": 3, "error": {"code": -1, "message": "x"}},
-               _list_answer("1", "hidden")]
-    filtered = filter_tool_list(answers, frozenset({1, 3}), _hide("hidden"))
+               _list_answer("1", "hidden"), _list_answer(None, "c", "hidden")]
+    filtered = filter_tool_list(answers, _hide("hidden"))
     assert [[t["name"] for t in a["result"]["tools"]] if "result" in a else a["error"] for a in filtered] == [
-        ["a"], ["b", "hidden"], {"code": -1, "message": "x"}, ["hidden"]]
+        ["a"], ["b"], {"code": -1, "message": "x"}, [], ["c"]]
 
 
 def test_an_answer_that_hides_nothing_is_left_alone():
-    assert filter_tool_list(_list_answer(4, "a", "b"), frozenset({4}), _hide("hidden")) is None
+    assert filter_tool_list(_list_answer(4, "a", "b"), _hide("hidden")) is None
     error = {"jsonrpc": "2.0", "id": 4, "error": {"code": 1}}
-    assert filter_tool_list(error, frozenset({4}), _hide()) is None
-    assert filter_tool_list("not an answer", frozenset({4}), _hide()) is None
+    assert filter_tool_list(error, _hide()) is None
+    assert filter_tool_list("not an answer", _hide()) is None
 
 
-def test_an_answer_with_an_odd_id_passes_unfiltered():
-    odd = [{"jsonrpc": "2.0", "id": [4], "result": {"tools": [{"name": "hidden"}]}},
+def test_an_answer_with_an_odd_id_is_filtered_too():
+    odd = [{"jsonrpc": "2.0", "id": [4], "result": {"tools": [{"name": "hidden"}, {"name": 7}, "x"]}},
            _list_answer(4, "a", "hidden")]
-    filtered = filter_tool_list(odd, frozenset({4}), _hide("hidden"))
-    assert filtered[0]["result"]["tools"] == [{"name": "hidden"}]
+    filtered = filter_tool_list(odd, _hide("hidden"))
+    assert filtered[0]["result"]["tools"] == []
     assert filtered[1]["result"]["tools"] == [{"name": "a"}]
 
 
@@ -899,9 +963,9 @@ STREAM_EVENTS = [
     # a tools/list answer over two data lines, CRLF line ends, with a comment
     b": keep-alive\r\nid: 2\r\nevent: message\r\ndata: {\"jsonrpc\": \"2.0\", \"id\": \"list-b\",\r\n"
     b"data:\"result\": {\"tools\": [{\"name\": \"hidden\"}, {\"name\": \"other\"}]}}\r\n\r\n",
-    # not JSON
+    # not JSON: nothing an MCP client should get, and nothing cedargate can check
     b"event: ping\ndata: not json {\n\n",
-    # answers a tools/call (id 6): not a tool list, whatever it holds
+    # a tool list answering another id (a replay, say): filtered all the same
     b"id: 4\r\ndata: " + _data(_list_answer(6, "hidden")) + b"\r\n\r\n",
     # a progress notification
     b"data: " + _data({"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progress": 1}})
@@ -913,7 +977,7 @@ EXTRA = ({"jsonrpc": "2.0", "id": 9,
 
 
 def _filter(answer):
-    return filter_tool_list(answer, LIST_IDS, _hide("hidden"))
+    return filter_tool_list(answer, _hide("hidden"))
 
 
 WHOLE = feed([STREAM], _filter, EXTRA)
@@ -921,16 +985,16 @@ WHOLE = feed([STREAM], _filter, EXTRA)
 
 def test_a_stream_fed_whole_is_filtered_event_by_event():
     events = sse_events(WHOLE)
-    assert len(events) == len(STREAM_EVENTS) + 1
+    assert len(events) == len(STREAM_EVENTS)  # less the one that is not JSON, plus cedargate's answer
     first, second = json.loads(events[0]["data"]), json.loads(events[1]["data"])
     assert (events[0]["id"], events[0]["event"]) == ("1", "message")
     assert first == _list_answer(5, "shown")
     assert (events[1]["id"], events[1]["event"]) == ("2", "message")
     assert second == _list_answer("list-b", "other")
-    # what is not a tool list answer passes byte for byte
-    for unchanged in STREAM_EVENTS[2:]:
-        assert unchanged in WHOLE
-    assert (events[2]["event"], events[2]["data"]) == ("ping", "not json {")
+    assert b"not json" not in WHOLE
+    assert events[2]["id"] == "4" and json.loads(events[2]["data"]) == _list_answer(6)
+    # what holds no tool list passes byte for byte
+    assert STREAM_EVENTS[4] in WHOLE
     # cedargate's own answers come last, as their own event
     assert events[-1]["event"] == "message" and json.loads(events[-1]["data"]) == EXTRA[0]
     assert WHOLE.endswith(b"\n\n")
@@ -963,7 +1027,14 @@ def test_a_stream_cut_at_random_gives_what_it_gives_whole(cuts):
 
 
 def test_a_stream_that_rewrites_nothing_passes_unchanged():
-    assert feed([STREAM[:100], STREAM[100:]], lambda answer: None) == STREAM
+    json_only = b"".join(e for e in STREAM_EVENTS if b"not json" not in e)
+    assert feed([json_only[:100], json_only[100:]], lambda answer: None) == json_only
+
+
+@pytest.mark.parametrize("data", [b"not json {", b'{"jsonrpc": "2.0", "id": 1, "result": {"x": "\xff"}}'])
+def test_an_event_that_is_not_utf8_json_is_dropped(data):
+    # A lenient client could read a tool list out of it that cedargate could not filter.
+    assert feed([b"data: " + data + b"\n\n" + STREAM_EVENTS[4]], lambda answer: None) == STREAM_EVENTS[4]
 
 
 def test_an_event_the_stream_ends_inside_never_reaches_the_agent_unfiltered():
