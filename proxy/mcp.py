@@ -68,11 +68,13 @@ class Message:
         return json.dumps(self.raw, separators=(",", ":")).encode()
 
     def binding(self) -> bytes:
-        """What the message asks for, without its id and `params._meta` (progress tokens and the like):
-        a retry of the same call has a new id and new metadata."""
+        """What the message asks for, without what a retry of the same call changes: its id and the
+        progress token in `params._meta`. The rest of `_meta` stays bound: tool code may read it."""
         bound = {k: v for k, v in self.raw.items() if k != "id"}
-        if isinstance(bound.get("params"), dict):
-            bound["params"] = {k: v for k, v in bound["params"].items() if k != "_meta"}
+        params = bound.get("params")
+        if isinstance(params, dict) and isinstance(params.get("_meta"), dict):
+            meta = {k: v for k, v in params["_meta"].items() if k != "progressToken"}
+            bound["params"] = {**params, "_meta": meta}
         return json.dumps(bound, sort_keys=True, separators=(",", ":")).encode()
 
     @property

@@ -253,8 +253,8 @@ class _BatchServer(ThreadingHTTPServer):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.bodies.append(body)
                 answers = [server.answer(m) for m in (body if isinstance(body, list) else [body]) if "id" in m]
-                payload = json.dumps(answers if isinstance(body, list) else answers[0]).encode()
-                self.send_response(200)
+                payload = json.dumps(answers if isinstance(body, list) else answers[0]).encode() if answers else b""
+                self.send_response(200 if answers else 202)  # notifications only: accepted, no answer
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
@@ -291,12 +291,24 @@ def test_batch_is_decided_message_by_message(gate):
         {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progressToken": 1, "progress": 1}},
     ]
     refused_only = [tool(5, "shutdown_cluster", cluster="us-1"), tool(6, "unlisted_tool")]
+    progress = {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progressToken": 2, "progress": 1}}
     try:
         with httpx.Client(proxy=gate.proxy_url, timeout=30) as http:
             answered = http.post(url, json=batch, headers={"Accept": "application/json, text/event-stream"})
             all_refused = http.post(url, json=refused_only)
+            accepted = http.post(url, json=[progress, tool(7, "shutdown_cluster", cluster="ap-1")])
     finally:
         server.shutdown()
+    # The server accepted the notification (202); the refused call still gets its answer.
+    assert accepted.status_code == 200 and [a["id"] for a in accepted.json()] == [7]
+    with sqlite3.connect(gate.database) as db:
+        deadline = time.monotonic() + 10
+        # Forwarded mcp_rpc messages: the tools/list and the notification of the first batch, then this one.
+        while len(rows := db.execute("SELECT upstream_status FROM decisions WHERE action = ? AND "
+                                     "upstream_status IS NOT NULL ORDER BY at", ('Action::"mcp_rpc"',)).fetchall()) < 3:
+            assert time.monotonic() < deadline, "the notification's decision was not recorded"
+            time.sleep(0.1)
+    assert rows[-1] == (202,)  # what the upstream said, not the answer cedargate made of it
     # Nothing of a batch cedargate refuses whole goes upstream; each request gets one answer.
     assert all_refused.status_code == 200
     assert [(a["id"], a["result"]["isError"]) for a in all_refused.json()] == [(5, True), (6, True)]
@@ -311,7 +323,7 @@ def test_batch_is_decided_message_by_message(gate):
     pending = answers[4]["result"]["_meta"]["cedargate/problem"]
     assert pending["type"] == "urn:cedargate:problem:override-pending"
     # Only the allowed messages reached the server.
-    assert server.bodies == [[batch[0], batch[1], batch[4]]]
+    assert server.bodies == [[batch[0], batch[1], batch[4]], [progress]]
 
 
 def test_mcp_routing_headers_must_match_the_message(gate):

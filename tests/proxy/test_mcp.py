@@ -821,6 +821,12 @@ def test_a_retry_of_a_tool_call_binds_to_the_same_override():
         retry, {"mcp-session-id": "s-2"})
 
 
+def test_the_rest_of_meta_is_bound_tool_code_may_read_it():
+    first = tool_call("delete_repository", {"repo": "acme/old"}, _meta={"progressToken": 1, "tenant": "a"})
+    other = tool_call("delete_repository", {"repo": "acme/old"}, _meta={"progressToken": 1, "tenant": "b"})
+    assert _fingerprint(first) != _fingerprint(other)
+
+
 @pytest.mark.parametrize(
     "other",
     [tool_call("delete_repository", {"repo": "acme/web"}),
