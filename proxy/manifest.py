@@ -367,7 +367,7 @@ def extract_fields(match: RouteMatch, query: Mapping[str, str], body: Any) -> di
             if spec.required:
                 raise FieldError(f"field {name!r} ({spec.source} {key!r}) is required by {match.route.route}")
             continue
-        values[name] = _typed(name, spec, raw)
+        values[name] = typed_value(name, spec, raw)
     return values
 
 
@@ -380,7 +380,7 @@ def _dig(body: Any, dotted: str) -> tuple[Any, bool]:
     return node, True
 
 
-def _typed(name: str, spec: FieldSpec, raw: Any) -> Any:
+def typed_value(name: str, spec: FieldSpec, raw: Any) -> Any:
     from_text = spec.source != "body"  # path and query values arrive as text
     try:
         if spec.type == "String":

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.manifest import MCP_ACTIONS, TOOL_NAME, FieldError, FieldSpec, McpEndpointSpec, _typed
+from proxy.manifest import MCP_ACTIONS, TOOL_NAME, FieldError, FieldSpec, McpEndpointSpec, typed_value
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def map_message(endpoint: McpEndpointSpec, http_method: str, message: Message | 
         if name in arguments and arguments[name] is not None:
             field = FieldSpec.model_validate({"from": "body", "type": kind})
             try:
-                cedar_arguments[name] = _typed(name, field, arguments[name])
+                cedar_arguments[name] = typed_value(name, field, arguments[name])
             except FieldError as exc:
                 raise McpError(f"tools/call {tool}: {exc}") from None
     context.update(
