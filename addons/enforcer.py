@@ -20,7 +20,8 @@ from mitmproxy import ctx, exceptions, http
 from addons.agent_auth import AGENT, AgentAuth, proxy_auth_required
 from addons.options import add_options, settings_from_options
 from proxy.gate import Outcome, Verdict
-from proxy.mapping import Call
+from proxy.manifest import MCP_ACTIONS
+from proxy.mapping import Call, plain_utf8
 from proxy.mcp import Exchange, SseRewriter, filter_tool_list, read_json, refusal_answer
 from proxy.oversight import requested_wait
 from proxy.runtime import Runtime
@@ -85,10 +86,6 @@ class Enforcer:
                     flow.client_conn.peername)
         flow.kill()
 
-    def websocket_start(self, flow) -> None:
-        # Upgrades are refused when the call is decided; should one get here, its messages are undecided.
-        flow.kill()
-
     def udp_start(self, flow) -> None:
         flow.kill()
 
@@ -135,6 +132,9 @@ class Enforcer:
             await self._enforce_batch(flow, call, exchange)
             return
         verdict = self.runtime.gate.decide(call)
+        if exchange is None and verdict.request is not None and verdict.request.action[1] in MCP_ACTIONS:
+            # Decided as MCP under policies reloaded since the look above: its answer is read all the same.
+            exchange = Exchange((), False)
         flow.metadata[VERDICTS] = [verdict]
         verdict = await self._decided(flow, verdict)
         if verdict is None:
@@ -215,23 +215,37 @@ class Enforcer:
         return resolution.verdict
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
+        response = flow.response
+        if response is None:
+            return
+        if response.status_code == 101:
+            # A protocol switch (WebSocket) would relay messages no policy decides; the mapping refuses
+            # upgrade requests, and an upstream switching unasked is cut off here.
+            log.warning("refused a protocol switch (101) from %s", flow.request.pretty_url)
+            flow.kill()
+            return
         exchange: Exchange | None = flow.metadata.get(MCP)
-        if exchange is None or flow.response is None:
+        if exchange is None:
             return
         try:
-            response = flow.response
-            encoded = response.headers.get("content-encoding", "identity").strip().lower() != "identity"
-            if _media(response) == "text/event-stream" and not encoded:
+            readable = _readable(response)
+            if readable and _media(response) == "text/event-stream" and _encoding(response) == "identity":
                 # An MCP server's stream may stay open for the session: pass events on as they come,
                 # tool lists filtered, cedargate's answers for refused messages appended at the end.
-                # (A stream encoded although the request asked for none is read whole, in `response`.)
+                # (Any other answer is read whole, in `response`.)
                 response.stream = SseRewriter(self._tool_filter(flow), exchange.answers)
                 response.headers.pop("content-length", None)  # the rewritten stream has another length
-                if response.http_version.startswith("HTTP/1"):
+                if flow.request.http_version.startswith("HTTP/1"):
                     response.headers["transfer-encoding"] = "chunked"
+                # Recorded now: the stream may stay open for the session (or the proxy stop first).
+                self._finish_forwarded(flow, response.status_code)
         except Exception:
             log.exception("cannot prepare reading the MCP answer to %s", flow.request.pretty_url)
             flow.kill()  # never pass an answer on unread
+
+    def websocket_message(self, flow) -> None:
+        # Never reached while 101 answers are cut off; should one get through, nothing is relayed.
+        flow.websocket.messages[-1].drop()
 
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.response is None:
@@ -243,10 +257,7 @@ class Enforcer:
                 self._rewrite_answer(flow, exchange)
             except Exception:
                 log.exception("cannot read the MCP answer to %s", flow.request.pretty_url)
-                flow.response = http.Response.make(502, json.dumps({
-                    "type": "urn:cedargate:problem:upstream-answer", "status": 502,
-                    "title": "cedargate could not check the MCP server's answer, so it is not passed on",
-                }).encode(), {"Content-Type": "application/problem+json"})
+                flow.response = unreadable_answer()
         self._finish_forwarded(flow, upstream_status)
 
     def error(self, flow: http.HTTPFlow) -> None:
@@ -255,6 +266,9 @@ class Enforcer:
     def _rewrite_answer(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
         """Filter the tool lists in a whole (not streamed) MCP answer and add cedargate's answers to it."""
         response = flow.response
+        if _encoding(response) not in ANSWER_ENCODINGS or (response.raw_content and not _readable(response)):
+            raise ValueError(f"an answer cedargate may read otherwise than the client: "
+                             f"{response.headers.get('content-type')!r}, {_encoding(response)!r}")
         body = response.get_content(strict=True) or b""
         if _media(response) == "text/event-stream":  # encoded: see responseheaders
             rewriter = SseRewriter(self._tool_filter(flow), exchange.answers)
@@ -307,9 +321,9 @@ def call_of(flow: http.HTTPFlow, agent: str) -> Call:
         query=query,
         host_header=request.host_header,
         headers=plain_headers(request.headers),
-        # Decoded (gzip etc.) so policies see the JSON the upstream will see; undecodable stays raw
-        # and then fails JSON mapping, which refuses the call.
-        body=request.get_content(strict=False) or b"",
+        # The bytes the upstream will get: a Content-Encoding other than identity is refused by the
+        # mapping, since decoders differ.
+        body=request.raw_content or b"",
     )
 
 
@@ -332,6 +346,26 @@ def plain_headers(headers: http.Headers) -> dict[str, str]:
         else:
             plain[name] += ", " + value
     return plain
+
+
+# Encodings an MCP client decodes as cedargate does; others (mitmproxy even decodes "base64") are refused.
+ANSWER_ENCODINGS = frozenset({"identity", "gzip", "deflate", "br", "zstd"})
+
+
+def unreadable_answer() -> http.Response:
+    return http.Response.make(502, json.dumps({
+        "type": "urn:cedargate:problem:upstream-answer", "status": 502,
+        "title": "cedargate could not check the MCP server's answer, so it is not passed on",
+    }).encode(), {"Content-Type": "application/problem+json"})
+
+
+def _encoding(message: http.Message) -> str:
+    return message.headers.get("content-encoding", "identity").strip().lower() or "identity"
+
+
+def _readable(response: http.Response) -> bool:
+    """Whether an MCP client reads this answer's bytes as cedargate does: UTF-8, a common encoding."""
+    return plain_utf8(response.headers.get("content-type", "")) and _encoding(response) in ANSWER_ENCODINGS
 
 
 def _media(message: http.Message) -> str:

@@ -101,9 +101,16 @@ def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = No
                 f"the Host header names {named!r} but the call goes to {host!r}; send them alike"
             )
     check_normal_path(call.path)
-    if any(k.lower() == "upgrade" for k in call.headers):
-        # A WebSocket (or h2c) upgrade would open a channel whose messages no policy decides.
-        raise MappingError("cedargate decides each HTTP call and does not forward protocol upgrades (Upgrade)")
+    for name, value in call.headers.items():
+        key = name.lower()
+        if key == "upgrade" or key.startswith("sec-websocket-"):
+            # A WebSocket (or h2c) upgrade would open a channel whose messages no policy decides.
+            raise MappingError("cedargate decides each HTTP call and does not forward protocol upgrades "
+                               f"({name})")
+        if key == "content-encoding" and value.strip().lower() not in ("", "identity"):
+            # Decoders differ (mitmproxy even decodes "base64"): the policy and the server must read
+            # the same bytes, so a body is sent as it is.
+            raise MappingError(f"cedargate decides on bodies sent without Content-Encoding, not {value[:40]!r}", 415)
     context: dict = {
         "scheme": call.scheme,
         "host": host,
@@ -275,10 +282,11 @@ def parse_json(call: Call, max_bytes: int):
         raise MappingError(f"the call has more than one Content-Type ({content_type!r})")
     if not call.body or not (media in ("application/json", "text/json") or media.endswith("+json")):
         return None
-    charset = _charset(content_type)
-    if charset not in (None, "utf-8", "utf8"):
-        # A server honouring charset=utf-7 (express.json does) reads other JSON than UTF-8 shows us.
-        raise MappingError(f"a JSON body must be UTF-8, not charset={charset}", 415)
+    if not plain_utf8(content_type):
+        # A server honouring charset=utf-7 (express.json does) reads other JSON than UTF-8 shows us, and
+        # parsers disagree on quoted or repeated parameters: only one spelling is taken.
+        raise MappingError(f"a JSON body must be UTF-8, sent as {media} or {media}; charset=utf-8, "
+                           f"not {content_type[:100]!r}", 415)
     if len(call.body) > max_bytes:
         # Dropping the body would let an agent pad a call past any body-based policy; refuse instead.
         raise MappingError(
@@ -294,12 +302,13 @@ def parse_json(call: Call, max_bytes: int):
     return parsed
 
 
-def _charset(content_type: str) -> str | None:
-    for parameter in content_type.split(";")[1:]:
-        name, _, value = parameter.partition("=")
-        if name.strip().lower() == "charset":
-            return value.strip().strip('"').lower()
-    return None
+_PLAIN_UTF8 = re.compile(r'[^;"]+(;\s*charset\s*=\s*("utf-?8"|utf-?8)\s*)?', re.I)
+
+
+def plain_utf8(content_type: str) -> bool:
+    """Whether a media type says UTF-8 in the one way every parser reads alike: no parameters, or a
+    single `charset=utf-8`."""
+    return _PLAIN_UTF8.fullmatch(content_type.strip()) is not None
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:

@@ -74,7 +74,9 @@ class Message:
         params = bound.get("params")
         if isinstance(params, dict) and isinstance(params.get("_meta"), dict):
             meta = {k: v for k, v in params["_meta"].items() if k != "progressToken"}
-            bound["params"] = {**params, "_meta": meta}
+            bound["params"] = {k: v for k, v in params.items() if k != "_meta"}
+            if meta:  # `_meta: {progressToken}` binds like no `_meta` at all
+                bound["params"]["_meta"] = meta
         return json.dumps(bound, sort_keys=True, separators=(",", ":")).encode()
 
     @property

@@ -7,6 +7,7 @@ would see; the server's call log says what really reached the tool.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -366,8 +367,29 @@ class _QuirkyServer(ThreadingHTTPServer):
 
             def do_GET(self) -> None:
                 server.seen.append(("GET", dict(self.headers)))
-                replay = b"id: 7\nevent: message\ndata: " + json.dumps(server.TOOLS).encode() + b"\n\n"
-                self._answer("text/event-stream", replay)
+                quirk = self.headers.get("X-Quirk")
+                if quirk == "switch":  # a protocol switch nobody asked for
+                    self.send_response(101)
+                    self.send_header("Upgrade", "websocket")
+                    self.send_header("Connection", "Upgrade")
+                    self.end_headers()
+                    self.wfile.write(b"\x81\x05hello")  # a WebSocket text frame
+                    return
+                tools = json.dumps(server.TOOLS)
+                if quirk == "utf-7":  # "tools" spelled so that only a UTF-7 reader sees it
+                    tools = tools.replace('"tools"', '"+AHQ-ools"')
+                media = "text/event-stream" + ("; charset=utf-7" if quirk == "utf-7" else "")
+                replay = b"id: 7\nevent: message\ndata: " + tools.encode() + b"\n\n"
+                if quirk == "base64":
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Encoding", "base64")
+                    payload = base64.b64encode(json.dumps(server.TOOLS).encode())
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                self._answer(media, replay)
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
@@ -395,8 +417,18 @@ def test_tool_lists_are_filtered_wherever_the_server_sends_them(gate):
                                           b'{"name":"shutdown_cluster","arguments":{"cluster":"eu-1"}}}',
                              headers={"Content-Type": "application/json; charset=utf-7"})
             lookalike = http.post(url + "/", json={"jsonrpc": "2.0", "id": 3, "method": "tools/list"})
+            # Answers an MCP client would read otherwise than cedargate are not passed on.
+            utf7_answer = http.get(url, headers={"X-Quirk": "utf-7"})
+            base64_answer = http.get(url, headers={"X-Quirk": "base64"})
+            try:
+                switched = http.get(url, headers={"X-Quirk": "switch"})
+            except httpx.HTTPError as exc:  # the connection is cut
+                switched = exc
     finally:
         server.shutdown()
+    assert utf7_answer.status_code == 502 and utf7_answer.json()["type"] == "urn:cedargate:problem:upstream-answer"
+    assert base64_answer.status_code == 502
+    assert not isinstance(switched, httpx.Response) or switched.status_code != 101
     # The event stream arrives whole and readable (its Content-Length was the server's, not ours).
     assert replayed.status_code == 200 and "content-length" not in replayed.headers
     data = [line[5:].strip() for line in replayed.text.splitlines() if line.startswith("data:")]
@@ -406,4 +438,4 @@ def test_tool_lists_are_filtered_wherever_the_server_sends_them(gate):
     assert upgrade.status_code == 400 and "upgrades" in upgrade.json()["detail"]
     assert utf7.status_code == 415 and "must be UTF-8" in utf7.json()["detail"]
     assert lookalike.status_code == 404 and "send MCP calls to /mcp" in lookalike.json()["detail"]
-    assert [method for method, _ in server.seen] == ["GET", "POST"]
+    assert [method for method, _ in server.seen] == ["GET", "POST", "GET", "GET", "GET"]

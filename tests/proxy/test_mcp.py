@@ -453,6 +453,33 @@ def test_a_json_body_in_another_charset_is_refused(bundled, charset):
     assert refused.value.status == 415 and "must be UTF-8" in str(refused.value)
 
 
+@pytest.mark.parametrize("content_type", [
+    'application/json; x="a;charset=utf-8"; charset=utf-7',  # a quoted ";" fools naive parsers
+    "application/json; charset=utf-8; charset=utf-7",
+    'application/json; x="charset=utf-7"',
+    "application/json; profile=x",
+])
+def test_a_json_content_type_is_taken_only_in_its_plain_spellings(bundled, content_type):
+    with pytest.raises(MappingError) as refused:
+        map_mcp(bundled, rpc("ping"), content_type=content_type)
+    assert refused.value.status == 415
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/json;charset=UTF-8",
+                                          'application/json; charset="utf-8"', "application/json ; charset = utf8"])
+def test_the_plain_spellings_of_a_json_content_type_are_taken(bundled, content_type):
+    assert map_mcp(bundled, rpc("ping"), content_type=content_type).action[1] == "mcp_rpc"
+
+
+@pytest.mark.parametrize("encoding", ["base64", "gzip", "quopri", "x-foo"])
+def test_a_body_with_a_content_encoding_is_refused(bundled, encoding):
+    # mitmproxy would decode even base64 for the policy while the server reads the raw bytes.
+    with pytest.raises(MappingError) as refused:
+        map_mcp(bundled, rpc("ping"), headers={"Content-Encoding": encoding})
+    assert refused.value.status == 415 and "Content-Encoding" in str(refused.value)
+    assert map_mcp(bundled, rpc("ping"), headers={"Content-Encoding": "identity"}).action[1] == "mcp_rpc"
+
+
 def test_a_utf8_charset_and_utf16_bytes_are_told_apart(bundled):
     assert map_mcp(bundled, rpc("ping"), content_type="application/json; charset=UTF-8").action[1] == "mcp_rpc"
     utf16 = json.dumps(tool_call("transfer_repository", {"repo": "a/b"})).encode("utf-16")
@@ -460,9 +487,12 @@ def test_a_utf8_charset_and_utf16_bytes_are_told_apart(bundled):
         map_mcp(bundled, utf16)
 
 
-def test_a_protocol_upgrade_is_refused(bundled):
+@pytest.mark.parametrize("headers", [{"Upgrade": "websocket", "Connection": "Upgrade"},
+                                     {"Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}])
+def test_a_protocol_upgrade_is_refused(bundled, headers):
+    # mitmproxy switches to WebSocket on a 101 when the request carried Sec-WebSocket-Version alone.
     with pytest.raises(MappingError, match="upgrades"):
-        map_mcp(bundled, None, method="GET", headers={"Upgrade": "websocket", "Connection": "Upgrade"})
+        map_mcp(bundled, None, method="GET", headers=headers)
 
 
 def test_a_request_that_is_also_a_response_is_refused():
@@ -819,6 +849,12 @@ def test_a_retry_of_a_tool_call_binds_to_the_same_override():
              "method": "tools/call", "id": "retry-8", "jsonrpc": "2.0"}
     assert _fingerprint(first, {"Mcp-Session-Id": "s-1", "Last-Event-ID": "3"}) == _fingerprint(
         retry, {"mcp-session-id": "s-2"})
+
+
+def test_a_meta_holding_only_a_progress_token_binds_like_no_meta():
+    plain = tool_call("delete_repository", {"repo": "acme/old"})
+    assert _fingerprint(plain) == _fingerprint(tool_call("delete_repository", {"repo": "acme/old"},
+                                                         _meta={"progressToken": 4}))
 
 
 def test_the_rest_of_meta_is_bound_tool_code_may_read_it():
