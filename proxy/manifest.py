@@ -233,11 +233,11 @@ class Manifest:
         return routes.mcp.get(path) if routes is not None else None
 
     def mcp_lookalike(self, host: str, path: str) -> McpEndpointSpec | None:
-        """An endpoint `path` is not, but which servers may take it for: /MCP or /mcp/ for /mcp."""
+        """An endpoint `path` is not, but which servers may take it for: /MCP, /mcp/ or /mcp;x for /mcp."""
         routes = self.host(host)
         if routes is None or not routes.mcp:
             return None
-        folded = path.lower().rstrip("/")
+        folded = path.split(";", 1)[0].lower().rstrip("/")  # servers that drop ;parameters see /mcp too
         return next((e for p, e in routes.mcp.items() if p.lower().rstrip("/") == folded), None)
 
     @property

@@ -155,6 +155,9 @@ def _mcp_request(call: Call, endpoint: McpEndpointSpec, context: dict, options: 
         if batch:  # the enforcer decides a batch message by message; a whole batch has no one action
             raise MappingError("a JSON-RPC batch is decided message by message, not as one call")
         message = messages[0]
+    elif call.body:
+        # Decided as the stream's GET or the session's DELETE; a server reading a body would act on it.
+        raise MappingError(f"a {call.method.upper()} to the MCP endpoint {call.path} carries no body")
     try:
         mapped = map_message(endpoint, call.method, message, to_cedar_value, call.headers, argument_types)
     except McpError as exc:

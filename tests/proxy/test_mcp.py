@@ -433,7 +433,13 @@ def test_other_paths_on_the_mcp_host_are_unknown_actions(bundled):
         map_mcp(bundled, tool_call("search_issues", {}), url="http://mcp.github.example/v1/repos")
 
 
-@pytest.mark.parametrize("path", ["/mcp/", "/MCP", "/Mcp/"])
+def test_a_get_or_delete_with_a_body_is_refused(bundled):
+    for method in ("GET", "DELETE"):
+        with pytest.raises(MappingError, match="carries no body"):
+            map_mcp(bundled, tool_call("transfer_repository", {"repo": "a/b"}), method=method)
+
+
+@pytest.mark.parametrize("path", ["/mcp/", "/MCP", "/Mcp/", "/mcp;jsessionid=1"])
 def test_paths_a_server_may_take_for_the_endpoint_are_refused(tmp_path, path):
     # Even on a host whose other calls fall back to HTTP actions: express serves /MCP and /mcp/ as /mcp.
     manifest = {"hosts": [{"host": "mcp.github.example", "unknown": "http",
