@@ -29,10 +29,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from proxy.hosts import canonical_host
 
@@ -121,20 +121,28 @@ class ArgumentSpec(BaseModel):
     required: bool = True
 
 
+def _tool_name(value: str) -> str:
+    if not TOOL_NAME.match(value):
+        raise ValueError(f"{value!r} must be 1 to 128 letters, digits, _ . or -")
+    return value
+
+
+def _argument_name(value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError(f"argument {value!r} must be a name like order_id")
+    return value
+
+
+ToolName = Annotated[str, AfterValidator(_tool_name)]  # a tool's or a server's name
+ArgumentName = Annotated[str, AfterValidator(_argument_name)]
+
+
 class ToolSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     severity: Literal["low", "medium", "high", "critical"] = "medium"
     reversible: bool = True
-    arguments: dict[str, ArgumentSpec] = {}
-
-    @field_validator("arguments")
-    @classmethod
-    def _arguments(cls, value: dict) -> dict:
-        for name in value:
-            if not _NAME.match(name):
-                raise ValueError(f"argument {name!r} must be a name like order_id")
-        return value
+    arguments: dict[ArgumentName, ArgumentSpec] = {}
 
 
 class McpEndpointSpec(BaseModel):
@@ -143,30 +151,15 @@ class McpEndpointSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     path: str
-    server: str  # names the server in policies: McpServer::"github", Tool::"github/delete_repository"
+    server: ToolName  # names the server in policies: McpServer::"github", Tool::"github/delete_repository"
     unknown_tools: Literal["refuse", "policy"] = "refuse"
-    tools: dict[str, ToolSpec] = {}
+    tools: dict[ToolName, ToolSpec] = {}
 
     @field_validator("path")
     @classmethod
     def _path(cls, value: str) -> str:
         if not value.startswith("/") or "{" in value or "?" in value:
             raise ValueError(f"{value!r} must be a literal path like /mcp")
-        return value
-
-    @field_validator("server")
-    @classmethod
-    def _server(cls, value: str) -> str:
-        if not TOOL_NAME.match(value):
-            raise ValueError(f"server {value!r} must be 1 to 128 letters, digits, _ . or -")
-        return value
-
-    @field_validator("tools")
-    @classmethod
-    def _tools(cls, value: dict) -> dict:
-        for name in value:
-            if not TOOL_NAME.match(name):
-                raise ValueError(f"tool {name!r} must be 1 to 128 letters, digits, _ . or -")
         return value
 
 
