@@ -6,6 +6,10 @@ Allowed calls pass unchanged; refused ones get the verdict's problem+json. An es
 held (the hook awaits the core's `Oversight`) until a human decides or the hold ends; a refused
 held flow gets a response, never `flow.kill()` (mitmproxy issue 8045: the client would hang). The
 verdict is recorded once the upstream answered (or failed), with the upstream status and duration.
+
+On an MCP endpoint (see `proxy.mcp`) a batch is decided message by message, a refused request is
+answered in JSON-RPC, and the server's answers are read before the agent gets them: tool lists are
+filtered (event streams as they stream) and an answer cedargate cannot read is not passed on.
 """
 
 from __future__ import annotations
