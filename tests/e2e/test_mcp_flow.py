@@ -101,16 +101,20 @@ def mcp_server(request, tmp_path) -> Iterator[McpServer]:
     yield from _start_server(tmp_path, *(["--json-response"] if request.param == "json" else []))
 
 
-@pytest.fixture
-def gate(tmp_path, policy_dir, upstream):
+def _start_gate(tmp_path, policy_dir, upstream, policies: str = POLICIES):
     (policy_dir / "actions.yaml").write_text(yaml.safe_dump(MANIFEST))
-    (policy_dir / "github.cedar").write_text(POLICIES)
+    (policy_dir / "github.cedar").write_text(policies)
     (policy_dir / "payments.cedar").unlink()  # its actions come from the bundled manifest this one replaces
     written = subprocess.run([str(CEDARGATE), "schema", str(policy_dir)], capture_output=True, text=True,
                              cwd=REPO, timeout=30)
     assert written.returncode == 0, written.stderr
-    gate = start_cedargate(write_config(tmp_path / "c.yaml", policy_dir, tmp_path / "state", upstream,
+    return start_cedargate(write_config(tmp_path / "c.yaml", policy_dir, tmp_path / "state", upstream,
                                         hold_max_wait=30))
+
+
+@pytest.fixture
+def gate(tmp_path, policy_dir, upstream):
+    gate = _start_gate(tmp_path, policy_dir, upstream)
     yield gate
     gate.stop()
 
@@ -439,3 +443,18 @@ def test_tool_lists_are_filtered_wherever_the_server_sends_them(gate):
     assert utf7.status_code == 415 and "must be UTF-8" in utf7.json()["detail"]
     assert lookalike.status_code == 404 and "send MCP calls to /mcp" in lookalike.json()["detail"]
     assert [method for method, _ in server.seen] == ["GET", "POST", "GET", "GET", "GET"]
+
+
+@pytest.mark.parametrize("protocol", ["legacy", "modern"])
+def test_opening_a_session_follows_policy_like_any_call(tmp_path, policy_dir, upstream, mcp_server, protocol):
+    # Without the permit for the server's plumbing (initialize, server/discover, notifications...), the
+    # agent cannot open a session, and its SDK says why instead of failing on an HTTP status.
+    without_sessions = POLICIES.replace('@id("github-mcp-sessions")\npermit', '@id("github-mcp-sessions")\nforbid')
+    assert without_sessions != POLICIES
+    gate = _start_gate(tmp_path, policy_dir, upstream, without_sessions)
+    try:
+        [broken] = run_agent(gate, mcp_server.url, [{"op": "list_tools"}], protocol=protocol, session_breaks=True)
+    finally:
+        gate.stop()
+    assert "cedargate refused" in broken["exception"] and "Denied by policy" in broken["exception"]
+    assert mcp_server.calls() == []
