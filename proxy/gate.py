@@ -20,7 +20,7 @@ from enum import Enum
 from proxy.engine import CedarRequest, Engine
 from proxy.escalation import Escalation, escalation_of
 from proxy.hosts import canonical_host, is_local
-from proxy.manifest import TOOL_NAME, McpEndpointSpec
+from proxy.manifest import MCP_ACTIONS, TOOL_NAME, McpEndpointSpec
 from proxy.mapping import Call, MappingError, MappingOptions, UnknownAction, map_call, parse_json
 from proxy.mcp import Exchange, McpError, parse_messages
 from proxy.policy import PolicyInfo
@@ -29,6 +29,7 @@ from proxy.store import Recorder, utcnow
 log = logging.getLogger(__name__)
 
 PROBLEM_BASE = "urn:cedargate:problem:"
+MCP_DETAIL = ("server", "rpc_kind", "rpc_method", "tool", "uri", "prompt")
 
 
 class Outcome(str, Enum):
@@ -272,5 +273,14 @@ class Gate:
             "policy_revision": verdict.revision,
             "upstream_status": upstream_status,
             "duration_ms": round((time.perf_counter() - verdict.started) * 1000, 3),
+            **self._detail(verdict),
         })
+
+    @staticmethod
+    def _detail(verdict: Verdict) -> dict:
+        """For the audit log: what an MCP message was, which path and method do not say."""
+        request = verdict.request
+        if request is None or request.action[1] not in MCP_ACTIONS:
+            return {}
+        return {"detail": {k: request.context[k] for k in MCP_DETAIL if k in request.context}}
 

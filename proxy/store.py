@@ -126,6 +126,8 @@ class Recorder:
         for key, value in row.items():
             if isinstance(value, str):
                 row[key] = _storable(value)
+            elif isinstance(value, dict):  # `detail`: strings from the agent's message
+                row[key] = {k: _storable(v) if isinstance(v, str) else v for k, v in value.items()}
         self._queue.put_nowait((_DECISION, row))
 
     def record_event(self, event: Mapping[str, Any]) -> None:
@@ -189,7 +191,8 @@ class Recorder:
                 except queue.Empty:
                     break
             self._rate += len(batch) / RATE_HORIZON
-            rows = [item for tag, item in batch if tag == _DECISION]
+            # A decision's `detail` (what an MCP message was) goes to the audit log's payload only.
+            rows = [{k: v for k, v in item.items() if k != "detail"} for tag, item in batch if tag == _DECISION]
             events = [_decision_event(item) if tag == _DECISION else item for tag, item in batch]
             while True:
                 try:

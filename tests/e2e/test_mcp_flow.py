@@ -170,6 +170,14 @@ def test_tool_calls_are_decided_and_hard_denied_tools_are_hidden(gate, mcp_serve
     recorded = _decisions(gate)
     assert ('Action::"call_tool"', 'Tool::"github/shutdown_cluster"', "deny") in recorded
     assert ('Action::"call_tool"', 'Tool::"github/search_issues"', "allow") in recorded
+    # The audit log says what each MCP message was, which method and path ("POST /mcp") do not.
+    with sqlite3.connect(gate.database) as db:
+        payloads = [json.loads(p) for (p,) in db.execute("SELECT payload FROM audit_log WHERE kind = 'decision'")]
+    details = [p["detail"] for p in payloads if "detail" in p]
+    assert {"server": "github", "rpc_kind": "request", "rpc_method": "tools/call",
+            "tool": "shutdown_cluster"} in details
+    opening = "initialize" if protocol == "legacy" else "server/discover"
+    assert any(d["rpc_method"] == opening and "tool" not in d for d in details)
 
 
 def _approve(gate, override_id: str, approver: str = "sam") -> httpx.Response:
