@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
 
-from proxy.engine import CedarRequest, Engine
+from proxy.engine import CedarRequest, Engine, Snapshot
 from proxy.escalation import Escalation, escalation_of
 from proxy.hosts import canonical_host, is_local
 from proxy.manifest import MCP_ACTIONS, TOOL_NAME, McpEndpointSpec
@@ -198,9 +198,9 @@ class Gate:
             detail=f"no policy permits {call.agent} to {call.method.upper()} {call.url} (default deny)",
         )
 
-    def mcp_endpoint(self, call: Call) -> McpEndpointSpec | None:
+    def mcp_endpoint(self, call: Call, snapshot: Snapshot | None = None) -> McpEndpointSpec | None:
         """The MCP endpoint the call is addressed to, if the action manifest names one there."""
-        manifest = self.engine.snapshot.bundle.manifest
+        manifest = (snapshot or self.engine.snapshot).bundle.manifest
         return manifest.mcp_endpoint(canonical_host(call.host), call.path) if manifest else None
 
     def mcp_exchange(self, call: Call) -> Exchange | None:
@@ -225,9 +225,8 @@ class Gate:
         permit's scope holds, an unconditional forbid without @escalate does, or the manifest refuses it
         as unknown. A tool that policy allows only for some arguments stays visible.
         """
-        snapshot = self.engine.snapshot
-        manifest = snapshot.bundle.manifest
-        endpoint = manifest.mcp_endpoint(canonical_host(call.host), call.path) if manifest else None
+        snapshot = self.engine.snapshot  # one revision for the endpoint and the policies
+        endpoint = self.mcp_endpoint(call, snapshot)
         if endpoint is None:
             return set(names)
         agent, action = ("Agent", call.agent), ("Action", "call_tool")

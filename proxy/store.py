@@ -191,8 +191,7 @@ class Recorder:
                 except queue.Empty:
                     break
             self._rate += len(batch) / RATE_HORIZON
-            # A decision's `detail` (what an MCP message was) goes to the audit log's payload only.
-            rows = [{k: v for k, v in item.items() if k != "detail"} for tag, item in batch if tag == _DECISION]
+            rows = [_table_row(item) for tag, item in batch if tag == _DECISION]
             events = [_decision_event(item) if tag == _DECISION else item for tag, item in batch]
             while True:
                 try:
@@ -238,6 +237,12 @@ class Recorder:
         if self._rate >= self.busy_rate and self._queue.qsize() + 1 < self.batch_size:
             if self._hurry.wait(self.linger):
                 self._hurry.clear()
+
+
+def _table_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A decision as the table holds it: its `detail` (what an MCP message was) goes to the audit log's
+    payload only. Copied only when it has one: this runs for every recorded call."""
+    return row if "detail" not in row else {k: v for k, v in row.items() if k != "detail"}
 
 
 def _decision_event(row: dict[str, Any]) -> dict[str, Any]:
