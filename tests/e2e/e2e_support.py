@@ -138,6 +138,115 @@ def upstream(tmp_path_factory) -> Upstream:
 
 
 @dataclass
+class RawCall:
+    """One request as the bytes a server received, and as a strict HTTP/1.1 parser (h11) reads them."""
+
+    raw: bytes
+    method: str | None = None
+    target: str | None = None
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes = b""
+    error: str | None = None  # what h11 refused, when it could not read the request
+
+    def header(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k == name.lower()]
+
+
+@dataclass
+class RawUpstream:
+    """A loopback server that logs the raw bytes of every request, read by h11 as a strict server would.
+
+    Tests of the enforcement boundary assert on what the upstream received, byte for byte: the call
+    cedargate decided, or nothing.
+    """
+
+    http_port: int
+    https_port: int
+    ca_file: Path
+    calls: list[RawCall] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.calls.clear()
+
+
+def _serve_raw(conn, calls: list[RawCall], tls: ssl.SSLContext | None) -> None:
+    import h11
+
+    parser = h11.Connection(h11.SERVER, max_incomplete_event_size=1 << 20)
+    conn.settimeout(10)
+    try:
+        if tls is not None:
+            conn = tls.wrap_socket(conn, server_side=True)
+        while True:
+            raw = bytearray()
+            call: RawCall | None = None
+            while True:
+                try:
+                    event = parser.next_event()
+                except h11.RemoteProtocolError as exc:
+                    calls.append(RawCall(bytes(raw), error=str(exc)))
+                    return
+                if event is h11.NEED_DATA:
+                    data = conn.recv(65536)
+                    if not data:
+                        if raw:
+                            calls.append(RawCall(bytes(raw), error="connection closed mid-request"))
+                        return
+                    raw += data
+                    parser.receive_data(data)
+                elif isinstance(event, h11.Request):
+                    call = RawCall(b"", event.method.decode(), event.target.decode("latin-1"),
+                                   [(k.decode().lower(), v.decode("latin-1")) for k, v in event.headers])
+                elif isinstance(event, h11.Data) and call is not None:
+                    call.body += bytes(event.data)
+                elif isinstance(event, h11.EndOfMessage) and call is not None:
+                    call.raw = bytes(raw)
+                    calls.append(call)
+                    break
+                elif isinstance(event, h11.ConnectionClosed):
+                    return
+            payload = json.dumps({"ok": True, "method": call.method, "path": call.target}).encode()
+            conn.sendall(parser.send(h11.Response(status_code=200, headers=[
+                ("Content-Type", "application/json"), ("Content-Length", str(len(payload)))])))
+            conn.sendall(parser.send(h11.Data(data=payload)) + parser.send(h11.EndOfMessage()))
+            parser.start_next_cycle()
+    except (OSError, ssl.SSLError, h11.LocalProtocolError):
+        return
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="session")
+def raw_upstream(upstream: Upstream) -> RawUpstream:
+    import socket
+
+    # The same certificate as `upstream`, so cedargate's upstream_ca_bundle trusts both.
+    ca_file = upstream.ca_file
+    cert_file, key_file = ca_file.parent / "upstream.pem", ca_file.parent / "upstream-key.pem"
+    calls: list[RawCall] = []
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    listeners = []
+    for secure in (False, True):
+        sock = socket.create_server(("127.0.0.1", 0))
+        listeners.append(sock)
+
+        def accept(sock=sock, secure=secure) -> None:
+            while True:
+                try:
+                    conn, _ = sock.accept()
+                except OSError:
+                    return
+                threading.Thread(target=_serve_raw, args=(conn, calls, context if secure else None),
+                                 daemon=True).start()
+
+        threading.Thread(target=accept, daemon=True).start()
+    yield RawUpstream(listeners[0].getsockname()[1], listeners[1].getsockname()[1], ca_file, calls)
+    for sock in listeners:
+        sock.close()
+
+
+@dataclass
 class Cedargate:
     process: subprocess.Popen
     proxy_port: int
