@@ -13,6 +13,11 @@ the context into Cedar values is most of cedarpy's cost per call), or all of it 
 `context` as a whole. A Cedar decision is a pure function of the request and the snapshot's policies
 and entities (Cedar has no clock or randomness), so each snapshot keeps a bounded cache of decisions
 keyed by the exact request handed to Cedar; a reload starts a new snapshot and so an empty cache.
+
+An override lifts the escalatable forbids (`@escalate`) and nothing else, so a denial is grantable only
+if the call would be allowed without them. `evaluate(..., lifted=True)` answers that against the same
+snapshot: the same scope index and slices with the escalatable forbids left out, cached apart from the
+full set's (in the slice cache and the decision cache alike), so either answer stays exact.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from pathlib import Path
 import cedarpy
 from cedarpy import pst
 
+from proxy.escalation import is_escalatable
 from proxy.mcp import implicit_parents
 from proxy.policy import (
     PolicyBundle,
@@ -233,22 +239,29 @@ class Snapshot:
     def __init__(self, bundle: PolicyBundle) -> None:
         self.bundle = bundle
         self.index = ScopeIndex(bundle)
-        self._slices: _Lru = _Lru(SLICE_CACHE_SIZE)  # (principal, action, resource, path key) -> PolicySet
+        # What an override may lift: left out of every slice evaluated with `lifted`.
+        self.escalatable = frozenset(i for i, p in bundle.policies.items() if is_escalatable(p))
+        self._slices: _Lru = _Lru(SLICE_CACHE_SIZE)  # (lifted, principal, action, resource, path key) -> Slice
         self._sets: _Lru = _Lru(POLICY_SET_CACHE_SIZE)  # policy ids -> PolicySet, shared across calls
         self._overlays: _Lru = _Lru(OVERLAY_CACHE_SIZE)
         self.decisions: _Lru = _Lru(DECISION_CACHE_SIZE)  # exact Cedar request -> Evaluation
         self._lock = threading.Lock()
 
-    def policies_for(self, principal: Uid, action: Uid, resource: Uid, path: str = "/") -> cedarpy.PolicySet:
-        return self.slice_for(principal, action, resource, path).policy_set
+    def policies_for(self, principal: Uid, action: Uid, resource: Uid, path: str = "/", *,
+                     lifted: bool = False) -> cedarpy.PolicySet:
+        return self.slice_for(principal, action, resource, path, lifted=lifted).policy_set
 
-    def slice_for(self, principal: Uid, action: Uid, resource: Uid, path: str = "/") -> Slice:
-        key = (principal, action, resource, self.index.path_key(path))
+    def slice_for(self, principal: Uid, action: Uid, resource: Uid, path: str = "/", *,
+                  lifted: bool = False) -> Slice:
+        """The policies that can apply to the call; with `lifted`, without the escalatable forbids."""
+        key = (lifted, principal, action, resource, self.index.path_key(path))
         sliced = self._slices.get(key)
         if sliced is not None:
             return sliced
         ids = self.index.applicable(principal, action, resource, path)
-        sliced = self._sets.get(ids)
+        if lifted:
+            ids = tuple(i for i in ids if i not in self.escalatable)
+        sliced = self._sets.get(ids)  # keyed by the ids themselves, so both sets share it exactly
         if sliced is None:
             templates = self.bundle.templates
             chosen = [templates[i] for i in ids]
@@ -272,13 +285,12 @@ class Snapshot:
         known = self.decisions.get(key)
         if known is not None:
             return known
-        policies = self.bundle.policies
         permitted = always_forbidden = False
         for i in self.index.applicable(principal, action, resource, path):
             template = self.bundle.templates[i]
             if template.effect == "permit":
                 permitted = True
-            elif not template.clauses and "escalate" not in policies[i].annotations:
+            elif not template.clauses and i not in self.escalatable:
                 always_forbidden = True
         allowed = permitted and not always_forbidden
         with self._lock:
@@ -332,15 +344,19 @@ class Engine:
     def snapshot(self) -> Snapshot:
         return self._snapshot
 
-    def evaluate(self, request: CedarRequest, snapshot: Snapshot | None = None) -> Evaluation:
+    def evaluate(self, request: CedarRequest, snapshot: Snapshot | None = None, *,
+                 lifted: bool = False) -> Evaluation:
+        """Cedar's decision on the request; with `lifted`, as if every escalatable forbid were removed
+        (what a human's grant could at most release)."""
         # Read once (or given by a caller that mapped with it): one decision, one revision.
         snap = snapshot or self._snapshot
         sliced = snap.slice_for(request.principal, request.action, request.resource,
-                                request.context.get("path", "/"))
+                                request.context.get("path", "/"), lifted=lifted)
         entities = snap.entities_for(request.principal, request.resource)
         cedar_request = request.as_cedarpy()
         cedar_request["context"] = sliced.context_of(request.context)
-        key = (request.principal, request.action, request.resource,
+        # `lifted` in the key: the same request may be denied by the full set and allowed by the other.
+        key = (lifted, request.principal, request.action, request.resource,
                json.dumps(cedar_request["context"], sort_keys=True, separators=(",", ":")))
         cached = snap.decisions.get(key)
         if cached is not None:

@@ -3,8 +3,14 @@
 A `forbid` annotated `@escalate("role")` is escalatable to approvers holding that role;
 `@escalate("security, lead-engineer")` needs one distinct approver from each listed role (the
 two-person rule across roles); `@approvals("2")` needs that many distinct approvers; `@expires("15m")`
-sets how long the request may stay pending. A denial escalates only if every determining forbid is
-escalatable, and then it needs every one's approvals at once.
+sets how long the request may stay pending.
+
+A denial escalates only if every determining forbid is escalatable *and* the call would be allowed
+were the escalatable forbids lifted: a permit matches, no other forbid does, nothing errors. A grant
+lifts a forbid; it never stands in for a missing permit, or an agent could make a call no policy allows
+grantable by tripping an escalatable forbid on purpose (say, by reporting low confidence). The engine
+answers the second half (`Engine.evaluate(..., lifted=True)`); an escalation needs every determining
+forbid's approvals at once.
 """
 
 from __future__ import annotations
@@ -61,11 +67,16 @@ def parse_duration(text: str) -> int:
     return int(match.group(1)) * _UNITS[match.group(2)]
 
 
+def is_escalatable(policy: PolicyInfo) -> bool:
+    """Whether a grant may lift this policy: a forbid with @escalate."""
+    return policy.effect == "forbid" and "escalate" in policy.annotations
+
+
 def requirement_of(policy: PolicyInfo) -> Requirement | None:
     """The policy's escalation requirement, or None when it is not escalatable."""
-    spec = policy.annotations.get("escalate")
-    if spec is None or policy.effect != "forbid":
+    if not is_escalatable(policy):
         return None
+    spec = policy.annotations["escalate"]
     roles = tuple(r.strip() for r in spec.split(",") if r.strip())
     if not roles:
         raise AnnotationError(f'policy "{policy.policy_id}": @escalate needs at least one role name')
@@ -102,7 +113,10 @@ class Escalation:
 
 
 def escalation_of(determining: Iterable[PolicyInfo], default_expiry: int) -> Escalation | None:
-    """The escalation for a denial, or None for a hard deny (any determining forbid not escalatable)."""
+    """What granting a denial needs, or None when a determining forbid is not escalatable (a hard deny).
+
+    Only half the rule: the caller must also find the call allowed with these forbids lifted.
+    """
     forbids = [p for p in determining if p.effect == "forbid"]
     requirements = [requirement_of(p) for p in forbids]
     if not forbids or any(r is None for r in requirements):

@@ -4,6 +4,10 @@
 with no evaluation errors, and the record can take the row. Every other path is a refusal with a
 problem type saying why. The verdict keeps the determining policies with their annotations, which is
 what a later step needs to turn a denial into an override request.
+
+A denial escalates only if every determining forbid carries `@escalate` and the call would be allowed
+with those forbids lifted (see `proxy.escalation`); otherwise it is a hard deny: `no-permit` when no
+permit allows the call even then, `policy-denied` when a forbid without `@escalate` matches.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
 
-from proxy.engine import CedarRequest, Engine, Snapshot
-from proxy.escalation import Escalation, escalation_of
+from proxy.engine import CedarRequest, Engine, Evaluation, Snapshot
+from proxy.escalation import Escalation, escalation_of, is_escalatable
 from proxy.hosts import canonical_host, is_local
 from proxy.manifest import MCP_ACTIONS, TOOL_NAME, McpEndpointSpec
 from proxy.mapping import Call, MappingError, MappingOptions, UnknownAction, map_call, parse_json
@@ -35,7 +39,7 @@ MCP_DETAIL = ("server", "rpc_kind", "rpc_method", "tool", "uri", "prompt")
 class Outcome(str, Enum):
     ALLOW = "allow"
     DENY = "deny"  # a hard deny: no human can override it
-    ESCALATE = "escalate"  # denied, but every determining forbid lets a human grant an exception
+    ESCALATE = "escalate"  # denied only by @escalate forbids, beneath which a permit allows the call
     ERROR = "error"
 
 
@@ -75,6 +79,8 @@ class Verdict:
     detail: str = ""
     extra_headers: dict[str, str] = field(default_factory=dict)
     escalation: Escalation | None = None
+    # The permits that allow the call once its escalatable forbids are lifted: what a grant releases under.
+    beneath: tuple[PolicyInfo, ...] = ()
     extra: dict = field(default_factory=dict)  # more problem members, e.g. the override id
 
     @property
@@ -186,16 +192,43 @@ class Gate:
                 + "; ".join(evaluation.errors or (f"Cedar returned {evaluation.decision}",)),
             )
         forbids = tuple(p for p in determining if p.effect == "forbid")
-        if forbids:
-            reasons = "; ".join(p.reason or f'forbidden by policy "{p.policy_id}"' for p in forbids)
-            escalation = escalation_of(forbids, self.default_expiry)
+        default_deny = f"no policy permits {call.agent} to {call.method.upper()} {call.url} (default deny)"
+        if not forbids:
+            return Verdict(**common, outcome=Outcome.DENY, problem=Problem.NO_PERMIT, status=403, detail=default_deny)
+        reasons = "; ".join(p.reason or f'forbidden by policy "{p.policy_id}"' for p in forbids)
+        if not all(is_escalatable(p) for p in forbids):
+            return Verdict(**common, outcome=Outcome.DENY, problem=Problem.POLICY_DENIED, status=403, detail=reasons)
+        # Every forbid is escalatable; a grant would lift them, so what lies beneath decides.
+        lifted = self.engine.evaluate(request, snapshot, lifted=True)
+        if lifted.allowed:
             return Verdict(
-                **common, outcome=Outcome.ESCALATE if escalation else Outcome.DENY,
-                problem=Problem.POLICY_DENIED, status=403, detail=reasons, escalation=escalation,
+                **common, outcome=Outcome.ESCALATE, problem=Problem.POLICY_DENIED, status=403, detail=reasons,
+                escalation=escalation_of(forbids, self.default_expiry), beneath=lifted.policies,
             )
+        return self._not_grantable(common, forbids, lifted, default_deny)
+
+    @staticmethod
+    def _not_grantable(common: dict, forbids: tuple[PolicyInfo, ...], lifted: Evaluation,
+                       default_deny: str) -> Verdict:
+        """The hard deny of a call whose escalatable forbids cover for a missing permit."""
+        if lifted.errors:  # cannot happen after an error-free first evaluation of a superset; refuse anyway
+            return Verdict(
+                **{**common, "errors": lifted.errors}, outcome=Outcome.ERROR, problem=Problem.EVALUATION_ERROR,
+                status=403, detail="a policy could not be evaluated for this call, so it is refused: "
+                + "; ".join(lifted.errors),
+            )
+        others = tuple(p for p in lifted.policies if p.effect == "forbid")
+        if others:  # likewise impossible (Cedar reports every matching forbid), and a hard deny all the same
+            return Verdict(
+                **{**common, "determining": forbids + others}, outcome=Outcome.DENY,
+                problem=Problem.POLICY_DENIED, status=403,
+                detail="; ".join(p.reason or f'forbidden by policy "{p.policy_id}"' for p in forbids + others),
+            )
+        ids = ", ".join(f'"{p.policy_id}"' for p in forbids)
         return Verdict(
             **common, outcome=Outcome.DENY, problem=Problem.NO_PERMIT, status=403,
-            detail=f"no policy permits {call.agent} to {call.method.upper()} {call.url} (default deny)",
+            detail=f"{default_deny}. The matching escalatable {'forbid' if len(forbids) == 1 else 'forbids'} "
+            f"{ids} cannot make it grantable: an override lifts a forbid, it never stands in for a permit.",
         )
 
     def mcp_endpoint(self, call: Call, snapshot: Snapshot | None = None) -> McpEndpointSpec | None:

@@ -286,8 +286,8 @@ class _EngineReloadedMidDecision(Engine):
 
     next_text: str | None = None
 
-    def evaluate(self, request, snapshot=None):
-        evaluation = super().evaluate(request, snapshot)
+    def evaluate(self, request, snapshot=None, *, lifted=False):
+        evaluation = super().evaluate(request, snapshot, lifted=lifted)
         if self.next_text is not None:
             write_policy_file(self.policy_dir / "ops.cedar", self.next_text)
             self.next_text = None

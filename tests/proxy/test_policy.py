@@ -41,6 +41,7 @@ def test_bundled_policies_load_with_their_ids_effects_lines_and_reasons():
     assert {i: p.effect for i, p in bundle.policies.items()} == {
         "ops-read": "permit",
         "ops-stop-instance": "permit",
+        "ops-delete-volumes": "permit",
         "protect-production-instances": "forbid",
         "no-volume-deletion": "forbid",
         "finance-refunds": "permit",
@@ -55,12 +56,13 @@ def test_bundled_policies_load_with_their_ids_effects_lines_and_reasons():
     # The line is the @id line, so an operator can jump to it.
     assert {i: (p.file, p.line) for i, p in bundle.policies.items()} == {
         "ops-read": ("ops.cedar", 5),
-        "ops-stop-instance": ("ops.cedar", 9),
-        "protect-production-instances": ("ops.cedar", 14),
-        "no-volume-deletion": ("ops.cedar", 25),
+        "ops-delete-volumes": ("ops.cedar", 11),
+        "ops-stop-instance": ("ops.cedar", 16),
+        "protect-production-instances": ("ops.cedar", 21),
+        "no-volume-deletion": ("ops.cedar", 32),
         "finance-refunds": ("payments.cedar", 4),
         "large-refunds": ("payments.cedar", 12),
-        "low-confidence-writes": ("ops.cedar", 32),
+        "low-confidence-writes": ("ops.cedar", 39),
         "github-mcp-sessions": ("github.cedar", 4),
         "github-tools": ("github.cedar", 8),
         "no-repository-deletion": ("github.cedar", 12),
