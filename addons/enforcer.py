@@ -158,13 +158,24 @@ class Enforcer:
             verdict = await self._hold(flow, verdict, wait)
             if verdict is None:
                 return None  # granted and released: forward the original call, once
-        if verdict.allowed:
+        elif verdict.allowed:
             return None
+        else:
+            verdict = await self._grant_refused(verdict)
         log.info(
             "%s %s %s %s: %s", verdict.outcome.value, verdict.call.agent, verdict.call.method, verdict.call.url,
             ", ".join(p.policy_id for p in verdict.determining) or verdict.problem.value,
         )
         return verdict
+
+    async def _grant_refused(self, verdict: Verdict) -> Verdict:
+        """A hard deny of a call a human granted earlier spends that grant, and says so."""
+        try:
+            refused = await self.runtime.oversight.refuse_grant(verdict)
+        except Exception:  # the call is refused either way; only the better answer is lost
+            log.exception("looking for a grant of %s failed", verdict.call.url)
+            return verdict
+        return refused.verdict if refused is not None else verdict
 
     async def _enforce_batch(self, flow: http.HTTPFlow, call: Call, exchange: Exchange) -> None:
         """Decide each message of a JSON-RPC batch; forward the allowed ones, answer for the others.

@@ -14,7 +14,8 @@ from dataclasses import replace
 from urllib.parse import urlsplit
 
 from proxy.engine import Engine
-from proxy.gate import Gate, Outcome
+from proxy.escalation import is_escalatable
+from proxy.gate import Gate, Outcome, Problem, Verdict
 from proxy.mapping import Call, MappingOptions
 from proxy.policy import PolicyLoadError
 
@@ -89,10 +90,39 @@ def _explain(gate: Gate, call: Call) -> dict:
             "requirements": [r.as_dict() for r in verdict.escalation.requirements],
             "expires_in_seconds": verdict.escalation.expires_in,
         }
+    if not verdict.allowed:
+        report["grantable"] = _grantable(verdict)
     if request and request.action == ("Action", "call_tool"):
         tool = request.context["tool"]
         report["listed_in_tools_list"] = bool(gate.visible_tools(call, [tool]))
     return report
+
+
+def _grantable(verdict: Verdict) -> dict:
+    """Whether a human could grant the refused call, and why (not), by the rule the gate applies:
+    every determining forbid escalatable, and a permit allowing the call once they are lifted."""
+    forbids = [p for p in verdict.determining if p.effect == "forbid"]
+    lifts = [p.policy_id for p in forbids if is_escalatable(p)]
+    permits = [p.policy_id for p in verdict.beneath]
+    if verdict.outcome is Outcome.ESCALATE:
+        why = (f"with the @escalate {_plural('forbid', lifts)} lifted, {_plural('permit', permits)} "
+               f"{', '.join(permits)} {'allows' if len(permits) == 1 else 'allow'} the call")
+    elif verdict.problem not in (Problem.POLICY_DENIED, Problem.NO_PERMIT):
+        why = f"a refusal of type {verdict.problem.value if verdict.problem else 'error'} is never escalated"
+    elif len(lifts) < len(forbids):
+        plain = [p.policy_id for p in forbids if not is_escalatable(p)]
+        why = f"{_plural('forbid', plain)} {', '.join(plain)} {'has' if len(plain) == 1 else 'have'} no @escalate"
+    elif forbids:
+        why = (f"{_plural('forbid', lifts)} {', '.join(lifts)} {'carries' if len(lifts) == 1 else 'carry'} "
+               f"@escalate, but with {'it' if len(lifts) == 1 else 'them'} lifted no permit allows the call; "
+               "a grant lifts a forbid, it never stands in for a permit")
+    else:
+        why = "no permit allows the call (default deny)"
+    return {"grantable": verdict.outcome is Outcome.ESCALATE, "lifts": lifts, "permitted_by": permits, "why": why}
+
+
+def _plural(noun: str, items: list) -> str:
+    return noun if len(items) == 1 else noun + "s"
 
 
 def _call_of(args: argparse.Namespace) -> Call:
@@ -138,6 +168,10 @@ def _text(report: dict) -> str:
         lines.append(f"  {policy['effect']:<6} {policy['id']}  ({policy['file']}) {notes}".rstrip())
     for error in report["errors"]:
         lines.append(f"  error  {error}")
+    if "grantable" in report:
+        grantable = report["grantable"]
+        lines.append(("grantable: " if grantable["grantable"] else
+                      "hard deny, no human can override it: ") + grantable["why"])
     if "escalation" in report:
         for requirement in report["escalation"]["requirements"]:
             lines.append(
@@ -145,8 +179,6 @@ def _text(report: dict) -> str:
                 f"approver(s)) for {requirement['policy_id']}; pending requests expire after "
                 f"{report['escalation']['expires_in_seconds']} s"
             )
-    elif report["decision"] != "allow":
-        lines.append("no human can override this decision (hard deny)")
     if "listed_in_tools_list" in report:
         lines.append("tools/list " + ("shows this tool to the agent" if report["listed_in_tools_list"]
                                       else "hides this tool from the agent: policy denies every call of it"))

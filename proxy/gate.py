@@ -194,10 +194,12 @@ class Gate:
         forbids = tuple(p for p in determining if p.effect == "forbid")
         default_deny = f"no policy permits {call.agent} to {call.method.upper()} {call.url} (default deny)"
         if not forbids:
-            return Verdict(**common, outcome=Outcome.DENY, problem=Problem.NO_PERMIT, status=403, detail=default_deny)
+            return Verdict(**common, outcome=Outcome.DENY, problem=Problem.NO_PERMIT, status=403,
+                           detail=default_deny)
         reasons = "; ".join(p.reason or f'forbidden by policy "{p.policy_id}"' for p in forbids)
         if not all(is_escalatable(p) for p in forbids):
-            return Verdict(**common, outcome=Outcome.DENY, problem=Problem.POLICY_DENIED, status=403, detail=reasons)
+            return Verdict(**common, outcome=Outcome.DENY, problem=Problem.POLICY_DENIED, status=403,
+                           detail=reasons)
         # Every forbid is escalatable; a grant would lift them, so what lies beneath decides.
         lifted = self.engine.evaluate(request, snapshot, lifted=True)
         if lifted.allowed:

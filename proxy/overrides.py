@@ -181,6 +181,17 @@ class OverrideStore:
             session.commit()
             return override, True
 
+    def granted_for(self, call: Call, binding: bytes | None = None) -> Override | None:
+        """The unexpired, unconsumed grant for this exact call, if a human gave one."""
+        with Session(self.engine, expire_on_commit=False) as session:
+            return session.exec(
+                select(Override).where(
+                    Override.fingerprint == fingerprint(call, binding),
+                    Override.status == OverrideStatus.GRANTED.value,
+                    Override.grant_expires_at > utcnow(),
+                ).order_by(Override.created_at.desc())
+            ).first()
+
     def get(self, override_id: str) -> Override | None:
         with Session(self.engine, expire_on_commit=False) as session:
             return session.get(Override, override_id)

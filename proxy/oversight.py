@@ -4,6 +4,11 @@
 call until a human decides or the hold ends, and returns a `Resolution`: release the call upstream, or
 refuse it with a problem saying why (denied, expired, still pending with where to look, or refused at
 release because current policy now hard-denies it). A grant is consumed by exactly one release.
+
+At release the call is decided again under the current policies, by the same rule as any call: it goes
+only if it is still allowed, or still denied only by escalatable forbids the grant covers, with a permit
+beneath them. An agent's retry of a granted call that current policy hard-denies never reaches a hold;
+`refuse_grant` spends that grant as refused, so the agent (and the reviewer) learn why.
 """
 
 from __future__ import annotations
@@ -113,6 +118,20 @@ class Oversight:
                                 "expires_at": override.expires_at.isoformat(), "justification": justification})
         return override
 
+    async def refuse_grant(self, verdict: Verdict) -> Resolution | None:
+        """For a call current policy hard-denies: spend a grant a human gave this exact call as refused,
+        and answer with why; None when it has none (the hard deny stands as it is).
+
+        Without this the grant would stay live, and be released should the policies change back.
+        """
+        if verdict.request is None or verdict.outcome not in (Outcome.DENY, Outcome.ERROR):
+            return None
+        binding = binding_of(verdict.request.action[1], verdict.call.body)
+        override = await asyncio.to_thread(self.overrides.granted_for, verdict.call, binding)
+        if override is None:
+            return None
+        return await asyncio.to_thread(self._refuse_release, verdict, verdict, override, True)
+
     def _release(self, verdict: Verdict, override: Override) -> Resolution | None:
         """Check the call against the current policies, then consume the grant; None if already consumed."""
         now = utcnow()
@@ -123,15 +142,9 @@ class Oversight:
         needs_more = recheck.outcome is Outcome.ESCALATE and not {
             p.policy_id for p in recheck.determining} <= granted_for
         if recheck.outcome in (Outcome.DENY, Outcome.ERROR) or needs_more:
-            # A hard deny now, or policies that changed to need approvals nobody gave: never release.
-            if self.overrides.transition(override.id, OverrideStatus.GRANTED, OverrideStatus.RELEASE_REFUSED,
-                                         released_at=now, release_decision_id=verdict.decision_id):
-                self.event("release_refused", override, decision_id=verdict.decision_id,
-                           payload={"recheck": recheck.problem_body()})
-            override = self.overrides.get(override.id) or override  # report the status it has now
-            return self._refuse(replace(recheck, decision_id=verdict.decision_id), override,
-                                Problem.RELEASE_REFUSED,
-                                f"the override was granted, but the current policies refuse the call: {recheck.detail}")
+            # A hard deny now (no permit beneath any more, say), or policies that changed to need
+            # approvals nobody gave: never release.
+            return self._refuse_release(verdict, recheck, override, False)
         if not self.overrides.transition(override.id, OverrideStatus.GRANTED, OverrideStatus.RELEASED,
                                          unexpired_grant=True, released_at=now,
                                          release_decision_id=verdict.decision_id):
@@ -142,6 +155,23 @@ class Oversight:
         log.info("released %s %s for %s under override %s", verdict.call.method, verdict.call.url,
                  verdict.call.agent, override.id)
         return Resolution(True, verdict, override.id)
+
+    def _refuse_release(self, verdict: Verdict, recheck: Verdict, override: Override,
+                        only_if_spent: bool) -> Resolution | None:
+        """Move the grant to release_refused and answer with the recheck's reason.
+
+        `only_if_spent`: None when this caller did not move it (it expired or was used meanwhile).
+        """
+        spent = self.overrides.transition(override.id, OverrideStatus.GRANTED, OverrideStatus.RELEASE_REFUSED,
+                                          released_at=utcnow(), release_decision_id=verdict.decision_id)
+        if spent:
+            self.event("release_refused", override, decision_id=verdict.decision_id,
+                       payload={"recheck": recheck.problem_body()})
+        elif only_if_spent:
+            return None
+        override = self.overrides.get(override.id) or override  # report the status it has now
+        return self._refuse(replace(recheck, decision_id=verdict.decision_id), override, Problem.RELEASE_REFUSED,
+                            f"the override was granted, but the current policies refuse the call: {recheck.detail}")
 
     def _refuse(self, verdict: Verdict, override: Override, problem: Problem, detail: str) -> Resolution:
         status_url = f"{self.api_base_url()}/overrides/{override.id}"
