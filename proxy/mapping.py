@@ -107,10 +107,11 @@ def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = No
     content_type = ""
     for name, value in call.headers.items():
         key = name.lower()
-        _refuse(ambiguity.header_problem(name, key, value))
-        if key == "host":  # with :authority in HTTP/2, or a second Host header's value
+        if key == "host":  # besides :authority in HTTP/2
             _check_host_header(call, host, value)
-        elif key == "content-type":
+            continue
+        _refuse(ambiguity.header_problem(name, key, value))
+        if key == "content-type":
             content_type = value
         if key == "upgrade" or key.startswith("sec-websocket-"):
             # A WebSocket (or h2c) upgrade would open a channel whose messages no policy decides.
@@ -208,6 +209,7 @@ def _refuse(problem: str | None) -> None:
 
 def _check_host_header(call: Call, host: str, authority: str) -> None:
     """A policy sees where the call goes; an upstream routing by Host must not see another host."""
+    _refuse(ambiguity.header_problem("Host", "host", authority))  # repeated Host headers come joined
     named = _hostname(authority)
     # (Spelled as the call's own host, it is that host: canonical_host is costly, so skip it then.)
     if named != call.host and canonical_host(named) != host:
