@@ -134,14 +134,14 @@ def override_problem(where: str, parameter: str) -> str:
             "the method it names instead of the one decided; send the call with its real method instead")
 
 
-# Dotless and dotted I: Java's equalsIgnoreCase and .NET's invariant upper case take both for "i".
-_EXTRA_FOLDS = str.maketrans({"\u0131": "i", "\u0130": "i"})
-
-
 def fold_key(key: str) -> str:
-    """A JSON key as servers that match keys ignoring case compare it. Python's casefold covers Go's
-    folding of 'ſ' to s and the Kelvin sign to k, and more (ß to ss): refusing too much is safe."""
-    return key.lower() if key.isascii() else key.translate(_EXTRA_FOLDS).casefold()
+    """A JSON key as servers that match keys ignoring case compare it, or more loosely: refusing more
+    than they match is safe. Python's casefold covers Go's folding of 'ſ' to s and the Kelvin sign to
+    k (and folds ß to ss); the dotless ı and the dotted İ (casefolded to i and a combining dot) are
+    taken for i, as Java's equalsIgnoreCase takes them."""
+    if key.isascii():
+        return key.lower()
+    return key.casefold().replace("\u0131", "i").replace("i\u0307", "i")
 
 
 def colliding_keys(keys: Iterable[str]) -> tuple[str, str] | None:

@@ -15,6 +15,7 @@ import json
 import shutil
 import socket
 import ssl
+import threading
 from dataclasses import dataclass
 
 import httpx
@@ -80,20 +81,47 @@ class Answer:
         return json.loads(self.body)
 
 
+def _request(method: str, target: bytes, host: bytes, fields: tuple[bytes, ...], body: bytes,
+             chunked: bytes | None, proxy_auth: bool) -> bytes:
+    head = [method.encode() + b" " + target + b" HTTP/1.1", b"Host: " + host]
+    if proxy_auth:
+        head.append(b"Proxy-Authorization: " + PROXY_AUTH)
+    head += [*fields, b"Transfer-Encoding: chunked" if chunked is not None else b"Content-Length: %d" % len(body)]
+    return b"\r\n".join(head) + b"\r\n\r\n" + (chunked if chunked is not None else body)
+
+
+def _exchange(sock: socket.socket, request: bytes) -> Answer:
+    sock.sendall(request)
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    return Answer(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
+
+
 def send_raw(gate, method: str, target: bytes, *fields: bytes, body: bytes = b"", chunked: bytes | None = None,
              host: bytes | None = None) -> Answer:
     """One request written byte for byte to the proxy: `fields` are header lines as sent (a line starting
     with a space continues the one before); `chunked` is a chunked body sent as is. An origin-form
     `target` (a path) goes to `host`, as mitmproxy reads it from the Host header."""
-    host = host or target.split(b"/")[2]
-    head = [method.encode() + b" " + target + b" HTTP/1.1", b"Host: " + host, b"Proxy-Authorization: " + PROXY_AUTH,
-            *fields]
-    head.append(b"Transfer-Encoding: chunked" if chunked is not None else b"Content-Length: %d" % len(body))
+    request = _request(method, target, host or target.split(b"/")[2], fields, body, chunked, True)
     with socket.create_connection(("127.0.0.1", gate.proxy_port), timeout=15) as sock:
-        sock.sendall(b"\r\n".join(head) + b"\r\n\r\n" + (chunked if chunked is not None else body))
-        response = http.client.HTTPResponse(sock)
-        response.begin()
-        return Answer(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
+        return _exchange(sock, request)
+
+
+def send_in_tunnel(gate, port: int, method: str, path: bytes, *fields: bytes, body: bytes = b"",
+                   chunked: bytes | None = None) -> Answer:
+    """One request written byte for byte inside a TLS tunnel to localhost:`port` (CONNECT, then TLS with
+    cedargate's CA), in origin form as clients send it there."""
+    authority = b"localhost:%d" % port
+    with socket.create_connection(("127.0.0.1", gate.proxy_port), timeout=15) as sock:
+        sock.sendall(b"CONNECT " + authority + b" HTTP/1.1\r\nHost: " + authority
+                     + b"\r\nProxy-Authorization: " + PROXY_AUTH + b"\r\n\r\n")
+        established = b""
+        while not established.endswith(b"\r\n\r\n"):
+            established += sock.recv(1)
+        assert established.startswith(b"HTTP/1.1 200"), established
+        trust = ssl.create_default_context(cafile=gate.ca_cert)
+        with trust.wrap_socket(sock, server_hostname="localhost") as tls:
+            return _exchange(tls, _request(method, path, authority, fields, body, chunked, False))
 
 
 def assert_refused(answer, says: str, status: int = 400, problem: str = "mapping-error") -> None:
@@ -262,6 +290,39 @@ def test_chunked_request_with_trailers_is_answered_and_not_forwarded(gate, recei
                       chunked=b"2\r\n{}\r\n0\r\nX-HTTP-Method-Override: DELETE\r\n\r\n")
     assert_refused(answer, "trailer fields (X-HTTP-Method-Override)")
     assert received.calls == []
+
+
+def test_trailers_and_control_characters_inside_a_tls_tunnel_are_refused(gate, received):
+    port = received.https_port
+    trailers = send_in_tunnel(gate, port, "POST", STOP.encode(), b"Content-Type: application/json",
+                              chunked=b"2\r\n{}\r\n0\r\nX-Agent-Confidence: 0.1\r\n\r\n")
+    control = send_in_tunnel(gate, port, "GET", b"/v1/instances/\xc2\x9b2J")
+    allowed = send_in_tunnel(gate, port, "POST", STOP.encode(), b"Content-Type: application/json",
+                             chunked=b"2\r\n{}\r\n0\r\n\r\n")
+    assert_refused(trailers, "trailer fields (X-Agent-Confidence)")
+    assert_refused(control, "U+009B")
+    assert allowed.status == 200
+    assert [(c.method, c.target, c.body) for c in received.calls] == [("POST", STOP, b"{}")]
+
+
+def test_an_upstream_answer_with_trailers_is_a_bad_gateway_not_a_hang(gate, received):
+    # mitmproxy's HTTP/1 reader crashed on an answer's trailers as it did on a request's.
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        def answer() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.settimeout(10)
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+                             b"\r\n2\r\n{}\r\n0\r\nX-Checksum: 1\r\n\r\n")
+                conn.recv(1)  # until the proxy closes
+
+        threading.Thread(target=answer, daemon=True).start()
+        port = server.getsockname()[1]
+        answered = send_raw(gate, "GET", b"http://localhost:%d/v1/instances" % port)
+    assert answered.status == 502
 
 
 def test_chunked_request_without_trailers_is_decided_and_passes(gate, received, base):
