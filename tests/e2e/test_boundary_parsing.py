@@ -307,21 +307,23 @@ def test_trailers_and_control_characters_inside_a_tls_tunnel_are_refused(gate, r
 
 def test_an_upstream_answer_with_trailers_is_a_bad_gateway_not_a_hang(gate, received):
     # mitmproxy's HTTP/1 reader crashed on an answer's trailers as it did on a request's.
+    done = threading.Event()
     with socket.create_server(("127.0.0.1", 0)) as server:
         def answer() -> None:
             conn, _ = server.accept()
             with conn:
-                conn.settimeout(10)
                 request = b""
                 while b"\r\n\r\n" not in request:
                     request += conn.recv(65536)
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
                              b"\r\n2\r\n{}\r\n0\r\nX-Checksum: 1\r\n\r\n")
-                conn.recv(1)  # until the proxy closes
+                done.wait(30)  # the connection stays open: only the proxy can end the exchange
 
         threading.Thread(target=answer, daemon=True).start()
-        port = server.getsockname()[1]
-        answered = send_raw(gate, "GET", b"http://localhost:%d/v1/instances" % port)
+        try:
+            answered = send_raw(gate, "GET", b"http://localhost:%d/v1/instances" % server.getsockname()[1])
+        finally:
+            done.set()
     assert answered.status == 502
 
 
