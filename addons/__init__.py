@@ -6,5 +6,6 @@ from __future__ import annotations
 def default_addons(runtime=None) -> list:
     from addons.agent_auth import AgentAuth
     from addons.enforcer import Enforcer
+    from addons.trailers import Http1Trailers
 
-    return [AgentAuth(runtime.agents if runtime else None), Enforcer(runtime)]
+    return [Http1Trailers(), AgentAuth(runtime.agents if runtime else None), Enforcer(runtime)]

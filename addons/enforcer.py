@@ -23,6 +23,7 @@ from mitmproxy import ctx, exceptions, http
 
 from addons.agent_auth import AGENT, AgentAuth, proxy_auth_required
 from addons.options import add_options, settings_from_options
+from addons.trailers import Http1Trailers
 from proxy.gate import Outcome, Verdict
 from proxy.manifest import MCP_ACTIONS
 from proxy.mapping import Call, plain_utf8
@@ -336,6 +337,7 @@ def call_of(flow: http.HTTPFlow, agent: str) -> Call:
         query=query,
         host_header=request.host_header,
         headers=plain_headers(request.headers),
+        trailers=tuple(request.trailers.keys()) if request.trailers else (),
         # The bytes the upstream will get: a Content-Encoding other than identity is refused by the
         # mapping, since decoders differ.
         body=request.raw_content or b"",
@@ -401,4 +403,4 @@ def refusal(verdict: Verdict) -> http.Response:
     return http.Response.make(verdict.status, verdict.problem_json(), headers)
 
 
-addons = [AgentAuth(), Enforcer()]
+addons = [Http1Trailers(), AgentAuth(), Enforcer()]

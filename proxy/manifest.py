@@ -352,6 +352,11 @@ def extract_fields(match: RouteMatch, query: Mapping[str, str], body: Any) -> di
         key = spec.at or name
         if spec.source == "path":
             raw, present = match.params.get(key), key in match.params
+            if present and any(c in raw for c in ";#"):
+                # Servlet containers cut a segment at ";" and Node a target at "#": the server's value
+                # would be shorter than the one the policy compares.
+                raise FieldError(f"field {name!r} (path {{{key}}}) is {raw!r}: a path value cannot hold ';' "
+                                 "or '#', which servers cut it at; percent-encode them")
         elif spec.source == "query":
             raw, present = query.get(key), key in query
         else:

@@ -17,6 +17,7 @@ from urllib.parse import parse_qs
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from proxy import ambiguity
 from proxy.engine import CedarRequest
 from proxy.hosts import canonical_host
 from proxy.manifest import FieldError, Manifest, McpEndpointSpec, extract_fields
@@ -71,6 +72,7 @@ class Call:
     headers: Mapping[str, str] = field(default_factory=dict)
     body: bytes = b""
     host_header: str | None = None  # the Host header or :authority as the agent sent it
+    trailers: tuple[str, ...] = ()  # names of trailer fields sent after a chunked body
 
     @property
     def url(self) -> str:
@@ -93,16 +95,24 @@ def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = No
     if not host:
         raise MappingError("the call names no host")
     if call.host_header:
-        named = _hostname(call.host_header)
-        # A policy sees where the call goes; an upstream routing by Host must not see another host.
-        # (Spelled as the call's own host, it is that host: canonical_host is costly, so skip it then.)
-        if named != call.host and canonical_host(named) != host:
-            raise MappingError(
-                f"the Host header names {named!r} but the call goes to {host!r}; send them alike"
-            )
+        _check_host_header(call, host, call.host_header)
+    for part, text in (("path", call.path), ("query", call.query)):
+        _refuse(ambiguity.target_problem(part, text))
     check_normal_path(call.path)
+    if call.trailers:
+        # mitmproxy forwards no HTTP/1 trailers, and servers merge them into headers or not: refused,
+        # since a policy decides on the headers alone.
+        raise MappingError(f"the call sends trailer fields ({', '.join(call.trailers)[:200]}) after its chunked "
+                           "body, which cedargate does not decide on; send them as headers")
+    content_type = ""
     for name, value in call.headers.items():
         key = name.lower()
+        if key == "host":  # besides :authority in HTTP/2
+            _check_host_header(call, host, value)
+            continue
+        _refuse(ambiguity.header_problem(name, key, value))
+        if key == "content-type":
+            content_type = value
         if key == "upgrade" or key.startswith("sec-websocket-"):
             # A WebSocket (or h2c) upgrade would open a channel whose messages no policy decides.
             raise MappingError("cedargate decides each HTTP call and does not forward protocol upgrades "
@@ -123,6 +133,7 @@ def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = No
     told = agent_statements(call.headers)
     if told:
         context["agent"] = told
+    check_overrides(call, content_type.split(";", 1)[0].strip().lower())
     if manifest is not None:
         endpoint = manifest.mcp_endpoint(host, call.path)
         if endpoint is not None:
@@ -132,6 +143,7 @@ def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = No
             # The server may route it to its MCP endpoint, where it would not be decided as MCP.
             raise MappingError(f"{call.path} is not the MCP endpoint {lookalike.path} of {host}, but a server "
                                f"may take it for it; send MCP calls to {lookalike.path}", 404)
+    _refuse(ambiguity.path_parameter_problem(call.path))
     body = json_body(call, options.max_body_bytes)
     if body is not None:
         context["body"] = body
@@ -188,6 +200,37 @@ def _manifest_action(manifest: Manifest, host: str, call: Call, body, context: d
     except FieldError as exc:
         raise MappingError(str(exc)) from exc
     return match.route.action
+
+
+def _refuse(problem: str | None) -> None:
+    if problem is not None:
+        raise MappingError(problem)
+
+
+def _check_host_header(call: Call, host: str, authority: str) -> None:
+    """A policy sees where the call goes; an upstream routing by Host must not see another host."""
+    _refuse(ambiguity.header_problem("Host", "host", authority))  # repeated Host headers come joined
+    named = _hostname(authority)
+    # (Spelled as the call's own host, it is that host: canonical_host is costly, so skip it then.)
+    if named != call.host and canonical_host(named) != host:
+        raise MappingError(f"the Host header names {named!r} but the call goes to {host!r}; send them alike")
+
+
+def check_overrides(call: Call, media: str) -> None:
+    """Refuse a `_method` parameter in the query or a form body: frameworks run the method it names."""
+    if call.query:
+        parameter = ambiguity.method_parameter(call.query)
+        if parameter is not None:
+            raise MappingError(ambiguity.override_problem("query", parameter))
+    if not call.body:
+        return
+    parameter = None
+    if media in ("", "application/x-www-form-urlencoded"):  # Rack reads a POST without a type as a form
+        parameter = ambiguity.method_parameter(call.body.decode("latin-1"))
+    elif media.startswith("multipart/"):
+        parameter = ambiguity.multipart_method_parameter(call.body)
+    if parameter is not None:
+        raise MappingError(ambiguity.override_problem("form body", parameter))
 
 
 def _hostname(authority: str) -> str:
@@ -302,6 +345,11 @@ def parse_json(call: Call, max_bytes: int):
         raise MappingError(f"body is declared as JSON but does not parse as UTF-8 JSON: {exc}") from exc
     except RecursionError:
         raise MappingError("JSON body nests too deeply to be checked") from None
+    if isinstance(parsed, dict):
+        # Laravel reads a JSON body's `_method` as a form's, and Express apps often do.
+        parameter = next((k for k in parsed if ambiguity.is_method_parameter(k)), None)
+        if parameter is not None:
+            raise MappingError(ambiguity.override_problem("JSON body", parameter))
     return parsed
 
 
@@ -321,6 +369,15 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
         seen: set[str] = set()
         repeated = next(k for k, _ in pairs if k in seen or seen.add(k))
         raise ValueError(f"key {repeated!r} appears more than once")
+    if len(found) > 1:
+        collision = ambiguity.colliding_keys(found)
+        if collision is not None:
+            # Go's encoding/json, ASP.NET and Jackson (as configured) match keys ignoring case, and the
+            # last one wins: {"name": "search_issues", "NAME": "transfer_repository"} (CVE-2026-27896).
+            raise MappingError(
+                f"the JSON body has keys {collision[0]!r} and {collision[1]!r}, one name to servers that "
+                "match keys ignoring case (which take the last); send each key once, in one spelling"
+            )
     return found
 
 
