@@ -6,5 +6,7 @@ from __future__ import annotations
 def default_addons(runtime=None) -> list:
     from addons.agent_auth import AgentAuth
     from addons.enforcer import Enforcer
+    from addons.passthrough import Passthrough
 
-    return [AgentAuth(runtime.agents if runtime else None), Enforcer(runtime)]
+    enforcer = Enforcer(runtime)
+    return [AgentAuth(runtime.agents if runtime else None), enforcer, Passthrough(lambda: enforcer.runtime)]

@@ -21,6 +21,7 @@ from proxy.engine import CedarRequest
 from proxy.hosts import canonical_host
 from proxy.manifest import FieldError, Manifest, McpEndpointSpec, extract_fields
 from proxy.mcp import McpError, map_message, parse_messages
+from proxy.tunnels import server_name_problem, target_problem
 
 METHOD_ACTIONS = {
     m: m.lower() for m in ("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE")
@@ -71,6 +72,10 @@ class Call:
     headers: Mapping[str, str] = field(default_factory=dict)
     body: bytes = b""
     host_header: str | None = None  # the Host header or :authority as the agent sent it
+    # In a CONNECT tunnel (to `host:port`): the authority of an HTTP/1 absolute-form request target,
+    # and the TLS server name (SNI) the client sent. A server may route by either.
+    target_authority: str | None = None
+    server_name: str | None = None
 
     @property
     def url(self) -> str:
@@ -92,6 +97,9 @@ def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = No
     host = canonical_host(call.host)
     if not host:
         raise MappingError("the call names no host")
+    problem = server_name_problem(call.server_name, call.host)
+    if problem:
+        raise MappingError(problem, 421)  # Misdirected Request: what a server answers for an SNI not its own
     if call.host_header:
         named = _hostname(call.host_header)
         # A policy sees where the call goes; an upstream routing by Host must not see another host.
@@ -100,6 +108,10 @@ def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = No
             raise MappingError(
                 f"the Host header names {named!r} but the call goes to {host!r}; send them alike"
             )
+    if call.target_authority is not None:
+        problem = target_problem(call.target_authority, call.scheme, call.host, call.port)
+        if problem:
+            raise MappingError(problem)
     check_normal_path(call.path)
     for name, value in call.headers.items():
         key = name.lower()
