@@ -39,9 +39,10 @@ class Passthrough:
         for option in ("ignore_hosts", "allow_hosts"):
             if option in updated and getattr(ctx.options, option):
                 raise exceptions.OptionsError(
-                    f"cedargate decides which tunnels pass uninspected on the CONNECT host alone; mitmproxy's "
-                    f"{option} also matches the client's TLS SNI and Host header, which the client chooses. "
-                    f"Unset {option} and list the hosts in passthrough_hosts in cedargate's config instead"
+                    "cedargate decides which tunnels pass uninspected on the CONNECT host alone; "
+                    f"mitmproxy's {option} also matches the client's TLS SNI and Host header, which the "
+                    f"client chooses. Unset {option} and list the hosts in passthrough_hosts in cedargate's "
+                    "config instead"
                 )
 
     def http_connected(self, flow: http.HTTPFlow) -> None:
@@ -62,8 +63,8 @@ class Passthrough:
         server_name = data.client_hello.sni
         if not hosts.admits(host, port, server_name):
             if hosts.covers(host, port):
-                log.warning("not passing through the tunnel to %s:%s: its TLS server name is %r; intercepting it",
-                            host, port, server_name)
+                log.warning("not passing through the tunnel to %s:%s: its TLS server name is %r; "
+                            "intercepting it", host, port, server_name)
             return
         if runtime.recorder.unavailable_reason():
             log.warning("not passing through the tunnel to %s:%s: the record is unavailable", host, port)
@@ -71,7 +72,8 @@ class Passthrough:
         agent = self.agents.get(data.context.client)
         runtime.recorder.record_event({"kind": "passthrough", "agent": agent,
                                        "payload": {"host": host, "port": port, "server_name": server_name}})
-        log.info("passing the tunnel of %s to %s:%s through uninspected (passthrough_hosts)", agent, host, port)
+        log.info("passing the tunnel of %s to %s:%s through uninspected (passthrough_hosts)",
+                 agent, host, port)
         data.ignore_connection = True
 
     def _passthrough(self, runtime: Runtime) -> PassthroughHosts:

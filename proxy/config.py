@@ -70,8 +70,8 @@ class Settings(_Strict):
         None, description="PEM bundle of CAs trusted for upstream TLS besides the system's (private CAs)"
     )
     passthrough_hosts: tuple[str, ...] = Field(
-        (), description="regexes searched in a tunnel's CONNECT host:port; a TLS tunnel whose CONNECT matches "
-        "(and whose SNI names the same host) is relayed without inspection, recorded as a passthrough event"
+        (), description="regexes searched in a tunnel's CONNECT host:port; a TLS tunnel whose CONNECT "
+        "matches (and whose SNI names the same host) is relayed uninspected, recorded as a passthrough event"
     )
 
     @field_validator("agents")

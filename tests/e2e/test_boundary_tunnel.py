@@ -192,7 +192,7 @@ def test_a_passthrough_host_named_only_in_the_sni_does_not_open_an_undecided_tun
     gate = passthrough_gate
     with tls(open_tunnel(gate, f"127.0.0.1:{sni_front.port}"), "pinned.example.test",
              gate.ca_cert, sni_front.ca_file) as sock:
-        answer = exchange(sock, f"GET /v1/instances HTTP/1.1\r\nHost: pinned.example.test\r\n\r\n".encode())
+        answer = exchange(sock, b"GET /v1/instances HTTP/1.1\r\nHost: pinned.example.test\r\n\r\n")
     problem = problem_of(*answer)
     assert answer[0] == 421 and problem["type"] == "urn:cedargate:problem:mapping-error"
     assert "pinned.example.test" in problem["detail"]
@@ -215,7 +215,7 @@ def test_a_passthrough_tunnel_is_relayed_uninspected_and_on_the_record(passthrou
     gate = passthrough_gate
     # Trusting only the front's CA: a certificate from cedargate would fail the handshake.
     with tls(open_tunnel(gate, f"localhost:{sni_front.port}"), "localhost", sni_front.ca_file) as sock:
-        status, _, body = exchange(sock, f"GET /v1/instances HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+        status, _, body = exchange(sock, b"GET /v1/instances HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert status == 200 and json.loads(body)["path"] == "/v1/instances"
     assert sni_front.server_names == ["localhost"]
     assert [c.target for c in sni_front.calls] == ["/v1/instances"]
