@@ -6,6 +6,9 @@ from __future__ import annotations
 def default_addons(runtime=None) -> list:
     from addons.agent_auth import AgentAuth
     from addons.enforcer import Enforcer
+    from addons.passthrough import Passthrough
     from addons.trailers import Http1Trailers
 
-    return [Http1Trailers(), AgentAuth(runtime.agents if runtime else None), Enforcer(runtime)]
+    enforcer = Enforcer(runtime)
+    return [Http1Trailers(), AgentAuth(runtime.agents if runtime else None), enforcer,
+            Passthrough(lambda: enforcer.runtime)]

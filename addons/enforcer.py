@@ -23,6 +23,7 @@ from mitmproxy import ctx, exceptions, http
 
 from addons.agent_auth import AGENT, AgentAuth, proxy_auth_required
 from addons.options import add_options, settings_from_options
+from addons.passthrough import Passthrough
 from addons.trailers import Http1Trailers
 from proxy.gate import Outcome, Verdict
 from proxy.manifest import MCP_ACTIONS
@@ -30,6 +31,7 @@ from proxy.mapping import Call, plain_utf8
 from proxy.mcp import Exchange, SseRewriter, filter_tool_list, read_json, refusal_answer
 from proxy.oversight import requested_wait
 from proxy.runtime import Runtime
+from proxy.tunnels import authority_of
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +134,7 @@ class Enforcer:
         if self.runtime is None:
             raise RuntimeError("the enforcer has no policies loaded")
         call = call_of(flow, agent)
+        send_origin_form(flow.request)  # what goes upstream names the host decided on, and only that one
         exchange = self.runtime.gate.mcp_exchange(call)
         if exchange is not None and exchange.batch:
             await self._enforce_batch(flow, call, exchange)
@@ -326,6 +329,10 @@ def call_of(flow: http.HTTPFlow, agent: str) -> Call:
     request = flow.request
     # Not urlsplit: it reads a leading "//" as a host, and raises on some paths.
     path, _, query = request.path.partition("?")
+    # Inside a CONNECT tunnel mitmproxy knows the server's address before the call is decided (and
+    # sets `host`, `port` to it); outside one it does not. The client's SNI names the tunnel's server
+    # there, and the proxy itself when the client speaks TLS to the proxy (secure web proxy).
+    in_tunnel = flow.server_conn.address is not None
     return Call(
         agent=agent,
         method=request.method,
@@ -336,12 +343,32 @@ def call_of(flow: http.HTTPFlow, agent: str) -> Call:
         path=path,
         query=query,
         host_header=request.host_header,
+        # Outside tunnels mitmproxy turns an HTTP/1 absolute-form target into origin-form before this.
+        target_authority=(request.authority or None) if request.http_version.startswith("HTTP/1") else None,
+        server_name=flow.client_conn.sni if in_tunnel and flow.client_conn.tls else None,
         headers=plain_headers(request.headers),
         trailers=tuple(request.trailers.keys()) if request.trailers else (),
         # The bytes the upstream will get: a Content-Encoding other than identity is refused by the
         # mapping, since decoders differ.
         body=request.raw_content or b"",
     )
+
+
+def send_origin_form(request: http.Request) -> None:
+    """Make the request go upstream as RFC 9112 section 3.2 asks of a proxy: in origin-form, with a Host
+    naming the authority it was decided on.
+
+    A server routes an absolute-form target by its authority (over Host), and a Host-less call
+    (HTTP/1.0 allows one) to its default virtual host, whatever host the call was decided for.
+    """
+    if not request.http_version.startswith("HTTP/1"):
+        if not request.host_header:  # HTTP/2 and 3 name it in :authority, made Host for an HTTP/1 upstream
+            request.authority = authority_of(request.scheme, request.host, request.port)
+        return
+    authority = request.authority or authority_of(request.scheme, request.host, request.port)
+    request.authority = ""
+    if "host" not in request.headers:
+        request.headers.insert(0, "Host", authority)
 
 
 def plain_headers(headers: http.Headers) -> dict[str, str]:
@@ -403,4 +430,5 @@ def refusal(verdict: Verdict) -> http.Response:
     return http.Response.make(verdict.status, verdict.problem_json(), headers)
 
 
-addons = [Http1Trailers(), AgentAuth(), Enforcer()]
+_enforcer = Enforcer()
+addons = [Http1Trailers(), AgentAuth(), _enforcer, Passthrough(lambda: _enforcer.runtime)]

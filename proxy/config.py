@@ -70,7 +70,8 @@ class Settings(_Strict):
         None, description="PEM bundle of CAs trusted for upstream TLS besides the system's (private CAs)"
     )
     passthrough_hosts: tuple[str, ...] = Field(
-        (), description="hosts (regexes, as mitmproxy's ignore_hosts) tunnelled without inspection"
+        (), description="regexes searched in a tunnel's CONNECT host:port; a TLS tunnel whose CONNECT "
+        "matches (and whose SNI names the same host) is relayed uninspected, recorded as a passthrough event"
     )
 
     @field_validator("agents")
@@ -80,6 +81,18 @@ class Settings(_Strict):
             if not agent_id or ":" in agent_id or any(c.isspace() for c in agent_id):
                 raise ValueError(f"agent id {agent_id!r} must be non-empty, without ':' or spaces")
         return agents
+
+    @field_validator("passthrough_hosts")
+    @classmethod
+    def _regexes(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
+        import re
+
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
+        return patterns
 
     @field_validator("override_expiry", "grant_ttl")
     @classmethod

@@ -22,6 +22,7 @@ from proxy.engine import CedarRequest
 from proxy.hosts import canonical_host
 from proxy.manifest import FieldError, Manifest, McpEndpointSpec, extract_fields
 from proxy.mcp import McpError, map_message, parse_messages
+from proxy.tunnels import server_name_problem, target_problem
 
 METHOD_ACTIONS = {
     m: m.lower() for m in ("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE")
@@ -73,6 +74,10 @@ class Call:
     body: bytes = b""
     host_header: str | None = None  # the Host header or :authority as the agent sent it
     trailers: tuple[str, ...] = ()  # names of trailer fields sent after a chunked body
+    # In a CONNECT tunnel (to `host:port`): the authority of an HTTP/1 absolute-form request target,
+    # and the TLS server name (SNI) the client sent. A server may route by either.
+    target_authority: str | None = None
+    server_name: str | None = None
 
     @property
     def url(self) -> str:
@@ -94,8 +99,13 @@ def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = No
     host = canonical_host(call.host)
     if not host:
         raise MappingError("the call names no host")
+    problem = server_name_problem(call.server_name, call.host)
+    if problem:
+        raise MappingError(problem, 421)  # Misdirected Request: what a server answers for an SNI not its own
     if call.host_header:
         _check_host_header(call, host, call.host_header)
+    if call.target_authority is not None:
+        _refuse(target_problem(call.target_authority, call.scheme, call.host, call.port))
     for part, text in (("path", call.path), ("query", call.query)):
         _refuse(ambiguity.target_problem(part, text))
     check_normal_path(call.path)

@@ -43,8 +43,9 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         # Contact no upstream before the call is decided (eager would connect on CONNECT).
         connection_strategy="lazy",
         # Bytes in a tunnel that are not HTTP would be relayed as raw TCP, undecided: refuse them.
+        # (passthrough_hosts is not mitmproxy's ignore_hosts, which matches SNI and Host too: see
+        # addons.passthrough.)
         rawtcp=False,
-        ignore_hosts=list(settings.passthrough_hosts),
     )
     if settings.upstream_ca_bundle:
         opts.update(ssl_verify_upstream_trusted_ca=str(settings.upstream_ca_bundle))

@@ -88,8 +88,8 @@ def _handler(calls: list[SeenCall]):
     return Handler
 
 
-def _make_tls(tmp: Path) -> tuple[Path, Path, Path]:
-    """A private CA and a leaf for localhost/127.0.0.1, as an internal service would have."""
+def _make_tls(tmp: Path, extra_names: tuple[str, ...] = ()) -> tuple[Path, Path, Path]:
+    """A private CA and a leaf for localhost/127.0.0.1 (and `extra_names`), as an internal service would have."""
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cedargate test CA")])
@@ -106,7 +106,8 @@ def _make_tls(tmp: Path) -> tuple[Path, Path, Path]:
         .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=2))
         .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(IPv4Address("127.0.0.1"))]),
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(IPv4Address("127.0.0.1")),
+                                         *(x509.DNSName(name) for name in extra_names)]),
             critical=False,
         )
         .sign(ca_key, hashes.SHA256())
@@ -358,3 +359,165 @@ def cedargate(tmp_path, policy_dir, upstream):
     upstream.reset()
     yield gate
     gate.stop()
+
+
+@dataclass
+class Nginx:
+    """A real nginx on loopback with two virtual hosts, as a shared front would have them.
+
+    `localhost` is the "dev" server; every other name, 127.0.0.1 included, reaches the default
+    "production" server. Both listen on the same HTTP and HTTPS ports, so which vhost served a call is
+    nginx's own routing (RFC 9112 section 3.2.2: an absolute-form target wins over Host). Each vhost
+    logs `$server_name $request $host` to its own file, so tests can say which one saw a call and the
+    request line it got.
+    """
+
+    http_port: int
+    https_port: int
+    directory: Path
+
+    VHOSTS = ("dev", "production")
+
+    def seen(self, vhost: str) -> list[str]:
+        """The access log lines of `vhost` ("dev" or "production"), one per request it served."""
+        log = self.directory / f"{vhost}.access.log"
+        return log.read_text().splitlines() if log.exists() else []
+
+    def reset(self) -> None:
+        for vhost in self.VHOSTS:
+            (self.directory / f"{vhost}.access.log").write_text("")
+
+
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _nginx_conf(directory: Path, http_port: int, https_port: int, cert: Path, key: Path) -> str:
+    def server(vhost: str, names: str, default: str) -> str:
+        return f"""
+    server {{
+        listen 127.0.0.1:{http_port}{default};
+        listen 127.0.0.1:{https_port} ssl{default};
+        server_name {names};
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        access_log {directory}/{vhost}.access.log vhost;
+        default_type application/json;
+        location / {{ return 200 '{{"vhost": "{vhost}"}}'; }}
+    }}"""
+
+    temp = directory / "temp"
+    return f"""daemon off;
+master_process on;
+worker_processes 1;
+pid {directory}/nginx.pid;
+error_log {directory}/error.log warn;
+events {{ worker_connections 64; }}
+http {{
+    log_format vhost '$server_name $request $host';
+    access_log off;
+    client_body_temp_path {temp}/body;
+    proxy_temp_path {temp}/proxy;
+    fastcgi_temp_path {temp}/fastcgi;
+    uwsgi_temp_path {temp}/uwsgi;
+    scgi_temp_path {temp}/scgi;
+{server("production", "production.invalid", " default_server")}
+{server("dev", "localhost", "")}
+}}
+"""
+
+
+@pytest.fixture(scope="module")
+def nginx(tmp_path_factory, upstream: Upstream):
+    """nginx serving the "dev" (localhost) and default "production" vhosts over HTTP and HTTPS."""
+    import shutil
+    import socket
+
+    binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if binary is None:
+        pytest.skip("nginx is not installed (apt-get install nginx-light): the vhost routing tests need it")
+    directory = tmp_path_factory.mktemp("nginx")
+    (directory / "temp").mkdir()
+    # The same certificate as `upstream`, so cedargate's upstream_ca_bundle trusts it.
+    cert, key = upstream.ca_file.parent / "upstream.pem", upstream.ca_file.parent / "upstream-key.pem"
+    http_port, https_port = _free_loopback_port(), _free_loopback_port()
+    conf = directory / "nginx.conf"
+    conf.write_text(_nginx_conf(directory, http_port, https_port, cert, key))
+    process = subprocess.Popen([binary, "-c", str(conf), "-p", str(directory), "-e", str(directory / "error.log")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 15
+    for port in (http_port, https_port):
+        while True:
+            if process.poll() is not None:
+                log = directory / "error.log"
+                raise RuntimeError("nginx exited at start:\n" + (log.read_text() if log.exists() else ""))
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    process.kill()
+                    raise RuntimeError(f"nginx did not listen on {port} in time") from None
+                time.sleep(0.05)
+    served = Nginx(http_port, https_port, directory)
+    served.reset()
+    yield served
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
+
+
+@dataclass
+class SniFront:
+    """An HTTPS front that routes by TLS SNI, as SNI-routing load balancers do: it records the server
+    name of every handshake it receives and the requests that follow (read by h11, as `raw_upstream`).
+
+    Its certificate (from its own CA, `ca_file`) names `localhost`, 127.0.0.1 and every name in
+    `backends`, so a proxy that sent it another SNI would be let in.
+    """
+
+    port: int
+    ca_file: Path
+    backends: tuple[str, ...]
+    server_names: list[str | None] = field(default_factory=list)
+    calls: list[RawCall] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.server_names.clear()
+        self.calls.clear()
+
+
+SNI_BACKENDS = ("prod.internal.test", "pinned.example.test")
+
+
+@pytest.fixture(scope="module")
+def sni_front(tmp_path_factory):
+    import socket
+
+    tmp = tmp_path_factory.mktemp("sni-front")
+    ca_file, cert_file, key_file = _make_tls(tmp, extra_names=SNI_BACKENDS)
+    front = SniFront(0, ca_file, SNI_BACKENDS)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    context.sni_callback = lambda _conn, name, _ctx: front.server_names.append(name)
+    listener = socket.create_server(("127.0.0.1", 0))
+    front.port = listener.getsockname()[1]
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=_serve_raw, args=(conn, front.calls, context), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield front
+    listener.close()

@@ -101,6 +101,7 @@ def test_database_url_given_is_used():
         (f"agents:\n  'bad:id':\n    token_sha256: {SHA}\n", "agents", "without ':' or spaces"),
         ("max_body_bytes: -5\n", "max_body_bytes", "greater than or equal to 0"),
         ("policy_reload_interval: -1\n", "policy_reload_interval", "greater than or equal to 0"),
+        ("passthrough_hosts: ['(pinned']\n", "passthrough_hosts", "is not a regular expression"),
     ],
 )
 def test_bad_values_name_the_field(tmp_path: Path, text: str, where: str, words: str):
