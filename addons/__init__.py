@@ -6,5 +6,8 @@ from __future__ import annotations
 def default_addons(runtime=None) -> list:
     from addons.agent_auth import AgentAuth
     from addons.enforcer import Enforcer
+    from addons.upstream_deadline import UpstreamDeadlines
 
-    return [AgentAuth(runtime.agents if runtime else None), Enforcer(runtime)]
+    # UpstreamDeadlines after the enforcer: it times only the calls the enforcer let go.
+    return [AgentAuth(runtime.agents if runtime else None), Enforcer(runtime),
+            UpstreamDeadlines(runtime.settings if runtime else None)]
