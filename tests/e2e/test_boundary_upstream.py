@@ -31,18 +31,42 @@ TIMEOUT = 1  # seconds: upstream_connect_timeout and upstream_read_timeout of th
 PROBLEM = "urn:cedargate:problem:"
 
 
-def agent(gate, http2: bool = False) -> httpx.Client:
+def agent(gate) -> httpx.Client:
     trust = ssl.create_default_context(cafile=gate.ca_cert)
     # The client waits far longer than cedargate's timeouts: an answer must come from cedargate.
-    return httpx.Client(proxy=gate.proxy_url, verify=trust, timeout=20, http2=http2)
+    return httpx.Client(proxy=gate.proxy_url, verify=trust, timeout=20)
 
 
-def post_stop(gate, url: str, http2: bool = False) -> httpx.Response:
+@dataclass
+class Answer:
+    """What the agent got: as httpx (HTTP/1.1) or curl (HTTP/2 in the tunnel, as curl prefers) saw it."""
+
+    http_version: str
+    status_code: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self):
+        return json.loads(self.body)
+
+
+def post_stop(gate, base: str, http2: bool = False) -> Answer:
     """The agent's call: stop an instance, a POST that must not be repeated blindly."""
-    with agent(gate, http2) as http:
-        response = http.post(url + STOP, json={"grace": 30})
-    assert response.http_version == ("HTTP/2" if http2 else "HTTP/1.1")
-    return response
+    if not http2:
+        with agent(gate) as http:
+            response = http.post(base + STOP, json={"grace": 30})
+        return Answer(response.http_version, response.status_code, dict(response.headers), response.content)
+    done = subprocess.run(
+        ["curl", "-s", "--http2", "--proxy", gate.proxy_url, "--cacert", str(gate.ca_cert), "-D", "-",
+         "-H", "Content-Type: application/json", "--data", '{"grace":30}', "--max-time", "20", base + STOP],
+        capture_output=True, timeout=30,
+    )
+    *_, head, body = done.stdout.split(b"\r\n\r\n")  # the proxy's answer to CONNECT comes first
+    status_line, *fields = head.decode().split("\r\n")
+    version, status = status_line.split()[:2]
+    headers = {k.strip().lower(): v.strip() for k, v in (f.split(":", 1) for f in fields)}
+    assert version == "HTTP/2"
+    return Answer(version, int(status), headers, body)
 
 
 def record_of(gate, decision_id: str, timeout: float = 10.0) -> dict:
@@ -65,8 +89,8 @@ def audit_payload(gate, decision_id: str) -> dict:
     return json.loads(payload)
 
 
-def problem_of(response: httpx.Response, status: int, kind: str) -> dict:
-    assert response.status_code == status, response.text
+def problem_of(response: httpx.Response | Answer, status: int, kind: str) -> dict:
+    assert response.status_code == status, response.content if isinstance(response, httpx.Response) else response.body
     assert response.headers["content-type"] == "application/problem+json"
     problem = response.json()
     assert problem["type"] == PROBLEM + kind and problem["status"] == status
