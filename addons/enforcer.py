@@ -299,7 +299,8 @@ class Enforcer:
             client_gone=message.startswith("Client disconnected") or "reset by client" in message
             or not flow.client_conn.connected,
         )
-        log.info("%s to %s:%s: %s", flow.request.method, flow.request.host, flow.request.port, failure.recorded)
+        request = flow.request
+        log.info("%s to %s:%s: %s", request.method, request.host, request.port, failure.recorded)
         for verdict in verdicts:
             self.runtime.gate.finish(verdict, None, failure)
         if verdicts and failure.answerable:

@@ -1,4 +1,4 @@
-"""cedargate's answers in place of mitmproxy's own HTML error pages: every answer an agent gets is problem+json.
+"""cedargate's answers in place of mitmproxy's HTML error pages: every answer an agent gets is problem+json.
 
 mitmproxy answers some exchanges itself, with an HTML page: an upstream it could not reach or verify,
 a connection lost before the answer, a request it could not parse or would not accept. Addons cannot
@@ -46,8 +46,10 @@ def install() -> None:
     """Put cedargate's answers in place of mitmproxy's error pages, once per process."""
     if getattr(HttpStream.handle_event, "cedargate", False):
         return
+    if HttpStream.handle_event is not layer.Layer.handle_event:
+        raise RuntimeError("mitmproxy's HttpStream has its own handle_event: cedargate needs mitmproxy 11")
     if not callable(getattr(_http1, "make_error_response", None)):
-        raise RuntimeError("mitmproxy's HTTP/1 layer has no make_error_response: not the mitmproxy 11 cedargate knows")
+        raise RuntimeError("mitmproxy's HTTP/1 layer lacks make_error_response: cedargate needs mitmproxy 11")
     HttpStream.handle_event = _stream_handle_event  # type: ignore[method-assign]
     _http1.make_error_response = error_response_bytes
 
@@ -57,8 +59,8 @@ def problem_answer(status: int, message: str) -> http.Response:
     if status < 500:
         next_step = "The call was NOT forwarded; correct the request and send it again."
     else:
-        next_step = ("The call MAY have reached the upstream; check whether it took effect before repeating it, "
-                     "unless it is safe to repeat.")
+        next_step = ("The call MAY have reached the upstream; check whether it took effect before repeating "
+                     "it, unless it is safe to repeat.")
     detail = f"{message.strip().rstrip('.')}. {next_step}"
     body = json.dumps(problem_document(Problem.HTTP_ERROR, status, detail)).encode()
     return http.Response.make(status, body, {"Content-Type": "application/problem+json"})
@@ -90,7 +92,9 @@ def _stream_handle_event(self: HttpStream, event: events.Event) -> layer.Command
 _stream_handle_event.cedargate = True  # type: ignore[attr-defined]
 
 
-def _answer_instead(stream: HttpStream, error: ResponseProtocolError) -> Generator[commands.Command, None, None]:
+def _answer_instead(
+    stream: HttpStream, error: ResponseProtocolError
+) -> Generator[commands.Command, None, None]:
     flow = stream.flow
     before = stream.__dict__.pop(_BEFORE_ERROR_HOOK, _UNSET)
     if before is not _UNSET and flow.response is not None and flow.response is not before:

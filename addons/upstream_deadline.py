@@ -115,10 +115,12 @@ class UpstreamDeadlines:
         address = (flow.request.host, flow.request.port)
         tasks = []
         for conn, io in list(handler.transports.items()):
-            if not isinstance(conn, connection.Server) or conn.address != address or conn.error or not io.handler:
+            if not isinstance(conn, connection.Server) or conn.address != address or conn.error:
+                continue
+            if io.handler is None:
                 continue
             if conn.timestamp_start is not None and conn.timestamp_tcp_setup is None:
-                tasks.append(io.handler)  # in the OS's connect: mitmproxy reports a cancel as a failed connect
+                tasks.append(io.handler)  # in the OS's connect: mitmproxy reports the cancel as a failed one
             elif conn.tls and conn.timestamp_tls_setup is None and conn in self._handshaking:
                 tasks.append(io.handler)  # reading the handshake: a cancel closes the connection
         return tasks

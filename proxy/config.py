@@ -70,8 +70,8 @@ class Settings(_Strict):
         None, description="PEM bundle of CAs trusted for upstream TLS besides the system's (private CAs)"
     )
     upstream_connect_timeout: float = Field(
-        10.0, gt=0, description="longest wait, seconds, to connect to an upstream (TCP and TLS); then the agent "
-        "gets 504 upstream-timeout, and the call was not sent",
+        10.0, gt=0, description="longest wait, seconds, to connect to an upstream (TCP and TLS); then the "
+        "agent gets 504 upstream-timeout, and the call was not sent",
     )
     upstream_read_timeout: float = Field(
         60.0, gt=0, description="longest wait, seconds, for an upstream's answer once the call was sent, and "

@@ -68,7 +68,8 @@ _NEXT = {
     FailureKind.NAME_RESOLUTION: "Check the host name; retrying will not help until it resolves.",
     FailureKind.UNREACHABLE: "Retry later.",
     FailureKind.TLS_VERIFY: "cedargate sends calls only to upstreams whose certificate it can verify, so "
-                            "retrying will not help; an operator can trust a private CA with upstream_ca_bundle.",
+                            "retrying will not help; an operator can trust a private CA with "
+                            "upstream_ca_bundle.",
     FailureKind.TLS_HANDSHAKE: "Retrying is unlikely to help; ask an operator to check the upstream's TLS.",
     FailureKind.CONNECT_TIMEOUT: "Retry later.",
     FailureKind.OWN_API: "Use the override API directly, as a human; the proxy never forwards calls to it.",
@@ -107,7 +108,8 @@ class UpstreamFailure:
         problem, status = _PROBLEMS[self.kind]
         call = verdict.call
         target = f"{call.scheme}://{call.host}:{call.port}"
-        extra = {**verdict.extra, "upstream_failure": self.kind.value, "executed": "maybe" if self.sent else "no"}
+        executed = "maybe" if self.sent else "no"
+        extra = {**verdict.extra, "upstream_failure": self.kind.value, "executed": executed}
         return replace(verdict, problem=problem, status=status, detail=self.detail(target), extra=extra)
 
 
@@ -129,8 +131,8 @@ def classify(
     elif OWN_API_MESSAGE.lower() in text:
         kind = FailureKind.OWN_API
     elif sent:
-        lost = any(m in text for m in _LOST)
-        kind = FailureKind.BAD_ANSWER if not lost and any(m in text for m in _BAD_ANSWER) else FailureKind.RESET
+        bad_answer = not any(m in text for m in _LOST) and any(m in text for m in _BAD_ANSWER)
+        kind = FailureKind.BAD_ANSWER if bad_answer else FailureKind.RESET
     elif "certificate verify failed" in text:
         kind = FailureKind.TLS_VERIFY
     elif "[errno 111]" in text or "connection refused" in text:
