@@ -77,8 +77,8 @@ def _stream_handle_event(self: HttpStream, event: events.Event) -> layer.Command
     for command in layer.Layer.handle_event(self, event):
         if isinstance(command, SendHttp) and command.connection == self.context.client:
             sent = command.event
-            if isinstance(sent, ResponseHeaders):
-                setattr(self, _ANSWERED, True)
+            if isinstance(sent, ResponseHeaders) and sent.response.status_code >= 200:
+                setattr(self, _ANSWERED, True)  # (a 100 Continue is no answer: the final one is still due)
             elif (isinstance(sent, ResponseProtocolError) and sent.code != status_codes.NO_RESPONSE
                   and not getattr(self, _ANSWERED, False)):
                 yield from _answer_instead(self, sent)

@@ -61,7 +61,10 @@ class UpstreamDeadlines:
         self._arm(flow, self.settings.upstream_connect_timeout, self._connect_due, forwarded)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        self._disarm(flow)
+        timer = flow.metadata.pop(_TIMER, None)
+        if timer is None:
+            return  # not a call sent upstream: the enforcer's own answer
+        timer.cancel()
         if flow.response is None or flow.response.stream or flow.error or not flow.live:
             return  # streamed as it comes (see the module docstring), or over
         self._arm(flow, self.settings.upstream_read_timeout, self._read_due, True)

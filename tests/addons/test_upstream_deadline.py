@@ -134,6 +134,7 @@ def test_answered_or_refused_calls_are_left_alone(deadlines):
         upstreams = [Upstream(proxyserver, flow, flow.server_conn) for flow in (answered, refused)]
         await hook(tctx, addon, "request", answered)
         await hook(tctx, addon, "request", refused)
+        await hook(tctx, addon, "responseheaders", refused)  # mitmproxy runs it for an addon's answer too
         answered.response = http.Response.make(200, b"{}")
         await hook(tctx, addon, "responseheaders", answered)
         await hook(tctx, addon, "response", answered)

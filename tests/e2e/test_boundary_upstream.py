@@ -251,6 +251,19 @@ def test_connection_refused_is_a_problem_saying_the_call_was_not_executed(gate, 
     assert json.loads(audit_payload(gate, problem["decision_id"])["errors"]) == [failure]
 
 
+def test_a_client_that_expects_100_continue_still_gets_the_problem(gate):
+    # mitmproxy answers "100 Continue" itself before the body: that is not the answer to the call.
+    done = subprocess.run(
+        ["curl", "-s", "-i", "--http1.1", "--proxy", gate.proxy_url, "-H", "Expect: 100-continue",
+         "-H", "Content-Type: application/json", "--data", '{"grace":30}', "--max-time", "20",
+         f"http://localhost:{closed_port()}{STOP}"],
+        capture_output=True, timeout=30,
+    )
+    *_, head, body = done.stdout.split(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 502 ") and b"application/problem+json" in head
+    assert json.loads(body)["type"] == PROBLEM + "upstream-unreachable"
+
+
 @pytest.mark.parametrize("scheme,http2", [("http", False), ("https", False), ("https", True)])
 def test_reset_after_the_call_was_read_says_it_may_have_been_executed(gate, peers, scheme, http2):
     peer = peers(resets_after_reading, tls="trusted" if scheme == "https" else None)
