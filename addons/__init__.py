@@ -8,7 +8,9 @@ def default_addons(runtime=None) -> list:
     from addons.enforcer import Enforcer
     from addons.passthrough import Passthrough
     from addons.trailers import Http1Trailers
+    from addons.upstream_deadline import UpstreamDeadlines
 
     enforcer = Enforcer(runtime)
+    # UpstreamDeadlines after the enforcer: it times only the calls the enforcer let go.
     return [Http1Trailers(), AgentAuth(runtime.agents if runtime else None), enforcer,
-            Passthrough(lambda: enforcer.runtime)]
+            UpstreamDeadlines(runtime.settings if runtime else None), Passthrough(lambda: enforcer.runtime)]

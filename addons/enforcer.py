@@ -7,6 +7,11 @@ held (the hook awaits the core's `Oversight`) until a human decides or the hold 
 held flow gets a response, never `flow.kill()` (mitmproxy issue 8045: the client would hang). The
 verdict is recorded once the upstream answered (or failed), with the upstream status and duration.
 
+A forwarded call whose upstream fails it (no connection, TLS it cannot verify, a connection lost, no
+answer in time: see `addons.upstream_deadline`) gets problem+json saying what failed and whether the
+call may have run (`proxy.upstream`), in place of mitmproxy's HTML error page (`addons.error_pages`),
+and the record keeps the failure.
+
 On an MCP endpoint (see `proxy.mcp`) a batch is decided message by message, a refused request is
 answered in JSON-RPC, and the server's answers are read before the agent gets them: tool lists are
 filtered (event streams as they stream) and an answer cedargate cannot read is not passed on.
@@ -21,10 +26,10 @@ from dataclasses import replace
 
 from mitmproxy import ctx, exceptions, http
 
-from addons.agent_auth import AGENT, AgentAuth, proxy_auth_required
+from addons import default_addons, error_pages
+from addons.agent_auth import AGENT, proxy_auth_required
 from addons.options import add_options, settings_from_options
-from addons.passthrough import Passthrough
-from addons.trailers import Http1Trailers
+from addons.upstream_deadline import DEADLINE_MISSED
 from proxy.gate import Outcome, Verdict
 from proxy.manifest import MCP_ACTIONS
 from proxy.mapping import Call, plain_utf8
@@ -32,6 +37,7 @@ from proxy.mcp import Exchange, SseRewriter, filter_tool_list, read_json, refusa
 from proxy.oversight import requested_wait
 from proxy.runtime import Runtime
 from proxy.tunnels import authority_of
+from proxy.upstream import CONNECT_TIMEOUT_MESSAGE, OWN_API_MESSAGE, classify
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +53,7 @@ class Enforcer:
 
     def load(self, loader) -> None:
         add_options(loader)
+        error_pages.install()
 
     def configure(self, updated: set[str]) -> None:
         if "stream_large_bodies" in updated and ctx.options.stream_large_bodies:
@@ -82,11 +89,15 @@ class Enforcer:
         if not any(api_port == port for _, api_port in gate.protected):
             return
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, port)
+            infos = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(host, port),
+                                           self.runtime.settings.upstream_connect_timeout)
         except OSError:
             return  # unresolvable: the connection will fail on its own
+        except asyncio.TimeoutError:
+            data.server.error = CONNECT_TIMEOUT_MESSAGE
+            return
         if gate.reaches_own_api({info[4][0] for info in infos}, port):
-            data.server.error = "cedargate refuses connections to its own API"
+            data.server.error = OWN_API_MESSAGE
 
     def tcp_start(self, flow) -> None:
         log.warning("refused a raw TCP stream from %s: cedargate forwards only decided HTTP calls",
@@ -269,6 +280,10 @@ class Enforcer:
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.response is None:
             return
+        if flow.metadata.get(DEADLINE_MISSED) and VERDICTS in flow.metadata:
+            # An answer read until the connection closed, which cedargate closed at the deadline: cut short.
+            self._upstream_failed(flow, "the answer was cut short when the read timeout ran out")
+            return
         upstream_status = flow.response.status_code
         exchange: Exchange | None = flow.metadata.get(MCP)
         if exchange is not None and not flow.response.stream:
@@ -280,7 +295,29 @@ class Enforcer:
         self._finish_forwarded(flow, upstream_status)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self._finish_forwarded(flow, None)
+        if VERDICTS in flow.metadata:
+            self._upstream_failed(flow, flow.error.msg if flow.error else "")
+
+    def _upstream_failed(self, flow: http.HTTPFlow, message: str) -> None:
+        """Record how a forwarded call failed, and answer the agent (`error_pages` sends the answer)."""
+        verdicts = flow.metadata.pop(VERDICTS, None) or ()
+        settings = self.runtime.settings
+        # The call left cedargate once its upstream connection was up: mitmproxy sends it right then.
+        sent = flow.server_conn.timestamp_tcp_setup is not None
+        failure = classify(
+            message, sent=sent, tls=flow.request.scheme == "https",
+            timed_out=DEADLINE_MISSED in flow.metadata,
+            timeout=settings.upstream_read_timeout if sent else settings.upstream_connect_timeout,
+            # mitmproxy's words when the agent's side ended the exchange (HTTP/1, HTTP/2)
+            client_gone=message.startswith("Client disconnected") or "reset by client" in message
+            or not flow.client_conn.connected,
+        )
+        request = flow.request
+        log.info("%s to %s:%s: %s", request.method, request.host, request.port, failure.recorded)
+        for verdict in verdicts:
+            self.runtime.gate.finish(verdict, None, failure)
+        if verdicts and failure.answerable:
+            flow.response = refusal(failure.refusal(verdicts[0]))
 
     def _rewrite_answer(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
         """Filter the tool lists in a whole (not streamed) MCP answer and add cedargate's answers to it."""
@@ -430,5 +467,5 @@ def refusal(verdict: Verdict) -> http.Response:
     return http.Response.make(verdict.status, verdict.problem_json(), headers)
 
 
-_enforcer = Enforcer()
-addons = [Http1Trailers(), AgentAuth(), _enforcer, Passthrough(lambda: _enforcer.runtime)]
+# Under `mitmdump -s addons/enforcer.py`: the same addons `cedargate run` composes, reading mitmproxy options.
+addons = default_addons()

@@ -69,6 +69,15 @@ class Settings(_Strict):
     upstream_ca_bundle: Path | None = Field(
         None, description="PEM bundle of CAs trusted for upstream TLS besides the system's (private CAs)"
     )
+    upstream_connect_timeout: float = Field(
+        10.0, gt=0, description="longest wait, seconds, to connect to an upstream (TCP and TLS); then the "
+        "agent gets 504 upstream-timeout, and the call was not sent",
+    )
+    upstream_read_timeout: float = Field(
+        60.0, gt=0, description="longest wait, seconds, for an upstream's answer once the call was sent, and "
+        "again for the rest of an answer after its headers (an MCP event stream is not bounded once it "
+        "started); then the agent gets 504 upstream-timeout. A held call's wait for a human is not counted",
+    )
     passthrough_hosts: tuple[str, ...] = Field(
         (), description="regexes searched in a tunnel's CONNECT host:port; a TLS tunnel whose CONNECT "
         "matches (and whose SNI names the same host) is relayed uninspected, recorded as a passthrough event"

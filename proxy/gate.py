@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from proxy.engine import CedarRequest, Engine, Evaluation, Snapshot
 from proxy.escalation import Escalation, escalation_of, is_escalatable
@@ -29,6 +30,9 @@ from proxy.mapping import Call, MappingError, MappingOptions, UnknownAction, map
 from proxy.mcp import Exchange, McpError, parse_messages
 from proxy.policy import PolicyInfo
 from proxy.store import Recorder, utcnow
+
+if TYPE_CHECKING:
+    from proxy.upstream import UpstreamFailure
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,14 @@ class Problem(str, Enum):
     OVERRIDE_DENIED = "override-denied"
     OVERRIDE_EXPIRED = "override-expired"
     RELEASE_REFUSED = "override-release-refused"
+    # Decided and forwarded, and then the upstream failed it (see proxy.upstream).
+    UPSTREAM_UNREACHABLE = "upstream-unreachable"
+    UPSTREAM_TLS = "upstream-tls"
+    UPSTREAM_TIMEOUT = "upstream-timeout"
+    UPSTREAM_RESET = "upstream-reset"
+    UPSTREAM_ANSWER = "upstream-answer"
+    # What the proxy's HTTP layer refused or failed on its own, before or without a decision.
+    HTTP_ERROR = "http-error"
 
     @property
     def uri(self) -> str:
@@ -99,10 +111,7 @@ class Verdict:
         """RFC 9457 problem details for a refused call."""
         assert self.problem is not None
         return {
-            "type": self.problem.uri,
-            "title": _TITLES[self.problem],
-            "status": self.status,
-            "detail": self.detail,
+            **problem_document(self.problem, self.status, self.detail),
             "decision_id": self.decision_id,
             "policies": [{"id": p.policy_id, "effect": p.effect, "reason": p.reason} for p in self.determining],
             "errors": list(self.errors),
@@ -129,7 +138,18 @@ _TITLES = {
     Problem.OVERRIDE_DENIED: "Denied by policy; the override request was denied",
     Problem.OVERRIDE_EXPIRED: "Denied by policy; the override request expired",
     Problem.RELEASE_REFUSED: "Override granted, but current policy now refuses the call",
+    Problem.UPSTREAM_UNREACHABLE: "The upstream could not be reached",
+    Problem.UPSTREAM_TLS: "TLS with the upstream failed",
+    Problem.UPSTREAM_TIMEOUT: "The upstream did not answer in time",
+    Problem.UPSTREAM_RESET: "The upstream closed the connection without answering",
+    Problem.UPSTREAM_ANSWER: "The upstream's answer cannot be passed on",
+    Problem.HTTP_ERROR: "The proxy could not handle this HTTP message",
 }
+
+
+def problem_document(problem: Problem, status: int, detail: str) -> dict:
+    """The RFC 9457 members every cedargate answer has, also where no call was decided."""
+    return {"type": problem.uri, "title": _TITLES[problem], "status": status, "detail": detail}
 
 
 class Gate:
@@ -287,9 +307,14 @@ class Gate:
                     return True
         return False
 
-    def finish(self, verdict: Verdict, upstream_status: int | None = None) -> None:
-        """Append the verdict to the record, with the upstream's status once it is known."""
+    def finish(self, verdict: Verdict, upstream_status: int | None = None,
+               failure: UpstreamFailure | None = None) -> None:
+        """Append the verdict to the record, with the upstream's status once it is known, or how the
+        exchange failed (kept in `errors`, as "upstream <kind>: ...")."""
         call = verdict.call
+        errors = list(verdict.errors) + ([verdict.detail] if verdict.outcome is Outcome.ERROR else [])
+        if failure is not None:
+            errors.append(failure.recorded)
         self.recorder.record({
             "decision_id": verdict.decision_id,
             "at": verdict.at,
@@ -303,7 +328,7 @@ class Gate:
             "resource": verdict.resource,
             "decision": verdict.outcome.value,
             "determining_policies": json.dumps([p.policy_id for p in verdict.determining]),
-            "errors": json.dumps(list(verdict.errors) + ([verdict.detail] if verdict.outcome is Outcome.ERROR else [])),
+            "errors": json.dumps(errors),
             "policy_revision": verdict.revision,
             "upstream_status": upstream_status,
             "duration_ms": round((time.perf_counter() - verdict.started) * 1000, 3),
