@@ -9,7 +9,9 @@ verdict is recorded once the upstream answered (or failed), with the upstream st
 
 On an MCP endpoint (see `proxy.mcp`) a batch is decided message by message, a refused request is
 answered in JSON-RPC, and the server's answers are read before the agent gets them: tool lists are
-filtered (event streams as they stream) and an answer cedargate cannot read is not passed on.
+filtered (event streams as they stream) and an answer cedargate cannot read is not passed on. One
+event may hold `max_mcp_event_bytes` (past it, the stream ends with a JSON-RPC error); a whole answer
+is decoded within `max_mcp_answer_bytes` and read off the event loop (past it, a 502 problem).
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from mitmproxy import ctx, exceptions, http
 
 from addons.agent_auth import AGENT, AgentAuth, proxy_auth_required
 from addons.options import add_options, settings_from_options
+from proxy.decoding import ENCODINGS, AnswerTooLarge
 from proxy.gate import Outcome, Verdict
 from proxy.manifest import MCP_ACTIONS
 from proxy.mapping import Call, plain_utf8
-from proxy.decoding import AnswerTooLarge
 from proxy.mcp import Exchange, SseRewriter, filter_tool_list, refusal_answer, unreadable_problem
 from proxy.mcp_answers import check_answer
 from proxy.oversight import requested_wait
@@ -268,8 +270,9 @@ class Enforcer:
             except AnswerTooLarge as exc:
                 log.warning("refused the MCP answer to %s: %s", flow.request.pretty_url, exc)
                 flow.response = unreadable_answer(
-                    f"{exc} (max_mcp_answer_bytes); cedargate checks an answer whole, so it was not passed "
-                    "on. Ask the server for less (a smaller page or result), or ask the operator to raise the cap"
+                    f"{exc} (max_mcp_answer_bytes); cedargate checks an answer whole, so it was not "
+                    "passed on. Ask the server for less (a smaller page or result), or ask the operator "
+                    "to raise the cap"
                 )
             except Exception:
                 log.exception("cannot read the MCP answer to %s", flow.request.pretty_url)
@@ -360,7 +363,7 @@ def plain_headers(headers: http.Headers) -> dict[str, str]:
 
 
 # Encodings an MCP client decodes as cedargate does; others (mitmproxy even decodes "base64") are refused.
-ANSWER_ENCODINGS = frozenset({"identity", "gzip", "deflate", "br", "zstd"})
+ANSWER_ENCODINGS = frozenset(ENCODINGS)
 
 
 def unreadable_answer(detail: str = "") -> http.Response:

@@ -52,8 +52,8 @@ def check_answer(raw: bytes, encoding: str, media: str, status: int, rewrite: Ca
         answer = read_json(body)
     except (ValueError, RecursionError):
         if 200 <= status < 300:
-            raise ValueError("a success the agent's client may read, but cedargate cannot read as UTF-8 JSON") \
-                from None
+            raise ValueError("a success the agent's client may read, but cedargate cannot read as "
+                             "UTF-8 JSON") from None
         return CheckedAnswer(decoded)  # an error page: nothing in it for the client to act on
     filtered = rewrite(answer)
     answer = filtered if filtered is not None else answer

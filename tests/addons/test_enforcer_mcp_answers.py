@@ -27,7 +27,10 @@ from proxy.runtime import Runtime
 
 MCP_URL = "http://mcp.github.example/mcp"
 EVENT_CAP, ANSWER_CAP = 4096, 64 * 1024
-TOOLS = {"jsonrpc": "2.0", "id": 1, "result": {"tools": [{"name": "search_issues"}, {"name": "not_in_manifest"}]}}
+TOOLS = {"jsonrpc": "2.0", "id": 1,
+         "result": {"tools": [{"name": "search_issues"}, {"name": "not_in_manifest"}]}}
+FILTERED = {**TOOLS, "result": {"tools": [{"name": "search_issues"}]}}
+UPSTREAM_ANSWER = "urn:cedargate:problem:upstream-answer"
 
 
 @pytest.fixture
@@ -42,8 +45,9 @@ def runtime(tmp_path: Path, policy_dir: Path) -> Iterator[Runtime]:
 
 
 def tools_list_flow() -> http.HTTPFlow:
-    flow = make_flow("POST", MCP_URL, content=json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}).encode(),
-                     headers={"Content-Type": "application/json", "Accept": "application/json, text/event-stream"})
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}).encode()
+    flow = make_flow("POST", MCP_URL, content=body, headers={
+        "Content-Type": "application/json", "Accept": "application/json, text/event-stream"})
     flow.metadata["cedargate.agent"] = AGENT
     return flow
 
@@ -86,12 +90,13 @@ def test_a_whole_answer_is_checked_off_the_event_loop(runtime, monkeypatch):
             loop_went_on.set()
 
         async def both() -> None:
-            await asyncio.gather(tctx.master.addons.invoke_addon(enforcer, HttpResponseHook(flow)), other_flows())
+            answer = tctx.master.addons.invoke_addon(enforcer, HttpResponseHook(flow))
+            await asyncio.gather(answer, other_flows())
 
         tctx.master.event_loop.run_until_complete(both())
     assert checked_in and checked_in[0] != threading.get_ident()
     assert flow.response.status_code == 200 and "content-encoding" not in flow.response.headers
-    assert json.loads(flow.response.content) == {**TOOLS, "result": {"tools": [{"name": "search_issues"}]}}
+    assert json.loads(flow.response.content) == FILTERED
     [row] = recorded(runtime)
     assert (row["decision"], row["upstream_status"]) == ("allow", 200)
 
@@ -106,7 +111,7 @@ def test_a_gzip_bomb_gets_a_502_problem_and_the_call_is_recorded(runtime):
     assert flow.response.status_code == 502
     assert flow.response.headers["Content-Type"] == "application/problem+json"
     problem = json.loads(flow.response.content)
-    assert problem["type"] == "urn:cedargate:problem:upstream-answer"
+    assert problem["type"] == UPSTREAM_ANSWER
     assert f"larger than {ANSWER_CAP} bytes once its gzip coding is decoded" in problem["detail"]
     assert "max_mcp_answer_bytes" in problem["detail"]
     [row] = recorded(runtime)
@@ -126,11 +131,11 @@ def test_an_event_stream_is_passed_through_a_capped_rewriter_and_recorded_when_i
         event = b"data: " + json.dumps(TOOLS).encode() + b"\r\n\r\n"
         assert stream(event[:-1]) == []  # no empty piece: it would end an HTTP/1.1 body
         [sent] = stream(event[-1:])
-        assert json.loads(sent.split(b"data: ", 1)[1]) == {**TOOLS, "result": {"tools": [{"name": "search_issues"}]}}
+        assert json.loads(sent.split(b"data: ", 1)[1]) == FILTERED
         refused = b"".join(stream(b"data: " + b"A" * EVENT_CAP))
         assert b"AAAA" not in refused
         error = json.loads(refused.split(b"data: ", 1)[1])
-        assert error["id"] is None and error["error"]["data"]["type"] == "urn:cedargate:problem:upstream-answer"
+        assert error["id"] is None and error["error"]["data"]["type"] == UPSTREAM_ANSWER
         assert stream(b"\n\n") == [] and stream(b"") == []
         fire(tctx, enforcer, HttpResponseHook(flow))
     assert len(recorded(runtime)) == 1

@@ -51,12 +51,17 @@ def _result(ident, text: str) -> dict:
     return {"jsonrpc": "2.0", "id": ident, "result": {"content": [{"type": "text", "text": text}]}}
 
 
-PROGRESS = {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progressToken": 1, "progress": 1}}
+PROGRESS = {"jsonrpc": "2.0", "method": "notifications/progress",
+            "params": {"progressToken": 1, "progress": 1}}
+def _log(text: str) -> dict:
+    return {"jsonrpc": "2.0", "method": "notifications/message", "params": {"data": text}}
+
+
 SPLIT_EVENTS = [
     _sse_event(PROGRESS),
-    b"id: 2\n" + _sse_event({"jsonrpc": "2.0", "method": "notifications/message", "params": {"data": "two"}}),
-    _sse_event({"jsonrpc": "2.0", "method": "notifications/message", "params": {"data": "three"}}, b"\r\n\r\n"),
-    _sse_event({"jsonrpc": "2.0", "method": "notifications/message", "params": {"data": "four"}}, b"\r\n\r\n"),
+    b"id: 2\n" + _sse_event(_log("two")),
+    _sse_event(_log("three"), b"\r\n\r\n"),
+    _sse_event(_log("four"), b"\r\n\r\n"),
     _sse_event(_result(1, "found 3 issues")),
 ]
 # Where each event is cut: mid-line, between the two newlines, between the CR and LF of the blank line's
@@ -230,7 +235,8 @@ class Agent(threading.Thread):
     """One agent's call through cedargate, read to its end in the background: the status, the headers,
     the body's bytes as they came, and how the body ended."""
 
-    def __init__(self, gate, url: str, message: dict, accept: str = "application/json, text/event-stream") -> None:
+    def __init__(self, gate, url: str, message: dict,
+                 accept: str = "application/json, text/event-stream") -> None:
         super().__init__(daemon=True)
         self.gate, self.url, self.message, self.accept = gate, url, message, accept
         self.status: int | None = None

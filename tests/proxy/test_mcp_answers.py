@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 
 import proxy.mcp
 from proxy.decoding import AnswerTooLarge
-from proxy.mcp import REFUSED_CODE, UPSTREAM_ANSWER, SseRewriter, filter_tool_list
-from proxy.mcp_answers import check_answer
+from proxy.config import Settings
+from proxy.mcp import DEFAULT_MAX_EVENT, REFUSED_CODE, UPSTREAM_ANSWER, SseRewriter, filter_tool_list
+from proxy.mcp_answers import DEFAULT_MAX_ANSWER, check_answer
 
 
 def sse_events(raw: bytes) -> list[dict]:
@@ -53,7 +54,8 @@ def keep(answer):
     return None
 
 
-PROGRESS = {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progressToken": 1, "progress": 1}}
+PROGRESS = {"jsonrpc": "2.0", "method": "notifications/progress",
+            "params": {"progressToken": 1, "progress": 1}}
 # Events with every kind of line ending, so that a cut can fall mid-line, between the two line ends of
 # the blank line, and between the CR and the LF of a CRLF.
 STREAM = (
@@ -120,7 +122,8 @@ def test_an_event_at_the_cap_passes():
 def test_an_unterminated_event_past_the_cap_ends_the_stream_with_an_error_for_each_waiting_request(chunk):
     ended = []
     rewriter = SseRewriter(keep, [{"jsonrpc": "2.0", "id": 8, "result": {"isError": True}}],
-                           max_event_bytes=16 * 1024, requests=[1, "two", 3], on_refused=lambda: ended.append(1))
+                           max_event_bytes=16 * 1024, requests=[1, "two", 3],
+                           on_refused=lambda: ended.append(1))
     sent = rewriter.feed(b"data: " + json.dumps(message(1)).encode() + b"\n\n")  # request 1 is answered
     stream = b"data: {\"jsonrpc\": \"2.0\", \"id\": \"two\", \"result\": \"" + b"A" * (100 * 1024)
     returned = [rewriter(stream[at:at + chunk]) for at in range(0, len(stream), chunk)]
@@ -204,8 +207,8 @@ def test_an_identity_answer_past_the_cap_is_refused():
 
 def test_an_encoded_answer_reaches_the_agent_decoded_as_checked():
     body = json.dumps(tool_list(1, "shown", "hidden")).encode()
-    assert json.loads(check_answer(gzip.compress(body), "gzip", "application/json", 200, hide("hidden")).body) \
-        == tool_list(1, "shown")
+    filtered = check_answer(gzip.compress(body), "gzip", "application/json", 200, hide("hidden"))
+    assert json.loads(filtered.body) == tool_list(1, "shown")
     # Unchanged, but decoded: the bytes cedargate read, not a coding some client reads otherwise.
     assert check_answer(gzip.compress(body), "gzip", "application/json", 200, keep).body == body
     assert check_answer(body, "identity", "application/json", 200, keep).body is None  # passed as it came
@@ -229,3 +232,8 @@ def test_a_success_that_is_not_json_is_refused_and_an_error_page_passes():
     with pytest.raises(ValueError):
         check_answer(b"<html>ok</html>", "identity", "text/html", 200, keep)
     assert check_answer(b"<html>busy</html>", "identity", "text/html", 503, keep).body is None
+
+
+def test_the_caps_default_to_the_settings_defaults():
+    settings = Settings()
+    assert (settings.max_mcp_event_bytes, settings.max_mcp_answer_bytes) == (DEFAULT_MAX_EVENT, DEFAULT_MAX_ANSWER)
