@@ -14,7 +14,9 @@ and the record keeps the failure.
 
 On an MCP endpoint (see `proxy.mcp`) a batch is decided message by message, a refused request is
 answered in JSON-RPC, and the server's answers are read before the agent gets them: tool lists are
-filtered (event streams as they stream) and an answer cedargate cannot read is not passed on.
+filtered (event streams as they stream) and an answer cedargate cannot read is not passed on. One
+event may hold `max_mcp_event_bytes` (past it, the stream ends with a JSON-RPC error); a whole answer
+is decoded within `max_mcp_answer_bytes` and read off the event loop (past it, a 502 problem).
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ from addons import default_addons, error_pages
 from addons.agent_auth import AGENT, proxy_auth_required
 from addons.options import add_options, settings_from_options
 from addons.upstream_deadline import DEADLINE_MISSED
+from proxy.decoding import ENCODINGS, AnswerTooLarge
 from proxy.gate import Outcome, Verdict
 from proxy.manifest import MCP_ACTIONS
 from proxy.mapping import Call, plain_utf8
-from proxy.mcp import Exchange, SseRewriter, filter_tool_list, read_json, refusal_answer
+from proxy.mcp import Exchange, SseRewriter, filter_tool_list, refusal_answer, unreadable_problem
+from proxy.mcp_answers import check_answer
 from proxy.oversight import requested_wait
 from proxy.runtime import Runtime
 from proxy.tunnels import authority_of
@@ -263,7 +267,11 @@ class Enforcer:
                 # An MCP server's stream may stay open for the session: pass events on as they come,
                 # tool lists filtered, cedargate's answers for refused messages appended at the end.
                 # (Any other answer is read whole, in `response`.)
-                response.stream = SseRewriter(self._tool_filter(flow), exchange.answers)
+                response.stream = SseRewriter(
+                    self._tool_filter(flow), exchange.answers, requests=_requests(exchange),
+                    max_event_bytes=self.runtime.settings.max_mcp_event_bytes,
+                    on_refused=lambda: _end_upstream(flow),
+                )
                 response.headers.pop("content-length", None)  # the rewritten stream has another length
                 if flow.request.http_version.startswith("HTTP/1"):
                     response.headers["transfer-encoding"] = "chunked"
@@ -277,7 +285,7 @@ class Enforcer:
         # Never reached while 101 answers are cut off; should one get through, nothing is relayed.
         flow.websocket.messages[-1].drop()
 
-    def response(self, flow: http.HTTPFlow) -> None:
+    async def response(self, flow: http.HTTPFlow) -> None:
         if flow.response is None:
             return
         if flow.metadata.get(DEADLINE_MISSED) and VERDICTS in flow.metadata:
@@ -288,7 +296,14 @@ class Enforcer:
         exchange: Exchange | None = flow.metadata.get(MCP)
         if exchange is not None and not flow.response.stream:
             try:
-                self._rewrite_answer(flow, exchange)
+                await self._rewrite_answer(flow, exchange)
+            except AnswerTooLarge as exc:
+                log.warning("refused the MCP answer to %s: %s", flow.request.pretty_url, exc)
+                flow.response = unreadable_answer(
+                    f"{exc} (max_mcp_answer_bytes); cedargate checks an answer whole, so it was not "
+                    "passed on. Ask the server for less (a smaller page or result), or ask the operator "
+                    "to raise the cap"
+                )
             except Exception:
                 log.exception("cannot read the MCP answer to %s", flow.request.pretty_url)
                 flow.response = unreadable_answer()
@@ -319,33 +334,28 @@ class Enforcer:
         if verdicts and failure.answerable:
             flow.response = refusal(failure.refusal(verdicts[0]))
 
-    def _rewrite_answer(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
-        """Filter the tool lists in a whole (not streamed) MCP answer and add cedargate's answers to it."""
+    async def _rewrite_answer(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
+        """Filter the tool lists in a whole (not streamed) MCP answer and add cedargate's answers to it.
+
+        Decoding, reading and rewriting run in a worker thread: a large or compressed answer must not
+        hold up the other calls on the event loop. An answer cedargate changed or decoded goes to the
+        agent unencoded: the bytes it checked.
+        """
         response = flow.response
         if _encoding(response) not in ANSWER_ENCODINGS or (response.raw_content and not _readable(response)):
             raise ValueError(f"an answer cedargate may read otherwise than the client: "
                              f"{response.headers.get('content-type')!r}, {_encoding(response)!r}")
-        body = response.get_content(strict=True) or b""
-        if _media(response) == "text/event-stream":  # encoded: see responseheaders
-            rewriter = SseRewriter(self._tool_filter(flow), exchange.answers)
-            response.set_content(rewriter(body) + rewriter(b""))
-            return
-        if not body.strip():
-            if exchange.answers:  # e.g. 202 for the forwarded notifications: the refused requests need answers
-                flow.response = rpc_response(list(exchange.answers), True, None)
-            return
-        try:
-            answer = read_json(body)
-        except (ValueError, RecursionError):
-            if 200 <= response.status_code < 300:
-                raise  # a success the agent's client may read, but cedargate cannot check
-            return  # an error page: nothing in it for the client to act on
-        filtered = self._tool_filter(flow)(answer)
-        answer = filtered if filtered is not None else answer
-        if exchange.answers:
-            answer = (answer if isinstance(answer, list) else [answer]) + list(exchange.answers)
-        if filtered is not None or exchange.answers:
-            response.set_content(json.dumps(answer).encode())
+        settings = self.runtime.settings
+        checked = await asyncio.to_thread(
+            check_answer, response.raw_content or b"", _encoding(response), _media(response),
+            response.status_code, self._tool_filter(flow), exchange.answers, _requests(exchange),
+            max_answer_bytes=settings.max_mcp_answer_bytes, max_event_bytes=settings.max_mcp_event_bytes,
+        )
+        if checked.own_answers:
+            flow.response = rpc_response(list(checked.own_answers), True, None)
+        elif checked.body is not None:
+            response.headers.pop("content-encoding", None)
+            response.set_content(checked.body)
 
     def _tool_filter(self, flow: http.HTTPFlow):
         call = call_of(flow, flow.metadata[AGENT])
@@ -430,14 +440,38 @@ def plain_headers(headers: http.Headers) -> dict[str, str]:
 
 
 # Encodings an MCP client decodes as cedargate does; others (mitmproxy even decodes "base64") are refused.
-ANSWER_ENCODINGS = frozenset({"identity", "gzip", "deflate", "br", "zstd"})
+ANSWER_ENCODINGS = frozenset(ENCODINGS)
 
 
-def unreadable_answer() -> http.Response:
-    return http.Response.make(502, json.dumps({
-        "type": "urn:cedargate:problem:upstream-answer", "status": 502,
-        "title": "cedargate could not check the MCP server's answer, so it is not passed on",
-    }).encode(), {"Content-Type": "application/problem+json"})
+def unreadable_answer(detail: str = "") -> http.Response:
+    return http.Response.make(502, json.dumps(unreadable_problem(detail)).encode(),
+                              {"Content-Type": "application/problem+json"})
+
+
+def _requests(exchange: Exchange) -> list:
+    """The ids of the forwarded requests, which the server's answer owes an answer to."""
+    return [message.id for message in exchange.messages if message.kind == "request"]
+
+
+def _end_upstream(flow: http.HTTPFlow) -> None:
+    """End a refused event stream: close the connection to the server, so nothing more is read from it.
+
+    mitmproxy has no hook to end a response mid-stream; closing the server connection ends the
+    exchange (the agent's connection or HTTP/2 stream is then closed after the last event sent).
+    Under a master without a proxy server (tests), the rest of the stream is only dropped.
+    """
+    master = getattr(ctx, "master", None)
+    server = master.addons.get("proxyserver") if master else None
+    handler = getattr(server, "connections", {}).get(flow.client_conn.id) if server else None
+    if handler is None:
+        return
+
+    def close() -> None:
+        if flow.server_conn in handler.transports:
+            handler.close_connection(flow.server_conn)
+
+    # Not from inside the stream callable: mitmproxy is still handling the event that called it.
+    asyncio.get_running_loop().call_soon(close)
 
 
 def _encoding(message: http.Message) -> str:

@@ -66,6 +66,16 @@ class Settings(_Strict):
     grant_ttl: str = Field("10m", description="time an unused grant stays valid")
     context_headers: tuple[str, ...] = ("content-type", "user-agent", "accept")
     max_body_bytes: int = Field(64 * 1024, ge=0)
+    max_mcp_event_bytes: int = Field(
+        1024 * 1024, ge=1024,
+        description="largest event an MCP server may send on an event stream, bytes; each event is checked "
+                    "whole, so a larger one ends the stream with a JSON-RPC error instead of being passed on",
+    )
+    max_mcp_answer_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024,
+        description="largest whole (not streamed) MCP answer, bytes once its content coding is decoded; a "
+                    "larger one (a decompression bomb, say) gets the agent a 502 problem instead",
+    )
     upstream_ca_bundle: Path | None = Field(
         None, description="PEM bundle of CAs trusted for upstream TLS besides the system's (private CAs)"
     )

@@ -125,7 +125,7 @@ def sse_events(raw: bytes) -> list[dict]:
 def feed(chunks, rewrite, extra=()) -> bytes:
     """What the agent receives when the server's stream arrives in these chunks (then ends)."""
     rewriter = SseRewriter(rewrite, extra)
-    return b"".join(rewriter(chunk) for chunk in chunks if chunk) + rewriter(b"")
+    return b"".join(rewriter.feed(chunk) for chunk in chunks if chunk) + rewriter.feed(b"")
 
 
 @pytest.fixture(scope="module")
@@ -1051,9 +1051,9 @@ def test_a_stream_fed_whole_is_filtered_event_by_event():
 def test_an_event_reaches_the_agent_as_soon_as_it_is_complete():
     rewriter = SseRewriter(_filter, EXTRA)
     half = len(STREAM_EVENTS[1]) // 2
-    out = rewriter(STREAM_EVENTS[0] + STREAM_EVENTS[1][:half])
+    out = rewriter.feed(STREAM_EVENTS[0] + STREAM_EVENTS[1][:half])
     assert [json.loads(e["data"]) for e in sse_events(out)] == [_list_answer(5, "shown")]
-    out += rewriter(STREAM_EVENTS[1][half:])
+    out += rewriter.feed(STREAM_EVENTS[1][half:])
     assert len(sse_events(out)) == 2
     assert _data(EXTRA[0]) not in out  # cedargate's own answers wait for the end of the stream
 

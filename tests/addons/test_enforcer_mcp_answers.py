@@ -1,0 +1,141 @@
+"""The enforcer reading an MCP server's answers: whole answers checked off the event loop within their
+cap, event streams passed on through a capped rewriter that honours mitmproxy's stream contract, and
+the decision recorded on both paths.
+
+A real Runtime (bundled policies, real cedarpy, real SQLite record) under mitmproxy's test helpers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from addon_support import AGENT, TOKEN_SHA256, fire, make_flow, record_rows
+from mitmproxy import http
+from mitmproxy.proxy.layers.http import HttpRequestHook, HttpResponseHeadersHook, HttpResponseHook
+from mitmproxy.test import taddons
+
+import addons.enforcer
+from addons.enforcer import Enforcer
+from proxy.config import AgentCredential, Settings
+from proxy.runtime import Runtime
+
+MCP_URL = "http://mcp.github.example/mcp"
+EVENT_CAP, ANSWER_CAP = 4096, 64 * 1024
+TOOLS = {"jsonrpc": "2.0", "id": 1,
+         "result": {"tools": [{"name": "search_issues"}, {"name": "not_in_manifest"}]}}
+FILTERED = {**TOOLS, "result": {"tools": [{"name": "search_issues"}]}}
+UPSTREAM_ANSWER = "urn:cedargate:problem:upstream-answer"
+
+
+@pytest.fixture
+def runtime(tmp_path: Path, policy_dir: Path) -> Iterator[Runtime]:
+    started = Runtime.start(Settings(
+        policy_dir=policy_dir, state_dir=tmp_path / "state", policy_reload_interval=0,
+        agents={AGENT: AgentCredential(token_sha256=TOKEN_SHA256)},
+        max_mcp_event_bytes=EVENT_CAP, max_mcp_answer_bytes=ANSWER_CAP,
+    ))
+    yield started
+    started.close()
+
+
+def tools_list_flow() -> http.HTTPFlow:
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}).encode()
+    flow = make_flow("POST", MCP_URL, content=body, headers={
+        "Content-Type": "application/json", "Accept": "application/json, text/event-stream"})
+    flow.metadata["cedargate.agent"] = AGENT
+    return flow
+
+
+def answered(flow: http.HTTPFlow, body: bytes, media: str, coding: str | None = None) -> None:
+    headers = {"Content-Type": media}
+    if coding:
+        headers["Content-Encoding"] = coding
+    flow.response = http.Response.make(200, b"", headers)
+    flow.response.raw_content = body
+
+
+def recorded(runtime: Runtime) -> list[dict]:
+    assert runtime.recorder.flush(), "the record did not catch up"
+    return record_rows(runtime.settings.state_dir / "cedargate.db")
+
+
+def test_a_whole_answer_is_checked_off_the_event_loop(runtime, monkeypatch):
+    loop_went_on = threading.Event()
+    checked_in = []
+    check = addons.enforcer.check_answer
+
+    def blocking_check(*args, **kwargs):
+        checked_in.append(threading.get_ident())
+        # Returns only once a coroutine on the event loop has run: never, were it run on the loop itself.
+        if not loop_went_on.wait(10):
+            raise AssertionError("the event loop did not run while the answer was checked")
+        return check(*args, **kwargs)
+
+    monkeypatch.setattr(addons.enforcer, "check_answer", blocking_check)
+    enforcer = Enforcer(runtime)
+    with taddons.context(enforcer) as tctx:
+        flow = tools_list_flow()
+        fire(tctx, enforcer, HttpRequestHook(flow))
+        assert flow.response is None
+        answered(flow, gzip.compress(json.dumps(TOOLS).encode()), "application/json", "gzip")
+
+        async def other_flows() -> None:
+            await asyncio.sleep(0)
+            loop_went_on.set()
+
+        async def both() -> None:
+            answer = tctx.master.addons.invoke_addon(enforcer, HttpResponseHook(flow))
+            await asyncio.gather(answer, other_flows())
+
+        tctx.master.event_loop.run_until_complete(both())
+    assert checked_in and checked_in[0] != threading.get_ident()
+    assert flow.response.status_code == 200 and "content-encoding" not in flow.response.headers
+    assert json.loads(flow.response.content) == FILTERED
+    [row] = recorded(runtime)
+    assert (row["decision"], row["upstream_status"]) == ("allow", 200)
+
+
+def test_a_gzip_bomb_gets_a_502_problem_and_the_call_is_recorded(runtime):
+    enforcer = Enforcer(runtime)
+    with taddons.context(enforcer) as tctx:
+        flow = tools_list_flow()
+        fire(tctx, enforcer, HttpRequestHook(flow))
+        answered(flow, gzip.compress(b" " * (ANSWER_CAP * 64)), "application/json", "gzip")
+        fire(tctx, enforcer, HttpResponseHook(flow))
+    assert flow.response.status_code == 502
+    assert flow.response.headers["Content-Type"] == "application/problem+json"
+    problem = json.loads(flow.response.content)
+    assert problem["type"] == UPSTREAM_ANSWER
+    assert f"larger than {ANSWER_CAP} bytes once its gzip coding is decoded" in problem["detail"]
+    assert "max_mcp_answer_bytes" in problem["detail"]
+    [row] = recorded(runtime)
+    assert (row["decision"], row["upstream_status"]) == ("allow", 200)  # what the server said
+
+
+def test_an_event_stream_is_passed_through_a_capped_rewriter_and_recorded_when_it_starts(runtime):
+    enforcer = Enforcer(runtime)
+    with taddons.context(enforcer) as tctx:
+        flow = tools_list_flow()
+        fire(tctx, enforcer, HttpRequestHook(flow))
+        answered(flow, b"", "text/event-stream")
+        fire(tctx, enforcer, HttpResponseHeadersHook(flow))
+        [row] = recorded(runtime)  # the stream may stay open for the session: recorded now
+        assert (row["decision"], row["upstream_status"]) == ("allow", 200)
+        stream = flow.response.stream
+        event = b"data: " + json.dumps(TOOLS).encode() + b"\r\n\r\n"
+        assert stream(event[:-1]) == []  # no empty piece: it would end an HTTP/1.1 body
+        [sent] = stream(event[-1:])
+        assert json.loads(sent.split(b"data: ", 1)[1]) == FILTERED
+        refused = b"".join(stream(b"data: " + b"A" * EVENT_CAP))
+        assert b"AAAA" not in refused
+        error = json.loads(refused.split(b"data: ", 1)[1])
+        assert error["id"] is None and error["error"]["data"]["type"] == UPSTREAM_ANSWER
+        assert stream(b"\n\n") == [] and stream(b"") == []
+        fire(tctx, enforcer, HttpResponseHook(flow))
+    assert len(recorded(runtime)) == 1
