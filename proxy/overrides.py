@@ -152,6 +152,7 @@ class OverrideStore:
     """Plain operations on override requests; every method is one short transaction."""
 
     RETRIES = 20
+    LIST_PAGE = 100  # rows read at a time when a listing is filtered by the reviewer's roles
 
     def __init__(self, engine: SAEngine, grant_ttl: int = 600, *, limits: OverrideLimits = OverrideLimits(),
                  redaction: Redaction = Redaction(), clock: Callable[[], float] = time.monotonic) -> None:
@@ -273,7 +274,7 @@ class OverrideStore:
             if roles is None:
                 return list(session.exec(query.limit(limit)).all())
             # The roles a request needs are JSON in its row: filter here, a page at a time, until enough.
-            page, offset = max(limit, 100), 0
+            page, offset = max(limit, self.LIST_PAGE), 0
             while len(found) < limit:
                 rows = session.exec(query.offset(offset).limit(page)).all()
                 found.extend(o for o in rows if can_decide(o, roles))
