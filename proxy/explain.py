@@ -137,7 +137,8 @@ def _text(report: dict) -> str:
         lines.append(printable(f"          {report['detail']}"))
     for policy in report["policies"]:
         notes = ", ".join(f'@{k}("{v}")' for k, v in policy["annotations"].items() if k != "id")
-        lines.append(printable(f"  {policy['effect']:<6} {policy['id']}  ({policy['file']}) {notes}".rstrip()))
+        line = f"  {policy['effect']:<6} {policy['id']}  ({policy['file']}) {notes}".rstrip()
+        lines.append(printable(line))
     for error in report["errors"]:
         lines.append(printable(f"  error  {error}"))
     if "escalation" in report:

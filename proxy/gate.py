@@ -130,7 +130,7 @@ _TITLES = {
     Problem.OVERRIDE_EXPIRED: "Denied by policy; the override request expired",
     Problem.RELEASE_REFUSED: "Override granted, but current policy now refuses the call",
     Problem.OVERRIDE_BODY_TOO_LARGE: "Denied by policy; the body is too large to put before a reviewer",
-    Problem.TOO_MANY_PENDING_OVERRIDES: "Denied by policy; too many of this agent's override requests await review",
+    Problem.TOO_MANY_PENDING_OVERRIDES: "Denied by policy; too many of the agent's override requests await review",
     Problem.OVERRIDE_RATE_LIMITED: "Denied by policy; this agent opens override requests too fast",
 }
 

@@ -217,9 +217,9 @@ class OverrideStore:
         if limits.max_body_bytes is not None and len(call.body) > limits.max_body_bytes:
             raise OverrideRefused(
                 Refusal.BODY_TOO_LARGE,
-                f"the call's body is {len(call.body)} bytes; an escalated call is kept whole for its reviewers "
-                f"up to {limits.max_body_bytes} bytes (max_override_body_bytes), since a reviewer grants exactly "
-                "what they see. Send the call with a smaller body.",
+                f"the call's body is {len(call.body)} bytes; an escalated call is kept whole for its "
+                f"reviewers up to {limits.max_body_bytes} bytes (max_override_body_bytes), since a reviewer "
+                "grants exactly what they see. Send the call with a smaller body.",
             )
         if limits.max_pending_per_agent is not None:
             count, soonest = session.exec(select(func.count(), func.min(Override.expires_at)).where(
@@ -231,10 +231,10 @@ class OverrideStore:
                 wait = 60 if soonest is None else math.ceil((_aware(soonest) - now).total_seconds())
                 raise OverrideRefused(
                     Refusal.TOO_MANY_PENDING,
-                    f"{call.agent} already has {count} override requests waiting for review, the most one agent "
-                    "may have (max_pending_overrides_per_agent); no request was opened for this call. Retry "
-                    "it once reviewers have decided some; the identical call of a pending request still "
-                    "finds it.",
+                    f"{call.agent} already has {count} override requests waiting for review, the most one "
+                    "agent may have (max_pending_overrides_per_agent); no request was opened for this call. "
+                    "Retry it once reviewers have decided some; the identical call of a pending request "
+                    "still finds it.",
                     max(1, min(60, wait)),
                 )
         if self._buckets is not None:

@@ -67,7 +67,8 @@ def run_overrides_command(args: argparse.Namespace) -> int:
         if ok:
             print(printable(f"{body['id']}: {body['status']}"))
     if not ok:
-        print(printable(f"cedargate: {body.get('status')} {body.get('title')}: {body.get('detail')}"), file=sys.stderr)
+        message = f"cedargate: {body.get('status')} {body.get('title')}: {body.get('detail')}"
+        print(printable(message), file=sys.stderr)
         return 1
     return 0
 

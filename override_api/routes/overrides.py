@@ -106,7 +106,10 @@ def list_overrides(
 @router.get("/{override_id}", response_model=OverridePublic, summary="Everything about one override request")
 def show_override(override_id: str, runtime: RuntimeDep, approver: CurrentApprover) -> OverridePublic:
     override = runtime.overrides.get(override_id)
-    if override is None or not (runtime.sees_all_overrides(approver.roles) or can_decide(override, approver.roles)):
+    # A request the approver may not decide is answered as one that does not exist.
+    visible = override is not None and (runtime.sees_all_overrides(approver.roles)
+                                        or can_decide(override, approver.roles))
+    if not visible:
         raise HTTPException(404, detail=f"no override request {override_id}")
     return _public(runtime, override)
 

@@ -8,6 +8,7 @@ CLI as the reviewer.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -23,8 +24,14 @@ import httpx
 import pytest
 from e2e_support import APPROVERS, CEDARGATE, REPO, Cedargate, start_cedargate, write_config
 
+from proxy.escalation import Escalation, Requirement
+from proxy.mapping import Call
+from proxy.overrides import OverrideStore
+from proxy.store import make_engine
+
 STOP = "/v1/instances/i-{n}/stop"
 MANAGER_REASON = "Stopping an instance on a production-critical host needs a human decision."
+MANAGER = Requirement("protect-production-instances", ("engineering-manager",), 1)
 # The reviewers of these tests: the usual ones and an auditor, who sees every request and decides none.
 REVIEWERS = {**APPROVERS, "audra": ("audra-token-7", ["auditor"])}
 
@@ -35,7 +42,8 @@ def start(tmp_path: Path, policy_dir: Path, upstream) -> Iterator[Callable[..., 
     started: list[Cedargate] = []
 
     def run(**settings) -> Cedargate:
-        approvers = {name: {"token_sha256": _sha256(token), "roles": roles} for name, (token, roles) in REVIEWERS.items()}
+        approvers = {name: {"token_sha256": _sha256(token), "roles": roles}
+                     for name, (token, roles) in REVIEWERS.items()}
         config = write_config(tmp_path / "c.yaml", policy_dir, tmp_path / "state", upstream,
                               approvers=approvers, **settings)
         gate = start_cedargate(config)
@@ -49,8 +57,6 @@ def start(tmp_path: Path, policy_dir: Path, upstream) -> Iterator[Callable[..., 
 
 
 def _sha256(text: str) -> str:
-    import hashlib
-
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -165,18 +171,13 @@ def test_overrides_list_and_show_escape_what_a_terminal_would_act_on(start, upst
     """Inserted through the core, as the proxy would (were it to let such a URL through), so this holds
     whatever the proxy refuses."""
     gate = start()
-    from proxy.escalation import Escalation, Requirement
-    from proxy.mapping import Call
-    from proxy.overrides import OverrideStore
-    from proxy.store import make_engine
-
     database = make_engine(f"sqlite:///{gate.database}")
     try:
-        call = Call(agent="ops-bot", method="DELETE", scheme="http", host="127.0.0.1", port=upstream.http_port,
-                    path=DISGUISED, query="zone=\u202eatad-doirp")
+        call = Call(agent="ops-bot", method="DELETE", scheme="http", host="127.0.0.1",
+                    port=upstream.http_port, path=DISGUISED, query="zone=\u202eatad-doirp")
         override, _ = OverrideStore(database).open_or_attach(
             call, decision_id=str(uuid.uuid4()),
-            escalation=Escalation((Requirement("protect-production-instances", ("engineering-manager",), 1),), 600),
+            escalation=Escalation((MANAGER,), 600),
             policies=[{"id": "protect-production-instances", "reason": MANAGER_REASON, "annotations": {}}],
             cedar_request={"principal": 'Agent::"ops-bot"', "action": 'Action::"delete"',
                            "resource": 'Host::"127.0.0.1"', "context": {"path": call.path}},
@@ -198,7 +199,8 @@ def test_overrides_list_and_show_escape_what_a_terminal_would_act_on(start, upst
 VOLUME_PERMIT = """
 // In these tests ops agents may delete volumes, so that a deletion escalates to security and a lead.
 @id("ops-delete-volumes")
-permit (principal in Team::"ops", action == Action::"delete", resource) when { context.path like "/v1/volumes/*" };
+permit (principal in Team::"ops", action == Action::"delete", resource)
+when { context.path like "/v1/volumes/*" };
 """
 
 
@@ -261,7 +263,8 @@ def test_query_secrets_are_redacted_everywhere_but_the_grant_binds_to_them(start
         listed = cli(gate, "list")
         assert "access_token=[redacted]&zone=a" in listed.stdout and secret not in listed.stdout
 
-        assert api(gate, "POST", f"/overrides/{override_id}/approve", json={"reason": "ok"}).json()["status"] == "granted"
+        granted = api(gate, "POST", f"/overrides/{override_id}/approve", json={"reason": "ok"})
+        assert granted.json()["status"] == "granted"
         another = http.post(url.replace(secret, other))
         assert assert_problem(another, 403, "override-pending")["override_id"] != override_id
         released = http.post(url)
@@ -277,6 +280,7 @@ def test_query_secrets_are_redacted_everywhere_but_the_grant_binds_to_them(start
     for value in (secret, other, key):
         assert value not in record  # not in decisions, audit payloads or override requests
         assert value not in "".join(gate.output)  # nor in the log
+    assert "access_token=[redacted]&zone=a" in "".join(gate.output)  # the log names the call, redacted
 
 
 # --- the state dir --------------------------------------------------------------------------------
@@ -296,7 +300,8 @@ def test_an_existing_state_dir_is_made_private_and_the_store_files_0600(start, t
     finally:
         os.umask(umask)
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
-    files = {p.name: stat.S_IMODE(p.stat().st_mode) for p in state.iterdir() if p.name.startswith("cedargate.db")}
+    files = {p.name: stat.S_IMODE(p.stat().st_mode) for p in state.iterdir()
+             if p.name.startswith("cedargate.db")}
     assert set(files) >= {"cedargate.db", "cedargate.db-wal", "cedargate.db-shm"}
     assert files == dict.fromkeys(files, 0o600)
     assert gate.process.poll() is None

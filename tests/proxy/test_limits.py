@@ -35,7 +35,9 @@ class Clock:
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'overrides.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'overrides.db'}"
+    return request.getfixturevalue("pg_url")
 
 
 @pytest.fixture

@@ -401,8 +401,8 @@ def test_the_query_secrets_of_a_call_are_not_stored_but_its_grant_binds_to_them(
     call = stop_call(url=STOP_URL + "?access_token=tok_live_5e1f&zone=a")
     override, _ = store.open_or_attach(
         call, decision_id="d-1", escalation=Escalation((MANAGER,), 1800), policies=[], revision="rev-1",
-        cedar_request={"principal": 'Agent::"ops-bot"', "action": 'Action::"post"', "resource": 'Host::"127.0.0.1"',
-                       "context": {"path": call.path, "query": call.query}},
+        cedar_request={"principal": 'Agent::"ops-bot"', "action": 'Action::"post"',
+                       "resource": 'Host::"127.0.0.1"', "context": {"path": call.path, "query": call.query}},
         justification=None,
     )
     stored = store.get(override.id)

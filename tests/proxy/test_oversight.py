@@ -346,7 +346,8 @@ def test_past_the_pending_cap_the_call_is_refused_at_once_with_retry_after(limit
     assert resolve(limited, stop_verdict(limited), 0).override_id == first.override_id
 
     [event] = refused_events(limited)
-    assert (event["decision_id"], event["agent"], event["override_id"]) == (other.decision_id, "ops-bot", None)
+    assert (event["decision_id"], event["agent"], event["override_id"]) == (
+        other.decision_id, "ops-bot", None)
     payload = json.loads(event["payload"])
     assert payload["reason"] == "too-many-pending" and payload["policies"] == ["protect-production-instances"]
 

@@ -28,7 +28,8 @@ def test_non_printable_characters_are_escaped(raw: str, shown: str):
     assert printable(raw) == shown
 
 
-@pytest.mark.parametrize("text", ["http://127.0.0.1:9000/v1/instances/i-1/stop?zone=a&x=%1b", "Ünïcödé 日本 ✓", ""])
+@pytest.mark.parametrize("text", ["http://127.0.0.1:9000/v1/instances/i-1/stop?zone=a&x=%1b",
+                                  "Ünïcödé 日本 ✓", ""])
 def test_printable_text_is_unchanged(text: str):
     assert printable(text) == text
 

@@ -76,5 +76,6 @@ def test_recorded_errors_never_hold_a_query_secret(policy_dir: Path, tmp_path: P
     with sqlite3.connect(database) as db:
         [errors] = db.execute("SELECT errors FROM decisions WHERE decision_id = 'd-1'").fetchone()
         dump = "\n".join(db.iterdump())
-    assert json.loads(errors) == [f"{REDACTED} is odd", f"cannot read the query 'zone=a&access_token={REDACTED}'"]
+    assert json.loads(errors) == [
+        f"{REDACTED} is odd", f"cannot read the query 'zone=a&access_token={REDACTED}'"]
     assert "tok_live_5e1f" not in dump

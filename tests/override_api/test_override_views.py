@@ -47,7 +47,8 @@ def as_(name: str) -> dict[str, str]:
 
 
 def open_request(runtime: Runtime, path: str, requirement: Requirement, query: str = "") -> Override:
-    call = Call(agent="ops-bot", method="POST", scheme="http", host="127.0.0.1", port=9000, path=path, query=query)
+    call = Call(agent="ops-bot", method="POST", scheme="http", host="127.0.0.1", port=9000, path=path,
+                query=query)
     override, _ = runtime.overrides.open_or_attach(
         call, decision_id=str(uuid.uuid4()), escalation=Escalation((requirement,), 1800),
         policies=[{"id": requirement.policy_id, "reason": None, "annotations": {}}],
@@ -72,14 +73,17 @@ def test_an_approver_sees_only_the_requests_their_roles_can_decide(runtime: Runt
     assert hidden.json()["detail"] == f"no override request {volume.id}"
 
 
-def test_an_auditor_sees_every_request_but_votes_only_with_a_needed_role(runtime: Runtime, client: TestClient):
+def test_an_auditor_sees_every_request_but_votes_only_with_a_needed_role(runtime: Runtime,
+                                                                          client: TestClient):
     stop = open_request(runtime, "/v1/instances/i-1/stop", MANAGER)
     volume = open_request(runtime, "/v1/volumes/vol-1", TWO_PERSON)
 
     for auditor in ("audra", "ada"):
-        assert {o["id"] for o in client.get("/overrides", headers=as_(auditor)).json()} == {stop.id, volume.id}
+        listed = client.get("/overrides", headers=as_(auditor)).json()
+        assert {o["id"] for o in listed} == {stop.id, volume.id}
         assert client.get(f"/overrides/{volume.id}", headers=as_(auditor)).status_code == 200
-    refused = client.post(f"/overrides/{stop.id}/approve", headers=as_("audra"), json={"reason": "looks fine"})
+    refused = client.post(f"/overrides/{stop.id}/approve", headers=as_("audra"),
+                          json={"reason": "looks fine"})
     assert refused.status_code == 403 and "holds none of the roles" in refused.json()["detail"]
     granted = client.post(f"/overrides/{stop.id}/approve", headers=as_("ada"), json={"reason": "looks fine"})
     assert granted.status_code == 200 and granted.json()["status"] == "granted"
