@@ -39,6 +39,7 @@ from proxy.mapping import Call, plain_utf8
 from proxy.mcp import Exchange, SseRewriter, filter_tool_list, refusal_answer, unreadable_problem
 from proxy.mcp_answers import check_answer
 from proxy.oversight import requested_wait
+from proxy.printable import printable
 from proxy.runtime import Runtime
 from proxy.tunnels import authority_of
 from proxy.upstream import CONNECT_TIMEOUT_MESSAGE, OWN_API_MESSAGE, classify
@@ -80,6 +81,10 @@ class Enforcer:
         # contacted before a call is decided.
         ctx.options.update(rawtcp=False, connection_strategy="lazy")
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    def _shown(self, url: str) -> str:
+        """A URL for the log: query secrets redacted, terminal escapes made visible."""
+        return self.runtime.gate.shown_url(url) if self.runtime else printable(url)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         flow.request.stream = False  # whatever set it: the call is decided on its whole body
@@ -135,7 +140,7 @@ class Enforcer:
             await self._enforce(flow)
         except Exception:
             # mitmproxy forwards a flow whose hook raised; cedargate must refuse it instead.
-            log.exception("enforcement failed for %s", flow.request.pretty_url)
+            log.exception("enforcement failed for %s", self._shown(flow.request.pretty_url))
             flow.response = http.Response.make(
                 500, b'{"type": "urn:cedargate:problem:internal-error", "title": "cedargate failed to decide '
                 b'this call; it was not forwarded", "status": 500}', {"Content-Type": "application/problem+json"},
@@ -182,7 +187,8 @@ class Enforcer:
         else:
             verdict = await self._grant_refused(verdict)
         log.info(
-            "%s %s %s %s: %s", verdict.outcome.value, verdict.call.agent, verdict.call.method, verdict.call.url,
+            "%s %s %s %s: %s", verdict.outcome.value, verdict.call.agent, printable(verdict.call.method),
+            self._shown(verdict.call.url),
             ", ".join(p.policy_id for p in verdict.determining) or verdict.problem.value,
         )
         return verdict
@@ -242,7 +248,7 @@ class Enforcer:
                 client_alive=lambda: flow.live and not flow.error and flow.client_conn.connected,
             )
         except Exception as exc:  # the override path failing must refuse, never release
-            log.exception("override handling failed for %s", verdict.call.url)
+            log.exception("override handling failed for %s", self._shown(verdict.call.url))
             return replace(verdict, detail=f"{verdict.detail} (the override request could not be stored: {exc})")
         if resolution.release:
             return None
@@ -255,7 +261,7 @@ class Enforcer:
         if response.status_code == 101:
             # A protocol switch (WebSocket) would relay messages no policy decides; the mapping refuses
             # upgrade requests, and an upstream switching unasked is cut off here.
-            log.warning("refused a protocol switch (101) from %s", flow.request.pretty_url)
+            log.warning("refused a protocol switch (101) from %s", self._shown(flow.request.pretty_url))
             flow.kill()
             return
         exchange: Exchange | None = flow.metadata.get(MCP)
@@ -278,7 +284,7 @@ class Enforcer:
                 # Recorded now: the stream may stay open for the session (or the proxy stop first).
                 self._finish_forwarded(flow, response.status_code)
         except Exception:
-            log.exception("cannot prepare reading the MCP answer to %s", flow.request.pretty_url)
+            log.exception("cannot prepare reading the MCP answer to %s", self._shown(flow.request.pretty_url))
             flow.kill()  # never pass an answer on unread
 
     def websocket_message(self, flow) -> None:
@@ -305,7 +311,7 @@ class Enforcer:
                     "to raise the cap"
                 )
             except Exception:
-                log.exception("cannot read the MCP answer to %s", flow.request.pretty_url)
+                log.exception("cannot read the MCP answer to %s", self._shown(flow.request.pretty_url))
                 flow.response = unreadable_answer()
         self._finish_forwarded(flow, upstream_status)
 

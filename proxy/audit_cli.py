@@ -16,6 +16,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from proxy.audit import AuditLogError, verify
 from proxy.config import ConfigError, load_settings
+from proxy.printable import printable
 
 
 def add_audit_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -66,15 +67,16 @@ def _verify(args: argparse.Namespace) -> int:
     finally:
         engine.dispose()
     if not result.ok:
-        print(f"audit log TAMPERED at row seq {result.first_bad_seq}: {result.reason}")
+        # The reason may quote a stored value, which an agent chose: escaped like every view.
+        print(printable(f"audit log TAMPERED at row seq {result.first_bad_seq}: {result.reason}"))
         return 1
     print(f"audit log OK: {result.rows_checked} rows")
     if result.rows_checked:
         seq, digest = result.head
-        print(f"head: seq {seq} hash {digest}")
+        print(printable(f"head: seq {seq} hash {digest}"))
     return 0
 
 
 def _fail(message: str) -> int:
-    print(f"cedargate: {message}", file=sys.stderr)
+    print(printable(f"cedargate: {message}"), file=sys.stderr)
     return 2

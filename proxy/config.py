@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from proxy.hosts import is_loopback
+from proxy.redaction import DEFAULT_SECRET_QUERY_PARAMS
 
 
 class ConfigError(Exception):
@@ -92,6 +93,25 @@ class Settings(_Strict):
         (), description="regexes searched in a tunnel's CONNECT host:port; a TLS tunnel whose CONNECT "
         "matches (and whose SNI names the same host) is relayed uninspected, recorded as a passthrough event"
     )
+    max_pending_overrides_per_agent: int = Field(
+        20, ge=1, description="override requests one agent may have waiting for review; past it, 429"
+    )
+    override_rate: int = Field(
+        10, ge=1, description="new override requests one agent may open a minute (a token bucket: bursts of "
+        "up to this many); past it, 429 with Retry-After"
+    )
+    max_override_body_bytes: int = Field(
+        64 * 1024, ge=0, description="largest body an escalated call may carry: it is stored whole for its "
+        "reviewers, so a larger one is refused (413) rather than escalated"
+    )
+    secret_query_params: tuple[str, ...] = Field(
+        DEFAULT_SECRET_QUERY_PARAMS, description="query parameters (names, any case) whose values are "
+        "redacted in the record, the logs and every view, as secret headers are"
+    )
+    auditor_role: str = Field(
+        "auditor", min_length=1, description="approvers holding this role see every override request (others "
+        "only those their roles can decide); it gives no vote"
+    )
 
     @field_validator("agents")
     @classmethod
@@ -121,10 +141,10 @@ class Settings(_Strict):
         parse_duration(value)
         return value
 
-    @field_validator("context_headers")
+    @field_validator("context_headers", "secret_query_params")
     @classmethod
-    def _lower(cls, headers: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(h.lower() for h in headers)
+    def _lower(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(h.lower() for h in names)
 
     @property
     def effective_database_url(self) -> str:

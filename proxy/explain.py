@@ -18,6 +18,7 @@ from proxy.escalation import is_escalatable
 from proxy.gate import Gate, Outcome, Problem, Verdict
 from proxy.mapping import Call, MappingOptions
 from proxy.policy import PolicyLoadError
+from proxy.printable import printable, printable_json
 
 
 def add_explain_command(subparsers) -> None:
@@ -35,7 +36,7 @@ def run_explain_command(args: argparse.Namespace) -> int:
     try:
         call = _call_of(args)
     except ValueError as exc:
-        print(f"cedargate: {exc}", file=sys.stderr)
+        print(printable(f"cedargate: {exc}"), file=sys.stderr)
         return 2
     try:
         engine = Engine(args.policy_dir)
@@ -44,7 +45,7 @@ def run_explain_command(args: argparse.Namespace) -> int:
         return 2
     report = explain(engine, call)
     if args.json:
-        print(json.dumps(report, indent=2, default=str))
+        print(printable_json(report, indent=2, default=str))
     else:
         print(_text(report))
     return 0 if report["decision"] == "allow" else 1
@@ -152,35 +153,37 @@ def _call_of(args: argparse.Namespace) -> Call:
 def _text(report: dict) -> str:
     if "batch" in report:
         return "\n\n".join(f"message {i} of the batch\n" + _text(part) for i, part in enumerate(report["batch"]))
+    # Every line but the context (JSON, escaped as JSON) is escaped here: the call is an agent's.
     lines = [
-        f"call      {report['call']['agent']}: {report['call']['method']} {report['call']['url']}",
-        f"principal {report['principal']}",
-        f"action    {report['action']}",
-        f"resource  {report['resource']}",
-        f"context   {json.dumps(report['context'], sort_keys=True)}",
+        printable(f"call      {report['call']['agent']}: {report['call']['method']} {report['call']['url']}"),
+        printable(f"principal {report['principal']}"),
+        printable(f"action    {report['action']}"),
+        printable(f"resource  {report['resource']}"),
+        f"context   {printable_json(report['context'], sort_keys=True)}",
         "",
         f"decision  {report['decision'].upper()}" + (f"  ({report['problem']})" if report["problem"] else ""),
     ]
     if report["detail"]:
-        lines.append(f"          {report['detail']}")
+        lines.append(printable(f"          {report['detail']}"))
     for policy in report["policies"]:
         notes = ", ".join(f'@{k}("{v}")' for k, v in policy["annotations"].items() if k != "id")
-        lines.append(f"  {policy['effect']:<6} {policy['id']}  ({policy['file']}) {notes}".rstrip())
+        line = f"  {policy['effect']:<6} {policy['id']}  ({policy['file']}) {notes}".rstrip()
+        lines.append(printable(line))
     for error in report["errors"]:
-        lines.append(f"  error  {error}")
+        lines.append(printable(f"  error  {error}"))
     if "grantable" in report:
         grantable = report["grantable"]
-        lines.append(("grantable: " if grantable["grantable"] else
-                      "hard deny, no human can override it: ") + grantable["why"])
+        lines.append(printable(("grantable: " if grantable["grantable"] else
+                                "hard deny, no human can override it: ") + grantable["why"]))
     if "escalation" in report:
         for requirement in report["escalation"]["requirements"]:
-            lines.append(
+            lines.append(printable(
                 f"escalates to {' + '.join(requirement['roles'])} ({requirement['approvals']} distinct "
                 f"approver(s)) for {requirement['policy_id']}; pending requests expire after "
                 f"{report['escalation']['expires_in_seconds']} s"
-            )
+            ))
     if "listed_in_tools_list" in report:
         lines.append("tools/list " + ("shows this tool to the agent" if report["listed_in_tools_list"]
                                       else "hides this tool from the agent: policy denies every call of it"))
-    lines.append(f"policy revision {report['policy_revision']}")
+    lines.append(printable(f"policy revision {report['policy_revision']}"))
     return "\n".join(lines)

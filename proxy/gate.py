@@ -29,6 +29,8 @@ from proxy.manifest import MCP_ACTIONS, TOOL_NAME, McpEndpointSpec
 from proxy.mapping import Call, MappingError, MappingOptions, UnknownAction, map_call, parse_json
 from proxy.mcp import Exchange, McpError, parse_messages
 from proxy.policy import PolicyInfo
+from proxy.printable import printable
+from proxy.redaction import Redaction
 from proxy.store import Recorder, utcnow
 
 if TYPE_CHECKING:
@@ -69,6 +71,10 @@ class Problem(str, Enum):
     UPSTREAM_ANSWER = "upstream-answer"
     # What the proxy's HTTP layer refused or failed on its own, before or without a decision.
     HTTP_ERROR = "http-error"
+    # Escalated, but no override request could be opened for it (see proxy.limits).
+    OVERRIDE_BODY_TOO_LARGE = "override-body-too-large"
+    TOO_MANY_PENDING_OVERRIDES = "too-many-pending-overrides"
+    OVERRIDE_RATE_LIMITED = "override-rate-limited"
 
     @property
     def uri(self) -> str:
@@ -144,6 +150,9 @@ _TITLES = {
     Problem.UPSTREAM_RESET: "The upstream closed the connection without answering",
     Problem.UPSTREAM_ANSWER: "The upstream's answer cannot be passed on",
     Problem.HTTP_ERROR: "The proxy could not handle this HTTP message",
+    Problem.OVERRIDE_BODY_TOO_LARGE: "Denied by policy; the body is too large to put before a reviewer",
+    Problem.TOO_MANY_PENDING_OVERRIDES: "Denied by policy; too many of the agent's override requests await review",
+    Problem.OVERRIDE_RATE_LIMITED: "Denied by policy; this agent opens override requests too fast",
 }
 
 
@@ -156,10 +165,12 @@ class Gate:
     def __init__(
         self, engine: Engine, recorder: Recorder | None, mapping: MappingOptions | None = None, *,
         default_expiry: int = 3600, protected: frozenset[tuple[str, int]] = frozenset(),
+        redaction: Redaction = Redaction(),
     ) -> None:
         self.engine = engine
         self.recorder = recorder
         self.mapping = mapping or MappingOptions()
+        self.redaction = redaction  # query secrets, cut out of what is recorded and logged
         self.default_expiry = default_expiry
         # (host, port) of cedargate's own API: an agent must never reach it through the proxy.
         self.protected = protected
@@ -170,7 +181,7 @@ class Gate:
         try:
             return self._decide(call, base)
         except Exception as exc:  # anything unforeseen refuses the call; it never lets it through
-            log.exception("decision failed for %s %s", call.method, call.url)
+            log.exception("decision failed for %s %s", printable(call.method), self.shown_url(call.url))
             return Verdict(
                 **base, outcome=Outcome.ERROR, problem=Problem.EVALUATION_ERROR, status=403,
                 errors=(f"{type(exc).__name__}: {exc}",), detail="cedargate could not decide this call",
@@ -307,6 +318,10 @@ class Gate:
                     return True
         return False
 
+    def shown_url(self, url: str) -> str:
+        """A call's URL for a log line or a person: query secrets redacted, escapes made visible."""
+        return printable(self.redaction.url(url))
+
     def finish(self, verdict: Verdict, upstream_status: int | None = None,
                failure: UpstreamFailure | None = None) -> None:
         """Append the verdict to the record, with the upstream's status once it is known, or how the
@@ -315,6 +330,8 @@ class Gate:
         errors = list(verdict.errors) + ([verdict.detail] if verdict.outcome is Outcome.ERROR else [])
         if failure is not None:
             errors.append(failure.recorded)
+        if errors and call.query:  # a message may quote the query, or a value taken from it
+            errors = self.redaction.scrub(errors, call.query)
         self.recorder.record({
             "decision_id": verdict.decision_id,
             "at": verdict.at,

@@ -5,14 +5,22 @@ grant_expired. Every transition is a conditional UPDATE on (id, version, status)
 approve/approve and approve/deny end in exactly one consistent state on SQLite and PostgreSQL alike:
 the loser's transaction changes nothing and is retried against the new state. A grant is consumed by
 the transition granted -> released, which succeeds for exactly one caller.
+
+Opening is where floods are stopped (see `proxy.limits`): a body too large to show a reviewer whole,
+an agent with too many requests pending, or one opening them too fast gets `OverrideRefused` and
+nothing is stored. What is stored of the call has its query secrets redacted (`proxy.redaction`);
+the fingerprint, which a grant binds to, is of the call exactly as sent.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import threading
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
@@ -20,11 +28,13 @@ from enum import Enum
 from sqlalchemy import Column, DateTime, LargeBinary, UniqueConstraint, update
 from sqlalchemy.engine import Engine as SAEngine
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlmodel import Field, Session, SQLModel, select
+from sqlmodel import Field, Session, SQLModel, func, select
 
 from proxy.escalation import Escalation, Requirement
 from proxy.hosts import canonical_host
+from proxy.limits import OverrideLimits, OverrideRefused, Refusal, TokenBuckets
 from proxy.mapping import Call, is_secret_header
+from proxy.redaction import Redaction
 from proxy.store import utcnow
 
 
@@ -142,11 +152,20 @@ class OverrideStore:
     """Plain operations on override requests; every method is one short transaction."""
 
     RETRIES = 20
+    LIST_PAGE = 100  # rows read at a time when a listing is filtered by the reviewer's roles
 
-    def __init__(self, engine: SAEngine, grant_ttl: int = 600) -> None:
+    def __init__(self, engine: SAEngine, grant_ttl: int = 600, *, limits: OverrideLimits = OverrideLimits(),
+                 redaction: Redaction = Redaction(), clock: Callable[[], float] = time.monotonic) -> None:
         self.engine = engine
         self.grant_ttl = grant_ttl
-        # One proxy process opens overrides; the lock keeps identical concurrent calls on one request.
+        self.limits = limits
+        self.redaction = redaction
+        self._buckets = TokenBuckets(limits.rate_per_minute, clock) if limits.rate_per_minute else None
+        # One proxy process opens overrides; the lock keeps identical concurrent calls on one request,
+        # and makes each agent's limits exact: the count of its pending requests, the check against
+        # the cap, the insert and taking a token happen as one step, so concurrent calls can never
+        # open more than `max_pending_per_agent` pending requests or outrun the rate. (Two processes
+        # on one database, which the record does not support either, would each allow that many.)
         self._open_lock = threading.Lock()
         SQLModel.metadata.create_all(engine, tables=[Override.__table__, OverrideVote.__table__])
 
@@ -154,7 +173,11 @@ class OverrideStore:
         self, call: Call, *, decision_id: str, escalation: Escalation, policies: list[dict],
         cedar_request: dict, revision: str, justification: str | None, binding: bytes | None = None,
     ) -> tuple[Override, bool]:
-        """The live (pending or granted) override for this exact call, or a new pending one."""
+        """The live (pending or granted) override for this exact call, or a new pending one.
+
+        Raises `OverrideRefused` when a new one may not be opened; an identical retry of a live
+        request always finds it, whatever the limits.
+        """
         print_ = fingerprint(call, binding)
         now = utcnow()
         with self._open_lock, Session(self.engine, expire_on_commit=False) as session:
@@ -166,19 +189,26 @@ class OverrideStore:
             ).first()
             if live and _still_live(live, now):
                 return live, False
+            self._admit(session, call, now)
+            shown_request = dict(cedar_request)
+            if isinstance(cedar_request.get("context"), dict):
+                shown_request["context"] = self.redaction.context(cedar_request["context"], call.query)
             override = Override(
                 id=str(uuid.uuid4()), fingerprint=print_, status=OverrideStatus.PENDING.value,
-                agent=call.agent, method=call.method.upper(), url=call.url, host=canonical_host(call.host),
+                agent=call.agent, method=call.method.upper(), url=self.redaction.url(call.url),
+                host=canonical_host(call.host),
                 path=call.path, action=cedar_request["action"], resource=cedar_request["resource"],
                 headers=json.dumps(headers_for_review(call.headers)),
                 body=call.body, body_sha256=hashlib.sha256(call.body).hexdigest(),
-                cedar_request=json.dumps(cedar_request), policies=json.dumps(policies),
+                cedar_request=json.dumps(shown_request), policies=json.dumps(policies),
                 requirements=json.dumps([r.as_dict() for r in escalation.requirements]),
                 policy_revision=revision, decision_id=decision_id, justification=justification,
                 created_at=now, expires_at=now + timedelta(seconds=escalation.expires_in),
             )
             session.add(override)
             session.commit()
+            if self._buckets is not None:
+                self._buckets.take(call.agent)
             return override, True
 
     def granted_for(self, call: Call, binding: bytes | None = None) -> Override | None:
@@ -192,6 +222,43 @@ class OverrideStore:
                 ).order_by(Override.created_at.desc())
             ).first()
 
+    def _admit(self, session: Session, call: Call, now: datetime) -> None:
+        """Raise `OverrideRefused` if the agent may not open a request for `call` now."""
+        limits = self.limits
+        if limits.max_body_bytes is not None and len(call.body) > limits.max_body_bytes:
+            raise OverrideRefused(
+                Refusal.BODY_TOO_LARGE,
+                f"the call's body is {len(call.body)} bytes; an escalated call is kept whole for its "
+                f"reviewers up to {limits.max_body_bytes} bytes (max_override_body_bytes), since a reviewer "
+                "grants exactly what they see. Send the call with a smaller body.",
+            )
+        if limits.max_pending_per_agent is not None:
+            count, soonest = session.exec(select(func.count(), func.min(Override.expires_at)).where(
+                Override.agent == call.agent, Override.status == OverrideStatus.PENDING.value,
+                Override.expires_at > now,
+            )).one()
+            if count >= limits.max_pending_per_agent:
+                # A review may come any moment; the soonest expiry frees a place at the latest.
+                wait = 60 if soonest is None else math.ceil((_aware(soonest) - now).total_seconds())
+                raise OverrideRefused(
+                    Refusal.TOO_MANY_PENDING,
+                    f"{call.agent} already has {count} override requests waiting for review, the most one "
+                    "agent may have (max_pending_overrides_per_agent); no request was opened for this call. "
+                    "Retry it once reviewers have decided some; the identical call of a pending request "
+                    "still finds it.",
+                    max(1, min(60, wait)),
+                )
+        if self._buckets is not None:
+            wait = self._buckets.wait(call.agent)
+            if wait:
+                raise OverrideRefused(
+                    Refusal.RATE_LIMITED,
+                    f"{call.agent} is opening override requests faster than the {limits.rate_per_minute} a "
+                    f"minute one agent may (override_rate); no request was opened for this call. Retry "
+                    f"after {wait} s.",
+                    wait,
+                )
+
     def get(self, override_id: str) -> Override | None:
         with Session(self.engine, expire_on_commit=False) as session:
             return session.get(Override, override_id)
@@ -204,16 +271,28 @@ class OverrideStore:
         return [Vote(r.approver, frozenset(json.loads(r.roles)), r.verdict, r.reason, r.at) for r in rows]
 
     def list(self, status: str | None = None, agent: str | None = None, action: str | None = None,
-             limit: int = 100) -> list[Override]:
-        query = select(Override).order_by(Override.created_at.desc()).limit(limit)
+             limit: int = 100, roles: frozenset[str] | None = None) -> list[Override]:
+        """Newest first; with `roles`, only the requests someone holding them can decide (`can_decide`)."""
+        query = select(Override).order_by(Override.created_at.desc(), Override.id)
         if status:
             query = query.where(Override.status == status)
         if agent:
             query = query.where(Override.agent == agent)
         if action:
             query = query.where(Override.action == action)
+        found: list[Override] = []
         with Session(self.engine, expire_on_commit=False) as session:
-            return list(session.exec(query).all())
+            if roles is None:
+                return list(session.exec(query.limit(limit)).all())
+            # The roles a request needs are JSON in its row: filter here, a page at a time, until enough.
+            page, offset = max(limit, self.LIST_PAGE), 0
+            while len(found) < limit:
+                rows = session.exec(query.offset(offset).limit(page)).all()
+                found.extend(o for o in rows if can_decide(o, roles))
+                if len(rows) < page:
+                    break
+                offset += page
+        return found[:limit]
 
     def vote(self, override_id: str, approver: str, roles: frozenset[str], verdict: str,
              reason: str) -> tuple[Override, bool]:
@@ -269,7 +348,7 @@ class OverrideStore:
             raise OverrideError(409, f"the override request is {override.status}, not pending")
         if approver == override.agent:
             raise OverrideError(403, "an approver cannot decide on a call made under their own identity")
-        needed = {r for req in json.loads(override.requirements) for r in req["roles"]}
+        needed = needed_roles(override)
         if not roles & needed:
             raise OverrideError(
                 403, f"{approver} holds none of the roles this request needs ({', '.join(sorted(needed))})"
@@ -307,6 +386,15 @@ class OverrideStore:
             if self.transition(override_id, OverrideStatus(status), target, decided_at=now):
                 expired.append((override_id, target.value))
         return expired
+
+
+def needed_roles(override: Override) -> frozenset[str]:
+    """Every role that can approve some part of the request: holding one makes a person its reviewer."""
+    return frozenset(role for r in json.loads(override.requirements) for role in r["roles"])
+
+
+def can_decide(override: Override, roles: frozenset[str]) -> bool:
+    return bool(roles & needed_roles(override))
 
 
 def requirements_of(override: Override) -> list[Requirement]:

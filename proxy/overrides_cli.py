@@ -1,7 +1,9 @@
 """`cedargate overrides list|show|approve|deny`: the override API from a terminal.
 
 It talks to the running proxy's API rather than to the database, so a decision made here wakes the
-held call at once and goes through the same checks (roles, self-approval) as any reviewer's.
+held call at once and goes through the same checks (roles, self-approval) as any reviewer's, and
+lists only what the reviewer's roles may see. Everything printed is escaped (`proxy.printable`): an
+agent's URL cannot move the cursor, recolour or reverse what the reviewer reads.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+
+from proxy.printable import printable, printable_json
 
 TOKEN_ENV = "CEDARGATE_APPROVER_TOKEN"
 
@@ -48,20 +52,23 @@ def run_overrides_command(args: argparse.Namespace) -> int:
         ok, body = _call("GET", f"{base}/overrides?{urllib.parse.urlencode(query)}", token)
         if ok:
             for item in body:
-                print(f"{item['id']}  {item['status']:<15} {item['agent']:<12} {item['method']:<6} {item['url']}")
-                print(f"    {'; '.join(item['reasons'])}")
+                shown = {k: printable(str(item[k])) for k in ("id", "status", "agent", "method", "url")}
+                print(f"{shown['id']}  {shown['status']:<15} {shown['agent']:<12} {shown['method']:<6} "
+                      f"{shown['url']}")
+                print(f"    {printable('; '.join(item['reasons']))}")
             if not body:
                 print("no override requests")
     elif command == "show":
         ok, body = _call("GET", f"{base}/overrides/{args.id}", token)
         if ok:
-            print(json.dumps(body, indent=2))
+            print(printable_json(body, indent=2))
     else:
         ok, body = _call("POST", f"{base}/overrides/{args.id}/{command}", token, {"reason": args.reason})
         if ok:
-            print(f"{body['id']}: {body['status']}")
+            print(printable(f"{body['id']}: {body['status']}"))
     if not ok:
-        print(f"cedargate: {body.get('status')} {body.get('title')}: {body.get('detail')}", file=sys.stderr)
+        message = f"cedargate: {body.get('status')} {body.get('title')}: {body.get('detail')}"
+        print(printable(message), file=sys.stderr)
         return 1
     return 0
 

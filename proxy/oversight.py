@@ -9,6 +9,8 @@ At release the call is decided again under the current policies, by the same rul
 only if it is still allowed, or still denied only by escalatable forbids the grant covers, with a permit
 beneath them. An agent's retry of a granted call that current policy hard-denies never reaches a hold;
 `refuse_grant` spends that grant as refused, so the agent (and the reviewer) learn why.
+A call for which no request may be opened (see `proxy.limits`) is refused at once, not held, and the
+refusal is recorded as an `override_refused` event.
 """
 
 from __future__ import annotations
@@ -22,12 +24,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from proxy.gate import Gate, Outcome, Problem, Verdict
-from proxy.mcp import binding_of
 from proxy.holds import Holds, wait_for_event
+from proxy.limits import OverrideRefused, Refusal
+from proxy.mcp import binding_of
 from proxy.overrides import Override, OverrideStatus, OverrideStore
+from proxy.printable import printable
 from proxy.store import Recorder, utcnow
 
 log = logging.getLogger(__name__)
+
+# Why no request was opened -> what the agent is answered (status 413: waiting will not help).
+REFUSALS = {
+    Refusal.BODY_TOO_LARGE: (Problem.OVERRIDE_BODY_TOO_LARGE, 413),
+    Refusal.TOO_MANY_PENDING: (Problem.TOO_MANY_PENDING_OVERRIDES, 429),
+    Refusal.RATE_LIMITED: (Problem.OVERRIDE_RATE_LIMITED, 429),
+}
+
 
 @dataclass(frozen=True)
 class Resolution:
@@ -61,14 +73,35 @@ class Oversight:
                       client_alive: Callable[[], bool]) -> Resolution:
         assert verdict.outcome is Outcome.ESCALATE and verdict.escalation and verdict.request
         deadline = time.monotonic() + wait
-        override = await self._open(verdict, justification)
-        while True:
-            with self.holds.watching(override.id) as woken:
-                outcome = await self._hold(verdict, override, deadline, woken, client_alive)
-            if outcome is not None:
-                return outcome
-            # Another identical call consumed the grant first: this one is a new decision.
+        try:
             override = await self._open(verdict, justification)
+            while True:
+                with self.holds.watching(override.id) as woken:
+                    outcome = await self._hold(verdict, override, deadline, woken, client_alive)
+                if outcome is not None:
+                    return outcome
+                # Another identical call consumed the grant first: this one is a new decision.
+                override = await self._open(verdict, justification)
+        except OverrideRefused as refused:
+            return self._not_opened(verdict, refused)
+
+    def _not_opened(self, verdict: Verdict, refused: OverrideRefused) -> Resolution:
+        """Refuse a call for which no override request may be opened; record why."""
+        problem, status = REFUSALS[refused.reason]
+        headers, extra = dict(verdict.extra_headers), {}
+        if refused.retry_after is not None:
+            headers["Retry-After"] = str(refused.retry_after)
+            extra["retry_after"] = refused.retry_after
+        self.recorder.record_event({
+            "kind": "override_refused", "decision_id": verdict.decision_id, "agent": verdict.call.agent,
+            "payload": {"reason": refused.reason.value, "detail": refused.detail,
+                        "policies": [p.policy_id for p in verdict.determining]},
+        })
+        log.info("no override request opened for %s %s by %s: %s", printable(verdict.call.method),
+                 self.gate.shown_url(verdict.call.url), verdict.call.agent, refused.reason.value)
+        detail = f"{verdict.detail} No override request was opened: {refused.detail}"
+        return Resolution(False, replace(verdict, problem=problem, status=status, detail=detail,
+                                         extra_headers=headers, extra=extra))
 
     async def _hold(self, verdict: Verdict, override: Override, deadline: float, woken: asyncio.Event,
                     client_alive: Callable[[], bool]) -> Resolution | None:
@@ -152,8 +185,8 @@ class Oversight:
         self.event("release", override, decision_id=verdict.decision_id,
                    payload={"policy_revision": recheck.revision, "recheck": recheck.outcome.value,
                             "policies": [p.policy_id for p in recheck.determining]})
-        log.info("released %s %s for %s under override %s", verdict.call.method, verdict.call.url,
-                 verdict.call.agent, override.id)
+        log.info("released %s %s for %s under override %s", printable(verdict.call.method),
+                 self.gate.shown_url(verdict.call.url), verdict.call.agent, override.id)
         return Resolution(True, verdict, override.id)
 
     def _refuse_release(self, verdict: Verdict, recheck: Verdict, override: Override,
@@ -165,8 +198,9 @@ class Oversight:
         spent = self.overrides.transition(override.id, OverrideStatus.GRANTED, OverrideStatus.RELEASE_REFUSED,
                                           released_at=utcnow(), release_decision_id=verdict.decision_id)
         if spent:
+            # The recheck's detail may quote the URL: its query secrets stay out of the record.
             self.event("release_refused", override, decision_id=verdict.decision_id,
-                       payload={"recheck": recheck.problem_body()})
+                       payload={"recheck": self.gate.redaction.scrub(recheck.problem_body(), verdict.call.query)})
         elif only_if_spent:
             return None
         override = self.overrides.get(override.id) or override  # report the status it has now

@@ -7,17 +7,21 @@ the enforcer addon builds its own when it runs under stock mitmproxy.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from proxy.agents import AgentDirectory
-from proxy.config import Settings
+from proxy.config import ConfigError, Settings
 from proxy.engine import Engine
 from proxy.escalation import parse_duration
 from proxy.gate import Gate
 from proxy.holds import Holds
+from proxy.limits import OverrideLimits
 from proxy.mapping import MappingOptions
 from proxy.overrides import OverrideStore
 from proxy.oversight import Oversight
+from proxy.redaction import Redaction
 from proxy.store import Recorder, make_engine
 
 log = logging.getLogger(__name__)
@@ -39,15 +43,19 @@ class Runtime:
     @classmethod
     def start(cls, settings: Settings) -> Runtime:
         """Load and validate everything, or raise; nothing half-started is left running."""
-        # The state dir holds the CA key and the record: only its owner may enter.
-        settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_state_dir(settings.state_dir)
         engine = Engine(settings.policy_dir)
         database = make_engine(settings.effective_database_url)
         recorder = Recorder(database)
-        overrides = OverrideStore(database, grant_ttl=parse_duration(settings.grant_ttl))
+        redaction = Redaction.of(settings.secret_query_params)
+        limits = OverrideLimits(max_pending_per_agent=settings.max_pending_overrides_per_agent,
+                                rate_per_minute=settings.override_rate,
+                                max_body_bytes=settings.max_override_body_bytes)
+        overrides = OverrideStore(database, grant_ttl=parse_duration(settings.grant_ttl), limits=limits,
+                                  redaction=redaction)
         mapping = MappingOptions(context_headers=settings.context_headers, max_body_bytes=settings.max_body_bytes)
         gate = Gate(engine, recorder, mapping, default_expiry=parse_duration(settings.override_expiry),
-                    protected=frozenset({(settings.api.host, settings.api.port)}))
+                    protected=frozenset({(settings.api.host, settings.api.port)}), redaction=redaction)
         holds = Holds()
         runtime = cls(
             settings, engine, recorder, gate, AgentDirectory(settings.agents), AgentDirectory(settings.approvers, kind="approver"),
@@ -67,6 +75,10 @@ class Runtime:
         self.api_base_url = f"http://{host}:{port}"
         self.gate.protected = frozenset({(host, port)})
 
+    def sees_all_overrides(self, roles: frozenset[str]) -> bool:
+        """An auditor sees every override request, whether or not their roles can decide it."""
+        return self.settings.auditor_role in roles
+
     def roles_of(self, approver: str) -> frozenset[str]:
         credential = self.settings.approvers.get(approver)
         return frozenset(credential.roles) if credential else frozenset()
@@ -74,3 +86,20 @@ class Runtime:
     def close(self) -> None:
         self.engine.close()
         self.recorder.close()
+
+
+def private_state_dir(state_dir: Path) -> None:
+    """Make the state dir, or tighten an existing one, to 0700: it holds the CA key and the record.
+
+    `mkdir(mode=...)` only applies to a directory it creates; one made earlier (by hand, by an older
+    release, under a loose umask) keeps its mode unless it is changed here.
+    """
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        if state_dir.stat().st_mode & 0o777 != 0o700:
+            os.chmod(state_dir, 0o700)
+    except OSError as exc:
+        raise ConfigError(
+            f"state dir {state_dir} cannot be made private (mode 0700): {exc.strerror}; it holds the CA key "
+            "and the decision record, so run cedargate as the directory's owner or choose another state_dir"
+        ) from exc

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -22,7 +23,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Index, event
+from sqlalchemy import Index, event, make_url
 from sqlalchemy.engine import Engine as SAEngine
 from sqlmodel import Field, Session, SQLModel, create_engine, func, select
 
@@ -58,6 +59,7 @@ class DecisionRecord(SQLModel, table=True):
 
 def make_engine(url: str) -> SAEngine:
     if url.startswith("sqlite"):
+        private_sqlite_files(url)
         # hide_parameters: a failure message must never carry other agents' calls into a log or answer.
         engine = create_engine(url, connect_args={"check_same_thread": False}, hide_parameters=True)
         # A batch's rows as multi-row INSERTs (as SQLAlchemy already does for psycopg2), not sqlite3's
@@ -76,6 +78,33 @@ def make_engine(url: str) -> SAEngine:
 
         return engine
     return create_engine(url, pool_pre_ping=True, hide_parameters=True)
+
+
+def private_sqlite_files(url: str) -> None:
+    """Create the SQLite file 0600 before SQLite does, and tighten one that exists (and its -wal, -shm).
+
+    SQLite creates a database as 0644 less the umask, and its -wal and -shm files with the database
+    file's mode: a file that is 0600 from the start keeps every call of every agent private to its owner.
+    """
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = database
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    except OSError:
+        return  # e.g. a directory that does not exist: SQLite will say so, with its own message
+    try:
+        if os.fstat(fd).st_mode & 0o777 != 0o600:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for companion in (f"{path}-wal", f"{path}-shm", f"{path}-journal"):
+        try:
+            if os.stat(companion).st_mode & 0o777 != 0o600:
+                os.chmod(companion, 0o600)
+        except FileNotFoundError:
+            pass
 
 
 _DECISION, _EVENT = "decision", "event"

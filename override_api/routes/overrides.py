@@ -1,4 +1,9 @@
-"""Reviewing override requests: list, show, approve, deny. Every answer says what the reviewer needs."""
+"""Reviewing override requests: list, show, approve, deny. Every answer says what the reviewer needs.
+
+An approver sees only the requests their roles can decide; another request is answered as if it did
+not exist (404). An approver holding the auditor role (`auditor_role`, default "auditor") sees them
+all, and votes only where another of their roles is needed.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from override_api.deps import CurrentApprover, RuntimeDep
 from proxy.mcp import tool_call
-from proxy.overrides import Override, OverrideError, OverrideStatus
+from proxy.overrides import Override, OverrideError, OverrideStatus, can_decide
 
 router = APIRouter(prefix="/overrides", tags=["overrides"])
 
@@ -93,14 +98,18 @@ def list_overrides(
     status: OverrideStatus | None = None, agent: str | None = None, action: str | None = None,
     limit: int = Query(100, ge=1, le=1000),
 ) -> list[OverrideSummary]:
-    found = runtime.overrides.list(status.value if status else None, agent, action, limit)
+    roles = None if runtime.sees_all_overrides(approver.roles) else approver.roles
+    found = runtime.overrides.list(status.value if status else None, agent, action, limit, roles=roles)
     return [OverrideSummary(**_summary_fields(o)) for o in found]
 
 
 @router.get("/{override_id}", response_model=OverridePublic, summary="Everything about one override request")
 def show_override(override_id: str, runtime: RuntimeDep, approver: CurrentApprover) -> OverridePublic:
     override = runtime.overrides.get(override_id)
-    if override is None:
+    # A request the approver may not decide is answered as one that does not exist.
+    visible = override is not None and (runtime.sees_all_overrides(approver.roles)
+                                        or can_decide(override, approver.roles))
+    if not visible:
         raise HTTPException(404, detail=f"no override request {override_id}")
     return _public(runtime, override)
 

@@ -454,3 +454,11 @@ def test_cli_reports_a_bad_config(tmp_path: Path, capsys):
     config.write_text("state_dir: [1, 2]\n", encoding="utf-8")
     assert _audit("verify", "--config", str(config)) == 2
     assert "state_dir" in capsys.readouterr().err
+
+
+def test_cli_output_never_carries_terminal_escapes(tmp_path: Path, capsys):
+    state = tmp_path / "state\x1b[2K\r\u202e"
+    assert _audit("verify", "--state-dir", str(state)) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\r" not in err and "\u202e" not in err
+    assert "state\\x1b[2K\\r\\u202e" in err

@@ -76,3 +76,12 @@ def test_a_batch_is_explained_message_by_message():
 def test_bad_input_is_a_clear_error(args, message):
     code, _, err = explain(*args)
     assert code == 2 and message in err
+
+
+def test_the_text_report_escapes_what_a_terminal_would_act_on():
+    url = "http://127.0.0.1:9000/v1/instances/i-1\x1b[2K\x9bGET harmless/stop?x=\u202e1"
+    _, out, _ = explain("POST", url, "--agent", "ops-bot")
+    assert "\x1b" not in out and "\x9b" not in out and "\u202e" not in out
+    assert "i-1\\x1b[2K\\x9bGET harmless/stop?x=\\u202e1" in out
+    _, as_json, _ = explain("POST", url, "--agent", "ops-bot", "--json")
+    assert "\x1b" not in as_json and json.loads(as_json)["call"]["url"] == url

@@ -380,3 +380,34 @@ def test_concurrent_releases_consume_the_grant_once(store: OverrideStore):
         assert stored.status == "released"
         assert stored.release_decision_id == f"call-{results.index(True)}"
         assert stored.version == 2
+
+
+# --- who sees a request ---------------------------------------------------------------------------
+
+
+def test_a_listing_for_some_roles_shows_only_the_requests_they_can_decide(store: OverrideStore):
+    store.LIST_PAGE = 2  # so the filtered listing reads several pages
+    managers = [open_request(store, stop_call(body=f"m{i}".encode()))[0] for i in range(3)]
+    volumes = [open_request(store, stop_call(body=f"v{i}".encode()), TWO_PERSON)[0] for i in range(3)]
+
+    assert [o.id for o in store.list(roles=ERIN[1])] == [o.id for o in reversed(managers)]
+    assert [o.id for o in store.list(roles=SAM[1], limit=2)] == [o.id for o in reversed(volumes)][:2]
+    assert [o.id for o in store.list(roles=LEE[1], limit=1)] == [volumes[-1].id]
+    assert store.list(roles=frozenset({"auditor"})) == []
+    assert len(store.list()) == 6  # unfiltered: the core's own use
+
+
+def test_the_query_secrets_of_a_call_are_not_stored_but_its_grant_binds_to_them(store: OverrideStore):
+    call = stop_call(url=STOP_URL + "?access_token=tok_live_5e1f&zone=a")
+    override, _ = store.open_or_attach(
+        call, decision_id="d-1", escalation=Escalation((MANAGER,), 1800), policies=[], revision="rev-1",
+        cedar_request={"principal": 'Agent::"ops-bot"', "action": 'Action::"post"',
+                       "resource": 'Host::"127.0.0.1"', "context": {"path": call.path, "query": call.query}},
+        justification=None,
+    )
+    stored = store.get(override.id)
+    assert stored.url == STOP_URL + "?access_token=[redacted]&zone=a"
+    assert json.loads(stored.cedar_request)["context"]["query"] == "access_token=[redacted]&zone=a"
+    assert stored.fingerprint == fingerprint(call)
+    other, created = open_request(store, stop_call(url=STOP_URL + "?access_token=tok_other&zone=a"))
+    assert created and other.id != override.id  # another credential is another call

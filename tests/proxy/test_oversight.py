@@ -303,3 +303,61 @@ def test_a_refused_release_reports_the_requests_current_status(runtime: Runtime,
     body = resolve(runtime, verdict, 0).verdict.problem_body()
 
     assert body["override_status"] == runtime.overrides.get(override_id).status == "release_refused"
+
+
+# --- calls for which no request may be opened -----------------------------------------------------
+
+
+@pytest.fixture
+def limited(policy_dir: Path, tmp_path: Path) -> Iterator[Runtime]:
+    """A core whose agents may have one pending request, open two a minute, with bodies up to 64 bytes."""
+    settings = Settings(policy_dir=policy_dir, state_dir=tmp_path / "state", policy_reload_interval=0,
+                        max_pending_overrides_per_agent=1, override_rate=2, max_override_body_bytes=64)
+    started = Runtime.start(settings)
+    try:
+        yield started
+    finally:
+        started.close()
+        started.recorder.engine.dispose()
+
+
+def refused_events(runtime: Runtime) -> list[sqlite3.Row]:
+    assert runtime.recorder.flush(10)
+    with sqlite3.connect(runtime.settings.state_dir / "cedargate.db") as con:
+        con.row_factory = sqlite3.Row
+        return con.execute("SELECT * FROM audit_log WHERE kind = 'override_refused' ORDER BY seq").fetchall()
+
+
+def test_past_the_pending_cap_the_call_is_refused_at_once_with_retry_after(limited: Runtime):
+    first = resolve(limited, stop_verdict(limited), 0)
+    assert first.verdict.problem is Problem.OVERRIDE_PENDING
+
+    other = limited.gate.decide(make_call("POST", STOP_URL.replace("i-1", "i-2")))
+    refused = resolve(limited, other, 5)  # not held: refused before any request exists to wait on
+
+    assert not refused.release and refused.override_id is None
+    body = refused.verdict.problem_body()
+    assert body["type"] == "urn:cedargate:problem:too-many-pending-overrides" and body["status"] == 429
+    assert body["detail"].startswith(REASON) and "max_pending_overrides_per_agent" in body["detail"]
+    assert 1 <= body["retry_after"] <= 60
+    assert refused.verdict.extra_headers["Retry-After"] == str(body["retry_after"])
+    assert [o.id for o in limited.overrides.list()] == [first.override_id]
+    # The identical call of the pending request still finds it.
+    assert resolve(limited, stop_verdict(limited), 0).override_id == first.override_id
+
+    [event] = refused_events(limited)
+    assert (event["decision_id"], event["agent"], event["override_id"]) == (
+        other.decision_id, "ops-bot", None)
+    payload = json.loads(event["payload"])
+    assert payload["reason"] == "too-many-pending" and payload["policies"] == ["protect-production-instances"]
+
+
+def test_an_escalated_call_with_a_body_too_large_to_review_is_refused_with_413(limited: Runtime):
+    big = stop_verdict(limited, body=json.dumps({"grace": 30, "note": "x" * 64}).encode())
+    refused = resolve(limited, big, 5)
+
+    body = refused.verdict.problem_body()
+    assert body["type"] == "urn:cedargate:problem:override-body-too-large" and body["status"] == 413
+    assert "max_override_body_bytes" in body["detail"] and "Retry-After" not in refused.verdict.extra_headers
+    assert limited.overrides.list() == []
+    assert json.loads(refused_events(limited)[0]["payload"])["reason"] == "body-too-large"

@@ -6,7 +6,9 @@ its own schema.
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -230,4 +232,22 @@ def test_postgres_one_unstorable_row_does_not_wedge_the_record(pg_url: str):
         assert poison["decision_id"] in ids and len(ids) == 11
     finally:
         recorder.close(timeout=0.5)
+        recorder.engine.dispose()
+
+
+def test_a_new_sqlite_store_is_private_to_its_owner(tmp_path: Path):
+    database = tmp_path / "new.db"
+    old_umask = os.umask(0o022)  # the usual umask: SQLite alone would make the file 0644
+    try:
+        recorder = Recorder(make_engine(f"sqlite:///{database}"))
+    finally:
+        os.umask(old_umask)
+    try:
+        recorder.record(_row())
+        assert recorder.flush(10)
+        files = [p for p in tmp_path.iterdir() if p.name.startswith("new.db")]
+        assert {p.name for p in files} >= {"new.db", "new.db-wal", "new.db-shm"}
+        assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o600 for p in files}
+    finally:
+        recorder.close()
         recorder.engine.dispose()

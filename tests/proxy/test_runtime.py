@@ -1,0 +1,41 @@
+"""Starting the core: the state dir it keeps the CA key and the record in is private, however it was made."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from proxy.config import Settings
+from proxy.runtime import Runtime, private_state_dir
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_an_existing_state_dir_and_database_are_made_private(policy_dir: Path, tmp_path: Path):
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    os.chmod(state, 0o755)  # as an older release, or a loose umask, left it
+    (state / "cedargate.db").touch()
+    os.chmod(state / "cedargate.db", 0o644)
+
+    runtime = Runtime.start(Settings(policy_dir=policy_dir, state_dir=state, policy_reload_interval=0))
+    try:
+        assert mode(state) == 0o700
+        database = state / "cedargate.db"
+        assert mode(database) == 0o600
+        # SQLite gives its WAL and shared-memory files the database's mode; they hold the same rows.
+        assert {p.name for p in state.iterdir()} >= {"cedargate.db-wal", "cedargate.db-shm"}
+        assert all(mode(p) == 0o600 for p in state.iterdir() if p.name.startswith("cedargate.db"))
+    finally:
+        runtime.close()
+        runtime.recorder.engine.dispose()
+
+
+def test_a_new_state_dir_is_private(tmp_path: Path):
+    state = tmp_path / "a" / "state"
+    private_state_dir(state)
+    assert mode(state) == 0o700
+
