@@ -100,11 +100,11 @@ class Enforcer:
         try:
             infos = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(host, port),
                                            self.runtime.settings.upstream_connect_timeout)
-        except OSError:
-            return  # unresolvable: the connection will fail on its own
-        except asyncio.TimeoutError:
+        except TimeoutError:  # (an OSError: caught first) the lookup outlasted the connect timeout
             data.server.error = CONNECT_TIMEOUT_MESSAGE
             return
+        except OSError:
+            return  # unresolvable: the connection will fail on its own
         if gate.reaches_own_api({info[4][0] for info in infos}, port):
             data.server.error = OWN_API_MESSAGE
 
