@@ -388,7 +388,8 @@ class SseRewriter:
             out += self._event(bytes(pending[start:end + size]))
             start = self._searched = end + size
         del pending[:start]
-        if len(pending) > self._max_event:
+        # The last bytes may be the start of the blank line ("\r\n\r"), which is not the event's.
+        if len(pending) > self._max_event + 3:
             return bytes(out) + self._refuse()
         # A blank line may straddle this chunk and the next: resume a few bytes back, never inside a CRLF.
         resume = max(0, len(pending) - 3)

@@ -178,16 +178,22 @@ def test_each_chunk_is_searched_once(monkeypatch):
     assert sum(searched) <= chunks * (len(chunk) + 3) + 100
 
 
-@settings(max_examples=200, deadline=None)
+EVENT_SIZES = [len(event) for event in re.split(rb"\n\n|\r\n\r\n|\r\r|\n\r\n", STREAM) if event]
+
+
+@settings(max_examples=300, deadline=None)
 @given(st.lists(st.integers(min_value=1, max_value=len(STREAM) - 1), unique=True, max_size=30),
-       st.integers(min_value=300, max_value=400))
-def test_a_stream_cut_anywhere_under_a_cap_gives_what_it_gives_whole(cuts, cap):
+       st.sampled_from(EVENT_SIZES), st.integers(min_value=-4, max_value=4))
+def test_a_stream_cut_anywhere_gives_what_it_gives_whole_under_any_cap(cuts, size, delta):
+    # Caps at and around each event's size: an event is refused, or not, wherever the stream is cut.
+    cap = size + delta
     bounds = [0, *sorted(cuts), len(STREAM)]
-    whole = SseRewriter(hide("hidden"), max_event_bytes=cap)
+    whole = SseRewriter(hide("hidden"), max_event_bytes=cap, requests=[1, 3, 4])
     expected = whole.feed(STREAM) + whole.feed(b"")
-    cut = SseRewriter(hide("hidden"), max_event_bytes=cap)
+    cut = SseRewriter(hide("hidden"), max_event_bytes=cap, requests=[1, 3, 4])
     got = b"".join(cut.feed(STREAM[a:b]) for a, b in zip(bounds, bounds[1:])) + cut.feed(b"")
     assert got == expected
+    assert cut.refused == whole.refused == (cap < max(EVENT_SIZES))
 
 
 # -- whole answers ----------------------------------------------------------------------------------------
