@@ -14,7 +14,7 @@ each returns None when nothing is ambiguous, else the reason, saying what to sen
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from urllib.parse import unquote_plus
 
 # Never in a request target (RFC 9112 section 3.2, RFC 3986): spaces and control characters (C0, DEL,
@@ -83,16 +83,18 @@ def header_problem(name: str, key: str, value: str) -> str | None:
 def is_method_parameter(name: str) -> bool:
     """Whether a query or form parameter name is read as `_method` by some framework.
 
-    PHP (Symfony, Laravel) drops leading spaces and turns spaces, dots and an open '[' into '_';
-    `_method[]` is still `_method`; ASP.NET reads form fields ignoring case.
+    PHP (Symfony, Laravel) ends a name at NUL, drops leading spaces and turns spaces, dots and an open
+    '[' into '_'; `_method[]` is still `_method`; ASP.NET reads form fields ignoring case.
     """
     if len(name) < len(METHOD_PARAMETER):
         return False
-    name = name.lstrip(" ").replace(" ", "_").replace(".", "_").split("[", 1)[0]
+    name = name.split("\x00", 1)[0].lstrip(" ").replace(" ", "_").replace(".", "_").split("[", 1)[0]
     return len(name) == len(METHOD_PARAMETER) and name.casefold() == METHOD_PARAMETER
 
 
+# A name is `_method` only if it spells "ethod" or percent-escapes some of it.
 _PARAMETER_HINT = re.compile(r"ethod|%", re.I)
+_BODY_HINT = re.compile(rb"ethod|%", re.I)
 _PAIR_SEPARATOR = re.compile(r"[&;]")  # Rack also splits forms on ";"
 
 
@@ -109,7 +111,12 @@ def method_parameter(encoded: str) -> str | None:
     return None
 
 
-_DISPOSITION = re.compile(r"(?:^|(?<=\r))[ \t]*content-disposition[^\r\n]*", re.I | re.M)
+def form_method_parameter(body: bytes) -> str | None:
+    """`method_parameter` of an urlencoded form body (looked at only when it may hold one)."""
+    return method_parameter(body.decode("latin-1")) if _BODY_HINT.search(body) else None
+
+
+_DISPOSITION = re.compile(rb"(?:^|(?<=\r))[ \t]*content-disposition[^\r\n]*", re.I | re.M)
 _DISPOSITION_NAME = re.compile(r"(?:^|[:;\s])name\*?\s*=\s*(\"(?:[^\"\\]|\\.)*\"|[^;\s]*)", re.I)
 
 
@@ -119,8 +126,8 @@ def multipart_method_parameter(body: bytes) -> str | None:
     Every Content-Disposition line is read, not only those after a boundary: parsers find boundaries
     differently, and a part a server finds must not be one cedargate skipped.
     """
-    for line in _DISPOSITION.finditer(body.decode("latin-1")):
-        for value in _DISPOSITION_NAME.findall(line.group()):
+    for line in _DISPOSITION.finditer(body):
+        for value in _DISPOSITION_NAME.findall(line.group().decode("latin-1")):
             name = re.sub(r"\\(.)", r"\1", value.strip('"'))  # a quoted-string's escapes
             if "'" in name:  # RFC 2231 / 5987: charset'language'percent-encoded
                 name = name.rsplit("'", 1)[1]
@@ -144,8 +151,14 @@ def fold_key(key: str) -> str:
     return key.casefold().replace("\u0131", "i").replace("i\u0307", "i")
 
 
+def has_colliding_keys(keys: Collection[str]) -> bool:
+    """Whether two keys of one JSON object (already distinct) are one name ignoring case: one set of
+    folded keys, the cheap test every object of a body takes."""
+    return len({key.lower() if key.isascii() else fold_key(key) for key in keys}) != len(keys)
+
+
 def colliding_keys(keys: Iterable[str]) -> tuple[str, str] | None:
-    """Two keys of one JSON object (already distinct) that are one name ignoring case, if any."""
+    """The first two keys of one JSON object (already distinct) that are one name ignoring case."""
     seen: dict[str, str] = {}
     for key in keys:
         first = seen.setdefault(fold_key(key), key)

@@ -236,7 +236,7 @@ def check_overrides(call: Call, media: str) -> None:
         return
     parameter = None
     if media in ("", "application/x-www-form-urlencoded"):  # Rack reads a POST without a type as a form
-        parameter = ambiguity.method_parameter(call.body.decode("latin-1"))
+        parameter = ambiguity.form_method_parameter(call.body)
     elif media.startswith("multipart/"):
         parameter = ambiguity.multipart_method_parameter(call.body)
     if parameter is not None:
@@ -379,15 +379,12 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
         seen: set[str] = set()
         repeated = next(k for k, _ in pairs if k in seen or seen.add(k))
         raise ValueError(f"key {repeated!r} appears more than once")
-    if len(found) > 1:
-        collision = ambiguity.colliding_keys(found)
-        if collision is not None:
-            # Go's encoding/json, ASP.NET and Jackson (as configured) match keys ignoring case, and the
-            # last one wins: {"name": "search_issues", "NAME": "transfer_repository"} (CVE-2026-27896).
-            raise MappingError(
-                f"the JSON body has keys {collision[0]!r} and {collision[1]!r}, one name to servers that "
-                "match keys ignoring case (which take the last); send each key once, in one spelling"
-            )
+    if len(found) > 1 and ambiguity.has_colliding_keys(found):
+        # Go's encoding/json, ASP.NET and Jackson (as configured) match keys ignoring case, and the last
+        # one wins: {"name": "search_issues", "NAME": "transfer_repository"} (CVE-2026-27896).
+        first, second = ambiguity.colliding_keys(found) or ("", "")
+        raise MappingError(f"the JSON body has keys {first!r} and {second!r}, one name to servers that match "
+                           "keys ignoring case (which take the last); send each key once, in one spelling")
     return found
 
 

@@ -115,7 +115,8 @@ def test_override_headers_are_refused(header):
 
 @pytest.mark.parametrize("query", ["_method=DELETE", "a=1&_method=DELETE", "x=1;_method=DELETE", "_METHOD=DELETE",
                                    "%5Fmethod=DELETE", "_%6Dethod=DELETE", "+_method=DELETE", ".method=DELETE",
-                                   "%5F%6D%65%74%68%6F%64=PUT", "_method[]=DELETE", "_method[x]=DELETE"])
+                                   "%5F%6D%65%74%68%6F%64=PUT", "_method[]=DELETE", "_method[x]=DELETE",
+                                   "_method%00x=DELETE"])
 def test_a_method_parameter_in_the_query_is_refused(query):
     assert "query has a" in _refused(url=f"{STOP}?{query}")
 
