@@ -100,6 +100,9 @@ def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = No
     problem = server_name_problem(call.server_name, call.host)
     if problem:
         raise MappingError(problem, 421)  # Misdirected Request: what a server answers for an SNI not its own
+    if call.host_header is not None and not call.host_header.strip():
+        # Servers read an empty Host as none (their default virtual host) or refuse it: never the call's.
+        raise MappingError(f"the Host header is empty; name the host the call goes to ({host!r}) or leave it out")
     if call.host_header:
         named = _hostname(call.host_header)
         # A policy sees where the call goes; an upstream routing by Host must not see another host.
