@@ -102,6 +102,9 @@ def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = No
     problem = server_name_problem(call.server_name, call.host)
     if problem:
         raise MappingError(problem, 421)  # Misdirected Request: what a server answers for an SNI not its own
+    if call.host_header is not None and not call.host_header.strip():
+        # Servers read an empty Host as none (their default virtual host) or refuse it: never the call's.
+        raise MappingError(f"the Host header is empty; name the host the call goes to ({host!r}) or leave it out")
     if call.host_header:
         _check_host_header(call, host, call.host_header)
     if call.target_authority is not None:

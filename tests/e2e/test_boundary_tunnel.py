@@ -156,6 +156,21 @@ def test_a_proxy_request_without_host_reaches_the_host_it_was_decided_for(cedarg
     assert nginx.seen("dev") == [f"localhost POST {STOP} HTTP/1.0 localhost"]
 
 
+def test_an_empty_host_is_refused_in_a_tunnel_and_outside(cedargate, nginx):
+    """A server may read an empty Host as none, and serve the call from its default (production) vhost."""
+    nginx.reset()
+    port = nginx.http_port
+    with open_tunnel(cedargate, f"localhost:{port}") as sock:
+        tunnelled = exchange(sock, f"POST {STOP} HTTP/1.0\r\nHost: \r\nContent-Length: 0\r\n\r\n".encode())
+    with connect(cedargate) as sock:
+        proxied = exchange(sock, f"POST http://localhost:{port}{STOP} HTTP/1.0\r\nHost: \r\n"
+                                 f"Proxy-Authorization: {PROXY_AUTHORIZATION}\r\nContent-Length: 0\r\n\r\n".encode())
+    for answer in (tunnelled, proxied):
+        assert answer[0] == 400 and problem_of(*answer)["type"] == "urn:cedargate:problem:mapping-error"
+        assert "Host header is empty" in problem_of(*answer)["detail"]
+    assert nginx.seen("production") == [] and nginx.seen("dev") == []
+
+
 def test_a_proxy_request_goes_upstream_in_origin_form_with_the_decided_host(cedargate, nginx):
     nginx.reset()
     port = nginx.http_port

@@ -132,3 +132,9 @@ def test_the_mapping_maps_a_call_with_its_own_server_name_or_none():
     for server_name in ("localhost", None):
         request = map_call(_tunnelled("https://localhost/v1/instances", server_name=server_name), MappingOptions())
         assert request.resource == ("Host", "localhost")
+
+
+@pytest.mark.parametrize("host_header", ["", "  "])
+def test_the_mapping_refuses_an_empty_host_header(host_header):
+    with pytest.raises(MappingError, match="the Host header is empty"):
+        map_call(_tunnelled(host_header=host_header), MappingOptions())
