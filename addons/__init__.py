@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 
-def default_addons(runtime=None) -> list:
+def default_addons(runtime=None, open_files: int | None = None) -> list:
     from addons.agent_auth import AgentAuth
     from addons.enforcer import Enforcer
+    from addons.limits import ClientLimits
 
-    return [AgentAuth(runtime.agents if runtime else None), Enforcer(runtime)]
+    # ClientLimits after AgentAuth: it reads whether AgentAuth accepted a connection's credentials.
+    return [
+        AgentAuth(runtime.agents if runtime else None),
+        Enforcer(runtime),
+        ClientLimits(runtime.settings if runtime else None, open_files),
+    ]

@@ -22,6 +22,7 @@ from dataclasses import replace
 from mitmproxy import ctx, exceptions, http
 
 from addons.agent_auth import AGENT, AgentAuth, proxy_auth_required
+from addons.limits import ClientLimits
 from addons.options import add_options, settings_from_options
 from proxy.gate import Outcome, Verdict
 from proxy.manifest import MCP_ACTIONS
@@ -390,4 +391,4 @@ def refusal(verdict: Verdict) -> http.Response:
     return http.Response.make(verdict.status, verdict.problem_json(), headers)
 
 
-addons = [AgentAuth(), Enforcer()]
+addons = [AgentAuth(), Enforcer(), ClientLimits()]

@@ -53,6 +53,9 @@ class Problem(str, Enum):
     OVERRIDE_DENIED = "override-denied"
     OVERRIDE_EXPIRED = "override-expired"
     RELEASE_REFUSED = "override-release-refused"
+    # Refused before any decision, by the proxy's limits (proxy.limits): no agent, no record.
+    REQUEST_TOO_LARGE = "request-too-large"
+    HEADERS_TOO_LARGE = "request-headers-too-large"
 
     @property
     def uri(self) -> str:
@@ -123,7 +126,13 @@ _TITLES = {
     Problem.OVERRIDE_DENIED: "Denied by policy; the override request was denied",
     Problem.OVERRIDE_EXPIRED: "Denied by policy; the override request expired",
     Problem.RELEASE_REFUSED: "Override granted, but current policy now refuses the call",
+    Problem.REQUEST_TOO_LARGE: "Request body too large; call refused",
+    Problem.HEADERS_TOO_LARGE: "Request headers too large; call refused",
 }
+
+
+def problem_title(problem: Problem) -> str:
+    return _TITLES[problem]
 
 
 class Gate:
