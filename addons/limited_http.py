@@ -2,7 +2,7 @@
 
 mitmproxy 11 reads a request head of any size into memory (its HTTP/1 reader has a "FIXME: protect
 against header size DoS"), and its one body cap, `body_size_limit`, caps answers as well as requests.
-So cedargate swaps two classes of `mitmproxy.proxy.layers.http` for subclasses:
+So cedargate swaps three classes of `mitmproxy.proxy.layers.http` for subclasses:
 
 - `LimitedHttp1Server`, the HTTP/1 reader of agents' connections: a head longer than
   `max_header_bytes` is answered 431 before more of it is buffered; mitmproxy's 413 (below) is
@@ -11,11 +11,12 @@ So cedargate swaps two classes of `mitmproxy.proxy.layers.http` for subclasses:
 - `LimitedHttpStream`: a request body over `max_request_body_bytes` is refused with 413 the way
   mitmproxy refuses one over `body_size_limit` (before reading it when Content-Length announces it,
   else as soon as the buffered part exceeds it), for HTTP/1, HTTP/2 and HTTP/3 alike; answers are not
-  capped. Over HTTP/2, mitmproxy's own 413 answer (text/html) is sent on the stream.
+  capped. `LimitedHttp2Server` answers that 413 as problem+json on its stream (HTTP/3 keeps
+  mitmproxy's HTML page). HTTP/2 header lists are capped by the h2 library (64 KiB).
 
-After refusing, the reader sends its answer and half-closes: it reads and discards what the client still
-sends (a client writing its whole body before it reads, as most do, then sees the 413 instead of a
-reset) until the client closes or `ClientLimits`' deadline closes the connection.
+After refusing, the HTTP/1 reader sends its answer and half-closes: it reads and discards what the client
+still sends (a client writing its whole body before it reads, as most do, then sees the 413 instead of a
+reset), until the client closes or `ClientLimits`' deadline closes the connection.
 
 The limits are read from the mitmproxy options `max_header_bytes` and `max_request_body_bytes`, which
 `ClientLimits` declares and sets from cedargate's settings; without them the classes behave as mitmproxy's.
@@ -33,6 +34,7 @@ from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import HttpErrorHook, HttpRequestHeadersHook, HttpStream, ResponseProtocolError
 from mitmproxy.proxy.layers.http._http1 import Http1Server
+from mitmproxy.proxy.layers.http._http2 import Http2Server
 from mitmproxy.utils import human
 
 from proxy.gate import Problem
@@ -82,6 +84,8 @@ class LimitedHttp1Server(Http1Server):
         yield commands.SendData(self.conn, http1.assemble_response(response))
         yield commands.CloseTcpConnection(self.conn, half_close=True)
         self.buf.maybe_extract_at_most(len(self.buf))
+        # Read on, so a client still writing sees the answer rather than a reset, until it closes or
+        # ClientLimits' deadline does (header_read_timeout, or idle_timeout once authenticated).
         self.state = self._discard
 
     def _discard(self, event: events.Event):
@@ -89,6 +93,22 @@ class LimitedHttp1Server(Http1Server):
             self.buf.maybe_extract_at_most(len(self.buf))
         elif isinstance(event, events.ConnectionClosed):
             yield commands.CloseConnection(self.conn)
+
+
+class LimitedHttp2Server(Http2Server):
+    def _handle_event(self, event: events.Event):
+        # mitmproxy answers its 413 with an HTML page; an agent reads cedargate's problem+json instead.
+        if (isinstance(event, ResponseProtocolError) and event.code == 413 and self.is_open_for_us(event.stream_id)
+                and not self.h2_conn.streams[event.stream_id].state_machine.headers_sent):
+            body = refusal(Problem.REQUEST_TOO_LARGE, 413, event.message)
+            self.h2_conn.send_headers(event.stream_id, [
+                (b":status", b"413"), (b"content-type", b"application/problem+json"),
+                (b"content-length", b"%d" % len(body)),
+            ])
+            self.h2_conn.send_data(event.stream_id, body, end_stream=True)
+            yield commands.SendData(self.conn, self.h2_conn.data_to_send())
+            return
+        yield from super()._handle_event(event)
 
 
 def _head_within(data: bytes, limit: int) -> bool:
@@ -130,12 +150,12 @@ def _announced(request: http.Request) -> int | None:
 
 
 def install() -> None:
-    """Make mitmproxy's HTTP layer build cedargate's reader and stream from now on (idempotent)."""
-    current = http_layers.Http1Server, http_layers.HttpStream
-    if current == (LimitedHttp1Server, LimitedHttpStream):
+    """Make mitmproxy's HTTP layer build cedargate's readers and stream from now on (idempotent)."""
+    ours = (LimitedHttp1Server, LimitedHttp2Server, LimitedHttpStream)
+    current = http_layers.Http1Server, http_layers.Http2Server, http_layers.HttpStream
+    if current == ours:
         return
-    if current != (Http1Server, HttpStream):
+    if current != (Http1Server, Http2Server, HttpStream):
         raise RuntimeError(f"mitmproxy's HTTP layer builds {current}, not its own classes: cedargate cannot "
                            "cap request sizes in this mitmproxy")
-    http_layers.Http1Server = LimitedHttp1Server
-    http_layers.HttpStream = LimitedHttpStream
+    http_layers.Http1Server, http_layers.Http2Server, http_layers.HttpStream = ours

@@ -14,6 +14,7 @@ import resource
 import select
 import socket
 import ssl
+import subprocess
 import time
 
 import httpx
@@ -52,9 +53,9 @@ def capped_gate(tmp_path, policy_dir, upstream, raw_upstream):
     gate.stop()
 
 
-def client(gate, timeout: float = 10) -> httpx.Client:
+def client(gate, timeout: float = 10, http2: bool = False) -> httpx.Client:
     return httpx.Client(proxy=gate.proxy_url, verify=ssl.create_default_context(cafile=gate.ca_cert),
-                        timeout=timeout)
+                        timeout=timeout, http1=not http2, http2=http2)
 
 
 def connect(port: int) -> socket.socket:
@@ -199,6 +200,48 @@ def test_an_agent_posting_a_body_over_the_cap_reads_413_problem_json(gate, raw_u
     assert small.status_code == 200
     [seen] = raw_upstream.calls
     assert seen.body == b"\1" * 4096
+
+
+def test_an_http2_agent_posting_a_body_over_the_cap_reads_413_problem_json(gate, raw_upstream, tmp_path):
+    """curl, which prefers HTTP/2 (httpx offers HTTP/1.1 first, and mitmproxy follows the client)."""
+    url = f"https://localhost:{raw_upstream.https_port}/v1/instances/i-1/stop"
+    answers = []
+    for name, size in (("large", 3 << 20), ("small", 4096)):
+        body, out = tmp_path / name, tmp_path / f"{name}.out"
+        body.write_bytes(b"\1" * size)
+        result = subprocess.run(
+            ["curl", "-s", "--http2", "--proxy", gate.proxy_url, "--cacert", str(gate.ca_cert),
+             "-H", "Content-Type: application/octet-stream", "--data-binary", f"@{body}", "-o", str(out),
+             "-w", "%{http_code} %{http_version} %{content_type}", url],
+            capture_output=True, text=True, timeout=2 * BOUND,
+        )
+        answers.append((*result.stdout.split(" ", 2), out.read_bytes()))
+    (status, version, content_type, problem), (small_status, _, _, _) = answers
+    assert version == "2"
+    assert_problem(int(status), {"content-type": content_type}, problem, 413, "request-too-large")
+    assert small_status == "200"
+    [seen] = raw_upstream.calls  # mitmproxy speaks HTTP/1.1 to this upstream
+    assert seen.body == b"\1" * 4096
+
+
+def test_a_client_sending_on_while_its_call_is_held_is_cut_off(gate, raw_upstream):
+    """mitmproxy buffers what arrives on a connection while its call waits for a human; cedargate reads
+    no more than a whole request's worth."""
+    port = raw_upstream.http_port
+    sock = connect(gate.proxy_port)
+    # A production host: escalated and held for a human.
+    sock.sendall(f"POST http://127.0.0.1:{port}/v1/instances/i-1/stop HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                 f"{CREDENTIALS}Content-Length: 0\r\n\r\n".encode())
+    sent, total = 0, 24 * 1024 * 1024
+    try:
+        while sent < total and not readable(sock):
+            sock.sendall(b"\0" * PIECE)
+            sent += PIECE
+    except ConnectionError:
+        pass
+    assert wait_closed(sock) == b""  # cut off, without an answer to the held call
+    assert sent < total
+    assert raw_upstream.calls == []
 
 
 # --- timeouts -----------------------------------------------------------------------------------------
