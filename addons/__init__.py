@@ -6,7 +6,7 @@ from __future__ import annotations
 def default_addons(runtime=None, open_files: int | None = None) -> list:
     from addons.agent_auth import AgentAuth
     from addons.enforcer import Enforcer
-    from addons.limits import ClientLimits
+    from addons.client_limits import ClientLimits
 
     # ClientLimits after AgentAuth: it reads whether AgentAuth accepted a connection's credentials.
     return [

@@ -22,7 +22,7 @@ from dataclasses import replace
 from mitmproxy import ctx, exceptions, http
 
 from addons.agent_auth import AGENT, AgentAuth, proxy_auth_required
-from addons.limits import ClientLimits
+from addons.client_limits import ClientLimits
 from addons.options import add_options, settings_from_options
 from proxy.gate import Outcome, Verdict
 from proxy.manifest import MCP_ACTIONS

@@ -32,7 +32,12 @@ from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers import http as http_layers
-from mitmproxy.proxy.layers.http import HttpErrorHook, HttpRequestHeadersHook, HttpStream, ResponseProtocolError
+from mitmproxy.proxy.layers.http import (
+    HttpErrorHook,
+    HttpRequestHeadersHook,
+    HttpStream,
+    ResponseProtocolError,
+)
 from mitmproxy.proxy.layers.http._http1 import Http1Server
 from mitmproxy.proxy.layers.http._http2 import Http2Server
 from mitmproxy.utils import human
@@ -98,7 +103,8 @@ class LimitedHttp1Server(Http1Server):
 class LimitedHttp2Server(Http2Server):
     def _handle_event(self, event: events.Event):
         # mitmproxy answers its 413 with an HTML page; an agent reads cedargate's problem+json instead.
-        if (isinstance(event, ResponseProtocolError) and event.code == 413 and self.is_open_for_us(event.stream_id)
+        if (isinstance(event, ResponseProtocolError) and event.code == 413
+                and self.is_open_for_us(event.stream_id)
                 and not self.h2_conn.streams[event.stream_id].state_machine.headers_sent):
             body = refusal(Problem.REQUEST_TOO_LARGE, 413, event.message)
             self.h2_conn.send_headers(event.stream_id, [

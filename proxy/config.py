@@ -67,8 +67,8 @@ class Settings(_Strict):
     context_headers: tuple[str, ...] = ("content-type", "user-agent", "accept")
     max_body_bytes: int = Field(
         64 * 1024, ge=0,
-        description="largest JSON body read for the policy (context.body); a larger JSON body is refused with "
-                    "413 after it arrived. At most max_request_body_bytes",
+        description="largest JSON body read for the policy (context.body); a larger JSON body is refused "
+                    "with 413 after it arrived. At most max_request_body_bytes",
     )
     max_request_body_bytes: int = Field(
         10 * 1024 * 1024, ge=1,
@@ -77,13 +77,14 @@ class Settings(_Strict):
     )
     max_header_bytes: int = Field(
         64 * 1024, ge=1024,
-        description="largest request head (request line and headers) the proxy and the API read; a longer one "
-                    "is refused (431 from the proxy) before it is buffered further",
+        description="largest request head (request line and headers) the proxy and the API read; a longer "
+                    "one is refused (431 from the proxy, 400 from the API) before it is buffered further",
     )
     header_read_timeout: float = Field(
         10.0, gt=0,
         description="seconds a new connection to the proxy or the API has to send a complete request head "
-                    "(on the proxy: with valid credentials); then it is closed. Bounds slow or silent clients",
+                    "(on the proxy: with valid credentials); then it is closed. Bounds slow or silent "
+                    "clients",
     )
     idle_timeout: float = Field(
         60.0, gt=0,

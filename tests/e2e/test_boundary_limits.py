@@ -129,7 +129,8 @@ def assert_problem(status: int, headers: dict[str, str], body: bytes, expected: 
 
 
 @pytest.mark.parametrize("authenticated", [True, False])
-def test_a_request_head_over_the_cap_gets_431_and_the_upstream_sees_nothing(gate, raw_upstream, authenticated):
+def test_a_request_head_over_the_cap_gets_431_and_the_upstream_sees_nothing(gate, raw_upstream,
+                                                                            authenticated):
     port = raw_upstream.http_port
     sock = connect(gate.proxy_port)
     sock.sendall(f"POST http://localhost:{port}/v1/instances/i-1/stop HTTP/1.1\r\nHost: localhost:{port}\r\n"

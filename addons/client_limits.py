@@ -41,10 +41,11 @@ class ClientLimits:
 
     def load(self, loader) -> None:
         add_options(loader)
-        loader.add_option("max_header_bytes", int, Settings.model_fields["max_header_bytes"].default,
+        defaults = Settings.model_fields
+        loader.add_option("max_header_bytes", int, defaults["max_header_bytes"].default,
                           "Largest request head read, in bytes; longer ones get 431. cedargate sets it from "
                           "max_header_bytes in its settings.")
-        loader.add_option("max_request_body_bytes", int, Settings.model_fields["max_request_body_bytes"].default,
+        loader.add_option("max_request_body_bytes", int, defaults["max_request_body_bytes"].default,
                           "Largest request body accepted, in bytes; larger ones get 413 before they are "
                           "buffered. cedargate sets it from max_request_body_bytes in its settings.")
         limited_http.install()
