@@ -5,10 +5,10 @@ from __future__ import annotations
 
 def default_addons(runtime=None, open_files: int | None = None) -> list:
     from addons.agent_auth import AgentAuth
-    from addons.enforcer import Enforcer
     from addons.client_limits import ClientLimits
+    from addons.enforcer import Enforcer
 
-    # ClientLimits after AgentAuth: it reads whether AgentAuth accepted a connection's credentials.
+    # ClientLimits last: it reads what the others decided (AgentAuth's credentials, relayed tunnels).
     return [
         AgentAuth(runtime.agents if runtime else None),
         Enforcer(runtime),

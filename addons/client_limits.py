@@ -9,7 +9,8 @@ One agent (or anyone who can reach the port) must not stall the proxy for everyo
   `max_unauthenticated_connections` are open.
 
 A connection counts as authenticated once AgentAuth accepted its credentials (on a CONNECT, or on a plain
-request), so this addon must come after AgentAuth. A request in progress (held, streaming, waiting on the
+request), so this addon must come after AgentAuth (and, to see tunnels relayed unread, after any addon
+that decides them: last). A request in progress (held, streaming, waiting on the
 upstream) has no deadline; mitmproxy's own inactivity timeout (10 min) still applies to tunnels relayed
 unread (`passthrough_hosts`).
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import logging
 
-from mitmproxy import connection, ctx, http
+from mitmproxy import connection, ctx, http, tls
 from mitmproxy.proxy import layer, layers
 
 from addons import limited_http
@@ -73,10 +74,16 @@ class ClientLimits:
     def client_disconnected(self, client: connection.Client) -> None:
         self.guard.closed(client)
 
+    # A tunnel relayed as raw bytes (passthrough_hosts) has no requests to wait for. mitmproxy relays one
+    # when an addon picks a TCP layer for it, or has a TLS handshake ignored: seen here, as this addon
+    # comes after cedargate's others.
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
-        # A tunnel relayed as raw bytes (passthrough_hosts) has no requests to wait for.
         if isinstance(nextlayer.layer, (layers.TCPLayer, layers.UDPLayer)):
             self.guard.request_started(nextlayer.context.client, TUNNEL)
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        if data.ignore_connection:
+            self.guard.request_started(data.context.client, TUNNEL)
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         if flow.metadata.get(AGENT):

@@ -11,14 +11,15 @@ from pathlib import Path
 import pytest
 import yaml
 from addon_support import AGENT, make_flow
+from mitmproxy import tls
 from mitmproxy.proxy import layer, layers
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.test import taddons, tflow
 
 from addons.agent_auth import AGENT as AGENT_KEY
-from addons.limited_http import LimitedHttp1Server, LimitedHttp2Server, LimitedHttpStream, _head_within
 from addons.client_limits import ClientLimits
+from addons.limited_http import LimitedHttp1Server, LimitedHttp2Server, LimitedHttpStream, _head_within
 from proxy.config import Settings
 
 URL = "http://localhost:9000/v1/instances"
@@ -95,6 +96,20 @@ def test_a_tunnel_relayed_unread_is_not_closed_for_sending_no_request():
         nextlayer.layer = layers.TCPLayer(nextlayer.context, ignore=True)
         on_loop(tctx, lambda: limits.next_layer(nextlayer))
         assert limits.guard.unproven_idle == 0  # a relay in progress for as long as it lasts
+
+
+def test_a_tls_handshake_ignored_for_relaying_is_not_closed_either():
+    limits = ClientLimits(Settings(max_unauthenticated_connections=5))
+    with taddons.context(limits) as tctx:
+        tctx.configure(limits)
+        client = tflow.tclient_conn()
+        on_loop(tctx, lambda: limits.client_connected(client))
+        hello = tls.ClientHelloData(Context(client, tctx.options), client_hello=None)  # type: ignore[arg-type]
+        on_loop(tctx, lambda: limits.tls_clienthello(hello))
+        assert limits.guard.unproven_idle == 1  # intercepted: a request is still awaited
+        hello.ignore_connection = True
+        on_loop(tctx, lambda: limits.tls_clienthello(hello))
+        assert limits.guard.unproven_idle == 0
 
 
 @pytest.mark.parametrize(
