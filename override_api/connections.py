@@ -5,14 +5,17 @@ never sends a request, nor one that sends its head a byte at a time; and `limit_
 idle connections too, answering 503 to everyone once idle ones fill it. So every connection reports to
 a `proxy.limits.ConnectionGuard`: a complete request head within `header_read_timeout` of connecting
 (or `idle_timeout` after an answer), and at most `max_unauthenticated_connections` idle at once, the
-oldest closed for a new one. A head over `max_header_bytes` is refused by h11 (uvicorn answers 400).
+oldest closed for a new one. A head over `max_header_bytes` is refused by h11: 400, as problem+json.
 """
 
 from __future__ import annotations
 
+import json
+
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from override_api.main import PROBLEM
 from proxy.limits import ConnectionGuard
 
 
@@ -41,6 +44,20 @@ class GuardedH11Protocol(H11Protocol):
             # Before uvicorn reads a pipelined request, which starts the next one.
             self.guard.request_finished(self, id(self._request))
         super().on_response_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn's answer to a request h11 cannot read (a head over max_header_bytes among them), in
+        # problem+json like the API's other errors rather than text/plain.
+        body = json.dumps({
+            "type": "about:blank", "title": "Bad Request", "status": 400,
+            "detail": f"{msg} It is malformed, or its request line and headers are too long.",
+        }).encode()
+        headers = [(b"content-type", PROBLEM.encode()), (b"content-length", b"%d" % len(body)),
+                   (b"connection", b"close")]
+        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+                      h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
 
     def close_now(self, why: str) -> None:
         if self.transport.is_closing():
