@@ -53,14 +53,13 @@ def capped_gate(tmp_path, policy_dir, upstream, raw_upstream):
     gate.stop()
 
 
-def client(gate, timeout: float = 10, http2: bool = False) -> httpx.Client:
+def client(gate, timeout: float = 10) -> httpx.Client:
     return httpx.Client(proxy=gate.proxy_url, verify=ssl.create_default_context(cafile=gate.ca_cert),
-                        timeout=timeout, http1=not http2, http2=http2)
+                        timeout=timeout)
 
 
 def connect(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=BOUND)
-    return sock
+    return socket.create_connection(("127.0.0.1", port), timeout=BOUND)
 
 
 def read_answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
