@@ -66,7 +66,38 @@ class Settings(_Strict):
     override_expiry: str = Field("1h", description="default time a pending override request stays open")
     grant_ttl: str = Field("10m", description="time an unused grant stays valid")
     context_headers: tuple[str, ...] = ("content-type", "user-agent", "accept")
-    max_body_bytes: int = Field(64 * 1024, ge=0)
+    max_body_bytes: int = Field(
+        64 * 1024, ge=0,
+        description="largest JSON body read for the policy (context.body); a larger JSON body is refused "
+                    "with 413 after it arrived. At most max_request_body_bytes",
+    )
+    max_request_body_bytes: int = Field(
+        10 * 1024 * 1024, ge=1,
+        description="largest request body the proxy accepts, of any type; a larger one is refused with 413 "
+                    "before it is read into memory (as its Content-Length announces it, or as it streams in)",
+    )
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024,
+        description="largest request head (request line and headers) the proxy and the API read; a longer "
+                    "one is refused (431 from the proxy, 400 from the API) before it is buffered further",
+    )
+    header_read_timeout: float = Field(
+        10.0, gt=0,
+        description="seconds a new connection to the proxy or the API has to send a complete request head "
+                    "(on the proxy: with valid credentials); then it is closed. Bounds slow or silent "
+                    "clients",
+    )
+    idle_timeout: float = Field(
+        60.0, gt=0,
+        description="seconds a kept-alive connection to the proxy or the API may wait for its next request "
+                    "head after an answer; then it is closed",
+    )
+    max_unauthenticated_connections: int | None = Field(
+        None, ge=1,
+        description="connections kept open at once, per front, that have not (yet) authenticated: on the "
+                    "proxy, no valid Proxy-Authorization; on the API, none with a request in progress. A new "
+                    "one past the cap closes the oldest. Default: a quarter of the open-file limit",
+    )
     max_mcp_event_bytes: int = Field(
         1024 * 1024, ge=1024,
         description="largest event an MCP server may send on an event stream, bytes; each event is checked "
@@ -112,6 +143,16 @@ class Settings(_Strict):
         "auditor", min_length=1, description="approvers holding this role see every override request (others "
         "only those their roles can decide); it gives no vote"
     )
+
+    @model_validator(mode="after")
+    def _body_limits(self) -> Settings:
+        if self.max_body_bytes > self.max_request_body_bytes:
+            raise ValueError(
+                f"max_body_bytes ({self.max_body_bytes}) exceeds max_request_body_bytes "
+                f"({self.max_request_body_bytes}): no body that large reaches the policy; raise "
+                "max_request_body_bytes or lower max_body_bytes"
+            )
+        return self
 
     @field_validator("agents")
     @classmethod

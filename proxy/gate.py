@@ -75,6 +75,9 @@ class Problem(str, Enum):
     OVERRIDE_BODY_TOO_LARGE = "override-body-too-large"
     TOO_MANY_PENDING_OVERRIDES = "too-many-pending-overrides"
     OVERRIDE_RATE_LIMITED = "override-rate-limited"
+    # Refused before any decision, by the proxy's limits (proxy.connections): no agent, no record.
+    REQUEST_TOO_LARGE = "request-too-large"
+    HEADERS_TOO_LARGE = "request-headers-too-large"
 
     @property
     def uri(self) -> str:
@@ -153,12 +156,16 @@ _TITLES = {
     Problem.OVERRIDE_BODY_TOO_LARGE: "Denied by policy; the body is too large to put before a reviewer",
     Problem.TOO_MANY_PENDING_OVERRIDES: "Denied by policy; too many of the agent's override requests await review",
     Problem.OVERRIDE_RATE_LIMITED: "Denied by policy; this agent opens override requests too fast",
+    Problem.REQUEST_TOO_LARGE: "Request body too large; call refused",
+    Problem.HEADERS_TOO_LARGE: "Request headers too large; call refused",
 }
 
 
 def problem_document(problem: Problem, status: int, detail: str) -> dict:
     """The RFC 9457 members every cedargate answer has, also where no call was decided."""
     return {"type": problem.uri, "title": _TITLES[problem], "status": status, "detail": detail}
+
+
 
 
 class Gate:

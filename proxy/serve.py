@@ -12,9 +12,12 @@ import logging
 import signal
 
 from proxy.config import Settings
+from proxy.connections import ConnectionGuard, default_connection_cap, open_file_limit
 from proxy.runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+API_ACCEPT_BACKLOG = 128  # as mitmproxy's proxy (asyncio's default, 100), not uvicorn's 2,048
 
 
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
@@ -23,6 +26,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     from mitmproxy.tools.dump import DumpMaster
 
     from addons import default_addons
+    from override_api.connections import close_connection, guarded_protocol
     from override_api.main import create_app
 
     for name, listen in (("proxy", settings.proxy), ("API", settings.api)):
@@ -35,10 +39,12 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
             log.warning("the %s listens on non-loopback address %s", name, listen.host)
 
     runtime = Runtime.start(settings)
+    open_files = open_file_limit(raise_to_hard=True)
     opts = options.Options(listen_host=settings.proxy.host, listen_port=settings.proxy.port,
                            confdir=str(settings.state_dir))
     master = DumpMaster(opts, with_termlog=False, with_dumper=False)
-    master.addons.add(*default_addons(runtime))
+    # Among them ClientLimits: request size caps, timeouts and the unauthenticated-connection cap.
+    master.addons.add(*default_addons(runtime, open_files))
     opts.update(
         # Contact no upstream before the call is decided (eager would connect on CONNECT).
         connection_strategy="lazy",
@@ -55,8 +61,21 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         def capture_signals(self):  # the shared loop's handlers below stop both fronts
             yield
 
-    api = _Server(uvicorn.Config(create_app(runtime), host=settings.api.host, port=settings.api.port,
-                                 log_level="warning", lifespan="off"))
+    # The API's connections under the same timeouts and cap as the proxy's (see override_api.connections);
+    # not uvicorn's limit_concurrency, which counts idle connections and would answer everyone 503.
+    api_guard = ConnectionGuard(
+        "API", header_timeout=settings.header_read_timeout, idle_timeout=settings.idle_timeout,
+        max_unproven=settings.max_unauthenticated_connections or default_connection_cap(open_files),
+        close=close_connection, unproven="were idle",
+    )
+    api = _Server(uvicorn.Config(
+        create_app(runtime), host=settings.api.host, port=settings.api.port, log_level="warning",
+        lifespan="off", http=guarded_protocol(api_guard), timeout_keep_alive=settings.idle_timeout,
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        # asyncio accepts up to `backlog` connections at once, before the guard sees any: uvicorn's 2,048
+        # would take every free file in a flood, and the proxy's calls would fail for want of one.
+        backlog=API_ACCEPT_BACKLOG,
+    ))
 
     loop = asyncio.get_running_loop()
 

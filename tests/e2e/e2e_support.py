@@ -302,12 +302,13 @@ def write_config(path: Path, policy_dir: Path, state_dir: Path, upstream: Upstre
     return path
 
 
-def start_cedargate(config: Path, *extra_args: str, timeout: float = 30.0) -> Cedargate:
+def start_cedargate(config: Path, *extra_args: str, timeout: float = 30.0, preexec_fn=None) -> Cedargate:
+    """`preexec_fn` runs in the child before cedargate starts (e.g. to lower its open-file limit)."""
     loaded = yaml.safe_load(config.read_text())
     process = subprocess.Popen(
         [str(CEDARGATE), "run", "--config", str(config), *extra_args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=preexec_fn,
     )
     output: list[str] = []
     ports: dict[str, int] = {}

@@ -32,6 +32,20 @@ def test_defaults_without_a_file():
     assert settings.effective_database_url == "sqlite:///.cedargate/cedargate.db"
 
 
+def test_client_limits_have_safe_defaults():
+    settings = load_settings()
+    assert settings.max_request_body_bytes == 10 * 1024 * 1024
+    assert settings.max_header_bytes == 64 * 1024
+    assert (settings.header_read_timeout, settings.idle_timeout) == (10.0, 60.0)
+    assert settings.max_unauthenticated_connections is None  # derived from the open-file limit
+
+
+def test_the_json_inspection_limit_cannot_exceed_the_body_limit(tmp_path: Path):
+    path = _yaml(tmp_path, "max_body_bytes: 2048\nmax_request_body_bytes: 1024\n")
+    with pytest.raises(ConfigError, match=r"max_body_bytes \(2048\) exceeds max_request_body_bytes \(1024\)"):
+        load_settings(path)
+
+
 def test_the_repositorys_own_config_loads():
     settings = load_settings(REPO / "cedargate.yaml")
     assert settings.policy_dir == Path("policies")
@@ -102,6 +116,10 @@ def test_database_url_given_is_used():
         ("max_body_bytes: -5\n", "max_body_bytes", "greater than or equal to 0"),
         ("policy_reload_interval: -1\n", "policy_reload_interval", "greater than or equal to 0"),
         ("passthrough_hosts: ['(pinned']\n", "passthrough_hosts", "is not a regular expression"),
+        ("max_header_bytes: 100\n", "max_header_bytes", "greater than or equal to 1024"),
+        ("header_read_timeout: 0\n", "header_read_timeout", "greater than 0"),
+        ("max_unauthenticated_connections: 0\n", "max_unauthenticated_connections",
+         "greater than or equal to 1"),
     ],
 )
 def test_bad_values_name_the_field(tmp_path: Path, text: str, where: str, words: str):
