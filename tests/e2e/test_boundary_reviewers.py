@@ -196,16 +196,9 @@ def test_overrides_list_and_show_escape_what_a_terminal_would_act_on(start, upst
     assert "i-1\\x1b[2K\\r\\x1b[1APOST /v1/instances/i-1/harmless?zone=\\u202eatad-doirp" in listed.stdout
 
 
-VOLUME_PERMIT = """
-// In these tests ops agents may delete volumes, so that a deletion escalates to security and a lead.
-@id("ops-delete-volumes")
-permit (principal in Team::"ops", action == Action::"delete", resource)
-when { context.path like "/v1/volumes/*" };
-"""
-
-
-def test_approvers_see_only_the_requests_their_roles_decide_and_auditors_all(start, upstream, policy_dir):
-    (policy_dir / "volumes.cedar").write_text(VOLUME_PERMIT)
+def test_approvers_see_only_the_requests_their_roles_decide_and_auditors_all(start, upstream):
+    # The bundled policies hold a volume deletion for security and a lead engineer (ops-delete-volumes
+    # permits it beneath no-volume-deletion), and a production stop for an engineering manager.
     gate = start()
     with agent(gate, headers={"Prefer": "respond-async"}) as http:
         stop_id = assert_problem(http.post(stop_url(upstream)), 403, "override-pending")["override_id"]
