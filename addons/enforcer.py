@@ -159,7 +159,7 @@ class Enforcer:
         if exchange is not None and exchange.batch:
             await self._enforce_batch(flow, call, exchange)
             return
-        verdict = self.runtime.gate.decide(call)
+        verdict = await self._decide(call)
         if exchange is None and verdict.request is not None and verdict.request.action[1] in MCP_ACTIONS:
             # Decided as MCP under policies reloaded since the look above: its answer is read all the same.
             exchange = Exchange((), False)
@@ -175,6 +175,14 @@ class Enforcer:
         else:
             flow.response = refusal(verdict)
         self._refused(flow, verdict)
+
+    async def _decide(self, call: Call) -> Verdict:
+        gate = self.runtime.gate
+        if len(call.body) > gate.mapping.max_body_bytes:
+            # A large body (a form or multipart upload read for `_method`, say) is read in a worker
+            # thread: one agent's upload must not hold up every other call on the event loop.
+            return await asyncio.to_thread(gate.decide, call)
+        return gate.decide(call)
 
     async def _decided(self, flow: http.HTTPFlow, verdict: Verdict, wait: float | None = None) -> Verdict | None:
         """None when the call may go upstream (allowed, or granted and released); else the refusal."""

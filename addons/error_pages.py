@@ -80,7 +80,8 @@ def _stream_handle_event(self: HttpStream, event: events.Event) -> layer.Command
             if isinstance(sent, ResponseHeaders) and sent.response.status_code >= 200:
                 setattr(self, _ANSWERED, True)  # (a 100 Continue is no answer: the final one is still due)
             elif (isinstance(sent, ResponseProtocolError) and sent.code != status_codes.NO_RESPONSE
-                  and not getattr(self, _ANSWERED, False)):
+                  and not getattr(self, _ANSWERED, False)
+                  and not getattr(sent, "answered_as_problem", False)):  # see limited_http.RequestTooLarge
                 yield from _answer_instead(self, sent)
                 continue
         elif isinstance(command, HttpErrorHook):

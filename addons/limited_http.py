@@ -48,6 +48,13 @@ from proxy.connections import body_too_large, head_too_large, refusal
 HEAD_END = re.compile(rb"\n\r?\n")  # as h11's receive buffer finds the end of a head
 
 
+class RequestTooLarge(ResponseProtocolError):
+    """mitmproxy's 413 for a body over the cap, which the client's HTTP layer here answers as problem+json
+    itself (HTTP/1 half-closing, so a client still writing reads it): `error_pages` leaves it be."""
+
+    answered_as_problem = True
+
+
 def _limit(options, name: str) -> int | None:
     value = getattr(options, name, None)
     return value if value and value > 0 else None
@@ -141,7 +148,7 @@ class LimitedHttpStream(HttpStream):
         message = body_too_large(limit)
         self.flow.error = mflow.Error(message)
         yield HttpErrorHook(self.flow)
-        yield http_layers.SendHttp(ResponseProtocolError(self.stream_id, message, 413), self.context.client)
+        yield http_layers.SendHttp(RequestTooLarge(self.stream_id, message, 413), self.context.client)
         self.client_state = self.state_errored
         self.flow.live = False
         return True

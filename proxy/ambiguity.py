@@ -104,6 +104,8 @@ def method_parameter(encoded: str) -> str | None:
         return None
     for pair in _PAIR_SEPARATOR.split(encoded):
         name = pair.split("=", 1)[0]
+        if len(name) < len(METHOD_PARAMETER):  # decoding only shortens a name: cheap to skip
+            continue
         if "%" in name or "+" in name:
             name = unquote_plus(name, encoding="latin-1")
         if is_method_parameter(name):

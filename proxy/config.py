@@ -121,8 +121,8 @@ class Settings(_Strict):
         "started); then the agent gets 504 upstream-timeout. A held call's wait for a human is not counted",
     )
     passthrough_hosts: tuple[str, ...] = Field(
-        (), description="regexes searched in a tunnel's CONNECT host:port; a TLS tunnel whose CONNECT "
-        "matches (and whose SNI names the same host) is relayed uninspected, recorded as a passthrough event"
+        (), description="regexes each matching a tunnel's whole CONNECT host or host:port; a TLS tunnel whose "
+        "CONNECT matches (and whose SNI names the same host) is relayed uninspected, recorded as a passthrough event"
     )
     max_pending_overrides_per_agent: int = Field(
         20, ge=1, description="override requests one agent may have waiting for review; past it, 429"

@@ -76,8 +76,12 @@ def is_address(host: str) -> bool:
 
 
 class Passthrough:
-    """The tunnels relayed uninspected: `passthrough_hosts` regexes, searched (as mitmproxy's
-    `ignore_hosts` are) in the CONNECT authority written `host:port`, host in canonical form."""
+    """The tunnels relayed uninspected: `passthrough_hosts` regexes, each matching the whole CONNECT
+    host (canonical form) or the whole `host:port`.
+
+    Whole, not searched as mitmproxy's `ignore_hosts` are: `pinned\.example` must not also admit
+    `pinned.example.attacker.test`, a host the agent chose.
+    """
 
     def __init__(self, patterns: Iterable[str]) -> None:
         self.patterns = tuple(re.compile(p, re.IGNORECASE) for p in patterns)
@@ -86,8 +90,9 @@ class Passthrough:
         return bool(self.patterns)
 
     def covers(self, host: str, port: int) -> bool:
-        authority = f"{canonical_host(host)}:{port}"
-        return any(p.search(authority) for p in self.patterns)
+        host = canonical_host(host)
+        authority = f"{host}:{port}"
+        return any(p.fullmatch(host) or p.fullmatch(authority) for p in self.patterns)
 
     def admits(self, host: str, port: int, server_name: str | None) -> bool:
         """Whether a TLS tunnel to `host:port` whose client sent `server_name` is passed through.

@@ -29,7 +29,7 @@ def passthrough_runtime(tmp_path: Path, policy_dir: Path) -> Iterator[Runtime]:
     settings = Settings(
         policy_dir=policy_dir, state_dir=tmp_path / "state", policy_reload_interval=0,
         agents={AGENT: AgentCredential(token_sha256=TOKEN_SHA256)},
-        passthrough_hosts=(r"^pinned\.example:443$", r"^10\.0\.0\.5:"),
+        passthrough_hosts=(r"^pinned\.example:443$", r"10\.0\.0\.5"),
     )
     started = Runtime.start(settings)
     yield started

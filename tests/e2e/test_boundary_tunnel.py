@@ -23,7 +23,7 @@ from e2e_support import AGENT, TOKEN, start_cedargate, write_config
 
 STOP = "/v1/instances/i-1/stop"
 PROXY_AUTHORIZATION = "Basic " + base64.b64encode(f"{AGENT}:{TOKEN}".encode()).decode()
-PASSTHROUGH = r"^pinned\.example\.test:"
+PASSTHROUGH = r"pinned\.example\.test"
 
 
 def connect(gate) -> socket.socket:

@@ -82,17 +82,21 @@ def test_a_server_name_naming_another_host_is_a_problem():
 
 
 def test_passthrough_is_decided_on_the_connect_authority_written_host_port():
-    passthrough = Passthrough([r"^pinned\.example:443$", r"bank\.test"])
+    passthrough = Passthrough([r"^pinned\.example:443$", r".*\.bank\.test"])
     assert passthrough.covers("pinned.example", 443)
     assert passthrough.covers("Pinned.Example.", 443)  # canonical form: the same host
     assert not passthrough.covers("pinned.example", 8443)
     assert passthrough.covers("api.bank.test", 8443)
     assert not passthrough.covers("localhost", 443)
+    # A pattern matches the whole host (or host:port), never a part: the agent chooses the host.
+    assert not passthrough.covers("api.bank.test.attacker.test", 443)
+    assert not Passthrough([r"pinned\.example"]).covers("pinned.example.attacker.test", 443)
+    assert Passthrough([r"pinned\.example"]).covers("pinned.example", 443)
     assert not Passthrough([])
 
 
 def test_passthrough_admits_only_an_sni_naming_the_connect_host():
-    passthrough = Passthrough([r"^pinned\.example:", r"^10\.0\.0\.5:"])
+    passthrough = Passthrough([r"pinned\.example", r"10\.0\.0\.5:\d+"])
     assert passthrough.admits("pinned.example", 443, "pinned.example")
     assert passthrough.admits("pinned.example", 443, "PINNED.example")
     # Another name: a front at that address could route it to another backend.
