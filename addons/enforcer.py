@@ -323,7 +323,8 @@ def call_of(flow: http.HTTPFlow, agent: str) -> Call:
         port=request.port,
         path=path,
         query=query,
-        host_header=request.host_header,
+        # None would read as "not known": a request without one names no host for the upstream either.
+        host_header=request.host_header or "",
         headers=plain_headers(request.headers),
         # The bytes the upstream will get: a Content-Encoding other than identity is refused by the
         # mapping, since decoders differ.

@@ -70,7 +70,8 @@ class Call:
     query: str = ""
     headers: Mapping[str, str] = field(default_factory=dict)
     body: bytes = b""
-    host_header: str | None = None  # the Host header or :authority as the agent sent it
+    # The Host header or :authority as the agent sent it ("" when it sent none); None when not known.
+    host_header: str | None = None
 
     @property
     def url(self) -> str:
@@ -92,8 +93,11 @@ def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = No
     host = canonical_host(call.host)
     if not host:
         raise MappingError("the call names no host")
-    if call.host_header:
+    if call.host_header is not None:
         named = _hostname(call.host_header)
+        if not named.strip():
+            # An upstream serving several sites would answer from its default one, which may be another.
+            raise MappingError(f"the call names no host in a Host header; send Host: {host} (HTTP/1.1 requires it)")
         # A policy sees where the call goes; an upstream routing by Host must not see another host.
         # (Spelled as the call's own host, it is that host: canonical_host is costly, so skip it then.)
         if named != call.host and canonical_host(named) != host:
@@ -111,6 +115,11 @@ def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = No
             # Decoders differ (mitmproxy even decodes "base64"): the policy and the server must read
             # the same bytes, so a body is sent as it is.
             raise MappingError(f"cedargate decides on bodies sent without Content-Encoding, not {value[:40]!r}", 415)
+        if key == "transfer-encoding" and value.strip().lower() != "chunked":
+            # The body is decided as mitmproxy de-chunks it; a server that also undoes the other codings
+            # ("gzip, chunked") executes other bytes, and one that cannot answers 501 (RFC 9112 6.1).
+            raise MappingError(f"cedargate forwards a body framed by Content-Length or by Transfer-Encoding: "
+                               f"chunked alone, not Transfer-Encoding {value[:40]!r}", 501)
     context: dict = {
         "scheme": call.scheme,
         "host": host,

@@ -172,12 +172,27 @@ def test_host_header_naming_another_host_is_refused(runtime):
     enforcer = Enforcer(runtime)
     with taddons.context(enforcer) as tctx:
         flow = agent_flow("POST", f"{DEV}/v1/instances/i-1/stop", headers=NO_WAIT)
-        # Request.make sets Host from the URL; an agent's own Host header arrives as it sent it.
+        # make_flow sends Host as the URL names it; an agent's own Host header arrives as it sent it.
         flow.request.headers["Host"] = "cloud.prod.example"
         request(tctx, enforcer, flow)
     assert flow.response is not None, "forwarded to an upstream that routes on Host: cloud.prod.example"
     assert flow.response.status_code == 400
     assert b"cloud.prod.example" in flow.response.content
+
+
+@pytest.mark.parametrize("host", [None, "", " ", ":9000"])
+def test_request_naming_no_host_is_refused(runtime, host):
+    enforcer = Enforcer(runtime)
+    with taddons.context(enforcer) as tctx:
+        flow = agent_flow("GET", f"{DEV}/v1/instances")
+        if host is None:
+            del flow.request.headers["Host"]  # HTTP/1.0 style: an upstream would answer from its default site
+        else:
+            flow.request.headers["Host"] = host
+        request(tctx, enforcer, flow)
+    assert flow.response is not None, "forwarded without naming the host it was decided for"
+    assert flow.response.status_code == 400
+    assert "send Host: localhost" in problem_of(flow.response)["detail"]
 
 
 def test_flow_without_an_agent_is_refused(runtime):

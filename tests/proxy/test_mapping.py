@@ -406,3 +406,27 @@ def test_credential_headers_never_enter_the_context_even_when_selected(name):
     call = Call("ops-bot", "GET", "http", "localhost", 9000, "/v1/x", headers={name: "s3cret", "Accept": "*/*"})
     context = map_call(call, MappingOptions(context_headers=(name.lower(), "accept"))).context
     assert context["headers"] == {"accept": "*/*"}
+
+
+@pytest.mark.parametrize("host_header", ["", "  ", ":9000"])
+def test_an_empty_host_header_is_refused(host_header):
+    call = Call("ops-bot", "GET", "http", "localhost", 9000, "/v1/x", host_header=host_header)
+    with pytest.raises(MappingError, match="names no host in a Host header; send Host: localhost") as refused:
+        map_call(call, MappingOptions())
+    assert refused.value.status == 400
+
+
+@pytest.mark.parametrize("coding", ["gzip, chunked", "chunked, identity", "identity", "deflate", "xchunked"])
+def test_transfer_codings_other_than_chunked_are_refused_with_501(coding):
+    call = Call("ops-bot", "POST", "http", "localhost", 9000, "/v1/x", headers={"Transfer-Encoding": coding},
+                body=b"{}")
+    with pytest.raises(MappingError, match="Transfer-Encoding") as refused:
+        map_call(call, MappingOptions())
+    assert refused.value.status == 501
+
+
+@pytest.mark.parametrize("coding", ["chunked", " Chunked "])
+def test_chunked_framing_alone_is_mapped(coding):
+    call = Call("ops-bot", "POST", "http", "localhost", 9000, "/v1/x", headers={"Transfer-Encoding": coding},
+                body=b"{}", host_header="localhost:9000")
+    assert map_call(call, MappingOptions()).context["path"] == "/v1/x"
