@@ -25,7 +25,7 @@ from addons.agent_auth import AGENT, AgentAuth, proxy_auth_required
 from addons.options import add_options, settings_from_options
 from proxy.gate import Outcome, Verdict
 from proxy.manifest import MCP_ACTIONS
-from proxy.mapping import Call, plain_utf8
+from proxy.mapping import FRAMING_HEADERS, Call, plain_utf8
 from proxy.mcp import Exchange, SseRewriter, filter_tool_list, read_json, refusal_answer
 from proxy.oversight import requested_wait
 from proxy.runtime import Runtime
@@ -130,6 +130,7 @@ class Enforcer:
             return
         if self.runtime is None:
             raise RuntimeError("the enforcer has no policies loaded")
+        frame_body(flow.request)
         call = call_of(flow, agent)
         exchange = self.runtime.gate.mcp_exchange(call)
         if exchange is not None and exchange.batch:
@@ -175,7 +176,7 @@ class Enforcer:
         forwarded, answers, refused = [], [], []
         verdicts = []
         for message in exchange.messages:
-            verdict = self.runtime.gate.decide(replace(call, body=message.encoded()))
+            verdict = self.runtime.gate.decide(call.with_body(message.encoded()))
             verdict_now = await self._decided(flow, verdict, wait=0.0)
             if verdict_now is None:
                 forwarded.append(message)
@@ -330,6 +331,18 @@ def call_of(flow: http.HTTPFlow, agent: str) -> Call:
         # mapping, since decoders differ.
         body=request.raw_content or b"",
     )
+
+
+def frame_body(request: http.Request) -> None:
+    """Give an HTTP/2 or HTTP/3 body the Content-Length an HTTP/1.1 upstream needs to find its end.
+
+    Those protocols may send a body without one, and mitmproxy passes the headers on to an HTTP/1.1
+    upstream as they came: the upstream would read no body, and the body as the next request on the
+    connection, which nobody decided. (Over HTTP/1.1 a body always comes with its framing.)
+    """
+    if request.is_http2 or request.is_http3:
+        if request.raw_content and not FRAMING_HEADERS.intersection(k.lower() for k in request.headers):
+            request.headers["content-length"] = str(len(request.raw_content))
 
 
 def plain_headers(headers: http.Headers) -> dict[str, str]:

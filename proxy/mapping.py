@@ -15,7 +15,7 @@ import math
 import re
 from urllib.parse import parse_qs
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from proxy.engine import CedarRequest
 from proxy.hosts import canonical_host
@@ -33,6 +33,9 @@ _SECRET_HEADER = re.compile(r"auth|token|secret|password|passwd|cookie|api[-_]?k
 
 def is_secret_header(name: str) -> bool:
     return _SECRET_HEADER.search(name) is not None
+
+# How the upstream finds where the body ends: they must describe exactly the body decided on.
+FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding"})
 
 # Cedar reads these keys in JSON as escapes for entity and extension values; an agent's body must
 # not be able to smuggle an entity reference into the context.
@@ -73,6 +76,11 @@ class Call:
     # The Host header or :authority as the agent sent it ("" when it sent none); None when not known.
     host_header: str | None = None
 
+    def with_body(self, body: bytes) -> Call:
+        """The same call carrying another body (one message of a batch): its framing described the whole."""
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in FRAMING_HEADERS}
+        return replace(self, body=body, headers=headers)
+
     @property
     def url(self) -> str:
         default = {"http": 80, "https": 443}.get(self.scheme)
@@ -105,6 +113,7 @@ def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = No
                 f"the Host header names {named!r} but the call goes to {host!r}; send them alike"
             )
     check_normal_path(call.path)
+    check_framing(call)
     for name, value in call.headers.items():
         key = name.lower()
         if key == "upgrade" or key.startswith("sec-websocket-"):
@@ -115,11 +124,6 @@ def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = No
             # Decoders differ (mitmproxy even decodes "base64"): the policy and the server must read
             # the same bytes, so a body is sent as it is.
             raise MappingError(f"cedargate decides on bodies sent without Content-Encoding, not {value[:40]!r}", 415)
-        if key == "transfer-encoding" and value.strip().lower() != "chunked":
-            # The body is decided as mitmproxy de-chunks it; a server that also undoes the other codings
-            # ("gzip, chunked") executes other bytes, and one that cannot answers 501 (RFC 9112 6.1).
-            raise MappingError(f"cedargate forwards a body framed by Content-Length or by Transfer-Encoding: "
-                               f"chunked alone, not Transfer-Encoding {value[:40]!r}", 501)
     context: dict = {
         "scheme": call.scheme,
         "host": host,
@@ -203,6 +207,29 @@ def _hostname(authority: str) -> str:
     if authority.startswith("["):
         return authority[1:].split("]", 1)[0]
     return authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
+
+
+def check_framing(call: Call) -> None:
+    """Refuse framing headers that would make an upstream read another body than the one decided on.
+
+    Over HTTP/1.1 mitmproxy reads the body by them, so they agree with it; an HTTP/2 request carries them
+    apart from its data, and mitmproxy passes them on to an HTTP/1.1 upstream as sent. A length that is
+    not the body's, or a length beside chunked, makes a server read part of the body, or of the next
+    request, as a request of its own (request smuggling, RFC 9112 6.3 and 11.2).
+    """
+    framing = {k.lower(): v for k, v in call.headers.items() if k.lower() in FRAMING_HEADERS}
+    coding = framing.get("transfer-encoding")
+    if coding is not None and coding.strip().lower() != "chunked":
+        # The body is decided as mitmproxy de-chunks it; a server that also undoes the other codings
+        # ("gzip, chunked") executes other bytes, and one that cannot answers 501 (RFC 9112 6.1).
+        raise MappingError(f"cedargate forwards a body framed by Content-Length or by Transfer-Encoding: "
+                           f"chunked alone, not Transfer-Encoding {coding[:40]!r}", 501)
+    length = framing.get("content-length")
+    if length is not None and coding is not None:
+        raise MappingError("the call has both Transfer-Encoding and Content-Length; send one of them")
+    if length is not None and length.strip() != str(len(call.body)):
+        raise MappingError(f"Content-Length {length[:40]!r} is not the length of the body sent "
+                           f"({len(call.body)} bytes); send the body's length")
 
 
 UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")

@@ -430,3 +430,22 @@ def test_chunked_framing_alone_is_mapped(coding):
     call = Call("ops-bot", "POST", "http", "localhost", 9000, "/v1/x", headers={"Transfer-Encoding": coding},
                 body=b"{}", host_header="localhost:9000")
     assert map_call(call, MappingOptions()).context["path"] == "/v1/x"
+
+
+@pytest.mark.parametrize("headers, message", [
+    ({"Content-Length": "3"}, "is not the length of the body sent"),
+    ({"Content-Length": "+2"}, "is not the length of the body sent"),
+    ({"Content-Length": "2", "Transfer-Encoding": "chunked"}, "both Transfer-Encoding and Content-Length"),
+])
+def test_framing_that_is_not_the_bodys_is_refused(headers, message):
+    call = Call("ops-bot", "POST", "http", "localhost", 9000, "/v1/x", headers=headers, body=b"{}")
+    with pytest.raises(MappingError, match=message):
+        map_call(call, MappingOptions())
+
+
+def test_a_call_with_another_body_drops_the_framing_of_the_first():
+    call = Call("ops-bot", "POST", "http", "localhost", 9000, "/v1/x", body=b"[{}, {}]",
+                headers={"Content-Length": "8", "Content-Type": "application/json"})
+    message = call.with_body(b"{}")
+    assert message.headers == {"Content-Type": "application/json"}
+    assert map_call(message, MappingOptions()).context["body"] == {}
