@@ -105,7 +105,8 @@ def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = No
         named = _hostname(call.host_header)
         if not named.strip():
             # An upstream serving several sites would answer from its default one, which may be another.
-            raise MappingError(f"the call names no host in a Host header; send Host: {host} (HTTP/1.1 requires it)")
+            raise MappingError(f"the call names no host in a Host header; send Host: {host} "
+                               "(HTTP/1.1 requires it)")
         # A policy sees where the call goes; an upstream routing by Host must not see another host.
         # (Spelled as the call's own host, it is that host: canonical_host is costly, so skip it then.)
         if named != call.host and canonical_host(named) != host:

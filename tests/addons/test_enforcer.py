@@ -83,7 +83,7 @@ def test_allowed_call_gets_no_response_so_mitmproxy_forwards_it(runtime):
 
 
 def http2_flow(method: str, url: str, body: bytes, length: str | None) -> http.HTTPFlow:
-    """An HTTP/2 request as mitmproxy reads it: the body apart from a content-length the agent may leave out."""
+    """An HTTP/2 request as mitmproxy reads it: the body apart from a content-length the agent may omit."""
     flow = agent_flow(method, url, content=body)
     flow.request.http_version = "HTTP/2.0"
     flow.request.authority = flow.request.headers.pop("Host")
@@ -98,8 +98,8 @@ def test_an_http2_body_without_a_length_is_forwarded_with_its_length(runtime):
     # upstream reads no body, and the body as the next request on the connection.
     enforcer = Enforcer(runtime)
     with taddons.context(enforcer) as tctx:
-        flow = http2_flow("POST", f"{DEV}/v1/instances/i-0abc/stop", b"DELETE /v1/volumes/v-1 HTTP/1.1\r\n\r\n",
-                          None)
+        smuggled = b"DELETE /v1/volumes/v-1 HTTP/1.1\r\n\r\n"
+        flow = http2_flow("POST", f"{DEV}/v1/instances/i-0abc/stop", smuggled, None)
         request(tctx, enforcer, flow)
     assert flow.response is None
     assert flow.request.headers["content-length"] == str(len(flow.request.raw_content))
@@ -109,7 +109,8 @@ def test_an_http2_body_without_a_length_is_forwarded_with_its_length(runtime):
 def test_an_http2_length_that_is_not_the_bodys_is_refused(runtime, length):
     enforcer = Enforcer(runtime)
     with taddons.context(enforcer) as tctx:
-        flow = http2_flow("POST", f"{DEV}/v1/instances/i-0abc/stop", b'{"reason": "stuck", "force": 1}', length)
+        body = b'{"reason": "stuck", "force": 1}'
+        flow = http2_flow("POST", f"{DEV}/v1/instances/i-0abc/stop", body, length)
         request(tctx, enforcer, flow)
     assert flow.response is not None, f"forwarded with content-length {length} to an upstream reading by it"
     assert flow.response.status_code == 400
