@@ -34,6 +34,9 @@ _SECRET_HEADER = re.compile(r"auth|token|secret|password|passwd|cookie|api[-_]?k
 def is_secret_header(name: str) -> bool:
     return _SECRET_HEADER.search(name) is not None
 
+_FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a token (RFC 9110 5.1)
+_LINE_BREAK = re.compile(r"[\r\n\x00]")
+
 # How the upstream finds where the body ends: they must describe exactly the body decided on.
 FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding"})
 
@@ -113,10 +116,19 @@ def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = No
             raise MappingError(
                 f"the Host header names {named!r} but the call goes to {host!r}; send them alike"
             )
+    if not (call.path.isascii() and call.query.isascii()):
+        # HTTP/2 lets them through, HTTP/1.1 does not: an upstream reads them by its own charset, or maps
+        # them to ASCII lookalikes (IIS "best fit"), so a policy would match another path than it serves.
+        raise MappingError("the request target has characters outside ASCII; percent-encode them (RFC 3986 2.1)")
     check_normal_path(call.path)
     check_framing(call)
     for name, value in call.headers.items():
         key = name.lower()
+        if not _FIELD_NAME.fullmatch(name) or _LINE_BREAK.search(value):
+            # HTTP/2 carries fields as data, and mitmproxy writes them to an HTTP/1.1 upstream as they came:
+            # there a line break starts another header, or another request (RFC 9113 8.2.1, RFC 9110 5.5).
+            raise MappingError(f"header {name[:40]!r} has a line break, a NUL byte or a character a field "
+                               "name cannot have; send each header as one line of visible text")
         if key == "upgrade" or key.startswith("sec-websocket-"):
             # A WebSocket (or h2c) upgrade would open a channel whose messages no policy decides.
             raise MappingError("cedargate decides each HTTP call and does not forward protocol upgrades "

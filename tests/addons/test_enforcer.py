@@ -117,6 +117,19 @@ def test_an_http2_length_that_is_not_the_bodys_is_refused(runtime, length):
     assert "is not the length of the body sent" in problem_of(flow.response)["detail"]
 
 
+def test_an_http2_header_with_a_line_break_is_refused(runtime):
+    # mitmproxy writes HTTP/2 fields to an HTTP/1.1 upstream as they came: the line break would start a
+    # header of the agent's choosing there, here a Host naming the production host.
+    enforcer = Enforcer(runtime)
+    with taddons.context(enforcer) as tctx:
+        flow = http2_flow("POST", f"{DEV}/v1/instances/i-0abc/stop", b"", None)
+        flow.request.headers["x-note"] = "stuck\r\nHost: 127.0.0.1:9000"
+        request(tctx, enforcer, flow)
+    assert flow.response is not None, "forwarded a header that is two at an HTTP/1.1 upstream"
+    assert flow.response.status_code == 400
+    assert "one line of visible text" in problem_of(flow.response)["detail"]
+
+
 def test_allowed_call_is_recorded_once_with_the_upstream_status(runtime):
     enforcer = Enforcer(runtime)
     with taddons.context(enforcer) as tctx:

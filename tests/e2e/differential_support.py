@@ -320,12 +320,13 @@ class Http1Attempt:
     header_lines: tuple[str, ...]
     framing: str
     body: bytes
+    version: str = "HTTP/1.1"
 
     def wire(self, marker: str, port: int) -> bytes:
         def fill(text: str) -> str:
             return text.replace(MARK, marker).replace("{port}", str(port))
 
-        lines = [f"{fill(self.method)} {fill(self.target)} HTTP/1.1"]
+        lines = [f"{fill(self.method)} {fill(self.target)} {self.version}"]
         if self.transport == "forward":
             lines.append(f"Proxy-Authorization: {_basic()}")
         lines += [fill(line) for line in self.header_lines]

@@ -288,7 +288,17 @@ extra_headers = st.one_of(
     st.tuples(st.just("Upgrade"), st.just("websocket")),
     st.tuples(st.just("Connection"), st.sampled_from(["close", "keep-alive, Host", "Content-Type"])),
     st.tuples(st.just("Expect"), st.just("100-continue")),
+    st.tuples(st.just("X-Note"), st.sampled_from(["a\x00b", "a\x7fb", "\u00e9"])),
 )
+# Targets other than the origin and absolute forms of the draft's path
+ODD_TARGETS = ["*", "localhost:{port}", "//127.0.0.1:{port}/d/{m}/w/x", "HTTP://localhost:{port}/d/{m}/w/x",
+               "http://localhost@127.0.0.1:{port}/d/{m}/w/x", "http://127.0.0.1:{port}#@localhost/d/{m}/w/x",
+               "http://localhost:{port}/d/{m}/w/x", "/d/{m}/w/x?", "/d/{m}/w/x/", "/d/{m}/W/x"]
+# Fields only HTTP/2 can carry: line breaks in values, names out of case, connection-specific fields
+HTTP2_FIELDS = [("x-note", "b\r\nHost: 127.0.0.1:{port}"), ("x-note", "b\nc"), ("x-note", "b\x00c"),
+                ("X-Upper", "v"), ("x note", "v"), ("connection", "keep-alive"), ("transfer-encoding", "chunked"),
+                ("te", "trailers"), ("host", "127.0.0.1:{port}"), (":path", "/d/{m}/y"),
+                (":authority", "127.0.0.1:{port}"), (":method", "DELETE"), ("content-length", "0")]
 
 
 @dataclass
@@ -313,6 +323,9 @@ class Draft:
     wrap: str = ""
     body: bytes | None = None  # a body other than the JSON members
     content_length: str = "right"  # HTTP/2
+    target: str | None = None  # HTTP/1.1: a target other than the draft's path
+    version: str = "HTTP/1.1"
+    fields: list[tuple[str, str]] = field(default_factory=list)  # HTTP/2: fields written as they are
 
 
 @st.composite
@@ -384,10 +397,14 @@ TWEAKS: dict[str, Callable] = {
     "json wrap": lambda draw, d: setattr(d, "wrap", draw(st.sampled_from(JSON_WRAPS))),
     "other body": lambda draw, d: setattr(d, "body", draw(st.sampled_from(OTHER_BODIES))),
     "content length": lambda draw, d: setattr(d, "content_length", draw(st.sampled_from(["none", "wrong"]))),
+    "odd target": lambda draw, d: setattr(d, "target", draw(st.sampled_from(ODD_TARGETS))),
+    "version": lambda draw, d: setattr(d, "version", draw(st.sampled_from(["HTTP/1.0", "http/1.1", "HTTP/1.1 ",
+                                                                          "HTTP/2.0", "HTTP/1.10"]))),
+    "http2 field": lambda draw, d: d.fields.append(draw(st.sampled_from(HTTP2_FIELDS))),
 }
-HTTP1_TWEAKS = [t for t in TWEAKS if t != "content length"]
+HTTP1_TWEAKS = [t for t in TWEAKS if t not in ("content length", "http2 field")]
 HTTP2_TWEAKS = [t for t in TWEAKS if t not in ("absolute form", "origin form", "forwarded as https", "framing",
-                                                "header style")]
+                                                "header style", "odd target", "version")]
 
 
 def _body(d: Draft) -> bytes:
@@ -405,10 +422,13 @@ def http1_attempts(draw) -> Http1Attempt:
     target = d.path + (f"?{d.query}" if d.query is not None else "")
     if d.form == "absolute":
         target = f"{d.scheme}://{d.authority}:{{port}}{target}"
+    if d.target is not None:
+        target = d.target
     host_lines = [f"Host: {d.authority}:{{port}}"] if d.host_lines is None else d.host_lines
     lines = host_lines + [_header(n, v, d.styles.get(i, "plain")) for i, (n, v) in enumerate(d.headers)]
     framing = d.framing if body or d.framing != "length" else "none"
-    return Http1Attempt(d.transport, d.scheme, d.connect, d.sni, d.method, target, tuple(lines), framing, body)
+    return Http1Attempt(d.transport, d.scheme, d.connect, d.sni, d.method, target, tuple(lines), framing, body,
+                        d.version)
 
 
 @st.composite
@@ -423,8 +443,8 @@ def http2_attempts(draw) -> Http2Attempt:
         for line in d.host_lines:
             name, _, value = line.partition(":")
             pseudo.append((name.strip().lower() if draw(st.booleans()) else name.strip(), value.strip()))
-    return Http2Attempt(d.connect, d.sni, tuple(pseudo + [(n.lower(), v) for n, v in d.headers]), _body(d),
-                        d.content_length)
+    fields = pseudo + [(n.lower(), v) for n, v in d.headers] + d.fields
+    return Http2Attempt(d.connect, d.sni, tuple(fields), _body(d), d.content_length)
 
 
 # --- the shapes tried on every run, besides the generated ones ----------------------------------------
@@ -477,6 +497,16 @@ HTTP2_SHAPES = [
     _h2(*WRITE, body=b"DELETE /d/{m}/x HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n", length="none"),
     _h2(*WRITE, length="wrong"),
     _h2(*WRITE, ("transfer-encoding", "chunked"), body=b'{"a": 1}'),
+    # found by this test, fixed on this branch: a line break or NUL in an HTTP/2 field value, which
+    # mitmproxy wrote to the HTTP/1.1 upstream as is (another Host, another framing, another request)
+    _h2(*WRITE, ("x-note", "b\r\nHost: 127.0.0.1:{port}")),
+    _h2(*WRITE, ("x-note", "b\r\nTransfer-Encoding: chunked"),
+        body=b"0\r\n\r\nDELETE /d/{m}/x HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n"),
+    _h2(*WRITE, ("x-note", "b\nc")),
+    _h2(*WRITE, ("x-note", "b\x00c")),
+    # 7: a line break in :path splits the request at the HTTP/1.1 upstream (a DELETE nobody decided)
+    _h2((":method", "GET"), (":scheme", "https"), (":authority", "localhost:{port}"),
+        (":path", "/d/{m}/x HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\nDELETE /d/{m}/y")),
     # :authority and a host header naming different hosts; a host header alone
     _h2((":method", "POST"), (":scheme", "https"), (":authority", "localhost:{port}"), (":path", "/d/{m}/w/x"),
         ("host", "127.0.0.1:{port}")),
@@ -521,11 +551,16 @@ def _lookalike_target(a) -> bool:
     return "#" in target or any(ord(c) < 0x20 or ord(c) == 0x7f for c in target)
 
 
+def _two_host_headers(a) -> bool:
+    return isinstance(a, Http1Attempt) and sum(line.lower().startswith("host") for line in a.header_lines) > 1
+
+
 KNOWN_OWNED_ELSEWHERE: dict[str, Callable[[object], bool]] = {
     "1. absolute-form request target inside a CONNECT tunnel": _h1_absolute_in_tunnel,
     "5. JSON keys equal under case folding": _json_keys_fold,
     "6. method and URL override": _override,
     "7. request-target lookalikes (# and control characters)": _lookalike_target,
+    "7. two Host headers": _two_host_headers,
 }
 
 

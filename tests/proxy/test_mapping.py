@@ -449,3 +449,27 @@ def test_a_call_with_another_body_drops_the_framing_of_the_first():
     message = call.with_body(b"{}")
     assert message.headers == {"Content-Type": "application/json"}
     assert map_call(message, MappingOptions()).context["body"] == {}
+
+
+@pytest.mark.parametrize("name, value", [
+    ("X-Note", "a\r\nHost: 127.0.0.1"),  # an HTTP/2 field value: another header at an HTTP/1.1 upstream
+    ("X-Note", "a\r\n\r\nDELETE /v1/volumes/v-1 HTTP/1.1"),  # ... or another request
+    ("X-Note", "a\nb"),
+    ("X-Note", "a\x00b"),
+    ("Content-Type", "text/plain\r\n ;application/json"),  # obs-fold as mitmproxy keeps it
+    ("X Note", "a"),
+    ("X-Note:", "a"),
+])
+def test_header_fields_an_upstream_would_split_are_refused(name, value):
+    call = Call("ops-bot", "POST", "http", "localhost", 9000, "/v1/x", headers={name: value})
+    with pytest.raises(MappingError, match="one line of visible text") as refused:
+        map_call(call, MappingOptions())
+    assert refused.value.status == 400
+
+
+@pytest.mark.parametrize("path, query", [("/v1/x/\u00e9", ""), ("/v1/\uff56olumes/v-1", ""), ("/v1/x", "q=\u00e9"),
+                                         ("/v1/x/\udcc3\udca9", "")])
+def test_a_request_target_outside_ascii_is_refused(path, query):
+    call = Call("ops-bot", "GET", "http", "localhost", 9000, path, query)
+    with pytest.raises(MappingError, match="outside ASCII; percent-encode them"):
+        map_call(call, MappingOptions())
