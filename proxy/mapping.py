@@ -34,6 +34,7 @@ _SECRET_HEADER = re.compile(r"auth|token|secret|password|passwd|cookie|api[-_]?k
 def is_secret_header(name: str) -> bool:
     return _SECRET_HEADER.search(name) is not None
 
+_VISIBLE_ASCII = re.compile(r"[\x21-\x7e]*")
 _FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a token (RFC 9110 5.1)
 _LINE_BREAK = re.compile(r"[\r\n\x00]")
 
@@ -116,10 +117,12 @@ def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = No
             raise MappingError(
                 f"the Host header names {named!r} but the call goes to {host!r}; send them alike"
             )
-    if not (call.path.isascii() and call.query.isascii()):
-        # HTTP/2 lets them through, HTTP/1.1 does not: an upstream reads them by its own charset, or maps
-        # them to ASCII lookalikes (IIS "best fit"), so a policy would match another path than it serves.
-        raise MappingError("the request target has characters outside ASCII; percent-encode them (RFC 3986 2.1)")
+    if not _VISIBLE_ASCII.fullmatch(call.path + call.query):
+        # HTTP/2 carries them, and mitmproxy writes them into an HTTP/1.1 request line as they came: a space
+        # or line break there splits the request line, or the request; a character outside ASCII is read
+        # by the upstream's own charset, or mapped to an ASCII lookalike (IIS "best fit").
+        raise MappingError("the request target has a space, a control character or a character outside "
+                           "ASCII; percent-encode them (RFC 3986 2.1)")
     check_normal_path(call.path)
     check_framing(call)
     for name, value in call.headers.items():

@@ -1,10 +1,10 @@
-"""The differential test's two sides of the wire: raw requests written as an agent could, and read back
-as servers would.
+"""The two ends of the differential test's wire: requests written as raw bytes, as an agent could write
+them, and read back as the servers behind cedargate would read them.
 
-`send_http1` / `send_http2` write an attempt as bytes through the proxy (to it, in a CONNECT tunnel, in
-a TLS tunnel, or as HTTP/2 in one); `readings` reads a request the `raw_upstream` received the ways
-real servers do, each reading labelled with the kind of server that makes it; `forwarded_rows` finds
-what cedargate recorded deciding. The test (`test_differential.py`) holds the policies and the oracle.
+`send_http1` / `send_http2` write an attempt through the proxy (straight to it, in a CONNECT tunnel, in a
+TLS tunnel, or as HTTP/2 in one); `readings` reads a request the `raw_upstream` received every way a kind
+of server does, each reading labelled with who reads it so; `forwarded_rows` finds what cedargate
+recorded deciding. The policies and the Cedar oracle are the test's (`test_differential.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import ssl
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -31,12 +32,12 @@ METHODS = ("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE")
 CONTEXT_HEADERS = ("content-type", "user-agent", "accept")
 OVERRIDE_HEADERS = ("x-http-method-override", "x-http-method", "x-method-override")
 URL_OVERRIDE_HEADERS = ("x-original-url", "x-rewrite-url")
-MARK = "{m}"  # stands for the example's marker until sent: Hypothesis replays and shrinks the same data
+MARK = "{m}"  # the example's marker, filled in when sent: Hypothesis replays and shrinks the same data
 
 
 @dataclass
 class Gate:
-    """The one cedargate every example goes through, and what the test needs to read its record."""
+    """The one cedargate every example goes through, and what the test reads of it and its upstream."""
 
     proxy_port: int
     database: Path
@@ -44,12 +45,11 @@ class Gate:
     http_port: int
     https_port: int
     calls: list[RawCall]
-    process: object
-
 
 
 def canonical(host: str) -> str:
-    """Where a host spelling connects to, written once: what an upstream resolving it would reach."""
+    """The address a host spelling connects to (`127.1`, `0x7f.0.0.1`, `[::ffff:127.0.0.1]`), written
+    apart from cedargate's own `canonical_host` so that a slip there shows here."""
     name = host.strip().lower().rstrip(".")
     if name.startswith("[") and name.endswith("]"):
         name = name[1:-1]
@@ -67,7 +67,7 @@ def canonical(host: str) -> str:
 
 
 def hostname(authority: str) -> str:
-    authority = authority.rsplit("@", 1)[-1]
+    authority = authority.rsplit("@", 1)[-1]  # a server taking userinfo in stride routes by what follows
     if authority.startswith("["):
         return authority.split("]", 1)[0] + "]"
     return authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
@@ -77,7 +77,7 @@ def hostname(authority: str) -> str:
 
 @dataclass(frozen=True)
 class Reading:
-    """One way a server may read a request: the values a policy decides on."""
+    """One way a server may read a request: the values a policy decides on, and who reads it so."""
 
     how: str
     method: str
@@ -87,16 +87,16 @@ class Reading:
     path: str
     query: str
     headers: tuple[tuple[str, str], ...]
-    agent: tuple[tuple[str, object], ...] | None  # None: statements cedargate must refuse
-    body: str | None  # the decided fields as Cedar JSON text, None when not JSON
+    agent: tuple[tuple[str, object], ...] | None  # X-Agent-* statements; None when they are invalid
+    body: str | None  # the decided body fields as Cedar JSON text; None when the body is not JSON
 
 
 class Divergence(AssertionError):
-    pass
+    """What the upstream received is not what cedargate decided."""
 
 
 def readings(call: RawCall, scheme: str, port: int) -> list[Reading]:
-    """Every reading of `call` a server could make, each labelled with the kind of server making it."""
+    """Every reading of `call` that some kind of server makes; the first is h11's own."""
     if call.error:
         raise Divergence(f"cedargate forwarded a request a strict server cannot read ({call.error})")
     targets = [("request line", call.target)]
@@ -104,40 +104,36 @@ def readings(call: RawCall, scheme: str, port: int) -> list[Reading]:
         targets.append(("fragment dropped (Node)", call.target.split("#", 1)[0]))
     for name in URL_OVERRIDE_HEADERS:
         targets += [(f"{name} (Symfony, IIS)", v) for v in call.header(name)]
-    hosts: list[tuple[str, str]] = [("Host header", hostname(v)) for v in call.header("host")]
+    hosts = [("Host header", hostname(v)) for v in call.header("host")]
     parsed = []
     for how, target in targets:
         if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", target):
-            url = urlsplit(target) if "#" not in target else urlsplit(target.split("#", 1)[0] + "#")
-            hosts.append((f"{how} authority (RFC 9112 3.2.2)", hostname(url.netloc)))
-            path_query = target.split("://", 1)[1]
-            path_query = path_query[len(url.netloc):] or "/"
-        else:
-            path_query = target
-        path, _, query = path_query.partition("?")
+            netloc = urlsplit(target.split("#", 1)[0]).netloc
+            hosts.append((f"{how} authority (RFC 9112 3.2.2)", hostname(netloc)))
+            target = target.split("://", 1)[1][len(netloc):] or "/"
+        path, _, query = target.partition("?")
         parsed.append((how, path, query))
 
     methods = [("request line", call.method.upper())]
     for name in OVERRIDE_HEADERS:
         methods += [(f"{name} (method override)", v.strip().upper()) for v in call.header(name)]
-    form = _media(call) == "application/x-www-form-urlencoded"
-    for how, _, query in parsed:
+    for _, _, query in parsed:
         for value in _params(query).get("_method", []):
             methods.append(("_method in the query (Rails, Laravel)", value.upper()))
-    if form:
-        for value in _params(call.body.decode("latin-1")).get("_method", []):
-            methods.append(("_method in the form body (Rails, Laravel)", value.upper()))
+    if _media(call) == "application/x-www-form-urlencoded":
+        form = _params(call.body.decode("latin-1"))
+        methods += [("_method in the form body (Rails, Laravel)", v.upper()) for v in form.get("_method", [])]
 
     headers = tuple((n, ", ".join(call.header(n))) for n in CONTEXT_HEADERS if call.header(n))
     agent = _agent_statements(call)
-    bodies = _json_readings(call)
     out = []
     for method_how, method in methods:
         for host_how, host in hosts or [("no host", "")]:
             for path_how, path, query in parsed:
-                for body_how, body in bodies:
+                for body_how, body in _json_readings(call):
                     how = "; ".join(dict.fromkeys((method_how, host_how, path_how, body_how)))
-                    out.append(Reading(how, method, scheme, canonical(host), port, path, query, headers, agent, body))
+                    out.append(Reading(how, method, scheme, canonical(host), port, path, query, headers,
+                                       agent, body))
     return out
 
 
@@ -153,25 +149,31 @@ def _media(call: RawCall) -> str:
 
 
 def _agent_statements(call: RawCall) -> tuple | None:
-    told = []
     values = call.header("x-agent-confidence")
-    if values:
-        value = ", ".join(values).strip()
-        if not re.fullmatch(r"0(\.\d{1,4})?|1(\.0{1,4})?", value):
-            return None
-        told.append(("confidence", {"__extn": {"fn": "decimal", "arg": value if "." in value else value + ".0"}}))
-    return tuple(told)
+    if not values:
+        return ()
+    value = ", ".join(values).strip()
+    if not re.fullmatch(r"0(\.\d{1,4})?|1(\.0{1,4})?", value):
+        return None
+    return (("confidence", {"__extn": {"fn": "decimal", "arg": value if "." in value else value + ".0"}}),)
 
 
 class _Object(list):
     """A JSON object as its members in order, repeated keys and all."""
 
 
+JSON_KEY_RULES = (("JSON keys exact, last wins (JavaScript, Python)", False, True),
+                  ("JSON keys exact, first wins", False, False),
+                  ("JSON keys ignoring case, last wins (Go, ASP.NET)", True, True),
+                  ("JSON keys ignoring case, first wins", True, False))
+
+
 def _json_readings(call: RawCall) -> list[tuple[str, str | None]]:
     """The body's decided fields (`amount`, `sku`) as each kind of JSON server reads them."""
     content_types = call.header("content-type")
     medias = {v.split(";", 1)[0].strip().lower() for v in content_types}
-    if not call.body or not any(m in ("application/json", "text/json") or m.endswith("+json") for m in medias):
+    if not call.body or not any(m in ("application/json", "text/json") or m.endswith("+json")
+                                for m in medias):
         return [("no JSON body", None)]
     charsets = {m.group(1).strip('"').lower() for v in content_types
                 for m in [re.search(r"charset\s*=\s*([^;\s]+)", v, re.I)] if m} or {"utf-8"}
@@ -181,22 +183,19 @@ def _json_readings(call: RawCall) -> list[tuple[str, str | None]]:
             text = call.body.decode(codecs.lookup(charset).name)
         except (LookupError, UnicodeDecodeError):
             continue
-        try:  # RFC 8259, and a repeated key refused (as cedargate does)
-            out.append(("strict JSON", decided_fields(json.loads(text, object_pairs_hook=_unique,
-                                                                  parse_constant=_no_constant))))
+        try:  # RFC 8259, a repeated key refused
+            strict = json.loads(text, object_pairs_hook=_unique, parse_constant=_no_constant)
+            out.append(("strict JSON", decided_fields(strict)))
         except (ValueError, RecursionError):
             pass
-        try:  # the lenient parsers of most servers: NaN taken (Python), repeated keys taken
+        try:  # most servers' parsers: NaN taken (Python), repeated keys taken
             members = json.loads(text, object_pairs_hook=_Object)
         except (ValueError, RecursionError):
             continue  # no server reads it: each answers 400 and executes nothing
         if not isinstance(members, _Object):
             out.append(("JSON", decided_fields(members)))
             continue
-        for how, fold, last in (("JSON keys exact, last wins (JavaScript, Python)", False, True),
-                                ("JSON keys exact, first wins", False, False),
-                                ("JSON keys ignoring case, last wins (Go, ASP.NET)", True, True),
-                                ("JSON keys ignoring case, first wins", True, False)):
+        for how, fold, last in JSON_KEY_RULES:
             picked = {}
             for name in ("amount", "sku"):
                 found = [v for k, v in members if (k.casefold() == name if fold else k == name)]
@@ -224,7 +223,8 @@ def decided_fields(value) -> str:
 
 
 def _cedar_value(value):
-    """As cedargate's mapping documents it: no null, floats as decimals, integers past Long as strings."""
+    """As `proxy.mapping` documents the body in the context: no nulls, floats as decimals, integers past
+    Cedar's Long as strings."""
     if isinstance(value, _Object):
         value = dict(value)
     if isinstance(value, float):
@@ -243,7 +243,7 @@ def _cedar_value(value):
 # --- the record -------------------------------------------------------------------------------------
 
 def decision_rows(database: Path, after: int) -> list[dict]:
-    with sqlite3.connect(database) as db:
+    with closing(sqlite3.connect(database)) as db:
         db.row_factory = sqlite3.Row
         return [dict(r) for r in db.execute("SELECT * FROM decisions WHERE id > ? ORDER BY id", (after,))]
 
@@ -251,12 +251,13 @@ def decision_rows(database: Path, after: int) -> list[dict]:
 def last_row_id(database: Path) -> int:
     if not database.exists():
         return 0
-    with sqlite3.connect(database) as db:
+    with closing(sqlite3.connect(database)) as db:
         return db.execute("SELECT coalesce(max(id), 0) FROM decisions").fetchone()[0]
 
 
 def forwarded_rows(gate: Gate, after: int, marker: str, expected: int) -> list[dict]:
-    """The allowed decisions of this example, once the batching writer has committed `expected`."""
+    """The decisions on this example's paths, once the batching writer has committed `expected` forwarded
+    ones (or after 5 s: a request nobody decided has none)."""
     deadline = time.monotonic() + 5
     while True:
         rows = [r for r in decision_rows(gate.database, after) if marker in r["path"]]
@@ -265,11 +266,12 @@ def forwarded_rows(gate: Gate, after: int, marker: str, expected: int) -> list[d
         time.sleep(0.03)
 
 
-
-# --- sending ------------------------------------------------------------------------------------------
+# --- writing requests -----------------------------------------------------------------------------------
 
 @dataclass
 class Sent:
+    """One attempt as sent: its marker, where it went, the bytes, and the answer (if any)."""
+
     marker: str
     scheme: str
     port: int
@@ -282,7 +284,7 @@ def _basic() -> str:
     return "Basic " + base64.b64encode(f"{AGENT}:{TOKEN}".encode()).decode()
 
 
-def _open(gate: Gate, transport: str, connect: str, port: int, sni: str | None, alpn: str | None):
+def _open(gate: Gate, transport: str, connect: str, port: int, sni: str | None, alpn: str):
     sock = socket.create_connection(("127.0.0.1", gate.proxy_port), timeout=3)
     if transport == "forward":
         return sock
@@ -301,24 +303,23 @@ def _open(gate: Gate, transport: str, connect: str, port: int, sni: str | None, 
     if transport == "tunnel":
         return sock
     context = ssl.create_default_context(cafile=str(gate.ca_cert))
-    context.check_hostname = False  # an SNI naming another host is part of what is tried
-    if alpn:
-        context.set_alpn_protocols([alpn])
+    context.check_hostname = False  # an SNI naming another host is one of the things tried
+    context.set_alpn_protocols([alpn])
     return context.wrap_socket(sock, server_hostname=sni)
 
 
 @dataclass(frozen=True)
 class Http1Attempt:
-    """One HTTP/1.1 request as the bytes an agent writes; `{m}` in it is the example's marker."""
+    """One HTTP/1.1 request as the bytes an agent writes; `{m}` is the marker, `{port}` the upstream's."""
 
     transport: str  # "forward" (to the proxy), "tunnel" (CONNECT), "tls" (CONNECT, then TLS)
     scheme: str
     connect: str  # the host in CONNECT, or in the URL of a forwarded request
     sni: str | None
     method: str
-    target: str  # origin form, or absolute form; "{port}" is the upstream's port
-    header_lines: tuple[str, ...]
-    framing: str
+    target: str
+    header_lines: tuple[str, ...]  # as written, odd spacing and folds included
+    framing: str  # a key of FRAMINGS
     body: bytes
     version: str = "HTTP/1.1"
 
@@ -330,11 +331,11 @@ class Http1Attempt:
         if self.transport == "forward":
             lines.append(f"Proxy-Authorization: {_basic()}")
         lines += [fill(line) for line in self.header_lines]
+        framing_lines, framed = FRAMINGS[self.framing]
         body = self.body.replace(MARK.encode(), marker.encode())
-        lines += FRAMINGS[self.framing][0](body)
-        head = "\r\n".join(lines).encode("utf-8", "surrogateescape") + b"\r\n\r\n"
-        return head + FRAMINGS[self.framing][1](body).replace(b"{m}", marker.encode()).replace(
-            b"{port}", str(port).encode())
+        head = "\r\n".join(lines + framing_lines(body)).encode("utf-8", "surrogateescape") + b"\r\n\r\n"
+        after = framed(body).replace(MARK.encode(), marker.encode())
+        return head + after.replace(b"{port}", str(port).encode())
 
 
 def _chunks(body: bytes, trailer: bytes = b"", extension: bytes = b"") -> bytes:
@@ -345,21 +346,21 @@ def _chunks(body: bytes, trailer: bytes = b"", extension: bytes = b"") -> bytes:
 
 SMUGGLED = b"GET /d/{m}/smuggled?deny=1 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n"
 
-# framing name -> (header lines for the body, the bytes after the head)
+# How a body is framed: the header lines that say so, and the bytes that follow the head.
 FRAMINGS: dict[str, tuple[Callable[[bytes], list[str]], Callable[[bytes], bytes]]] = {
     "none": (lambda b: [], lambda b: b""),
     "length": (lambda b: [f"Content-Length: {len(b)}"], lambda b: b),
-    "chunked": (lambda b: ["Transfer-Encoding: chunked"], lambda b: _chunks(b)),
-    "chunked with extension": (lambda b: ["Transfer-Encoding: chunked"], lambda b: _chunks(b, extension=b";x=1")),
+    "chunked": (lambda b: ["Transfer-Encoding: chunked"], _chunks),
+    "chunked with extension": (lambda b: ["Transfer-Encoding: chunked"],
+                               lambda b: _chunks(b, extension=b";x=1")),
     "chunked with trailer": (lambda b: ["Transfer-Encoding: chunked"],
                              lambda b: _chunks(b, trailer=b"X-Trailer: 1\r\n")),
-    "Chunked, spaced": (lambda b: ["Transfer-Encoding:  Chunked "], lambda b: _chunks(b)),
-    "gzip, chunked": (lambda b: ["Transfer-Encoding: gzip, chunked"], lambda b: _chunks(b)),
-    "chunked and length": (lambda b: ["Transfer-Encoding: chunked", f"Content-Length: {len(b)}"],
-                           lambda b: _chunks(b)),
+    "Chunked, spaced": (lambda b: ["Transfer-Encoding:  Chunked "], _chunks),
+    "gzip, chunked": (lambda b: ["Transfer-Encoding: gzip, chunked"], _chunks),
+    "chunked and length": (lambda b: ["Transfer-Encoding: chunked", f"Content-Length: {len(b)}"], _chunks),
     "two transfer-encodings": (lambda b: ["Transfer-Encoding: chunked", "Transfer-Encoding: identity"],
-                               lambda b: _chunks(b)),
-    "two equal lengths": (lambda b: [f"Content-Length: {len(b)}", f"Content-Length: {len(b)}"], lambda b: b),
+                               _chunks),
+    "two equal lengths": (lambda b: [f"Content-Length: {len(b)}"] * 2, lambda b: b),
     "two lengths": (lambda b: [f"Content-Length: {len(b)}", f"Content-Length: {len(b) + 5}"],
                     lambda b: b + b"12345"),
     "length list": (lambda b: [f"Content-Length: {len(b)}, {len(b)}"], lambda b: b),
@@ -374,7 +375,7 @@ def send_http1(gate: Gate, attempt: Http1Attempt) -> Sent:
     sent.wire = attempt.wire(sent.marker, port)
     try:
         sock = _open(gate, attempt.transport, attempt.connect, port, attempt.sni, "http/1.1")
-    except (OSError, ConnectionError, ssl.SSLError) as exc:
+    except (OSError, ConnectionError) as exc:
         sent.note = f"tunnel refused: {exc}"
         return sent
     with sock:
@@ -388,7 +389,7 @@ def send_http1(gate: Gate, attempt: Http1Attempt) -> Sent:
             sent.note = f"no answer: {exc!r}"
             return sent
         if attempt.framing == "pipelined after length":
-            sock.settimeout(1.0)  # the second request's answer, so its arrival is this example's
+            sock.settimeout(1.0)  # the second request's answer, so that its arrival counts for this example
             try:
                 while sock.recv(65536):
                     pass
@@ -399,13 +400,13 @@ def send_http1(gate: Gate, attempt: Http1Attempt) -> Sent:
 
 @dataclass(frozen=True)
 class Http2Attempt:
-    """One HTTP/2 request in a TLS tunnel (ALPN h2); the upstream gets it as HTTP/1.1."""
+    """One HTTP/2 request in a TLS tunnel (ALPN h2); mitmproxy sends it to the upstream as HTTP/1.1."""
 
     connect: str
     sni: str | None
-    headers: tuple[tuple[str, str], ...]  # pseudo-headers first, as written; "{m}", "{port}" filled in
+    headers: tuple[tuple[str, str], ...]  # pseudo-headers and fields as written, no validation
     body: bytes
-    content_length: str  # "right", "none", "wrong"
+    content_length: str  # "right", "none" or "wrong": the content-length field added
 
 
 def send_http2(gate: Gate, attempt: Http2Attempt) -> Sent:
@@ -423,27 +424,24 @@ def send_http2(gate: Gate, attempt: Http2Attempt) -> Sent:
     sent.wire = repr(headers).encode() + b" " + body
     try:
         sock = _open(gate, "tls", attempt.connect, port, attempt.sni, "h2")
-    except (OSError, ConnectionError, ssl.SSLError) as exc:
+    except (OSError, ConnectionError) as exc:
         sent.note = f"tunnel refused: {exc}"
         return sent
     config = h2.config.H2Configuration(client_side=True, validate_outbound_headers=False,
                                        normalize_outbound_headers=False, validate_inbound_headers=False)
     conn = h2.connection.H2Connection(config)
     with sock:
+        if sock.selected_alpn_protocol() != "h2":
+            sent.note = f"ALPN chose {sock.selected_alpn_protocol()}"
+            return sent
         try:
-            if sock.selected_alpn_protocol() != "h2":
-                sent.note = f"ALPN chose {sock.selected_alpn_protocol()}"
-                return sent
             conn.initiate_connection()
             conn.send_headers(1, headers, end_stream=not body)
             if body:
                 conn.send_data(1, body, end_stream=True)
             sock.sendall(conn.data_to_send())
-            done = False
-            while not done:
-                data = sock.recv(65536)
-                if not data:
-                    break
+            ended = False
+            while not ended and (data := sock.recv(65536)):
                 for event in conn.receive_data(data):
                     if isinstance(event, h2.events.ResponseReceived):
                         sent.status = int(dict(event.headers)[b":status"])
@@ -451,7 +449,7 @@ def send_http2(gate: Gate, attempt: Http2Attempt) -> Sent:
                         conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                     elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset,
                                             h2.events.ConnectionTerminated)):
-                        done = True
+                        ended = True
                 sock.sendall(conn.data_to_send())
         except (OSError, h2.exceptions.ProtocolError) as exc:
             sent.note = f"no answer: {exc!r}"

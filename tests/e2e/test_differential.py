@@ -1,24 +1,24 @@
 """Differential: the upstream executes exactly what cedargate decided, whatever bytes an agent sends.
 
 Hypothesis writes requests as raw bytes, in the shapes by which a proxy and a server have been made to
-read one request two ways: absolute and origin form, sent to the proxy or inside a CONNECT tunnel
-(plain or TLS), HTTP/1.1 and HTTP/2, repeated and case-variant headers and JSON keys, Host and
-Transfer-Encoding/Content-Length combinations, percent-escapes, odd whitespace, obs-fold, method and
-URL override headers, encodings. Each goes through one long-lived `cedargate run` to `raw_upstream`,
-where h11 reads what arrived as a strict server would.
+read one request two ways: absolute and origin form, straight to the proxy or in a CONNECT tunnel (plain
+or TLS), HTTP/1.1 and HTTP/2, repeated and case-variant headers and JSON keys, Host and
+Transfer-Encoding/Content-Length combinations, percent-escapes, odd whitespace, obs-fold, line breaks in
+HTTP/2 fields, method and URL override headers, charsets and encodings. All go through one long-lived
+`cedargate run` to `raw_upstream`, where h11 reads what arrived as a strict server would.
 
-For every request the upstream received, the test reads it the ways real servers do (`readings`: host
-from the request line or the Host header, with or without a `#` fragment, honouring method-override
-headers and `_method`, JSON keys matched exactly or ignoring case, first or last wins). Every reading
-must be what cedargate recorded deciding on (method, host, port, path: the `decisions` row, found by a
-marker in the path), and Cedar, handed the policy files as plain text and the reading as context, must
-allow it with the same determining policies as the record: the permits below are written so that this
-set shows the query and the JSON body fields cedargate decided on. A call cedargate refused must not
-reach the upstream at all. Well-formed calls (httpx) must moreover be decided exactly as Cedar decides
-them, so the property cannot hold by cedargate refusing everything.
+For every request the upstream received, `differential_support.readings` reads it the ways real servers
+do (host by the request line or the Host header, with or without a `#` fragment, honouring method and URL
+override headers and `_method`, JSON keys matched exactly or ignoring case, first or last wins). Each
+reading must be what cedargate recorded deciding on (method, host, port, scheme, path: the `decisions`
+row, found by a marker in the path), and Cedar, given the policy text below and the reading as context,
+must allow it by the same determining policies as the record: the permits are written so that this set
+shows the query, the Content-Type and the JSON body fields the call was decided on. A request
+cedargate refused must not reach the upstream at all. Well-formed calls (httpx) must moreover be decided
+exactly as Cedar decides them, so that the properties cannot hold by cedargate refusing everything.
 
-Divergences that belong to items of issue 8 fixed on other branches are let pass by
-`KNOWN_OWNED_ELSEWHERE`, which names them; once those branches are merged it must be emptied.
+Divergences that belong to items of issue 8 fixed on other branches are let pass, by name, in
+`KNOWN_OWNED_ELSEWHERE`; once those branches are merged, it must be emptied.
 """
 
 from __future__ import annotations
@@ -72,8 +72,10 @@ type HttpContext = {
   headers: Headers, agent?: AgentStatements, body?: Payment,
 };
 action read, write;
-action get, head, options in [read] appliesTo { principal: [Agent], resource: [Host], context: HttpContext };
-action post, put, patch, delete in [write] appliesTo { principal: [Agent], resource: [Host], context: HttpContext };
+action get, head, options in [read]
+  appliesTo { principal: [Agent], resource: [Host], context: HttpContext };
+action post, put, patch, delete in [write]
+  appliesTo { principal: [Agent], resource: [Host], context: HttpContext };
 """
 
 # Two loopback spellings, two environments: "localhost" is the dev host, "127.0.0.1" production.
@@ -88,9 +90,9 @@ ENTITIES = [
      "parents": [{"type": "Environment", "id": "production"}]},
 ]
 
-# Each permit covers a recognisable set of calls; the narrower ones ("read-probe", "json-writes",
+# Each permit allows a recognisable set of calls; the narrower ones ("read-probe", "json-writes",
 # "tiny-payments") match inside a wider one, so the determining policies of an allowed call show the
-# query, the Content-Type and the body amount it was decided on.
+# query, the Content-Type and the body amount it was decided on. Anything else is refused.
 POLICIES = """
 @id("read-tree")
 permit (principal in Team::"ops", action in Action::"read", resource)
@@ -128,8 +130,10 @@ forbid (principal, action, resource) when { context.query like "*deny*" };
 @id("unsure-writes")
 @reason("the agent is unsure")
 forbid (principal, action in Action::"write", resource)
-when { context has agent && context.agent has confidence && context.agent.confidence.lessThan(decimal("0.5")) };
+when { context has agent && context.agent has confidence &&
+       context.agent.confidence.lessThan(decimal("0.5")) };
 """
+
 
 @pytest.fixture(scope="module")
 def gate(tmp_path_factory, raw_upstream):
@@ -139,39 +143,87 @@ def gate(tmp_path_factory, raw_upstream):
     (policy_dir / "schema.cedarschema").write_text(SCHEMA)
     (policy_dir / "differential.cedar").write_text(POLICIES)
     (policy_dir / "entities.json").write_text(json.dumps(ENTITIES))
-    running = start_cedargate(write_config(tmp / "cedargate.yaml", policy_dir, tmp / "state", raw_upstream,
-                                           policy_reload_interval=0))
+    config = write_config(tmp / "cedargate.yaml", policy_dir, tmp / "state", raw_upstream,
+                          policy_reload_interval=0)
+    running = start_cedargate(config)
     yield Gate(running.proxy_port, running.database, running.ca_cert, raw_upstream.http_port,
-               raw_upstream.https_port, raw_upstream.calls, running)
+               raw_upstream.https_port, raw_upstream.calls)
     running.stop()
 
 
-# --- the independent oracle: Cedar itself, on the policy files as text ---------------------------------
+# --- divergences owned by other branches of issue 8 ----------------------------------------------------
+#
+# Each entry lets pass a divergence in the shapes it names, found by this test and fixed on another
+# branch. Delete the entry (and its function) once that branch is merged: the test must then pass
+# without it. Shapes not named here fail the test.
+
+def _h1_absolute_in_tunnel(a) -> bool:
+    return isinstance(a, Http1Attempt) and a.transport != "forward" and "://" in a.target
+
+
+def _json_keys_fold(a) -> bool:
+    """Keys of one JSON object that differ, but are equal under Unicode case folding."""
+    colliding = False
+
+    def pairs(found):
+        nonlocal colliding
+        keys = [k for k, _ in found]
+        colliding |= len({k.casefold() for k in keys}) < len(set(keys))
+        return dict(found)
+
+    try:
+        json.loads(a.body.decode("utf-8").lstrip("\ufeff"), object_pairs_hook=pairs)
+    except ValueError:
+        pass
+    return colliding
+
+
+def _override(a) -> bool:
+    text = repr(a).lower()
+    return any(h in text for h in (*OVERRIDE_HEADERS, *URL_OVERRIDE_HEADERS, "_method", "_m%65thod"))
+
+
+def _fragment_in_target(a) -> bool:
+    target = a.target if isinstance(a, Http1Attempt) else dict(a.headers).get(":path", "")
+    return "#" in target
+
+
+def _two_host_headers(a) -> bool:
+    if isinstance(a, Http1Attempt):
+        return sum(line.lower().startswith("host") for line in a.header_lines) > 1
+    return sum(name.lower() == "host" for name, _ in a.headers) > 1
+
+
+KNOWN_OWNED_ELSEWHERE: dict[str, Callable[[Http1Attempt | Http2Attempt], bool]] = {
+    "1. absolute-form request target inside a CONNECT tunnel": _h1_absolute_in_tunnel,
+    "5. JSON keys equal under case folding": _json_keys_fold,
+    "6. method and URL override": _override,
+    "7. request-target lookalikes: # in the target": _fragment_in_target,
+    "7. two Host headers": _two_host_headers,
+}
+
+
+# --- the oracle: Cedar itself, on the policy text, and the check ---------------------------------------
 
 _ENTITIES = cedarpy.Entities.from_json_str(json.dumps(ENTITIES), schema=cedarpy.Schema.from_str(SCHEMA))
 
 
 def cedar_decides(reading: Reading) -> tuple[bool, frozenset[str]]:
     """Cedar's decision on a reading of a request, and the @ids of the policies that determined it."""
-    action = reading.method.lower()
     if reading.method not in METHODS or reading.agent is None:
-        return False, frozenset()
+        return False, frozenset()  # cedargate refuses these before asking Cedar
     context = {"scheme": reading.scheme, "host": reading.host, "port": reading.port, "method": reading.method,
                "path": reading.path, "query": reading.query, "headers": dict(reading.headers)}
     if reading.agent:
         context["agent"] = dict(reading.agent)
     if reading.body is not None:
         context["body"] = json.loads(reading.body)
-    result = cedarpy.is_authorized(
-        {"principal": f'Agent::"{AGENT}"', "action": f'Action::"{action}"', "resource": f'Host::"{reading.host}"',
-         "context": context},
-        POLICIES, _ENTITIES,
-    )
+    request = {"principal": f'Agent::"{AGENT}"', "action": f'Action::"{reading.method.lower()}"',
+               "resource": f'Host::"{reading.host}"', "context": context}
+    result = cedarpy.is_authorized(request, POLICIES, _ENTITIES)
     ids = frozenset(result.diagnostics.id_annotations_by_reason.get(r, r) for r in result.diagnostics.reasons)
     return result.allowed and not result.diagnostics.errors, ids
 
-
-# --- the check ----------------------------------------------------------------------------------------
 
 def check_arrivals(gate: Gate, sent: Sent, start: int, after: int) -> list[RawCall]:
     """What reached the upstream for this example is exactly what cedargate decided, read every way."""
@@ -181,27 +233,25 @@ def check_arrivals(gate: Gate, sent: Sent, start: int, after: int) -> list[RawCa
     rows = forwarded_rows(gate, after, sent.marker, len(arrived))
     for call in arrived:
         read = readings(call, sent.scheme, sent.port)
-        first = read[0]  # the request line and the Host header, as h11 reads them
-        row = next((r for r in rows if r["path"] == first.path and r["decision"] == "allow"
+        row = next((r for r in rows if r["path"] == read[0].path and r["decision"] == "allow"
                     and r["upstream_status"] is not None), None)
         if row is None:
-            late = "" if sent.marker in call.target else " (not this example's marker: an earlier one's, late?)"
-            raise Divergence(f"the upstream received {call.method} {call.target!r}{late}, but no allowed decision "
-                             f"on path {first.path!r} was recorded; decisions: {_rows(rows)}")
+            late = "" if sent.marker in call.target else " (without this example's marker: a late one?)"
+            raise Divergence(f"the upstream received {call.method} {call.target!r}{late}, but no allowed "
+                             f"decision on path {read[0].path!r} was recorded; decisions: {_rows(rows)}")
         decided = (row["method"], canonical(row["host"]), row["port"], row["scheme"], row["path"])
+        recorded = frozenset(json.loads(row["determining_policies"]))
         for reading in read:
             seen = (reading.method, reading.host, reading.port, reading.scheme, reading.path)
             if seen != decided:
-                raise Divergence(f"cedargate decided {decided} but a server reading it by {reading.how} executes "
-                                 f"{seen}")
+                raise Divergence(f"cedargate decided {decided}, but a server reading it by {reading.how} "
+                                 f"executes {seen}")
             allowed, determining = cedar_decides(reading)
-            recorded = frozenset(json.loads(row["determining_policies"]))
             if not allowed or determining != recorded:
-                raise Divergence(
-                    f"cedargate allowed it by {sorted(recorded)}, but read by {reading.how} (query "
-                    f"{reading.query!r}, headers {dict(reading.headers)}, body {reading.body}) Cedar "
-                    f"{'allows it by ' + str(sorted(determining)) if allowed else 'refuses it'}"
-                )
+                verdict = f"allows it by {sorted(determining)}" if allowed else "refuses it"
+                raise Divergence(f"cedargate allowed it by {sorted(recorded)}, but read by {reading.how} "
+                                 f"(query {reading.query!r}, headers {dict(reading.headers)}, body "
+                                 f"{reading.body}) Cedar {verdict}")
     return arrived
 
 
@@ -215,8 +265,8 @@ def _rows(rows: list[dict]) -> list:
 # payment) and applies a few tweaks, each one a way a proxy and a server have been made to disagree.
 # Hypothesis shrinks the list of tweaks, so a failure shows the one or two that matter.
 
-LOOPBACK_SPELLINGS = ["localhost", "127.0.0.1", "LocalHost", "localhost.", "127.1", "2130706433", "0x7f.0.0.1",
-                      "[::ffff:127.0.0.1]"]
+LOOPBACK_SPELLINGS = ["localhost", "127.0.0.1", "LocalHost", "localhost.", "127.1", "2130706433",
+                      "0x7f.0.0.1", "[::ffff:127.0.0.1]"]
 DEV_SPELLINGS = ["localhost", "localhost", "LocalHost", "localhost."]
 hosts = st.sampled_from(LOOPBACK_SPELLINGS)
 
@@ -229,12 +279,14 @@ queries = st.one_of(st.none(), st.sampled_from([
     "", "a=1", "probe=1", "deny=1", "a=1&deny=1", "_method=DELETE", "_m%65thod=DELETE", "a=1#deny",
     "probe=1#x", "x=%64eny", "q=a%00b", "q=\x1b", "a=1&a=2", "probe=1&probe=1", "a=1;deny=1",
 ]))
+VERSIONS = ["HTTP/1.0", "http/1.1", "HTTP/1.1 ", "HTTP/2.0", "HTTP/1.10"]
 METHOD_VARIANTS = ["DELETE", "get", "Post", "PROPFIND", "PUT", "HEAD", "TRACE", "GET", "post", "DELETE "]
 
 CONTENT_TYPES = ["application/json", "APPLICATION/JSON", "application/json; charset=utf-8",
                  "application/json;charset=UTF-16", "application/json; charset=utf-7", "text/plain",
-                 "application/vnd.api+json", "application/x-www-form-urlencoded", "application/json, text/plain",
-                 " application/json ", 'text/json; charset="utf-8"', "application/json; charset=latin-1"]
+                 "application/vnd.api+json", "application/x-www-form-urlencoded",
+                 "application/json, text/plain", " application/json ", 'text/json; charset="utf-8"',
+                 "application/json; charset=latin-1"]
 
 # Keys of the decided body fields as JSON text: exact, case variants, escapes, and the Unicode letters that
 # Go folds to ASCII ("ſ" to s, the Kelvin sign to k).
@@ -242,10 +294,11 @@ AMOUNT_KEYS = ['"amount"', '"AMOUNT"', '"Amount"', '"\\u0061mount"', '"amount "'
 SKU_KEYS = ['"sku"', '"SKU"', '"\u017fku"', '"s\u212au"', '"\\u0073ku"']
 AMOUNTS = ["5", "50", "5000", '"5"', "5.0", "1e1", "null", "true", "9223372036854775808", "-1", "500"]
 SKUS = ['"safe-1"', '"evil"', '"SAFE-1"', "null", "1"]
-json_members = st.lists(st.one_of(st.tuples(st.sampled_from(AMOUNT_KEYS), st.sampled_from(AMOUNTS)),
-                                  st.tuples(st.sampled_from(SKU_KEYS), st.sampled_from(SKUS)),
-                                  st.tuples(st.just('"note"'), st.sampled_from(['"x"', "NaN", "[1,2]", '{"a":1}']))),
-                        min_size=1, max_size=3)
+json_members = st.lists(st.one_of(
+    st.tuples(st.sampled_from(AMOUNT_KEYS), st.sampled_from(AMOUNTS)),
+    st.tuples(st.sampled_from(SKU_KEYS), st.sampled_from(SKUS)),
+    st.tuples(st.just('"note"'), st.sampled_from(['"x"', "NaN", "[1,2]", '{"a":1}'])),
+), min_size=1, max_size=3)
 JSON_WRAPS = ["bom", "array", "trailing", "nested", "space", "utf-16"]
 OTHER_BODIES = [b"", b"_method=DELETE&a=1", b"amount=5000", b"\x00\xff", b"{}"]
 
@@ -254,8 +307,8 @@ def json_text(members: list[tuple[str, str]], wrap: str) -> bytes:
     text = "{" + ", ".join(f"{k}: {v}" for k, v in members) + "}"
     if wrap == "utf-16":
         return text.encode("utf-16")
-    text = {"bom": "\ufeff" + text, "array": f"[{text}]", "trailing": text + " x", "nested": f'{{"a": {text}}}',
-            "space": f"\n {text}\t"}.get(wrap, text)
+    text = {"bom": "\ufeff" + text, "array": f"[{text}]", "trailing": text + " x",
+            "nested": f'{{"a": {text}}}', "space": f"\n {text}\t"}.get(wrap, text)
     return text.encode("utf-8")
 
 
@@ -281,7 +334,8 @@ extra_headers = st.one_of(
     st.tuples(st.just("Content-Type"), st.sampled_from(CONTENT_TYPES)),
     st.tuples(st.sampled_from(["X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override"]),
               st.sampled_from(["DELETE", "PUT", "GET"])),
-    st.tuples(st.sampled_from(["X-Original-URL", "X-Rewrite-URL"]), st.sampled_from(["/d/{m}/admin", "/admin"])),
+    st.tuples(st.sampled_from(["X-Original-URL", "X-Rewrite-URL"]),
+              st.sampled_from(["/d/{m}/admin", "/admin"])),
     st.tuples(st.just("X-Agent-Confidence"), st.sampled_from(["0.9", "0.1", "1", " 0.95 "])),
     st.tuples(st.just("Content-Encoding"), st.sampled_from(["gzip", "identity", "GZIP", "base64"])),
     st.tuples(st.just("Accept"), st.sampled_from(["*/*", "application/json"])),
@@ -290,15 +344,17 @@ extra_headers = st.one_of(
     st.tuples(st.just("Expect"), st.just("100-continue")),
     st.tuples(st.just("X-Note"), st.sampled_from(["a\x00b", "a\x7fb", "\u00e9"])),
 )
-# Targets other than the origin and absolute forms of the draft's path
+# Targets other than the origin and absolute forms of the draft's path.
 ODD_TARGETS = ["*", "localhost:{port}", "//127.0.0.1:{port}/d/{m}/w/x", "HTTP://localhost:{port}/d/{m}/w/x",
                "http://localhost@127.0.0.1:{port}/d/{m}/w/x", "http://127.0.0.1:{port}#@localhost/d/{m}/w/x",
                "http://localhost:{port}/d/{m}/w/x", "/d/{m}/w/x?", "/d/{m}/w/x/", "/d/{m}/W/x"]
-# Fields only HTTP/2 can carry: line breaks in values, names out of case, connection-specific fields
+# Fields only HTTP/2 carries as sent: line breaks in values, names out of case, connection-specific
+# fields, pseudo-headers twice.
 HTTP2_FIELDS = [("x-note", "b\r\nHost: 127.0.0.1:{port}"), ("x-note", "b\nc"), ("x-note", "b\x00c"),
-                ("X-Upper", "v"), ("x note", "v"), ("connection", "keep-alive"), ("transfer-encoding", "chunked"),
-                ("te", "trailers"), ("host", "127.0.0.1:{port}"), (":path", "/d/{m}/y"),
-                (":authority", "127.0.0.1:{port}"), (":method", "DELETE"), ("content-length", "0")]
+                ("X-Upper", "v"), ("x note", "v"), ("connection", "keep-alive"),
+                ("transfer-encoding", "chunked"), ("te", "trailers"), ("host", "127.0.0.1:{port}"),
+                (":path", "/d/{m}/y"), (":authority", "127.0.0.1:{port}"), (":method", "DELETE"),
+                ("content-length", "0")]
 
 
 @dataclass
@@ -382,7 +438,8 @@ TWEAKS: dict[str, Callable] = {
     "origin form": lambda draw, d: setattr(d, "form", "origin"),
     "authority": lambda draw, d: setattr(d, "authority", draw(hosts)),
     "connect spelling": lambda draw, d: setattr(d, "connect", draw(hosts)),
-    "forwarded as https": lambda draw, d: setattr(d, "scheme", "https" if d.transport == "forward" else d.scheme),
+    "forwarded as https": lambda draw, d: setattr(d, "scheme", "https" if d.transport == "forward"
+                                                  else d.scheme),
     "host header": _tweak_host_header,
     "sni": lambda draw, d: setattr(d, "sni", draw(st.one_of(st.none(), hosts))),
     "method": lambda draw, d: setattr(d, "method", draw(st.sampled_from(METHOD_VARIANTS))),
@@ -398,13 +455,12 @@ TWEAKS: dict[str, Callable] = {
     "other body": lambda draw, d: setattr(d, "body", draw(st.sampled_from(OTHER_BODIES))),
     "content length": lambda draw, d: setattr(d, "content_length", draw(st.sampled_from(["none", "wrong"]))),
     "odd target": lambda draw, d: setattr(d, "target", draw(st.sampled_from(ODD_TARGETS))),
-    "version": lambda draw, d: setattr(d, "version", draw(st.sampled_from(["HTTP/1.0", "http/1.1", "HTTP/1.1 ",
-                                                                          "HTTP/2.0", "HTTP/1.10"]))),
+    "version": lambda draw, d: setattr(d, "version", draw(st.sampled_from(VERSIONS))),
     "http2 field": lambda draw, d: d.fields.append(draw(st.sampled_from(HTTP2_FIELDS))),
 }
 HTTP1_TWEAKS = [t for t in TWEAKS if t not in ("content length", "http2 field")]
-HTTP2_TWEAKS = [t for t in TWEAKS if t not in ("absolute form", "origin form", "forwarded as https", "framing",
-                                                "header style", "odd target", "version")]
+HTTP2_TWEAKS = [t for t in TWEAKS if t not in ("absolute form", "origin form", "forwarded as https",
+                                                "framing", "header style", "odd target", "version")]
 
 
 def _body(d: Draft) -> bytes:
@@ -427,8 +483,8 @@ def http1_attempts(draw) -> Http1Attempt:
     host_lines = [f"Host: {d.authority}:{{port}}"] if d.host_lines is None else d.host_lines
     lines = host_lines + [_header(n, v, d.styles.get(i, "plain")) for i, (n, v) in enumerate(d.headers)]
     framing = d.framing if body or d.framing != "length" else "none"
-    return Http1Attempt(d.transport, d.scheme, d.connect, d.sni, d.method, target, tuple(lines), framing, body,
-                        d.version)
+    return Http1Attempt(d.transport, d.scheme, d.connect, d.sni, d.method, target, tuple(lines), framing,
+                        body, d.version)
 
 
 @st.composite
@@ -449,11 +505,11 @@ def http2_attempts(draw) -> Http2Attempt:
 
 # --- the shapes tried on every run, besides the generated ones ----------------------------------------
 
-def _h1(method: str, target: str, *lines: str, transport: str = "tunnel", framing: str = "none", body: bytes = b"",
-        connect: str = "localhost") -> Http1Attempt:
-    scheme = "https" if transport == "tls" else "http"
-    return Http1Attempt(transport, scheme, connect, "localhost" if transport == "tls" else None, method, target,
-                        lines, framing, body)
+def _h1(method: str, target: str, *lines: str, transport: str = "tunnel", framing: str = "none",
+        body: bytes = b"") -> Http1Attempt:
+    tls = transport == "tls"
+    return Http1Attempt(transport, "https" if tls else "http", "localhost", "localhost" if tls else None,
+                        method, target, lines, framing, body)
 
 
 def _h2(*headers: tuple[str, str], body: bytes = b"", length: str = "right") -> Http2Attempt:
@@ -475,22 +531,35 @@ HTTP1_SHAPES = [
     _h1("GET", "/d/{m}/x", HOST, "X-HTTP-Method-Override: DELETE"),
     _h1("POST", "/d/{m}/w/x?_method=DELETE", HOST),
     _h1("GET", "/d/{m}/x", HOST, "X-Original-URL: /d/{m}/admin"),
-    # 7: lookalike targets, two Host headers, obs-fold, a chunked body with trailers
+    # 7: lookalike targets (# and control characters), two Host headers, obs-fold, a chunked body with
+    # trailers (the last three refused or not forwarded on this branch already)
     _h1("POST", "/d/{m}/w/x#", HOST),
     _h1("GET", "/d/{m}/x?q=\x1b[2J", HOST),
     _h1("POST", "/d/{m}/w/x", HOST, "Host: 127.0.0.1:{port}"),
+    _h1("GET", "http://[::ffff:127.0.0.1]:{port}/d/{m}/x", "Host: [::ffff:127.0.0.1]:{port}", HOST,
+        transport="forward"),
     _h1("POST", "/d/{m}/w/x", HOST, "Content-Type: text/plain\r\n ;application/json", framing="length",
         body=b'{"a": 1}'),
     _h1("POST", "/d/{m}/w/x", HOST, JSON_TYPE, framing="chunked with trailer", body=b'{"a": 1}'),
-    # found by this test, fixed on this branch: no host named, other transfer codings
+    # found by this test, fixed on this branch: no host named, other transfer codings, NUL in a field,
+    # a target outside ASCII
     _h1("POST", "http://localhost:{port}/d/{m}/w/x", transport="forward"),
     _h1("POST", "/d/{m}/w/x", "Host: "),
     _h1("POST", "/d/{m}/w/x", HOST, framing="gzip, chunked", body=b'{"a": 1}'),
+    _h1("POST", "/d/{m}/w/x", HOST, "X-Note: a\x00b"),
+    _h1("GET", "/d/{m}/x/\u00e9", HOST),
     # request smuggling classics: both framings, a second request behind the body
     _h1("POST", "/d/{m}/w/x", HOST, framing="chunked and length", body=b'{"a": 1}'),
     _h1("POST", "/d/{m}/w/x", HOST, framing="pipelined after length", body=b'{"a": 1}'),
 ]
-WRITE = ((":method", "POST"), (":scheme", "https"), (":authority", "localhost:{port}"), (":path", "/d/{m}/w/x"))
+
+
+def _pseudo(method: str, path: str, authority: str | None = "localhost:{port}") -> tuple:
+    return ((":method", method), (":scheme", "https"), *([(":authority", authority)] if authority else []),
+            (":path", path))
+
+
+WRITE = _pseudo("POST", "/d/{m}/w/x")
 HTTP2_SHAPES = [
     # found by this test, fixed on this branch: a body without a length, or with another length, which
     # mitmproxy passed on to the HTTP/1.1 upstream as they came (the body read as the next request)
@@ -504,17 +573,20 @@ HTTP2_SHAPES = [
         body=b"0\r\n\r\nDELETE /d/{m}/x HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n"),
     _h2(*WRITE, ("x-note", "b\nc")),
     _h2(*WRITE, ("x-note", "b\x00c")),
-    # 7: a line break in :path splits the request at the HTTP/1.1 upstream (a DELETE nobody decided)
-    _h2((":method", "GET"), (":scheme", "https"), (":authority", "localhost:{port}"),
-        (":path", "/d/{m}/x HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\nDELETE /d/{m}/y")),
-    # :authority and a host header naming different hosts; a host header alone
-    _h2((":method", "POST"), (":scheme", "https"), (":authority", "localhost:{port}"), (":path", "/d/{m}/w/x"),
-        ("host", "127.0.0.1:{port}")),
-    _h2((":method", "POST"), (":scheme", "https"), (":path", "/d/{m}/w/x"), ("host", "127.0.0.1:{port}")),
-    _h2((":method", "POST"), (":scheme", "https"), (":authority", "localhost:{port}"), (":path", "/d/{m}/pay"),
-        ("content-type", "application/json"), body=PAY_OVER_GO),
-    _h2((":method", "GET"), (":scheme", "https"), (":authority", "localhost:{port}"), (":path", "/d/{m}/x"),
-        ("x-http-method-override", "DELETE")),
+    # found by this test, fixed on this branch: a :path that is not visible ASCII, which mitmproxy wrote
+    # into the HTTP/1.1 request line as is: a space splits the line, a line break the request (here into
+    # a DELETE nobody decided), other characters are read by the upstream's charset
+    _h2(*_pseudo("GET", "/d/{m}/x/a b")),
+    _h2(*_pseudo("GET", "/d/{m}/x HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\nDELETE /d/{m}/y")),
+    _h2(*_pseudo("GET", "/d/{m}/x/\u00e9")),
+    _h2(*_pseudo("GET", "/d/{m}/\uff57/x")),
+    # :authority and a host header naming different hosts, two host headers, a host header alone
+    _h2(*WRITE, ("host", "127.0.0.1:{port}")),
+    _h2(*_pseudo("GET", "/d/{m}/x"), ("host", "localhost:{port}"), ("host", "localhost:{port}")),
+    _h2(*_pseudo("POST", "/d/{m}/w/x", authority=None), ("host", "127.0.0.1:{port}")),
+    # 5 and 6 over HTTP/2
+    _h2(*_pseudo("POST", "/d/{m}/pay"), ("content-type", "application/json"), body=PAY_OVER_GO),
+    _h2(*_pseudo("GET", "/d/{m}/x"), ("x-http-method-override", "DELETE")),
 ]
 
 
@@ -546,20 +618,22 @@ def _override(a) -> bool:
     return any(h in text for h in (*OVERRIDE_HEADERS, *URL_OVERRIDE_HEADERS, "_method", "_m%65thod"))
 
 
-def _lookalike_target(a) -> bool:
+def _fragment_in_target(a) -> bool:
     target = a.target if isinstance(a, Http1Attempt) else dict(a.headers).get(":path", "")
-    return "#" in target or any(ord(c) < 0x20 or ord(c) == 0x7f for c in target)
+    return "#" in target
 
 
 def _two_host_headers(a) -> bool:
-    return isinstance(a, Http1Attempt) and sum(line.lower().startswith("host") for line in a.header_lines) > 1
+    if isinstance(a, Http1Attempt):
+        return sum(line.lower().startswith("host") for line in a.header_lines) > 1
+    return sum(name.lower() == "host" for name, _ in a.headers) > 1
 
 
 KNOWN_OWNED_ELSEWHERE: dict[str, Callable[[object], bool]] = {
     "1. absolute-form request target inside a CONNECT tunnel": _h1_absolute_in_tunnel,
     "5. JSON keys equal under case folding": _json_keys_fold,
     "6. method and URL override": _override,
-    "7. request-target lookalikes (# and control characters)": _lookalike_target,
+    "7. request-target lookalikes: # in the target": _fragment_in_target,
     "7. two Host headers": _two_host_headers,
 }
 
@@ -567,7 +641,7 @@ KNOWN_OWNED_ELSEWHERE: dict[str, Callable[[object], bool]] = {
 # --- the properties -----------------------------------------------------------------------------------
 
 # Reproducible in CI: the same examples on every run, no example database. To search deeper locally, set
-# CEDARGATE_DIFFERENTIAL_EXPLORE=<examples per test>: random examples, as many as asked.
+# CEDARGATE_DIFFERENTIAL_EXPLORE=<examples per test>: that many random examples.
 EXPLORE = int(os.environ.get("CEDARGATE_DIFFERENTIAL_EXPLORE", "0"))
 PROPERTY = settings(deadline=None, derandomize=not EXPLORE, database=None, print_blob=False,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
@@ -578,7 +652,7 @@ def budget(examples: int) -> settings:
     return settings(PROPERTY, max_examples=EXPLORE or examples)
 
 
-def _run(gate: Gate, attempt, send, tally: Counter) -> None:
+def _attempt(gate: Gate, attempt: Http1Attempt | Http2Attempt, send, tally: Counter) -> None:
     start, after = len(gate.calls), last_row_id(gate.database)
     sent = send(gate, attempt)
     try:
@@ -586,8 +660,8 @@ def _run(gate: Gate, attempt, send, tally: Counter) -> None:
     except Divergence as divergence:
         owner = next((item for item, shape in KNOWN_OWNED_ELSEWHERE.items() if shape(attempt)), None)
         if owner is None:
-            raise Divergence(f"{divergence}\n  sent: {sent.wire!r}\n  answer: {sent.status} {sent.note}\n  "
-                             f"upstream received: {[c.raw for c in gate.calls[start:]]!r}") from None
+            raise Divergence(f"{divergence}\n  sent: {sent.wire!r}\n  answer: {sent.status} {sent.note}\n"
+                             f"  upstream received: {[c.raw for c in gate.calls[start:]]!r}") from None
         tally[f"owned elsewhere: {owner}"] += 1
         return
     tally["forwarded" if arrived else "refused"] += 1
@@ -599,13 +673,13 @@ def test_http1_requests_reach_the_upstream_as_decided(gate):
     @budget(90)
     @given(attempt=http1_attempts())
     def run(attempt):
-        _run(gate, attempt, send_http1, tally)
+        _attempt(gate, attempt, send_http1, tally)
 
     for shape in HTTP1_SHAPES:
         run = example(attempt=shape)(run)
     run()
     print(dict(tally))
-    assert tally["forwarded"] >= 10, f"too few requests got through to test anything: {dict(tally)}"
+    assert tally["forwarded"] >= 20, f"too few requests got through to test anything: {dict(tally)}"
 
 
 def test_http2_requests_reach_the_upstream_as_decided(gate):
@@ -614,23 +688,24 @@ def test_http2_requests_reach_the_upstream_as_decided(gate):
     @budget(40)
     @given(attempt=http2_attempts())
     def run(attempt):
-        _run(gate, attempt, send_http2, tally)
+        _attempt(gate, attempt, send_http2, tally)
 
     for shape in HTTP2_SHAPES:
         run = example(attempt=shape)(run)
     run()
     print(dict(tally))
-    assert tally["forwarded"] >= 5, f"too few requests got through to test anything: {dict(tally)}"
+    assert tally["forwarded"] >= 10, f"too few requests got through to test anything: {dict(tally)}"
 
 
-# Well-formed calls, as an HTTP library writes them: decided exactly as Cedar decides them (both ways), so
-# the properties above cannot hold by cedargate refusing everything, nor by a slicing or caching bug
-# letting the wrong call through.
+# Well-formed calls, as an HTTP library writes them, must be decided exactly as Cedar decides them (both
+# ways): the properties above cannot then hold by cedargate refusing everything, and a slicing or caching
+# slip in the engine shows here.
+segment_lists = st.lists(st.sampled_from(["w", "x", "pay", "v1"]), max_size=2)
 well_formed = st.fixed_dictionaries({
     "method": st.sampled_from(METHODS),
     "scheme": st.sampled_from(["http", "http", "https"]),
     "host": st.sampled_from(["localhost", "127.0.0.1"]),
-    "path": st.lists(st.sampled_from(["w", "x", "pay", "v1"]), max_size=2).map(lambda s: "/".join(["/d/{m}", *s])),
+    "path": segment_lists.map(lambda s: "/".join([MARK, *s])),
     "query": st.sampled_from(["", "probe=1", "deny=1", "a=1&probe=1"]),
     "confidence": st.sampled_from([None, "0.9", "0.1"]),
     "json": st.one_of(st.none(), st.fixed_dictionaries({}, optional={
@@ -649,7 +724,7 @@ def test_well_formed_calls_are_decided_as_cedar_decides_them(gate):
     def run(call):
         marker = uuid.uuid4().hex[:12]
         port = gate.https_port if call["scheme"] == "https" else gate.http_port
-        path = call["path"].replace(MARK, marker)
+        path = "/d/" + call["path"].replace(MARK, marker)
         headers = {"Accept": "*/*", "User-Agent": "differential"}
         if call["confidence"]:
             headers["X-Agent-Confidence"] = call["confidence"]
@@ -661,15 +736,15 @@ def test_well_formed_calls_are_decided_as_cedar_decides_them(gate):
         with httpx.Client(proxy=proxy, verify=trust, timeout=10) as client:
             response = client.request(call["method"], f"{call['scheme']}://{call['host']}:{port}{path}",
                                       params=call["query"] or None, headers=headers, content=content)
-        sent = Sent(marker, call["scheme"], port, status=response.status_code)
-        arrived = check_arrivals(gate, sent, start, after)
+        arrived = check_arrivals(gate, Sent(marker, call["scheme"], port), start, after)
 
-        lowered = {k.lower(): v for k, v in headers.items() if k.lower() in CONTEXT_HEADERS}
-        agent = (("confidence", {"__extn": {"fn": "decimal", "arg": call["confidence"]}}),) \
-            if call["confidence"] else ()
+        selected = tuple(sorted((k.lower(), v) for k, v in headers.items() if k.lower() in CONTEXT_HEADERS))
+        agent = ()
+        if call["confidence"]:
+            agent = (("confidence", {"__extn": {"fn": "decimal", "arg": call["confidence"]}}),)
         body = decided_fields(call["json"]) if content else None
         intended = Reading("as sent", call["method"], call["scheme"], call["host"], port, path, call["query"],
-                           tuple(sorted(lowered.items())), agent, body)
+                           selected, agent, body)
         allowed, determining = cedar_decides(intended)
         if allowed:
             assert response.status_code == 200 and len(arrived) == 1, (response.status_code, response.text)
@@ -681,4 +756,4 @@ def test_well_formed_calls_are_decided_as_cedar_decides_them(gate):
 
     run()
     print(dict(tally))
-    assert tally["allowed"] and tally["refused"], dict(tally)
+    assert tally["allowed"] >= 5 and tally["refused"] >= 5, dict(tally)
