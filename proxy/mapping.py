@@ -34,6 +34,7 @@ _SECRET_HEADER = re.compile(r"auth|token|secret|password|passwd|cookie|api[-_]?k
 def is_secret_header(name: str) -> bool:
     return _SECRET_HEADER.search(name) is not None
 
+# What an HTTP/1.1 request line and header lines can carry as the upstream will read them.
 _VISIBLE_ASCII = re.compile(r"[\x21-\x7e]*")
 _FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a token (RFC 9110 5.1)
 _LINE_BREAK = re.compile(r"[\r\n\x00]")

@@ -523,6 +523,11 @@ HTTP1_SHAPES = [
     # 1: absolute form in a tunnel, plain and TLS (the nginx case)
     _h1("POST", "http://127.0.0.1:{port}/d/{m}/w/x", HOST),
     _h1("POST", "https://127.0.0.1:{port}/d/{m}/w/x", HOST, transport="tls"),
+    # repeated JSON keys, as written and behind an escape (JavaScript takes the last)
+    _h1("POST", "/d/{m}/pay", HOST, JSON_TYPE, framing="length",
+        body=b'{"amount": 5, "sku": "safe-1", "amount": 5000}'),
+    _h1("POST", "/d/{m}/pay", HOST, JSON_TYPE, framing="length",
+        body=b'{"amount": 5, "sku": "safe-1", "\\u0061mount": 5000}'),
     # 5: keys equal under case folding (Go and ASP.NET take the last), ASCII and Unicode folds
     _h1("POST", "/d/{m}/pay", HOST, JSON_TYPE, framing="length", body=PAY_OVER_GO),
     _h1("POST", "/d/{m}/pay", HOST, JSON_TYPE, framing="length",
@@ -548,6 +553,12 @@ HTTP1_SHAPES = [
     _h1("POST", "/d/{m}/w/x", HOST, framing="gzip, chunked", body=b'{"a": 1}'),
     _h1("POST", "/d/{m}/w/x", HOST, "X-Note: a\x00b"),
     _h1("GET", "/d/{m}/x/\u00e9", HOST),
+    # repeated and case-variant headers a policy reads: each server picks its own
+    _h1("POST", "/d/{m}/w/x", HOST, "Content-Type: text/plain", JSON_TYPE, framing="length",
+        body=b'{"a": 1}'),
+    _h1("POST", "/d/{m}/w/x", HOST, "content-type: application/json", "CONTENT-TYPE: text/plain",
+        framing="length", body=b'{"a": 1}'),
+    _h1("POST", "/d/{m}/w/x", HOST, "X-Agent-Confidence: 0.9", "x-agent-confidence: 0.1"),
     # request smuggling classics: both framings, a second request behind the body
     _h1("POST", "/d/{m}/w/x", HOST, framing="chunked and length", body=b'{"a": 1}'),
     _h1("POST", "/d/{m}/w/x", HOST, framing="pipelined after length", body=b'{"a": 1}'),
@@ -584,7 +595,8 @@ HTTP2_SHAPES = [
     _h2(*WRITE, ("host", "127.0.0.1:{port}")),
     _h2(*_pseudo("GET", "/d/{m}/x"), ("host", "localhost:{port}"), ("host", "localhost:{port}")),
     _h2(*_pseudo("POST", "/d/{m}/w/x", authority=None), ("host", "127.0.0.1:{port}")),
-    # 5 and 6 over HTTP/2
+    # repeated headers, 5 and 6 over HTTP/2
+    _h2(*WRITE, ("content-type", "text/plain"), ("content-type", "application/json"), body=b'{"a": 1}'),
     _h2(*_pseudo("POST", "/d/{m}/pay"), ("content-type", "application/json"), body=PAY_OVER_GO),
     _h2(*_pseudo("GET", "/d/{m}/x"), ("x-http-method-override", "DELETE")),
 ]
