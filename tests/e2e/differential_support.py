@@ -255,6 +255,19 @@ def last_row_id(database: Path) -> int:
         return db.execute("SELECT coalesce(max(id), 0) FROM decisions").fetchone()[0]
 
 
+def decision_row(database: Path, decision_id: str) -> dict:
+    """The record of one decision, once the batching writer has committed it."""
+    deadline = time.monotonic() + 5
+    while True:
+        with closing(sqlite3.connect(database)) as db:
+            db.row_factory = sqlite3.Row
+            row = db.execute("SELECT * FROM decisions WHERE decision_id = ?", (decision_id,)).fetchone()
+        if row is not None or time.monotonic() > deadline:
+            assert row is not None, f"decision {decision_id} was not recorded"
+            return dict(row)
+        time.sleep(0.03)
+
+
 def forwarded_rows(gate: Gate, after: int, marker: str, expected: int) -> list[dict]:
     """The decisions on this example's paths, once the batching writer has committed `expected` forwarded
     ones (or after 5 s: a request nobody decided has none)."""
@@ -277,7 +290,14 @@ class Sent:
     port: int
     wire: bytes = b""
     status: int | None = None
+    content_type: str | None = None
+    answer: bytes = b""
     note: str = ""
+
+    def problem(self) -> dict:
+        """The answer as the problem+json (RFC 9457) cedargate refuses with."""
+        assert self.content_type == "application/problem+json", (self.status, self.content_type, self.answer)
+        return json.loads(self.answer)
 
 
 def _basic() -> str:
@@ -383,8 +403,8 @@ def send_http1(gate: Gate, attempt: Http1Attempt) -> Sent:
             sock.sendall(sent.wire)
             response = http.client.HTTPResponse(sock, method=attempt.method.upper())
             response.begin()
-            sent.status = response.status
-            response.read()
+            sent.status, sent.content_type = response.status, response.getheader("content-type")
+            sent.answer = response.read()
         except (OSError, http.client.HTTPException) as exc:
             sent.note = f"no answer: {exc!r}"
             return sent
@@ -417,7 +437,7 @@ def send_http2(gate: Gate, attempt: Http2Attempt) -> Sent:
 
     port = gate.https_port
     sent = Sent(uuid.uuid4().hex[:12], "https", port)
-    body = attempt.body.replace(MARK.encode(), sent.marker.encode())
+    body = attempt.body.replace(MARK.encode(), sent.marker.encode()).replace(b"{port}", str(port).encode())
     headers = [(n, v.replace(MARK, sent.marker).replace("{port}", str(port))) for n, v in attempt.headers]
     if attempt.content_length != "none":
         headers.append(("content-length", str(len(body) + (3 if attempt.content_length == "wrong" else 0))))
@@ -444,8 +464,11 @@ def send_http2(gate: Gate, attempt: Http2Attempt) -> Sent:
             while not ended and (data := sock.recv(65536)):
                 for event in conn.receive_data(data):
                     if isinstance(event, h2.events.ResponseReceived):
-                        sent.status = int(dict(event.headers)[b":status"])
+                        fields = dict(event.headers)
+                        sent.status = int(fields[b":status"])
+                        sent.content_type = fields.get(b"content-type", b"").decode() or None
                     elif isinstance(event, h2.events.DataReceived):
+                        sent.answer += event.data
                         conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                     elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset,
                                             h2.events.ConnectionTerminated)):
