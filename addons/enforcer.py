@@ -35,7 +35,7 @@ from addons.upstream_deadline import DEADLINE_MISSED
 from proxy.decoding import ENCODINGS, AnswerTooLarge
 from proxy.gate import Outcome, Verdict
 from proxy.manifest import MCP_ACTIONS
-from proxy.mapping import Call, plain_utf8
+from proxy.mapping import FRAMING_HEADERS, Call, plain_utf8
 from proxy.mcp import Exchange, SseRewriter, filter_tool_list, refusal_answer, unreadable_problem
 from proxy.mcp_answers import check_answer
 from proxy.oversight import requested_wait
@@ -153,6 +153,7 @@ class Enforcer:
             return
         if self.runtime is None:
             raise RuntimeError("the enforcer has no policies loaded")
+        frame_body(flow.request)
         call = call_of(flow, agent)
         send_origin_form(flow.request)  # what goes upstream names the host decided on, and only that one
         exchange = self.runtime.gate.mcp_exchange(call)
@@ -219,7 +220,7 @@ class Enforcer:
         forwarded, answers, refused = [], [], []
         verdicts = []
         for message in exchange.messages:
-            verdict = self.runtime.gate.decide(replace(call, body=message.encoded()))
+            verdict = self.runtime.gate.decide(call.with_body(message.encoded()))
             verdict_now = await self._decided(flow, verdict, wait=0.0)
             if verdict_now is None:
                 forwarded.append(message)
@@ -430,6 +431,18 @@ def send_origin_form(request: http.Request) -> None:
     request.authority = ""
     if "host" not in request.headers:
         request.headers.insert(0, "Host", authority)
+
+
+def frame_body(request: http.Request) -> None:
+    """Give an HTTP/2 or HTTP/3 body the Content-Length an HTTP/1.1 upstream needs to find its end.
+
+    Those protocols may send a body without one, and mitmproxy passes the headers on to an HTTP/1.1
+    upstream as they came: the upstream would read no body, and the body as the next request on the
+    connection, which nobody decided. (Over HTTP/1.1 a body always comes with its framing.)
+    """
+    if request.is_http2 or request.is_http3:
+        if request.raw_content and not FRAMING_HEADERS.intersection(k.lower() for k in request.headers):
+            request.headers["content-length"] = str(len(request.raw_content))
 
 
 def plain_headers(headers: http.Headers) -> dict[str, str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from urllib.parse import urlsplit
 
 from proxy.engine import Engine
@@ -60,7 +59,7 @@ def explain(engine: Engine, call: Call, mapping: MappingOptions | None = None) -
     gate = Gate(engine, recorder=None, mapping=mapping)  # type: ignore[arg-type]
     exchange = gate.mcp_exchange(call)
     if exchange is not None and exchange.batch:
-        parts = [_explain(gate, replace(call, body=m.encoded())) for m in exchange.messages]
+        parts = [_explain(gate, call.with_body(m.encoded())) for m in exchange.messages]
         decisions = {p["decision"] for p in parts}
         return {"call": parts[0]["call"], "batch": parts,
                 "decision": "allow" if decisions == {"allow"} else "/".join(sorted(decisions - {"allow"}))}

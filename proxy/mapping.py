@@ -15,7 +15,7 @@ import math
 import re
 from urllib.parse import parse_qs
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from proxy import ambiguity
 from proxy.engine import CedarRequest
@@ -35,6 +35,14 @@ _SECRET_HEADER = re.compile(r"auth|token|secret|password|passwd|cookie|api[-_]?k
 
 def is_secret_header(name: str) -> bool:
     return _SECRET_HEADER.search(name) is not None
+
+# What an HTTP/1.1 request line and header lines can carry as the upstream will read them.
+_VISIBLE_ASCII = re.compile(r"[\x21-\x7e]*")
+_FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a token (RFC 9110 5.1)
+_LINE_BREAK = re.compile(r"[\r\n\x00]")
+
+# How the upstream finds where the body ends: they must describe exactly the body decided on.
+FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding"})
 
 # Cedar reads these keys in JSON as escapes for entity and extension values; an agent's body must
 # not be able to smuggle an entity reference into the context.
@@ -72,12 +80,17 @@ class Call:
     query: str = ""
     headers: Mapping[str, str] = field(default_factory=dict)
     body: bytes = b""
-    host_header: str | None = None  # the Host header or :authority as the agent sent it
+    host_header: str | None = None  # the Host header or :authority as the agent sent it; None: none sent
     trailers: tuple[str, ...] = ()  # names of trailer fields sent after a chunked body
     # In a CONNECT tunnel (to `host:port`): the authority of an HTTP/1 absolute-form request target,
     # and the TLS server name (SNI) the client sent. A server may route by either.
     target_authority: str | None = None
     server_name: str | None = None
+
+    def with_body(self, body: bytes) -> Call:
+        """The same call carrying another body (one message of a batch): its framing described the whole."""
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in FRAMING_HEADERS}
+        return replace(self, body=body, headers=headers)
 
     @property
     def url(self) -> str:
@@ -111,7 +124,14 @@ def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = No
         _refuse(target_problem(call.target_authority, call.scheme, call.host, call.port))
     for part, text in (("path", call.path), ("query", call.query)):
         _refuse(ambiguity.target_problem(part, text))
+    if not _VISIBLE_ASCII.fullmatch(call.path + call.query):
+        # HTTP/2 carries them, and mitmproxy writes them into an HTTP/1.1 request line as they came: a space
+        # or line break there splits the request line, or the request; a character outside ASCII is read
+        # by the upstream's own charset, or mapped to an ASCII lookalike (IIS "best fit").
+        raise MappingError("the request target has a space, a control character or a character outside "
+                           "ASCII; percent-encode them (RFC 3986 2.1)")
     check_normal_path(call.path)
+    check_framing(call)
     if call.trailers:
         # mitmproxy forwards no HTTP/1 trailers, and servers merge them into headers or not: refused,
         # since a policy decides on the headers alone.
@@ -120,6 +140,11 @@ def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = No
     content_type = ""
     for name, value in call.headers.items():
         key = name.lower()
+        if not _FIELD_NAME.fullmatch(name) or _LINE_BREAK.search(value):
+            # HTTP/2 carries fields as data, and mitmproxy writes them to an HTTP/1.1 upstream as they came:
+            # there a line break starts another header, or another request (RFC 9113 8.2.1, RFC 9110 5.5).
+            raise MappingError(f"header {name[:40]!r} has a line break, a NUL byte or a character a field "
+                               "name cannot have; send each header as one line of visible text")
         if key == "host":  # besides :authority in HTTP/2
             _check_host_header(call, host, value)
             continue
@@ -250,6 +275,29 @@ def _hostname(authority: str) -> str:
     if authority.startswith("["):
         return authority[1:].split("]", 1)[0]
     return authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
+
+
+def check_framing(call: Call) -> None:
+    """Refuse framing headers that would make an upstream read another body than the one decided on.
+
+    Over HTTP/1.1 mitmproxy reads the body by them, so they agree with it; an HTTP/2 request carries them
+    apart from its data, and mitmproxy passes them on to an HTTP/1.1 upstream as sent. A length that is
+    not the body's, or a length beside chunked, makes a server read part of the body, or of the next
+    request, as a request of its own (request smuggling, RFC 9112 6.3 and 11.2).
+    """
+    framing = {k.lower(): v for k, v in call.headers.items() if k.lower() in FRAMING_HEADERS}
+    coding = framing.get("transfer-encoding")
+    if coding is not None and coding.strip().lower() != "chunked":
+        # The body is decided as mitmproxy de-chunks it; a server that also undoes the other codings
+        # ("gzip, chunked") executes other bytes, and one that cannot answers 501 (RFC 9112 6.1).
+        raise MappingError(f"cedargate forwards a body framed by Content-Length or by Transfer-Encoding: "
+                           f"chunked alone, not Transfer-Encoding {coding[:40]!r}", 501)
+    length = framing.get("content-length")
+    if length is not None and coding is not None:
+        raise MappingError("the call has both Transfer-Encoding and Content-Length; send one of them")
+    if length is not None and length.strip() != str(len(call.body)):
+        raise MappingError(f"Content-Length {length[:40]!r} is not the length of the body sent "
+                           f"({len(call.body)} bytes); send the body's length")
 
 
 UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")

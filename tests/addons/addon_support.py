@@ -9,6 +9,7 @@ import base64
 import hashlib
 import sqlite3
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from mitmproxy import http
 from mitmproxy.test import tflow
@@ -25,6 +26,8 @@ def basic(user: str, password: str) -> str:
 def make_flow(method: str, url: str, **kwargs) -> http.HTTPFlow:
     """A live flow for an agent's request, as mitmproxy hands it to addons; kwargs go to `tflow.tflow`."""
     headers = kwargs.pop("headers", {})
+    if not any(name.lower() == "host" for name in headers):
+        headers = {"Host": urlsplit(url).netloc, **headers}  # as every HTTP/1.1 client sends it
     content = kwargs.pop("content", b"")
     return tflow.tflow(req=http.Request.make(method, url, content, headers), **kwargs)
 

@@ -82,6 +82,54 @@ def test_allowed_call_gets_no_response_so_mitmproxy_forwards_it(runtime):
     assert flow.request.headers["Accept"] == "application/json"
 
 
+def http2_flow(method: str, url: str, body: bytes, length: str | None) -> http.HTTPFlow:
+    """An HTTP/2 request as mitmproxy reads it: the body apart from a content-length the agent may omit."""
+    flow = agent_flow(method, url, content=body)
+    flow.request.http_version = "HTTP/2.0"
+    flow.request.authority = flow.request.headers.pop("Host")
+    del flow.request.headers["content-length"]
+    if length is not None:
+        flow.request.headers["content-length"] = length
+    return flow
+
+
+def test_an_http2_body_without_a_length_is_forwarded_with_its_length(runtime):
+    # mitmproxy would pass the headers on to an HTTP/1.1 upstream as they came: without a length, the
+    # upstream reads no body, and the body as the next request on the connection.
+    enforcer = Enforcer(runtime)
+    with taddons.context(enforcer) as tctx:
+        smuggled = b"DELETE /v1/volumes/v-1 HTTP/1.1\r\n\r\n"
+        flow = http2_flow("POST", f"{DEV}/v1/instances/i-0abc/stop", smuggled, None)
+        request(tctx, enforcer, flow)
+    assert flow.response is None
+    assert flow.request.headers["content-length"] == str(len(flow.request.raw_content))
+
+
+@pytest.mark.parametrize("length", ["3", "0", "+34", "34, 34"])
+def test_an_http2_length_that_is_not_the_bodys_is_refused(runtime, length):
+    enforcer = Enforcer(runtime)
+    with taddons.context(enforcer) as tctx:
+        body = b'{"reason": "stuck", "force": 1}'
+        flow = http2_flow("POST", f"{DEV}/v1/instances/i-0abc/stop", body, length)
+        request(tctx, enforcer, flow)
+    assert flow.response is not None, f"forwarded with content-length {length} to an upstream reading by it"
+    assert flow.response.status_code == 400
+    assert "is not the length of the body sent" in problem_of(flow.response)["detail"]
+
+
+def test_an_http2_header_with_a_line_break_is_refused(runtime):
+    # mitmproxy writes HTTP/2 fields to an HTTP/1.1 upstream as they came: the line break would start a
+    # header of the agent's choosing there, here a Host naming the production host.
+    enforcer = Enforcer(runtime)
+    with taddons.context(enforcer) as tctx:
+        flow = http2_flow("POST", f"{DEV}/v1/instances/i-0abc/stop", b"", None)
+        flow.request.headers["x-note"] = "stuck\r\nHost: 127.0.0.1:9000"
+        request(tctx, enforcer, flow)
+    assert flow.response is not None, "forwarded a header that is two at an HTTP/1.1 upstream"
+    assert flow.response.status_code == 400
+    assert "one line of visible text" in problem_of(flow.response)["detail"]
+
+
 def test_allowed_call_is_recorded_once_with_the_upstream_status(runtime):
     enforcer = Enforcer(runtime)
     with taddons.context(enforcer) as tctx:
@@ -172,12 +220,27 @@ def test_host_header_naming_another_host_is_refused(runtime):
     enforcer = Enforcer(runtime)
     with taddons.context(enforcer) as tctx:
         flow = agent_flow("POST", f"{DEV}/v1/instances/i-1/stop", headers=NO_WAIT)
-        # Request.make sets Host from the URL; an agent's own Host header arrives as it sent it.
+        # make_flow sends Host as the URL names it; an agent's own Host header arrives as it sent it.
         flow.request.headers["Host"] = "cloud.prod.example"
         request(tctx, enforcer, flow)
     assert flow.response is not None, "forwarded to an upstream that routes on Host: cloud.prod.example"
     assert flow.response.status_code == 400
     assert b"cloud.prod.example" in flow.response.content
+
+
+@pytest.mark.parametrize("host", [None, "", " ", ":9000"])
+def test_request_naming_no_host_is_refused(runtime, host):
+    enforcer = Enforcer(runtime)
+    with taddons.context(enforcer) as tctx:
+        flow = agent_flow("GET", f"{DEV}/v1/instances")
+        if host is None:
+            del flow.request.headers["Host"]  # HTTP/1.0 style: an upstream would answer from its default site
+        else:
+            flow.request.headers["Host"] = host
+        request(tctx, enforcer, flow)
+    assert flow.response is not None, "forwarded without naming the host it was decided for"
+    assert flow.response.status_code == 400
+    assert "send Host: localhost" in problem_of(flow.response)["detail"]
 
 
 def test_flow_without_an_agent_is_refused(runtime):

@@ -406,3 +406,74 @@ def test_credential_headers_never_enter_the_context_even_when_selected(name):
     call = Call("ops-bot", "GET", "http", "localhost", 9000, "/v1/x", headers={name: "s3cret", "Accept": "*/*"})
     context = map_call(call, MappingOptions(context_headers=(name.lower(), "accept"))).context
     assert context["headers"] == {"accept": "*/*"}
+
+
+@pytest.mark.parametrize("host_header", ["", "  ", ":9000"])
+def test_an_empty_host_header_is_refused(host_header):
+    call = Call("ops-bot", "GET", "http", "localhost", 9000, "/v1/x", host_header=host_header)
+    with pytest.raises(MappingError, match="names no host in a Host header; send Host: localhost") as refused:
+        map_call(call, MappingOptions())
+    assert refused.value.status == 400
+
+
+@pytest.mark.parametrize("coding", ["gzip, chunked", "chunked, identity", "identity", "deflate", "xchunked"])
+def test_transfer_codings_other_than_chunked_are_refused_with_501(coding):
+    call = Call("ops-bot", "POST", "http", "localhost", 9000, "/v1/x", headers={"Transfer-Encoding": coding},
+                body=b"{}")
+    with pytest.raises(MappingError, match="Transfer-Encoding") as refused:
+        map_call(call, MappingOptions())
+    assert refused.value.status == 501
+
+
+@pytest.mark.parametrize("coding", ["chunked", " Chunked "])
+def test_chunked_framing_alone_is_mapped(coding):
+    call = Call("ops-bot", "POST", "http", "localhost", 9000, "/v1/x", headers={"Transfer-Encoding": coding},
+                body=b"{}", host_header="localhost:9000")
+    assert map_call(call, MappingOptions()).context["path"] == "/v1/x"
+
+
+@pytest.mark.parametrize("headers, message", [
+    ({"Content-Length": "3"}, "is not the length of the body sent"),
+    ({"Content-Length": "+2"}, "is not the length of the body sent"),
+    ({"Content-Length": "2", "Transfer-Encoding": "chunked"}, "both Transfer-Encoding and Content-Length"),
+])
+def test_framing_that_is_not_the_bodys_is_refused(headers, message):
+    call = Call("ops-bot", "POST", "http", "localhost", 9000, "/v1/x", headers=headers, body=b"{}")
+    with pytest.raises(MappingError, match=message):
+        map_call(call, MappingOptions())
+
+
+def test_a_call_with_another_body_drops_the_framing_of_the_first():
+    call = Call("ops-bot", "POST", "http", "localhost", 9000, "/v1/x", body=b"[{}, {}]",
+                headers={"Content-Length": "8", "Content-Type": "application/json"})
+    message = call.with_body(b"{}")
+    assert message.headers == {"Content-Type": "application/json"}
+    assert map_call(message, MappingOptions()).context["body"] == {}
+
+
+@pytest.mark.parametrize("name, value", [
+    ("X-Note", "a\r\nHost: 127.0.0.1"),  # an HTTP/2 field value: another header at an HTTP/1.1 upstream
+    ("X-Note", "a\r\n\r\nDELETE /v1/volumes/v-1 HTTP/1.1"),  # ... or another request
+    ("X-Note", "a\nb"),
+    ("X-Note", "a\x00b"),
+    ("Content-Type", "text/plain\r\n ;application/json"),  # obs-fold as mitmproxy keeps it
+    ("X Note", "a"),
+    ("X-Note:", "a"),
+])
+def test_header_fields_an_upstream_would_split_are_refused(name, value):
+    call = Call("ops-bot", "POST", "http", "localhost", 9000, "/v1/x", headers={name: value})
+    with pytest.raises(MappingError, match="one line of visible text") as refused:
+        map_call(call, MappingOptions())
+    assert refused.value.status == 400
+
+
+@pytest.mark.parametrize("path, query", [
+    ("/v1/x/\u00e9", ""), ("/v1/\uff56olumes/v-1", ""), ("/v1/x", "q=\u00e9"), ("/v1/x/\udcc3\udca9", ""),
+    ("/v1/x y", ""), ("/v1/x", "a=b c"), ("/v1/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nDELETE /v1/y", ""),
+    ("/v1/x\t", ""), ("/v1/x", "q=\x1b[2J"), ("/v1/x\x7f", ""),
+])
+def test_a_request_target_that_is_not_visible_ascii_is_refused(path, query):
+    # HTTP/2 carries these; mitmproxy writes them into the HTTP/1.1 request line as they came.
+    call = Call("ops-bot", "GET", "http", "localhost", 9000, path, query)
+    with pytest.raises(MappingError, match="outside ASCII; percent-encode them"):
+        map_call(call, MappingOptions())
