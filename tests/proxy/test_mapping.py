@@ -411,7 +411,7 @@ def test_credential_headers_never_enter_the_context_even_when_selected(name):
 @pytest.mark.parametrize("host_header", ["", "  ", ":9000"])
 def test_an_empty_host_header_is_refused(host_header):
     call = Call("ops-bot", "GET", "http", "localhost", 9000, "/v1/x", host_header=host_header)
-    with pytest.raises(MappingError, match="names no host in a Host header; send Host: localhost") as refused:
+    with pytest.raises(MappingError, match="Host header is empty|Host header names ''") as refused:
         map_call(call, MappingOptions())
     assert refused.value.status == 400
 
@@ -462,7 +462,7 @@ def test_a_call_with_another_body_drops_the_framing_of_the_first():
 ])
 def test_header_fields_an_upstream_would_split_are_refused(name, value):
     call = Call("ops-bot", "POST", "http", "localhost", 9000, "/v1/x", headers={name: value})
-    with pytest.raises(MappingError, match="one line of visible text") as refused:
+    with pytest.raises(MappingError, match="folded line|control character|not a token") as refused:
         map_call(call, MappingOptions())
     assert refused.value.status == 400
 
@@ -475,5 +475,5 @@ def test_header_fields_an_upstream_would_split_are_refused(name, value):
 def test_a_request_target_that_is_not_visible_ascii_is_refused(path, query):
     # HTTP/2 carries these; mitmproxy writes them into the HTTP/1.1 request line as they came.
     call = Call("ops-bot", "GET", "http", "localhost", 9000, path, query)
-    with pytest.raises(MappingError, match="outside ASCII; percent-encode them"):
+    with pytest.raises(MappingError, match="outside ASCII; percent-encode them|contains .*; percent-encode it"):
         map_call(call, MappingOptions())
