@@ -86,8 +86,12 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
 
+    # mitmproxy writes its CA when its TLS addon starts running, which may come after the listeners: "listening"
+    # is printed once agents can also read the CA they must trust.
+    ca_cert = settings.state_dir / "mitmproxy-ca-cert.pem"
+
     async def announce() -> None:
-        while not (api.started and _proxy_addrs(master)):
+        while not (api.started and _proxy_addrs(master) and ca_cert.exists()):
             await asyncio.sleep(0.02)
         # Port 0 asks the OS for a free port; print the real ones so tests and users can find them.
         proxy_port = _proxy_addrs(master)[0][1]
