@@ -79,7 +79,7 @@ class Passthrough:
     """The tunnels relayed uninspected: `passthrough_hosts` regexes, each matching the whole CONNECT
     host (canonical form) or the whole `host:port`.
 
-    Whole, not searched as mitmproxy's `ignore_hosts` are: `pinned\.example` must not also admit
+    Whole, not searched as mitmproxy's `ignore_hosts` are: `pinned[.]example` must not also admit
     `pinned.example.attacker.test`, a host the agent chose.
     """
 
