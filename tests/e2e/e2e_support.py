@@ -330,6 +330,21 @@ def start_cedargate(config: Path, *extra_args: str, timeout: float = 30.0, preex
     return Cedargate(process, ports["proxy"], ports["API"], Path(loaded["state_dir"]), Path(loaded["policy_dir"]), output)
 
 
+def recorded_rows(gate: Cedargate, sql: str, expected: int, timeout: float = 10.0) -> list[dict]:
+    """The rows `sql` reads from the record once the batching writer has committed `expected` of them
+    (or, past `timeout`, those it has)."""
+    import sqlite3
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with sqlite3.connect(gate.database) as db:
+            db.row_factory = sqlite3.Row
+            rows = [dict(r) for r in db.execute(sql)]
+        if len(rows) >= expected or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.05)
+
+
 PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 

@@ -15,14 +15,13 @@ import sqlite3
 import ssl
 import stat
 import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from e2e_support import APPROVERS, CEDARGATE, REPO, Cedargate, start_cedargate, write_config
+from e2e_support import APPROVERS, CEDARGATE, REPO, Cedargate, recorded_rows, start_cedargate, write_config
 
 from proxy.escalation import Escalation, Requirement
 from proxy.mapping import Call
@@ -82,14 +81,7 @@ def stop_url(upstream, n: object = "0abc") -> str:
 
 def rows(gate: Cedargate, sql: str, expected: int, timeout: float = 10.0) -> list[dict]:
     """Rows of the record once the batching writer has committed `expected` of them."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with sqlite3.connect(gate.database) as db:
-            db.row_factory = sqlite3.Row
-            found = [dict(r) for r in db.execute(sql)]
-        if len(found) >= expected or time.monotonic() > deadline:
-            return found
-        time.sleep(0.05)
+    return recorded_rows(gate, sql, expected, timeout)
 
 
 def assert_problem(response: httpx.Response, status: int, kind: str) -> dict:

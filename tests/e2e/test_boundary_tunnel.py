@@ -14,12 +14,10 @@ import base64
 import http.client
 import json
 import socket
-import sqlite3
 import ssl
-import time
 
 import pytest
-from e2e_support import AGENT, TOKEN, start_cedargate, write_config
+from e2e_support import AGENT, TOKEN, recorded_rows, start_cedargate, write_config
 
 STOP = "/v1/instances/i-1/stop"
 PROXY_AUTHORIZATION = "Basic " + base64.b64encode(f"{AGENT}:{TOKEN}".encode()).decode()
@@ -80,14 +78,7 @@ def audit_events(gate, kind: str, expected: int, timeout: float = 10.0) -> list[
 
 
 def _rows(gate, query: str, expected: int, timeout: float) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while True:
-        with sqlite3.connect(gate.database) as db:
-            db.row_factory = sqlite3.Row
-            rows = [dict(r) for r in db.execute(query)]
-        if len(rows) >= expected or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.05)
+    return recorded_rows(gate, query, expected, timeout)
 
 
 # 1. The request target inside a tunnel ---------------------------------------------------------------

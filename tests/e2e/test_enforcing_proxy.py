@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import ssl
 import subprocess
 import time
 
 import httpx
 import pytest
-from e2e_support import AGENT, TOKEN, start_cedargate, write_config
+from e2e_support import AGENT, TOKEN, recorded_rows, start_cedargate, write_config
 
 STOP_PATH = "/v1/instances/i-0abc/stop"
 
@@ -22,14 +21,7 @@ def client(gate, **kwargs) -> httpx.Client:
 
 def records(gate, expected: int, timeout: float = 10.0) -> list[dict]:
     """Rows of the decision record, once the batching writer has committed `expected` of them."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with sqlite3.connect(gate.database) as db:
-            db.row_factory = sqlite3.Row
-            rows = [dict(r) for r in db.execute("SELECT * FROM decisions ORDER BY id")]
-        if len(rows) >= expected or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.05)
+    return recorded_rows(gate, "SELECT * FROM decisions ORDER BY id", expected, timeout)
 
 
 @pytest.mark.parametrize("scheme", ["http", "https"])
