@@ -17,7 +17,7 @@ from collections.abc import MutableMapping
 from mitmproxy import connection, http
 
 from addons.options import add_options, settings_from_options
-from proxy.agents import AgentDirectory
+from proxy.settings.agents import AgentDirectory
 
 log = logging.getLogger(__name__)
 

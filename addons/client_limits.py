@@ -3,7 +3,7 @@
 One agent (or anyone who can reach the port) must not stall the proxy for everyone. This addon
 - has mitmproxy build cedargate's HTTP reader and stream (`addons.limited_http`), which refuse a request
   head over `max_header_bytes` (431) and a body over `max_request_body_bytes` (413) before buffering it;
-- reports every client connection to a `proxy.connections.ConnectionGuard`, which closes a connection that
+- reports every client connection to a `proxy.calls.connections.ConnectionGuard`, which closes a connection that
   sends no complete request head in `header_read_timeout` (silent or slowloris clients), one idle for
   `idle_timeout` after an answer, and the oldest unauthenticated connection once more than
   `max_unauthenticated_connections` are open.
@@ -25,8 +25,8 @@ from mitmproxy.proxy import layer, layers
 from addons import limited_http
 from addons.agent_auth import AGENT
 from addons.options import add_options, settings_from_options
-from proxy.config import Settings
-from proxy.connections import ConnectionGuard, default_connection_cap, open_file_limit
+from proxy.calls.connections import ConnectionGuard, default_connection_cap, open_file_limit
+from proxy.settings.config import Settings
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ verdict is recorded once the upstream answered (or failed), with the upstream st
 
 A forwarded call whose upstream fails it (no connection, TLS it cannot verify, a connection lost, no
 answer in time: see `addons.upstream_deadline`) gets problem+json saying what failed and whether the
-call may have run (`proxy.upstream`), in place of mitmproxy's HTML error page (`addons.error_pages`),
+call may have run (`proxy.decision.upstream`), in place of mitmproxy's HTML error page (`addons.error_pages`),
 and the record keeps the failure.
 
-On an MCP endpoint (see `proxy.mcp`) a batch is decided message by message, a refused request is
+On an MCP endpoint (see `proxy.calls.mcp`) a batch is decided message by message, a refused request is
 answered in JSON-RPC, and the server's answers are read before the agent gets them: tool lists are
 filtered (event streams as they stream) and an answer cedargate cannot read is not passed on. One
 event may hold `max_mcp_event_bytes` (past it, the stream ends with a JSON-RPC error); a whole answer
@@ -32,17 +32,20 @@ from addons import default_addons, error_pages
 from addons.agent_auth import AGENT, proxy_auth_required
 from addons.options import add_options, settings_from_options
 from addons.upstream_deadline import DEADLINE_MISSED
-from proxy.decoding import ENCODINGS, AnswerTooLarge
-from proxy.gate import Outcome, Verdict
-from proxy.manifest import MCP_ACTIONS
-from proxy.mapping import FRAMING_HEADERS, Call, plain_utf8
-from proxy.mcp import Exchange, SseRewriter, filter_tool_list, refusal_answer, unreadable_problem
-from proxy.mcp_answers import check_answer
-from proxy.oversight import requested_wait
-from proxy.printable import printable
+from proxy.calls.decoding import ENCODINGS, AnswerTooLarge
+from proxy.calls.mapping import FRAMING_HEADERS, Call, plain_utf8
+from proxy.calls.mcp.answers import check_answer
+from proxy.calls.mcp.jsonrpc import Exchange
+from proxy.calls.mcp.refusals import refusal_answer
+from proxy.calls.mcp.sse import SseRewriter, unreadable_problem
+from proxy.calls.mcp.tools import filter_tool_list
+from proxy.calls.tunnels import authority_of
+from proxy.cedar.manifest import MCP_ACTIONS
+from proxy.decision.gate import Outcome, Verdict
+from proxy.decision.upstream import CONNECT_TIMEOUT_MESSAGE, OWN_API_MESSAGE, classify
+from proxy.oversight.held_calls import requested_wait
 from proxy.runtime import Runtime
-from proxy.tunnels import authority_of
-from proxy.upstream import CONNECT_TIMEOUT_MESSAGE, OWN_API_MESSAGE, classify
+from proxy.vocabulary.printable import printable
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from mitmproxy.proxy.layers.http import (
     _http1,
 )
 
-from proxy.gate import Problem, problem_document
+from proxy.vocabulary.problems import Problem, problem_document
 
 _ANSWERED = "_cedargate_answered"  # on a stream: response headers went to the client
 _BEFORE_ERROR_HOOK = "_cedargate_response_before_error_hook"  # on a stream: flow.response then

@@ -42,8 +42,8 @@ from mitmproxy.proxy.layers.http._http1 import Http1Server
 from mitmproxy.proxy.layers.http._http2 import Http2Server
 from mitmproxy.utils import human
 
-from proxy.gate import Problem
-from proxy.connections import body_too_large, head_too_large, refusal
+from proxy.calls.connections import body_too_large, head_too_large, refusal
+from proxy.vocabulary.problems import Problem
 
 HEAD_END = re.compile(rb"\n\r?\n")  # as h11's receive buffer finds the end of a head
 

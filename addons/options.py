@@ -6,7 +6,7 @@ from typing import Optional
 
 from mitmproxy import ctx, exceptions
 
-from proxy.config import ConfigError, Settings, load_settings
+from proxy.settings.config import ConfigError, Settings, load_settings
 
 
 def add_options(loader) -> None:

@@ -2,7 +2,7 @@
 
 It replaces mitmproxy's `ignore_hosts`, which also matches the client's TLS SNI and first Host header:
 naming a listed host there while connecting to any other host relayed an undecided tunnel. Here a
-tunnel is passed through only when its CONNECT authority is listed (`proxy.tunnels.Passthrough`) and
+tunnel is passed through only when its CONNECT authority is listed (`proxy.calls.tunnels.Passthrough`) and
 its SNI names that same host; any other tunnel is intercepted and each call in it decided (the
 mapping refuses an SNI or Host naming another host). Only TLS is passed through: passthrough is for
 clients that pin certificates, and plain HTTP can be decided. Each tunnel passed through is chained
@@ -19,8 +19,8 @@ from mitmproxy import connection, ctx, exceptions, http, tls
 
 from addons.agent_auth import AGENT
 from addons.options import add_options
+from proxy.calls.tunnels import Passthrough as PassthroughHosts
 from proxy.runtime import Runtime
-from proxy.tunnels import Passthrough as PassthroughHosts
 
 log = logging.getLogger(__name__)
 

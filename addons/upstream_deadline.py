@@ -27,8 +27,8 @@ from collections.abc import Callable
 from mitmproxy import connection, ctx, http, tls
 
 from addons.options import add_options, settings_from_options
-from proxy.config import Settings
-from proxy.upstream import CONNECT_TIMEOUT_MESSAGE
+from proxy.decision.upstream import CONNECT_TIMEOUT_MESSAGE
+from proxy.settings.config import Settings
 
 log = logging.getLogger(__name__)
 

@@ -29,10 +29,11 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from proxy.engine import Engine  # noqa: E402
-from proxy.manifest import extract_fields, load_manifest, schema_text  # noqa: E402
-from proxy.mapping import Call, MappingOptions, map_call  # noqa: E402
 from figures import summary, timed, write_figures  # noqa: E402
+
+from proxy.calls.mapping import Call, MappingOptions, map_call  # noqa: E402
+from proxy.cedar.engine import Engine  # noqa: E402
+from proxy.cedar.manifest import extract_fields, load_manifest, schema_text  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "manifest_matching.json"
 HOSTS, ROUTES_PER_HOST = 10, 50

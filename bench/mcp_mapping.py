@@ -29,11 +29,12 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from proxy.engine import Engine, Snapshot  # noqa: E402
-from proxy.gate import Gate  # noqa: E402
-from proxy.manifest import load_manifest, schema_text  # noqa: E402
-from proxy.mapping import Call, MappingOptions, map_call  # noqa: E402
 from figures import summary, timed, write_figures  # noqa: E402
+
+from proxy.calls.mapping import Call, MappingOptions, map_call  # noqa: E402
+from proxy.cedar.engine import Engine, Snapshot  # noqa: E402
+from proxy.cedar.manifest import load_manifest, schema_text  # noqa: E402
+from proxy.decision.gate import Gate  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "mcp_mapping.json"
 TOOLS = 500

@@ -2,7 +2,7 @@
 """Per-decision cost of cedargate's core as the policy set grows: 20 policies against 2000.
 
 No sockets. For each size a policy directory is generated (the schema of policies/, a generated
-entities.json, and a varied policy set) and loaded by `proxy.engine.Engine`, as `cedargate run` would.
+entities.json, and a varied policy set) and loaded by `proxy.cedar.engine.Engine`, as `cedargate run` would.
 The same fixed mix of requests is then decided, call by call, three ways:
 
   engine   Engine.evaluate: the policy slice for the call's (action, resource type), the entity set,
@@ -41,12 +41,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import cedarpy  # noqa: E402
-
-from proxy.engine import CedarRequest, Engine  # noqa: E402
-from proxy.gate import Gate  # noqa: E402
-from proxy.mapping import Call, MappingOptions, map_call  # noqa: E402
-from proxy.store import Recorder, count_decisions, make_engine  # noqa: E402
 from figures import write_figures  # noqa: E402
+
+from proxy.calls.mapping import Call, MappingOptions, map_call  # noqa: E402
+from proxy.cedar.engine import CedarRequest, Engine  # noqa: E402
+from proxy.decision.gate import Gate  # noqa: E402
+from proxy.record.store import Recorder, count_decisions, make_engine  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "policy_scaling.json"
 TARGET_RATIO = 3.0

@@ -3,7 +3,7 @@
 uvicorn closes a connection that stays silent after an answer (`timeout_keep_alive`), but not one that
 never sends a request, nor one that sends its head a byte at a time; and `limit_concurrency` counts
 idle connections too, answering 503 to everyone once idle ones fill it. So every connection reports to
-a `proxy.connections.ConnectionGuard`: a complete request head within `header_read_timeout` of connecting
+a `proxy.calls.connections.ConnectionGuard`: a complete request head within `header_read_timeout` of connecting
 (or `idle_timeout` after an answer), and at most `max_unauthenticated_connections` idle at once, the
 oldest closed for a new one. A head over `max_header_bytes` is refused by h11: 400, as problem+json.
 """
@@ -16,7 +16,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from override_api.main import PROBLEM
-from proxy.connections import ConnectionGuard
+from proxy.calls.connections import ConnectionGuard
 
 
 class GuardedH11Protocol(H11Protocol):

@@ -11,18 +11,18 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from proxy.agents import AgentDirectory
-from proxy.config import ConfigError, Settings
-from proxy.engine import Engine
-from proxy.escalation import parse_duration
-from proxy.gate import Gate
-from proxy.holds import Holds
-from proxy.limits import OverrideLimits
-from proxy.mapping import MappingOptions
-from proxy.overrides import OverrideStore
-from proxy.oversight import Oversight
-from proxy.redaction import Redaction
-from proxy.store import Recorder, make_engine
+from proxy.calls.mapping import MappingOptions
+from proxy.calls.redaction import Redaction
+from proxy.cedar.engine import Engine
+from proxy.cedar.escalation import parse_duration
+from proxy.decision.gate import Gate
+from proxy.oversight.held_calls import Oversight
+from proxy.oversight.holds import Holds
+from proxy.oversight.limits import OverrideLimits
+from proxy.oversight.overrides import OverrideStore
+from proxy.record.store import Recorder, make_engine
+from proxy.settings.agents import AgentDirectory
+from proxy.settings.config import ConfigError, Settings
 
 log = logging.getLogger(__name__)
 

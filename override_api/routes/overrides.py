@@ -15,8 +15,8 @@ from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel, Field
 
 from override_api.deps import CurrentApprover, RuntimeDep
-from proxy.mcp import tool_call
-from proxy.overrides import Override, OverrideError, OverrideStatus, can_decide
+from proxy.calls.mcp.binding import tool_call
+from proxy.oversight.overrides import Override, OverrideError, OverrideStatus, can_decide
 
 router = APIRouter(prefix="/overrides", tags=["overrides"])
 

@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from addon_support import AGENT, REPO, TOKEN_SHA256
+from addon_support import AGENT, TOKEN_SHA256
 
-from proxy.config import AgentCredential, Settings
 from proxy.runtime import Runtime
+from proxy.settings.config import AgentCredential, Settings
 
 
 @pytest.fixture

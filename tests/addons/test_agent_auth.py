@@ -17,8 +17,8 @@ from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow, tutils
 
 from addons.agent_auth import AgentAuth
-from proxy.agents import AgentDirectory
-from proxy.config import AgentCredential
+from proxy.settings.agents import AgentDirectory
+from proxy.settings.config import AgentCredential
 
 URL = "http://localhost:9000/v1/instances"
 

@@ -20,7 +20,7 @@ from mitmproxy.test import taddons, tflow
 from addons.agent_auth import AGENT as AGENT_KEY
 from addons.client_limits import ClientLimits
 from addons.limited_http import LimitedHttp1Server, LimitedHttp2Server, LimitedHttpStream, _head_within
-from proxy.config import Settings
+from proxy.settings.config import Settings
 
 URL = "http://localhost:9000/v1/instances"
 

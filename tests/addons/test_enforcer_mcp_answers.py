@@ -22,8 +22,8 @@ from mitmproxy.test import taddons
 
 import addons.enforcer
 from addons.enforcer import Enforcer
-from proxy.config import AgentCredential, Settings
 from proxy.runtime import Runtime
+from proxy.settings.config import AgentCredential, Settings
 
 MCP_URL = "http://mcp.github.example/mcp"
 EVENT_CAP, ANSWER_CAP = 4096, 64 * 1024

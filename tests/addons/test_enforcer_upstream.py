@@ -11,15 +11,14 @@ import json
 
 from addon_support import AGENT, fire, make_flow, record_rows
 from mitmproxy import http
-from mitmproxy.proxy.layers.http import HttpErrorHook, HttpRequestHook, HttpResponseHook, HttpStream
-from mitmproxy.proxy.layers.http import _http1
+from mitmproxy.proxy.layers.http import HttpErrorHook, HttpRequestHook, HttpResponseHook, HttpStream, _http1
 from mitmproxy.test import taddons, tflow
 
 from addons import error_pages
 from addons.enforcer import Enforcer
 from addons.upstream_deadline import DEADLINE_MISSED
+from proxy.decision.upstream import OWN_API_MESSAGE
 from proxy.runtime import Runtime
-from proxy.upstream import OWN_API_MESSAGE
 
 DEV_STOP = "http://localhost:9000/v1/instances/i-0abc/stop"  # allowed: localhost is a dev host
 

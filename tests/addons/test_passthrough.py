@@ -20,8 +20,8 @@ from mitmproxy.proxy.layers.tls import parse_client_hello
 from mitmproxy.test import taddons, tflow
 
 from addons.passthrough import Passthrough
-from proxy.config import AgentCredential, Settings
 from proxy.runtime import Runtime
+from proxy.settings.config import AgentCredential, Settings
 
 
 @pytest.fixture

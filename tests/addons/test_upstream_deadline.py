@@ -19,8 +19,8 @@ from mitmproxy.proxy.server import ConnectionIO
 from mitmproxy.test import taddons
 
 from addons.upstream_deadline import DEADLINE_MISSED, READ_TIMEOUT_MESSAGE, UpstreamDeadlines
-from proxy.config import Settings
-from proxy.upstream import CONNECT_TIMEOUT_MESSAGE
+from proxy.decision.upstream import CONNECT_TIMEOUT_MESSAGE
+from proxy.settings.config import Settings
 
 QUICK = Settings(upstream_connect_timeout=0.05, upstream_read_timeout=0.05)
 

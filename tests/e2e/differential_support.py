@@ -223,7 +223,7 @@ def decided_fields(value) -> str:
 
 
 def _cedar_value(value):
-    """As `proxy.mapping` documents the body in the context: no nulls, floats as decimals, integers past
+    """As `proxy.calls.mapping` documents the body in the context: no nulls, floats as decimals, integers past
     Cedar's Long as strings."""
     if isinstance(value, _Object):
         value = dict(value)

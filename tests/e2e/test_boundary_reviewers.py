@@ -23,10 +23,10 @@ import httpx
 import pytest
 from e2e_support import APPROVERS, CEDARGATE, REPO, Cedargate, recorded_rows, start_cedargate, write_config
 
-from proxy.escalation import Escalation, Requirement
-from proxy.mapping import Call
-from proxy.overrides import OverrideStore
-from proxy.store import make_engine
+from proxy.calls.mapping import Call
+from proxy.cedar.escalation import Escalation, Requirement
+from proxy.oversight.overrides import OverrideStore
+from proxy.record.store import make_engine
 
 STOP = "/v1/instances/i-{n}/stop"
 MANAGER_REASON = "Stopping an instance on a production-critical host needs a human decision."

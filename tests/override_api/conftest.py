@@ -11,9 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from override_api.main import create_app
-from proxy.config import Settings
 from proxy.runtime import Runtime
-
+from proxy.settings.config import Settings
 
 
 @pytest.fixture

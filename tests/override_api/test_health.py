@@ -8,10 +8,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 from fastapi.testclient import TestClient
 
-from proxy.mapping import Call
+from proxy.calls.mapping import Call
 from proxy.runtime import Runtime
 
 

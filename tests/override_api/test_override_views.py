@@ -13,11 +13,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from override_api.main import create_app
-from proxy.config import ApproverCredential, Settings
-from proxy.escalation import Escalation, Requirement
-from proxy.mapping import Call
-from proxy.overrides import Override
+from proxy.calls.mapping import Call
+from proxy.cedar.escalation import Escalation, Requirement
+from proxy.oversight.overrides import Override
 from proxy.runtime import Runtime
+from proxy.settings.config import ApproverCredential, Settings
 
 MANAGER = Requirement("protect-production-instances", ("engineering-manager",), 1)
 TWO_PERSON = Requirement("no-volume-deletion", ("security", "lead-engineer"), 2)

@@ -11,11 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from proxy_support import PG_CONNINFO, PG_SERVER, POLICIES, pg_unreachable_reason
+from proxy_support import PG_CONNINFO, PG_SERVER, pg_unreachable_reason
 
-from proxy.engine import Engine
-from proxy.gate import Gate
-from proxy.store import Recorder, make_engine
+from proxy.cedar.engine import Engine
+from proxy.decision.gate import Gate
+from proxy.record.store import Recorder, make_engine
 
 
 @pytest.fixture

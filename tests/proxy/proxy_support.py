@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from proxy.mapping import Call
+from proxy.calls.mapping import Call
 
 REPO = Path(__file__).resolve().parents[2]
 POLICIES = REPO / "policies"

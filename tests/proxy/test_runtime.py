@@ -6,8 +6,8 @@ import os
 import stat
 from pathlib import Path
 
-from proxy.config import Settings
 from proxy.runtime import Runtime, private_state_dir
+from proxy.settings.config import Settings
 
 
 def mode(path: Path) -> int:

@@ -1,0 +1,87 @@
+"""An MCP message as Cedar sees it: `call_tool` on a Tool, or `mcp_rpc` on the server."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.calls.mcp.jsonrpc import McpError, Message, check_routing_headers
+from proxy.cedar.manifest import TOOL_NAME, FieldError, FieldSpec, McpEndpointSpec, typed_value
+
+log = logging.getLogger(__name__)
+
+UNCLASSIFIED = "unclassified"
+
+
+@dataclass(frozen=True)
+class McpMapping:
+    """A message as Cedar sees it: the action, the resource and what joins the context."""
+
+    action: str
+    resource: tuple[str, str]
+    context: dict
+
+
+def map_message(endpoint: McpEndpointSpec, http_method: str, message: Message | None,
+                to_cedar: Callable[[Any], Any], headers: Mapping[str, str] | None = None,
+                argument_types: Mapping[str, str] | None = None) -> McpMapping:
+    """Map one message on `endpoint` (None for the GET/DELETE that carry none).
+
+    Raises McpError when it cannot be mapped and LookupError when it names a tool the endpoint
+    refuses as unknown. `to_cedar` turns parsed JSON into Cedar values (the HTTP mapping's rules).
+    """
+    server = endpoint.server
+    if message is None:
+        kind = {"GET": "stream", "DELETE": "end-session"}.get(http_method.upper())
+        if kind is None:
+            raise McpError(f"an MCP endpoint takes POST, GET and DELETE, not {http_method.upper()}")
+        return McpMapping("mcp_rpc", ("McpServer", server),
+                          {"server": server, "rpc_kind": kind, "rpc_method": ""})
+    check_routing_headers(message, headers or {})
+    context: dict[str, Any] = {"server": server, "rpc_kind": message.kind, "rpc_method": message.method}
+    # A tools/call without an id is a notification, but a JSON-RPC server may still run the tool: it is
+    # decided as the tool call it asks for.
+    if message.method != "tools/call":
+        params = message.params
+        if message.method.startswith("resources/") and isinstance(params.get("uri"), str):
+            context["uri"] = params["uri"]
+        if message.method == "prompts/get" and isinstance(params.get("name"), str):
+            context["prompt"] = params["name"]
+        return McpMapping("mcp_rpc", ("McpServer", server), context)
+    tool = message.params.get("name")
+    if not isinstance(tool, str) or not TOOL_NAME.match(tool):
+        raise McpError("tools/call names no tool, or one that is not 1 to 128 letters, digits, _ . or -")
+    arguments = message.params.get("arguments", {})
+    if arguments is None:
+        arguments = {}
+    if not isinstance(arguments, dict):
+        raise McpError(f"tools/call {tool}: arguments must be an object")
+    spec = endpoint.tools.get(tool)
+    if spec is None and endpoint.unknown_tools == "refuse":
+        raise LookupError(
+            f"tool {tool!r} of MCP server {server!r} is not in the action manifest, so nobody has classified "
+            "what it does; add it under the endpoint's tools in actions.yaml to allow it"
+        )
+    cedar_arguments = to_cedar(arguments)
+    declared = dict(spec.arguments) if spec is not None else {}
+    for name, argument in declared.items():
+        if argument.required and (name not in arguments or arguments[name] is None):
+            raise McpError(f"tools/call {tool}: argument {name!r} is required by actions.yaml")
+    # The schema gives an argument name one type for every tool, so a name declared for any tool is
+    # typed (or refused) in every tool's call: a policy never compares a value of another type.
+    types = {**(argument_types or {}), **{n: a.type for n, a in declared.items()}}
+    for name, kind in types.items():
+        if name in arguments and arguments[name] is not None:
+            field = FieldSpec.model_validate({"from": "body", "type": kind})
+            try:
+                cedar_arguments[name] = typed_value(name, field, arguments[name])
+            except FieldError as exc:
+                raise McpError(f"tools/call {tool}: {exc}") from None
+    context.update(
+        tool=tool, arguments=cedar_arguments,
+        severity=spec.severity if spec else UNCLASSIFIED, reversible=spec.reversible if spec else False,
+    )
+    return McpMapping("call_tool", ("Tool", f"{server}/{tool}"), context)
+

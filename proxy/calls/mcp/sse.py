@@ -1,0 +1,178 @@
+"""Reading a server's MCP answer, and rewriting its text/event-stream event by event."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from proxy.calls.mcp.refusals import REFUSED_CODE
+
+log = logging.getLogger(__name__)
+
+def read_json(body: bytes) -> Any:
+    """An MCP answer's JSON, read strictly (UTF-8): what cannot be read here is not passed on."""
+    return json.loads(body.decode("utf-8"))
+
+
+UPSTREAM_ANSWER = "urn:cedargate:problem:upstream-answer"
+DEFAULT_MAX_EVENT = 1024 * 1024
+
+
+def unreadable_problem(detail: str = "") -> dict:
+    """The problem for a server's answer cedargate could not check, and so did not pass on."""
+    problem = {"type": UPSTREAM_ANSWER, "status": 502,
+               "title": "cedargate could not check the MCP server's answer, so it is not passed on"}
+    if detail:
+        problem["detail"] = detail
+    return problem
+
+
+def _event_bytes(answer: Mapping[str, Any]) -> bytes:
+    return b"event: message\ndata: " + json.dumps(answer).encode() + b"\n\n"
+
+
+def _id_key(ident: Any) -> str:
+    return json.dumps(ident)  # 1 and "1" are different ids
+
+
+class SseRewriter:
+    """Rewrites a text/event-stream chunk by chunk: each complete event's data may be replaced.
+
+    Used as mitmproxy's `response.stream` callable, so events reach the agent as they come (a long tool
+    call's progress notifications are not buffered); only whole events are rewritten, and bytes of an
+    event still incomplete wait for the next chunk. `extra` events are sent when the stream ends.
+
+    One event may hold at most `max_event_bytes`: each is checked whole, so a server could otherwise
+    make cedargate hold any amount. Past the cap the stream is refused: the agent gets, as the last
+    event, a JSON-RPC error for each of `requests` (the ids it is still waiting on) saying why,
+    nothing more of the server's stream is passed on, and `on_refused` is called (to end the exchange).
+    Each chunk is searched once, so a long event costs its length, not its length squared.
+    """
+
+    def __init__(self, rewrite: Callable[[Any], Any | None], extra: Iterable[dict] = (), *,
+                 max_event_bytes: int = DEFAULT_MAX_EVENT, requests: Iterable[Any] = (),
+                 on_refused: Callable[[], None] | None = None) -> None:
+        self._rewrite = rewrite
+        self._extra = list(extra)
+        self._max_event = max_event_bytes
+        self._waiting = {_id_key(ident): ident for ident in requests}
+        self._on_refused = on_refused
+        self._pending = bytearray()  # the start of an event not complete yet
+        self._searched = 0  # where in _pending the search for its end resumes
+        self.refused = False
+
+    def __call__(self, chunk: bytes) -> list[bytes]:
+        """mitmproxy's stream contract: the bytes to send for `chunk` (b"" at the end of the stream).
+
+        A list, empty when the chunk completes no event: mitmproxy sends each item as one piece of the
+        body, and an empty piece to an HTTP/1.1 client is the chunk that ends the body.
+        """
+        out = self.feed(chunk)
+        return [out] if out else []
+
+    def feed(self, chunk: bytes) -> bytes:
+        """What the agent gets for this chunk of the server's stream; b"" ends the stream."""
+        if self.refused:
+            return b""  # what follows a refused event is never checked, so never passed on
+        if not chunk:
+            return self._end()
+        pending = self._pending
+        pending += chunk
+        out = bytearray()
+        start = 0  # where the current event begins
+        while True:
+            end, size = _event_end(pending, self._searched)
+            if end < 0:
+                break
+            if end - start > self._max_event:
+                return bytes(out) + self._refuse()
+            out += self._event(bytes(pending[start:end + size]))
+            start = self._searched = end + size
+        del pending[:start]
+        # The last bytes may be the start of the blank line ("\r\n\r"), which is not the event's.
+        if len(pending) > self._max_event + 3:
+            return bytes(out) + self._refuse()
+        # A blank line may straddle this chunk and the next: resume a few bytes back, never inside a CRLF.
+        resume = max(0, len(pending) - 3)
+        if resume and pending[resume - 1:resume + 1] == b"\r\n":
+            resume -= 1
+        self._searched = resume
+        return bytes(out)
+
+    def _end(self) -> bytes:
+        tail, self._pending = bytes(self._pending), bytearray()
+        end, size = _event_end(tail, 0, final=True)
+        if 0 <= end <= self._max_event:  # a last event whose blank line came with the last chunk
+            out = self._event(tail[:end + size])
+        elif end > self._max_event:
+            return self._refuse()
+        else:
+            out = b""
+        # What is left is an event the stream ends inside, which a client never dispatches (HTML's
+        # SSE rules). It is dropped, not passed on: unfiltered, or glued to cedargate's own answers.
+        out += b"".join(_event_bytes(answer) for answer in self._extra)
+        self._extra = []
+        return out
+
+    def _refuse(self) -> bytes:
+        """The last events of a refused stream: an error for each request still waiting, then ours."""
+        self.refused = True
+        self._pending = bytearray()
+        detail = (f"the server sent an event of more than {self._max_event} bytes (max_mcp_event_bytes); "
+                  "cedargate checks each event whole, so it and the rest of the stream were not passed on. "
+                  "Ask the server for less (a smaller page or result), or ask the operator to raise the cap")
+        log.warning("refused an MCP event stream: %s", detail)
+        problem = unreadable_problem(detail)
+        # JSON-RPC 2.0: an error whose request cannot be named has a null id.
+        waiting = list(self._waiting.values()) or [None]
+        errors = [{"jsonrpc": "2.0", "id": ident, "error": {"code": REFUSED_CODE, "message": problem["title"]
+                   + ": " + detail, "data": problem}} for ident in waiting]
+        out = b"".join(_event_bytes(answer) for answer in [*errors, *self._extra])
+        self._extra = []
+        if self._on_refused is not None:
+            self._on_refused()
+        return out
+
+    def _answered(self, parsed: Any) -> None:
+        for item in parsed if isinstance(parsed, list) else [parsed]:
+            if isinstance(item, dict) and "method" not in item and ("result" in item or "error" in item):
+                self._waiting.pop(_id_key(item.get("id")), None)
+
+    def _event(self, event: bytes) -> bytes:
+        lines = event.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        data = [line[5:].removeprefix(b" ") for line in lines if line.startswith(b"data:")]
+        if not data:
+            return event
+        try:
+            parsed = read_json(b"\n".join(data))
+        except (ValueError, RecursionError):
+            # Every message on an MCP stream is JSON; one that cannot be checked is not passed on.
+            log.warning("dropped an MCP event that is not UTF-8 JSON")
+            return b""
+        try:
+            rewritten = self._rewrite(parsed)
+        except Exception:  # never pass on what could not be checked; the stream itself goes on
+            log.exception("cannot check an MCP event; it is dropped")
+            return b""
+        self._answered(parsed)
+        if rewritten is None:
+            return event
+        kept = [line for line in lines if line and not line.startswith(b"data:")]
+        return b"\n".join(kept + [b"data: " + json.dumps(rewritten).encode()]) + b"\n\n"
+
+
+# A line ending (CRLF, LF or a CR not starting a CRLF) followed by another: the blank line ending an event.
+_BLANK_LINE = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r)")
+
+
+def _event_end(buffer: bytes | bytearray, start: int = 0, final: bool = False) -> tuple[int, int]:
+    """Where the first event's last line ends, searching from `start`, and the length of the line
+    endings after it; -1 if the buffer holds no complete event yet. A CR at the very end may be the
+    first half of a CRLF, so it waits for the next chunk unless the stream has ended."""
+    found = _BLANK_LINE.search(buffer, start)
+    if found is None or (not final and found.end() == len(buffer) and buffer.endswith(b"\r")):
+        return -1, 0
+    return found.start(), found.end() - found.start()

@@ -1,0 +1,437 @@
+"""The Cedar decision engine: one live policy bundle, evaluated per call, swapped whole on reload.
+
+`Engine.evaluate` takes a Cedar request (plain dicts) and returns an `Evaluation`. It reads the current
+`Snapshot` once, so a decision never mixes two policy revisions. Each snapshot indexes its policies by
+scope: a call is evaluated only against the policies whose `principal`, `action` and `resource` scope
+can hold for it (using the entity hierarchy, as Cedar's `in` does), so decision cost grows with the
+policies that apply, not with all of them. Slicing is exact because Cedar checks the scope before any
+`when`/`unless` clause: a policy whose scope does not hold can neither be satisfied nor raise an error.
+The same holds for a policy whose *first* condition is `context.path like "/literal/prefix*..."`: when
+the path lacks the prefix, Cedar stops there, so the index also slices on those path prefixes.
+Each slice also knows which context attributes its policies read; Cedar is handed only those (turning
+the context into Cedar values is most of cedarpy's cost per call), or all of it when a policy uses
+`context` as a whole. A Cedar decision is a pure function of the request and the snapshot's policies
+and entities (Cedar has no clock or randomness), so each snapshot keeps a bounded cache of decisions
+keyed by the exact request handed to Cedar; a reload starts a new snapshot and so an empty cache.
+
+An override lifts the escalatable forbids (`@escalate`) and nothing else, so a denial is grantable only
+if the call would be allowed without them. `evaluate(..., lifted=True)` answers that against the same
+snapshot: the same scope index and slices with the escalatable forbids left out, cached apart from the
+full set's (in the slice cache and the decision cache alike), so either answer stays exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import cedarpy
+from cedarpy import pst
+
+from proxy.cedar.entities import implicit_parents
+from proxy.cedar.escalation import is_escalatable
+from proxy.cedar.policy import (
+    PolicyBundle,
+    PolicyInfo,
+    PolicyLoadError,
+    directory_signature,
+    load_bundle,
+    policy_set_of,
+)
+
+log = logging.getLogger(__name__)
+
+# Distinct (agent, host) pairs get their own small entity overlay; bound it so hostile traffic cannot
+# grow memory without limit.
+OVERLAY_CACHE_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class CedarRequest:
+    principal: tuple[str, str]
+    action: tuple[str, str]
+    resource: tuple[str, str]
+    context: dict
+
+    def as_cedarpy(self) -> dict:
+        return {
+            "principal": {"type": self.principal[0], "id": self.principal[1]},
+            "action": {"type": self.action[0], "id": self.action[1]},
+            "resource": {"type": self.resource[0], "id": self.resource[1]},
+            "context": self.context,
+        }
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    decision: str  # "Allow", "Deny" or "NoDecision", as Cedar says it
+    determining: tuple[str, ...]
+    errors: tuple[str, ...]
+    revision: str
+    # The determining policies' details from the same snapshot, so no second read can mix revisions.
+    policies: tuple[PolicyInfo, ...] = ()
+
+    @property
+    def allowed(self) -> bool:
+        # Cedar skips a forbid whose condition errors, so an Allow with errors may hide a forbid.
+        return self.decision == "Allow" and not self.errors
+
+
+Uid = tuple[str, str]
+
+# Calls with a new (agent, action, host) cost one index lookup; bound the caches against hostile traffic.
+SLICE_CACHE_SIZE = 8192
+POLICY_SET_CACHE_SIZE = 1024
+DECISION_CACHE_SIZE = 4096
+
+
+class ScopeIndex:
+    """Which policies' scopes can hold for a (principal, action, resource), answered from the entity graph."""
+
+    def __init__(self, bundle: PolicyBundle) -> None:
+        # The entity set as Cedar holds it, with the schema's action entities and their groups.
+        self._parents: dict[Uid, tuple[Uid, ...]] = {
+            (e["uid"]["type"], e["uid"]["id"]): tuple((p["type"], p["id"]) for p in e.get("parents", ()))
+            for e in json.loads(str(bundle.entities))
+        }
+        self._ancestry: dict[Uid, frozenset[Uid]] = {}
+        self._by_action: dict[Uid, list[pst.Template]] = {}
+        self._any_action: list[pst.Template] = []
+        self._path_prefix = {t.id: _leading_path_prefix(t) for t in bundle.templates.values()}
+        self.path_prefixes = frozenset(p for p in self._path_prefix.values() if p is not None)
+        for template in bundle.templates.values():
+            if isinstance(template.action, pst.ActionEq):
+                self._by_action.setdefault(_uid(template.action.entity), []).append(template)
+            else:
+                self._any_action.append(template)
+
+    def ancestry(self, uid: Uid) -> frozenset[Uid]:
+        """The entity and everything it is `in`, transitively (an unlisted entity: its implicit parents)."""
+        known = self._ancestry.get(uid)
+        if known is None:
+            listed = uid in self._parents
+            seen, stack = {uid}, list(self._parents[uid] if listed else implicit_parents(uid))
+            while stack:
+                parent = stack.pop()
+                if parent not in seen:
+                    seen.add(parent)
+                    stack.extend(self._parents.get(parent, ()))
+            known = frozenset(seen)
+            if listed:  # unlisted ids come from agents: caching them would let traffic grow memory
+                self._ancestry[uid] = known
+        return known
+
+    def path_key(self, path: str) -> frozenset[str]:
+        """The indexed path prefixes this path starts with: calls sharing it share a slice."""
+        if not self.path_prefixes:
+            return frozenset()
+        return frozenset(path[:i] for i in range(len(path) + 1)) & self.path_prefixes
+
+    def applicable(self, principal: Uid, action: Uid, resource: Uid, path: str = "/") -> tuple[str, ...]:
+        principals, actions, resources = self.ancestry(principal), self.ancestry(action), self.ancestry(resource)
+        return tuple(sorted(
+            t.id for t in (*self._by_action.get(action, ()), *self._any_action)
+            if _action_holds(t.action, actions)
+            and _scope_holds(t.principal, principal, principals)
+            and _scope_holds(t.resource, resource, resources)
+            and (self._path_prefix[t.id] is None or path.startswith(self._path_prefix[t.id]))
+        ))
+
+
+def _leading_path_prefix(template: pst.Template) -> str | None:
+    """The literal prefix of `context.path like "..."` when it is the first thing Cedar evaluates."""
+    if not template.clauses or not isinstance(template.clauses[0], pst.When):
+        return None
+    expr = template.clauses[0].expr
+    while isinstance(expr, pst.BinaryOp) and expr.op == "and":
+        expr = expr.left
+    if not (isinstance(expr, pst.Like) and isinstance(expr.base, pst.GetAttr) and expr.base.attr == "path"
+            and isinstance(expr.base.base, pst.Var) and expr.base.base.name == "context"):
+        return None
+    prefix = []
+    for element in expr.pattern:
+        if not isinstance(element, pst.Char):
+            break
+        prefix.append(element.value)
+    return "".join(prefix) or None
+
+
+def _uid(uid: pst.EntityUid) -> Uid:
+    return (str(uid.type), uid.id)
+
+
+def _scope_holds(constraint, uid: Uid, ancestry: frozenset[Uid]) -> bool:
+    if isinstance(constraint, pst.ScopeEq):
+        return _uid(constraint.entity) == uid
+    if isinstance(constraint, pst.ScopeIn):
+        return _uid(constraint.entity) in ancestry
+    if isinstance(constraint, pst.ScopeIs):
+        return str(constraint.entity_type) == uid[0]
+    if isinstance(constraint, pst.ScopeIsIn):
+        return str(constraint.entity_type) == uid[0] and _uid(constraint.entity) in ancestry
+    return True  # ScopeAny, or a form this index does not know: keep the policy
+
+
+def _action_holds(constraint, ancestry: frozenset[Uid]) -> bool:
+    if isinstance(constraint, pst.ActionEq):
+        return _uid(constraint.entity) in ancestry
+    if isinstance(constraint, pst.ActionIn):
+        return any(_uid(e) in ancestry for e in constraint.entities)
+    return True
+
+
+class _Lru(OrderedDict):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def put(self, key, value) -> None:
+        self[key] = value
+        if len(self) > self.size:
+            self.popitem(last=False)
+
+
+@dataclass(frozen=True)
+class Slice:
+    policy_set: cedarpy.PolicySet
+    context_attributes: frozenset[str] | None  # None: some policy reads `context` whole
+
+    def context_of(self, context: dict) -> dict:
+        if self.context_attributes is None:
+            return context
+        return {k: v for k, v in context.items() if k in self.context_attributes}
+
+
+def _context_attributes(templates) -> frozenset[str] | None:
+    """The top-level context attributes these policies read, or None if any uses `context` itself."""
+    found: set[str] = set()
+    stack: list = [clause.expr for t in templates for clause in t.clauses]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (pst.GetAttr, pst.HasAttr)) and isinstance(node.base, pst.Var):
+            if node.base.name == "context":
+                found.add(node.attr if isinstance(node, pst.GetAttr) else node.attrs[0])
+            continue
+        if isinstance(node, pst.Var) and node.name == "context":
+            return None
+        if dataclasses.is_dataclass(node):
+            for f in dataclasses.fields(node):
+                value = getattr(node, f.name)
+                if isinstance(value, tuple):
+                    stack.extend(v for v in value if dataclasses.is_dataclass(v))
+                elif isinstance(value, Mapping):
+                    stack.extend(v for v in value.values() if dataclasses.is_dataclass(v))
+                elif dataclasses.is_dataclass(value):
+                    stack.append(value)
+    return frozenset(found)
+
+
+class Snapshot:
+    """A loaded bundle plus its per-call caches; never mutated in a way a reader could observe."""
+
+    def __init__(self, bundle: PolicyBundle) -> None:
+        self.bundle = bundle
+        self.index = ScopeIndex(bundle)
+        # What an override may lift: left out of every slice evaluated with `lifted`.
+        self.escalatable = frozenset(i for i, p in bundle.policies.items() if is_escalatable(p))
+        self._slices: _Lru = _Lru(SLICE_CACHE_SIZE)  # (lifted, principal, action, resource, path key) -> Slice
+        self._sets: _Lru = _Lru(POLICY_SET_CACHE_SIZE)  # policy ids -> PolicySet, shared across calls
+        self._overlays: _Lru = _Lru(OVERLAY_CACHE_SIZE)
+        self.decisions: _Lru = _Lru(DECISION_CACHE_SIZE)  # exact Cedar request -> Evaluation
+        self._lock = threading.Lock()
+
+    def policies_for(self, principal: Uid, action: Uid, resource: Uid, path: str = "/", *,
+                     lifted: bool = False) -> cedarpy.PolicySet:
+        return self.slice_for(principal, action, resource, path, lifted=lifted).policy_set
+
+    def slice_for(self, principal: Uid, action: Uid, resource: Uid, path: str = "/", *,
+                  lifted: bool = False) -> Slice:
+        """The policies that can apply to the call; with `lifted`, without the escalatable forbids."""
+        key = (lifted, principal, action, resource, self.index.path_key(path))
+        sliced = self._slices.get(key)
+        if sliced is not None:
+            return sliced
+        ids = self.index.applicable(principal, action, resource, path)
+        if lifted:
+            ids = tuple(i for i in ids if i not in self.escalatable)
+        sliced = self._sets.get(ids)  # keyed by the ids themselves, so both sets share it exactly
+        if sliced is None:
+            templates = self.bundle.templates
+            chosen = [templates[i] for i in ids]
+            policy_set = self.bundle.policy_set if len(ids) == len(templates) else policy_set_of(chosen)
+            sliced = Slice(policy_set, _context_attributes(chosen))
+        with self._lock:
+            self._sets.put(ids, sliced)
+            self._slices.put(key, sliced)
+        return sliced
+
+    def could_allow(self, principal: Uid, action: Uid, resource: Uid, path: str = "/") -> bool:
+        """Whether any call of `principal` doing `action` on `resource` at `path` could be allowed,
+        whatever the rest of its context.
+
+        False only when no permit's scope holds for it, or a forbid with no conditions and no `@escalate`
+        does: then every such call is denied. Conditions are taken as possibly true, so this never hides
+        what some call could do. The scope index answers it exactly (Cedar checks scope first; the
+        differential tests hold the index to Cedar), with no Cedar evaluation.
+        """
+        key = ("could_allow", principal, action, resource, self.index.path_key(path))
+        known = self.decisions.get(key)
+        if known is not None:
+            return known
+        permitted = always_forbidden = False
+        for i in self.index.applicable(principal, action, resource, path):
+            template = self.bundle.templates[i]
+            if template.effect == "permit":
+                permitted = True
+            elif not template.clauses and i not in self.escalatable:
+                always_forbidden = True
+        allowed = permitted and not always_forbidden
+        with self._lock:
+            self.decisions.put(key, allowed)
+        return allowed
+
+    def entities_for(self, principal: Uid, resource: Uid) -> cedarpy.Entities:
+        """The entity set with the principal and resource present, adding bare ones when unlisted.
+
+        An agent or host missing from entities.json still gets an entity (no parents, no tags), so
+        `resource.tags.contains(...)` is false for it rather than an error that would deny everything.
+        """
+        missing = tuple(uid for uid in (principal, resource) if uid not in self.bundle.entity_uids)
+        if not missing:
+            return self.bundle.entities
+        overlay = self._overlays.get(missing)
+        if overlay is None:
+            overlay = self.bundle.entities.with_added_json_str(json.dumps([_bare_entity(uid) for uid in missing]))
+            with self._lock:
+                self._overlays.put(missing, overlay)
+        return overlay
+
+
+def _bare_entity(uid: Uid) -> dict:
+    attrs = {"tags": []} if uid[0] == "Host" else {}
+    parents = [{"type": t, "id": i} for t, i in implicit_parents(uid)]
+    return {"uid": {"type": uid[0], "id": uid[1]}, "attrs": attrs, "parents": parents}
+
+
+@dataclass
+class ReloadStatus:
+    revision: str | None = None
+    loaded_at: datetime | None = None
+    last_error: str | None = None
+    last_error_at: datetime | None = None
+
+
+class Engine:
+    """Owns the live snapshot of one policy directory and reloads it when its files change."""
+
+    def __init__(self, policy_dir: str | Path) -> None:
+        self.policy_dir = Path(policy_dir)
+        self.status = ReloadStatus()
+        self._signature = directory_signature(self.policy_dir) if self.policy_dir.is_dir() else ()
+        self._snapshot = Snapshot(load_bundle(self.policy_dir))  # a bad set at start refuses to start
+        self._mark_loaded()
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    def evaluate(self, request: CedarRequest, snapshot: Snapshot | None = None, *,
+                 lifted: bool = False) -> Evaluation:
+        """Cedar's decision on the request; with `lifted`, as if every escalatable forbid were removed
+        (what a human's grant could at most release)."""
+        # Read once (or given by a caller that mapped with it): one decision, one revision.
+        snap = snapshot or self._snapshot
+        sliced = snap.slice_for(request.principal, request.action, request.resource,
+                                request.context.get("path", "/"), lifted=lifted)
+        entities = snap.entities_for(request.principal, request.resource)
+        cedar_request = request.as_cedarpy()
+        cedar_request["context"] = sliced.context_of(request.context)
+        # `lifted` in the key: the same request may be denied by the full set and allowed by the other.
+        key = (lifted, request.principal, request.action, request.resource,
+               json.dumps(cedar_request["context"], sort_keys=True, separators=(",", ":")))
+        cached = snap.decisions.get(key)
+        if cached is not None:
+            return cached
+        result = cedarpy.is_authorized(cedar_request, sliced.policy_set, entities)
+        determining = tuple(result.diagnostics.reasons)
+        known = snap.bundle.policies
+        evaluation = Evaluation(
+            decision=result.decision.value,
+            determining=determining,
+            errors=tuple(result.diagnostics.errors),
+            revision=snap.bundle.revision,
+            policies=tuple(known[p] for p in determining if p in known),
+        )
+        with snap._lock:
+            snap.decisions.put(key, evaluation)
+        return evaluation
+
+    def reload(self) -> bool:
+        """Load the directory again; on error keep the current set and report. True if swapped."""
+        try:
+            self._signature = directory_signature(self.policy_dir)
+            bundle = load_bundle(self.policy_dir)
+        except (PolicyLoadError, OSError) as exc:
+            self.status.last_error = str(exc)
+            self.status.last_error_at = datetime.now(UTC)
+            log.error("policy reload failed, keeping revision %s: %s", self.status.revision, exc)
+            return False
+        self._snapshot = Snapshot(bundle)
+        self._mark_loaded()
+        log.info("policies reloaded: revision %s (%d policies)", bundle.revision[:12], len(bundle.policies))
+        return True
+
+    def reload_if_changed(self) -> bool:
+        try:
+            signature = directory_signature(self.policy_dir)
+        except OSError as exc:
+            self.status.last_error = f"policy directory unreadable: {exc}"
+            self.status.last_error_at = datetime.now(UTC)
+            return False
+        if signature == self._signature:
+            return False
+        return self.reload()
+
+    def watch(self, interval: float) -> None:
+        """Poll the directory in a daemon thread; polling works on every filesystem and platform."""
+        if self._watcher or interval <= 0:
+            return
+
+        def loop() -> None:
+            pending = None
+            while not self._stop.wait(interval):
+                try:
+                    signature = directory_signature(self.policy_dir)
+                    if signature == self._signature or signature != pending:
+                        # Reload only once the files looked the same on two polls, so an editor's
+                        # half-saved file that happens to validate is never live, even briefly.
+                        pending = None if signature == self._signature else signature
+                        continue
+                    pending = None
+                    self.reload()
+                except OSError as exc:
+                    self.status.last_error = f"policy directory unreadable: {exc}"
+                    self.status.last_error_at = datetime.now(UTC)
+                except Exception:  # the watcher must outlive any surprise; the old set stays live
+                    log.exception("policy watcher failed")
+
+        self._watcher = threading.Thread(target=loop, name="cedargate-policy-watch", daemon=True)
+        self._watcher.start()
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _mark_loaded(self) -> None:
+        self.status.revision = self._snapshot.bundle.revision
+        self.status.loaded_at = datetime.now(UTC)
+        self.status.last_error = None
+        self.status.last_error_at = None

@@ -1,0 +1,126 @@
+"""Which denials may become override requests, and when a set of approvals satisfies one.
+
+A `forbid` annotated `@escalate("role")` is escalatable to approvers holding that role;
+`@escalate("security, lead-engineer")` needs one distinct approver from each listed role (the
+two-person rule across roles); `@approvals("2")` needs that many distinct approvers; `@expires("15m")`
+sets how long the request may stay pending.
+
+A denial escalates only if every determining forbid is escalatable *and* the call would be allowed
+were the escalatable forbids lifted: a permit matches, no other forbid does, nothing errors. A grant
+lifts a forbid; it never stands in for a missing permit, or an agent could make a call no policy allows
+grantable by tripping an escalatable forbid on purpose (say, by reporting low confidence). The engine
+answers the second half (`Engine.evaluate(..., lifted=True)`); an escalation needs every determining
+forbid's approvals at once.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # policy.py checks annotations with this module at load time
+    from proxy.cedar.policy import PolicyInfo
+
+_DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d)\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class AnnotationError(ValueError):
+    """An escalation annotation is malformed; the message names the policy."""
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """One policy's demand: distinct approvers covering every role in `roles`, at least `count` of them."""
+
+    policy_id: str
+    roles: tuple[str, ...]
+    count: int
+
+    def satisfied_by(self, approvers: Mapping[str, frozenset[str]]) -> bool:
+        """`approvers` maps each distinct approver to the roles they hold."""
+        eligible = {a: roles & set(self.roles) for a, roles in approvers.items() if roles & set(self.roles)}
+        return len(eligible) >= self.count and _covers(list(self.roles), eligible, set())
+
+    def as_dict(self) -> dict:
+        return {"policy_id": self.policy_id, "roles": list(self.roles), "approvals": self.count}
+
+
+def _covers(roles: list[str], eligible: dict[str, set[str]], used: set[str]) -> bool:
+    # A matching of roles to distinct approvers; tiny sizes, so plain backtracking.
+    if not roles:
+        return True
+    role, rest = roles[0], roles[1:]
+    return any(
+        _covers(rest, eligible, used | {approver})
+        for approver, held in eligible.items()
+        if approver not in used and role in held
+    )
+
+
+def parse_duration(text: str) -> int:
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a duration like 90s, 15m, 2h or 1d")
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+def is_escalatable(policy: PolicyInfo) -> bool:
+    """Whether a grant may lift this policy: a forbid with @escalate."""
+    return policy.effect == "forbid" and "escalate" in policy.annotations
+
+
+def requirement_of(policy: PolicyInfo) -> Requirement | None:
+    """The policy's escalation requirement, or None when it is not escalatable."""
+    if not is_escalatable(policy):
+        return None
+    spec = policy.annotations["escalate"]
+    roles = tuple(r.strip() for r in spec.split(",") if r.strip())
+    if not roles:
+        raise AnnotationError(f'policy "{policy.policy_id}": @escalate needs at least one role name')
+    raw = policy.annotations.get("approvals", "1")
+    if not re.fullmatch(r"[0-9]+", raw) or int(raw) < 1:
+        raise AnnotationError(f'policy "{policy.policy_id}": @approvals("{raw}") must be a whole number >= 1')
+    return Requirement(policy.policy_id, roles, max(int(raw), len(roles)))
+
+
+def check_annotations(policies: Iterable[PolicyInfo]) -> None:
+    """Validate escalation annotations at load time, so a typo refuses the set instead of a call."""
+    for policy in policies:
+        if "escalate" in policy.annotations and policy.effect != "forbid":
+            raise AnnotationError(f'policy "{policy.policy_id}": @escalate only makes sense on a forbid')
+        requirement_of(policy)
+        if "expires" in policy.annotations:
+            try:
+                parse_duration(policy.annotations["expires"])
+            except ValueError as exc:
+                raise AnnotationError(f'policy "{policy.policy_id}": @expires: {exc}') from exc
+
+
+@dataclass(frozen=True)
+class Escalation:
+    requirements: tuple[Requirement, ...]
+    expires_in: int
+
+    @property
+    def roles(self) -> frozenset[str]:
+        return frozenset(r for req in self.requirements for r in req.roles)
+
+    def satisfied_by(self, approvers: Mapping[str, frozenset[str]]) -> bool:
+        return all(req.satisfied_by(approvers) for req in self.requirements)
+
+
+def escalation_of(determining: Iterable[PolicyInfo], default_expiry: int) -> Escalation | None:
+    """What granting a denial needs, or None when a determining forbid is not escalatable (a hard deny).
+
+    Only half the rule: the caller must also find the call allowed with these forbids lifted.
+    """
+    forbids = [p for p in determining if p.effect == "forbid"]
+    requirements = [requirement_of(p) for p in forbids]
+    if not forbids or any(r is None for r in requirements):
+        return None
+    expiries = [parse_duration(p.annotations["expires"]) for p in forbids if "expires" in p.annotations]
+    # The strictest policy wins: the shortest expiry among the policies that set one.
+    return Escalation(tuple(r for r in requirements if r), min(expiries) if expiries else default_expiry)

@@ -1,0 +1,141 @@
+"""The `cedargate` command: run the proxy, review overrides, hash tokens, check a policy directory."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from proxy.cedar.manifest import (
+    MANIFEST_FILE,
+    MANIFEST_SCHEMA_FILE,
+    ManifestError,
+    load_manifest,
+    schema_text,
+)
+from proxy.cedar.policy import PolicyLoadError, load_bundle
+from proxy.cli.audit_commands import add_audit_commands, run_audit_command
+from proxy.cli.explain import add_explain_command, run_explain_command
+from proxy.cli.override_commands import add_overrides_commands, run_overrides_command
+from proxy.settings.agents import hash_token, new_token
+from proxy.settings.config import ConfigError, load_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cedargate", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="start the proxy and the override API")
+    run.add_argument("--config", help="YAML config file (flags win over it)")
+    run.add_argument("--policy-dir", help="directory of *.cedar, *.cedarschema and entities.json")
+    run.add_argument("--listen-host", help="proxy address (default 127.0.0.1)")
+    run.add_argument("--listen-port", type=int, help="proxy port (default 8080; 0 = any free port)")
+    run.add_argument("--api-host", help="override API address (default 127.0.0.1)")
+    run.add_argument("--api-port", type=int, help="override API port (default 8081; 0 = any free port)")
+    run.add_argument("--allow-non-loopback", action="store_true", default=None,
+                     help="permit binding to an address other hosts can reach")
+    run.add_argument("--state-dir", help="where the CA and the SQLite store live (default .cedargate)")
+    run.add_argument("--database-url", help="SQLAlchemy URL of the decision store (default SQLite in state dir)")
+    run.add_argument("--log-level", default="INFO")
+
+    check = sub.add_parser("check", help="load and validate a policy directory, as `run` would at start")
+    check.add_argument("policy_dir")
+
+    schema = sub.add_parser("schema", help="write the Cedar schema of a policy directory's actions.yaml")
+    schema.add_argument("policy_dir", nargs="?", default="policies")
+    schema.add_argument("--stdout", action="store_true", help="print it instead of writing actions.cedarschema")
+
+    hasher = sub.add_parser("hash-token", help="print the token_sha256 of a token read from stdin")
+    hasher.add_argument("--new", action="store_true", help="make a new random token and print both")
+
+    add_overrides_commands(sub)
+    add_audit_commands(sub)
+    add_explain_command(sub)
+
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return _run(args)
+    if args.command == "overrides":
+        return run_overrides_command(args)
+    if args.command == "audit":
+        return run_audit_command(args)
+    if args.command == "explain":
+        return run_explain_command(args)
+    if args.command == "check":
+        return _check(args.policy_dir)
+    if args.command == "schema":
+        return _schema(args.policy_dir, args.stdout)
+    return _hash(args.new)
+
+
+def _run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # mitmproxy logs every connection at INFO; cedargate's own lines say what matters per call.
+    logging.getLogger("mitmproxy").setLevel(max(logging.WARNING, logging.getLogger().level))
+    overrides = {
+        "policy_dir": args.policy_dir,
+        "proxy.host": args.listen_host,
+        "proxy.port": args.listen_port,
+        "api.host": args.api_host,
+        "api.port": args.api_port,
+        "allow_non_loopback": args.allow_non_loopback,
+        "state_dir": args.state_dir,
+        "database_url": args.database_url,
+    }
+    try:
+        settings = load_settings(args.config, overrides)
+        from proxy.cli.serve import serve
+
+        asyncio.run(serve(settings))
+    except (ConfigError, PolicyLoadError) as exc:
+        print(f"cedargate: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _check(policy_dir: str) -> int:
+    try:
+        bundle = load_bundle(policy_dir)
+    except PolicyLoadError as exc:
+        print(f"cedargate: {exc}", file=sys.stderr)
+        return 1
+    print(f"{policy_dir}: {len(bundle.policies)} policies valid, revision {bundle.revision}")
+    return 0
+
+
+def _schema(policy_dir: str, to_stdout: bool) -> int:
+    try:
+        manifest = load_manifest(policy_dir)
+    except ManifestError as exc:
+        print(f"cedargate: {exc}", file=sys.stderr)
+        return 1
+    if manifest is None:
+        print(f"cedargate: {Path(policy_dir) / MANIFEST_FILE} does not exist", file=sys.stderr)
+        return 1
+    text = schema_text(manifest)
+    if to_stdout:
+        print(text, end="")
+        return 0
+    target = Path(policy_dir) / MANIFEST_SCHEMA_FILE
+    target.write_text(text, encoding="utf-8")
+    endpoints = manifest.mcp_endpoints
+    mcp = f", {len(endpoints)} MCP endpoints ({sum(len(e.tools) for e in endpoints)} tools)" if endpoints else ""
+    print(f"wrote {target}: {len(manifest.actions)} actions{mcp}")
+    return 0
+
+
+def _hash(make_new: bool) -> int:
+    token = new_token() if make_new else sys.stdin.readline().strip()
+    if not token:
+        print("cedargate: no token on stdin", file=sys.stderr)
+        return 2
+    if make_new:
+        print(f"token:        {token}")
+    print(f"token_sha256: {hash_token(token)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""The decision path: one agent call in, one `Verdict` out, and the record of it.
+
+`Gate.decide` never raises and never returns "allow" unless the call mapped cleanly, Cedar allowed it
+with no evaluation errors, and the record can take the row. Every other path is a refusal with a
+problem type saying why. The verdict keeps the determining policies with their annotations, which is
+what a later step needs to turn a denial into an override request.
+
+A denial escalates only if every determining forbid carries `@escalate` and the call would be allowed
+with those forbids lifted (see `proxy.cedar.escalation`); otherwise it is a hard deny: `no-permit` when no
+permit allows the call even then, `policy-denied` when a forbid without `@escalate` matches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+from typing import TYPE_CHECKING
+
+from proxy.calls.mapping import Call, MappingError, MappingOptions, UnknownAction, map_call, parse_json
+from proxy.calls.mcp.jsonrpc import Exchange, McpError, parse_messages
+from proxy.calls.redaction import Redaction
+from proxy.cedar.engine import CedarRequest, Engine, Evaluation, Snapshot
+from proxy.cedar.escalation import Escalation, escalation_of, is_escalatable
+from proxy.cedar.manifest import MCP_ACTIONS, TOOL_NAME, McpEndpointSpec
+from proxy.cedar.policy import PolicyInfo
+from proxy.record.store import Recorder, utcnow
+from proxy.vocabulary.hosts import canonical_host, is_local
+from proxy.vocabulary.printable import printable
+from proxy.vocabulary.problems import Problem, problem_document
+
+if TYPE_CHECKING:
+    from proxy.decision.upstream import UpstreamFailure
+
+log = logging.getLogger(__name__)
+
+MCP_DETAIL = ("server", "rpc_kind", "rpc_method", "tool", "uri", "prompt")
+
+
+class Outcome(str, Enum):
+    ALLOW = "allow"
+    DENY = "deny"  # a hard deny: no human can override it
+    ESCALATE = "escalate"  # denied only by @escalate forbids, beneath which a permit allows the call
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    decision_id: str
+    outcome: Outcome
+    call: Call
+    at: datetime
+    started: float
+    request: CedarRequest | None = None
+    determining: tuple[PolicyInfo, ...] = ()
+    errors: tuple[str, ...] = ()
+    revision: str | None = None
+    problem: Problem | None = None
+    status: int = 200
+    detail: str = ""
+    extra_headers: dict[str, str] = field(default_factory=dict)
+    escalation: Escalation | None = None
+    # The permits that allow the call once its escalatable forbids are lifted: what a grant releases under.
+    beneath: tuple[PolicyInfo, ...] = ()
+    extra: dict = field(default_factory=dict)  # more problem members, e.g. the override id
+
+    @property
+    def allowed(self) -> bool:
+        return self.outcome is Outcome.ALLOW
+
+    @property
+    def action(self) -> str:
+        return f'Action::"{self.request.action[1]}"' if self.request else ""
+
+    @property
+    def resource(self) -> str:
+        return f'{self.request.resource[0]}::"{self.request.resource[1]}"' if self.request else ""
+
+    def problem_body(self) -> dict:
+        """RFC 9457 problem details for a refused call."""
+        assert self.problem is not None
+        return {
+            **problem_document(self.problem, self.status, self.detail),
+            "decision_id": self.decision_id,
+            "policies": [{"id": p.policy_id, "effect": p.effect, "reason": p.reason} for p in self.determining],
+            "errors": list(self.errors),
+            "policy_revision": self.revision,
+            "agent": self.call.agent,
+            "action": self.action or None,
+            "resource": self.resource or None,
+            **self.extra,
+        }
+
+    def problem_json(self) -> bytes:
+        return json.dumps(self.problem_body()).encode()
+
+
+class Gate:
+    def __init__(
+        self, engine: Engine, recorder: Recorder | None, mapping: MappingOptions | None = None, *,
+        default_expiry: int = 3600, protected: frozenset[tuple[str, int]] = frozenset(),
+        redaction: Redaction = Redaction(),
+    ) -> None:
+        self.engine = engine
+        self.recorder = recorder
+        self.mapping = mapping or MappingOptions()
+        self.redaction = redaction  # query secrets, cut out of what is recorded and logged
+        self.default_expiry = default_expiry
+        # (host, port) of cedargate's own API: an agent must never reach it through the proxy.
+        self.protected = protected
+
+    def decide(self, call: Call) -> Verdict:
+        started = time.perf_counter()
+        base = dict(decision_id=str(uuid.uuid4()), call=call, at=utcnow(), started=started)
+        try:
+            return self._decide(call, base)
+        except Exception as exc:  # anything unforeseen refuses the call; it never lets it through
+            log.exception("decision failed for %s %s", printable(call.method), self.shown_url(call.url))
+            return Verdict(
+                **base, outcome=Outcome.ERROR, problem=Problem.EVALUATION_ERROR, status=403,
+                errors=(f"{type(exc).__name__}: {exc}",), detail="cedargate could not decide this call",
+            )
+
+    def _decide(self, call: Call, base: dict) -> Verdict:
+        if self.recorder is not None and self.recorder.unavailable_reason():
+            # The reason itself is for operators (/status, the log); it may describe others' calls.
+            return Verdict(
+                **base, outcome=Outcome.ERROR, problem=Problem.STORE_UNAVAILABLE, status=503,
+                detail="cedargate cannot record decisions right now, so it forwards nothing; retry later",
+                extra_headers={"Retry-After": "5"},
+            )
+        if self._addresses_own_api(call):
+            return Verdict(
+                **base, outcome=Outcome.DENY, problem=Problem.PROXY_API, status=403,
+                detail="cedargate's override API is for humans; the proxy never forwards calls to it",
+            )
+        snapshot = self.engine.snapshot  # the manifest and the policies of one revision
+        try:
+            request = map_call(call, self.mapping, snapshot.bundle.manifest)
+        except UnknownAction as exc:
+            return Verdict(**base, outcome=Outcome.DENY, problem=Problem.UNKNOWN_ACTION, status=exc.status,
+                           detail=str(exc), revision=snapshot.bundle.revision)
+        except MappingError as exc:
+            return Verdict(
+                **base, outcome=Outcome.ERROR, problem=Problem.MAPPING_ERROR, status=exc.status, detail=str(exc)
+            )
+        evaluation = self.engine.evaluate(request, snapshot)
+        determining = evaluation.policies
+        common = dict(base, request=request, determining=determining, errors=evaluation.errors,
+                      revision=evaluation.revision)
+        if evaluation.allowed:
+            return Verdict(**common, outcome=Outcome.ALLOW)
+        if evaluation.errors or evaluation.decision != "Deny":
+            return Verdict(
+                **common, outcome=Outcome.ERROR, problem=Problem.EVALUATION_ERROR, status=403,
+                detail="a policy could not be evaluated for this call, so it is refused: "
+                + "; ".join(evaluation.errors or (f"Cedar returned {evaluation.decision}",)),
+            )
+        forbids = tuple(p for p in determining if p.effect == "forbid")
+        default_deny = f"no policy permits {call.agent} to {call.method.upper()} {call.url} (default deny)"
+        if not forbids:
+            return Verdict(**common, outcome=Outcome.DENY, problem=Problem.NO_PERMIT, status=403,
+                           detail=default_deny)
+        reasons = "; ".join(p.reason or f'forbidden by policy "{p.policy_id}"' for p in forbids)
+        if not all(is_escalatable(p) for p in forbids):
+            return Verdict(**common, outcome=Outcome.DENY, problem=Problem.POLICY_DENIED, status=403,
+                           detail=reasons)
+        # Every forbid is escalatable; a grant would lift them, so what lies beneath decides.
+        lifted = self.engine.evaluate(request, snapshot, lifted=True)
+        if lifted.allowed:
+            return Verdict(
+                **common, outcome=Outcome.ESCALATE, problem=Problem.POLICY_DENIED, status=403, detail=reasons,
+                escalation=escalation_of(forbids, self.default_expiry), beneath=lifted.policies,
+            )
+        return self._not_grantable(common, forbids, lifted, default_deny)
+
+    @staticmethod
+    def _not_grantable(common: dict, forbids: tuple[PolicyInfo, ...], lifted: Evaluation,
+                       default_deny: str) -> Verdict:
+        """The hard deny of a call whose escalatable forbids cover for a missing permit."""
+        if lifted.errors:  # cannot happen after an error-free first evaluation of a superset; refuse anyway
+            return Verdict(
+                **{**common, "errors": lifted.errors}, outcome=Outcome.ERROR, problem=Problem.EVALUATION_ERROR,
+                status=403, detail="a policy could not be evaluated for this call, so it is refused: "
+                + "; ".join(lifted.errors),
+            )
+        others = tuple(p for p in lifted.policies if p.effect == "forbid")
+        if others:  # likewise impossible (Cedar reports every matching forbid), and a hard deny all the same
+            return Verdict(
+                **{**common, "determining": forbids + others}, outcome=Outcome.DENY,
+                problem=Problem.POLICY_DENIED, status=403,
+                detail="; ".join(p.reason or f'forbidden by policy "{p.policy_id}"' for p in forbids + others),
+            )
+        ids = ", ".join(f'"{p.policy_id}"' for p in forbids)
+        return Verdict(
+            **common, outcome=Outcome.DENY, problem=Problem.NO_PERMIT, status=403,
+            detail=f"{default_deny}. The matching escalatable {'forbid' if len(forbids) == 1 else 'forbids'} "
+            f"{ids} cannot make it grantable: an override lifts a forbid, it never stands in for a permit.",
+        )
+
+    def mcp_endpoint(self, call: Call, snapshot: Snapshot | None = None) -> McpEndpointSpec | None:
+        """The MCP endpoint the call is addressed to, if the action manifest names one there."""
+        manifest = (snapshot or self.engine.snapshot).bundle.manifest
+        return manifest.mcp_endpoint(canonical_host(call.host), call.path) if manifest else None
+
+    def mcp_exchange(self, call: Call) -> Exchange | None:
+        """The call's JSON-RPC messages if it goes to an MCP endpoint; None if it does not.
+
+        A body that is not JSON-RPC gives no messages: deciding the call then refuses it, saying why.
+        """
+        if self.mcp_endpoint(call) is None:
+            return None
+        if call.method.upper() != "POST":
+            return Exchange((), False)
+        try:
+            messages, batch = parse_messages(parse_json(call, self.mapping.max_body_bytes))
+        except (MappingError, McpError):
+            return Exchange((), False)
+        return Exchange(tuple(messages), batch)
+
+    def visible_tools(self, call: Call, names: Iterable[str]) -> set[str]:
+        """Of the tools an MCP server lists in answer to `call`, those the agent could ever be allowed to call.
+
+        A tool is hidden only when every call of it is denied without a human able to override: no
+        permit's scope holds, an unconditional forbid without @escalate does, or the manifest refuses it
+        as unknown. A tool that policy allows only for some arguments stays visible.
+        """
+        snapshot = self.engine.snapshot  # one revision for the endpoint and the policies
+        endpoint = self.mcp_endpoint(call, snapshot)
+        if endpoint is None:
+            return set(names)
+        agent, action = ("Agent", call.agent), ("Action", "call_tool")
+        return {
+            name for name in names
+            if TOOL_NAME.match(name) and (name in endpoint.tools or endpoint.unknown_tools == "policy")
+            and snapshot.could_allow(agent, action, ("Tool", f"{endpoint.server}/{name}"), call.path)
+        }
+
+    def _addresses_own_api(self, call: Call) -> bool:
+        return self.reaches_own_api([call.host], call.port)
+
+    def reaches_own_api(self, hosts: Iterable[str], port: int) -> bool:
+        """Whether any of `hosts` (the names a call uses, or the addresses they resolve to) on `port`
+        is cedargate's own API. The proxy asks with the name at decision time and again with the
+        resolved addresses before it connects, so no alias reaches the API."""
+        api_hosts = [api_host for api_host, api_port in self.protected if api_port == port]
+        if not api_hosts:  # the common case, decided without looking at the host
+            return False
+        for host in map(canonical_host, hosts):
+            for api_host in api_hosts:
+                if host == canonical_host(api_host) or is_local(host) and is_local(api_host):
+                    return True
+        return False
+
+    def shown_url(self, url: str) -> str:
+        """A call's URL for a log line or a person: query secrets redacted, escapes made visible."""
+        return printable(self.redaction.url(url))
+
+    def finish(self, verdict: Verdict, upstream_status: int | None = None,
+               failure: UpstreamFailure | None = None) -> None:
+        """Append the verdict to the record, with the upstream's status once it is known, or how the
+        exchange failed (kept in `errors`, as "upstream <kind>: ...")."""
+        call = verdict.call
+        errors = list(verdict.errors) + ([verdict.detail] if verdict.outcome is Outcome.ERROR else [])
+        if failure is not None:
+            errors.append(failure.recorded)
+        if errors and call.query:  # a message may quote the query, or a value taken from it
+            errors = self.redaction.scrub(errors, call.query)
+        self.recorder.record({
+            "decision_id": verdict.decision_id,
+            "at": verdict.at,
+            "agent": call.agent,
+            "method": call.method.upper(),
+            "scheme": call.scheme,
+            "host": call.host,
+            "port": call.port,
+            "path": call.path,
+            "action": verdict.action,
+            "resource": verdict.resource,
+            "decision": verdict.outcome.value,
+            "determining_policies": json.dumps([p.policy_id for p in verdict.determining]),
+            "errors": json.dumps(errors),
+            "policy_revision": verdict.revision,
+            "upstream_status": upstream_status,
+            "duration_ms": round((time.perf_counter() - verdict.started) * 1000, 3),
+            **self._detail(verdict),
+        })
+
+    @staticmethod
+    def _detail(verdict: Verdict) -> dict:
+        """For the audit log: what an MCP message was, which path and method do not say."""
+        request = verdict.request
+        if request is None or request.action[1] not in MCP_ACTIONS:
+            return {}
+        return {"detail": {k: request.context[k] for k in MCP_DETAIL if k in request.context}}
+

@@ -1,0 +1,236 @@
+"""Graceful escalation: turning an escalatable denial into a held call that a human may release once.
+
+`Oversight.resolve` stores (or joins) the override request before the agent hears anything, holds the
+call until a human decides or the hold ends, and returns a `Resolution`: release the call upstream, or
+refuse it with a problem saying why (denied, expired, still pending with where to look, or refused at
+release because current policy now hard-denies it). A grant is consumed by exactly one release.
+
+At release the call is decided again under the current policies, by the same rule as any call: it goes
+only if it is still allowed, or still denied only by escalatable forbids the grant covers, with a permit
+beneath them. An agent's retry of a granted call that current policy hard-denies never reaches a hold;
+`refuse_grant` spends that grant as refused, so the agent (and the reviewer) learn why.
+A call for which no request may be opened (see `proxy.oversight.limits`) is refused at once, not held, and the
+refusal is recorded as an `override_refused` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from proxy.calls.mcp.binding import binding_of
+from proxy.decision.gate import Gate, Outcome, Verdict
+from proxy.oversight.holds import Holds, wait_for_event
+from proxy.oversight.limits import OverrideRefused, Refusal
+from proxy.oversight.overrides import Override, OverrideStatus, OverrideStore
+from proxy.record.store import Recorder, utcnow
+from proxy.vocabulary.printable import printable
+from proxy.vocabulary.problems import Problem
+
+log = logging.getLogger(__name__)
+
+# Why no request was opened -> what the agent is answered (status 413: waiting will not help).
+REFUSALS = {
+    Refusal.BODY_TOO_LARGE: (Problem.OVERRIDE_BODY_TOO_LARGE, 413),
+    Refusal.TOO_MANY_PENDING: (Problem.TOO_MANY_PENDING_OVERRIDES, 429),
+    Refusal.RATE_LIMITED: (Problem.OVERRIDE_RATE_LIMITED, 429),
+}
+
+
+@dataclass(frozen=True)
+class Resolution:
+    release: bool
+    verdict: Verdict  # for a refusal: the verdict to answer with
+    override_id: str | None = None
+
+
+def requested_wait(prefer: str | None, maximum: float) -> float:
+    """How long to hold, from RFC 7240 `Prefer: wait=N` / `Prefer: respond-async`, capped at `maximum`."""
+    if not prefer:
+        return maximum
+    preferences = [p.strip().lower() for p in prefer.split(",")]
+    for preference in preferences:
+        match = re.fullmatch(r"wait\s*=\s*(\d+)", preference)
+        if match:  # with respond-async too: RFC 7240's "answer async if it takes longer than N"
+            return min(float(match.group(1)), maximum)
+    return 0.0 if "respond-async" in preferences else maximum
+
+
+class Oversight:
+    def __init__(self, gate: Gate, overrides: OverrideStore, holds: Holds, recorder: Recorder,
+                 api_base_url: Callable[[], str]) -> None:
+        self.gate = gate
+        self.overrides = overrides
+        self.holds = holds
+        self.recorder = recorder
+        self.api_base_url = api_base_url
+
+    async def resolve(self, verdict: Verdict, wait: float, justification: str | None,
+                      client_alive: Callable[[], bool]) -> Resolution:
+        assert verdict.outcome is Outcome.ESCALATE and verdict.escalation and verdict.request
+        deadline = time.monotonic() + wait
+        try:
+            override = await self._open(verdict, justification)
+            while True:
+                with self.holds.watching(override.id) as woken:
+                    outcome = await self._hold(verdict, override, deadline, woken, client_alive)
+                if outcome is not None:
+                    return outcome
+                # Another identical call consumed the grant first: this one is a new decision.
+                override = await self._open(verdict, justification)
+        except OverrideRefused as refused:
+            return self._not_opened(verdict, refused)
+
+    def _not_opened(self, verdict: Verdict, refused: OverrideRefused) -> Resolution:
+        """Refuse a call for which no override request may be opened; record why."""
+        problem, status = REFUSALS[refused.reason]
+        headers, extra = dict(verdict.extra_headers), {}
+        if refused.retry_after is not None:
+            headers["Retry-After"] = str(refused.retry_after)
+            extra["retry_after"] = refused.retry_after
+        self.recorder.record_event({
+            "kind": "override_refused", "decision_id": verdict.decision_id, "agent": verdict.call.agent,
+            "payload": {"reason": refused.reason.value, "detail": refused.detail,
+                        "policies": [p.policy_id for p in verdict.determining]},
+        })
+        log.info("no override request opened for %s %s by %s: %s", printable(verdict.call.method),
+                 self.gate.shown_url(verdict.call.url), verdict.call.agent, refused.reason.value)
+        detail = f"{verdict.detail} No override request was opened: {refused.detail}"
+        return Resolution(False, replace(verdict, problem=problem, status=status, detail=detail,
+                                         extra_headers=headers, extra=extra))
+
+    async def _hold(self, verdict: Verdict, override: Override, deadline: float, woken: asyncio.Event,
+                    client_alive: Callable[[], bool]) -> Resolution | None:
+        while True:
+            # Read after subscribing, so a decision committed from here on still wakes this hold.
+            override = await asyncio.to_thread(self.overrides.get, override.id) or override
+            status = OverrideStatus(override.status)
+            if status is OverrideStatus.GRANTED:
+                if not client_alive():  # leave the grant for the agent's retry
+                    return self._refuse(verdict, override, Problem.OVERRIDE_PENDING, "the client went away")
+                return await asyncio.to_thread(self._release, verdict, override)
+            if status is OverrideStatus.RELEASED:
+                return None  # an identical call used the grant: this one is a new decision
+            if status is OverrideStatus.RELEASE_REFUSED:
+                return self._refuse(verdict, override, Problem.RELEASE_REFUSED,
+                                    "the override was granted, but the current policies refuse the call")
+            if status is OverrideStatus.DENIED:
+                return self._refuse(verdict, override, Problem.OVERRIDE_DENIED,
+                                    f"a reviewer denied the override: {override.decided_reason}")
+            if status is not OverrideStatus.PENDING:
+                return self._refuse(verdict, override, Problem.OVERRIDE_EXPIRED,
+                                    "the override request expired before enough approvals arrived")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return self._refuse(verdict, override, Problem.OVERRIDE_PENDING,
+                                    f"{verdict.detail} An override request is waiting for review; "
+                                    "retry the identical call after it is granted.")
+            woken.clear()
+            # No polling: decisions made through the API and expiries by the sweeper notify this hold.
+            await wait_for_event(woken, remaining)
+
+    async def _open(self, verdict: Verdict, justification: str | None) -> Override:
+        request = verdict.request
+        policies = [{"id": p.policy_id, "reason": p.reason, "annotations": dict(p.annotations)}
+                    for p in verdict.determining]
+        override, created = await asyncio.to_thread(
+            self.overrides.open_or_attach, verdict.call, decision_id=verdict.decision_id,
+            escalation=verdict.escalation, policies=policies,
+            cedar_request={"principal": f'Agent::"{request.principal[1]}"', "action": verdict.action,
+                           "resource": verdict.resource, "context": request.context},
+            revision=verdict.revision, justification=justification,
+            binding=binding_of(request.action[1], verdict.call.body),
+        )
+        if created:
+            self.event("override_created", override, decision_id=verdict.decision_id,
+                       payload={"policies": policies, "requirements": override.requirements,
+                                "expires_at": override.expires_at.isoformat(), "justification": justification})
+        return override
+
+    async def refuse_grant(self, verdict: Verdict) -> Resolution | None:
+        """For a call current policy hard-denies: spend a grant a human gave this exact call as refused,
+        and answer with why; None when it has none (the hard deny stands as it is).
+
+        Without this the grant would stay live, and be released should the policies change back.
+        """
+        if verdict.request is None or verdict.outcome not in (Outcome.DENY, Outcome.ERROR):
+            return None
+        binding = binding_of(verdict.request.action[1], verdict.call.body)
+        override = await asyncio.to_thread(self.overrides.granted_for, verdict.call, binding)
+        if override is None:
+            return None
+        return await asyncio.to_thread(self._refuse_release, verdict, verdict, override, True)
+
+    def _release(self, verdict: Verdict, override: Override) -> Resolution | None:
+        """Check the call against the current policies, then consume the grant; None if already consumed."""
+        now = utcnow()
+        recheck = self.gate.decide(verdict.call)
+        if recheck.problem is Problem.STORE_UNAVAILABLE:  # passing trouble: keep the grant for a retry
+            return Resolution(False, replace(recheck, decision_id=verdict.decision_id), override.id)
+        granted_for = {p["id"] for p in json.loads(override.policies)}
+        needs_more = recheck.outcome is Outcome.ESCALATE and not {
+            p.policy_id for p in recheck.determining} <= granted_for
+        if recheck.outcome in (Outcome.DENY, Outcome.ERROR) or needs_more:
+            # A hard deny now (no permit beneath any more, say), or policies that changed to need
+            # approvals nobody gave: never release.
+            return self._refuse_release(verdict, recheck, override, False)
+        if not self.overrides.transition(override.id, OverrideStatus.GRANTED, OverrideStatus.RELEASED,
+                                         unexpired_grant=True, released_at=now,
+                                         release_decision_id=verdict.decision_id):
+            return None
+        self.event("release", override, decision_id=verdict.decision_id,
+                   payload={"policy_revision": recheck.revision, "recheck": recheck.outcome.value,
+                            "policies": [p.policy_id for p in recheck.determining]})
+        log.info("released %s %s for %s under override %s", printable(verdict.call.method),
+                 self.gate.shown_url(verdict.call.url), verdict.call.agent, override.id)
+        return Resolution(True, verdict, override.id)
+
+    def _refuse_release(self, verdict: Verdict, recheck: Verdict, override: Override,
+                        only_if_spent: bool) -> Resolution | None:
+        """Move the grant to release_refused and answer with the recheck's reason.
+
+        `only_if_spent`: None when this caller did not move it (it expired or was used meanwhile).
+        """
+        spent = self.overrides.transition(override.id, OverrideStatus.GRANTED, OverrideStatus.RELEASE_REFUSED,
+                                          released_at=utcnow(), release_decision_id=verdict.decision_id)
+        if spent:
+            # The recheck's detail may quote the URL: its query secrets stay out of the record.
+            self.event("release_refused", override, decision_id=verdict.decision_id,
+                       payload={"recheck": self.gate.redaction.scrub(recheck.problem_body(), verdict.call.query)})
+        elif only_if_spent:
+            return None
+        override = self.overrides.get(override.id) or override  # report the status it has now
+        return self._refuse(replace(recheck, decision_id=verdict.decision_id), override, Problem.RELEASE_REFUSED,
+                            f"the override was granted, but the current policies refuse the call: {recheck.detail}")
+
+    def _refuse(self, verdict: Verdict, override: Override, problem: Problem, detail: str) -> Resolution:
+        status_url = f"{self.api_base_url()}/overrides/{override.id}"
+        extra = {"override_id": override.id, "override_status": override.status, "override_url": status_url}
+        headers = dict(verdict.extra_headers)
+        if problem is Problem.OVERRIDE_PENDING:
+            headers["Retry-After"] = "10"
+            extra["retry_after"] = 10
+            extra["required_roles"] = sorted(verdict.escalation.roles) if verdict.escalation else []
+        refused = replace(verdict, problem=problem, status=403, detail=detail, extra=extra,
+                          extra_headers=headers)
+        return Resolution(False, refused, override.id)
+
+    def event(self, kind: str, override: Override, *, decision_id: str | None = None,
+              actor: str | None = None, payload: dict | None = None) -> None:
+        self.recorder.record_event({
+            "kind": kind, "override_id": override.id, "decision_id": decision_id, "agent": override.agent,
+            "actor": actor, "payload": payload or {},
+        })
+
+    def sweep(self) -> None:
+        """Expire due requests and grants, record it, and wake their holders."""
+        for override_id, status in self.overrides.expire_due():
+            override = self.overrides.get(override_id)
+            if override:
+                self.event("expired" if status == OverrideStatus.EXPIRED.value else "grant_expired", override)
+            self.holds.notify(override_id)

@@ -1,0 +1,412 @@
+"""Override requests: a denied call waiting for humans, and the one-time grant that may release it.
+
+State machine: pending -> granted | denied | expired; granted -> released | release_refused |
+grant_expired. Every transition is a conditional UPDATE on (id, version, status), so concurrent
+approve/approve and approve/deny end in exactly one consistent state on SQLite and PostgreSQL alike:
+the loser's transaction changes nothing and is retried against the new state. A grant is consumed by
+the transition granted -> released, which succeeds for exactly one caller.
+
+Opening is where floods are stopped (see `proxy.oversight.limits`): a body too large to show a reviewer whole,
+an agent with too many requests pending, or one opening them too fast gets `OverrideRefused` and
+nothing is stored. What is stored of the call has its query secrets redacted (`proxy.calls.redaction`);
+the fingerprint, which a grant binds to, is of the call exactly as sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import Enum
+
+from sqlalchemy import Column, DateTime, LargeBinary, UniqueConstraint, update
+from sqlalchemy.engine import Engine as SAEngine
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlmodel import Field, Session, SQLModel, func, select
+
+from proxy.calls.mapping import Call, is_secret_header
+from proxy.calls.redaction import Redaction
+from proxy.cedar.escalation import Escalation, Requirement
+from proxy.oversight.limits import OverrideLimits, OverrideRefused, Refusal, TokenBuckets
+from proxy.record.store import utcnow
+from proxy.vocabulary.hosts import canonical_host
+
+
+class OverrideStatus(str, Enum):
+    PENDING = "pending"
+    GRANTED = "granted"
+    DENIED = "denied"
+    EXPIRED = "expired"
+    RELEASED = "released"
+    RELEASE_REFUSED = "release_refused"
+    GRANT_EXPIRED = "grant_expired"
+
+
+def _moment(index: bool = False, optional: bool = False):
+    # timestamptz on PostgreSQL, so comparisons never depend on the server's time zone.
+    return Field(default=None if optional else ..., index=index, sa_type=DateTime(timezone=True))
+
+
+class Override(SQLModel, table=True):
+    __tablename__ = "overrides"
+
+    id: str = Field(primary_key=True)
+    fingerprint: str = Field(index=True)
+    status: str = Field(index=True)
+    version: int = 0
+    agent: str = Field(index=True)
+    method: str
+    url: str
+    host: str
+    path: str
+    action: str = Field(index=True)
+    resource: str
+    headers: str = "{}"  # JSON, secrets removed
+    body: bytes = Field(default=b"", sa_column=Column(LargeBinary, nullable=False))
+    body_sha256: str
+    cedar_request: str = "{}"  # JSON
+    policies: str = "[]"  # JSON: id, reason, annotations of each determining forbid
+    requirements: str = "[]"  # JSON: roles and approvals each policy needs
+    policy_revision: str
+    decision_id: str
+    justification: str | None = None
+    created_at: datetime = _moment()
+    expires_at: datetime = _moment(index=True)
+    decided_at: datetime | None = _moment(optional=True)
+    decided_reason: str | None = None
+    grant_expires_at: datetime | None = _moment(optional=True)
+    released_at: datetime | None = _moment(optional=True)
+    release_decision_id: str | None = None
+
+
+class OverrideVote(SQLModel, table=True):
+    __tablename__ = "override_votes"
+    __table_args__ = (UniqueConstraint("override_id", "approver"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    override_id: str = Field(index=True, foreign_key="overrides.id")
+    approver: str
+    roles: str = "[]"
+    verdict: str  # approve | deny
+    reason: str
+    at: datetime = _moment()
+
+
+class OverrideError(Exception):
+    """A reviewer's request that cannot be carried out; `status` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+# Headers that describe the hop, not the call: everything else is bound into the fingerprint, since
+# policies read headers and upstreams act on them (Authorization, X-HTTP-Method-Override, tenants...).
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-authorization", "te", "trailer",
+                        "transfer-encoding", "upgrade", "content-length"})
+# An MCP client's session, not part of what a tool call does: a retry in a new session is the same call.
+MCP_SESSION_HEADERS = frozenset({"mcp-session-id", "last-event-id"})
+
+
+def fingerprint(call: Call, binding: bytes | None = None) -> str:
+    """Same agent, method, normalized URL, body and end-to-end headers => same fingerprint.
+
+    `binding` stands in for the body when the body holds more than what the call does: an MCP message's
+    JSON-RPC id and session differ on every retry of the same tool call (see `proxy.calls.mcp`).
+    """
+    skip = HOP_BY_HOP | MCP_SESSION_HEADERS if binding is not None else HOP_BY_HOP
+    headers = sorted((k.lower(), v) for k, v in call.headers.items() if k.lower() not in skip)
+    parts = {
+        "agent": call.agent,
+        "method": call.method.upper(),
+        "url": f"{call.scheme}://{canonical_host(call.host)}:{call.port}{call.path}?{call.query}",
+        "body": hashlib.sha256(call.body if binding is None else binding).hexdigest(),
+        "headers": headers,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def headers_for_review(headers) -> dict[str, str]:
+    # A reviewer sees that a credential was sent, never its value.
+    return {k: ("[redacted]" if is_secret_header(k) else v) for k, v in headers.items()
+            if k.lower() != "proxy-authorization"}
+
+
+@dataclass(frozen=True)
+class Vote:
+    approver: str
+    roles: frozenset[str]
+    verdict: str
+    reason: str
+    at: datetime
+
+
+class OverrideStore:
+    """Plain operations on override requests; every method is one short transaction."""
+
+    RETRIES = 20
+    LIST_PAGE = 100  # rows read at a time when a listing is filtered by the reviewer's roles
+
+    def __init__(self, engine: SAEngine, grant_ttl: int = 600, *, limits: OverrideLimits = OverrideLimits(),
+                 redaction: Redaction = Redaction(), clock: Callable[[], float] = time.monotonic) -> None:
+        self.engine = engine
+        self.grant_ttl = grant_ttl
+        self.limits = limits
+        self.redaction = redaction
+        self._buckets = TokenBuckets(limits.rate_per_minute, clock) if limits.rate_per_minute else None
+        # One proxy process opens overrides; the lock keeps identical concurrent calls on one request,
+        # and makes each agent's limits exact: the count of its pending requests, the check against
+        # the cap, the insert and taking a token happen as one step, so concurrent calls can never
+        # open more than `max_pending_per_agent` pending requests or outrun the rate. (Two processes
+        # on one database, which the record does not support either, would each allow that many.)
+        self._open_lock = threading.Lock()
+        SQLModel.metadata.create_all(engine, tables=[Override.__table__, OverrideVote.__table__])
+
+    def open_or_attach(
+        self, call: Call, *, decision_id: str, escalation: Escalation, policies: list[dict],
+        cedar_request: dict, revision: str, justification: str | None, binding: bytes | None = None,
+    ) -> tuple[Override, bool]:
+        """The live (pending or granted) override for this exact call, or a new pending one.
+
+        Raises `OverrideRefused` when a new one may not be opened; an identical retry of a live
+        request always finds it, whatever the limits.
+        """
+        print_ = fingerprint(call, binding)
+        now = utcnow()
+        with self._open_lock, Session(self.engine, expire_on_commit=False) as session:
+            live = session.exec(
+                select(Override).where(
+                    Override.fingerprint == print_,
+                    Override.status.in_([OverrideStatus.PENDING.value, OverrideStatus.GRANTED.value]),
+                ).order_by(Override.created_at.desc())
+            ).first()
+            if live and _still_live(live, now):
+                return live, False
+            self._admit(session, call, now)
+            shown_request = dict(cedar_request)
+            if isinstance(cedar_request.get("context"), dict):
+                shown_request["context"] = self.redaction.context(cedar_request["context"], call.query)
+            override = Override(
+                id=str(uuid.uuid4()), fingerprint=print_, status=OverrideStatus.PENDING.value,
+                agent=call.agent, method=call.method.upper(), url=self.redaction.url(call.url),
+                host=canonical_host(call.host),
+                path=call.path, action=cedar_request["action"], resource=cedar_request["resource"],
+                headers=json.dumps(headers_for_review(call.headers)),
+                body=call.body, body_sha256=hashlib.sha256(call.body).hexdigest(),
+                cedar_request=json.dumps(shown_request), policies=json.dumps(policies),
+                requirements=json.dumps([r.as_dict() for r in escalation.requirements]),
+                policy_revision=revision, decision_id=decision_id, justification=justification,
+                created_at=now, expires_at=now + timedelta(seconds=escalation.expires_in),
+            )
+            session.add(override)
+            session.commit()
+            if self._buckets is not None:
+                self._buckets.take(call.agent)
+            return override, True
+
+    def granted_for(self, call: Call, binding: bytes | None = None) -> Override | None:
+        """The unexpired, unconsumed grant for this exact call, if a human gave one."""
+        with Session(self.engine, expire_on_commit=False) as session:
+            return session.exec(
+                select(Override).where(
+                    Override.fingerprint == fingerprint(call, binding),
+                    Override.status == OverrideStatus.GRANTED.value,
+                    Override.grant_expires_at > utcnow(),
+                ).order_by(Override.created_at.desc())
+            ).first()
+
+    def _admit(self, session: Session, call: Call, now: datetime) -> None:
+        """Raise `OverrideRefused` if the agent may not open a request for `call` now."""
+        limits = self.limits
+        if limits.max_body_bytes is not None and len(call.body) > limits.max_body_bytes:
+            raise OverrideRefused(
+                Refusal.BODY_TOO_LARGE,
+                f"the call's body is {len(call.body)} bytes; an escalated call is kept whole for its "
+                f"reviewers up to {limits.max_body_bytes} bytes (max_override_body_bytes), since a reviewer "
+                "grants exactly what they see. Send the call with a smaller body.",
+            )
+        if limits.max_pending_per_agent is not None:
+            count, soonest = session.exec(select(func.count(), func.min(Override.expires_at)).where(
+                Override.agent == call.agent, Override.status == OverrideStatus.PENDING.value,
+                Override.expires_at > now,
+            )).one()
+            if count >= limits.max_pending_per_agent:
+                # A review may come any moment; the soonest expiry frees a place at the latest.
+                wait = 60 if soonest is None else math.ceil((_aware(soonest) - now).total_seconds())
+                raise OverrideRefused(
+                    Refusal.TOO_MANY_PENDING,
+                    f"{call.agent} already has {count} override requests waiting for review, the most one "
+                    "agent may have (max_pending_overrides_per_agent); no request was opened for this call. "
+                    "Retry it once reviewers have decided some; the identical call of a pending request "
+                    "still finds it.",
+                    max(1, min(60, wait)),
+                )
+        if self._buckets is not None:
+            wait = self._buckets.wait(call.agent)
+            if wait:
+                raise OverrideRefused(
+                    Refusal.RATE_LIMITED,
+                    f"{call.agent} is opening override requests faster than the {limits.rate_per_minute} a "
+                    f"minute one agent may (override_rate); no request was opened for this call. Retry "
+                    f"after {wait} s.",
+                    wait,
+                )
+
+    def get(self, override_id: str) -> Override | None:
+        with Session(self.engine, expire_on_commit=False) as session:
+            return session.get(Override, override_id)
+
+    def votes(self, override_id: str) -> list[Vote]:
+        with Session(self.engine) as session:
+            rows = session.exec(
+                select(OverrideVote).where(OverrideVote.override_id == override_id).order_by(OverrideVote.at)
+            ).all()
+        return [Vote(r.approver, frozenset(json.loads(r.roles)), r.verdict, r.reason, r.at) for r in rows]
+
+    def list(self, status: str | None = None, agent: str | None = None, action: str | None = None,
+             limit: int = 100, roles: frozenset[str] | None = None) -> list[Override]:
+        """Newest first; with `roles`, only the requests someone holding them can decide (`can_decide`)."""
+        query = select(Override).order_by(Override.created_at.desc(), Override.id)
+        if status:
+            query = query.where(Override.status == status)
+        if agent:
+            query = query.where(Override.agent == agent)
+        if action:
+            query = query.where(Override.action == action)
+        found: list[Override] = []
+        with Session(self.engine, expire_on_commit=False) as session:
+            if roles is None:
+                return list(session.exec(query.limit(limit)).all())
+            # The roles a request needs are JSON in its row: filter here, a page at a time, until enough.
+            page, offset = max(limit, self.LIST_PAGE), 0
+            while len(found) < limit:
+                rows = session.exec(query.offset(offset).limit(page)).all()
+                found.extend(o for o in rows if can_decide(o, roles))
+                if len(rows) < page:
+                    break
+                offset += page
+        return found[:limit]
+
+    def vote(self, override_id: str, approver: str, roles: frozenset[str], verdict: str,
+             reason: str) -> tuple[Override, bool]:
+        """Record one approver's approve/deny; returns the override and whether this vote changed its status."""
+        for _ in range(self.RETRIES):
+            try:
+                with Session(self.engine, expire_on_commit=False) as session:
+                    override = session.get(Override, override_id)
+                    if override is None:
+                        raise OverrideError(404, f"no override request {override_id}")
+                    self._check_vote(override, approver, roles, verdict)
+                    now = utcnow()
+                    if override.status == OverrideStatus.PENDING.value and _aware(override.expires_at) <= now:
+                        raise OverrideError(409, "the override request has expired")
+                    prior = session.exec(select(OverrideVote).where(
+                        OverrideVote.override_id == override_id, OverrideVote.approver == approver)).first()
+                    if prior is None:
+                        session.add(OverrideVote(override_id=override_id, approver=approver,
+                                                 roles=json.dumps(sorted(roles)), verdict=verdict,
+                                                 reason=reason, at=now))
+                        session.flush()
+                    elif prior.verdict != verdict:
+                        raise OverrideError(409, f"{approver} already voted to {prior.verdict} this request")
+                    approvals = {
+                        v.approver: frozenset(json.loads(v.roles))
+                        for v in session.exec(select(OverrideVote).where(
+                            OverrideVote.override_id == override_id, OverrideVote.verdict == "approve")).all()
+                    }
+                    values: dict = {"version": override.version + 1}
+                    if verdict == "deny":
+                        values.update(status=OverrideStatus.DENIED.value, decided_at=now, decided_reason=reason)
+                    elif all(r.satisfied_by(approvals) for r in requirements_of(override)):
+                        values.update(status=OverrideStatus.GRANTED.value, decided_at=now, decided_reason=reason,
+                                      grant_expires_at=now + timedelta(seconds=self.grant_ttl))
+                    changed = session.execute(
+                        update(Override)
+                        .where(Override.id == override_id, Override.version == override.version,
+                               Override.status == OverrideStatus.PENDING.value)
+                        .values(**values)
+                    ).rowcount
+                    if changed != 1:
+                        session.rollback()  # someone else moved it first: look again
+                        continue
+                    session.commit()
+                    return self.get(override_id), "status" in values
+            except (IntegrityError, OperationalError):
+                continue  # a concurrent vote or a busy SQLite writer: retry against the new state
+        raise OverrideError(503, "the override request is too contended to update; retry")
+
+    @staticmethod
+    def _check_vote(override: Override, approver: str, roles: frozenset[str], verdict: str) -> None:
+        if override.status != OverrideStatus.PENDING.value:
+            raise OverrideError(409, f"the override request is {override.status}, not pending")
+        if approver == override.agent:
+            raise OverrideError(403, "an approver cannot decide on a call made under their own identity")
+        needed = needed_roles(override)
+        if not roles & needed:
+            raise OverrideError(
+                403, f"{approver} holds none of the roles this request needs ({', '.join(sorted(needed))})"
+            )
+
+    def transition(self, override_id: str, from_status: OverrideStatus, to_status: OverrideStatus,
+                   *, unexpired_grant: bool = False, **values) -> bool:
+        """Move one override if it is still in `from_status`; True for exactly one caller.
+
+        `unexpired_grant` also requires the grant to be within its time, so releasing never depends
+        on the expiry sweeper having run.
+        """
+        condition = [Override.id == override_id, Override.status == from_status.value]
+        if unexpired_grant:
+            condition.append(Override.grant_expires_at > utcnow())
+        with Session(self.engine) as session:
+            changed = session.execute(
+                update(Override).where(*condition)
+                .values(status=to_status.value, version=Override.version + 1, **values)
+            ).rowcount
+            session.commit()
+        return changed == 1
+
+    def expire_due(self) -> list[tuple[str, str]]:
+        """Expire pending requests and unused grants past their time; returns (id, new status)."""
+        now = utcnow()
+        expired = []
+        with Session(self.engine) as session:
+            due = session.exec(select(Override.id, Override.status).where(
+                ((Override.status == OverrideStatus.PENDING.value) & (Override.expires_at <= now))
+                | ((Override.status == OverrideStatus.GRANTED.value) & (Override.grant_expires_at <= now))
+            )).all()
+        for override_id, status in due:
+            target = OverrideStatus.EXPIRED if status == OverrideStatus.PENDING.value else OverrideStatus.GRANT_EXPIRED
+            if self.transition(override_id, OverrideStatus(status), target, decided_at=now):
+                expired.append((override_id, target.value))
+        return expired
+
+
+def needed_roles(override: Override) -> frozenset[str]:
+    """Every role that can approve some part of the request: holding one makes a person its reviewer."""
+    return frozenset(role for r in json.loads(override.requirements) for role in r["roles"])
+
+
+def can_decide(override: Override, roles: frozenset[str]) -> bool:
+    return bool(roles & needed_roles(override))
+
+
+def requirements_of(override: Override) -> list[Requirement]:
+    return [Requirement(r["policy_id"], tuple(r["roles"]), r["approvals"]) for r in json.loads(override.requirements)]
+
+
+def _still_live(override: Override, now: datetime) -> bool:
+    if override.status == OverrideStatus.PENDING.value:
+        return _aware(override.expires_at) > now
+    return override.grant_expires_at is not None and _aware(override.grant_expires_at) > now
+
+
+def _aware(moment: datetime) -> datetime:
+    # SQLite hands datetimes back without their zone; they were written in UTC.
+    return moment if moment.tzinfo else moment.replace(tzinfo=utcnow().tzinfo)

@@ -1,0 +1,268 @@
+"""The tamper-evident audit log: every recorded event as one row of a SHA-256 hash chain.
+
+Each `AuditEntry` holds the hash of the row before it (`prev_hash`), and its own `hash` covers its
+content and that link, so editing, deleting or reordering rows breaks the chain at the first row
+touched; `verify` walks the chain and names that row. A chain cannot show that its newest rows were
+cut off, so the one-row `audit_head` table, written in the same transaction as every append, holds
+the newest seq and hash. Rows are appended only by `proxy.record.store.Recorder`'s writer thread, which
+keeps the head in memory between batches: only one cedargate process may write to a given database.
+
+The hash of a row is SHA-256 (hex) over `canonical({"seq", "at", "kind", "decision_id",
+"override_id", "agent", "actor", "payload", "prev_hash"})`, where `at` is the UTC time as
+`YYYY-MM-DDTHH:MM:SS.ffffff+00:00`, `payload` the stored JSON text and the first row's `prev_hash`
+64 zeros; `canonical` is `json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=False)`
+encoded as UTF-8, so anyone can check the log without cedargate. What the chain cannot show: someone
+who can write to the database and recomputes every hash after their edit, and the head, leaves a
+consistent log; compare the head `verify` reports with a copy kept elsewhere to catch that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine, Table, func, inspect, select, text
+from sqlalchemy.engine import Connection
+from sqlmodel import Field, SQLModel
+
+GENESIS = "0" * 64
+
+
+class AuditEntry(SQLModel, table=True):
+    __tablename__ = "audit_log"
+
+    seq: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    at: datetime
+    kind: str  # decision | override_created | approval | denial | grant | release | expired | ...
+    decision_id: str | None = Field(default=None, index=True)
+    override_id: str | None = Field(default=None, index=True)
+    agent: str | None = None
+    actor: str | None = None  # the approver, for approvals and denials
+    payload: str  # canonical JSON of the event
+    prev_hash: str
+    hash: str
+
+
+class AuditHead(SQLModel, table=True):
+    """The newest row's seq and hash: what shows that rows were deleted at the end."""
+
+    __tablename__ = "audit_head"
+
+    id: int = Field(default=1, primary_key=True, sa_column_kwargs={"autoincrement": False})
+    seq: int
+    hash: str
+
+
+# The Core tables, for typed statements (SQLModel's class attributes are typed as plain values).
+_log: Table = AuditEntry.__table__  # type: ignore[attr-defined]
+_head: Table = AuditHead.__table__  # type: ignore[attr-defined]
+
+
+class AuditLogError(Exception):
+    """The audit log cannot be extended or read as it stands; the message says what is wrong."""
+
+
+def canonical(obj: Any) -> bytes:
+    """The one byte form that is hashed. Lone surrogates (undecodable bytes) become JSON escapes."""
+    return _CANONICAL.encode(obj).encode("utf-8", "backslashreplace")
+
+
+def canonical_text(obj: Any) -> str:
+    return canonical(obj).decode("utf-8")
+
+
+def _json_default(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"an audit payload holds only JSON values and datetimes, not {type(value).__name__}")
+
+
+# What `json.dumps` with these options builds on every call; the writer hashes two objects per row.
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default
+)
+
+
+def iso_utc(at: datetime | str) -> str:
+    """The time as hashed: UTC with microseconds. A time without an offset is UTC (as SQLite returns it)."""
+    moment = datetime.fromisoformat(at) if isinstance(at, str) else at
+    return _as_utc(moment).isoformat(timespec="microseconds")
+
+
+def _as_utc(at: datetime) -> datetime:
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)).astimezone(UTC)
+
+
+def entry_hash(
+    seq: int, at: datetime | str, kind: str, decision_id: str | None, override_id: str | None,
+    agent: str | None, actor: str | None, payload: str, prev_hash: str,
+) -> str:
+    content = {
+        "seq": seq, "at": iso_utc(at), "kind": kind, "decision_id": decision_id, "override_id": override_id,
+        "agent": agent, "actor": actor, "payload": payload, "prev_hash": prev_hash,
+    }
+    return hashlib.sha256(canonical(content)).hexdigest()
+
+
+def read_head(conn: Connection) -> tuple[int, str]:
+    """The (seq, hash) to chain the next row to; (0, 64 zeros) for an empty log.
+
+    The head comes from `audit_head`, not from the last row, so rows cut off the end stay a visible
+    gap. A log whose rows and head disagree in a way no append leaves is refused, not extended.
+    """
+    head = conn.execute(select(_head.c.seq, _head.c.hash).where(_head.c.id == 1)).first()
+    last = conn.execute(select(func.max(_log.c.seq))).scalar()
+    if head is None and last is not None:
+        raise AuditLogError(
+            f"audit_log has rows up to seq {last} but audit_head is empty: the log was edited outside "
+            "cedargate; run `cedargate audit verify`, and restore audit_head before recording again"
+        )
+    if head is None:
+        return 0, GENESIS
+    if last is not None and last > head.seq:
+        raise AuditLogError(
+            f"audit_log has rows up to seq {last} beyond audit_head (seq {head.seq}): rows were added "
+            "outside cedargate, or another process writes to this database; run `cedargate audit verify`"
+        )
+    return head.seq, head.hash
+
+
+def append(conn: Connection, events: Sequence[Mapping[str, Any]], head: tuple[int, str]) -> tuple[int, str]:
+    """Insert `events` as chained rows after `head`, move `audit_head`, and return the new head.
+
+    An event has `kind` and optionally `at` (default now), `decision_id`, `override_id`, `agent`,
+    `actor` and `payload` (a dict, or its canonical JSON text). Run it in the transaction that writes
+    what the events describe, so the log and the record commit together or not at all.
+    """
+    if not events:
+        return head
+    seq, prev_hash = head
+    rows = []
+    for event in events:
+        seq += 1
+        at = event.get("at")
+        at = _as_utc(at) if isinstance(at, datetime) else datetime.now(UTC)
+        payload = event.get("payload")
+        payload = payload if isinstance(payload, str) else canonical_text(payload or {})
+        row = {
+            "seq": seq, "at": at, "kind": event["kind"], "decision_id": event.get("decision_id"),
+            "override_id": event.get("override_id"), "agent": event.get("agent"), "actor": event.get("actor"),
+            "payload": payload, "prev_hash": prev_hash,
+        }
+        row["hash"] = prev_hash = entry_hash(**row)
+        rows.append(row)
+    conn.execute(_log.insert(), rows)
+    moved = conn.execute(_head.update().where(_head.c.id == 1).values(seq=seq, hash=prev_hash))
+    if moved.rowcount == 0:
+        conn.execute(_head.insert(), {"id": 1, "seq": seq, "hash": prev_hash})
+    return seq, prev_hash
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    rows_checked: int  # rows found intact (before the first bad one)
+    first_bad_seq: int | None = None
+    reason: str | None = None
+    head: tuple[int, str] = (0, GENESIS)  # the last intact row: keep a copy elsewhere to compare
+
+
+def verify(engine: Engine, chunk_size: int = 1000) -> VerifyResult:
+    """Walk the chain in seq order, `chunk_size` rows at a time, and report the first bad row.
+
+    Safe while cedargate is appending: the head is read after the walk, and rows appended meanwhile
+    are checked up to it. Raises `AuditLogError` if the database has no audit log at all.
+    """
+    tables = set(inspect(engine).get_table_names())
+    if not {"audit_log", "audit_head"} <= tables:
+        raise AuditLogError(
+            "this database has no audit log (tables audit_log and audit_head): it is not a cedargate "
+            "decision store, or the tables were dropped"
+        )
+    walk = _Walk()
+    with engine.connect() as conn:
+        if bad := walk.check(_rows(conn, after=0, upto=None, chunk_size=chunk_size)):
+            return bad
+        head = conn.execute(select(_head.c.seq, _head.c.hash).where(_head.c.id == 1)).first()
+        if head is None:
+            if walk.seq == 0:
+                return walk.result()
+            return walk.bad(
+                walk.seq + 1,
+                f"the audit_head row is missing, so rows deleted after seq {walk.seq} cannot be ruled out",
+            )
+        if head.seq < walk.seq:
+            return walk.bad(
+                head.seq + 1, f"rows from seq {head.seq + 1} to {walk.seq} were added outside cedargate "
+                f"(audit_head says the log ends at seq {head.seq})"
+            )
+        if head.seq > walk.seq:  # appended while we walked, or cut off the end: walk on up to the head
+            if bad := walk.check(_rows(conn, after=walk.seq, upto=head.seq, chunk_size=chunk_size)):
+                return bad
+            if walk.seq < head.seq:
+                return walk.bad(
+                    walk.seq + 1, f"rows deleted at the end: the log ends at seq {walk.seq} but audit_head "
+                    f"says it ends at seq {head.seq}"
+                )
+        if walk.hash != head.hash:
+            return walk.bad(
+                walk.seq, "the last row was replaced: its hash differs from the one in audit_head"
+            )
+        return walk.result()
+
+
+class _Walk:
+    def __init__(self) -> None:
+        self.seq, self.hash, self.count = 0, GENESIS, 0
+
+    def check(self, rows: Iterator[Any]) -> VerifyResult | None:
+        for row in rows:
+            if row.seq > self.seq + 1:
+                missing = f"seq {self.seq + 1}" + (f" to {row.seq - 1}" if row.seq - 1 > self.seq + 1 else "")
+                return self.bad(row.seq, f"row(s) deleted before seq {row.seq} ({missing} missing)")
+            if row.seq <= self.seq:
+                return self.bad(row.seq, f"a row with seq {row.seq} before the first row, seq 1, was added")
+            if row.prev_hash != self.hash:
+                return self.bad(
+                    row.seq, "reordered or replaced: its prev_hash is not the hash of row seq "
+                    f"{self.seq}, so that row was replaced or rows were moved"
+                )
+            try:
+                expected = entry_hash(
+                    row.seq, row.at, row.kind, row.decision_id, row.override_id, row.agent, row.actor,
+                    row.payload, row.prev_hash,
+                )
+            except (TypeError, ValueError) as exc:
+                return self.bad(row.seq, f"edited: its content cannot be read ({exc})")
+            if row.hash != expected:
+                return self.bad(row.seq, "edited: its hash does not match its content")
+            self.seq, self.hash, self.count = row.seq, row.hash, self.count + 1
+        return None
+
+    def bad(self, seq: int, reason: str) -> VerifyResult:
+        return VerifyResult(False, self.count, seq, reason, (self.seq, self.hash))
+
+    def result(self) -> VerifyResult:
+        return VerifyResult(True, self.count, head=(self.seq, self.hash))
+
+
+_PAGE = text(
+    "SELECT seq, at, kind, decision_id, override_id, agent, actor, payload, prev_hash, hash FROM audit_log"
+    " WHERE seq > :after AND seq <= :upto ORDER BY seq LIMIT :limit"
+)
+
+
+def _rows(conn: Connection, *, after: int, upto: int | None, chunk_size: int) -> Iterator[Any]:
+    # Keyset pages rather than one cursor: bounded memory on every driver, and no long-held read.
+    # Raw SQL: the values are hashed as stored, without the column types' conversions.
+    upto = 2**63 - 1 if upto is None else upto
+    while True:
+        page = conn.execute(_PAGE, {"after": after, "upto": upto, "limit": chunk_size}).all()
+        yield from page
+        if len(page) < chunk_size:
+            return
+        after = page[-1].seq

@@ -1,0 +1,4 @@
+"""The words every layer shares: the catalogue of refusals (problem types), printable text, host names.
+
+Owns no state. Imports nothing of cedargate's.
+"""

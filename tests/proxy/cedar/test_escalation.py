@@ -1,0 +1,223 @@
+"""Escalation annotations: what a forbid demands of its reviewers, and when a set of approvals meets it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from proxy_support import write_policy_file
+
+from proxy.cedar.engine import Engine
+from proxy.cedar.escalation import (
+    AnnotationError,
+    Escalation,
+    Requirement,
+    check_annotations,
+    escalation_of,
+    requirement_of,
+)
+from proxy.cedar.policy import PolicyInfo, PolicyLoadError, load_bundle
+
+
+def policy(policy_id: str = "p", effect: str = "forbid", **annotations: str) -> PolicyInfo:
+    return PolicyInfo(policy_id, effect, "ops.cedar", 1, {"id": policy_id, **annotations})
+
+
+def approvers(**held: str) -> dict[str, frozenset[str]]:
+    """approvers(sam="security", lee="lead-engineer, security") -> {approver: roles}."""
+    return {name: frozenset(r.strip() for r in roles.split(",")) for name, roles in held.items()}
+
+
+# --- requirement_of -------------------------------------------------------------------------------
+
+
+def test_one_role_needs_one_approver_of_it():
+    assert requirement_of(policy("stop", escalate="engineering-manager")) == Requirement(
+        "stop", ("engineering-manager",), 1
+    )
+
+
+def test_listed_roles_need_one_approver_each():
+    requirement = requirement_of(policy("del", escalate="security, lead-engineer"))
+    assert requirement == Requirement("del", ("security", "lead-engineer"), 2)
+    assert requirement.as_dict() == {
+        "policy_id": "del", "roles": ["security", "lead-engineer"], "approvals": 2
+    }
+
+
+def test_approvals_sets_the_number_of_distinct_approvers():
+    assert requirement_of(policy("p", escalate="security", approvals="2")).count == 2
+
+
+def test_approvals_below_the_number_of_roles_still_needs_one_per_role():
+    assert requirement_of(policy("p", escalate="security, lead-engineer", approvals="1")).count == 2
+
+
+def test_a_forbid_without_escalate_and_any_permit_are_not_escalatable():
+    assert requirement_of(policy("hard")) is None
+    assert requirement_of(policy("ok", effect="permit")) is None
+
+
+@pytest.mark.parametrize("raw", ["two", "0", "-1", "1.5", ""])
+def test_bad_approvals_is_an_annotation_error_naming_the_policy(raw: str):
+    with pytest.raises(AnnotationError, match=r'policy "p": @approvals') as caught:
+        requirement_of(policy("p", escalate="security", approvals=raw))
+    assert f'@approvals("{raw}")' in str(caught.value)
+
+
+def test_escalate_without_a_role_is_an_annotation_error():
+    with pytest.raises(AnnotationError, match="needs at least one role"):
+        requirement_of(policy("p", escalate=" , "))
+
+
+def test_check_annotations_refuses_escalate_on_a_permit():
+    with pytest.raises(AnnotationError, match=r'policy "lenient": @escalate only makes sense on a forbid'):
+        check_annotations(
+            [policy("fine", escalate="security"), policy("lenient", "permit", escalate="security")]
+        )
+
+
+def test_check_annotations_refuses_a_bad_expiry():
+    with pytest.raises(AnnotationError, match=r'policy "p": @expires: .*15 minutes'):
+        check_annotations([policy("p", escalate="security", expires="15 minutes")])
+
+
+def test_check_annotations_accepts_the_bundled_policies(policy_dir: Path):
+    check_annotations(load_bundle(policy_dir).policies.values())
+
+
+# --- a policy directory with a bad annotation is refused, naming file and line --------------------
+
+BAD_APPROVALS = """\
+// Deleting snapshots needs two security reviewers.
+
+@id("snapshot-guard")
+@escalate("security")
+@approvals("two")
+forbid (principal, action == Action::"delete", resource)
+when { context.path like "/v1/snapshots/*" };
+"""
+
+ESCALATED_PERMIT = """\
+@id("generous")
+@escalate("security")
+permit (principal, action == Action::"delete", resource);
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [
+        (BAD_APPROVALS, 3, '@approvals("two") must be a whole number >= 1'),
+        (ESCALATED_PERMIT, 1, "@escalate only makes sense on a forbid"),
+    ],
+)
+def test_load_bundle_refuses_a_bad_annotation_with_file_and_line(policy_dir: Path, text: str, line: int,
+                                                                 message: str):
+    write_policy_file(policy_dir / "extra.cedar", text)
+    with pytest.raises(PolicyLoadError) as caught:
+        load_bundle(policy_dir)
+    assert str(caught.value).startswith(f"extra.cedar:{line}: ")
+    assert message in str(caught.value)
+
+
+def test_superscript_approvals_is_refused_naming_file_and_line(policy_dir: Path):
+    superscript = BAD_APPROVALS.replace('@approvals("two")', '@approvals("²")')
+    write_policy_file(policy_dir / "extra.cedar", superscript)
+    with pytest.raises(PolicyLoadError, match=r'^extra\.cedar:3: policy "snapshot-guard": @approvals'):
+        load_bundle(policy_dir)
+
+
+def test_a_bad_annotation_on_reload_keeps_the_running_policies(engine: Engine, policy_dir: Path):
+    revision = engine.status.revision
+    write_policy_file(policy_dir / "extra.cedar", BAD_APPROVALS)
+    assert engine.reload() is False
+    assert engine.status.revision == revision
+    assert engine.status.last_error.startswith("extra.cedar:3: ")
+
+
+# --- Requirement.satisfied_by ---------------------------------------------------------------------
+
+MANAGER = Requirement("stop", ("engineering-manager",), 1)
+TWO_SECURITY = Requirement("snap", ("security",), 2)
+TWO_PERSON = Requirement("del", ("security", "lead-engineer"), 2)
+
+
+def test_one_approver_of_the_role_satisfies_a_single_role():
+    assert MANAGER.satisfied_by(approvers(erin="engineering-manager"))
+
+
+def test_no_approvals_or_the_wrong_role_does_not_satisfy():
+    assert not MANAGER.satisfied_by({})
+    assert not MANAGER.satisfied_by(approvers(sam="security"))
+
+
+def test_two_approvals_need_two_distinct_approvers():
+    # Approvals are keyed by approver, so one person approving twice is one entry (see test_overrides).
+    assert not TWO_SECURITY.satisfied_by(approvers(sam="security"))
+    assert TWO_SECURITY.satisfied_by(approvers(sam="security", sue="security"))
+
+
+def test_two_approvals_ignore_approvers_without_the_role():
+    assert not TWO_SECURITY.satisfied_by(approvers(sam="security", erin="engineering-manager"))
+
+
+def test_one_person_holding_both_roles_is_not_two_persons():
+    assert not TWO_PERSON.satisfied_by(approvers(pat="security, lead-engineer"))
+
+
+def test_security_and_lead_engineer_as_two_people_satisfy_the_two_person_rule():
+    assert TWO_PERSON.satisfied_by(approvers(sam="security", lee="lead-engineer"))
+
+
+def test_two_security_approvers_do_not_cover_the_lead_engineer_role():
+    assert not TWO_PERSON.satisfied_by(approvers(sam="security", sue="security"))
+
+
+def test_a_dual_role_approver_can_fill_the_role_nobody_else_holds():
+    assert TWO_PERSON.satisfied_by(approvers(pat="security, lead-engineer", sam="security"))
+
+
+# --- escalation_of --------------------------------------------------------------------------------
+
+
+def test_all_escalatable_forbids_give_every_requirement_and_the_shortest_expiry():
+    stop = policy("stop", escalate="engineering-manager", expires="30m")
+    delete = policy("del", escalate="security, lead-engineer", expires="15m")
+    snap = policy("snap", escalate="security", approvals="2")  # no @expires: does not count
+    allowed = policy("ops-read", effect="permit")
+
+    escalation = escalation_of([stop, allowed, delete, snap], default_expiry=3600)
+
+    assert escalation == Escalation(
+        (
+            Requirement("stop", ("engineering-manager",), 1),
+            Requirement("del", ("security", "lead-engineer"), 2),
+            Requirement("snap", ("security",), 2),
+        ),
+        15 * 60,
+    )
+    assert escalation.roles == {"engineering-manager", "security", "lead-engineer"}
+
+
+def test_without_any_expires_the_default_expiry_applies():
+    escalation = escalation_of([policy("stop", escalate="engineering-manager")], default_expiry=3600)
+    assert escalation is not None and escalation.expires_in == 3600
+
+
+def test_every_requirement_must_be_met_at_once():
+    escalation = escalation_of(
+        [policy("stop", escalate="engineering-manager"), policy("snap", escalate="security")], 3600
+    )
+    assert not escalation.satisfied_by(approvers(erin="engineering-manager"))
+    assert escalation.satisfied_by(approvers(erin="engineering-manager", sam="security"))
+
+
+def test_one_forbid_without_escalate_makes_a_hard_deny():
+    determining = [policy("stop", escalate="engineering-manager", expires="30m"), policy("never")]
+    assert escalation_of(determining, 3600) is None
+
+
+def test_no_forbid_is_no_escalation():
+    assert escalation_of([], 3600) is None
+    assert escalation_of([policy("ops-read", effect="permit")], 3600) is None

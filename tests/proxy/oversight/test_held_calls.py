@@ -1,0 +1,364 @@
+"""Oversight: an escalatable denial held for a human, then released once or refused with the reason why.
+
+These run the real core (`Runtime.start`: Cedar engine, SQLite record, override store, holds) with no
+proxy in front: a verdict from the gate goes into `Oversight.resolve`, and a reviewer on another thread
+votes through the store and wakes the hold, as the override API does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from proxy_support import make_call, wait_until, write_policy_file
+
+from proxy.decision.gate import Outcome, Verdict
+from proxy.oversight.held_calls import Resolution, requested_wait
+from proxy.runtime import Runtime
+from proxy.settings.config import AgentCredential, ApproverCredential, Settings
+from proxy.vocabulary.problems import Problem
+
+STOP_URL = "http://127.0.0.1:9000/v1/instances/i-1/stop"
+REASON = "Stopping an instance on a production-critical host needs a human decision."
+
+
+# --- Prefer: how long the agent is willing to be held ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("prefer", "expected"),
+    [
+        (None, 55.0),
+        ("", 55.0),
+        ("wait=5", 5.0),
+        ("wait = 7", 7.0),
+        ("WAIT=3", 3.0),
+        ("wait=0", 0.0),
+        ("wait=600", 55.0),
+        ("respond-async", 0.0),
+        ("return=minimal, wait=4", 4.0),
+        ("garbage", 55.0),
+        ("wait=soon", 55.0),
+        ("wait=-1", 55.0),
+    ],
+)
+def test_requested_wait(prefer: str | None, expected: float):
+    assert requested_wait(prefer, 55.0) == expected
+
+
+@pytest.mark.parametrize("prefer", ["wait=5, respond-async", "respond-async, wait=5"])
+def test_respond_async_with_a_wait_holds_for_that_wait(prefer: str):
+    assert requested_wait(prefer, 55.0) == 5.0
+
+
+# --- resolve, end to end at the core --------------------------------------------------------------
+
+
+def credential_hash(name: str) -> str:
+    return hashlib.sha256(f"token-of-{name}".encode()).hexdigest()
+
+
+@pytest.fixture
+def runtime(policy_dir: Path, tmp_path: Path) -> Iterator[Runtime]:
+    def approver(*roles: str) -> ApproverCredential:
+        return ApproverCredential(token_sha256=credential_hash("|".join(roles)), roles=roles)
+
+    settings = Settings(
+        policy_dir=policy_dir, state_dir=tmp_path / "state", policy_reload_interval=0,
+        approvers={"erin": approver("engineering-manager"), "sam": approver("security")},
+        agents={"ops-bot": AgentCredential(token_sha256=credential_hash("ops-bot"))},
+    )
+    started = Runtime.start(settings)
+    try:
+        yield started
+    finally:
+        started.close()
+        started.recorder.engine.dispose()
+
+
+def stop_verdict(runtime: Runtime, body: bytes = b'{"grace": 30}') -> Verdict:
+    verdict = runtime.gate.decide(make_call("POST", STOP_URL, body=body,
+                                            headers={"Content-Type": "application/json"}))
+    assert verdict.outcome is Outcome.ESCALATE
+    return verdict
+
+
+def resolve(runtime: Runtime, verdict: Verdict, wait: float, *, justification: str | None = None,
+            alive: bool = True) -> Resolution:
+    return asyncio.run(runtime.oversight.resolve(verdict, wait, justification, client_alive=lambda: alive))
+
+
+class Reviewer(threading.Thread):
+    """A human on another thread: waits for the pending request, then acts on it and wakes the hold."""
+
+    def __init__(self, runtime: Runtime, act: str, approver: str = "erin",
+                 reason: str = "checked with on-call") -> None:
+        super().__init__(daemon=True)
+        self.runtime, self.act, self.approver, self.reason = runtime, act, approver, reason
+        self.override_id: str | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            store = self.runtime.overrides
+            wait_until(lambda: store.list(status="pending"), "a pending override request", timeout=10)
+            [override] = store.list(status="pending")
+            self.override_id = override.id
+            if self.act == "sweep":
+                self.runtime.oversight.sweep()
+            else:
+                roles = self.runtime.roles_of(self.approver)
+                store.vote(override.id, self.approver, roles, self.act, self.reason)
+                self.runtime.holds.notify(override.id)
+        except BaseException as exc:  # reported by finish(), in the test's thread
+            self.error = exc
+
+    def finish(self) -> str:
+        self.join(timeout=15)
+        assert not self.is_alive(), "the reviewer thread did not finish"
+        if self.error:
+            raise self.error
+        assert self.override_id is not None
+        return self.override_id
+
+
+def events(runtime: Runtime, override_id: str) -> list[sqlite3.Row]:
+    """The audit events recorded about one override, read from the file as an operator would."""
+    assert runtime.recorder.flush(10)
+    con = sqlite3.connect(runtime.settings.state_dir / "cedargate.db")
+    con.row_factory = sqlite3.Row
+    try:
+        if not con.execute("SELECT 1 FROM sqlite_master WHERE name = 'audit_log'").fetchone():
+            pytest.skip("the audit_log table does not exist yet, so override events cannot be checked")
+        query = "SELECT * FROM audit_log WHERE override_id = ? ORDER BY seq"
+        return con.execute(query, (override_id,)).fetchall()
+    finally:
+        con.close()
+
+
+def test_without_waiting_the_agent_is_told_a_request_is_pending(runtime: Runtime):
+    verdict = stop_verdict(runtime)
+    resolution = resolve(runtime, verdict, 0, justification="instance is wedged")
+
+    assert not resolution.release
+    refused = resolution.verdict
+    assert refused.problem is Problem.OVERRIDE_PENDING and refused.status == 403
+    assert refused.extra_headers["Retry-After"] == "10"
+    body = refused.problem_body()
+    assert body["type"] == "urn:cedargate:problem:override-pending"
+    assert body["decision_id"] == verdict.decision_id
+    assert body["override_id"] == resolution.override_id
+    assert body["override_status"] == "pending"
+    assert body["override_url"] == f"{runtime.api_base_url}/overrides/{resolution.override_id}"
+    assert body["required_roles"] == ["engineering-manager"] and body["retry_after"] == 10
+    assert body["detail"].startswith(REASON) and "retry the identical call" in body["detail"]
+
+    stored = runtime.overrides.get(resolution.override_id)
+    assert stored.status == "pending" and stored.justification == "instance is wedged"
+    assert stored.decision_id == verdict.decision_id
+    assert json.loads(stored.policies)[0]["id"] == "protect-production-instances"
+
+    # Asking again joins the same request instead of opening another.
+    assert resolve(runtime, stop_verdict(runtime), 0).override_id == resolution.override_id
+
+    [created] = events(runtime, resolution.override_id)
+    assert (created["kind"], created["decision_id"], created["agent"]) == (
+        "override_created", verdict.decision_id, "ops-bot"
+    )
+    assert json.loads(created["payload"])["justification"] == "instance is wedged"
+
+
+def test_a_held_call_is_released_once_when_approved(runtime: Runtime):
+    verdict = stop_verdict(runtime)
+    reviewer = Reviewer(runtime, "approve")
+    reviewer.start()
+    resolution = resolve(runtime, verdict, 5)
+    override_id = reviewer.finish()
+
+    assert resolution.release and resolution.override_id == override_id
+    stored = runtime.overrides.get(override_id)
+    assert stored.status == "released" and stored.release_decision_id == verdict.decision_id
+
+    # The grant admitted exactly one call: the identical call again is a new request.
+    again = resolve(runtime, stop_verdict(runtime), 0)
+    assert not again.release and again.verdict.problem is Problem.OVERRIDE_PENDING
+    assert again.override_id != override_id
+    assert runtime.overrides.get(again.override_id).status == "pending"
+
+    recorded = events(runtime, override_id)
+    assert [e["kind"] for e in recorded] == ["override_created", "release"]
+    assert {e["decision_id"] for e in recorded} == {verdict.decision_id}
+    assert json.loads(recorded[1]["payload"])["policy_revision"] == runtime.engine.status.revision
+    assert [e["kind"] for e in events(runtime, again.override_id)] == ["override_created"]
+
+
+def test_a_held_call_denied_gets_the_reviewers_reason(runtime: Runtime):
+    reviewer = Reviewer(runtime, "deny", reason="customer traffic peak; stop it tonight")
+    reviewer.start()
+    resolution = resolve(runtime, stop_verdict(runtime), 5)
+    override_id = reviewer.finish()
+
+    assert not resolution.release and resolution.override_id == override_id
+    body = resolution.verdict.problem_body()
+    assert body["type"] == "urn:cedargate:problem:override-denied" and body["status"] == 403
+    assert body["detail"] == "a reviewer denied the override: customer traffic peak; stop it tonight"
+    assert body["override_status"] == "denied"
+    assert runtime.overrides.get(override_id).status == "denied"
+
+
+def test_a_held_call_whose_request_expires_is_refused_as_expired(runtime: Runtime, policy_dir: Path):
+    ops = policy_dir / "ops.cedar"
+    write_policy_file(ops, ops.read_text().replace('@expires("30m")', '@expires("0s")'))
+    assert runtime.engine.reload()
+    reviewer = Reviewer(runtime, "sweep")  # the enforcer's periodic sweep, run once
+    reviewer.start()
+    resolution = resolve(runtime, stop_verdict(runtime), 5)
+    override_id = reviewer.finish()
+
+    assert not resolution.release
+    assert resolution.verdict.problem is Problem.OVERRIDE_EXPIRED
+    assert runtime.overrides.get(override_id).status == "expired"
+    assert [e["kind"] for e in events(runtime, override_id)] == ["override_created", "expired"]
+
+
+def test_a_grant_waits_for_the_agents_retry_when_the_held_client_went_away(runtime: Runtime):
+    verdict = stop_verdict(runtime)
+    override_id = resolve(runtime, verdict, 0).override_id
+    runtime.overrides.vote(override_id, "erin", runtime.roles_of("erin"), "approve", "ok")
+
+    gone = resolve(runtime, verdict, 5, alive=False)
+    assert not gone.release and gone.verdict.problem is Problem.OVERRIDE_PENDING
+    assert runtime.overrides.get(override_id).status == "granted"  # not spent on a call nobody waits for
+
+    retry = resolve(runtime, stop_verdict(runtime), 0)
+    assert retry.release and retry.override_id == override_id
+    assert runtime.overrides.get(override_id).status == "released"
+
+
+def test_two_held_identical_calls_share_the_grant_and_only_one_goes_through(runtime: Runtime):
+    async def scenario() -> tuple[list[Resolution], str]:
+        oversight, holds = runtime.oversight, runtime.holds
+        calls = [asyncio.create_task(oversight.resolve(verdict, 1.5, None, client_alive=lambda: True))
+                 for verdict in (stop_verdict(runtime), stop_verdict(runtime))]
+        for _ in range(2000):  # both calls held on the one request before the human decides
+            if holds.held == 2:
+                break
+            await asyncio.sleep(0.005)
+        assert holds.held == 2
+        [request] = runtime.overrides.list(status="pending")
+        erin = runtime.roles_of("erin")
+        await asyncio.to_thread(runtime.overrides.vote, request.id, "erin", erin, "approve", "ok")
+        holds.notify(request.id)
+        return list(await asyncio.gather(*calls)), request.id
+
+    resolutions, granted_id = asyncio.run(scenario())
+    released = [r for r in resolutions if r.release]
+    refused = [r for r in resolutions if not r.release]
+    assert len(released) == 1 and released[0].override_id == granted_id
+    # The other identical call found the grant spent: it is a new decision, waiting for its own review.
+    [other] = refused
+    assert other.verdict.problem is Problem.OVERRIDE_PENDING and other.override_id != granted_id
+    assert runtime.overrides.get(granted_id).status == "released"
+    assert runtime.overrides.get(other.override_id).status == "pending"
+
+
+def make_stop_a_hard_deny(runtime: Runtime, policy_dir: Path) -> None:
+    ops = policy_dir / "ops.cedar"
+    write_policy_file(ops, ops.read_text().replace('@escalate("engineering-manager")\n', ""))
+    assert runtime.engine.reload()
+    assert runtime.gate.decide(make_call("POST", STOP_URL)).outcome is Outcome.DENY
+
+
+def test_release_is_refused_when_current_policy_now_hard_denies_the_call(runtime: Runtime, policy_dir: Path):
+    verdict = stop_verdict(runtime)
+    override_id = resolve(runtime, verdict, 0).override_id
+    _, changed = runtime.overrides.vote(override_id, "erin", runtime.roles_of("erin"), "approve", "ok")
+    assert changed
+
+    make_stop_a_hard_deny(runtime, policy_dir)
+    resolution = resolve(runtime, verdict, 5)
+
+    assert not resolution.release and resolution.override_id == override_id
+    body = resolution.verdict.problem_body()
+    assert body["type"] == "urn:cedargate:problem:override-release-refused" and body["status"] == 403
+    assert body["decision_id"] == verdict.decision_id
+    assert body["detail"].startswith("the override was granted, but the current policies refuse the call: ")
+    assert REASON in body["detail"]
+    assert body["policy_revision"] == runtime.engine.status.revision != verdict.revision
+    assert runtime.overrides.get(override_id).status == "release_refused"
+    assert [e["kind"] for e in events(runtime, override_id)] == ["override_created", "release_refused"]
+
+
+def test_a_refused_release_reports_the_requests_current_status(runtime: Runtime, policy_dir: Path):
+    verdict = stop_verdict(runtime)
+    override_id = resolve(runtime, verdict, 0).override_id
+    runtime.overrides.vote(override_id, "erin", runtime.roles_of("erin"), "approve", "ok")
+    make_stop_a_hard_deny(runtime, policy_dir)
+
+    body = resolve(runtime, verdict, 0).verdict.problem_body()
+
+    assert body["override_status"] == runtime.overrides.get(override_id).status == "release_refused"
+
+
+# --- calls for which no request may be opened -----------------------------------------------------
+
+
+@pytest.fixture
+def limited(policy_dir: Path, tmp_path: Path) -> Iterator[Runtime]:
+    """A core whose agents may have one pending request, open two a minute, with bodies up to 64 bytes."""
+    settings = Settings(policy_dir=policy_dir, state_dir=tmp_path / "state", policy_reload_interval=0,
+                        max_pending_overrides_per_agent=1, override_rate=2, max_override_body_bytes=64)
+    started = Runtime.start(settings)
+    try:
+        yield started
+    finally:
+        started.close()
+        started.recorder.engine.dispose()
+
+
+def refused_events(runtime: Runtime) -> list[sqlite3.Row]:
+    assert runtime.recorder.flush(10)
+    with sqlite3.connect(runtime.settings.state_dir / "cedargate.db") as con:
+        con.row_factory = sqlite3.Row
+        return con.execute("SELECT * FROM audit_log WHERE kind = 'override_refused' ORDER BY seq").fetchall()
+
+
+def test_past_the_pending_cap_the_call_is_refused_at_once_with_retry_after(limited: Runtime):
+    first = resolve(limited, stop_verdict(limited), 0)
+    assert first.verdict.problem is Problem.OVERRIDE_PENDING
+
+    other = limited.gate.decide(make_call("POST", STOP_URL.replace("i-1", "i-2")))
+    refused = resolve(limited, other, 5)  # not held: refused before any request exists to wait on
+
+    assert not refused.release and refused.override_id is None
+    body = refused.verdict.problem_body()
+    assert body["type"] == "urn:cedargate:problem:too-many-pending-overrides" and body["status"] == 429
+    assert body["detail"].startswith(REASON) and "max_pending_overrides_per_agent" in body["detail"]
+    assert 1 <= body["retry_after"] <= 60
+    assert refused.verdict.extra_headers["Retry-After"] == str(body["retry_after"])
+    assert [o.id for o in limited.overrides.list()] == [first.override_id]
+    # The identical call of the pending request still finds it.
+    assert resolve(limited, stop_verdict(limited), 0).override_id == first.override_id
+
+    [event] = refused_events(limited)
+    assert (event["decision_id"], event["agent"], event["override_id"]) == (
+        other.decision_id, "ops-bot", None)
+    payload = json.loads(event["payload"])
+    assert payload["reason"] == "too-many-pending" and payload["policies"] == ["protect-production-instances"]
+
+
+def test_an_escalated_call_with_a_body_too_large_to_review_is_refused_with_413(limited: Runtime):
+    big = stop_verdict(limited, body=json.dumps({"grace": 30, "note": "x" * 64}).encode())
+    refused = resolve(limited, big, 5)
+
+    body = refused.verdict.problem_body()
+    assert body["type"] == "urn:cedargate:problem:override-body-too-large" and body["status"] == 413
+    assert "max_override_body_bytes" in body["detail"] and "Retry-After" not in refused.verdict.extra_headers
+    assert limited.overrides.list() == []
+    assert json.loads(refused_events(limited)[0]["payload"])["reason"] == "body-too-large"

@@ -1,0 +1,253 @@
+"""The decision record: batched writes lose nothing, a failing store is reported and recovered from.
+
+SQLite tests use a temporary file; PostgreSQL tests (marked `postgres`) use the local server, each in
+its own schema.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from proxy_support import sqlite_rows, wait_until
+from sqlalchemy import text
+from sqlmodel import SQLModel
+
+from proxy.record.store import Recorder, count_decisions, make_engine
+
+
+def _row(i: int = 0, **overrides) -> dict:
+    row = {
+        "decision_id": str(uuid.uuid4()),
+        "at": datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC) + timedelta(seconds=i),
+        "agent": "ops-bot",
+        "method": "GET",
+        "scheme": "http",
+        "host": "localhost",
+        "port": 9000,
+        "path": f"/v1/instances/i-{i}",
+        "action": 'Action::"get"',
+        "resource": 'Host::"localhost"',
+        "decision": ("allow", "deny", "error")[i % 3],
+        "determining_policies": '["ops-read"]',
+        "errors": "[]",
+        "policy_revision": "r" * 64,
+        "upstream_status": 200,
+        "duration_ms": 1.25,
+    }
+    row.update(overrides)
+    return row
+
+
+@pytest.fixture
+def sqlite_recorder(db_path: Path) -> Iterator[Recorder]:
+    rec = Recorder(make_engine(f"sqlite:///{db_path}"), batch_size=500, retry_interval=0.05)
+    yield rec
+    rec.close(timeout=2)
+    rec.engine.dispose()
+
+
+def test_recorder_creates_the_table_in_a_new_file(sqlite_recorder: Recorder, db_path: Path):
+    assert db_path.exists()
+    assert sqlite_rows(db_path) == []
+    assert sqlite_recorder.healthy and sqlite_recorder.unavailable_reason() is None
+
+
+def test_batched_writes_keep_every_row(sqlite_recorder: Recorder, db_path: Path):
+    rows = [_row(i) for i in range(3001)]
+    for row in rows:
+        sqlite_recorder.record(row)
+    assert sqlite_recorder.flush()
+
+    assert sqlite_recorder.pending == 0
+    assert sqlite_recorder.written == 3001
+    con = sqlite3.connect(db_path)
+    assert con.execute("SELECT count(*), count(DISTINCT decision_id) FROM decisions").fetchone() == (
+        3001,
+        3001,
+    )
+    con.close()
+    assert count_decisions(sqlite_recorder.engine) == {"allow": 1001, "deny": 1000, "error": 1000}
+    (stored,) = sqlite_rows(db_path, "decision_id = ?", (rows[1234]["decision_id"],))
+    assert (stored["path"], stored["decision"], stored["upstream_status"], stored["duration_ms"]) == (
+        "/v1/instances/i-1234",
+        "deny",
+        200,
+        1.25,
+    )
+    assert datetime.fromisoformat(stored["at"]) == datetime(2025, 1, 2, 3, 24, 39)  # UTC, as given
+
+
+def test_sqlite_file_is_in_wal_mode(sqlite_recorder: Recorder, db_path: Path):
+    sqlite_recorder.record(_row())
+    assert sqlite_recorder.flush()
+    con = sqlite3.connect(db_path)
+    assert con.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    con.close()
+
+
+def test_dropped_table_keeps_rows_reports_and_recovers(sqlite_recorder: Recorder, db_path: Path):
+    sqlite_recorder.record(_row(0))
+    assert sqlite_recorder.flush()
+
+    con = sqlite3.connect(db_path)
+    con.execute("DROP TABLE decisions")
+    con.commit()
+    con.close()
+    for i in range(1, 51):
+        sqlite_recorder.record(_row(i))
+    wait_until(lambda: sqlite_recorder.unavailable_reason(), "the recorder to report the failure")
+
+    assert "no such table: decisions" in sqlite_recorder.unavailable_reason()
+    assert not sqlite_recorder.healthy
+    assert sqlite_recorder.flush(timeout=0.3) is False
+    assert sqlite_recorder.written == 1  # the 50 are held for a retry, not dropped
+
+    SQLModel.metadata.create_all(make_engine(f"sqlite:///{db_path}"))
+    assert sqlite_recorder.flush()
+    assert sqlite_recorder.unavailable_reason() is None and sqlite_recorder.healthy
+    assert [r["path"] for r in sqlite_rows(db_path)] == [f"/v1/instances/i-{i}" for i in range(1, 51)]
+
+
+def test_locked_database_keeps_rows_reports_and_recovers(sqlite_recorder: Recorder, db_path: Path):
+    """Another process holding the write lock (a backup, a migration) past the busy timeout."""
+    locker = sqlite3.connect(db_path, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        for i in range(20):
+            sqlite_recorder.record(_row(i))
+        wait_until(
+            lambda: sqlite_recorder.unavailable_reason(), "the recorder to give up waiting for the lock"
+        )
+        assert "locked" in sqlite_recorder.unavailable_reason()
+        assert sqlite_recorder.written == 0
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+
+    assert sqlite_recorder.flush()
+    assert sqlite_recorder.unavailable_reason() is None
+    assert len(sqlite_rows(db_path)) == 20
+
+
+def test_backlog_over_max_pending_refuses_new_calls(db_path: Path):
+    # batch_size=1: the writer takes exactly the first row, then blocks on the lock (for up to the
+    # 5 s busy timeout) while the others pile up behind it.
+    recorder = Recorder(make_engine(f"sqlite:///{db_path}"), batch_size=1, max_pending=5, retry_interval=0.05)
+    locker = sqlite3.connect(db_path, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        recorder.record(_row(0))
+        wait_until(lambda: recorder._queue.qsize() == 0, "the writer to take the first row off the queue")
+        for i in range(1, 5):
+            recorder.record(_row(i))
+        assert recorder.unavailable_reason() is None  # 4 behind: still admitting calls
+        recorder.record(_row(5))
+        assert recorder.unavailable_reason() == "the decision store is 5 rows behind"
+        assert not recorder.healthy
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert recorder.flush()
+    assert recorder.unavailable_reason() is None
+    assert len(sqlite_rows(db_path)) == 6
+    recorder.close()
+    recorder.engine.dispose()
+
+
+def test_close_writes_what_is_pending(db_path: Path):
+    recorder = Recorder(make_engine(f"sqlite:///{db_path}"))
+    for i in range(700):
+        recorder.record(_row(i))
+    recorder.close()
+    recorder.engine.dispose()
+    assert len(sqlite_rows(db_path)) == 700
+
+
+# ---- PostgreSQL ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pg_recorder(pg_url: str) -> Iterator[Recorder]:
+    rec = Recorder(make_engine(pg_url), batch_size=500, retry_interval=0.05)
+    yield rec
+    rec.close(timeout=2)
+    rec.engine.dispose()
+
+
+@pytest.mark.postgres
+def test_postgres_batched_writes_keep_every_row(pg_recorder: Recorder):
+    rows = [_row(i) for i in range(2500)]
+    for row in rows:
+        pg_recorder.record(row)
+    assert pg_recorder.flush()
+
+    assert count_decisions(pg_recorder.engine) == {"allow": 834, "deny": 833, "error": 833}
+    with pg_recorder.engine.connect() as con:
+        # The recorder's connection lives in the test's own schema.
+        schema = con.execute(text("SELECT current_schema()")).scalar_one()
+        assert schema.startswith("cg_test_")
+        stored = con.execute(
+            text("SELECT path, decision, at, upstream_status FROM decisions WHERE decision_id = :d"),
+            {"d": rows[7]["decision_id"]},
+        ).one()
+    assert (stored.path, stored.decision, stored.upstream_status) == ("/v1/instances/i-7", "deny", 200)
+    assert stored.at == rows[7]["at"]
+
+
+@pytest.mark.postgres
+def test_postgres_dropped_table_keeps_rows_reports_and_recovers(pg_recorder: Recorder):
+    with pg_recorder.engine.begin() as con:
+        con.execute(text("DROP TABLE decisions"))
+    for i in range(30):
+        pg_recorder.record(_row(i))
+    wait_until(lambda: pg_recorder.unavailable_reason(), "the recorder to report the failure")
+    assert "decisions" in pg_recorder.unavailable_reason()
+
+    SQLModel.metadata.create_all(pg_recorder.engine)
+    assert pg_recorder.flush()
+    assert pg_recorder.unavailable_reason() is None
+    assert sum(count_decisions(pg_recorder.engine).values()) == 30
+
+
+@pytest.mark.postgres
+def test_postgres_one_unstorable_row_does_not_wedge_the_record(pg_url: str):
+    recorder = Recorder(make_engine(pg_url), retry_interval=0.05)
+    try:
+        poison = _row(0, path="/v1/instances/i-1\x00/stop")
+        recorder.record(poison)
+        for i in range(1, 11):
+            recorder.record(_row(i))
+        recorder.flush(timeout=1.5)
+
+        assert recorder.unavailable_reason() is None
+        with recorder.engine.connect() as con:
+            ids = set(con.execute(text("SELECT decision_id FROM decisions")).scalars())
+        assert poison["decision_id"] in ids and len(ids) == 11
+    finally:
+        recorder.close(timeout=0.5)
+        recorder.engine.dispose()
+
+
+def test_a_new_sqlite_store_is_private_to_its_owner(tmp_path: Path):
+    database = tmp_path / "new.db"
+    old_umask = os.umask(0o022)  # the usual umask: SQLite alone would make the file 0644
+    try:
+        recorder = Recorder(make_engine(f"sqlite:///{database}"))
+    finally:
+        os.umask(old_umask)
+    try:
+        recorder.record(_row())
+        assert recorder.flush(10)
+        files = [p for p in tmp_path.iterdir() if p.name.startswith("new.db")]
+        assert {p.name for p in files} >= {"new.db", "new.db-wal", "new.db-shm"}
+        assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o600 for p in files}
+    finally:
+        recorder.close()
+        recorder.engine.dispose()
