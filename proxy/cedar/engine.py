@@ -45,6 +45,7 @@ from proxy.cedar.policy import (
     load_bundle,
     policy_set_of,
 )
+from proxy.vocabulary.canonical import canonical
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +358,7 @@ class Engine:
         cedar_request["context"] = sliced.context_of(request.context)
         # `lifted` in the key: the same request may be denied by the full set and allowed by the other.
         key = (lifted, request.principal, request.action, request.resource,
-               json.dumps(cedar_request["context"], sort_keys=True, separators=(",", ":")))
+               canonical(cedar_request["context"]))
         cached = snap.decisions.get(key)
         if cached is not None:
             return cached

@@ -35,6 +35,7 @@ from proxy.calls.redaction import Redaction
 from proxy.cedar.escalation import Escalation, Requirement
 from proxy.oversight.limits import OverrideLimits, OverrideRefused, Refusal, TokenBuckets
 from proxy.record.store import utcnow
+from proxy.vocabulary.canonical import Form, canonical
 from proxy.vocabulary.hosts import canonical_host
 
 
@@ -130,7 +131,7 @@ def fingerprint(call: Call, binding: bytes | None = None) -> str:
         "body": hashlib.sha256(call.body if binding is None else binding).hexdigest(),
         "headers": headers,
     }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(canonical(parts, Form.FINGERPRINT)).hexdigest()
 
 
 def headers_for_review(headers) -> dict[str, str]:

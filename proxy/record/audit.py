@@ -10,16 +10,15 @@ keeps the head in memory between batches: only one cedargate process may write t
 The hash of a row is SHA-256 (hex) over `canonical({"seq", "at", "kind", "decision_id",
 "override_id", "agent", "actor", "payload", "prev_hash"})`, where `at` is the UTC time as
 `YYYY-MM-DDTHH:MM:SS.ffffff+00:00`, `payload` the stored JSON text and the first row's `prev_hash`
-64 zeros; `canonical` is `json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=False)`
-encoded as UTF-8, so anyone can check the log without cedargate. What the chain cannot show: someone
-who can write to the database and recomputes every hash after their edit, and the head, leaves a
-consistent log; compare the head `verify` reports with a copy kept elsewhere to catch that.
+64 zeros; `canonical` (`proxy.vocabulary.canonical`) is `json.dumps(sort_keys=True, separators=(",",
+":"), ensure_ascii=False)` encoded as UTF-8, so anyone can check the log without cedargate. What the
+chain cannot show: someone who can write to the database and recomputes every hash after their edit,
+and the head, leaves a consistent log; compare the head `verify` reports with a copy kept elsewhere to catch that.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,6 +27,8 @@ from typing import Any
 from sqlalchemy import Engine, Table, func, inspect, select, text
 from sqlalchemy.engine import Connection
 from sqlmodel import Field, SQLModel
+
+from proxy.vocabulary.canonical import canonical, canonical_text
 
 GENESIS = "0" * 64
 
@@ -64,27 +65,6 @@ _head: Table = AuditHead.__table__  # type: ignore[attr-defined]
 
 class AuditLogError(Exception):
     """The audit log cannot be extended or read as it stands; the message says what is wrong."""
-
-
-def canonical(obj: Any) -> bytes:
-    """The one byte form that is hashed. Lone surrogates (undecodable bytes) become JSON escapes."""
-    return _CANONICAL.encode(obj).encode("utf-8", "backslashreplace")
-
-
-def canonical_text(obj: Any) -> str:
-    return canonical(obj).decode("utf-8")
-
-
-def _json_default(value: Any) -> str:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(f"an audit payload holds only JSON values and datetimes, not {type(value).__name__}")
-
-
-# What `json.dumps` with these options builds on every call; the writer hashes two objects per row.
-_CANONICAL = json.JSONEncoder(
-    sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default
-)
 
 
 def iso_utc(at: datetime | str) -> str:

@@ -28,6 +28,7 @@ from sqlalchemy.engine import Engine as SAEngine
 from sqlmodel import Field, Session, SQLModel, create_engine, func, select
 
 from proxy.record import audit
+from proxy.vocabulary.canonical import canonical_text
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ class Recorder:
         payload = event.get("payload") or {}
         if not isinstance(payload, dict):
             raise TypeError(f"audit event payload must be a dict, not {type(payload).__name__}")
-        item["payload"] = audit.canonical_text(payload)  # now: a later change by the caller is not recorded
+        item["payload"] = canonical_text(payload)  # now: a later change by the caller is not recorded
         self._queue.put_nowait((_EVENT, item))
 
     def unavailable_reason(self) -> str | None:

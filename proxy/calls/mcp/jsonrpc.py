@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.vocabulary.canonical import Form, canonical
+
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 64  # messages in one JSON-RPC batch; more is refused, not truncated
@@ -49,7 +51,7 @@ class Message:
             bound["params"] = {k: v for k, v in params.items() if k != "_meta"}
             if meta:  # `_meta: {progressToken}` binds like no `_meta` at all
                 bound["params"]["_meta"] = meta
-        return json.dumps(bound, sort_keys=True, separators=(",", ":")).encode()
+        return canonical(bound, Form.ASCII)  # hashed into override fingerprints: see Form
 
     @property
     def name(self) -> str | None:
