@@ -18,6 +18,7 @@ from mitmproxy import connection, http
 
 from addons.options import add_options, settings_from_options
 from proxy.settings.agents import AgentDirectory
+from proxy.vocabulary.problems import MEDIA_TYPE, Problem, problem_document
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +83,12 @@ def parse_basic(value: str) -> tuple[str, str] | None:
 
 
 def proxy_auth_required(which: str) -> http.Response:
-    body = {
-        "type": "urn:cedargate:problem:proxy-auth-required",
-        "title": "Proxy authentication required",
-        "status": 407,
-        "detail": f"{which} proxy credentials: route calls through http://AGENT_ID:TOKEN@<proxy host>:<port>",
-    }
+    body = problem_document(
+        Problem.PROXY_AUTH_REQUIRED,
+        detail=f"{which} proxy credentials: route calls through http://AGENT_ID:TOKEN@<proxy host>:<port>",
+    )
     return http.Response.make(
-        407,
-        json.dumps(body),
-        {"Proxy-Authenticate": f'Basic realm="{REALM}"', "Content-Type": "application/problem+json"},
+        407, json.dumps(body), {"Proxy-Authenticate": f'Basic realm="{REALM}"', "Content-Type": MEDIA_TYPE},
     )
 
 

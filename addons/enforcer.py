@@ -46,6 +46,7 @@ from proxy.decision.upstream import CONNECT_TIMEOUT_MESSAGE, OWN_API_MESSAGE, cl
 from proxy.oversight.held_calls import requested_wait
 from proxy.runtime import Runtime
 from proxy.vocabulary.printable import printable
+from proxy.vocabulary.problems import MEDIA_TYPE, Problem, problem_document
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +145,8 @@ class Enforcer:
         except Exception:
             # mitmproxy forwards a flow whose hook raised; cedargate must refuse it instead.
             log.exception("enforcement failed for %s", self._shown(flow.request.pretty_url))
-            flow.response = http.Response.make(
-                500, b'{"type": "urn:cedargate:problem:internal-error", "title": "cedargate failed to decide '
-                b'this call; it was not forwarded", "status": 500}', {"Content-Type": "application/problem+json"},
-            )
+            flow.response = http.Response.make(500, json.dumps(problem_document(Problem.INTERNAL_ERROR)),
+                                               {"Content-Type": MEDIA_TYPE})
 
     async def _enforce(self, flow: http.HTTPFlow) -> None:
         agent = flow.metadata.get(AGENT)

@@ -17,6 +17,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from override_api.main import PROBLEM
 from proxy.calls.connections import ConnectionGuard
+from proxy.vocabulary.problems import http_problem
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -48,10 +49,9 @@ class GuardedH11Protocol(H11Protocol):
     def send_400_response(self, msg: str) -> None:
         # uvicorn's answer to a request h11 cannot read (a head over max_header_bytes among them), in
         # problem+json like the API's other errors rather than text/plain.
-        body = json.dumps({
-            "type": "about:blank", "title": "Bad Request", "status": 400,
-            "detail": f"{msg} It is malformed, or its request line and headers are too long.",
-        }).encode()
+        body = json.dumps(
+            http_problem(400, f"{msg} It is malformed, or its request line and headers are too long.")
+        ).encode()
         headers = [(b"content-type", PROBLEM.encode()), (b"content-length", b"%d" % len(body)),
                    (b"connection", b"close")]
         for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),

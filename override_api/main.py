@@ -9,8 +9,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from override_api.routes import health, overrides
 from proxy.runtime import Runtime
+from proxy.vocabulary.problems import MEDIA_TYPE, http_problem
 
-PROBLEM = "application/problem+json"
+PROBLEM = MEDIA_TYPE
 
 
 def create_app(runtime: Runtime) -> FastAPI:
@@ -24,25 +25,16 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(overrides.router)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_problem(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        body = {"type": "about:blank", "title": _title(exc.status_code), "status": exc.status_code,
-                "detail": exc.detail}
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        body = http_problem(exc.status_code, exc.detail)
         return JSONResponse(body, exc.status_code, headers=exc.headers, media_type=PROBLEM)
 
     @app.exception_handler(RequestValidationError)
     async def validation_problem(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
-        body = {"type": "about:blank", "title": "Request is not valid", "status": 422,
-                "detail": "; ".join(f"{e['field']}: {e['message']}" for e in errors), "errors": errors}
+        body = http_problem(422, "; ".join(f"{e['field']}: {e['message']}" for e in errors), errors=errors)
+        body["title"] = "Request is not valid"
         return JSONResponse(body, 422, media_type=PROBLEM)
 
     return app
 
-
-def _title(status: int) -> str:
-    from http import HTTPStatus
-
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Error"

@@ -36,18 +36,20 @@ class FailureKind(str, Enum):
     CLIENT_CLOSED = "client-closed"  # the agent went away first: there is no one to answer
 
 
-_PROBLEMS: dict[FailureKind, tuple[Problem, int]] = {
-    FailureKind.CONNECT_REFUSED: (Problem.UPSTREAM_UNREACHABLE, 502),
-    FailureKind.NAME_RESOLUTION: (Problem.UPSTREAM_UNREACHABLE, 502),
-    FailureKind.UNREACHABLE: (Problem.UPSTREAM_UNREACHABLE, 502),
-    FailureKind.TLS_VERIFY: (Problem.UPSTREAM_TLS, 502),
-    FailureKind.TLS_HANDSHAKE: (Problem.UPSTREAM_TLS, 502),
-    FailureKind.CONNECT_TIMEOUT: (Problem.UPSTREAM_TIMEOUT, 504),
-    FailureKind.READ_TIMEOUT: (Problem.UPSTREAM_TIMEOUT, 504),
-    FailureKind.RESET: (Problem.UPSTREAM_RESET, 502),
-    FailureKind.BAD_ANSWER: (Problem.UPSTREAM_ANSWER, 502),
-    FailureKind.OWN_API: (Problem.PROXY_API, 403),
-    FailureKind.CLIENT_CLOSED: (Problem.HTTP_ERROR, 499),
+# Each answered with its problem's status (proxy.vocabulary.problems); a client gone first is recorded
+# as 499, nginx's "client closed request", and answered to no one.
+_PROBLEMS: dict[FailureKind, Problem] = {
+    FailureKind.CONNECT_REFUSED: Problem.UPSTREAM_UNREACHABLE,
+    FailureKind.NAME_RESOLUTION: Problem.UPSTREAM_UNREACHABLE,
+    FailureKind.UNREACHABLE: Problem.UPSTREAM_UNREACHABLE,
+    FailureKind.TLS_VERIFY: Problem.UPSTREAM_TLS,
+    FailureKind.TLS_HANDSHAKE: Problem.UPSTREAM_TLS,
+    FailureKind.CONNECT_TIMEOUT: Problem.UPSTREAM_TIMEOUT,
+    FailureKind.READ_TIMEOUT: Problem.UPSTREAM_TIMEOUT,
+    FailureKind.RESET: Problem.UPSTREAM_RESET,
+    FailureKind.BAD_ANSWER: Problem.UPSTREAM_ANSWER,
+    FailureKind.OWN_API: Problem.PROXY_API,
+    FailureKind.CLIENT_CLOSED: Problem.HTTP_ERROR,
 }
 
 _WHAT_FAILED = {
@@ -106,7 +108,8 @@ class UpstreamFailure:
 
     def refusal(self, verdict: Verdict) -> Verdict:
         """The verdict of the forwarded call, as the refusal the agent gets; its record stays the decision."""
-        problem, status = _PROBLEMS[self.kind]
+        problem = _PROBLEMS[self.kind]
+        status = problem.entry.status if self.answerable else 499
         call = verdict.call
         target = f"{call.scheme}://{call.host}:{call.port}"
         executed = "maybe" if self.sent else "no"

@@ -34,11 +34,11 @@ from proxy.vocabulary.problems import Problem
 
 log = logging.getLogger(__name__)
 
-# Why no request was opened -> what the agent is answered (status 413: waiting will not help).
+# Why no request was opened -> what the agent is answered, with its problem's status.
 REFUSALS = {
-    Refusal.BODY_TOO_LARGE: (Problem.OVERRIDE_BODY_TOO_LARGE, 413),
-    Refusal.TOO_MANY_PENDING: (Problem.TOO_MANY_PENDING_OVERRIDES, 429),
-    Refusal.RATE_LIMITED: (Problem.OVERRIDE_RATE_LIMITED, 429),
+    Refusal.BODY_TOO_LARGE: Problem.OVERRIDE_BODY_TOO_LARGE,
+    Refusal.TOO_MANY_PENDING: Problem.TOO_MANY_PENDING_OVERRIDES,
+    Refusal.RATE_LIMITED: Problem.OVERRIDE_RATE_LIMITED,
 }
 
 
@@ -88,7 +88,8 @@ class Oversight:
 
     def _not_opened(self, verdict: Verdict, refused: OverrideRefused) -> Resolution:
         """Refuse a call for which no override request may be opened; record why."""
-        problem, status = REFUSALS[refused.reason]
+        problem = REFUSALS[refused.reason]
+        status = problem.entry.status
         headers, extra = dict(verdict.extra_headers), {}
         if refused.retry_after is not None:
             headers["Retry-After"] = str(refused.retry_after)

@@ -1,10 +1,33 @@
-"""The catalogue of refusals: every problem type cedargate answers with (RFC 9457 problem+json)."""
+"""The catalogue of refusals: every problem type cedargate answers with (RFC 9457 problem+json).
+
+Each `Problem` has its type URI, its title, the status it is usually answered with, what an agent
+should do next (the `next_step` member of the problem+json) and what an MCP client's model is told to do
+(the last line of the text it is shown, see `proxy.calls.mcp.refusals`). Every answer cedargate builds,
+the proxy's refusals, its error pages, its MCP answers and the override API's errors, is made here by
+`problem_document` (or `http_problem`, for the API's errors that RFC 9457's `about:blank` covers).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
+from http import HTTPStatus
+from typing import Any
 
 PROBLEM_BASE = "urn:cedargate:problem:"
+MEDIA_TYPE = "application/problem+json"
+
+
+@dataclass(frozen=True)
+class ProblemType:
+    title: str
+    status: int  # the usual status; a call refused by the mapping, say, gets the mapping's own
+    next_step: str  # for an agent: what to do about it
+    model_step: str = ""  # for a model, where an MCP client's wording differs from the agent's
+
+    @property
+    def step_for_model(self) -> str:
+        return self.model_step or self.next_step
 
 
 class Problem(str, Enum):
@@ -36,38 +59,111 @@ class Problem(str, Enum):
     # Refused before any decision, by the proxy's limits (proxy.calls.connections): no agent, no record.
     REQUEST_TOO_LARGE = "request-too-large"
     HEADERS_TOO_LARGE = "request-headers-too-large"
+    # Refused before any decision: the agent is not known (addons.agent_auth), or cedargate itself failed.
+    PROXY_AUTH_REQUIRED = "proxy-auth-required"
+    INTERNAL_ERROR = "internal-error"
 
     @property
     def uri(self) -> str:
         return PROBLEM_BASE + self.value
 
+    @property
+    def entry(self) -> ProblemType:
+        """Its title, usual status and next steps."""
+        return CATALOGUE[self]
 
-_TITLES = {
-    Problem.POLICY_DENIED: "Denied by policy",
-    Problem.NO_PERMIT: "No policy permits this call",
-    Problem.EVALUATION_ERROR: "Policy evaluation failed; call refused",
-    Problem.MAPPING_ERROR: "Call cannot be checked; refused",
-    Problem.UNKNOWN_ACTION: "Unknown action: no manifest route classifies this call",
-    Problem.STORE_UNAVAILABLE: "Decision record unavailable; call refused",
-    Problem.PROXY_API: "Agents cannot call cedargate's own API",
-    Problem.OVERRIDE_PENDING: "Denied by policy; a human is reviewing an override request",
-    Problem.OVERRIDE_DENIED: "Denied by policy; the override request was denied",
-    Problem.OVERRIDE_EXPIRED: "Denied by policy; the override request expired",
-    Problem.RELEASE_REFUSED: "Override granted, but current policy now refuses the call",
-    Problem.UPSTREAM_UNREACHABLE: "The upstream could not be reached",
-    Problem.UPSTREAM_TLS: "TLS with the upstream failed",
-    Problem.UPSTREAM_TIMEOUT: "The upstream did not answer in time",
-    Problem.UPSTREAM_RESET: "The upstream closed the connection without answering",
-    Problem.UPSTREAM_ANSWER: "The upstream's answer cannot be passed on",
-    Problem.HTTP_ERROR: "The proxy could not handle this HTTP message",
-    Problem.OVERRIDE_BODY_TOO_LARGE: "Denied by policy; the body is too large to put before a reviewer",
-    Problem.TOO_MANY_PENDING_OVERRIDES: "Denied by policy; too many of the agent's override requests await review",
-    Problem.OVERRIDE_RATE_LIMITED: "Denied by policy; this agent opens override requests too fast",
-    Problem.REQUEST_TOO_LARGE: "Request body too large; call refused",
-    Problem.HEADERS_TOO_LARGE: "Request headers too large; call refused",
+    @classmethod
+    def of_type(cls, uri: str) -> Problem | None:
+        """The problem a type URI names; None for another's (e.g. `about:blank`)."""
+        if not uri.startswith(PROBLEM_BASE):
+            return None
+        try:
+            return cls(uri[len(PROBLEM_BASE):])
+        except ValueError:
+            return None
+
+
+_NO_RETRY = "Do not retry this call."
+_NOT_RUN = "The call was not executed; the detail says whether retrying helps."
+_MAY_HAVE_RUN = "The call may have run: check whether it took effect before repeating it."
+
+CATALOGUE: dict[Problem, ProblemType] = {
+    Problem.POLICY_DENIED: ProblemType("Denied by policy", 403,
+                                       "This is a hard denial: do not retry this call."),
+    Problem.NO_PERMIT: ProblemType("No policy permits this call", 403,
+                                   "No policy allows it: do not retry this call."),
+    Problem.EVALUATION_ERROR: ProblemType(
+        "Policy evaluation failed; call refused", 403,
+        "Do not retry this call; an operator must mend the policies first."),
+    Problem.MAPPING_ERROR: ProblemType("Call cannot be checked; refused", 400,
+                                       "Mend the call as the detail says and send it again."),
+    Problem.UNKNOWN_ACTION: ProblemType(
+        "Unknown action: no manifest route classifies this call", 403,
+        "Do not retry this call; an operator must classify it in actions.yaml first.",
+        "Do not retry this call; an operator must classify the tool first."),
+    Problem.STORE_UNAVAILABLE: ProblemType("Decision record unavailable; call refused", 503,
+                                           "This is temporary: retry the call in a little while."),
+    Problem.PROXY_API: ProblemType("Agents cannot call cedargate's own API", 403,
+                                   "Do not retry this call: the override API is for humans."),
+    Problem.OVERRIDE_PENDING: ProblemType(
+        "Denied by policy; a human is reviewing an override request", 403,
+        "Retry the identical call after Retry-After; it goes through once the request is granted.",
+        "A human is reviewing an override request for it. Retry the identical call (same tool, same "
+        "arguments) later; it goes through once it is granted."),
+    Problem.OVERRIDE_DENIED: ProblemType("Denied by policy; the override request was denied", 403,
+                                         "A reviewer denied the exception: do not retry this call."),
+    Problem.OVERRIDE_EXPIRED: ProblemType(
+        "Denied by policy; the override request expired", 403,
+        "The override request expired without a decision; retrying asks again."),
+    Problem.RELEASE_REFUSED: ProblemType("Override granted, but current policy now refuses the call", 403,
+                                         _NO_RETRY),
+    Problem.UPSTREAM_UNREACHABLE: ProblemType("The upstream could not be reached", 502, _NOT_RUN),
+    Problem.UPSTREAM_TLS: ProblemType("TLS with the upstream failed", 502, _NOT_RUN),
+    Problem.UPSTREAM_TIMEOUT: ProblemType("The upstream did not answer in time", 504,
+                                          "The detail says whether the call may have run; if it may, check "
+                                          "whether it took effect before repeating it."),
+    Problem.UPSTREAM_RESET: ProblemType("The upstream closed the connection without answering", 502,
+                                        _MAY_HAVE_RUN),
+    Problem.UPSTREAM_ANSWER: ProblemType("The upstream's answer cannot be passed on", 502, _MAY_HAVE_RUN),
+    Problem.HTTP_ERROR: ProblemType("The proxy could not handle this HTTP message", 502,
+                                    "The detail says whether the call was forwarded; if it may have been, "
+                                    "check whether it took effect before repeating it."),
+    Problem.OVERRIDE_BODY_TOO_LARGE: ProblemType(
+        "Denied by policy; the body is too large to put before a reviewer", 413,
+        "Waiting will not help: send a smaller call, or do without it."),
+    Problem.TOO_MANY_PENDING_OVERRIDES: ProblemType(
+        "Denied by policy; too many of the agent's override requests await review", 429,
+        "Retry once reviewers have decided some of your pending override requests."),
+    Problem.OVERRIDE_RATE_LIMITED: ProblemType(
+        "Denied by policy; this agent opens override requests too fast", 429,
+        "Retry after the seconds in Retry-After."),
+    Problem.REQUEST_TOO_LARGE: ProblemType("Request body too large; call refused", 413,
+                                           "The call was not forwarded; send a smaller body."),
+    Problem.HEADERS_TOO_LARGE: ProblemType("Request headers too large; call refused", 431,
+                                           "The call was not forwarded; send shorter headers."),
+    Problem.PROXY_AUTH_REQUIRED: ProblemType("Proxy authentication required", 407,
+                                             "Send the agent's proxy credentials and retry."),
+    Problem.INTERNAL_ERROR: ProblemType("cedargate failed to decide this call; it was not forwarded", 500,
+                                        "Retry later; if it persists, tell an operator."),
 }
 
 
-def problem_document(problem: Problem, status: int, detail: str) -> dict:
-    """The RFC 9457 members every cedargate answer has, also where no call was decided."""
-    return {"type": problem.uri, "title": _TITLES[problem], "status": status, "detail": detail}
+def problem_document(problem: Problem, status: int | None = None, detail: str = "", **more: Any) -> dict:
+    """The RFC 9457 members every cedargate answer has, also where no call was decided; `status` defaults
+    to the problem's usual one, and `more` adds members (the decision id, the override...)."""
+    entry = problem.entry
+    document: dict[str, Any] = {"type": problem.uri, "title": entry.title, "status": status or entry.status}
+    if detail:
+        document["detail"] = detail
+    document["next_step"] = entry.next_step
+    document.update(more)
+    return document
+
+
+def http_problem(status: int, detail: Any, **more: Any) -> dict:
+    """An error of the override API's HTTP: `about:blank`, titled by its status (RFC 9457 4.2.1)."""
+    try:
+        title = HTTPStatus(status).phrase
+    except ValueError:
+        title = "Error"
+    return {"type": "about:blank", "title": title, "status": status, "detail": detail, **more}

@@ -22,6 +22,8 @@ def test_a_request_mitmproxy_refuses_gets_a_problem_saying_it_was_not_forwarded(
         "status": 400,
         "detail": "Bad HTTP request line: b'GET / HTTP/1.1 EXTRA'. The call was NOT forwarded; correct the "
                   "request and send it again.",
+        "next_step": "The detail says whether the call was forwarded; if it may have been, check whether it "
+                     "took effect before repeating it.",
     }
 
 

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from proxy.calls.mcp.jsonrpc import Message
+from proxy.vocabulary.problems import Problem
 
 log = logging.getLogger(__name__)
 
@@ -15,19 +16,6 @@ REFUSED_CODE = -32003
 
 
 # -- answering for a refused message --------------------------------------------------------------------
-
-_NEXT_STEP = {
-    "policy-denied": "This is a hard denial: do not retry this call.",
-    "no-permit": "No policy allows it: do not retry this call.",
-    "unknown-action": "Do not retry this call; an operator must classify the tool first.",
-    "override-pending": ("A human is reviewing an override request for it. Retry the identical call "
-                         "(same tool, same arguments) later; it goes through once it is granted."),
-    "override-denied": "A reviewer denied the exception: do not retry this call.",
-    "override-expired": "The override request expired without a decision; retrying asks again.",
-    "override-release-refused": "Do not retry this call.",
-    "store-unavailable": "This is temporary: retry the call in a little while.",
-}
-
 
 def refusal_text(problem: Mapping[str, Any], message: Message) -> str:
     """What the model reads: what was denied, why, and what it can do next."""
@@ -39,9 +27,9 @@ def refusal_text(problem: Mapping[str, Any], message: Message) -> str:
         roles = ", ".join(problem.get("required_roles") or [])
         lines.append(f"Override request: {problem['override_id']} (status {problem.get('override_status')}"
                      + (f", needs approval by: {roles}" if roles else "") + ").")
-    step = _NEXT_STEP.get(str(problem.get("type", "")).rsplit(":", 1)[-1])
-    if step:
-        lines.append(step)
+    known = Problem.of_type(str(problem.get("type", "")))
+    if known is not None:
+        lines.append(known.entry.step_for_model)
     lines.append(f"Decision id: {problem.get('decision_id')}.")
     return "\n".join(lines)
 

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from proxy.calls.mcp.refusals import REFUSED_CODE
+from proxy.vocabulary.problems import Problem, problem_document
 
 log = logging.getLogger(__name__)
 
@@ -17,17 +18,16 @@ def read_json(body: bytes) -> Any:
     return json.loads(body.decode("utf-8"))
 
 
-UPSTREAM_ANSWER = "urn:cedargate:problem:upstream-answer"
+UPSTREAM_ANSWER = Problem.UPSTREAM_ANSWER.uri
 DEFAULT_MAX_EVENT = 1024 * 1024
+
+
+_UNCHECKED = "cedargate could not check the MCP server's answer, so it is not passed on"
 
 
 def unreadable_problem(detail: str = "") -> dict:
     """The problem for a server's answer cedargate could not check, and so did not pass on."""
-    problem = {"type": UPSTREAM_ANSWER, "status": 502,
-               "title": "cedargate could not check the MCP server's answer, so it is not passed on"}
-    if detail:
-        problem["detail"] = detail
-    return problem
+    return problem_document(Problem.UPSTREAM_ANSWER, 502, detail or _UNCHECKED)
 
 
 def _event_bytes(answer: Mapping[str, Any]) -> bytes:

@@ -213,4 +213,5 @@ def test_refusals_are_problem_json():
         "title": "Request headers too large; call refused",
         "status": 431,
         "detail": "too long",
+        "next_step": "The call was not forwarded; send shorter headers.",
     }
