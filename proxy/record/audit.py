@@ -13,7 +13,8 @@ The hash of a row is SHA-256 (hex) over `canonical({"seq", "at", "kind", "decisi
 64 zeros; `canonical` (`proxy.vocabulary.canonical`) is `json.dumps(sort_keys=True, separators=(",",
 ":"), ensure_ascii=False)` encoded as UTF-8, so anyone can check the log without cedargate. What the
 chain cannot show: someone who can write to the database and recomputes every hash after their edit,
-and the head, leaves a consistent log; compare the head `verify` reports with a copy kept elsewhere to catch that.
+and the head, leaves a consistent log; compare the head `verify` reports with a copy kept elsewhere to
+catch that.
 """
 
 from __future__ import annotations
