@@ -11,7 +11,6 @@ cannot be mapped faithfully raises `MappingError`; the caller refuses the call r
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -21,13 +20,10 @@ from proxy.calls import ambiguity
 from proxy.calls.mcp.jsonrpc import McpError, parse_messages
 from proxy.calls.mcp.mapping import map_message
 from proxy.calls.tunnels import server_name_problem, target_problem
+from proxy.cedar.context import METHOD_ACTIONS, decimal, decimal_of_float
 from proxy.cedar.engine import CedarRequest
 from proxy.cedar.manifest import FieldError, Manifest, McpEndpointSpec, extract_fields
 from proxy.vocabulary.hosts import canonical_host
-
-METHOD_ACTIONS = {
-    m: m.lower() for m in ("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE")
-}
 
 # Headers that carry credentials by their name: never in the context or the record, whatever the
 # operator selects, and never shown to reviewers.
@@ -361,7 +357,7 @@ def agent_statements(headers: Mapping[str, str]) -> dict:
             if not _CONFIDENCE.match(value):
                 raise MappingError(f"X-Agent-Confidence must be a number from 0 to 1 with at most 4 places, "
                                    f"not {value[:40]!r}")
-            told["confidence"] = {"__extn": {"fn": "decimal", "arg": value if "." in value else f"{value}.0"}}
+            told["confidence"] = decimal(value)
         elif key == "x-agent-session":
             if not _SESSION.match(value):
                 raise MappingError("X-Agent-Session must be 1 to 128 characters of letters, digits and ._:@/-")
@@ -453,7 +449,8 @@ def to_cedar_value(value, depth: int = 0):
     if isinstance(value, int):
         return value if CEDAR_LONG_MIN <= value <= CEDAR_LONG_MAX else str(value)
     if isinstance(value, float):
-        return _decimal(value)
+        as_decimal = decimal_of_float(value)
+        return repr(value) if as_decimal is None else as_decimal
     if isinstance(value, list):
         return [to_cedar_value(v, depth + 1) for v in value if v is not None]
     if isinstance(value, dict):
@@ -462,10 +459,3 @@ def to_cedar_value(value, depth: int = 0):
         return {k: to_cedar_value(v, depth + 1) for k, v in value.items() if v is not None}
     raise MappingError(f"JSON value of type {type(value).__name__} cannot be mapped")
 
-
-def _decimal(value: float):
-    if math.isfinite(value) and abs(value) < 922_337_203_685_477 and round(value, 4) == value:
-        text = f"{value:.4f}".rstrip("0")
-        # Cedar's decimal literal needs a fractional digit ("2.0", not "2.").
-        return {"__extn": {"fn": "decimal", "arg": text + "0" if text.endswith(".") else text}}
-    return repr(value)

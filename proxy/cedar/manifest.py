@@ -42,6 +42,17 @@ from pydantic import (
     model_validator,
 )
 
+from proxy.cedar.context import (
+    CALL_TOOL,
+    DECIMAL_TEXT,
+    MCP_RPC,
+    METHODS,
+    RESERVED,
+    ROUTE_CONTEXT,
+    decimal,
+    is_decimal,
+    schema_lines,
+)
 from proxy.vocabulary.hosts import canonical_host
 
 MANIFEST_FILE = "actions.yaml"
@@ -52,10 +63,6 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}\Z")  # \Z, not $: "refund\n" is not a tool name
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 MCP_ACTIONS = ("mcp", "call_tool", "mcp_rpc")  # the actions of the MCP mapping (see proxy.calls.mcp)
-METHODS = ("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE")
-# Context attributes every HTTP call carries; a manifest field may not shadow them.
-RESERVED = frozenset({"scheme", "host", "port", "method", "path", "query", "headers", "body", "severity",
-                      "reversible", "agent"})
 
 
 class ManifestError(Exception):
@@ -420,12 +427,12 @@ def _whole(raw: Any) -> int:
 def _decimal(raw: Any, from_text: bool) -> dict:
     if isinstance(raw, bool):
         raise ValueError("a boolean")
-    if isinstance(raw, dict) and "__extn" in raw:  # already converted from JSON by the mapping
+    if is_decimal(raw):  # already converted from JSON by the mapping
         return raw
     text = str(raw).strip() if from_text or isinstance(raw, (int, float)) else None
-    if text is None or not re.fullmatch(r"-?\d{1,15}(\.\d{1,4})?", text):
+    if text is None or not DECIMAL_TEXT.fullmatch(text):
         raise ValueError("not a decimal with at most 4 places")
-    return {"__extn": {"fn": "decimal", "arg": text if "." in text else f"{text}.0"}}
+    return decimal(text)
 
 
 def schema_text(manifest: Manifest) -> str:
@@ -439,11 +446,7 @@ def schema_text(manifest: Manifest) -> str:
             "  principal: [Agent],",
             "  resource: [Host],",
             "  context: {",
-            "    scheme: String, host: String, port: Long, method: String, path: String, query: String,",
-            "    headers: Headers,",
-            "    agent?: AgentStatements,",
-            "    severity: String,",
-            "    reversible: Bool,",
+            *schema_lines(ROUTE_CONTEXT),
             *fields,
             "  },",
             "};",
@@ -459,12 +462,6 @@ def _mcp_schema(manifest: Manifest) -> list[str]:
     for endpoint in manifest.mcp_endpoints:
         for tool in endpoint.tools.values():
             arguments.update({n: FIELD_TYPES[a.type] for n, a in tool.arguments.items()})
-    rpc = ["    scheme: String, host: String, port: Long, method: String, path: String, query: String,",
-           "    headers: Headers,",
-           "    agent?: AgentStatements,",
-           "    server: String,       // the endpoint's server name",
-           "    rpc_kind: String,     // request, notification, response, stream (GET) or end-session (DELETE)",
-           "    rpc_method: String,   // the JSON-RPC method, e.g. tools/call; empty when there is none"]
     return [
         "// MCP (streamable HTTP): a tools/call is `call_tool` on Tool::\"<server>/<tool>\", which is in",
         "// McpServer::\"<server>\"; every other message on the endpoint is `mcp_rpc` on the McpServer.",
@@ -482,11 +479,7 @@ def _mcp_schema(manifest: Manifest) -> list[str]:
         "  principal: [Agent],",
         "  resource: [Tool],",
         "  context: {",
-        *rpc,
-        "    tool: String,",
-        "    arguments: ToolArguments,",
-        "    severity: String,     // from actions.yaml; \"unclassified\" for a tool it does not list",
-        "    reversible: Bool,",
+        *schema_lines(CALL_TOOL),
         "  },",
         "};",
         "",
@@ -494,9 +487,7 @@ def _mcp_schema(manifest: Manifest) -> list[str]:
         "  principal: [Agent],",
         "  resource: [McpServer],",
         "  context: {",
-        *rpc,
-        "    uri?: String,         // resources/read, resources/subscribe, resources/unsubscribe",
-        "    prompt?: String,      // prompts/get",
+        *schema_lines(MCP_RPC),
         "  },",
         "};",
         "",

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from proxy.calls.mapping import Call, MappingError, MappingOptions, UnknownAction, map_call, parse_json
 from proxy.calls.mcp.jsonrpc import Exchange, McpError, parse_messages
 from proxy.calls.redaction import Redaction
+from proxy.cedar.context import MCP_DETAIL
 from proxy.cedar.engine import CedarRequest, Engine, Evaluation, Snapshot
 from proxy.cedar.escalation import Escalation, escalation_of, is_escalatable
 from proxy.cedar.manifest import MCP_ACTIONS, TOOL_NAME, McpEndpointSpec
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MCP_DETAIL = ("server", "rpc_kind", "rpc_method", "tool", "uri", "prompt")
 
 
 class Outcome(str, Enum):

@@ -1,0 +1,122 @@
+"""The one description of what a Cedar request's context holds, for each kind of action.
+
+An HTTP call (`Action::"get"` ... `"delete"`, or a manifest route's named action) has the call's scheme,
+host, port, method, path, query, selected headers and the agent's statements, its JSON body at run time,
+and on a route the classification (severity, reversible) and the route's typed fields. A message on an
+MCP endpoint (`call_tool`, `mcp_rpc`) has the same HTTP attributes and what the message is: its server,
+kind and JSON-RPC method, and the tool and arguments, or the resource or prompt it names.
+
+The mapping (`proxy.calls.mapping`, `proxy.calls.mcp.mapping`) fills these attributes, the manifest
+reserves their names (`RESERVED`) and writes them into the generated schema (`schema_text`), and a test
+holds `policies/schema.cedarschema` to them. Here too: the HTTP methods that have actions, and the one
+encoder of Cedar `decimal` values.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+# The methods cedargate forwards, each the Cedar action of its lower-case name; any other is refused.
+METHODS = ("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE")
+READ_METHODS = ("GET", "HEAD", "OPTIONS")  # in the schema's `read` group; the others are in `write`
+METHOD_ACTIONS = {method: method.lower() for method in METHODS}
+
+
+@dataclass(frozen=True)
+class Attribute:
+    """One context attribute: its name, its Cedar schema type, and whether every request has it."""
+
+    name: str
+    type: str  # as the schema spells it; "" for an attribute the schema leaves undeclared
+    required: bool = True
+    comment: str = ""  # shown beside it in the generated schema
+
+    @property
+    def declared(self) -> bool:
+        return bool(self.type)
+
+
+# Every call's: where it goes and how, as the agent sent it (host canonical, method upper-case).
+HTTP = (
+    Attribute("scheme", "String"), Attribute("host", "String"), Attribute("port", "Long"),
+    Attribute("method", "String"), Attribute("path", "String"), Attribute("query", "String"),
+    Attribute("headers", "Headers"),  # only the operator's `context_headers`, never credentials
+    Attribute("agent", "AgentStatements", required=False),  # from X-Agent-* headers, when sent
+)
+# A call's JSON body, as Cedar values: present at run time, typed by no schema (a policy on it declares it).
+BODY = Attribute("body", "", required=False)
+# A manifest route's classification, from actions.yaml.
+CLASSIFICATION = (Attribute("severity", "String"), Attribute("reversible", "Bool"))
+# What an MCP message is, on any MCP endpoint.
+MCP_MESSAGE = (
+    Attribute("server", "String", comment="the endpoint's server name"),
+    Attribute("rpc_kind", "String",
+              comment="request, notification, response, stream (GET) or end-session (DELETE)"),
+    Attribute("rpc_method", "String",
+              comment="the JSON-RPC method, e.g. tools/call; empty when there is none"),
+)
+CALL_TOOL = (
+    *HTTP, *MCP_MESSAGE,
+    Attribute("tool", "String"),
+    Attribute("arguments", "ToolArguments"),
+    Attribute("severity", "String", comment='from actions.yaml; "unclassified" for a tool it does not list'),
+    Attribute("reversible", "Bool"),
+)
+MCP_RPC = (
+    *HTTP, *MCP_MESSAGE,
+    Attribute("uri", "String", required=False,
+              comment="resources/read, resources/subscribe, resources/unsubscribe"),
+    Attribute("prompt", "String", required=False, comment="prompts/get"),
+)
+# The attributes that say what an MCP message was, which its method and path do not (kept in the record).
+MCP_DETAIL = (*(a.name for a in MCP_MESSAGE), "tool", "uri", "prompt")
+
+# The context of an HTTP method's action, and of a manifest route's action before its own fields.
+METHOD_CONTEXT = (*HTTP, BODY)
+ROUTE_CONTEXT = (*HTTP, BODY, *CLASSIFICATION)
+# Names a manifest field may not take: they would shadow what every HTTP call carries.
+RESERVED = frozenset(a.name for a in ROUTE_CONTEXT)
+
+
+def schema_lines(attributes: tuple[Attribute, ...], indent: str = "    ") -> list[str]:
+    """The declared attributes as the lines of a schema's `context: { ... }`, the HTTP scalars on one line."""
+    lines, scalars = [], []
+    for attribute in attributes:
+        if not attribute.declared:
+            continue
+        spelled = f"{attribute.name}{'' if attribute.required else '?'}: {attribute.type},"
+        if attribute in HTTP[:6]:
+            scalars.append(spelled)
+            if len(scalars) == 6:
+                lines.append(indent + " ".join(scalars))
+            continue
+        if attribute.comment:
+            spelled = f"{spelled:<21} // {attribute.comment}"
+        lines.append(indent + spelled)
+    return lines
+
+
+# -- Cedar decimal values --------------------------------------------------------------------------------
+
+# Cedar's decimal: at most 4 places, within a 64-bit range, here at most 15 whole digits.
+DECIMAL_TEXT = re.compile(r"-?\d{1,15}(\.\d{1,4})?")
+_DECIMAL_LIMIT = 922_337_203_685_477
+
+
+def decimal(text: str) -> dict:
+    """The Cedar JSON of a decimal written as `text` (already checked against DECIMAL_TEXT)."""
+    # Cedar's decimal literal needs a fractional digit ("2.0", not "2").
+    return {"__extn": {"fn": "decimal", "arg": text if "." in text else f"{text}.0"}}
+
+
+def decimal_of_float(value: float) -> dict | None:
+    """A float as a Cedar decimal; None when a decimal cannot hold it exactly enough (4 places)."""
+    if math.isfinite(value) and abs(value) < _DECIMAL_LIMIT and round(value, 4) == value:
+        return decimal(f"{value:.4f}".rstrip("0").rstrip("."))
+    return None
+
+
+def is_decimal(value: object) -> bool:
+    return isinstance(value, dict) and "__extn" in value
