@@ -32,8 +32,8 @@ def create_app(runtime: Runtime) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def validation_problem(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
-        body = http_problem(422, "; ".join(f"{e['field']}: {e['message']}" for e in errors), errors=errors)
-        body["title"] = "Request is not valid"
+        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+        body = http_problem(422, detail, title="Request is not valid", errors=errors)
         return JSONResponse(body, 422, media_type=PROBLEM)
 
     return app

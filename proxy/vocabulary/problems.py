@@ -161,7 +161,8 @@ def problem_document(problem: Problem, status: int | None = None, detail: str = 
 
 
 def http_problem(status: int, detail: Any, **more: Any) -> dict:
-    """An error of the override API's HTTP: `about:blank`, titled by its status (RFC 9457 4.2.1)."""
+    """An error of the override API's HTTP: `about:blank`, titled by its status (RFC 9457 4.2.1) unless
+    `more` gives a title; `more` adds members."""
     try:
         title = HTTPStatus(status).phrase
     except ValueError:
