@@ -2,9 +2,11 @@
 
 Packages by concern, each importing only the ones listed before it:
 
-- `vocabulary`: the words every layer shares: the catalogue of refusals, printable text, host names.
+- `vocabulary`: the words every layer shares: the catalogue of refusals, canonical JSON, printable text,
+  host names.
 - `record`: where something is recorded: the decision rows and the tamper-evident audit chain.
-- `cedar`: Cedar itself: the policy bundle, the action manifest, entities, the engine and its slicing.
+- `cedar`: Cedar itself: the context's description, the policy bundle, the action manifest, entities, the
+  engine and its slicing.
 - `calls`: what an agent's call is: mapping HTTP and MCP to a Cedar request, parsing refusals, tunnels.
 - `settings`: cedargate.yaml and the agents' credentials.
 - `decision`: where a call gets decided (the gate), and what an upstream failure means for it.

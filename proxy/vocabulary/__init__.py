@@ -1,4 +1,5 @@
-"""The words every layer shares: the catalogue of refusals (problem types), printable text, host names.
+"""The words every layer shares: the catalogue of refusals (problem types), the canonical
+JSON, printable text, host names.
 
 Owns no state. Imports nothing of cedargate's.
 """
