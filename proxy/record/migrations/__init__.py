@@ -55,6 +55,10 @@ def head_revision() -> str:
     return head
 
 
+def _known_revisions() -> set[str]:
+    return {script.revision for script in _scripts().walk_revisions()}
+
+
 def baseline_schema() -> MetaData:
     """The tables cedargate 0.1.0 made, frozen in the baseline revision."""
     module = _scripts().get_revision(BASELINE).module
@@ -77,6 +81,11 @@ def migrate(engine: Engine) -> str:
         revision = MigrationContext.configure(conn).get_current_revision()
         unversioned = revision is None and _has_baseline_tables(conn)
         conn.rollback()
+        if revision is not None and revision not in _known_revisions():
+            raise MigrationError(
+                f"the database is at schema revision {revision}, which this cedargate does not know (its "
+                f"newest is {head}): a newer release upgraded it; run that release or a later one"
+            )
         if revision != head:
             # One transaction: on PostgreSQL, adopting and upgrading happen wholly or not at all.
             with conn.begin():

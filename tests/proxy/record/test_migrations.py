@@ -204,6 +204,19 @@ def test_the_models_and_the_migrations_agree(database: SAEngine):
             "add_column decisions reviewer", "add_table scratch"]
 
 
+def test_a_database_upgraded_by_a_newer_release_is_refused(database: SAEngine):
+    migrate(database)
+    with database.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = 'f00d'"))
+
+    with pytest.raises(MigrationError) as refused:
+        OverrideStore(database)
+    assert str(refused.value) == (
+        f"the database is at schema revision f00d, which this cedargate does not know (its newest is "
+        f"{head_revision()}): a newer release upgraded it; run that release or a later one")
+    assert version_rows(database) == ["f00d"]
+
+
 def test_migrating_a_current_database_changes_nothing(database: SAEngine):
     migrate(database)
     migrate(database)
