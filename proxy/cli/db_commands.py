@@ -18,7 +18,7 @@ from proxy.record.migrations import MigrationError, current_revision, head_revis
 from proxy.vocabulary.printable import printable
 
 
-def add_db_commands(subparsers: argparse._SubParsersAction) -> None:
+def add_db_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     db = subparsers.add_parser("db", help="see and apply the decision store's schema migrations")
     commands = db.add_subparsers(dest="db_command", required=True)
     add_store_arguments(commands.add_parser(
