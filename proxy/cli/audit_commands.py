@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sqlalchemy import create_engine, make_url
+from sqlalchemy import Engine, create_engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from proxy.record.audit import AuditLogError, verify
@@ -25,9 +25,7 @@ def add_audit_commands(subparsers: argparse._SubParsersAction) -> None:
     check = commands.add_parser(
         "verify", help="walk the hash chain; exit 0 if intact, 1 naming the first bad row, 2 if unreadable"
     )
-    check.add_argument("--config", help="YAML config file, to find the store as `cedargate run` would")
-    check.add_argument("--state-dir", help="state dir whose cedargate.db to check (default .cedargate)")
-    check.add_argument("--database-url", help="SQLAlchemy URL of the decision store (wins over the others)")
+    add_store_arguments(check)
 
 
 def run_audit_command(args: argparse.Namespace) -> int:
@@ -36,27 +34,49 @@ def run_audit_command(args: argparse.Namespace) -> int:
     raise ValueError(f"unknown audit command {args.audit_command!r}")
 
 
-def _verify(args: argparse.Namespace) -> int:
+class StoreNotFound(Exception):
+    """The store named by the flags cannot be opened; the message says why and how to name it."""
+
+
+def open_store(args: argparse.Namespace) -> tuple[Engine, str]:
+    """The engine of the store `cedargate run` would use with these flags, and its URL to show.
+
+    Raises `StoreNotFound`; a SQLite file that does not exist is refused, never created.
+    """
     try:
         flags = {"state_dir": args.state_dir, "database_url": args.database_url}
         settings = load_settings(args.config, flags)
     except ConfigError as exc:
-        return _fail(str(exc))
+        raise StoreNotFound(str(exc)) from exc
     try:
         url = make_url(settings.effective_database_url)
-    except ArgumentError:
-        return _fail(
+    except ArgumentError as exc:
+        raise StoreNotFound(
             f"{settings.effective_database_url!r} is not a database URL, e.g. sqlite:///path/to/cedargate.db"
-        )
+        ) from exc
     shown = url.render_as_string(hide_password=True)
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        # Opening a missing file would create an empty store and call it intact.
+        # Opening a missing file would create an empty store.
         if not Path(url.database).is_file():
-            return _fail(f"no decision store at {url.database}: give --database-url, --state-dir or --config")
+            raise StoreNotFound(
+                f"no decision store at {url.database}: give --database-url, --state-dir or --config")
     try:
-        engine = create_engine(url, hide_parameters=True)
+        return create_engine(url, hide_parameters=True), shown
     except ArgumentError as exc:  # e.g. a driver that is not installed
-        return _fail(f"cannot open {shown}: {exc}")
+        raise StoreNotFound(f"cannot open {shown}: {exc}") from exc
+
+
+def add_store_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file, to find the store as `cedargate run` would")
+    parser.add_argument("--state-dir", help="state dir whose cedargate.db to use (default .cedargate)")
+    parser.add_argument("--database-url", help="SQLAlchemy URL of the decision store (wins over the others)")
+
+
+def _verify(args: argparse.Namespace) -> int:
+    try:
+        engine, shown = open_store(args)
+    except StoreNotFound as exc:
+        return _fail(str(exc))
     try:
         result = verify(engine)
     except AuditLogError as exc:

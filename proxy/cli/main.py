@@ -17,6 +17,7 @@ from proxy.cedar.manifest import (
 )
 from proxy.cedar.policy import PolicyLoadError, load_bundle
 from proxy.cli.audit_commands import add_audit_commands, run_audit_command
+from proxy.cli.db_commands import add_db_commands, run_db_command
 from proxy.cli.explain import add_explain_command, run_explain_command
 from proxy.cli.override_commands import add_overrides_commands, run_overrides_command
 from proxy.settings.agents import hash_token, new_token
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     add_overrides_commands(sub)
     add_audit_commands(sub)
+    add_db_commands(sub)
     add_explain_command(sub)
 
     args = parser.parse_args(argv)
@@ -61,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_overrides_command(args)
     if args.command == "audit":
         return run_audit_command(args)
+    if args.command == "db":
+        return run_db_command(args)
     if args.command == "explain":
         return run_explain_command(args)
     if args.command == "check":

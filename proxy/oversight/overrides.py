@@ -34,6 +34,7 @@ from proxy.calls.mapping import Call, is_secret_header
 from proxy.calls.redaction import Redaction
 from proxy.cedar.escalation import Escalation, Requirement
 from proxy.oversight.limits import OverrideLimits, OverrideRefused, Refusal, TokenBuckets
+from proxy.record.migrations import migrate
 from proxy.record.store import utcnow
 from proxy.vocabulary.canonical import Form, canonical
 from proxy.vocabulary.hosts import canonical_host
@@ -168,7 +169,7 @@ class OverrideStore:
         # open more than `max_pending_per_agent` pending requests or outrun the rate. (Two processes
         # on one database, which the record does not support either, would each allow that many.)
         self._open_lock = threading.Lock()
-        SQLModel.metadata.create_all(engine, tables=[Override.__table__, OverrideVote.__table__])
+        migrate(engine)
 
     def open_or_attach(
         self, call: Call, *, decision_id: str, escalation: Escalation, policies: list[dict],

@@ -28,6 +28,7 @@ from sqlalchemy.engine import Engine as SAEngine
 from sqlmodel import Field, Session, SQLModel, create_engine, func, select
 
 from proxy.record import audit
+from proxy.record.migrations import migrate
 from proxy.vocabulary.canonical import canonical_text
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ class Recorder:
         self.last_error: str | None = None
         self.written = 0  # decision rows
         self._stop = threading.Event()
-        SQLModel.metadata.create_all(engine)
+        migrate(engine)
         self._thread = threading.Thread(target=self._run, name="cedargate-recorder", daemon=True)
         self._thread.start()
 

@@ -1,0 +1,274 @@
+"""Schema migrations: a database made by cedargate 0.1.0 upgrades in place, the models and the migrations
+agree, and processes starting at once on one new database all start. On SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table, inspect, text
+from sqlalchemy.engine import Engine as SAEngine
+from sqlmodel import SQLModel
+
+from proxy.oversight.overrides import OverrideStore, OverrideVote
+from proxy.record import audit
+from proxy.record.migrations import (
+    MigrationError,
+    baseline_schema,
+    current_revision,
+    head_revision,
+    migrate,
+    schema_differences,
+)
+from proxy.record.store import DecisionRecord, Recorder, make_engine
+
+# What cedargate 0.1.0's `SQLModel.metadata.create_all` ran, frozen: the two dialects differ only in
+# the names of three types.
+RELEASE_0_1_0_DDL = """
+CREATE TABLE audit_log (
+    seq INTEGER NOT NULL, at {moment} NOT NULL, kind VARCHAR NOT NULL, decision_id VARCHAR,
+    override_id VARCHAR, agent VARCHAR, actor VARCHAR, payload VARCHAR NOT NULL,
+    prev_hash VARCHAR NOT NULL, hash VARCHAR NOT NULL, PRIMARY KEY (seq));
+CREATE INDEX ix_audit_log_override_id ON audit_log (override_id);
+CREATE INDEX ix_audit_log_decision_id ON audit_log (decision_id);
+CREATE TABLE audit_head (id INTEGER NOT NULL, seq INTEGER NOT NULL, hash VARCHAR NOT NULL, PRIMARY KEY (id));
+CREATE TABLE decisions (
+    id {serial} NOT NULL, decision_id VARCHAR NOT NULL, at {moment} NOT NULL, agent VARCHAR NOT NULL,
+    method VARCHAR NOT NULL, scheme VARCHAR NOT NULL, host VARCHAR NOT NULL, port INTEGER NOT NULL,
+    path VARCHAR NOT NULL, action VARCHAR NOT NULL, resource VARCHAR NOT NULL, decision VARCHAR NOT NULL,
+    determining_policies VARCHAR NOT NULL, errors VARCHAR NOT NULL, policy_revision VARCHAR,
+    upstream_status INTEGER, duration_ms FLOAT, PRIMARY KEY (id));
+CREATE UNIQUE INDEX ix_decisions_decision_id ON decisions (decision_id);
+CREATE INDEX ix_decisions_agent_at ON decisions (agent, at);
+CREATE INDEX ix_decisions_at ON decisions (at);
+CREATE TABLE overrides (
+    id VARCHAR NOT NULL, fingerprint VARCHAR NOT NULL, status VARCHAR NOT NULL, version INTEGER NOT NULL,
+    agent VARCHAR NOT NULL, method VARCHAR NOT NULL, url VARCHAR NOT NULL, host VARCHAR NOT NULL,
+    path VARCHAR NOT NULL, action VARCHAR NOT NULL, resource VARCHAR NOT NULL, headers VARCHAR NOT NULL,
+    body {blob} NOT NULL, body_sha256 VARCHAR NOT NULL, cedar_request VARCHAR NOT NULL,
+    policies VARCHAR NOT NULL, requirements VARCHAR NOT NULL, policy_revision VARCHAR NOT NULL,
+    decision_id VARCHAR NOT NULL, justification VARCHAR, created_at {moment} NOT NULL,
+    expires_at {moment} NOT NULL, decided_at {moment}, decided_reason VARCHAR,
+    grant_expires_at {moment}, released_at {moment}, release_decision_id VARCHAR, PRIMARY KEY (id));
+CREATE INDEX ix_overrides_agent ON overrides (agent);
+CREATE INDEX ix_overrides_fingerprint ON overrides (fingerprint);
+CREATE INDEX ix_overrides_status ON overrides (status);
+CREATE INDEX ix_overrides_expires_at ON overrides (expires_at);
+CREATE INDEX ix_overrides_action ON overrides (action);
+CREATE TABLE override_votes (
+    id {serial} NOT NULL, override_id VARCHAR NOT NULL, approver VARCHAR NOT NULL, roles VARCHAR NOT NULL,
+    verdict VARCHAR NOT NULL, reason VARCHAR NOT NULL, at {moment} NOT NULL, PRIMARY KEY (id),
+    UNIQUE (override_id, approver), FOREIGN KEY(override_id) REFERENCES overrides (id));
+CREATE INDEX ix_override_votes_override_id ON override_votes (override_id);
+"""
+TYPES = {
+    "sqlite": {"moment": "DATETIME", "blob": "BLOB", "serial": "INTEGER"},
+    "postgresql": {"moment": "TIMESTAMP WITH TIME ZONE", "blob": "BYTEA", "serial": "SERIAL"},
+}
+AT = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'cedargate.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def database(database_url: str) -> Iterator[SAEngine]:
+    engine = make_engine(database_url)
+    yield engine
+    engine.dispose()
+
+
+def make_0_1_0_database(engine: SAEngine, *, leave_out: tuple[str, ...] = ()) -> None:
+    """The tables as 0.1.0 made them, less the statements containing any of `leave_out`."""
+    ddl = RELEASE_0_1_0_DDL.format(**TYPES[engine.dialect.name])
+    with engine.begin() as conn:
+        for statement in ddl.split(";"):
+            if statement.strip() and not any(part in statement for part in leave_out):
+                conn.exec_driver_sql(statement)
+
+
+def add_0_1_0_rows(engine: SAEngine) -> None:
+    decision = {
+        "decision_id": "d-old", "at": AT, "agent": "ops-bot", "method": "POST", "scheme": "https",
+        "host": "api.example", "port": 443, "path": "/v1/instances/i-1/stop", "action": 'Action::"stop"',
+        "resource": 'Instance::"i-1"', "decision": "escalate",
+        "determining_policies": '["ops-stop-instance"]', "errors": "[]", "policy_revision": "r1",
+        "upstream_status": None, "duration_ms": 1.5,
+    }
+    with engine.begin() as conn:
+        conn.execute(DecisionRecord.__table__.insert(), [decision])  # type: ignore[attr-defined]
+        event = {"kind": "decision", "at": AT, "decision_id": "d-old", "agent": "ops-bot",
+                 "payload": audit.canonical_text({**decision, "at": AT})}
+        audit.append(conn, [event], audit.read_head(conn))
+        conn.execute(
+            text("INSERT INTO overrides (id, fingerprint, status, version, agent, method, url, host, path,"
+                 " action, resource, headers, body, body_sha256, cedar_request, policies, requirements,"
+                 " policy_revision, decision_id, created_at, expires_at)"
+                 " VALUES ('ovr-old', 'f1', 'pending', 0, 'ops-bot', 'POST',"
+                 " 'https://api.example/v1/instances/i-1/stop', 'api.example',"
+                 " '/v1/instances/i-1/stop', 'Action::\"stop\"', 'Instance::\"i-1\"', '{}', :body, 'e3b0',"
+                 " '{}', '[]', '[]', 'r1', 'd-old', :at, :at)"),
+            {"body": b"{\"force\": true}", "at": AT},
+        )
+        conn.execute(OverrideVote.__table__.insert(), [  # type: ignore[attr-defined]
+            {"override_id": "ovr-old", "approver": "alice", "roles": '["ops"]', "verdict": "approve",
+             "reason": "ticket 12", "at": AT}])
+
+
+def version_rows(engine: SAEngine) -> list[str]:
+    with engine.connect() as conn:
+        return list(conn.execute(text("SELECT version_num FROM alembic_version")).scalars())
+
+
+def test_a_0_1_0_database_upgrades_in_place_and_keeps_its_rows(database: SAEngine):
+    make_0_1_0_database(database)
+    add_0_1_0_rows(database)
+    assert "alembic_version" not in inspect(database).get_table_names()
+
+    # Starting cedargate's record and override store on it, as `cedargate run` does.
+    recorder = Recorder(database, retry_interval=0.05)
+    overrides = OverrideStore(database)
+    try:
+        recorder.record({**_new_decision(), "decision_id": "d-new"})
+        recorder.record_event({"kind": "approval", "override_id": "ovr-old", "actor": "alice"})
+        assert recorder.flush() and recorder.unavailable_reason() is None
+        old = overrides.get("ovr-old")
+        assert old is not None
+        assert (old.status, old.body, old.agent) == ("pending", b'{"force": true}', "ops-bot")
+        assert [(v.approver, v.reason) for v in overrides.votes("ovr-old")] == [("alice", "ticket 12")]
+    finally:
+        recorder.close()
+    with database.connect() as conn:
+        rows = conn.execute(
+            text("SELECT decision_id, decision, duration_ms FROM decisions ORDER BY id")).all()
+    assert [tuple(r) for r in rows] == [("d-old", "escalate", 1.5), ("d-new", "allow", None)]
+    checked = audit.verify(database)
+    assert checked.ok and checked.rows_checked == 3  # 0.1.0's row, then the new decision and the approval
+    assert version_rows(database) == [head_revision()]
+
+
+def test_a_0_1_0_database_without_its_override_tables_gets_them(database: SAEngine):
+    """0.1.0 made the override tables only once its override store started: the record alone is adopted."""
+    make_0_1_0_database(database, leave_out=("TABLE overrides", "ON overrides", "override_votes"))
+    migrate(database)
+    assert current_revision(database) == head_revision()
+    with database.connect() as conn:
+        assert schema_differences(conn, _models()) == []
+
+
+def test_an_unversioned_database_cedargate_did_not_make_is_refused_and_left_alone(database: SAEngine):
+    make_0_1_0_database(database, leave_out=("ix_decisions_agent_at",))
+    with database.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE overrides ADD COLUMN reviewer VARCHAR")
+    tables_before = sorted(inspect(database).get_table_names())
+
+    with pytest.raises(MigrationError) as refused:
+        Recorder(database)
+    message = str(refused.value)
+    assert message.startswith("the database's tables differ from those cedargate 0.1.0 made (")
+    assert "add_index ix_decisions_agent_at" in message and "remove_column overrides reviewer" in message
+    assert message.endswith("it was left unchanged: point cedargate at a new database, or mend these tables")
+    database.dispose()
+    assert sorted(inspect(database).get_table_names()) == tables_before  # no alembic_version either
+
+
+def test_the_baseline_revision_is_exactly_what_0_1_0_made(database: SAEngine):
+    make_0_1_0_database(database)
+    with database.connect() as conn:
+        assert schema_differences(conn, baseline_schema()) == []
+
+
+def test_the_models_and_the_migrations_agree(database: SAEngine):
+    """The next change to a model without its migration fails here."""
+    assert migrate(database) == head_revision()
+    with database.connect() as conn:
+        assert schema_differences(conn, _models()) == []
+
+        # ...and a model that differs is caught.
+        changed = MetaData()
+        for table in _models().sorted_tables:
+            table.to_metadata(changed)
+        Table("decisions", changed, Column("reviewer", String()), extend_existing=True)
+        Table("scratch", changed, Column("id", Integer, primary_key=True))
+        assert sorted(schema_differences(conn, changed)) == [
+            "add_column decisions reviewer", "add_table scratch"]
+
+
+def test_a_database_upgraded_by_a_newer_release_is_refused(database: SAEngine):
+    migrate(database)
+    with database.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = 'f00d'"))
+
+    with pytest.raises(MigrationError) as refused:
+        OverrideStore(database)
+    assert str(refused.value) == (
+        f"the database is at schema revision f00d, which this cedargate does not know (its newest is "
+        f"{head_revision()}): a newer release upgraded it; run that release or a later one")
+    assert version_rows(database) == ["f00d"]
+
+
+def test_migrating_a_current_database_changes_nothing(database: SAEngine):
+    migrate(database)
+    migrate(database)
+    assert version_rows(database) == [head_revision()]
+
+
+START = """
+import sys, time
+from pathlib import Path
+from proxy.oversight.overrides import OverrideStore
+from proxy.record.migrations import head_revision
+from proxy.record.store import Recorder, make_engine
+engine = make_engine(sys.argv[1])
+head_revision()  # the revisions read beforehand, so that the starts overlap as closely as they can
+go = Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.001)
+recorder = Recorder(engine)
+OverrideStore(engine)
+recorder.close()
+print("started")
+"""
+
+
+def test_processes_starting_at_once_on_a_new_database_all_start(database_url: str, tmp_path: Path):
+    go = tmp_path / "go"
+    starters = [
+        subprocess.Popen([sys.executable, "-c", START, database_url, str(go)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    time.sleep(1.0)  # let each import cedargate and wait at the line; they then start together
+    go.touch()
+    results = [starter.communicate(timeout=120) for starter in starters]
+    assert [(s.returncode, out, err) for s, (out, err) in zip(starters, results, strict=True)] == [
+        (0, "started\n", "")] * 4
+    engine = make_engine(database_url)
+    try:
+        assert version_rows(engine) == [head_revision()]
+        with engine.connect() as conn:
+            assert schema_differences(conn, _models()) == []
+    finally:
+        engine.dispose()
+
+
+def _models() -> MetaData:
+    return SQLModel.metadata
+
+
+def _new_decision() -> dict:
+    return {
+        "at": AT, "agent": "ops-bot", "method": "GET", "scheme": "https", "host": "api.example",
+        "port": 443, "path": "/v1/instances", "action": 'Action::"list"', "resource": 'Host::"api.example"',
+        "decision": "allow", "determining_policies": '["ops-read"]', "errors": "[]", "policy_revision": "r2",
+    }
