@@ -36,11 +36,10 @@ from proxy.calls.decoding import ENCODINGS, AnswerTooLarge
 from proxy.calls.mapping import FRAMING_HEADERS, Call, plain_utf8
 from proxy.calls.mcp.answers import check_answer
 from proxy.calls.mcp.jsonrpc import Exchange
-from proxy.calls.mcp.refusals import refusal_answer
 from proxy.calls.mcp.sse import SseRewriter, unreadable_problem
 from proxy.calls.mcp.tools import filter_tool_list
 from proxy.calls.tunnels import authority_of
-from proxy.cedar.manifest import MCP_ACTIONS
+from proxy.decision.decisions import Answer, Decision, decide_call
 from proxy.decision.gate import Outcome, Verdict
 from proxy.decision.upstream import CONNECT_TIMEOUT_MESSAGE, OWN_API_MESSAGE, classify
 from proxy.oversight.held_calls import requested_wait
@@ -158,34 +157,29 @@ class Enforcer:
         frame_body(flow.request)
         call = call_of(flow, agent)
         send_origin_form(flow.request)  # what goes upstream names the host decided on, and only that one
-        exchange = self.runtime.gate.mcp_exchange(call)
-        if exchange is not None and exchange.batch:
-            await self._enforce_batch(flow, call, exchange)
-            return
-        verdict = await self._decide(call)
-        if exchange is None and verdict.request is not None and verdict.request.action[1] in MCP_ACTIONS:
-            # Decided as MCP under policies reloaded since the look above: its answer is read all the same.
-            exchange = Exchange((), False)
-        flow.metadata[VERDICTS] = [verdict]
-        verdict = await self._decided(flow, verdict)
-        if verdict is None:
-            self._prepare_mcp(flow, exchange)
-            return
-        message = exchange.messages[0] if exchange and exchange.messages else None
-        if message is not None and message.kind == "request":
-            # An MCP client shows a JSON-RPC answer to its model; an HTTP error would make it raise.
-            flow.response = rpc_response([refusal_answer(verdict.problem_body(), message)], False, verdict)
+        decision = await self._decide(call)
+        if decision.batch:
+            answer = await self._settle_batch(flow, decision)
         else:
-            flow.response = refusal(verdict)
-        self._refused(flow, verdict)
+            flow.metadata[VERDICTS] = list(decision.verdicts)
+            answer = decision.answer([await self._decided(flow, decision.verdicts[0])])
+            if answer.refusal is not None:
+                self._refused(flow, answer.refusal)
+        if answer.refusal is not None:
+            flow.response = (rpc_response(list(answer.rpc), answer.batch, answer.refusal) if answer.rpc
+                             else refusal(answer.refusal))
+            return
+        if answer.body is not None:
+            flow.request.set_content(answer.body)
+        self._prepare_mcp(flow, answer.exchange)
 
-    async def _decide(self, call: Call) -> Verdict:
+    async def _decide(self, call: Call) -> Decision:
         gate = self.runtime.gate
         if len(call.body) > gate.mapping.max_body_bytes:
             # A large body (a form or multipart upload read for `_method`, say) is read in a worker
             # thread: one agent's upload must not hold up every other call on the event loop.
-            return await asyncio.to_thread(gate.decide, call)
-        return gate.decide(call)
+            return await asyncio.to_thread(decide_call, gate, call)
+        return decide_call(gate, call)
 
     async def _decided(self, flow: http.HTTPFlow, verdict: Verdict, wait: float | None = None) -> Verdict | None:
         """None when the call may go upstream (allowed, or granted and released); else the refusal."""
@@ -213,33 +207,21 @@ class Enforcer:
             return verdict
         return refused.verdict if refused is not None else verdict
 
-    async def _enforce_batch(self, flow: http.HTTPFlow, call: Call, exchange: Exchange) -> None:
-        """Decide each message of a JSON-RPC batch; forward the allowed ones, answer for the others.
+    async def _settle_batch(self, flow: http.HTTPFlow, decision: Decision) -> Answer:
+        """Settle each verdict of a JSON-RPC batch; a refused message is recorded at once.
 
         An escalated message is not held (the batch's other answers would wait on a human): its
         override request is opened at once, and its answer says to retry that call alone.
         """
-        forwarded, answers, refused = [], [], []
-        verdicts = []
-        for message in exchange.messages:
-            verdict = self.runtime.gate.decide(call.with_body(message.encoded()))
-            verdict_now = await self._decided(flow, verdict, wait=0.0)
-            if verdict_now is None:
-                forwarded.append(message)
-                verdicts.append(verdict)
-                continue
-            refused.append(verdict_now)
-            self.runtime.gate.finish(verdict_now, None)
-            if message.kind == "request":
-                answers.append(refusal_answer(verdict_now.problem_body(), message))
-        flow.metadata[VERDICTS] = verdicts
-        exchange = replace(exchange, messages=tuple(forwarded), answers=tuple(answers))
-        if not forwarded:
-            flow.response = (rpc_response(answers, True, refused[0]) if answers else refusal(refused[0]))
-            return
-        if refused:
-            flow.request.set_content(json.dumps([m.raw for m in forwarded]).encode())
-        self._prepare_mcp(flow, exchange)
+        refusals: list[Verdict | None] = []
+        for verdict in decision.verdicts:
+            refused = await self._decided(flow, verdict, wait=0.0)
+            if refused is not None:
+                self.runtime.gate.finish(refused, None)
+            refusals.append(refused)
+        answer = decision.answer(refusals)
+        flow.metadata[VERDICTS] = list(answer.forwarded)
+        return answer
 
     def _prepare_mcp(self, flow: http.HTTPFlow, exchange: Exchange | None) -> None:
         """Mark a forwarded MCP call, so the server's answer is read (only those: not cedargate's own)."""

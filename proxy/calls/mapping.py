@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from urllib.parse import parse_qs
 
 from proxy.calls import ambiguity
-from proxy.calls.mcp.jsonrpc import McpError, parse_messages
+from proxy.calls.mcp.jsonrpc import McpError, Message, parse_messages
 from proxy.calls.mcp.mapping import map_message
 from proxy.calls.tunnels import server_name_problem, target_problem
 from proxy.cedar.context import METHOD_ACTIONS, decimal, decimal_of_float
@@ -101,7 +101,70 @@ class MappingOptions:
     max_body_bytes: int = 64 * 1024
 
 
-def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = None) -> CedarRequest:
+@dataclass(frozen=True)
+class McpBody:
+    """A POST body on an MCP endpoint, read once: its JSON-RPC messages, or why it has none cedargate
+    can decide (`problem`, refused with `status` when the call is mapped)."""
+
+    messages: tuple[Message, ...] = ()
+    batch: bool = False
+    problem: str | None = None
+    status: int = 400
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What is read of a call before it is mapped, once per call: the MCP endpoint it is addressed to
+    (None: not one the manifest names) and, for a POST there, the messages its body carries."""
+
+    endpoint: McpEndpointSpec | None = None
+    body: McpBody | None = None
+
+
+def read_call(call: Call, options: MappingOptions, manifest: Manifest | None) -> Reading:
+    """Look up the call's MCP endpoint and parse its JSON-RPC body, never raising: a body that cannot
+    be read is refused when the call is mapped (`map_call`), in the order of the mapping's checks."""
+    endpoint = manifest.mcp_endpoint(canonical_host(call.host), call.path) if manifest is not None else None
+    if endpoint is None or call.method.upper() != "POST":
+        return Reading(endpoint)
+    try:
+        parsed = parse_json(call, options.max_body_bytes)
+    except MappingError as exc:
+        return Reading(endpoint, McpBody(problem=str(exc), status=exc.status))
+    if parsed is None:
+        return Reading(endpoint, McpBody(
+            problem=f"a POST to the MCP endpoint {call.path} must carry JSON-RPC as application/json"))
+    try:
+        messages, batch = parse_messages(parsed)
+    except McpError as exc:
+        return Reading(endpoint, McpBody(problem=str(exc)))
+    return Reading(endpoint, McpBody(tuple(messages), batch))
+
+
+def split_batch(call: Call, reading: Reading, max_body_bytes: int) -> list[tuple[Call, Reading]]:
+    """Each message of a JSON-RPC batch as a call of its own, read as if it had come alone.
+
+    The batch was parsed whole (every key of every message checked); what a message alone adds is the
+    size of its own body and the `_method` check on its top-level keys.
+    """
+    assert reading.body is not None and reading.body.batch
+    parts = []
+    for message in reading.body.messages:
+        part = call.with_body(message.encoded())
+        try:
+            _check_json_size(part, max_body_bytes)
+            _check_json_overrides(message.raw)
+        except MappingError as exc:
+            body = McpBody(problem=str(exc), status=exc.status)
+        else:
+            body = McpBody((message,), False)
+        parts.append((part, Reading(reading.endpoint, body)))
+    return parts
+
+
+def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = None,
+             reading: Reading | None = None) -> CedarRequest:
+    """The Cedar request for `call`; `reading` is what `read_call` read of it, if the caller has it."""
     action = METHOD_ACTIONS.get(call.method.upper())
     if action is None:
         raise MappingError(f"HTTP method {call.method!r} has no Cedar action; cedargate does not forward it", 405)
@@ -169,9 +232,10 @@ def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = No
         context["agent"] = told
     check_overrides(call, content_type.split(";", 1)[0].strip().lower())
     if manifest is not None:
-        endpoint = manifest.mcp_endpoint(host, call.path)
-        if endpoint is not None:
-            return _mcp_request(call, endpoint, context, options, manifest.argument_types)
+        if reading is None:
+            reading = read_call(call, options, manifest)
+        if reading.endpoint is not None:
+            return _mcp_request(call, reading, context, manifest.argument_types)
         lookalike = manifest.mcp_lookalike(host, call.path)
         if lookalike is not None:
             # The server may route it to its MCP endpoint, where it would not be decided as MCP.
@@ -186,21 +250,19 @@ def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = No
     return CedarRequest(("Agent", call.agent), ("Action", action), ("Host", host), context)
 
 
-def _mcp_request(call: Call, endpoint: McpEndpointSpec, context: dict, options: MappingOptions,
+def _mcp_request(call: Call, reading: Reading, context: dict,
                  argument_types: Mapping[str, str]) -> CedarRequest:
-    """A message on an MCP endpoint: `call_tool` on its Tool, or `mcp_rpc` on its server (see proxy.calls.mcp)."""
+    """A message on an MCP endpoint: `call_tool` on its Tool, or `mcp_rpc` on its server
+    (see proxy.calls.mcp)."""
+    endpoint, body = reading.endpoint, reading.body
+    assert endpoint is not None
     message = None
-    if call.method.upper() == "POST":
-        parsed = parse_json(call, options.max_body_bytes)
-        if parsed is None:
-            raise MappingError(f"a POST to the MCP endpoint {call.path} must carry JSON-RPC as application/json")
-        try:
-            messages, batch = parse_messages(parsed)
-        except McpError as exc:
-            raise MappingError(str(exc)) from None
-        if batch:  # the enforcer decides a batch message by message; a whole batch has no one action
+    if body is not None:
+        if body.problem is not None:
+            raise MappingError(body.problem, body.status)
+        if body.batch:  # decided message by message (`split_batch`); a whole batch has no one action
             raise MappingError("a JSON-RPC batch is decided message by message, not as one call")
-        message = messages[0]
+        message = body.messages[0]
     elif call.body:
         # Decided as the stream's GET or the session's DELETE; a server reading a body would act on it.
         raise MappingError(f"a {call.method.upper()} to the MCP endpoint {call.path} carries no body")
@@ -390,11 +452,7 @@ def parse_json(call: Call, max_bytes: int):
         # parsers disagree on quoted or repeated parameters: only one spelling is taken.
         raise MappingError(f"a JSON body must be UTF-8, sent as {media} or {media}; charset=utf-8, "
                            f"not {content_type[:100]!r}", 415)
-    if len(call.body) > max_bytes:
-        # Dropping the body would let an agent pad a call past any body-based policy; refuse instead.
-        raise MappingError(
-            f"JSON body of {len(call.body)} bytes exceeds the {max_bytes}-byte inspection limit", 413
-        )
+    _check_json_size(call, max_bytes)
     try:
         # Decoded as UTF-8 first: json.loads would guess UTF-16 or UTF-32 from the bytes.
         parsed = json.loads(call.body.decode("utf-8"), object_pairs_hook=_unique_keys)
@@ -403,11 +461,23 @@ def parse_json(call: Call, max_bytes: int):
     except RecursionError:
         raise MappingError("JSON body nests too deeply to be checked") from None
     if isinstance(parsed, dict):
-        # Laravel reads a JSON body's `_method` as a form's, and Express apps often do.
-        parameter = next((k for k in parsed if ambiguity.is_method_parameter(k)), None)
-        if parameter is not None:
-            raise MappingError(ambiguity.override_problem("JSON body", parameter))
+        _check_json_overrides(parsed)
     return parsed
+
+
+def _check_json_size(call: Call, max_bytes: int) -> None:
+    if len(call.body) > max_bytes:
+        # Dropping the body would let an agent pad a call past any body-based policy; refuse instead.
+        raise MappingError(
+            f"JSON body of {len(call.body)} bytes exceeds the {max_bytes}-byte inspection limit", 413
+        )
+
+
+def _check_json_overrides(parsed: Mapping[str, object]) -> None:
+    # Laravel reads a JSON body's `_method` as a form's, and Express apps often do.
+    parameter = next((k for k in parsed if ambiguity.is_method_parameter(k)), None)
+    if parameter is not None:
+        raise MappingError(ambiguity.override_problem("JSON body", parameter))
 
 
 _PLAIN_UTF8 = re.compile(r'[^;"]+(;\s*charset\s*=\s*("utf-?8"|utf-?8)\s*)?', re.I)

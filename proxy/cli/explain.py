@@ -1,7 +1,8 @@
 """`cedargate explain`: how one call would be mapped and decided, without sending it anywhere.
 
-It reads the same policy directory as the proxy and runs the same gate (mapping, scope-indexed Cedar
-evaluation, escalation rules), but records nothing and contacts no upstream: an operator can ask
+It reads the same policy directory as the proxy and decides the call with the proxy's own function
+(`proxy.decision.decisions.decide_call`: mapping, scope-indexed Cedar evaluation, escalation rules, a
+JSON-RPC batch message by message), but records nothing and contacts no upstream: an operator can ask
 "what happens if the agent does this?" before the agent does.
 """
 
@@ -16,6 +17,7 @@ from proxy.calls.mapping import Call, MappingOptions
 from proxy.cedar.engine import Engine
 from proxy.cedar.escalation import is_escalatable
 from proxy.cedar.policy import PolicyLoadError
+from proxy.decision.decisions import decide_call
 from proxy.decision.gate import Gate, Outcome, Verdict
 from proxy.vocabulary.printable import printable, printable_json
 from proxy.vocabulary.problems import Problem
@@ -57,19 +59,18 @@ def explain(engine: Engine, call: Call, mapping: MappingOptions | None = None) -
     A JSON-RPC batch to an MCP endpoint is decided message by message, as the proxy does: the report
     then has one report per message under "batch", and its decision is "allow" only if all are allowed.
     """
-    gate = Gate(engine, recorder=None, mapping=mapping)  # type: ignore[arg-type]
-    exchange = gate.mcp_exchange(call)
-    if exchange is not None and exchange.batch:
-        parts = [_explain(gate, call.with_body(m.encoded())) for m in exchange.messages]
-        decisions = {p["decision"] for p in parts}
-        return {"call": parts[0]["call"], "batch": parts,
-                "decision": "allow" if decisions == {"allow"} else "/".join(sorted(decisions - {"allow"}))}
-    return _explain(gate, call)
+    gate = Gate(engine, recorder=None, mapping=mapping)
+    decision = decide_call(gate, call)  # as the proxy decides it
+    parts = [_explain(gate, verdict) for verdict in decision.verdicts]
+    if not decision.batch:
+        return parts[0]
+    decisions = {p["decision"] for p in parts}
+    return {"call": parts[0]["call"], "batch": parts,
+            "decision": "allow" if decisions == {"allow"} else "/".join(sorted(decisions - {"allow"}))}
 
 
-def _explain(gate: Gate, call: Call) -> dict:
-    verdict = gate.decide(call)
-    request = verdict.request
+def _explain(gate: Gate, verdict: Verdict) -> dict:
+    call, request = verdict.call, verdict.request
     report: dict = {
         "call": {"agent": call.agent, "method": call.method.upper(), "url": call.url},
         "principal": f'{request.principal[0]}::"{request.principal[1]}"' if request else None,

@@ -22,8 +22,7 @@ from datetime import datetime
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from proxy.calls.mapping import Call, MappingError, MappingOptions, UnknownAction, map_call, parse_json
-from proxy.calls.mcp.jsonrpc import Exchange, McpError, parse_messages
+from proxy.calls.mapping import Call, MappingError, MappingOptions, Reading, UnknownAction, map_call
 from proxy.calls.redaction import Redaction
 from proxy.cedar.context import MCP_DETAIL
 from proxy.cedar.engine import CedarRequest, Engine, Evaluation, Snapshot
@@ -114,11 +113,16 @@ class Gate:
         # (host, port) of cedargate's own API: an agent must never reach it through the proxy.
         self.protected = protected
 
-    def decide(self, call: Call) -> Verdict:
+    def decide(self, call: Call, reading: Reading | None = None, snapshot: Snapshot | None = None) -> Verdict:
+        """The verdict on one call (one message of a batch: see `proxy.decision.decisions.decide_call`).
+
+        `reading` is what was read of the call before (its MCP endpoint and messages), under `snapshot`,
+        the policy revision to decide it by; without them the call is read here, under the current one.
+        """
         started = time.perf_counter()
         base = dict(decision_id=str(uuid.uuid4()), call=call, at=utcnow(), started=started)
         try:
-            return self._decide(call, base)
+            return self._decide(call, base, reading, self.engine.snapshot if snapshot is None else snapshot)
         except Exception as exc:  # anything unforeseen refuses the call; it never lets it through
             log.exception("decision failed for %s %s", printable(call.method), self.shown_url(call.url))
             return Verdict(
@@ -126,7 +130,7 @@ class Gate:
                 errors=(f"{type(exc).__name__}: {exc}",), detail="cedargate could not decide this call",
             )
 
-    def _decide(self, call: Call, base: dict) -> Verdict:
+    def _decide(self, call: Call, base: dict, reading: Reading | None, snapshot: Snapshot) -> Verdict:
         if self.recorder is not None and self.recorder.unavailable_reason():
             # The reason itself is for operators (/status, the log); it may describe others' calls.
             return Verdict(
@@ -139,9 +143,8 @@ class Gate:
                 **base, outcome=Outcome.DENY, problem=Problem.PROXY_API, status=403,
                 detail="cedargate's override API is for humans; the proxy never forwards calls to it",
             )
-        snapshot = self.engine.snapshot  # the manifest and the policies of one revision
         try:
-            request = map_call(call, self.mapping, snapshot.bundle.manifest)
+            request = map_call(call, self.mapping, snapshot.bundle.manifest, reading)
         except UnknownAction as exc:
             return Verdict(**base, outcome=Outcome.DENY, problem=Problem.UNKNOWN_ACTION, status=exc.status,
                            detail=str(exc), revision=snapshot.bundle.revision)
@@ -207,21 +210,6 @@ class Gate:
         """The MCP endpoint the call is addressed to, if the action manifest names one there."""
         manifest = (snapshot or self.engine.snapshot).bundle.manifest
         return manifest.mcp_endpoint(canonical_host(call.host), call.path) if manifest else None
-
-    def mcp_exchange(self, call: Call) -> Exchange | None:
-        """The call's JSON-RPC messages if it goes to an MCP endpoint; None if it does not.
-
-        A body that is not JSON-RPC gives no messages: deciding the call then refuses it, saying why.
-        """
-        if self.mcp_endpoint(call) is None:
-            return None
-        if call.method.upper() != "POST":
-            return Exchange((), False)
-        try:
-            messages, batch = parse_messages(parse_json(call, self.mapping.max_body_bytes))
-        except (MappingError, McpError):
-            return Exchange((), False)
-        return Exchange(tuple(messages), batch)
 
     def visible_tools(self, call: Call, names: Iterable[str]) -> set[str]:
         """Of the tools an MCP server lists in answer to `call`, those the agent could ever be allowed to call.

@@ -18,6 +18,7 @@ from proxy.calls import ambiguity
 from proxy.calls.mapping import MappingError, MappingOptions, map_call
 from proxy.cedar.engine import Engine
 from proxy.cedar.manifest import FieldError, extract_fields, load_manifest
+from proxy.decision.decisions import decide_call
 from proxy.decision.gate import Gate, Outcome
 from proxy.vocabulary.problems import Problem
 
@@ -99,8 +100,10 @@ def mcp_gate(policy_dir):
 def test_an_mcp_message_with_colliding_keys_is_refused_by_the_gate(mcp_gate, params):
     message = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params}
     call = make_call("POST", "http://mcp.github.example/mcp", headers=JSON, body=json.dumps(message).encode())
-    assert mcp_gate.mcp_exchange(call).messages == ()  # nothing read from it for the answer either
+    decision = decide_call(mcp_gate, call)
+    assert decision.exchange.messages == ()  # nothing read from it for the answer either
     verdict = mcp_gate.decide(call)
+    assert decision.verdicts[0].detail == verdict.detail
     assert verdict.outcome is Outcome.ERROR and verdict.problem is Problem.MAPPING_ERROR and verdict.status == 400
     assert "one name to servers that match keys ignoring case" in verdict.detail
 

@@ -29,6 +29,7 @@ from proxy.calls.mcp.tools import filter_tool_list
 from proxy.cedar.engine import CedarRequest, Engine
 from proxy.cedar.manifest import ManifestError, load_manifest, schema_text
 from proxy.cedar.policy import PolicyLoadError, load_bundle
+from proxy.decision.decisions import decide_call
 from proxy.decision.gate import Gate, Outcome
 from proxy.oversight.overrides import fingerprint
 from proxy.vocabulary.problems import Problem
@@ -831,10 +832,10 @@ def test_the_bundled_tool_list_answer_is_filtered_for_the_agent(bundled_gate):
 def test_the_gate_splits_a_batch(bundled_gate):
     batch = [rpc("tools/list", id="L"), tool_call("search_issues", {}, id=2),
              rpc("notifications/initialized", id=None)]
-    exchange = bundled_gate.mcp_exchange(mcp_call(batch))
+    exchange = decide_call(bundled_gate, mcp_call(batch)).exchange
     assert exchange.batch and [m.method for m in exchange.messages] == [
         "tools/list", "tools/call", "notifications/initialized"]
-    assert bundled_gate.mcp_exchange(mcp_call(tool_call("x", {}), url="http://elsewhere.example/mcp")) is None
+    assert decide_call(bundled_gate, mcp_call(tool_call("x", {}), url="http://elsewhere.example/mcp")).exchange is None
 
 
 # -- override fingerprints ------------------------------------------------------------------------------
