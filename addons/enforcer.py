@@ -86,7 +86,8 @@ class Enforcer:
         # contacted before a call is decided.
         ctx.options.update(rawtcp=False, connection_strategy="lazy")
         self._running = True
-        if self.runtime and not self._given:  # its own core: it starts the core's jobs (`cedargate run` does otherwise)
+        # Its own core: it starts the core's jobs (`cedargate run` starts them for the core it hands over).
+        if self.runtime and not self._given:
             self.runtime.jobs.start()
 
     def _shown(self, url: str) -> str:

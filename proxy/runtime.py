@@ -1,5 +1,5 @@
-"""Assembling the core from settings: engine, recorder, gate, the override workflow and its jobs, and directories,
-started and stopped together.
+"""Assembling the core from settings: engine, recorder, gate, the override workflow and its jobs, and
+directories, started and stopped together.
 
 Both fronts use this: `cedargate run` builds one `Runtime` and hands it to the addons and the API, and
 the enforcer addon builds its own when it runs under stock mitmproxy. Whoever composes the program also

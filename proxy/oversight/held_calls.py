@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 
 from proxy.calls.mcp.binding import binding_of
 from proxy.decision.gate import Gate, Outcome, Verdict
-from proxy.oversight.holds import Holds, wait_for_event
+from proxy.oversight.holds import wait_for_event
 from proxy.oversight.limits import OverrideRefused, Refusal
 from proxy.oversight.overrides import Override, OverrideStatus
 from proxy.oversight.workflow import OverrideWorkflow

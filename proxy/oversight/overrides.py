@@ -17,6 +17,7 @@ the fingerprint, which a grant binds to, is of the call exactly as sent.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import math
@@ -359,7 +360,7 @@ class OverrideStore:
         ).rowcount
         return changed == 1
 
-    def due(self, now: datetime) -> list[tuple[str, OverrideStatus]]:
+    def due(self, now: datetime) -> builtins.list[tuple[str, OverrideStatus]]:
         """Pending requests and unused grants past their time: (id, status now)."""
         with Session(self.engine) as session:
             rows = session.exec(select(Override.id, Override.status).where(

@@ -79,7 +79,8 @@ class OverrideWorkflow:
 
         return self.recorder.transact(work)
 
-    def refuse_open(self, *, decision_id: str, agent: str, reason: str, detail: str, policies: list[str]) -> None:
+    def refuse_open(self, *, decision_id: str, agent: str, reason: str, detail: str,
+                    policies: list[str]) -> None:
         """Record that no request was opened for a call (the limits refused it): no state changes."""
         self.recorder.record_event({
             "kind": EventKind.OVERRIDE_REFUSED.value, "decision_id": decision_id, "agent": agent,
@@ -152,7 +153,8 @@ class OverrideWorkflow:
                           released_at=utcnow(), release_decision_id=decision_id)
 
     def refuse_release(self, override: Override, *, decision_id: str, payload: Mapping[str, Any]) -> bool:
-        """Spend a grant that current policy refuses, recorded as `release_refused`; True if this caller did."""
+        """Spend a grant that current policy refuses, recorded as `release_refused`; True if this
+        caller did."""
         return self._move(override, OverrideStatus.GRANTED, OverrideStatus.RELEASE_REFUSED,
                           EventKind.RELEASE_REFUSED, decision_id=decision_id, payload=payload,
                           released_at=utcnow(), release_decision_id=decision_id)
@@ -174,7 +176,8 @@ class OverrideWorkflow:
                 expired.append((override_id, target))
         return expired
 
-    def _move(self, override: Override, from_status: OverrideStatus, to_status: OverrideStatus, kind: EventKind,
+    def _move(self, override: Override, from_status: OverrideStatus, to_status: OverrideStatus,
+              kind: EventKind,
               *, decision_id: str | None = None, payload: Mapping[str, Any] | None = None,
               unexpired_grant: bool = False, **values: Any) -> bool:
         """One conditional transition and its event in one transaction, then wake the holds."""
@@ -183,7 +186,8 @@ class OverrideWorkflow:
                 moved = self.store.move(session, override.id, from_status, to_status,
                                         unexpired_grant=unexpired_grant, **values)
                 session.commit()
-            return moved, [_event(kind, override, decision_id=decision_id, payload=dict(payload or {}))] if moved else []
+            event = _event(kind, override, decision_id=decision_id, payload=dict(payload or {}))
+            return moved, [event] if moved else []
 
         moved = self.recorder.transact(work)
         if moved:
@@ -214,5 +218,6 @@ def _session(conn: Connection) -> Session:
 
 def _event(kind: EventKind, override: Override, *, decision_id: str | None = None, actor: str | None = None,
            payload: Mapping[str, Any] | None = None) -> Event:
-    return {"kind": kind.value, "override_id": override.id, "decision_id": decision_id, "agent": override.agent,
+    return {"kind": kind.value, "override_id": override.id, "decision_id": decision_id,
+            "agent": override.agent,
             "actor": actor, "payload": dict(payload or {})}

@@ -222,7 +222,8 @@ class Recorder:
         except FutureTimeout:
             if future.cancel():
                 raise TimeoutError(
-                    f"the decision store did not take the change within {timeout:g} s: {self.last_error or 'busy'}"
+                    f"the decision store did not take the change within {timeout:g} s: "
+                    f"{self.last_error or 'busy'}"
                 ) from None
             return future.result()  # started meanwhile: its outcome is the answer
 
@@ -349,7 +350,8 @@ def _table_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _decision_event(row: dict[str, Any]) -> dict[str, Any]:
-    return {"kind": audit.EventKind.DECISION.value, "at": row.get("at"), "decision_id": row.get("decision_id"),
+    return {"kind": audit.EventKind.DECISION.value, "at": row.get("at"),
+            "decision_id": row.get("decision_id"),
             "agent": row.get("agent"), "payload": row}
 
 

@@ -180,7 +180,8 @@ def test_a_call_that_differs_opens_its_own_request(store: OverrideStore, changed
     assert fingerprint(stop_call(**changed)) != fingerprint(stop_call())
 
 
-def test_a_retry_joins_the_granted_request_until_it_is_released(store: OverrideStore, workflow: OverrideWorkflow):
+def test_a_retry_joins_the_granted_request_until_it_is_released(store: OverrideStore,
+                                                                workflow: OverrideWorkflow):
     first, _ = open_request(store)
     approve(workflow, first.id, ERIN)
     granted, created = open_request(store)
@@ -220,7 +221,8 @@ def test_an_approver_with_the_role_grants(store: OverrideStore, workflow: Overri
     )
 
 
-def test_an_approver_without_the_role_is_refused_and_nothing_is_recorded(store: OverrideStore, workflow: OverrideWorkflow):
+def test_an_approver_without_the_role_is_refused_and_nothing_is_recorded(store: OverrideStore,
+                                                                         workflow: OverrideWorkflow):
     override, _ = open_request(store)
     with pytest.raises(OverrideError) as caught:
         approve(workflow, override.id, SAM)
@@ -290,7 +292,8 @@ def test_a_vote_on_an_unknown_request_is_404(store: OverrideStore, workflow: Ove
 # --- expiry and the one-time grant ----------------------------------------------------------------
 
 
-def test_an_expired_request_cannot_be_voted_on_and_is_swept_to_expired(store: OverrideStore, workflow: OverrideWorkflow):
+def test_an_expired_request_cannot_be_voted_on_and_is_swept_to_expired(store: OverrideStore,
+                                                                       workflow: OverrideWorkflow):
     override, _ = open_request(store, expires_in=0)
     with pytest.raises(OverrideError) as caught:
         approve(workflow, override.id, ERIN)
@@ -314,7 +317,8 @@ def test_live_requests_are_not_swept(store: OverrideStore, workflow: OverrideWor
 
 
 def test_an_unused_grant_expires(store: OverrideStore, workflow: OverrideWorkflow):
-    short_lived = OverrideWorkflow(OverrideStore(store.engine, grant_ttl=0), workflow.recorder, workflow.holds)
+    short_lived = OverrideWorkflow(OverrideStore(store.engine, grant_ttl=0), workflow.recorder,
+                                   workflow.holds)
     override, _ = open_request(store)
     approve(short_lived, override.id, ERIN)
     assert short_lived.expire_due() == [(override.id, "grant_expired")]
@@ -352,7 +356,8 @@ def race(n: int, work: Callable[[int], Any]) -> list[Any]:
         return list(pool.map(run, range(n)))
 
 
-def test_concurrent_approvals_grant_once_with_exactly_the_needed_votes(store: OverrideStore, workflow: OverrideWorkflow):
+def test_concurrent_approvals_grant_once_with_exactly_the_needed_votes(store: OverrideStore,
+                                                                       workflow: OverrideWorkflow):
     managers = [(f"manager-{i}", frozenset({"engineering-manager"})) for i in range(THREADS)]
     for round_ in range(ROUNDS):
         override, _ = open_request(store, stop_call(body=f"round {round_}".encode()), TWO_MANAGERS)
@@ -372,7 +377,8 @@ def test_concurrent_approvals_grant_once_with_exactly_the_needed_votes(store: Ov
         assert [e.status for e in refused] == [409] * (THREADS - 2)
 
 
-def test_concurrent_approve_and_deny_end_in_exactly_one_decision(store: OverrideStore, workflow: OverrideWorkflow):
+def test_concurrent_approve_and_deny_end_in_exactly_one_decision(store: OverrideStore,
+                                                                 workflow: OverrideWorkflow):
     for round_ in range(ROUNDS):
         override, _ = open_request(store, stop_call(body=f"round {round_}".encode()))
 

@@ -103,7 +103,8 @@ def test_opening_records_the_request_in_the_same_transaction(workflow: OverrideW
     assert workflow.store.get(override.id).status == "pending"
 
 
-def test_a_vote_that_grants_records_the_approval_and_the_grant_and_the_chain_verifies(workflow: OverrideWorkflow):
+def test_a_granting_vote_records_the_approval_and_the_grant_and_the_chain_verifies(
+        workflow: OverrideWorkflow):
     override = open_request(workflow)
 
     granted, decided = workflow.vote(override.id, "erin", ERIN, "approve", "checked with on-call")
