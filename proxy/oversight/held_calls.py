@@ -131,7 +131,7 @@ class Oversight:
                                     f"{verdict.detail} An override request is waiting for review; "
                                     "retry the identical call after it is granted.")
             woken.clear()
-            # No polling: decisions made through the API and expiries by the sweeper notify this hold.
+            # No polling: decisions made through the API and expiries by the expiry job notify this hold.
             await wait_for_event(woken, remaining)
 
     async def _open(self, verdict: Verdict, justification: str | None) -> Override:

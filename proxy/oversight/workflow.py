@@ -37,7 +37,7 @@ from proxy.oversight.overrides import (
     requirements_of,
 )
 from proxy.record.audit import EventKind
-from proxy.record.store import Recorder, utcnow
+from proxy.record.store import Recorder, StoreUnavailable, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,8 @@ class OverrideWorkflow:
                 continue  # a vote from another process moved it first: retry against the new state
             except (IntegrityError, OperationalError):
                 continue  # a concurrent vote or a busy SQLite writer: retry against the new state
+            except (StoreUnavailable, TimeoutError) as exc:
+                raise OverrideError(503, f"{exc}; the vote was not recorded: retry") from exc
             if decided:
                 self.holds.notify(override_id)
             return override, decided

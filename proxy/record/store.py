@@ -124,6 +124,10 @@ RATE_HORIZON = 0.5  # seconds: how far back the writer's estimate of the row rat
 EVENT_KEYS = frozenset({"kind", "decision_id", "override_id", "agent", "actor", "payload"})
 
 
+class StoreUnavailable(Exception):
+    """The record cannot take a change now; the message says why."""
+
+
 class Recorder:
     def __init__(
         self,
@@ -208,12 +212,15 @@ class Recorder:
         after it; its events are chained in the same transaction, so what it changed and the audit rows
         that say so commit together or not at all. Whatever `work` raises, or the commit raises, is
         raised here with nothing written. A unit the writer has not started within `timeout` seconds
-        (the store is failing, say) is withdrawn and `TimeoutError` raised.
+        (the store is failing, say) is withdrawn and `TimeoutError` raised; while the store is known to be
+        failing, `StoreUnavailable` is raised at once.
         """
         if threading.current_thread() is self._thread:
             raise RuntimeError("Recorder.transact called from the writer thread itself")
         if self._stop.is_set():
             raise RuntimeError("the recorder is closed")
+        if self._failing:  # as the gate refuses calls: fail now rather than wait behind the retries
+            raise StoreUnavailable(f"the decision store is failing: {self.last_error}")
         future: Future[T] = Future()
         self._queue.put_nowait((_UNIT, {"work": work, "future": future}))
         self._hurry.set()
