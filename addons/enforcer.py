@@ -57,7 +57,7 @@ class Enforcer:
     def __init__(self, runtime: Runtime | None = None) -> None:
         self._given = runtime is not None
         self.runtime = runtime
-        self._sweeper: asyncio.Task | None = None
+        self._running = False
 
     def load(self, loader) -> None:
         add_options(loader)
@@ -78,12 +78,17 @@ class Enforcer:
         if self.runtime:
             self.runtime.close()
         self.runtime = runtime
+        if self._running:
+            runtime.jobs.start()
 
     def running(self) -> None:
         # Under stock mitmproxy too: no raw TCP relayed undecided through a tunnel, and no upstream
         # contacted before a call is decided.
         ctx.options.update(rawtcp=False, connection_strategy="lazy")
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        self._running = True
+        # Its own core: it starts the core's jobs (`cedargate run` starts them for the core it hands over).
+        if self.runtime and not self._given:
+            self.runtime.jobs.start()
 
     def _shown(self, url: str) -> str:
         """A URL for the log: query secrets redacted, terminal escapes made visible."""
@@ -122,19 +127,9 @@ class Enforcer:
     def dns_request(self, flow) -> None:
         flow.kill()
 
-    async def _sweep(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            try:
-                await asyncio.to_thread(self.runtime.oversight.sweep)
-            except Exception:  # a store hiccup must not end expiry for good
-                log.exception("override expiry sweep failed")
-
     def done(self) -> None:
-        if self._sweeper:
-            self._sweeper.cancel()
         if self.runtime and not self._given:
-            self.runtime.close()
+            self.runtime.close()  # stops its jobs too
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:

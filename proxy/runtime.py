@@ -1,7 +1,9 @@
-"""Assembling the core from settings: engine, recorder, gate, overrides and directories, started and stopped together.
+"""Assembling the core from settings: engine, recorder, gate, the override workflow and its jobs, and
+directories, started and stopped together.
 
 Both fronts use this: `cedargate run` builds one `Runtime` and hands it to the addons and the API, and
-the enforcer addon builds its own when it runs under stock mitmproxy.
+the enforcer addon builds its own when it runs under stock mitmproxy. Whoever composes the program also
+starts and stops the core's background jobs (`jobs`) on its event loop.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from proxy.cedar.escalation import parse_duration
 from proxy.decision.gate import Gate
 from proxy.oversight.held_calls import Oversight
 from proxy.oversight.holds import Holds
+from proxy.oversight.jobs import Jobs
 from proxy.oversight.limits import OverrideLimits
 from proxy.oversight.overrides import OverrideStore
+from proxy.oversight.workflow import OverrideWorkflow
 from proxy.record.store import Recorder, make_engine
 from proxy.settings.agents import AgentDirectory
 from proxy.settings.config import ConfigError, Settings
@@ -38,6 +42,8 @@ class Runtime:
     overrides: OverrideStore
     holds: Holds
     oversight: Oversight
+    workflow: OverrideWorkflow
+    jobs: Jobs
     api_base_url: str = field(default="")
 
     @classmethod
@@ -57,12 +63,13 @@ class Runtime:
         gate = Gate(engine, recorder, mapping, default_expiry=parse_duration(settings.override_expiry),
                     protected=frozenset({(settings.api.host, settings.api.port)}), redaction=redaction)
         holds = Holds()
+        workflow = OverrideWorkflow(overrides, recorder, holds)
         runtime = cls(
             settings, engine, recorder, gate, AgentDirectory(settings.agents), AgentDirectory(settings.approvers, kind="approver"),
-            overrides, holds, None,  # type: ignore[arg-type]
+            overrides, holds, None, workflow, Jobs(workflow),  # type: ignore[arg-type]
             api_base_url=f"http://{settings.api.host}:{settings.api.port}",
         )
-        runtime.oversight = Oversight(gate, overrides, holds, recorder, lambda: runtime.api_base_url)
+        runtime.oversight = Oversight(gate, workflow, lambda: runtime.api_base_url)
         engine.watch(settings.policy_reload_interval)
         log.info(
             "policies loaded from %s: revision %s, %d policies",
@@ -84,6 +91,7 @@ class Runtime:
         return frozenset(credential.roles) if credential else frozenset()
 
     def close(self) -> None:
+        self.jobs.stop()
         self.engine.close()
         self.recorder.close()
 

@@ -2,21 +2,21 @@
 
 An approver sees only the requests their roles can decide; another request is answered as if it did
 not exist (404). An approver holding the auditor role (`auditor_role`, default "auditor") sees them
-all, and votes only where another of their roles is needed.
+all, and votes only where another of their roles is needed. The routes only translate: every vote is
+`OverrideWorkflow.vote`, which checks, records and wakes the held call.
 """
 
 from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Literal
 
 from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel, Field
 
 from override_api.deps import CurrentApprover, RuntimeDep
 from proxy.calls.mcp.binding import tool_call
-from proxy.oversight.overrides import Override, OverrideError, OverrideStatus, can_decide
+from proxy.oversight.overrides import Ballot, Override, OverrideError, OverrideStatus, can_decide
 
 router = APIRouter(prefix="/overrides", tags=["overrides"])
 
@@ -114,27 +114,20 @@ def show_override(override_id: str, runtime: RuntimeDep, approver: CurrentApprov
     return _public(runtime, override)
 
 
-def _review(runtime, approver, override_id: str, verdict: Literal["approve", "deny"], reason: str):
+def _review(runtime, approver, override_id: str, ballot: Ballot, reason: str) -> OverridePublic:
     try:
-        override, changed = runtime.overrides.vote(override_id, approver.id, approver.roles, verdict, reason)
+        override, _ = runtime.workflow.vote(override_id, approver.id, approver.roles, ballot, reason)
     except OverrideError as exc:
         raise HTTPException(exc.status, detail=exc.detail) from exc
-    oversight = runtime.oversight
-    oversight.event("approval" if verdict == "approve" else "denial", override, actor=approver.id,
-                    payload={"reason": reason, "roles": sorted(approver.roles)})
-    if changed:
-        oversight.event("grant" if override.status == OverrideStatus.GRANTED.value else "denied", override,
-                        actor=approver.id, payload={"reason": reason})
-        runtime.holds.notify(override_id)
     return _public(runtime, override)
 
 
 @router.post("/{override_id}/approve", response_model=OverridePublic,
              summary="Approve: once every required approval is in, the exact call is released once")
 def approve(override_id: str, review: Review, runtime: RuntimeDep, approver: CurrentApprover) -> OverridePublic:
-    return _review(runtime, approver, override_id, "approve", review.reason)
+    return _review(runtime, approver, override_id, Ballot.APPROVE, review.reason)
 
 
 @router.post("/{override_id}/deny", response_model=OverridePublic, summary="Deny: final; the agent is told why")
 def deny(override_id: str, review: Review, runtime: RuntimeDep, approver: CurrentApprover) -> OverridePublic:
-    return _review(runtime, approver, override_id, "deny", review.reason)
+    return _review(runtime, approver, override_id, Ballot.DENY, review.reason)

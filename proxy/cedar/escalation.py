@@ -109,7 +109,13 @@ class Escalation:
         return frozenset(r for req in self.requirements for r in req.roles)
 
     def satisfied_by(self, approvers: Mapping[str, frozenset[str]]) -> bool:
-        return all(req.satisfied_by(approvers) for req in self.requirements)
+        return quorum_met(self.requirements, approvers)
+
+
+def quorum_met(requirements: Iterable[Requirement], approvers: Mapping[str, frozenset[str]]) -> bool:
+    """The quorum rule, the one place it is written: every policy's demand is met by `approvers`
+    (each distinct approver mapped to the roles they hold)."""
+    return all(req.satisfied_by(approvers) for req in requirements)
 
 
 def escalation_of(determining: Iterable[PolicyInfo], default_expiry: int) -> Escalation | None:

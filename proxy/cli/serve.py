@@ -103,9 +103,11 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         if ready:
             ready.set()
 
+    runtime.jobs.start()  # expiry: the core's, on this loop
     try:
         await asyncio.gather(master.run(), api.serve(), announce())
     finally:
+        runtime.jobs.stop()
         runtime.close()
 
 

@@ -11,6 +11,9 @@ beneath them. An agent's retry of a granted call that current policy hard-denies
 `refuse_grant` spends that grant as refused, so the agent (and the reviewer) learn why.
 A call for which no request may be opened (see `proxy.oversight.limits`) is refused at once, not held, and the
 refusal is recorded as an `override_refused` event.
+
+Every change of an override's state goes through `proxy.oversight.workflow.OverrideWorkflow`; this module
+holds the call and turns the request's state into an answer.
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ from dataclasses import dataclass, replace
 
 from proxy.calls.mcp.binding import binding_of
 from proxy.decision.gate import Gate, Outcome, Verdict
-from proxy.oversight.holds import Holds, wait_for_event
+from proxy.oversight.holds import wait_for_event
 from proxy.oversight.limits import OverrideRefused, Refusal
-from proxy.oversight.overrides import Override, OverrideStatus, OverrideStore
-from proxy.record.store import Recorder, utcnow
+from proxy.oversight.overrides import Override, OverrideStatus
+from proxy.oversight.workflow import OverrideWorkflow
 from proxy.vocabulary.printable import printable
 from proxy.vocabulary.problems import Problem
 
@@ -62,12 +65,11 @@ def requested_wait(prefer: str | None, maximum: float) -> float:
 
 
 class Oversight:
-    def __init__(self, gate: Gate, overrides: OverrideStore, holds: Holds, recorder: Recorder,
-                 api_base_url: Callable[[], str]) -> None:
+    def __init__(self, gate: Gate, workflow: OverrideWorkflow, api_base_url: Callable[[], str]) -> None:
         self.gate = gate
-        self.overrides = overrides
-        self.holds = holds
-        self.recorder = recorder
+        self.workflow = workflow
+        self.overrides = workflow.store  # reads only
+        self.holds = workflow.holds
         self.api_base_url = api_base_url
 
     async def resolve(self, verdict: Verdict, wait: float, justification: str | None,
@@ -94,11 +96,9 @@ class Oversight:
         if refused.retry_after is not None:
             headers["Retry-After"] = str(refused.retry_after)
             extra["retry_after"] = refused.retry_after
-        self.recorder.record_event({
-            "kind": "override_refused", "decision_id": verdict.decision_id, "agent": verdict.call.agent,
-            "payload": {"reason": refused.reason.value, "detail": refused.detail,
-                        "policies": [p.policy_id for p in verdict.determining]},
-        })
+        self.workflow.refuse_open(decision_id=verdict.decision_id, agent=verdict.call.agent,
+                                  reason=refused.reason.value, detail=refused.detail,
+                                  policies=[p.policy_id for p in verdict.determining])
         log.info("no override request opened for %s %s by %s: %s", printable(verdict.call.method),
                  self.gate.shown_url(verdict.call.url), verdict.call.agent, refused.reason.value)
         detail = f"{verdict.detail} No override request was opened: {refused.detail}"
@@ -132,25 +132,21 @@ class Oversight:
                                     f"{verdict.detail} An override request is waiting for review; "
                                     "retry the identical call after it is granted.")
             woken.clear()
-            # No polling: decisions made through the API and expiries by the sweeper notify this hold.
+            # No polling: decisions made through the API and expiries by the expiry job notify this hold.
             await wait_for_event(woken, remaining)
 
     async def _open(self, verdict: Verdict, justification: str | None) -> Override:
         request = verdict.request
         policies = [{"id": p.policy_id, "reason": p.reason, "annotations": dict(p.annotations)}
                     for p in verdict.determining]
-        override, created = await asyncio.to_thread(
-            self.overrides.open_or_attach, verdict.call, decision_id=verdict.decision_id,
+        override, _ = await asyncio.to_thread(
+            self.workflow.open, verdict.call, decision_id=verdict.decision_id,
             escalation=verdict.escalation, policies=policies,
             cedar_request={"principal": f'Agent::"{request.principal[1]}"', "action": verdict.action,
                            "resource": verdict.resource, "context": request.context},
             revision=verdict.revision, justification=justification,
             binding=binding_of(request.action[1], verdict.call.body),
         )
-        if created:
-            self.event("override_created", override, decision_id=verdict.decision_id,
-                       payload={"policies": policies, "requirements": override.requirements,
-                                "expires_at": override.expires_at.isoformat(), "justification": justification})
         return override
 
     async def refuse_grant(self, verdict: Verdict) -> Resolution | None:
@@ -169,7 +165,6 @@ class Oversight:
 
     def _release(self, verdict: Verdict, override: Override) -> Resolution | None:
         """Check the call against the current policies, then consume the grant; None if already consumed."""
-        now = utcnow()
         recheck = self.gate.decide(verdict.call)
         if recheck.problem is Problem.STORE_UNAVAILABLE:  # passing trouble: keep the grant for a retry
             return Resolution(False, replace(recheck, decision_id=verdict.decision_id), override.id)
@@ -180,13 +175,10 @@ class Oversight:
             # A hard deny now (no permit beneath any more, say), or policies that changed to need
             # approvals nobody gave: never release.
             return self._refuse_release(verdict, recheck, override, False)
-        if not self.overrides.transition(override.id, OverrideStatus.GRANTED, OverrideStatus.RELEASED,
-                                         unexpired_grant=True, released_at=now,
-                                         release_decision_id=verdict.decision_id):
+        if not self.workflow.release(override, decision_id=verdict.decision_id, payload={
+                "policy_revision": recheck.revision, "recheck": recheck.outcome.value,
+                "policies": [p.policy_id for p in recheck.determining]}):
             return None
-        self.event("release", override, decision_id=verdict.decision_id,
-                   payload={"policy_revision": recheck.revision, "recheck": recheck.outcome.value,
-                            "policies": [p.policy_id for p in recheck.determining]})
         log.info("released %s %s for %s under override %s", printable(verdict.call.method),
                  self.gate.shown_url(verdict.call.url), verdict.call.agent, override.id)
         return Resolution(True, verdict, override.id)
@@ -197,13 +189,10 @@ class Oversight:
 
         `only_if_spent`: None when this caller did not move it (it expired or was used meanwhile).
         """
-        spent = self.overrides.transition(override.id, OverrideStatus.GRANTED, OverrideStatus.RELEASE_REFUSED,
-                                          released_at=utcnow(), release_decision_id=verdict.decision_id)
-        if spent:
-            # The recheck's detail may quote the URL: its query secrets stay out of the record.
-            self.event("release_refused", override, decision_id=verdict.decision_id,
-                       payload={"recheck": self.gate.redaction.scrub(recheck.problem_body(), verdict.call.query)})
-        elif only_if_spent:
+        # The recheck's detail may quote the URL: its query secrets stay out of the record.
+        spent = self.workflow.refuse_release(override, decision_id=verdict.decision_id, payload={
+            "recheck": self.gate.redaction.scrub(recheck.problem_body(), verdict.call.query)})
+        if not spent and only_if_spent:
             return None
         override = self.overrides.get(override.id) or override  # report the status it has now
         return self._refuse(replace(recheck, decision_id=verdict.decision_id), override, Problem.RELEASE_REFUSED,
@@ -220,18 +209,3 @@ class Oversight:
         refused = replace(verdict, problem=problem, status=403, detail=detail, extra=extra,
                           extra_headers=headers)
         return Resolution(False, refused, override.id)
-
-    def event(self, kind: str, override: Override, *, decision_id: str | None = None,
-              actor: str | None = None, payload: dict | None = None) -> None:
-        self.recorder.record_event({
-            "kind": kind, "override_id": override.id, "decision_id": decision_id, "agent": override.agent,
-            "actor": actor, "payload": payload or {},
-        })
-
-    def sweep(self) -> None:
-        """Expire due requests and grants, record it, and wake their holders."""
-        for override_id, status in self.overrides.expire_due():
-            override = self.overrides.get(override_id)
-            if override:
-                self.event("expired" if status == OverrideStatus.EXPIRED.value else "grant_expired", override)
-            self.holds.notify(override_id)

@@ -1,10 +1,13 @@
-"""Override requests: a denied call waiting for humans, and the one-time grant that may release it.
+"""Override requests as stored: the tables, the fingerprint a grant binds to, and the plain operations
+on their rows that `proxy.oversight.workflow.OverrideWorkflow` composes into state changes.
 
-State machine: pending -> granted | denied | expired; granted -> released | release_refused |
-grant_expired. Every transition is a conditional UPDATE on (id, version, status), so concurrent
-approve/approve and approve/deny end in exactly one consistent state on SQLite and PostgreSQL alike:
-the loser's transaction changes nothing and is retried against the new state. A grant is consumed by
-the transition granted -> released, which succeeds for exactly one caller.
+State machine (`OverrideStatus`): pending -> granted | denied | expired; granted -> released |
+release_refused | grant_expired. Every transition is a conditional UPDATE (`OverrideStore.move`) on
+(id, status[, version]), so concurrent approve/approve and approve/deny end in exactly one consistent
+state on SQLite and PostgreSQL alike: the loser's transaction changes nothing. A grant is consumed by
+the transition granted -> released, which succeeds for exactly one caller. Only the workflow moves a
+request, each time in the transaction that chains its audit event; this module reads and writes rows
+in the session it is handed.
 
 Opening is where floods are stopped (see `proxy.oversight.limits`): a body too large to show a reviewer whole,
 an agent with too many requests pending, or one opening them too fast gets `OverrideRefused` and
@@ -14,6 +17,7 @@ the fingerprint, which a grant binds to, is of the call exactly as sent.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import math
@@ -23,11 +27,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from enum import Enum
+from enum import Enum, StrEnum
 
 from sqlalchemy import Column, DateTime, LargeBinary, UniqueConstraint, update
 from sqlalchemy.engine import Engine as SAEngine
-from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Field, Session, SQLModel, func, select
 
 from proxy.calls.mapping import Call, is_secret_header
@@ -48,6 +51,16 @@ class OverrideStatus(str, Enum):
     RELEASED = "released"
     RELEASE_REFUSED = "release_refused"
     GRANT_EXPIRED = "grant_expired"
+
+
+LIVE = (OverrideStatus.PENDING, OverrideStatus.GRANTED)
+
+
+class Ballot(StrEnum):
+    """One approver's vote, as stored in `override_votes.verdict`."""
+
+    APPROVE = "approve"
+    DENY = "deny"
 
 
 def _moment(index: bool = False, optional: bool = False):
@@ -95,7 +108,7 @@ class OverrideVote(SQLModel, table=True):
     override_id: str = Field(index=True, foreign_key="overrides.id")
     approver: str
     roles: str = "[]"
-    verdict: str  # approve | deny
+    verdict: str  # a Ballot value
     reason: str
     at: datetime = _moment()
 
@@ -151,9 +164,9 @@ class Vote:
 
 
 class OverrideStore:
-    """Plain operations on override requests; every method is one short transaction."""
+    """Plain operations on override rows: reads in a short transaction of their own; writes in the
+    session they are handed (the workflow's transaction), except `open_or_attach` without one."""
 
-    RETRIES = 20
     LIST_PAGE = 100  # rows read at a time when a listing is filtered by the reviewer's roles
 
     def __init__(self, engine: SAEngine, grant_ttl: int = 600, *, limits: OverrideLimits = OverrideLimits(),
@@ -168,21 +181,33 @@ class OverrideStore:
         # the cap, the insert and taking a token happen as one step, so concurrent calls can never
         # open more than `max_pending_per_agent` pending requests or outrun the rate. (Two processes
         # on one database, which the record does not support either, would each allow that many.)
-        self._open_lock = threading.Lock()
+        self._open_lock = threading.RLock()
         migrate(engine)
 
     def open_or_attach(
         self, call: Call, *, decision_id: str, escalation: Escalation, policies: list[dict],
         cedar_request: dict, revision: str, justification: str | None, binding: bytes | None = None,
+        session: Session | None = None,
     ) -> tuple[Override, bool]:
         """The live (pending or granted) override for this exact call, or a new pending one.
 
         Raises `OverrideRefused` when a new one may not be opened; an identical retry of a live
-        request always finds it, whatever the limits.
+        request always finds it, whatever the limits. With `session`, the new row is only flushed
+        there: it commits with the caller's transaction.
         """
+        if session is None:
+            with self._open_lock, Session(self.engine, expire_on_commit=False) as own:
+                opened = self.open_or_attach(
+                    call, decision_id=decision_id, escalation=escalation, policies=policies,
+                    cedar_request=cedar_request, revision=revision, justification=justification,
+                    binding=binding, session=own)
+                own.commit()
+                return opened
         print_ = fingerprint(call, binding)
         now = utcnow()
-        with self._open_lock, Session(self.engine, expire_on_commit=False) as session:
+        # The lock is held until the commit: by the caller above, or by the recorder's writer thread,
+        # which runs one transaction at a time.
+        with self._open_lock:
             live = session.exec(
                 select(Override).where(
                     Override.fingerprint == print_,
@@ -208,7 +233,7 @@ class OverrideStore:
                 created_at=now, expires_at=now + timedelta(seconds=escalation.expires_in),
             )
             session.add(override)
-            session.commit()
+            session.flush()
             if self._buckets is not None:
                 self._buckets.take(call.agent)
             return override, True
@@ -241,7 +266,7 @@ class OverrideStore:
             )).one()
             if count >= limits.max_pending_per_agent:
                 # A review may come any moment; the soonest expiry frees a place at the latest.
-                wait = 60 if soonest is None else math.ceil((_aware(soonest) - now).total_seconds())
+                wait = 60 if soonest is None else math.ceil((aware(soonest) - now).total_seconds())
                 raise OverrideRefused(
                     Refusal.TOO_MANY_PENDING,
                     f"{call.agent} already has {count} override requests waiting for review, the most one "
@@ -296,98 +321,55 @@ class OverrideStore:
                 offset += page
         return found[:limit]
 
-    def vote(self, override_id: str, approver: str, roles: frozenset[str], verdict: str,
-             reason: str) -> tuple[Override, bool]:
-        """Record one approver's approve/deny; returns the override and whether this vote changed its status."""
-        for _ in range(self.RETRIES):
-            try:
-                with Session(self.engine, expire_on_commit=False) as session:
-                    override = session.get(Override, override_id)
-                    if override is None:
-                        raise OverrideError(404, f"no override request {override_id}")
-                    self._check_vote(override, approver, roles, verdict)
-                    now = utcnow()
-                    if override.status == OverrideStatus.PENDING.value and _aware(override.expires_at) <= now:
-                        raise OverrideError(409, "the override request has expired")
-                    prior = session.exec(select(OverrideVote).where(
-                        OverrideVote.override_id == override_id, OverrideVote.approver == approver)).first()
-                    if prior is None:
-                        session.add(OverrideVote(override_id=override_id, approver=approver,
-                                                 roles=json.dumps(sorted(roles)), verdict=verdict,
-                                                 reason=reason, at=now))
-                        session.flush()
-                    elif prior.verdict != verdict:
-                        raise OverrideError(409, f"{approver} already voted to {prior.verdict} this request")
-                    approvals = {
-                        v.approver: frozenset(json.loads(v.roles))
-                        for v in session.exec(select(OverrideVote).where(
-                            OverrideVote.override_id == override_id, OverrideVote.verdict == "approve")).all()
-                    }
-                    values: dict = {"version": override.version + 1}
-                    if verdict == "deny":
-                        values.update(status=OverrideStatus.DENIED.value, decided_at=now, decided_reason=reason)
-                    elif all(r.satisfied_by(approvals) for r in requirements_of(override)):
-                        values.update(status=OverrideStatus.GRANTED.value, decided_at=now, decided_reason=reason,
-                                      grant_expires_at=now + timedelta(seconds=self.grant_ttl))
-                    changed = session.execute(
-                        update(Override)
-                        .where(Override.id == override_id, Override.version == override.version,
-                               Override.status == OverrideStatus.PENDING.value)
-                        .values(**values)
-                    ).rowcount
-                    if changed != 1:
-                        session.rollback()  # someone else moved it first: look again
-                        continue
-                    session.commit()
-                    return self.get(override_id), "status" in values
-            except (IntegrityError, OperationalError):
-                continue  # a concurrent vote or a busy SQLite writer: retry against the new state
-        raise OverrideError(503, "the override request is too contended to update; retry")
+    def add_vote(self, session: Session, override_id: str, approver: str, roles: frozenset[str],
+                 ballot: Ballot, reason: str, at: datetime) -> OverrideVote | None:
+        """Store one approver's vote, or return the vote they cast before (and store nothing)."""
+        prior = session.exec(select(OverrideVote).where(
+            OverrideVote.override_id == override_id, OverrideVote.approver == approver)).first()
+        if prior is None:
+            session.add(OverrideVote(override_id=override_id, approver=approver, roles=json.dumps(sorted(roles)),
+                                     verdict=ballot.value, reason=reason, at=at))
+            session.flush()
+        return prior
 
     @staticmethod
-    def _check_vote(override: Override, approver: str, roles: frozenset[str], verdict: str) -> None:
-        if override.status != OverrideStatus.PENDING.value:
-            raise OverrideError(409, f"the override request is {override.status}, not pending")
-        if approver == override.agent:
-            raise OverrideError(403, "an approver cannot decide on a call made under their own identity")
-        needed = needed_roles(override)
-        if not roles & needed:
-            raise OverrideError(
-                403, f"{approver} holds none of the roles this request needs ({', '.join(sorted(needed))})"
-            )
+    def approvals(session: Session, override_id: str) -> dict[str, frozenset[str]]:
+        """Each approver who voted to approve, with the roles they held when they voted."""
+        return {
+            v.approver: frozenset(json.loads(v.roles))
+            for v in session.exec(select(OverrideVote).where(
+                OverrideVote.override_id == override_id, OverrideVote.verdict == Ballot.APPROVE.value)).all()
+        }
 
-    def transition(self, override_id: str, from_status: OverrideStatus, to_status: OverrideStatus,
-                   *, unexpired_grant: bool = False, **values) -> bool:
-        """Move one override if it is still in `from_status`; True for exactly one caller.
+    @staticmethod
+    def move(session: Session, override_id: str, from_status: OverrideStatus, to_status: OverrideStatus | None,
+             *, version: int | None = None, unexpired_grant: bool = False, **values) -> bool:
+        """Conditionally UPDATE one override still in `from_status` (and at `version`, if given): True
+        for exactly one caller. `to_status` None changes only its version (a vote that decided nothing).
 
         `unexpired_grant` also requires the grant to be within its time, so releasing never depends
-        on the expiry sweeper having run.
+        on the expiry job having run.
         """
         condition = [Override.id == override_id, Override.status == from_status.value]
+        if version is not None:
+            condition.append(Override.version == version)
         if unexpired_grant:
             condition.append(Override.grant_expires_at > utcnow())
-        with Session(self.engine) as session:
-            changed = session.execute(
-                update(Override).where(*condition)
-                .values(status=to_status.value, version=Override.version + 1, **values)
-            ).rowcount
-            session.commit()
+        if to_status is not None:
+            values["status"] = to_status.value
+        changed = session.execute(
+            update(Override).where(*condition).values(version=Override.version + 1, **values)
+        ).rowcount
         return changed == 1
 
-    def expire_due(self) -> list[tuple[str, str]]:
-        """Expire pending requests and unused grants past their time; returns (id, new status)."""
-        now = utcnow()
-        expired = []
+    def due(self, now: datetime) -> builtins.list[tuple[str, OverrideStatus]]:
+        """Pending requests and unused grants past their time: (id, status now)."""
         with Session(self.engine) as session:
-            due = session.exec(select(Override.id, Override.status).where(
+            rows = session.exec(select(Override.id, Override.status).where(
                 ((Override.status == OverrideStatus.PENDING.value) & (Override.expires_at <= now))
                 | ((Override.status == OverrideStatus.GRANTED.value) & (Override.grant_expires_at <= now))
             )).all()
-        for override_id, status in due:
-            target = OverrideStatus.EXPIRED if status == OverrideStatus.PENDING.value else OverrideStatus.GRANT_EXPIRED
-            if self.transition(override_id, OverrideStatus(status), target, decided_at=now):
-                expired.append((override_id, target.value))
-        return expired
+        return [(override_id, OverrideStatus(status)) for override_id, status in rows]
 
 
 def needed_roles(override: Override) -> frozenset[str]:
@@ -405,10 +387,10 @@ def requirements_of(override: Override) -> list[Requirement]:
 
 def _still_live(override: Override, now: datetime) -> bool:
     if override.status == OverrideStatus.PENDING.value:
-        return _aware(override.expires_at) > now
-    return override.grant_expires_at is not None and _aware(override.grant_expires_at) > now
+        return aware(override.expires_at) > now
+    return override.grant_expires_at is not None and aware(override.grant_expires_at) > now
 
 
-def _aware(moment: datetime) -> datetime:
+def aware(moment: datetime) -> datetime:
     # SQLite hands datetimes back without their zone; they were written in UTC.
     return moment if moment.tzinfo else moment.replace(tzinfo=utcnow().tzinfo)

@@ -23,6 +23,7 @@ import hashlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import Engine, Table, func, inspect, select, text
@@ -34,12 +35,34 @@ from proxy.vocabulary.canonical import canonical, canonical_text
 GENESIS = "0" * 64
 
 
+class EventKind(StrEnum):
+    """What an audit row records; the values are the `kind` stored and hashed, so they never change.
+
+    Two kinds about denying are different events: `DENIAL` is one reviewer's vote to deny (as
+    `APPROVAL` is a vote to approve), `DENIED` the request's move to the denied state that the vote
+    caused (as `GRANT` is its move to granted).
+    """
+
+    DECISION = "decision"  # a call decided (allow, deny, escalate, error)
+    PASSTHROUGH = "passthrough"  # a tunnel relayed undecided, by configuration
+    OVERRIDE_CREATED = "override_created"
+    OVERRIDE_REFUSED = "override_refused"  # no request opened: the limits refused it
+    APPROVAL = "approval"  # a reviewer's vote to approve
+    DENIAL = "denial"  # a reviewer's vote to deny
+    GRANT = "grant"  # the request granted: the quorum was met
+    DENIED = "denied"  # the request denied, by a denial
+    RELEASE = "release"
+    RELEASE_REFUSED = "release_refused"
+    EXPIRED = "expired"
+    GRANT_EXPIRED = "grant_expired"
+
+
 class AuditEntry(SQLModel, table=True):
     __tablename__ = "audit_log"
 
     seq: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
     at: datetime
-    kind: str  # decision | override_created | approval | denial | grant | release | expired | ...
+    kind: str  # an EventKind value
     decision_id: str | None = Field(default=None, index=True)
     override_id: str | None = Field(default=None, index=True)
     agent: str | None = None

@@ -9,6 +9,11 @@ keeps the chain's head in memory, so only one cedargate process may write to a g
 Nothing is dropped: a failed batch is kept and retried, and while the store is failing (or the queue
 is full) `Recorder.healthy` is False so the gate refuses new calls instead of forwarding calls it could
 not record.
+
+A state change that must be recorded with its audit events (an override voted on, released, expired)
+goes through `Recorder.transact`: the writer thread runs it in its own transaction, after everything
+enqueued before it and before everything enqueued after it, and chains its events in that same
+transaction, so the change and its audit rows commit together or not at all.
 """
 
 from __future__ import annotations
@@ -19,11 +24,14 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Index, event, make_url
+from sqlalchemy.engine import Connection
 from sqlalchemy.engine import Engine as SAEngine
 from sqlmodel import Field, Session, SQLModel, create_engine, func, select
 
@@ -109,9 +117,17 @@ def private_sqlite_files(url: str) -> None:
             pass
 
 
-_DECISION, _EVENT = "decision", "event"
+_DECISION, _EVENT, _UNIT = "decision", "event", "unit"
+T = TypeVar("T")
+# What a unit of work run by `Recorder.transact` returns: its result, and the audit events that
+# record it (each as `record_event` takes it).
+Work = Callable[[Connection], tuple[T, Sequence[Mapping[str, Any]]]]
 RATE_HORIZON = 0.5  # seconds: how far back the writer's estimate of the row rate mostly looks
 EVENT_KEYS = frozenset({"kind", "decision_id", "override_id", "agent", "actor", "payload"})
+
+
+class StoreUnavailable(Exception):
+    """The record cannot take a change now; the message says why."""
 
 
 class Recorder:
@@ -140,6 +156,7 @@ class Recorder:
         self.last_error: str | None = None
         self.written = 0  # decision rows
         self._stop = threading.Event()
+        self._head: tuple[int, str] | None = None  # the audit chain's head (writer thread only)
         migrate(engine)
         self._thread = threading.Thread(target=self._run, name="cedargate-recorder", daemon=True)
         self._thread.start()
@@ -168,23 +185,7 @@ class Recorder:
         `payload` (a dict of JSON values and datetimes); its time is now. Like `record`, it is never
         dropped; an event the log could not hold raises here, in the caller, not later in the writer.
         """
-        unknown = set(event) - EVENT_KEYS
-        if unknown:
-            raise ValueError(f"unknown audit event keys {sorted(unknown)}; an event has {sorted(EVENT_KEYS)}")
-        kind = event.get("kind")
-        if not isinstance(kind, str) or not kind:
-            raise ValueError(f"an audit event needs a kind, a non-empty string like 'approval', not {kind!r}")
-        item: dict[str, Any] = {"kind": _storable(kind), "at": utcnow()}
-        for key in ("decision_id", "override_id", "agent", "actor"):
-            value = event.get(key)
-            if value is not None and not isinstance(value, str):
-                raise TypeError(f"audit event {key} must be a string or None, not {type(value).__name__}")
-            item[key] = None if value is None else _storable(value)
-        payload = event.get("payload") or {}
-        if not isinstance(payload, dict):
-            raise TypeError(f"audit event payload must be a dict, not {type(payload).__name__}")
-        item["payload"] = canonical_text(payload)  # now: a later change by the caller is not recorded
-        self._queue.put_nowait((_EVENT, item))
+        self._queue.put_nowait((_EVENT, _event_item(event)))
 
     def unavailable_reason(self) -> str | None:
         if self._failing:
@@ -206,15 +207,43 @@ class Recorder:
         self._stop.set()
         self._thread.join(timeout)
 
+    def transact(self, work: Work[T], timeout: float = 30.0) -> T:
+        """Run `work(connection)` on the writer thread in one transaction with the events it returns.
+
+        The work runs after every row and event enqueued before this call and before any enqueued
+        after it; its events are chained in the same transaction, so what it changed and the audit rows
+        that say so commit together or not at all. Whatever `work` raises, or the commit raises, is
+        raised here with nothing written. A unit the writer has not started within `timeout` seconds
+        (the store is failing, say) is withdrawn and `TimeoutError` raised; while the store is known to be
+        failing, `StoreUnavailable` is raised at once.
+        """
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("Recorder.transact called from the writer thread itself")
+        if self._stop.is_set():
+            raise RuntimeError("the recorder is closed")
+        if self._failing:  # as the gate refuses calls: fail now rather than wait behind the retries
+            raise StoreUnavailable(f"the decision store is failing: {self.last_error}")
+        future: Future[T] = Future()
+        self._queue.put_nowait((_UNIT, {"work": work, "future": future}))
+        self._hurry.set()
+        try:
+            return future.result(timeout)
+        except FutureTimeout:
+            if future.cancel():
+                raise TimeoutError(
+                    f"the decision store did not take the change within {timeout:g} s: "
+                    f"{self.last_error or 'busy'}"
+                ) from None
+            return future.result()  # started meanwhile: its outcome is the answer
+
     def _run(self) -> None:
-        table = DecisionRecord.__table__
-        head: tuple[int, str] | None = None  # the audit chain's head, read in the first transaction
         while not self._stop.is_set():
             try:
                 first = self._queue.get(timeout=0.2)
             except queue.Empty:
                 continue
-            self._linger()
+            if first[0] != _UNIT:
+                self._linger()
             batch = [first]
             while len(batch) < self.batch_size:
                 try:
@@ -222,35 +251,67 @@ class Recorder:
                 except queue.Empty:
                     break
             self._rate += len(batch) / RATE_HORIZON
-            rows = [_table_row(item) for tag, item in batch if tag == _DECISION]
-            events = [_decision_event(item) if tag == _DECISION else item for tag, item in batch]
-            while True:
-                try:
-                    with self.engine.begin() as conn:
-                        if head is None:
-                            head = audit.read_head(conn)
-                        if rows:
-                            conn.execute(table.insert(), rows)
-                        new_head = audit.append(conn, events, head)
-                    head = new_head
-                except Exception as exc:  # any driver error: keep the batch, refuse calls, retry
-                    # Whether a failed commit left anything behind is unknown: take the head afresh.
-                    head = None
-                    if not self._failing:
-                        log.error("decision store write failed; refusing calls until it recovers: %s", exc)
-                    self._failing = True
-                    self.last_error = _short(exc)
-                    if self._stop.wait(self.retry_interval):
-                        return
+            # In queue order: the rows and events up to a unit of work, then the unit, then the rest.
+            start = 0
+            for index, (tag, item) in enumerate([*batch, (_UNIT, None)]):
+                if tag != _UNIT:
                     continue
-                if self._failing:
-                    log.warning("decision store recovered")
-                self._failing = False
-                self.last_error = None
-                self.written += len(rows)
-                for _ in batch:
+                if index > start and not self._write(batch[start:index]):
+                    return
+                if item is not None:
+                    self._run_unit(item)
                     self._queue.task_done()
-                break
+                start = index + 1
+
+    def _write(self, batch: list[tuple[str, dict[str, Any]]]) -> bool:
+        """Commit decisions and events, retrying until they are in; False if the recorder closed first."""
+        table = DecisionRecord.__table__
+        rows = [_table_row(item) for tag, item in batch if tag == _DECISION]
+        events = [_decision_event(item) if tag == _DECISION else item for tag, item in batch]
+        while True:
+            try:
+                with self.engine.begin() as conn:
+                    head = self._head if self._head is not None else audit.read_head(conn)
+                    if rows:
+                        conn.execute(table.insert(), rows)
+                    new_head = audit.append(conn, events, head)
+                self._head = new_head
+            except Exception as exc:  # any driver error: keep the batch, refuse calls, retry
+                # Whether a failed commit left anything behind is unknown: take the head afresh.
+                self._head = None
+                if not self._failing:
+                    log.error("decision store write failed; refusing calls until it recovers: %s", exc)
+                self._failing = True
+                self.last_error = _short(exc)
+                if self._stop.wait(self.retry_interval):
+                    return False
+                continue
+            if self._failing:
+                log.warning("decision store recovered")
+            self._failing = False
+            self.last_error = None
+            self.written += len(rows)
+            for _ in batch:
+                self._queue.task_done()
+            return True
+
+    def _run_unit(self, unit: dict[str, Any]) -> None:
+        """One caller's change and its events in one transaction; its outcome goes back to the caller,
+        not retried here (the caller knows whether trying again makes sense)."""
+        future: Future[Any] = unit["future"]
+        if not future.set_running_or_notify_cancel():
+            return  # the caller gave up waiting before it started
+        try:
+            with self.engine.begin() as conn:
+                head = self._head if self._head is not None else audit.read_head(conn)
+                result, events = unit["work"](conn)
+                new_head = audit.append(conn, [_event_item(e) for e in events], head)
+        except BaseException as exc:
+            self._head = None  # whether a failed commit left anything behind is unknown
+            future.set_exception(exc)
+            return
+        self._head = new_head
+        future.set_result(result)
 
     def _linger(self) -> None:
         """Group commit: while rows come faster than `busy_rate` a second, wait up to `linger` seconds
@@ -270,6 +331,27 @@ class Recorder:
                 self._hurry.clear()
 
 
+def _event_item(event: Mapping[str, Any]) -> dict[str, Any]:
+    """An event as the writer chains it, checked now: what the log cannot hold raises in the caller."""
+    unknown = set(event) - EVENT_KEYS
+    if unknown:
+        raise ValueError(f"unknown audit event keys {sorted(unknown)}; an event has {sorted(EVENT_KEYS)}")
+    kind = getattr(event.get("kind"), "value", event.get("kind"))  # an enum's stored value
+    if not isinstance(kind, str) or not kind:
+        raise ValueError(f"an audit event needs a kind, a non-empty string like 'approval', not {kind!r}")
+    item: dict[str, Any] = {"kind": _storable(kind), "at": utcnow()}
+    for key in ("decision_id", "override_id", "agent", "actor"):
+        value = event.get(key)
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"audit event {key} must be a string or None, not {type(value).__name__}")
+        item[key] = None if value is None else _storable(value)
+    payload = event.get("payload") or {}
+    if not isinstance(payload, dict):
+        raise TypeError(f"audit event payload must be a dict, not {type(payload).__name__}")
+    item["payload"] = canonical_text(payload)  # now: a later change by the caller is not recorded
+    return item
+
+
 def _table_row(row: dict[str, Any]) -> dict[str, Any]:
     """A decision as the table holds it: its `detail` (what an MCP message was) goes to the audit log's
     payload only. Copied only when it has one: this runs for every recorded call."""
@@ -277,7 +359,8 @@ def _table_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _decision_event(row: dict[str, Any]) -> dict[str, Any]:
-    return {"kind": "decision", "at": row.get("at"), "decision_id": row.get("decision_id"),
+    return {"kind": audit.EventKind.DECISION.value, "at": row.get("at"),
+            "decision_id": row.get("decision_id"),
             "agent": row.get("agent"), "payload": row}
 
 

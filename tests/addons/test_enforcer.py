@@ -446,3 +446,45 @@ def test_configure_refuses_a_missing_policy_dir_naming_it(tmp_path, stock_config
         f"cedargate cannot start: policy directory {missing} does not exist or is not a directory"
     )
     assert enforcer.runtime is None
+
+
+def test_standalone_the_enforcer_runs_its_own_cores_expiry_until_done(runtime: Runtime):
+    """Under stock mitmdump the enforcer builds its own core, so it starts that core's jobs when mitmproxy
+    runs and stops them when it is done; a core handed to it is started by its composer (`cedargate
+    run`)."""
+    import asyncio
+    import uuid
+
+    from proxy.calls.mapping import Call
+    from proxy.cedar.escalation import Escalation, Requirement
+
+    requirement = Requirement("protect-production-instances", ("engineering-manager",), 1)
+    due, _ = runtime.workflow.open(
+        Call(agent=AGENT, method="POST", scheme="http", host="127.0.0.1", port=9000,
+             path="/v1/instances/i-1/stop"),
+        decision_id=str(uuid.uuid4()), escalation=Escalation((requirement,), 0),
+        policies=[{"id": requirement.policy_id, "reason": None, "annotations": {}}],
+        cedar_request={"principal": f'Agent::"{AGENT}"', "action": 'Action::"post"',
+                       "resource": 'Host::"127.0.0.1"', "context": {}},
+        revision="rev-1", justification=None,
+    )
+    handed = Enforcer(runtime)
+    own = Enforcer()
+    own.runtime = runtime  # as its `configure` builds one from mitmproxy's options
+    with taddons.context(own) as tctx:
+        for name, kind, default in (("connection_strategy", str, "eager"), ("rawtcp", bool, True)):
+            if name not in tctx.options:  # the proxy server's options, which `running` sets
+                tctx.options.add_option(name, kind, default, "")
+
+        async def run_until_expired() -> None:
+            handed.running()
+            assert not runtime.jobs.running
+            own.running()
+            async with asyncio.timeout(10):
+                while runtime.overrides.get(due.id).status != "expired":
+                    await asyncio.sleep(0.05)
+
+        tctx.master.event_loop.run_until_complete(run_until_expired())
+        assert runtime.jobs.running
+        own.done()
+        assert not runtime.jobs.running

@@ -12,12 +12,19 @@ from fastapi.testclient import TestClient
 
 from override_api.main import create_app
 from proxy.runtime import Runtime
-from proxy.settings.config import Settings
+from proxy.settings.config import ApproverCredential, Settings
 
 
 @pytest.fixture
-def runtime(tmp_path: Path, policy_dir: Path) -> Iterator[Runtime]:
-    settings = Settings(policy_dir=policy_dir, state_dir=tmp_path / "state", policy_reload_interval=0)
+def approvers() -> dict[str, ApproverCredential]:
+    """The approvers the core knows; none unless a test module says otherwise."""
+    return {}
+
+
+@pytest.fixture
+def runtime(tmp_path: Path, policy_dir: Path, approvers: dict[str, ApproverCredential]) -> Iterator[Runtime]:
+    settings = Settings(policy_dir=policy_dir, state_dir=tmp_path / "state", policy_reload_interval=0,
+                        approvers=approvers)
     started = Runtime.start(settings)
     yield started
     started.close()

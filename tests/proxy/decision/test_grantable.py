@@ -272,7 +272,7 @@ def granted_stop(runtime: Runtime):
     assert verdict.outcome is Outcome.ESCALATE
     opened = asyncio.run(runtime.oversight.resolve(verdict, 0, None, client_alive=lambda: True))
     assert opened.verdict.problem is Problem.OVERRIDE_PENDING
-    override, changed = runtime.overrides.vote(opened.override_id, "erin", runtime.roles_of("erin"),
+    override, changed = runtime.workflow.vote(opened.override_id, "erin", runtime.roles_of("erin"),
                                                "approve", "ok")
     assert changed and override.status == "granted"
     return verdict, override.id

@@ -2,7 +2,7 @@
 
 These run the real core (`Runtime.start`: Cedar engine, SQLite record, override store, holds) with no
 proxy in front: a verdict from the gate goes into `Oversight.resolve`, and a reviewer on another thread
-votes through the store and wakes the hold, as the override API does.
+votes through the workflow, which wakes the hold, as the override API does.
 """
 
 from __future__ import annotations
@@ -111,11 +111,10 @@ class Reviewer(threading.Thread):
             [override] = store.list(status="pending")
             self.override_id = override.id
             if self.act == "sweep":
-                self.runtime.oversight.sweep()
+                self.runtime.workflow.expire_due()  # the core's expiry job, run once; it wakes the hold
             else:
                 roles = self.runtime.roles_of(self.approver)
-                store.vote(override.id, self.approver, roles, self.act, self.reason)
-                self.runtime.holds.notify(override.id)
+                self.runtime.workflow.vote(override.id, self.approver, roles, self.act, self.reason)
         except BaseException as exc:  # reported by finish(), in the test's thread
             self.error = exc
 
@@ -192,9 +191,12 @@ def test_a_held_call_is_released_once_when_approved(runtime: Runtime):
     assert runtime.overrides.get(again.override_id).status == "pending"
 
     recorded = events(runtime, override_id)
-    assert [e["kind"] for e in recorded] == ["override_created", "release"]
-    assert {e["decision_id"] for e in recorded} == {verdict.decision_id}
-    assert json.loads(recorded[1]["payload"])["policy_revision"] == runtime.engine.status.revision
+    # The vote is recorded by the workflow that took it (erin's approval, then the grant it made).
+    assert [e["kind"] for e in recorded] == ["override_created", "approval", "grant", "release"]
+    assert [e["actor"] for e in recorded] == [None, "erin", "erin", None]
+    created, *_, released = recorded
+    assert {created["decision_id"], released["decision_id"]} == {verdict.decision_id}
+    assert json.loads(released["payload"])["policy_revision"] == runtime.engine.status.revision
     assert [e["kind"] for e in events(runtime, again.override_id)] == ["override_created"]
 
 
@@ -216,7 +218,7 @@ def test_a_held_call_whose_request_expires_is_refused_as_expired(runtime: Runtim
     ops = policy_dir / "ops.cedar"
     write_policy_file(ops, ops.read_text().replace('@expires("30m")', '@expires("0s")'))
     assert runtime.engine.reload()
-    reviewer = Reviewer(runtime, "sweep")  # the enforcer's periodic sweep, run once
+    reviewer = Reviewer(runtime, "sweep")  # the core's expiry job, run once
     reviewer.start()
     resolution = resolve(runtime, stop_verdict(runtime), 5)
     override_id = reviewer.finish()
@@ -230,7 +232,7 @@ def test_a_held_call_whose_request_expires_is_refused_as_expired(runtime: Runtim
 def test_a_grant_waits_for_the_agents_retry_when_the_held_client_went_away(runtime: Runtime):
     verdict = stop_verdict(runtime)
     override_id = resolve(runtime, verdict, 0).override_id
-    runtime.overrides.vote(override_id, "erin", runtime.roles_of("erin"), "approve", "ok")
+    runtime.workflow.vote(override_id, "erin", runtime.roles_of("erin"), "approve", "ok")
 
     gone = resolve(runtime, verdict, 5, alive=False)
     assert not gone.release and gone.verdict.problem is Problem.OVERRIDE_PENDING
@@ -253,8 +255,7 @@ def test_two_held_identical_calls_share_the_grant_and_only_one_goes_through(runt
         assert holds.held == 2
         [request] = runtime.overrides.list(status="pending")
         erin = runtime.roles_of("erin")
-        await asyncio.to_thread(runtime.overrides.vote, request.id, "erin", erin, "approve", "ok")
-        holds.notify(request.id)
+        await asyncio.to_thread(runtime.workflow.vote, request.id, "erin", erin, "approve", "ok")
         return list(await asyncio.gather(*calls)), request.id
 
     resolutions, granted_id = asyncio.run(scenario())
@@ -278,7 +279,7 @@ def make_stop_a_hard_deny(runtime: Runtime, policy_dir: Path) -> None:
 def test_release_is_refused_when_current_policy_now_hard_denies_the_call(runtime: Runtime, policy_dir: Path):
     verdict = stop_verdict(runtime)
     override_id = resolve(runtime, verdict, 0).override_id
-    _, changed = runtime.overrides.vote(override_id, "erin", runtime.roles_of("erin"), "approve", "ok")
+    _, changed = runtime.workflow.vote(override_id, "erin", runtime.roles_of("erin"), "approve", "ok")
     assert changed
 
     make_stop_a_hard_deny(runtime, policy_dir)
@@ -292,13 +293,14 @@ def test_release_is_refused_when_current_policy_now_hard_denies_the_call(runtime
     assert REASON in body["detail"]
     assert body["policy_revision"] == runtime.engine.status.revision != verdict.revision
     assert runtime.overrides.get(override_id).status == "release_refused"
-    assert [e["kind"] for e in events(runtime, override_id)] == ["override_created", "release_refused"]
+    assert [e["kind"] for e in events(runtime, override_id)] == [
+        "override_created", "approval", "grant", "release_refused"]
 
 
 def test_a_refused_release_reports_the_requests_current_status(runtime: Runtime, policy_dir: Path):
     verdict = stop_verdict(runtime)
     override_id = resolve(runtime, verdict, 0).override_id
-    runtime.overrides.vote(override_id, "erin", runtime.roles_of("erin"), "approve", "ok")
+    runtime.workflow.vote(override_id, "erin", runtime.roles_of("erin"), "approve", "ok")
     make_stop_a_hard_deny(runtime, policy_dir)
 
     body = resolve(runtime, verdict, 0).verdict.problem_body()

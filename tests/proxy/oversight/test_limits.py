@@ -18,9 +18,11 @@ from proxy_support import make_call
 
 from proxy.calls.mapping import Call
 from proxy.cedar.escalation import Escalation, Requirement
+from proxy.oversight.holds import Holds
 from proxy.oversight.limits import OverrideLimits, OverrideRefused, Refusal, TokenBuckets
 from proxy.oversight.overrides import Override, OverrideStore
-from proxy.record.store import make_engine
+from proxy.oversight.workflow import OverrideWorkflow
+from proxy.record.store import Recorder, make_engine
 
 MANAGER = Requirement("protect-production-instances", ("engineering-manager",), 1)
 
@@ -57,6 +59,16 @@ def make_store(database_url: str, clock: Clock) -> Iterator:
     yield make
     for database in engines:
         database.dispose()
+
+
+def deny(store: OverrideStore, override_id: str) -> None:
+    """A reviewer denies the request, through the workflow as the API does: it leaves the pending ones."""
+    recorder = Recorder(store.engine)
+    try:
+        OverrideWorkflow(store, recorder, Holds()).vote(
+            override_id, "erin", frozenset({"engineering-manager"}), "deny", "no")
+    finally:
+        recorder.close()
 
 
 def stop_call(n: int | str = 1, agent: str = "ops-bot", body: bytes = b'{"grace": 30}') -> Call:
@@ -109,7 +121,7 @@ def test_an_agent_at_its_cap_opens_no_more_but_its_pending_calls_still_find_thei
     assert (again.id, created) == (opened[0].id, False)
     assert open_request(store, stop_call(0, agent="billing-bot"))[1]  # another agent has its own cap
 
-    store.vote(opened[1].id, "erin", frozenset({"engineering-manager"}), "deny", "no")
+    deny(store, opened[1].id)
     assert open_request(store, stop_call(3))[1]  # a decided request frees its place
 
 
@@ -140,7 +152,7 @@ def test_concurrent_calls_never_open_more_than_the_cap(make_store):
         pending = store.list(status="pending")
         assert len(pending) == 3
         for override in pending:  # make room for the next round
-            store.vote(override.id, "erin", frozenset({"engineering-manager"}), "deny", "next round")
+            deny(store, override.id)
 
 
 # --- the rate of new requests ---------------------------------------------------------------------
@@ -169,7 +181,7 @@ def test_a_call_refused_for_the_cap_takes_no_token(make_store):
     first, _ = open_request(store, stop_call(0))
     assert refusal(store, stop_call(1)).reason is Refusal.TOO_MANY_PENDING
     assert refusal(store, stop_call(1)).reason is Refusal.TOO_MANY_PENDING
-    store.vote(first.id, "erin", frozenset({"engineering-manager"}), "deny", "no")
+    deny(store, first.id)
     assert open_request(store, stop_call(1))[1]  # the second token was still there
 
 

@@ -21,14 +21,15 @@ from proxy_support import make_call
 
 from proxy.calls.mapping import Call
 from proxy.cedar.escalation import Escalation, Requirement
+from proxy.oversight.holds import Holds
 from proxy.oversight.overrides import (
     Override,
     OverrideError,
-    OverrideStatus,
     OverrideStore,
     fingerprint,
 )
-from proxy.record.store import make_engine
+from proxy.oversight.workflow import OverrideWorkflow
+from proxy.record.store import Recorder, make_engine
 
 STOP_URL = "http://127.0.0.1:9000/v1/instances/i-1/stop"
 MANAGER = Requirement("protect-production-instances", ("engineering-manager",), 1)
@@ -59,6 +60,16 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OverrideSt
         database.dispose()
 
 
+@pytest.fixture
+def workflow(store: OverrideStore) -> Iterator[OverrideWorkflow]:
+    """The owner of every state change, recording on the store's database."""
+    recorder = Recorder(store.engine)
+    try:
+        yield OverrideWorkflow(store, recorder, Holds())
+    finally:
+        recorder.close()
+
+
 def stop_call(**changes: Any) -> Call:
     default_headers = {"Content-Type": "application/json", "Authorization": "Bearer agent-token"}
     headers = changes.pop("headers", default_headers)
@@ -78,14 +89,20 @@ def open_request(store: OverrideStore, call: Call | None = None, *requirements: 
     )
 
 
-def approve(store: OverrideStore, override_id: str, who: tuple[str, frozenset[str]],
+def approve(workflow: OverrideWorkflow, override_id: str, who: tuple[str, frozenset[str]],
             reason: str = "checked with on-call") -> tuple[Override, bool]:
-    return store.vote(override_id, who[0], who[1], "approve", reason)
+    return workflow.vote(override_id, who[0], who[1], "approve", reason)
 
 
-def deny(store: OverrideStore, override_id: str, who: tuple[str, frozenset[str]],
+def deny(workflow: OverrideWorkflow, override_id: str, who: tuple[str, frozenset[str]],
          reason: str = "not during business hours") -> tuple[Override, bool]:
-    return store.vote(override_id, who[0], who[1], "deny", reason)
+    return workflow.vote(override_id, who[0], who[1], "deny", reason)
+
+
+def release(workflow: OverrideWorkflow, override_id: str, decision_id: str = "d-1") -> bool:
+    override = workflow.store.get(override_id)
+    assert override is not None
+    return workflow.release(override, decision_id=decision_id, payload={})
 
 
 def status_of(store: OverrideStore, override_id: str) -> str:
@@ -163,13 +180,14 @@ def test_a_call_that_differs_opens_its_own_request(store: OverrideStore, changed
     assert fingerprint(stop_call(**changed)) != fingerprint(stop_call())
 
 
-def test_a_retry_joins_the_granted_request_until_it_is_released(store: OverrideStore):
+def test_a_retry_joins_the_granted_request_until_it_is_released(store: OverrideStore,
+                                                                workflow: OverrideWorkflow):
     first, _ = open_request(store)
-    approve(store, first.id, ERIN)
+    approve(workflow, first.id, ERIN)
     granted, created = open_request(store)
     assert (granted.id, granted.status, created) == (first.id, "granted", False)
 
-    assert store.transition(first.id, OverrideStatus.GRANTED, OverrideStatus.RELEASED)
+    assert release(workflow, first.id)
     fresh, created = open_request(store)
     assert created and fresh.id != first.id and fresh.status == "pending"
 
@@ -190,9 +208,9 @@ def test_identical_calls_at_once_share_one_request(store: OverrideStore):
 # --- votes ----------------------------------------------------------------------------------------
 
 
-def test_an_approver_with_the_role_grants(store: OverrideStore):
+def test_an_approver_with_the_role_grants(store: OverrideStore, workflow: OverrideWorkflow):
     override, _ = open_request(store)
-    granted, changed = approve(store, override.id, ERIN, "checked with on-call")
+    granted, changed = approve(workflow, override.id, ERIN, "checked with on-call")
     assert changed and granted.status == "granted" and granted.version == 1
     stored = store.get(override.id)
     assert stored.status == "granted" and stored.decided_reason == "checked with on-call"
@@ -203,117 +221,119 @@ def test_an_approver_with_the_role_grants(store: OverrideStore):
     )
 
 
-def test_an_approver_without_the_role_is_refused_and_nothing_is_recorded(store: OverrideStore):
+def test_an_approver_without_the_role_is_refused_and_nothing_is_recorded(store: OverrideStore,
+                                                                         workflow: OverrideWorkflow):
     override, _ = open_request(store)
     with pytest.raises(OverrideError) as caught:
-        approve(store, override.id, SAM)
+        approve(workflow, override.id, SAM)
     assert caught.value.status == 403
     assert "sam holds none of the roles this request needs (engineering-manager)" in caught.value.detail
     assert status_of(store, override.id) == "pending" and store.votes(override.id) == []
 
 
-def test_an_approver_cannot_decide_on_a_call_made_under_their_own_identity(store: OverrideStore):
+def test_an_approver_cannot_decide_on_a_call_made_under_their_own_identity(store: OverrideStore,
+                                                                         workflow: OverrideWorkflow):
     override, _ = open_request(store, stop_call(agent="erin"))
     for vote in (approve, deny):
         with pytest.raises(OverrideError) as caught:
-            vote(store, override.id, ERIN)
+            vote(workflow, override.id, ERIN)
         assert caught.value.status == 403 and "own identity" in caught.value.detail
     assert status_of(store, override.id) == "pending" and store.votes(override.id) == []
 
 
-def test_a_denial_is_final(store: OverrideStore):
+def test_a_denial_is_final(store: OverrideStore, workflow: OverrideWorkflow):
     override, _ = open_request(store, None, TWO_MANAGERS)
-    denied, changed = deny(store, override.id, ERIN, "not during business hours")
+    denied, changed = deny(workflow, override.id, ERIN, "not during business hours")
     assert changed and denied.status == "denied" and denied.decided_reason == "not during business hours"
     with pytest.raises(OverrideError) as caught:
-        approve(store, override.id, MAX)
+        approve(workflow, override.id, MAX)
     assert caught.value.status == 409 and "denied, not pending" in caught.value.detail
     assert [(v.approver, v.verdict) for v in store.votes(override.id)] == [("erin", "deny")]
 
 
-def test_the_same_approver_twice_counts_once(store: OverrideStore):
+def test_the_same_approver_twice_counts_once(store: OverrideStore, workflow: OverrideWorkflow):
     override, _ = open_request(store, None, TWO_MANAGERS)
     for _ in range(2):
-        pending, changed = approve(store, override.id, ERIN)
+        pending, changed = approve(workflow, override.id, ERIN)
         assert not changed and pending.status == "pending"
     assert [v.approver for v in store.votes(override.id)] == ["erin"]
-    granted, changed = approve(store, override.id, MAX)
+    granted, changed = approve(workflow, override.id, MAX)
     assert changed and granted.status == "granted"
 
 
-def test_an_approver_cannot_turn_an_approval_into_a_denial(store: OverrideStore):
+def test_an_approver_cannot_turn_an_approval_into_a_denial(store: OverrideStore, workflow: OverrideWorkflow):
     override, _ = open_request(store, None, TWO_MANAGERS)
-    approve(store, override.id, ERIN)
+    approve(workflow, override.id, ERIN)
     with pytest.raises(OverrideError) as caught:
-        deny(store, override.id, ERIN)
+        deny(workflow, override.id, ERIN)
     assert caught.value.status == 409 and "erin already voted to approve" in caught.value.detail
     assert status_of(store, override.id) == "pending"
 
 
-def test_two_person_rule_across_roles(store: OverrideStore):
+def test_two_person_rule_across_roles(store: OverrideStore, workflow: OverrideWorkflow):
     both, _ = open_request(store, stop_call(url="http://localhost:9000/v1/volumes/v-1", method="DELETE"),
                            TWO_PERSON)
-    assert approve(store, both.id, PAT)[0].status == "pending"  # one person, two roles: one person
+    assert approve(workflow, both.id, PAT)[0].status == "pending"  # one person, two roles: one person
 
     override, _ = open_request(store, None, TWO_PERSON)
-    assert approve(store, override.id, SAM)[0].status == "pending"
-    assert approve(store, override.id, SUE)[0].status == "pending"  # two of one role
-    granted, changed = approve(store, override.id, LEE)
+    assert approve(workflow, override.id, SAM)[0].status == "pending"
+    assert approve(workflow, override.id, SUE)[0].status == "pending"  # two of one role
+    granted, changed = approve(workflow, override.id, LEE)
     assert changed and granted.status == "granted"
     assert sorted(v.approver for v in store.votes(override.id)) == ["lee", "sam", "sue"]
 
 
-def test_a_vote_on_an_unknown_request_is_404(store: OverrideStore):
+def test_a_vote_on_an_unknown_request_is_404(store: OverrideStore, workflow: OverrideWorkflow):
     with pytest.raises(OverrideError) as caught:
-        approve(store, "no-such-id", ERIN)
+        approve(workflow, "no-such-id", ERIN)
     assert caught.value.status == 404
 
 
 # --- expiry and the one-time grant ----------------------------------------------------------------
 
 
-def test_an_expired_request_cannot_be_voted_on_and_is_swept_to_expired(store: OverrideStore):
+def test_an_expired_request_cannot_be_voted_on_and_is_swept_to_expired(store: OverrideStore,
+                                                                       workflow: OverrideWorkflow):
     override, _ = open_request(store, expires_in=0)
     with pytest.raises(OverrideError) as caught:
-        approve(store, override.id, ERIN)
+        approve(workflow, override.id, ERIN)
     assert caught.value.status == 409 and "expired" in caught.value.detail
     assert store.votes(override.id) == []
 
-    assert store.expire_due() == [(override.id, "expired")]
+    assert workflow.expire_due() == [(override.id, "expired")]
     assert status_of(store, override.id) == "expired"
-    assert store.expire_due() == []
+    assert workflow.expire_due() == []
     with pytest.raises(OverrideError) as caught:
-        approve(store, override.id, ERIN)
+        approve(workflow, override.id, ERIN)
     assert caught.value.status == 409
 
 
-def test_live_requests_are_not_swept(store: OverrideStore):
+def test_live_requests_are_not_swept(store: OverrideStore, workflow: OverrideWorkflow):
     pending, _ = open_request(store)
     granted, _ = open_request(store, stop_call(body=b"{}"))
-    approve(store, granted.id, ERIN)
-    assert store.expire_due() == []
+    approve(workflow, granted.id, ERIN)
+    assert workflow.expire_due() == []
     assert (status_of(store, pending.id), status_of(store, granted.id)) == ("pending", "granted")
 
 
-def test_an_unused_grant_expires(store: OverrideStore):
-    short_lived = OverrideStore(store.engine, grant_ttl=0)
-    override, _ = open_request(short_lived)
+def test_an_unused_grant_expires(store: OverrideStore, workflow: OverrideWorkflow):
+    short_lived = OverrideWorkflow(OverrideStore(store.engine, grant_ttl=0), workflow.recorder,
+                                   workflow.holds)
+    override, _ = open_request(store)
     approve(short_lived, override.id, ERIN)
     assert short_lived.expire_due() == [(override.id, "grant_expired")]
     assert status_of(store, override.id) == "grant_expired"
-    assert not store.transition(override.id, OverrideStatus.GRANTED, OverrideStatus.RELEASED)
+    assert not release(workflow, override.id)
     # The grant is gone: the identical call is a new request.
     fresh, created = open_request(store)
     assert created and fresh.id != override.id
 
 
-def test_a_grant_is_released_exactly_once(store: OverrideStore):
+def test_a_grant_is_released_exactly_once(store: OverrideStore, workflow: OverrideWorkflow):
     override, _ = open_request(store)
-    approve(store, override.id, ERIN)
-    assert store.transition(override.id, OverrideStatus.GRANTED, OverrideStatus.RELEASED,
-                            release_decision_id="d-1")
-    assert not store.transition(override.id, OverrideStatus.GRANTED, OverrideStatus.RELEASED,
-                                release_decision_id="d-2")
+    approve(workflow, override.id, ERIN)
+    assert release(workflow, override.id, "d-1")
+    assert not release(workflow, override.id, "d-2")
     stored = store.get(override.id)
     assert (stored.status, stored.release_decision_id, stored.version) == ("released", "d-1", 2)
 
@@ -336,12 +356,13 @@ def race(n: int, work: Callable[[int], Any]) -> list[Any]:
         return list(pool.map(run, range(n)))
 
 
-def test_concurrent_approvals_grant_once_with_exactly_the_needed_votes(store: OverrideStore):
+def test_concurrent_approvals_grant_once_with_exactly_the_needed_votes(store: OverrideStore,
+                                                                       workflow: OverrideWorkflow):
     managers = [(f"manager-{i}", frozenset({"engineering-manager"})) for i in range(THREADS)]
     for round_ in range(ROUNDS):
         override, _ = open_request(store, stop_call(body=f"round {round_}".encode()), TWO_MANAGERS)
 
-        results = race(THREADS, lambda i: approve(store, override.id, managers[i]))
+        results = race(THREADS, lambda i: approve(workflow, override.id, managers[i]))
 
         stored = store.get(override.id)
         assert stored.status == "granted"
@@ -356,12 +377,13 @@ def test_concurrent_approvals_grant_once_with_exactly_the_needed_votes(store: Ov
         assert [e.status for e in refused] == [409] * (THREADS - 2)
 
 
-def test_concurrent_approve_and_deny_end_in_exactly_one_decision(store: OverrideStore):
+def test_concurrent_approve_and_deny_end_in_exactly_one_decision(store: OverrideStore,
+                                                                 workflow: OverrideWorkflow):
     for round_ in range(ROUNDS):
         override, _ = open_request(store, stop_call(body=f"round {round_}".encode()))
 
-        approved, denied = race(2, lambda i: approve(store, override.id, ERIN) if i == 0
-                                else deny(store, override.id, MAX))
+        approved, denied = race(2, lambda i: approve(workflow, override.id, ERIN) if i == 0
+                                else deny(workflow, override.id, MAX))
 
         final = status_of(store, override.id)
         assert final in ("granted", "denied")
@@ -373,13 +395,12 @@ def test_concurrent_approve_and_deny_end_in_exactly_one_decision(store: Override
         assert vote.verdict == ("approve" if final == "granted" else "deny")
 
 
-def test_concurrent_releases_consume_the_grant_once(store: OverrideStore):
+def test_concurrent_releases_consume_the_grant_once(store: OverrideStore, workflow: OverrideWorkflow):
     for round_ in range(ROUNDS):
         override, _ = open_request(store, stop_call(body=f"round {round_}".encode()))
-        approve(store, override.id, ERIN)
+        approve(workflow, override.id, ERIN)
 
-        results = race(THREADS, lambda i: store.transition(
-            override.id, OverrideStatus.GRANTED, OverrideStatus.RELEASED, release_decision_id=f"call-{i}"))
+        results = race(THREADS, lambda i: release(workflow, override.id, f"call-{i}"))
 
         assert results.count(True) == 1 and results.count(False) == THREADS - 1
         stored = store.get(override.id)

@@ -1,0 +1,58 @@
+"""The override workflow's background jobs: expiry now (notifications and SLA timers are to join it).
+
+The core owns what the jobs do and how often; whoever composes the running program starts them on its
+event loop and stops them at the end: `cedargate run` (`proxy.cli.serve`), and the enforcer addon when
+it builds its own core under stock `mitmdump -s addons/enforcer.py`. A job's failure (a store hiccup) is
+logged and the job runs again next time: it never ends for good.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from proxy.oversight.workflow import OverrideWorkflow
+
+log = logging.getLogger(__name__)
+
+EXPIRY_INTERVAL = 1.0  # seconds between expiry runs: how late a hold hears that its request expired
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    interval: float
+    run: Callable[[], object]  # blocking: run on a worker thread, off the event loop
+
+
+class Jobs:
+    def __init__(self, workflow: OverrideWorkflow, *, expiry_interval: float = EXPIRY_INTERVAL) -> None:
+        self.jobs = [Job("override expiry", expiry_interval, workflow.expire_due)]
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def running(self) -> bool:
+        return any(not task.done() for task in self._tasks)
+
+    def start(self) -> None:
+        """Start every job on the running event loop; starting twice changes nothing."""
+        if self.running:
+            return
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._every(job), name=f"cedargate {job.name}") for job in self.jobs]
+
+    def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []
+
+    @staticmethod
+    async def _every(job: Job) -> None:
+        while True:
+            await asyncio.sleep(job.interval)
+            try:
+                await asyncio.to_thread(job.run)
+            except Exception:  # a store hiccup must not end the job for good
+                log.exception("%s failed", job.name)

@@ -1,0 +1,225 @@
+"""The override workflow's one owner: opening a request, a reviewer's vote, releasing the grant, expiry.
+
+Every adapter calls `OverrideWorkflow`: the API's routes (`vote`), the held call (`open`, `release`,
+`refuse_release`, `refuse_open`) and the expiry job (`expire_due`, see `proxy.oversight.jobs`). Each
+method checks what may happen, changes the request with a conditional UPDATE, and chains the audit
+event that says so in the same database transaction, run by the recorder's writer thread
+(`Recorder.transact`), so the change and its audit row commit together or not at all, in the order
+of everything else recorded. Then it wakes the held calls waiting on that request (`Holds`).
+
+Vote rules: only a pending, unexpired request; never the agent's own identity; the voter must hold one
+of the roles the request needs; one vote per approver, never turned from approve to deny. A deny
+decides at once; approvals grant once `quorum_met` (the one quorum rule, in `proxy.cedar.escalation`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlmodel import Session
+
+from proxy.calls.mapping import Call
+from proxy.cedar.escalation import Escalation, quorum_met
+from proxy.oversight.holds import Holds
+from proxy.oversight.overrides import (
+    Ballot,
+    Override,
+    OverrideError,
+    OverrideStatus,
+    OverrideStore,
+    aware,
+    needed_roles,
+    requirements_of,
+)
+from proxy.record.audit import EventKind
+from proxy.record.store import Recorder, StoreUnavailable, utcnow
+
+log = logging.getLogger(__name__)
+
+Event = dict[str, Any]
+
+
+class _Conflict(Exception):
+    """Someone else moved the request between this transaction's read and its UPDATE: look again."""
+
+
+class OverrideWorkflow:
+    RETRIES = 20
+
+    def __init__(self, store: OverrideStore, recorder: Recorder, holds: Holds) -> None:
+        self.store = store
+        self.recorder = recorder
+        self.holds = holds
+
+    # --- opening ----------------------------------------------------------------------------------
+
+    def open(self, call: Call, *, decision_id: str, escalation: Escalation, policies: list[dict],
+             cedar_request: dict, revision: str, justification: str | None,
+             binding: bytes | None = None) -> tuple[Override, bool]:
+        """The live request for this exact call, or a new pending one recorded as `override_created`.
+
+        Raises `OverrideRefused` (nothing stored, nothing recorded) when a new one may not be opened.
+        """
+        def work(conn: Connection) -> tuple[tuple[Override, bool], list[Event]]:
+            with _session(conn) as session:
+                override, created = self.store.open_or_attach(
+                    call, decision_id=decision_id, escalation=escalation, policies=policies,
+                    cedar_request=cedar_request, revision=revision, justification=justification,
+                    binding=binding, session=session)
+            events = [_event(EventKind.OVERRIDE_CREATED, override, decision_id=decision_id, payload={
+                "policies": policies, "requirements": override.requirements,
+                "expires_at": override.expires_at.isoformat(), "justification": justification,
+            })] if created else []
+            return (override, created), events
+
+        return self.recorder.transact(work)
+
+    def refuse_open(self, *, decision_id: str, agent: str, reason: str, detail: str,
+                    policies: list[str]) -> None:
+        """Record that no request was opened for a call (the limits refused it): no state changes."""
+        self.recorder.record_event({
+            "kind": EventKind.OVERRIDE_REFUSED.value, "decision_id": decision_id, "agent": agent,
+            "payload": {"reason": reason, "detail": detail, "policies": policies},
+        })
+
+    # --- voting -----------------------------------------------------------------------------------
+
+    def vote(self, override_id: str, approver: str, roles: frozenset[str], ballot: Ballot | str,
+             reason: str) -> tuple[Override, bool]:
+        """One approver's approve or deny, recorded as `approval`/`denial` (and `grant`/`denied` when it
+        decides the request); returns the request and whether this vote decided it.
+
+        Raises `OverrideError` (with the HTTP status to answer) when the vote may not be cast.
+        """
+        ballot = Ballot(ballot)
+        for _ in range(self.RETRIES):
+            try:
+                override, decided = self.recorder.transact(
+                    lambda conn: self._vote(conn, override_id, approver, roles, ballot, reason))
+            except _Conflict:
+                continue  # a vote from another process moved it first: retry against the new state
+            except (IntegrityError, OperationalError):
+                continue  # a concurrent vote or a busy SQLite writer: retry against the new state
+            except (StoreUnavailable, TimeoutError) as exc:
+                raise OverrideError(503, f"{exc}; the vote was not recorded: retry") from exc
+            if decided:
+                self.holds.notify(override_id)
+            return override, decided
+        raise OverrideError(503, "the override request is too contended to update; retry")
+
+    def _vote(self, conn: Connection, override_id: str, approver: str, roles: frozenset[str], ballot: Ballot,
+              reason: str) -> tuple[tuple[Override, bool], list[Event]]:
+        with _session(conn) as session:
+            override = session.get(Override, override_id)
+            if override is None:
+                raise OverrideError(404, f"no override request {override_id}")
+            now = utcnow()
+            check_voter(override, approver, roles, now)
+            prior = self.store.add_vote(session, override_id, approver, roles, ballot, reason, now)
+            if prior is not None and prior.verdict != ballot.value:
+                raise OverrideError(409, f"{approver} already voted to {prior.verdict} this request")
+            values: dict[str, Any] = {}
+            target: OverrideStatus | None = None
+            if ballot is Ballot.DENY:
+                target = OverrideStatus.DENIED
+                values.update(decided_at=now, decided_reason=reason)
+            elif quorum_met(requirements_of(override), self.store.approvals(session, override_id)):
+                target = OverrideStatus.GRANTED
+                values.update(decided_at=now, decided_reason=reason,
+                              grant_expires_at=now + timedelta(seconds=self.store.grant_ttl))
+            if not self.store.move(session, override_id, OverrideStatus.PENDING, target,
+                                   version=override.version, **values):
+                raise _Conflict
+            session.commit()  # the session's part: the connection's transaction commits with the events
+            session.refresh(override)
+            session.expunge(override)
+        events = [_event(EventKind.APPROVAL if ballot is Ballot.APPROVE else EventKind.DENIAL, override,
+                         actor=approver, payload={"reason": reason, "roles": sorted(roles)})]
+        if target is not None:
+            events.append(_event(EventKind.GRANT if target is OverrideStatus.GRANTED else EventKind.DENIED,
+                                 override, actor=approver, payload={"reason": reason}))
+        return (override, target is not None), events
+
+    # --- releasing --------------------------------------------------------------------------------
+
+    def release(self, override: Override, *, decision_id: str, payload: Mapping[str, Any]) -> bool:
+        """Consume the grant for the call being released: True for exactly one caller, recorded as
+        `release`; False when the grant was used, refused or expired meanwhile."""
+        return self._move(override, OverrideStatus.GRANTED, OverrideStatus.RELEASED, EventKind.RELEASE,
+                          decision_id=decision_id, payload=payload, unexpired_grant=True,
+                          released_at=utcnow(), release_decision_id=decision_id)
+
+    def refuse_release(self, override: Override, *, decision_id: str, payload: Mapping[str, Any]) -> bool:
+        """Spend a grant that current policy refuses, recorded as `release_refused`; True if this
+        caller did."""
+        return self._move(override, OverrideStatus.GRANTED, OverrideStatus.RELEASE_REFUSED,
+                          EventKind.RELEASE_REFUSED, decision_id=decision_id, payload=payload,
+                          released_at=utcnow(), release_decision_id=decision_id)
+
+    # --- expiry -----------------------------------------------------------------------------------
+
+    def expire_due(self) -> list[tuple[str, OverrideStatus]]:
+        """Expire pending requests and unused grants past their time, each recorded as `expired` or
+        `grant_expired` and its holds woken; returns (id, new status) of the ones this call moved."""
+        now = utcnow()
+        expired = []
+        for override_id, status in self.store.due(now):
+            override = self.store.get(override_id)
+            if override is None:
+                continue
+            target, kind = ((OverrideStatus.EXPIRED, EventKind.EXPIRED) if status is OverrideStatus.PENDING
+                            else (OverrideStatus.GRANT_EXPIRED, EventKind.GRANT_EXPIRED))
+            if self._move(override, status, target, kind, decided_at=now):
+                expired.append((override_id, target))
+        return expired
+
+    def _move(self, override: Override, from_status: OverrideStatus, to_status: OverrideStatus,
+              kind: EventKind,
+              *, decision_id: str | None = None, payload: Mapping[str, Any] | None = None,
+              unexpired_grant: bool = False, **values: Any) -> bool:
+        """One conditional transition and its event in one transaction, then wake the holds."""
+        def work(conn: Connection) -> tuple[bool, list[Event]]:
+            with _session(conn) as session:
+                moved = self.store.move(session, override.id, from_status, to_status,
+                                        unexpired_grant=unexpired_grant, **values)
+                session.commit()
+            event = _event(kind, override, decision_id=decision_id, payload=dict(payload or {}))
+            return moved, [event] if moved else []
+
+        moved = self.recorder.transact(work)
+        if moved:
+            self.holds.notify(override.id)
+        return moved
+
+
+def check_voter(override: Override, approver: str, roles: frozenset[str], now: datetime) -> None:
+    """Raise `OverrideError` unless `approver`, holding `roles`, may vote on `override` now."""
+    if override.status != OverrideStatus.PENDING.value:
+        raise OverrideError(409, f"the override request is {override.status}, not pending")
+    if approver == override.agent:
+        raise OverrideError(403, "an approver cannot decide on a call made under their own identity")
+    needed = needed_roles(override)
+    if not roles & needed:
+        raise OverrideError(
+            403, f"{approver} holds none of the roles this request needs ({', '.join(sorted(needed))})"
+        )
+    if aware(override.expires_at) <= now:
+        raise OverrideError(409, "the override request has expired")
+
+
+def _session(conn: Connection) -> Session:
+    # Joins the connection's transaction: the session's commit only flushes, and the transaction commits
+    # (or rolls back) with the audit rows the recorder appends after the work.
+    return Session(bind=conn, expire_on_commit=False)
+
+
+def _event(kind: EventKind, override: Override, *, decision_id: str | None = None, actor: str | None = None,
+           payload: Mapping[str, Any] | None = None) -> Event:
+    return {"kind": kind.value, "override_id": override.id, "decision_id": decision_id,
+            "agent": override.agent,
+            "actor": actor, "payload": dict(payload or {})}
