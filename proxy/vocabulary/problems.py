@@ -33,6 +33,8 @@ class Problem(str, Enum):
     OVERRIDE_BODY_TOO_LARGE = "override-body-too-large"
     TOO_MANY_PENDING_OVERRIDES = "too-many-pending-overrides"
     OVERRIDE_RATE_LIMITED = "override-rate-limited"
+    # Escalated where no reviewer can reach cedargate (its override API did not start): refused, not held.
+    REVIEW_UNAVAILABLE = "review-unavailable"
     # Refused before any decision, by the proxy's limits (proxy.calls.connections): no agent, no record.
     REQUEST_TOO_LARGE = "request-too-large"
     HEADERS_TOO_LARGE = "request-headers-too-large"
@@ -63,6 +65,7 @@ _TITLES = {
     Problem.OVERRIDE_BODY_TOO_LARGE: "Denied by policy; the body is too large to put before a reviewer",
     Problem.TOO_MANY_PENDING_OVERRIDES: "Denied by policy; too many of the agent's override requests await review",
     Problem.OVERRIDE_RATE_LIMITED: "Denied by policy; this agent opens override requests too fast",
+    Problem.REVIEW_UNAVAILABLE: "Denied by policy; no reviewer can be reached to grant an exception",
     Problem.REQUEST_TOO_LARGE: "Request body too large; call refused",
     Problem.HEADERS_TOO_LARGE: "Request headers too large; call refused",
 }
