@@ -43,12 +43,15 @@ class ClientLimits:
     def load(self, loader) -> None:
         add_options(loader)
         defaults = Settings.model_fields
-        loader.add_option("max_header_bytes", int, defaults["max_header_bytes"].default,
-                          "Largest request head read, in bytes; longer ones get 431. cedargate sets it from "
-                          "max_header_bytes in its settings.")
-        loader.add_option("max_request_body_bytes", int, defaults["max_request_body_bytes"].default,
+        # Set from cedargate's settings (max_header_bytes, max_request_body_bytes in cedargate_config), for
+        # the HTTP layers of `addons.limited_http`, which see options but no addon.
+        loader.add_option("cedargate_max_header_bytes", int, defaults["max_header_bytes"].default,
+                          "Largest request head read, in bytes; longer ones get 431. Set from "
+                          "max_header_bytes in cedargate_config: set it there.")
+        loader.add_option("cedargate_max_request_body_bytes", int,
+                          defaults["max_request_body_bytes"].default,
                           "Largest request body accepted, in bytes; larger ones get 413 before they are "
-                          "buffered. cedargate sets it from max_request_body_bytes in its settings.")
+                          "buffered. Set from max_request_body_bytes in cedargate_config: set it there.")
         limited_http.install()
 
     def configure(self, updated: set[str]) -> None:
@@ -65,8 +68,8 @@ class ClientLimits:
             "proxy", header_timeout=settings.header_read_timeout, idle_timeout=settings.idle_timeout,
             max_unproven=cap, close=_close_client,
         )
-        ctx.options.update(max_header_bytes=settings.max_header_bytes,
-                           max_request_body_bytes=settings.max_request_body_bytes)
+        ctx.options.update(cedargate_max_header_bytes=settings.max_header_bytes,
+                           cedargate_max_request_body_bytes=settings.max_request_body_bytes)
 
     def client_connected(self, client: connection.Client) -> None:
         self.guard.opened(client)

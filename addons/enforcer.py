@@ -1,7 +1,8 @@
 """The enforcer: every intercepted request is decided by the cedargate core before it may go upstream.
 
-Runs inside `cedargate run`, or alone under stock mitmproxy:
-    mitmdump -s addons/enforcer.py --set policy_dir=policies/ --set cedargate_config=cedargate.yaml
+Runs inside `cedargate run`, or alone under stock mitmproxy, composed as `cedargate run` composes it
+(`proxy.cli.standalone`: the override API too, cedargate's state directory, loopback):
+    mitmdump -s addons/enforcer.py --set cedargate_policy_dir=policies/ --set cedargate_config=cedargate.yaml
 Allowed calls pass unchanged; refused ones get the verdict's problem+json. An escalatable denial is
 held (the hook awaits the core's `Oversight`) until a human decides or the hold ends; a refused
 held flow gets a response, never `flow.kill()` (mitmproxy issue 8045: the client would hang). The
@@ -28,9 +29,9 @@ from dataclasses import replace
 
 from mitmproxy import ctx, exceptions, http
 
-from addons import default_addons, error_pages
+from addons import error_pages
 from addons.agent_auth import AGENT, proxy_auth_required
-from addons.options import add_options, settings_from_options
+from addons.options import RELEVANT, add_options, settings_from_options
 from addons.upstream_deadline import DEADLINE_MISSED
 from proxy.calls.decoding import ENCODINGS, AnswerTooLarge
 from proxy.calls.mapping import FRAMING_HEADERS, Call, plain_utf8
@@ -67,8 +68,7 @@ class Enforcer:
         if "stream_large_bodies" in updated and ctx.options.stream_large_bodies:
             # A streamed body goes upstream before the request hook can decide on the call.
             raise exceptions.OptionsError("cedargate decides on whole requests: unset stream_large_bodies")
-        relevant = {"cedargate_config", "policy_dir", "database_url"} & updated
-        if self._given or (self.runtime and not relevant):
+        if self._given or (self.runtime and not RELEVANT & updated):
             return
         settings = settings_from_options()
         try:
@@ -507,5 +507,8 @@ def refusal(verdict: Verdict) -> http.Response:
     return http.Response.make(verdict.status, verdict.problem_json(), headers)
 
 
-# Under `mitmdump -s addons/enforcer.py`: the same addons `cedargate run` composes, reading mitmproxy options.
-addons = default_addons()
+if __name__.startswith("__mitmproxy_script__"):
+    # Under `mitmdump -s addons/enforcer.py`: the program `cedargate run` composes, from mitmproxy options.
+    from proxy.cli.standalone import standalone_addons
+
+    addons = standalone_addons()

@@ -18,8 +18,9 @@ After refusing, the HTTP/1 reader sends its answer and half-closes: it reads and
 still sends (a client writing its whole body before it reads, as most do, then sees the 413 instead of a
 reset), until the client closes or `ClientLimits`' deadline closes the connection.
 
-The limits are read from the mitmproxy options `max_header_bytes` and `max_request_body_bytes`, which
-`ClientLimits` declares and sets from cedargate's settings; without them the classes behave as mitmproxy's.
+The limits are read from the mitmproxy options `cedargate_max_header_bytes` and
+`cedargate_max_request_body_bytes`, which `ClientLimits` declares and sets from cedargate's settings;
+without them the classes behave as mitmproxy's.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def _limit(options, name: str) -> int | None:
 
 class LimitedHttp1Server(Http1Server):
     def read_headers(self, event: events.ConnectionEvent):
-        limit = _limit(self.context.options, "max_header_bytes")
+        limit = _limit(self.context.options, "cedargate_max_header_bytes")
         if isinstance(event, events.DataReceived) and limit and len(self.buf) > limit:
             if not _head_within(bytes(self.buf), limit):
                 yield commands.Log(f"{human.format_address(self.conn.peername)}: request head over "
@@ -73,7 +74,8 @@ class LimitedHttp1Server(Http1Server):
 
     def wait(self, event: events.Event):
         # A call is in progress (perhaps held for a human): what arrives meanwhile is buffered unread.
-        head, body = (_limit(self.context.options, n) for n in ("max_header_bytes", "max_request_body_bytes"))
+        head, body = (_limit(self.context.options, n) for n in ("cedargate_max_header_bytes",
+                                                                  "cedargate_max_request_body_bytes"))
         if isinstance(event, events.DataReceived) and head and body and len(self.buf) > head + body:
             yield commands.Log(f"{human.format_address(self.conn.peername)}: sent more than a whole request "
                                "while its call was in progress; connection closed")
@@ -133,7 +135,7 @@ def _head_within(data: bytes, limit: int) -> bool:
 
 class LimitedHttpStream(HttpStream):
     def check_body_size(self, request: bool):
-        limit = _limit(self.context.options, "max_request_body_bytes") if request else None
+        limit = _limit(self.context.options, "cedargate_max_request_body_bytes") if request else None
         if limit is not None:
             size = len(self.request_body_buf) if self.request_body_buf else _announced(self.flow.request)
             if size is not None and size > limit:

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from proxy.calls.mapping import MappingOptions
 from proxy.calls.redaction import Redaction
 from proxy.cedar.engine import Engine
 from proxy.cedar.escalation import parse_duration
-from proxy.decision.gate import Gate
-from proxy.oversight.held_calls import Oversight
+from proxy.decision.gate import Gate, Verdict
+from proxy.oversight.held_calls import Oversight, Resolution
 from proxy.oversight.holds import Holds
 from proxy.oversight.jobs import Jobs
 from proxy.oversight.limits import OverrideLimits
@@ -27,6 +29,8 @@ from proxy.oversight.workflow import OverrideWorkflow
 from proxy.record.store import Recorder, make_engine
 from proxy.settings.agents import AgentDirectory
 from proxy.settings.config import ConfigError, Settings
+from proxy.vocabulary.printable import printable
+from proxy.vocabulary.problems import Problem
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +86,11 @@ class Runtime:
         self.api_base_url = f"http://{host}:{port}"
         self.gate.protected = frozenset({(host, port)})
 
+    def refuse_holds(self, reason: str) -> None:
+        """No reviewer can reach this process (`reason` says why): escalated calls are refused, not held."""
+        if not isinstance(self.oversight, WithoutReview):
+            self.oversight = WithoutReview(self.oversight, reason)  # type: ignore[assignment]
+
     def sees_all_overrides(self, roles: frozenset[str]) -> bool:
         """An auditor sees every override request, whether or not their roles can decide it."""
         return self.settings.auditor_role in roles
@@ -94,6 +103,30 @@ class Runtime:
         self.jobs.stop()
         self.engine.close()
         self.recorder.close()
+
+
+class WithoutReview:
+    """The override workflow where nobody can review: an escalated call is answered at once, never held.
+
+    Holding it would only make the agent wait for a decision no one can make (under stock mitmproxy, when
+    the override API could not start); the answer says so. Everything else is the workflow's own.
+    """
+
+    def __init__(self, oversight: Oversight, reason: str) -> None:
+        self._oversight = oversight
+        self.reason = reason
+
+    async def resolve(self, verdict: Verdict, wait: float, justification: str | None,
+                      client_alive: Callable[[], bool]) -> Resolution:
+        log.info("refused to hold %s %s for %s: %s", printable(verdict.call.method),
+                 self._oversight.gate.shown_url(verdict.call.url), verdict.call.agent, self.reason)
+        detail = (f"{verdict.detail} A human could grant an exception, but none can review one now: "
+                  f"{self.reason}. The call was not held and no override request was opened; "
+                  "ask the operator.")
+        return Resolution(False, replace(verdict, problem=Problem.REVIEW_UNAVAILABLE, detail=detail))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._oversight, name)
 
 
 def private_state_dir(state_dir: Path) -> None:

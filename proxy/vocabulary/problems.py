@@ -56,6 +56,8 @@ class Problem(str, Enum):
     OVERRIDE_BODY_TOO_LARGE = "override-body-too-large"
     TOO_MANY_PENDING_OVERRIDES = "too-many-pending-overrides"
     OVERRIDE_RATE_LIMITED = "override-rate-limited"
+    # Escalated where no reviewer can reach cedargate (its override API did not start): refused, not held.
+    REVIEW_UNAVAILABLE = "review-unavailable"
     # Refused before any decision, by the proxy's limits (proxy.calls.connections): no agent, no record.
     REQUEST_TOO_LARGE = "request-too-large"
     HEADERS_TOO_LARGE = "request-headers-too-large"
@@ -137,6 +139,9 @@ CATALOGUE: dict[Problem, ProblemType] = {
     Problem.OVERRIDE_RATE_LIMITED: ProblemType(
         "Denied by policy; this agent opens override requests too fast", 429,
         "Retry after the seconds in Retry-After."),
+    Problem.REVIEW_UNAVAILABLE: ProblemType(
+        "Denied by policy; no reviewer can be reached to grant an exception", 403,
+        "Do not retry until an operator starts the override API; the call was not forwarded."),
     Problem.REQUEST_TOO_LARGE: ProblemType("Request body too large; call refused", 413,
                                            "The call was not forwarded; send a smaller body."),
     Problem.HEADERS_TOO_LARGE: ProblemType("Request headers too large; call refused", 431,

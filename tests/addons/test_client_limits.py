@@ -40,7 +40,8 @@ def test_settings_become_the_http_layers_options_and_the_guards_limits():
                                    idle_timeout=7, max_unauthenticated_connections=5))
     with taddons.context(limits) as tctx:
         tctx.configure(limits)
-        assert (tctx.options.max_header_bytes, tctx.options.max_request_body_bytes) == (2048, 4096)
+        options = tctx.options
+        assert (options.cedargate_max_header_bytes, options.cedargate_max_request_body_bytes) == (2048, 4096)
         guard = limits.guard
         assert (guard.header_timeout, guard.idle_timeout, guard.max_unproven) == (3, 7, 5)
     assert (http_layers.Http1Server, http_layers.Http2Server, http_layers.HttpStream) == (
@@ -61,7 +62,7 @@ def test_under_stock_mitmproxy_the_limits_come_from_cedargates_config(tmp_path: 
     limits = ClientLimits()
     with taddons.context(limits) as tctx:
         tctx.configure(limits, cedargate_config=str(config))
-        assert tctx.options.max_request_body_bytes == 123456
+        assert tctx.options.cedargate_max_request_body_bytes == 123456
         assert limits.guard.max_unproven == 9
 
 

@@ -349,7 +349,7 @@ def broken_policy_dir(tmp_path: Path, policy_dir: Path) -> Path:
 def test_stock_mitmproxy_options_build_a_runtime(tmp_path, policy_dir, stock_config):
     enforcer = Enforcer()
     with stock_context(enforcer) as tctx:
-        tctx.configure(enforcer, policy_dir=str(policy_dir), cedargate_config=str(stock_config))
+        tctx.configure(enforcer, cedargate_policy_dir=str(policy_dir), cedargate_config=str(stock_config))
         try:
             assert enforcer.runtime is not None
             assert enforcer.runtime.engine.policy_dir == policy_dir
@@ -369,7 +369,7 @@ def test_stock_mitmproxy_refuses_a_bad_policy_dir(tmp_path, stock_config):
             exceptions.OptionsError, match=r"^cedargate cannot start: policy directory \S+ does not exist"
         ):
             tctx.configure(
-                enforcer, policy_dir=str(tmp_path / "no-such-policies"), cedargate_config=str(stock_config)
+                enforcer, cedargate_policy_dir=str(tmp_path / "no-such-policies"), cedargate_config=str(stock_config)
             )
     assert enforcer.runtime is None
 
@@ -379,11 +379,11 @@ def test_stock_mitmproxy_keeps_the_running_policies_when_given_a_broken_set(
 ):
     enforcer = Enforcer()
     with stock_context(enforcer) as tctx:
-        tctx.configure(enforcer, policy_dir=str(policy_dir), cedargate_config=str(stock_config))
+        tctx.configure(enforcer, cedargate_policy_dir=str(policy_dir), cedargate_config=str(stock_config))
         try:
             with pytest.raises(exceptions.OptionsError, match=r"^cedargate cannot start: .*ops\.cedar"):
-                tctx.configure(enforcer, policy_dir=str(broken_policy_dir))
-            assert tctx.options.policy_dir == str(policy_dir)
+                tctx.configure(enforcer, cedargate_policy_dir=str(broken_policy_dir))
+            assert tctx.options.cedargate_policy_dir == str(policy_dir)
             denied = agent_flow("DELETE", f"{DEV}/v1/instances/i-1")
             allowed = agent_flow("GET", f"{DEV}/v1/instances")
             request(tctx, enforcer, denied)
@@ -401,8 +401,8 @@ def test_stock_mitmproxy_keeps_the_running_policies_when_given_a_broken_set(
 def test_configure_builds_a_runtime_from_the_options(tmp_path, policy_dir, stock_config):
     enforcer = Enforcer()
     with taddons.context(AgentAuth()) as tctx:
-        tctx.options.update(policy_dir=str(policy_dir), cedargate_config=str(stock_config))
-        enforcer.configure({"policy_dir", "cedargate_config"})
+        tctx.options.update(cedargate_policy_dir=str(policy_dir), cedargate_config=str(stock_config))
+        enforcer.configure({"cedargate_policy_dir", "cedargate_config"})
         try:
             denied = agent_flow("DELETE", f"{DEV}/v1/instances/i-1")
             allowed = agent_flow("GET", f"{DEV}/v1/instances")
@@ -420,13 +420,13 @@ def test_configure_refuses_a_broken_policy_set_and_keeps_the_running_one(
 ):
     enforcer = Enforcer()
     with taddons.context(AgentAuth()) as tctx:
-        tctx.options.update(policy_dir=str(policy_dir), cedargate_config=str(stock_config))
-        enforcer.configure({"policy_dir", "cedargate_config"})
+        tctx.options.update(cedargate_policy_dir=str(policy_dir), cedargate_config=str(stock_config))
+        enforcer.configure({"cedargate_policy_dir", "cedargate_config"})
         running = enforcer.runtime
         try:
-            tctx.options.update(policy_dir=str(broken_policy_dir))
+            tctx.options.update(cedargate_policy_dir=str(broken_policy_dir))
             with pytest.raises(exceptions.OptionsError, match=r"^cedargate cannot start: .*ops\.cedar"):
-                enforcer.configure({"policy_dir"})
+                enforcer.configure({"cedargate_policy_dir"})
             assert enforcer.runtime is running
             flow = agent_flow("DELETE", f"{DEV}/v1/instances/i-1")
             request(tctx, enforcer, flow)
@@ -439,9 +439,9 @@ def test_configure_refuses_a_missing_policy_dir_naming_it(tmp_path, stock_config
     enforcer = Enforcer()
     missing = tmp_path / "no-such-policies"
     with taddons.context(AgentAuth()) as tctx:
-        tctx.options.update(policy_dir=str(missing), cedargate_config=str(stock_config))
+        tctx.options.update(cedargate_policy_dir=str(missing), cedargate_config=str(stock_config))
         with pytest.raises(exceptions.OptionsError) as refused:
-            enforcer.configure({"policy_dir", "cedargate_config"})
+            enforcer.configure({"cedargate_policy_dir", "cedargate_config"})
     assert str(refused.value) == (
         f"cedargate cannot start: policy directory {missing} does not exist or is not a directory"
     )

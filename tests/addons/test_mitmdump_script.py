@@ -1,16 +1,19 @@
 """cedargate under stock mitmproxy, run the way the README documents it:
 
-    mitmdump -s addons/enforcer.py --set policy_dir=policies/ --set cedargate_config=cedargate.yaml
+    mitmdump -s addons/enforcer.py --set cedargate_policy_dir=policies/ --set cedargate_config=cedargate.yaml
 
-A real mitmdump subprocess on loopback, a real upstream server recording what reaches it, and httpx as
-the agent. HOME points into the test's directory so mitmproxy's CA is generated there, not in ~/.mitmproxy.
+A real mitmdump subprocess, given no listen address (cedargate's settings choose loopback), a real upstream
+server recording what reaches it, httpx as the agent and as the reviewer on the override API the script
+starts. HOME points into the test's directory, so a CA that landed in ~/.mitmproxy would be seen there.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import sqlite3
@@ -19,6 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -30,6 +34,9 @@ from addon_support import AGENT, REPO, TOKEN, TOKEN_SHA256
 
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
 STARTUP_TIMEOUT = 30.0
+APPROVER, APPROVER_TOKEN = "erin", "erin-standalone-token"
+# On 127.0.0.1, a production-critical host: escalated to an engineering manager.
+STOP = "/v1/instances/i-0abc/stop"
 
 
 class MitmdumpExited(Exception):
@@ -55,6 +62,7 @@ class Mitmdump:
     port: int
     state_dir: Path
     log: Path
+    home: Path
 
     def proxy(self, credentials: str | None = f"{AGENT}:{TOKEN}") -> str:
         userinfo = f"{credentials}@" if credentials else ""
@@ -102,17 +110,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(directory: Path) -> Path:
+def write_config(directory: Path, api_port: int = 0) -> Path:
+    """cedargate's config; the proxy's port is chosen here, its address left to the defaults."""
     config = directory / "cedargate.yaml"
     config.write_text(yaml.safe_dump({
         "state_dir": str(directory / "state"),
+        "proxy": {"port": free_port()},
+        "api": {"port": api_port},
         "agents": {AGENT: {"token_sha256": TOKEN_SHA256}},
+        "approvers": {APPROVER: {"token_sha256": hashlib.sha256(APPROVER_TOKEN.encode()).hexdigest(),
+                                 "roles": ["engineering-manager"]}},
     }))
     return config
 
 
-def start_mitmdump(directory: Path, policy_dir: Path, config: Path) -> Mitmdump:
-    port = free_port()
+def start_mitmdump(directory: Path, policy_dir: Path, config: Path, *options: str) -> Mitmdump:
+    """mitmdump with the script and cedargate's options only: no listen address, port or confdir."""
     log = directory / "mitmdump.log"
     home = directory / "home"
     home.mkdir(exist_ok=True)
@@ -120,13 +133,14 @@ def start_mitmdump(directory: Path, policy_dir: Path, config: Path) -> Mitmdump:
         process = subprocess.Popen(
             [
                 str(MITMDUMP), "-s", "addons/enforcer.py",
-                "--set", f"policy_dir={policy_dir}", "--set", f"cedargate_config={config}",
-                "--listen-host", "127.0.0.1", "--listen-port", str(port),
+                "--set", f"cedargate_policy_dir={policy_dir}", "--set", f"cedargate_config={config}",
+                *options,
             ],
             cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
             env={**os.environ, "HOME": str(home), "PYTHONUNBUFFERED": "1"},
         )
-    return Mitmdump(process, port, directory / "state", log)
+    port = yaml.safe_load(config.read_text())["proxy"]["port"]
+    return Mitmdump(process, port, directory / "state", log, home)
 
 
 def wait_until_ready(mitmdump: Mitmdump) -> None:
@@ -152,6 +166,34 @@ def wait_until_ready(mitmdump: Mitmdump) -> None:
             raise AssertionError(f"mitmdump did not answer as cedargate within {STARTUP_TIMEOUT}s:\n"
                                  + mitmdump.log.read_text())
         time.sleep(0.1)
+
+
+def api_url(mitmdump: Mitmdump) -> str:
+    """The override API's address, from the line the script logs once it listens (port 0: chosen at start)."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while True:
+        found = re.search(r"cedargate API listening on (http://\S+)", mitmdump.log.read_text())
+        if found:
+            return found.group(1)
+        if mitmdump.process.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError("the override API did not start:\n" + mitmdump.log.read_text())
+        time.sleep(0.1)
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses a TCP socket listens on at `port`, as `ss -ltn` shows them (Linux /proc)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)
+                # /proc prints each 32-bit word in host (little-endian) order
+                words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                family = socket.AF_INET if len(words) == 4 else socket.AF_INET6
+                found.add(socket.inet_ntop(family, words))
+    return found
 
 
 def stop(mitmdump: Mitmdump) -> None:
@@ -295,3 +337,87 @@ def test_bad_policy_dir_stops_mitmdump_with_a_message_naming_it(tmp_path):
     output = started.log.read_text()
     assert started.process.returncode != 0
     assert f"cedargate cannot start: policy directory {missing} does not exist" in output
+
+
+def reviewer(url: str, method: str, path: str, **kwargs) -> httpx.Response:
+    return httpx.request(method, f"{url}{path}", headers={"Authorization": f"Bearer {APPROVER_TOKEN}"},
+                         trust_env=False, timeout=15, **kwargs)
+
+
+def pending_overrides(url: str, count: int = 1) -> list[dict]:
+    deadline = time.monotonic() + 15
+    while True:
+        found = reviewer(url, "GET", "/overrides?status=pending").json()
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def test_listens_on_loopback_only_and_keeps_the_ca_in_the_state_dir(proxy):
+    assert listening_addresses(proxy.port) == {"127.0.0.1"}
+    api_port = int(api_url(proxy).rsplit(":", 1)[1])
+    assert listening_addresses(api_port) == {"127.0.0.1"}
+    assert (proxy.state_dir / "mitmproxy-ca-cert.pem").is_file()
+    assert not (proxy.home / ".mitmproxy").exists()
+
+
+def test_escalated_call_is_held_until_approved_through_the_started_api(proxy, upstream):
+    api = api_url(proxy)
+    url = f"http://127.0.0.1:{upstream.port}{STOP}"
+    with ThreadPoolExecutor(1) as pool, agent_client(proxy.proxy()) as agent:
+        agent.timeout = httpx.Timeout(60)
+        held = pool.submit(agent.post, url, json={"grace": 30})
+        [request] = pending_overrides(api)
+        assert upstream.calls == []  # held, not forwarded
+        assert request["url"] == url and request["agent"] == AGENT
+        granted = reviewer(api, "POST", f"/overrides/{request['id']}/approve", json={"reason": "wedged"})
+        assert granted.status_code == 200 and granted.json()["status"] == "granted"
+        response = held.result(timeout=30)
+    assert response.status_code == 200
+    assert [(c.method, c.path) for c in upstream.calls] == [("POST", STOP)]
+    assert reviewer(api, "GET", f"/overrides/{request['id']}").json()["status"] == "released"
+
+
+def test_with_its_api_port_taken_escalated_calls_are_refused_at_once_not_held(tmp_path, upstream):
+    policy_dir = tmp_path / "policies"
+    shutil.copytree(REPO / "policies", policy_dir, ignore=shutil.ignore_patterns("tests"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = start_mitmdump(tmp_path, policy_dir, write_config(tmp_path, api_port=port))
+        try:
+            wait_until_ready(started)
+            upstream.calls.clear()
+            with agent_client(started.proxy()) as agent:
+                refused = agent.post(f"http://127.0.0.1:{upstream.port}{STOP}")  # asks to be held 55 s
+                allowed = agent.get(f"http://localhost:{upstream.port}/v1/instances")
+        finally:
+            stop(started)
+    assert refused.status_code == 403
+    assert refused.headers["content-type"] == "application/problem+json"
+    problem = refused.json()
+    assert problem["type"] == "urn:cedargate:problem:review-unavailable"
+    assert f"127.0.0.1:{port}: Address already in use" in problem["detail"]
+    assert allowed.status_code == 200
+    assert [c.path for c in upstream.calls] == ["/v1/instances"]
+    output = started.log.read_text()
+    assert "cedargate's override API is not running" in output
+    assert f"cannot listen on 127.0.0.1:{port}" in output
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    ("cedargate_api_port=70000", "cedargate_api_port: '70000' is not a TCP port; set it to 1-65535, or 0"),
+    ("cedargate_api_port=eighty", "cedargate_api_port: 'eighty' is not a TCP port"),
+    ("cedargate_state_dir=", "cedargate_state_dir is empty"),
+])
+def test_a_wrong_cedargate_option_stops_mitmdump_saying_what_to_fix(tmp_path, option, message):
+    started = start_mitmdump(tmp_path, REPO / "policies", write_config(tmp_path), "--set", option)
+    try:
+        started.process.wait(STARTUP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"mitmdump kept running with --set {option}")
+    finally:
+        stop(started)
+    assert started.process.returncode != 0
+    assert message in started.log.read_text()

@@ -39,3 +39,31 @@ def test_a_new_state_dir_is_private(tmp_path: Path):
     private_state_dir(state)
     assert mode(state) == 0o700
 
+
+
+def test_a_runtime_nobody_can_review_refuses_an_escalated_call_at_once(policy_dir: Path, tmp_path: Path):
+    import asyncio
+
+    from proxy_support import make_call
+
+    from proxy.decision.gate import Outcome
+    from proxy.vocabulary.problems import Problem
+
+    settings = Settings(policy_dir=policy_dir, state_dir=tmp_path / "state", policy_reload_interval=0)
+    runtime = Runtime.start(settings)
+    try:
+        runtime.refuse_holds("the override API cannot listen on 127.0.0.1:8081: Address already in use")
+        verdict = runtime.gate.decide(make_call("POST", "http://127.0.0.1:9000/v1/instances/i-1/stop"))
+        assert verdict.outcome is Outcome.ESCALATE
+        # Asked to wait an hour; the answer comes at once, since no one could ever decide.
+        resolution = asyncio.run(asyncio.wait_for(
+            runtime.oversight.resolve(verdict, 3600.0, None, client_alive=lambda: True), timeout=30))
+        assert not resolution.release
+        problem = resolution.verdict.problem_body()
+        assert problem["type"] == Problem.REVIEW_UNAVAILABLE.uri
+        assert problem["status"] == 403
+        assert "Address already in use" in problem["detail"] and "not held" in problem["detail"]
+        assert runtime.overrides.list() == []  # nothing opened that nobody could ever review
+    finally:
+        runtime.close()
+        runtime.recorder.engine.dispose()
