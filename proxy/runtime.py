@@ -58,7 +58,8 @@ class Runtime:
                     protected=frozenset({(settings.api.host, settings.api.port)}), redaction=redaction)
         holds = Holds()
         runtime = cls(
-            settings, engine, recorder, gate, AgentDirectory(settings.agents), AgentDirectory(settings.approvers, kind="approver"),
+            settings, engine, recorder, gate, AgentDirectory(settings.agents),
+            AgentDirectory(settings.approvers, kind="approver"),
             overrides, holds, None,  # type: ignore[arg-type]
             api_base_url=f"http://{settings.api.host}:{settings.api.port}",
         )

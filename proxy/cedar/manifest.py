@@ -432,7 +432,8 @@ def schema_text(manifest: Manifest) -> str:
     """The Cedar schema of the manifest's actions: HTTP context, classification and typed fields."""
     lines = ["// Written by `cedargate schema` from actions.yaml: regenerate it, do not edit it.", ""]
     for action, route in sorted(manifest.actions.items()):
-        fields = [f'    "{n}"{"" if f.required else "?"}: {FIELD_TYPES[f.type]},' for n, f in sorted(route.fields.items())]
+        fields = [f'    "{n}"{"" if f.required else "?"}: {FIELD_TYPES[f.type]},'
+                  for n, f in sorted(route.fields.items())]
         groups = f" in [{', '.join(g for g in route.groups)}]" if route.groups else ""
         lines += [
             f"action {action}{groups} appliesTo {{",

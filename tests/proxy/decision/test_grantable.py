@@ -123,7 +123,7 @@ def test_the_lifted_slice_is_the_scope_slice_without_escalatable_forbids(policy_
 def _escalating(texts: list[str], marks: list[bool]) -> list[str]:
     """Put @escalate on the generated forbids that `marks` picks."""
     return [f'@escalate("security")\n{text}' if mark and "\nforbid " in text else text
-            for text, mark in zip(texts, marks)]
+            for text, mark in zip(texts, marks, strict=False)]
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
