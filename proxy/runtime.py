@@ -65,9 +65,11 @@ class Runtime:
         )
         runtime.oversight = Oversight(gate, overrides, holds, recorder, lambda: runtime.api_base_url)
         engine.watch(settings.policy_reload_interval)
+        revision = engine.status.revision
+        assert revision is not None  # Engine() loads the policies or raises
         log.info(
             "policies loaded from %s: revision %s, %d policies",
-            settings.policy_dir, engine.status.revision[:12], len(engine.snapshot.bundle.policies),
+            settings.policy_dir, revision[:12], len(engine.snapshot.bundle.policies),
         )
         return runtime
 

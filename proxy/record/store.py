@@ -68,7 +68,7 @@ def make_engine(url: str) -> SAEngine:
         engine.dialect.use_insertmanyvalues_wo_returning = True
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record) -> None:
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             # WAL lets the API read while the writer appends; NORMAL is durable across process crashes.
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
@@ -205,7 +205,8 @@ class Recorder:
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        table = DecisionRecord.__table__
+        # SQLModel sets __table__ on a table=True model when the class is made; its hints do not declare it.
+        table = DecisionRecord.__table__  # type: ignore[attr-defined]
         head: tuple[int, str] | None = None  # the audit chain's head, read in the first transaction
         while not self._stop.is_set():
             try:
