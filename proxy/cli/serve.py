@@ -10,10 +10,15 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from proxy.calls.connections import ConnectionGuard, default_connection_cap, open_file_limit
 from proxy.runtime import Runtime
 from proxy.settings.config import Settings
+
+if TYPE_CHECKING:
+    from mitmproxy.tools.dump import DumpMaster
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +49,8 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
                            confdir=str(settings.state_dir))
     master = DumpMaster(opts, with_termlog=False, with_dumper=False)
     # Among them ClientLimits: request size caps, timeouts and the unauthenticated-connection cap.
-    master.addons.add(*default_addons(runtime, open_files))
-    opts.update(
+    master.addons.add(*default_addons(runtime, open_files))  # type: ignore[no-untyped-call]  # mitmproxy: unhinted
+    opts.update(  # type: ignore[no-untyped-call]  # mitmproxy's Options.update has no hints
         # Contact no upstream before the call is decided (eager would connect on CONNECT).
         connection_strategy="lazy",
         # Bytes in a tunnel that are not HTTP would be relayed as raw TCP, undecided: refuse them.
@@ -54,11 +59,11 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         rawtcp=False,
     )
     if settings.upstream_ca_bundle:
-        opts.update(ssl_verify_upstream_trusted_ca=str(settings.upstream_ca_bundle))
+        opts.update(ssl_verify_upstream_trusted_ca=str(settings.upstream_ca_bundle))  # type: ignore[no-untyped-call]
 
     class _Server(uvicorn.Server):
         @contextlib.contextmanager
-        def capture_signals(self):  # the shared loop's handlers below stop both fronts
+        def capture_signals(self) -> Iterator[None]:  # the shared loop's handlers below stop both fronts
             yield
 
     # The API's connections under the same timeouts and cap as the proxy's (see override_api.connections);
@@ -70,7 +75,9 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     )
     api = _Server(uvicorn.Config(
         create_app(runtime), host=settings.api.host, port=settings.api.port, log_level="warning",
-        lifespan="off", http=guarded_protocol(api_guard), timeout_keep_alive=settings.idle_timeout,
+        lifespan="off", http=guarded_protocol(api_guard),
+        # uvicorn hints an int but uses it as a delay (loop.call_later), so a fraction of a second holds.
+        timeout_keep_alive=settings.idle_timeout,  # type: ignore[arg-type]
         h11_max_incomplete_event_size=settings.max_header_bytes,
         # asyncio accepts up to `backlog` connections at once, before the guard sees any: uvicorn's 2,048
         # would take every free file in a flood, and the proxy's calls would fail for want of one.
@@ -81,7 +88,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
 
     def stop() -> None:
         api.should_exit = True
-        master.shutdown()
+        master.shutdown()  # type: ignore[no-untyped-call]  # mitmproxy: unhinted
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
@@ -99,7 +106,9 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         runtime.api_started(settings.api.host, api_port)
         print(f"cedargate proxy listening on http://{settings.proxy.host}:{proxy_port}", flush=True)
         print(f"cedargate API listening on http://{settings.api.host}:{api_port}", flush=True)
-        print(f"policy revision {runtime.engine.status.revision[:12]} from {settings.policy_dir}", flush=True)
+        revision = runtime.engine.status.revision
+        assert revision is not None  # the runtime started with its policies loaded
+        print(f"policy revision {revision[:12]} from {settings.policy_dir}", flush=True)
         if ready:
             ready.set()
 
@@ -109,5 +118,6 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         runtime.close()
 
 
-def _proxy_addrs(master) -> list:
-    return [addr for server in master.addons.get("proxyserver").servers for addr in server.listen_addrs]
+def _proxy_addrs(master: DumpMaster) -> list[Any]:
+    proxyserver = master.addons.get("proxyserver")  # type: ignore[no-untyped-call]  # mitmproxy: unhinted
+    return [addr for server in proxyserver.servers for addr in server.listen_addrs]
