@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
+from typing import Any
 
 PROBLEM_BASE = "urn:cedargate:problem:"
 
@@ -68,6 +69,6 @@ _TITLES = {
 }
 
 
-def problem_document(problem: Problem, status: int, detail: str) -> dict:
+def problem_document(problem: Problem, status: int, detail: str) -> dict[str, Any]:
     """The RFC 9457 members every cedargate answer has, also where no call was decided."""
     return {"type": problem.uri, "title": _TITLES[problem], "status": status, "detail": detail}
