@@ -21,7 +21,7 @@ UPSTREAM_ANSWER = "urn:cedargate:problem:upstream-answer"
 DEFAULT_MAX_EVENT = 1024 * 1024
 
 
-def unreadable_problem(detail: str = "") -> dict:
+def unreadable_problem(detail: str = "") -> dict[str, Any]:
     """The problem for a server's answer cedargate could not check, and so did not pass on."""
     problem = {"type": UPSTREAM_ANSWER, "status": 502,
                "title": "cedargate could not check the MCP server's answer, so it is not passed on"}
@@ -52,7 +52,7 @@ class SseRewriter:
     Each chunk is searched once, so a long event costs its length, not its length squared.
     """
 
-    def __init__(self, rewrite: Callable[[Any], Any | None], extra: Iterable[dict] = (), *,
+    def __init__(self, rewrite: Callable[[Any], Any | None], extra: Iterable[dict[str, Any]] = (), *,
                  max_event_bytes: int = DEFAULT_MAX_EVENT, requests: Iterable[Any] = (),
                  on_refused: Callable[[], None] | None = None) -> None:
         self._rewrite = rewrite
