@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 from urllib.parse import urlsplit
 
 from proxy.calls.mapping import Call, MappingOptions
@@ -21,7 +22,7 @@ from proxy.vocabulary.printable import printable, printable_json
 from proxy.vocabulary.problems import Problem
 
 
-def add_explain_command(subparsers) -> None:
+def add_explain_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     explain = subparsers.add_parser("explain", help="show how a call maps to Cedar and what would be decided")
     explain.add_argument("method", help="HTTP method, e.g. POST")
     explain.add_argument("url", help="the full URL the agent calls")
@@ -51,13 +52,13 @@ def run_explain_command(args: argparse.Namespace) -> int:
     return 0 if report["decision"] == "allow" else 1
 
 
-def explain(engine: Engine, call: Call, mapping: MappingOptions | None = None) -> dict:
+def explain(engine: Engine, call: Call, mapping: MappingOptions | None = None) -> dict[str, Any]:
     """The mapping, the decision and why, as plain data (nothing is recorded).
 
     A JSON-RPC batch to an MCP endpoint is decided message by message, as the proxy does: the report
     then has one report per message under "batch", and its decision is "allow" only if all are allowed.
     """
-    gate = Gate(engine, recorder=None, mapping=mapping)  # type: ignore[arg-type]
+    gate = Gate(engine, recorder=None, mapping=mapping)
     exchange = gate.mcp_exchange(call)
     if exchange is not None and exchange.batch:
         parts = [_explain(gate, call.with_body(m.encoded())) for m in exchange.messages]
@@ -67,10 +68,10 @@ def explain(engine: Engine, call: Call, mapping: MappingOptions | None = None) -
     return _explain(gate, call)
 
 
-def _explain(gate: Gate, call: Call) -> dict:
+def _explain(gate: Gate, call: Call) -> dict[str, Any]:
     verdict = gate.decide(call)
     request = verdict.request
-    report: dict = {
+    report: dict[str, Any] = {
         "call": {"agent": call.agent, "method": call.method.upper(), "url": call.url},
         "principal": f'{request.principal[0]}::"{request.principal[1]}"' if request else None,
         "action": verdict.action or None,
@@ -99,7 +100,7 @@ def _explain(gate: Gate, call: Call) -> dict:
     return report
 
 
-def _grantable(verdict: Verdict) -> dict:
+def _grantable(verdict: Verdict) -> dict[str, Any]:
     """Whether a human could grant the refused call, and why (not), by the rule the gate applies:
     every determining forbid escalatable, and a permit allowing the call once they are lifted."""
     forbids = [p for p in verdict.determining if p.effect == "forbid"]
@@ -122,7 +123,7 @@ def _grantable(verdict: Verdict) -> dict:
     return {"grantable": verdict.outcome is Outcome.ESCALATE, "lifts": lifts, "permitted_by": permits, "why": why}
 
 
-def _plural(noun: str, items: list) -> str:
+def _plural(noun: str, items: list[Any]) -> str:
     return noun if len(items) == 1 else noun + "s"
 
 
@@ -150,7 +151,7 @@ def _call_of(args: argparse.Namespace) -> Call:
     )
 
 
-def _text(report: dict) -> str:
+def _text(report: dict[str, Any]) -> str:
     if "batch" in report:
         return "\n\n".join(f"message {i} of the batch\n" + _text(part) for i, part in enumerate(report["batch"]))
     # Every line but the context (JSON, escaped as JSON) is escaped here: the call is an agent's.
