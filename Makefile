@@ -24,6 +24,8 @@ run: $(VENV)/.installed
 	$(VENV)/bin/cedargate run --config cedargate.yaml
 
 test: $(VENV)/.installed $(MCP_VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest
 
 bench: $(VENV)/.installed

@@ -50,7 +50,7 @@ def install() -> None:
         raise RuntimeError("mitmproxy's HttpStream has its own handle_event: cedargate needs mitmproxy 11")
     if not callable(getattr(_http1, "make_error_response", None)):
         raise RuntimeError("mitmproxy's HTTP/1 layer lacks make_error_response: cedargate needs mitmproxy 11")
-    HttpStream.handle_event = _stream_handle_event  # type: ignore[method-assign]
+    HttpStream.handle_event = _stream_handle_event  # type: ignore[method-assign, assignment]
     _http1.make_error_response = error_response_bytes
 
 

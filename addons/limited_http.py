@@ -173,4 +173,4 @@ def install() -> None:
     if current != (Http1Server, Http2Server, HttpStream):
         raise RuntimeError(f"mitmproxy's HTTP layer builds {current}, not its own classes: cedargate cannot "
                            "cap request sizes in this mitmproxy")
-    http_layers.Http1Server, http_layers.Http2Server, http_layers.HttpStream = ours
+    http_layers.Http1Server, http_layers.Http2Server, http_layers.HttpStream = ours  # type: ignore[misc]  # the patch

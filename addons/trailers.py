@@ -60,7 +60,7 @@ def _read_body(self: _http1.Http1Connection, event):
             return
         trailers = getattr(reader, "trailers", None)
         if trailers and isinstance(command, ReceiveHttp):
-            reader.trailers = None
+            reader.trailers = None  # type: ignore[union-attr]  # the reader that read trailers has them
             if isinstance(command.event, RequestEndOfMessage):
                 reply = yield ReceiveHttp(RequestTrailers(command.event.stream_id, http.Headers(trailers)))
             elif isinstance(command.event, ResponseEndOfMessage):
@@ -84,7 +84,7 @@ class Http1Trailers:
     def load(self, loader) -> None:
         if _http1.Http1Connection.read_body is not _read_body:
             _http1.make_body_reader = _make_body_reader
-            _http1.Http1Connection.read_body = _read_body
+            _http1.Http1Connection.read_body = _read_body  # type: ignore[method-assign]  # the patch itself
 
 
 addons = [Http1Trailers()]

@@ -50,6 +50,7 @@ def rss_mib(pid: int) -> float:
 
 
 def start_cedargate(procs: po.Processes, tmp: Path) -> tuple[subprocess.Popen, int, int, Path]:
+    """cedargate started by the e2e tests' launcher (tests/support/launch.py)."""
     policy_dir = tmp / "policies"
     shutil.copytree(REPO / "policies", policy_dir, ignore=shutil.ignore_patterns("tests"))
     state_dir = tmp / "state"
@@ -61,21 +62,9 @@ def start_cedargate(procs: po.Processes, tmp: Path) -> tuple[subprocess.Popen, i
         "approvers": {APPROVER: {"token_sha256": hashlib.sha256(APPROVER_TOKEN.encode()).hexdigest(),
                                  "roles": ["engineering-manager"]}},
     }))
-    out, log = tmp / "cedargate.out", tmp / "cedargate.log"
-    with open(out, "wb") as fo, open(log, "wb") as fe:
-        proc = procs.start("cedargate", [str(po.BIN / "cedargate"), "run", "--config", str(config),
-                                         "--log-level", "WARNING"], stdin=subprocess.DEVNULL, stdout=fo, stderr=fe)
-
-    def ports() -> tuple[int, int] | None:
-        found = {}
-        for line in out.read_text(errors="replace").splitlines():
-            for name in ("proxy", "API"):
-                if line.startswith(f"cedargate {name} listening on http://"):
-                    found[name] = int(line.rsplit(":", 1)[1])
-        return (found["proxy"], found["API"]) if len(found) == 2 else None
-
-    proxy_port, api_port = po.wait_for(ports, 60, "cedargate", proc, log)
-    return proc, proxy_port, api_port, state_dir
+    gate = po.launch_cedargate(config, "--log-level", "WARNING", timeout=60)
+    procs.children.append(("cedargate", gate.process))
+    return gate.process, gate.proxy_port, gate.api_port, state_dir
 
 
 class ArrivalServer(asyncio.Protocol):

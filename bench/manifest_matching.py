@@ -41,8 +41,8 @@ HOSTS, ROUTES_PER_HOST = 10, 50
 
 def build(root: Path) -> Path:
     policy_dir = root / "policies"
-    shutil.copytree(REPO / "policies", policy_dir, ignore=shutil.ignore_patterns("tests", "payments.cedar", "github.cedar",
-                                                                                  "actions.*"))
+    shutil.copytree(REPO / "policies", policy_dir,
+                    ignore=shutil.ignore_patterns("tests", "payments.cedar", "github.cedar", "actions.*"))
     hosts, policies = [], []
     for h in range(HOSTS):
         routes = []

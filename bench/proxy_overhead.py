@@ -47,6 +47,10 @@ from pathlib import Path
 from figures import write_figures
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # for tests.support: the launcher of a real cedargate the e2e tests use
+from tests.support.launch import Cedargate  # noqa: E402
+from tests.support.launch import start_cedargate as launch_cedargate  # noqa: E402
+
 BIN = Path(sys.executable).parent
 RESULTS = REPO / "bench" / "results" / "proxy_overhead.json"
 
@@ -472,7 +476,8 @@ def start_mitmdump(procs: Processes, tmp: Path) -> Target:
     return Target("mitmdump", port, True, proc, " ".join(argv[1:]))
 
 
-def start_cedargate(procs: Processes, tmp: Path) -> tuple[Target, Path, Path]:
+def start_cedargate(procs: Processes, tmp: Path) -> tuple[Target, Path, Cedargate]:
+    """cedargate, started by the e2e tests' launcher (tests/support/launch.py)."""
     policy_dir = tmp / "policies"
     shutil.copytree(REPO / "policies", policy_dir)  # a stable copy: the repo may change under us
     state_dir = tmp / "cedargate-state"
@@ -485,35 +490,13 @@ def start_cedargate(procs: Processes, tmp: Path) -> tuple[Target, Path, Path]:
         f"  {AGENT}:\n"
         f"    token_sha256: {hashlib.sha256(TOKEN.encode()).hexdigest()}\n"
     )
-    out, log = tmp / "cedargate.out", tmp / "cedargate.log"
-    argv = [
-        str(BIN / "cedargate"),
-        "run",
-        "--config",
-        str(config),
-        "--listen-port",
-        "0",
-        "--api-port",
-        "0",
-        "--state-dir",
-        str(state_dir),
-        "--policy-dir",
-        str(policy_dir),
-        "--log-level",
-        "WARNING",
-    ]
-    with open(out, "wb") as fo, open(log, "wb") as fe:
-        proc = procs.start("cedargate", argv, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe)
-
-    def ready() -> int | None:
-        for line in out.read_text(errors="replace").splitlines():
-            if line.startswith("cedargate proxy listening on http://"):
-                return int(line.rsplit(":", 1)[1])
-        return None
-
-    port = wait_for(ready, 60, "cedargate", proc, log)
-    wait_for(lambda: port_open(port), 10, "cedargate proxy port", proc, log)
-    return Target("cedargate", port, True, proc, " ".join(argv[1:])), state_dir, log
+    gate = launch_cedargate(
+        config, "--listen-port", "0", "--api-port", "0", "--state-dir", str(state_dir),
+        "--policy-dir", str(policy_dir), "--log-level", "WARNING", timeout=60,
+    )
+    procs.children.append(("cedargate", gate.process))
+    wait_for(lambda: port_open(gate.proxy_port), 10, "cedargate proxy port", gate.process)
+    return Target("cedargate", gate.proxy_port, True, gate.process, " ".join(gate.argv[1:])), state_dir, gate
 
 
 def decisions_recorded(state_dir: Path) -> dict[str, int]:
@@ -612,7 +595,7 @@ def main() -> int:
         upstream_port = start_upstream(procs)
         url = f"http://localhost:{upstream_port}{REQUEST_PATH}"
         mitm = start_mitmdump(procs, tmp)
-        cedar, state_dir, cedar_log = start_cedargate(procs, tmp)
+        cedar, state_dir, cedar_gate = start_cedargate(procs, tmp)
         targets = [Target("direct", upstream_port, False, note="client -> upstream"), mitm, cedar]
 
         # Sanity: every target answers the benchmark request with 200, and cedargate enforces.
@@ -674,7 +657,7 @@ def main() -> int:
         # Stop cedargate first so its recorder flushes, then read what it recorded.
         procs.stop(cedar.proc)
         recorded = decisions_recorded(state_dir)
-        cedar_stderr = cedar_log.read_text(errors="replace")[-2000:]
+        cedar_stderr = "".join(cedar_gate.output)[-2000:]
         elapsed = time.monotonic() - started
 
     summary: dict[str, dict[str, dict]] = {}

@@ -56,7 +56,7 @@ class GuardedH11Protocol(H11Protocol):
                    (b"connection", b"close")]
         for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
                       h11.Data(data=body), h11.EndOfMessage()):
-            self.transport.write(self.conn.send(event))
+            self.transport.write(self.conn.send(event))  # type: ignore[arg-type]  # None only for ConnectionClosed
         self.transport.close()
 
     def close_now(self, why: str) -> None:

@@ -69,15 +69,18 @@ class Runtime:
         holds = Holds()
         workflow = OverrideWorkflow(overrides, recorder, holds)
         runtime = cls(
-            settings, engine, recorder, gate, AgentDirectory(settings.agents), AgentDirectory(settings.approvers, kind="approver"),
+            settings, engine, recorder, gate, AgentDirectory(settings.agents),
+            AgentDirectory(settings.approvers, kind="approver"),
             overrides, holds, None, workflow, Jobs(workflow),  # type: ignore[arg-type]
             api_base_url=f"http://{settings.api.host}:{settings.api.port}",
         )
         runtime.oversight = Oversight(gate, workflow, lambda: runtime.api_base_url)
         engine.watch(settings.policy_reload_interval)
+        revision = engine.status.revision
+        assert revision is not None  # Engine() loads the policies or raises
         log.info(
             "policies loaded from %s: revision %s, %d policies",
-            settings.policy_dir, engine.status.revision[:12], len(engine.snapshot.bundle.policies),
+            settings.policy_dir, revision[:12], len(engine.snapshot.bundle.policies),
         )
         return runtime
 

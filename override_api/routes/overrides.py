@@ -82,7 +82,8 @@ def _public(runtime, o: Override) -> OverridePublic:
     votes = runtime.overrides.votes(o.id)
     cedar_request = json.loads(o.cedar_request)
     return OverridePublic(
-        **_summary_fields(o), tool=tool_call(cedar_request, o.body), headers=json.loads(o.headers), body=o.body.decode("utf-8", "replace"),
+        **_summary_fields(o), tool=tool_call(cedar_request, o.body), headers=json.loads(o.headers),
+        body=o.body.decode("utf-8", "replace"),
         body_sha256=o.body_sha256, justification=o.justification, cedar_request=cedar_request,
         policies=json.loads(o.policies), requirements=json.loads(o.requirements), policy_revision=o.policy_revision,
         decision_id=o.decision_id, decided_at=o.decided_at, decided_reason=o.decided_reason,

@@ -44,7 +44,7 @@ class _Sink:
         self.limit = limit
         self.encoding = encoding
 
-    def add(self, piece: bytes) -> None:
+    def add(self, piece: bytes | memoryview) -> None:
         self.out += piece
         if len(self.out) > self.limit:
             raise AnswerTooLarge(self.limit, self.encoding)
@@ -78,7 +78,7 @@ def _zlib_stream(body: memoryview, start: int, wbits: int, sink: _Sink) -> int:
     stream = zlib.decompressobj(wbits)
     at = start
     while not stream.eof and at < len(body):
-        data = body[at:at + FEED]
+        data: bytes | memoryview = body[at:at + FEED]
         at += len(data)
         while True:
             sink.add(stream.decompress(data, PIECE))
@@ -102,7 +102,7 @@ def _gzip(body: memoryview, sink: _Sink) -> None:
             at += 1
         if at == len(body):
             return
-        if body[at:at + 2] != b"\x1f\x8b":
+        if body[at:at + 2] != b"\x1f\x8b":  # type: ignore[comparison-overlap]  # memoryview == bytes compares contents
             raise ValueError("bytes after the last gzip member that are not another member")
 
 

@@ -14,6 +14,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 from urllib.parse import parse_qs
 
 from proxy.calls import ambiguity
@@ -218,7 +219,7 @@ def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = No
             # Decoders differ (mitmproxy even decodes "base64"): the policy and the server must read
             # the same bytes, so a body is sent as it is.
             raise MappingError(f"cedargate decides on bodies sent without Content-Encoding, not {value[:40]!r}", 415)
-    context: dict = {
+    context: dict[str, Any] = {
         "scheme": call.scheme,
         "host": host,
         "port": call.port,
@@ -276,7 +277,7 @@ def _mcp_request(call: Call, reading: Reading, context: dict,
     return CedarRequest(("Agent", call.agent), ("Action", mapped.action), mapped.resource, context)
 
 
-def _manifest_action(manifest: Manifest, host: str, call: Call, body, context: dict) -> str | None:
+def _manifest_action(manifest: Manifest, host: str, call: Call, body: Any, context: dict[str, Any]) -> str | None:
     """The route's action, its fields added to `context`; None on a host the manifest does not cover."""
     host_spec, match = manifest.match(host, call.method, call.path)
     if host_spec is None:
@@ -398,14 +399,14 @@ _CONFIDENCE = re.compile(r"^(0(\.\d{1,4})?|1(\.0{1,4})?)$")
 MAX_JUSTIFICATION = 2000
 
 
-def agent_statements(headers: Mapping[str, str]) -> dict:
+def agent_statements(headers: Mapping[str, str]) -> dict[str, Any]:
     """What the agent tells the policy about its call, from optional headers, validated.
 
     `X-Agent-Justification` (free text, also shown to reviewers), `X-Agent-Confidence` (0 to 1, at most
     4 places, a Cedar decimal), `X-Agent-Session` (an id). A bad value is refused with 400 rather than
     dropped, so a policy never decides on a value the agent did not mean.
     """
-    told: dict = {}
+    told: dict[str, Any] = {}
     for name, value in headers.items():
         key = name.lower()
         if not key.startswith("x-agent-"):
@@ -432,13 +433,13 @@ def select_headers(headers: Mapping[str, str], wanted: Iterable[str]) -> dict[st
     return {name: lowered[name] for name in wanted if name in lowered and not is_secret_header(name)}
 
 
-def json_body(call: Call, max_bytes: int):
+def json_body(call: Call, max_bytes: int) -> Any:
     """The body as Cedar JSON when it is JSON; None when there is no JSON body."""
     parsed = parse_json(call, max_bytes)
     return None if parsed is None else to_cedar_value(parsed)
 
 
-def parse_json(call: Call, max_bytes: int):
+def parse_json(call: Call, max_bytes: int) -> Any:
     """The body parsed when it is declared as JSON; None when there is no JSON body."""
     content_type = next((v for k, v in call.headers.items() if k.lower() == "content-type"), "")
     media = content_type.split(";", 1)[0].strip().lower()
@@ -489,12 +490,13 @@ def plain_utf8(content_type: str) -> bool:
     return _PLAIN_UTF8.fullmatch(content_type.strip()) is not None
 
 
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     # {"amount": 1, "amount": 9999}: parsers disagree on which wins, so a policy could see the other one.
     found = dict(pairs)
     if len(found) != len(pairs):
         seen: set[str] = set()
-        repeated = next(k for k, _ in pairs if k in seen or seen.add(k))
+        # set.add returns None: `or seen.add(k)` notes k and is false.
+        repeated = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
         raise ValueError(f"key {repeated!r} appears more than once")
     if len(found) > 1 and ambiguity.has_colliding_keys(found):
         # Go's encoding/json, ASP.NET and Jackson (as configured) match keys ignoring case, and the last
@@ -505,7 +507,7 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     return found
 
 
-def to_cedar_value(value, depth: int = 0):
+def to_cedar_value(value: Any, depth: int = 0) -> Any:
     """Convert parsed JSON to Cedar's JSON value form.
 
     Cedar has no null and no floats: nulls are dropped from records, floats become `decimal` when

@@ -101,7 +101,7 @@ class Redaction:
             return {k: self._scrub(v, values) for k, v in value.items()}
         return value
 
-    def context(self, context: dict, query: str) -> dict:
+    def context(self, context: dict[str, Any], query: str) -> dict[str, Any]:
         """A Cedar context as a reviewer may see it: `query` redacted by name, and any value that is
         exactly a secret (a manifest field taken from a secret parameter) replaced."""
         secrets = self.values(query)

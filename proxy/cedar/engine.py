@@ -27,10 +27,11 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import cedarpy
 from cedarpy import pst
@@ -59,9 +60,9 @@ class CedarRequest:
     principal: tuple[str, str]
     action: tuple[str, str]
     resource: tuple[str, str]
-    context: dict
+    context: dict[str, Any]
 
-    def as_cedarpy(self) -> dict:
+    def as_cedarpy(self) -> dict[str, Any]:
         return {
             "principal": {"type": self.principal[0], "id": self.principal[1]},
             "action": {"type": self.action[0], "id": self.action[1]},
@@ -142,7 +143,7 @@ class ScopeIndex:
             if _action_holds(t.action, actions)
             and _scope_holds(t.principal, principal, principals)
             and _scope_holds(t.resource, resource, resources)
-            and (self._path_prefix[t.id] is None or path.startswith(self._path_prefix[t.id]))
+            and ((prefix := self._path_prefix[t.id]) is None or path.startswith(prefix))
         ))
 
 
@@ -164,11 +165,12 @@ def _leading_path_prefix(template: pst.Template) -> str | None:
     return "".join(prefix) or None
 
 
-def _uid(uid: pst.EntityUid) -> Uid:
+def _uid(uid: pst.EntityUid | pst.Slot) -> Uid:
+    assert isinstance(uid, pst.EntityUid)  # policies, not templates: no scope is a `?principal` slot
     return (str(uid.type), uid.id)
 
 
-def _scope_holds(constraint, uid: Uid, ancestry: frozenset[Uid]) -> bool:
+def _scope_holds(constraint: object, uid: Uid, ancestry: frozenset[Uid]) -> bool:
     if isinstance(constraint, pst.ScopeEq):
         return _uid(constraint.entity) == uid
     if isinstance(constraint, pst.ScopeIn):
@@ -180,7 +182,7 @@ def _scope_holds(constraint, uid: Uid, ancestry: frozenset[Uid]) -> bool:
     return True  # ScopeAny, or a form this index does not know: keep the policy
 
 
-def _action_holds(constraint, ancestry: frozenset[Uid]) -> bool:
+def _action_holds(constraint: object, ancestry: frozenset[Uid]) -> bool:
     if isinstance(constraint, pst.ActionEq):
         return _uid(constraint.entity) in ancestry
     if isinstance(constraint, pst.ActionIn):
@@ -188,12 +190,12 @@ def _action_holds(constraint, ancestry: frozenset[Uid]) -> bool:
     return True
 
 
-class _Lru(OrderedDict):
+class _Lru(OrderedDict[Any, Any]):
     def __init__(self, size: int) -> None:
         super().__init__()
         self.size = size
 
-    def put(self, key, value) -> None:
+    def put(self, key: Any, value: Any) -> None:
         self[key] = value
         if len(self) > self.size:
             self.popitem(last=False)
@@ -204,16 +206,16 @@ class Slice:
     policy_set: cedarpy.PolicySet
     context_attributes: frozenset[str] | None  # None: some policy reads `context` whole
 
-    def context_of(self, context: dict) -> dict:
+    def context_of(self, context: dict[str, Any]) -> dict[str, Any]:
         if self.context_attributes is None:
             return context
         return {k: v for k, v in context.items() if k in self.context_attributes}
 
 
-def _context_attributes(templates) -> frozenset[str] | None:
+def _context_attributes(templates: Iterable[pst.Template]) -> frozenset[str] | None:
     """The top-level context attributes these policies read, or None if any uses `context` itself."""
     found: set[str] = set()
-    stack: list = [clause.expr for t in templates for clause in t.clauses]
+    stack: list[Any] = [clause.expr for t in templates for clause in t.clauses]
     while stack:
         node = stack.pop()
         if isinstance(node, (pst.GetAttr, pst.HasAttr)) and isinstance(node.base, pst.Var):
@@ -256,7 +258,7 @@ class Snapshot:
                   lifted: bool = False) -> Slice:
         """The policies that can apply to the call; with `lifted`, without the escalatable forbids."""
         key = (lifted, principal, action, resource, self.index.path_key(path))
-        sliced = self._slices.get(key)
+        sliced: Slice | None = self._slices.get(key)
         if sliced is not None:
             return sliced
         ids = self.index.applicable(principal, action, resource, path)
@@ -283,7 +285,7 @@ class Snapshot:
         differential tests hold the index to Cedar), with no Cedar evaluation.
         """
         key = ("could_allow", principal, action, resource, self.index.path_key(path))
-        known = self.decisions.get(key)
+        known: bool | None = self.decisions.get(key)
         if known is not None:
             return known
         permitted = always_forbidden = False
@@ -315,8 +317,8 @@ class Snapshot:
         return overlay
 
 
-def _bare_entity(uid: Uid) -> dict:
-    attrs = {"tags": []} if uid[0] == "Host" else {}
+def _bare_entity(uid: Uid) -> dict[str, Any]:
+    attrs: dict[str, list[str]] = {"tags": []} if uid[0] == "Host" else {}
     parents = [{"type": t, "id": i} for t, i in implicit_parents(uid)]
     return {"uid": {"type": uid[0], "id": uid[1]}, "attrs": attrs, "parents": parents}
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -44,11 +45,11 @@ class Requirement:
         eligible = {a: roles & set(self.roles) for a, roles in approvers.items() if roles & set(self.roles)}
         return len(eligible) >= self.count and _covers(list(self.roles), eligible, set())
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, object]:
         return {"policy_id": self.policy_id, "roles": list(self.roles), "approvals": self.count}
 
 
-def _covers(roles: list[str], eligible: dict[str, set[str]], used: set[str]) -> bool:
+def _covers(roles: list[str], eligible: Mapping[str, AbstractSet[str]], used: set[str]) -> bool:
     # A matching of roles to distinct approvers; tiny sizes, so plain backtracking.
     if not roles:
         return True

@@ -203,7 +203,7 @@ class RouteMatch:
 class _HostRoutes:
     spec: HostSpec
     # One alternation per method: `re` tries the routes in C, and the outer group names the route.
-    patterns: Mapping[str, re.Pattern]
+    patterns: Mapping[str, re.Pattern[str]]
     routes: Mapping[str, RouteSpec]
     mcp: Mapping[str, McpEndpointSpec]  # by path
 
@@ -263,6 +263,7 @@ class Manifest:
         if not found:
             return routes.spec, None
         key = found.lastgroup
+        assert key is not None  # each route's alternative is a named group
         route = routes.routes[key]
         prefix = f"{key}_"
         params = {name[len(prefix):]: value for name, value in found.groupdict().items()
@@ -340,7 +341,7 @@ def load_manifest(directory: str | Path) -> Manifest | None:
     return Manifest(spec)
 
 
-def _where(raw: Any, loc: tuple) -> str:
+def _where(raw: Any, loc: tuple[int | str, ...]) -> str:
     """hosts[0].routes[2] (POST /v1/x).fields.amount: readable, with the route named."""
     out, node = "", raw
     for part in loc:
@@ -355,16 +356,17 @@ def _where(raw: Any, loc: tuple) -> str:
     return out
 
 
-def _context_of(route: RouteSpec) -> tuple:
+def _context_of(route: RouteSpec) -> tuple[object, ...]:
     return (route.severity, route.reversible, tuple(sorted(route.groups)),
             tuple(sorted((n, f.type, f.required) for n, f in route.fields.items())))
 
 
-def extract_fields(match: RouteMatch, query: Mapping[str, str], body: Any) -> dict[str, Any]:
+def extract_fields(match: RouteMatch, query: Mapping[str, str | list[str]], body: Any) -> dict[str, Any]:
     """The route's fields as Cedar values; FieldError names a missing or mistyped field."""
     values: dict[str, Any] = {"severity": match.route.severity, "reversible": match.route.reversible}
     for name, spec in match.route.fields.items():
         key = spec.at or name
+        raw: Any
         if spec.source == "path":
             raw, present = match.params.get(key), key in match.params
             if present and any(c in raw for c in ";#"):
@@ -424,7 +426,7 @@ def _whole(raw: Any) -> int:
     raise ValueError("not a whole number")
 
 
-def _decimal(raw: Any, from_text: bool) -> dict:
+def _decimal(raw: Any, from_text: bool) -> dict[str, Any]:
     if isinstance(raw, bool):
         raise ValueError("a boolean")
     if is_decimal(raw):  # already converted from JSON by the mapping
@@ -439,7 +441,8 @@ def schema_text(manifest: Manifest) -> str:
     """The Cedar schema of the manifest's actions: HTTP context, classification and typed fields."""
     lines = ["// Written by `cedargate schema` from actions.yaml: regenerate it, do not edit it.", ""]
     for action, route in sorted(manifest.actions.items()):
-        fields = [f'    "{n}"{"" if f.required else "?"}: {FIELD_TYPES[f.type]},' for n, f in sorted(route.fields.items())]
+        fields = [f'    "{n}"{"" if f.required else "?"}: {FIELD_TYPES[f.type]},'
+                  for n, f in sorted(route.fields.items())]
         groups = f" in [{', '.join(g for g in route.groups)}]" if route.groups else ""
         lines += [
             f"action {action}{groups} appliesTo {{",

@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,7 +144,7 @@ def load_bundle(directory: str | Path) -> PolicyBundle:
     )
 
 
-def policy_set_of(templates) -> cedarpy.PolicySet:
+def policy_set_of(templates: Iterable[pst.Template]) -> cedarpy.PolicySet:
     """Build a cedarpy handle from PST policies whose ids are already their `@id`s."""
     return cedarpy.PolicySet.from_pst(
         pst.PolicySet(templates={}, static_policies={t.id: t for t in templates}, template_links=())
@@ -158,7 +158,7 @@ def _read(path: Path) -> str:
         raise PolicyLoadError(f"{path}: cannot be read: {exc}") from exc
 
 
-def _load_policy_file(name: str, text: str, schema: cedarpy.Schema):
+def _load_policy_file(name: str, text: str, schema: cedarpy.Schema) -> list[tuple[PolicyInfo, pst.Template]]:
     statements = split_statements(text)
     parsed: list[tuple[int, pst.Template]] = []
     for line, statement in statements:
@@ -174,7 +174,7 @@ def _load_policy_file(name: str, text: str, schema: cedarpy.Schema):
         for template in node.static_policies.values():
             parsed.append((line, template))
 
-    result = []
+    result: list[tuple[PolicyInfo, pst.Template]] = []
     for line, template in parsed:
         policy_id = template.annotations.get("id")
         if not policy_id:

@@ -19,7 +19,7 @@ from proxy.settings.config import ConfigError, load_settings
 from proxy.vocabulary.printable import printable
 
 
-def add_audit_commands(subparsers: argparse._SubParsersAction) -> None:
+def add_audit_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     audit = subparsers.add_parser("audit", help="check the tamper-evident audit log")
     commands = audit.add_subparsers(dest="audit_command", required=True)
     check = commands.add_parser(

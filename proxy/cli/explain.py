@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 from urllib.parse import urlsplit
 
 from proxy.calls.mapping import Call, MappingOptions
@@ -23,7 +24,7 @@ from proxy.vocabulary.printable import printable, printable_json
 from proxy.vocabulary.problems import Problem
 
 
-def add_explain_command(subparsers) -> None:
+def add_explain_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     explain = subparsers.add_parser("explain", help="show how a call maps to Cedar and what would be decided")
     explain.add_argument("method", help="HTTP method, e.g. POST")
     explain.add_argument("url", help="the full URL the agent calls")
@@ -53,7 +54,7 @@ def run_explain_command(args: argparse.Namespace) -> int:
     return 0 if report["decision"] == "allow" else 1
 
 
-def explain(engine: Engine, call: Call, mapping: MappingOptions | None = None) -> dict:
+def explain(engine: Engine, call: Call, mapping: MappingOptions | None = None) -> dict[str, Any]:
     """The mapping, the decision and why, as plain data (nothing is recorded).
 
     A JSON-RPC batch to an MCP endpoint is decided message by message, as the proxy does: the report
@@ -100,7 +101,7 @@ def _explain(gate: Gate, verdict: Verdict) -> dict:
     return report
 
 
-def _grantable(verdict: Verdict) -> dict:
+def _grantable(verdict: Verdict) -> dict[str, Any]:
     """Whether a human could grant the refused call, and why (not), by the rule the gate applies:
     every determining forbid escalatable, and a permit allowing the call once they are lifted."""
     forbids = [p for p in verdict.determining if p.effect == "forbid"]
@@ -123,7 +124,7 @@ def _grantable(verdict: Verdict) -> dict:
     return {"grantable": verdict.outcome is Outcome.ESCALATE, "lifts": lifts, "permitted_by": permits, "why": why}
 
 
-def _plural(noun: str, items: list) -> str:
+def _plural(noun: str, items: list[Any]) -> str:
     return noun if len(items) == 1 else noun + "s"
 
 
@@ -151,7 +152,7 @@ def _call_of(args: argparse.Namespace) -> Call:
     )
 
 
-def _text(report: dict) -> str:
+def _text(report: dict[str, Any]) -> str:
     if "batch" in report:
         return "\n\n".join(f"message {i} of the batch\n" + _text(part) for i, part in enumerate(report["batch"]))
     # Every line but the context (JSON, escaped as JSON) is escaped here: the call is an agent's.

@@ -15,13 +15,14 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from typing import Any
 
 from proxy.vocabulary.printable import printable, printable_json
 
 TOKEN_ENV = "CEDARGATE_APPROVER_TOKEN"
 
 
-def add_overrides_commands(subparsers) -> None:
+def add_overrides_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     overrides = subparsers.add_parser("overrides", help="review override requests through the running API")
     overrides.add_argument("--api", default=os.environ.get("CEDARGATE_API", "http://127.0.0.1:8081"),
                            help="the override API's base URL (default $CEDARGATE_API or http://127.0.0.1:8081)")
@@ -73,7 +74,7 @@ def run_overrides_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _call(method: str, url: str, token: str, payload: dict | None = None) -> tuple[bool, dict | list]:
+def _call(method: str, url: str, token: str, payload: dict[str, Any] | None = None) -> tuple[bool, Any]:
     data = json.dumps(payload).encode() if payload is not None else None
     request = urllib.request.Request(url, data=data, method=method, headers={
         "Authorization": f"Bearer {token}", "Content-Type": "application/json", "Accept": "application/json",

@@ -10,11 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from typing import TYPE_CHECKING, Any
 
 from proxy.calls.connections import open_file_limit
 from proxy.cli.fronts import api_server, bind_api, ca_cert, check_loopback, mitmproxy_options
 from proxy.runtime import Runtime
 from proxy.settings.config import ConfigError, Settings
+
+if TYPE_CHECKING:
+    from mitmproxy.tools.dump import DumpMaster
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +53,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
 
     def stop() -> None:
         api.should_exit = True
-        master.shutdown()
+        master.shutdown()  # type: ignore[no-untyped-call]  # mitmproxy: unhinted
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
@@ -67,7 +71,9 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         runtime.api_started(settings.api.host, api_port)
         print(f"cedargate proxy listening on http://{settings.proxy.host}:{proxy_port}", flush=True)
         print(f"cedargate API listening on http://{settings.api.host}:{api_port}", flush=True)
-        print(f"policy revision {runtime.engine.status.revision[:12]} from {settings.policy_dir}", flush=True)
+        revision = runtime.engine.status.revision
+        assert revision is not None  # the runtime started with its policies loaded
+        print(f"policy revision {revision[:12]} from {settings.policy_dir}", flush=True)
         if ready:
             ready.set()
 
@@ -80,5 +86,6 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         runtime.close()
 
 
-def _proxy_addrs(master) -> list:
-    return [addr for server in master.addons.get("proxyserver").servers for addr in server.listen_addrs]
+def _proxy_addrs(master: DumpMaster) -> list[Any]:
+    proxyserver = master.addons.get("proxyserver")  # type: ignore[no-untyped-call]  # mitmproxy: unhinted
+    return [addr for server in proxyserver.servers for addr in server.listen_addrs]

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from proxy.calls.mapping import Call, MappingError, MappingOptions, Reading, UnknownAction, map_call
 from proxy.calls.redaction import Redaction
@@ -66,7 +66,7 @@ class Verdict:
     escalation: Escalation | None = None
     # The permits that allow the call once its escalatable forbids are lifted: what a grant releases under.
     beneath: tuple[PolicyInfo, ...] = ()
-    extra: dict = field(default_factory=dict)  # more problem members, e.g. the override id
+    extra: dict[str, Any] = field(default_factory=dict)  # more problem members, e.g. the override id
 
     @property
     def allowed(self) -> bool:
@@ -80,7 +80,7 @@ class Verdict:
     def resource(self) -> str:
         return f'{self.request.resource[0]}::"{self.request.resource[1]}"' if self.request else ""
 
-    def problem_body(self) -> dict:
+    def problem_body(self) -> dict[str, Any]:
         """RFC 9457 problem details for a refused call."""
         assert self.problem is not None
         return {
@@ -120,7 +120,7 @@ class Gate:
         the policy revision to decide it by; without them the call is read here, under the current one.
         """
         started = time.perf_counter()
-        base = dict(decision_id=str(uuid.uuid4()), call=call, at=utcnow(), started=started)
+        base: dict[str, Any] = dict(decision_id=str(uuid.uuid4()), call=call, at=utcnow(), started=started)
         try:
             return self._decide(call, base, reading, self.engine.snapshot if snapshot is None else snapshot)
         except Exception as exc:  # anything unforeseen refuses the call; it never lets it through
@@ -183,7 +183,7 @@ class Gate:
         return self._not_grantable(common, forbids, lifted, default_deny)
 
     @staticmethod
-    def _not_grantable(common: dict, forbids: tuple[PolicyInfo, ...], lifted: Evaluation,
+    def _not_grantable(common: dict[str, Any], forbids: tuple[PolicyInfo, ...], lifted: Evaluation,
                        default_deny: str) -> Verdict:
         """The hard deny of a call whose escalatable forbids cover for a missing permit."""
         if lifted.errors:  # cannot happen after an error-free first evaluation of a superset; refuse anyway
@@ -259,6 +259,7 @@ class Gate:
             errors.append(failure.recorded)
         if errors and call.query:  # a message may quote the query, or a value taken from it
             errors = self.redaction.scrub(errors, call.query)
+        assert self.recorder is not None  # a gate without a record (explain's) decides, never finishes
         self.recorder.record({
             "decision_id": verdict.decision_id,
             "at": verdict.at,
@@ -280,7 +281,7 @@ class Gate:
         })
 
     @staticmethod
-    def _detail(verdict: Verdict) -> dict:
+    def _detail(verdict: Verdict) -> dict[str, Any]:
         """For the audit log: what an MCP message was, which path and method do not say."""
         request = verdict.request
         if request is None or request.action[1] not in MCP_ACTIONS:

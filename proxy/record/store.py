@@ -78,7 +78,7 @@ def make_engine(url: str) -> SAEngine:
         engine.dialect.use_insertmanyvalues_wo_returning = True
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record) -> None:
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             # WAL lets the API read while the writer appends; NORMAL is durable across process crashes.
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")

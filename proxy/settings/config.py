@@ -26,7 +26,7 @@ class _Strict(BaseModel):
 
 class Listen(_Strict):
     host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
+    port: int = Field(default=8080, ge=0, le=65535)
 
     @property
     def is_loopback(self) -> bool:

@@ -1,4 +1,4 @@
-"""Fixtures for the addons' tests: a private copy of the bundled policies and a real, started core.
+"""Fixtures for the addons' tests: the settings of the shared, real, started core (`runtime`).
 
 Nothing of cedargate is mocked: the runtime is the one `cedargate run` and the stock-mitmdump enforcer
 build, with real cedarpy and a real SQLite record in a temporary directory.
@@ -8,26 +8,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from pathlib import Path
+from typing import Any
 
 import pytest
 from addon_support import AGENT, TOKEN_SHA256
 
-from proxy.runtime import Runtime
-from proxy.settings.config import AgentCredential, Settings
+from proxy.settings.config import AgentCredential
 
 
 @pytest.fixture
-def runtime(tmp_path: Path, policy_dir: Path) -> Iterator[Runtime]:
-    settings = Settings(
-        policy_dir=policy_dir,
-        state_dir=tmp_path / "state",
-        policy_reload_interval=0,
-        agents={AGENT: AgentCredential(token_sha256=TOKEN_SHA256)},
-    )
-    started = Runtime.start(settings)
-    yield started
-    started.close()
+def runtime_settings() -> dict[str, Any]:
+    """The shared `runtime` (tests/conftest.py) knows the test agent."""
+    return {"agents": {AGENT: AgentCredential(token_sha256=TOKEN_SHA256)}}
 
 
 @pytest.fixture(autouse=True)

@@ -11,8 +11,7 @@ import asyncio
 import gzip
 import json
 import threading
-from collections.abc import Iterator
-from pathlib import Path
+from typing import Any
 
 import pytest
 from addon_support import AGENT, TOKEN_SHA256, fire, make_flow, record_rows
@@ -23,7 +22,7 @@ from mitmproxy.test import taddons
 import addons.enforcer
 from addons.enforcer import Enforcer
 from proxy.runtime import Runtime
-from proxy.settings.config import AgentCredential, Settings
+from proxy.settings.config import AgentCredential
 
 MCP_URL = "http://mcp.github.example/mcp"
 EVENT_CAP, ANSWER_CAP = 4096, 64 * 1024
@@ -34,14 +33,9 @@ UPSTREAM_ANSWER = "urn:cedargate:problem:upstream-answer"
 
 
 @pytest.fixture
-def runtime(tmp_path: Path, policy_dir: Path) -> Iterator[Runtime]:
-    started = Runtime.start(Settings(
-        policy_dir=policy_dir, state_dir=tmp_path / "state", policy_reload_interval=0,
-        agents={AGENT: AgentCredential(token_sha256=TOKEN_SHA256)},
-        max_mcp_event_bytes=EVENT_CAP, max_mcp_answer_bytes=ANSWER_CAP,
-    ))
-    yield started
-    started.close()
+def runtime_settings() -> dict[str, Any]:
+    return {"agents": {AGENT: AgentCredential(token_sha256=TOKEN_SHA256)},
+            "max_mcp_event_bytes": EVENT_CAP, "max_mcp_answer_bytes": ANSWER_CAP}
 
 
 def tools_list_flow() -> http.HTTPFlow:

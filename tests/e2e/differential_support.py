@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from e2e_support import AGENT, TOKEN, RawCall
+from tests.support.launch import AGENT, TOKEN
+from tests.support.upstream import RawCall
 
 METHODS = ("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE")
 CONTEXT_HEADERS = ("content-type", "user-agent", "accept")

@@ -122,11 +122,11 @@ class ScriptedMcpServer(ThreadingHTTPServer):
                 self._stream_start()
                 stream = b"".join(SPLIT_EVENTS)
                 cuts, at = [], 0
-                for event, cut in zip(SPLIT_EVENTS, SPLIT_AT):
+                for event, cut in zip(SPLIT_EVENTS, SPLIT_AT, strict=False):
                     cuts.append(at + cut)
                     at += len(event)
                 bounds = [0, *cuts, len(stream)]
-                for n, (start, end) in enumerate(zip(bounds, bounds[1:])):
+                for n, (start, end) in enumerate(zip(bounds, bounds[1:], strict=False)):
                     self._chunk(stream[start:end])
                     if end != len(stream):
                         server.pause(f"split-{n}")

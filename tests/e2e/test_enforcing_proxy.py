@@ -171,7 +171,8 @@ def test_hot_reload_swaps_valid_sets_and_keeps_last_good_on_error(cedargate, ups
         # A valid edit is swapped in whole.
         ops.write_text(original.replace("when { context.path like \"/v1/volumes/*\" }",
                                         "when { context.path like \"/v1/volumes/keep-*\" }")
-                       + '\n@id("ops-delete")\npermit (principal in Team::"ops", action == Action::"delete", resource);\n')
+                       + '\n@id("ops-delete")\n'
+                       + 'permit (principal in Team::"ops", action == Action::"delete", resource);\n')
         status = wait_for(lambda: (s := cedargate_status(cedargate))["policies"]["revision"] != first_revision and s)
         assert status["policies"]["last_reload_error"] is None
         response = http.delete(url)

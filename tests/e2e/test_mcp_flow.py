@@ -331,7 +331,8 @@ def test_batch_is_decided_message_by_message(gate):
     assert sorted(answers) == [1, 2, 3, 4]
     assert [t["name"] for t in answers[1]["result"]["tools"]] == ["search_issues", "delete_repository"]
     assert answers[2]["result"]["content"][0]["text"] == "ran search_issues"
-    assert answers[3]["result"]["isError"] is True and "Agents never shut clusters down." in answers[3]["result"]["content"][0]["text"]
+    assert answers[3]["result"]["isError"] is True
+    assert "Agents never shut clusters down." in answers[3]["result"]["content"][0]["text"]
     # An escalated message in a batch is not held; its answer says how to retry it.
     pending = answers[4]["result"]["_meta"]["cedargate/problem"]
     assert pending["type"] == "urn:cedargate:problem:override-pending"

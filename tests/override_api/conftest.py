@@ -1,18 +1,18 @@
-"""Fixtures for the override API's tests: a real, started core around a private copy of the bundled
-policies and a temporary SQLite record, and a TestClient on the app built around it.
+"""Fixtures for the override API's tests: a TestClient on the app built around the shared, real, started
+core (`runtime`, tests/conftest.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
 from override_api.main import create_app
 from proxy.runtime import Runtime
-from proxy.settings.config import ApproverCredential, Settings
+from proxy.settings.config import ApproverCredential
 
 
 @pytest.fixture
@@ -22,12 +22,8 @@ def approvers() -> dict[str, ApproverCredential]:
 
 
 @pytest.fixture
-def runtime(tmp_path: Path, policy_dir: Path, approvers: dict[str, ApproverCredential]) -> Iterator[Runtime]:
-    settings = Settings(policy_dir=policy_dir, state_dir=tmp_path / "state", policy_reload_interval=0,
-                        approvers=approvers)
-    started = Runtime.start(settings)
-    yield started
-    started.close()
+def runtime_settings(approvers: dict[str, ApproverCredential]) -> dict[str, Any]:
+    return {"approvers": approvers}
 
 
 @pytest.fixture

@@ -71,8 +71,8 @@ def test_status_shows_the_live_policy_revision_and_a_healthy_store(client, runti
     assert re.fullmatch(r"[0-9a-f]{64}", policies["revision"])
     assert policies["revision"] == runtime.engine.status.revision
     assert policies["policies"] == 13
-    assert sorted(policies["files"]) == ["actions.cedarschema", "actions.yaml", "entities.json", "github.cedar", "ops.cedar",
-                                         "payments.cedar", "schema.cedarschema"]
+    assert sorted(policies["files"]) == ["actions.cedarschema", "actions.yaml", "entities.json", "github.cedar",
+                                         "ops.cedar", "payments.cedar", "schema.cedarschema"]
     assert policies["directory"] == str(policy_dir)
     assert policies["loaded_at"] is not None
     assert policies["last_reload_error"] is None

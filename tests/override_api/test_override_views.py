@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -17,7 +17,7 @@ from proxy.calls.mapping import Call
 from proxy.cedar.escalation import Escalation, Requirement
 from proxy.oversight.overrides import Override
 from proxy.runtime import Runtime
-from proxy.settings.config import ApproverCredential, Settings
+from proxy.settings.config import ApproverCredential
 
 MANAGER = Requirement("protect-production-instances", ("engineering-manager",), 1)
 TWO_PERSON = Requirement("no-volume-deletion", ("security", "lead-engineer"), 2)
@@ -26,14 +26,10 @@ ROLES = {"erin": ("engineering-manager",), "sam": ("security",), "audra": ("audi
 
 
 @pytest.fixture
-def runtime(tmp_path: Path, policy_dir: Path) -> Iterator[Runtime]:
+def runtime_settings() -> dict[str, Any]:
     approvers = {name: ApproverCredential(token_sha256=hashlib.sha256(f"{name}-token".encode()).hexdigest(),
                                           roles=roles) for name, roles in ROLES.items()}
-    settings = Settings(policy_dir=policy_dir, state_dir=tmp_path / "state", policy_reload_interval=0,
-                        approvers=approvers)
-    started = Runtime.start(settings)
-    yield started
-    started.close()
+    return {"approvers": approvers}
 
 
 @pytest.fixture

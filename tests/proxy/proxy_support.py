@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 POLICIES = REPO / "policies"
 BUNDLED_IDS = frozenset(
     {"ops-read", "ops-delete-volumes", "ops-stop-instance", "protect-production-instances",
-     "no-volume-deletion", "finance-refunds", "large-refunds", "low-confidence-writes", "github-mcp-sessions", "github-tools",
+     "no-volume-deletion", "finance-refunds", "large-refunds", "low-confidence-writes", "github-mcp-sessions",
+     "github-tools",
      "no-repository-deletion", "no-repository-transfer", "no-merges-to-payments"}
 )
 

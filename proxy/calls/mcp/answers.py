@@ -26,11 +26,11 @@ class CheckedAnswer:
     (unencoded), or only cedargate's own answers (`own_answers`, when the server sent no body)."""
 
     body: bytes | None = None
-    own_answers: tuple[dict, ...] = ()
+    own_answers: tuple[dict[str, Any], ...] = ()
 
 
 def check_answer(raw: bytes, encoding: str, media: str, status: int, rewrite: Callable[[Any], Any | None],
-                 own_answers: Iterable[dict] = (), requests: Iterable[Any] = (), *,
+                 own_answers: Iterable[dict[str, Any]] = (), requests: Iterable[Any] = (), *,
                  max_answer_bytes: int = DEFAULT_MAX_ANSWER,
                  max_event_bytes: int = DEFAULT_MAX_EVENT) -> CheckedAnswer:
     """Check a whole MCP answer: `raw` as the server sent it under Content-Encoding `encoding`.

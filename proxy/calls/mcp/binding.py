@@ -23,7 +23,7 @@ def binding_of(action: str, body: bytes) -> bytes | None:
     return read_message(parsed, "the body").binding() if isinstance(parsed, dict) else body
 
 
-def tool_call(cedar_request: Mapping[str, Any], body: bytes) -> dict | None:
+def tool_call(cedar_request: Mapping[str, Any], body: bytes) -> dict[str, Any] | None:
     """For a reviewer: the tool an MCP call asks for and its arguments as sent; None for other calls."""
     context = cedar_request.get("context") or {}
     if cedar_request.get("action") != 'Action::"call_tool"' or "tool" not in context:

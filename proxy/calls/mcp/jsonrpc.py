@@ -58,8 +58,8 @@ class Message:
         """What the message's method acts on, as the Mcp-Name header repeats it: a name or a URI."""
         params = self.params
         for key in ("name", "uri"):
-            if isinstance(params.get(key), str):
-                return params[key]
+            if isinstance(value := params.get(key), str):
+                return value
         return None
 
 
@@ -117,5 +117,5 @@ class Exchange:
 
     messages: tuple[Message, ...]
     batch: bool
-    answers: tuple[dict, ...] = ()
+    answers: tuple[dict[str, Any], ...] = ()
 

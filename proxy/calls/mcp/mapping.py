@@ -21,7 +21,7 @@ class McpMapping:
 
     action: str
     resource: tuple[str, str]
-    context: dict
+    context: dict[str, Any]
 
 
 def map_message(endpoint: McpEndpointSpec, http_method: str, message: Message | None,

@@ -34,7 +34,7 @@ def refusal_text(problem: Mapping[str, Any], message: Message) -> str:
     return "\n".join(lines)
 
 
-def refusal_answer(problem: Mapping[str, Any], message: Message) -> dict:
+def refusal_answer(problem: Mapping[str, Any], message: Message) -> dict[str, Any]:
     """The JSON-RPC answer to a refused request: an isError tool result, or a JSON-RPC error."""
     text = refusal_text(problem, message)
     if message.method == "tools/call":

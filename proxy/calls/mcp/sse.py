@@ -52,7 +52,7 @@ class SseRewriter:
     Each chunk is searched once, so a long event costs its length, not its length squared.
     """
 
-    def __init__(self, rewrite: Callable[[Any], Any | None], extra: Iterable[dict] = (), *,
+    def __init__(self, rewrite: Callable[[Any], Any | None], extra: Iterable[dict[str, Any]] = (), *,
                  max_event_bytes: int = DEFAULT_MAX_EVENT, requests: Iterable[Any] = (),
                  on_refused: Callable[[], None] | None = None) -> None:
         self._rewrite = rewrite

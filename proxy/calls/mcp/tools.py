@@ -18,7 +18,7 @@ def filter_tool_list(answer: Any, visible: Callable[[Iterable[str]], set[str]]) 
     items = answer if isinstance(answer, list) else [answer]
     changed = False
     for item in items:
-        result = item.get("result") if isinstance(item, dict) else None
+        result: Any = item.get("result") if isinstance(item, dict) else None
         tools = result.get("tools") if isinstance(result, dict) else None
         if not isinstance(tools, list):
             continue

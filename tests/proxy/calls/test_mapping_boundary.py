@@ -134,7 +134,8 @@ def test_other_query_parameters_pass(query):
     ("application/x-www-form-urlencoded", b"a=1&_method=DELETE"),
     ("application/x-www-form-urlencoded; charset=utf-8", b"_method=PUT"),
     (None, b"_method=DELETE"),  # Rack reads a POST without a Content-Type as a form
-    ("multipart/form-data; boundary=b", b'--b\r\nContent-Disposition: form-data; name="_method"\r\n\r\nDELETE\r\n--b--'),
+    ("multipart/form-data; boundary=b",
+     b'--b\r\nContent-Disposition: form-data; name="_method"\r\n\r\nDELETE\r\n--b--'),
     ("multipart/form-data; boundary=b", b"--b\r\ncontent-disposition:form-data;name=_method\r\n\r\nDELETE\r\n--b--"),
     ("multipart/form-data; boundary=b", b"--b\r\nContent-Disposition: form-data; name*=utf-8''%5Fmethod\r\n\r\nX\r\n"),
     ("multipart/form-data; boundary=b", b'--b\r\nContent-Disposition: form-data; name="_m\\ethod"\r\n\r\nX\r\n'),

@@ -72,8 +72,8 @@ def test_bundled_policies_load_with_their_ids_effects_lines_and_reasons():
     assert bundle.policies["no-volume-deletion"].reason == "Deleting a volume destroys its data for good."
     assert bundle.policies["ops-read"].reason is None
     assert re.fullmatch(r"[0-9a-f]{64}", bundle.revision)
-    assert set(bundle.files) == {"ops.cedar", "payments.cedar", "github.cedar", "schema.cedarschema", "actions.cedarschema",
-                                 "entities.json", "actions.yaml"}
+    assert set(bundle.files) == {"ops.cedar", "payments.cedar", "github.cedar", "schema.cedarschema",
+                                 "actions.cedarschema", "entities.json", "actions.yaml"}
     assert ("Host", "127.0.0.1") in bundle.entity_uids
 
 

@@ -259,7 +259,8 @@ def test_slicing_really_excludes_policies_and_still_agrees():
         engine = Engine(_policy_dir(Path(root), texts))
         for method, expect_errors in (("GET", False), ("DELETE", True)):
             request = map_call(Call("ops-bot", method, "http", "x", 8080, "/"), MappingOptions())
-            sliced = engine.snapshot.policies_for(request.principal, request.action, request.resource, request.context["path"]).to_pst().static_policies
+            sliced = engine.snapshot.policies_for(
+                request.principal, request.action, request.resource, request.context["path"]).to_pst().static_policies
             assert set(sliced) == ({"p0", "p1"} if method == "DELETE" else {"p0"})
             got, want = engine.evaluate(request), _direct(engine, request)
             assert got.decision == want.decision.value == "Allow"

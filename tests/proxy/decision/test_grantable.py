@@ -15,8 +15,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import cedarpy
 import pytest
@@ -33,7 +33,7 @@ from proxy.cli.explain import explain
 from proxy.decision.gate import Gate, Outcome
 from proxy.record.store import Recorder
 from proxy.runtime import Runtime
-from proxy.settings.config import AgentCredential, ApproverCredential, Settings
+from proxy.settings.config import AgentCredential, ApproverCredential
 from proxy.vocabulary.problems import Problem
 
 LOW_CONFIDENCE = {"X-Agent-Confidence": "0.1"}
@@ -123,7 +123,7 @@ def test_the_lifted_slice_is_the_scope_slice_without_escalatable_forbids(policy_
 def _escalating(texts: list[str], marks: list[bool]) -> list[str]:
     """Put @escalate on the generated forbids that `marks` picks."""
     return [f'@escalate("security")\n{text}' if mark and "\nforbid " in text else text
-            for text, mark in zip(texts, marks)]
+            for text, mark in zip(texts, marks, strict=False)]
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -249,21 +249,14 @@ def test_removing_the_permit_beneath_turns_an_escalation_into_a_hard_deny(policy
 
 
 @pytest.fixture
-def runtime(policy_dir: Path, tmp_path: Path) -> Iterator[Runtime]:
+def runtime_settings() -> dict[str, Any]:
     def sha(name: str) -> str:
         return hashlib.sha256(name.encode()).hexdigest()
 
-    settings = Settings(
-        policy_dir=policy_dir, state_dir=tmp_path / "state", policy_reload_interval=0,
-        approvers={"erin": ApproverCredential(token_sha256=sha("erin"), roles=("engineering-manager",))},
-        agents={"ops-bot": AgentCredential(token_sha256=sha("ops-bot"))},
-    )
-    started = Runtime.start(settings)
-    try:
-        yield started
-    finally:
-        started.close()
-        started.recorder.engine.dispose()
+    return {
+        "approvers": {"erin": ApproverCredential(token_sha256=sha("erin"), roles=("engineering-manager",))},
+        "agents": {"ops-bot": AgentCredential(token_sha256=sha("ops-bot"))},
+    }
 
 
 def granted_stop(runtime: Runtime):

@@ -14,6 +14,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from proxy_support import make_call, wait_until, write_policy_file
@@ -65,21 +66,14 @@ def credential_hash(name: str) -> str:
 
 
 @pytest.fixture
-def runtime(policy_dir: Path, tmp_path: Path) -> Iterator[Runtime]:
+def runtime_settings() -> dict[str, Any]:
     def approver(*roles: str) -> ApproverCredential:
         return ApproverCredential(token_sha256=credential_hash("|".join(roles)), roles=roles)
 
-    settings = Settings(
-        policy_dir=policy_dir, state_dir=tmp_path / "state", policy_reload_interval=0,
-        approvers={"erin": approver("engineering-manager"), "sam": approver("security")},
-        agents={"ops-bot": AgentCredential(token_sha256=credential_hash("ops-bot"))},
-    )
-    started = Runtime.start(settings)
-    try:
-        yield started
-    finally:
-        started.close()
-        started.recorder.engine.dispose()
+    return {
+        "approvers": {"erin": approver("engineering-manager"), "sam": approver("security")},
+        "agents": {"ops-bot": AgentCredential(token_sha256=credential_hash("ops-bot"))},
+    }
 
 
 def stop_verdict(runtime: Runtime, body: bytes = b'{"grace": 30}') -> Verdict:
