@@ -18,14 +18,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import MetaData, inspect, make_url, text
+from sqlalchemy import MetaData, create_engine, event, inspect, make_url, text
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.pool import NullPool
 
 BASELINE = "0001"
 VERSION_TABLE = "alembic_version"
@@ -87,7 +89,8 @@ def migrate(engine: Engine) -> str:
                 f"newest is {head}): a newer release upgraded it; run that release or a later one"
             )
         if revision != head:
-            # One transaction: on PostgreSQL, adopting and upgrading happen wholly or not at all.
+            # One transaction: adopting and upgrading happen wholly or not at all (on SQLite, see
+            # `_transactional_sqlite`).
             with conn.begin():
                 if unversioned:
                     _adopt_unversioned(conn)
@@ -125,16 +128,41 @@ def _migration_lock(engine: Engine) -> Iterator[Connection]:
         database = make_url(str(engine.url)).database
         if database and database != ":memory:" and not database.startswith("file:"):
             fd = os.open(f"{database}-migrate.lock", os.O_CREAT | os.O_RDWR, 0o600)
+            migrating = _transactional_sqlite(engine)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                with engine.connect() as conn:
+                with migrating.connect() as conn:
                     yield conn
             finally:
+                migrating.dispose()
                 os.close(fd)  # releases the flock
             return
     # A database only this process can reach (SQLite in memory): nobody to race.
     with engine.connect() as conn:
         yield conn
+
+
+def _transactional_sqlite(engine: Engine) -> Engine:
+    """An engine of its own on the same SQLite file, whose transactions hold DDL too.
+
+    Python's sqlite3 begins a transaction only before an INSERT, UPDATE or DELETE, so each CREATE or
+    ALTER of a migration would commit on its own: one that fails part way (a crash, a full disk) would
+    leave a half-made schema that the next start refuses. Here the driver begins nothing and
+    SQLAlchemy's begin emits BEGIN, SQLAlchemy's documented recipe; on a private engine, so the
+    record's own connections keep the driver's usual behaviour.
+    """
+    migrating = create_engine(engine.url, poolclass=NullPool)
+
+    @event.listens_for(migrating, "connect")
+    def _autocommit_driver(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+        dbapi_conn.execute("PRAGMA busy_timeout=5000")
+
+    @event.listens_for(migrating, "begin")
+    def _begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN")
+
+    return migrating
 
 
 def _has_baseline_tables(conn: Connection) -> bool:

@@ -217,6 +217,26 @@ def test_a_database_upgraded_by_a_newer_release_is_refused(database: SAEngine):
     assert version_rows(database) == ["f00d"]
 
 
+def test_an_upgrade_that_fails_part_way_leaves_nothing_and_the_next_start_completes_it(database: SAEngine):
+    """A migration is all or nothing on SQLite too (whose driver runs DDL outside transactions unless
+    told otherwise): a start that fails part way (here an index name taken by another table; a crash or a
+    full disk alike) must not leave tables that the next start then refuses as "not what 0.1.0 made"."""
+    with database.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE other_app (a INTEGER)")
+        conn.exec_driver_sql("CREATE INDEX ix_overrides_status ON other_app (a)")
+
+    with pytest.raises(Exception, match="ix_overrides_status"):
+        migrate(database)
+    database.dispose()
+    assert sorted(inspect(database).get_table_names()) == ["other_app"]
+
+    with database.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE other_app")
+    assert migrate(database) == head_revision()
+    with database.connect() as conn:
+        assert schema_differences(conn, _models()) == []
+
+
 def test_migrating_a_current_database_changes_nothing(database: SAEngine):
     migrate(database)
     migrate(database)
