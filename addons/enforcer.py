@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import replace
 
 from mitmproxy import ctx, exceptions, http
 
@@ -41,7 +40,7 @@ from proxy.calls.mcp.sse import SseRewriter, unreadable_problem
 from proxy.calls.mcp.tools import filter_tool_list
 from proxy.calls.tunnels import authority_of
 from proxy.decision.decisions import Answer, Decision, decide_call
-from proxy.decision.gate import Outcome, Verdict
+from proxy.decision.gate import Verdict
 from proxy.decision.upstream import CONNECT_TIMEOUT_MESSAGE, OWN_API_MESSAGE, classify
 from proxy.oversight.held_calls import requested_wait
 from proxy.runtime import Runtime
@@ -178,29 +177,21 @@ class Enforcer:
 
     async def _decided(self, flow: http.HTTPFlow, verdict: Verdict, wait: float | None = None) -> Verdict | None:
         """None when the call may go upstream (allowed, or granted and released); else the refusal."""
-        if verdict.outcome is Outcome.ESCALATE:
-            verdict = await self._hold(flow, verdict, wait)
-            if verdict is None:
-                return None  # granted and released: forward the original call, once
-        elif verdict.allowed:
-            return None
-        else:
-            verdict = await self._grant_refused(verdict)
+        if wait is None:
+            wait = requested_wait(flow.request.headers.get("Prefer"), self.runtime.settings.hold_max_wait)
+        resolution = await self.runtime.oversight.settle(
+            verdict, wait, flow.request.headers.get("X-Agent-Justification"),
+            client_alive=lambda: flow.live and not flow.error and flow.client_conn.connected,
+        )
+        if resolution.release:
+            return None  # allowed, or granted and released: forward the original call, once
+        verdict = resolution.verdict
         log.info(
             "%s %s %s %s: %s", verdict.outcome.value, verdict.call.agent, printable(verdict.call.method),
             self._shown(verdict.call.url),
             ", ".join(p.policy_id for p in verdict.determining) or verdict.problem.value,
         )
         return verdict
-
-    async def _grant_refused(self, verdict: Verdict) -> Verdict:
-        """A hard deny of a call a human granted earlier spends that grant, and says so."""
-        try:
-            refused = await self.runtime.oversight.refuse_grant(verdict)
-        except Exception:  # the call is refused either way; only the better answer is lost
-            log.exception("looking for a grant of %s failed", verdict.call.url)
-            return verdict
-        return refused.verdict if refused is not None else verdict
 
     async def _settle_batch(self, flow: http.HTTPFlow, decision: Decision) -> Answer:
         """Settle each verdict of a JSON-RPC batch; a refused message is recorded at once.
@@ -225,22 +216,6 @@ class Enforcer:
             # The answers are read (tools/list is filtered) and, for an event stream, rewritten as they
             # stream: ask the server for them unencoded.
             flow.request.headers.pop("accept-encoding", None)
-
-    async def _hold(self, flow: http.HTTPFlow, verdict: Verdict, wait: float | None) -> Verdict | None:
-        """Hold an escalated call; None when it is released, else the refusal to answer with."""
-        if wait is None:
-            wait = requested_wait(flow.request.headers.get("Prefer"), self.runtime.settings.hold_max_wait)
-        try:
-            resolution = await self.runtime.oversight.resolve(
-                verdict, wait, flow.request.headers.get("X-Agent-Justification"),
-                client_alive=lambda: flow.live and not flow.error and flow.client_conn.connected,
-            )
-        except Exception as exc:  # the override path failing must refuse, never release
-            log.exception("override handling failed for %s", self._shown(verdict.call.url))
-            return replace(verdict, detail=f"{verdict.detail} (the override request could not be stored: {exc})")
-        if resolution.release:
-            return None
-        return resolution.verdict
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         response = flow.response

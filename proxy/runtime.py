@@ -19,7 +19,7 @@ from proxy.calls.mapping import MappingOptions
 from proxy.calls.redaction import Redaction
 from proxy.cedar.engine import Engine
 from proxy.cedar.escalation import parse_duration
-from proxy.decision.gate import Gate, Verdict
+from proxy.decision.gate import Gate, Outcome, Verdict
 from proxy.oversight.held_calls import Oversight, Resolution
 from proxy.oversight.holds import Holds
 from proxy.oversight.jobs import Jobs
@@ -127,6 +127,12 @@ class WithoutReview:
                   f"{self.reason}. The call was not held and no override request was opened; "
                   "ask the operator.")
         return Resolution(False, replace(verdict, problem=Problem.REVIEW_UNAVAILABLE, detail=detail))
+
+    async def settle(self, verdict: Verdict, wait: float, justification: str | None,
+                     client_alive: Callable[[], bool]) -> Resolution:
+        if verdict.outcome is Outcome.ESCALATE:
+            return await self.resolve(verdict, wait, justification, client_alive)
+        return await self._oversight.settle(verdict, wait, justification, client_alive)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._oversight, name)

@@ -67,6 +67,9 @@ class Verdict:
     # The permits that allow the call once its escalatable forbids are lifted: what a grant releases under.
     beneath: tuple[PolicyInfo, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)  # more problem members, e.g. the override id
+    # What an override for this MCP message binds to (`Message.binding`), from the one parse of its body;
+    # None for other calls, or where the call was mapped without a reading of it.
+    binding: bytes | None = None
 
     @property
     def allowed(self) -> bool:
@@ -155,7 +158,7 @@ class Gate:
         evaluation = self.engine.evaluate(request, snapshot)
         determining = evaluation.policies
         common = dict(base, request=request, determining=determining, errors=evaluation.errors,
-                      revision=evaluation.revision)
+                      revision=evaluation.revision, binding=_binding(request, reading))
         if evaluation.allowed:
             return Verdict(**common, outcome=Outcome.ALLOW)
         if evaluation.errors or evaluation.decision != "Deny":
@@ -288,3 +291,10 @@ class Gate:
             return {}
         return {"detail": {k: request.context[k] for k in MCP_DETAIL if k in request.context}}
 
+
+def _binding(request: CedarRequest, reading: Reading | None) -> bytes | None:
+    """The binding of the one MCP message a call carries, from what was read of it."""
+    body = reading.body if reading is not None else None
+    if request.action[1] not in MCP_ACTIONS or body is None or body.batch or len(body.messages) != 1:
+        return None
+    return body.messages[0].binding()

@@ -64,6 +64,15 @@ def requested_wait(prefer: str | None, maximum: float) -> float:
     return 0.0 if "respond-async" in preferences else maximum
 
 
+def _binding(verdict: Verdict) -> bytes | None:
+    """What an override for the call binds to: from the decision's one reading of an MCP body, read
+    here only for a verdict decided without that reading (an MCP call mapped on its own)."""
+    assert verdict.request is not None
+    if verdict.binding is not None:
+        return verdict.binding
+    return binding_of(verdict.request.action[1], verdict.call.body)
+
+
 class Oversight:
     def __init__(self, gate: Gate, workflow: OverrideWorkflow, api_base_url: Callable[[], str]) -> None:
         self.gate = gate
@@ -71,6 +80,28 @@ class Oversight:
         self.overrides = workflow.store  # reads only
         self.holds = workflow.holds
         self.api_base_url = api_base_url
+
+    async def settle(self, verdict: Verdict, wait: float, justification: str | None,
+                     client_alive: Callable[[], bool]) -> Resolution:
+        """What becomes of a decided call, the one question an adapter asks: an allowed call is released;
+        an escalated one is held until a human decides or `wait` ends (`resolve`); a hard-denied one is
+        refused, spending a grant a human gave that exact call (`refuse_grant`). A failure on the override
+        path refuses the call, never releases it."""
+        if verdict.allowed:
+            return Resolution(True, verdict)
+        if verdict.outcome is Outcome.ESCALATE:
+            try:
+                return await self.resolve(verdict, wait, justification, client_alive)
+            except Exception as exc:
+                log.exception("override handling failed for %s", self.gate.shown_url(verdict.call.url))
+                detail = f"{verdict.detail} (the override request could not be stored: {exc})"
+                return Resolution(False, replace(verdict, detail=detail))
+        try:
+            refused = await self.refuse_grant(verdict)
+        except Exception:  # the call is refused either way; only the better answer is lost
+            log.exception("looking for a grant of %s failed", self.gate.shown_url(verdict.call.url))
+            return Resolution(False, verdict)
+        return refused if refused is not None else Resolution(False, verdict)
 
     async def resolve(self, verdict: Verdict, wait: float, justification: str | None,
                       client_alive: Callable[[], bool]) -> Resolution:
@@ -145,7 +176,7 @@ class Oversight:
             cedar_request={"principal": f'Agent::"{request.principal[1]}"', "action": verdict.action,
                            "resource": verdict.resource, "context": request.context},
             revision=verdict.revision, justification=justification,
-            binding=binding_of(request.action[1], verdict.call.body),
+            binding=_binding(verdict),
         )
         return override
 
@@ -157,7 +188,7 @@ class Oversight:
         """
         if verdict.request is None or verdict.outcome not in (Outcome.DENY, Outcome.ERROR):
             return None
-        binding = binding_of(verdict.request.action[1], verdict.call.body)
+        binding = _binding(verdict)
         override = await asyncio.to_thread(self.overrides.granted_for, verdict.call, binding)
         if override is None:
             return None

@@ -20,8 +20,10 @@ from proxy_support import make_call
 
 import addons.enforcer
 import proxy.calls.mapping
+import proxy.oversight.held_calls
 from addons.enforcer import Enforcer
 from proxy.calls.mapping import Call
+from proxy.calls.mcp.binding import binding_of
 from proxy.calls.mcp.refusals import REFUSED_CODE
 from proxy.cedar.engine import Engine
 from proxy.cedar.manifest import Manifest
@@ -117,6 +119,30 @@ def test_the_proxy_parses_an_mcp_body_once(runtime, counted):
     enforce(runtime, flow)
     assert flow.response is None  # allowed: forwarded
     assert counted == {"parse_json": 1, "parse_messages": 1, "mcp_endpoint": 1}
+
+
+def test_an_escalated_mcp_call_binds_its_override_from_the_one_reading(runtime, counted, monkeypatch):
+    """Holding the call reads nothing again: the override binds to the message as the decision read it,
+    the same bytes as reading the body anew would give (a grant must match the retry)."""
+    reread = []
+    monkeypatch.setattr(proxy.oversight.held_calls, "binding_of", lambda *args: reread.append(args))
+    bound = []
+    open_request = runtime.workflow.open
+
+    def opening(*args, **kwargs):
+        bound.append(kwargs["binding"])
+        return open_request(*args, **kwargs)
+
+    monkeypatch.setattr(runtime.workflow, "open", opening)
+    call = mcp_call(tool_call("delete_repository", {"repo": "acme/old"}))
+    flow = proxy_flow(call)
+    enforce(runtime, flow)
+    assert flow.response is not None
+    problem = json.loads(flow.response.content)["result"]["_meta"]["cedargate/problem"]
+    assert problem["type"] == Problem.OVERRIDE_PENDING.uri
+    assert counted == {"parse_json": 1, "parse_messages": 1, "mcp_endpoint": 1}
+    assert reread == []
+    assert bound == [binding_of("call_tool", call.body)]
 
 
 # -- a batch is decided message by message ----------------------------------------------------------------

@@ -20,11 +20,11 @@ from typing import Any
 
 import cedarpy
 import pytest
-import test_slicing as slicing
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from proxy_support import POLICIES, make_call, write_policy_file
 
+import tests.proxy.cedar.test_slicing as slicing
 from proxy.calls.mapping import MappingError, MappingOptions, map_call
 from proxy.cedar.engine import Engine
 from proxy.cedar.escalation import is_escalatable

@@ -358,3 +358,41 @@ def test_an_escalated_call_with_a_body_too_large_to_review_is_refused_with_413(l
     assert "max_override_body_bytes" in body["detail"] and "Retry-After" not in refused.verdict.extra_headers
     assert limited.overrides.list() == []
     assert json.loads(refused_events(limited)[0]["payload"])["reason"] == "body-too-large"
+
+
+# -- settle: the one question an adapter asks of a decided call -------------------------------------------
+
+def settle(runtime: Runtime, verdict: Verdict, wait: float = 0.0) -> Resolution:
+    return asyncio.run(runtime.oversight.settle(verdict, wait, None, client_alive=lambda: True))
+
+
+def test_settle_releases_an_allowed_call_and_opens_nothing(runtime: Runtime):
+    verdict = runtime.gate.decide(make_call("GET", "http://127.0.0.1:9000/v1/instances"))
+    assert verdict.allowed
+    assert settle(runtime, verdict) == Resolution(True, verdict)
+    assert runtime.overrides.list(status="pending") == []
+
+
+def test_settle_refuses_a_hard_deny_as_decided(runtime: Runtime):
+    verdict = runtime.gate.decide(make_call("GET", "http://127.0.0.1:9000/v1/instances", agent="stranger"))
+    assert verdict.outcome is Outcome.DENY  # no policy permits an unknown agent: nothing to grant
+    assert settle(runtime, verdict) == Resolution(False, verdict)
+
+
+def test_settle_holds_an_escalated_call_and_opens_its_request(runtime: Runtime):
+    resolution = settle(runtime, stop_verdict(runtime))
+    assert not resolution.release
+    assert resolution.verdict.problem is Problem.OVERRIDE_PENDING
+    assert [o.id for o in runtime.overrides.list(status="pending")] == [resolution.override_id]
+
+
+def test_settle_refuses_an_escalated_call_whose_request_cannot_be_stored(runtime: Runtime, monkeypatch):
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(runtime.workflow, "open", broken)
+    verdict = stop_verdict(runtime)
+    resolution = settle(runtime, verdict)
+    assert not resolution.release
+    assert resolution.verdict.problem is verdict.problem
+    assert resolution.verdict.detail.endswith("(the override request could not be stored: disk full)")
