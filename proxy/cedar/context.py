@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 # The methods cedargate forwards, each the Cedar action of its lower-case name; any other is refused.
 METHODS = ("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE")
@@ -119,5 +119,5 @@ def decimal_of_float(value: float) -> dict[str, Any] | None:
     return None
 
 
-def is_decimal(value: object) -> bool:
+def is_decimal(value: object) -> TypeGuard[dict[str, Any]]:
     return isinstance(value, dict) and "__extn" in value
