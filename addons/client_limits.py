@@ -55,7 +55,8 @@ class ClientLimits:
         limited_http.install()
 
     def configure(self, updated: set[str]) -> None:
-        if not self._given and (self.settings is None or "cedargate_config" in updated):
+        # Settings given to the constructor are never None (`_given`); otherwise they come from the options.
+        if self.settings is None or (not self._given and "cedargate_config" in updated):
             self.settings = settings_from_options()
         elif self.guard is not None:
             return
@@ -71,40 +72,46 @@ class ClientLimits:
         ctx.options.update(cedargate_max_header_bytes=settings.max_header_bytes,
                            cedargate_max_request_body_bytes=settings.max_request_body_bytes)
 
+    # mitmproxy calls `configure` before any other hook, so `guard` is set by then; without it, a hook
+    # has nothing to report to.
     def client_connected(self, client: connection.Client) -> None:
-        self.guard.opened(client)
+        if self.guard is not None:
+            self.guard.opened(client)
 
     def client_disconnected(self, client: connection.Client) -> None:
-        self.guard.closed(client)
+        if self.guard is not None:
+            self.guard.closed(client)
 
     # A tunnel relayed as raw bytes (passthrough_hosts) has no requests to wait for. mitmproxy relays one
     # when an addon picks a TCP layer for it, or has a TLS handshake ignored: seen here, as this addon
     # comes after cedargate's others.
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
-        if isinstance(nextlayer.layer, (layers.TCPLayer, layers.UDPLayer)):
+        if self.guard is not None and isinstance(nextlayer.layer, (layers.TCPLayer, layers.UDPLayer)):
             self.guard.request_started(nextlayer.context.client, TUNNEL)
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
-        if data.ignore_connection:
+        if self.guard is not None and data.ignore_connection:
             self.guard.request_started(data.context.client, TUNNEL)
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
-        if flow.metadata.get(AGENT):
+        if self.guard is not None and flow.metadata.get(AGENT):
             self.guard.proven(flow.client_conn)
             # The tunnel's first request must come as promptly as a new connection's.
             self.guard.await_request(flow.client_conn)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         # Only an authenticated request stops the clock: an unauthenticated client gets 407 and no more time.
-        if flow.metadata.get(AGENT):
+        if self.guard is not None and flow.metadata.get(AGENT):
             self.guard.proven(flow.client_conn)
             self.guard.request_started(flow.client_conn, flow.id)
 
     def response(self, flow: http.HTTPFlow) -> None:
-        self.guard.request_finished(flow.client_conn, flow.id)
+        if self.guard is not None:
+            self.guard.request_finished(flow.client_conn, flow.id)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self.guard.request_finished(flow.client_conn, flow.id)
+        if self.guard is not None:
+            self.guard.request_finished(flow.client_conn, flow.id)
 
 
 def _close_client(client: connection.Client, why: str) -> None:

@@ -89,6 +89,13 @@ class Enforcer:
         if self.runtime and not self._given:
             self.runtime.jobs.start()
 
+    def _core(self) -> Runtime:
+        """The core deciding calls: given, or started by `configure` (which mitmproxy calls before any
+        other hook). Without it, a hook that needs it raises: `request` then answers the call 500."""
+        if self.runtime is None:
+            raise RuntimeError("the enforcer has no policies loaded")
+        return self.runtime
+
     def _shown(self, url: str) -> str:
         """A URL for the log: query secrets redacted, terminal escapes made visible."""
         return self.runtime.gate.shown_url(url) if self.runtime else printable(url)
@@ -112,7 +119,8 @@ class Enforcer:
             return
         except OSError:
             return  # unresolvable: the connection will fail on its own
-        if gate.reaches_own_api({info[4][0] for info in infos}, port):
+        # An IP address, as a string: a lookup by host name gives AF_INET and AF_INET6 socket addresses only.
+        if gate.reaches_own_api({str(info[4][0]) for info in infos}, port):
             data.server.error = OWN_API_MESSAGE
 
     def tcp_start(self, flow) -> None:
@@ -146,8 +154,7 @@ class Enforcer:
         if not agent:  # only reachable if authentication did not run; never forward unattributed calls
             flow.response = proxy_auth_required("missing")
             return
-        if self.runtime is None:
-            raise RuntimeError("the enforcer has no policies loaded")
+        self._core()  # refused before the call is read, if there are no policies to decide it
         frame_body(flow.request)
         call = call_of(flow, agent)
         send_origin_form(flow.request)  # what goes upstream names the host decided on, and only that one
@@ -168,7 +175,7 @@ class Enforcer:
         self._prepare_mcp(flow, answer.exchange)
 
     async def _decide(self, call: Call) -> Decision:
-        gate = self.runtime.gate
+        gate = self._core().gate
         if len(call.body) > gate.mapping.max_body_bytes:
             # A large body (a form or multipart upload read for `_method`, say) is read in a worker
             # thread: one agent's upload must not hold up every other call on the event loop.
@@ -177,19 +184,22 @@ class Enforcer:
 
     async def _decided(self, flow: http.HTTPFlow, verdict: Verdict, wait: float | None = None) -> Verdict | None:
         """None when the call may go upstream (allowed, or granted and released); else the refusal."""
+        runtime = self._core()
         if wait is None:
-            wait = requested_wait(flow.request.headers.get("Prefer"), self.runtime.settings.hold_max_wait)
-        resolution = await self.runtime.oversight.settle(
+            wait = requested_wait(flow.request.headers.get("Prefer"), runtime.settings.hold_max_wait)
+        resolution = await runtime.oversight.settle(
             verdict, wait, flow.request.headers.get("X-Agent-Justification"),
             client_alive=lambda: flow.live and not flow.error and flow.client_conn.connected,
         )
         if resolution.release:
             return None  # allowed, or granted and released: forward the original call, once
         verdict = resolution.verdict
+        why = ", ".join(p.policy_id for p in verdict.determining)
+        if not why and verdict.problem is not None:  # a refusal always has its problem
+            why = verdict.problem.value
         log.info(
             "%s %s %s %s: %s", verdict.outcome.value, verdict.call.agent, printable(verdict.call.method),
-            self._shown(verdict.call.url),
-            ", ".join(p.policy_id for p in verdict.determining) or verdict.problem.value,
+            self._shown(verdict.call.url), why,
         )
         return verdict
 
@@ -203,7 +213,7 @@ class Enforcer:
         for verdict in decision.verdicts:
             refused = await self._decided(flow, verdict, wait=0.0)
             if refused is not None:
-                self.runtime.gate.finish(refused, None)
+                self._core().gate.finish(refused, None)
             refusals.append(refused)
         answer = decision.answer(refusals)
         flow.metadata[VERDICTS] = list(answer.forwarded)
@@ -238,7 +248,7 @@ class Enforcer:
                 # (Any other answer is read whole, in `response`.)
                 response.stream = SseRewriter(
                     self._tool_filter(flow), exchange.answers, requests=_requests(exchange),
-                    max_event_bytes=self.runtime.settings.max_mcp_event_bytes,
+                    max_event_bytes=self._core().settings.max_mcp_event_bytes,
                     on_refused=lambda: _end_upstream(flow),
                 )
                 response.headers.pop("content-length", None)  # the rewritten stream has another length
@@ -265,7 +275,7 @@ class Enforcer:
         exchange: Exchange | None = flow.metadata.get(MCP)
         if exchange is not None and not flow.response.stream:
             try:
-                await self._rewrite_answer(flow, exchange)
+                await self._rewrite_answer(flow, flow.response, exchange)
             except AnswerTooLarge as exc:
                 log.warning("refused the MCP answer to %s: %s", flow.request.pretty_url, exc)
                 flow.response = unreadable_answer(
@@ -285,7 +295,8 @@ class Enforcer:
     def _upstream_failed(self, flow: http.HTTPFlow, message: str) -> None:
         """Record how a forwarded call failed, and answer the agent (`error_pages` sends the answer)."""
         verdicts = flow.metadata.pop(VERDICTS, None) or ()
-        settings = self.runtime.settings
+        runtime = self._core()
+        settings = runtime.settings
         # The call left cedargate once its upstream connection was up: mitmproxy sends it right then.
         sent = flow.server_conn.timestamp_tcp_setup is not None
         failure = classify(
@@ -299,22 +310,21 @@ class Enforcer:
         request = flow.request
         log.info("%s to %s:%s: %s", request.method, request.host, request.port, failure.recorded)
         for verdict in verdicts:
-            self.runtime.gate.finish(verdict, None, failure)
+            runtime.gate.finish(verdict, None, failure)
         if verdicts and failure.answerable:
             flow.response = refusal(failure.refusal(verdicts[0]))
 
-    async def _rewrite_answer(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
+    async def _rewrite_answer(self, flow: http.HTTPFlow, response: http.Response, exchange: Exchange) -> None:
         """Filter the tool lists in a whole (not streamed) MCP answer and add cedargate's answers to it.
 
         Decoding, reading and rewriting run in a worker thread: a large or compressed answer must not
         hold up the other calls on the event loop. An answer cedargate changed or decoded goes to the
         agent unencoded: the bytes it checked.
         """
-        response = flow.response
         if _encoding(response) not in ANSWER_ENCODINGS or (response.raw_content and not _readable(response)):
             raise ValueError(f"an answer cedargate may read otherwise than the client: "
                              f"{response.headers.get('content-type')!r}, {_encoding(response)!r}")
-        settings = self.runtime.settings
+        settings = self._core().settings
         checked = await asyncio.to_thread(
             check_answer, response.raw_content or b"", _encoding(response), _media(response),
             response.status_code, self._tool_filter(flow), exchange.answers, _requests(exchange),
@@ -328,17 +338,17 @@ class Enforcer:
 
     def _tool_filter(self, flow: http.HTTPFlow):
         call = call_of(flow, flow.metadata[AGENT])
-        gate = self.runtime.gate
+        gate = self._core().gate
         return lambda answer: filter_tool_list(answer, lambda names: gate.visible_tools(call, names))
 
     def _finish_forwarded(self, flow: http.HTTPFlow, status: int | None) -> None:
         """Record the verdicts of what was forwarded, once the upstream answered or failed."""
         for verdict in flow.metadata.pop(VERDICTS, None) or ():
-            self.runtime.gate.finish(verdict, status)
+            self._core().gate.finish(verdict, status)
 
     def _refused(self, flow: http.HTTPFlow, verdict: Verdict) -> None:
         flow.metadata.pop(VERDICTS, None)
-        self.runtime.gate.finish(verdict, None)
+        self._core().gate.finish(verdict, None)
 
 
 def call_of(flow: http.HTTPFlow, agent: str) -> Call:

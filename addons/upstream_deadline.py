@@ -57,6 +57,8 @@ class UpstreamDeadlines:
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return  # refused, or already failed: nothing goes upstream
+        if self.settings is None:
+            return  # not configured (mitmproxy calls `configure` before any hook): no deadline to keep
         forwarded = time.time()
         self._arm(flow, self.settings.upstream_connect_timeout, self._connect_due, forwarded)
 
@@ -67,6 +69,8 @@ class UpstreamDeadlines:
         timer.cancel()
         if flow.response is None or flow.response.stream or flow.error or not flow.live:
             return  # streamed as it comes (see the module docstring), or over
+        if self.settings is None:
+            return  # not configured: `request` armed no timer either
         self._arm(flow, self.settings.upstream_read_timeout, self._read_due, True)
 
     def response(self, flow: http.HTTPFlow) -> None:
@@ -79,8 +83,9 @@ class UpstreamDeadlines:
         if isinstance(data.conn, connection.Server):
             self._handshaking.add(data.conn)
 
+    # The timers below are armed by `request` and `responseheaders` only once `settings` is set.
     def _connect_due(self, flow: http.HTTPFlow, forwarded: float) -> None:
-        if flow.response is not None or flow.error or not flow.live:
+        if flow.response is not None or flow.error or not flow.live or self.settings is None:
             return
         server = flow.server_conn
         if server.timestamp_tcp_setup is not None:
@@ -101,6 +106,8 @@ class UpstreamDeadlines:
     def _read_due(self, flow: http.HTTPFlow, headers_seen: bool) -> None:
         if flow.error or not flow.live or (flow.response is not None) != headers_seen:
             return  # over, or its headers just came: `responseheaders` arms the next wait
+        if self.settings is None:
+            return
         handler = _connection_handler(flow)
         io = handler.transports.get(flow.server_conn) if handler else None
         if io is None or io.handler is None:

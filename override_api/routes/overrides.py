@@ -81,8 +81,10 @@ def _summary_fields(o: Override) -> dict:
 def _public(runtime, o: Override) -> OverridePublic:
     votes = runtime.overrides.votes(o.id)
     cedar_request = json.loads(o.cedar_request)
+    tool = tool_call(cedar_request, o.body)
     return OverridePublic(
-        **_summary_fields(o), tool=tool_call(cedar_request, o.body), headers=json.loads(o.headers),
+        **_summary_fields(o), tool=None if tool is None else ToolCallPublic.model_validate(tool),
+        headers=json.loads(o.headers),
         body=o.body.decode("utf-8", "replace"),
         body_sha256=o.body_sha256, justification=o.justification, cedar_request=cedar_request,
         policies=json.loads(o.policies), requirements=json.loads(o.requirements), policy_revision=o.policy_revision,
@@ -108,9 +110,8 @@ def list_overrides(
 def show_override(override_id: str, runtime: RuntimeDep, approver: CurrentApprover) -> OverridePublic:
     override = runtime.overrides.get(override_id)
     # A request the approver may not decide is answered as one that does not exist.
-    visible = override is not None and (runtime.sees_all_overrides(approver.roles)
-                                        or can_decide(override, approver.roles))
-    if not visible:
+    if override is None or not (runtime.sees_all_overrides(approver.roles)
+                                or can_decide(override, approver.roles)):
         raise HTTPException(404, detail=f"no override request {override_id}")
     return _public(runtime, override)
 

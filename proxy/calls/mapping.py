@@ -251,7 +251,7 @@ def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = No
     return CedarRequest(("Agent", call.agent), ("Action", action), ("Host", host), context)
 
 
-def _mcp_request(call: Call, reading: Reading, context: dict,
+def _mcp_request(call: Call, reading: Reading, context: dict[str, Any],
                  argument_types: Mapping[str, str]) -> CedarRequest:
     """A message on an MCP endpoint: `call_tool` on its Tool, or `mcp_rpc` on its server
     (see proxy.calls.mcp)."""

@@ -106,13 +106,13 @@ DECIMAL_TEXT = re.compile(r"-?\d{1,15}(\.\d{1,4})?")
 _DECIMAL_LIMIT = 922_337_203_685_477
 
 
-def decimal(text: str) -> dict:
+def decimal(text: str) -> dict[str, Any]:
     """The Cedar JSON of a decimal written as `text` (already checked against DECIMAL_TEXT)."""
     # Cedar's decimal literal needs a fractional digit ("2.0", not "2").
     return {"__extn": {"fn": "decimal", "arg": text if "." in text else f"{text}.0"}}
 
 
-def decimal_of_float(value: float) -> dict | None:
+def decimal_of_float(value: float) -> dict[str, Any] | None:
     """A float as a Cedar decimal; None when a decimal cannot hold it exactly enough (4 places)."""
     if math.isfinite(value) and abs(value) < _DECIMAL_LIMIT and round(value, 4) == value:
         return decimal(f"{value:.4f}".rstrip("0").rstrip("."))

@@ -361,7 +361,7 @@ class Engine:
         # `lifted` in the key: the same request may be denied by the full set and allowed by the other.
         key = (lifted, request.principal, request.action, request.resource,
                canonical(cedar_request["context"]))
-        cached = snap.decisions.get(key)
+        cached: Evaluation | None = snap.decisions.get(key)  # the cache holds what is put below
         if cached is not None:
             return cached
         result = cedarpy.is_authorized(cedar_request, sliced.policy_set, entities)

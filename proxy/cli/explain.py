@@ -70,9 +70,9 @@ def explain(engine: Engine, call: Call, mapping: MappingOptions | None = None) -
             "decision": "allow" if decisions == {"allow"} else "/".join(sorted(decisions - {"allow"}))}
 
 
-def _explain(gate: Gate, verdict: Verdict) -> dict:
+def _explain(gate: Gate, verdict: Verdict) -> dict[str, Any]:
     call, request = verdict.call, verdict.request
-    report: dict = {
+    report: dict[str, Any] = {
         "call": {"agent": call.agent, "method": call.method.upper(), "url": call.url},
         "principal": f'{request.principal[0]}::"{request.principal[1]}"' if request else None,
         "action": verdict.action or None,

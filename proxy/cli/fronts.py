@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,7 +90,7 @@ def api_server(runtime: Runtime, open_files: int) -> uvicorn.Server:
 
     class _Server(uvicorn.Server):
         @contextlib.contextmanager
-        def capture_signals(self):  # the composer's handlers stop both fronts
+        def capture_signals(self) -> Iterator[None]:  # the composer's handlers stop both fronts
             yield
 
     # The API's connections under the same timeouts and cap as the proxy's (see override_api.connections);
@@ -101,7 +102,9 @@ def api_server(runtime: Runtime, open_files: int) -> uvicorn.Server:
     )
     return _Server(uvicorn.Config(
         create_app(runtime), host=settings.api.host, port=settings.api.port, log_level="warning",
-        lifespan="off", http=guarded_protocol(guard), timeout_keep_alive=settings.idle_timeout,
+        lifespan="off", http=guarded_protocol(guard),
+        # Typed int by uvicorn, which only hands it to loop.call_later: a float is kept as it is.
+        timeout_keep_alive=settings.idle_timeout,  # type: ignore[arg-type]
         h11_max_incomplete_event_size=settings.max_header_bytes,
         # asyncio accepts up to `backlog` connections at once, before the guard sees any: uvicorn's 2,048
         # would take every free file in a flood, and the proxy's calls would fail for want of one.

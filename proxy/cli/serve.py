@@ -45,8 +45,8 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     opts = options.Options(listen_host=settings.proxy.host, listen_port=settings.proxy.port)
     master = DumpMaster(opts, with_termlog=False, with_dumper=False)
     # Among them ClientLimits: request size caps, timeouts and the unauthenticated-connection cap.
-    master.addons.add(*default_addons(runtime, open_files))
-    opts.update(**mitmproxy_options(settings))
+    master.addons.add(*default_addons(runtime, open_files))  # type: ignore[no-untyped-call]  # mitmproxy: unannotated
+    opts.update(**mitmproxy_options(settings))  # type: ignore[no-untyped-call]  # mitmproxy: unannotated
     api = api_server(runtime, open_files)
 
     loop = asyncio.get_running_loop()

@@ -38,7 +38,7 @@ ALLOW_HINT = "set allow_non_loopback: true in cedargate_config"
 STOP_TIMEOUT = 5.0
 
 
-def standalone_addons() -> list:
+def standalone_addons() -> list[object]:
     chain = default_addons()
     enforcer = next(addon for addon in chain if isinstance(addon, Enforcer))
     return [*chain, Standalone(lambda: enforcer.runtime)]
@@ -54,14 +54,15 @@ class Standalone:
         self.api_address: tuple[str, int] | None = None
         self.unavailable: str | None = None
         self._socket: socket.socket | None = None
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
     def configure(self, updated: set[str]) -> None:
         runtime = self._runtime_of()
         if runtime is None or runtime is self._runtime:
             return
         if self._chosen is None:  # the first configure: what the command line set is the user's choice
-            self._chosen = frozenset(name for name in USER_CHOICES if ctx.options.has_changed(name))
+            self._chosen = frozenset(name for name in USER_CHOICES
+                                     if ctx.options.has_changed(name))  # type: ignore[no-untyped-call]  # mitmproxy: unannotated
         settings = runtime.settings
         wanted = mitmproxy_options(settings)
         if "confdir" in self._chosen:
@@ -75,13 +76,13 @@ class Standalone:
             if "listen_host" not in self._chosen:  # a listen_host given on the command line is meant
                 check_loopback("proxy", settings.proxy.host, settings.allow_non_loopback, ALLOW_HINT)
         except ConfigError as exc:
-            raise exceptions.OptionsError(str(exc)) from exc
+            raise exceptions.OptionsError(str(exc)) from exc  # type: ignore[no-untyped-call]  # mitmproxy: unannotated
         if "listen_host" in self._chosen and ctx.options.listen_host in ("", "0.0.0.0", "::"):
             log.warning("the proxy listens on all interfaces (listen_host=%r, as set)",
                         ctx.options.listen_host)
         changed = {name: value for name, value in wanted.items() if getattr(ctx.options, name) != value}
         if changed:
-            ctx.options.update(**changed)
+            ctx.options.update(**changed)  # type: ignore[no-untyped-call]  # mitmproxy: unannotated
         self._runtime = runtime
         if self.api is not None:  # running: the API now reports on the rebuilt core
             app = cast("FastAPI", self.api.config.app)

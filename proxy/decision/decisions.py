@@ -15,6 +15,7 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from proxy.calls.mapping import Call, read_call, split_batch
 from proxy.calls.mcp.jsonrpc import Exchange
@@ -39,7 +40,7 @@ class Answer:
     exchange: Exchange | None = None
     body: bytes | None = None
     refusal: Verdict | None = None
-    rpc: tuple[dict, ...] = ()
+    rpc: tuple[dict[str, Any], ...] = ()
     batch: bool = False
 
 

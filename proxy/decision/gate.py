@@ -133,7 +133,7 @@ class Gate:
                 errors=(f"{type(exc).__name__}: {exc}",), detail="cedargate could not decide this call",
             )
 
-    def _decide(self, call: Call, base: dict, reading: Reading | None, snapshot: Snapshot) -> Verdict:
+    def _decide(self, call: Call, base: dict[str, Any], reading: Reading | None, snapshot: Snapshot) -> Verdict:
         if self.recorder is not None and self.recorder.unavailable_reason():
             # The reason itself is for operators (/status, the log); it may describe others' calls.
             return Verdict(

@@ -25,6 +25,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from proxy.calls.mcp.binding import binding_of
 from proxy.decision.gate import Gate, Outcome, Verdict
@@ -140,7 +141,8 @@ class Oversight:
                     client_alive: Callable[[], bool]) -> Resolution | None:
         while True:
             # Read after subscribing, so a decision committed from here on still wakes this hold.
-            override = await asyncio.to_thread(self.overrides.get, override.id) or override
+            current = await asyncio.to_thread(self.overrides.get, override.id)
+            override = current or override
             status = OverrideStatus(override.status)
             if status is OverrideStatus.GRANTED:
                 if not client_alive():  # leave the grant for the agent's retry
@@ -167,15 +169,17 @@ class Oversight:
             await wait_for_event(woken, remaining)
 
     async def _open(self, verdict: Verdict, justification: str | None) -> Override:
-        request = verdict.request
+        request, escalation, revision = verdict.request, verdict.escalation, verdict.revision
+        # Only an escalated verdict is held (`resolve`), and the gate gives one all three.
+        assert request is not None and escalation is not None and revision is not None
         policies = [{"id": p.policy_id, "reason": p.reason, "annotations": dict(p.annotations)}
                     for p in verdict.determining]
         override, _ = await asyncio.to_thread(
             self.workflow.open, verdict.call, decision_id=verdict.decision_id,
-            escalation=verdict.escalation, policies=policies,
+            escalation=escalation, policies=policies,
             cedar_request={"principal": f'Agent::"{request.principal[1]}"', "action": verdict.action,
                            "resource": verdict.resource, "context": request.context},
-            revision=verdict.revision, justification=justification,
+            revision=revision, justification=justification,
             binding=_binding(verdict),
         )
         return override
@@ -231,7 +235,8 @@ class Oversight:
 
     def _refuse(self, verdict: Verdict, override: Override, problem: Problem, detail: str) -> Resolution:
         status_url = f"{self.api_base_url()}/overrides/{override.id}"
-        extra = {"override_id": override.id, "override_status": override.status, "override_url": status_url}
+        extra: dict[str, Any] = {"override_id": override.id, "override_status": override.status,
+                                 "override_url": status_url}
         headers = dict(verdict.extra_headers)
         if problem is Problem.OVERRIDE_PENDING:
             headers["Retry-After"] = "10"

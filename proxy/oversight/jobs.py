@@ -30,7 +30,7 @@ class Job:
 class Jobs:
     def __init__(self, workflow: OverrideWorkflow, *, expiry_interval: float = EXPIRY_INTERVAL) -> None:
         self.jobs = [Job("override expiry", expiry_interval, workflow.expire_due)]
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
 
     @property
     def running(self) -> bool:

@@ -24,14 +24,15 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum, StrEnum
+from typing import Any
 
-from sqlalchemy import Column, DateTime, LargeBinary, UniqueConstraint, update
+from sqlalchemy import Column, ColumnElement, DateTime, LargeBinary, UniqueConstraint, update
 from sqlalchemy.engine import Engine as SAEngine
-from sqlmodel import Field, Session, SQLModel, func, select
+from sqlmodel import Field, Session, SQLModel, col, func, select
 
 from proxy.calls.mapping import Call, is_secret_header
 from proxy.calls.redaction import Redaction
@@ -63,7 +64,7 @@ class Ballot(StrEnum):
     DENY = "deny"
 
 
-def _moment(index: bool = False, optional: bool = False):
+def _moment(index: bool = False, optional: bool = False) -> Any:
     # timestamptz on PostgreSQL, so comparisons never depend on the server's time zone.
     return Field(default=None if optional else ..., index=index, sa_type=DateTime(timezone=True))
 
@@ -148,7 +149,7 @@ def fingerprint(call: Call, binding: bytes | None = None) -> str:
     return hashlib.sha256(canonical(parts, Form.FINGERPRINT)).hexdigest()
 
 
-def headers_for_review(headers) -> dict[str, str]:
+def headers_for_review(headers: Mapping[str, str]) -> dict[str, str]:
     # A reviewer sees that a credential was sent, never its value.
     return {k: ("[redacted]" if is_secret_header(k) else v) for k, v in headers.items()
             if k.lower() != "proxy-authorization"}
@@ -185,8 +186,8 @@ class OverrideStore:
         migrate(engine)
 
     def open_or_attach(
-        self, call: Call, *, decision_id: str, escalation: Escalation, policies: list[dict],
-        cedar_request: dict, revision: str, justification: str | None, binding: bytes | None = None,
+        self, call: Call, *, decision_id: str, escalation: Escalation, policies: list[dict[str, Any]],
+        cedar_request: dict[str, Any], revision: str, justification: str | None, binding: bytes | None = None,
         session: Session | None = None,
     ) -> tuple[Override, bool]:
         """The live (pending or granted) override for this exact call, or a new pending one.
@@ -211,8 +212,8 @@ class OverrideStore:
             live = session.exec(
                 select(Override).where(
                     Override.fingerprint == print_,
-                    Override.status.in_([OverrideStatus.PENDING.value, OverrideStatus.GRANTED.value]),
-                ).order_by(Override.created_at.desc())
+                    col(Override.status).in_([OverrideStatus.PENDING.value, OverrideStatus.GRANTED.value]),
+                ).order_by(col(Override.created_at).desc())
             ).first()
             if live and _still_live(live, now):
                 return live, False
@@ -245,8 +246,8 @@ class OverrideStore:
                 select(Override).where(
                     Override.fingerprint == fingerprint(call, binding),
                     Override.status == OverrideStatus.GRANTED.value,
-                    Override.grant_expires_at > utcnow(),
-                ).order_by(Override.created_at.desc())
+                    col(Override.grant_expires_at) > utcnow(),
+                ).order_by(col(Override.created_at).desc())
             ).first()
 
     def _admit(self, session: Session, call: Call, now: datetime) -> None:
@@ -293,14 +294,14 @@ class OverrideStore:
     def votes(self, override_id: str) -> list[Vote]:
         with Session(self.engine) as session:
             rows = session.exec(
-                select(OverrideVote).where(OverrideVote.override_id == override_id).order_by(OverrideVote.at)
+                select(OverrideVote).where(OverrideVote.override_id == override_id).order_by(col(OverrideVote.at))
             ).all()
         return [Vote(r.approver, frozenset(json.loads(r.roles)), r.verdict, r.reason, r.at) for r in rows]
 
     def list(self, status: str | None = None, agent: str | None = None, action: str | None = None,
              limit: int = 100, roles: frozenset[str] | None = None) -> list[Override]:
         """Newest first; with `roles`, only the requests someone holding them can decide (`can_decide`)."""
-        query = select(Override).order_by(Override.created_at.desc(), Override.id)
+        query = select(Override).order_by(col(Override.created_at).desc(), col(Override.id))
         if status:
             query = query.where(Override.status == status)
         if agent:
@@ -343,22 +344,23 @@ class OverrideStore:
 
     @staticmethod
     def move(session: Session, override_id: str, from_status: OverrideStatus, to_status: OverrideStatus | None,
-             *, version: int | None = None, unexpired_grant: bool = False, **values) -> bool:
+             *, version: int | None = None, unexpired_grant: bool = False, **values: Any) -> bool:
         """Conditionally UPDATE one override still in `from_status` (and at `version`, if given): True
         for exactly one caller. `to_status` None changes only its version (a vote that decided nothing).
 
         `unexpired_grant` also requires the grant to be within its time, so releasing never depends
         on the expiry job having run.
         """
-        condition = [Override.id == override_id, Override.status == from_status.value]
+        condition: list[ColumnElement[bool]] = [col(Override.id) == override_id,
+                                                col(Override.status) == from_status.value]
         if version is not None:
-            condition.append(Override.version == version)
+            condition.append(col(Override.version) == version)
         if unexpired_grant:
-            condition.append(Override.grant_expires_at > utcnow())
+            condition.append(col(Override.grant_expires_at) > utcnow())
         if to_status is not None:
             values["status"] = to_status.value
-        changed = session.execute(
-            update(Override).where(*condition).values(version=Override.version + 1, **values)
+        changed = session.exec(
+            update(Override).where(*condition).values(version=col(Override.version) + 1, **values)
         ).rowcount
         return changed == 1
 
@@ -366,8 +368,8 @@ class OverrideStore:
         """Pending requests and unused grants past their time: (id, status now)."""
         with Session(self.engine) as session:
             rows = session.exec(select(Override.id, Override.status).where(
-                ((Override.status == OverrideStatus.PENDING.value) & (Override.expires_at <= now))
-                | ((Override.status == OverrideStatus.GRANTED.value) & (Override.grant_expires_at <= now))
+                ((col(Override.status) == OverrideStatus.PENDING.value) & (col(Override.expires_at) <= now))
+                | ((col(Override.status) == OverrideStatus.GRANTED.value) & (col(Override.grant_expires_at) <= now))
             )).all()
         return [(override_id, OverrideStatus(status)) for override_id, status in rows]
 

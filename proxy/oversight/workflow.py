@@ -58,8 +58,8 @@ class OverrideWorkflow:
 
     # --- opening ----------------------------------------------------------------------------------
 
-    def open(self, call: Call, *, decision_id: str, escalation: Escalation, policies: list[dict],
-             cedar_request: dict, revision: str, justification: str | None,
+    def open(self, call: Call, *, decision_id: str, escalation: Escalation, policies: list[dict[str, Any]],
+             cedar_request: dict[str, Any], revision: str, justification: str | None,
              binding: bytes | None = None) -> tuple[Override, bool]:
         """The live request for this exact call, or a new pending one recorded as `override_created`.
 

@@ -265,7 +265,7 @@ class Recorder:
 
     def _write(self, batch: list[tuple[str, dict[str, Any]]]) -> bool:
         """Commit decisions and events, retrying until they are in; False if the recorder closed first."""
-        table = DecisionRecord.__table__
+        table = DecisionRecord.__table__  # type: ignore[attr-defined]  # SQLModel sets it on table models, untyped
         rows = [_table_row(item) for tag, item in batch if tag == _DECISION]
         events = [_decision_event(item) if tag == _DECISION else item for tag, item in batch]
         while True:

@@ -153,7 +153,7 @@ CATALOGUE: dict[Problem, ProblemType] = {
 }
 
 
-def problem_document(problem: Problem, status: int | None = None, detail: str = "", **more: Any) -> dict:
+def problem_document(problem: Problem, status: int | None = None, detail: str = "", **more: Any) -> dict[str, Any]:
     """The RFC 9457 members every cedargate answer has, also where no call was decided; `status` defaults
     to the problem's usual one, and `more` adds members (the decision id, the override...)."""
     entry = problem.entry
@@ -165,7 +165,7 @@ def problem_document(problem: Problem, status: int | None = None, detail: str = 
     return document
 
 
-def http_problem(status: int, detail: Any, **more: Any) -> dict:
+def http_problem(status: int, detail: Any, **more: Any) -> dict[str, Any]:
     """An error of the override API's HTTP: `about:blank`, titled by its status (RFC 9457 4.2.1) unless
     `more` gives a title; `more` adds members."""
     try:

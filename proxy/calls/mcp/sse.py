@@ -25,7 +25,7 @@ DEFAULT_MAX_EVENT = 1024 * 1024
 _UNCHECKED = "cedargate could not check the MCP server's answer, so it is not passed on"
 
 
-def unreadable_problem(detail: str = "") -> dict:
+def unreadable_problem(detail: str = "") -> dict[str, Any]:
     """The problem for a server's answer cedargate could not check, and so did not pass on."""
     return problem_document(Problem.UPSTREAM_ANSWER, 502, detail or _UNCHECKED)
 
