@@ -4,8 +4,10 @@ Every process that opens the record calls `migrate(engine)`: it brings the datab
 revision (`versions/`), so a release that adds a column upgrades the databases of the one before.
 Two processes starting at once on one new database must not both create the tables, so the upgrade
 runs under a lock that only one of them holds; the other then finds the database current. A database
-made by cedargate 0.1.0 (tables from `create_all`, no alembic_version table) is checked against the
-baseline revision's tables and stamped with it, keeping every row.
+made by cedargate 0.1.0 or earlier (tables from `create_all`, no version table) is checked against the
+baseline revision's tables, its indexes brought to the baseline's, and stamped with it, keeping every row.
+The revision is kept in a table of cedargate's own, `cedargate_alembic_version`, not Alembic's default
+`alembic_version`: a PostgreSQL schema may hold another Alembic-managed application's tables.
 
 Migrations are configured here, from the files shipped in the package: no alembic.ini at run time.
 """
@@ -13,7 +15,9 @@ Migrations are configured here, from the files shipped in the package: no alembi
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -25,13 +29,24 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import MetaData, create_engine, event, inspect, make_url, text
+from sqlalchemy import Index, MetaData, create_engine, event, inspect, make_url, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import NullPool
 
 BASELINE = "0001"
-VERSION_TABLE = "alembic_version"
+VERSION_TABLE = "cedargate_alembic_version"
 _HERE = Path(__file__).parent
+
+# Indexes that releases before the baseline made and the baseline no longer has, by name, with the
+# table, columns and uniqueness they had: commit 3146976 replaced the decisions table's single-column
+# indexes on agent, host and decision by one on (agent, at).
+_OBSOLETE_INDEXES = {
+    "ix_decisions_agent": ("decisions", ("agent",), False),
+    "ix_decisions_host": ("decisions", ("host",), False),
+    "ix_decisions_decision": ("decisions", ("decision",), False),
+}
+
+log = logging.getLogger(__name__)
 
 
 class MigrationError(Exception):
@@ -67,20 +82,57 @@ def baseline_schema() -> MetaData:
     return module.schema()  # type: ignore[no-any-return]
 
 
+def _context(conn: Connection, **opts: Any) -> MigrationContext:
+    return MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE, **opts})
+
+
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+_quiet_saved = logging.NOTSET
+
+
+@contextmanager
+def _alembic_quiet() -> Iterator[None]:
+    """Alembic's INFO lines ("Context impl SQLiteImpl.", "Running upgrade ...") silenced meanwhile.
+
+    Only the "alembic" loggers, and only for as long as this lasts (counted, as the record and the
+    override store may migrate from two threads): the caller's logging configuration is otherwise kept.
+    """
+    global _quiet_depth, _quiet_saved
+    logger = logging.getLogger("alembic")
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            _quiet_saved = logger.level
+            logger.setLevel(max(logging.WARNING, _quiet_saved))
+        _quiet_depth += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                logger.setLevel(_quiet_saved)
+
+
 def current_revision(engine: Engine) -> str | None:
     """The revision the database is at; None for a new database or one made before migrations."""
-    with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+    with _alembic_quiet(), engine.connect() as conn:
+        return _context(conn).get_current_revision()
 
 
 def migrate(engine: Engine) -> str:
     """Bring the database to the newest revision, under the migration lock; returns that revision."""
+    with _alembic_quiet():
+        return _migrate(engine)
+
+
+def _migrate(engine: Engine) -> str:
     head = head_revision()
     if current_revision(engine) == head:  # the common start: nothing to do, no lock to wait for
         return head
     with _migration_lock(engine) as conn:
         # Checked again under the lock: another process may have just done the work.
-        revision = MigrationContext.configure(conn).get_current_revision()
+        revision = _context(conn).get_current_revision()
         unversioned = revision is None and _has_baseline_tables(conn)
         conn.rollback()
         if revision is not None and revision not in _known_revisions():
@@ -92,10 +144,19 @@ def migrate(engine: Engine) -> str:
             # One transaction: adopting and upgrading happen wholly or not at all (on SQLite, see
             # `_transactional_sqlite`).
             with conn.begin():
-                if unversioned:
-                    _adopt_unversioned(conn)
+                reconciled = _adopt_unversioned(conn) if unversioned else []
                 command.upgrade(alembic_config(conn), "head")
+            if unversioned:
+                log.info("adopted %s, made before schema migrations (%s), and brought it to revision %s",
+                         _shown(engine), "; ".join(reconciled) or "nothing to change", head)
+            else:
+                log.info("upgraded %s from %s to revision %s", _shown(engine),
+                         f"revision {revision}" if revision else "no revision (a new database)", head)
     return head
+
+
+def _shown(engine: Engine) -> str:
+    return engine.url.render_as_string(hide_password=True)
 
 
 @contextmanager
@@ -170,28 +231,54 @@ def _has_baseline_tables(conn: Connection) -> bool:
     return bool(existing & set(baseline_schema().tables))
 
 
-def _adopt_unversioned(conn: Connection) -> None:
-    """A database made by 0.1.0's create_all: check its tables are the baseline's, then stamp it.
+def _adopt_unversioned(conn: Connection) -> list[str]:
+    """A database made by 0.1.0's create_all, or an earlier release's: check its tables are the
+    baseline's, bring its indexes to the baseline's, then stamp it; returns what it changed, readable.
 
     A table 0.1.0 made only when its part ran (the override tables) may be missing: it is created.
-    Anything else that differs means the database is not what cedargate made, and is left untouched.
+    Indexes hold no data, so they are reconciled: the baseline's missing ones are created, and those
+    that an earlier cedargate made and the baseline no longer has (`_OBSOLETE_INDEXES`, matched by name
+    and definition) are dropped. Dropping them is safe, since no query depends on them for its result,
+    and wanted: cedargate removed them because each one costs a write on every recorded call, and
+    a database left at the baseline exactly is what later revisions are written against. An index
+    cedargate never made (or one of the baseline's names with another definition) is not ours to drop:
+    it, like any difference in tables or columns, means the database is not what cedargate made, and it
+    is left untouched.
     """
     baseline = baseline_schema()
     existing = set(inspect(conn).get_table_names())
     missing = [t for t in baseline.sorted_tables if t.name not in existing]
-    problems = _differences(conn, baseline, only=existing)
-    if problems:
+    diffs = _compare(conn, baseline, only=existing)
+    to_create = sorted((d[1] for d in diffs if isinstance(d, tuple) and d[0] == "add_index"),
+                       key=lambda index: str(index.name))
+    to_drop = sorted((d[1] for d in diffs
+                      if isinstance(d, tuple) and d[0] == "remove_index" and _obsolete(d[1])),
+                     key=lambda index: str(index.name))
+    if len(to_create) + len(to_drop) != len(diffs):
         raise MigrationError(
-            f"the database's tables differ from those cedargate 0.1.0 made ({'; '.join(problems)}); "
+            f"the database's tables differ from those cedargate 0.1.0 made "
+            f"({'; '.join(_describe(d) for d in diffs)}); "
             "it was left unchanged: point cedargate at a new database, or mend these tables"
         )
+    for index in to_drop:
+        index.drop(conn)
+    for index in to_create:
+        index.create(conn)
     baseline.create_all(conn, tables=missing)
     command.stamp(alembic_config(conn), BASELINE)
+    return ([f"dropped index {i.name}" for i in to_drop] + [f"created index {i.name}" for i in to_create]
+            + [f"created table {t.name}" for t in missing])
 
 
-def _differences(conn: Connection, metadata: MetaData, *, only: set[str] | None = None) -> list[str]:
-    """What autogenerate would change to make the database match `metadata`, as readable lines."""
-    context = MigrationContext.configure(conn, opts={"compare_type": True})
+def _obsolete(index: Index) -> bool:
+    columns = tuple(column.name for column in index.columns)
+    known = _OBSOLETE_INDEXES.get(str(index.name))
+    return known == (index.table.name if index.table is not None else None, columns, bool(index.unique))
+
+
+def _compare(conn: Connection, metadata: MetaData, *, only: set[str] | None = None) -> list[Any]:
+    """What autogenerate would change to make the database match `metadata`."""
+    context = _context(conn, compare_type=True)
     wanted = set(metadata.tables) if only is None else set(metadata.tables) & only
 
     def in_scope(obj, name, type_, reflected, compare_to) -> bool:  # type: ignore[no-untyped-def]
@@ -201,7 +288,12 @@ def _differences(conn: Connection, metadata: MetaData, *, only: set[str] | None 
         return table is None or table.name in wanted
 
     context.opts["include_object"] = in_scope
-    return [_describe(diff) for diff in compare_metadata(context, metadata)]
+    return list(compare_metadata(context, metadata))
+
+
+def _differences(conn: Connection, metadata: MetaData, *, only: set[str] | None = None) -> list[str]:
+    """What autogenerate would change to make the database match `metadata`, as readable lines."""
+    return [_describe(diff) for diff in _compare(conn, metadata, only=only)]
 
 
 def schema_differences(conn: Connection, metadata: MetaData) -> list[str]:

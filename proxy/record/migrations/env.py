@@ -5,6 +5,8 @@ A developer runs `alembic` with the repository's alembic.ini, which names no dat
 `alembic -x url=sqlite:///.cedargate/cedargate.db ...`. Only then are the
 models loaded, every package's tables into one metadata, for `alembic revision --autogenerate`; that is
 why this script, which the core never imports, may reach the oversight package above the record.
+Either way the revision is kept in cedargate's own table (`VERSION_TABLE`), not Alembic's default
+alembic_version, which another application's migrations may own in a shared schema.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import importlib
 from alembic import context
 from sqlalchemy import MetaData
 from sqlalchemy.engine import Connection
+
+from proxy.record.migrations import VERSION_TABLE
 
 MODEL_MODULES = ("proxy.record.store", "proxy.record.audit", "proxy.oversight.overrides")
 
@@ -33,6 +37,7 @@ def run(connection: Connection, target_metadata: MetaData | None) -> None:
         connection=connection,
         target_metadata=target_metadata,
         compare_type=True,
+        version_table=VERSION_TABLE,
         # SQLite alters a table by copying it: autogenerate writes batch operations that do so.
         render_as_batch=connection.dialect.name == "sqlite",
     )

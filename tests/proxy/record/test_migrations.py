@@ -4,6 +4,7 @@ agree, and processes starting at once on one new database all start. On SQLite a
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import time
@@ -67,6 +68,15 @@ CREATE TABLE override_votes (
     UNIQUE (override_id, approver), FOREIGN KEY(override_id) REFERENCES overrides (id));
 CREATE INDEX ix_override_votes_override_id ON override_votes (override_id);
 """
+# Releases before commit 3146976 indexed five single columns of the decisions table (decision_id, at,
+# agent, host, decision); it kept the first two and replaced the others by one on (agent, at).
+OLDER_RELEASE_DDL = RELEASE_0_1_0_DDL.replace(
+    "CREATE INDEX ix_decisions_agent_at ON decisions (agent, at);",
+    "CREATE INDEX ix_decisions_agent ON decisions (agent);\n"
+    "CREATE INDEX ix_decisions_host ON decisions (host);\n"
+    "CREATE INDEX ix_decisions_decision ON decisions (decision);",
+)
+assert OLDER_RELEASE_DDL != RELEASE_0_1_0_DDL
 TYPES = {
     "sqlite": {"moment": "DATETIME", "blob": "BLOB", "serial": "INTEGER"},
     "postgresql": {"moment": "TIMESTAMP WITH TIME ZONE", "blob": "BYTEA", "serial": "SERIAL"},
@@ -88,9 +98,10 @@ def database(database_url: str) -> Iterator[SAEngine]:
     engine.dispose()
 
 
-def make_0_1_0_database(engine: SAEngine, *, leave_out: tuple[str, ...] = ()) -> None:
+def make_0_1_0_database(engine: SAEngine, *, leave_out: tuple[str, ...] = (),
+                        release_ddl: str = RELEASE_0_1_0_DDL) -> None:
     """The tables as 0.1.0 made them, less the statements containing any of `leave_out`."""
-    ddl = RELEASE_0_1_0_DDL.format(**TYPES[engine.dialect.name])
+    ddl = release_ddl.format(**TYPES[engine.dialect.name])
     with engine.begin() as conn:
         for statement in ddl.split(";"):
             if statement.strip() and not any(part in statement for part in leave_out):
@@ -127,13 +138,13 @@ def add_0_1_0_rows(engine: SAEngine) -> None:
 
 def version_rows(engine: SAEngine) -> list[str]:
     with engine.connect() as conn:
-        return list(conn.execute(text("SELECT version_num FROM alembic_version")).scalars())
+        return list(conn.execute(text("SELECT version_num FROM cedargate_alembic_version")).scalars())
 
 
 def test_a_0_1_0_database_upgrades_in_place_and_keeps_its_rows(database: SAEngine):
     make_0_1_0_database(database)
     add_0_1_0_rows(database)
-    assert "alembic_version" not in inspect(database).get_table_names()
+    assert "cedargate_alembic_version" not in inspect(database).get_table_names()
 
     # Starting cedargate's record and override store on it, as `cedargate run` does.
     recorder = Recorder(database, retry_interval=0.05)
@@ -157,10 +168,115 @@ def test_a_0_1_0_database_upgrades_in_place_and_keeps_its_rows(database: SAEngin
     assert version_rows(database) == [head_revision()]
 
 
-def test_a_0_1_0_database_without_its_override_tables_gets_them(database: SAEngine):
+def index_names(engine: SAEngine, table: str) -> list[str]:
+    engine.dispose()
+    return sorted(str(index["name"]) for index in inspect(engine).get_indexes(table))
+
+
+def test_a_database_of_a_release_before_the_decisions_indexes_changed_starts_with_them_replaced(
+        database: SAEngine, caplog: pytest.LogCaptureFixture):
+    """Such a database differs from the baseline in indexes only: they are brought to the baseline's."""
+    make_0_1_0_database(database, release_ddl=OLDER_RELEASE_DDL)
+    add_0_1_0_rows(database)
+    assert index_names(database, "decisions") == [
+        "ix_decisions_agent", "ix_decisions_at", "ix_decisions_decision", "ix_decisions_decision_id",
+        "ix_decisions_host"]
+    caplog.set_level(logging.INFO)
+
+    recorder = Recorder(database, retry_interval=0.05)
+    try:
+        old = OverrideStore(database).get("ovr-old")
+        started = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
+        recorder.record({**_new_decision(), "decision_id": "d-new"})
+        assert recorder.flush() and recorder.unavailable_reason() is None
+        assert old is not None and (old.status, old.body) == ("pending", b'{"force": true}')
+    finally:
+        recorder.close()
+    assert started == [(
+        "proxy.record.migrations", "INFO",
+        f"adopted {database.url}, made before schema migrations (dropped index ix_decisions_agent; dropped "
+        "index ix_decisions_decision; dropped index ix_decisions_host; created index ix_decisions_agent_at)"
+        f", and brought it to revision {head_revision()}")]
+    with database.connect() as conn:
+        rows = conn.execute(text("SELECT decision_id, decision FROM decisions ORDER BY id")).all()
+        assert schema_differences(conn, _models()) == []
+    assert [tuple(r) for r in rows] == [("d-old", "escalate"), ("d-new", "allow")]
+    checked = audit.verify(database)
+    assert checked.ok and checked.rows_checked == 2
+    assert version_rows(database) == [head_revision()]
+    assert index_names(database, "decisions") == [
+        "ix_decisions_agent_at", "ix_decisions_at", "ix_decisions_decision_id"]
+
+
+def test_an_index_cedargate_never_made_is_refused_and_left_alone(database: SAEngine):
+    make_0_1_0_database(database, release_ddl=OLDER_RELEASE_DDL)
+    with database.begin() as conn:
+        conn.exec_driver_sql("CREATE INDEX ix_decisions_path ON decisions (path)")
+    indexes_before = index_names(database, "decisions")
+
+    with pytest.raises(MigrationError) as refused:
+        migrate(database)
+    message = str(refused.value)
+    assert message.startswith("the database's tables differ from those cedargate 0.1.0 made (")
+    assert "remove_index ix_decisions_path" in message and "add_index ix_decisions_agent_at" in message
+    assert index_names(database, "decisions") == indexes_before
+    assert "cedargate_alembic_version" not in inspect(database).get_table_names()
+
+
+def test_a_schema_shared_with_another_alembic_managed_application_is_no_obstacle(database: SAEngine):
+    """cedargate keeps its revision in a table of its own: another application's alembic_version, in
+    the same PostgreSQL schema, is neither read nor changed."""
+    with database.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL PRIMARY KEY)")
+        conn.exec_driver_sql("INSERT INTO alembic_version VALUES ('a1b2c3')")
+    assert current_revision(database) is None
+
+    assert migrate(database) == head_revision()
+    assert current_revision(database) == head_revision()
+    assert version_rows(database) == [head_revision()]
+    with database.connect() as conn:
+        assert list(conn.execute(text("SELECT version_num FROM alembic_version")).scalars()) == ["a1b2c3"]
+
+
+def test_a_0_1_0_database_in_a_shared_schema_is_adopted(database: SAEngine):
+    with database.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL PRIMARY KEY)")
+        conn.exec_driver_sql("INSERT INTO alembic_version VALUES ('a1b2c3')")
+    make_0_1_0_database(database)
+    assert migrate(database) == head_revision()
+    assert version_rows(database) == [head_revision()]
+
+
+def test_a_start_logs_one_line_when_it_upgrades_and_nothing_from_alembic(
+        database: SAEngine, caplog: pytest.LogCaptureFixture):
+    caplog.set_level(logging.INFO)
+    alembic_level = logging.getLogger("alembic").level
+
+    migrate(database)
+    assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == [(
+        "proxy.record.migrations", "INFO",
+        f"upgraded {database.url} from no revision (a new database) to revision {head_revision()}")]
+
+    caplog.clear()
+    Recorder(database).close()
+    OverrideStore(database)
+    assert current_revision(database) == head_revision()
+    assert caplog.records == []
+    # The user's logging configuration is left as it was.
+    assert logging.getLogger("alembic").level == alembic_level
+    logging.getLogger("alembic.runtime.migration").info("after migrate")
+    assert [r.getMessage() for r in caplog.records] == ["after migrate"]
+
+
+def test_a_0_1_0_database_without_its_override_tables_gets_them(
+        database: SAEngine, caplog: pytest.LogCaptureFixture):
     """0.1.0 made the override tables only once its override store started: the record alone is adopted."""
     make_0_1_0_database(database, leave_out=("TABLE overrides", "ON overrides", "override_votes"))
+    caplog.set_level(logging.INFO)
     migrate(database)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"adopted {database.url}, made before schema migrations (created table overrides; created table "
+        f"override_votes), and brought it to revision {head_revision()}"]
     assert current_revision(database) == head_revision()
     with database.connect() as conn:
         assert schema_differences(conn, _models()) == []
@@ -179,7 +295,7 @@ def test_an_unversioned_database_cedargate_did_not_make_is_refused_and_left_alon
     assert "add_index ix_decisions_agent_at" in message and "remove_column overrides reviewer" in message
     assert message.endswith("it was left unchanged: point cedargate at a new database, or mend these tables")
     database.dispose()
-    assert sorted(inspect(database).get_table_names()) == tables_before  # no alembic_version either
+    assert sorted(inspect(database).get_table_names()) == tables_before  # no cedargate_alembic_version either
 
 
 def test_the_baseline_revision_is_exactly_what_0_1_0_made(database: SAEngine):
@@ -207,7 +323,7 @@ def test_the_models_and_the_migrations_agree(database: SAEngine):
 def test_a_database_upgraded_by_a_newer_release_is_refused(database: SAEngine):
     migrate(database)
     with database.begin() as conn:
-        conn.execute(text("UPDATE alembic_version SET version_num = 'f00d'"))
+        conn.execute(text("UPDATE cedargate_alembic_version SET version_num = 'f00d'"))
 
     with pytest.raises(MigrationError) as refused:
         OverrideStore(database)

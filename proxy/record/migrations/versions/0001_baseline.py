@@ -2,7 +2,7 @@
 
 The tables are written out here, frozen, rather than taken from the models: the models will change and
 this revision must keep creating what 0.1.0 created. `proxy.record.migrations` also uses `schema()` to
-check a database made by 0.1.0 (no alembic_version table) before stamping it with this revision.
+check a database made by 0.1.0 (no version table) before stamping it with this revision.
 
 Revision ID: 0001
 Revises:
