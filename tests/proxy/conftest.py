@@ -32,6 +32,14 @@ def db_path(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, db_path: Path) -> str:
+    """The record's database, once as a SQLite file and once as a throw-away PostgreSQL schema."""
+    if request.param == "sqlite":
+        return f"sqlite:///{db_path}"
+    return str(request.getfixturevalue("pg_url"))
+
+
 @pytest.fixture
 def recorder(db_path: Path) -> Iterator[Recorder]:
     rec = Recorder(make_engine(f"sqlite:///{db_path}"), retry_interval=0.05)

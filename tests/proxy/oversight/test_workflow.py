@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,13 +26,6 @@ from proxy.record.store import Recorder, make_engine
 MANAGER = Requirement("protect-production-instances", ("engineering-manager",), 1)
 SECURITY_AND_LEAD = Requirement("no-volume-deletion", ("security", "lead-engineer"), 2)
 ERIN = frozenset({"engineering-manager"})
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'cedargate.db'}"
-    return request.getfixturevalue("pg_url")
 
 
 @pytest.fixture

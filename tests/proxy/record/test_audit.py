@@ -32,17 +32,10 @@ STOP_DEV = ("POST", "http://localhost:9000/v1/instances/i-1/stop")
 DELETE_VOLUME = ("DELETE", "http://localhost:9000/v1/volumes/v-1")
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def store_url(request: pytest.FixtureRequest, db_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{db_path}"
-    return request.getfixturevalue("pg_url")
-
-
 @pytest.fixture
-def audited(store_url: str, engine: Engine) -> Iterator[tuple[Recorder, Gate]]:
+def audited(database_url: str, engine: Engine) -> Iterator[tuple[Recorder, Gate]]:
     # batch_size=3: the story below spans several transactions, so the chain crosses batches.
-    recorder = Recorder(make_engine(store_url), batch_size=3, retry_interval=0.05)
+    recorder = Recorder(make_engine(database_url), batch_size=3, retry_interval=0.05)
     yield recorder, Gate(engine, recorder)
     recorder.close(timeout=2)
     recorder.engine.dispose()
@@ -128,15 +121,15 @@ def _audit(*argv: str) -> int:
 # ---- the chain as written ---------------------------------------------------------------------------
 
 
-def test_decisions_and_events_are_chained_in_the_order_they_happened(audited, store_url: str):
+def test_decisions_and_events_are_chained_in_the_order_they_happened(audited, database_url: str):
     recorder, gate = audited
     expected = _story(recorder, gate)
 
-    rows = _rows(store_url)
+    rows = _rows(database_url)
     assert [r.seq for r in rows] == list(range(1, 11))
     assert [(r.kind, r.decision_id, r.override_id, r.agent, r.actor) for r in rows] == expected
 
-    eng = create_engine(store_url)
+    eng = create_engine(database_url)
     with eng.connect() as con:
         decisions = {r.decision_id: r for r in con.execute(text("SELECT * FROM decisions"))}
         head = con.execute(text("SELECT seq, hash FROM audit_head")).all()
@@ -152,13 +145,13 @@ def test_decisions_and_events_are_chained_in_the_order_they_happened(audited, st
         "reason": "clean up v-1", "expires_at": "2030-01-01T00:00:00+00:00"}
     assert head == [(10, rows[-1].hash)]
 
-    result = _verify(store_url)
+    result = _verify(database_url)
     assert result == VerifyResult(ok=True, rows_checked=10, head=(10, rows[-1].hash))
 
 
-def test_every_row_hash_follows_the_documented_formula(audited, store_url: str):
+def test_every_row_hash_follows_the_documented_formula(audited, database_url: str):
     _story(*audited)
-    rows = _rows(store_url)
+    rows = _rows(database_url)
     assert rows[0].prev_hash == GENESIS == "0" * 64
     for before, row in zip(rows, rows[1:], strict=False):
         assert row.prev_hash == before.hash
@@ -166,105 +159,105 @@ def test_every_row_hash_follows_the_documented_formula(audited, store_url: str):
 
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 1000])
-def test_verify_pages_through_the_log(audited, store_url: str, chunk_size: int):
+def test_verify_pages_through_the_log(audited, database_url: str, chunk_size: int):
     _story(*audited)
-    assert _verify(store_url, chunk_size).rows_checked == 10
-    _sql(store_url, "DELETE FROM audit_log WHERE seq = 9")
-    result = _verify(store_url, chunk_size)
+    assert _verify(database_url, chunk_size).rows_checked == 10
+    _sql(database_url, "DELETE FROM audit_log WHERE seq = 9")
+    result = _verify(database_url, chunk_size)
     assert (result.first_bad_seq, result.rows_checked) == (10, 8)
 
 
-def test_an_empty_log_verifies(audited, store_url: str):
-    assert _verify(store_url) == VerifyResult(ok=True, rows_checked=0)
+def test_an_empty_log_verifies(audited, database_url: str):
+    assert _verify(database_url) == VerifyResult(ok=True, rows_checked=0)
 
 
 # ---- tampering, each way ------------------------------------------------------------------------------
 
 
-def test_edited_payload_is_named_at_its_row(audited, store_url: str):
+def test_edited_payload_is_named_at_its_row(audited, database_url: str):
     recorder, gate = audited
     _story(recorder, gate)
-    (refused,) = [r for r in _rows(store_url) if r.seq == 2]
+    (refused,) = [r for r in _rows(database_url) if r.seq == 2]
     outcome = json.loads(refused.payload)["decision"]
     assert outcome != "allow"
 
-    _sql(store_url, "UPDATE audit_log SET payload = replace(payload, :was, :now) WHERE seq = 2",
+    _sql(database_url, "UPDATE audit_log SET payload = replace(payload, :was, :now) WHERE seq = 2",
          was=f'"decision":"{outcome}"', now='"decision":"allow"')
 
-    result = _verify(store_url)
+    result = _verify(database_url)
     assert not result.ok and result.first_bad_seq == 2 and result.rows_checked == 1
     assert result.reason == "edited: its hash does not match its content"
 
 
-def test_edited_actor_column_is_named_at_its_row(audited, store_url: str):
+def test_edited_actor_column_is_named_at_its_row(audited, database_url: str):
     _story(*audited)
-    _sql(store_url, "UPDATE audit_log SET actor = 'mallory' WHERE seq = 4")
-    result = _verify(store_url)
+    _sql(database_url, "UPDATE audit_log SET actor = 'mallory' WHERE seq = 4")
+    result = _verify(database_url)
     assert (result.first_bad_seq, result.reason) == (4, "edited: its hash does not match its content")
 
 
-def test_edited_row_with_a_recomputed_hash_is_caught_at_the_next_row(audited, store_url: str):
+def test_edited_row_with_a_recomputed_hash_is_caught_at_the_next_row(audited, database_url: str):
     _story(*audited)
-    row = _rows(store_url)[4]  # seq 5, the grant
+    row = _rows(database_url)[4]  # seq 5, the grant
     forged = row.payload.replace("600", "86400")
-    _sql(store_url, "UPDATE audit_log SET payload = :p, hash = :h WHERE seq = 5",
+    _sql(database_url, "UPDATE audit_log SET payload = :p, hash = :h WHERE seq = 5",
          p=forged, h=_documented_hash(row, payload=forged))
 
-    result = _verify(store_url)
+    result = _verify(database_url)
     assert (result.ok, result.first_bad_seq, result.rows_checked) == (False, 6, 5)
     assert result.reason.startswith("reordered or replaced")
 
 
-def test_deleted_middle_row_is_named_at_the_row_after_the_gap(audited, store_url: str):
+def test_deleted_middle_row_is_named_at_the_row_after_the_gap(audited, database_url: str):
     _story(*audited)
-    _sql(store_url, "DELETE FROM audit_log WHERE seq = 4")
-    result = _verify(store_url)
+    _sql(database_url, "DELETE FROM audit_log WHERE seq = 4")
+    result = _verify(database_url)
     assert (result.ok, result.first_bad_seq, result.rows_checked) == (False, 5, 3)
     assert result.reason == "row(s) deleted before seq 5 (seq 4 missing)"
 
 
-def test_deleted_last_rows_are_caught_by_the_head(audited, store_url: str):
+def test_deleted_last_rows_are_caught_by_the_head(audited, database_url: str):
     _story(*audited)
-    _sql(store_url, "DELETE FROM audit_log WHERE seq >= 9")
-    result = _verify(store_url)
+    _sql(database_url, "DELETE FROM audit_log WHERE seq >= 9")
+    result = _verify(database_url)
     assert (result.ok, result.first_bad_seq, result.rows_checked) == (False, 9, 8)
     assert result.reason.startswith("rows deleted at the end")
     assert "ends at seq 8" in result.reason and "says it ends at seq 10" in result.reason
 
 
-def test_swapped_rows_are_named_at_the_first_moved_row(audited, store_url: str):
+def test_swapped_rows_are_named_at_the_first_moved_row(audited, database_url: str):
     _story(*audited)
-    _sql(store_url,
+    _sql(database_url,
          "UPDATE audit_log SET seq = -1 WHERE seq = 3",
          "UPDATE audit_log SET seq = 3 WHERE seq = 4",
          "UPDATE audit_log SET seq = 4 WHERE seq = -1")
-    result = _verify(store_url)
+    result = _verify(database_url)
     assert (result.ok, result.first_bad_seq, result.rows_checked) == (False, 3, 2)
     assert result.reason.startswith("reordered or replaced")
 
 
-def test_replaced_last_row_is_caught_by_the_head(audited, store_url: str):
+def test_replaced_last_row_is_caught_by_the_head(audited, database_url: str):
     _story(*audited)
-    last = _rows(store_url)[-1]
+    last = _rows(database_url)[-1]
     forged = last.payload.replace('"upstream_status":200', '"upstream_status":500')
     assert forged != last.payload
-    _sql(store_url, "UPDATE audit_log SET payload = :p, hash = :h WHERE seq = 10",
+    _sql(database_url, "UPDATE audit_log SET payload = :p, hash = :h WHERE seq = 10",
          p=forged, h=_documented_hash(last, payload=forged))
-    result = _verify(store_url)
+    result = _verify(database_url)
     assert (result.first_bad_seq, result.rows_checked) == (10, 10)
     assert result.reason == "the last row was replaced: its hash differs from the one in audit_head"
 
 
-def test_row_appended_outside_cedargate_is_caught_by_the_head(audited, store_url: str):
+def test_row_appended_outside_cedargate_is_caught_by_the_head(audited, database_url: str):
     _story(*audited)
-    last = _rows(store_url)[-1]
+    last = _rows(database_url)[-1]
     extra = dict(last._mapping, seq=11, kind="approval", actor="mallory", prev_hash=last.hash)
-    _sql(store_url,
+    _sql(database_url,
          "INSERT INTO audit_log"
          " (seq, at, kind, decision_id, override_id, agent, actor, payload, prev_hash, hash) VALUES"
          " (:seq, :at, :kind, :decision_id, :override_id, :agent, :actor, :payload, :prev_hash, :hash)",
          **dict(extra, hash=_documented_hash(last, **extra)))
-    result = _verify(store_url)
+    result = _verify(database_url)
     assert (result.first_bad_seq, result.rows_checked) == (11, 11)
     assert "added outside cedargate" in result.reason
 
@@ -272,12 +265,12 @@ def test_row_appended_outside_cedargate_is_caught_by_the_head(audited, store_url
 # ---- the writer keeps the chain ---------------------------------------------------------------------
 
 
-def test_chain_continues_across_a_restart(audited, store_url: str, engine: Engine):
+def test_chain_continues_across_a_restart(audited, database_url: str, engine: Engine):
     recorder, gate = audited
     _story(recorder, gate)
     recorder.close()
 
-    again = Recorder(make_engine(store_url), retry_interval=0.05)
+    again = Recorder(make_engine(database_url), retry_interval=0.05)
     try:
         again.record_event({"kind": "approval", "override_id": "ovr-3", "actor": "bob"})
         Gate(engine, again).finish(Gate(engine, again).decide(make_call(*LIST)), 200)
@@ -285,18 +278,18 @@ def test_chain_continues_across_a_restart(audited, store_url: str, engine: Engin
     finally:
         again.close()
         again.engine.dispose()
-    assert [(r.seq, r.kind) for r in _rows(store_url)][-3:] == [
+    assert [(r.seq, r.kind) for r in _rows(database_url)][-3:] == [
         (10, "decision"), (11, "approval"), (12, "decision")]
-    assert _verify(store_url).rows_checked == 12
+    assert _verify(database_url).rows_checked == 12
 
 
-def test_cut_off_tail_stays_evident_after_a_restart(audited, store_url: str):
+def test_cut_off_tail_stays_evident_after_a_restart(audited, database_url: str):
     recorder, gate = audited
     _story(recorder, gate)
     recorder.close()
-    _sql(store_url, "DELETE FROM audit_log WHERE seq >= 9")
+    _sql(database_url, "DELETE FROM audit_log WHERE seq >= 9")
 
-    again = Recorder(make_engine(store_url), retry_interval=0.05)
+    again = Recorder(make_engine(database_url), retry_interval=0.05)
     try:
         again.record_event({"kind": "approval", "override_id": "ovr-3", "actor": "bob"})
         assert again.flush() and again.unavailable_reason() is None
@@ -304,52 +297,52 @@ def test_cut_off_tail_stays_evident_after_a_restart(audited, store_url: str):
         again.close()
         again.engine.dispose()
     # The new row follows the head (seq 10), not the last surviving row, so the cut is still a gap.
-    result = _verify(store_url)
+    result = _verify(database_url)
     assert (result.first_bad_seq, result.reason) == (11, "row(s) deleted before seq 11 (seq 9 to 10 missing)")
 
 
-def test_failed_batch_is_chained_once_after_recovery(audited, store_url: str):
+def test_failed_batch_is_chained_once_after_recovery(audited, database_url: str):
     recorder, gate = audited
     recorder.record_event({"kind": "override_created", "override_id": "ovr-1"})
     assert recorder.flush()
-    _sql(store_url, "DROP TABLE decisions")
+    _sql(database_url, "DROP TABLE decisions")
 
     gate.finish(gate.decide(make_call(*LIST)), 200)
     recorder.record_event({"kind": "approval", "override_id": "ovr-1", "actor": "alice"})
     gate.finish(gate.decide(make_call(*STOP_DEV)), 200)
     wait_until(recorder.unavailable_reason, "the recorder to report the failure")
     assert not recorder.flush(timeout=0.3)
-    assert [r.kind for r in _rows(store_url)] == ["override_created"]  # nothing half-written
+    assert [r.kind for r in _rows(database_url)] == ["override_created"]  # nothing half-written
 
-    SQLModel.metadata.create_all(make_engine(store_url))
+    SQLModel.metadata.create_all(make_engine(database_url))
     assert recorder.flush() and recorder.unavailable_reason() is None
-    assert [(r.seq, r.kind) for r in _rows(store_url)] == [
+    assert [(r.seq, r.kind) for r in _rows(database_url)] == [
         (1, "override_created"), (2, "decision"), (3, "approval"), (4, "decision")]
-    assert _verify(store_url).ok
+    assert _verify(database_url).ok
 
 
-def test_a_log_whose_head_was_deleted_is_not_extended(audited, store_url: str):
+def test_a_log_whose_head_was_deleted_is_not_extended(audited, database_url: str):
     recorder, gate = audited
     _story(recorder, gate)
     recorder.close()
-    _sql(store_url, "DELETE FROM audit_head")
-    assert _verify(store_url).reason == (
+    _sql(database_url, "DELETE FROM audit_head")
+    assert _verify(database_url).reason == (
         "the audit_head row is missing, so rows deleted after seq 10 cannot be ruled out")
 
-    again = Recorder(make_engine(store_url), retry_interval=0.05)
+    again = Recorder(make_engine(database_url), retry_interval=0.05)
     try:
         again.record_event({"kind": "approval", "override_id": "ovr-3", "actor": "bob"})
         wait_until(again.unavailable_reason, "the recorder to refuse the log")
         assert "audit_head is empty" in again.unavailable_reason()
         assert not again.healthy
-        assert len(_rows(store_url)) == 10
+        assert len(_rows(database_url)) == 10
     finally:
         again.close(timeout=0.3)
         again.engine.dispose()
 
 
-def test_verify_while_recording_never_reports_tampering(store_url: str):
-    recorder = Recorder(make_engine(store_url), batch_size=10, retry_interval=0.05)
+def test_verify_while_recording_never_reports_tampering(database_url: str):
+    recorder = Recorder(make_engine(database_url), batch_size=10, retry_interval=0.05)
     results = []
     try:
         for i in range(2000):
@@ -358,19 +351,19 @@ def test_verify_while_recording_never_reports_tampering(store_url: str):
         flushed = threading.Thread(target=lambda: (recorder.flush(), done.set()))
         flushed.start()
         while not done.is_set():
-            results.append(_verify(store_url, chunk_size=64))
+            results.append(_verify(database_url, chunk_size=64))
         flushed.join()
     finally:
         recorder.close()
         recorder.engine.dispose()
     assert [r for r in results if not r.ok] == []
-    assert _verify(store_url).rows_checked == 2000
+    assert _verify(database_url).rows_checked == 2000
 
 
 # ---- what record_event takes ------------------------------------------------------------------------
 
 
-def test_record_event_refuses_what_the_log_cannot_hold_at_the_call(audited, store_url: str):
+def test_record_event_refuses_what_the_log_cannot_hold_at_the_call(audited, database_url: str):
     recorder, _ = audited
     with pytest.raises(ValueError, match=r"unknown audit event keys \['overide_id'\]"):
         recorder.record_event({"kind": "approval", "overide_id": "ovr-1"})
@@ -382,10 +375,10 @@ def test_record_event_refuses_what_the_log_cannot_hold_at_the_call(audited, stor
         recorder.record_event({"kind": "approval", "payload": {"who": object()}})
     recorder.record_event({"kind": "approval", "override_id": "ovr-1"})
     assert recorder.flush() and recorder.healthy
-    assert [r.kind for r in _rows(store_url)] == ["approval"]
+    assert [r.kind for r in _rows(database_url)] == ["approval"]
 
 
-def test_odd_text_is_recorded_and_chained(audited, store_url: str):
+def test_odd_text_is_recorded_and_chained(audited, database_url: str):
     """A NUL or an undecodable byte in a path, and a lone surrogate in a reviewer's comment."""
     recorder, gate = audited
     verdict = gate.decide(make_call("GET", "http://127.0.0.1:9000/v1/instances/i-\udcff"))
@@ -393,31 +386,31 @@ def test_odd_text_is_recorded_and_chained(audited, store_url: str):
     recorder.record_event({"kind": "denial", "actor": "alice\x00", "payload": {"comment": "no \ud800"}})
     assert recorder.flush(timeout=3) and recorder.unavailable_reason() is None
 
-    eng = create_engine(store_url)
+    eng = create_engine(database_url)
     with eng.connect() as con:
         assert con.execute(text("SELECT path FROM decisions")).scalar_one() == "/v1/instances/i-\\udcff"
     eng.dispose()
-    rows = _rows(store_url)
+    rows = _rows(database_url)
     assert json.loads(rows[0].payload)["path"] == "/v1/instances/i-\\udcff"
     assert rows[1].actor == "alice\\x00"
     assert json.loads(rows[1].payload) == {"comment": "no \ud800"}
-    assert _verify(store_url).rows_checked == 2
+    assert _verify(database_url).rows_checked == 2
 
 
 # ---- cedargate audit verify ---------------------------------------------------------------------------
 
 
-def test_cli_reports_an_intact_log(audited, store_url: str, capsys):
+def test_cli_reports_an_intact_log(audited, database_url: str, capsys):
     _story(*audited)
-    assert _audit("verify", "--database-url", store_url) == 0
+    assert _audit("verify", "--database-url", database_url) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out == ["audit log OK: 10 rows", f"head: seq 10 hash {_rows(store_url)[-1].hash}"]
+    assert out == ["audit log OK: 10 rows", f"head: seq 10 hash {_rows(database_url)[-1].hash}"]
 
 
-def test_cli_names_the_first_tampered_row(audited, store_url: str, capsys):
+def test_cli_names_the_first_tampered_row(audited, database_url: str, capsys):
     _story(*audited)
-    _sql(store_url, "DELETE FROM audit_log WHERE seq = 6")
-    assert _audit("verify", "--database-url", store_url) == 1
+    _sql(database_url, "DELETE FROM audit_log WHERE seq = 6")
+    assert _audit("verify", "--database-url", database_url) == 1
     assert capsys.readouterr().out == (
         "audit log TAMPERED at row seq 7: row(s) deleted before seq 7 (seq 6 missing)\n")
 

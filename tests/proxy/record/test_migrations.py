@@ -84,13 +84,6 @@ TYPES = {
 AT = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'cedargate.db'}"
-    return request.getfixturevalue("pg_url")
-
-
 @pytest.fixture
 def database(database_url: str) -> Iterator[SAEngine]:
     engine = make_engine(database_url)
