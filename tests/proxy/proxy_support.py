@@ -93,3 +93,21 @@ def pg_unreachable_reason() -> str | None:
     except Exception as exc:
         return f"PostgreSQL at 127.0.0.1:5432 (database test, user postgres) is unreachable: {exc}"
     return None
+
+
+def rpc(method: str | None = None, *, id: object = 1, **params: object) -> dict:
+    """A JSON-RPC request (or, with id=None, a notification)."""
+    message: dict = {"jsonrpc": "2.0", "method": method}
+    if id is not None:
+        message["id"] = id
+    if params:
+        message["params"] = params
+    return message
+
+
+def tool_call(name: str, arguments: dict | None = None, *, id: object = 7, **extra: object) -> dict:
+    """An MCP tools/call request; without `arguments` it carries none."""
+    params = {"name": name, **extra}
+    if arguments is not None:
+        params["arguments"] = arguments
+    return {"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": params}

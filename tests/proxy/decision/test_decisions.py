@@ -16,7 +16,7 @@ import pytest
 from mitmproxy import http
 from mitmproxy.proxy.layers.http import HttpRequestHook
 from mitmproxy.test import taddons, tflow
-from proxy_support import make_call
+from proxy_support import make_call, rpc, tool_call
 
 import addons.enforcer
 import proxy.calls.mapping
@@ -36,19 +36,6 @@ from proxy.vocabulary.problems import Problem
 
 MCP_URL = "http://mcp.github.example/mcp"
 JSON = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
-
-
-def rpc(method: str, *, id=1, **params) -> dict:
-    message: dict = {"jsonrpc": "2.0", "method": method}
-    if id is not None:
-        message["id"] = id
-    if params:
-        message["params"] = params
-    return message
-
-
-def tool_call(name: str, arguments: dict | None = None, *, id=7) -> dict:
-    return rpc("tools/call", id=id, name=name, arguments=arguments or {})
 
 
 # Allowed, allowed, escalated (@escalate forbid), hard-denied, a notification, and a message that is

@@ -4,28 +4,12 @@ failing run does not end it."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from test_workflow import open_request
 
-from proxy.oversight.holds import Holds
 from proxy.oversight.jobs import Jobs
-from proxy.oversight.overrides import OverrideStore
 from proxy.oversight.workflow import OverrideWorkflow
-from proxy.record.store import Recorder, make_engine
-
-
-@pytest.fixture
-def workflow(tmp_path: Path) -> Iterator[OverrideWorkflow]:
-    database = make_engine(f"sqlite:///{tmp_path / 'cedargate.db'}")
-    recorder = Recorder(database)
-    try:
-        yield OverrideWorkflow(OverrideStore(database), recorder, Holds())
-    finally:
-        recorder.close()
-        database.dispose()
 
 
 async def until(condition, what: str, timeout: float = 10.0) -> None:

@@ -8,7 +8,6 @@ refuse it: the workflow never learns how, only that its transaction failed.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,26 +16,13 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from proxy.cedar.escalation import Escalation, Requirement
-from proxy.oversight.holds import Holds
-from proxy.oversight.overrides import Override, OverrideError, OverrideStatus, OverrideStore
+from proxy.oversight.overrides import Override, OverrideError, OverrideStatus
 from proxy.oversight.workflow import OverrideWorkflow
 from proxy.record import audit
-from proxy.record.store import Recorder, make_engine
 
 MANAGER = Requirement("protect-production-instances", ("engineering-manager",), 1)
 SECURITY_AND_LEAD = Requirement("no-volume-deletion", ("security", "lead-engineer"), 2)
 ERIN = frozenset({"engineering-manager"})
-
-
-@pytest.fixture
-def workflow(database_url: str) -> Iterator[OverrideWorkflow]:
-    database = make_engine(database_url)
-    recorder = Recorder(database)
-    try:
-        yield OverrideWorkflow(OverrideStore(database), recorder, Holds())
-    finally:
-        recorder.close()
-        database.dispose()
 
 
 def open_request(workflow: OverrideWorkflow, *requirements: Requirement, expires_in: int = 1800,

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from proxy_support import POLICIES, make_call
+from proxy_support import POLICIES, make_call, rpc, tool_call
 
 from proxy.calls.mapping import Call, MappingError, MappingOptions, UnknownAction, map_call
 from proxy.calls.mcp.binding import binding_of
@@ -39,23 +39,6 @@ JSON = {"Content-Type": "application/json"}
 
 
 # -- helpers --------------------------------------------------------------------------------------------
-
-def rpc(method: str | None = None, *, id=1, **params) -> dict:
-    """A JSON-RPC request (or, with id=None, a notification)."""
-    message: dict = {"jsonrpc": "2.0", "method": method}
-    if id is not None:
-        message["id"] = id
-    if params:
-        message["params"] = params
-    return message
-
-
-def tool_call(name, arguments=None, *, id=7, **extra) -> dict:
-    params = {"name": name, **extra}
-    if arguments is not None:
-        params["arguments"] = arguments
-    return {"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": params}
-
 
 def mcp_call(message=None, *, method: str = "POST", agent: str = "ops-bot", url: str = GITHUB_MCP,
              headers: dict[str, str] | None = None, content_type: str | None = "application/json") -> Call:
