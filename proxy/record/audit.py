@@ -4,8 +4,10 @@ Each `AuditEntry` holds the hash of the row before it (`prev_hash`), and its own
 content and that link, so editing, deleting or reordering rows breaks the chain at the first row
 touched; `verify` walks the chain and names that row. A chain cannot show that its newest rows were
 cut off, so the one-row `audit_head` table, written in the same transaction as every append, holds
-the newest seq and hash. Rows are appended only by `proxy.record.store.Recorder`'s writer thread, which
-keeps the head in memory between batches: only one cedargate process may write to a given database.
+the newest seq and hash. Any number of writers (threads, processes, instances on one PostgreSQL) append
+to one chain: `append` reads the head and locks it inside the appending transaction (`SELECT ... FOR
+UPDATE` on PostgreSQL; SQLite's writers take its write lock at BEGIN, see `proxy.record.store`), so
+appends are serialized by the database and no writer chains onto a head another has moved.
 
 The hash of a row is SHA-256 (hex) over `canonical({"seq", "at", "kind", "decision_id",
 "override_id", "agent", "actor", "payload", "prev_hash"})`, where `at` is the UTC time as
@@ -27,6 +29,7 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import Engine, Table, func, inspect, select, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlmodel import Field, SQLModel
 
@@ -112,39 +115,54 @@ def entry_hash(
     return hashlib.sha256(canonical(content)).hexdigest()
 
 
-def read_head(conn: Connection) -> tuple[int, str]:
+def read_head(conn: Connection, *, lock: bool = False) -> tuple[int, str]:
     """The (seq, hash) to chain the next row to; (0, 64 zeros) for an empty log.
 
     The head comes from `audit_head`, not from the last row, so rows cut off the end stay a visible
     gap. A log whose rows and head disagree in a way no append leaves is refused, not extended.
+    `lock`: hold the head row until the transaction ends, making it first if the log is empty, so
+    that no other writer can append meanwhile (what `append` does).
     """
-    head = conn.execute(select(_head.c.seq, _head.c.hash).where(_head.c.id == 1)).first()
+    query = select(_head.c.seq, _head.c.hash).where(_head.c.id == 1)
+    head = conn.execute(query.with_for_update() if lock else query).first()
     last = conn.execute(select(func.max(_log.c.seq))).scalar()
     if head is None and last is not None:
         raise AuditLogError(
             f"audit_log has rows up to seq {last} but audit_head is empty: the log was edited outside "
             "cedargate; run `cedargate audit verify`, and restore audit_head before recording again"
         )
+    if head is None and lock:
+        # The first append to an empty log: whoever inserts the genesis head first wins; the others
+        # wait for that transaction and then lock the row it made.
+        conn.execute(_genesis_head(conn))
+        return read_head(conn, lock=True)
     if head is None:
         return 0, GENESIS
     if last is not None and last > head.seq:
         raise AuditLogError(
             f"audit_log has rows up to seq {last} beyond audit_head (seq {head.seq}): rows were added "
-            "outside cedargate, or another process writes to this database; run `cedargate audit verify`"
+            "outside cedargate's append; run `cedargate audit verify`"
         )
     return head.seq, head.hash
 
 
-def append(conn: Connection, events: Sequence[Mapping[str, Any]], head: tuple[int, str]) -> tuple[int, str]:
-    """Insert `events` as chained rows after `head`, move `audit_head`, and return the new head.
+def _genesis_head(conn: Connection) -> Any:
+    values = {"id": 1, "seq": 0, "hash": GENESIS}
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    return dialect.insert(_head).values(values).on_conflict_do_nothing(index_elements=["id"])
+
+
+def append(conn: Connection, events: Sequence[Mapping[str, Any]]) -> None:
+    """Insert `events` as chained rows after the head, and move `audit_head` to the last of them.
 
     An event has `kind` and optionally `at` (default now), `decision_id`, `override_id`, `agent`,
     `actor` and `payload` (a dict, or its canonical JSON text). Run it in the transaction that writes
-    what the events describe, so the log and the record commit together or not at all.
+    what the events describe, so the log and the record commit together or not at all; the head is
+    read and locked here, in that transaction, so concurrent writers take turns.
     """
     if not events:
-        return head
-    seq, prev_hash = head
+        return
+    seq, prev_hash = read_head(conn, lock=True)
     rows = []
     for event in events:
         seq += 1
@@ -160,10 +178,7 @@ def append(conn: Connection, events: Sequence[Mapping[str, Any]], head: tuple[in
         row["hash"] = prev_hash = entry_hash(**row)
         rows.append(row)
     conn.execute(_log.insert(), rows)
-    moved = conn.execute(_head.update().where(_head.c.id == 1).values(seq=seq, hash=prev_hash))
-    if moved.rowcount == 0:
-        conn.execute(_head.insert(), {"id": 1, "seq": seq, "hash": prev_hash})
-    return seq, prev_hash
+    conn.execute(_head.update().where(_head.c.id == 1).values(seq=seq, hash=prev_hash))
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,9 @@ Writing a row per call in the request path would cost a commit each (the naive d
 plain mitmproxy). `Recorder.record` (decisions) and `Recorder.record_event` (what happens to overrides)
 only enqueue; one writer thread drains the queue in batches, one transaction each, and in that same
 transaction chains every decision and event, in the order they were enqueued, onto the hash-chained
-audit log (`proxy.record.audit`); under load it commits as a group (see `Recorder._linger`). That thread
-keeps the chain's head in memory, so only one cedargate process may write to a given database.
+audit log (`proxy.record.audit`); under load it commits as a group (see `Recorder._linger`). Each
+transaction reads and locks the chain's head afresh, so any number of processes may record into one
+database (on SQLite the writer's transactions take the write lock at BEGIN, and wait their turn).
 Nothing is dropped: a failed batch is kept and retried, and while the store is failing (or the queue
 is full) `Recorder.healthy` is False so the gate refuses new calls instead of forwarding calls it could
 not record.
@@ -67,6 +68,10 @@ class DecisionRecord(SQLModel, table=True):
     duration_ms: float | None = None
 
 
+# An execution option: a transaction begun with it set writes, so on SQLite it begins IMMEDIATE.
+WRITES = "cedargate_writes"
+
+
 def make_engine(url: str) -> SAEngine:
     if url.startswith("sqlite"):
         private_sqlite_files(url)
@@ -85,6 +90,16 @@ def make_engine(url: str) -> SAEngine:
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=5000")
             cur.close()
+            # BEGIN is ours to send (`_sqlite_begin`), not the driver's: it defers the write lock to
+            # the first write, where a writer that finds another process's commit fails at once
+            # (SQLITE_BUSY_SNAPSHOT) instead of waiting its turn.
+            dbapi_conn.isolation_level = None
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Connection) -> None:
+            # A writing transaction takes the write lock at once, so it reads the audit chain's head
+            # knowing no other process can move it before the commit; busy_timeout makes it wait.
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITES) else "BEGIN")
 
         return engine
     return create_engine(url, pool_pre_ping=True, hide_parameters=True)
@@ -142,6 +157,8 @@ class Recorder:
         busy_rate: float = 100.0,
     ) -> None:
         self.engine = engine
+        # The writer's transactions: on SQLite they take the write lock at BEGIN (see `make_engine`).
+        self._writes = engine.execution_options(**{WRITES: True})
         self.batch_size = batch_size
         self.retry_interval = retry_interval
         self.linger = linger
@@ -156,7 +173,6 @@ class Recorder:
         self.last_error: str | None = None
         self.written = 0  # decision rows
         self._stop = threading.Event()
-        self._head: tuple[int, str] | None = None  # the audit chain's head (writer thread only)
         migrate(engine)
         self._thread = threading.Thread(target=self._run, name="cedargate-recorder", daemon=True)
         self._thread.start()
@@ -270,15 +286,11 @@ class Recorder:
         events = [_decision_event(item) if tag == _DECISION else item for tag, item in batch]
         while True:
             try:
-                with self.engine.begin() as conn:
-                    head = self._head if self._head is not None else audit.read_head(conn)
+                with self._writes.begin() as conn:
                     if rows:
                         conn.execute(table.insert(), rows)
-                    new_head = audit.append(conn, events, head)
-                self._head = new_head
+                    audit.append(conn, events)
             except Exception as exc:  # any driver error: keep the batch, refuse calls, retry
-                # Whether a failed commit left anything behind is unknown: take the head afresh.
-                self._head = None
                 if not self._failing:
                     log.error("decision store write failed; refusing calls until it recovers: %s", exc)
                 self._failing = True
@@ -302,15 +314,12 @@ class Recorder:
         if not future.set_running_or_notify_cancel():
             return  # the caller gave up waiting before it started
         try:
-            with self.engine.begin() as conn:
-                head = self._head if self._head is not None else audit.read_head(conn)
+            with self._writes.begin() as conn:
                 result, events = unit["work"](conn)
-                new_head = audit.append(conn, [_event_item(e) for e in events], head)
+                audit.append(conn, [_event_item(e) for e in events])
         except BaseException as exc:
-            self._head = None  # whether a failed commit left anything behind is unknown
             future.set_exception(exc)
             return
-        self._head = new_head
         future.set_result(result)
 
     def _linger(self) -> None:

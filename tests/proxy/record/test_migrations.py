@@ -113,7 +113,7 @@ def add_0_1_0_rows(engine: SAEngine) -> None:
         conn.execute(DecisionRecord.__table__.insert(), [decision])  # type: ignore[attr-defined]
         event = {"kind": "decision", "at": AT, "decision_id": "d-old", "agent": "ops-bot",
                  "payload": audit.canonical_text({**decision, "at": AT})}
-        audit.append(conn, [event], audit.read_head(conn))
+        audit.append(conn, [event])
         conn.execute(
             text("INSERT INTO overrides (id, fingerprint, status, version, agent, method, url, host, path,"
                  " action, resource, headers, body, body_sha256, cedar_request, policies, requirements,"
