@@ -264,8 +264,10 @@ class ConditionIndex:
         self._compared = tuple((path, frozenset(values)) for path, values in literals.items())
         self._others = tuple(others)
         self.path_prefixes = frozenset(prefixes)
-        self._position = {("value", path): i for i, (path, _) in enumerate(self._compared)}
-        self._position.update({("test", t): len(self._compared) + i for i, t in enumerate(self._others)})
+        # Where each read sits in a signature: a compared path by its path, another test by itself.
+        self._position: dict[tuple[str, ...] | Has | Contains, int] = {
+            path: i for i, (path, _) in enumerate(self._compared)}
+        self._position.update({test: len(self._compared) + i for i, test in enumerate(self._others)})
 
     def signature(self, context: Mapping[str, Any] | None, path: str | None = None) -> tuple[Any, ...]:
         """What the index reads of a request's context. With no context (only the path known), every
@@ -276,8 +278,7 @@ class ConditionIndex:
             path = context.get("path")
             values = []
             for attr_path, names in self._compared:
-                read = _read(context, attr_path)
-                value = UNKNOWN if read is UNKNOWN else typed(read)
+                value = typed(_read(context, attr_path))  # None also when the read failed
                 values.append(UNKNOWN if value is None else value if value in names else OTHER)
             values.extend(answer(test, context) for test in self._others)
         if not self.path_prefixes:
@@ -323,7 +324,7 @@ class ConditionIndex:
         if test.root != "context":
             return answer(test, entities[test.root])
         if isinstance(test, Equals):
-            value = signature[self._position["value", test.path]]
+            value = signature[self._position[test.path]]
             return None if value is UNKNOWN else value is not OTHER and value in test.values
-        known: Answer = signature[self._position["test", test]]
+        known: Answer = signature[self._position[test]]
         return known

@@ -7,15 +7,16 @@ can hold for it (using the entity hierarchy, as Cedar's `in` does), so decision 
 policies that apply, not with all of them. Slicing is exact because Cedar checks the scope before any
 `when`/`unless` clause: a policy whose scope does not hold can neither be satisfied nor raise an error.
 Within the scope, the condition index (`proxy.cedar.conditions`) drops the policies whose leading
-`when` tests it can answer false for the call, exactly as Cedar would stop there: equalities on
-context, principal and resource attributes (`context.customer == "acme"`), `has`, `contains` and
+`when` tests it can answer false for the call, exactly where Cedar would stop: equalities on context,
+principal and resource attributes (`context.customer == "acme"`), `has`, `contains`, and
 `context.path like "/literal/prefix*..."`; so many policies on one action that differ only in their
-conditions cost what the few that can apply cost. Each slice also knows which context attributes its policies read; Cedar is handed only those (turning
-the context into Cedar values is most of cedarpy's cost per call), or all of it when a policy uses
-`context` as a whole. A Cedar decision is a pure function of the request and the snapshot's policies
-and entities (Cedar has no clock or randomness), so each snapshot keeps a bounded cache of decisions
-keyed by the exact request handed to Cedar and the request's condition signature (two calls whose
-contexts differ only where the index looked may get different slices); a reload starts a new snapshot and so an empty cache.
+conditions cost what the few that can apply cost. Each slice also knows which context attributes its
+policies read; Cedar is handed only those (turning the context into Cedar values is most of cedarpy's
+cost per call), or all of it when a policy uses `context` as a whole. A Cedar decision is a pure
+function of the request and the snapshot's policies and entities (Cedar has no clock or randomness),
+so each snapshot keeps a bounded cache of decisions keyed by the exact request handed to Cedar and the
+request's condition signature (calls whose contexts differ only where the index looked get different
+slices, yet may hand Cedar the same context); a reload starts a new snapshot and so an empty cache.
 
 An override lifts the escalatable forbids (`@escalate`) and nothing else, so a denial is grantable only
 if the call would be allowed without them. `evaluate(..., lifted=True)` answers that against the same
@@ -224,7 +225,8 @@ class Snapshot:
         listed = json.loads(str(bundle.entities))
         self.index = ScopeIndex(bundle, listed)
         # Attributes as Cedar holds them (the schema applied), for the condition index's entity tests.
-        self._attributes = {(e["uid"]["type"], e["uid"]["id"]): e.get("attrs", {}) for e in listed}
+        self._attributes: dict[Uid, Mapping[str, Any]] = {
+            (e["uid"]["type"], e["uid"]["id"]): e.get("attrs", {}) for e in listed}
         self.conditions = ConditionIndex(bundle.templates.values(), self.attributes_of)
         # What an override may lift: left out of every slice evaluated with `lifted`.
         self.escalatable = frozenset(i for i, p in bundle.policies.items() if is_escalatable(p))

@@ -158,7 +158,7 @@ json_values = st.recursive(
 
 
 @st.composite
-def calls(draw, agents=AGENTS, hosts=HOSTS) -> Call:
+def calls(draw, agents=AGENTS, hosts=HOSTS, bodies=json_values) -> Call:
     headers = draw(
         st.dictionaries(
             st.sampled_from(["User-Agent", "accept", "Authorization", "X-Other", "Cookie"]),
@@ -171,7 +171,7 @@ def calls(draw, agents=AGENTS, hosts=HOSTS) -> Call:
         headers["Content-Type"] = draw(
             st.sampled_from(["application/json", "application/merge-patch+json; charset=utf-8"])
         )
-        body = json.dumps(draw(json_values)).encode()
+        body = json.dumps(draw(bodies)).encode()
     path = draw(
         st.sampled_from(
             [
@@ -197,10 +197,13 @@ def calls(draw, agents=AGENTS, hosts=HOSTS) -> Call:
     )
 
 
-def _policy_dir(root: Path, texts: list[str]) -> Path:
+def _policy_dir(root: Path, texts: list[str], schema: str | None = None, entities: list | None = None) -> Path:
     directory = Path(tempfile.mkdtemp(dir=root))
-    shutil.copy2(POLICIES / "schema.cedarschema", directory / "schema.cedarschema")
-    (directory / "entities.json").write_text(json.dumps(ENTITIES))
+    if schema is None:
+        shutil.copy2(POLICIES / "schema.cedarschema", directory / "schema.cedarschema")
+    else:
+        (directory / "schema.cedarschema").write_text(schema)
+    (directory / "entities.json").write_text(json.dumps(ENTITIES if entities is None else entities))
     (directory / "generated.cedar").write_text("\n".join(texts))
     return directory
 
