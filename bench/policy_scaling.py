@@ -307,33 +307,45 @@ class Timer:
     on every cell alike rather than on whichever cell ran then. The GC runs as in a live process.
     """
 
-    def __init__(self, fn, items: list) -> None:
+    def __init__(self, fn, items: list, labels: list[str] | None = None) -> None:
         self.fn = fn
         self.items = items
+        self.labels = labels  # per item, e.g. its action: medians are also given per label
         self.next = 0
         self.samples: list[int] = []
+        self.positions: list[int] = []
 
     def run(self, calls: int, record: bool = True) -> None:
         fn, items, n = self.fn, self.items, len(self.items)
         clock = time.perf_counter_ns
         append = self.samples.append if record else (lambda _x: None)
+        place = self.positions.append if record else (lambda _x: None)
         start = self.next
         for i in range(start, start + calls):
             item = items[i % n]
             t0 = clock()
             fn(item)
             append(clock() - t0)
+            place(i % n)
         self.next = start + calls
 
     def stats(self) -> dict:
         samples = sorted(self.samples)
         calls = len(samples)
-        return {
+        figures = {
             "calls": calls,
             "median_us": samples[calls // 2] / 1000,
             "p99_us": samples[min(calls - 1, int(calls * 0.99))] / 1000,
             "mean_us": sum(samples) / calls / 1000,
         }
+        if self.labels:
+            by_label: dict[str, list[int]] = {}
+            for sample, position in zip(self.samples, self.positions, strict=True):
+                by_label.setdefault(self.labels[position], []).append(sample)
+            figures["median_us_by_action"] = {
+                label: sorted(s)[len(s) // 2] / 1000 for label, s in sorted(by_label.items())
+            }
+        return figures
 
 
 def slice_sizes(engine: Engine, requests) -> dict[str, float]:
@@ -419,8 +431,9 @@ class Setup:
             engine.snapshot.decisions.clear()
             gate.finish(gate.decide(call), 200)
 
+        actions = [request.action[1] for request in requests]
         self.timers = {
-            "engine": Timer(evaluate_uncached, requests),
+            "engine": Timer(evaluate_uncached, requests, actions),
             "gate": Timer(decide_and_record, calls),
             "naive": Timer(decide_naive, requests),
         }
@@ -431,7 +444,7 @@ class Setup:
                 before.snapshot.decisions.clear()
                 return before.evaluate(request)
 
-            self.timers["before"] = Timer(evaluate_before_uncached, requests)
+            self.timers["before"] = Timer(evaluate_before_uncached, requests, actions)
 
     def result(self, expected_rows: int) -> dict:
         assert self.recorder is not None
@@ -579,6 +592,12 @@ def main() -> int:
         in_slice = (r["slice_sizes"] or {}).get(shown_action, "?")
         print(f"{size:>8} {in_slice:>24} {cells_shown} {saved[size]:>12.0%}")
     print(f"{large}/{small} ratio: " + ", ".join(f"{m} {ratios[m]:.2f}x" for m in methods))
+    by_action = {m: {size: r["timings"][m]["median_us_by_action"] for size, r in results.items()}
+                 for m in ("engine", "before") if m in methods}
+    for action in by_action["engine"][large]:
+        shown = [f"{m} {by[large][action]:.1f} us ({by[large][action] / by[small][action]:.2f}x {small})"
+                 for m, by in by_action.items() if action in by[small]]
+        print(f"  {action} at {large}: " + ", ".join(shown))
     for size, r in results.items():
         print(
             f"{size} policies: loaded in {r['load_s']:.2f} s; "
