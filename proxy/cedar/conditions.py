@@ -239,6 +239,17 @@ def answer(test: Equals | Has | Contains, value: Any) -> Answer:
     return None if value_typed is None else value_typed in test.values
 
 
+@dataclass(frozen=True)
+class Scope:
+    """The policies whose scope holds for a (principal, action, resource), laid out for `admits`."""
+
+    ids: tuple[str, ...]
+    walked: tuple[str, ...]  # every test walked, in id order
+    # By signature position: the policies whose first test compares that attribute, by the literal
+    # named, and all of them (when the request's value cannot be told).
+    filed: Mapping[int, tuple[Mapping[Typed, tuple[str, ...]], tuple[str, ...]]]
+
+
 class ConditionIndex:
     """The leading tests of every policy, answered per request from its signature and its entities."""
 
@@ -289,18 +300,40 @@ class ConditionIndex:
             values.append(frozenset(path[:i] for i in range(len(path) + 1)) & self.path_prefixes)
         return tuple(values)
 
-    def admits(self, ids: Iterable[str], principal: Uid, resource: Uid, signature: tuple[Any, ...]) -> tuple[str, ...]:
-        """The policies among `ids` whose conditions may hold, or raise, for a request with this
+    def plan(self, ids: tuple[str, ...]) -> Scope:
+        """The policies of one scope, those whose first test compares a context attribute filed by
+        the literals it names, so a request only walks the tests of those naming its value."""
+        walked: list[str] = []
+        filed: dict[int, dict[Typed, list[str]]] = {}
+        for i in ids:
+            first = self.tests.get(i, (None,))[0]
+            if isinstance(first, Equals) and first.root == "context":
+                by_value = filed.setdefault(self._position[first.path], {})
+                for value in first.values:
+                    by_value.setdefault(value, []).append(i)
+            else:
+                walked.append(i)
+        return Scope(ids, tuple(walked), {
+            position: ({v: tuple(named) for v, named in by_value.items()},
+                       tuple(sorted({i for named in by_value.values() for i in named})))
+            for position, by_value in filed.items()})
+
+    def admits(self, scope: Scope, principal: Uid, resource: Uid, signature: tuple[Any, ...]) -> tuple[str, ...]:
+        """The policies of the scope whose conditions may hold, or raise, for a request with this
         principal, resource and signature: those whose leading tests are not answered false."""
         entities = {"principal": _Entity(self._attributes_of(principal)),
                     "resource": _Entity(self._attributes_of(resource))}
         answers: dict[Test, Answer] = {}
+        candidates = list(scope.walked)
+        for position, (by_value, every) in scope.filed.items():
+            value = signature[position]
+            candidates.extend(every if value is UNKNOWN else () if value is OTHER else by_value.get(value, ()))
         kept = []
-        for i in ids:
+        for i in candidates:
             tests = self.tests.get(i)
             if tests is None or self._may_hold(tests, entities, signature, answers):
                 kept.append(i)
-        return tuple(kept)
+        return tuple(sorted(kept)) if scope.filed else tuple(kept)
 
     def _may_hold(self, tests: tuple[Test, ...], entities: Mapping[str, _Entity], signature: tuple[Any, ...],
                   answers: dict[Test, Answer]) -> bool:

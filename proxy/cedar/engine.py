@@ -40,7 +40,7 @@ from typing import Any
 import cedarpy
 from cedarpy import pst
 
-from proxy.cedar.conditions import ConditionIndex
+from proxy.cedar.conditions import ConditionIndex, Scope
 from proxy.cedar.entities import bare_entity, implicit_parents
 from proxy.cedar.escalation import is_escalatable
 from proxy.cedar.policy import (
@@ -230,7 +230,7 @@ class Snapshot:
         self.conditions = ConditionIndex(bundle.templates.values(), self.attributes_of)
         # What an override may lift: left out of every slice evaluated with `lifted`.
         self.escalatable = frozenset(i for i, p in bundle.policies.items() if is_escalatable(p))
-        self._scopes: _Lru = _Lru(SCOPE_CACHE_SIZE)  # (principal, action, resource) -> policy ids
+        self._scopes: _Lru = _Lru(SCOPE_CACHE_SIZE)  # (principal, action, resource) -> Scope
         self._slices: _Lru = _Lru(SLICE_CACHE_SIZE)  # (lifted, principal, action, resource, signature) -> Slice
         self._sets: _Lru = _Lru(POLICY_SET_CACHE_SIZE)  # policy ids -> PolicySet, shared across calls
         self._overlays: _Lru = _Lru(OVERLAY_CACHE_SIZE)
@@ -268,15 +268,15 @@ class Snapshot:
             self._slices.put(key, sliced)
         return sliced
 
-    def scope_of(self, principal: Uid, action: Uid, resource: Uid) -> tuple[str, ...]:
+    def scope_of(self, principal: Uid, action: Uid, resource: Uid) -> Scope:
         """The policies whose scope holds for the call (cached: many signatures share one scope)."""
         key = (principal, action, resource)
-        ids: tuple[str, ...] | None = self._scopes.get(key)
-        if ids is None:
-            ids = self.index.applicable(principal, action, resource)
+        scope: Scope | None = self._scopes.get(key)
+        if scope is None:
+            scope = self.conditions.plan(self.index.applicable(principal, action, resource))
             with self._lock:
-                self._scopes.put(key, ids)
-        return ids
+                self._scopes.put(key, scope)
+        return scope
 
     def could_allow(self, principal: Uid, action: Uid, resource: Uid, path: str = "/") -> bool:
         """Whether any call of `principal` doing `action` on `resource` at `path` could be allowed,

@@ -147,7 +147,7 @@ def test_condition_sliced_evaluation_equals_cedar_on_the_full_set(scratch: Path,
         scope = snapshot.scope_of(request.principal, request.action, request.resource)
         sliced = snapshot.slice_for(request.principal, request.action, request.resource,
                                     snapshot.conditions.signature(request.context))
-        event("conditions left policies out" if len(sliced.ids) < len(scope) else "conditions kept the scope")
+        event("conditions left policies out" if len(sliced.ids) < len(scope.ids) else "conditions kept the scope")
         _agrees(engine, request)
         got = engine.evaluate(request)  # from the cache now
         event(f"decision {got.decision}" + (" with errors" if got.errors else ""))
