@@ -18,7 +18,7 @@ Each figure is the median (and p99) of per-call wall times, gathered in chunks t
 the cells so load elsewhere on the machine hits them alike. Before timing, every request is decided
 both sliced and naive and the decisions and determining policies must agree. Target: at 2000
 policies a decision (engine) costs at most 3x what it costs at 20. Results go to
-bench/results/policy_scaling.json, one entry per mix (a run replaces its mix's entry).
+bench/results/policy_scaling.json, one entry per mix and sizes (a run replaces its own entry).
 
     .venv/bin/python bench/policy_scaling.py [--mix varied] [--sizes 20 2000] [--calls 5000] [--baseline main]
 """
@@ -573,10 +573,11 @@ def main() -> int:
         "check": check,
         "elapsed_s": round(elapsed, 1),
     }
-    # One entry per mix, so the figures of each mix's latest run stand side by side in one file.
+    # One entry per mix and sizes, so the latest figures of each stand side by side in one file.
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     runs = previous.get("runs", {}) if previous.get("benchmark") == "policy_scaling" else {}
-    write_figures(args.out, {"benchmark": "policy_scaling", "runs": {**runs, args.mix: run}})
+    entry = f"{args.mix} {' '.join(map(str, args.sizes))}"
+    write_figures(args.out, {"benchmark": "policy_scaling", "runs": {**runs, entry: run}})
 
     print()
     print(
