@@ -17,6 +17,8 @@ only as false (the path lacks the prefix) or unknown. Entity attributes are read
 alone; answers on `context` depend on the request's `signature`, a small tuple that slices and cached
 decisions are keyed by: the value of each compared attribute when some policy names it (or "another
 value", or "cannot tell"), each other test's answer, and the indexed path prefixes the path has.
+Within a scope, the policies whose first test compares a context attribute are filed by the literal
+they name (`plan`), so the slice for a new value costs a lookup, not a walk over every rule.
 """
 
 from __future__ import annotations

@@ -24,15 +24,13 @@ from proxy.calls.mapping import Call, MappingError, MappingOptions, map_call
 from proxy.cedar.conditions import Equals, Has, Not, PathPrefix, leading_tests
 from proxy.cedar.engine import Engine
 from tests.proxy.cedar.test_slicing import (
-    ACTION_SCOPES,
     ENTITIES,
     HOSTS,
-    PRINCIPAL_SCOPES,
-    RESOURCE_SCOPES,
     _direct,
     _policy_dir,
     calls,
     json_values,
+    policy_texts,
     scratch,  # noqa: F401  (the fixture)
 )
 
@@ -93,25 +91,6 @@ CONDITIONS = [
 CUSTOMERS = ["acme", "globex", "initech", "zeta"]
 
 
-@st.composite
-def policy_texts(draw) -> list[str]:
-    texts = []
-    for i in range(draw(st.integers(1, 10))):
-        effect = draw(st.sampled_from(["permit", "forbid"]))
-        # Mostly one wide scope: policies that only their conditions tell apart, as the index is for.
-        scope = ", ".join(
-            draw(st.sampled_from(scopes)) if draw(st.integers(0, 3)) == 0 else scopes[0]
-            for scopes in (PRINCIPAL_SCOPES, ACTION_SCOPES, RESOURCE_SCOPES)
-        )
-        clauses = ""
-        for _ in range(draw(st.integers(0, 3))):
-            keyword = draw(st.sampled_from(["when", "when", "unless"]))
-            terms = draw(st.lists(st.sampled_from(CONDITIONS), min_size=1, max_size=3))
-            clauses += f"\n{keyword} {{ {' && '.join(f'({t})' for t in terms)} }}"
-        texts.append(f'@id("p{i}")\n{effect} ({scope}){clauses};\n')
-    return texts
-
-
 # Field values of every kind: the compared ones, others of the same type, other types, records,
 # sets, decimals (floats become decimals) and nothing at all.
 _field_values = st.sampled_from([*CUSTOMERS, 2, 3, 7, True, False, 1.5, "2", None, ["acme"], {"customer": "acme"}])
@@ -133,7 +112,8 @@ def _agrees(engine: Engine, request) -> None:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(texts=policy_texts(), batch=st.lists(calls(agents=AGENTS, hosts=HOSTS, bodies=bodies), min_size=1, max_size=8))
+@given(texts=policy_texts(CONDITIONS, most=10, wide=True, clauses=3, terms=3),
+       batch=st.lists(calls(agents=AGENTS, hosts=HOSTS, bodies=bodies), min_size=1, max_size=8))
 def test_condition_sliced_evaluation_equals_cedar_on_the_full_set(scratch: Path, texts: list[str],  # noqa: F811
                                                                   batch: list[Call]):
     engine = _engine(scratch, texts)

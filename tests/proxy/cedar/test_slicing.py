@@ -120,23 +120,23 @@ CONDITIONS = [
 
 
 @st.composite
-def policy_texts(draw) -> list[str]:
+def policy_texts(draw, conditions=CONDITIONS, most=8, wide=False, clauses=2, terms=1) -> list[str]:
+    """Up to `most` policies, each with up to `clauses` when/unless clauses of up to `terms` conditions;
+    `wide`: mostly the unconstrained scope, so that only their conditions tell the policies apart."""
     texts = []
-    for i in range(draw(st.integers(1, 8))):
+    for i in range(draw(st.integers(1, most))):
         effect = draw(st.sampled_from(["permit", "forbid"]))
         scope = ", ".join(
-            [
-                draw(st.sampled_from(PRINCIPAL_SCOPES)),
-                draw(st.sampled_from(ACTION_SCOPES)),
-                draw(st.sampled_from(RESOURCE_SCOPES)),
-            ]
+            scopes[0] if wide and draw(st.integers(0, 3)) else draw(st.sampled_from(scopes))
+            for scopes in (PRINCIPAL_SCOPES, ACTION_SCOPES, RESOURCE_SCOPES)
         )
-        clauses = ""
-        for _ in range(draw(st.integers(0, 2))):
+        text = ""
+        for _ in range(draw(st.integers(0, clauses))):
             keyword = draw(st.sampled_from(["when", "unless"]))
-            condition = draw(st.sampled_from(CONDITIONS))
-            clauses += f"\n{keyword} {{ {condition} }}"
-        texts.append(f'@id("p{i}")\n{effect} ({scope}){clauses};\n')
+            chosen = draw(st.lists(st.sampled_from(conditions), min_size=1, max_size=terms))
+            condition = " && ".join(f"({c})" for c in chosen) if len(chosen) > 1 else chosen[0]
+            text += f"\n{keyword} {{ {condition} }}"
+        texts.append(f'@id("p{i}")\n{effect} ({scope}){text};\n')
     return texts
 
 
