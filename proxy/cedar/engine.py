@@ -231,6 +231,7 @@ class Snapshot:
         # What an override may lift: left out of every slice evaluated with `lifted`.
         self.escalatable = frozenset(i for i, p in bundle.policies.items() if is_escalatable(p))
         self._scopes: _Lru = _Lru(SCOPE_CACHE_SIZE)  # (principal, action, resource) -> Scope
+        self._plans: _Lru = _Lru(POLICY_SET_CACHE_SIZE)  # policy ids -> Scope, shared across calls
         self._slices: _Lru = _Lru(SLICE_CACHE_SIZE)  # (lifted, principal, action, resource, signature) -> Slice
         self._sets: _Lru = _Lru(POLICY_SET_CACHE_SIZE)  # policy ids -> PolicySet, shared across calls
         self._overlays: _Lru = _Lru(OVERLAY_CACHE_SIZE)
@@ -273,8 +274,12 @@ class Snapshot:
         key = (principal, action, resource)
         scope: Scope | None = self._scopes.get(key)
         if scope is None:
-            scope = self.conditions.plan(self.index.applicable(principal, action, resource))
+            ids = self.index.applicable(principal, action, resource)
+            # Many agents and hosts share one scope: share its plan too, so memory grows with the
+            # distinct scopes, not with the (agent, action, host) triples traffic brings.
+            scope = self._plans.get(ids) or self.conditions.plan(ids)
             with self._lock:
+                self._plans.put(ids, scope)
                 self._scopes.put(key, scope)
         return scope
 
