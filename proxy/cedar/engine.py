@@ -6,13 +6,17 @@ scope: a call is evaluated only against the policies whose `principal`, `action`
 can hold for it (using the entity hierarchy, as Cedar's `in` does), so decision cost grows with the
 policies that apply, not with all of them. Slicing is exact because Cedar checks the scope before any
 `when`/`unless` clause: a policy whose scope does not hold can neither be satisfied nor raise an error.
-The same holds for a policy whose *first* condition is `context.path like "/literal/prefix*..."`: when
-the path lacks the prefix, Cedar stops there, so the index also slices on those path prefixes.
-Each slice also knows which context attributes its policies read; Cedar is handed only those (turning
-the context into Cedar values is most of cedarpy's cost per call), or all of it when a policy uses
-`context` as a whole. A Cedar decision is a pure function of the request and the snapshot's policies
-and entities (Cedar has no clock or randomness), so each snapshot keeps a bounded cache of decisions
-keyed by the exact request handed to Cedar; a reload starts a new snapshot and so an empty cache.
+Within the scope, the condition index (`proxy.cedar.conditions`) drops the policies whose leading
+`when` tests it can answer false for the call, exactly where Cedar would stop: equalities on context,
+principal and resource attributes (`context.customer == "acme"`), `has`, `contains`, and
+`context.path like "/literal/prefix*..."`; so many policies on one action that differ only in their
+conditions cost what the few that can apply cost. Each slice also knows which context attributes its
+policies read; Cedar is handed only those (turning the context into Cedar values is most of cedarpy's
+cost per call), or all of it when a policy uses `context` as a whole. A Cedar decision is a pure
+function of the request and the snapshot's policies and entities (Cedar has no clock or randomness),
+so each snapshot keeps a bounded cache of decisions keyed by the exact request handed to Cedar and the
+request's condition signature (calls whose contexts differ only where the index looked get different
+slices, yet may hand Cedar the same context); a reload starts a new snapshot and so an empty cache.
 
 An override lifts the escalatable forbids (`@escalate`) and nothing else, so a denial is grantable only
 if the call would be allowed without them. `evaluate(..., lifted=True)` answers that against the same
@@ -36,7 +40,8 @@ from typing import Any
 import cedarpy
 from cedarpy import pst
 
-from proxy.cedar.entities import implicit_parents
+from proxy.cedar.conditions import ConditionIndex, Scope
+from proxy.cedar.entities import bare_entity, implicit_parents
 from proxy.cedar.escalation import is_escalatable
 from proxy.cedar.policy import (
     PolicyBundle,
@@ -89,6 +94,7 @@ class Evaluation:
 Uid = tuple[str, str]
 
 # Calls with a new (agent, action, host) cost one index lookup; bound the caches against hostile traffic.
+SCOPE_CACHE_SIZE = 8192
 SLICE_CACHE_SIZE = 8192
 POLICY_SET_CACHE_SIZE = 1024
 DECISION_CACHE_SIZE = 4096
@@ -97,17 +103,15 @@ DECISION_CACHE_SIZE = 4096
 class ScopeIndex:
     """Which policies' scopes can hold for a (principal, action, resource), answered from the entity graph."""
 
-    def __init__(self, bundle: PolicyBundle) -> None:
-        # The entity set as Cedar holds it, with the schema's action entities and their groups.
+    def __init__(self, bundle: PolicyBundle, entities: Iterable[Mapping[str, Any]]) -> None:
+        # `entities`: the entity set as Cedar holds it, with the schema's action entities and their groups.
         self._parents: dict[Uid, tuple[Uid, ...]] = {
             (e["uid"]["type"], e["uid"]["id"]): tuple((p["type"], p["id"]) for p in e.get("parents", ()))
-            for e in json.loads(str(bundle.entities))
+            for e in entities
         }
         self._ancestry: dict[Uid, frozenset[Uid]] = {}
         self._by_action: dict[Uid, list[pst.Template]] = {}
         self._any_action: list[pst.Template] = []
-        self._path_prefix = {t.id: _leading_path_prefix(t) for t in bundle.templates.values()}
-        self.path_prefixes = frozenset(p for p in self._path_prefix.values() if p is not None)
         for template in bundle.templates.values():
             if isinstance(template.action, pst.ActionEq):
                 self._by_action.setdefault(_uid(template.action.entity), []).append(template)
@@ -130,39 +134,15 @@ class ScopeIndex:
                 self._ancestry[uid] = known
         return known
 
-    def path_key(self, path: str) -> frozenset[str]:
-        """The indexed path prefixes this path starts with: calls sharing it share a slice."""
-        if not self.path_prefixes:
-            return frozenset()
-        return frozenset(path[:i] for i in range(len(path) + 1)) & self.path_prefixes
-
-    def applicable(self, principal: Uid, action: Uid, resource: Uid, path: str = "/") -> tuple[str, ...]:
+    def applicable(self, principal: Uid, action: Uid, resource: Uid) -> tuple[str, ...]:
+        """The policies whose scope holds for the call, in id order."""
         principals, actions, resources = self.ancestry(principal), self.ancestry(action), self.ancestry(resource)
         return tuple(sorted(
             t.id for t in (*self._by_action.get(action, ()), *self._any_action)
             if _action_holds(t.action, actions)
             and _scope_holds(t.principal, principal, principals)
             and _scope_holds(t.resource, resource, resources)
-            and ((prefix := self._path_prefix[t.id]) is None or path.startswith(prefix))
         ))
-
-
-def _leading_path_prefix(template: pst.Template) -> str | None:
-    """The literal prefix of `context.path like "..."` when it is the first thing Cedar evaluates."""
-    if not template.clauses or not isinstance(template.clauses[0], pst.When):
-        return None
-    expr = template.clauses[0].expr
-    while isinstance(expr, pst.BinaryOp) and expr.op == "and":
-        expr = expr.left
-    if not (isinstance(expr, pst.Like) and isinstance(expr.base, pst.GetAttr) and expr.base.attr == "path"
-            and isinstance(expr.base.base, pst.Var) and expr.base.base.name == "context"):
-        return None
-    prefix = []
-    for element in expr.pattern:
-        if not isinstance(element, pst.Char):
-            break
-        prefix.append(element.value)
-    return "".join(prefix) or None
 
 
 def _uid(uid: pst.EntityUid | pst.Slot) -> Uid:
@@ -203,6 +183,7 @@ class _Lru(OrderedDict[Any, Any]):
 
 @dataclass(frozen=True)
 class Slice:
+    ids: tuple[str, ...]
     policy_set: cedarpy.PolicySet
     context_attributes: frozenset[str] | None  # None: some policy reads `context` whole
 
@@ -241,27 +222,40 @@ class Snapshot:
 
     def __init__(self, bundle: PolicyBundle) -> None:
         self.bundle = bundle
-        self.index = ScopeIndex(bundle)
+        listed = json.loads(str(bundle.entities))
+        self.index = ScopeIndex(bundle, listed)
+        # Attributes as Cedar holds them (the schema applied), for the condition index's entity tests.
+        self._attributes: dict[Uid, Mapping[str, Any]] = {
+            (e["uid"]["type"], e["uid"]["id"]): e.get("attrs", {}) for e in listed}
+        self.conditions = ConditionIndex(bundle.templates.values(), self.attributes_of)
         # What an override may lift: left out of every slice evaluated with `lifted`.
         self.escalatable = frozenset(i for i, p in bundle.policies.items() if is_escalatable(p))
-        self._slices: _Lru = _Lru(SLICE_CACHE_SIZE)  # (lifted, principal, action, resource, path key) -> Slice
+        self._scopes: _Lru = _Lru(SCOPE_CACHE_SIZE)  # (principal, action, resource) -> Scope
+        self._plans: _Lru = _Lru(POLICY_SET_CACHE_SIZE)  # policy ids -> Scope, shared across calls
+        self._slices: _Lru = _Lru(SLICE_CACHE_SIZE)  # (lifted, principal, action, resource, signature) -> Slice
         self._sets: _Lru = _Lru(POLICY_SET_CACHE_SIZE)  # policy ids -> PolicySet, shared across calls
         self._overlays: _Lru = _Lru(OVERLAY_CACHE_SIZE)
         self.decisions: _Lru = _Lru(DECISION_CACHE_SIZE)  # exact Cedar request -> Evaluation
         self._lock = threading.Lock()
 
-    def policies_for(self, principal: Uid, action: Uid, resource: Uid, path: str = "/", *,
-                     lifted: bool = False) -> cedarpy.PolicySet:
-        return self.slice_for(principal, action, resource, path, lifted=lifted).policy_set
+    def attributes_of(self, uid: Uid) -> Mapping[str, Any]:
+        """The entity's attributes as `entities_for` gives it to Cedar."""
+        return self._attributes[uid] if uid in self.bundle.entity_uids else bare_entity(uid)["attrs"]
 
-    def slice_for(self, principal: Uid, action: Uid, resource: Uid, path: str = "/", *,
+    def policies_for(self, principal: Uid, action: Uid, resource: Uid, path: str = "/", *,
+                     lifted: bool = False, context: Mapping[str, Any] | None = None) -> cedarpy.PolicySet:
+        return self.slice_for(principal, action, resource, self.conditions.signature(context, path),
+                              lifted=lifted).policy_set
+
+    def slice_for(self, principal: Uid, action: Uid, resource: Uid, signature: tuple[Any, ...], *,
                   lifted: bool = False) -> Slice:
-        """The policies that can apply to the call; with `lifted`, without the escalatable forbids."""
-        key = (lifted, principal, action, resource, self.index.path_key(path))
+        """The policies that can apply to a call with this condition signature (`conditions.signature`);
+        with `lifted`, without the escalatable forbids."""
+        key = (lifted, principal, action, resource, signature)
         sliced: Slice | None = self._slices.get(key)
         if sliced is not None:
             return sliced
-        ids = self.index.applicable(principal, action, resource, path)
+        ids = self.conditions.admits(self.scope_of(principal, action, resource), principal, resource, signature)
         if lifted:
             ids = tuple(i for i in ids if i not in self.escalatable)
         sliced = self._sets.get(ids)  # keyed by the ids themselves, so both sets share it exactly
@@ -269,27 +263,43 @@ class Snapshot:
             templates = self.bundle.templates
             chosen = [templates[i] for i in ids]
             policy_set = self.bundle.policy_set if len(ids) == len(templates) else policy_set_of(chosen)
-            sliced = Slice(policy_set, _context_attributes(chosen))
+            sliced = Slice(ids, policy_set, _context_attributes(chosen))
         with self._lock:
             self._sets.put(ids, sliced)
             self._slices.put(key, sliced)
         return sliced
 
+    def scope_of(self, principal: Uid, action: Uid, resource: Uid) -> Scope:
+        """The policies whose scope holds for the call (cached: many signatures share one scope)."""
+        key = (principal, action, resource)
+        scope: Scope | None = self._scopes.get(key)
+        if scope is None:
+            ids = self.index.applicable(principal, action, resource)
+            # Many agents and hosts share one scope: share its plan too, so memory grows with the
+            # distinct scopes, not with the (agent, action, host) triples traffic brings.
+            scope = self._plans.get(ids) or self.conditions.plan(ids)
+            with self._lock:
+                self._plans.put(ids, scope)
+                self._scopes.put(key, scope)
+        return scope
+
     def could_allow(self, principal: Uid, action: Uid, resource: Uid, path: str = "/") -> bool:
         """Whether any call of `principal` doing `action` on `resource` at `path` could be allowed,
         whatever the rest of its context.
 
-        False only when no permit's scope holds for it, or a forbid with no conditions and no `@escalate`
-        does: then every such call is denied. Conditions are taken as possibly true, so this never hides
-        what some call could do. The scope index answers it exactly (Cedar checks scope first; the
-        differential tests hold the index to Cedar), with no Cedar evaluation.
+        False only when no permit's scope holds for it (or the condition index answers its conditions
+        false from the entities and the path alone), or a forbid with no conditions and no `@escalate`
+        does: then every such call is denied. Other conditions are taken as possibly true, so this never
+        hides what some call could do. The indexes answer it exactly (Cedar checks scope first; the
+        differential tests hold the indexes to Cedar), with no Cedar evaluation.
         """
-        key = ("could_allow", principal, action, resource, self.index.path_key(path))
+        signature = self.conditions.signature(None, path)
+        key = ("could_allow", principal, action, resource, signature)
         known: bool | None = self.decisions.get(key)
         if known is not None:
             return known
         permitted = always_forbidden = False
-        for i in self.index.applicable(principal, action, resource, path):
+        for i in self.conditions.admits(self.scope_of(principal, action, resource), principal, resource, signature):
             template = self.bundle.templates[i]
             if template.effect == "permit":
                 permitted = True
@@ -301,26 +311,16 @@ class Snapshot:
         return allowed
 
     def entities_for(self, principal: Uid, resource: Uid) -> cedarpy.Entities:
-        """The entity set with the principal and resource present, adding bare ones when unlisted.
-
-        An agent or host missing from entities.json still gets an entity (no parents, no tags), so
-        `resource.tags.contains(...)` is false for it rather than an error that would deny everything.
-        """
+        """The entity set with the principal and resource present, adding bare ones when unlisted."""
         missing = tuple(uid for uid in (principal, resource) if uid not in self.bundle.entity_uids)
         if not missing:
             return self.bundle.entities
         overlay = self._overlays.get(missing)
         if overlay is None:
-            overlay = self.bundle.entities.with_added_json_str(json.dumps([_bare_entity(uid) for uid in missing]))
+            overlay = self.bundle.entities.with_added_json_str(json.dumps([bare_entity(uid) for uid in missing]))
             with self._lock:
                 self._overlays.put(missing, overlay)
         return overlay
-
-
-def _bare_entity(uid: Uid) -> dict[str, Any]:
-    attrs: dict[str, list[str]] = {"tags": []} if uid[0] == "Host" else {}
-    parents = [{"type": t, "id": i} for t, i in implicit_parents(uid)]
-    return {"uid": {"type": uid[0], "id": uid[1]}, "attrs": attrs, "parents": parents}
 
 
 @dataclass
@@ -353,13 +353,15 @@ class Engine:
         (what a human's grant could at most release)."""
         # Read once (or given by a caller that mapped with it): one decision, one revision.
         snap = snapshot or self._snapshot
-        sliced = snap.slice_for(request.principal, request.action, request.resource,
-                                request.context.get("path", "/"), lifted=lifted)
+        signature = snap.conditions.signature(request.context)
+        sliced = snap.slice_for(request.principal, request.action, request.resource, signature, lifted=lifted)
         entities = snap.entities_for(request.principal, request.resource)
         cedar_request = request.as_cedarpy()
         cedar_request["context"] = sliced.context_of(request.context)
         # `lifted` in the key: the same request may be denied by the full set and allowed by the other.
-        key = (lifted, request.principal, request.action, request.resource,
+        # The signature too: the slice's context leaves out what only the policies it dropped read, so
+        # two calls with different slices can hand Cedar the same context.
+        key = (lifted, request.principal, request.action, request.resource, signature,
                canonical(cedar_request["context"]))
         cached: Evaluation | None = snap.decisions.get(key)  # the cache holds what is put below
         if cached is not None:

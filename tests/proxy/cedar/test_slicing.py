@@ -120,23 +120,23 @@ CONDITIONS = [
 
 
 @st.composite
-def policy_texts(draw) -> list[str]:
+def policy_texts(draw, conditions=CONDITIONS, most=8, wide=False, clauses=2, terms=1) -> list[str]:
+    """Up to `most` policies, each with up to `clauses` when/unless clauses of up to `terms` conditions;
+    `wide`: mostly the unconstrained scope, so that only their conditions tell the policies apart."""
     texts = []
-    for i in range(draw(st.integers(1, 8))):
+    for i in range(draw(st.integers(1, most))):
         effect = draw(st.sampled_from(["permit", "forbid"]))
         scope = ", ".join(
-            [
-                draw(st.sampled_from(PRINCIPAL_SCOPES)),
-                draw(st.sampled_from(ACTION_SCOPES)),
-                draw(st.sampled_from(RESOURCE_SCOPES)),
-            ]
+            scopes[0] if wide and draw(st.integers(0, 3)) else draw(st.sampled_from(scopes))
+            for scopes in (PRINCIPAL_SCOPES, ACTION_SCOPES, RESOURCE_SCOPES)
         )
-        clauses = ""
-        for _ in range(draw(st.integers(0, 2))):
+        text = ""
+        for _ in range(draw(st.integers(0, clauses))):
             keyword = draw(st.sampled_from(["when", "unless"]))
-            condition = draw(st.sampled_from(CONDITIONS))
-            clauses += f"\n{keyword} {{ {condition} }}"
-        texts.append(f'@id("p{i}")\n{effect} ({scope}){clauses};\n')
+            chosen = draw(st.lists(st.sampled_from(conditions), min_size=1, max_size=terms))
+            condition = " && ".join(f"({c})" for c in chosen) if len(chosen) > 1 else chosen[0]
+            text += f"\n{keyword} {{ {condition} }}"
+        texts.append(f'@id("p{i}")\n{effect} ({scope}){text};\n')
     return texts
 
 
@@ -158,7 +158,7 @@ json_values = st.recursive(
 
 
 @st.composite
-def calls(draw, agents=AGENTS, hosts=HOSTS) -> Call:
+def calls(draw, agents=AGENTS, hosts=HOSTS, bodies=json_values) -> Call:
     headers = draw(
         st.dictionaries(
             st.sampled_from(["User-Agent", "accept", "Authorization", "X-Other", "Cookie"]),
@@ -171,7 +171,7 @@ def calls(draw, agents=AGENTS, hosts=HOSTS) -> Call:
         headers["Content-Type"] = draw(
             st.sampled_from(["application/json", "application/merge-patch+json; charset=utf-8"])
         )
-        body = json.dumps(draw(json_values)).encode()
+        body = json.dumps(draw(bodies)).encode()
     path = draw(
         st.sampled_from(
             [
@@ -197,10 +197,13 @@ def calls(draw, agents=AGENTS, hosts=HOSTS) -> Call:
     )
 
 
-def _policy_dir(root: Path, texts: list[str]) -> Path:
+def _policy_dir(root: Path, texts: list[str], schema: str | None = None, entities: list | None = None) -> Path:
     directory = Path(tempfile.mkdtemp(dir=root))
-    shutil.copy2(POLICIES / "schema.cedarschema", directory / "schema.cedarschema")
-    (directory / "entities.json").write_text(json.dumps(ENTITIES))
+    if schema is None:
+        shutil.copy2(POLICIES / "schema.cedarschema", directory / "schema.cedarschema")
+    else:
+        (directory / "schema.cedarschema").write_text(schema)
+    (directory / "entities.json").write_text(json.dumps(ENTITIES if entities is None else entities))
     (directory / "generated.cedar").write_text("\n".join(texts))
     return directory
 
