@@ -368,30 +368,33 @@ class Recorder:
         unsure: tuple[int, str] | None = None  # the head of a try whose commit may have happened
         while True:
             try:
-                if unsure is None or not self._landed(unsure):
-                    unsure = None
-                    with self._writes.begin() as conn:
-                        if rows:
-                            conn.execute(_insert_new(conn), rows)
-                        if outcomes:
-                            conn.execute(_ADD_OUTCOME, outcomes)
-                        unsure = audit.append(conn, events)
+                if unsure is not None and self._landed(unsure):
+                    break
+                unsure = None
+                with self._writes.begin() as conn:
+                    if rows:
+                        conn.execute(_insert_new(conn), rows)
+                    if outcomes:
+                        conn.execute(_ADD_OUTCOME, outcomes)
+                    unsure = audit.append(conn, events)
+                break
             except Exception as exc:  # any driver error: keep the batch, refuse calls, retry
+                if unsure is not None and self._landed_now(unsure):
+                    break
                 self._failed(exc)
                 for future in waiting:  # a call waiting to go upstream is refused now, not at its timeout
                     _settle(future, StoreUnavailable(f"the decision store is failing: {self.last_error}"))
                 if self._stop.wait(self.retry_interval):
                     return False
-                continue
-            self._recovered()
-            self.written += len(rows)
-            self._unsynced = True
-            for future in waiting:
-                _settle(future)
-            for _ in batch:
-                self._queue.task_done()
-            self._checkpoint(idle=False)
-            return True
+        self._recovered()
+        self.written += len(rows)
+        self._unsynced = True
+        for future in waiting:
+            _settle(future)
+        for _ in batch:
+            self._queue.task_done()
+        self._checkpoint(idle=False)
+        return True
 
     def _landed(self, head: tuple[int, str]) -> bool:
         """Whether a commit that failed happened all the same (raises if the log cannot be read)."""
@@ -400,6 +403,13 @@ class Recorder:
         if happened:
             log.warning("a commit reported as failed had happened (its acknowledgement was lost); not repeated")
         return happened
+
+    def _landed_now(self, head: tuple[int, str]) -> bool:
+        """`_landed`, False when the log cannot be read now (the caller keeps `head` to ask again)."""
+        try:
+            return self._landed(head)
+        except Exception:
+            return False
 
     def _run_unit(self, unit: dict[str, Any], future: Future[Any] | None) -> None:
         """One caller's change and its events in one transaction; its outcome goes back to the caller,
