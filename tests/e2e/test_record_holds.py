@@ -83,7 +83,7 @@ class Agents:
 
     def _run(self, gate: Cedargate, port: int, n: int) -> None:
         with httpx.Client(proxy=gate.proxy_url, timeout=10) as http:
-            for i in range(10_000):
+            for _ in range(10_000):  # bounded: a stop that never came ends the loop too
                 if self.stop.is_set():
                     return
                 path = f"/{'slow' if n % 4 == 0 else 'fast'}/{uuid.uuid4()}"
@@ -181,3 +181,35 @@ def test_stopped_under_load_nothing_queued_is_lost(tmp_path, policy_dir, upstrea
     assert "NOT written" not in output
     result = _verify(url)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_held_call_is_on_the_record_from_the_start_of_its_hold(tmp_path, policy_dir, upstream, database_url):
+    gate, url = _start(tmp_path, policy_dir, upstream, database_url)
+    store = sqlalchemy.create_engine(url)
+    try:
+        held = threading.Thread(target=_held_call, args=(gate, upstream), daemon=True)
+        held.start()
+        deadline = time.monotonic() + 15
+        opened: list = []
+        while not opened and time.monotonic() < deadline:
+            with store.connect() as db:
+                opened = db.execute(sqlalchemy.text("SELECT decision_id FROM overrides")).all()
+            time.sleep(0.05)
+        assert opened, "no override request was opened"
+        gate.process.send_signal(signal.SIGKILL)  # mid-hold: nobody has decided yet
+        gate.process.wait(10)
+        with store.connect() as db:
+            recorded = db.execute(sqlalchemy.text("SELECT decision_id, decision, path FROM decisions")).all()
+    finally:
+        gate.stop()
+        store.dispose()
+    assert [tuple(r) for r in recorded] == [(opened[0][0], "escalate", "/v1/instances/i-0abc/stop")]
+
+
+def _held_call(gate: Cedargate, upstream) -> None:
+    with httpx.Client(proxy=gate.proxy_url, timeout=30) as http:
+        try:
+            http.post(f"http://127.0.0.1:{upstream.http_port}/v1/instances/i-0abc/stop",
+                      headers={"Prefer": "wait=20"})
+        except httpx.HTTPError:
+            pass  # the proxy was killed while it held the call
