@@ -5,8 +5,11 @@ Runs inside `cedargate run`, or alone under stock mitmproxy, composed as `cedarg
     mitmdump -s addons/enforcer.py --set cedargate_policy_dir=policies/ --set cedargate_config=cedargate.yaml
 Allowed calls pass unchanged; refused ones get the verdict's problem+json. An escalatable denial is
 held (the hook awaits the core's `Oversight`) until a human decides or the hold ends; a refused
-held flow gets a response, never `flow.kill()` (mitmproxy issue 8045: the client would hang). The
-verdict is recorded once the upstream answered (or failed), with the upstream status and duration.
+held flow gets a response, never `flow.kill()` (mitmproxy issue 8045: the client would hang).
+Record before forward: a call goes upstream only once its decision row is committed (a held call's
+is queued when the hold starts), so a crash at any moment leaves no forwarded call off the record;
+the upstream's status, the duration or the failure are added when known (`Gate.outcome`). A call
+whose decision the store cannot take is refused with 503 store-unavailable.
 
 A forwarded call whose upstream fails it (no connection, TLS it cannot verify, a connection lost, no
 answer in time: see `addons.upstream_deadline`) gets problem+json saying what failed and whether the
@@ -25,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Sequence
+from concurrent.futures import Future
 
 from mitmproxy import ctx, exceptions, http
 
@@ -40,7 +45,7 @@ from proxy.calls.mcp.sse import SseRewriter, unreadable_problem
 from proxy.calls.mcp.tools import filter_tool_list
 from proxy.calls.tunnels import authority_of
 from proxy.decision.decisions import Answer, Decision, decide_call
-from proxy.decision.gate import Verdict
+from proxy.decision.gate import Outcome, Verdict
 from proxy.decision.upstream import CONNECT_TIMEOUT_MESSAGE, OWN_API_MESSAGE, classify
 from proxy.oversight.held_calls import requested_wait
 from proxy.runtime import Runtime
@@ -49,7 +54,10 @@ from proxy.vocabulary.problems import MEDIA_TYPE, Problem, problem_document
 
 log = logging.getLogger(__name__)
 
-VERDICTS = "cedargate.verdicts"  # decided and forwarded: recorded when the upstream answers or fails
+VERDICTS = "cedargate.verdicts"  # recorded and forwarded: their outcome is added when the upstream answers or fails
+# Seconds a call waits for its decision to be committed before it is refused (store-unavailable): the
+# writer fails a waiting call at once when the store fails; this bounds a store that only stalls.
+RECORD_TIMEOUT = 5.0
 MCP = "cedargate.mcp"
 
 
@@ -160,19 +168,53 @@ class Enforcer:
         send_origin_form(flow.request)  # what goes upstream names the host decided on, and only that one
         decision = await self._decide(call)
         if decision.batch:
-            answer = await self._settle_batch(flow, decision)
+            answer, committed = await self._settle_batch(flow, decision)
         else:
-            flow.metadata[VERDICTS] = list(decision.verdicts)
-            answer = decision.answer([await self._decided(flow, decision.verdicts[0])])
+            verdict = decision.verdicts[0]
+            committed = self._record_first([verdict])
+            answer = decision.answer([await self._decided(flow, verdict)])
             if answer.refusal is not None:
-                self._refused(flow, answer.refusal)
+                self._refused(answer.refusal, recorded=bool(committed))
         if answer.refusal is not None:
             flow.response = (rpc_response(list(answer.rpc), answer.batch, answer.refusal) if answer.rpc
                              else refusal(answer.refusal))
             return
+        if not await self._on_record(flow, answer.forwarded, committed):
+            return
+        flow.metadata[VERDICTS] = list(answer.forwarded)
         if answer.body is not None:
             flow.request.set_content(answer.body)
         self._prepare_mcp(flow, answer.exchange)
+
+    def _record_first(self, verdicts: Sequence[Verdict]) -> dict[str, Future[None]]:
+        """Record the verdicts whose calls may go upstream or be held, before either happens: an allowed
+        call goes only once its row is committed (`_on_record`), and a held call's row is queued before
+        its override request is opened (the recorder commits in queue order). Refusals are recorded
+        when final (`_refused`)."""
+        gate = self._core().gate
+        return {verdict.decision_id: gate.record(verdict) for verdict in verdicts
+                if verdict.outcome in (Outcome.ALLOW, Outcome.ESCALATE)}
+
+    async def _on_record(self, flow: http.HTTPFlow, forwarded: Sequence[Verdict],
+                         committed: dict[str, Future[None]]) -> bool:
+        """Wait until the record holds every verdict about to be forwarded; if it cannot take them,
+        refuse the call with 503 store-unavailable (the record says it was not forwarded)."""
+        waits = [committed[v.decision_id] for v in forwarded if not committed[v.decision_id].done()]
+        try:
+            if waits:
+                await asyncio.wait_for(asyncio.gather(*map(asyncio.wrap_future, waits)), RECORD_TIMEOUT)
+            for verdict in forwarded:
+                committed[verdict.decision_id].result(0)  # raises what failed it
+        except Exception as exc:  # the store failing (StoreUnavailable), or too slow: never forward unrecorded
+            gate = self._core().gate
+            refused = gate.store_unavailable(forwarded[0])
+            log.warning("refused %s %s: its decision could not be recorded (%s)", printable(flow.request.method),
+                        self._shown(flow.request.pretty_url), type(exc).__name__)
+            for verdict in forwarded:
+                gate.outcome(verdict, refused=refused)
+            flow.response = refusal(refused)
+            return False
+        return True
 
     async def _decide(self, call: Call) -> Decision:
         gate = self._core().gate
@@ -203,21 +245,22 @@ class Enforcer:
         )
         return verdict
 
-    async def _settle_batch(self, flow: http.HTTPFlow, decision: Decision) -> Answer:
+    async def _settle_batch(self, flow: http.HTTPFlow,
+                            decision: Decision) -> tuple[Answer, dict[str, Future[None]]]:
         """Settle each verdict of a JSON-RPC batch; a refused message is recorded at once.
 
         An escalated message is not held (the batch's other answers would wait on a human): its
         override request is opened at once, and its answer says to retry that call alone.
         """
         refusals: list[Verdict | None] = []
+        committed: dict[str, Future[None]] = {}
         for verdict in decision.verdicts:
+            committed.update(self._record_first([verdict]))
             refused = await self._decided(flow, verdict, wait=0.0)
             if refused is not None:
-                self._core().gate.finish(refused, None)
+                self._refused(refused, recorded=verdict.decision_id in committed)
             refusals.append(refused)
-        answer = decision.answer(refusals)
-        flow.metadata[VERDICTS] = list(answer.forwarded)
-        return answer
+        return decision.answer(refusals), committed
 
     def _prepare_mcp(self, flow: http.HTTPFlow, exchange: Exchange | None) -> None:
         """Mark a forwarded MCP call, so the server's answer is read (only those: not cedargate's own)."""
@@ -310,7 +353,7 @@ class Enforcer:
         request = flow.request
         log.info("%s to %s:%s: %s", request.method, request.host, request.port, failure.recorded)
         for verdict in verdicts:
-            runtime.gate.finish(verdict, None, failure)
+            runtime.gate.outcome(verdict, None, failure)
         if verdicts and failure.answerable:
             flow.response = refusal(failure.refusal(verdicts[0]))
 
@@ -342,13 +385,18 @@ class Enforcer:
         return lambda answer: filter_tool_list(answer, lambda names: gate.visible_tools(call, names))
 
     def _finish_forwarded(self, flow: http.HTTPFlow, status: int | None) -> None:
-        """Record the verdicts of what was forwarded, once the upstream answered or failed."""
+        """Add the upstream's status to the record of what was forwarded, once it answered."""
         for verdict in flow.metadata.pop(VERDICTS, None) or ():
-            self._core().gate.finish(verdict, status)
+            self._core().gate.outcome(verdict, status)
 
-    def _refused(self, flow: http.HTTPFlow, verdict: Verdict) -> None:
-        flow.metadata.pop(VERDICTS, None)
-        self._core().gate.finish(verdict, None)
+    def _refused(self, verdict: Verdict, *, recorded: bool) -> None:
+        """Record a refusal: as the outcome of a verdict recorded before (a hold that ended refused),
+        else as its row."""
+        gate = self._core().gate
+        if recorded:
+            gate.outcome(verdict, refused=verdict)
+        else:
+            gate.finish(verdict, None)
 
 
 def call_of(flow: http.HTTPFlow, agent: str) -> Call:

@@ -20,6 +20,7 @@ from proxy.cli.audit_commands import add_audit_commands, run_audit_command
 from proxy.cli.db_commands import add_db_commands, run_db_command
 from proxy.cli.explain import add_explain_command, run_explain_command
 from proxy.cli.override_commands import add_overrides_commands, run_overrides_command
+from proxy.record.store import StoreUnavailable
 from proxy.settings.agents import hash_token, new_token
 from proxy.settings.config import ConfigError, load_settings
 
@@ -93,7 +94,7 @@ def _run(args: argparse.Namespace) -> int:
         from proxy.cli.serve import serve
 
         asyncio.run(serve(settings))
-    except (ConfigError, PolicyLoadError) as exc:
+    except (ConfigError, PolicyLoadError, StoreUnavailable) as exc:
         print(f"cedargate: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -17,7 +17,8 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import Enum
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+STORE_RETRY_AFTER = 5  # seconds an agent refused for store trouble is told to wait before retrying
 
 
 class Outcome(str, Enum):
@@ -136,11 +138,7 @@ class Gate:
     def _decide(self, call: Call, base: dict[str, Any], reading: Reading | None, snapshot: Snapshot) -> Verdict:
         if self.recorder is not None and self.recorder.unavailable_reason():
             # The reason itself is for operators (/status, the log); it may describe others' calls.
-            return Verdict(
-                **base, outcome=Outcome.ERROR, problem=Problem.STORE_UNAVAILABLE, status=503,
-                detail="cedargate cannot record decisions right now, so it forwards nothing; retry later",
-                extra_headers={"Retry-After": "5"},
-            )
+            return self.store_unavailable(Verdict(**base, outcome=Outcome.ERROR))
         if self._addresses_own_api(call):
             return Verdict(
                 **base, outcome=Outcome.DENY, problem=Problem.PROXY_API, status=403,
@@ -252,18 +250,60 @@ class Gate:
         """A call's URL for a log line or a person: query secrets redacted, escapes made visible."""
         return printable(self.redaction.url(url))
 
+    def record(self, verdict: Verdict) -> Future[None]:
+        """Put the verdict on the record before its call goes anywhere (upstream, or into a hold): the
+        future resolves once the row is committed, and fails (`StoreUnavailable`) if the store cannot
+        take it now. What became of the call is added later (`outcome`)."""
+        assert self.recorder is not None  # a gate without a record (explain's) decides, never records
+        return self.recorder.commit(self._row(verdict, self._errors(verdict), None))
+
+    def outcome(self, verdict: Verdict, upstream_status: int | None = None,
+                failure: UpstreamFailure | None = None, refused: Verdict | None = None) -> None:
+        """Add to a `record`ed verdict what became of its call: the upstream's status, or how the exchange
+        failed (kept in `errors`, as "upstream <kind>: ..."), or the refusal it ended in (not forwarded)."""
+        assert self.recorder is not None
+        extra = [failure.recorded] if failure is not None else []
+        if refused is not None and refused.problem is not None:
+            extra.append(f"not forwarded: {refused.problem.value}")
+        self.recorder.record_outcome(verdict.decision_id, verdict.call.agent, {
+            "upstream_status": upstream_status,
+            "duration_ms": round((time.perf_counter() - verdict.started) * 1000, 3),
+            "errors": json.dumps(self._errors(verdict, extra)),
+        })
+
     def finish(self, verdict: Verdict, upstream_status: int | None = None,
                failure: UpstreamFailure | None = None) -> None:
-        """Append the verdict to the record, with the upstream's status once it is known, or how the
-        exchange failed (kept in `errors`, as "upstream <kind>: ...")."""
+        """Append a verdict whose call is done to the record in one row (a refused call: nothing was
+        forwarded, so nobody waits for the commit), with the upstream's status if it went, or how the
+        exchange failed. A call refused because the store cannot take it is counted, not written."""
+        assert self.recorder is not None  # a gate without a record (explain's) decides, never finishes
+        if verdict.problem is Problem.STORE_UNAVAILABLE:
+            self.recorder.count_refusal(verdict.call.agent)
+            return
+        extra = [failure.recorded] if failure is not None else []
+        self.recorder.record(self._row(verdict, self._errors(verdict, extra), upstream_status))
+
+    def store_unavailable(self, verdict: Verdict) -> Verdict:
+        """`verdict`'s call refused because the record cannot take it: a 503 that says to retry, and
+        never why in the store's words (they are for operators, and may name hosts or others' calls)."""
+        return replace(
+            verdict, outcome=Outcome.ERROR, problem=Problem.STORE_UNAVAILABLE, status=503, determining=(),
+            errors=(), escalation=None, extra={},
+            detail="cedargate cannot record decisions right now, so it forwards nothing; retry later",
+            extra_headers={"Retry-After": str(STORE_RETRY_AFTER)},
+        )
+
+    def _errors(self, verdict: Verdict, extra: list[str] | None = None) -> list[str]:
         call = verdict.call
         errors = list(verdict.errors) + ([verdict.detail] if verdict.outcome is Outcome.ERROR else [])
-        if failure is not None:
-            errors.append(failure.recorded)
+        errors += extra or []
         if errors and call.query:  # a message may quote the query, or a value taken from it
             errors = self.redaction.scrub(errors, call.query)
-        assert self.recorder is not None  # a gate without a record (explain's) decides, never finishes
-        self.recorder.record({
+        return errors
+
+    def _row(self, verdict: Verdict, errors: list[str], upstream_status: int | None) -> dict[str, Any]:
+        call = verdict.call
+        return {
             "decision_id": verdict.decision_id,
             "at": verdict.at,
             "agent": call.agent,
@@ -281,7 +321,7 @@ class Gate:
             "upstream_status": upstream_status,
             "duration_ms": round((time.perf_counter() - verdict.started) * 1000, 3),
             **self._detail(verdict),
-        })
+        }
 
     @staticmethod
     def _detail(verdict: Verdict) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from proxy.oversight.holds import wait_for_event
 from proxy.oversight.limits import OverrideRefused, Refusal
 from proxy.oversight.overrides import Override, OverrideStatus
 from proxy.oversight.workflow import OverrideWorkflow
+from proxy.record.store import is_store_failure
 from proxy.vocabulary.printable import printable
 from proxy.vocabulary.problems import Problem
 
@@ -95,7 +96,9 @@ class Oversight:
                 return await self.resolve(verdict, wait, justification, client_alive)
             except Exception as exc:
                 log.exception("override handling failed for %s", self.gate.shown_url(verdict.call.url))
-                detail = f"{verdict.detail} (the override request could not be stored: {exc})"
+                if is_store_failure(exc):  # passing trouble, said as such: never the driver's words
+                    return Resolution(False, self.gate.store_unavailable(verdict))
+                detail = f"{verdict.detail} (the override request could not be handled)"
                 return Resolution(False, replace(verdict, detail=detail))
         try:
             refused = await self.refuse_grant(verdict)

@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlmodel import Session
 
 from proxy.calls.mapping import Call
@@ -37,7 +37,7 @@ from proxy.oversight.overrides import (
     requirements_of,
 )
 from proxy.record.audit import EventKind
-from proxy.record.store import Recorder, StoreUnavailable, utcnow
+from proxy.record.store import AmbiguousCommit, Recorder, StoreUnavailable, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +105,31 @@ class OverrideWorkflow:
                 continue  # a vote from another process moved it first: retry against the new state
             except (IntegrityError, OperationalError):
                 continue  # a concurrent vote or a busy SQLite writer: retry against the new state
+            except AmbiguousCommit as exc:
+                try:
+                    found = self._vote_landed(override_id, approver, ballot)
+                except SQLAlchemyError:
+                    raise OverrideError(503, f"{exc}; whether the vote was recorded is unknown: look at the "
+                                        "request before voting again") from exc
+                if found is None:
+                    continue  # it did not land: cast it again
+                override, decided = found
             except (StoreUnavailable, TimeoutError) as exc:
                 raise OverrideError(503, f"{exc}; the vote was not recorded: retry") from exc
             if decided:
                 self.holds.notify(override_id)
             return override, decided
         raise OverrideError(503, "the override request is too contended to update; retry")
+
+    def _vote_landed(self, override_id: str, approver: str,
+                     ballot: Ballot) -> tuple[Override, bool] | None:
+        """After a vote's ambiguous commit: the request and whether it is decided, if the vote is stored
+        (with its events: they commit together); None if it is not."""
+        if not any(v.approver == approver and v.verdict == ballot.value for v in self.store.votes(override_id)):
+            return None
+        override = self.store.get(override_id)
+        assert override is not None  # the vote is stored, so is its request
+        return override, override.status != OverrideStatus.PENDING.value
 
     def _vote(self, conn: Connection, override_id: str, approver: str, roles: frozenset[str], ballot: Ballot,
               reason: str) -> tuple[tuple[Override, bool], list[Event]]:
@@ -191,7 +210,15 @@ class OverrideWorkflow:
             event = _event(kind, override, decision_id=decision_id, payload=dict(payload or {}))
             return moved, [event] if moved else []
 
-        moved = self.recorder.transact(work)
+        try:
+            moved = self.recorder.transact(work)
+        except AmbiguousCommit:
+            # The commit's acknowledgement was lost and the log could not say whether it happened: the
+            # request's state does (its events committed with it, or neither did). A release that did
+            # not land must not go ahead; one that did must (its grant is spent).
+            current = self.store.get(override.id)
+            moved = current is not None and current.status == to_status.value and (
+                current.release_decision_id == values.get("release_decision_id"))
         if moved:
             self.holds.notify(override.id)
         return moved

@@ -58,6 +58,12 @@ class EventKind(StrEnum):
     RELEASE_REFUSED = "release_refused"
     EXPIRED = "expired"
     GRANT_EXPIRED = "grant_expired"
+    # What became of a forwarded call, once known: its decision was chained before the call went
+    # upstream, so the upstream's status, the duration and any failure are chained after it.
+    OUTCOME = "outcome"
+    # Calls refused because the record could not take them, counted per agent rather than one row each:
+    # while the store fails, a row per refusal would only refill the space it needs to recover.
+    STORE_REFUSALS = "store_refusals"
 
 
 class AuditEntry(SQLModel, table=True):
@@ -152,16 +158,21 @@ def _genesis_head(conn: Connection) -> Any:
     return dialect.insert(_head).values(values).on_conflict_do_nothing(index_elements=["id"])
 
 
-def append(conn: Connection, events: Sequence[Mapping[str, Any]]) -> None:
-    """Insert `events` as chained rows after the head, and move `audit_head` to the last of them.
+def append(conn: Connection, events: Sequence[Mapping[str, Any]]) -> tuple[int, str] | None:
+    """Insert `events` as chained rows after the head, and move `audit_head` to the last of them; returns
+    the new head's (seq, hash), or None when there was nothing to append.
 
     An event has `kind` and optionally `at` (default now), `decision_id`, `override_id`, `agent`,
     `actor` and `payload` (a dict, or its canonical JSON text). Run it in the transaction that writes
     what the events describe, so the log and the record commit together or not at all; the head is
     read and locked here, in that transaction, so concurrent writers take turns.
+
+    The new head names this transaction: its hash covers the head it chained onto, so only this
+    transaction can have put that hash at that seq. After a commit whose outcome the client never
+    heard, `landed` tells from it whether the commit happened.
     """
     if not events:
-        return
+        return None
     seq, prev_hash = read_head(conn, lock=True)
     rows = []
     for event in events:
@@ -179,6 +190,13 @@ def append(conn: Connection, events: Sequence[Mapping[str, Any]]) -> None:
         rows.append(row)
     conn.execute(_log.insert(), rows)
     conn.execute(_head.update().where(_head.c.id == 1).values(seq=seq, hash=prev_hash))
+    return seq, prev_hash
+
+
+def landed(conn: Connection, head: tuple[int, str]) -> bool:
+    """Whether the transaction whose `append` returned `head` committed (its last row is in the log)."""
+    seq, hash_ = head
+    return conn.execute(select(_log.c.hash).where(_log.c.seq == seq)).scalar() == hash_
 
 
 @dataclass(frozen=True)

@@ -26,14 +26,16 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Index, event, make_url
+from sqlalchemy import Index, Table, bindparam, event, make_url, text, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.engine import Engine as SAEngine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Field, Session, SQLModel, create_engine, func, select
 
 from proxy.record import audit
@@ -89,6 +91,8 @@ def make_engine(url: str) -> SAEngine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=5000")
+            # A checkpoint that resets the WAL also shrinks it to this, so a burst leaves no large file.
+            cur.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
             cur.close()
             # BEGIN is ours to send (`_sqlite_begin`), not the driver's: it defers the write lock to
             # the first write, where a writer that finds another process's commit fails at once
@@ -132,17 +136,32 @@ def private_sqlite_files(url: str) -> None:
             pass
 
 
-_DECISION, _EVENT, _UNIT = "decision", "event", "unit"
+_DECISION, _OUTCOME, _EVENT, _UNIT = "decision", "outcome", "event", "unit"
 T = TypeVar("T")
 # What a unit of work run by `Recorder.transact` returns: its result, and the audit events that
 # record it (each as `record_event` takes it).
 Work = Callable[[Connection], tuple[T, Sequence[Mapping[str, Any]]]]
+# One queued thing: what it is, its content, and the future its writer resolves (None: nobody waits).
+Item = tuple[str, dict[str, Any], "Future[Any] | None"]
 RATE_HORIZON = 0.5  # seconds: how far back the writer's estimate of the row rate mostly looks
 EVENT_KEYS = frozenset({"kind", "decision_id", "override_id", "agent", "actor", "payload"})
+OUTCOME_KEYS = ("upstream_status", "duration_ms", "errors")
+UNSURE_READS = 5  # tries to learn whether a unit's lost commit happened before its caller is told "unknown"
+WAL_LIMIT = 16 * 1024 * 1024  # bytes: a SQLite WAL past this is truncated by a checkpoint, not just reused
 
 
 class StoreUnavailable(Exception):
     """The record cannot take a change now; the message says why."""
+
+
+class AmbiguousCommit(StoreUnavailable):
+    """A unit's commit failed in a way that leaves unknown whether it happened (the connection was lost
+    during COMMIT), and the record could not be read to find out: re-read the state it changed."""
+
+
+def is_store_failure(exc: BaseException) -> bool:
+    """Whether `exc` means the store could not take or give something now (rather than a bug)."""
+    return isinstance(exc, StoreUnavailable | TimeoutError | SQLAlchemyError | OSError)
 
 
 class Recorder:
@@ -155,6 +174,7 @@ class Recorder:
         retry_interval: float = 0.5,
         linger: float = 0.05,
         busy_rate: float = 100.0,
+        wal_limit: int = WAL_LIMIT,
     ) -> None:
         self.engine = engine
         # The writer's transactions: on SQLite they take the write lock at BEGIN (see `make_engine`).
@@ -163,17 +183,23 @@ class Recorder:
         self.retry_interval = retry_interval
         self.linger = linger
         self.busy_rate = busy_rate
+        self.wal_limit = wal_limit
         self._rate, self._rate_at = 0.0, time.monotonic()  # rows a second lately (writer thread only)
-        self._hurry = threading.Event()  # set by flush: write what is queued now, without lingering
+        self._hurry = threading.Event()  # set by flush and by waiters: write what is queued now, no lingering
         # Unbounded so that a call already forwarded is always recorded; admission of new calls is
         # what `healthy` bounds. One queue for decisions and events keeps their order for the chain.
-        self._queue: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
+        self._queue: queue.Queue[Item] = queue.Queue()
         self.max_pending = max_pending
         self._failing = False
         self.last_error: str | None = None
         self.written = 0  # decision rows
+        # Calls refused because the store could not take them: agent -> [count, first at, last at].
+        self._refusals: dict[str, list[Any]] = {}
+        self._refusals_lock = threading.Lock()
+        self._unsynced = False  # SQLite: written since the last idle checkpoint
         self._stop = threading.Event()
         migrate(engine)
+        writable(self._writes)
         self._thread = threading.Thread(target=self._run, name="cedargate-recorder", daemon=True)
         self._thread.start()
 
@@ -184,15 +210,41 @@ class Recorder:
     @property
     def pending(self) -> int:
         # unfinished_tasks also counts the batch the writer holds while retrying.
-        return self._queue.unfinished_tasks
+        return self._queue.unfinished_tasks + (1 if self._refusals else 0)
 
     def record(self, row: dict[str, Any]) -> None:
-        for key, value in row.items():
-            if isinstance(value, str):
-                row[key] = _storable(value)
-            elif isinstance(value, dict):  # `detail`: strings from the agent's message
-                row[key] = {k: _storable(v) if isinstance(v, str) else v for k, v in value.items()}
-        self._queue.put_nowait((_DECISION, row))
+        """Enqueue a decision row, for a call that goes nowhere (refused): nobody waits for its commit.
+        Like everything enqueued, it is never dropped: it is retried until it is in."""
+        self._queue.put_nowait((_DECISION, _storable_row(row), None))
+
+    def commit(self, row: dict[str, Any]) -> Future[None]:
+        """Enqueue a decision row for a call about to go upstream, which waits on the future: it resolves
+        once the row is committed, or fails (`StoreUnavailable`) as soon as a try to commit it fails (the
+        row is still retried until it is in). The writer takes it at once, without lingering."""
+        committed: Future[None] = Future()
+        self._queue.put_nowait((_DECISION, _storable_row(row), committed))
+        self._hurry.set()
+        return committed
+
+    def record_outcome(self, decision_id: str, agent: str, outcome: Mapping[str, Any]) -> None:
+        """Add what became of a recorded call (`upstream_status`, `duration_ms`, `errors`) to its row, and
+        chain it as an `outcome` event, so the tamper-evident log holds it too."""
+        values = {key: outcome.get(key) for key in OUTCOME_KEYS}
+        if isinstance(values["errors"], str):
+            values["errors"] = _storable(values["errors"])
+        self._queue.put_nowait((_OUTCOME, {"decision_id": decision_id, "agent": agent, **values}, None))
+
+    def count_refusal(self, agent: str) -> None:
+        """A call refused because the store could not take it: counted, and chained as one
+        `store_refusals` event per agent each time the writer commits, not as a row per call."""
+        now = utcnow()
+        with self._refusals_lock:
+            counted = self._refusals.get(agent)
+            if counted is None:
+                self._refusals[agent] = [1, now, now]
+            else:
+                counted[0] += 1
+                counted[2] = now
 
     def record_event(self, event: Mapping[str, Any]) -> None:
         """Chain an event other than a decision (an override created, approved, released...) onto the log.
@@ -201,7 +253,7 @@ class Recorder:
         `payload` (a dict of JSON values and datetimes); its time is now. Like `record`, it is never
         dropped; an event the log could not hold raises here, in the caller, not later in the writer.
         """
-        self._queue.put_nowait((_EVENT, _event_item(event)))
+        self._queue.put_nowait((_EVENT, _event_item(event), None))
 
     def unavailable_reason(self) -> str | None:
         if self._failing:
@@ -210,18 +262,38 @@ class Recorder:
             return f"the decision store is {self._queue.qsize()} rows behind"
         return None
 
+    def hurry(self) -> None:
+        """Someone waits on what is queued: the writer takes it now rather than lingering for more."""
+        self._hurry.set()
+
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every row enqueued so far is committed; False if that did not happen in time."""
         deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+        while self.pending and time.monotonic() < deadline:
             self._hurry.set()  # again each time: the writer may have taken the last one for an earlier batch
             time.sleep(0.005)
-        return not self._queue.unfinished_tasks
+        return not self.pending
 
     def close(self, timeout: float = 10.0) -> None:
-        self.flush(timeout)
+        """Write everything queued, for as long as the writer makes progress, then stop it.
+
+        Only `timeout` seconds without any progress (the store is failing) end the wait; what could not
+        be written then is logged as lost, loudly, never dropped in silence.
+        """
+        left, progress_at = self.pending, time.monotonic()
+        while left and not self.flush(min(0.5, timeout)):
+            if self.pending < left:
+                left, progress_at = self.pending, time.monotonic()
+            elif time.monotonic() - progress_at >= timeout:
+                break
         self._stop.set()
         self._thread.join(timeout)
+        if self.pending:
+            log.error(
+                "closing the decision record with %d decisions/events NOT written (the store made no progress "
+                "for %g s: %s); they are lost", self._queue.unfinished_tasks + len(self._refusals), timeout,
+                self.last_error or "busy",
+            )
 
     def transact(self, work: Work[T], timeout: float = 30.0) -> T:
         """Run `work(connection)` on the writer thread in one transaction with the events it returns.
@@ -229,9 +301,11 @@ class Recorder:
         The work runs after every row and event enqueued before this call and before any enqueued
         after it; its events are chained in the same transaction, so what it changed and the audit rows
         that say so commit together or not at all. Whatever `work` raises, or the commit raises, is
-        raised here with nothing written. A unit the writer has not started within `timeout` seconds
-        (the store is failing, say) is withdrawn and `TimeoutError` raised; while the store is known to be
-        failing, `StoreUnavailable` is raised at once.
+        raised here with nothing written. A commit that failed after it may have happened (the
+        connection lost during COMMIT) is checked against the log: if it happened, its result is
+        returned as if nothing failed; if that cannot be learnt, `AmbiguousCommit` is raised. A unit the
+        writer has not started within `timeout` seconds (the store is failing, say) is withdrawn and
+        `TimeoutError` raised; while the store is known to be failing, `StoreUnavailable` is raised at once.
         """
         if threading.current_thread() is self._thread:
             raise RuntimeError("Recorder.transact called from the writer thread itself")
@@ -240,7 +314,7 @@ class Recorder:
         if self._failing:  # as the gate refuses calls: fail now rather than wait behind the retries
             raise StoreUnavailable(f"the decision store is failing: {self.last_error}")
         future: Future[T] = Future()
-        self._queue.put_nowait((_UNIT, {"work": work, "future": future}))
+        self._queue.put_nowait((_UNIT, {"work": work}, future))
         self._hurry.set()
         try:
             return future.result(timeout)
@@ -257,8 +331,11 @@ class Recorder:
             try:
                 first = self._queue.get(timeout=0.2)
             except queue.Empty:
+                if self._refusals:
+                    self._write([])
+                self._checkpoint(idle=True)
                 continue
-            if first[0] != _UNIT:
+            if first[0] != _UNIT and first[2] is None:  # nobody waits on it: it may wait for company
                 self._linger()
             batch = [first]
             while len(batch) < self.batch_size:
@@ -269,58 +346,157 @@ class Recorder:
             self._rate += len(batch) / RATE_HORIZON
             # In queue order: the rows and events up to a unit of work, then the unit, then the rest.
             start = 0
-            for index, (tag, item) in enumerate([*batch, (_UNIT, None)]):
+            for index, (tag, item, future) in enumerate([*batch, (_UNIT, None, None)]):
                 if tag != _UNIT:
                     continue
                 if index > start and not self._write(batch[start:index]):
                     return
                 if item is not None:
-                    self._run_unit(item)
+                    self._run_unit(item, future)
                     self._queue.task_done()
                 start = index + 1
 
-    def _write(self, batch: list[tuple[str, dict[str, Any]]]) -> bool:
-        """Commit decisions and events, retrying until they are in; False if the recorder closed first."""
-        table = DecisionRecord.__table__  # type: ignore[attr-defined]  # SQLModel sets it on table models, untyped
-        rows = [_table_row(item) for tag, item in batch if tag == _DECISION]
-        events = [_decision_event(item) if tag == _DECISION else item for tag, item in batch]
+    def _write(self, batch: list[Item]) -> bool:
+        """Commit decisions, outcomes and events, retrying until they are in; False if the recorder closed
+        first. Never twice: after a failed commit, the log is read to learn whether it happened anyway."""
+        rows = [_table_row(item) for tag, item, _ in batch if tag == _DECISION]
+        outcomes = [{"b_id": item["decision_id"], "b_status": item["upstream_status"],
+                     "b_ms": item["duration_ms"], "b_errors": item["errors"]}
+                    for tag, item, _ in batch if tag == _OUTCOME]
+        events = [_chained(tag, item) for tag, item, _ in batch] + self._take_refusals()
+        waiting = [future for _, _, future in batch if future is not None]
+        unsure: tuple[int, str] | None = None  # the head of a try whose commit may have happened
         while True:
             try:
+                if unsure is not None and self._landed(unsure):
+                    break
+                unsure = None
                 with self._writes.begin() as conn:
                     if rows:
-                        conn.execute(table.insert(), rows)
-                    audit.append(conn, events)
+                        conn.execute(_insert_new(conn), rows)
+                    if outcomes:
+                        conn.execute(_ADD_OUTCOME, outcomes)
+                    unsure = audit.append(conn, events)
+                break
             except Exception as exc:  # any driver error: keep the batch, refuse calls, retry
-                if not self._failing:
-                    log.error("decision store write failed; refusing calls until it recovers: %s", exc)
-                self._failing = True
-                self.last_error = _short(exc)
+                if unsure is not None and self._landed_now(unsure):
+                    break
+                self._failed(exc)
+                for future in waiting:  # a call waiting to go upstream is refused now, not at its timeout
+                    _settle(future, StoreUnavailable(f"the decision store is failing: {self.last_error}"))
                 if self._stop.wait(self.retry_interval):
                     return False
-                continue
-            if self._failing:
-                log.warning("decision store recovered")
-            self._failing = False
-            self.last_error = None
-            self.written += len(rows)
-            for _ in batch:
-                self._queue.task_done()
-            return True
+        self._recovered()
+        self.written += len(rows)
+        self._unsynced = True
+        for future in waiting:
+            _settle(future)
+        for _ in batch:
+            self._queue.task_done()
+        self._checkpoint(idle=False)
+        return True
 
-    def _run_unit(self, unit: dict[str, Any]) -> None:
+    def _landed(self, head: tuple[int, str]) -> bool:
+        """Whether a commit that failed happened all the same (raises if the log cannot be read)."""
+        with self.engine.connect() as conn:
+            happened = audit.landed(conn, head)
+        if happened:
+            log.warning("a commit reported as failed had happened (its acknowledgement was lost); not repeated")
+        return happened
+
+    def _landed_now(self, head: tuple[int, str]) -> bool:
+        """`_landed`, False when the log cannot be read now (the caller keeps `head` to ask again)."""
+        try:
+            return self._landed(head)
+        except Exception:
+            return False
+
+    def _run_unit(self, unit: dict[str, Any], future: Future[Any] | None) -> None:
         """One caller's change and its events in one transaction; its outcome goes back to the caller,
         not retried here (the caller knows whether trying again makes sense)."""
-        future: Future[Any] = unit["future"]
+        assert future is not None
         if not future.set_running_or_notify_cancel():
             return  # the caller gave up waiting before it started
+        head: tuple[int, str] | None = None
         try:
             with self._writes.begin() as conn:
                 result, events = unit["work"](conn)
-                audit.append(conn, [_event_item(e) for e in events])
+                head = audit.append(conn, [_event_item(e) for e in events])
         except BaseException as exc:
-            future.set_exception(exc)
+            happened = None if head is None else self._unit_landed(head, exc)
+            if happened:
+                future.set_result(result)
+            elif happened is None and head is not None:
+                future.set_exception(AmbiguousCommit(
+                    "the decision store failed while committing a change and cannot be read to tell whether "
+                    f"the change was made: {_short(exc)}"))
+            else:
+                future.set_exception(exc)
             return
         future.set_result(result)
+
+    def _unit_landed(self, head: tuple[int, str], exc: BaseException) -> bool | None:
+        """Whether a unit's failed commit happened; None if the log could not be read to tell."""
+        for attempt in range(UNSURE_READS):
+            try:
+                return self._landed(head)
+            except Exception:
+                if attempt + 1 < UNSURE_READS:
+                    self._stop.wait(self.retry_interval)
+        log.error("a change's commit failed and the log cannot be read to tell whether it happened: %s",
+                  _short(exc))
+        return None
+
+    def _failed(self, exc: Exception) -> None:
+        if not self._failing:
+            log.error("decision store write failed; refusing calls until it recovers: %s", exc)
+        self._failing = True
+        self.last_error = _short(exc)
+        # New connections for the retry: a SQLite file opened while read-only stays read-only for the
+        # connection that opened it, and a PostgreSQL connection may be half-dead.
+        self.engine.dispose()
+
+    def _recovered(self) -> None:
+        if self._failing:
+            log.warning("decision store recovered")
+        self._failing = False
+        self.last_error = None
+
+    def _take_refusals(self) -> list[dict[str, Any]]:
+        if not self._refusals:
+            return []
+        with self._refusals_lock:
+            taken, self._refusals = self._refusals, {}
+        return [{"kind": audit.EventKind.STORE_REFUSALS.value, "at": last, "agent": agent,
+                 "payload": canonical_text({"count": count, "first_at": first, "last_at": last,
+                                            "problem": "store-unavailable"})}
+                for agent, (count, first, last) in taken.items()]
+
+    def _checkpoint(self, *, idle: bool) -> None:
+        """SQLite: keep the WAL from growing without bound. Idle: copy it into the database (PASSIVE: it
+        never waits for readers); past `wal_limit` bytes: also truncate it, waiting briefly for readers."""
+        if self.engine.dialect.name != "sqlite" or not self._unsynced:
+            return
+        wal = f"{make_url(str(self.engine.url)).database}-wal"
+        try:
+            large = os.stat(wal).st_size > self.wal_limit
+        except OSError:
+            return
+        if not (idle or large):
+            return
+        try:
+            with self.engine.connect() as conn:
+                if large:
+                    conn.exec_driver_sql("PRAGMA busy_timeout=200")
+                    try:
+                        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                    finally:
+                        conn.exec_driver_sql("PRAGMA busy_timeout=5000")
+                else:
+                    conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            self._unsynced = False
+        except Exception as exc:  # a checkpoint is housekeeping: the next idle moment tries again
+            log.warning("decision store checkpoint failed: %s", _short(exc))
 
     def _linger(self) -> None:
         """Group commit: while rows come faster than `busy_rate` a second, wait up to `linger` seconds
@@ -329,8 +505,9 @@ class Recorder:
         A transaction's fixed cost (its statements, moving the head, the commit's page writes) is many
         rows' worth, and every wake-up of this thread takes the GIL from the proxy's event loop: at a few
         hundred calls a second, batches of one or two rows cost the proxy more than deciding the calls.
-        An idle proxy writes each row as soon as this thread wakes, and a waiting `flush` cuts the wait
-        short.
+        Only rows nobody waits on linger: a call waiting for its record before it goes upstream cuts
+        the wait short (`hurry`), and the calls that arrive while a commit runs share the next one.
+        An idle proxy writes each row as soon as this thread wakes.
         """
         now = time.monotonic()
         self._rate *= math.exp((self._rate_at - now) / RATE_HORIZON)  # rows taken since are added on
@@ -338,6 +515,40 @@ class Recorder:
         if self._rate >= self.busy_rate and self._queue.qsize() + 1 < self.batch_size:
             if self._hurry.wait(self.linger):
                 self._hurry.clear()
+
+
+def _settle(future: Future[None], exc: Exception | None = None) -> None:
+    """Resolve a waiter's future unless it is already done: failed by an earlier try, or cancelled by a
+    waiter that gave up (which may happen between any check and the setting: hence the except)."""
+    if future.done():
+        return
+    try:
+        if exc is None:
+            future.set_result(None)
+        else:
+            future.set_exception(exc)
+    except InvalidStateError:
+        pass
+
+
+def writable(engine: SAEngine) -> None:
+    """Raise `StoreUnavailable` saying what to do if the database cannot be written (a read-only SQLite
+    file, a read-only PostgreSQL role or replica): cedargate records every call before forwarding it,
+    so it does not start on a store it could only read."""
+    try:
+        with engine.connect() as conn:
+            probe = conn.begin()
+            try:
+                conn.execute(text("INSERT INTO audit_head (id, seq, hash) VALUES (-1, 0, 'write probe')"))
+            finally:
+                probe.rollback()
+    except SQLAlchemyError as exc:
+        raise StoreUnavailable(
+            f"the decision store {engine.url.render_as_string(hide_password=True)} cannot be written "
+            f"({_short(exc)}): cedargate records every call before forwarding it, so it does not start on a "
+            "store it can only read. Make the database file and its directory writable by this user "
+            "(or give the database role write access), then start again"
+        ) from None
 
 
 def _event_item(event: Mapping[str, Any]) -> dict[str, Any]:
@@ -361,10 +572,42 @@ def _event_item(event: Mapping[str, Any]) -> dict[str, Any]:
     return item
 
 
+def _storable_row(row: dict[str, Any]) -> dict[str, Any]:
+    for key, value in row.items():
+        if isinstance(value, str):
+            row[key] = _storable(value)
+        elif isinstance(value, dict):  # `detail`: strings from the agent's message
+            row[key] = {k: _storable(v) if isinstance(v, str) else v for k, v in value.items()}
+    return row
+
+
 def _table_row(row: dict[str, Any]) -> dict[str, Any]:
     """A decision as the table holds it: its `detail` (what an MCP message was) goes to the audit log's
     payload only. Copied only when it has one: this runs for every recorded call."""
     return row if "detail" not in row else {k: v for k, v in row.items() if k != "detail"}
+
+
+def _chained(tag: str, item: dict[str, Any]) -> dict[str, Any]:
+    """The audit event a queued item becomes."""
+    if tag == _DECISION:
+        return _decision_event(item)
+    if tag == _OUTCOME:
+        return {"kind": audit.EventKind.OUTCOME.value, "at": utcnow(), "decision_id": item["decision_id"],
+                "agent": item["agent"], "payload": {key: item[key] for key in OUTCOME_KEYS}}
+    return item
+
+
+def _insert_new(conn: Connection) -> Any:
+    """INSERT of decision rows that skips one already stored (by decision_id): writing twice is harmless."""
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    return dialect.insert(_decisions).on_conflict_do_nothing(index_elements=["decision_id"])
+
+
+_decisions: Table = DecisionRecord.__table__  # type: ignore[attr-defined]  # SQLModel sets it, untyped
+_ADD_OUTCOME = (
+    update(_decisions).where(_decisions.c.decision_id == bindparam("b_id"))
+    .values(upstream_status=bindparam("b_status"), duration_ms=bindparam("b_ms"), errors=bindparam("b_errors"))
+)
 
 
 def _decision_event(row: dict[str, Any]) -> dict[str, Any]:
@@ -386,7 +629,7 @@ def _storable(text: str) -> str:
     return text
 
 
-def _short(exc: Exception) -> str:
+def _short(exc: BaseException) -> str:
     cause = getattr(exc, "orig", None) or exc
     return f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"
 

@@ -197,16 +197,21 @@ def test_store_unavailable_refuses_with_503_then_recovers(gate: Gate, recorder: 
     assert "no such table" in recorder.unavailable_reason()  # the operator-facing reason
     gate.finish(refused)
 
-    # The table comes back: calls are allowed again and both rows kept meanwhile are written.
+    gate.finish(gate.decide(make_call(*LIST)))
+
+    # The table comes back: calls are allowed again and the row kept meanwhile is written; the calls
+    # refused for the store's sake are counted (one event per agent), not a row each that would refill
+    # the space a full disk needs.
     SQLModel.metadata.create_all(make_engine(f"sqlite:///{db_path}"))
     assert recorder.flush()
     assert recorder.unavailable_reason() is None
     assert gate.decide(make_call(*LIST)).allowed
     rows = sqlite_rows(db_path)
-    assert [(r["decision_id"], r["decision"]) for r in rows] == [
-        (first.decision_id, "allow"),
-        (refused.decision_id, "error"),
-    ]
+    assert [(r["decision_id"], r["decision"]) for r in rows] == [(first.decision_id, "allow")]
+    con = sqlite3.connect(db_path)
+    counted = con.execute("SELECT agent, payload FROM audit_log WHERE kind = 'store_refusals'").fetchall()
+    con.close()
+    assert [(agent, json.loads(payload)["count"]) for agent, payload in counted] == [("ops-bot", 2)]
 
 
 def test_finish_writes_the_row_an_operator_reads(gate: Gate, recorder: Recorder, db_path: Path):

@@ -6,6 +6,7 @@ its own schema.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import stat
@@ -19,7 +20,8 @@ from proxy_support import sqlite_rows, wait_until
 from sqlalchemy import text
 from sqlmodel import SQLModel
 
-from proxy.record.store import Recorder, count_decisions, make_engine
+from proxy.record import audit
+from proxy.record.store import Recorder, StoreUnavailable, count_decisions, make_engine
 
 
 def _row(i: int = 0, **overrides) -> dict:
@@ -248,6 +250,100 @@ def test_a_new_sqlite_store_is_private_to_its_owner(tmp_path: Path):
         files = [p for p in tmp_path.iterdir() if p.name.startswith("new.db")]
         assert {p.name for p in files} >= {"new.db", "new.db-wal", "new.db-shm"}
         assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o600 for p in files}
+    finally:
+        recorder.close()
+        recorder.engine.dispose()
+
+
+# ---- record before forward: a waited-on commit, outcomes, idempotent rows, draining -----------------
+
+
+def _drop_decisions(db_path: Path) -> None:
+    con = sqlite3.connect(db_path)
+    con.execute("DROP TABLE decisions")
+    con.commit()
+    con.close()
+
+
+def test_a_waited_on_row_resolves_once_committed_and_fails_at_once_while_the_store_fails(
+        sqlite_recorder: Recorder, db_path: Path):
+    first = _row(1, upstream_status=None)
+    assert sqlite_recorder.commit(first).result(5) is None
+    assert [r["decision_id"] for r in sqlite_rows(db_path)] == [first["decision_id"]]
+
+    _drop_decisions(db_path)
+    second = _row(2, upstream_status=None)
+    with pytest.raises(StoreUnavailable, match="no such table"):
+        sqlite_recorder.commit(second).result(5)  # the call waiting on it is refused, not kept waiting
+
+    SQLModel.metadata.create_all(make_engine(f"sqlite:///{db_path}"))
+    assert sqlite_recorder.flush()  # and the row itself was kept: a refused call is on the record too
+    assert [r["decision_id"] for r in sqlite_rows(db_path)] == [second["decision_id"]]
+
+
+def test_an_outcome_completes_the_row_and_is_chained(sqlite_recorder: Recorder, db_path: Path):
+    row = _row(0, upstream_status=None, duration_ms=0.2)
+    sqlite_recorder.commit(row).result(5)
+    sqlite_recorder.record_outcome(row["decision_id"], "ops-bot", {
+        "upstream_status": 502, "duration_ms": 31.5, "errors": '["upstream connection lost"]'})
+    assert sqlite_recorder.flush()
+
+    (stored,) = sqlite_rows(db_path)
+    assert (stored["upstream_status"], stored["duration_ms"], stored["errors"]) == (
+        502, 31.5, '["upstream connection lost"]')
+    con = sqlite3.connect(db_path)
+    chained = con.execute("SELECT kind, decision_id, payload FROM audit_log ORDER BY seq").fetchall()
+    con.close()
+    assert [(kind, decision_id) for kind, decision_id, _ in chained] == [
+        ("decision", row["decision_id"]), ("outcome", row["decision_id"])]
+    assert json.loads(chained[1][2]) == {"upstream_status": 502, "duration_ms": 31.5,
+                                         "errors": '["upstream connection lost"]'}
+    assert audit.verify(sqlite_recorder.engine).ok
+
+
+def test_a_decision_written_twice_is_stored_once(sqlite_recorder: Recorder, db_path: Path):
+    row = _row(0)
+    sqlite_recorder.record(dict(row))
+    assert sqlite_recorder.flush()
+    sqlite_recorder.record(dict(row))  # as a retry of a batch whose commit did happen would write it
+    assert sqlite_recorder.flush()
+    assert len(sqlite_rows(db_path)) == 1
+    assert sqlite_recorder.unavailable_reason() is None
+
+
+def test_close_writes_everything_for_as_long_as_it_makes_progress(db_path: Path):
+    # One row a transaction: far longer to write than the close's timeout, which only bounds a stall.
+    recorder = Recorder(make_engine(f"sqlite:///{db_path}"), batch_size=1)
+    for i in range(2000):
+        recorder.record(_row(i))
+    recorder.close(timeout=0.2)
+    recorder.engine.dispose()
+    assert len(sqlite_rows(db_path)) == 2000
+
+
+def test_close_says_loudly_what_it_could_not_write(db_path: Path, caplog: pytest.LogCaptureFixture):
+    recorder = Recorder(make_engine(f"sqlite:///{db_path}"), retry_interval=0.05)
+    _drop_decisions(db_path)
+    for i in range(7):
+        recorder.record(_row(i))
+    recorder.close(timeout=0.3)
+    recorder.engine.dispose()
+    assert any(r.levelname == "ERROR" and "7 decisions/events NOT written" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_the_wal_is_checkpointed_and_truncated_when_the_writer_is_idle(db_path: Path):
+    recorder = Recorder(make_engine(f"sqlite:///{db_path}"), wal_limit=64 * 1024)
+    try:
+        for i in range(3000):
+            recorder.record(_row(i))
+        assert recorder.flush()
+        wal = Path(f"{db_path}-wal")
+        wait_until(lambda: wal.stat().st_size <= 64 * 1024, "the idle writer to truncate the WAL")
+        # Everything is in the database file itself now: a copy of it alone holds every row.
+        copy = db_path.with_name("copy.db")
+        copy.write_bytes(db_path.read_bytes())
+        assert len(sqlite_rows(copy)) == 3000
     finally:
         recorder.close()
         recorder.engine.dispose()
