@@ -131,6 +131,10 @@ def test_condition_sliced_evaluation_equals_cedar_on_the_full_set(scratch: Path,
         _agrees(engine, request)
         got = engine.evaluate(request)  # from the cache now
         event(f"decision {got.decision}" + (" with errors" if got.errors else ""))
+        # What tools/list shows: "no call could be allowed" (read from the entities and path) must hold.
+        if not snapshot.could_allow(request.principal, request.action, request.resource, request.context["path"]):
+            event("could_allow: no call could be allowed")
+            assert not got.allowed, request
 
 
 def _refund(agent: str, body: object | None) -> Call:
