@@ -111,7 +111,7 @@ def _agrees(engine: Engine, request) -> None:
     assert set(got.errors) == set(want.diagnostics.errors), request
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(texts=policy_texts(CONDITIONS, most=10, wide=True, clauses=3, terms=3),
        batch=st.lists(calls(agents=AGENTS, hosts=HOSTS, bodies=bodies), min_size=1, max_size=8))
 def test_condition_sliced_evaluation_equals_cedar_on_the_full_set(scratch: Path, texts: list[str],  # noqa: F811
