@@ -197,6 +197,8 @@ class Recorder:
         self._refusals: dict[str, list[Any]] = {}
         self._refusals_lock = threading.Lock()
         self._unsynced = False  # SQLite: written since the last idle checkpoint
+        database = make_url(str(engine.url)).database if engine.dialect.name == "sqlite" else None
+        self._wal = f"{database}-wal" if database and database != ":memory:" else None
         self._stop = threading.Event()
         migrate(engine)
         writable(self._writes)
@@ -475,11 +477,10 @@ class Recorder:
     def _checkpoint(self, *, idle: bool) -> None:
         """SQLite: keep the WAL from growing without bound. Idle: copy it into the database (PASSIVE: it
         never waits for readers); past `wal_limit` bytes: also truncate it, waiting briefly for readers."""
-        if self.engine.dialect.name != "sqlite" or not self._unsynced:
+        if self._wal is None or not self._unsynced:
             return
-        wal = f"{make_url(str(self.engine.url)).database}-wal"
         try:
-            large = os.stat(wal).st_size > self.wal_limit
+            large = os.stat(self._wal).st_size > self.wal_limit
         except OSError:
             return
         if not (idle or large):
@@ -599,11 +600,12 @@ def _chained(tag: str, item: dict[str, Any]) -> dict[str, Any]:
 
 def _insert_new(conn: Connection) -> Any:
     """INSERT of decision rows that skips one already stored (by decision_id): writing twice is harmless."""
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    return dialect.insert(_decisions).on_conflict_do_nothing(index_elements=["decision_id"])
+    return _INSERT_NEW["postgresql" if conn.dialect.name == "postgresql" else "sqlite"]
 
 
 _decisions: Table = DecisionRecord.__table__  # type: ignore[attr-defined]  # SQLModel sets it, untyped
+_INSERT_NEW = {"postgresql": postgresql.insert(_decisions).on_conflict_do_nothing(index_elements=["decision_id"]),
+               "sqlite": sqlite.insert(_decisions).on_conflict_do_nothing(index_elements=["decision_id"])}
 _ADD_OUTCOME = (
     update(_decisions).where(_decisions.c.decision_id == bindparam("b_id"))
     .values(upstream_status=bindparam("b_status"), duration_ms=bindparam("b_ms"), errors=bindparam("b_errors"))
