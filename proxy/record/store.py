@@ -1,15 +1,31 @@
 """The decision record: one row per decided call, appended through a batching writer thread.
 
 Writing a row per call in the request path would cost a commit each (the naive design ran at 0.6x of
-plain mitmproxy). `Recorder.record` (decisions) and `Recorder.record_event` (what happens to overrides)
-only enqueue; one writer thread drains the queue in batches, one transaction each, and in that same
-transaction chains every decision and event, in the order they were enqueued, onto the hash-chained
-audit log (`proxy.record.audit`); under load it commits as a group (see `Recorder._linger`). Each
-transaction reads and locks the chain's head afresh, so any number of processes may record into one
-database (on SQLite the writer's transactions take the write lock at BEGIN, and wait their turn).
+plain mitmproxy). Callers only enqueue; one writer thread drains the queue in batches, one transaction
+each, and in that same transaction chains every decision and event, in the order they were enqueued,
+onto the hash-chained audit log (`proxy.record.audit`). Each transaction reads and locks the chain's
+head afresh, so any number of processes may record into one database (on SQLite the writer's
+transactions take the write lock at BEGIN, and wait their turn).
+
+Record before forward: a call about to go upstream enqueues its row with `Recorder.commit` and waits
+on the future it returns, which the writer resolves once the row is committed; the calls that arrive
+while one commit runs share the next (group commit), so waiting costs a fraction of a commit each.
+What became of the call (the upstream's status, the duration, a failure) follows with
+`record_outcome`: an UPDATE of the row by decision id and an `outcome` event on the chain, since the
+row alone can be edited unseen. A refused call went nowhere: `record` enqueues its row and nobody waits.
+Under load, rows nobody waits on linger briefly so that they share a transaction (`Recorder._linger`).
+
 Nothing is dropped: a failed batch is kept and retried, and while the store is failing (or the queue
-is full) `Recorder.healthy` is False so the gate refuses new calls instead of forwarding calls it could
-not record.
+is full) `Recorder.healthy` is False so the gate refuses new calls; a waiting call is failed at the
+first failed try, so it is refused at once (503 store-unavailable) rather than at its timeout. The
+refusals themselves are counted per agent (`count_refusal`) and chained as one `store_refusals` event
+per agent and commit, so a failing store's backlog cannot refill the space it needs to recover.
+Writing twice is harmless: decision rows are inserted with ON CONFLICT (decision_id) DO NOTHING. A
+commit whose acknowledgement was lost (the server committed, the connection died) is never repeated:
+the head each transaction would leave names it (`audit.landed`), so before a retry the writer reads
+the log to learn whether the commit happened. `close` writes everything queued while it makes
+progress, and says loudly what it could not. On SQLite the writer checkpoints the WAL when idle
+(truncating it past `wal_limit`), and a database that cannot be written is refused at start (`writable`).
 
 A state change that must be recorded with its audit events (an override voted on, released, expired)
 goes through `Recorder.transact`: the writer thread runs it in its own transaction, after everything
