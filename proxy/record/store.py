@@ -41,9 +41,10 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -215,6 +216,7 @@ class Recorder:
         self._unsynced = False  # SQLite: written since the last idle checkpoint
         database = make_url(str(engine.url)).database if engine.dialect.name == "sqlite" else None
         self._wal = f"{database}-wal" if database and database != ":memory:" else None
+        self._conn: Connection | None = None  # the writer thread's own (see `_transaction`)
         self._stop = threading.Event()
         migrate(engine)
         writable(self._writes)
@@ -306,6 +308,8 @@ class Recorder:
                 break
         self._stop.set()
         self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._drop_connection()
         if self.pending:
             log.error(
                 "closing the decision record with %d decisions/events NOT written (the store made no progress "
@@ -389,7 +393,7 @@ class Recorder:
                 if unsure is not None and self._landed(unsure):
                     break
                 unsure = None
-                with self._writes.begin() as conn:
+                with self._transaction() as conn:
                     if rows:
                         conn.execute(_insert_new(conn), rows)
                     if outcomes:
@@ -414,6 +418,28 @@ class Recorder:
         self._checkpoint(idle=False)
         return True
 
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        """One writing transaction on the writer's own connection, kept between transactions: taking
+        one from the pool and giving it back (with its reset) for every commit costs as much as a
+        small batch's statements."""
+        if self._conn is None or self._conn.closed or self._conn.invalidated:
+            self._conn = self._writes.connect()
+        try:
+            with self._conn.begin():
+                yield self._conn
+        except BaseException:
+            self._drop_connection()
+            raise
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:  # a dead connection: the pool forgets it all the same
+                pass
+            self._conn = None
+
     def _landed(self, head: tuple[int, str]) -> bool:
         """Whether a commit that failed happened all the same (raises if the log cannot be read)."""
         with self.engine.connect() as conn:
@@ -437,7 +463,7 @@ class Recorder:
             return  # the caller gave up waiting before it started
         head: tuple[int, str] | None = None
         try:
-            with self._writes.begin() as conn:
+            with self._transaction() as conn:
                 result, events = unit["work"](conn)
                 head = audit.append(conn, [_event_item(e) for e in events])
         except BaseException as exc:
@@ -472,6 +498,7 @@ class Recorder:
         self.last_error = _short(exc)
         # New connections for the retry: a SQLite file opened while read-only stays read-only for the
         # connection that opened it, and a PostgreSQL connection may be half-dead.
+        self._drop_connection()
         self.engine.dispose()
 
     def _recovered(self) -> None:
