@@ -138,17 +138,20 @@ def read_head(conn: Connection, *, lock: bool = False) -> tuple[int, str]:
     that no other writer can append meanwhile (what `append` does).
     """
     head = conn.execute(_HEAD_LOCKED if lock else _HEAD).first()
+    made = False
+    if head is None and lock:
+        # The first append to an empty log: whoever inserts the genesis head first wins; the others
+        # wait for that transaction and then lock the row it made. (Checked only after: a writer that
+        # found no head while another's first append was still uncommitted must not take that
+        # append's rows, committed meanwhile, for rows without a head.)
+        made = conn.execute(_genesis_head(conn).returning(_head.c.id)).first() is not None
+        head = conn.execute(_HEAD_LOCKED).first()
     last = head.last if head is not None else conn.execute(_LAST).scalar()
-    if head is None and last is not None:
+    if (head is None or made) and last is not None:
         raise AuditLogError(
             f"audit_log has rows up to seq {last} but audit_head is empty: the log was edited outside "
             "cedargate; run `cedargate audit verify`, and restore audit_head before recording again"
         )
-    if head is None and lock:
-        # The first append to an empty log: whoever inserts the genesis head first wins; the others
-        # wait for that transaction and then lock the row it made.
-        conn.execute(_genesis_head(conn))
-        return read_head(conn, lock=True)
     if head is None:
         return 0, GENESIS
     if last is not None and last > head.seq:
