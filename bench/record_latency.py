@@ -3,7 +3,8 @@
 
 Two measurements, side by side in one run:
   commit wait   in this process, the wait itself as the enforcer has it: `Recorder.commit(row)` awaited
-                on an asyncio loop (`asyncio.wrap_future`), on a SQLite file, by 1 and by 16 concurrent
+                on an asyncio loop (`asyncio.wrap_future`), on a SQLite file (and with --postgres, on
+                PostgreSQL), by 1 and by 16 concurrent
                 callers (group commit: the rows that arrive while one commit runs share the next).
                 Latency per wait, rows a second, and CPU per row (this process, writer thread included).
   end to end    `cedargate run` of this checkout (records before forwarding) against a baseline
@@ -16,7 +17,7 @@ Two measurements, side by side in one run:
 The load client and the upstream are bench/proxy_overhead.py's (imported, not changed).
 Figures go to bench/results/record_latency.json.
 
-    .venv/bin/python bench/record_latency.py [--requests 2000] [--rounds 3] [--baseline PATH]
+    .venv/bin/python bench/record_latency.py [--requests 2000] [--rounds 3] [--baseline PATH] [--postgres URL]
 """
 
 from __future__ import annotations
@@ -80,10 +81,9 @@ async def _waits(recorder: Recorder, concurrency: int, count: int) -> tuple[list
     return latencies, time.perf_counter() - started
 
 
-def commit_wait(tmp: Path, concurrency: int, count: int) -> dict:
-    """The commit wait alone, on a new SQLite file."""
-    database = tmp / f"commit-wait-c{concurrency}-{uuid.uuid4().hex[:6]}.db"
-    recorder = Recorder(make_engine(f"sqlite:///{database}"))
+def commit_wait(url: str, concurrency: int, count: int) -> dict:
+    """The commit wait alone, on the database at `url`."""
+    recorder = Recorder(make_engine(url))
     try:
         asyncio.run(_waits(recorder, concurrency, 200))  # warm-up
         cpu = time.process_time()
@@ -124,6 +124,10 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000, help="measured requests per cell and round")
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--postgres", metavar="URL",
+                        help="also time the commit wait on this PostgreSQL database (a throw-away schema: "
+                        "it gets cedargate's tables), e.g. postgresql+psycopg://postgres@127.0.0.1/test"
+                        "?options=-csearch_path%%3Dbench")
     parser.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE,
                         help="a cedargate console script that records after the upstream answered")
     args = parser.parse_args()
@@ -143,8 +147,13 @@ def main() -> int:
         tmp = Path(tmp_name)
         try:
             figures["commit_wait_sqlite"] = {
-                f"c{c}": commit_wait(tmp, c, args.requests * 2) for c in (1, 16)}
-            print("commit wait:", figures["commit_wait_sqlite"], flush=True)
+                f"c{c}": commit_wait(f"sqlite:///{tmp / f'commit-wait-c{c}.db'}", c, args.requests * 2)
+                for c in (1, 16)}
+            print("commit wait, SQLite:", figures["commit_wait_sqlite"], flush=True)
+            if args.postgres:
+                figures["commit_wait_postgres"] = {
+                    f"c{c}": commit_wait(args.postgres, c, args.requests * 2) for c in (1, 16)}
+                print("commit wait, PostgreSQL:", figures["commit_wait_postgres"], flush=True)
             upstream = start_upstream(procs)
             rounds: dict[str, list[dict]] = {}
             for round_ in range(args.rounds):
