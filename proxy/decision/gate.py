@@ -2,7 +2,10 @@
 
 `Gate.decide` never raises and never returns "allow" unless the call mapped cleanly, Cedar allowed it
 with no evaluation errors, and the record can take the row. Every other path is a refusal with a
-problem type saying why. The verdict keeps the determining policies with their annotations, which is
+problem type saying why. A call that may go upstream (or into a hold) is put on the record first
+(`Gate.record`: its adapter waits for the commit before forwarding, and refuses with `store_unavailable`
+if the store cannot take it), and what became of it is added when known (`Gate.outcome`); a refused
+call is recorded whole (`Gate.finish`). The verdict keeps the determining policies with their annotations, which is
 what a later step needs to turn a denial into an override request.
 
 A denial escalates only if every determining forbid carries `@escalate` and the call would be allowed

@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Engine, Table, func, inspect, select, text
+from sqlalchemy import Engine, Table, bindparam, func, inspect, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlmodel import Field, SQLModel
@@ -96,6 +96,14 @@ _log: Table = AuditEntry.__table__  # type: ignore[attr-defined]
 _head: Table = AuditHead.__table__  # type: ignore[attr-defined]
 
 
+# Built once: every recorded batch runs them, and a statement built afresh costs its cache key each time.
+_LAST = select(func.max(_log.c.seq))
+_HEAD = select(_head.c.seq, _head.c.hash, _LAST.scalar_subquery().label("last")).where(_head.c.id == 1)
+_HEAD_LOCKED = _HEAD.with_for_update(of=_head)
+_INSERT = _log.insert()
+_MOVE_HEAD = _head.update().where(_head.c.id == 1).values(seq=bindparam("new_seq"), hash=bindparam("new_hash"))
+
+
 class AuditLogError(Exception):
     """The audit log cannot be extended or read as it stands; the message says what is wrong."""
 
@@ -129,19 +137,21 @@ def read_head(conn: Connection, *, lock: bool = False) -> tuple[int, str]:
     `lock`: hold the head row until the transaction ends, making it first if the log is empty, so
     that no other writer can append meanwhile (what `append` does).
     """
-    query = select(_head.c.seq, _head.c.hash).where(_head.c.id == 1)
-    head = conn.execute(query.with_for_update() if lock else query).first()
-    last = conn.execute(select(func.max(_log.c.seq))).scalar()
-    if head is None and last is not None:
+    head = conn.execute(_HEAD_LOCKED if lock else _HEAD).first()
+    made = False
+    if head is None and lock:
+        # The first append to an empty log: whoever inserts the genesis head first wins; the others
+        # wait for that transaction and then lock the row it made. (Checked only after: a writer that
+        # found no head while another's first append was still uncommitted must not take that
+        # append's rows, committed meanwhile, for rows without a head.)
+        made = conn.execute(_genesis_head(conn).returning(_head.c.id)).first() is not None
+        head = conn.execute(_HEAD_LOCKED).first()
+    last = head.last if head is not None else conn.execute(_LAST).scalar()
+    if (head is None or made) and last is not None:
         raise AuditLogError(
             f"audit_log has rows up to seq {last} but audit_head is empty: the log was edited outside "
             "cedargate; run `cedargate audit verify`, and restore audit_head before recording again"
         )
-    if head is None and lock:
-        # The first append to an empty log: whoever inserts the genesis head first wins; the others
-        # wait for that transaction and then lock the row it made.
-        conn.execute(_genesis_head(conn))
-        return read_head(conn, lock=True)
     if head is None:
         return 0, GENESIS
     if last is not None and last > head.seq:
@@ -188,8 +198,8 @@ def append(conn: Connection, events: Sequence[Mapping[str, Any]]) -> tuple[int, 
         }
         row["hash"] = prev_hash = entry_hash(**row)
         rows.append(row)
-    conn.execute(_log.insert(), rows)
-    conn.execute(_head.update().where(_head.c.id == 1).values(seq=seq, hash=prev_hash))
+    conn.execute(_INSERT, rows)
+    conn.execute(_MOVE_HEAD, {"new_seq": seq, "new_hash": prev_hash})
     return seq, prev_hash
 
 

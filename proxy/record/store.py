@@ -1,15 +1,31 @@
 """The decision record: one row per decided call, appended through a batching writer thread.
 
 Writing a row per call in the request path would cost a commit each (the naive design ran at 0.6x of
-plain mitmproxy). `Recorder.record` (decisions) and `Recorder.record_event` (what happens to overrides)
-only enqueue; one writer thread drains the queue in batches, one transaction each, and in that same
-transaction chains every decision and event, in the order they were enqueued, onto the hash-chained
-audit log (`proxy.record.audit`); under load it commits as a group (see `Recorder._linger`). Each
-transaction reads and locks the chain's head afresh, so any number of processes may record into one
-database (on SQLite the writer's transactions take the write lock at BEGIN, and wait their turn).
+plain mitmproxy). Callers only enqueue; one writer thread drains the queue in batches, one transaction
+each, and in that same transaction chains every decision and event, in the order they were enqueued,
+onto the hash-chained audit log (`proxy.record.audit`). Each transaction reads and locks the chain's
+head afresh, so any number of processes may record into one database (on SQLite the writer's
+transactions take the write lock at BEGIN, and wait their turn).
+
+Record before forward: a call about to go upstream enqueues its row with `Recorder.commit` and waits
+on the future it returns, which the writer resolves once the row is committed; the calls that arrive
+while one commit runs share the next (group commit), so waiting costs a fraction of a commit each.
+What became of the call (the upstream's status, the duration, a failure) follows with
+`record_outcome`: an UPDATE of the row by decision id and an `outcome` event on the chain, since the
+row alone can be edited unseen. A refused call went nowhere: `record` enqueues its row and nobody waits.
+Under load, rows nobody waits on linger briefly so that they share a transaction (`Recorder._linger`).
+
 Nothing is dropped: a failed batch is kept and retried, and while the store is failing (or the queue
-is full) `Recorder.healthy` is False so the gate refuses new calls instead of forwarding calls it could
-not record.
+is full) `Recorder.healthy` is False so the gate refuses new calls; a waiting call is failed at the
+first failed try, so it is refused at once (503 store-unavailable) rather than at its timeout. The
+refusals themselves are counted per agent (`count_refusal`) and chained as one `store_refusals` event
+per agent and commit, so a failing store's backlog cannot refill the space it needs to recover.
+Writing twice is harmless: decision rows are inserted with ON CONFLICT (decision_id) DO NOTHING. A
+commit whose acknowledgement was lost (the server committed, the connection died) is never repeated:
+the head each transaction would leave names it (`audit.landed`), so before a retry the writer reads
+the log to learn whether the commit happened. `close` writes everything queued while it makes
+progress, and says loudly what it could not. On SQLite the writer checkpoints the WAL when idle
+(truncating it past `wal_limit`), and a database that cannot be written is refused at start (`writable`).
 
 A state change that must be recorded with its audit events (an override voted on, released, expired)
 goes through `Recorder.transact`: the writer thread runs it in its own transaction, after everything
@@ -25,9 +41,10 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -197,6 +214,9 @@ class Recorder:
         self._refusals: dict[str, list[Any]] = {}
         self._refusals_lock = threading.Lock()
         self._unsynced = False  # SQLite: written since the last idle checkpoint
+        database = make_url(str(engine.url)).database if engine.dialect.name == "sqlite" else None
+        self._wal = f"{database}-wal" if database and database != ":memory:" else None
+        self._conn: Connection | None = None  # the writer thread's own (see `_transaction`)
         self._stop = threading.Event()
         migrate(engine)
         writable(self._writes)
@@ -288,6 +308,8 @@ class Recorder:
                 break
         self._stop.set()
         self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._drop_connection()
         if self.pending:
             log.error(
                 "closing the decision record with %d decisions/events NOT written (the store made no progress "
@@ -371,7 +393,7 @@ class Recorder:
                 if unsure is not None and self._landed(unsure):
                     break
                 unsure = None
-                with self._writes.begin() as conn:
+                with self._transaction() as conn:
                     if rows:
                         conn.execute(_insert_new(conn), rows)
                     if outcomes:
@@ -396,6 +418,28 @@ class Recorder:
         self._checkpoint(idle=False)
         return True
 
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        """One writing transaction on the writer's own connection, kept between transactions: taking
+        one from the pool and giving it back (with its reset) for every commit costs as much as a
+        small batch's statements."""
+        if self._conn is None or self._conn.closed or self._conn.invalidated:
+            self._conn = self._writes.connect()
+        try:
+            with self._conn.begin():
+                yield self._conn
+        except BaseException:
+            self._drop_connection()
+            raise
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:  # a dead connection: the pool forgets it all the same
+                pass
+            self._conn = None
+
     def _landed(self, head: tuple[int, str]) -> bool:
         """Whether a commit that failed happened all the same (raises if the log cannot be read)."""
         with self.engine.connect() as conn:
@@ -419,7 +463,7 @@ class Recorder:
             return  # the caller gave up waiting before it started
         head: tuple[int, str] | None = None
         try:
-            with self._writes.begin() as conn:
+            with self._transaction() as conn:
                 result, events = unit["work"](conn)
                 head = audit.append(conn, [_event_item(e) for e in events])
         except BaseException as exc:
@@ -454,6 +498,7 @@ class Recorder:
         self.last_error = _short(exc)
         # New connections for the retry: a SQLite file opened while read-only stays read-only for the
         # connection that opened it, and a PostgreSQL connection may be half-dead.
+        self._drop_connection()
         self.engine.dispose()
 
     def _recovered(self) -> None:
@@ -475,11 +520,10 @@ class Recorder:
     def _checkpoint(self, *, idle: bool) -> None:
         """SQLite: keep the WAL from growing without bound. Idle: copy it into the database (PASSIVE: it
         never waits for readers); past `wal_limit` bytes: also truncate it, waiting briefly for readers."""
-        if self.engine.dialect.name != "sqlite" or not self._unsynced:
+        if self._wal is None or not self._unsynced:
             return
-        wal = f"{make_url(str(self.engine.url)).database}-wal"
         try:
-            large = os.stat(wal).st_size > self.wal_limit
+            large = os.stat(self._wal).st_size > self.wal_limit
         except OSError:
             return
         if not (idle or large):
@@ -599,11 +643,12 @@ def _chained(tag: str, item: dict[str, Any]) -> dict[str, Any]:
 
 def _insert_new(conn: Connection) -> Any:
     """INSERT of decision rows that skips one already stored (by decision_id): writing twice is harmless."""
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    return dialect.insert(_decisions).on_conflict_do_nothing(index_elements=["decision_id"])
+    return _INSERT_NEW["postgresql" if conn.dialect.name == "postgresql" else "sqlite"]
 
 
 _decisions: Table = DecisionRecord.__table__  # type: ignore[attr-defined]  # SQLModel sets it, untyped
+_INSERT_NEW = {"postgresql": postgresql.insert(_decisions).on_conflict_do_nothing(index_elements=["decision_id"]),
+               "sqlite": sqlite.insert(_decisions).on_conflict_do_nothing(index_elements=["decision_id"])}
 _ADD_OUTCOME = (
     update(_decisions).where(_decisions.c.decision_id == bindparam("b_id"))
     .values(upstream_status=bindparam("b_status"), duration_ms=bindparam("b_ms"), errors=bindparam("b_errors"))

@@ -81,8 +81,9 @@ def write_config(path: Path, policy_dir: Path, state_dir: Path, upstream: Upstre
 
 
 def recorded_rows(gate: Cedargate, sql: str, expected: int, timeout: float = 10.0) -> list[dict]:
-    """The rows `sql` reads from the record once the batching writer has committed `expected` of them
-    (or, past `timeout`, those it has)."""
+    """The rows `sql` reads from the record once the batching writer has committed `expected` of them,
+    and the outcome of every call recorded before it went upstream or into a hold (or, past `timeout`,
+    those it has)."""
     import sqlite3
 
     deadline = time.monotonic() + timeout
@@ -90,9 +91,17 @@ def recorded_rows(gate: Cedargate, sql: str, expected: int, timeout: float = 10.
         with sqlite3.connect(gate.database) as db:
             db.row_factory = sqlite3.Row
             rows = [dict(r) for r in db.execute(sql)]
-        if len(rows) >= expected or time.monotonic() > deadline:
+            unfinished = db.execute(_WITHOUT_OUTCOME).fetchone()[0]
+        if len(rows) >= expected and not unfinished or time.monotonic() > deadline:
             return rows
         time.sleep(0.05)
+
+
+# Calls recorded before they went upstream (or into a hold) whose outcome is not on the record yet.
+_WITHOUT_OUTCOME = (
+    "SELECT count(*) FROM decisions d WHERE d.decision IN ('allow', 'escalate') AND NOT EXISTS "
+    "(SELECT 1 FROM audit_log a WHERE a.kind = 'outcome' AND a.decision_id = d.decision_id)"
+)
 
 
 PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/test"

@@ -70,23 +70,29 @@ def post_stop(gate, base: str, http2: bool = False) -> Answer:
 
 
 def record_of(gate, decision_id: str, timeout: float = 10.0) -> dict:
-    """The decision's row, once the batching writer committed it."""
+    """The decision's row, once the writer committed it and, for a call that was let through (recorded
+    before it was forwarded), what became of it."""
     deadline = time.monotonic() + timeout
     while True:
         with sqlite3.connect(gate.database) as db:
             db.row_factory = sqlite3.Row
             row = db.execute("SELECT * FROM decisions WHERE decision_id = ?", (decision_id,)).fetchone()
-        if row is not None:
+            outcome = db.execute("SELECT 1 FROM audit_log WHERE kind = 'outcome' AND decision_id = ?",
+                                 (decision_id,)).fetchone()
+        if row is not None and (outcome is not None or row["decision"] not in ("allow", "escalate")):
             return dict(row)
         assert time.monotonic() < deadline, f"decision {decision_id} was not recorded"
         time.sleep(0.05)
 
 
 def audit_payload(gate, decision_id: str) -> dict:
+    """The decision as the audit log holds it: its `decision` event, with its `outcome` event's additions."""
     with sqlite3.connect(gate.database) as db:
         [(payload,)] = db.execute("SELECT payload FROM audit_log WHERE kind = 'decision' AND decision_id = ?",
                                   (decision_id,)).fetchall()
-    return json.loads(payload)
+        outcomes = db.execute("SELECT payload FROM audit_log WHERE kind = 'outcome' AND decision_id = ?",
+                              (decision_id,)).fetchall()
+    return {**json.loads(payload), **{k: v for (o,) in outcomes for k, v in json.loads(o).items()}}
 
 
 def problem_of(response: httpx.Response | Answer, status: int, kind: str) -> dict:
