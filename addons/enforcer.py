@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 VERDICTS = "cedargate.verdicts"  # decided and forwarded: recorded when the upstream answers or fails
 MCP = "cedargate.mcp"
+RELEASED = "cedargate.released"  # the override a held call was released under: its grant, should it not go
 
 
 class Enforcer:
@@ -192,6 +193,8 @@ class Enforcer:
             client_alive=lambda: flow.live and not flow.error and flow.client_conn.connected,
         )
         if resolution.release:
+            if resolution.override_id is not None:
+                flow.metadata[RELEASED] = resolution.override_id
             return None  # allowed, or granted and released: forward the original call, once
         verdict = resolution.verdict
         why = ", ".join(p.policy_id for p in verdict.determining)
@@ -269,7 +272,7 @@ class Enforcer:
             return
         if flow.metadata.get(DEADLINE_MISSED) and VERDICTS in flow.metadata:
             # An answer read until the connection closed, which cedargate closed at the deadline: cut short.
-            self._upstream_failed(flow, "the answer was cut short when the read timeout ran out")
+            await self._upstream_failed(flow, "the answer was cut short when the read timeout ran out")
             return
         upstream_status = flow.response.status_code
         exchange: Exchange | None = flow.metadata.get(MCP)
@@ -288,11 +291,11 @@ class Enforcer:
                 flow.response = unreadable_answer()
         self._finish_forwarded(flow, upstream_status)
 
-    def error(self, flow: http.HTTPFlow) -> None:
+    async def error(self, flow: http.HTTPFlow) -> None:
         if VERDICTS in flow.metadata:
-            self._upstream_failed(flow, flow.error.msg if flow.error else "")
+            await self._upstream_failed(flow, flow.error.msg if flow.error else "")
 
-    def _upstream_failed(self, flow: http.HTTPFlow, message: str) -> None:
+    async def _upstream_failed(self, flow: http.HTTPFlow, message: str) -> None:
         """Record how a forwarded call failed, and answer the agent (`error_pages` sends the answer)."""
         verdicts = flow.metadata.pop(VERDICTS, None) or ()
         runtime = self._core()
@@ -311,7 +314,12 @@ class Enforcer:
         log.info("%s to %s:%s: %s", request.method, request.host, request.port, failure.recorded)
         for verdict in verdicts:
             runtime.gate.finish(verdict, None, failure)
-        if verdicts and failure.answerable:
+        released = flow.metadata.pop(RELEASED, None)
+        if verdicts and released is not None:
+            # A released call that never went: its grant is put back for the retry (`upstream_failed`).
+            answer = await asyncio.to_thread(runtime.oversight.upstream_failed, verdicts[0], released, failure)
+            flow.response = refusal(answer)
+        elif verdicts and failure.answerable:
             flow.response = refusal(failure.refusal(verdicts[0]))
 
     async def _rewrite_answer(self, flow: http.HTTPFlow, response: http.Response, exchange: Exchange) -> None:

@@ -58,6 +58,7 @@ class EventKind(StrEnum):
     RELEASE_REFUSED = "release_refused"
     EXPIRED = "expired"
     GRANT_EXPIRED = "grant_expired"
+    GRANT_RESTORED = "grant_restored"  # a release that never reached the upstream: the grant is back
 
 
 class AuditEntry(SQLModel, table=True):

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from proxy_support import make_call, wait_until, write_policy_file
+from sqlalchemy.exc import OperationalError
 
 from proxy.decision.gate import Outcome, Verdict
 from proxy.oversight.held_calls import Resolution, requested_wait
@@ -395,4 +396,21 @@ def test_settle_refuses_an_escalated_call_whose_request_cannot_be_stored(runtime
     resolution = settle(runtime, verdict)
     assert not resolution.release
     assert resolution.verdict.problem is verdict.problem
-    assert resolution.verdict.detail.endswith("(the override request could not be stored: disk full)")
+    assert resolution.verdict.detail.endswith("(the override request could not be handled; the call was refused)")
+    assert "disk full" not in resolution.verdict.problem_json().decode()
+
+
+def test_store_trouble_on_the_override_path_is_answered_503_without_the_drivers_words(
+        runtime: Runtime, monkeypatch):
+    def unreachable(*args: Any, **kwargs: Any) -> None:
+        raise OperationalError("INSERT INTO overrides", {}, Exception(
+            'connection to server at "db.internal" (10.0.0.7), port 5432 failed: Connection refused'))
+
+    monkeypatch.setattr(runtime.workflow, "open", unreachable)
+    resolution = settle(runtime, stop_verdict(runtime))
+    assert not resolution.release
+    refused = resolution.verdict
+    assert refused.problem is Problem.STORE_UNAVAILABLE and refused.status == 503
+    assert refused.extra_headers["Retry-After"] == "5"
+    shown = refused.problem_json().decode()
+    assert "10.0.0.7" not in shown and "5432" not in shown and "db.internal" not in shown
