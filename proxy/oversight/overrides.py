@@ -44,7 +44,7 @@ from proxy.calls.redaction import Redaction
 from proxy.cedar.escalation import Escalation, Requirement
 from proxy.oversight.limits import OverrideLimits, OverrideRefused, Refusal, TokenBuckets
 from proxy.record.migrations import migrate
-from proxy.record.store import utcnow
+from proxy.record.store import WRITES, utcnow
 from proxy.vocabulary.canonical import Form, canonical
 from proxy.vocabulary.hosts import canonical_host
 
@@ -214,7 +214,10 @@ class OverrideStore:
         live; it is added to `lapsed`, with its new status, for the caller to record.
         """
         if session is None:
-            with self._open_lock, Session(self.engine, expire_on_commit=False) as own:
+            # A writing transaction (on SQLite: BEGIN IMMEDIATE), as the recorder's: one that read
+            # first could not take the write lock after another process's commit.
+            writes = self.engine.execution_options(**{WRITES: True})
+            with self._open_lock, Session(writes, expire_on_commit=False) as own:
                 opened = self.open_or_attach(
                     call, decision_id=decision_id, escalation=escalation, policies=policies,
                     cedar_request=cedar_request, revision=revision, justification=justification,

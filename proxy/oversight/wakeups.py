@@ -127,9 +127,10 @@ class Wakeups:
 
     def _listen_once(self) -> None:
         raw = self.engine.raw_connection()
+        dbapi: Any = raw.driver_connection  # psycopg's Connection: the PostgreSQL driver cedargate uses
         raw.detach()  # this connection is the listener's for good, not the pool's
         try:
-            dbapi: Any = raw.driver_connection  # psycopg's Connection: the PostgreSQL driver cedargate uses
+            dbapi.rollback()
             dbapi.autocommit = True
             channel = dbapi.execute(f"SELECT {_CHANNEL}").fetchone()[0]
             dbapi.execute(f'LISTEN "{channel}"')
@@ -142,7 +143,7 @@ class Wakeups:
                     self.holds.notify(notification.payload)
         finally:
             self.listening.clear()
-            raw.close()
+            dbapi.close()
 
 
 class _DataVersion:
