@@ -11,7 +11,8 @@ verdict is recorded once the upstream answered (or failed), with the upstream st
 A forwarded call whose upstream fails it (no connection, TLS it cannot verify, a connection lost, no
 answer in time: see `addons.upstream_deadline`) gets problem+json saying what failed and whether the
 call may have run (`proxy.decision.upstream`), in place of mitmproxy's HTML error page (`addons.error_pages`),
-and the record keeps the failure.
+and the record keeps the failure. A call released under an override grant that never reached its upstream
+gets the grant back, and its answer says so (`Oversight.upstream_failed`).
 
 On an MCP endpoint (see `proxy.calls.mcp`) a batch is decided message by message, a refused request is
 answered in JSON-RPC, and the server's answers are read before the agent gets them: tool lists are
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 
 VERDICTS = "cedargate.verdicts"  # decided and forwarded: recorded when the upstream answers or fails
 MCP = "cedargate.mcp"
-RELEASED = "cedargate.released"  # the override a held call was released under: its grant, should it not go
+RELEASED = "cedargate.released"  # decision id -> the override it was released under, should the call not go
 
 
 class Enforcer:
@@ -194,7 +195,7 @@ class Enforcer:
         )
         if resolution.release:
             if resolution.override_id is not None:
-                flow.metadata[RELEASED] = resolution.override_id
+                flow.metadata.setdefault(RELEASED, {})[verdict.decision_id] = resolution.override_id
             return None  # allowed, or granted and released: forward the original call, once
         verdict = resolution.verdict
         why = ", ".join(p.policy_id for p in verdict.determining)
@@ -314,13 +315,15 @@ class Enforcer:
         log.info("%s to %s:%s: %s", request.method, request.host, request.port, failure.recorded)
         for verdict in verdicts:
             runtime.gate.finish(verdict, None, failure)
-        released = flow.metadata.pop(RELEASED, None)
-        if verdicts and released is not None:
-            # A released call that never went: its grant is put back for the retry (`upstream_failed`).
-            answer = await asyncio.to_thread(runtime.oversight.upstream_failed, verdicts[0], released, failure)
-            flow.response = refusal(answer)
-        elif verdicts and failure.answerable:
-            flow.response = refusal(failure.refusal(verdicts[0]))
+        released = flow.metadata.get(RELEASED, {})
+        answers = []
+        for verdict in verdicts:
+            override_id = released.get(verdict.decision_id)
+            # Released under a grant: one that never went gets it back (`Oversight.upstream_failed`).
+            answers.append(failure.refusal(verdict) if override_id is None else await asyncio.to_thread(
+                runtime.oversight.upstream_failed, verdict, override_id, failure))
+        if verdicts and failure.answerable:
+            flow.response = refusal(answers[0])
 
     async def _rewrite_answer(self, flow: http.HTTPFlow, response: http.Response, exchange: Exchange) -> None:
         """Filter the tool lists in a whole (not streamed) MCP answer and add cedargate's answers to it.

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import statistics
@@ -33,7 +32,7 @@ import sqlalchemy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import proxy_overhead as po  # noqa: E402  (process handling)
-from figures import write_figures  # noqa: E402
+from figures import report  # noqa: E402
 from held_calls import ArrivalServer, approve, open_held, start_cedargate  # noqa: E402
 
 REPO = po.REPO
@@ -91,8 +90,9 @@ async def measure(store: str, url: str, tmp: Path, approvals: int) -> dict:
             "approvals_timed": sum(len(v) for v in latencies.values()),
             "approval_to_upstream_ms": {"across_instances": across,
                                         "same_instance": percentiles(latencies["through_a"])},
-            "cpu_ms_per_approval": {"instance_a_holding": round((cpu_after[0] - cpu_before[0]) * 1000 / len(rows), 2),
-                                    "instance_b_approving": round((cpu_after[1] - cpu_before[1]) * 1000 / len(rows), 2)},
+            "cpu_ms_per_approval": {
+                "instance_a_holding": round((cpu_after[0] - cpu_before[0]) * 1000 / len(rows), 2),
+                "instance_b_approving": round((cpu_after[1] - cpu_before[1]) * 1000 / len(rows), 2)},
             "goal_p99_under_250ms": across["p99"] < GOAL_P99_MS,
         }
     finally:
@@ -139,10 +139,7 @@ def main() -> int:
     parser.add_argument("--stores", default="postgres,sqlite")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    result = asyncio.run(run(args))
-    write_figures(args.out, result)
-    print(json.dumps(result, indent=2))
-    return 0
+    return report(args.out, asyncio.run(run(args)))
 
 
 if __name__ == "__main__":

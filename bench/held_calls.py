@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import proxy_overhead as po  # noqa: E402  (the upstream, the load client and process handling)
-from figures import write_figures  # noqa: E402
+from figures import report  # noqa: E402
 
 REPO = po.REPO
 RESULTS = REPO / "bench" / "results" / "held_calls.json"
@@ -200,10 +200,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    result = asyncio.run(run(args))
-    write_figures(args.out, result)
-    print(json.dumps(result, indent=2))
-    return 0
+    return report(args.out, asyncio.run(run(args)))
 
 
 if __name__ == "__main__":

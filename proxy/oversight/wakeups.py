@@ -7,7 +7,7 @@ same database reaches them here:
   (`announce`), so it is delivered on commit and never for a change rolled back. `Wakeups` keeps one
   dedicated connection LISTENing, on a thread of its own, and hands each id to `Holds.notify`; it
   reconnects with backoff, and after a reconnect wakes every hold (notifications sent while it was
-  down are lost).
+  down are lost; a hold woken needlessly reads its request and waits on).
 - Every store, as the fallback for a lost notification (and on SQLite, the only way): a watcher reads,
   in one query, which of the requests that holds wait on are no longer pending, and wakes those holds.
   A hold waits only while its request is pending, so any other status is news to it; no per-hold state
@@ -114,19 +114,20 @@ class Wakeups:
     # --- PostgreSQL: LISTEN ------------------------------------------------------------------------
 
     def _listen(self) -> None:
-        delay = RECONNECT_BACKOFF[0]
+        delay, reconnecting = RECONNECT_BACKOFF[0], False
         while not self._stop.is_set():
             try:
-                self._listen_once()
+                self._listen_once(reconnecting)
                 delay = RECONNECT_BACKOFF[0]
             except Exception as exc:
+                reconnecting = True
                 self.listening.clear()
                 log.warning("override notifications lost (%s); reconnecting in %g s", exc, delay)
                 if self._stop.wait(delay):
                     return
                 delay = min(delay * 2, RECONNECT_BACKOFF[1])
 
-    def _listen_once(self) -> None:
+    def _listen_once(self, reconnecting: bool) -> None:
         raw = self.engine.raw_connection()
         dbapi: Any = raw.driver_connection  # psycopg's Connection: the PostgreSQL driver cedargate uses
         raw.detach()  # this connection is the listener's for good, not the pool's
@@ -136,8 +137,8 @@ class Wakeups:
             channel = dbapi.execute(f"SELECT {_CHANNEL}").fetchone()[0]
             dbapi.execute(f'LISTEN "{channel}"')
             self.listening.set()
-            # Decisions committed while nobody listened were not heard: their holds look again.
-            self._wake(self.holds.waiting())
+            if reconnecting:  # decisions committed while nobody listened were not heard: their holds look again
+                self._wake(self.holds.waiting())
             while not self._stop.is_set():
                 # Returns after `timeout` with nothing, so a stop is seen within a second.
                 for notification in dbapi.notifies(timeout=1.0):

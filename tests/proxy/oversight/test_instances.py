@@ -188,3 +188,21 @@ def _events(instance: Instance) -> list[AuditEntry]:
     instance.workflow.recorder.flush()
     with Session(instance.store.engine) as session:
         return list(session.exec(select(AuditEntry).order_by(col(AuditEntry.seq))).all())
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_a_listener_whose_connection_is_cut_reconnects_and_hears_the_next_decision(instances):
+    a, b = instances
+    with a.store.engine.connect() as conn:
+        channel = conn.execute(text(f"SELECT {wakeups._CHANNEL}")).scalar_one()
+        # The connections of these two listeners only: the channel is this test's schema's.
+        listeners = conn.execute(text("SELECT pid FROM pg_stat_activity WHERE query = :q"),
+                                 {"q": f'LISTEN "{channel}"'}).scalars().all()
+        assert len(listeners) == 2
+        for pid in listeners:
+            conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    wait_until(lambda: not a.wakeups.listening.is_set(), "the listener to notice its connection is gone")
+    wait_until(a.wakeups.listening.is_set, "the listener to LISTEN again")
+    override, _ = open_request(a.store)
+    assert held_on(a, override.id, lambda: approve(b.workflow, override.id, ERIN)) is True
