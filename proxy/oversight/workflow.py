@@ -119,7 +119,10 @@ class OverrideWorkflow:
             except (IntegrityError, OperationalError):
                 continue  # a concurrent vote or a busy SQLite writer: retry against the new state
             except (StoreUnavailable, TimeoutError) as exc:
-                raise OverrideError(503, f"{exc}; the vote was not recorded: retry") from exc
+                # The driver's words (hosts, ports) go to the log, not to the reviewer.
+                log.warning("a vote on override %s was not recorded: %s", override_id, exc)
+                raise OverrideError(503, "the decision store is unavailable; the vote was not recorded: "
+                                         "retry in a little while") from exc
             if decided:
                 self.holds.notify(override_id)
             return override, decided

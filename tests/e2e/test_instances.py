@@ -9,9 +9,11 @@ woken by the decision, not by the end of its hold.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -156,3 +158,117 @@ def db_payload(store: sqlalchemy.Engine, override_id: str, kind: str) -> str:
     with store.connect() as db:
         return str(db.execute(sqlalchemy.text("SELECT payload FROM audit_log WHERE override_id = :id AND kind = :k"),
                               {"id": override_id, "k": kind}).scalar_one())
+
+
+class StoreLink:
+    """Instance A's way to PostgreSQL: a TCP forwarder that an outage cuts (every connection closed, new
+    ones refused) and that then comes back, while instance B reaches the server directly."""
+
+    def __init__(self, target: tuple[str, int] = ("127.0.0.1", 5432)) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.up = threading.Event()
+        self.up.set()
+        self.open: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, direct: str) -> str:
+        return direct.replace(f"@{self.target[0]}:{self.target[1]}/", f"@127.0.0.1:{self.port}/")
+
+    def cut(self) -> None:
+        self.up.clear()
+        for sock in self.open:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self.open.clear()
+
+    def restore(self) -> None:
+        self.up.set()
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            if not self.up.is_set():
+                client.close()
+                continue
+            server = socket.create_connection(self.target)
+            self.open += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture
+def link() -> Iterator[StoreLink]:
+    store_link = StoreLink()
+    yield store_link
+    store_link.close()
+
+
+@pytest.fixture
+def a_behind_link(tmp_path, policy_dir, upstream, database_url, link) -> Iterator[tuple[Cedargate, Cedargate]]:
+    """A reaches the store through `link`, B directly; one PostgreSQL schema."""
+    gates: list[Cedargate] = []
+    try:
+        for name, url in (("a", link.url(database_url)), ("b", database_url)):
+            config = write_config(tmp_path / f"{name}.yaml", policy_dir, tmp_path / f"state-{name}", upstream,
+                                  database_url=url, hold_max_wait=HOLD)
+            gates.append(start_cedargate(config))
+        upstream.reset()
+        yield gates[0], gates[1]
+    finally:
+        for gate in gates:
+            gate.stop()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_a_call_approved_while_its_instances_store_is_away_is_released_when_the_store_is_back(
+        a_behind_link, link, upstream):
+    a, b = a_behind_link
+    with ThreadPoolExecutor(1) as pool, agent(a) as http:
+        held = pool.submit(http.post, stop_url(upstream.http_port), json={"grace": 30})
+        [request] = pending(b)
+        link.cut()
+        assert approve(b, request["id"]).json()["status"] == "granted"  # B's store is up
+        assert not held.done() and upstream.calls == []  # A cannot read the grant: it holds, refusing nothing
+        link.restore()
+        response = held.result(timeout=ANSWER)
+    assert response.status_code == 200
+    assert [c.path for c in upstream.calls] == [STOP]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_a_hold_that_ends_while_the_store_is_away_is_answered_503_store_unavailable(a_behind_link, link, upstream):
+    a, b = a_behind_link
+    with ThreadPoolExecutor(1) as pool, agent(a, headers={"Prefer": "wait=3"}) as http:
+        held = pool.submit(http.post, stop_url(upstream.http_port), json={"grace": 30})
+        [request] = pending(b)
+        link.cut()
+        approve(b, request["id"])
+        response = held.result(timeout=ANSWER)
+    assert response.status_code == 503 and response.headers["retry-after"] == "5"
+    problem = response.json()
+    assert problem["type"] == "urn:cedargate:problem:store-unavailable"
+    # Never the driver's words, nor where the store is.
+    assert str(link.port) not in response.text and "5432" not in response.text
+    assert "psycopg" not in response.text.lower() and "connection" not in problem["detail"].lower()
+    assert upstream.calls == []
+    assert api(b, "GET", f"/overrides/{request['id']}").json()["status"] == "granted"  # kept for the retry
