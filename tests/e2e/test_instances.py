@@ -48,11 +48,19 @@ def expires() -> str:
 def two(tmp_path, policy_dir, upstream, shared_url, expires) -> Iterator[tuple[Cedargate, Cedargate]]:
     rules = policy_dir / "ops.cedar"
     rules.write_text(rules.read_text().replace('@expires("30m")', f'@expires("{expires}")', 1))
+    with instances(tmp_path, policy_dir, upstream, shared_url, shared_url) as gates:
+        yield gates
+
+
+@contextlib.contextmanager
+def instances(tmp_path, policy_dir, upstream, url_a: str, url_b: str) -> Iterator[tuple[Cedargate, Cedargate]]:
+    """Instances A and B on the store each URL reaches, started one after the other (starting together
+    is another test's subject), stopped at the end."""
     gates: list[Cedargate] = []
     try:
-        for name in ("a", "b"):  # one after the other: starting together is another lane's test
+        for name, url in (("a", url_a), ("b", url_b)):
             config = write_config(tmp_path / f"{name}.yaml", policy_dir, tmp_path / f"state-{name}", upstream,
-                                  database_url=shared_url, hold_max_wait=HOLD)
+                                  database_url=url, hold_max_wait=HOLD)
             gates.append(start_cedargate(config))
         upstream.reset()
         yield gates[0], gates[1]
@@ -224,17 +232,8 @@ def link() -> Iterator[StoreLink]:
 @pytest.fixture
 def a_behind_link(tmp_path, policy_dir, upstream, database_url, link) -> Iterator[tuple[Cedargate, Cedargate]]:
     """A reaches the store through `link`, B directly; one PostgreSQL schema."""
-    gates: list[Cedargate] = []
-    try:
-        for name, url in (("a", link.url(database_url)), ("b", database_url)):
-            config = write_config(tmp_path / f"{name}.yaml", policy_dir, tmp_path / f"state-{name}", upstream,
-                                  database_url=url, hold_max_wait=HOLD)
-            gates.append(start_cedargate(config))
-        upstream.reset()
-        yield gates[0], gates[1]
-    finally:
-        for gate in gates:
-            gate.stop()
+    with instances(tmp_path, policy_dir, upstream, link.url(database_url), database_url) as gates:
+        yield gates
 
 
 @pytest.mark.postgres
