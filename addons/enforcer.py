@@ -14,7 +14,8 @@ whose decision the store cannot take is refused with 503 store-unavailable.
 A forwarded call whose upstream fails it (no connection, TLS it cannot verify, a connection lost, no
 answer in time: see `addons.upstream_deadline`) gets problem+json saying what failed and whether the
 call may have run (`proxy.decision.upstream`), in place of mitmproxy's HTML error page (`addons.error_pages`),
-and the record keeps the failure.
+and the record keeps the failure. A call released under an override grant that never reached its upstream
+gets the grant back, and its answer says so (`Oversight.upstream_failed`).
 
 On an MCP endpoint (see `proxy.calls.mcp`) a batch is decided message by message, a refused request is
 answered in JSON-RPC, and the server's answers are read before the agent gets them: tool lists are
@@ -59,6 +60,7 @@ VERDICTS = "cedargate.verdicts"  # recorded and forwarded: their outcome is adde
 # writer fails a waiting call at once when the store fails; this bounds a store that only stalls.
 RECORD_TIMEOUT = 5.0
 MCP = "cedargate.mcp"
+RELEASED = "cedargate.released"  # decision id -> the override it was released under, should the call not go
 
 
 class Enforcer:
@@ -234,6 +236,8 @@ class Enforcer:
             client_alive=lambda: flow.live and not flow.error and flow.client_conn.connected,
         )
         if resolution.release:
+            if resolution.override_id is not None:
+                flow.metadata.setdefault(RELEASED, {})[verdict.decision_id] = resolution.override_id
             return None  # allowed, or granted and released: forward the original call, once
         verdict = resolution.verdict
         why = ", ".join(p.policy_id for p in verdict.determining)
@@ -312,7 +316,7 @@ class Enforcer:
             return
         if flow.metadata.get(DEADLINE_MISSED) and VERDICTS in flow.metadata:
             # An answer read until the connection closed, which cedargate closed at the deadline: cut short.
-            self._upstream_failed(flow, "the answer was cut short when the read timeout ran out")
+            await self._upstream_failed(flow, "the answer was cut short when the read timeout ran out")
             return
         upstream_status = flow.response.status_code
         exchange: Exchange | None = flow.metadata.get(MCP)
@@ -331,11 +335,11 @@ class Enforcer:
                 flow.response = unreadable_answer()
         self._finish_forwarded(flow, upstream_status)
 
-    def error(self, flow: http.HTTPFlow) -> None:
+    async def error(self, flow: http.HTTPFlow) -> None:
         if VERDICTS in flow.metadata:
-            self._upstream_failed(flow, flow.error.msg if flow.error else "")
+            await self._upstream_failed(flow, flow.error.msg if flow.error else "")
 
-    def _upstream_failed(self, flow: http.HTTPFlow, message: str) -> None:
+    async def _upstream_failed(self, flow: http.HTTPFlow, message: str) -> None:
         """Record how a forwarded call failed, and answer the agent (`error_pages` sends the answer)."""
         verdicts = flow.metadata.pop(VERDICTS, None) or ()
         runtime = self._core()
@@ -354,8 +358,15 @@ class Enforcer:
         log.info("%s to %s:%s: %s", request.method, request.host, request.port, failure.recorded)
         for verdict in verdicts:
             runtime.gate.outcome(verdict, None, failure)
+        released = flow.metadata.get(RELEASED, {})
+        answers = []
+        for verdict in verdicts:
+            override_id = released.get(verdict.decision_id)
+            # Released under a grant: one that never went gets it back (`Oversight.upstream_failed`).
+            answers.append(failure.refusal(verdict) if override_id is None else await asyncio.to_thread(
+                runtime.oversight.upstream_failed, verdict, override_id, failure))
         if verdicts and failure.answerable:
-            flow.response = refusal(failure.refusal(verdicts[0]))
+            flow.response = refusal(answers[0])
 
     async def _rewrite_answer(self, flow: http.HTTPFlow, response: http.Response, exchange: Exchange) -> None:
         """Filter the tool lists in a whole (not streamed) MCP answer and add cedargate's answers to it.

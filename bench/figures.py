@@ -32,3 +32,10 @@ def write_figures(path: Path, figures: dict) -> None:
     partial = path.with_suffix(".json.tmp")
     partial.write_text(json.dumps(figures, indent=2) + "\n")
     partial.replace(path)
+
+
+def report(path: Path, figures: dict) -> int:
+    """Write the figures to `path` and show them; a benchmark's exit status (a missed goal is not a failure)."""
+    write_figures(path, figures)
+    print(json.dumps(figures, indent=2))
+    return 0

@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import proxy_overhead as po  # noqa: E402  (the upstream, the load client and process handling)
-from figures import write_figures  # noqa: E402
+from figures import report  # noqa: E402
 
 REPO = po.REPO
 RESULTS = REPO / "bench" / "results" / "held_calls.json"
@@ -49,18 +49,24 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def start_cedargate(procs: po.Processes, tmp: Path) -> tuple[subprocess.Popen, int, int, Path]:
-    """cedargate started by the e2e tests' launcher (tests/support/launch.py)."""
+def start_cedargate(procs: po.Processes, tmp: Path, name: str = "",
+                    database_url: str | None = None) -> tuple[subprocess.Popen, int, int, Path]:
+    """cedargate started by the e2e tests' launcher (tests/support/launch.py); `name` tells several apart,
+    `database_url` is the record's (default: the SQLite file in its state directory)."""
     policy_dir = tmp / "policies"
-    shutil.copytree(REPO / "policies", policy_dir, ignore=shutil.ignore_patterns("tests"))
-    state_dir = tmp / "state"
-    config = tmp / "cedargate.yaml"
+    if not policy_dir.exists():
+        shutil.copytree(REPO / "policies", policy_dir, ignore=shutil.ignore_patterns("tests"))
+    state_dir = tmp / f"state{name}"
+    config = tmp / f"cedargate{name}.yaml"
     config.write_text(json.dumps({
         "policy_dir": str(policy_dir), "state_dir": str(state_dir), "hold_max_wait": 600,
         "proxy": {"port": 0}, "api": {"port": 0},
+        # One agent holds them all: the limits that stop one agent flooding reviewers are lifted.
+        "max_pending_overrides_per_agent": 1_000_000, "override_rate": 1_000_000,
         "agents": {po.AGENT: {"token_sha256": hashlib.sha256(po.TOKEN.encode()).hexdigest()}},
         "approvers": {APPROVER: {"token_sha256": hashlib.sha256(APPROVER_TOKEN.encode()).hexdigest(),
                                  "roles": ["engineering-manager"]}},
+        **({"database_url": database_url} if database_url else {}),
     }))
     gate = po.launch_cedargate(config, "--log-level", "WARNING", timeout=60)
     procs.children.append(("cedargate", gate.process))
@@ -194,10 +200,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    result = asyncio.run(run(args))
-    write_figures(args.out, result)
-    print(json.dumps(result, indent=2))
-    return 0
+    return report(args.out, asyncio.run(run(args)))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,13 @@ beneath them. An agent's retry of a granted call that current policy hard-denies
 A call for which no request may be opened (see `proxy.oversight.limits`) is refused at once, not held, and the
 refusal is recorded as an `override_refused` event.
 
+Store trouble on this path (the store down or too slow, a driver error) is never answered as a policy
+refusal, and never with the driver's words: a call that cannot be held is answered 503 `store-unavailable`
+with Retry-After; a held call keeps holding while the store is away, looking again every
+`STORE_RETRY_INTERVAL`, and is released if it was granted once the store is back within its hold.
+A released call that never reached the upstream gets its grant back (`upstream_failed`), so the
+agent's retry goes through without a second approval.
+
 Every change of an override's state goes through `proxy.oversight.workflow.OverrideWorkflow`; this module
 holds the call and turns the request's state into an answer.
 """
@@ -29,11 +36,12 @@ from typing import Any
 
 from proxy.calls.mcp.binding import binding_of
 from proxy.decision.gate import Gate, Outcome, Verdict
+from proxy.decision.upstream import UpstreamFailure
 from proxy.oversight.holds import wait_for_event
 from proxy.oversight.limits import OverrideRefused, Refusal
 from proxy.oversight.overrides import Override, OverrideStatus
 from proxy.oversight.workflow import OverrideWorkflow
-from proxy.record.store import is_store_failure
+from proxy.record.store import StoreUnavailable, is_store_failure
 from proxy.vocabulary.printable import printable
 from proxy.vocabulary.problems import Problem
 
@@ -45,6 +53,10 @@ REFUSALS = {
     Refusal.TOO_MANY_PENDING: Problem.TOO_MANY_PENDING_OVERRIDES,
     Refusal.RATE_LIMITED: Problem.OVERRIDE_RATE_LIMITED,
 }
+
+# How often a held call looks at its request again while the store fails: how soon after the store is
+# back a granted call is released, against one failing query a second per held call.
+STORE_RETRY_INTERVAL = 1.0
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,9 @@ def _binding(verdict: Verdict) -> bytes | None:
     return binding_of(verdict.request.action[1], verdict.call.body)
 
 
+_STILL_PENDING = object()  # `Oversight._answer`: the request is pending, the call keeps holding
+
+
 class Oversight:
     def __init__(self, gate: Gate, workflow: OverrideWorkflow, api_base_url: Callable[[], str]) -> None:
         self.gate = gate
@@ -95,10 +110,12 @@ class Oversight:
             try:
                 return await self.resolve(verdict, wait, justification, client_alive)
             except Exception as exc:
-                log.exception("override handling failed for %s", self.gate.shown_url(verdict.call.url))
                 if is_store_failure(exc):  # passing trouble, said as such: never the driver's words
+                    log.warning("override request for %s not stored: %s", self.gate.shown_url(verdict.call.url),
+                                exc)
                     return Resolution(False, self.gate.store_unavailable(verdict))
-                detail = f"{verdict.detail} (the override request could not be handled)"
+                log.exception("override handling failed for %s", self.gate.shown_url(verdict.call.url))
+                detail = f"{verdict.detail} (the override request could not be handled; the call was refused)"
                 return Resolution(False, replace(verdict, detail=detail))
         try:
             refused = await self.refuse_grant(verdict)
@@ -142,34 +159,86 @@ class Oversight:
 
     async def _hold(self, verdict: Verdict, override: Override, deadline: float, woken: asyncio.Event,
                     client_alive: Callable[[], bool]) -> Resolution | None:
+        troubled = False
         while True:
-            # Read after subscribing, so a decision committed from here on still wakes this hold.
-            current = await asyncio.to_thread(self.overrides.get, override.id)
-            override = current or override
-            status = OverrideStatus(override.status)
-            if status is OverrideStatus.GRANTED:
-                if not client_alive():  # leave the grant for the agent's retry
-                    return self._refuse(verdict, override, Problem.OVERRIDE_PENDING, "the client went away")
-                return await asyncio.to_thread(self._release, verdict, override)
-            if status is OverrideStatus.RELEASED:
-                return None  # an identical call used the grant: this one is a new decision
-            if status is OverrideStatus.RELEASE_REFUSED:
-                return self._refuse(verdict, override, Problem.RELEASE_REFUSED,
-                                    "the override was granted, but the current policies refuse the call")
-            if status is OverrideStatus.DENIED:
-                return self._refuse(verdict, override, Problem.OVERRIDE_DENIED,
-                                    f"a reviewer denied the override: {override.decided_reason}")
-            if status is not OverrideStatus.PENDING:
-                return self._refuse(verdict, override, Problem.OVERRIDE_EXPIRED,
-                                    "the override request expired before enough approvals arrived")
+            try:
+                # Read after subscribing, so a decision committed from here on still wakes this hold.
+                current = await asyncio.to_thread(self.overrides.get, override.id)
+                override = current or override
+                outcome = await self._answer(verdict, override, client_alive)
+                troubled = False
+            except Exception as exc:
+                if not is_store_failure(exc):
+                    raise
+                if not troubled:
+                    log.warning("held call under override %s keeps holding while the store fails: %s",
+                                override.id, exc)
+                troubled, outcome = True, _STILL_PENDING
+            if outcome is not _STILL_PENDING:
+                return outcome  # type: ignore[return-value]  # a Resolution, or None: decide again
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                if troubled:
+                    return Resolution(False, self.gate.store_unavailable(verdict), override.id)
                 return self._refuse(verdict, override, Problem.OVERRIDE_PENDING,
                                     f"{verdict.detail} An override request is waiting for review; "
                                     "retry the identical call after it is granted.")
             woken.clear()
-            # No polling: decisions made through the API and expiries by the expiry job notify this hold.
-            await wait_for_event(woken, remaining)
+            # No polling: decisions made through any instance's API and expiries by any expiry job notify
+            # this hold (`proxy.oversight.wakeups`); while the store fails, it looks again now and then.
+            await wait_for_event(woken, min(remaining, STORE_RETRY_INTERVAL) if troubled else remaining)
+
+    async def _answer(self, verdict: Verdict, override: Override,
+                      client_alive: Callable[[], bool]) -> Resolution | None | object:
+        """What the request's state means for the held call: a Resolution; None when an identical call
+        used the grant (this one is a new decision); or `_STILL_PENDING`."""
+        status = OverrideStatus(override.status)
+        if status is OverrideStatus.GRANTED:
+            if not client_alive():  # leave the grant for the agent's retry
+                return self._refuse(verdict, override, Problem.OVERRIDE_PENDING, "the client went away")
+            return await asyncio.to_thread(self._release, verdict, override)
+        if status is OverrideStatus.RELEASED:
+            if override.release_decision_id == verdict.decision_id:
+                # This call's own release, committed while the store's answer was lost: it goes.
+                return Resolution(True, verdict, override.id)
+            return None  # an identical call used the grant: this one is a new decision
+        if status is OverrideStatus.RELEASE_REFUSED:
+            return self._refuse(verdict, override, Problem.RELEASE_REFUSED,
+                                "the override was granted, but the current policies refuse the call")
+        if status is OverrideStatus.DENIED:
+            return self._refuse(verdict, override, Problem.OVERRIDE_DENIED,
+                                f"a reviewer denied the override: {override.decided_reason}")
+        if status is not OverrideStatus.PENDING:
+            return self._refuse(verdict, override, Problem.OVERRIDE_EXPIRED,
+                                "the override request expired before enough approvals arrived")
+        return _STILL_PENDING
+
+    def upstream_failed(self, verdict: Verdict, override_id: str, failure: UpstreamFailure) -> Verdict:
+        """The answer for a call released under `override_id` that failed on its way upstream.
+
+        One that never left cedargate gets its grant back (recorded as `grant_restored`) and an answer
+        saying so: the retry goes through without a new approval. Blocking: run it off the event loop.
+        """
+        refused = failure.refusal(verdict)
+        if failure.sent or not failure.answerable:
+            return refused
+        try:
+            restored = self.workflow.restore_grant(
+                override_id, decision_id=verdict.decision_id,
+                failure={"kind": failure.kind.value, "message": failure.message})
+        except Exception:  # the grant is lost with the call; the agent hears what failed upstream
+            log.exception("could not put back the grant of override %s", override_id)
+            return refused
+        if not restored:
+            return refused
+        log.info("grant of override %s kept: the released call never reached the upstream (%s)",
+                 override_id, failure.kind.value)
+        problem = Problem.GRANT_KEPT
+        return replace(refused, problem=problem, status=problem.entry.status,
+                       detail=f"{refused.detail} The override grant is kept: retry the identical call and it "
+                              "goes through without a new approval, while the grant lasts.",
+                       extra={**refused.extra, "override_id": override_id, "grant_kept": True,
+                              "override_url": f"{self.api_base_url()}/overrides/{override_id}"})
 
     async def _open(self, verdict: Verdict, justification: str | None) -> Override:
         request, escalation, revision = verdict.request, verdict.escalation, verdict.revision
@@ -204,8 +273,8 @@ class Oversight:
     def _release(self, verdict: Verdict, override: Override) -> Resolution | None:
         """Check the call against the current policies, then consume the grant; None if already consumed."""
         recheck = self.gate.decide(verdict.call)
-        if recheck.problem is Problem.STORE_UNAVAILABLE:  # passing trouble: keep the grant for a retry
-            return Resolution(False, replace(recheck, decision_id=verdict.decision_id), override.id)
+        if recheck.problem is Problem.STORE_UNAVAILABLE:  # passing trouble: keep the grant, keep holding
+            raise StoreUnavailable("the decision store cannot record the release now")
         granted_for = {p["id"] for p in json.loads(override.policies)}
         needs_more = recheck.outcome is Outcome.ESCALATE and not {
             p.policy_id for p in recheck.determining} <= granted_for

@@ -3,13 +3,15 @@
 A waiter subscribes *before* it reads the override's status, so a decision committed between the read
 and the wait still wakes it: no wake-up is lost, and no held call needs to poll the store. The waiter
 always re-reads the override after waking; a wake-up is only a hint. Reviewers' decisions arrive on
-other threads (the API's worker threads), hence `notify` is thread-safe.
+other threads (the API's worker threads, and `proxy.oversight.wakeups` for decisions made by another
+process), hence `notify` and `waiting` are thread-safe.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections import defaultdict
 from collections.abc import Iterator
 
@@ -18,25 +20,34 @@ class Holds:
     def __init__(self) -> None:
         self._events: dict[str, set[asyncio.Event]] = defaultdict(set)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()  # `_events` is changed on the loop and read by `waiting` elsewhere
 
     @property
     def held(self) -> int:
-        return sum(len(events) for events in list(self._events.values()))
+        with self._lock:
+            return sum(len(events) for events in self._events.values())
+
+    def waiting(self) -> set[str]:
+        """The ids of the override requests some call waits on now."""
+        with self._lock:
+            return set(self._events)
 
     @contextlib.contextmanager
     def watching(self, override_id: str) -> Iterator[asyncio.Event]:
         """An event set whenever this override may have changed, for as long as the block runs."""
         self._loop = asyncio.get_running_loop()
         event = asyncio.Event()
-        self._events[override_id].add(event)
+        with self._lock:
+            self._events[override_id].add(event)
         try:
             yield event
         finally:
-            waiting = self._events.get(override_id)
-            if waiting is not None:
-                waiting.discard(event)
-                if not waiting:
-                    del self._events[override_id]
+            with self._lock:
+                waiting = self._events.get(override_id)
+                if waiting is not None:
+                    waiting.discard(event)
+                    if not waiting:
+                        del self._events[override_id]
 
     async def wait(self, override_id: str, timeout: float) -> bool:
         """Wait until notified about this override or `timeout` passes; True if notified."""
@@ -50,7 +61,9 @@ class Holds:
         loop.call_soon_threadsafe(self._wake, override_id)
 
     def _wake(self, override_id: str) -> None:
-        for event in list(self._events.get(override_id, ())):
+        with self._lock:
+            events = list(self._events.get(override_id, ()))
+        for event in events:
             event.set()
 
 

@@ -1,4 +1,5 @@
-"""The override workflow's background jobs: expiry now (notifications and SLA timers are to join it).
+"""The override workflow's background jobs: expiry, and the wake-ups of held calls by decisions made in
+other processes (`proxy.oversight.wakeups`); notifications and SLA timers are to join them.
 
 The core owns what the jobs do and how often; whoever composes the running program starts them on its
 event loop and stops them at the end: `cedargate run` (`proxy.cli.serve`), and the enforcer addon when
@@ -13,6 +14,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from proxy.oversight.wakeups import Wakeups
 from proxy.oversight.workflow import OverrideWorkflow
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,7 @@ class Job:
 class Jobs:
     def __init__(self, workflow: OverrideWorkflow, *, expiry_interval: float = EXPIRY_INTERVAL) -> None:
         self.jobs = [Job("override expiry", expiry_interval, workflow.expire_due)]
+        self.wakeups = Wakeups(workflow.store.engine, workflow.holds)
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -42,11 +45,13 @@ class Jobs:
             return
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._every(job), name=f"cedargate {job.name}") for job in self.jobs]
+        self.wakeups.start()  # threads of their own: they block on the database, not on this loop
 
     def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         self._tasks = []
+        self.wakeups.stop()
 
     @staticmethod
     async def _every(job: Job) -> None:

@@ -9,6 +9,10 @@ the transition granted -> released, which succeeds for exactly one caller. Only 
 request, each time in the transaction that chains its audit event; this module reads and writes rows
 in the session it is handed.
 
+At most one request per call is live (pending or granted) at a time, across every process sharing the
+database: a partial unique index on the fingerprint of live requests (migration 0003) makes a second
+process's insert fail, and `open_or_attach` then attaches the call to the request the other opened.
+
 Opening is where floods are stopped (see `proxy.oversight.limits`): a body too large to show a reviewer whole,
 an agent with too many requests pending, or one opening them too fast gets `OverrideRefused` and
 nothing is stored. What is stored of the call has its query secrets redacted (`proxy.calls.redaction`);
@@ -30,8 +34,9 @@ from datetime import datetime, timedelta
 from enum import Enum, StrEnum
 from typing import Any
 
-from sqlalchemy import Column, ColumnElement, DateTime, LargeBinary, UniqueConstraint, update
+from sqlalchemy import Column, ColumnElement, DateTime, Index, LargeBinary, UniqueConstraint, text, update
 from sqlalchemy.engine import Engine as SAEngine
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, col, func, select
 
 from proxy.calls.mapping import Call, is_secret_header
@@ -39,7 +44,7 @@ from proxy.calls.redaction import Redaction
 from proxy.cedar.escalation import Escalation, Requirement
 from proxy.oversight.limits import OverrideLimits, OverrideRefused, Refusal, TokenBuckets
 from proxy.record.migrations import migrate
-from proxy.record.store import utcnow
+from proxy.record.store import WRITES, utcnow
 from proxy.vocabulary.canonical import Form, canonical
 from proxy.vocabulary.hosts import canonical_host
 
@@ -69,8 +74,17 @@ def _moment(index: bool = False, optional: bool = False) -> Any:
     return Field(default=None if optional else ..., index=index, sa_type=DateTime(timezone=True))
 
 
+# The statuses of a live request, as the partial unique index's condition.
+LIVE_SQL = f"status IN ({', '.join(repr(status.value) for status in LIVE)})"
+
+
 class Override(SQLModel, table=True):
     __tablename__ = "overrides"
+    __table_args__ = (
+        # One live request per call fingerprint, whichever process opens it (see `open_or_attach`).
+        Index("ux_overrides_live_fingerprint", "fingerprint", unique=True,
+              sqlite_where=text(LIVE_SQL), postgresql_where=text(LIVE_SQL)),
+    )
 
     id: str = Field(primary_key=True)
     fingerprint: str = Field(index=True)
@@ -177,31 +191,37 @@ class OverrideStore:
         self.limits = limits
         self.redaction = redaction
         self._buckets = TokenBuckets(limits.rate_per_minute, clock) if limits.rate_per_minute else None
-        # One proxy process opens overrides; the lock keeps identical concurrent calls on one request,
-        # and makes each agent's limits exact: the count of its pending requests, the check against
-        # the cap, the insert and taking a token happen as one step, so concurrent calls can never
-        # open more than `max_pending_per_agent` pending requests or outrun the rate. (Two processes
-        # on one database, which the record does not support either, would each allow that many.)
+        # Within one process the lock keeps identical concurrent calls on one request without a
+        # failed insert, and makes each agent's limits exact: the count of its pending requests, the
+        # check against the cap, the insert and taking a token happen as one step, so concurrent calls
+        # can never open more than `max_pending_per_agent` pending requests or outrun the rate. Across
+        # processes on one database the unique index keeps one live request per call; the limits
+        # are then each process's own (two instances may each allow that many).
         self._open_lock = threading.RLock()
         migrate(engine)
 
     def open_or_attach(
         self, call: Call, *, decision_id: str, escalation: Escalation, policies: list[dict[str, Any]],
         cedar_request: dict[str, Any], revision: str, justification: str | None, binding: bytes | None = None,
-        session: Session | None = None,
+        session: Session | None = None, lapsed: builtins.list[tuple[Override, OverrideStatus]] | None = None,
     ) -> tuple[Override, bool]:
         """The live (pending or granted) override for this exact call, or a new pending one.
 
         Raises `OverrideRefused` when a new one may not be opened; an identical retry of a live
         request always finds it, whatever the limits. With `session`, the new row is only flushed
-        there: it commits with the caller's transaction.
+        there: it commits with the caller's transaction. A request for this call still marked live but
+        past its time (the expiry job has not run yet) is expired here, first, since only one may be
+        live; it is added to `lapsed`, with its new status, for the caller to record.
         """
         if session is None:
-            with self._open_lock, Session(self.engine, expire_on_commit=False) as own:
+            # A writing transaction (on SQLite: BEGIN IMMEDIATE), as the recorder's: one that read
+            # first could not take the write lock after another process's commit.
+            writes = self.engine.execution_options(**{WRITES: True})
+            with self._open_lock, Session(writes, expire_on_commit=False) as own:
                 opened = self.open_or_attach(
                     call, decision_id=decision_id, escalation=escalation, policies=policies,
                     cedar_request=cedar_request, revision=revision, justification=justification,
-                    binding=binding, session=own)
+                    binding=binding, session=own, lapsed=lapsed)
                 own.commit()
                 return opened
         print_ = fingerprint(call, binding)
@@ -209,14 +229,14 @@ class OverrideStore:
         # The lock is held until the commit: by the caller above, or by the recorder's writer thread,
         # which runs one transaction at a time.
         with self._open_lock:
-            live = session.exec(
-                select(Override).where(
-                    Override.fingerprint == print_,
-                    col(Override.status).in_([OverrideStatus.PENDING.value, OverrideStatus.GRANTED.value]),
-                ).order_by(col(Override.created_at).desc())
-            ).first()
+            live = self._live(session, print_)
             if live and _still_live(live, now):
                 return live, False
+            if live is not None:
+                status = OverrideStatus(live.status)
+                target = OverrideStatus.EXPIRED if status is OverrideStatus.PENDING else OverrideStatus.GRANT_EXPIRED
+                if self.move(session, live.id, status, target, decided_at=now) and lapsed is not None:
+                    lapsed.append((live, target))
             self._admit(session, call, now)
             shown_request = dict(cedar_request)
             if isinstance(cedar_request.get("context"), dict):
@@ -233,11 +253,26 @@ class OverrideStore:
                 policy_revision=revision, decision_id=decision_id, justification=justification,
                 created_at=now, expires_at=now + timedelta(seconds=escalation.expires_in),
             )
-            session.add(override)
-            session.flush()
+            try:
+                with session.begin_nested():
+                    session.add(override)
+            except IntegrityError:
+                # Another process opened a live request for this call meanwhile: the call joins it.
+                other = self._live(session, print_)
+                if other is None:
+                    raise
+                return other, False
             if self._buckets is not None:
                 self._buckets.take(call.agent)
             return override, True
+
+    @staticmethod
+    def _live(session: Session, print_: str) -> Override | None:
+        return session.exec(
+            select(Override).where(Override.fingerprint == print_,
+                                  col(Override.status).in_([status.value for status in LIVE]))
+            .order_by(col(Override.created_at).desc())
+        ).first()
 
     def granted_for(self, call: Call, binding: bytes | None = None) -> Override | None:
         """The unexpired, unconsumed grant for this exact call, if a human gave one."""

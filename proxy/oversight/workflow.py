@@ -5,7 +5,13 @@ Every adapter calls `OverrideWorkflow`: the API's routes (`vote`), the held call
 method checks what may happen, changes the request with a conditional UPDATE, and chains the audit
 event that says so in the same database transaction, run by the recorder's writer thread
 (`Recorder.transact`), so the change and its audit row commit together or not at all, in the order
-of everything else recorded. Then it wakes the held calls waiting on that request (`Holds`).
+of everything else recorded. Then it wakes the held calls waiting on that request (`Holds`), in this
+process at once and in every other process sharing the database through the notification the
+transaction sends on commit (`proxy.oversight.wakeups.announce`).
+
+A grant whose release never reached the upstream (no connection, TLS failure) is put back
+(`restore_grant`): the agent's retry goes through without a second approval. Expiry is swept by one
+process at a time on PostgreSQL (an advisory lock); every process's holds hear of it.
 
 Vote rules: only a pending, unexpired request; never the agent's own identity; the voter must hold one
 of the roles the request needs; one vote per approver, never turned from approve to deny. A deny
@@ -19,6 +25,7 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlmodel import Session
@@ -36,6 +43,7 @@ from proxy.oversight.overrides import (
     needed_roles,
     requirements_of,
 )
+from proxy.oversight.wakeups import announce
 from proxy.record.audit import EventKind
 from proxy.record.store import AmbiguousCommit, Recorder, StoreUnavailable, utcnow
 
@@ -66,15 +74,20 @@ class OverrideWorkflow:
         Raises `OverrideRefused` (nothing stored, nothing recorded) when a new one may not be opened.
         """
         def work(conn: Connection) -> tuple[tuple[Override, bool], list[Event]]:
+            lapsed: list[tuple[Override, OverrideStatus]] = []
             with _session(conn) as session:
                 override, created = self.store.open_or_attach(
                     call, decision_id=decision_id, escalation=escalation, policies=policies,
                     cedar_request=cedar_request, revision=revision, justification=justification,
-                    binding=binding, session=session)
-            events = [_event(EventKind.OVERRIDE_CREATED, override, decision_id=decision_id, payload={
-                "policies": policies, "requirements": override.requirements,
-                "expires_at": override.expires_at.isoformat(), "justification": justification,
-            })] if created else []
+                    binding=binding, session=session, lapsed=lapsed)
+            events = [_event(_EXPIRY_EVENTS[status], old) for old, status in lapsed]
+            for old, _ in lapsed:
+                announce(conn, old.id)
+            if created:
+                events.append(_event(EventKind.OVERRIDE_CREATED, override, decision_id=decision_id, payload={
+                    "policies": policies, "requirements": override.requirements,
+                    "expires_at": override.expires_at.isoformat(), "justification": justification,
+                }))
             return (override, created), events
 
         return self.recorder.transact(work)
@@ -115,7 +128,10 @@ class OverrideWorkflow:
                     continue  # it did not land: cast it again
                 override, decided = found
             except (StoreUnavailable, TimeoutError) as exc:
-                raise OverrideError(503, f"{exc}; the vote was not recorded: retry") from exc
+                # The driver's words (hosts, ports) go to the log, not to the reviewer.
+                log.warning("a vote on override %s was not recorded: %s", override_id, exc)
+                raise OverrideError(503, "the decision store is unavailable; the vote was not recorded: "
+                                         "retry in a little while") from exc
             if decided:
                 self.holds.notify(override_id)
             return override, decided
@@ -155,6 +171,8 @@ class OverrideWorkflow:
                                    version=override.version, **values):
                 raise _Conflict
             session.commit()  # the session's part: the connection's transaction commits with the events
+            if target is not None:
+                announce(conn, override_id)
             session.refresh(override)
             session.expunge(override)
         events = [_event(EventKind.APPROVAL if ballot is Ballot.APPROVE else EventKind.DENIAL, override,
@@ -180,22 +198,40 @@ class OverrideWorkflow:
                           EventKind.RELEASE_REFUSED, decision_id=decision_id, payload=payload,
                           released_at=utcnow(), release_decision_id=decision_id)
 
+    def restore_grant(self, override_id: str, *, decision_id: str, failure: Mapping[str, Any]) -> bool:
+        """Put back a grant whose released call never reached the upstream, recorded as `grant_restored`:
+        True if it was (it is granted again, for the agent's retry); False if that release is not the
+        request's last state (nothing to put back)."""
+        override = self.store.get(override_id)
+        if override is None or override.release_decision_id != decision_id:
+            return False
+        return self._move(override, OverrideStatus.RELEASED, OverrideStatus.GRANTED, EventKind.GRANT_RESTORED,
+                          decision_id=decision_id, payload={"upstream_failure": dict(failure)},
+                          released_at=None, release_decision_id=None)
+
     # --- expiry -----------------------------------------------------------------------------------
 
     def expire_due(self) -> list[tuple[str, OverrideStatus]]:
         """Expire pending requests and unused grants past their time, each recorded as `expired` or
-        `grant_expired` and its holds woken; returns (id, new status) of the ones this call moved."""
-        now = utcnow()
-        expired = []
-        for override_id, status in self.store.due(now):
-            override = self.store.get(override_id)
-            if override is None:
-                continue
-            target, kind = ((OverrideStatus.EXPIRED, EventKind.EXPIRED) if status is OverrideStatus.PENDING
-                            else (OverrideStatus.GRANT_EXPIRED, EventKind.GRANT_EXPIRED))
-            if self._move(override, status, target, kind, decided_at=now):
-                expired.append((override_id, target))
-        return expired
+        `grant_expired` and its holds woken; returns (id, new status) of the ones this call moved.
+
+        On PostgreSQL one process sweeps at a time (the others skip this round): the moves are
+        conditional, so two sweeps would not expire one request twice, but each would read and try them
+        all, which is work for nothing on every instance every second.
+        """
+        with self.store.engine.connect() as lock:
+            if lock.dialect.name == "postgresql" and not lock.execute(_SWEEP_LOCK).scalar_one():
+                return []  # another process is sweeping; held until this transaction ends
+            now = utcnow()
+            expired = []
+            for override_id, status in self.store.due(now):
+                override = self.store.get(override_id)
+                if override is None:
+                    continue
+                target = _EXPIRED[status]
+                if self._move(override, status, target, _EXPIRY_EVENTS[target], decided_at=now):
+                    expired.append((override_id, target))
+            return expired
 
     def _move(self, override: Override, from_status: OverrideStatus, to_status: OverrideStatus,
               kind: EventKind,
@@ -207,6 +243,8 @@ class OverrideWorkflow:
                 moved = self.store.move(session, override.id, from_status, to_status,
                                         unexpired_grant=unexpired_grant, **values)
                 session.commit()
+            if moved:
+                announce(conn, override.id)
             event = _event(kind, override, decision_id=decision_id, payload=dict(payload or {}))
             return moved, [event] if moved else []
 
@@ -222,6 +260,13 @@ class OverrideWorkflow:
         if moved:
             self.holds.notify(override.id)
         return moved
+
+
+_EXPIRED = {OverrideStatus.PENDING: OverrideStatus.EXPIRED, OverrideStatus.GRANTED: OverrideStatus.GRANT_EXPIRED}
+_EXPIRY_EVENTS = {OverrideStatus.EXPIRED: EventKind.EXPIRED, OverrideStatus.GRANT_EXPIRED: EventKind.GRANT_EXPIRED}
+# A transaction-level advisory lock, keyed by schema like the migration lock: held by one sweeping
+# process until its connection's transaction ends (the `with` in `expire_due`).
+_SWEEP_LOCK = text("SELECT pg_try_advisory_xact_lock(hashtext('cedargate-expiry:' || coalesce(current_schema(), '')))")
 
 
 def check_voter(override: Override, approver: str, roles: frozenset[str], now: datetime) -> None:

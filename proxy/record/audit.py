@@ -64,6 +64,7 @@ class EventKind(StrEnum):
     # Calls refused because the record could not take them, counted per agent rather than one row each:
     # while the store fails, a row per refusal would only refill the space it needs to recover.
     STORE_REFUSALS = "store_refusals"
+    GRANT_RESTORED = "grant_restored"  # a release that never reached the upstream: the grant is back
 
 
 class AuditEntry(SQLModel, table=True):

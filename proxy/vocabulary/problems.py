@@ -50,6 +50,8 @@ class Problem(str, Enum):
     UPSTREAM_TIMEOUT = "upstream-timeout"
     UPSTREAM_RESET = "upstream-reset"
     UPSTREAM_ANSWER = "upstream-answer"
+    # A call released under an override grant that never reached the upstream: the grant is kept.
+    GRANT_KEPT = "override-grant-kept"
     # What the proxy's HTTP layer refused or failed on its own, before or without a decision.
     HTTP_ERROR = "http-error"
     # Escalated, but no override request could be opened for it (see proxy.oversight.limits).
@@ -126,6 +128,10 @@ CATALOGUE: dict[Problem, ProblemType] = {
                                           "whether it took effect before repeating it."),
     Problem.UPSTREAM_RESET: ProblemType("The upstream closed the connection without answering", 502,
                                         _MAY_HAVE_RUN),
+    Problem.GRANT_KEPT: ProblemType(
+        "The upstream could not be reached; the override grant is kept", 502,
+        "The call was not executed and its grant is kept: retry the identical call later; it goes through "
+        "without a new approval while the grant lasts."),
     Problem.UPSTREAM_ANSWER: ProblemType("The upstream's answer cannot be passed on", 502, _MAY_HAVE_RUN),
     Problem.HTTP_ERROR: ProblemType("The proxy could not handle this HTTP message", 502,
                                     "The detail says whether the call was forwarded; if it may have been, "

@@ -121,6 +121,20 @@ def logging_upstream(tmp: Path) -> Iterator[Upstream]:
     secure.shutdown()
 
 
+@contextmanager
+def plain_upstream_on(port: int) -> Iterator[list[SeenCall]]:
+    """A recording plain-HTTP upstream on a given loopback port (one that refused connections before, say);
+    yields the calls it receives."""
+    calls: list[SeenCall] = []
+    server = ThreadingHTTPServer(("127.0.0.1", port), _logging_handler(calls))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield calls
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @dataclass
 class RawCall:
     """One request as the bytes a server received, and as a strict HTTP/1.1 parser (h11) reads them."""

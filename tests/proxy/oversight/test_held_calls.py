@@ -396,21 +396,83 @@ def test_settle_refuses_an_escalated_call_whose_request_cannot_be_stored(runtime
     resolution = settle(runtime, verdict)
     assert not resolution.release
     assert resolution.verdict.problem is verdict.problem
-    assert resolution.verdict.detail.endswith("(the override request could not be handled)")
+    assert resolution.verdict.detail.endswith("(the override request could not be handled; the call was refused)")
     assert "disk full" not in resolution.verdict.problem_json().decode()
 
 
-def test_settle_answers_store_trouble_on_the_override_path_as_store_unavailable(runtime: Runtime, monkeypatch):
-    def failing(*args: Any, **kwargs: Any) -> None:
+def test_store_trouble_on_the_override_path_is_answered_503_without_the_drivers_words(
+        runtime: Runtime, monkeypatch):
+    def unreachable(*args: Any, **kwargs: Any) -> None:
         raise OperationalError("INSERT INTO overrides", {}, Exception(
-            'connection to server at "db.internal" (10.0.0.7), port 5432 failed: server closed the connection'))
+            'connection to server at "db.internal" (10.0.0.7), port 5432 failed: Connection refused'))
 
-    monkeypatch.setattr(runtime.workflow, "open", failing)
+    monkeypatch.setattr(runtime.workflow, "open", unreachable)
     resolution = settle(runtime, stop_verdict(runtime))
     assert not resolution.release
     refused = resolution.verdict
-    assert (refused.problem, refused.status, refused.extra_headers) == (
-        Problem.STORE_UNAVAILABLE, 503, {"Retry-After": "5"})
-    answer = refused.problem_json().decode()
-    for leaked in ("db.internal", "10.0.0.7", "5432", "server closed", "INSERT"):
-        assert leaked not in answer
+    assert refused.problem is Problem.STORE_UNAVAILABLE and refused.status == 503
+    assert refused.extra_headers["Retry-After"] == "5"
+    shown = refused.problem_json().decode()
+    assert "10.0.0.7" not in shown and "5432" not in shown and "db.internal" not in shown
+
+
+# --- store trouble while a call is held -------------------------------------------------------------
+
+class FailingReads:
+    """The override store's reads failing as a driver fails them while `down` is set (a store outage)."""
+
+    def __init__(self, runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.down = threading.Event()
+        self.failed = 0
+        read = runtime.overrides.get
+
+        def get(override_id: str) -> Any:
+            if self.down.is_set():
+                self.failed += 1
+                raise OperationalError("SELECT overrides", {}, Exception(
+                    'connection to server at "db.internal" (10.0.0.7), port 5432 failed: Connection refused'))
+            return read(override_id)
+
+        monkeypatch.setattr(runtime.overrides, "get", get)
+
+
+def held_while_the_store_fails(runtime: Runtime, reads: FailingReads, wait: float, recover: bool) -> Resolution:
+    """Hold a call; the store fails; a reviewer approves; the hold finds it cannot read; then the store
+    comes back (`recover`) or stays down."""
+    async def scenario() -> Resolution:
+        hold = asyncio.create_task(runtime.oversight.resolve(stop_verdict(runtime), wait, None,
+                                                             client_alive=lambda: True))
+        while not runtime.holds.waiting():
+            await asyncio.sleep(0.01)
+        [override_id] = runtime.holds.waiting()
+        reads.down.set()
+        await asyncio.to_thread(runtime.workflow.vote, override_id, "erin", runtime.roles_of("erin"), "approve",
+                                "checked with on-call")
+        while not reads.failed:  # the grant woke the hold, and its read failed
+            await asyncio.sleep(0.01)
+        assert not hold.done(), "a held call was answered while the store failed"
+        if recover:
+            reads.down.clear()
+        return await hold
+
+    return asyncio.run(scenario())
+
+
+def test_a_call_approved_while_the_store_fails_keeps_holding_and_goes_once_the_store_is_back(
+        runtime: Runtime, monkeypatch):
+    reads = FailingReads(runtime, monkeypatch)
+    resolution = held_while_the_store_fails(runtime, reads, wait=30, recover=True)
+    assert resolution.release
+    assert runtime.overrides.get(resolution.override_id).status == "released"
+
+
+def test_a_held_call_whose_store_stays_down_is_answered_503_when_its_hold_ends(runtime: Runtime, monkeypatch):
+    reads = FailingReads(runtime, monkeypatch)
+    resolution = held_while_the_store_fails(runtime, reads, wait=2, recover=False)
+    assert not resolution.release
+    refused = resolution.verdict
+    assert refused.problem is Problem.STORE_UNAVAILABLE and refused.status == 503
+    assert refused.extra_headers["Retry-After"] == "5"
+    assert "10.0.0.7" not in refused.problem_json().decode() and "5432" not in refused.problem_json().decode()
+    reads.down.clear()
+    assert runtime.overrides.get(resolution.override_id).status == "granted"  # kept for the retry

@@ -401,3 +401,34 @@ def _new_decision() -> dict:
         "port": 443, "path": "/v1/instances", "action": 'Action::"list"', "resource": 'Host::"api.example"',
         "decision": "allow", "determining_policies": '["ops-read"]', "errors": "[]", "policy_revision": "r2",
     }
+
+
+def test_live_requests_for_one_call_opened_before_the_unique_index_keep_the_newest_live(database: SAEngine):
+    """Two processes could open two live requests for one call before revision 0003; upgrading keeps the
+    newest of them live, marks the older expired (saying why), and from then on the database refuses a
+    second live request for a call."""
+    make_0_1_0_database(database)
+    add_0_1_0_rows(database)  # ovr-old: pending, fingerprint f1
+    later = AT.replace(hour=13)
+    with database.begin() as conn:
+        for override_id, fingerprint, status, created in [("ovr-new", "f1", "granted", later),
+                                                           ("ovr-done", "f1", "released", later),
+                                                           ("ovr-other", "f2", "pending", AT)]:
+            conn.execute(text(
+                "INSERT INTO overrides SELECT :id, :fp, :status, version, agent, method, url, host, path, action,"
+                " resource, headers, body, body_sha256, cedar_request, policies, requirements, policy_revision,"
+                " decision_id, justification, :created, expires_at, decided_at, decided_reason,"
+                " grant_expires_at, released_at, release_decision_id FROM overrides WHERE id = 'ovr-old'"),
+                {"id": override_id, "fp": fingerprint, "status": status, "created": created})
+
+    assert migrate(database) == head_revision()
+    with database.connect() as conn:
+        rows = {r.id: (r.status, r.decided_reason) for r in conn.execute(
+            text("SELECT id, status, decided_reason FROM overrides"))}
+        assert schema_differences(conn, _models()) == []
+    assert rows["ovr-new"] == ("granted", None) and rows["ovr-other"] == ("pending", None)
+    assert rows["ovr-done"] == ("released", None)
+    assert rows["ovr-old"][0] == "expired" and "superseded" in str(rows["ovr-old"][1])
+    with pytest.raises(Exception, match="ux_overrides_live_fingerprint|UNIQUE constraint failed"):
+        with database.begin() as conn:
+            conn.execute(text("UPDATE overrides SET status = 'pending' WHERE id = 'ovr-old'"))
