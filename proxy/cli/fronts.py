@@ -89,7 +89,8 @@ def ensure_ca(state_dir: Path) -> Path:
 def bind_api(settings: Settings) -> socket.socket:
     """The override API's listening socket, or `ConfigError` naming the address and what to change."""
     host, port = settings.api.host, settings.api.port
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    # IPPROTO_TCP, so asyncio sets TCP_NODELAY on its connections (see proxy.cli.master.listening_socket).
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart reuses the port
     try:
         sock.bind((host, port))
