@@ -68,7 +68,7 @@ def proxy_addons() -> list[Any]:
         core.Core(),
         block.Block(),
         disable_h2c.DisableH2C(),
-        proxyserver.Proxyserver(),
+        proxyserver.Proxyserver(),  # type: ignore[no-untyped-call]  # mitmproxy: unannotated
         next_layer.NextLayer(),
         tlsconfig.TlsConfig(),
         errorcheck.ErrorCheck(),
@@ -109,15 +109,17 @@ class ServeOn:
     def load(self, loader: Any) -> None:
         from mitmproxy import ctx
 
-        ctx.master.addons.get("proxyserver").servers.changed.connect(self._give_socket)
+        proxyserver = ctx.master.addons.get("proxyserver")  # type: ignore[no-untyped-call]  # mitmproxy: unhinted
+        proxyserver.servers.changed.connect(self._give_socket)
 
     def _give_socket(self) -> None:
         from mitmproxy import ctx
         from mitmproxy.proxy.mode_servers import RegularInstance
 
-        for instance in ctx.master.addons.get("proxyserver").servers:
+        proxyserver = ctx.master.addons.get("proxyserver")  # type: ignore[no-untyped-call]  # mitmproxy: unhinted
+        for instance in proxyserver.servers:
             if isinstance(instance, RegularInstance) and not instance.is_running:
-                instance.listen = self._listen(instance)  # type: ignore[method-assign]
+                instance.listen = self._listen(instance)  # type: ignore[method-assign,assignment]
 
     def _listen(self, instance: Any) -> Callable[[str, int], Awaitable[list[asyncio.Server]]]:
         async def listen(host: str, port: int) -> list[asyncio.Server]:
