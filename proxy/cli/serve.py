@@ -122,6 +122,8 @@ async def _supervise(settings: Settings, proxy_socket: socket.socket, api: uvico
     failure = watching.exception() if watching.done() else None
     watching.cancel()
     stopping.cancel()
+    # Once every worker has closed its copy too, new connections are refused rather than queued unseen.
+    proxy_socket.close()
     # The workers drain first, the API serving meanwhile (a held call may yet be decided); then the API.
     codes = await workers.stop()
     api.should_exit = True
