@@ -55,6 +55,24 @@ def call_from_all(clients: list[httpx.Client], upstream: Upstream, calls: int = 
         return [status for statuses in pool.map(run, range(len(clients))) for status in statuses]
 
 
+def alive(pid: int) -> bool:
+    """Running (a process that exited but nobody reaped yet, a zombie, is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def calls_through(gate: Cedargate, upstream: Upstream, clients: int, calls: int) -> list[int]:
+    """`calls` allowed calls from each of `clients` new agents at once; their statuses."""
+    opened = agents(gate, clients)
+    try:
+        return call_from_all(opened, upstream, calls)
+    finally:
+        for client in opened:
+            client.close()
+
+
 def connections_by_process(port: int, pids: list[int]) -> dict[int, int]:
     """How many established connections to `port` each process holds (its end accepted on that port)."""
     accepted = set()
@@ -120,7 +138,7 @@ def test_two_workers_share_the_port_the_ca_and_one_record(tmp_path, policy_dir, 
         wait_until(lambda: decisions(url) == CLIENTS * CALLS, what="every call on the record")
     finally:
         assert gate.stop() == 0
-    assert not any(Path(f"/proc/{pid}").exists() for pid in workers), "a worker outlived its supervisor"
+    assert not any(alive(pid) for pid in workers), "a worker outlived its supervisor"
     verified = gate.audit_verify(database_url)
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert f"audit log OK: {CLIENTS * CALLS}" in verified.stdout
@@ -173,7 +191,7 @@ def test_sigterm_stops_the_workers_after_their_calls(tmp_path, policy_dir, upstr
         in_flight.join(30)
         assert gate.process.wait(30) == 0
     assert answer == [200]
-    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+    assert not any(alive(pid) for pid in workers)
     assert decisions(f"sqlite:///{gate.database}") == 1
 
 
@@ -188,15 +206,21 @@ def test_a_killed_worker_is_replaced_and_the_others_serve_on(tmp_path, policy_di
         replacement = next(pid for pid in gate.children() if pid != kept)
         wait_until(lambda: any(f"proxy worker {replacement} serving" in line for line in gate.output),
                    what="the new worker to serve")
-        clients = agents(gate)
-        try:
-            assert call_from_all(clients, upstream, 2) == [200] * CLIENTS * 2
-        finally:
-            for client in clients:
-                client.close()
+        assert calls_through(gate, upstream, CLIENTS, 2) == [200] * CLIENTS * 2
         assert gate.process.poll() is None
     finally:
         assert gate.stop() == 0
+
+
+def test_workers_do_not_outlive_a_killed_supervisor(tmp_path, policy_dir, upstream):
+    gate = start_workers(tmp_path, policy_dir, upstream, None)
+    workers = gate.children()
+    gate.process.kill()
+    gate.process.wait(10)
+    # No orphan keeps the port, serving without the API its held calls would wait on.
+    wait_until(lambda: not any(alive(pid) for pid in workers), what="the workers to stop")
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://localhost:{upstream.http_port}{ALLOWED}", proxy=gate.proxy_url, timeout=5)
 
 
 def start_together(configs: list[Path], *extra: str) -> list[Cedargate]:
@@ -232,12 +256,7 @@ def test_instances_starting_at_once_on_an_empty_postgresql_schema_all_start(tmp_
     gates = start_together(configs)
     try:
         for gate in gates:
-            clients = agents(gate, 2)
-            try:
-                assert call_from_all(clients, upstream, 2) == [200] * 4
-            finally:
-                for client in clients:
-                    client.close()
+            assert calls_through(gate, upstream, 2, 2) == [200] * 4
         wait_until(lambda: decisions(database_url) == 12, what="every call on the record")
     finally:
         codes = [gate.stop() for gate in gates]
@@ -252,13 +271,8 @@ def test_two_instances_on_one_new_state_dir_share_its_ca_and_its_record(tmp_path
     gates = start_together(configs)
     try:
         for gate in gates:
-            # Over HTTPS, trusting the CA file in the state dir: both sign with the CA that file holds.
-            clients = agents(gate, 4)
-            try:
-                assert call_from_all(clients, upstream, 3) == [200] * 12
-            finally:
-                for client in clients:
-                    client.close()
+            # Half over HTTPS, trusting the CA file in the state dir: both sign with the CA that file holds.
+            assert calls_through(gate, upstream, 4, 3) == [200] * 12
         wait_until(lambda: decisions(f"sqlite:///{state / 'cedargate.db'}") == 24, what="every call on the record")
 
         # A third on the first one's port is refused at start, saying why, instead of sharing the port.
