@@ -120,7 +120,10 @@ def test_two_workers_share_the_port_the_ca_and_one_record(tmp_path, policy_dir, 
     try:
         workers = gate.children()
         assert len(workers) == 2
-        assert any(f"cedargate proxy workers: 2 (pids {workers[0]} {workers[1]})" in line for line in gate.output)
+        wait_until(lambda: any("cedargate proxy workers:" in line for line in gate.output), what="the workers line")
+        announced = next(line for line in gate.output if "cedargate proxy workers:" in line)
+        assert re.fullmatch(r"cedargate proxy workers: 2 \(pids (\d+) (\d+)\)\n?", announced)
+        assert set(map(int, re.findall(r"\d+", announced)[1:])) == set(workers)
         clients = agents(gate)
         try:
             statuses = call_from_all(clients, upstream)
