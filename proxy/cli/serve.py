@@ -15,8 +15,8 @@ import contextlib
 import logging
 import signal
 import socket
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from proxy.calls.connections import open_file_limit
 from proxy.cli.fronts import api_server, bind_api, check_loopback, ensure_ca, mitmproxy_options
@@ -77,7 +77,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None, log_leve
             runtime.close()
 
 
-Announce = Callable[[Callable[[], bool]], Awaitable[None]]
+Announce = Callable[[Callable[[], bool]], Coroutine[Any, Any, None]]
 
 
 async def _one_process(settings: Settings, runtime: Runtime, proxy_socket: socket.socket, api: uvicorn.Server,
@@ -114,7 +114,13 @@ async def _supervise(settings: Settings, proxy_socket: socket.socket, api: uvico
     except WorkerFailed as exc:
         raise SystemExit(f"cedargate: {exc}") from None
     api_task = asyncio.create_task(api.serve(sockets=[api_socket]), name="cedargate override API")
-    await announce(lambda: True)
+    announced = asyncio.create_task(announce(lambda: True))
+    await asyncio.wait({announced, api_task}, return_when=asyncio.FIRST_COMPLETED)
+    if not announced.done():  # the API ended before it served (uvicorn ends a failed start with sys.exit)
+        announced.cancel()
+        await workers.stop()
+        failure = api_task.exception() if not api_task.cancelled() else None
+        raise SystemExit(f"cedargate: the override API did not start: {failure!r}")
     print(f"cedargate proxy workers: {settings.workers} (pids {' '.join(map(str, workers.pids))})", flush=True)
     watching = asyncio.create_task(workers.watch(), name="cedargate proxy workers")
     stopping = asyncio.create_task(stopped.wait())
