@@ -34,29 +34,54 @@ log = logging.getLogger(__name__)
 PROXY_ACCEPT_BACKLOG = 100  # asyncio's default, which mitmproxy's own listener uses
 
 
-def listening_socket(settings: Settings) -> socket.socket:
-    """The proxy's listening socket, or `ConfigError` naming the address and what to change.
+def listening_sockets(settings: Settings, count: int = 1) -> list[socket.socket]:
+    """The proxy's listening sockets, one per worker, or `ConfigError` naming the address and what to change.
 
-    One process binds it, once: a second cedargate (or anything else) on the same port is refused here
-    with EADDRINUSE, as with mitmdump, and workers share it rather than each binding the port again.
+    One is a plain socket, the port this process's alone: a second cedargate (or anything else) on the
+    same port is refused with EADDRINUSE, as with mitmdump. More are SO_REUSEPORT sockets on one port, so
+    the kernel spreads new connections over them by their addresses: one socket that every worker
+    inherited would not, since a worker woken by new connections accepts all that are queued at once (an
+    agent opening 16 connections together got all 16 on one worker). Since any process of the same user
+    may join a port shared that way, the port is first bound plainly, which fails if anything listens
+    there (another cedargate's workers included), and only then shared, so a second cedargate is refused
+    here too rather than silently taking part of the agents' connections.
     """
     host, port = settings.proxy.host, settings.proxy.port
-    # IPPROTO_TCP named, not left 0: asyncio sets TCP_NODELAY on a connection only when its socket says
-    # TCP, and accepted sockets inherit the listener's; without it Nagle's algorithm and the client's
-    # delayed ACK add 40 ms to every answer on a kept-alive connection.
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as mitmproxy: a restart reuses the port
+    probe = _tcp_socket(host)
+    sockets: list[socket.socket] = []
     try:
-        sock.bind((host, port))
-        sock.listen(PROXY_ACCEPT_BACKLOG)
+        probe.bind((host, port))
+        port = probe.getsockname()[1]  # port 0: the free one the OS chose, for every worker's socket
+        for _ in range(count if count > 1 else 0):
+            sock = _tcp_socket(host)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+        if count > 1:
+            probe.close()  # it is in the way of the shared sockets' listen, which a plain bind excludes
+        else:
+            sockets = [probe]
+        for sock in sockets:
+            sock.listen(PROXY_ACCEPT_BACKLOG)
+            sock.set_inheritable(True)  # for the workers of `--workers N`
     except OSError as exc:
-        sock.close()
+        probe.close()
+        for sock in sockets:
+            sock.close()
         raise ConfigError(
             f"the proxy cannot listen on {host}:{port}: {exc.strerror or exc}; is another cedargate or proxy "
             "running there? Set proxy.port (--listen-port) or proxy.host to a free address, or 0 for any "
             "free port"
         ) from exc
-    sock.set_inheritable(True)  # for the workers of `--workers N`
+    return sockets
+
+
+def _tcp_socket(host: str) -> socket.socket:
+    # IPPROTO_TCP named, not left 0: asyncio sets TCP_NODELAY on a connection only when its socket says
+    # TCP, and accepted sockets inherit the listener's; without it Nagle's algorithm and the client's
+    # delayed ACK add 40 ms to every answer on a kept-alive connection.
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as mitmproxy: a restart reuses the port
     return sock
 
 

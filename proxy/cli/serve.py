@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from proxy.calls.connections import open_file_limit
 from proxy.cli.fronts import api_server, bind_api, check_loopback, ensure_ca, mitmproxy_options
-from proxy.cli.master import listening_socket, proxy_addrs, proxy_master, stop_gracefully
+from proxy.cli.master import listening_sockets, proxy_addrs, proxy_master, stop_gracefully
 from proxy.cli.workers import WorkerFailed, Workers
 from proxy.runtime import Runtime
 from proxy.settings.config import ConfigError, Listen, Settings
@@ -42,7 +42,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None, log_leve
     with contextlib.ExitStack() as sockets:
         try:
             ensure_ca(settings.state_dir)
-            proxy_socket = sockets.enter_context(listening_socket(settings))
+            proxy_sockets = [sockets.enter_context(sock) for sock in listening_sockets(settings, settings.workers)]
             api_socket = sockets.enter_context(bind_api(settings))
         except ConfigError:
             runtime.close()
@@ -50,7 +50,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None, log_leve
         open_files = open_file_limit(raise_to_hard=True)
         api = api_server(runtime, open_files)
         # Port 0 asks the OS for a free port; the real ones are printed so tests and users can find them.
-        proxy_port, api_port = proxy_socket.getsockname()[1], api_socket.getsockname()[1]
+        proxy_port, api_port = proxy_sockets[0].getsockname()[1], api_socket.getsockname()[1]
         runtime.api_started(settings.api.host, api_port)
 
         async def announce(proxy_ready: Callable[[], bool]) -> None:
@@ -67,11 +67,11 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None, log_leve
         runtime.jobs.start()  # expiry: the core's, on this loop, in this process only
         try:
             if settings.workers == 1:
-                await _one_process(settings, runtime, proxy_socket, api, api_socket, announce)
+                await _one_process(settings, runtime, proxy_sockets[0], api, api_socket, announce)
             else:
                 at = settings.model_copy(update={"proxy": Listen(host=settings.proxy.host, port=proxy_port),
                                                  "api": Listen(host=settings.api.host, port=api_port)})
-                await _supervise(at, proxy_socket, api, api_socket, announce, log_level)
+                await _supervise(at, proxy_sockets, api, api_socket, announce, log_level)
         finally:
             runtime.jobs.stop()
             runtime.close()
@@ -99,9 +99,9 @@ async def _one_process(settings: Settings, runtime: Runtime, proxy_socket: socke
                          announce(lambda: bool(proxy_addrs(master))))
 
 
-async def _supervise(settings: Settings, proxy_socket: socket.socket, api: uvicorn.Server,
+async def _supervise(settings: Settings, proxy_sockets: list[socket.socket], api: uvicorn.Server,
                      api_socket: socket.socket, announce: Announce, log_level: str) -> None:
-    workers = Workers(settings, proxy_socket, settings.workers, log_level)
+    workers = Workers(settings, proxy_sockets, log_level)
     stopped = asyncio.Event()
 
     def stop() -> None:
@@ -129,7 +129,8 @@ async def _supervise(settings: Settings, proxy_socket: socket.socket, api: uvico
     watching.cancel()
     stopping.cancel()
     # Once every worker has closed its copy too, new connections are refused rather than queued unseen.
-    proxy_socket.close()
+    for sock in proxy_sockets:
+        sock.close()
     # The workers drain first, the API serving meanwhile (a held call may yet be decided); then the API.
     codes = await workers.stop()
     api.should_exit = True

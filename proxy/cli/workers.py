@@ -1,12 +1,10 @@
 """The proxy workers of `cedargate run --workers N`: started, watched, restarted and stopped here.
 
 The supervisor (the `cedargate run` process, which also runs the override API and the core's jobs)
-binds the proxy's socket once and every worker (`proxy.cli.worker`) inherits it, so the kernel hands
-each new connection to whichever worker accepts first: a busy worker takes fewer. One socket rather than
-one per worker with SO_REUSEPORT, because a port shared by SO_REUSEPORT is open to any process of the
-same user that asks for it too (a second cedargate on the same port would silently take half the
-agents' connections, under its own policies), and because the connections waiting in a socket's queue
-are lost when that socket closes, as a worker's would when it stops.
+binds N SO_REUSEPORT sockets on the proxy's port (`proxy.cli.master.listening_sockets`, which says why
+not one shared socket) and hands worker i socket i (`proxy.cli.worker`); the kernel spreads new
+connections over them. The supervisor keeps every socket open, so the connections queued on a dead
+worker's socket wait there for the worker that replaces it, on the same socket.
 
 A worker that dies after it served is restarted, as gunicorn's arbiter does: the other workers and the
 API are not taken down with it, and the calls it had in flight were never forwarded without their
@@ -43,10 +41,9 @@ class WorkerFailed(Exception):
 
 
 class Workers:
-    def __init__(self, settings: Settings, sock: socket.socket, count: int, log_level: str) -> None:
+    def __init__(self, settings: Settings, sockets: list[socket.socket], log_level: str) -> None:
         self.settings = settings
-        self.sock = sock
-        self.count = count
+        self.sockets = sockets  # worker i serves on sockets[i], and so does the one that replaces it
         self.log_level = log_level
         self.processes: list[asyncio.subprocess.Process] = []
         self.stopping = False
@@ -59,15 +56,15 @@ class Workers:
 
     async def start(self) -> None:
         """Start every worker and wait until each serves, or raise `WorkerFailed` (none left running)."""
-        spawned = await asyncio.gather(*(self._spawn() for _ in range(self.count)), return_exceptions=True)
+        spawned = await asyncio.gather(*(self._spawn(sock) for sock in self.sockets), return_exceptions=True)
         self.processes = [process for process in spawned if isinstance(process, asyncio.subprocess.Process)]
         failures = [failure for failure in spawned if isinstance(failure, BaseException)]
         if failures:
             await self.stop()
             raise failures[0]
 
-    async def _spawn(self) -> asyncio.subprocess.Process:
-        fd = self.sock.fileno()
+    async def _spawn(self, sock: socket.socket) -> asyncio.subprocess.Process:
+        fd = sock.fileno()
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "proxy.cli.worker", "--fd", str(fd), "--log-level", self.log_level,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, pass_fds=(fd,),
@@ -115,7 +112,8 @@ class Workers:
                         f"{len(self._deaths)}th to die in {RESTART_WINDOW:.0f} s: not restarting again"
                     )
                 log.error("proxy worker %d exited (%s): starting another", dead.pid, _exit(future.result()))
-                self.processes[self.processes.index(dead)] = await self._spawn()
+                index = self.processes.index(dead)
+                self.processes[index] = await self._spawn(self.sockets[index])
 
     async def stop(self) -> list[int]:
         """Stop every worker as SIGTERM stops `cedargate run` (they finish their calls); their exit codes."""
