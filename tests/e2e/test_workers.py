@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2e_support import Cedargate, Upstream, start_cedargate, write_config
+from e2e_support import APPROVERS, Cedargate, Upstream, start_cedargate, write_config
 from sqlalchemy import text
 
 from proxy.record.store import make_engine
@@ -112,7 +112,9 @@ def start_workers(tmp_path: Path, policy_dir: Path, upstream: Upstream, database
                   workers: int = 2) -> Cedargate:
     extra = {"database_url": database_url} if database_url else {}
     config = write_config(tmp_path / "cedargate.yaml", policy_dir, tmp_path / "state", upstream, **extra)
-    return start_cedargate(config, "--workers", str(workers))
+    gate = start_cedargate(config, "--workers", str(workers))
+    upstream.reset()
+    return gate
 
 
 def test_two_workers_share_the_port_the_ca_and_one_record(tmp_path, policy_dir, upstream, database_url):
@@ -211,6 +213,30 @@ def test_a_killed_worker_is_replaced_and_the_others_serve_on(tmp_path, policy_di
                    what="the new worker to serve")
         assert calls_through(gate, upstream, CLIENTS, 2) == [200] * CLIENTS * 2
         assert gate.process.poll() is None
+    finally:
+        assert gate.stop() == 0
+
+
+def test_a_call_held_in_a_worker_is_released_by_an_approval_through_the_supervisors_api(
+        tmp_path, policy_dir, upstream):
+    gate = start_workers(tmp_path, policy_dir, upstream, None)
+    reviewer = {"Authorization": f"Bearer {APPROVERS['erin'][0]}"}
+    stop = f"http://127.0.0.1:{upstream.http_port}/v1/instances/i-0abc/stop"  # escalated: a production host
+    try:
+        # A short hold: the approval reaches the worker through the store at the latest when the hold's
+        # wait ends and it reads its request again (sooner once holds are woken across processes).
+        with ThreadPoolExecutor(1) as pool, httpx.Client(proxy=gate.proxy_url, timeout=30,
+                                                         headers={"Prefer": "wait=5"}) as client:
+            held = pool.submit(client.post, stop, json={"grace": 30})
+            pending: list[dict] = []
+            wait_until(lambda: pending.extend(httpx.get(f"{gate.api_url}/overrides?status=pending",
+                                                        headers=reviewer, timeout=10).json()) or pending,
+                       what="the override request")
+            approved = httpx.post(f"{gate.api_url}/overrides/{pending[0]['id']}/approve", headers=reviewer,
+                                  json={"reason": "on-call agreed"}, timeout=10)
+            assert approved.json()["status"] == "granted"
+            assert held.result(30).status_code == 200
+        assert [call.path for call in upstream.calls] == ["/v1/instances/i-0abc/stop"]
     finally:
         assert gate.stop() == 0
 
