@@ -7,8 +7,8 @@ connections over them. The supervisor keeps every socket open, so the connection
 worker's socket wait there for the worker that replaces it, on the same socket.
 
 A worker that dies after it served is restarted, as gunicorn's arbiter does: the other workers and the
-API are not taken down with it, and the calls it had in flight were never forwarded without their
-record (that holds in any one process). One that dies before it served (bad settings, an unreachable
+API are not taken down with it (what the dead one had in flight is lost as with any killed cedargate
+process: its agents see their connections cut). One that dies before it served (bad settings, an unreachable
 store) would only die again, so the supervisor stops everything and says why; and a worker dying again
 and again (more than `MAX_RESTARTS` in `RESTART_WINDOW` seconds) stops everything too, so a crash loop
 ends in an exit a service manager sees rather than in a proxy that mostly refuses.
