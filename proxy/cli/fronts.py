@@ -10,7 +10,9 @@ taken port is an error that says so rather than uvicorn ending the process.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,10 +65,32 @@ def ca_cert(confdir: str | Path) -> Path:
     return Path(confdir).expanduser() / "mitmproxy-ca-cert.pem"
 
 
+def ensure_ca(state_dir: Path) -> Path:
+    """Make mitmproxy's CA in the state directory if it has none, under a lock; returns its certificate.
+
+    mitmproxy makes its CA when its TLS addon first configures, writing one file after another: two
+    processes starting at once on one new state directory (two `cedargate run`, or the workers of one)
+    would each make a CA of their own, the last written overwriting the first while its process signs
+    with it, or read a file half written. Made here first, under a lock, every proxy finds it whole.
+    """
+    from mitmproxy.certs import CertStore
+
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(state_dir / "mitmproxy-ca.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released by the kernel should this process die holding it
+        # mitmproxy's own names and key size (its TlsConfig's CONF_BASENAME and key_size default).
+        CertStore.from_store(state_dir, "mitmproxy", 2048)
+    finally:
+        os.close(fd)
+    return ca_cert(state_dir)
+
+
 def bind_api(settings: Settings) -> socket.socket:
     """The override API's listening socket, or `ConfigError` naming the address and what to change."""
     host, port = settings.api.host, settings.api.port
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    # IPPROTO_TCP, so asyncio sets TCP_NODELAY on its connections (see proxy.cli.master.listening_socket).
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart reuses the port
     try:
         sock.bind((host, port))

@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="permit binding to an address other hosts can reach")
     run.add_argument("--state-dir", help="where the CA and the SQLite store live (default .cedargate)")
     run.add_argument("--database-url", help="SQLAlchemy URL of the decision store (default SQLite in state dir)")
+    run.add_argument("--workers", type=int, help="proxy processes on the proxy's port (default 1: one process "
+                     "runs the proxy and the API; with more, one more runs the API)")
     run.add_argument("--log-level", default="INFO")
 
     check = sub.add_parser("check", help="load and validate a policy directory, as `run` would at start")
@@ -88,12 +90,13 @@ def _run(args: argparse.Namespace) -> int:
         "allow_non_loopback": args.allow_non_loopback,
         "state_dir": args.state_dir,
         "database_url": args.database_url,
+        "workers": args.workers,
     }
     try:
         settings = load_settings(args.config, overrides)
         from proxy.cli.serve import serve
 
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings, log_level=args.log_level))
     except (ConfigError, PolicyLoadError, StoreUnavailable) as exc:
         print(f"cedargate: {exc}", file=sys.stderr)
         return 2

@@ -1,34 +1,37 @@
-"""`cedargate run`: the mitmproxy proxy and the override API in one process and one event loop.
+"""`cedargate run`: the mitmproxy proxy and the override API around one core.
 
-It assembles the two fronts around a single `Runtime`, so the API reports on exactly the core that
-decides the calls; what it shares with `mitmdump -s addons/enforcer.py` (`proxy.cli.standalone`) is in
-`proxy.cli.fronts`.
+With one worker (the default) the proxy and the API run in one process and one event loop, so the API
+reports on exactly the core that decides the calls. With `--workers N` this process binds the proxy's
+port and runs the API and the core's jobs (expiry), and N proxy processes (`proxy.cli.workers`) serve
+that port, each with its own core on the shared store. Either way the proxy is the lean mitmproxy master
+of `proxy.cli.master`; what `cedargate run` shares with `mitmdump -s addons/enforcer.py`
+(`proxy.cli.standalone`) is in `proxy.cli.fronts`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+import socket
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from proxy.calls.connections import open_file_limit
-from proxy.cli.fronts import api_server, bind_api, ca_cert, check_loopback, mitmproxy_options
+from proxy.cli.fronts import api_server, bind_api, check_loopback, ensure_ca, mitmproxy_options
+from proxy.cli.master import listening_sockets, proxy_addrs, proxy_master, stop_gracefully
+from proxy.cli.workers import WorkerFailed, Workers
 from proxy.runtime import Runtime
-from proxy.settings.config import ConfigError, Settings
+from proxy.settings.config import ConfigError, Listen, Settings
 
 if TYPE_CHECKING:
-    from mitmproxy.tools.dump import DumpMaster
+    import uvicorn
 
 log = logging.getLogger(__name__)
 
 
-async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
-    from mitmproxy import options
-    from mitmproxy.tools.dump import DumpMaster
-
-    from addons import default_addons
-
+async def serve(settings: Settings, ready: asyncio.Event | None = None, log_level: str = "INFO") -> None:
     try:
         for name, listen in (("proxy", settings.proxy), ("API", settings.api)):
             check_loopback(name, listen.host, settings.allow_non_loopback, "pass --allow-non-loopback")
@@ -36,56 +39,109 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         raise SystemExit(str(exc)) from None
 
     runtime = Runtime.start(settings)
-    try:
-        api_socket = bind_api(settings)
-    except ConfigError:
-        runtime.close()
-        raise
-    open_files = open_file_limit(raise_to_hard=True)
-    opts = options.Options(listen_host=settings.proxy.host, listen_port=settings.proxy.port)
-    master = DumpMaster(opts, with_termlog=False, with_dumper=False)
-    # Among them ClientLimits: request size caps, timeouts and the unauthenticated-connection cap.
-    master.addons.add(*default_addons(runtime, open_files))  # type: ignore[no-untyped-call]  # mitmproxy: unannotated
-    opts.update(**mitmproxy_options(settings))  # type: ignore[no-untyped-call]  # mitmproxy: unannotated
-    api = api_server(runtime, open_files)
+    with contextlib.ExitStack() as sockets:
+        try:
+            ensure_ca(settings.state_dir)
+            proxy_sockets = [sockets.enter_context(sock) for sock in listening_sockets(settings, settings.workers)]
+            api_socket = sockets.enter_context(bind_api(settings))
+        except ConfigError:
+            runtime.close()
+            raise
+        open_files = open_file_limit(raise_to_hard=True)
+        api = api_server(runtime, open_files)
+        # Port 0 asks the OS for a free port; the real ones are printed so tests and users can find them.
+        proxy_port, api_port = proxy_sockets[0].getsockname()[1], api_socket.getsockname()[1]
+        runtime.api_started(settings.api.host, api_port)
 
-    loop = asyncio.get_running_loop()
+        async def announce(proxy_ready: Callable[[], bool]) -> None:
+            while not (api.started and proxy_ready()):
+                await asyncio.sleep(0.02)
+            print(f"cedargate proxy listening on http://{settings.proxy.host}:{proxy_port}", flush=True)
+            print(f"cedargate API listening on http://{settings.api.host}:{api_port}", flush=True)
+            revision = runtime.engine.status.revision
+            assert revision is not None  # the runtime started with its policies loaded
+            print(f"policy revision {revision[:12]} from {settings.policy_dir}", flush=True)
+            if ready:
+                ready.set()
+
+        runtime.jobs.start()  # expiry: the core's, on this loop, in this process only
+        try:
+            if settings.workers == 1:
+                await _one_process(settings, runtime, proxy_sockets[0], api, api_socket, announce)
+            else:
+                at = settings.model_copy(update={"proxy": Listen(host=settings.proxy.host, port=proxy_port),
+                                                 "api": Listen(host=settings.api.host, port=api_port)})
+                await _supervise(at, proxy_sockets, api, api_socket, announce, log_level)
+        finally:
+            runtime.jobs.stop()
+            runtime.close()
+
+
+Announce = Callable[[Callable[[], bool]], Coroutine[Any, Any, None]]
+
+
+async def _one_process(settings: Settings, runtime: Runtime, proxy_socket: socket.socket, api: uvicorn.Server,
+                       api_socket: socket.socket, announce: Announce) -> None:
+    master = proxy_master(runtime, open_file_limit(), proxy_socket, mitmproxy_options(settings))
+
+    async def stop_in_order() -> None:
+        await stop_gracefully(master)
+        api.should_exit = True  # after the proxy's calls: a held one may yet be decided through it
+
+    stopping: list[asyncio.Task[None]] = []
 
     def stop() -> None:
-        api.should_exit = True
-        master.shutdown()  # type: ignore[no-untyped-call]  # mitmproxy: unhinted
+        if not stopping:
+            stopping.append(asyncio.create_task(stop_in_order()))
 
+    _on_stop_signals(stop)
+    await asyncio.gather(master.run(), api.serve(sockets=[api_socket]),
+                         announce(lambda: bool(proxy_addrs(master))))
+
+
+async def _supervise(settings: Settings, proxy_sockets: list[socket.socket], api: uvicorn.Server,
+                     api_socket: socket.socket, announce: Announce, log_level: str) -> None:
+    workers = Workers(settings, proxy_sockets, log_level)
+    stopped = asyncio.Event()
+
+    def stop() -> None:
+        workers.stopping = True  # at once: a worker exiting from now on is not restarted
+        stopped.set()
+
+    _on_stop_signals(stop)
+    try:
+        await workers.start()
+    except WorkerFailed as exc:
+        raise SystemExit(f"cedargate: {exc}") from None
+    api_task = asyncio.create_task(api.serve(sockets=[api_socket]), name="cedargate override API")
+    announced = asyncio.create_task(announce(lambda: True))
+    await asyncio.wait({announced, api_task}, return_when=asyncio.FIRST_COMPLETED)
+    if not announced.done():  # the API ended before it served (uvicorn ends a failed start with sys.exit)
+        announced.cancel()
+        await workers.stop()
+        failure = api_task.exception() if not api_task.cancelled() else None
+        raise SystemExit(f"cedargate: the override API did not start: {failure!r}")
+    print(f"cedargate proxy workers: {settings.workers} (pids {' '.join(map(str, workers.pids))})", flush=True)
+    watching = asyncio.create_task(workers.watch(), name="cedargate proxy workers")
+    stopping = asyncio.create_task(stopped.wait())
+    await asyncio.wait({watching, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    failure = watching.exception() if watching.done() else None
+    watching.cancel()
+    stopping.cancel()
+    # Once every worker has closed its copy too, new connections are refused rather than queued unseen.
+    for sock in proxy_sockets:
+        sock.close()
+    # The workers drain first, the API serving meanwhile (a held call may yet be decided); then the API.
+    codes = await workers.stop()
+    api.should_exit = True
+    await api_task
+    if failure is not None:
+        raise SystemExit(f"cedargate: {failure}")
+    if any(codes):
+        raise SystemExit(f"cedargate: proxy workers exited with codes {codes}")
+
+
+def _on_stop_signals(stop: Callable[[], None]) -> None:
+    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
-
-    # mitmproxy writes its CA when its TLS addon starts running, which may come after the listeners:
-    # "listening" is printed once agents can also read the CA they must trust.
-    ca = ca_cert(opts.confdir)
-
-    async def announce() -> None:
-        while not (api.started and _proxy_addrs(master) and ca.exists()):
-            await asyncio.sleep(0.02)
-        # Port 0 asks the OS for a free port; print the real ones so tests and users can find them.
-        proxy_port = _proxy_addrs(master)[0][1]
-        api_port = api_socket.getsockname()[1]
-        runtime.api_started(settings.api.host, api_port)
-        print(f"cedargate proxy listening on http://{settings.proxy.host}:{proxy_port}", flush=True)
-        print(f"cedargate API listening on http://{settings.api.host}:{api_port}", flush=True)
-        revision = runtime.engine.status.revision
-        assert revision is not None  # the runtime started with its policies loaded
-        print(f"policy revision {revision[:12]} from {settings.policy_dir}", flush=True)
-        if ready:
-            ready.set()
-
-    runtime.jobs.start()  # expiry: the core's, on this loop
-    try:
-        await asyncio.gather(master.run(), api.serve(sockets=[api_socket]), announce())
-    finally:
-        runtime.jobs.stop()
-        api_socket.close()
-        runtime.close()
-
-
-def _proxy_addrs(master: DumpMaster) -> list[Any]:
-    proxyserver = master.addons.get("proxyserver")  # type: ignore[no-untyped-call]  # mitmproxy: unhinted
-    return [addr for server in proxyserver.servers for addr in server.listen_addrs]

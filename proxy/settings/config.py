@@ -56,6 +56,11 @@ class Settings(_Strict):
     proxy: Listen = Listen()
     api: Listen = Listen(port=8081)
     allow_non_loopback: bool = False
+    workers: int = Field(
+        1, ge=1, le=256,
+        description="proxy processes serving the proxy's port, so every core of the machine works; with more "
+                    "than 1, one more process runs the override API and the core's jobs. All share the store",
+    )
     policy_dir: Path = Path("policies")
     policy_reload_interval: float = Field(1.0, ge=0, description="seconds between policy checks; 0 = off")
     state_dir: Path = Path(".cedargate")

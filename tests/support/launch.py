@@ -50,6 +50,17 @@ class Cedargate:
     def database(self) -> Path:
         return self.state_dir / "cedargate.db"
 
+    def children(self) -> list[int]:
+        """The pids of the processes this cedargate started: its proxy workers under `--workers N`."""
+        pid = self.process.pid
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+    def audit_verify(self, database_url: str | None = None) -> subprocess.CompletedProcess[str]:
+        """`cedargate audit verify` on this cedargate's store (its SQLite file unless `database_url`)."""
+        store = ["--database-url", database_url] if database_url else ["--state-dir", str(self.state_dir)]
+        return subprocess.run([str(CEDARGATE), "audit", "verify", *store], capture_output=True, text=True,
+                              timeout=60)
+
     def stop(self) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)

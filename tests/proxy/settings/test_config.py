@@ -46,6 +46,21 @@ def test_the_json_inspection_limit_cannot_exceed_the_body_limit(tmp_path: Path):
         load_settings(path)
 
 
+def test_workers_one_process_by_default_a_file_sets_more_and_the_flag_wins(tmp_path: Path):
+    assert load_settings().workers == 1
+    path = _yaml(tmp_path, "workers: 4\n")
+    assert load_settings(path).workers == 4
+    assert load_settings(path, {"workers": 2}).workers == 2
+    with pytest.raises(ConfigError, match=r"workers: Input should be greater than or equal to 1"):
+        load_settings(path, {"workers": 0})
+
+
+def test_settings_reach_a_worker_whole():
+    """`--workers N` hands each worker the supervisor's settings as JSON: nothing may be lost on the way."""
+    settings = load_settings(REPO / "cedargate.yaml", {"workers": 2, "proxy.port": 0})
+    assert Settings.model_validate_json(settings.model_dump_json()) == settings
+
+
 def test_the_repositorys_own_config_loads():
     settings = load_settings(REPO / "cedargate.yaml")
     assert settings.policy_dir == Path("policies")

@@ -1,0 +1,206 @@
+"""The mitmproxy master `cedargate run` proxies with: mitmproxy's addons that a proxy needs, then cedargate's.
+
+mitmdump's `DumpMaster` loads some forty addons (HAR and flow saving, onboarding at mitm.it, header and
+body modifiers, replay, sticky cookies...), and mitmproxy calls every addon's hook for every event of
+every call: measured, mitmproxy with only the addons below serves 1.63x mitmdump's calls at 0.61x its
+CPU per call. So `cedargate run` builds a plain `Master` with only these: the option checks (`Core`),
+the server and its protocol layers (`Proxyserver`, `NextLayer`), TLS interception with the CA in the
+state directory (`TlsConfig`), the h2c-upgrade stripping that keeps HTTP/1 clients safe (`DisableH2C`),
+mitmproxy's refusal of clients from public addresses (`Block`, `block_global`), and its exit on an error
+logged at start (`ErrorCheck`), then cedargate's own (`addons.default_addons`). Stock `mitmdump -s
+addons/enforcer.py` keeps mitmproxy's own set.
+
+The proxy listens on a socket bound by cedargate (`listening_socket`): a taken port is a `ConfigError`
+that says so, and `cedargate run --workers N` hands one socket to every worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from proxy.settings.config import ConfigError, Settings
+
+if TYPE_CHECKING:
+    from mitmproxy.master import Master
+
+    from proxy.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+PROXY_ACCEPT_BACKLOG = 100  # asyncio's default, which mitmproxy's own listener uses
+
+
+def listening_sockets(settings: Settings, count: int = 1) -> list[socket.socket]:
+    """The proxy's listening sockets, one per worker, or `ConfigError` naming the address and what to change.
+
+    One is a plain socket, the port this process's alone: a second cedargate (or anything else) on the
+    same port is refused with EADDRINUSE, as with mitmdump. More are SO_REUSEPORT sockets on one port, so
+    the kernel spreads new connections over them by their addresses: one socket that every worker
+    inherited would not, since a worker woken by new connections accepts all that are queued at once (an
+    agent opening 16 connections together got all 16 on one worker). Since any process of the same user
+    may join a port shared that way, the port is first bound plainly, which fails if anything listens
+    there (another cedargate's workers included), and only then shared, so a second cedargate is refused
+    here too rather than silently taking part of the agents' connections.
+    """
+    host, port = settings.proxy.host, settings.proxy.port
+    probe = _tcp_socket(host)
+    sockets: list[socket.socket] = []
+    try:
+        probe.bind((host, port))
+        port = probe.getsockname()[1]  # port 0: the free one the OS chose, for every worker's socket
+        for _ in range(count if count > 1 else 0):
+            sock = _tcp_socket(host)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+        if count > 1:
+            probe.close()  # it is in the way of the shared sockets' listen, which a plain bind excludes
+        else:
+            sockets = [probe]
+        for sock in sockets:
+            sock.listen(PROXY_ACCEPT_BACKLOG)
+            sock.set_inheritable(True)  # for the workers of `--workers N`
+    except OSError as exc:
+        probe.close()
+        for sock in sockets:
+            sock.close()
+        raise ConfigError(
+            f"the proxy cannot listen on {host}:{port}: {exc.strerror or exc}; is another cedargate or proxy "
+            "running there? Set proxy.port (--listen-port) or proxy.host to a free address, or 0 for any "
+            "free port"
+        ) from exc
+    return sockets
+
+
+def _tcp_socket(host: str) -> socket.socket:
+    # IPPROTO_TCP named, not left 0: asyncio sets TCP_NODELAY on a connection only when its socket says
+    # TCP, and accepted sockets inherit the listener's; without it Nagle's algorithm and the client's
+    # delayed ACK add 40 ms to every answer on a kept-alive connection.
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as mitmproxy: a restart reuses the port
+    return sock
+
+
+def proxy_addons() -> list[Any]:
+    """mitmproxy's addons a cedargate proxy needs (see the module's docstring), in mitmdump's order."""
+    from mitmproxy.addons import block, core, disable_h2c, errorcheck, next_layer, proxyserver, tlsconfig
+
+    return [
+        core.Core(),
+        block.Block(),
+        disable_h2c.DisableH2C(),
+        proxyserver.Proxyserver(),  # type: ignore[no-untyped-call]  # mitmproxy: unannotated
+        next_layer.NextLayer(),
+        tlsconfig.TlsConfig(),
+        errorcheck.ErrorCheck(),
+    ]
+
+
+def proxy_master(runtime: Runtime, open_files: int, sock: socket.socket, options: dict[str, Any]) -> Master:
+    """A master with the lean addon set and cedargate's, serving on `sock` (bound and listening); stop it
+    gracefully with `stop_gracefully`."""
+    from mitmproxy.master import Master
+    from mitmproxy.options import Options
+
+    from addons import default_addons
+
+    host, port = sock.getsockname()[:2]
+    opts = Options(listen_host=host, listen_port=port)
+    master = Master(opts)
+    master.addons.add(*proxy_addons())  # type: ignore[no-untyped-call]  # mitmproxy: unannotated
+    # Among them ClientLimits: request size caps, timeouts and the unauthenticated-connection cap.
+    master.addons.add(*default_addons(runtime, open_files))  # type: ignore[no-untyped-call]  # mitmproxy: unannotated
+    master.addons.add(ServeOn(sock), Drain())  # type: ignore[no-untyped-call]  # mitmproxy: unannotated
+    opts.update(**options)  # type: ignore[no-untyped-call]  # mitmproxy: unannotated
+    return master
+
+
+class ServeOn:
+    """Has mitmproxy's regular-mode server accept on a socket cedargate bound, instead of binding its own.
+
+    mitmproxy's server instance binds in `listen(host, port)` with `asyncio.start_server`, which takes a
+    bound socket instead (`sock=`); its `Servers.changed` signal fires with the new instances before they
+    start, which is where the one for the proxy's mode is given ours. An addon, so the master keeps it
+    (the signal holds its receivers weakly).
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def load(self, loader: Any) -> None:
+        from mitmproxy import ctx
+
+        proxyserver = ctx.master.addons.get("proxyserver")  # type: ignore[no-untyped-call]  # mitmproxy: unhinted
+        proxyserver.servers.changed.connect(self._give_socket)
+
+    def _give_socket(self) -> None:
+        from mitmproxy import ctx
+        from mitmproxy.proxy.mode_servers import RegularInstance
+
+        proxyserver = ctx.master.addons.get("proxyserver")  # type: ignore[no-untyped-call]  # mitmproxy: unhinted
+        for instance in proxyserver.servers:
+            if isinstance(instance, RegularInstance) and not instance.is_running:
+                instance.listen = self._listen(instance)  # type: ignore[method-assign,assignment]
+
+    def _listen(self, instance: Any) -> Callable[[str, int], Awaitable[list[asyncio.Server]]]:
+        async def listen(host: str, port: int) -> list[asyncio.Server]:
+            return [await asyncio.start_server(instance.handle_stream, sock=self.sock,
+                                               backlog=PROXY_ACCEPT_BACKLOG)]
+        return listen
+
+
+DRAIN_TIMEOUT = 30.0  # as gunicorn's graceful_timeout: how long a stopping proxy lets its calls finish
+
+
+def stop_gracefully(master: Master, timeout: float = DRAIN_TIMEOUT) -> asyncio.Task[None]:
+    """Stop `master` (from `proxy_master`) once its calls in flight are done (`Drain`); idempotent."""
+    drain = master.addons.get("drain")  # type: ignore[no-untyped-call]  # mitmproxy: unhinted
+    if drain.stopping is None:
+        drain.stopping = asyncio.create_task(drain.stop(master, timeout), name="cedargate graceful stop")
+    return drain.stopping  # type: ignore[no-any-return]
+
+
+class Drain:
+    """A graceful stop: no new connections, the calls in flight finish, then the master stops.
+
+    mitmproxy's shutdown ends every connection at once, the calls still upstream with them: the agent sees
+    its connection dropped with no answer though the upstream may have acted. So a stop first closes the
+    listening socket (under `--workers N`, the other workers still hold it), waits up to `timeout` for the
+    calls it counts in flight (from their request's headers to their response or error), then shuts down.
+    """
+
+    def __init__(self) -> None:
+        self.in_flight: set[str] = set()
+        self.stopping: asyncio.Task[None] | None = None
+
+    def requestheaders(self, flow: Any) -> None:
+        self.in_flight.add(flow.id)
+
+    def response(self, flow: Any) -> None:
+        self.in_flight.discard(flow.id)
+
+    def error(self, flow: Any) -> None:
+        self.in_flight.discard(flow.id)
+
+    async def stop(self, master: Master, timeout: float) -> None:
+        proxyserver = master.addons.get("proxyserver")  # type: ignore[no-untyped-call]  # mitmproxy: unhinted
+        for instance in proxyserver.servers:
+            if instance.is_running:
+                await instance.stop()
+        if self.in_flight:
+            log.info("stopping: waiting up to %.0f s for %d calls in flight", timeout, len(self.in_flight))
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.in_flight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.in_flight:
+            log.warning("stopping with %d calls still in flight after %.0f s", len(self.in_flight), timeout)
+        master.shutdown()  # type: ignore[no-untyped-call]  # mitmproxy: unhinted
+
+
+def proxy_addrs(master: Master) -> list[Any]:
+    proxyserver = master.addons.get("proxyserver")  # type: ignore[no-untyped-call]  # mitmproxy: unhinted
+    return [addr for server in proxyserver.servers for addr in server.listen_addrs]
