@@ -3,8 +3,9 @@
 
 It reads its settings (JSON, one line) from stdin, builds its own core (`Runtime`) on the shared store,
 and proxies on the listening socket it inherited as descriptor FD, with the same mitmproxy master as a
-single `cedargate run` (`proxy.cli.master`). It runs no override API and none of the core's jobs: those
-run once, in the supervisor. Once it serves it prints `ready` on stdout. SIGTERM or SIGINT stops it as
+single `cedargate run` (`proxy.cli.master`). It runs no override API and none of the core's sweeps (expiry):
+those run once, in the supervisor; it runs the wake-ups of the calls it holds (`Jobs.start(sweeps=False)`),
+so a decision made through the supervisor's API releases them at once. Once it serves it prints `ready` on stdout. SIGTERM or SIGINT stops it as
 they stop `cedargate run`; so does the end of its stdin, which is its supervisor's death.
 """
 
@@ -35,6 +36,7 @@ async def work(settings: Settings, sock: socket.socket) -> None:
     try:
         # The supervisor's API, at the real address it bound: held calls' answers link to it.
         runtime.api_started(settings.api.host, settings.api.port)
+        runtime.jobs.start(sweeps=False)
         master = proxy_master(runtime, open_file_limit(raise_to_hard=True), sock, mitmproxy_options(settings))
         loop = asyncio.get_running_loop()
 

@@ -39,12 +39,15 @@ class Jobs:
     def running(self) -> bool:
         return any(not task.done() for task in self._tasks)
 
-    def start(self) -> None:
-        """Start every job on the running event loop; starting twice changes nothing."""
-        if self.running:
-            return
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._every(job), name=f"cedargate {job.name}") for job in self.jobs]
+    def start(self, *, sweeps: bool = True) -> None:
+        """Start every job on the running event loop; starting twice changes nothing.
+
+        `sweeps=False` starts only the wake-ups, for a process that holds calls while another runs the
+        sweeps once for all of them (a proxy worker of `cedargate run --workers N`).
+        """
+        if sweeps and not self.running:
+            loop = asyncio.get_running_loop()
+            self._tasks = [loop.create_task(self._every(job), name=f"cedargate {job.name}") for job in self.jobs]
         self.wakeups.start()  # threads of their own: they block on the database, not on this loop
 
     def stop(self) -> None:

@@ -109,8 +109,8 @@ def store_url(gate: Cedargate, database_url: str | None) -> str:
 
 
 def start_workers(tmp_path: Path, policy_dir: Path, upstream: Upstream, database_url: str | None,
-                  workers: int = 2) -> Cedargate:
-    extra = {"database_url": database_url} if database_url else {}
+                  workers: int = 2, **settings) -> Cedargate:
+    extra = {"database_url": database_url, **settings} if database_url else settings
     config = write_config(tmp_path / "cedargate.yaml", policy_dir, tmp_path / "state", upstream, **extra)
     gate = start_cedargate(config, "--workers", str(workers))
     upstream.reset()
@@ -219,14 +219,13 @@ def test_a_killed_worker_is_replaced_and_the_others_serve_on(tmp_path, policy_di
 
 def test_a_call_held_in_a_worker_is_released_by_an_approval_through_the_supervisors_api(
         tmp_path, policy_dir, upstream):
-    gate = start_workers(tmp_path, policy_dir, upstream, None)
+    gate = start_workers(tmp_path, policy_dir, upstream, None, hold_max_wait=300)
     reviewer = {"Authorization": f"Bearer {APPROVERS['erin'][0]}"}
     stop = f"http://127.0.0.1:{upstream.http_port}/v1/instances/i-0abc/stop"  # escalated: a production host
     try:
-        # A short hold: the approval reaches the worker through the store at the latest when the hold's
-        # wait ends and it reads its request again (sooner once holds are woken across processes).
-        with ThreadPoolExecutor(1) as pool, httpx.Client(proxy=gate.proxy_url, timeout=30,
-                                                         headers={"Prefer": "wait=5"}) as client:
+        # A hold far longer than the test: only a wake-up across processes releases it in time.
+        with ThreadPoolExecutor(1) as pool, httpx.Client(proxy=gate.proxy_url, timeout=300,
+                                                         headers={"Prefer": "wait=300"}) as client:
             held = pool.submit(client.post, stop, json={"grace": 30})
             pending: list[dict] = []
             wait_until(lambda: pending.extend(httpx.get(f"{gate.api_url}/overrides?status=pending",
@@ -235,7 +234,7 @@ def test_a_call_held_in_a_worker_is_released_by_an_approval_through_the_supervis
             approved = httpx.post(f"{gate.api_url}/overrides/{pending[0]['id']}/approve", headers=reviewer,
                                   json={"reason": "on-call agreed"}, timeout=10)
             assert approved.json()["status"] == "granted"
-            assert held.result(30).status_code == 200
+            assert held.result(60).status_code == 200
         assert [call.path for call in upstream.calls] == ["/v1/instances/i-0abc/stop"]
     finally:
         assert gate.stop() == 0
