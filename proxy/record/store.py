@@ -217,6 +217,8 @@ class Recorder:
         database = make_url(str(engine.url)).database if engine.dialect.name == "sqlite" else None
         self._wal = f"{database}-wal" if database and database != ":memory:" else None
         self._conn: Connection | None = None  # the writer thread's own (see `_transaction`)
+        self._closed = False  # the writer thread has ended (`close`)
+        self._late_lock = threading.Lock()
         self._stop = threading.Event()
         migrate(engine)
         writable(self._writes)
@@ -235,14 +237,14 @@ class Recorder:
     def record(self, row: dict[str, Any]) -> None:
         """Enqueue a decision row, for a call that goes nowhere (refused): nobody waits for its commit.
         Like everything enqueued, it is never dropped: it is retried until it is in."""
-        self._queue.put_nowait((_DECISION, _storable_row(row), None))
+        self._put((_DECISION, _storable_row(row), None))
 
     def commit(self, row: dict[str, Any]) -> Future[None]:
         """Enqueue a decision row for a call about to go upstream, which waits on the future: it resolves
         once the row is committed, or fails (`StoreUnavailable`) as soon as a try to commit it fails (the
         row is still retried until it is in). The writer takes it at once, without lingering."""
         committed: Future[None] = Future()
-        self._queue.put_nowait((_DECISION, _storable_row(row), committed))
+        self._put((_DECISION, _storable_row(row), committed))
         self._hurry.set()
         return committed
 
@@ -252,7 +254,7 @@ class Recorder:
         values = {key: outcome.get(key) for key in OUTCOME_KEYS}
         if isinstance(values["errors"], str):
             values["errors"] = _storable(values["errors"])
-        self._queue.put_nowait((_OUTCOME, {"decision_id": decision_id, "agent": agent, **values}, None))
+        self._put((_OUTCOME, {"decision_id": decision_id, "agent": agent, **values}, None))
 
     def count_refusal(self, agent: str) -> None:
         """A call refused because the store could not take it: counted, and chained as one
@@ -273,7 +275,28 @@ class Recorder:
         `payload` (a dict of JSON values and datetimes); its time is now. Like `record`, it is never
         dropped; an event the log could not hold raises here, in the caller, not later in the writer.
         """
-        self._queue.put_nowait((_EVENT, _event_item(event), None))
+        self._put((_EVENT, _event_item(event), None))
+
+    def _put(self, item: Item) -> None:
+        self._queue.put_nowait(item)
+        if self._closed:
+            self._write_late()
+
+    def _write_late(self) -> None:
+        """Write what was enqueued after the writer stopped, in the caller's thread: a call still
+        finishing while the program shuts down (its event loop runs the last steps of its connections
+        after the core was closed) is recorded all the same, or said loudly not to be."""
+        with self._late_lock:
+            batch = []
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if batch and not self._write(batch):
+                log.error("after close, %d decisions/events NOT written: %s", len(batch),
+                          self.last_error or "the store failed")
+            self._drop_connection()
 
     def unavailable_reason(self) -> str | None:
         if self._failing:
@@ -309,7 +332,8 @@ class Recorder:
         self._stop.set()
         self._thread.join(timeout)
         if not self._thread.is_alive():
-            self._drop_connection()
+            self._closed = True  # from now on a late row is written by whoever enqueues it (`_put`)
+            self._write_late()
         if self.pending:
             log.error(
                 "closing the decision record with %d decisions/events NOT written (the store made no progress "

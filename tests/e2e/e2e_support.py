@@ -90,8 +90,9 @@ def recorded_rows(gate: Cedargate, sql: str, expected: int, timeout: float = 10.
     while True:
         with sqlite3.connect(gate.database) as db:
             db.row_factory = sqlite3.Row
-            rows = [dict(r) for r in db.execute(sql)]
+            # Outcomes first: rows read after have what they added (they commit together).
             unfinished = db.execute(_WITHOUT_OUTCOME).fetchone()[0]
+            rows = [dict(r) for r in db.execute(sql)]
         if len(rows) >= expected and not unfinished or time.monotonic() > deadline:
             return rows
         time.sleep(0.05)

@@ -76,9 +76,10 @@ def record_of(gate, decision_id: str, timeout: float = 10.0) -> dict:
     while True:
         with sqlite3.connect(gate.database) as db:
             db.row_factory = sqlite3.Row
-            row = db.execute("SELECT * FROM decisions WHERE decision_id = ?", (decision_id,)).fetchone()
+            # The outcome first: the row read after it has what the outcome added (they commit together).
             outcome = db.execute("SELECT 1 FROM audit_log WHERE kind = 'outcome' AND decision_id = ?",
                                  (decision_id,)).fetchone()
+            row = db.execute("SELECT * FROM decisions WHERE decision_id = ?", (decision_id,)).fetchone()
         if row is not None and (outcome is not None or row["decision"] not in ("allow", "escalate")):
             return dict(row)
         assert time.monotonic() < deadline, f"decision {decision_id} was not recorded"

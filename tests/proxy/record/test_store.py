@@ -347,3 +347,18 @@ def test_the_wal_is_checkpointed_and_truncated_when_the_writer_is_idle(db_path: 
     finally:
         recorder.close()
         recorder.engine.dispose()
+
+
+def test_a_row_enqueued_after_close_is_written_by_its_caller(db_path: Path):
+    """A call still finishing while the program shuts down, after the core's record was closed."""
+    recorder = Recorder(make_engine(f"sqlite:///{db_path}"))
+    recorder.record(_row(0))
+    recorder.close()
+    late = _row(1, upstream_status=None)
+    recorder.commit(late).result(0)  # written before `commit` returned
+    recorder.record_outcome(late["decision_id"], "ops-bot", {"upstream_status": 200, "duration_ms": 3.0,
+                                                             "errors": "[]"})
+    recorder.engine.dispose()
+    assert [(r["path"], r["upstream_status"]) for r in sqlite_rows(db_path)] == [
+        ("/v1/instances/i-0", 200), ("/v1/instances/i-1", 200)]
+    assert audit.verify(make_engine(f"sqlite:///{db_path}")).ok
