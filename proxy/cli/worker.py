@@ -5,8 +5,9 @@ It reads its settings (JSON, one line) from stdin, builds its own core (`Runtime
 and proxies on the listening socket it inherited as descriptor FD, with the same mitmproxy master as a
 single `cedargate run` (`proxy.cli.master`). It runs no override API and none of the core's sweeps (expiry):
 those run once, in the supervisor; it runs the wake-ups of the calls it holds (`Jobs.start(sweeps=False)`),
-so a decision made through the supervisor's API releases them at once. Once it serves it prints `ready` on stdout. SIGTERM or SIGINT stops it as
-they stop `cedargate run`; so does the end of its stdin, which is its supervisor's death.
+so a decision made through the supervisor's API releases them at once. Once it serves it prints `ready`
+on stdout. SIGTERM or SIGINT stops it as they stop `cedargate run`; so does the end of its stdin, which
+is its supervisor's death.
 """
 
 from __future__ import annotations

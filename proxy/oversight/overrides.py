@@ -10,7 +10,7 @@ request, each time in the transaction that chains its audit event; this module r
 in the session it is handed.
 
 At most one request per call is live (pending or granted) at a time, across every process sharing the
-database: a partial unique index on the fingerprint of live requests (migration 0003) makes a second
+database: a partial unique index on the fingerprint of live requests (migration 0002) makes a second
 process's insert fail, and `open_or_attach` then attaches the call to the request the other opened.
 
 Opening is where floods are stopped (see `proxy.oversight.limits`): a body too large to show a reviewer whole,

@@ -404,7 +404,7 @@ def _new_decision() -> dict:
 
 
 def test_live_requests_for_one_call_opened_before_the_unique_index_keep_the_newest_live(database: SAEngine):
-    """Two processes could open two live requests for one call before revision 0003; upgrading keeps the
+    """Two processes could open two live requests for one call before revision 0002; upgrading keeps the
     newest of them live, marks the older expired (saying why), and from then on the database refuses a
     second live request for a call."""
     make_0_1_0_database(database)

@@ -8,8 +8,8 @@ A database may already hold several live requests for one call (opened before th
 processes at once). The newest of each is kept live; the older ones are marked expired, with a reason
 saying so, since the index cannot be built over them. (Their holds ended long ago: this runs at start.)
 
-Revision ID: 0003
-Revises: 0001 (lane A's 0002 in the merged history)
+Revision ID: 0002
+Revises: 0001
 Create Date: 2026-12-01
 """
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003"
+revision = "0002"
 down_revision = "0001"
 branch_labels = None
 depends_on = None
@@ -30,7 +30,7 @@ INDEX = "ux_overrides_live_fingerprint"
 def upgrade() -> None:
     op.execute(sa.text(
         f"UPDATE overrides SET status = 'expired', version = version + 1, "
-        f"decided_reason = 'superseded: another live request for the same call was newer (schema upgrade 0003)' "
+        f"decided_reason = 'superseded: another live request for the same call was newer (schema upgrade 0002)' "
         f"WHERE {LIVE} AND EXISTS (SELECT 1 FROM overrides AS newer WHERE newer.fingerprint = overrides.fingerprint "
         f"AND newer.{LIVE} AND (newer.created_at > overrides.created_at "
         f"OR (newer.created_at = overrides.created_at AND newer.id > overrides.id)))"
