@@ -49,6 +49,7 @@ from proxy.decision.decisions import Answer, Decision, decide_call
 from proxy.decision.gate import Outcome, Verdict
 from proxy.decision.upstream import CONNECT_TIMEOUT_MESSAGE, OWN_API_MESSAGE, classify
 from proxy.oversight.held_calls import requested_wait
+from proxy.record.store import RECORD_TIMEOUT
 from proxy.runtime import Runtime
 from proxy.vocabulary.printable import printable
 from proxy.vocabulary.problems import MEDIA_TYPE, Problem, problem_document
@@ -56,9 +57,6 @@ from proxy.vocabulary.problems import MEDIA_TYPE, Problem, problem_document
 log = logging.getLogger(__name__)
 
 VERDICTS = "cedargate.verdicts"  # recorded and forwarded: their outcome is added when the upstream answers or fails
-# Seconds a call waits for its decision to be committed before it is refused (store-unavailable): the
-# writer fails a waiting call at once when the store fails; this bounds a store that only stalls.
-RECORD_TIMEOUT = 5.0
 MCP = "cedargate.mcp"
 RELEASED = "cedargate.released"  # decision id -> the override it was released under, should the call not go
 
@@ -208,12 +206,17 @@ class Enforcer:
             for verdict in forwarded:
                 committed[verdict.decision_id].result(0)  # raises what failed it
         except Exception as exc:  # the store failing (StoreUnavailable), or too slow: never forward unrecorded
-            gate = self._core().gate
-            refused = gate.store_unavailable(forwarded[0])
+            runtime = self._core()
+            refused = runtime.gate.store_unavailable(forwarded[0])
             log.warning("refused %s %s: its decision could not be recorded (%s)", printable(flow.request.method),
                         self._shown(flow.request.pretty_url), type(exc).__name__)
             for verdict in forwarded:
-                gate.outcome(verdict, refused=refused)
+                runtime.gate.outcome(verdict, refused=refused)
+            # A call released under a grant and not forwarded after all keeps its grant for the retry.
+            override_id = flow.metadata.get(RELEASED, {}).get(forwarded[0].decision_id)
+            if override_id is not None:
+                refused = await asyncio.to_thread(runtime.oversight.not_forwarded, refused, override_id,
+                                                  {"kind": "store-unavailable", "message": type(exc).__name__})
             flow.response = refusal(refused)
             return False
         return True

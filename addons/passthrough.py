@@ -6,11 +6,14 @@ tunnel is passed through only when its CONNECT authority is listed (`proxy.calls
 its SNI names that same host; any other tunnel is intercepted and each call in it decided (the
 mapping refuses an SNI or Host naming another host). Only TLS is passed through: passthrough is for
 clients that pin certificates, and plain HTTP can be decided. Each tunnel passed through is chained
-onto the audit log as a `passthrough` event (agent, host, port, server name).
+onto the audit log as a `passthrough` event (agent, host, port, server name), committed before the
+tunnel's first byte is relayed; a tunnel whose event the record cannot take in time is intercepted
+instead, and its calls decided (and refused while the record is unavailable).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import weakref
 from collections.abc import Callable, MutableMapping
@@ -20,6 +23,7 @@ from mitmproxy import connection, ctx, exceptions, http, tls
 from addons.agent_auth import AGENT
 from addons.options import add_options
 from proxy.calls.tunnels import Passthrough as PassthroughHosts
+from proxy.record.store import RECORD_TIMEOUT
 from proxy.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -50,7 +54,7 @@ class Passthrough:
         if agent:
             self.agents[flow.client_conn] = agent
 
-    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+    async def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         server = data.context.server
         runtime = self._runtime_of()
         # No address: TLS to the proxy itself (a secure web proxy), not a tunnel.
@@ -70,8 +74,14 @@ class Passthrough:
             log.warning("not passing through the tunnel to %s:%s: the record is unavailable", host, port)
             return  # intercepted, the calls are refused while nothing can be recorded
         agent = self.agents.get(data.context.client)
-        runtime.recorder.record_event({"kind": "passthrough", "agent": agent,
-                                       "payload": {"host": host, "port": port, "server_name": server_name}})
+        committed = runtime.recorder.commit_event({"kind": "passthrough", "agent": agent, "payload": {
+            "host": host, "port": port, "server_name": server_name}})
+        try:  # on the record before a byte is relayed: a relayed tunnel is a forwarded call
+            await asyncio.wait_for(asyncio.wrap_future(committed), RECORD_TIMEOUT)
+        except Exception as exc:  # the store failing, or too slow
+            log.warning("not passing through the tunnel to %s:%s: its record could not be committed (%s); "
+                        "intercepting it", host, port, type(exc).__name__)
+            return
         log.info("passing the tunnel of %s to %s:%s through uninspected (passthrough_hosts)",
                  agent, host, port)
         data.ignore_connection = True

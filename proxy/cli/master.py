@@ -17,12 +17,14 @@ that says so, and `cedargate run --workers N` hands one socket to every worker.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from proxy.settings.config import ConfigError, Settings
+from proxy.vocabulary.problems import MEDIA_TYPE, Problem, problem_document
 
 if TYPE_CHECKING:
     from mitmproxy.master import Master
@@ -178,7 +180,17 @@ class Drain:
         self.stopping: asyncio.Task[None] | None = None
 
     def requestheaders(self, flow: Any) -> None:
+        if self.stopping is not None:
+            # A kept-alive connection's next call: refused undecided, so that a busy agent cannot keep the
+            # stop waiting; it is told to retry on a new connection (another worker, or the restarted one).
+            flow.response = _stopping_answer()
+            return
         self.in_flight.add(flow.id)
+
+    def responseheaders(self, flow: Any) -> None:
+        # While stopping, every answer closes its HTTP/1 connection: the agent reconnects elsewhere.
+        if self.stopping is not None and flow.response is not None and flow.request.http_version.startswith("HTTP/1"):
+            flow.response.headers["connection"] = "close"
 
     def response(self, flow: Any) -> None:
         self.in_flight.discard(flow.id)
@@ -199,6 +211,13 @@ class Drain:
         if self.in_flight:
             log.warning("stopping with %d calls still in flight after %.0f s", len(self.in_flight), timeout)
         master.shutdown()  # type: ignore[no-untyped-call]  # mitmproxy: unhinted
+
+
+def _stopping_answer() -> Any:
+    from mitmproxy import http
+
+    headers = {"Content-Type": MEDIA_TYPE, "Connection": "close", "Retry-After": "1"}
+    return http.Response.make(503, json.dumps(problem_document(Problem.STOPPING)).encode(), headers)
 
 
 def proxy_addrs(master: Master) -> list[Any]:

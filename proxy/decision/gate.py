@@ -255,10 +255,13 @@ class Gate:
 
     def record(self, verdict: Verdict) -> Future[None]:
         """Put the verdict on the record before its call goes anywhere (upstream, or into a hold): the
-        future resolves once the row is committed, and fails (`StoreUnavailable`) if the store cannot
-        take it now. What became of the call is added later (`outcome`)."""
+        future resolves once the row is committed. For an allowed call it fails (`StoreUnavailable`) if
+        the store cannot take it now; a held call's waits until the row is in (it is retried), since a
+        failure that passed before a human decides must not refuse the call then. What became of the
+        call is added later (`outcome`)."""
         assert self.recorder is not None  # a gate without a record (explain's) decides, never records
-        return self.recorder.commit(self._row(verdict, self._errors(verdict), None))
+        return self.recorder.commit(self._row(verdict, self._errors(verdict), None),
+                                    fail_fast=verdict.outcome is not Outcome.ESCALATE)
 
     def outcome(self, verdict: Verdict, upstream_status: int | None = None,
                 failure: UpstreamFailure | None = None, refused: Verdict | None = None) -> None:

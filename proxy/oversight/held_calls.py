@@ -222,23 +222,28 @@ class Oversight:
         refused = failure.refusal(verdict)
         if failure.sent or not failure.answerable:
             return refused
+        return self.not_forwarded(refused, override_id, {"kind": failure.kind.value, "message": failure.message})
+
+    def not_forwarded(self, refused: Verdict, override_id: str, why: dict[str, Any]) -> Verdict:
+        """Put back the grant of a call released under `override_id` that cedargate did not forward after
+        all (its upstream unreachable, or its record not committed: `why` says which, for the audit log),
+        and add to `refused`, the agent's answer, that the grant is kept. Blocking: run it off the loop."""
         try:
-            restored = self.workflow.restore_grant(
-                override_id, decision_id=verdict.decision_id,
-                failure={"kind": failure.kind.value, "message": failure.message})
-        except Exception:  # the grant is lost with the call; the agent hears what failed upstream
+            restored = self.workflow.restore_grant(override_id, decision_id=refused.decision_id, failure=why)
+        except Exception:  # the grant is lost with the call; the agent hears what failed
             log.exception("could not put back the grant of override %s", override_id)
             return refused
         if not restored:
             return refused
-        log.info("grant of override %s kept: the released call never reached the upstream (%s)",
-                 override_id, failure.kind.value)
+        log.info("grant of override %s kept: the released call was not forwarded (%s)", override_id, why["kind"])
+        extra = {**refused.extra, "override_id": override_id, "grant_kept": True,
+                 "override_url": f"{self.api_base_url()}/overrides/{override_id}"}
+        detail = (f"{refused.detail} The override grant is kept: retry the identical call and it goes "
+                  "through without a new approval, while the grant lasts.")
+        if refused.problem is Problem.STORE_UNAVAILABLE:  # the store's trouble stays the answer: retry later
+            return replace(refused, detail=detail, extra=extra)
         problem = Problem.GRANT_KEPT
-        return replace(refused, problem=problem, status=problem.entry.status,
-                       detail=f"{refused.detail} The override grant is kept: retry the identical call and it "
-                              "goes through without a new approval, while the grant lasts.",
-                       extra={**refused.extra, "override_id": override_id, "grant_kept": True,
-                              "override_url": f"{self.api_base_url()}/overrides/{override_id}"})
+        return replace(refused, problem=problem, status=problem.entry.status, detail=detail, extra=extra)
 
     async def _open(self, verdict: Verdict, justification: str | None) -> Override:
         request, escalation, revision = verdict.request, verdict.escalation, verdict.revision

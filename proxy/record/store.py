@@ -167,6 +167,11 @@ UNSURE_READS = 5  # tries to learn whether a unit's lost commit happened before 
 WAL_LIMIT = 16 * 1024 * 1024  # bytes: a SQLite WAL past this is truncated by a checkpoint, not just reused
 
 
+# Seconds a call (or a tunnel relayed uninspected) waits for its decision to be committed before it is
+# refused: the writer fails a waiting call at once when the store fails; this bounds a store that only stalls.
+RECORD_TIMEOUT = 5.0
+
+
 class StoreUnavailable(Exception):
     """The record cannot take a change now; the message says why."""
 
@@ -239,12 +244,22 @@ class Recorder:
         Like everything enqueued, it is never dropped: it is retried until it is in."""
         self._put((_DECISION, _storable_row(row), None))
 
-    def commit(self, row: dict[str, Any]) -> Future[None]:
+    def commit(self, row: dict[str, Any], *, fail_fast: bool = True) -> Future[None]:
         """Enqueue a decision row for a call about to go upstream, which waits on the future: it resolves
-        once the row is committed, or fails (`StoreUnavailable`) as soon as a try to commit it fails (the
-        row is still retried until it is in). The writer takes it at once, without lingering."""
-        committed: Future[None] = Future()
+        once the row is committed. With `fail_fast` it fails (`StoreUnavailable`) as soon as a try to
+        commit it fails, so a call waiting to go is refused now; without, it resolves only when the row is
+        in (for a held call, which goes much later, if at all: a passing failure must not count then).
+        Either way the row is retried until it is in. The writer takes it at once, without lingering."""
+        committed = _Commit(fail_fast)
         self._put((_DECISION, _storable_row(row), committed))
+        self._hurry.set()
+        return committed
+
+    def commit_event(self, event: Mapping[str, Any]) -> Future[None]:
+        """`record_event` for an event that must be on the record before what it describes happens (a
+        tunnel relayed uninspected): the future as `commit`'s, failing fast."""
+        committed = _Commit(True)
+        self._put((_EVENT, _event_item(event), committed))
         self._hurry.set()
         return committed
 
@@ -429,7 +444,8 @@ class Recorder:
                     break
                 self._failed(exc)
                 for future in waiting:  # a call waiting to go upstream is refused now, not at its timeout
-                    _settle(future, StoreUnavailable(f"the decision store is failing: {self.last_error}"))
+                    if not isinstance(future, _Commit) or future.fail_fast:
+                        _settle(future, StoreUnavailable(f"the decision store is failing: {self.last_error}"))
                 if self._stop.wait(self.retry_interval):
                     return False
         self._recovered()
@@ -583,6 +599,14 @@ class Recorder:
         if self._rate >= self.busy_rate and self._queue.qsize() + 1 < self.batch_size:
             if self._hurry.wait(self.linger):
                 self._hurry.clear()
+
+
+class _Commit(Future[None]):
+    """A waiter's future for one row or event; `fail_fast`: failed by the first try that fails."""
+
+    def __init__(self, fail_fast: bool) -> None:
+        super().__init__()
+        self.fail_fast = fail_fast
 
 
 def _settle(future: Future[None], exc: Exception | None = None) -> None:

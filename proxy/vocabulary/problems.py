@@ -66,6 +66,8 @@ class Problem(str, Enum):
     # Refused before any decision: the agent is not known (addons.agent_auth), or cedargate itself failed.
     PROXY_AUTH_REQUIRED = "proxy-auth-required"
     INTERNAL_ERROR = "internal-error"
+    # Refused before any decision: the proxy is stopping, and takes no new call on a kept-alive connection.
+    STOPPING = "proxy-stopping"
 
     @property
     def uri(self) -> str:
@@ -156,6 +158,8 @@ CATALOGUE: dict[Problem, ProblemType] = {
                                              "Send the agent's proxy credentials and retry."),
     Problem.INTERNAL_ERROR: ProblemType("cedargate failed to decide this call; it was not forwarded", 500,
                                         "Retry later; if it persists, tell an operator."),
+    Problem.STOPPING: ProblemType("cedargate is stopping; the call was not forwarded", 503,
+                                  "Retry the call on a new connection: another cedargate process takes it."),
 }
 
 

@@ -13,7 +13,10 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import os
+import signal
 import socket
+import sqlite3
 import ssl
 
 import pytest
@@ -228,6 +231,27 @@ def test_a_passthrough_tunnel_is_relayed_uninspected_and_on_the_record(passthrou
     [event] = audit_events(gate, "passthrough", 1)
     assert event["agent"] == AGENT
     assert json.loads(event["payload"]) == {"host": "localhost", "port": sni_front.port, "server_name": "localhost"}
+
+
+def test_a_passthrough_tunnel_is_not_relayed_before_its_record_is_committed(passthrough_gate, sni_front):
+    """A tunnel relayed uninspected is a forwarded call: it waits for its `passthrough` event to commit,
+    and while the record cannot take it (another process holds SQLite's write lock past busy_timeout)
+    it is intercepted instead, so no relayed tunnel is ever missing from the record, even after a kill -9."""
+    gate = passthrough_gate
+    lock = sqlite3.connect(gate.database, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    try:
+        # Trusting only the front's CA: an intercepted tunnel (cedargate's certificate) fails the handshake.
+        with pytest.raises(ssl.SSLError), tls(open_tunnel(gate, f"localhost:{sni_front.port}"), "localhost",
+                                               sni_front.ca_file) as sock:
+            exchange(sock, b"GET /v1/instances HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        os.kill(gate.process.pid, signal.SIGKILL)
+        gate.process.wait(10)
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert sni_front.calls == []  # nothing relayed that the record does not hold
+    assert audit_events(gate, "passthrough", 0) == []
 
 
 def test_a_passthrough_tunnel_whose_sni_names_another_host_is_not_passed_through(passthrough_gate, sni_front):

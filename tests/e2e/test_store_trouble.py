@@ -10,14 +10,17 @@ import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 from e2e_support import Cedargate, start_cedargate, write_config
 from sqlmodel import SQLModel
+from test_escalation_flow import agent, api, approve, pending, stop_url
 
 from proxy.record.store import make_engine
+from tests.support.waiting import wait_until
 
 LEAKS = ("sqlite", "no such table", "OperationalError", "readonly database", "disk I/O", "cedargate.db")
 
@@ -104,3 +107,25 @@ def test_a_read_only_database_is_refused_at_start_and_one_that_turns_writable_ag
     with sqlite3.connect(gate.database) as db:
         paths = [path for (path,) in db.execute("SELECT path FROM decisions ORDER BY id")]
     assert paths[0] == "/v1/instances/first" and paths[-1] == "/v1/instances/writable"
+
+
+def test_a_held_call_whose_record_met_a_passing_failure_is_released_once_approved(cedargate, upstream):
+    """The held call's decision row is queued as the hold starts; the store refuses it once (another process
+    holds SQLite's write lock past busy_timeout) and takes it on the retry. That passing failure, over
+    before the human decides, must not refuse the approved call: it goes, once, and the grant is spent on it."""
+    lock = sqlite3.connect(cedargate.database, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    with ThreadPoolExecutor(1) as pool, agent(cedargate) as http:
+        held = pool.submit(http.post, stop_url(upstream), json={"grace": 30})
+        try:
+            wait_until(lambda: any("decision store write failed" in line for line in cedargate.output),
+                       what="the record's first try to fail")
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        [request] = pending(cedargate)
+        assert approve(cedargate, request["id"]).json()["status"] == "granted"
+        answer = held.result(timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert [c.path for c in upstream.calls] == ["/v1/instances/i-0abc/stop"]
+    assert api(cedargate, "GET", f"/overrides/{request['id']}").json()["status"] == "released"

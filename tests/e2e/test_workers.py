@@ -13,8 +13,7 @@ import signal
 import ssl
 import subprocess
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,18 +25,11 @@ from e2e_support import APPROVERS, Cedargate, Upstream, start_cedargate, write_c
 from sqlalchemy import text
 
 from proxy.record.store import make_engine
+from tests.support.waiting import wait_until
 
 CLIENTS = 12  # agents connected at once, each on its own keep-alive connection
 CALLS = 8  # per agent
 ALLOWED = "/v1/instances"  # ops-bot may GET it on localhost (policy ops-read)
-
-
-def wait_until(condition: Callable[[], object], timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def agents(gate: Cedargate, count: int = CLIENTS) -> list[httpx.Client]:
@@ -146,7 +138,8 @@ def test_two_workers_share_the_port_the_ca_and_one_record(tmp_path, policy_dir, 
     assert not any(alive(pid) for pid in workers), "a worker outlived its supervisor"
     verified = gate.audit_verify(database_url)
     assert verified.returncode == 0, verified.stdout + verified.stderr
-    assert f"audit log OK: {CLIENTS * CALLS}" in verified.stdout
+    # Each call is chained twice: its decision before it went upstream, its outcome once answered.
+    assert f"audit log OK: {2 * CLIENTS * CALLS} rows" in verified.stdout
 
 
 @contextmanager

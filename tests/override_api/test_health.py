@@ -4,22 +4,13 @@ from __future__ import annotations
 
 import re
 import sqlite3
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from fastapi.testclient import TestClient
 
 from proxy.calls.mapping import Call
 from proxy.runtime import Runtime
-
-
-def wait_until(predicate: Callable[[], object], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for: {what}")
-        time.sleep(0.02)
+from tests.support.waiting import wait_until
 
 
 def decide_and_record(runtime: Runtime) -> None:

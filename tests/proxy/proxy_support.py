@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import time
-from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from proxy.calls.mapping import Call
+from tests.support.waiting import wait_until  # noqa: F401  # re-exported: the core tests wait with it
 
 REPO = Path(__file__).resolve().parents[2]
 POLICIES = REPO / "policies"
@@ -62,15 +61,6 @@ def write_policy_file(path: Path, text: str) -> None:
     path.write_text(text, encoding="utf-8")
     new = max(path.stat().st_mtime_ns, old + 1_000_000_000)
     os.utime(path, ns=(new, new))
-
-
-def wait_until(predicate: Callable[[], object], what: str, timeout: float = 30.0) -> None:
-    """Poll until `predicate()` is truthy; fail naming `what` if it never becomes so."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for: {what}")
-        time.sleep(0.02)
 
 
 def sqlite_rows(db_path: Path, where: str = "1=1", params: tuple = ()) -> list[sqlite3.Row]:

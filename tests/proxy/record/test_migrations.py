@@ -403,15 +403,23 @@ def _new_decision() -> dict:
     }
 
 
-def test_live_requests_for_one_call_opened_before_the_unique_index_keep_the_newest_live(database: SAEngine):
-    """Two processes could open two live requests for one call before revision 0002; upgrading keeps the
-    newest of them live, marks the older expired (saying why), and from then on the database refuses a
-    second live request for a call."""
+@pytest.mark.parametrize("newer_status, kept, superseded", [
+    ("granted", "ovr-new", ("ovr-old", "expired")),  # the newest, granted, stays
+    ("pending", "ovr-old", ("ovr-new", "expired")),  # the newest is only pending
+])
+def test_live_requests_for_one_call_opened_before_the_unique_index_keep_one_live(
+        database: SAEngine, newer_status: str, kept: str, superseded: tuple[str, str]):
+    """Two processes could open two live requests for one call before revision 0002; upgrading keeps one
+    live, a granted one before a pending one (a human's approval is never thrown away), else the newest,
+    marks the other ended (saying why), and from then on the database refuses a second live request."""
     make_0_1_0_database(database)
     add_0_1_0_rows(database)  # ovr-old: pending, fingerprint f1
+    if newer_status == "pending":
+        with database.begin() as conn:
+            conn.execute(text("UPDATE overrides SET status = 'granted' WHERE id = 'ovr-old'"))
     later = AT.replace(hour=13)
     with database.begin() as conn:
-        for override_id, fingerprint, status, created in [("ovr-new", "f1", "granted", later),
+        for override_id, fingerprint, status, created in [("ovr-new", "f1", newer_status, later),
                                                            ("ovr-done", "f1", "released", later),
                                                            ("ovr-other", "f2", "pending", AT)]:
             conn.execute(text(
@@ -426,9 +434,10 @@ def test_live_requests_for_one_call_opened_before_the_unique_index_keep_the_newe
         rows = {r.id: (r.status, r.decided_reason) for r in conn.execute(
             text("SELECT id, status, decided_reason FROM overrides"))}
         assert schema_differences(conn, _models()) == []
-    assert rows["ovr-new"] == ("granted", None) and rows["ovr-other"] == ("pending", None)
+    assert rows[kept] == ("granted", None) and rows["ovr-other"] == ("pending", None)
     assert rows["ovr-done"] == ("released", None)
-    assert rows["ovr-old"][0] == "expired" and "superseded" in str(rows["ovr-old"][1])
+    loser, ended = superseded
+    assert rows[loser][0] == ended and "superseded" in str(rows[loser][1])
     with pytest.raises(Exception, match="ux_overrides_live_fingerprint|UNIQUE constraint failed"):
         with database.begin() as conn:
-            conn.execute(text("UPDATE overrides SET status = 'pending' WHERE id = 'ovr-old'"))
+            conn.execute(text(f"UPDATE overrides SET status = 'pending' WHERE id = '{loser}'"))

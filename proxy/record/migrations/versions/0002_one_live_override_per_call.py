@@ -28,12 +28,22 @@ INDEX = "ux_overrides_live_fingerprint"
 
 
 def upgrade() -> None:
+    # Of a call's live requests, one stays live: a granted one before a pending one (a human's approval
+    # is never thrown away for a request nobody has decided yet), then the newest. A superseded grant
+    # ends as grant_expired, a superseded pending request as expired; the reason says why. (A migration
+    # cannot append to the audit chain, whose rows are written by the recorder: the reason is the trace.)
+    better = (
+        "SELECT 1 FROM overrides AS better WHERE better.fingerprint = overrides.fingerprint "
+        f"AND better.{LIVE} AND better.id <> overrides.id AND ("
+        "(better.status = 'granted' AND overrides.status = 'pending') OR (better.status = overrides.status "
+        "AND (better.created_at > overrides.created_at "
+        "OR (better.created_at = overrides.created_at AND better.id > overrides.id))))"
+    )
     op.execute(sa.text(
-        f"UPDATE overrides SET status = 'expired', version = version + 1, "
-        f"decided_reason = 'superseded: another live request for the same call was newer (schema upgrade 0002)' "
-        f"WHERE {LIVE} AND EXISTS (SELECT 1 FROM overrides AS newer WHERE newer.fingerprint = overrides.fingerprint "
-        f"AND newer.{LIVE} AND (newer.created_at > overrides.created_at "
-        f"OR (newer.created_at = overrides.created_at AND newer.id > overrides.id)))"
+        "UPDATE overrides SET version = version + 1, "
+        "status = CASE WHEN status = 'granted' THEN 'grant_expired' ELSE 'expired' END, "
+        "decided_reason = 'superseded: another live request for the same call was granted or newer "
+        f"(schema upgrade 0002)' WHERE {LIVE} AND EXISTS ({better})"
     ))
     op.create_index(INDEX, "overrides", ["fingerprint"], unique=True,
                     sqlite_where=sa.text(LIVE), postgresql_where=sa.text(LIVE))

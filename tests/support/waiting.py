@@ -1,0 +1,15 @@
+"""Waiting for what a test must observe, rather than sleeping for a guess of how long it takes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+def wait_until(predicate: Callable[[], object], what: str, timeout: float = 30.0) -> None:
+    """Poll until `predicate()` is truthy; fail naming `what` if it never becomes so within `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for: {what}")
+        time.sleep(0.02)
