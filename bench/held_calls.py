@@ -129,7 +129,7 @@ async def run(args) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="cedargate-held-"))
     writers: list[asyncio.StreamWriter] = []
     try:
-        load_upstream = po.start_upstream(procs)
+        load_upstream = po.start_upstream(procs, tmp).http_port
         proc, proxy_port, api_port, state_dir = start_cedargate(procs, tmp)
         loop = asyncio.get_running_loop()
         arrival_server = await loop.create_server(ArrivalServer, "127.0.0.1", 0, backlog=4096)
