@@ -8,15 +8,20 @@ same database reaches them here:
   dedicated connection LISTENing, on a thread of its own, and hands each id to `Holds.notify`; it
   reconnects with backoff, and after a reconnect wakes every hold (notifications sent while it was
   down are lost; a hold woken needlessly reads its request and waits on).
-- Every store, as the fallback for a lost notification (and on SQLite, the only way): a watcher reads,
-  in one query, which of the requests that holds wait on are no longer pending, and wakes those holds.
-  A hold waits only while its request is pending, so any other status is news to it; no per-hold state
-  is kept, so no change can be missed between a hold's own read and the watcher's. On SQLite the query
-  runs only when `PRAGMA data_version` says another connection committed (a read of a counter in
-  shared memory, no I/O), checked every `SQLITE_INTERVAL`; on PostgreSQL every `FALLBACK_INTERVAL`.
+- Every store, as the fallback for a lost notification (and on SQLite, the only way): a watcher reads
+  the audit log as a change feed. Every state change of a request chains an event naming it, in the
+  transaction that makes the change, and appends are serialized by the chain's head, so a row's seq
+  orders it after every commit before it: the watcher reads the ids named by the rows appended since
+  its last look (a range of the log's primary key) and wakes the holds waiting on them. Its cost is the
+  rows appended meanwhile, not the number of calls held (reading every held request's status, as a
+  first version did, cost a query with 10,000 parameters 20 times a second at 10,000 held calls). A
+  hold reads its request after it subscribed, and the watcher wakes the holds subscribed when it reads,
+  so no change falls between the two. On SQLite the watcher looks only when `PRAGMA data_version` says
+  another connection committed (a read of a counter in shared memory, no I/O), checked every
+  `SQLITE_INTERVAL`; on PostgreSQL every `FALLBACK_INTERVAL`.
 
-Nothing runs a query while no call is held. The channel is named after the schema, so cedargates in
-two schemas of one database do not wake each other's holds.
+The channel is named after the schema, so cedargates in two schemas of one database do not wake each
+other's holds.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import bindparam, text
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.engine import Engine as SAEngine
 from sqlalchemy.pool import PoolProxiedConnection
@@ -49,8 +54,9 @@ RECONNECT_BACKOFF = (0.5, 30.0)
 # The channel's name: from the schema, hashed to fit PostgreSQL's 63-byte identifiers.
 _CHANNEL = "'cedargate_overrides_' || left(md5(coalesce(current_schema(), '')), 16)"
 _ANNOUNCE = text(f"SELECT pg_notify({_CHANNEL}, :override_id)")
-_DECIDED = text("SELECT id FROM overrides WHERE id IN :ids AND status <> 'pending'").bindparams(
-    bindparam("ids", expanding=True))
+_LAST = text("SELECT coalesce(max(seq), 0) FROM audit_log")
+_CHANGED = text("SELECT DISTINCT override_id FROM audit_log WHERE seq > :after AND seq <= :upto"
+                " AND override_id IS NOT NULL")
 
 
 def announce(conn: Connection, override_id: str) -> None:
@@ -91,21 +97,33 @@ class Wakeups:
     def _watch(self) -> None:
         interval = FALLBACK_INTERVAL if self.postgresql else SQLITE_INTERVAL
         changes = None if self.postgresql else _DataVersion(self.engine)
+        after = self._last_seq()  # the log's last seq seen: taken at the start, before any call is held
         try:
             while not self._stop.wait(interval):
-                waiting = self.holds.waiting()
-                if not waiting:
-                    continue
                 try:
                     if changes is not None and not changes.changed():
                         continue
                     with self.engine.connect() as conn:
-                        self._wake(conn.execute(_DECIDED, {"ids": sorted(waiting)}).scalars().all())
+                        upto = int(conn.execute(_LAST).scalar_one())
+                        if after is None or upto < after:  # the store was down at the start, or restored
+                            changed: Iterable[str] = self.holds.waiting()  # what may have changed before
+                        else:
+                            changed = conn.execute(_CHANGED, {"after": after, "upto": upto}).scalars().all()
+                    after = upto
+                    self._wake(set(changed) & self.holds.waiting())
                 except Exception as exc:  # the store is down: the holds keep waiting, and this keeps looking
-                    log.debug("could not read the held calls' override requests: %s", exc)
+                    log.debug("could not read the audit log for held calls' requests: %s", exc)
         finally:
             if changes is not None:
                 changes.close()
+
+    def _last_seq(self) -> int | None:
+        try:
+            with self.engine.connect() as conn:
+                return int(conn.execute(_LAST).scalar_one())
+        except Exception as exc:  # the store is down: the first look that succeeds wakes every hold
+            log.debug("could not read the audit log's last seq: %s", exc)
+            return None
 
     def _wake(self, override_ids: Iterable[str]) -> None:
         for override_id in override_ids:

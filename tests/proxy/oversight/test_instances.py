@@ -4,7 +4,7 @@ when its released call never reached the upstream.
 
 Each instance here is what a `cedargate run` process builds: its own engine (its own connections), its
 recorder, override store, holds and wake-ups; they share only the database, a SQLite file or a
-PostgreSQL schema. (The e2e tests, tests/e2e/test_instances.py, run the same with real processes.)
+PostgreSQL schema. (The e2e tests, tests/e2e/test_several_instances.py, run the same with real processes.)
 """
 
 from __future__ import annotations
