@@ -6,6 +6,7 @@ event data, a real `Runtime` with `passthrough_hosts`, and the audit log read ba
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import ssl
@@ -70,7 +71,7 @@ def test_a_listed_connect_with_its_own_sni_is_passed_through_and_recorded(passth
         connect.metadata["cedargate.agent"] = AGENT
         addon.http_connected(connect)
         data = hello_in_tunnel(tctx, ("pinned.example", 443), "pinned.example", client=connect.client_conn)
-        addon.tls_clienthello(data)
+        asyncio.run(addon.tls_clienthello(data))
     assert data.ignore_connection
     [event] = passthrough_events(passthrough_runtime)
     assert event["agent"] == AGENT
@@ -88,7 +89,7 @@ def test_anything_else_is_intercepted_and_not_recorded_as_passed_through(passthr
     addon = Passthrough(lambda: passthrough_runtime)
     with taddons.context(addon) as tctx:
         data = hello_in_tunnel(tctx, address, server_name)
-        addon.tls_clienthello(data)
+        asyncio.run(addon.tls_clienthello(data))
     assert not data.ignore_connection
     assert passthrough_events(passthrough_runtime) == []
 
@@ -97,7 +98,7 @@ def test_a_listed_address_without_sni_is_passed_through(passthrough_runtime):
     addon = Passthrough(lambda: passthrough_runtime)
     with taddons.context(addon) as tctx:
         data = hello_in_tunnel(tctx, ("10.0.0.5", 443), None)
-        addon.tls_clienthello(data)
+        asyncio.run(addon.tls_clienthello(data))
     assert data.ignore_connection
 
 
@@ -105,7 +106,7 @@ def test_nothing_is_passed_through_before_the_core_runs():
     addon = Passthrough(lambda: None)
     with taddons.context(addon) as tctx:
         data = hello_in_tunnel(tctx, ("pinned.example", 443), "pinned.example")
-        addon.tls_clienthello(data)
+        asyncio.run(addon.tls_clienthello(data))
     assert not data.ignore_connection
 
 
