@@ -131,6 +131,7 @@ class Oversight:
         try:
             override = await self._open(verdict, justification)
             while True:
+                self._log_hold(verdict, override, deadline - time.monotonic())
                 with self.holds.watching(override.id) as woken:
                     outcome = await self._hold(verdict, override, deadline, woken, client_alive)
                 if outcome is not None:
@@ -139,6 +140,13 @@ class Oversight:
                 override = await self._open(verdict, justification)
         except OverrideRefused as refused:
             return self._not_opened(verdict, refused)
+
+    def _log_hold(self, verdict: Verdict, override: Override, wait: float) -> None:
+        # Said when the hold starts, so an operator watching a call that seems to hang can look the
+        # request up (and a reviewer be pointed at it) while it is still held, not only once it ends.
+        log.info("holding %s %s for %s under override %s (%s, up to %.0f s)", printable(verdict.call.method),
+                 self.gate.shown_url(verdict.call.url), verdict.call.agent, override.id, override.status,
+                 max(0.0, wait))
 
     def _not_opened(self, verdict: Verdict, refused: OverrideRefused) -> Resolution:
         """Refuse a call for which no override request may be opened; record why."""

@@ -16,7 +16,8 @@ process's insert fail, and `open_or_attach` then attaches the call to the reques
 Opening is where floods are stopped (see `proxy.oversight.limits`): a body too large to show a reviewer whole,
 an agent with too many requests pending, or one opening them too fast gets `OverrideRefused` and
 nothing is stored. What is stored of the call has its query secrets redacted (`proxy.calls.redaction`);
-the fingerprint, which a grant binds to, is of the call exactly as sent.
+the fingerprint, which a grant binds to, is of the call as sent, less the headers that only say how to
+answer or what the agent intends (`Prefer`, `X-Agent-*`: see `fingerprint`).
 """
 
 from __future__ import annotations
@@ -145,14 +146,36 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-a
 MCP_SESSION_HEADERS = frozenset({"mcp-session-id", "last-event-id"})
 
 
+def _is_about_answering(name: str) -> bool:
+    # How to answer (`Prefer: respond-async`, `wait=N`) and what the agent says of its intent
+    # (`X-Agent-Justification`, `-Confidence`, `-Session`) do not change what the server does: a retry
+    # that changes only these is the same request, not a new one a human must decide again. A grant is
+    # still safe to release for it: at release the call as sent now is decided again (its X-Agent-*
+    # statements included), and released only if policy still allows it with the granted forbids lifted.
+    return name == "prefer" or name.startswith("x-agent-")
+
+
 def fingerprint(call: Call, binding: bytes | None = None) -> str:
-    """Same agent, method, normalized URL, body and end-to-end headers => same fingerprint.
+    """Same agent, method, normalized URL, body and the headers that change what the server does =>
+    same fingerprint. Hop-by-hop headers, `Prefer` and `X-Agent-*` are not part of it.
 
     `binding` stands in for the body when the body holds more than what the call does: an MCP message's
     JSON-RPC id and session differ on every retry of the same tool call (see `proxy.calls.mcp`).
     """
+    return _fingerprint(call, binding, _is_about_answering)
+
+
+def fingerprints(call: Call, binding: bytes | None = None) -> tuple[str, ...]:
+    """The call's fingerprint, then the one releases before 2026-12 stored for it (which bound `Prefer`
+    and `X-Agent-*` too) where that differs: requests opened before an upgrade are still found."""
+    current, previous = fingerprint(call, binding), _fingerprint(call, binding, lambda name: False)
+    return (current,) if previous == current else (current, previous)
+
+
+def _fingerprint(call: Call, binding: bytes | None, unbound: Callable[[str], bool]) -> str:
     skip = HOP_BY_HOP | MCP_SESSION_HEADERS if binding is not None else HOP_BY_HOP
-    headers = sorted((k.lower(), v) for k, v in call.headers.items() if k.lower() not in skip)
+    headers = sorted((k.lower(), v) for k, v in call.headers.items()
+                     if k.lower() not in skip and not unbound(k.lower()))
     parts = {
         "agent": call.agent,
         "method": call.method.upper(),
@@ -224,12 +247,12 @@ class OverrideStore:
                     binding=binding, session=own, lapsed=lapsed)
                 own.commit()
                 return opened
-        print_ = fingerprint(call, binding)
+        prints = fingerprints(call, binding)
         now = utcnow()
         # The lock is held until the commit: by the caller above, or by the recorder's writer thread,
         # which runs one transaction at a time.
         with self._open_lock:
-            live = self._live(session, print_)
+            live = self._live(session, prints)
             if live and _still_live(live, now):
                 return live, False
             if live is not None:
@@ -242,7 +265,7 @@ class OverrideStore:
             if isinstance(cedar_request.get("context"), dict):
                 shown_request["context"] = self.redaction.context(cedar_request["context"], call.query)
             override = Override(
-                id=str(uuid.uuid4()), fingerprint=print_, status=OverrideStatus.PENDING.value,
+                id=str(uuid.uuid4()), fingerprint=prints[0], status=OverrideStatus.PENDING.value,
                 agent=call.agent, method=call.method.upper(), url=self.redaction.url(call.url),
                 host=canonical_host(call.host),
                 path=call.path, action=cedar_request["action"], resource=cedar_request["resource"],
@@ -258,7 +281,7 @@ class OverrideStore:
                     session.add(override)
             except IntegrityError:
                 # Another process opened a live request for this call meanwhile: the call joins it.
-                other = self._live(session, print_)
+                other = self._live(session, prints)
                 if other is None:
                     raise
                 return other, False
@@ -267,9 +290,9 @@ class OverrideStore:
             return override, True
 
     @staticmethod
-    def _live(session: Session, print_: str) -> Override | None:
+    def _live(session: Session, prints: tuple[str, ...]) -> Override | None:
         return session.exec(
-            select(Override).where(Override.fingerprint == print_,
+            select(Override).where(col(Override.fingerprint).in_(prints),
                                   col(Override.status).in_([status.value for status in LIVE]))
             .order_by(col(Override.created_at).desc())
         ).first()
@@ -279,7 +302,7 @@ class OverrideStore:
         with Session(self.engine, expire_on_commit=False) as session:
             return session.exec(
                 select(Override).where(
-                    Override.fingerprint == fingerprint(call, binding),
+                    col(Override.fingerprint).in_(fingerprints(call, binding)),
                     Override.status == OverrideStatus.GRANTED.value,
                     col(Override.grant_expires_at) > utcnow(),
                 ).order_by(col(Override.created_at).desc())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -193,6 +194,33 @@ def test_a_held_call_is_released_once_when_approved(runtime: Runtime):
     assert {created["decision_id"], released["decision_id"]} == {verdict.decision_id}
     assert json.loads(released["payload"])["policy_revision"] == runtime.engine.status.revision
     assert [e["kind"] for e in events(runtime, again.override_id)] == ["override_created"]
+
+
+def test_the_override_id_is_logged_when_the_hold_starts(runtime: Runtime, caplog: pytest.LogCaptureFixture):
+    caplog.set_level(logging.INFO, logger="proxy.oversight.held_calls")
+    logged_while_held: list[str] = []
+
+    class Operator(Reviewer):
+        """Looks for the request's id in the log while the call is still held, then approves it."""
+
+        def run(self) -> None:
+            try:
+                store = self.runtime.overrides
+                wait_until(lambda: store.list(status="pending"), "a pending override request", timeout=10)
+                [override] = store.list(status="pending")
+                wait_until(lambda: any(override.id in r.getMessage() and "holding" in r.getMessage()
+                                       for r in caplog.records), "the hold's log line", timeout=10)
+                logged_while_held.append(override.id)
+            except BaseException as exc:
+                self.error = exc
+                return
+            super().run()
+
+    operator = Operator(runtime, "approve")
+    operator.start()
+    resolution = resolve(runtime, stop_verdict(runtime), 10)
+    override_id = operator.finish()
+    assert resolution.release and logged_while_held == [override_id]
 
 
 def test_a_held_call_denied_gets_the_reviewers_reason(runtime: Runtime):

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from proxy_support import make_call
+from sqlalchemy import text
 
 from proxy.calls.mapping import Call
 from proxy.cedar.escalation import Escalation, Requirement
@@ -27,6 +28,7 @@ from proxy.oversight.overrides import (
     OverrideError,
     OverrideStore,
     fingerprint,
+    fingerprints,
 )
 from proxy.oversight.workflow import OverrideWorkflow
 from proxy.record.store import Recorder, make_engine
@@ -154,10 +156,37 @@ def test_the_fingerprint_ignores_host_spelling_and_hop_headers_but_binds_the_res
     for headers in ({"Content-Type": "application/json", "Authorization": "Bearer other"},
                     {"Content-Type": "application/json"},
                     {"Content-Type": "application/json", "Authorization": "Bearer agent-token",
-                     "X-HTTP-Method-Override": "DELETE"},
-                    {"Content-Type": "application/json", "Authorization": "Bearer agent-token",
-                     "X-Agent-Confidence": "0.1"}):
+                     "X-HTTP-Method-Override": "DELETE"}):
         assert fingerprint(stop_call(headers=headers)) != fingerprint(stop_call())
+
+
+def test_a_retry_that_changes_only_how_to_answer_or_what_the_agent_says_joins_the_request(
+        store: OverrideStore):
+    first, _ = open_request(store, stop_call(headers={
+        "Content-Type": "application/json", "Authorization": "Bearer agent-token", "Prefer": "wait=30",
+        "X-Agent-Justification": "instance is wedged", "X-Agent-Confidence": "0.9"}))
+    for said in ({"Prefer": "respond-async"}, {"X-Agent-Justification": "it is still wedged"},
+                 {"X-Agent-Confidence": "0.1", "X-Agent-Session": "s-2"}, {}):
+        retry = stop_call(headers={"Content-Type": "application/json", "Authorization": "Bearer agent-token",
+                                   **said})
+        joined, created = open_request(store, retry)
+        assert (joined.id, created) == (first.id, False)
+    assert len(store.list()) == 1
+
+
+def test_a_live_request_stored_under_the_previous_fingerprint_is_still_found(store: OverrideStore):
+    """An upgrade loses nothing: a request opened by the previous release, whose fingerprint bound
+    `Prefer` and `X-Agent-*`, still takes the identical call's retry, and its grant is still found."""
+    call = stop_call(headers={"Content-Type": "application/json", "Authorization": "Bearer agent-token",
+                              "Prefer": "respond-async", "X-Agent-Justification": "wedged"})
+    current, previous = fingerprints(call)
+    assert current == fingerprint(call) and previous != current
+    first, _ = open_request(store, call)
+    with store.engine.begin() as conn:  # as the previous release stored it
+        conn.execute(text("UPDATE overrides SET fingerprint = :fp WHERE id = :id"), {"fp": previous, "id": first.id})
+    joined, created = open_request(store, call)
+    assert (joined.id, created) == (first.id, False)
+    assert fingerprints(stop_call()) == (fingerprint(stop_call()),)  # nothing to say: one fingerprint
 
 
 @pytest.mark.parametrize(
