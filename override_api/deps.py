@@ -1,23 +1,45 @@
-"""FastAPI dependencies: the running core, and the approver behind a bearer token."""
+"""FastAPI dependencies: the running core, and the approver behind a bearer token or a session cookie.
+
+Scripts and the CLI send `Authorization: Bearer <approver token>`. The review page signs in once
+(`routes/session.py`) and then sends the session cookie, which a browser attaches to requests that
+other sites make it send, so every change made with the cookie must also prove it comes from the page:
+the session's CSRF token in `X-CSRF-Token`, and, where the browser says where the request came from
+(`Origin`, `Sec-Fetch-Site`), this origin. A bearer token is never sent by a browser on its own, so
+requests that carry one need none of that.
+"""
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 
+from proxy.oversight.reviewer_sessions import ReviewerSessions, SignedIn
 from proxy.runtime import Runtime
+
+SESSION_COOKIE = "cedargate_session"
+CSRF_HEADER = "X-CSRF-Token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def get_runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+def get_sessions(request: Request) -> ReviewerSessions:
+    return request.app.state.sessions
+
 
 _bearer = HTTPBearer(auto_error=False, description="An approver's token (see `approvers` in the config)")
+_cookie = APIKeyCookie(name=SESSION_COOKIE, auto_error=False,
+                       description="The review page's session, from POST /session (changes also need X-CSRF-Token)")
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+SessionsDep = Annotated[ReviewerSessions, Depends(get_sessions)]
+SessionCookie = Annotated[str | None, Depends(_cookie)]
 
 
 @dataclass(frozen=True)
@@ -26,18 +48,55 @@ class Approver:
     roles: frozenset[str]
 
 
+def session_of(runtime: Runtime, sessions: ReviewerSessions, token: str) -> SignedIn | None:
+    """The live session of a cookie's token, if its approver may still sign in with the token they used."""
+    return sessions.find(token, runtime.approvers.holds)
+
+
 def current_approver(
-    runtime: RuntimeDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+    request: Request, runtime: RuntimeDep, sessions: SessionsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)], cookie: SessionCookie,
 ) -> Approver:
-    if credentials is None:
-        raise HTTPException(401, detail="send an approver token: Authorization: Bearer <token>",
-                            headers={"WWW-Authenticate": "Bearer"})
-    approver = runtime.approvers.identify(credentials.credentials)
-    if approver is None:
-        if runtime.agents.identify(credentials.credentials):
-            raise HTTPException(403, detail="agent credentials cannot review overrides")
-        raise HTTPException(401, detail="unknown approver token", headers={"WWW-Authenticate": "Bearer"})
-    return Approver(approver, runtime.roles_of(approver))
+    if credentials is not None:
+        approver = runtime.approvers.identify(credentials.credentials)
+        if approver is None:
+            if runtime.agents.identify(credentials.credentials):
+                raise HTTPException(403, detail="agent credentials cannot review overrides")
+            raise HTTPException(401, detail="unknown approver token", headers={"WWW-Authenticate": "Bearer"})
+        return Approver(approver, runtime.roles_of(approver))
+    if cookie is not None:
+        signed_in = session_of(runtime, sessions, cookie)
+        if signed_in is None:
+            raise HTTPException(401, detail="your session has ended (signed out, idle or too old): sign in again",
+                                headers={"WWW-Authenticate": "Bearer"})
+        if request.method not in SAFE_METHODS:
+            check_same_origin(request)
+            check_csrf(request, signed_in)
+        return Approver(signed_in.approver, runtime.roles_of(signed_in.approver))
+    raise HTTPException(401, detail="send an approver token: Authorization: Bearer <token> (or sign in at /inbox)",
+                        headers={"WWW-Authenticate": "Bearer"})
+
+
+def check_same_origin(request: Request) -> None:
+    """Refuse a request the browser says another site made (where it says so: older browsers may not)."""
+    site = request.headers.get("sec-fetch-site")
+    if site is not None and site != "same-origin":
+        raise HTTPException(403, detail=f"refused a change requested from another site (Sec-Fetch-Site: {site})")
+    origin = request.headers.get("origin")
+    if origin is not None and origin != own_origin(request):
+        raise HTTPException(403, detail="refused a change requested from another origin: "
+                                        f"Origin {origin} is not {own_origin(request)}")
+
+
+def check_csrf(request: Request, signed_in: SignedIn) -> None:
+    sent = request.headers.get(CSRF_HEADER, "")
+    if not sent or not hmac.compare_digest(sent, signed_in.csrf_token):
+        raise HTTPException(403, detail=f"missing or wrong {CSRF_HEADER}: a change made with the session cookie "
+                                        "must carry the session's CSRF token (GET /session gives it)")
+
+
+def own_origin(request: Request) -> str:
+    return f"{request.url.scheme}://{request.headers.get('host', '')}"
 
 
 CurrentApprover = Annotated[Approver, Depends(current_approver)]

@@ -1,17 +1,30 @@
-"""Builds the override API's FastAPI app around a running cedargate core; errors are problem+json."""
+"""Builds the override API's FastAPI app around a running cedargate core; errors are problem+json.
+
+Besides the JSON API it serves the review page (`routes/pages.py`, files in `static/`) with its sign-in
+(`routes/session.py`), and Swagger UI at /docs from the assets of the `swagger-ui-py` package, so
+neither needs a CDN. Every answer carries the headers of `override_api.security`.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import swagger_ui
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from override_api.routes import health, overrides
+from override_api.routes import health, overrides, pages, session
+from override_api.security import SecurityHeaders
+from proxy.cedar.escalation import parse_duration
+from proxy.oversight.reviewer_sessions import ReviewerSessions, SignInThrottle
 from proxy.runtime import Runtime
 from proxy.vocabulary.problems import MEDIA_TYPE, http_problem
 
 PROBLEM = MEDIA_TYPE
+SWAGGER_UI = Path(swagger_ui.__file__).parent / "static"
 
 
 def create_app(runtime: Runtime) -> FastAPI:
@@ -19,10 +32,21 @@ def create_app(runtime: Runtime) -> FastAPI:
         title="cedargate override API",
         summary="Review held calls that policy denied, and grant a one-time exception or deny it.",
         version="0.1.0",
+        # Served by `routes/pages.py` from local files; FastAPI's own load Swagger UI and ReDoc from a CDN.
+        docs_url=None, redoc_url=None,
     )
     app.state.runtime = runtime
+    app.state.sessions = ReviewerSessions(
+        runtime.overrides.engine, idle=parse_duration(runtime.settings.review_session_idle),
+        absolute=parse_duration(runtime.settings.review_session_max_age))
+    app.state.sign_in_throttle = SignInThrottle()
+    app.add_middleware(SecurityHeaders)
     app.include_router(health.router)
     app.include_router(overrides.router)
+    app.include_router(session.router)
+    app.include_router(pages.router)
+    app.mount("/static/swagger-ui", StaticFiles(directory=SWAGGER_UI), name="swagger-ui")
+    app.mount("/static", StaticFiles(directory=pages.STATIC), name="static")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

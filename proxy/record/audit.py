@@ -65,6 +65,9 @@ class EventKind(StrEnum):
     # while the store fails, a row per refusal would only refill the space it needs to recover.
     STORE_REFUSALS = "store_refusals"
     GRANT_RESTORED = "grant_restored"  # a release that never reached the upstream: the grant is back
+    # A reviewer's browser session on the review page began or ended (sign-in, sign-out).
+    REVIEWER_SIGNED_IN = "reviewer_signed_in"
+    REVIEWER_SIGNED_OUT = "reviewer_signed_out"
 
 
 class AuditEntry(SQLModel, table=True):

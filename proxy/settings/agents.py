@@ -54,6 +54,11 @@ class AgentDirectory:
                 return holder
         return None
 
+    def holds(self, agent_id: str, token_sha256: str) -> bool:
+        """Whether `agent_id` still has the token of this hash (a rotated or removed one does not)."""
+        expected = self._hashes.get(agent_id)
+        return expected is not None and hmac.compare_digest(token_sha256, expected)
+
     def verify(self, agent_id: str, token: str) -> bool:
         expected = self._hashes.get(agent_id)
         # Compare against a dummy for unknown agents too, so timing does not reveal which ids exist.

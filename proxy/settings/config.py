@@ -70,6 +70,10 @@ class Settings(_Strict):
     hold_max_wait: float = Field(55.0, ge=0, description="longest a held call waits for a human, seconds")
     override_expiry: str = Field("1h", description="default time a pending override request stays open")
     grant_ttl: str = Field("10m", description="time an unused grant stays valid")
+    review_session_idle: str = Field(
+        "30m", description="a reviewer's signed-in browser session ends when unused this long")
+    review_session_max_age: str = Field(
+        "12h", description="a reviewer's browser session ends this long after sign-in, however much it is used")
     context_headers: tuple[str, ...] = ("content-type", "user-agent", "accept")
     max_body_bytes: int = Field(
         64 * 1024, ge=0,
@@ -179,7 +183,7 @@ class Settings(_Strict):
                 raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
         return patterns
 
-    @field_validator("override_expiry", "grant_ttl")
+    @field_validator("override_expiry", "grant_ttl", "review_session_idle", "review_session_max_age")
     @classmethod
     def _duration(cls, value: str) -> str:
         from proxy.cedar.escalation import parse_duration

@@ -13,14 +13,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from alembic import command
 from sqlalchemy import Column, Integer, MetaData, String, Table, inspect, text
 from sqlalchemy.engine import Engine as SAEngine
 from sqlmodel import SQLModel
 
 from proxy.oversight.overrides import OverrideStore, OverrideVote
+from proxy.oversight.reviewer_sessions import ReviewerSessions
 from proxy.record import audit
 from proxy.record.migrations import (
     MigrationError,
+    alembic_config,
     baseline_schema,
     current_revision,
     head_revision,
@@ -441,3 +444,33 @@ def test_live_requests_for_one_call_opened_before_the_unique_index_keep_one_live
     with pytest.raises(Exception, match="ux_overrides_live_fingerprint|UNIQUE constraint failed"):
         with database.begin() as conn:
             conn.execute(text(f"UPDATE overrides SET status = 'pending' WHERE id = '{loser}'"))
+
+
+def test_a_0002_database_upgrades_to_reviewer_sessions_keeping_its_rows(database: SAEngine):
+    """Revision 0003 adds the reviewers' sessions table to a database in use: its overrides, votes and
+    audit chain stay as they were, and sessions can be opened at once."""
+    make_0_1_0_database(database)
+    add_0_1_0_rows(database)
+    migrate_to(database, "0002")
+    assert "reviewer_sessions" not in inspect(database).get_table_names()
+
+    migrate(database)
+    assert version_rows(database) == [head_revision()]
+    with database.connect() as conn:
+        assert schema_differences(conn, _models()) == []
+        rows = [tuple(r) for r in conn.execute(text(
+            "SELECT o.id, o.status, v.approver, v.reason FROM overrides o JOIN override_votes v"
+            " ON v.override_id = o.id"))]
+    assert rows == [("ovr-old", "pending", "alice", "ticket 12")]
+    assert audit.verify(database).ok
+    sessions = ReviewerSessions(database, idle=60, absolute=3600)
+    signed_in = sessions.start("alice", "c" * 64)
+    found = sessions.find(signed_in.token, lambda approver, credential: True)
+    assert found is not None and found.approver == "alice"
+
+
+def migrate_to(engine: SAEngine, revision: str) -> None:
+    """A 0.1.0 database as the release whose newest revision was `revision` left it."""
+    with engine.connect() as conn, conn.begin():
+        command.stamp(alembic_config(conn), "0001")
+        command.upgrade(alembic_config(conn), revision)
