@@ -48,6 +48,7 @@ from proxy.calls.tunnels import authority_of
 from proxy.decision.decisions import Answer, Decision, decide_call
 from proxy.decision.gate import Outcome, Verdict
 from proxy.decision.upstream import CONNECT_TIMEOUT_MESSAGE, OWN_API_MESSAGE, classify
+from proxy.oversight.changes import CHANGED_HEADER, changed_names, mark_changed
 from proxy.oversight.held_calls import requested_wait
 from proxy.record.store import RECORD_TIMEOUT
 from proxy.runtime import Runtime
@@ -59,6 +60,8 @@ log = logging.getLogger(__name__)
 VERDICTS = "cedargate.verdicts"  # recorded and forwarded: their outcome is added when the upstream answers or fails
 MCP = "cedargate.mcp"
 RELEASED = "cedargate.released"  # decision id -> the override it was released under, should the call not go
+CHANGED = "cedargate.changed"  # decision id -> (changes, body) of a call released with a reviewer's changes
+CHANGED_IDS = "cedargate.changed_ids"  # JSON-RPC id (JSON text) -> changes, for the answer's _meta
 
 
 class Enforcer:
@@ -182,6 +185,15 @@ class Enforcer:
         if not await self._on_record(flow, answer.forwarded, committed):
             return
         flow.metadata[VERDICTS] = list(answer.forwarded)
+        changed = flow.metadata.get(CHANGED, {})
+        if changed:
+            # Released with a reviewer's changes: the changed call goes (its Content-Length set anew).
+            answer = answer.with_changes({decision_id: body for decision_id, (_, body) in changed.items()})
+            if answer.exchange is not None:
+                flow.metadata[CHANGED_IDS] = {
+                    json.dumps(message.id): changed[verdict.decision_id][0]
+                    for message, verdict in zip(answer.exchange.messages, answer.forwarded, strict=True)
+                    if verdict.decision_id in changed}
         if answer.body is not None:
             flow.request.set_content(answer.body)
         self._prepare_mcp(flow, answer.exchange)
@@ -241,7 +253,9 @@ class Enforcer:
         if resolution.release:
             if resolution.override_id is not None:
                 flow.metadata.setdefault(RELEASED, {})[verdict.decision_id] = resolution.override_id
-            return None  # allowed, or granted and released: forward the original call, once
+            if resolution.changes is not None and resolution.body is not None:
+                flow.metadata.setdefault(CHANGED, {})[verdict.decision_id] = (resolution.changes, resolution.body)
+            return None  # allowed, or granted and released: forward the call (as a reviewer changed it), once
         verdict = resolution.verdict
         why = ", ".join(p.policy_id for p in verdict.determining)
         if not why and verdict.problem is not None:  # a refusal always has its problem
@@ -281,6 +295,7 @@ class Enforcer:
         response = flow.response
         if response is None:
             return
+        _say_changed(flow)
         if response.status_code == 101:
             # A protocol switch (WebSocket) would relay messages no policy decides; the mapping refuses
             # upgrade requests, and an upstream switching unasked is cut off here.
@@ -336,6 +351,7 @@ class Enforcer:
             except Exception:
                 log.exception("cannot read the MCP answer to %s", self._shown(flow.request.pretty_url))
                 flow.response = unreadable_answer()
+        _say_changed(flow)
         self._finish_forwarded(flow, upstream_status)
 
     async def error(self, flow: http.HTTPFlow) -> None:
@@ -394,9 +410,20 @@ class Enforcer:
             response.set_content(checked.body)
 
     def _tool_filter(self, flow: http.HTTPFlow):
+        """What every MCP answer (or event) goes through: tool lists filtered, and a result answering a
+        message a reviewer changed marked with `_meta["cedargate/changes"]`."""
         call = call_of(flow, flow.metadata[AGENT])
         gate = self._core().gate
-        return lambda answer: filter_tool_list(answer, lambda names: gate.visible_tools(call, names))
+        changed = flow.metadata.get(CHANGED_IDS)
+
+        def rewrite(answer):
+            filtered = filter_tool_list(answer, lambda names: gate.visible_tools(call, names))
+            if not changed:
+                return filtered
+            marked = mark_changed(answer if filtered is None else filtered, changed)
+            return filtered if marked is None else marked
+
+        return rewrite
 
     def _finish_forwarded(self, flow: http.HTTPFlow, status: int | None) -> None:
         """Add the upstream's status to the record of what was forwarded, once it answered."""
@@ -411,6 +438,13 @@ class Enforcer:
             gate.outcome(verdict, refused=verdict)
         else:
             gate.finish(verdict, None)
+
+
+def _say_changed(flow: http.HTTPFlow) -> None:
+    """Tell the agent its call went as a reviewer changed it: `Cedargate-Changed` names the fields."""
+    changed = flow.metadata.get(CHANGED)
+    if changed and flow.response is not None:
+        flow.response.headers[CHANGED_HEADER] = changed_names(changes for changes, _ in changed.values())
 
 
 def call_of(flow: http.HTTPFlow, agent: str) -> Call:

@@ -67,7 +67,7 @@ class Runtime:
         gate = Gate(engine, recorder, mapping, default_expiry=parse_duration(settings.override_expiry),
                     protected=frozenset({(settings.api.host, settings.api.port)}), redaction=redaction)
         holds = Holds()
-        workflow = OverrideWorkflow(overrides, recorder, holds)
+        workflow = OverrideWorkflow(overrides, recorder, holds, gate)
         runtime = cls(
             settings, engine, recorder, gate, AgentDirectory(settings.agents),
             AgentDirectory(settings.approvers, kind="approver"),

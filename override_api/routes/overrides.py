@@ -4,19 +4,27 @@ An approver sees only the requests their roles can decide; another request is an
 not exist (404). An approver holding the auditor role (`auditor_role`, default "auditor") sees them
 all, and votes only where another of their roles is needed. The routes only translate: every vote is
 `OverrideWorkflow.vote`, which checks, records and wakes the held call.
+
+An approval may change the call's typed values (`"changes": {"amount": 50}`): the request shows which
+it has (`editable_fields`) and the changes its approvals agreed on (`changes`); a change that does not
+fit the call is answered 422, one the policies refuse or the earlier approvals disagree with 409, each
+as problem+json of cedargate's catalogue (`override-changes-*`).
 """
 
 from __future__ import annotations
 
 import json
 from datetime import datetime
+from typing import Any
 
 from fastapi import APIRouter, HTTPException, Query
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from override_api.deps import CurrentApprover, RuntimeDep
 from proxy.calls.mcp.binding import tool_call
 from proxy.oversight.overrides import Ballot, Override, OverrideError, OverrideStatus, can_decide
+from proxy.vocabulary.problems import MEDIA_TYPE, http_problem, problem_document
 
 router = APIRouter(prefix="/overrides", tags=["overrides"])
 
@@ -48,6 +56,12 @@ class ToolCallPublic(BaseModel):
     arguments: dict = Field(description="the tool's arguments as the agent sent them")
 
 
+class EditableFieldPublic(BaseModel):
+    name: str
+    type: str = Field(description="String, Long, Decimal or Bool: a change must be a JSON value of that type")
+    value: Any = Field(description="the value in the call as the agent sent it")
+
+
 class OverridePublic(OverrideSummary):
     tool: ToolCallPublic | None = Field(None, description="for an MCP tool call: which tool, with what")
     headers: dict[str, str]
@@ -64,10 +78,22 @@ class OverridePublic(OverrideSummary):
     grant_expires_at: datetime | None
     released_at: datetime | None
     votes: list[VotePublic]
+    editable_fields: list[EditableFieldPublic] = Field(
+        description="the call's values an approval may change (manifest body fields, MCP tool arguments)")
+    changes: dict[str, Any] | None = Field(
+        description="the values the approvals changed; what goes upstream is the call with them. "
+                    "None: approved (or to be approved) as sent")
 
 
 class Review(BaseModel):
     reason: str = Field(min_length=1, max_length=2000, description="why; shown to the agent and kept in the record")
+
+
+class Approval(Review):
+    changes: dict[str, Any] | None = Field(
+        None, description='values to change in the call before it goes, e.g. {"amount": 50}; each must be one '
+                          "of the request's editable_fields, with a value of its type. Every approval of a "
+                          "request must bring the same changes.")
 
 
 def _summary_fields(o: Override) -> dict:
@@ -92,6 +118,8 @@ def _public(runtime, o: Override) -> OverridePublic:
         grant_expires_at=o.grant_expires_at, released_at=o.released_at,
         votes=[VotePublic(approver=v.approver, roles=sorted(v.roles), verdict=v.verdict, reason=v.reason, at=v.at)
                for v in votes],
+        editable_fields=[EditableFieldPublic(**f.as_dict()) for f in runtime.workflow.editable_fields(o)],
+        changes=json.loads(o.changes) if o.changes else None,
     )
 
 
@@ -116,20 +144,36 @@ def show_override(override_id: str, runtime: RuntimeDep, approver: CurrentApprov
     return _public(runtime, override)
 
 
-def _review(runtime, approver, override_id: str, ballot: Ballot, reason: str) -> OverridePublic:
+def _review(runtime, approver, override_id: str, ballot: Ballot, reason: str,
+            changes: dict[str, Any] | None = None) -> OverridePublic | JSONResponse:
     try:
-        override, _ = runtime.workflow.vote(override_id, approver.id, approver.roles, ballot, reason)
+        override, _ = runtime.workflow.vote(override_id, approver.id, approver.roles, ballot, reason, changes)
     except OverrideError as exc:
-        raise HTTPException(exc.status, detail=exc.detail) from exc
+        if exc.problem is None and not exc.more:
+            raise HTTPException(exc.status, detail=exc.detail) from exc
+        body = (http_problem(exc.status, exc.detail, **exc.more) if exc.problem is None
+                else problem_document(exc.problem, exc.status, exc.detail, **exc.more))
+        return JSONResponse(body, exc.status, media_type=MEDIA_TYPE)
     return _public(runtime, override)
 
 
-@router.post("/{override_id}/approve", response_model=OverridePublic,
-             summary="Approve: once every required approval is in, the exact call is released once")
-def approve(override_id: str, review: Review, runtime: RuntimeDep, approver: CurrentApprover) -> OverridePublic:
-    return _review(runtime, approver, override_id, Ballot.APPROVE, review.reason)
+_CHANGE_PROBLEMS: dict[int | str, dict[str, Any]] = {
+    422: {"description": "the changes name a field the call does not have, or a value of the wrong type "
+                         "(problem override-changes-invalid, with `errors` and `editable_fields`)"},
+    409: {"description": "not pending; or the policies refuse the changed call (override-changes-refused, "
+                         "naming `policies`), or earlier approvals made other changes (override-changes-disagree)"},
+}
+
+
+@router.post("/{override_id}/approve", response_model=OverridePublic, responses=_CHANGE_PROBLEMS,
+             summary="Approve, as sent or with changes: once every required approval is in, the call is "
+                     "released once")
+def approve(override_id: str, review: Approval, runtime: RuntimeDep,
+            approver: CurrentApprover) -> OverridePublic | JSONResponse:
+    return _review(runtime, approver, override_id, Ballot.APPROVE, review.reason, review.changes)
 
 
 @router.post("/{override_id}/deny", response_model=OverridePublic, summary="Deny: final; the agent is told why")
-def deny(override_id: str, review: Review, runtime: RuntimeDep, approver: CurrentApprover) -> OverridePublic:
+def deny(override_id: str, review: Review, runtime: RuntimeDep,
+         approver: CurrentApprover) -> OverridePublic | JSONResponse:
     return _review(runtime, approver, override_id, Ballot.DENY, review.reason)

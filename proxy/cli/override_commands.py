@@ -17,6 +17,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
+from proxy.oversight.changes import value_from_text
 from proxy.vocabulary.printable import printable, printable_json
 
 TOKEN_ENV = "CEDARGATE_APPROVER_TOKEN"
@@ -39,6 +40,10 @@ def add_overrides_commands(subparsers: argparse._SubParsersAction[argparse.Argum
         parser = actions.add_parser(verb, help=f"{verb} a pending request")
         parser.add_argument("id")
         parser.add_argument("--reason", required=True, help="why; kept in the record and shown to the agent")
+        if verb == "approve":
+            parser.add_argument("--change", action="append", default=[], metavar="FIELD=VALUE",
+                                help="approve the call with this value changed (repeatable), e.g. --change amount=50; "
+                                     "`show` lists the request's editable_fields")
 
 
 def run_overrides_command(args: argparse.Namespace) -> int:
@@ -64,14 +69,37 @@ def run_overrides_command(args: argparse.Namespace) -> int:
         if ok:
             print(printable_json(body, indent=2))
     else:
-        ok, body = _call("POST", f"{base}/overrides/{args.id}/{command}", token, {"reason": args.reason})
+        payload: dict[str, Any] = {"reason": args.reason}
+        ok, body = True, None
+        if getattr(args, "change", None):
+            ok, body = _changes(base, args.id, token, args.change)
+            payload["changes"] = body
         if ok:
-            print(printable(f"{body['id']}: {body['status']}"))
+            ok, body = _call("POST", f"{base}/overrides/{args.id}/{command}", token, payload)
+        if ok:
+            changed = f" (changed: {json.dumps(body['changes'])})" if body.get("changes") else ""
+            print(printable(f"{body['id']}: {body['status']}{changed}"))
     if not ok:
         message = f"cedargate: {body.get('status')} {body.get('title')}: {body.get('detail')}"
         print(printable(message), file=sys.stderr)
         return 1
     return 0
+
+
+def _changes(base: str, override_id: str, token: str, pairs: list[str]) -> tuple[bool, Any]:
+    """`FIELD=VALUE` pairs as the approval's changes, each value typed as the request's field is."""
+    ok, shown = _call("GET", f"{base}/overrides/{override_id}", token)
+    if not ok:
+        return False, shown
+    kinds = {f["name"]: f["type"] for f in shown.get("editable_fields", [])}
+    changes: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not name:
+            return False, {"status": "-", "title": "bad --change",
+                           "detail": f"{pair!r}: write FIELD=VALUE, e.g. --change amount=50"}
+        changes[name.strip()] = value_from_text(text, kinds.get(name.strip()))
+    return True, changes
 
 
 def _call(method: str, url: str, token: str, payload: dict[str, Any] | None = None) -> tuple[bool, Any]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -42,6 +42,17 @@ class Answer:
     refusal: Verdict | None = None
     rpc: tuple[dict[str, Any], ...] = ()
     batch: bool = False
+
+    def with_changes(self, changed: Mapping[str, bytes]) -> Answer:
+        """The answer forwarding, for each forwarded verdict in `changed` (by decision id), that body in place
+        of its call's (or of its message, in a batch): a reviewer approved it with changes."""
+        if not any(v.decision_id in changed for v in self.forwarded):
+            return self
+        if self.exchange is None or not self.exchange.batch:
+            return replace(self, body=changed[self.forwarded[0].decision_id])
+        messages = [json.loads(changed[v.decision_id]) if v.decision_id in changed else m.raw
+                    for m, v in zip(self.exchange.messages, self.forwarded, strict=True)]
+        return replace(self, body=json.dumps(messages).encode())
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,11 @@ release because current policy now hard-denies it). A grant is consumed by exact
 
 At release the call is decided again under the current policies, by the same rule as any call: it goes
 only if it is still allowed, or still denied only by escalatable forbids the grant covers, with a permit
-beneath them. An agent's retry of a granted call that current policy hard-denies never reaches a hold;
-`refuse_grant` spends that grant as refused, so the agent (and the reviewer) learn why.
+beneath them. A grant with a reviewer's changes (`proxy.oversight.changes`) releases the call changed: it
+is the changed call that is decided again, and the `Resolution` carries its body and the changes for the
+adapter to send and tell the agent of.
+An agent's retry of a granted call that current policy hard-denies never reaches a hold; `refuse_grant`
+spends that grant as refused, so the agent (and the reviewer) learn why.
 A call for which no request may be opened (see `proxy.oversight.limits`) is refused at once, not held, and the
 refusal is recorded as an `override_refused` event.
 
@@ -37,10 +40,11 @@ from typing import Any
 from proxy.calls.mcp.binding import binding_of
 from proxy.decision.gate import Gate, Outcome, Verdict
 from proxy.decision.upstream import UpstreamFailure
+from proxy.oversight.changes import ChangeError
 from proxy.oversight.holds import wait_for_event
 from proxy.oversight.limits import OverrideRefused, Refusal
 from proxy.oversight.overrides import Override, OverrideStatus
-from proxy.oversight.workflow import OverrideWorkflow
+from proxy.oversight.workflow import OverrideWorkflow, release_refused
 from proxy.record.store import StoreUnavailable, is_store_failure
 from proxy.vocabulary.printable import printable
 from proxy.vocabulary.problems import Problem
@@ -64,6 +68,10 @@ class Resolution:
     release: bool
     verdict: Verdict  # for a refusal: the verdict to answer with
     override_id: str | None = None
+    # Released with a reviewer's changes (`proxy.oversight.changes`): what they are, and the body that
+    # goes upstream in place of the agent's.
+    changes: dict[str, Any] | None = None
+    body: bytes | None = None
 
 
 def requested_wait(prefer: str | None, maximum: float) -> float:
@@ -207,8 +215,16 @@ class Oversight:
             return await asyncio.to_thread(self._release, verdict, override)
         if status is OverrideStatus.RELEASED:
             if override.release_decision_id == verdict.decision_id:
-                # This call's own release, committed while the store's answer was lost: it goes.
-                return Resolution(True, verdict, override.id)
+                # This call's own release, committed while the store's answer was lost: it goes, as granted.
+                changes = json.loads(override.changes) if override.changes else None
+                if changes is None:
+                    return Resolution(True, verdict, override.id)
+                try:
+                    changed = self.workflow.changed_call(verdict.call, changes)
+                except ChangeError as exc:
+                    return self._refuse(verdict, override, Problem.RELEASE_REFUSED,
+                                        f"the override was granted with changes that no longer fit the call: {exc}")
+                return Resolution(True, verdict, override.id, changes, changed.body)
             return None  # an identical call used the grant: this one is a new decision
         if status is OverrideStatus.RELEASE_REFUSED:
             return self._refuse(verdict, override, Problem.RELEASE_REFUSED,
@@ -284,24 +300,36 @@ class Oversight:
         return await asyncio.to_thread(self._refuse_release, verdict, verdict, override, True)
 
     def _release(self, verdict: Verdict, override: Override) -> Resolution | None:
-        """Check the call against the current policies, then consume the grant; None if already consumed."""
-        recheck = self.gate.decide(verdict.call)
+        """Check the call (with the reviewers' changes, if any) against the current policies, then consume
+        the grant; None if already consumed."""
+        call, changes = verdict.call, json.loads(override.changes) if override.changes else None
+        if changes is not None:
+            try:
+                call = self.workflow.changed_call(verdict.call, changes)
+            except ChangeError as exc:
+                recheck = replace(verdict, outcome=Outcome.ERROR, problem=Problem.RELEASE_REFUSED,
+                                  detail=f"the changes it was granted with no longer fit the call: {exc}")
+                return self._refuse_release(verdict, recheck, override, False)
+        # The release decides the real call as it will go (changed): this check is the one that counts.
+        recheck = self.gate.decide(call)
         if recheck.problem is Problem.STORE_UNAVAILABLE:  # passing trouble: keep the grant, keep holding
             raise StoreUnavailable("the decision store cannot record the release now")
-        granted_for = {p["id"] for p in json.loads(override.policies)}
-        needs_more = recheck.outcome is Outcome.ESCALATE and not {
-            p.policy_id for p in recheck.determining} <= granted_for
-        if recheck.outcome in (Outcome.DENY, Outcome.ERROR) or needs_more:
+        if release_refused(recheck, override):
             # A hard deny now (no permit beneath any more, say), or policies that changed to need
             # approvals nobody gave: never release.
             return self._refuse_release(verdict, recheck, override, False)
-        if not self.workflow.release(override, decision_id=verdict.decision_id, payload={
-                "policy_revision": recheck.revision, "recheck": recheck.outcome.value,
-                "policies": [p.policy_id for p in recheck.determining]}):
+        payload: dict[str, Any] = {"policy_revision": recheck.revision, "recheck": recheck.outcome.value,
+                                   "policies": [p.policy_id for p in recheck.determining]}
+        if changes is not None:
+            payload["changes"] = changes
+        if not self.workflow.release(override, decision_id=verdict.decision_id, payload=payload):
             return None
-        log.info("released %s %s for %s under override %s", printable(verdict.call.method),
-                 self.gate.shown_url(verdict.call.url), verdict.call.agent, override.id)
-        return Resolution(True, verdict, override.id)
+        log.info("released %s %s for %s under override %s%s", printable(verdict.call.method),
+                 self.gate.shown_url(verdict.call.url), verdict.call.agent, override.id,
+                 f", changed ({', '.join(sorted(changes))})" if changes else "")
+        if changes is None:
+            return Resolution(True, verdict, override.id)
+        return Resolution(True, verdict, override.id, changes, call.body)
 
     def _refuse_release(self, verdict: Verdict, recheck: Verdict, override: Override,
                         only_if_spent: bool) -> Resolution | None:

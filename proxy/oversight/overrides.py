@@ -48,6 +48,7 @@ from proxy.record.migrations import migrate
 from proxy.record.store import WRITES, utcnow
 from proxy.vocabulary.canonical import Form, canonical
 from proxy.vocabulary.hosts import canonical_host
+from proxy.vocabulary.problems import Problem
 
 
 class OverrideStatus(str, Enum):
@@ -114,6 +115,9 @@ class Override(SQLModel, table=True):
     grant_expires_at: datetime | None = _moment(optional=True)
     released_at: datetime | None = _moment(optional=True)
     release_decision_id: str | None = None
+    # JSON: the values the approvers changed in the call ({"amount": 50}, see `proxy.oversight.changes`);
+    # None when it is approved as sent. Set by the first approval; the others must agree with it.
+    changes: str | None = None
 
 
 class OverrideVote(SQLModel, table=True):
@@ -130,12 +134,15 @@ class OverrideVote(SQLModel, table=True):
 
 
 class OverrideError(Exception):
-    """A reviewer's request that cannot be carried out; `status` is the HTTP status to answer with."""
+    """A reviewer's request that cannot be carried out; `status` is the HTTP status to answer with,
+    `problem` the catalogue's type for it (None: plain HTTP, `about:blank`), `more` further members."""
 
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(self, status: int, detail: str, problem: Problem | None = None, **more: Any) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
+        self.problem = problem
+        self.more = more
 
 
 # Headers that describe the hop, not the call: everything else is bound into the fingerprint, since

@@ -16,14 +16,23 @@ process at a time on PostgreSQL (an advisory lock); every process's holds hear o
 Vote rules: only a pending, unexpired request; never the agent's own identity; the voter must hold one
 of the roles the request needs; one vote per approver, never turned from approve to deny. A deny
 decides at once; approvals grant once `quorum_met` (the one quorum rule, in `proxy.cedar.escalation`).
+
+Approve with changes (`proxy.oversight.changes`): an approval may change the call's typed values. They
+are checked against the fields the call has (422 otherwise), and the changed call is decided by the
+current policies before the vote is taken (409, naming the policies, if they refuse it, or need
+approvals the request does not ask for); the first approval sets the request's changes and every later
+one must bring the same (409 otherwise), since the approvers must agree on what goes. At release the
+real call, changed, is decided again, and that is the check that counts (`proxy.oversight.held_calls`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
@@ -31,7 +40,9 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlmodel import Session
 
 from proxy.calls.mapping import Call
-from proxy.cedar.escalation import Escalation, quorum_met
+from proxy.cedar.escalation import Escalation, is_escalatable, quorum_met
+from proxy.decision.gate import Gate, Outcome, Verdict
+from proxy.oversight.changes import ChangeError, EditableField, apply_changes, check_changes, editable_fields
 from proxy.oversight.holds import Holds
 from proxy.oversight.overrides import (
     Ballot,
@@ -46,6 +57,7 @@ from proxy.oversight.overrides import (
 from proxy.oversight.wakeups import announce
 from proxy.record.audit import EventKind
 from proxy.record.store import AmbiguousCommit, Recorder, StoreUnavailable, utcnow
+from proxy.vocabulary.problems import Problem
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +71,11 @@ class _Conflict(Exception):
 class OverrideWorkflow:
     RETRIES = 20
 
-    def __init__(self, store: OverrideStore, recorder: Recorder, holds: Holds) -> None:
+    def __init__(self, store: OverrideStore, recorder: Recorder, holds: Holds, gate: Gate | None = None) -> None:
         self.store = store
         self.recorder = recorder
         self.holds = holds
+        self.gate = gate  # decides a changed call before an approval with changes is taken; None: none are
 
     # --- opening ----------------------------------------------------------------------------------
 
@@ -103,17 +116,28 @@ class OverrideWorkflow:
     # --- voting -----------------------------------------------------------------------------------
 
     def vote(self, override_id: str, approver: str, roles: frozenset[str], ballot: Ballot | str,
-             reason: str) -> tuple[Override, bool]:
+             reason: str, changes: Mapping[str, Any] | None = None) -> tuple[Override, bool]:
         """One approver's approve or deny, recorded as `approval`/`denial` (and `grant`/`denied` when it
-        decides the request); returns the request and whether this vote decided it.
+        decides the request); returns the request and whether this vote decided it. An approval may
+        bring `changes` to the call's values (see the module's docstring); an empty one is none.
 
         Raises `OverrideError` (with the HTTP status to answer) when the vote may not be cast.
         """
         ballot = Ballot(ballot)
+        changes = dict(changes) if changes else None
+        if changes is not None:
+            if ballot is not Ballot.APPROVE:
+                raise OverrideError(422, "only an approval can change the call; a denial refuses it as sent",
+                                    problem=Problem.OVERRIDE_CHANGES_INVALID)
+            current = self.store.get(override_id)
+            if current is None:
+                raise OverrideError(404, f"no override request {override_id}")
+            check_voter(current, approver, roles, utcnow())  # whether they may vote, before what they change
+            changes = self.check_changes(override_id, changes)
         for _ in range(self.RETRIES):
             try:
                 override, decided = self.recorder.transact(
-                    lambda conn: self._vote(conn, override_id, approver, roles, ballot, reason))
+                    lambda conn: self._vote(conn, override_id, approver, roles, ballot, reason, changes))
             except _Conflict:
                 continue  # a vote from another process moved it first: retry against the new state
             except (IntegrityError, OperationalError):
@@ -148,17 +172,23 @@ class OverrideWorkflow:
         return override, override.status != OverrideStatus.PENDING.value
 
     def _vote(self, conn: Connection, override_id: str, approver: str, roles: frozenset[str], ballot: Ballot,
-              reason: str) -> tuple[tuple[Override, bool], list[Event]]:
+              reason: str, changes: dict[str, Any] | None = None) -> tuple[tuple[Override, bool], list[Event]]:
         with _session(conn) as session:
             override = session.get(Override, override_id)
             if override is None:
                 raise OverrideError(404, f"no override request {override_id}")
             now = utcnow()
             check_voter(override, approver, roles, now)
+            values: dict[str, Any] = {}
+            if ballot is Ballot.APPROVE:
+                others = set(self.store.approvals(session, override_id)) - {approver}
+                if others:
+                    _check_agreement(override, others, changes)
+                else:  # the first approval says what is approved: the call as sent, or changed
+                    values["changes"] = None if changes is None else json.dumps(changes)
             prior = self.store.add_vote(session, override_id, approver, roles, ballot, reason, now)
             if prior is not None and prior.verdict != ballot.value:
                 raise OverrideError(409, f"{approver} already voted to {prior.verdict} this request")
-            values: dict[str, Any] = {}
             target: OverrideStatus | None = None
             if ballot is Ballot.DENY:
                 target = OverrideStatus.DENIED
@@ -175,12 +205,65 @@ class OverrideWorkflow:
                 announce(conn, override_id)
             session.refresh(override)
             session.expunge(override)
+        vote_payload: dict[str, Any] = {"reason": reason, "roles": sorted(roles)}
+        decided_payload: dict[str, Any] = {"reason": reason}
+        if ballot is Ballot.APPROVE and override.changes is not None:
+            vote_payload["changes"] = decided_payload["changes"] = json.loads(override.changes)
         events = [_event(EventKind.APPROVAL if ballot is Ballot.APPROVE else EventKind.DENIAL, override,
-                         actor=approver, payload={"reason": reason, "roles": sorted(roles)})]
+                         actor=approver, payload=vote_payload)]
         if target is not None:
             events.append(_event(EventKind.GRANT if target is OverrideStatus.GRANTED else EventKind.DENIED,
-                                 override, actor=approver, payload={"reason": reason}))
+                                 override, actor=approver, payload=decided_payload))
         return (override, target is not None), events
+
+    # --- approving with changes -------------------------------------------------------------------
+
+    def editable_fields(self, override: Override) -> list[EditableField]:
+        """The values of the request's call a reviewer may change, under the current action manifest."""
+        manifest = self.gate.engine.snapshot.bundle.manifest if self.gate is not None else None
+        return editable_fields(manifest, override.host, override.method, override.path, override.body)
+
+    def changed_call(self, call: Call, changes: Mapping[str, Any]) -> Call:
+        """The real call being released, with the request's changes; raises ChangeError when they no
+        longer fit it (the manifest changed meanwhile, say)."""
+        manifest = self.gate.engine.snapshot.bundle.manifest if self.gate is not None else None
+        fields = editable_fields(manifest, call.host, call.method, call.path, call.body)
+        return apply_changes(call, fields, check_changes(fields, changes))
+
+    def check_changes(self, override_id: str, changes: Mapping[str, Any]) -> dict[str, Any]:
+        """The changes, if they fit the request's call and current policy would let the changed call go
+        under the request's grant; raises `OverrideError` 422 (a field not editable, or mistyped) or 409
+        (the policies refuse the changed call, or would need approvals the request does not ask for).
+
+        A preview of the release's check, on the call as stored (its secrets redacted): the release
+        decides the real call, changed, again.
+        """
+        override = self.store.get(override_id)
+        if override is None:
+            raise OverrideError(404, f"no override request {override_id}")
+        if self.gate is None:
+            raise OverrideError(409, "this cedargate cannot check a changed call; approve it as sent or deny it")
+        fields = self.editable_fields(override)
+        try:
+            checked = check_changes(fields, changes)
+        except ChangeError as exc:
+            raise OverrideError(422, f"the changes do not fit this call: {exc}",
+                                problem=Problem.OVERRIDE_CHANGES_INVALID,
+                                errors=exc.errors, editable_fields=[f.as_dict() for f in fields]) from None
+        recheck = self.gate.decide(apply_changes(stored_call(override), fields, checked))
+        if recheck.problem is Problem.STORE_UNAVAILABLE:
+            raise OverrideError(503, "the decision store is unavailable; the vote was not recorded: retry in a "
+                                     "little while")
+        if release_refused(recheck, override):
+            # Named: the policies the request's approval does not lift (a forbid the grant covers is not why).
+            granted_for = {p["id"] for p in json.loads(override.policies)}
+            refusing = [p for p in recheck.determining if not (is_escalatable(p) and p.policy_id in granted_for)]
+            why = "; ".join(p.reason or p.policy_id for p in refusing) or recheck.detail
+            named = [p.policy_id for p in refusing]
+            raise OverrideError(
+                409, f"the policies refuse the changed call ({', '.join(named) or recheck.outcome.value}): {why}",
+                problem=Problem.OVERRIDE_CHANGES_REFUSED, policies=named, changes=checked)
+        return checked
 
     # --- releasing --------------------------------------------------------------------------------
 
@@ -267,6 +350,37 @@ _EXPIRY_EVENTS = {OverrideStatus.EXPIRED: EventKind.EXPIRED, OverrideStatus.GRAN
 # A transaction-level advisory lock, keyed by schema like the migration lock: held by one sweeping
 # process until its connection's transaction ends (the `with` in `expire_due`).
 _SWEEP_LOCK = text("SELECT pg_try_advisory_xact_lock(hashtext('cedargate-expiry:' || coalesce(current_schema(), '')))")
+
+
+def release_refused(recheck: Verdict, override: Override) -> bool:
+    """Whether a call decided again (at release, or changed by an approval) may not go under the
+    request's grant: a hard deny now (no permit beneath any more, say), or policies that need
+    approvals nobody gave."""
+    if recheck.outcome in (Outcome.DENY, Outcome.ERROR):
+        return True
+    granted_for = {p["id"] for p in json.loads(override.policies)}
+    return recheck.outcome is Outcome.ESCALATE and not {p.policy_id for p in recheck.determining} <= granted_for
+
+
+def stored_call(override: Override) -> Call:
+    """The request's call as stored for its reviewers (query secrets and secret headers redacted)."""
+    parts = urlsplit(override.url)
+    default = {"http": 80, "https": 443}.get(parts.scheme, 80)
+    return Call(agent=override.agent, method=override.method, scheme=parts.scheme, host=override.host,
+                port=parts.port or default, path=override.path, query=parts.query,
+                headers=json.loads(override.headers), body=override.body)
+
+
+def _check_agreement(override: Override, others: set[str], changes: dict[str, Any] | None) -> None:
+    """Raise 409 unless an approval brings the changes the request's earlier approvals agreed on."""
+    agreed = json.loads(override.changes) if override.changes else None
+    if agreed == changes:
+        return
+    who = ", ".join(sorted(others))
+    said = f"with the changes {json.dumps(agreed)}" if agreed is not None else "as sent, without changes"
+    raise OverrideError(409, f"{who} approved this request {said}; approvers must agree on what goes: "
+                             "approve it the same way, or deny it", problem=Problem.OVERRIDE_CHANGES_DISAGREE,
+                        changes=agreed)
 
 
 def check_voter(override: Override, approver: str, roles: frozenset[str], now: datetime) -> None:

@@ -68,6 +68,10 @@ class Problem(str, Enum):
     INTERNAL_ERROR = "internal-error"
     # Refused before any decision: the proxy is stopping, and takes no new call on a kept-alive connection.
     STOPPING = "proxy-stopping"
+    # A reviewer's approval with changes that cannot be taken (the override API; see proxy.oversight.changes).
+    OVERRIDE_CHANGES_INVALID = "override-changes-invalid"
+    OVERRIDE_CHANGES_REFUSED = "override-changes-refused"
+    OVERRIDE_CHANGES_DISAGREE = "override-changes-disagree"
 
     @property
     def uri(self) -> str:
@@ -160,6 +164,16 @@ CATALOGUE: dict[Problem, ProblemType] = {
                                         "Retry later; if it persists, tell an operator."),
     Problem.STOPPING: ProblemType("cedargate is stopping; the call was not forwarded", 503,
                                   "Retry the call on a new connection: another cedargate process takes it."),
+    # For a reviewer, not an agent: their approval with changes was not taken.
+    Problem.OVERRIDE_CHANGES_INVALID: ProblemType(
+        "The changes do not fit the call", 422,
+        "Change only the request's editable_fields, each with a value of its type, and approve again."),
+    Problem.OVERRIDE_CHANGES_REFUSED: ProblemType(
+        "The policies refuse the changed call", 409,
+        "Change the values so the policies named allow the call, approve it as sent, or deny it."),
+    Problem.OVERRIDE_CHANGES_DISAGREE: ProblemType(
+        "The approvers disagree on the changes", 409,
+        "Approve with the changes the earlier approvals made (see the request's changes), or deny it."),
 }
 
 

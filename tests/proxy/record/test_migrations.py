@@ -474,3 +474,25 @@ def migrate_to(engine: SAEngine, revision: str) -> None:
     with engine.connect() as conn, conn.begin():
         command.stamp(alembic_config(conn), "0001")
         command.upgrade(alembic_config(conn), revision)
+
+
+def test_a_database_at_0003_upgrades_to_override_changes_and_keeps_its_requests(database: SAEngine):
+    """Revision 0004 adds the changes an approval made: requests stored before it keep every value and
+    read as approved as sent (no changes); a changed approval is stored afterwards."""
+    make_0_1_0_database(database)
+    add_0_1_0_rows(database)
+    migrate_to(database, "0003")
+    assert current_revision(database) == "0003"
+    assert "changes" not in {c["name"] for c in inspect(database).get_columns("overrides")}
+
+    assert migrate(database) == head_revision()
+    with database.connect() as conn:
+        assert schema_differences(conn, _models()) == []
+    overrides = OverrideStore(database)
+    old = overrides.get("ovr-old")
+    assert old is not None and (old.status, old.body, old.changes) == ("pending", b'{"force": true}', None)
+    assert [v.approver for v in overrides.votes("ovr-old")] == ["alice"]
+    with database.begin() as conn:
+        conn.execute(text("UPDATE overrides SET changes = :changes WHERE id = 'ovr-old'"),
+                     {"changes": '{"force": false}'})
+    assert overrides.get("ovr-old").changes == '{"force": false}'  # type: ignore[union-attr]
