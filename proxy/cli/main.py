@@ -27,6 +27,7 @@ from proxy.settings.config import ConfigError, load_settings
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cedargate", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"cedargate {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="start the proxy and the override API")
@@ -75,6 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "schema":
         return _schema(args.policy_dir, args.stdout)
     return _hash(args.new)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cedargate")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
 
 
 def _run(args: argparse.Namespace) -> int:

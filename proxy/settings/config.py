@@ -67,7 +67,9 @@ class Settings(_Strict):
     database_url: str | None = None
     agents: dict[str, AgentCredential] = {}
     approvers: dict[str, ApproverCredential] = {}
-    hold_max_wait: float = Field(55.0, ge=0, description="longest a held call waits for a human, seconds")
+    hold_max_wait: float = Field(
+        55.0, ge=0, description="longest a held call waits for a human: a duration (55s, 2m) or seconds",
+    )
     override_expiry: str = Field("1h", description="default time a pending override request stays open")
     grant_ttl: str = Field("10m", description="time an unused grant stays valid")
     review_session_idle: str = Field(
@@ -182,6 +184,16 @@ class Settings(_Strict):
             except re.error as exc:
                 raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
         return patterns
+
+    @field_validator("hold_max_wait", mode="before")
+    @classmethod
+    def _seconds(cls, value: Any) -> Any:
+        # Written like the other durations in the file ("55s", "2m"); a bare number is seconds, as before.
+        if isinstance(value, str) and not value.strip().replace(".", "", 1).isdigit():
+            from proxy.cedar.escalation import parse_duration
+
+            return parse_duration(value)
+        return value
 
     @field_validator("override_expiry", "grant_ttl", "review_session_idle", "review_session_max_age")
     @classmethod

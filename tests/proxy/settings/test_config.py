@@ -67,6 +67,17 @@ def test_the_repositorys_own_config_loads():
     assert settings.agents["ops-bot"].token_env == "CEDARGATE_OPS_BOT_TOKEN"
 
 
+@pytest.mark.parametrize("written, seconds", [("55s", 55), ("2m", 120), ("1h", 3600), (30, 30), (2.5, 2.5),
+                                              ("'40'", 40)])
+def test_hold_max_wait_is_a_duration_like_the_other_settings_or_seconds(tmp_path: Path, written, seconds):
+    assert load_settings(_yaml(tmp_path, f"hold_max_wait: {written}\n")).hold_max_wait == seconds
+
+
+def test_the_repositorys_config_writes_hold_max_wait_as_a_duration():
+    assert "\nhold_max_wait: 55s " in (REPO / "cedargate.yaml").read_text()
+    assert load_settings(REPO / "cedargate.yaml").hold_max_wait == 55
+
+
 def test_file_values_and_overrides_where_flags_win(tmp_path: Path):
     path = _yaml(
         tmp_path,
@@ -135,6 +146,8 @@ def test_database_url_given_is_used():
         ("header_read_timeout: 0\n", "header_read_timeout", "greater than 0"),
         ("max_unauthenticated_connections: 0\n", "max_unauthenticated_connections",
          "greater than or equal to 1"),
+        ("hold_max_wait: soon\n", "hold_max_wait", "not a duration like 90s"),
+        ("hold_max_wait: -5\n", "hold_max_wait", "greater than or equal to 0"),
     ],
 )
 def test_bad_values_name_the_field(tmp_path: Path, text: str, where: str, words: str):
