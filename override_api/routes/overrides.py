@@ -1,4 +1,10 @@
-"""Reviewing override requests: list, show, approve, deny. Every answer says what the reviewer needs.
+"""Reviewing override requests: list, show, approve, deny; each request's context and audit rows.
+Every answer says what the reviewer needs.
+
+Each request, listed or shown, carries its summary (`proxy.oversight.summary`: tool, key arguments,
+severity, reversibility, seconds left, votes, roles still needed); `GET /overrides/{id}/context` what
+surrounds it (`proxy.oversight.review_context`); `GET /overrides/{id}/audit` its audit rows. Everything
+the agent chose is answered as JSON data, never as markup.
 
 An approver sees only the requests their roles can decide; another request is answered as if it did
 not exist (404). An approver holding the auditor role (`auditor_role`, default "auditor") sees them
@@ -14,16 +20,20 @@ as problem+json of cedargate's catalogue (`override-changes-*`).
 from __future__ import annotations
 
 import json
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from override_api.deps import CurrentApprover, RuntimeDep
+from override_api.deps import Approver, CurrentApprover, RuntimeDep
 from proxy.calls.mcp.binding import tool_call
-from proxy.oversight.overrides import Ballot, Override, OverrideError, OverrideStatus, can_decide
+from proxy.oversight.overrides import Ballot, Override, OverrideError, OverrideStatus, Vote, can_decide
+from proxy.oversight.review_context import review_context
+from proxy.oversight.summary import summarize
+from proxy.record import audit
+from proxy.record.store import utcnow
 from proxy.vocabulary.problems import MEDIA_TYPE, http_problem, problem_document
 
 router = APIRouter(prefix="/overrides", tags=["overrides"])
@@ -48,6 +58,20 @@ class OverrideSummary(BaseModel):
     reasons: list[str]
     created_at: datetime
     expires_at: datetime
+    tool: str | None = Field(description="the MCP tool called; null for other calls")
+    key_arguments: dict[str, str] = Field(
+        description="what the call asks, by name: the manifest route's fields or the tool's arguments, "
+                    "a few, each as short text")
+    severity: str | None = Field(description="low, medium, high or critical: the policies' @severity, else "
+                                             "the manifest's classification; null when neither says")
+    reversible: bool | None = Field(description="the policies' @reversible, else the manifest's; null when "
+                                                "neither says")
+    seconds_left: int | None = Field(description="until the request expires undecided; null once decided")
+    votes: list[VotePublic]
+    roles_needed: list[str] = Field(description="roles whose approval would still count")
+    approvals_needed: int = Field(description="the fewest further approvals that could grant it")
+    decided_at: datetime | None
+    decided_reason: str | None
 
 
 class ToolCallPublic(BaseModel):
@@ -63,7 +87,7 @@ class EditableFieldPublic(BaseModel):
 
 
 class OverridePublic(OverrideSummary):
-    tool: ToolCallPublic | None = Field(None, description="for an MCP tool call: which tool, with what")
+    tool_call: ToolCallPublic | None = Field(None, description="for an MCP tool call: which tool, with what")
     headers: dict[str, str]
     body: str = Field(description="the call's body as text (undecodable bytes replaced)")
     body_sha256: str
@@ -73,11 +97,8 @@ class OverridePublic(OverrideSummary):
     requirements: list[dict]
     policy_revision: str
     decision_id: str
-    decided_at: datetime | None
-    decided_reason: str | None
     grant_expires_at: datetime | None
     released_at: datetime | None
-    votes: list[VotePublic]
     editable_fields: list[EditableFieldPublic] = Field(
         description="the call's values an approval may change (manifest body fields, MCP tool arguments)")
     changes: dict[str, Any] | None = Field(
@@ -96,52 +117,101 @@ class Approval(Review):
                           "request must bring the same changes.")
 
 
-def _summary_fields(o: Override) -> dict:
+def _summary_fields(o: Override, votes: list[Vote], now: datetime) -> dict[str, Any]:
     return dict(
         id=o.id, status=o.status, agent=o.agent, method=o.method, url=o.url, action=o.action,
         resource=o.resource, reasons=[p["reason"] or p["id"] for p in json.loads(o.policies)],
-        created_at=o.created_at, expires_at=o.expires_at,
+        created_at=o.created_at, expires_at=o.expires_at, decided_at=o.decided_at,
+        decided_reason=o.decided_reason, **summarize(o, votes, now).as_dict(),
     )
 
 
 def _public(runtime, o: Override) -> OverridePublic:
-    votes = runtime.overrides.votes(o.id)
     cedar_request = json.loads(o.cedar_request)
     tool = tool_call(cedar_request, o.body)
     return OverridePublic(
-        **_summary_fields(o), tool=None if tool is None else ToolCallPublic.model_validate(tool),
+        **_summary_fields(o, runtime.overrides.votes(o.id), utcnow()),
+        tool_call=None if tool is None else ToolCallPublic.model_validate(tool),
         headers=json.loads(o.headers),
         body=o.body.decode("utf-8", "replace"),
         body_sha256=o.body_sha256, justification=o.justification, cedar_request=cedar_request,
         policies=json.loads(o.policies), requirements=json.loads(o.requirements), policy_revision=o.policy_revision,
-        decision_id=o.decision_id, decided_at=o.decided_at, decided_reason=o.decided_reason,
-        grant_expires_at=o.grant_expires_at, released_at=o.released_at,
-        votes=[VotePublic(approver=v.approver, roles=sorted(v.roles), verdict=v.verdict, reason=v.reason, at=v.at)
-               for v in votes],
+        decision_id=o.decision_id, grant_expires_at=o.grant_expires_at, released_at=o.released_at,
         editable_fields=[EditableFieldPublic(**f.as_dict()) for f in runtime.workflow.editable_fields(o)],
         changes=json.loads(o.changes) if o.changes else None,
     )
 
 
-@router.get("", response_model=list[OverrideSummary], summary="List override requests, newest first")
-def list_overrides(
-    runtime: RuntimeDep, approver: CurrentApprover,
-    status: OverrideStatus | None = None, agent: str | None = None, action: str | None = None,
-    limit: int = Query(100, ge=1, le=1000),
-) -> list[OverrideSummary]:
-    roles = None if runtime.sees_all_overrides(approver.roles) else approver.roles
-    found = runtime.overrides.list(status.value if status else None, agent, action, limit, roles=roles)
-    return [OverrideSummary(**_summary_fields(o)) for o in found]
+def _action(action: str | None) -> str | None:
+    """`process_refund` or `Action::"process_refund"`, as the requests store it."""
+    if not action or action.startswith("Action::"):
+        return action
+    return f"Action::{json.dumps(action)}"
 
 
-@router.get("/{override_id}", response_model=OverridePublic, summary="Everything about one override request")
-def show_override(override_id: str, runtime: RuntimeDep, approver: CurrentApprover) -> OverridePublic:
+def _visible(runtime, approver: Approver, override_id: str) -> Override:
     override = runtime.overrides.get(override_id)
     # A request the approver may not decide is answered as one that does not exist.
     if override is None or not (runtime.sees_all_overrides(approver.roles)
                                 or can_decide(override, approver.roles)):
         raise HTTPException(404, detail=f"no override request {override_id}")
-    return _public(runtime, override)
+    return override
+
+
+@router.get("", response_model=list[OverrideSummary],
+            summary="List override requests: undecided first, the soonest to expire first; then the decided, "
+                    "the latest decided first")
+def list_overrides(
+    runtime: RuntimeDep, approver: CurrentApprover,
+    status: OverrideStatus | None = None, agent: str | None = None,
+    action: Annotated[str | None, Query(description='`process_refund` or `Action::"process_refund"`')] = None,
+    policy: Annotated[str | None, Query(description="only requests this policy @id escalated")] = None,
+    decided: Annotated[bool | None, Query(description="true: the history; false: the inbox")] = None,
+    since: Annotated[datetime | None, Query(
+        description="only requests opened at or after this time (ISO 8601; UTC without an offset)")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> list[OverrideSummary]:
+    roles = None if runtime.sees_all_overrides(approver.roles) else approver.roles
+    if since is not None:  # compared with times stored in UTC (SQLite keeps no offset)
+        since = since.astimezone(UTC) if since.tzinfo else since.replace(tzinfo=UTC)
+    found = runtime.overrides.list(status.value if status else None, agent, _action(action), limit, roles=roles,
+                                   policy=policy, decided=decided, since=since)
+    votes, now = runtime.overrides.votes_on(o.id for o in found), utcnow()
+    return [OverrideSummary(**_summary_fields(o, votes[o.id], now)) for o in found]
+
+
+@router.get("/{override_id}", response_model=OverridePublic, summary="Everything about one override request")
+def show_override(override_id: str, runtime: RuntimeDep, approver: CurrentApprover) -> OverridePublic:
+    return _public(runtime, _visible(runtime, approver, override_id))
+
+
+@router.get("/{override_id}/context", summary="What surrounds one request: the agent's statements and recent "
+            "calls in its session, similar requests and how they were decided, whether its policy revision is live")
+def override_context(override_id: str, runtime: RuntimeDep, approver: CurrentApprover) -> dict[str, Any]:
+    override = _visible(runtime, approver, override_id)
+    roles = None if runtime.sees_all_overrides(approver.roles) else approver.roles
+    return review_context(override, store=runtime.overrides, bundle=runtime.engine.snapshot.bundle, roles=roles)
+
+
+class AuditRowPublic(BaseModel):
+    seq: int
+    at: datetime
+    kind: str
+    decision_id: str | None
+    override_id: str | None
+    agent: str | None
+    actor: str | None
+    payload: Any = Field(description="the event's content, as chained")
+    hash: str
+
+
+@router.get("/{override_id}/audit", response_model=list[AuditRowPublic],
+            summary="The audit rows about one request: its events, and the decisions and outcomes of its calls")
+def override_audit(override_id: str, runtime: RuntimeDep, approver: CurrentApprover) -> list[AuditRowPublic]:
+    _visible(runtime, approver, override_id)
+    return [AuditRowPublic(seq=e.seq, at=e.at, kind=e.kind, decision_id=e.decision_id, override_id=e.override_id,
+                           agent=e.agent, actor=e.actor, payload=json.loads(e.payload), hash=e.hash)
+            for e in audit.entries_about(runtime.overrides.engine, override_id)]
 
 
 def _review(runtime, approver, override_id: str, ballot: Ballot, reason: str,

@@ -3,7 +3,8 @@
 A `forbid` annotated `@escalate("role")` is escalatable to approvers holding that role;
 `@escalate("security, lead-engineer")` needs one distinct approver from each listed role (the
 two-person rule across roles); `@approvals("2")` needs that many distinct approvers; `@expires("15m")`
-sets how long the request may stay pending.
+sets how long the request may stay pending. `@severity("low|medium|high|critical")` and
+`@reversible("true|false")` tell a reviewer how bad and how final the call is (shown with the request).
 
 A denial escalates only if every determining forbid is escalatable *and* the call would be allowed
 were the escalatable forbids lifted: a permit matches, no other forbid does, nothing errors. A grant
@@ -26,6 +27,8 @@ if TYPE_CHECKING:  # policy.py checks annotations with this module at load time
 
 _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d)\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# A policy's `@severity`, least to most grave (the manifest's classification uses the same words).
+SEVERITIES = ("low", "medium", "high", "critical")
 
 
 class AnnotationError(ValueError):
@@ -88,7 +91,8 @@ def requirement_of(policy: PolicyInfo) -> Requirement | None:
 
 
 def check_annotations(policies: Iterable[PolicyInfo]) -> None:
-    """Validate escalation annotations at load time, so a typo refuses the set instead of a call."""
+    """Validate escalation and review annotations at load time, so a typo refuses the set instead of a
+    call (or shows reviewers a wrong severity)."""
     for policy in policies:
         if "escalate" in policy.annotations and policy.effect != "forbid":
             raise AnnotationError(f'policy "{policy.policy_id}": @escalate only makes sense on a forbid')
@@ -98,6 +102,14 @@ def check_annotations(policies: Iterable[PolicyInfo]) -> None:
                 parse_duration(policy.annotations["expires"])
             except ValueError as exc:
                 raise AnnotationError(f'policy "{policy.policy_id}": @expires: {exc}') from exc
+        severity = policy.annotations.get("severity")
+        if severity is not None and severity not in SEVERITIES:
+            raise AnnotationError(f'policy "{policy.policy_id}": @severity("{severity}") must be one of '
+                                  f'{", ".join(SEVERITIES)}')
+        reversible = policy.annotations.get("reversible")
+        if reversible is not None and reversible not in ("true", "false"):
+            raise AnnotationError(f'policy "{policy.policy_id}": @reversible("{reversible}") must be "true" '
+                                  'or "false"')
 
 
 @dataclass(frozen=True)

@@ -326,6 +326,7 @@ class Gate:
             "policy_revision": verdict.revision,
             "upstream_status": upstream_status,
             "duration_ms": round((time.perf_counter() - verdict.started) * 1000, 3),
+            **_session_and_tool(verdict),
             **self._detail(verdict),
         }
 
@@ -336,6 +337,17 @@ class Gate:
         if request is None or request.action[1] not in MCP_ACTIONS:
             return {}
         return {"detail": {k: request.context[k] for k in MCP_DETAIL if k in request.context}}
+
+
+def _session_and_tool(verdict: Verdict) -> dict[str, Any]:
+    """The agent's session and the MCP tool of a call, kept in columns so a reviewer can be shown the
+    session's recent calls. Always both keys (None when unknown): a batch's rows are one INSERT."""
+    context = verdict.request.context if verdict.request is not None else {}
+    statements = context.get("agent")
+    session = statements.get("session") if isinstance(statements, dict) else None
+    tool = context.get("tool") if verdict.request is not None and verdict.request.action[1] == "call_tool" else None
+    return {"session": session if isinstance(session, str) else None,
+            "tool": tool if isinstance(tool, str) else None}
 
 
 def _binding(request: CedarRequest, reading: Reading | None) -> bytes | None:

@@ -29,13 +29,13 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum, StrEnum
 from typing import Any
 
-from sqlalchemy import Column, ColumnElement, DateTime, Index, LargeBinary, UniqueConstraint, text, update
+from sqlalchemy import Column, ColumnElement, DateTime, Index, LargeBinary, UniqueConstraint, case, text, update
 from sqlalchemy.engine import Engine as SAEngine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, col, func, select
@@ -62,6 +62,8 @@ class OverrideStatus(str, Enum):
 
 
 LIVE = (OverrideStatus.PENDING, OverrideStatus.GRANTED)
+# Waiting for a reviewer's decision: listed first, most urgent first.
+UNDECIDED = (OverrideStatus.PENDING,)
 
 
 class Ballot(StrEnum):
@@ -363,25 +365,55 @@ class OverrideStore:
             ).all()
         return [Vote(r.approver, frozenset(json.loads(r.roles)), r.verdict, r.reason, r.at) for r in rows]
 
+    def votes_on(self, override_ids: Iterable[str]) -> dict[str, builtins.list[Vote]]:
+        """The votes on each of several requests (oldest first), in one query: a listing shows them all."""
+        ids = builtins.list(dict.fromkeys(override_ids))
+        found: dict[str, builtins.list[Vote]] = {override_id: [] for override_id in ids}
+        if not ids:
+            return found
+        with Session(self.engine) as session:
+            rows = session.exec(select(OverrideVote).where(col(OverrideVote.override_id).in_(ids))
+                                .order_by(col(OverrideVote.at), col(OverrideVote.id))).all()
+        for r in rows:
+            found[r.override_id].append(Vote(r.approver, frozenset(json.loads(r.roles)), r.verdict, r.reason, r.at))
+        return found
+
     def list(self, status: str | None = None, agent: str | None = None, action: str | None = None,
-             limit: int = 100, roles: frozenset[str] | None = None) -> list[Override]:
-        """Newest first; with `roles`, only the requests someone holding them can decide (`can_decide`)."""
-        query = select(Override).order_by(col(Override.created_at).desc(), col(Override.id))
+             limit: int = 100, roles: frozenset[str] | None = None, *, policy: str | None = None,
+             decided: bool | None = None, since: datetime | None = None) -> list[Override]:
+        """Undecided requests first, the soonest to expire first; then decided ones, the latest decided
+        first. With `roles`, only the requests someone holding them can decide (`can_decide`); with
+        `policy`, only those a policy of that @id escalated; `decided` True or False, only those (not)
+        waiting for a decision; `since`, only those opened then or later."""
+        undecided = col(Override.status).in_([s.value for s in UNDECIDED])
+        query = select(Override).order_by(
+            case((undecided, 0), else_=1),
+            case((undecided, col(Override.expires_at)), else_=None),
+            func.coalesce(col(Override.decided_at), col(Override.created_at)).desc(), col(Override.id))
         if status:
             query = query.where(Override.status == status)
         if agent:
             query = query.where(Override.agent == agent)
         if action:
             query = query.where(Override.action == action)
+        if decided is not None:
+            query = query.where(~undecided if decided else undecided)
+        if since is not None:
+            query = query.where(col(Override.created_at) >= since)
+        if policy:
+            # The policies are JSON in the row: narrowed here by their text, then checked exactly below.
+            query = query.where(col(Override.policies).contains(json.dumps(policy), autoescape=True))
+        keep: Callable[[Override], bool] = lambda o: (  # noqa: E731
+            (roles is None or can_decide(o, roles)) and (not policy or policy in policy_ids(o)))
         found: list[Override] = []
         with Session(self.engine, expire_on_commit=False) as session:
-            if roles is None:
+            if roles is None and not policy:
                 return list(session.exec(query.limit(limit)).all())
-            # The roles a request needs are JSON in its row: filter here, a page at a time, until enough.
+            # What is JSON in the row is filtered here, a page at a time, until enough.
             page, offset = max(limit, self.LIST_PAGE), 0
             while len(found) < limit:
                 rows = session.exec(query.offset(offset).limit(page)).all()
-                found.extend(o for o in rows if can_decide(o, roles))
+                found.extend(o for o in rows if keep(o))
                 if len(rows) < page:
                     break
                 offset += page
@@ -442,6 +474,11 @@ class OverrideStore:
 def needed_roles(override: Override) -> frozenset[str]:
     """Every role that can approve some part of the request: holding one makes a person its reviewer."""
     return frozenset(role for r in json.loads(override.requirements) for role in r["roles"])
+
+
+def policy_ids(override: Override) -> list[str]:
+    """The @ids of the policies that escalated the request."""
+    return [p["id"] for p in json.loads(override.policies)]
 
 
 def can_decide(override: Override, roles: frozenset[str]) -> bool:

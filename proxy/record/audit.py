@@ -317,3 +317,16 @@ def _rows(conn: Connection, *, after: int, upto: int | None, chunk_size: int) ->
         if len(page) < chunk_size:
             return
         after = page[-1].seq
+
+
+def entries_about(engine: Engine, override_id: str, limit: int = 500) -> list[AuditEntry]:
+    """The audit rows about one override request, in chain order: its own events (opened, votes,
+    grant, release, expiry) and those of the calls tied to it (each one's decision and outcome)."""
+    with engine.connect() as conn:
+        own = conn.execute(select(_log).where(_log.c.override_id == override_id)
+                           .order_by(_log.c.seq).limit(limit)).all()
+        decisions = {row.decision_id for row in own if row.decision_id}
+        calls = conn.execute(select(_log).where(_log.c.decision_id.in_(decisions), _log.c.override_id.is_(None))
+                             .order_by(_log.c.seq).limit(limit)).all() if decisions else []
+    rows = sorted([*own, *calls], key=lambda row: row.seq)[:limit]
+    return [AuditEntry(**row._mapping) for row in rows]

@@ -85,6 +85,8 @@ class DecisionRecord(SQLModel, table=True):
     policy_revision: str | None = None
     upstream_status: int | None = None
     duration_ms: float | None = None
+    session: str | None = None  # the agent's X-Agent-Session, when it sent one (revision 0005)
+    tool: str | None = None  # an MCP tools/call's tool (revision 0005)
 
 
 # An execution option: a transaction begun with it set writes, so on SQLite it begins IMMEDIATE.

@@ -209,8 +209,11 @@ def test_escalated_tool_call_is_held_and_released_once_when_granted(gate, mcp_se
         shown = httpx.get(f"{gate.api_url}/overrides/{pending['id']}",
                           headers={"Authorization": f"Bearer {APPROVERS['sam'][0]}"}, timeout=10).json()
         # The reviewer sees which tool, with which arguments, and why the agent wants it.
-        assert shown["tool"] == {"server": "github", "name": "delete_repository",
-                                 "arguments": {"repo": "acme/old-site"}}
+        assert shown["tool_call"] == {"server": "github", "name": "delete_repository",
+                                      "arguments": {"repo": "acme/old-site"}}
+        # ...and at a glance, as the list shows it too: not "POST .../mcp" like every other MCP call.
+        assert (shown["tool"], shown["key_arguments"]) == ("delete_repository", {"repo": "acme/old-site"})
+        assert (shown["severity"], shown["reversible"], shown["roles_needed"]) == ("critical", False, ["security"])
         assert shown["justification"] == "the repository was archived in 2019"
         assert mcp_server.calls() == []  # held: nothing reached the server yet
         assert _approve(gate, pending["id"]).status_code == 200

@@ -86,6 +86,15 @@ def test_check_annotations_accepts_the_bundled_policies(policy_dir: Path):
     check_annotations(load_bundle(policy_dir).policies.values())
 
 
+def test_severity_and_reversible_are_checked_on_any_policy():
+    """They tell a reviewer how bad a call is: a typo must not show a wrong severity, or none."""
+    check_annotations([policy("p", escalate="security", severity="critical", reversible="false")])
+    with pytest.raises(AnnotationError, match=r'policy "p": @severity\("High"\)'):
+        check_annotations([policy("p", escalate="security", severity="High")])
+    with pytest.raises(AnnotationError, match=r'policy "p": @reversible\("no"\)'):
+        check_annotations([policy("p", escalate="security", reversible="no")])
+
+
 # --- a policy directory with a bad annotation is refused, naming file and line --------------------
 
 BAD_APPROVALS = """\
@@ -104,12 +113,17 @@ ESCALATED_PERMIT = """\
 permit (principal, action == Action::"delete", resource);
 """
 
+GRAVE = BAD_APPROVALS.replace('@approvals("two")', '@severity("grave")')
+MAYBE_REVERSIBLE = BAD_APPROVALS.replace('@approvals("two")', '@reversible("maybe")')
+
 
 @pytest.mark.parametrize(
     ("text", "line", "message"),
     [
         (BAD_APPROVALS, 3, '@approvals("two") must be a whole number >= 1'),
         (ESCALATED_PERMIT, 1, "@escalate only makes sense on a forbid"),
+        (GRAVE, 3, 'policy "snapshot-guard": @severity("grave") must be one of low, medium, high, critical'),
+        (MAYBE_REVERSIBLE, 3, 'policy "snapshot-guard": @reversible("maybe") must be "true" or "false"'),
     ],
 )
 def test_load_bundle_refuses_a_bad_annotation_with_file_and_line(policy_dir: Path, text: str, line: int,

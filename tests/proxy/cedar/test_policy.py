@@ -59,15 +59,15 @@ def test_bundled_policies_load_with_their_ids_effects_lines_and_reasons():
         "ops-delete-volumes": ("ops.cedar", 11),
         "ops-stop-instance": ("ops.cedar", 16),
         "protect-production-instances": ("ops.cedar", 21),
-        "no-volume-deletion": ("ops.cedar", 32),
+        "no-volume-deletion": ("ops.cedar", 34),
         "finance-refunds": ("payments.cedar", 4),
         "large-refunds": ("payments.cedar", 12),
-        "low-confidence-writes": ("ops.cedar", 39),
+        "low-confidence-writes": ("ops.cedar", 43),
         "github-mcp-sessions": ("github.cedar", 4),
         "github-tools": ("github.cedar", 8),
         "no-repository-deletion": ("github.cedar", 12),
-        "no-repository-transfer": ("github.cedar", 18),
-        "no-merges-to-payments": ("github.cedar", 23),
+        "no-repository-transfer": ("github.cedar", 20),
+        "no-merges-to-payments": ("github.cedar", 25),
     }
     assert bundle.policies["no-volume-deletion"].reason == "Deleting a volume destroys its data for good."
     assert bundle.policies["ops-read"].reason is None

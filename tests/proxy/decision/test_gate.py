@@ -239,6 +239,8 @@ def test_finish_writes_the_row_an_operator_reads(gate: Gate, recorder: Recorder,
         "errors": "[]",
         "policy_revision": gate.engine.status.revision,
         "upstream_status": 200,
+        "session": None,
+        "tool": None,
     }
     assert row["duration_ms"] is not None and row["duration_ms"] >= 0
     # Stored as the decision's UTC moment, not shifted into a local zone.

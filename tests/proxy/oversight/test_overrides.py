@@ -31,7 +31,7 @@ from proxy.oversight.overrides import (
     fingerprints,
 )
 from proxy.oversight.workflow import OverrideWorkflow
-from proxy.record.store import Recorder, make_engine
+from proxy.record.store import Recorder, make_engine, utcnow
 
 STOP_URL = "http://127.0.0.1:9000/v1/instances/i-1/stop"
 MANAGER = Requirement("protect-production-instances", ("engineering-manager",), 1)
@@ -446,11 +446,32 @@ def test_a_listing_for_some_roles_shows_only_the_requests_they_can_decide(store:
     managers = [open_request(store, stop_call(body=f"m{i}".encode()))[0] for i in range(3)]
     volumes = [open_request(store, stop_call(body=f"v{i}".encode()), TWO_PERSON)[0] for i in range(3)]
 
-    assert [o.id for o in store.list(roles=ERIN[1])] == [o.id for o in reversed(managers)]
-    assert [o.id for o in store.list(roles=SAM[1], limit=2)] == [o.id for o in reversed(volumes)][:2]
-    assert [o.id for o in store.list(roles=LEE[1], limit=1)] == [volumes[-1].id]
+    # All pending, with the same expiry: the first opened is the first to expire, so listed first.
+    assert [o.id for o in store.list(roles=ERIN[1])] == [o.id for o in managers]
+    assert [o.id for o in store.list(roles=SAM[1], limit=2)] == [o.id for o in volumes][:2]
+    assert [o.id for o in store.list(roles=LEE[1], limit=1)] == [volumes[0].id]
     assert store.list(roles=frozenset({"auditor"})) == []
     assert len(store.list()) == 6  # unfiltered: the core's own use
+
+
+def test_a_listing_puts_the_undecided_first_by_deadline_then_the_decided_latest_first(
+        store: OverrideStore, workflow: OverrideWorkflow):
+    later = open_request(store, stop_call(body=b"later"), expires_in=3000)[0]
+    sooner = open_request(store, stop_call(body=b"sooner"), expires_in=60)[0]
+    first_decided = open_request(store, stop_call(body=b"d1"))[0]
+    volume = open_request(store, stop_call(body=b"d2"), TWO_PERSON)[0]
+    deny(workflow, first_decided.id, ERIN)
+    deny(workflow, volume.id, SAM)
+
+    assert [o.id for o in store.list()] == [sooner.id, later.id, volume.id, first_decided.id]
+    assert [o.id for o in store.list(decided=False)] == [sooner.id, later.id]
+    assert [o.id for o in store.list(decided=True)] == [volume.id, first_decided.id]
+    assert [o.id for o in store.list(policy="no-volume-deletion")] == [volume.id]
+    assert [o.id for o in store.list(policy="no-volume")] == []  # an @id, not a part of one
+    assert [o.id for o in store.list(policy="protect-production-instances", decided=True,
+                                     roles=ERIN[1])] == [first_decided.id]
+    assert store.list(since=utcnow() + timedelta(seconds=5)) == []
+    assert len(store.list(since=utcnow() - timedelta(minutes=5))) == 4
 
 
 def test_the_query_secrets_of_a_call_are_not_stored_but_its_grant_binds_to_them(store: OverrideStore):

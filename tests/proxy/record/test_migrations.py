@@ -496,3 +496,25 @@ def test_a_database_at_0003_upgrades_to_override_changes_and_keeps_its_requests(
         conn.execute(text("UPDATE overrides SET changes = :changes WHERE id = 'ovr-old'"),
                      {"changes": '{"force": false}'})
     assert overrides.get("ovr-old").changes == '{"force": false}'  # type: ignore[union-attr]
+
+
+def test_a_0004_database_gains_the_session_and_tool_of_each_decision_keeping_its_rows(database: SAEngine):
+    """Revision 0005: decisions recorded before it have no session or tool (NULL); new ones have both."""
+    make_0_1_0_database(database)
+    add_0_1_0_rows(database)
+    migrate_to(database, "0004")
+
+    recorder = Recorder(database, retry_interval=0.05)
+    try:
+        recorder.record({**_new_decision(), "decision_id": "d-new", "session": "s-1", "tool": "search_issues"})
+        assert recorder.flush()
+    finally:
+        recorder.close()
+    with database.connect() as conn:
+        rows = conn.execute(text("SELECT decision_id, decision, session, tool FROM decisions ORDER BY id")).all()
+        assert schema_differences(conn, _models()) == []
+    assert [tuple(r) for r in rows] == [("d-old", "escalate", None, None), ("d-new", "allow", "s-1", "search_issues")]
+    assert version_rows(database) == [head_revision()]
+    assert OverrideStore(database).get("ovr-old") is not None
+    checked = audit.verify(database)
+    assert checked.ok and checked.rows_checked == 2
