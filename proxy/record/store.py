@@ -220,6 +220,7 @@ class Recorder:
         # Calls refused because the store could not take them: agent -> [count, first at, last at].
         self._refusals: dict[str, list[Any]] = {}
         self._refusals_lock = threading.Lock()
+        self._refusals_writing = False  # taken for the batch being written, not yet committed
         self._unsynced = False  # SQLite: written since the last idle checkpoint
         database = make_url(str(engine.url)).database if engine.dialect.name == "sqlite" else None
         self._wal = f"{database}-wal" if database and database != ":memory:" else None
@@ -238,8 +239,9 @@ class Recorder:
 
     @property
     def pending(self) -> int:
-        # unfinished_tasks also counts the batch the writer holds while retrying.
-        return self._queue.unfinished_tasks + (1 if self._refusals else 0)
+        # unfinished_tasks also counts the batch the writer holds while retrying; refusals count from
+        # when they are counted until the event that holds them is committed, not just until taken.
+        return self._queue.unfinished_tasks + (1 if self._refusals or self._refusals_writing else 0)
 
     def record(self, row: dict[str, Any]) -> None:
         """Enqueue a decision row, for a call that goes nowhere (refused): nobody waits for its commit.
@@ -426,7 +428,10 @@ class Recorder:
         outcomes = [{"b_id": item["decision_id"], "b_status": item["upstream_status"],
                      "b_ms": item["duration_ms"], "b_errors": item["errors"]}
                     for tag, item, _ in batch if tag == _OUTCOME]
-        events = [_chained(tag, item) for tag, item, _ in batch] + self._take_refusals()
+        self._refusals_writing = True  # before taking them, so `pending` never reads none meanwhile
+        refusals = self._take_refusals()
+        self._refusals_writing = bool(refusals)
+        events = [_chained(tag, item) for tag, item, _ in batch] + refusals
         waiting = [future for _, _, future in batch if future is not None]
         unsure: tuple[int, str] | None = None  # the head of a try whose commit may have happened
         while True:
@@ -451,6 +456,7 @@ class Recorder:
                 if self._stop.wait(self.retry_interval):
                     return False
         self._recovered()
+        self._refusals_writing = False
         self.written += len(rows)
         self._unsynced = True
         for future in waiting:
