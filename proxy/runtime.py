@@ -25,6 +25,7 @@ from proxy.oversight.holds import Holds
 from proxy.oversight.jobs import Jobs
 from proxy.oversight.limits import OverrideLimits
 from proxy.oversight.overrides import OverrideStore
+from proxy.oversight.reachability import UnreachableEscalation, approver_roles, unreachable_escalations
 from proxy.oversight.workflow import OverrideWorkflow
 from proxy.record.store import Recorder, make_engine
 from proxy.settings.agents import AgentDirectory
@@ -82,7 +83,14 @@ class Runtime:
             "policies loaded from %s: revision %s, %d policies",
             settings.policy_dir, revision[:12], len(engine.snapshot.bundle.policies),
         )
+        for unreachable in runtime.unreachable_escalations():
+            log.warning("%s; its calls would wait for nobody (see /status)", unreachable.message)
         return runtime
+
+    def unreachable_escalations(self) -> list[UnreachableEscalation]:
+        """The live policies' escalations that none of the approvers able to sign in could grant."""
+        signed, idle = approver_roles(self.settings.approvers, self.approvers.agent_ids)
+        return unreachable_escalations(self.engine.snapshot.bundle.policies.values(), signed, idle)
 
     def api_started(self, host: str, port: int) -> None:
         """The API's real address (port 0 picks one): protect it and link to it from answers."""

@@ -6,7 +6,7 @@ from datetime import datetime
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from override_api.deps import RuntimeDep
 
@@ -30,10 +30,21 @@ class StoreStatus(BaseModel):
     last_error: str | None
 
 
+class UnreachableEscalationStatus(BaseModel):
+    policy_id: str
+    file: str
+    line: int
+    roles: list[str] = Field(description="the roles it escalates to that no approver able to sign in holds")
+    why: str
+
+
 class Status(BaseModel):
     status: str
     policies: PolicyStatus
     store: StoreStatus
+    unreachable_escalations: list[UnreachableEscalationStatus] = Field(
+        description="escalating policies no configured approver with a token could grant: their calls would "
+                    "be held, and their requests wait, for nobody")
 
 
 @router.get("/healthz", summary="Can the proxy decide and record calls?")
@@ -44,7 +55,8 @@ def healthz(runtime: RuntimeDep) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/status", response_model=Status, summary="Live policy revision, reload errors and store health")
+@router.get("/status", response_model=Status,
+            summary="Live policy revision, reload errors, store health, escalations nobody could grant")
 def status(runtime: RuntimeDep) -> Status:
     engine, recorder = runtime.engine, runtime.recorder
     bundle = engine.snapshot.bundle
@@ -65,4 +77,6 @@ def status(runtime: RuntimeDep) -> Status:
             records_written=recorder.written,
             last_error=recorder.last_error,
         ),
+        unreachable_escalations=[UnreachableEscalationStatus.model_validate(u.as_dict())
+                                 for u in runtime.unreachable_escalations()],
     )

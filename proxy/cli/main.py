@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -20,9 +21,12 @@ from proxy.cli.audit_commands import add_audit_commands, run_audit_command
 from proxy.cli.db_commands import add_db_commands, run_db_command
 from proxy.cli.explain import add_explain_command, run_explain_command
 from proxy.cli.override_commands import add_overrides_commands, run_overrides_command
+from proxy.oversight.reachability import approver_roles, unreachable_escalations, with_tokens
 from proxy.record.store import StoreUnavailable
 from proxy.settings.agents import hash_token, new_token
 from proxy.settings.config import ConfigError, load_settings
+
+DEFAULT_CONFIG = "cedargate.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,8 +49,11 @@ def main(argv: list[str] | None = None) -> int:
                      "runs the proxy and the API; with more, one more runs the API)")
     run.add_argument("--log-level", default="INFO")
 
-    check = sub.add_parser("check", help="load and validate a policy directory, as `run` would at start")
+    check = sub.add_parser("check", help="load and validate a policy directory, as `run` would at start, and "
+                           "name the escalations no configured approver could grant")
     check.add_argument("policy_dir")
+    check.add_argument("--config", help="the YAML config whose approvers are checked (default cedargate.yaml "
+                       "when there is one here)")
 
     schema = sub.add_parser("schema", help="write the Cedar schema of a policy directory's actions.yaml")
     schema.add_argument("policy_dir", nargs="?", default="policies")
@@ -72,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "explain":
         return run_explain_command(args)
     if args.command == "check":
-        return _check(args.policy_dir)
+        return _check(args.policy_dir, args.config)
     if args.command == "schema":
         return _schema(args.policy_dir, args.stdout)
     return _hash(args.new)
@@ -113,13 +120,31 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check(policy_dir: str) -> int:
+def _check(policy_dir: str, config: str | None) -> int:
     try:
         bundle = load_bundle(policy_dir)
     except PolicyLoadError as exc:
         print(f"cedargate: {exc}", file=sys.stderr)
         return 1
     print(f"{policy_dir}: {len(bundle.policies)} policies valid, revision {bundle.revision}")
+    if config is None and Path(DEFAULT_CONFIG).is_file():
+        config = DEFAULT_CONFIG
+    if config is None:
+        print(f"approvers not checked: no {DEFAULT_CONFIG} here (give --config)")
+        return 0
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        print(f"cedargate: {exc}", file=sys.stderr)
+        return 1
+    # As `run` would see them: tokens from the file, or from variables set in this environment.
+    signed, idle = approver_roles(settings.approvers, with_tokens(settings.approvers, os.environ))
+    unreachable = unreachable_escalations(bundle.policies.values(), signed, idle)
+    for escalation in unreachable:
+        print(f"cedargate: warning: {escalation.message}", file=sys.stderr)
+    every = "every escalation can" if not unreachable else f"{len(unreachable)} escalations cannot"
+    print(f"approvers from {config}: {len(signed)} of {len(settings.approvers)} can sign in here; {every} "
+          "be granted")
     return 0
 
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import sqlite3
 from pathlib import Path
 
 from fastapi.testclient import TestClient
 
+from override_api.main import create_app
 from proxy.calls.mapping import Call
 from proxy.runtime import Runtime
+from proxy.settings.agents import hash_token
+from proxy.settings.config import ApproverCredential
+from tests.support.runtime import started_runtime
 from tests.support.waiting import wait_until
 
 
@@ -156,3 +161,28 @@ def test_openapi_document_is_served(client: TestClient):
     document = response.json()
     assert document["info"]["title"] == "cedargate override API"
     assert {"/healthz", "/status"} <= set(document["paths"])
+
+
+def test_status_names_the_escalations_no_approver_could_grant(client):
+    # This core knows no approvers at all: every escalating policy waits for nobody.
+    unreachable = {u["policy_id"]: u for u in client.get("/status").json()["unreachable_escalations"]}
+    assert set(unreachable) == {"protect-production-instances", "no-volume-deletion", "low-confidence-writes",
+                                "large-refunds", "no-repository-deletion"}
+    assert unreachable["no-volume-deletion"]["roles"] == ["security", "lead-engineer"]
+    assert unreachable["large-refunds"]["why"] == 'no configured approver holds role "finance"'
+    assert unreachable["large-refunds"]["file"] == "payments.cedar"
+
+
+def test_status_names_only_the_role_nobody_with_a_token_holds(tmp_path: Path, policy_dir: Path, caplog):
+    approvers = {name: ApproverCredential(token_sha256=hash_token(name), roles=roles) for name, roles in
+                 {"erin": ("engineering-manager",), "sam": ("security",), "lee": ("lead-engineer",)}.items()}
+    approvers["fran"] = ApproverCredential(token_env="CEDARGATE_TEST_UNSET_FRAN_TOKEN", roles=("finance",))
+    with caplog.at_level(logging.WARNING), \
+            started_runtime(policy_dir, tmp_path / "state", approvers=approvers) as runtime, \
+            TestClient(create_app(runtime)) as client:
+        unreachable = client.get("/status").json()["unreachable_escalations"]
+    assert [(u["policy_id"], u["roles"]) for u in unreachable] == [("large-refunds", ["finance"])]
+    assert "held only by fran, without a token" in unreachable[0]["why"]
+    # Start-up said so too, naming the policy and the role.
+    warned = [r.getMessage() for r in caplog.records if "escalates to nobody" in r.getMessage()]
+    assert len(warned) == 1 and 'policy "large-refunds"' in warned[0] and 'role "finance"' in warned[0]
