@@ -1,5 +1,5 @@
-"""Reviewing override requests: list, show, approve, deny; each request's context and audit rows.
-Every answer says what the reviewer needs.
+"""Reviewing override requests: list, show, approve, deny, ask the agent; each request's context and
+audit rows. Every answer says what the reviewer needs.
 
 Each request, listed or shown, carries its summary (`proxy.oversight.summary`: tool, key arguments,
 severity, reversibility, seconds left, votes, roles still needed); `GET /overrides/{id}/context` what
@@ -15,6 +15,10 @@ An approval may change the call's typed values (`"changes": {"amount": 50}`): th
 it has (`editable_fields`) and the changes its approvals agreed on (`changes`); a change that does not
 fit the call is answered 422, one the policies refuse or the earlier approvals disagree with 409, each
 as problem+json of cedargate's catalogue (`override-changes-*`).
+
+A reviewer may ask the agent a question instead of deciding (`request-info`): the held call is answered
+`override-needs-info` with it, and the agent's retry with a new `X-Agent-Justification` is the answer,
+shown with the question in the request's `conversation`.
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ from pydantic import BaseModel, Field
 
 from override_api.deps import Approver, CurrentApprover, RuntimeDep
 from proxy.calls.mcp.binding import tool_call
-from proxy.oversight.overrides import Ballot, Override, OverrideError, OverrideStatus, Vote, can_decide
+from proxy.oversight.overrides import Ballot, MessageKind, Override, OverrideError, OverrideStatus, Vote, can_decide
 from proxy.oversight.review_context import review_context
 from proxy.oversight.summary import summarize
+from proxy.oversight.workflow import MAX_QUESTION
 from proxy.record import audit
 from proxy.record.store import utcnow
 from proxy.vocabulary.problems import MEDIA_TYPE, http_problem, problem_document
@@ -45,6 +50,13 @@ class VotePublic(BaseModel):
     verdict: str
     reason: str
     at: datetime
+
+
+class MessagePublic(BaseModel):
+    at: datetime
+    by: str = Field(description="the approver who asked, or the agent who answered")
+    kind: MessageKind
+    text: str
 
 
 class OverrideSummary(BaseModel):
@@ -104,10 +116,17 @@ class OverridePublic(OverrideSummary):
     changes: dict[str, Any] | None = Field(
         description="the values the approvals changed; what goes upstream is the call with them. "
                     "None: approved (or to be approved) as sent")
+    conversation: list[MessagePublic] = Field(
+        default_factory=list, description="questions reviewers asked the agent and its answers, oldest first")
 
 
 class Review(BaseModel):
     reason: str = Field(min_length=1, max_length=2000, description="why; shown to the agent and kept in the record")
+
+
+class Question(BaseModel):
+    question: str = Field(min_length=1, max_length=MAX_QUESTION,
+                          description="what the agent should answer; it is shown to the agent as it is")
 
 
 class Approval(Review):
@@ -139,6 +158,8 @@ def _public(runtime, o: Override) -> OverridePublic:
         decision_id=o.decision_id, grant_expires_at=o.grant_expires_at, released_at=o.released_at,
         editable_fields=[EditableFieldPublic(**f.as_dict()) for f in runtime.workflow.editable_fields(o)],
         changes=json.loads(o.changes) if o.changes else None,
+        conversation=[MessagePublic(at=m.at, by=m.by, kind=MessageKind(m.kind), text=m.text)
+                      for m in runtime.overrides.messages(o.id)],
     )
 
 
@@ -247,3 +268,15 @@ def approve(override_id: str, review: Approval, runtime: RuntimeDep,
 def deny(override_id: str, review: Review, runtime: RuntimeDep,
          approver: CurrentApprover) -> OverridePublic | JSONResponse:
     return _review(runtime, approver, override_id, Ballot.DENY, review.reason)
+
+
+@router.post("/{override_id}/request-info", response_model=OverridePublic,
+             summary="Ask the agent a question before deciding: its held call is answered with it, and its "
+                     "retry's new X-Agent-Justification is the answer")
+def request_info(override_id: str, asking: Question, runtime: RuntimeDep,
+                 approver: CurrentApprover) -> OverridePublic:
+    try:
+        override = runtime.workflow.request_info(override_id, approver.id, approver.roles, asking.question)
+    except OverrideError as exc:
+        raise HTTPException(exc.status, detail=exc.detail) from exc
+    return _public(runtime, override)

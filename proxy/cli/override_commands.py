@@ -1,4 +1,4 @@
-"""`cedargate overrides list|watch|show|approve|deny`: the override API from a terminal.
+"""`cedargate overrides list|watch|show|approve|deny|request-info`: the override API from a terminal.
 
 It talks to the running proxy's API rather than to the database, so a decision made here wakes the
 held call at once and goes through the same checks (roles, self-approval) as any reviewer's, and
@@ -42,7 +42,11 @@ def add_overrides_commands(subparsers: argparse._SubParsersAction[argparse.Argum
     watch = actions.add_parser("watch", help="print requests as they arrive and as they are decided")
     watch.add_argument("--interval", type=_positive, default=2.0, help="seconds between looks (default 2)")
     watch.add_argument("--once", action="store_true", help="print the requests waiting now, and stop")
-    actions.add_parser("show", help="everything about one request").add_argument("id")
+    actions.add_parser("show", help="everything about one request, and its conversation").add_argument("id")
+    asking = actions.add_parser("request-info", help="ask the agent a question before deciding; its held call "
+                                                     "is answered with it, its retry's justification answers it")
+    asking.add_argument("id")
+    asking.add_argument("--question", required=True, help="what the agent should answer; shown to it as it is")
     for verb in ("approve", "deny"):
         parser = actions.add_parser(verb, help=f"{verb} a pending request")
         parser.add_argument("id")
@@ -89,6 +93,12 @@ def run_overrides_command(args: argparse.Namespace) -> int:
         ok, body = api.call("GET", f"/overrides/{urllib.parse.quote(args.id)}")
         if ok:
             print(printable_json(body, indent=2))
+            _print_conversation(body.get("conversation") or [])
+    elif command == "request-info":
+        ok, body = api.call("POST", f"/overrides/{urllib.parse.quote(args.id)}/request-info",
+                            {"question": args.question})
+        if ok:
+            print(printable(f"{body['id']}: {body['status']} (asked: {args.question})"))
     else:
         payload: dict[str, Any] = {"reason": args.reason}
         ok, body = True, None
@@ -104,6 +114,16 @@ def run_overrides_command(args: argparse.Namespace) -> int:
         print(failure(body), file=sys.stderr)
         return 1
     return 0
+
+
+def _print_conversation(messages: list[dict[str, Any]]) -> None:
+    """The questions and answers as a reviewer reads them, after the request's JSON."""
+    if not messages:
+        return
+    print("conversation:")
+    for message in messages:
+        said = "asks" if message["kind"] == "question" else "answers"
+        print(printable(f"  {message['at']}  {message['by']} {said}: {message['text']}"))
 
 
 def _changes(api: Api, override_id: str, pairs: list[str]) -> tuple[bool, Any]:

@@ -2,8 +2,11 @@
 
 `Oversight.resolve` stores (or joins) the override request before the agent hears anything, holds the
 call until a human decides or the hold ends, and returns a `Resolution`: release the call upstream, or
-refuse it with a problem saying why (denied, expired, still pending with where to look, or refused at
-release because current policy now hard-denies it). A grant is consumed by exactly one release.
+refuse it with a problem saying why (denied, expired, a reviewer's question, still pending with where to
+look, or refused at release because current policy now hard-denies it). A denied or expired request's
+end is told once (`OverrideWorkflow.tell_outcome`): by the held call that learns it, or else on the
+agent's retry; a needs_info request answers the retry with its question until the retry brings an
+answer. A grant is consumed by exactly one release.
 
 At release the call is decided again under the current policies, by the same rule as any call: it goes
 only if it is still allowed, or still denied only by escalatable forbids the grant covers, with a permit
@@ -43,7 +46,7 @@ from proxy.decision.upstream import UpstreamFailure
 from proxy.oversight.changes import ChangeError
 from proxy.oversight.holds import wait_for_event
 from proxy.oversight.limits import OverrideRefused, Refusal
-from proxy.oversight.overrides import Override, OverrideStatus
+from proxy.oversight.overrides import MessageKind, Override, OverrideStatus
 from proxy.oversight.workflow import OverrideWorkflow, release_refused
 from proxy.record.store import StoreUnavailable, is_store_failure
 from proxy.vocabulary.printable import printable
@@ -95,6 +98,7 @@ def _binding(verdict: Verdict) -> bytes | None:
     return binding_of(verdict.request.action[1], verdict.call.body)
 
 
+_HELD = (OverrideStatus.PENDING.value, OverrideStatus.GRANTED.value)  # statuses a call is held on
 _STILL_PENDING = object()  # `Oversight._answer`: the request is pending, the call keeps holding
 
 
@@ -139,7 +143,8 @@ class Oversight:
         try:
             override = await self._open(verdict, justification)
             while True:
-                self._log_hold(verdict, override, deadline - time.monotonic())
+                if override.status in _HELD:
+                    self._log_hold(verdict, override, deadline - time.monotonic())
                 with self.holds.watching(override.id) as woken:
                     outcome = await self._hold(verdict, override, deadline, woken, client_alive)
                 if outcome is not None:
@@ -229,13 +234,36 @@ class Oversight:
         if status is OverrideStatus.RELEASE_REFUSED:
             return self._refuse(verdict, override, Problem.RELEASE_REFUSED,
                                 "the override was granted, but the current policies refuse the call")
+        if status is OverrideStatus.NEEDS_INFO:
+            return await asyncio.to_thread(self._needs_info, verdict, override)
         if status is OverrideStatus.DENIED:
+            await asyncio.to_thread(self._told, verdict, override)
             return self._refuse(verdict, override, Problem.OVERRIDE_DENIED,
-                                f"a reviewer denied the override: {override.decided_reason}")
+                                f"a reviewer denied the override: {override.decided_reason}",
+                                reason=override.decided_reason)
         if status is not OverrideStatus.PENDING:
+            await asyncio.to_thread(self._told, verdict, override)
             return self._refuse(verdict, override, Problem.OVERRIDE_EXPIRED,
+                                "the override was granted, but its grant expired before the call was retried"
+                                if status is OverrideStatus.GRANT_EXPIRED else
                                 "the override request expired before enough approvals arrived")
         return _STILL_PENDING
+
+    def _needs_info(self, verdict: Verdict, override: Override) -> Resolution:
+        """Answer with the reviewer's question; the agent's retry with a new justification answers it."""
+        asked = [m for m in self.overrides.messages(override.id) if m.kind == MessageKind.QUESTION.value]
+        question = asked[-1].text if asked else ""
+        return self._refuse(verdict, override, Problem.OVERRIDE_NEEDS_INFO,
+                            f"a reviewer asks for more information before deciding: {question} Retry the identical "
+                            "call with your answer in X-Agent-Justification; it is held for review again.",
+                            question=question)
+
+    def _told(self, verdict: Verdict, override: Override) -> None:
+        """Mark the request's end as told, so the agent's next retry asks again rather than hear it twice."""
+        try:
+            self.workflow.tell_outcome(override, decision_id=verdict.decision_id)
+        except Exception as exc:  # the agent is told all the same; its retry may be told once more
+            log.warning("could not mark override %s's end as told: %s", override.id, exc)
 
     def upstream_failed(self, verdict: Verdict, override_id: str, failure: UpstreamFailure) -> Verdict:
         """The answer for a call released under `override_id` that failed on its way upstream.
@@ -346,10 +374,11 @@ class Oversight:
         return self._refuse(replace(recheck, decision_id=verdict.decision_id), override, Problem.RELEASE_REFUSED,
                             f"the override was granted, but the current policies refuse the call: {recheck.detail}")
 
-    def _refuse(self, verdict: Verdict, override: Override, problem: Problem, detail: str) -> Resolution:
+    def _refuse(self, verdict: Verdict, override: Override, problem: Problem, detail: str,
+                **more: Any) -> Resolution:
         status_url = f"{self.api_base_url()}/overrides/{override.id}"
         extra: dict[str, Any] = {"override_id": override.id, "override_status": override.status,
-                                 "override_url": status_url}
+                                 "override_url": status_url, **more}
         headers = dict(verdict.extra_headers)
         if problem is Problem.OVERRIDE_PENDING:
             headers["Retry-After"] = "10"

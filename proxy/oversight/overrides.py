@@ -1,17 +1,19 @@
 """Override requests as stored: the tables, the fingerprint a grant binds to, and the plain operations
 on their rows that `proxy.oversight.workflow.OverrideWorkflow` composes into state changes.
 
-State machine (`OverrideStatus`): pending -> granted | denied | expired; granted -> released |
-release_refused | grant_expired. Every transition is a conditional UPDATE (`OverrideStore.move`) on
-(id, status[, version]), so concurrent approve/approve and approve/deny end in exactly one consistent
-state on SQLite and PostgreSQL alike: the loser's transaction changes nothing. A grant is consumed by
-the transition granted -> released, which succeeds for exactly one caller. Only the workflow moves a
-request, each time in the transaction that chains its audit event; this module reads and writes rows
-in the session it is handed.
+State machine (`OverrideStatus`): pending -> granted | denied | expired | needs_info; needs_info ->
+pending (the agent answered the reviewer's question) | granted | denied | expired; granted -> released |
+release_refused | grant_expired. Pending and needs_info are the undecided statuses (`UNDECIDED`).
+Every transition is a conditional UPDATE (`OverrideStore.move`) on (id, status[, version]), so
+concurrent approve/approve and approve/deny end in exactly one consistent state on SQLite and
+PostgreSQL alike: the loser's transaction changes nothing. A grant is consumed by the transition
+granted -> released, which succeeds for exactly one caller. Only the workflow moves a request, each
+time in the transaction that chains its audit event; this module reads and writes rows in the session
+it is handed.
 
-At most one request per call is live (pending or granted) at a time, across every process sharing the
-database: a partial unique index on the fingerprint of live requests (migration 0002) makes a second
-process's insert fail, and `open_or_attach` then attaches the call to the request the other opened.
+At most one request per call is live (undecided or granted) at a time, across every process sharing the
+database: a partial unique index on the fingerprint of live requests (migrations 0002, 0006) makes a
+second process's insert fail, and `open_or_attach` then attaches the call to the request the other opened.
 
 Opening is where floods are stopped (see `proxy.oversight.limits`): a body too large to show a reviewer whole,
 an agent with too many requests pending, or one opening them too fast gets `OverrideRefused` and
@@ -59,11 +61,17 @@ class OverrideStatus(str, Enum):
     RELEASED = "released"
     RELEASE_REFUSED = "release_refused"
     GRANT_EXPIRED = "grant_expired"
+    # A reviewer asked the agent a question; the agent's next retry with a new X-Agent-Justification
+    # answers it and makes the request pending again. Reviewers may still approve or deny it meanwhile.
+    NEEDS_INFO = "needs_info"
 
 
-LIVE = (OverrideStatus.PENDING, OverrideStatus.GRANTED)
-# Waiting for a reviewer's decision: listed first, most urgent first.
-UNDECIDED = (OverrideStatus.PENDING,)
+# Not decided yet, waiting for a reviewer's decision (listed first, most urgent first): reviewers may
+# vote, the expiry job expires it at `expires_at`.
+UNDECIDED = (OverrideStatus.PENDING, OverrideStatus.NEEDS_INFO)
+LIVE = (*UNDECIDED, OverrideStatus.GRANTED)
+# The ends an agent is told of on its retry (once: `outcome_told_at`), when no held call was told.
+TOLD_OUTCOMES = (OverrideStatus.DENIED, OverrideStatus.EXPIRED, OverrideStatus.GRANT_EXPIRED)
 
 
 class Ballot(StrEnum):
@@ -71,6 +79,13 @@ class Ballot(StrEnum):
 
     APPROVE = "approve"
     DENY = "deny"
+
+
+class MessageKind(StrEnum):
+    """One turn of a request's conversation, as stored in `override_messages.kind`."""
+
+    QUESTION = "question"  # a reviewer's, to the agent
+    ANSWER = "answer"  # the agent's, the X-Agent-Justification of its retry
 
 
 def _moment(index: bool = False, optional: bool = False) -> Any:
@@ -120,6 +135,9 @@ class Override(SQLModel, table=True):
     # JSON: the values the approvers changed in the call ({"amount": 50}, see `proxy.oversight.changes`);
     # None when it is approved as sent. Set by the first approval; the others must agree with it.
     changes: str | None = None
+    # When the agent was told how the request ended (denied, expired), by a held call or on a retry:
+    # until then the identical call's retry is told that, rather than opening a new request.
+    outcome_told_at: datetime | None = _moment(optional=True)
 
 
 class OverrideVote(SQLModel, table=True):
@@ -133,6 +151,19 @@ class OverrideVote(SQLModel, table=True):
     verdict: str  # a Ballot value
     reason: str
     at: datetime = _moment()
+
+
+class OverrideMessage(SQLModel, table=True):
+    """A question a reviewer asked the agent about a request, or the agent's answer."""
+
+    __tablename__ = "override_messages"
+
+    id: int | None = Field(default=None, primary_key=True)
+    override_id: str = Field(index=True, foreign_key="overrides.id")
+    at: datetime = _moment()
+    by: str  # the approver who asked, or the agent who answered
+    kind: str  # a MessageKind value
+    text: str
 
 
 class OverrideError(Exception):
@@ -236,8 +267,11 @@ class OverrideStore:
         self, call: Call, *, decision_id: str, escalation: Escalation, policies: list[dict[str, Any]],
         cedar_request: dict[str, Any], revision: str, justification: str | None, binding: bytes | None = None,
         session: Session | None = None, lapsed: builtins.list[tuple[Override, OverrideStatus]] | None = None,
+        told: builtins.list[Override] | None = None,
     ) -> tuple[Override, bool]:
-        """The live (pending or granted) override for this exact call, or a new pending one.
+        """The live (undecided or granted) override for this exact call; else the call's last request if
+        it ended denied or expired and the agent was not told yet (marked told now, and added to `told`
+        for the caller to record); else a new pending one.
 
         Raises `OverrideRefused` when a new one may not be opened; an identical retry of a live
         request always finds it, whatever the limits. With `session`, the new row is only flushed
@@ -253,7 +287,7 @@ class OverrideStore:
                 opened = self.open_or_attach(
                     call, decision_id=decision_id, escalation=escalation, policies=policies,
                     cedar_request=cedar_request, revision=revision, justification=justification,
-                    binding=binding, session=own, lapsed=lapsed)
+                    binding=binding, session=own, lapsed=lapsed, told=told)
                 own.commit()
                 return opened
         prints = fingerprints(call, binding)
@@ -266,9 +300,14 @@ class OverrideStore:
                 return live, False
             if live is not None:
                 status = OverrideStatus(live.status)
-                target = OverrideStatus.EXPIRED if status is OverrideStatus.PENDING else OverrideStatus.GRANT_EXPIRED
+                target = OverrideStatus.EXPIRED if status in UNDECIDED else OverrideStatus.GRANT_EXPIRED
                 if self.move(session, live.id, status, target, decided_at=now) and lapsed is not None:
                     lapsed.append((live, target))
+            ended = self._untold(session, prints, now)
+            if ended is not None:
+                if told is not None:
+                    told.append(ended)
+                return ended, False
             self._admit(session, call, now)
             shown_request = dict(cedar_request)
             if isinstance(cedar_request.get("context"), dict):
@@ -306,6 +345,46 @@ class OverrideStore:
             .order_by(col(Override.created_at).desc())
         ).first()
 
+    def _untold(self, session: Session, prints: tuple[str, ...], now: datetime) -> Override | None:
+        """The call's last request, marked told now, if it ended denied or expired and nobody told the agent.
+
+        An agent that did not wait (Prefer: respond-async), or whose hold ended first, learns this way
+        why on its retry; told once, the next retry asks the reviewers again.
+        """
+        last = session.exec(select(Override).where(col(Override.fingerprint).in_(prints))
+                            .order_by(col(Override.created_at).desc())).first()
+        if last is None or last.outcome_told_at is not None or OverrideStatus(last.status) not in TOLD_OUTCOMES:
+            return None
+        if not self.tell(session, last.id, now):
+            return None  # a concurrent retry told it: this one asks again
+        session.refresh(last)
+        return last
+
+    @staticmethod
+    def tell(session: Session, override_id: str, now: datetime) -> bool:
+        """Mark the request's end as told to the agent: True for exactly one caller."""
+        return session.exec(update(Override).where(
+            col(Override.id) == override_id, col(Override.outcome_told_at).is_(None),
+            col(Override.status).in_([status.value for status in TOLD_OUTCOMES]),
+        ).values(outcome_told_at=now)).rowcount == 1
+
+    def messages(self, override_id: str) -> builtins.list[OverrideMessage]:
+        """The request's conversation, oldest first."""
+        with Session(self.engine, expire_on_commit=False) as session:
+            return self.conversation(session, override_id)
+
+    @staticmethod
+    def conversation(session: Session, override_id: str) -> builtins.list[OverrideMessage]:
+        return builtins.list(session.exec(
+            select(OverrideMessage).where(OverrideMessage.override_id == override_id)
+            .order_by(col(OverrideMessage.at), col(OverrideMessage.id))).all())
+
+    @staticmethod
+    def add_message(session: Session, override_id: str, by: str, kind: MessageKind, text_: str,
+                    at: datetime) -> None:
+        session.add(OverrideMessage(override_id=override_id, at=at, by=by, kind=kind.value, text=text_))
+        session.flush()
+
     def granted_for(self, call: Call, binding: bytes | None = None) -> Override | None:
         """The unexpired, unconsumed grant for this exact call, if a human gave one."""
         with Session(self.engine, expire_on_commit=False) as session:
@@ -329,7 +408,7 @@ class OverrideStore:
             )
         if limits.max_pending_per_agent is not None:
             count, soonest = session.exec(select(func.count(), func.min(Override.expires_at)).where(
-                Override.agent == call.agent, Override.status == OverrideStatus.PENDING.value,
+                Override.agent == call.agent, col(Override.status).in_([s.value for s in UNDECIDED]),
                 Override.expires_at > now,
             )).one()
             if count >= limits.max_pending_per_agent:
@@ -462,10 +541,10 @@ class OverrideStore:
         return changed == 1
 
     def due(self, now: datetime) -> builtins.list[tuple[str, OverrideStatus]]:
-        """Pending requests and unused grants past their time: (id, status now)."""
+        """Undecided requests and unused grants past their time: (id, status now)."""
         with Session(self.engine) as session:
             rows = session.exec(select(Override.id, Override.status).where(
-                ((col(Override.status) == OverrideStatus.PENDING.value) & (col(Override.expires_at) <= now))
+                (col(Override.status).in_([s.value for s in UNDECIDED]) & (col(Override.expires_at) <= now))
                 | ((col(Override.status) == OverrideStatus.GRANTED.value) & (col(Override.grant_expires_at) <= now))
             )).all()
         return [(override_id, OverrideStatus(status)) for override_id, status in rows]
@@ -490,7 +569,7 @@ def requirements_of(override: Override) -> list[Requirement]:
 
 
 def _still_live(override: Override, now: datetime) -> bool:
-    if override.status == OverrideStatus.PENDING.value:
+    if OverrideStatus(override.status) in UNDECIDED:
         return aware(override.expires_at) > now
     return override.grant_expires_at is not None and aware(override.grant_expires_at) > now
 

@@ -13,9 +13,18 @@ A grant whose release never reached the upstream (no connection, TLS failure) is
 (`restore_grant`): the agent's retry goes through without a second approval. Expiry is swept by one
 process at a time on PostgreSQL (an advisory lock); every process's holds hear of it.
 
-Vote rules: only a pending, unexpired request; never the agent's own identity; the voter must hold one
-of the roles the request needs; one vote per approver, never turned from approve to deny. A deny
-decides at once; approvals grant once `quorum_met` (the one quorum rule, in `proxy.cedar.escalation`).
+Request more information (`request_info`): a reviewer who may decide a pending request asks the agent a
+question; the request becomes needs_info (still live and undecided: reviewers may approve or deny it),
+the held call is answered `override-needs-info` with the question, and the agent's next retry with a new
+`X-Agent-Justification` is its answer (`open`): added to the request's conversation, the request pending
+again, the retry held again. A denied or expired request's end is told to the agent once: by the held
+call that learns it (`tell_outcome`), or else on the agent's retry (`open`), which then gets that end
+instead of a new request; the retry after that asks the reviewers again.
+
+Vote rules: only an undecided (pending or needs_info), unexpired request; never the agent's own
+identity; the voter must hold one of the roles the request needs; one vote per approver, never
+turned from approve to deny. A deny decides at once; approvals grant once `quorum_met` (the one
+quorum rule, in `proxy.cedar.escalation`).
 
 Approve with changes (`proxy.oversight.changes`): an approval may change the call's typed values. They
 are checked against the fields the call has (422 otherwise), and the changed call is decided by the
@@ -45,7 +54,9 @@ from proxy.decision.gate import Gate, Outcome, Verdict
 from proxy.oversight.changes import ChangeError, EditableField, apply_changes, check_changes, editable_fields
 from proxy.oversight.holds import Holds
 from proxy.oversight.overrides import (
+    UNDECIDED,
     Ballot,
+    MessageKind,
     Override,
     OverrideError,
     OverrideStatus,
@@ -84,24 +95,119 @@ class OverrideWorkflow:
              binding: bytes | None = None) -> tuple[Override, bool]:
         """The live request for this exact call, or a new pending one recorded as `override_created`.
 
-        Raises `OverrideRefused` (nothing stored, nothing recorded) when a new one may not be opened.
+        A needs_info request takes the call's new `justification` as the agent's answer (`info_given`)
+        and is pending again. A denied or expired request the agent was not told of is returned as it is,
+        marked told (`outcome_told`). Raises `OverrideRefused` (nothing stored, nothing recorded) when a
+        new one may not be opened.
         """
         def work(conn: Connection) -> tuple[tuple[Override, bool], list[Event]]:
             lapsed: list[tuple[Override, OverrideStatus]] = []
+            told: list[Override] = []
+            answered = False
             with _session(conn) as session:
                 override, created = self.store.open_or_attach(
                     call, decision_id=decision_id, escalation=escalation, policies=policies,
                     cedar_request=cedar_request, revision=revision, justification=justification,
-                    binding=binding, session=session, lapsed=lapsed)
+                    binding=binding, session=session, lapsed=lapsed, told=told)
+                if (justification and override.status == OverrideStatus.NEEDS_INFO.value
+                        and _is_new(session, self.store, override, justification)):
+                    self.store.add_message(session, override.id, override.agent, MessageKind.ANSWER,
+                                           justification, utcnow())
+                    if not self.store.move(session, override.id, OverrideStatus.NEEDS_INFO, OverrideStatus.PENDING,
+                                           version=override.version):
+                        raise _Conflict
+                    session.commit()
+                    session.refresh(override)
+                    answered = True
             events = [_event(_EXPIRY_EVENTS[status], old) for old, status in lapsed]
             for old, _ in lapsed:
                 announce(conn, old.id)
+            events += [_event(EventKind.OUTCOME_TOLD, ended, decision_id=decision_id,
+                              payload={"status": ended.status, "told_on": "retry"}) for ended in told]
+            if answered:
+                announce(conn, override.id)
+                events.append(_event(EventKind.INFO_GIVEN, override, decision_id=decision_id, actor=override.agent,
+                                     payload={"answer": justification}))
             if created:
                 events.append(_event(EventKind.OVERRIDE_CREATED, override, decision_id=decision_id, payload={
                     "policies": policies, "requirements": override.requirements,
                     "expires_at": override.expires_at.isoformat(), "justification": justification,
                 }))
             return (override, created), events
+
+        for _ in range(self.RETRIES):
+            try:
+                return self.recorder.transact(work)
+            except _Conflict:
+                continue  # a reviewer decided the request while its answer came: look again
+        raise StoreUnavailable("the override request is too contended to update; retry")
+
+    # --- asking the agent -------------------------------------------------------------------------
+
+    def request_info(self, override_id: str, approver: str, roles: frozenset[str], question: str) -> Override:
+        """A reviewer who may decide the request asks the agent `question`, recorded as `info_requested`:
+        the request becomes needs_info and the held call is answered with the question.
+
+        Raises `OverrideError` (with the HTTP status to answer) when it may not be asked.
+        """
+        question = (question or "").strip()
+        if not question:
+            raise OverrideError(422, "a question is required: ask the agent what you need to know to decide")
+        if len(question) > MAX_QUESTION:
+            raise OverrideError(422, f"the question is {len(question)} characters long; at most {MAX_QUESTION}")
+        for _ in range(self.RETRIES):
+            try:
+                override = self.recorder.transact(
+                    lambda conn: self._request_info(conn, override_id, approver, roles, question))
+            except (_Conflict, IntegrityError, OperationalError):
+                continue  # a vote or an answer moved it first, or a busy SQLite writer: look again
+            except AmbiguousCommit as exc:
+                current = self.store.get(override_id)
+                asked = self.store.messages(override_id) if current is not None else []
+                if not (current is not None and current.status == OverrideStatus.NEEDS_INFO.value and asked
+                        and (asked[-1].by, asked[-1].text) == (approver, question)):
+                    raise OverrideError(503, f"{exc}; whether the question was recorded is unknown: look at "
+                                        "the request before asking again") from exc
+                override = current
+            except (StoreUnavailable, TimeoutError) as exc:
+                log.warning("a question on override %s was not recorded: %s", override_id, exc)
+                raise OverrideError(503, "the decision store is unavailable; the question was not recorded: "
+                                         "retry in a little while") from exc
+            self.holds.notify(override_id)
+            return override
+        raise OverrideError(503, "the override request is too contended to update; retry")
+
+    def _request_info(self, conn: Connection, override_id: str, approver: str, roles: frozenset[str],
+                      question: str) -> tuple[Override, list[Event]]:
+        with _session(conn) as session:
+            override = session.get(Override, override_id)
+            if override is None:
+                raise OverrideError(404, f"no override request {override_id}")
+            if override.status == OverrideStatus.NEEDS_INFO.value:
+                raise OverrideError(409, "the request already waits for the agent's answer to a question; "
+                                         "approve or deny it, or wait for the answer")
+            now = utcnow()
+            check_voter(override, approver, roles, now)
+            self.store.add_message(session, override_id, approver, MessageKind.QUESTION, question, now)
+            if not self.store.move(session, override_id, OverrideStatus.PENDING, OverrideStatus.NEEDS_INFO,
+                                   version=override.version):
+                raise _Conflict
+            session.commit()
+            announce(conn, override_id)
+            session.refresh(override)
+            session.expunge(override)
+        return override, [_event(EventKind.INFO_REQUESTED, override, actor=approver,
+                                 payload={"question": question, "roles": sorted(roles)})]
+
+    def tell_outcome(self, override: Override, *, decision_id: str) -> bool:
+        """Mark a denied or expired request's end as told to the agent (by the held call answered with it),
+        recorded as `outcome_told`; True if this caller did. The agent's retry then opens a new request."""
+        def work(conn: Connection) -> tuple[bool, list[Event]]:
+            with _session(conn) as session:
+                told = self.store.tell(session, override.id, utcnow())
+                session.commit()
+            return told, [_event(EventKind.OUTCOME_TOLD, override, decision_id=decision_id,
+                                 payload={"status": override.status, "told_on": "held call"})] if told else []
 
         return self.recorder.transact(work)
 
@@ -169,7 +275,7 @@ class OverrideWorkflow:
             return None
         override = self.store.get(override_id)
         assert override is not None  # the vote is stored, so is its request
-        return override, override.status != OverrideStatus.PENDING.value
+        return override, OverrideStatus(override.status) not in UNDECIDED
 
     def _vote(self, conn: Connection, override_id: str, approver: str, roles: frozenset[str], ballot: Ballot,
               reason: str, changes: dict[str, Any] | None = None) -> tuple[tuple[Override, bool], list[Event]]:
@@ -197,7 +303,7 @@ class OverrideWorkflow:
                 target = OverrideStatus.GRANTED
                 values.update(decided_at=now, decided_reason=reason,
                               grant_expires_at=now + timedelta(seconds=self.store.grant_ttl))
-            if not self.store.move(session, override_id, OverrideStatus.PENDING, target,
+            if not self.store.move(session, override_id, OverrideStatus(override.status), target,
                                    version=override.version, **values):
                 raise _Conflict
             session.commit()  # the session's part: the connection's transaction commits with the events
@@ -345,7 +451,9 @@ class OverrideWorkflow:
         return moved
 
 
-_EXPIRED = {OverrideStatus.PENDING: OverrideStatus.EXPIRED, OverrideStatus.GRANTED: OverrideStatus.GRANT_EXPIRED}
+_EXPIRED = {OverrideStatus.PENDING: OverrideStatus.EXPIRED, OverrideStatus.NEEDS_INFO: OverrideStatus.EXPIRED,
+            OverrideStatus.GRANTED: OverrideStatus.GRANT_EXPIRED}
+MAX_QUESTION = 2000  # characters: a question for the agent, as long as the justification it may answer with
 _EXPIRY_EVENTS = {OverrideStatus.EXPIRED: EventKind.EXPIRED, OverrideStatus.GRANT_EXPIRED: EventKind.GRANT_EXPIRED}
 # A transaction-level advisory lock, keyed by schema like the migration lock: held by one sweeping
 # process until its connection's transaction ends (the `with` in `expire_due`).
@@ -385,7 +493,7 @@ def _check_agreement(override: Override, others: set[str], changes: dict[str, An
 
 def check_voter(override: Override, approver: str, roles: frozenset[str], now: datetime) -> None:
     """Raise `OverrideError` unless `approver`, holding `roles`, may vote on `override` now."""
-    if override.status != OverrideStatus.PENDING.value:
+    if OverrideStatus(override.status) not in UNDECIDED:
         raise OverrideError(409, f"the override request is {override.status}, not pending")
     if approver == override.agent:
         raise OverrideError(403, "an approver cannot decide on a call made under their own identity")
@@ -396,6 +504,13 @@ def check_voter(override: Override, approver: str, roles: frozenset[str], now: d
         )
     if aware(override.expires_at) <= now:
         raise OverrideError(409, "the override request has expired")
+
+
+def _is_new(session: Session, store: OverrideStore, override: Override, justification: str) -> bool:
+    """Whether a retry's justification answers the question: one the request has not heard before."""
+    heard = {override.justification} | {m.text for m in store.conversation(session, override.id)
+                                        if m.kind == MessageKind.ANSWER.value}
+    return justification not in heard
 
 
 def _session(conn: Connection) -> Session:

@@ -65,6 +65,9 @@ class EventKind(StrEnum):
     # while the store fails, a row per refusal would only refill the space it needs to recover.
     STORE_REFUSALS = "store_refusals"
     GRANT_RESTORED = "grant_restored"  # a release that never reached the upstream: the grant is back
+    INFO_REQUESTED = "info_requested"  # a reviewer asked the agent a question: the request needs info
+    INFO_GIVEN = "info_given"  # the agent's retry answered it: the request is pending again
+    OUTCOME_TOLD = "outcome_told"  # the agent was told the request was denied or expired (once)
     # A reviewer's browser session on the review page began or ended (sign-in, sign-out).
     REVIEWER_SIGNED_IN = "reviewer_signed_in"
     REVIEWER_SIGNED_OUT = "reviewer_signed_out"

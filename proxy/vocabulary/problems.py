@@ -43,6 +43,7 @@ class Problem(str, Enum):
     OVERRIDE_PENDING = "override-pending"
     OVERRIDE_DENIED = "override-denied"
     OVERRIDE_EXPIRED = "override-expired"
+    OVERRIDE_NEEDS_INFO = "override-needs-info"
     RELEASE_REFUSED = "override-release-refused"
     # Decided and forwarded, and then the upstream failed it (see proxy.decision.upstream).
     UPSTREAM_UNREACHABLE = "upstream-unreachable"
@@ -125,6 +126,12 @@ CATALOGUE: dict[Problem, ProblemType] = {
     Problem.OVERRIDE_EXPIRED: ProblemType(
         "Denied by policy; the override request expired", 403,
         "The override request expired without a decision; retrying asks again."),
+    Problem.OVERRIDE_NEEDS_INFO: ProblemType(
+        "Denied by policy; a reviewer asks for more information before deciding", 403,
+        "Answer the question (in `question`): retry the identical call with your answer in "
+        "X-Agent-Justification; it is held for review again.",
+        "A reviewer asks a question before deciding (above). Tell the user the question; the identical call "
+        "sent again with the answer as its X-Agent-Justification is held for review again."),
     Problem.RELEASE_REFUSED: ProblemType("Override granted, but current policy now refuses the call", 403,
                                          _NO_RETRY),
     Problem.UPSTREAM_UNREACHABLE: ProblemType("The upstream could not be reached", 502, _NOT_RUN),

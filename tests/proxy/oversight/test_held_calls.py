@@ -237,6 +237,78 @@ def test_a_held_call_denied_gets_the_reviewers_reason(runtime: Runtime):
     assert runtime.overrides.get(override_id).status == "denied"
 
 
+def test_a_held_call_is_answered_with_the_reviewers_question_and_its_answer_is_held_again(runtime: Runtime):
+    asker = Asker(runtime, "Which customers are on i-1?")
+    asker.start()
+    asked = resolve(runtime, stop_verdict(runtime), 10, justification="instance is wedged")
+    override_id = asker.finish()
+
+    assert not asked.release and asked.override_id == override_id
+    body = asked.verdict.problem_body()
+    assert body["type"] == "urn:cedargate:problem:override-needs-info" and body["status"] == 403
+    assert body["question"] == "Which customers are on i-1?" and body["override_id"] == override_id
+    assert body["override_status"] == "needs_info" and "Which customers are on i-1?" in body["detail"]
+    assert "X-Agent-Justification" in body["next_step"]
+
+    # A retry that says nothing new hears the question again, at once.
+    again = resolve(runtime, stop_verdict(runtime), 5, justification="instance is wedged")
+    assert again.verdict.problem is Problem.OVERRIDE_NEEDS_INFO and again.override_id == override_id
+
+    # The answer makes the request pending, and this retry is held until the reviewer approves.
+    approver = Reviewer(runtime, "approve")
+    approver.start()
+    answered = resolve(runtime, stop_verdict(runtime), 10, justification="none: drained at 09:00")
+    assert approver.finish() == override_id
+    assert answered.release and answered.override_id == override_id
+    assert [(m.kind, m.text) for m in runtime.overrides.messages(override_id)] == [
+        ("question", "Which customers are on i-1?"), ("answer", "none: drained at 09:00")]
+    assert [e["kind"] for e in events(runtime, override_id)] == [
+        "override_created", "info_requested", "info_given", "approval", "grant", "release"]
+
+
+class Asker(Reviewer):
+    """A reviewer who asks the agent a question instead of deciding."""
+
+    def __init__(self, runtime: Runtime, question: str) -> None:
+        super().__init__(runtime, "ask")
+        self.question = question
+
+    def run(self) -> None:
+        try:
+            store = self.runtime.overrides
+            wait_until(lambda: store.list(status="pending"), "a pending override request", timeout=10)
+            [override] = store.list(status="pending")
+            self.override_id = override.id
+            self.runtime.workflow.request_info(override.id, "erin", self.runtime.roles_of("erin"), self.question)
+        except BaseException as exc:
+            self.error = exc
+
+
+def test_a_held_call_denied_tells_the_agent_once_and_its_retry_asks_again(runtime: Runtime):
+    reviewer = Reviewer(runtime, "deny", reason="not during the sale")
+    reviewer.start()
+    denied = resolve(runtime, stop_verdict(runtime), 5)
+    override_id = reviewer.finish()
+    assert denied.verdict.problem is Problem.OVERRIDE_DENIED
+    assert denied.verdict.problem_body()["reason"] == "not during the sale"
+    assert [e["kind"] for e in events(runtime, override_id)][-1] == "outcome_told"
+
+    again = resolve(runtime, stop_verdict(runtime), 0)
+    assert again.verdict.problem is Problem.OVERRIDE_PENDING and again.override_id != override_id
+
+
+def test_an_agent_that_did_not_wait_learns_the_denial_and_its_reason_on_its_retry(runtime: Runtime):
+    first = resolve(runtime, stop_verdict(runtime), 0)  # Prefer: respond-async
+    assert first.verdict.problem is Problem.OVERRIDE_PENDING
+    runtime.workflow.vote(first.override_id, "erin", runtime.roles_of("erin"), "deny", "not during the sale")
+
+    told = resolve(runtime, stop_verdict(runtime), 0)
+    body = told.verdict.problem_body()
+    assert (body["type"], body["override_id"]) == ("urn:cedargate:problem:override-denied", first.override_id)
+    assert body["reason"] == "not during the sale" and "not during the sale" in body["detail"]
+    assert resolve(runtime, stop_verdict(runtime), 0).override_id not in (None, first.override_id)
+
+
 def test_a_held_call_whose_request_expires_is_refused_as_expired(runtime: Runtime, policy_dir: Path):
     ops = policy_dir / "ops.cedar"
     write_policy_file(ops, ops.read_text().replace('@expires("30m")', '@expires("0s")'))
@@ -249,7 +321,10 @@ def test_a_held_call_whose_request_expires_is_refused_as_expired(runtime: Runtim
     assert not resolution.release
     assert resolution.verdict.problem is Problem.OVERRIDE_EXPIRED
     assert runtime.overrides.get(override_id).status == "expired"
-    assert [e["kind"] for e in events(runtime, override_id)] == ["override_created", "expired"]
+    # The held call told the agent how it ended: its retry asks the reviewers again.
+    assert [e["kind"] for e in events(runtime, override_id)] == ["override_created", "expired", "outcome_told"]
+    again = resolve(runtime, stop_verdict(runtime), 0)
+    assert again.verdict.problem is Problem.OVERRIDE_PENDING and again.override_id != override_id
 
 
 def test_a_grant_waits_for_the_agents_retry_when_the_held_client_went_away(runtime: Runtime):

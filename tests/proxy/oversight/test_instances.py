@@ -26,7 +26,7 @@ from test_overrides import ERIN, MANAGER, ROUNDS, THREADS, approve, open_request
 from proxy.cedar.escalation import Escalation
 from proxy.oversight import wakeups
 from proxy.oversight.holds import Holds
-from proxy.oversight.overrides import OverrideStatus, OverrideStore
+from proxy.oversight.overrides import Override, OverrideStatus, OverrideStore
 from proxy.oversight.wakeups import Wakeups
 from proxy.oversight.workflow import OverrideWorkflow
 from proxy.record.audit import AuditEntry, verify
@@ -148,12 +148,17 @@ def test_one_instance_sweeps_expiry_at_a_time(instances):
 def test_a_request_left_live_past_its_time_expires_when_its_call_comes_again(instances):
     a, _ = instances
     stale, _ = open_request(a.store, expires_in=0)  # no sweep has run: still marked pending
-    fresh, created = a.workflow.open(stop_call(), decision_id=str(uuid.uuid4()), escalation=_escalation(),
-                                     policies=[], cedar_request=_cedar_request(), revision="rev-1",
-                                     justification=None)
+    def call_again() -> tuple[Override, bool]:
+        return a.workflow.open(stop_call(), decision_id=str(uuid.uuid4()), escalation=_escalation(),
+                               policies=[], cedar_request=_cedar_request(), revision="rev-1", justification=None)
+
+    # The call's return expires it, and is told so, once; the next return asks the reviewers again.
+    told, created = call_again()
+    assert not created and (told.id, told.status) == (stale.id, "expired")
+    fresh, created = call_again()
     assert created and fresh.id != stale.id
     assert status_of(a.store, stale.id) == "expired"
-    assert [(e.kind, e.override_id) for e in _events(a)][-2:] == [("expired", stale.id),
+    assert [(e.kind, e.override_id) for e in _events(a)][-3:] == [("expired", stale.id), ("outcome_told", stale.id),
                                                                   ("override_created", fresh.id)]
 
 

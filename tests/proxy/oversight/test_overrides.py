@@ -221,8 +221,10 @@ def test_a_retry_joins_the_granted_request_until_it_is_released(store: OverrideS
     assert created and fresh.id != first.id and fresh.status == "pending"
 
 
-def test_a_call_after_its_request_expired_opens_a_new_one(store: OverrideStore):
+def test_a_call_after_its_request_expired_is_told_so_once_then_opens_a_new_one(store: OverrideStore):
     stale, _ = open_request(store, expires_in=0)
+    told, created = open_request(store)
+    assert not created and (told.id, told.status) == (stale.id, "expired") and told.outcome_told_at is not None
     fresh, created = open_request(store)
     assert created and fresh.id != stale.id
 
@@ -353,7 +355,9 @@ def test_an_unused_grant_expires(store: OverrideStore, workflow: OverrideWorkflo
     assert short_lived.expire_due() == [(override.id, "grant_expired")]
     assert status_of(store, override.id) == "grant_expired"
     assert not release(workflow, override.id)
-    # The grant is gone: the identical call is a new request.
+    # The grant is gone: the identical call is told so, once, then is a new request.
+    told, created = open_request(store)
+    assert not created and (told.id, told.status) == (override.id, "grant_expired")
     fresh, created = open_request(store)
     assert created and fresh.id != override.id
 

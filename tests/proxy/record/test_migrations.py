@@ -518,3 +518,40 @@ def test_a_0004_database_gains_the_session_and_tool_of_each_decision_keeping_its
     assert OverrideStore(database).get("ovr-old") is not None
     checked = audit.verify(database)
     assert checked.ok and checked.rows_checked == 2
+
+
+def test_a_database_at_0005_upgrades_to_override_conversations_and_keeps_its_requests(database: SAEngine):
+    """Revision 0006 adds the requests' conversations, counts needs_info as live, and marks the ends of
+    requests decided before it as told, so an old denial never surfaces on an agent's next call; a
+    pending request stays pending, with nothing told and nothing said yet."""
+    make_0_1_0_database(database)
+    add_0_1_0_rows(database)  # ovr-old: pending, fingerprint f1
+    migrate_to(database, "0005")
+    with database.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO overrides SELECT 'ovr-denied', 'f2', 'denied', version, agent, method, url, host, path,"
+            " action, resource, headers, body, body_sha256, cedar_request, policies, requirements, policy_revision,"
+            " decision_id, justification, created_at, expires_at, :at, 'not now', grant_expires_at, released_at,"
+            " release_decision_id, changes FROM overrides WHERE id = 'ovr-old'"), {"at": AT.replace(hour=13)})
+    assert "override_messages" not in inspect(database).get_table_names()
+
+    assert migrate(database) == head_revision()
+    with database.connect() as conn:
+        assert schema_differences(conn, _models()) == []
+    overrides = OverrideStore(database)
+    pending, denied = overrides.get("ovr-old"), overrides.get("ovr-denied")
+    assert pending is not None and (pending.status, pending.outcome_told_at) == ("pending", None)
+    assert pending.body == b'{"force": true}' and [v.approver for v in overrides.votes("ovr-old")] == ["alice"]
+    assert denied is not None and denied.outcome_told_at is not None
+    assert denied.outcome_told_at.replace(tzinfo=None) == AT.replace(hour=13, tzinfo=None)
+    assert overrides.messages("ovr-old") == []
+
+    with database.begin() as conn:  # a question asked, as the workflow asks it
+        conn.execute(text("UPDATE overrides SET status = 'needs_info' WHERE id = 'ovr-old'"))
+        conn.execute(text("INSERT INTO override_messages (override_id, at, by, kind, text)"
+                          " VALUES ('ovr-old', :at, 'alice', 'question', 'why?')"), {"at": AT})
+    assert [(m.kind, m.text) for m in overrides.messages("ovr-old")] == [("question", "why?")]
+    # A request waiting for the agent's answer is its call's one live request.
+    with pytest.raises(Exception, match="ux_overrides_live_fingerprint|UNIQUE constraint failed"):
+        with database.begin() as conn:
+            conn.execute(text("UPDATE overrides SET status = 'pending', fingerprint = 'f1' WHERE id = 'ovr-denied'"))
