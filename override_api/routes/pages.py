@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import APIRouter
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, RedirectResponse
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 
@@ -21,6 +21,31 @@ router = APIRouter(include_in_schema=False)
 def _page(name: str) -> FileResponse:
     # Never cached: a page from before an upgrade must not run against the new API.
     return FileResponse(STATIC / name, media_type="text/html; charset=utf-8", headers={"Cache-Control": "no-store"})
+
+
+@router.get("/")
+def root() -> RedirectResponse:
+    return RedirectResponse("/inbox")
+
+
+@router.get("/inbox")
+def inbox() -> FileResponse:
+    return _page("inbox.html")
+
+
+@router.get("/inbox/sign-in")
+def sign_in() -> FileResponse:
+    return _page("sign-in.html")
+
+
+@router.get("/inbox/requests/{override_id}")
+def one_request(override_id: str) -> FileResponse:
+    return _page("request.html")
+
+
+@router.get("/inbox/history")
+def history() -> FileResponse:
+    return _page("history.html")
 
 
 @router.get("/docs")

@@ -8,11 +8,16 @@ One cedargate and one browser for the module, so it stays quick; each test escal
 
 from __future__ import annotations
 
+import json
 import shutil
+import ssl
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
-from e2e_support import Cedargate, start_cedargate, write_config
+from e2e_support import APPROVERS, Cedargate, Upstream, start_cedargate, write_config
 from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
@@ -50,3 +55,184 @@ def test_the_api_docs_render_offline_from_the_apis_own_files(gate: Cedargate, br
     assert loaded and all(url.startswith(gate.api_url) for url in loaded), loaded
     errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
     assert errors == []  # no script blocked by the content security policy, nothing failed to load
+
+
+# --- the reviewer's session and the held calls ---------------------------------------------------------
+
+
+def agent_client(gate: Cedargate, **kwargs) -> httpx.Client:
+    return httpx.Client(proxy=gate.proxy_url, verify=ssl.create_default_context(cafile=gate.ca_cert),
+                        timeout=60, **kwargs)
+
+
+def api(gate: Cedargate, method: str, path: str, approver: str = "erin", **kwargs) -> httpx.Response:
+    return httpx.request(method, f"{gate.api_url}{path}", timeout=10,
+                         headers={"Authorization": f"Bearer {APPROVERS[approver][0]}"}, **kwargs)
+
+
+def stop_url(upstream: Upstream, instance: str) -> str:
+    """A production instance's stop: held for an engineering manager (erin)."""
+    return f"http://127.0.0.1:{upstream.http_port}/v1/instances/{instance}/stop"
+
+
+def opened(gate: Cedargate, url: str, approver: str = "erin", timeout: float = 15.0) -> dict:
+    """The override request opened for the call to `url`, once it is."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [o for o in api(gate, "GET", "/overrides?limit=1000", approver).json() if o["url"] == url]
+        if found:
+            return found[0]
+        time.sleep(0.05)
+    raise AssertionError(f"no override request for {url}")
+
+
+def signed_in(browser: webdriver.Chrome, gate: Cedargate, approver: str = "erin") -> None:
+    """The browser signed in as `approver` through the sign-in page (signing out whoever was)."""
+    browser.delete_all_cookies()
+    browser.get(f"{gate.api_url}/inbox")
+    wait_for(browser, "#token")  # no session: the inbox sent the browser to sign in
+    assert browser.current_url == f"{gate.api_url}/inbox/sign-in?next=%2Finbox"
+    browser.find_element(By.ID, "token").send_keys(APPROVERS[approver][0])
+    browser.find_element(By.CSS_SELECTOR, "#sign-in button").click()
+    WebDriverWait(browser, 15).until(lambda b: b.current_url == f"{gate.api_url}/inbox")
+    WebDriverWait(browser, 15).until(lambda b: b.find_element(By.ID, "approver").text == approver)
+
+
+def inbox_row(browser: webdriver.Chrome, override_id: str, timeout: float = 15.0):
+    """The inbox's row for the request, once the page's polling shows it."""
+    wait_for(browser, f'tr.request-row[data-id="{override_id}"]', timeout)
+    return browser.find_element(By.CSS_SELECTOR, f'tr.request-row[data-id="{override_id}"]')
+
+
+def open_request(browser: webdriver.Chrome, gate: Cedargate, override_id: str) -> None:
+    browser.get(f"{gate.api_url}/inbox/requests/{override_id}")
+    wait_for(browser, "#status")
+
+
+def decide(browser: webdriver.Chrome, button: str, *, reason: str = "", question: str = "") -> str:
+    """Click a decision button (with the reason or question typed first); the page's answer."""
+    if reason:
+        browser.find_element(By.ID, "reason").send_keys(reason)
+    if question:
+        browser.find_element(By.ID, "question").send_keys(question)
+    browser.find_element(By.ID, button).click()
+    result = browser.find_element(By.ID, "decide-result")
+    WebDriverWait(browser, 15).until(lambda b: result.text)
+    return result.text
+
+
+def test_a_reviewer_signs_in_sees_the_held_call_in_context_and_approves_it_once(
+        gate: Cedargate, browser: webdriver.Chrome, upstream: Upstream):
+    url = stop_url(upstream, "i-approve")
+    with ThreadPoolExecutor(1) as pool, agent_client(gate) as http:
+        held = pool.submit(http.post, url, json={"grace": 30, "notify": ["oncall"]},
+                           headers={"X-Agent-Justification": "instance is wedged, paging did not help",
+                                    "X-Agent-Confidence": "0.9", "X-Agent-Session": "incident-42"})
+        request = opened(gate, url)
+        signed_in(browser, gate)
+
+        row = inbox_row(browser, request["id"])
+        assert row.find_element(By.CSS_SELECTOR, ".agent").text == "ops-bot"
+        assert row.find_element(By.CSS_SELECTOR, ".what").text == "post"
+        assert row.find_element(By.CSS_SELECTOR, ".target").text == (
+            f"POST 127.0.0.1:{upstream.http_port}/v1/instances/i-approve/stop")
+        assert row.find_element(By.CSS_SELECTOR, ".time-left").text.endswith(" s")  # 30 min left: "29 min 59 s"
+        row.find_element(By.CSS_SELECTOR, ".what a").click()
+
+        wait_for(browser, "#status")
+        assert browser.current_url == f"{gate.api_url}/inbox/requests/{request['id']}"
+        assert browser.find_element(By.ID, "status").text == "pending"
+        call = browser.find_element(By.ID, "call").text
+        assert f"POST {url}" in call
+        assert json.loads(browser.find_element(By.ID, "body").text) == {"grace": 30, "notify": ["oncall"]}
+        assert "\n  " in browser.find_element(By.ID, "body").text  # pretty-printed
+        assert "proxy-authorization" not in call.lower()
+        why = browser.find_element(By.ID, "why").text
+        assert '@id("protect-production-instances")' in why
+        assert "Stopping an instance on a production-critical host needs a human decision." in why
+        told = browser.find_element(By.ID, "agent").text
+        assert "instance is wedged, paging did not help" in told and "0.9" in told and "incident-42" in told
+        assert upstream_calls(upstream, "i-approve") == []  # held, not forwarded
+
+        assert decide(browser, "approve", reason="checked with on-call") == (
+            "Approved — the request is now granted.")
+        response = held.result(timeout=30)
+    assert response.status_code == 200
+    assert upstream_calls(upstream, "i-approve") == [b'{"grace":30,"notify":["oncall"]}']
+    WebDriverWait(browser, 15).until(lambda b: b.find_element(By.ID, "status").text == "released")
+    assert "erin approved: checked with on-call" in browser.find_element(By.ID, "votes").text
+
+
+def upstream_calls(upstream: Upstream, instance: str) -> list[bytes]:
+    return [c.body for c in upstream.calls if f"/{instance}/" in c.path]
+
+
+def test_a_denial_with_its_reason_is_what_the_agent_is_told(
+        gate: Cedargate, browser: webdriver.Chrome, upstream: Upstream):
+    url = stop_url(upstream, "i-deny")
+    with ThreadPoolExecutor(1) as pool, agent_client(gate) as http:
+        held = pool.submit(http.post, url, json={"grace": 0})
+        request = opened(gate, url)
+        signed_in(browser, gate)
+        open_request(browser, gate, request["id"])
+
+        assert decide(browser, "deny") == "Say why you deny it: the agent is told your reason."
+        assert api(gate, "GET", f"/overrides/{request['id']}").json()["status"] == "pending"
+        assert decide(browser, "deny", reason="not during the sale, try after 18:00") == (
+            "Denied — the request is now denied.")
+        response = held.result(timeout=30)
+    assert response.status_code == 403
+    problem = response.json()
+    assert problem["type"] == "urn:cedargate:problem:override-denied"
+    assert "not during the sale, try after 18:00" in problem["detail"]
+    assert upstream_calls(upstream, "i-deny") == []
+
+
+def test_a_change_without_the_csrf_token_is_refused(gate: Cedargate, browser: webdriver.Chrome, upstream: Upstream):
+    url = stop_url(upstream, "i-csrf")
+    with agent_client(gate, headers={"Prefer": "respond-async"}) as http:
+        assert http.post(url).status_code == 403
+    request = opened(gate, url)
+    signed_in(browser, gate)
+    # What a script would send with the cookie alone: the browser adds the cookie, Origin and Sec-Fetch-Site.
+    answer = browser.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "fetch(arguments[0], {method: 'POST', credentials: 'same-origin',"
+        " headers: {'Content-Type': 'application/json'}, body: JSON.stringify({reason: 'sure'})})"
+        ".then(r => r.json().then(b => done([r.status, b.detail])));",
+        f"/overrides/{request['id']}/approve")
+    assert answer[0] == 403 and answer[1].startswith("missing or wrong X-CSRF-Token")
+    assert api(gate, "GET", f"/overrides/{request['id']}").json()["status"] == "pending"
+
+
+def test_another_roles_request_is_not_shown(gate: Cedargate, browser: webdriver.Chrome, upstream: Upstream):
+    stop, volume = stop_url(upstream, "i-roles"), f"http://localhost:{upstream.http_port}/v1/volumes/vol-roles"
+    with agent_client(gate, headers={"Prefer": "respond-async"}) as http:
+        assert http.post(stop).status_code == 403
+        assert http.delete(volume).status_code == 403
+    mine, theirs = opened(gate, stop), opened(gate, volume, approver="sam")
+    signed_in(browser, gate)
+
+    inbox_row(browser, mine["id"])
+    shown = {row.get_attribute("data-id") for row in browser.find_elements(By.CSS_SELECTOR, "tr.request-row")}
+    assert mine["id"] in shown and theirs["id"] not in shown
+    browser.get(f"{gate.api_url}/inbox/requests/{theirs['id']}")
+    WebDriverWait(browser, 15).until(lambda b: b.find_element(By.ID, "error").text)
+    assert browser.find_element(By.ID, "error").text == f"no override request {theirs['id']}"
+
+
+def test_agent_controlled_text_with_html_stays_text(gate: Cedargate, browser: webdriver.Chrome, upstream: Upstream):
+    markup = '<img src=x id=injected onerror="document.title=1"><b class="injected">bold</b>'
+    url = stop_url(upstream, "i-markup")
+    with agent_client(gate, headers={"Prefer": "respond-async"}) as http:
+        assert http.post(url, json={"note": markup},
+                         headers={"X-Agent-Justification": markup, "X-Note": markup}).status_code == 403
+    request = opened(gate, url)
+    signed_in(browser, gate)
+    open_request(browser, gate, request["id"])
+
+    assert markup in browser.find_element(By.ID, "agent").text
+    assert markup in browser.find_element(By.ID, "call").text  # the header
+    assert json.loads(browser.find_element(By.ID, "body").text) == {"note": markup}
+    assert browser.find_elements(By.CSS_SELECTOR, "#injected, .injected, main img") == []
+    assert browser.title != "1"

@@ -1,0 +1,601 @@
+// The review page: sign-in, the inbox, one request, history. Plain script, no build step, no dependency.
+//
+// Everything an agent controls (URLs, headers, bodies, arguments, justifications, answers) reaches the
+// page as data and is put in with textContent (through `el`), never as markup: no innerHTML anywhere.
+// Changes are sent with the session cookie and the session's CSRF token (X-CSRF-Token).
+"use strict";
+
+const UNDECIDED = ["pending", "needs_info"];
+const POLL_MS = 3000;
+let csrfToken = "";
+
+// --- building the page ------------------------------------------------------------------------------
+
+// An element with properties (className, href, title, hidden, dataset...) and children: strings become
+// text nodes, so nothing given here is ever parsed as HTML.
+function el(tag, props, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(props || {})) {
+    if (value === undefined || value === null) continue;
+    if (key === "dataset") Object.assign(node.dataset, value);
+    else if (key === "href") node.setAttribute("href", safeHref(value));
+    else node[key] = value;
+  }
+  for (const child of children.flat(Infinity)) {
+    if (child === undefined || child === null || child === false) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+// Links go only to this page's own paths: an id with odd characters is encoded, never a scheme.
+function safeHref(path) {
+  return typeof path === "string" && path.startsWith("/") && !path.startsWith("//") ? path : "#";
+}
+
+function requestHref(id) {
+  return "/inbox/requests/" + encodeURIComponent(id);
+}
+
+function fill(container, ...children) {
+  container.replaceChildren(...children.flat(Infinity).filter((c) => c !== null && c !== undefined));
+}
+
+function $(selector) {
+  return document.querySelector(selector);
+}
+
+// --- the API ----------------------------------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, detail) {
+    super(detail);
+    this.status = status;
+  }
+}
+
+async function api(method, path, body) {
+  const headers = { Accept: "application/json" };
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  if (method !== "GET") headers["X-CSRF-Token"] = csrfToken;
+  const response = await fetch(path, {
+    method, headers, credentials: "same-origin", cache: "no-store",
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  if (response.status === 204) return null;
+  const data = await response.json().catch(() => null);
+  if (!response.ok) {
+    if (response.status === 401 && document.body.dataset.page !== "sign-in") toSignIn();
+    throw new ApiError(response.status, (data && data.detail) || response.statusText);
+  }
+  return data;
+}
+
+// The same, for a route another part of cedargate may not serve yet: null when it is not there.
+async function optional(path) {
+  try {
+    return await api("GET", path);
+  } catch (error) {
+    if (error.status === 404 || error.status === 405) return null;
+    throw error;
+  }
+}
+
+function toSignIn() {
+  const next = location.pathname + location.search;
+  location.assign("/inbox/sign-in?next=" + encodeURIComponent(next));
+}
+
+async function session() {
+  const current = await api("GET", "/session");
+  csrfToken = current.csrf_token;
+  return current;
+}
+
+function header(current) {
+  const bar = $("#bar");
+  if (!bar) return;
+  const signOut = el("button", { type: "button", id: "sign-out", className: "link" }, "Sign out");
+  signOut.addEventListener("click", async () => {
+    await api("DELETE", "/session").catch(() => null);
+    location.assign("/inbox/sign-in");
+  });
+  fill(bar,
+    el("span", { className: "brand" }, "cedargate · review"),
+    el("nav", {},
+      el("a", { href: "/inbox" }, "Inbox"),
+      el("a", { href: "/inbox/history" }, "History"),
+      el("a", { href: "/docs" }, "API docs")),
+    el("span", { className: "who" },
+      el("span", { id: "approver" }, current.approver),
+      el("span", { className: "roles" }, " (" + current.roles.join(", ") + ")"),
+      signOut));
+}
+
+// --- shared pieces of a request -----------------------------------------------------------------------
+
+// The tool's name whether the list gives it as a name (its summary) or as {server, name, arguments}.
+function toolName(o) {
+  if (!o.tool) return null;
+  return typeof o.tool === "string" ? o.tool : o.tool.name;
+}
+
+function whatItDoes(o) {
+  const tool = toolName(o);
+  if (tool) return tool;
+  const action = String(o.action || "").replace(/^Action::"(.*)"$/, "$1");
+  return action || o.method;
+}
+
+function target(o) {
+  try {
+    const url = new URL(o.url);
+    return url.host + url.pathname;
+  } catch (error) {
+    return o.url || o.resource || "";
+  }
+}
+
+function shortValue(value) {
+  if (value && typeof value === "object" && value.__extn) return String(value.__extn.arg);
+  const text = typeof value === "string" ? value : JSON.stringify(value);
+  return text.length > 80 ? text.slice(0, 79) + "…" : text;
+}
+
+function keyArguments(o) {
+  let args = o.key_arguments;
+  if (!args && o.tool && typeof o.tool === "object") args = o.tool.arguments;
+  if (!args || typeof args !== "object") return [];
+  return Object.entries(args).slice(0, 6).map(([name, value]) =>
+    el("span", { className: "arg" }, el("span", { className: "arg-name" }, name + ": "), shortValue(value)));
+}
+
+function classification(o) {
+  const context = (o.cedar_request && o.cedar_request.context) || {};
+  const severity = o.severity || context.severity || null;
+  const reversible = o.reversible !== undefined && o.reversible !== null ? o.reversible : context.reversible;
+  const badges = [];
+  if (severity) badges.push(el("span", { className: "badge severity-" + severity.replace(/[^a-z]/g, "") }, severity));
+  if (reversible === false || reversible === "false") badges.push(el("span", { className: "badge irreversible" }, "irreversible"));
+  return badges;
+}
+
+// The moment a request expires, on this browser's clock: from the server's seconds_left when it gives it
+// (so a skewed clock does not matter), else from expires_at.
+function deadline(o, fetchedAt) {
+  if (typeof o.seconds_left === "number") return fetchedAt + o.seconds_left * 1000;
+  return Date.parse(o.expires_at);
+}
+
+function timeLeft(until) {
+  const seconds = Math.round((until - Date.now()) / 1000);
+  if (seconds <= 0) return "expiring";
+  if (seconds < 60) return seconds + " s";
+  if (seconds < 3600) return Math.floor(seconds / 60) + " min " + String(seconds % 60).padStart(2, "0") + " s";
+  return Math.floor(seconds / 3600) + " h " + Math.floor((seconds % 3600) / 60) + " min";
+}
+
+function tickTimers() {
+  for (const node of document.querySelectorAll("[data-deadline]")) {
+    const until = Number(node.dataset.deadline);
+    node.textContent = timeLeft(until);
+    node.classList.toggle("urgent", until - Date.now() < 5 * 60 * 1000);
+  }
+}
+
+function votesText(o) {
+  const votes = o.votes || [];
+  if (!votes.length) return "none yet";
+  return votes.map((v) => v.approver + " " + (v.verdict === "approve" ? "✓" : "✗")).join(", ");
+}
+
+function rolesNeeded(o) {
+  if (Array.isArray(o.roles_needed)) return o.roles_needed.join(", ") || "—";
+  const roles = (o.requirements || []).flatMap((r) => r.roles || []);
+  return roles.length ? roles.join(", ") : "—";
+}
+
+function when(iso) {
+  if (!iso) return "";
+  const date = new Date(iso);
+  return isNaN(date) ? String(iso) : date.toLocaleString();
+}
+
+function showError(error) {
+  const target = $("#error");
+  if (target) target.textContent = error.message || String(error);
+}
+
+// --- sign-in ----------------------------------------------------------------------------------------
+
+function signInPage() {
+  $("#sign-in").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    $("#sign-in-error").textContent = "";
+    try {
+      await api("POST", "/session", { token: $("#token").value });
+      const next = new URLSearchParams(location.search).get("next") || "/inbox";
+      location.assign(next.startsWith("/inbox") ? next : "/inbox");
+    } catch (error) {
+      $("#sign-in-error").textContent = error.message;
+    }
+  });
+}
+
+// --- the inbox ----------------------------------------------------------------------------------------
+
+async function inboxPage() {
+  header(await session());
+  const refresh = async () => {
+    try {
+      const fetchedAt = Date.now();
+      const found = await api("GET", "/overrides?decided=false&limit=500");
+      const waiting = found.filter((o) => UNDECIDED.includes(o.status));
+      waiting.forEach((o) => { o._deadline = deadline(o, fetchedAt); });
+      waiting.sort((a, b) => a._deadline - b._deadline);
+      renderInbox(waiting);
+      $("#error").textContent = "";
+      $("#updated").textContent = "updated " + new Date().toLocaleTimeString();
+    } catch (error) {
+      showError(error);
+    }
+  };
+  await refresh();
+  setInterval(refresh, POLL_MS);
+  setInterval(tickTimers, 1000);
+}
+
+function renderInbox(waiting) {
+  $("#count").textContent = waiting.length ? String(waiting.length) : "";
+  $("#empty").hidden = waiting.length > 0;
+  fill($("#requests tbody"), waiting.map((o) => {
+    const row = el("tr", { className: "request-row" + (o.status === "needs_info" ? " needs-info" : ""),
+                           dataset: { id: o.id } },
+      el("td", {}, el("span", { className: "time-left", dataset: { deadline: String(o._deadline) } },
+                      timeLeft(o._deadline)),
+         o.status === "needs_info" ? el("span", { className: "badge asked" }, "asked the agent") : null),
+      el("td", { className: "agent" }, o.agent),
+      el("td", { className: "what" }, el("a", { href: requestHref(o.id) }, whatItDoes(o))),
+      el("td", { className: "target" }, el("span", { className: "method" }, o.method), " ", target(o)),
+      el("td", { className: "args" }, keyArguments(o)),
+      el("td", { className: "risk" }, classification(o)),
+      el("td", { className: "votes" }, votesText(o)),
+      el("td", { className: "roles" }, rolesNeeded(o)));
+    row.addEventListener("click", (event) => {
+      if (event.target.tagName !== "A") location.assign(requestHref(o.id));
+    });
+    return row;
+  }));
+  tickTimers();
+}
+
+// --- one request ----------------------------------------------------------------------------------------
+
+function requestId() {
+  return decodeURIComponent(location.pathname.split("/").pop());
+}
+
+async function requestPage() {
+  header(await session());
+  const id = requestId();
+  let shown = null;
+  const refresh = async () => {
+    try {
+      const fetchedAt = Date.now();
+      shown = await api("GET", "/overrides/" + encodeURIComponent(id));
+      renderRequest(shown, fetchedAt);
+      $("#error").textContent = "";
+    } catch (error) {
+      showError(error);
+    }
+  };
+  await refresh();
+  if (shown) {
+    renderChangeFields(shown);
+    renderContext(id).catch(showError);
+    renderAudit(id).catch(showError);
+  }
+  wireDecisions(id, async () => { await refresh(); renderAudit(id).catch(showError); });
+  setInterval(refresh, POLL_MS);
+  setInterval(tickTimers, 1000);
+}
+
+function definitionList(pairs) {
+  return el("dl", {}, pairs.filter(([, value]) => value !== undefined && value !== null && value !== "")
+    .map(([term, value]) => [el("dt", {}, term), el("dd", {}, value)]));
+}
+
+function renderRequest(o, fetchedAt) {
+  document.title = whatItDoes(o) + " · cedargate review";
+  const undecided = UNDECIDED.includes(o.status);
+  fill($("#summary"),
+    el("h1", {}, el("span", { id: "what" }, whatItDoes(o)), " ",
+       el("span", { className: "status status-" + o.status, id: "status" }, o.status.replace("_", " "))),
+    el("p", { className: "lead" },
+      el("span", { className: "agent" }, o.agent), " wants to ",
+      el("span", { className: "method" }, o.method), " ", el("span", { className: "target" }, target(o)), " ",
+      classification(o),
+      undecided ? [" · ", el("span", { className: "time-left", dataset: { deadline: String(deadline(o, fetchedAt)) } },
+                             timeLeft(deadline(o, fetchedAt))), " left"] : null));
+
+  const policies = (o.policies || []).map((p) => el("div", { className: "policy" },
+    el("code", { className: "policy-id" }, "@id(\"" + p.id + "\")"),
+    p.reason ? el("p", { className: "policy-reason" }, p.reason) : null));
+  const requirements = (o.requirements || []).map((r) => el("li", {},
+    (r.approvals || 1) + " approval(s) from " + (r.roles || []).join(" + ") + " (policy " + r.policy_id + ")"));
+  fill($("#why .content"),
+    el("p", {}, "A forbid policy that a human may lift matched this call, so it was held for a decision."),
+    policies,
+    requirements.length ? el("ul", {}, requirements) : null,
+    definitionList([["Policy revision", el("code", {}, String(o.policy_revision || "").slice(0, 12))],
+                    ["Decision id", el("code", {}, o.decision_id)],
+                    ["Opened", when(o.created_at)], ["Expires", when(o.expires_at)]]));
+
+  fill($("#call .content"), renderCall(o));
+
+  const context = (o.cedar_request && o.cedar_request.context) || {};
+  const told = context.agent || {};
+  fill($("#agent .content"), definitionList([
+    ["Agent", o.agent],
+    ["Justification", o.justification || told.justification || el("em", {}, "none given")],
+    ["Confidence", told.confidence !== undefined ? shortValue(told.confidence) : el("em", {}, "not stated")],
+    ["Session", told.session || el("em", {}, "not stated")],
+  ]));
+
+  const conversation = o.conversation || [];
+  fill($("#conversation .content"), conversation.length
+    ? el("ol", { className: "conversation" }, conversation.map((turn) => el("li", { className: "turn " + turn.kind },
+        el("span", { className: "turn-by" }, (turn.kind === "question" ? "Question from " : "Answer from ") + turn.by),
+        el("span", { className: "turn-at" }, when(turn.at)),
+        el("p", { className: "turn-text" }, turn.text))))
+    : el("p", { className: "hint" }, "No questions asked yet."));
+
+  fill($("#votes .content"), (o.votes || []).length
+    ? el("ul", { className: "vote-list" }, o.votes.map((v) => el("li", {},
+        el("strong", {}, v.approver), " ", v.verdict === "approve" ? "approved" : "denied", ": ",
+        el("span", { className: "vote-reason" }, v.reason), el("span", { className: "hint" }, " " + when(v.at)))))
+    : el("p", { className: "hint" }, "No votes yet."),
+    el("p", {}, "Roles still needed: " + rolesNeeded(o)));
+
+  $("#decision").hidden = !undecided;
+  const decided = $("#decided");
+  decided.hidden = undecided;
+  if (!undecided) {
+    decided.textContent = "This request is " + o.status.replace("_", " ")
+      + (o.decided_reason ? ": " + o.decided_reason : "") + (o.decided_at ? " (" + when(o.decided_at) + ")" : "");
+  }
+}
+
+function prettyBody(o) {
+  const body = o.body || "";
+  try {
+    return JSON.stringify(JSON.parse(body), null, 2);
+  } catch (error) {
+    return body;
+  }
+}
+
+function renderCall(o) {
+  const headers = Object.entries(o.headers || {});
+  const parts = [
+    el("p", { className: "request-line" }, el("span", { className: "method" }, o.method), " ",
+       el("code", { className: "url" }, o.url)),
+  ];
+  if (o.tool && typeof o.tool === "object") {
+    parts.push(el("h3", {}, "MCP tool"),
+      definitionList([["Server", o.tool.server], ["Tool", el("code", { id: "tool-name" }, o.tool.name)]]),
+      el("table", { className: "arguments" }, el("tbody", {}, Object.entries(o.tool.arguments || {}).map(([k, v]) =>
+        el("tr", {}, el("th", {}, k), el("td", {}, el("code", {}, typeof v === "string" ? v : JSON.stringify(v))))))));
+  }
+  parts.push(el("h3", {}, "Headers"),
+    headers.length ? el("table", { className: "headers" }, el("tbody", {}, headers.map(([k, v]) =>
+      el("tr", {}, el("th", {}, k), el("td", {}, el("code", {}, v)))))) : el("p", { className: "hint" }, "none"),
+    el("h3", {}, "Body"),
+    o.body ? el("pre", { className: "body", id: "body" }, prettyBody(o)) : el("p", { className: "hint" }, "empty"));
+  if (o.changes && Object.keys(o.changes).length) {
+    parts.push(el("h3", {}, "Changed by the reviewer"), definitionList(Object.entries(o.changes).map(([k, v]) =>
+      [k, shortValue(v)])));
+  }
+  return parts;
+}
+
+async function renderContext(id) {
+  const context = await optional("/overrides/" + encodeURIComponent(id) + "/context");
+  if (context === null) {
+    fill($("#recent .content"), el("p", { className: "hint" }, "Not available from this server."));
+    fill($("#similar .content"), el("p", { className: "hint" }, "Not available from this server."));
+    return;
+  }
+  const recent = context.recent_calls || context.recent || [];
+  fill($("#recent .content"), recent.length
+    ? rowsTable(recent, ["at", "method", "url", "action", "decision", "outcome", "upstream_status"])
+    : el("p", { className: "hint" }, "No other calls in this session."));
+  const similar = context.similar || context.similar_requests || [];
+  fill($("#similar .content"), similar.length
+    ? el("ul", { className: "similar" }, similar.map((s) => el("li", {},
+        el("a", { href: requestHref(s.id) }, whatItDoes(s)), " — ",
+        el("span", { className: "status status-" + s.status }, String(s.status || "")),
+        s.decided_reason ? [": ", s.decided_reason] : null,
+        el("span", { className: "hint" }, " " + when(s.decided_at || s.created_at)))))
+    : el("p", { className: "hint" }, "No similar request was decided before."));
+  const live = context.policy_revision_live !== undefined ? context.policy_revision_live : context.revision_live;
+  if (live === false) {
+    $("#revision-warning").textContent =
+      "The policies have changed since this call was held: this revision is no longer live.";
+    $("#revision-warning").hidden = false;
+  }
+}
+
+// A table of plain rows, with the columns among `preferred` that any row has (values as text).
+function rowsTable(rows, preferred) {
+  const columns = preferred.filter((c) => rows.some((r) => r[c] !== undefined && r[c] !== null));
+  return el("table", { className: "rows" },
+    el("thead", {}, el("tr", {}, columns.map((c) => el("th", {}, c.replace("_", " "))))),
+    el("tbody", {}, rows.map((r) => el("tr", {}, columns.map((c) => el("td", {},
+      c === "at" ? when(r[c]) : shortValue(r[c] === undefined || r[c] === null ? "" : r[c])))))));
+}
+
+async function renderAudit(id) {
+  const rows = await optional("/overrides/" + encodeURIComponent(id) + "/audit");
+  if (rows === null) {
+    fill($("#audit .content"), el("p", { className: "hint" }, "Not available from this server."));
+    return;
+  }
+  const list = Array.isArray(rows) ? rows : rows.rows || rows.events || [];
+  fill($("#audit .content"), list.length ? rowsTable(list, ["seq", "at", "kind", "actor", "agent", "hash"])
+    : el("p", { className: "hint" }, "No audit rows."));
+}
+
+// Approve with changes: a typed input for each field the reviewer may change (`editable_fields`).
+function renderChangeFields(o) {
+  const fields = o.editable_fields || [];
+  const container = $("#changes");
+  if (!Array.isArray(fields) || !fields.length) return;
+  container.append(el("h3", {}, "Change before approving"));
+  for (const field of fields) {
+    const name = field.name || field.field;
+    const type = String(field.type || "String");
+    const numeric = /^(long|decimal|integer|number|int|float)$/i.test(type);
+    const boolean = /^bool/i.test(type);
+    const input = el("input", {
+      id: "change-" + name, name, className: "change-field",
+      type: boolean ? "checkbox" : numeric ? "number" : "text",
+      step: numeric && !/long|int/i.test(type) ? "any" : undefined,
+    });
+    input.dataset.type = type;
+    input.dataset.original = JSON.stringify(field.value === undefined ? null : field.value);
+    if (boolean) input.checked = field.value === true;
+    else if (field.value !== undefined && field.value !== null) input.value = shortValue(field.value);
+    container.append(el("label", { htmlFor: "change-" + name }, name + " (" + type + ")"), input);
+  }
+  $("#approve-changes").hidden = false;
+}
+
+function changedFields() {
+  const changes = {};
+  for (const input of document.querySelectorAll(".change-field")) {
+    const type = input.dataset.type;
+    let value;
+    if (input.type === "checkbox") value = input.checked;
+    else if (/long|int/i.test(type)) value = Number.parseInt(input.value, 10);
+    else if (/decimal|number|float/i.test(type)) value = /decimal/i.test(type) ? input.value.trim() : Number(input.value);
+    else value = input.value;
+    const original = JSON.parse(input.dataset.original);
+    if (JSON.stringify(value) !== JSON.stringify(original) && String(value) !== shortValue(original)) {
+      changes[input.name] = value;
+    }
+  }
+  return changes;
+}
+
+function wireDecisions(id, refresh) {
+  const result = $("#decide-result");
+  const path = (verb) => "/overrides/" + encodeURIComponent(id) + "/" + verb;
+  const run = async (label, send) => {
+    result.textContent = "";
+    result.className = "result";
+    for (const button of document.querySelectorAll("#decision button")) button.disabled = true;
+    try {
+      const after = await send();
+      result.textContent = label + " — the request is now " + String(after && after.status || "updated").replace("_", " ") + ".";
+      result.classList.add("ok");
+      await refresh();
+    } catch (error) {
+      result.textContent = error.message;
+      result.classList.add("error");
+    } finally {
+      for (const button of document.querySelectorAll("#decision button")) button.disabled = false;
+    }
+  };
+  const reason = () => $("#reason").value.trim();
+  $("#approve").addEventListener("click", () => run("Approved",
+    () => api("POST", path("approve"), { reason: reason() || "approved on the review page" })));
+  $("#approve-changes").addEventListener("click", () => {
+    const changes = changedFields();
+    if (!Object.keys(changes).length) {
+      result.textContent = "Change a value first, or use Approve.";
+      result.className = "result error";
+      return;
+    }
+    run("Approved with changes", () => api("POST", path("approve"),
+      { reason: reason() || "approved with changes on the review page", changes }));
+  });
+  $("#deny").addEventListener("click", () => {
+    if (!reason()) {
+      result.textContent = "Say why you deny it: the agent is told your reason.";
+      result.className = "result error";
+      $("#reason").focus();
+      return;
+    }
+    run("Denied", () => api("POST", path("deny"), { reason: reason() }));
+  });
+  $("#ask").addEventListener("click", () => {
+    const question = $("#question").value.trim();
+    if (!question) {
+      result.textContent = "Write the question the agent should answer.";
+      result.className = "result error";
+      $("#question").focus();
+      return;
+    }
+    run("Asked the agent", async () => {
+      const after = await api("POST", path("request-info"), { question });
+      $("#question").value = "";
+      return after;
+    });
+  });
+}
+
+// --- history --------------------------------------------------------------------------------------------
+
+async function historyPage() {
+  header(await session());
+  const form = $("#filters");
+  const params = new URLSearchParams(location.search);
+  for (const name of ["status", "agent", "action", "policy"]) {
+    if (params.get(name)) form.elements[name].value = params.get(name);
+  }
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const chosen = new URLSearchParams();
+    for (const name of ["status", "agent", "action", "policy"]) {
+      const value = form.elements[name].value.trim();
+      if (value) chosen.set(name, value);
+    }
+    history.replaceState(null, "", "/inbox/history" + (chosen.toString() ? "?" + chosen : ""));
+    loadHistory(chosen).catch(showError);
+  });
+  await loadHistory(params).catch(showError);
+}
+
+async function loadHistory(filters) {
+  const query = new URLSearchParams({ decided: "true", limit: "200" });
+  for (const [name, value] of filters) if (["status", "agent", "action", "policy"].includes(name)) query.set(name, value);
+  const found = await api("GET", "/overrides?" + query);
+  // Only what a human decided (or that ran out): a server without the `decided` filter lists all.
+  let decided = found.filter((o) => !UNDECIDED.includes(o.status));
+  // The summary may leave out who decided and why: read those rows whole.
+  decided = await Promise.all(decided.map((o) => (o.votes && "decided_reason" in o)
+    ? o : api("GET", "/overrides/" + encodeURIComponent(o.id)).catch(() => o)));
+  decided.sort((a, b) => Date.parse(b.decided_at || b.created_at) - Date.parse(a.decided_at || a.created_at));
+  $("#empty").hidden = decided.length > 0;
+  fill($("#history tbody"), decided.map((o) => el("tr", { className: "history-row", dataset: { id: o.id } },
+    el("td", {}, when(o.decided_at || o.expires_at)),
+    el("td", {}, el("span", { className: "status status-" + o.status }, o.status.replace("_", " "))),
+    el("td", { className: "agent" }, o.agent),
+    el("td", { className: "what" }, el("a", { href: requestHref(o.id) }, whatItDoes(o))),
+    el("td", { className: "target" }, el("span", { className: "method" }, o.method), " ", target(o)),
+    el("td", { className: "who" }, (o.votes || []).map((v) => v.approver).join(", ") || "—"),
+    el("td", { className: "why" }, o.decided_reason || (o.votes || []).map((v) => v.reason).join("; ") || "—"),
+    el("td", { className: "changed" }, o.changes && Object.keys(o.changes).length
+      ? Object.entries(o.changes).map(([k, v]) => k + " → " + shortValue(v)).join(", ") : "—"),
+    el("td", {}, el("a", { href: requestHref(o.id) + "#audit" }, "audit")))));
+}
+
+// --- start ------------------------------------------------------------------------------------------------
+
+const PAGES = { "sign-in": signInPage, inbox: inboxPage, request: requestPage, history: historyPage };
+
+document.addEventListener("DOMContentLoaded", () => {
+  const page = PAGES[document.body.dataset.page];
+  if (page) Promise.resolve(page()).catch(showError);
+});
