@@ -1,7 +1,7 @@
 // The review page: sign-in, the inbox, one request, history. Plain script, no build step, no dependency.
 //
 // Everything an agent controls (URLs, headers, bodies, arguments, justifications, answers) reaches the
-// page as data and is put in with textContent (through `el`), never as markup: no innerHTML anywhere.
+// page as data and is put in as text nodes (through `el`), never as markup: nothing here parses HTML.
 // Changes are sent with the session cookie and the session's CSRF token (X-CSRF-Token).
 "use strict";
 
