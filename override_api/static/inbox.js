@@ -81,6 +81,11 @@ async function optional(path) {
   }
 }
 
+// A listing's requests, whether the API answers with a list or with a page of them ({items: [...]}).
+function listed(answer) {
+  return Array.isArray(answer) ? answer : (answer && answer.items) || [];
+}
+
 function toSignIn() {
   const next = location.pathname + location.search;
   location.assign("/inbox/sign-in?next=" + encodeURIComponent(next));
@@ -229,7 +234,7 @@ async function inboxPage() {
   const refresh = async () => {
     try {
       const fetchedAt = Date.now();
-      const found = await api("GET", "/overrides?decided=false&limit=500");
+      const found = listed(await api("GET", "/overrides?decided=false&limit=500"));
       const waiting = found.filter((o) => UNDECIDED.includes(o.status));
       waiting.forEach((o) => { o._deadline = deadline(o, fetchedAt); });
       waiting.sort((a, b) => a._deadline - b._deadline);
@@ -478,7 +483,8 @@ function changedFields() {
     let value;
     if (input.type === "checkbox") value = input.checked;
     else if (/long|int/i.test(type)) value = Number.parseInt(input.value, 10);
-    else if (/decimal|number|float/i.test(type)) value = /decimal/i.test(type) ? input.value.trim() : Number(input.value);
+    // A Decimal is sent as a JSON number, as the call's own body has it.
+    else if (/decimal|number|float/i.test(type)) value = Number(input.value);
     else value = input.value;
     const original = JSON.parse(input.dataset.original);
     if (JSON.stringify(value) !== JSON.stringify(original) && String(value) !== shortValue(original)) {
@@ -570,7 +576,7 @@ async function historyPage() {
 async function loadHistory(filters) {
   const query = new URLSearchParams({ decided: "true", limit: "200" });
   for (const [name, value] of filters) if (["status", "agent", "action", "policy"].includes(name)) query.set(name, value);
-  const found = await api("GET", "/overrides?" + query);
+  const found = listed(await api("GET", "/overrides?" + query));
   // Only what a human decided (or that ran out): a server without the `decided` filter lists all.
   let decided = found.filter((o) => !UNDECIDED.includes(o.status));
   // The summary may leave out who decided and why: read those rows whole.

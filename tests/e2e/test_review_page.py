@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 import shutil
 import ssl
+import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from e2e_support import APPROVERS, Cedargate, Upstream, start_cedargate, write_config
+import yaml
+from e2e_support import APPROVERS, CEDARGATE, Cedargate, Upstream, start_cedargate, write_config
 from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
@@ -25,12 +27,35 @@ from selenium.webdriver.support.ui import WebDriverWait
 from tests.conftest import BUNDLED_POLICIES
 from tests.support.browser import chromium
 
+# Refunds on the logging upstream (as `localhost`): a manifest route with typed fields, so a reviewer may
+# approve one with a changed amount. The bundled policies stay; the ops calls go to 127.0.0.1.
+REFUNDS_HOST = {"host": "localhost", "routes": [
+    {"route": "POST /v1/refunds/{order_id}", "action": "refund_order", "severity": "high", "reversible": False,
+     "fields": {"order_id": {"from": "path"}, "amount": {"from": "body", "type": "Decimal"},
+                "currency": {"from": "body", "required": False}}}]}
+REFUND_POLICIES = """
+@id("ops-refunds")
+permit (principal in Team::"ops", action == Action::"refund_order", resource);
+
+@id("refunds-over-50")
+@reason("Refunds over 50 need an engineering manager.")
+@escalate("engineering-manager")
+forbid (principal, action == Action::"refund_order", resource)
+when { context.amount.greaterThan(decimal("50.0")) };
+"""
+
 
 @pytest.fixture(scope="module")
 def gate(tmp_path_factory, upstream) -> Iterator[Cedargate]:
     root = tmp_path_factory.mktemp("review-page")
     policies = root / "policies"
     shutil.copytree(BUNDLED_POLICIES, policies, ignore=shutil.ignore_patterns("tests"))
+    manifest = yaml.safe_load((policies / "actions.yaml").read_text())
+    manifest["hosts"].append(REFUNDS_HOST)
+    (policies / "actions.yaml").write_text(yaml.safe_dump(manifest))
+    (policies / "refunds.cedar").write_text(REFUND_POLICIES)
+    schema = subprocess.run([str(CEDARGATE), "schema", str(policies)], capture_output=True, text=True, timeout=30)
+    assert schema.returncode == 0, schema.stderr
     started = start_cedargate(write_config(root / "cedargate.yaml", policies, root / "state", upstream))
     yield started
     started.stop()
@@ -206,7 +231,7 @@ def test_a_change_without_the_csrf_token_is_refused(gate: Cedargate, browser: we
 
 
 def test_another_roles_request_is_not_shown(gate: Cedargate, browser: webdriver.Chrome, upstream: Upstream):
-    stop, volume = stop_url(upstream, "i-roles"), f"http://localhost:{upstream.http_port}/v1/volumes/vol-roles"
+    stop, volume = stop_url(upstream, "i-roles"), f"http://127.0.0.1:{upstream.http_port}/v1/volumes/vol-roles"
     with agent_client(gate, headers={"Prefer": "respond-async"}) as http:
         assert http.post(stop).status_code == 403
         assert http.delete(volume).status_code == 403
@@ -236,3 +261,43 @@ def test_agent_controlled_text_with_html_stays_text(gate: Cedargate, browser: we
     assert json.loads(browser.find_element(By.ID, "body").text) == {"note": markup}
     assert browser.find_elements(By.CSS_SELECTOR, "#injected, .injected, main img") == []
     assert browser.title != "1"
+
+
+def test_a_refund_approved_with_a_changed_amount_reaches_the_upstream_changed_once(
+        gate: Cedargate, browser: webdriver.Chrome, upstream: Upstream):
+    url = f"http://localhost:{upstream.http_port}/v1/refunds/o-page"
+    with ThreadPoolExecutor(1) as pool, agent_client(gate) as http:
+        held = pool.submit(http.post, url, json={"amount": 100, "currency": "EUR"})
+        request = opened(gate, url)
+        signed_in(browser, gate)
+        row = inbox_row(browser, request["id"])
+        assert row.find_element(By.CSS_SELECTOR, ".what").text == "refund_order"
+        open_request(browser, gate, request["id"])
+        badges = [b.text for b in browser.find_elements(By.CSS_SELECTOR, "#summary .badge")]
+        assert badges == ["high", "irreversible"]  # the manifest's classification of the route
+
+        amount = browser.find_element(By.ID, "change-amount")
+        assert (amount.get_attribute("type"), amount.get_attribute("value")) == ("number", "100")
+        assert decide(browser, "approve-changes") == "Change a value first, or use Approve."
+        amount.clear()
+        amount.send_keys("50")
+        assert decide(browser, "approve-changes", reason="half now, half when the parcel is back") == (
+            "Approved with changes — the request is now granted.")
+        response = held.result(timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.headers["Cedargate-Changed"] == "amount"
+    assert [json.loads(body) for body in upstream_bodies(upstream, "/v1/refunds/o-page")] == [
+        {"amount": 50, "currency": "EUR"}]
+    WebDriverWait(browser, 15).until(lambda b: b.find_element(By.ID, "status").text == "released")
+    assert "amount" in browser.find_element(By.ID, "call").text  # "Changed by the reviewer"
+
+    browser.get(f"{gate.api_url}/inbox/history")
+    wait_for(browser, f'tr.history-row[data-id="{request["id"]}"]')
+    decided = browser.find_element(By.CSS_SELECTOR, f'tr.history-row[data-id="{request["id"]}"]')
+    assert decided.find_element(By.CSS_SELECTOR, ".who").text == "erin"
+    assert decided.find_element(By.CSS_SELECTOR, ".changed").text == "amount → 50"
+    assert decided.find_element(By.CSS_SELECTOR, ".why").text == "half now, half when the parcel is back"
+
+
+def upstream_bodies(upstream: Upstream, path: str) -> list[bytes]:
+    return [c.body for c in upstream.calls if c.path == path]
