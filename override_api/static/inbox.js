@@ -147,9 +147,16 @@ function shortValue(value) {
   return text.length > 80 ? text.slice(0, 79) + "…" : text;
 }
 
+// What every call's context has: not the call's own values (those are manifest fields).
+const CONTEXT_PLUMBING = new Set(["scheme", "host", "port", "method", "path", "query", "headers", "agent", "body",
+  "severity", "reversible", "server", "rpc_kind", "rpc_method", "tool", "arguments", "uri", "prompt"]);
+
 function keyArguments(o) {
   let args = o.key_arguments;
   if (!args && o.tool && typeof o.tool === "object") args = o.tool.arguments;
+  if (!args && o.cedar_request && o.cedar_request.context) {
+    args = Object.fromEntries(Object.entries(o.cedar_request.context).filter(([name]) => !CONTEXT_PLUMBING.has(name)));
+  }
   if (!args || typeof args !== "object") return [];
   return Object.entries(args).slice(0, 6).map(([name, value]) =>
     el("span", { className: "arg" }, el("span", { className: "arg-name" }, name + ": "), shortValue(value)));
@@ -196,7 +203,8 @@ function votesText(o) {
 
 function rolesNeeded(o) {
   if (Array.isArray(o.roles_needed)) return o.roles_needed.join(", ") || "—";
-  const roles = (o.requirements || []).flatMap((r) => r.roles || []);
+  const voted = new Set((o.votes || []).filter((v) => v.verdict === "approve").flatMap((v) => v.roles || []));
+  const roles = [...new Set((o.requirements || []).flatMap((r) => r.roles || []))].filter((r) => !voted.has(r));
   return roles.length ? roles.join(", ") : "—";
 }
 
@@ -235,7 +243,7 @@ async function inboxPage() {
     try {
       const fetchedAt = Date.now();
       const found = listed(await api("GET", "/overrides?decided=false&limit=500"));
-      const waiting = found.filter((o) => UNDECIDED.includes(o.status));
+      const waiting = await withDetails(found.filter((o) => UNDECIDED.includes(o.status)));
       waiting.forEach((o) => { o._deadline = deadline(o, fetchedAt); });
       waiting.sort((a, b) => a._deadline - b._deadline);
       renderInbox(waiting);
@@ -248,6 +256,15 @@ async function inboxPage() {
   await refresh();
   setInterval(refresh, POLL_MS);
   setInterval(tickTimers, 1000);
+}
+
+// A listing that lacks the summary's at-a-glance fields (an API without them) is completed from each
+// request's own view, so the inbox still shows tool, arguments, risk, votes and roles.
+async function withDetails(requests) {
+  if (!requests.length || "roles_needed" in requests[0]) return requests;
+  return Promise.all(requests.slice(0, 100).map((o) =>
+    api("GET", "/overrides/" + encodeURIComponent(o.id)).then((whole) => ({ ...whole, ...o, tool: whole.tool }))
+      .catch(() => o)));
 }
 
 function renderInbox(waiting) {
