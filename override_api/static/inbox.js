@@ -399,14 +399,15 @@ function prettyBody(o) {
 
 function renderCall(o) {
   const headers = Object.entries(o.headers || {});
+  const tool = o.tool_call || (o.tool && typeof o.tool === "object" ? o.tool : null);
   const parts = [
     el("p", { className: "request-line" }, el("span", { className: "method" }, o.method), " ",
        el("code", { className: "url" }, o.url)),
   ];
-  if (o.tool && typeof o.tool === "object") {
+  if (tool) {
     parts.push(el("h3", {}, "MCP tool"),
-      definitionList([["Server", o.tool.server], ["Tool", el("code", { id: "tool-name" }, o.tool.name)]]),
-      el("table", { className: "arguments" }, el("tbody", {}, Object.entries(o.tool.arguments || {}).map(([k, v]) =>
+      definitionList([["Server", tool.server], ["Tool", el("code", { id: "tool-name" }, tool.name)]]),
+      el("table", { className: "arguments" }, el("tbody", {}, Object.entries(tool.arguments || {}).map(([k, v]) =>
         el("tr", {}, el("th", {}, k), el("td", {}, el("code", {}, typeof v === "string" ? v : JSON.stringify(v))))))));
   }
   parts.push(el("h3", {}, "Headers"),
@@ -428,33 +429,51 @@ async function renderContext(id) {
     fill($("#similar .content"), el("p", { className: "hint" }, "Not available from this server."));
     return;
   }
-  const recent = context.recent_calls || context.recent || [];
-  fill($("#recent .content"), recent.length
-    ? rowsTable(recent, ["at", "method", "url", "action", "decision", "outcome", "upstream_status"])
-    : el("p", { className: "hint" }, "No other calls in this session."));
-  const similar = context.similar || context.similar_requests || [];
-  fill($("#similar .content"), similar.length
-    ? el("ul", { className: "similar" }, similar.map((s) => el("li", {},
-        el("a", { href: requestHref(s.id) }, whatItDoes(s)), " — ",
-        el("span", { className: "status status-" + s.status }, String(s.status || "")),
-        s.decided_reason ? [": ", s.decided_reason] : null,
-        el("span", { className: "hint" }, " " + when(s.decided_at || s.created_at)))))
-    : el("p", { className: "hint" }, "No similar request was decided before."));
-  const live = context.policy_revision_live !== undefined ? context.policy_revision_live : context.revision_live;
-  if (live === false) {
-    $("#revision-warning").textContent =
-      "The policies have changed since this call was held: this revision is no longer live.";
+  const recent = context.recent_calls || {};
+  const calls = Array.isArray(recent) ? recent : recent.calls || [];
+  fill($("#recent .content"),
+    el("p", { className: "hint" }, recent.scope === "session" ? "This agent's last calls in session " + recent.session
+      : "The agent stated no session: its last calls."),
+    calls.length ? rowsTable(calls, ["at", "method", "host", "path", "tool", "decision", "upstream_status"],
+                             (call) => call.this_request ? "this-request" : "")
+      : el("p", { className: "hint" }, "No other calls."));
+  const similar = context.similar || {};
+  const requests = Array.isArray(similar) ? similar : similar.requests || [];
+  const tally = Object.entries(similar.outcomes || {}).map(([status, count]) => count + " " + status.replace("_", " "));
+  fill($("#similar .content"),
+    tally.length ? el("p", { id: "similar-outcomes" }, "Decided before under the same policy: " + tally.join(", ")) : null,
+    requests.length
+      ? el("ul", { className: "similar" }, requests.map((r) => el("li", {},
+          el("a", { href: requestHref(r.id) }, r.agent || r.id), " ",
+          el("span", { className: "status status-" + r.status }, String(r.status || "").replace("_", " ")), " ",
+          keyArguments(r),
+          r.decided_reason ? el("span", { className: "similar-reason" }, " " + r.decided_reason) : null,
+          el("span", { className: "hint" }, " " + when(r.decided_at || r.created_at)))))
+      : el("p", { className: "hint" }, "No similar request was decided before."));
+  const policy = context.policy || {};
+  const gone = (policy.policies || []).filter((p) => p.in_live_revision === false).map((p) => p.id);
+  if (policy.is_live === false) {
+    $("#revision-warning").textContent = "The policies have changed since this call was held (live revision "
+      + String(policy.live_revision || "").slice(0, 12) + ")"
+      + (gone.length ? ": " + gone.join(", ") + " no longer in force." : "; its release is decided by the live ones.");
     $("#revision-warning").hidden = false;
   }
 }
 
 // A table of plain rows, with the columns among `preferred` that any row has (values as text).
-function rowsTable(rows, preferred) {
+function rowsTable(rows, preferred, rowClass) {
   const columns = preferred.filter((c) => rows.some((r) => r[c] !== undefined && r[c] !== null));
+  const cell = (r, c) => {
+    const value = r[c];
+    if (value === undefined || value === null) return "";
+    if (c === "at") return when(value);
+    if (c === "hash") return String(value).slice(0, 12);
+    return shortValue(value);
+  };
   return el("table", { className: "rows" },
     el("thead", {}, el("tr", {}, columns.map((c) => el("th", {}, c.replace("_", " "))))),
-    el("tbody", {}, rows.map((r) => el("tr", {}, columns.map((c) => el("td", {},
-      c === "at" ? when(r[c]) : shortValue(r[c] === undefined || r[c] === null ? "" : r[c])))))));
+    el("tbody", {}, rows.map((r) => el("tr", { className: rowClass ? rowClass(r) : "" },
+      columns.map((c) => el("td", { className: "col-" + c }, cell(r, c)))))));
 }
 
 async function renderAudit(id) {
@@ -464,7 +483,7 @@ async function renderAudit(id) {
     return;
   }
   const list = Array.isArray(rows) ? rows : rows.rows || rows.events || [];
-  fill($("#audit .content"), list.length ? rowsTable(list, ["seq", "at", "kind", "actor", "agent", "hash"])
+  fill($("#audit .content"), list.length ? rowsTable(list, ["seq", "at", "kind", "actor", "decision_id", "hash"])
     : el("p", { className: "hint" }, "No audit rows."));
 }
 
@@ -596,8 +615,10 @@ async function loadHistory(filters) {
   const found = listed(await api("GET", "/overrides?" + query));
   // Only what a human decided (or that ran out): a server without the `decided` filter lists all.
   let decided = found.filter((o) => !UNDECIDED.includes(o.status));
-  // The summary may leave out who decided and why: read those rows whole.
-  decided = await Promise.all(decided.map((o) => (o.votes && "decided_reason" in o)
+  // What an approval changed is on the request's own view, not in the listing: read approved ones whole
+  // (and every one, from a server whose listing lacks who decided and why).
+  const approved = ["granted", "released", "release_refused", "grant_expired"];
+  decided = await Promise.all(decided.map((o) => (o.votes && "decided_reason" in o && !approved.includes(o.status))
     ? o : api("GET", "/overrides/" + encodeURIComponent(o.id)).catch(() => o)));
   decided.sort((a, b) => Date.parse(b.decided_at || b.created_at) - Date.parse(a.decided_at || a.created_at));
   $("#empty").hidden = decided.length > 0;

@@ -162,6 +162,9 @@ def test_a_reviewer_signs_in_sees_the_held_call_in_context_and_approves_it_once(
         assert row.find_element(By.CSS_SELECTOR, ".target").text == (
             f"POST 127.0.0.1:{upstream.http_port}/v1/instances/i-approve/stop")
         assert row.find_element(By.CSS_SELECTOR, ".time-left").text.endswith(" s")  # 30 min left: "29 min 59 s"
+        assert row.find_element(By.CSS_SELECTOR, ".risk").text == "high"  # @severity("high"), @reversible("true")
+        assert row.find_element(By.CSS_SELECTOR, ".votes").text == "none yet"
+        assert row.find_element(By.CSS_SELECTOR, ".roles").text == "engineering-manager"
         row.find_element(By.CSS_SELECTOR, ".what a").click()
 
         wait_for(browser, "#status")
@@ -177,6 +180,10 @@ def test_a_reviewer_signs_in_sees_the_held_call_in_context_and_approves_it_once(
         assert "Stopping an instance on a production-critical host needs a human decision." in why
         told = browser.find_element(By.ID, "agent").text
         assert "instance is wedged, paging did not help" in told and "0.9" in told and "incident-42" in told
+        # The agent's calls in its session, this one marked; its context is served by /context.
+        wait_for(browser, "#recent tr.this-request")
+        assert "This agent's last calls in session incident-42" in browser.find_element(By.ID, "recent").text
+        assert browser.find_element(By.CSS_SELECTOR, "#recent tr.this-request .col-decision").text == "escalate"
         assert upstream_calls(upstream, "i-approve") == []  # held, not forwarded
 
         assert decide(browser, "approve", reason="checked with on-call") == (
@@ -186,6 +193,15 @@ def test_a_reviewer_signs_in_sees_the_held_call_in_context_and_approves_it_once(
     assert upstream_calls(upstream, "i-approve") == [b'{"grace":30,"notify":["oncall"]}']
     WebDriverWait(browser, 15).until(lambda b: b.find_element(By.ID, "status").text == "released")
     assert "erin approved: checked with on-call" in browser.find_element(By.ID, "votes").text
+    # The request's audit rows, as the page shows them after the decision.
+    WebDriverWait(browser, 15).until(lambda b: "release" in audit_kinds(b))
+    kinds = audit_kinds(browser)
+    assert [k for k in kinds if k in ("override_created", "approval", "grant", "release")] == [
+        "override_created", "approval", "grant", "release"]
+
+
+def audit_kinds(browser: webdriver.Chrome) -> list[str]:
+    return [cell.text for cell in browser.find_elements(By.CSS_SELECTOR, "#audit td.col-kind")]
 
 
 def upstream_calls(upstream: Upstream, instance: str) -> list[bytes]:
@@ -200,6 +216,10 @@ def test_a_denial_with_its_reason_is_what_the_agent_is_told(
         request = opened(gate, url)
         signed_in(browser, gate)
         open_request(browser, gate, request["id"])
+        # The production stop approved in the test before: a similar request (same policy, same action).
+        wait_for(browser, "#similar-outcomes")
+        assert browser.find_element(By.ID, "similar-outcomes").text == (
+            "Decided before under the same policy: 1 released")
 
         assert decide(browser, "deny") == "Say why you deny it: the agent is told your reason."
         assert api(gate, "GET", f"/overrides/{request['id']}").json()["status"] == "pending"
