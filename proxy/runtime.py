@@ -83,9 +83,13 @@ class Runtime:
             "policies loaded from %s: revision %s, %d policies",
             settings.policy_dir, revision[:12], len(engine.snapshot.bundle.policies),
         )
-        for unreachable in runtime.unreachable_escalations():
-            log.warning("%s; its calls would wait for nobody (see /status)", unreachable.message)
+        runtime.warn_unreachable_escalations()
+        engine.on_reload.append(lambda _: runtime.warn_unreachable_escalations())
         return runtime
+
+    def warn_unreachable_escalations(self) -> None:
+        for unreachable in self.unreachable_escalations():
+            log.warning("%s; its calls would wait for nobody (see /status)", unreachable.message)
 
     def unreachable_escalations(self) -> list[UnreachableEscalation]:
         """The live policies' escalations that none of the approvers able to sign in could grant."""

@@ -31,7 +31,7 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -342,6 +342,8 @@ class Engine:
         self._mark_loaded()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        # Called with each new set once it is live (whoever composes the program reports on it).
+        self.on_reload: list[Callable[[PolicyBundle], None]] = []
 
     @property
     def snapshot(self) -> Snapshot:
@@ -393,6 +395,11 @@ class Engine:
         self._snapshot = Snapshot(bundle)
         self._mark_loaded()
         log.info("policies reloaded: revision %s (%d policies)", bundle.revision[:12], len(bundle.policies))
+        for listener in self.on_reload:
+            try:
+                listener(bundle)
+            except Exception:  # a report on the new set must not undo it
+                log.exception("after the policy reload")
         return True
 
     def reload_if_changed(self) -> bool:

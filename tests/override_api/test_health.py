@@ -186,3 +186,15 @@ def test_status_names_only_the_role_nobody_with_a_token_holds(tmp_path: Path, po
     # Start-up said so too, naming the policy and the role.
     warned = [r.getMessage() for r in caplog.records if "escalates to nobody" in r.getMessage()]
     assert len(warned) == 1 and 'policy "large-refunds"' in warned[0] and 'role "finance"' in warned[0]
+
+
+def test_a_reloaded_policy_escalating_to_nobody_is_warned_about_and_listed(client, runtime, policy_dir, caplog):
+    (policy_dir / "extra.cedar").write_text(
+        '@id("ask-the-board")\n@reason("Only the board decides.")\n@escalate("board")\n'
+        'forbid (principal, action == Action::"delete", resource) when { context.path like "/v1/boards/*" };\n')
+    with caplog.at_level(logging.WARNING):
+        assert runtime.engine.reload()
+    assert any('policy "ask-the-board" (extra.cedar:1)' in r.getMessage()
+               and 'no configured approver holds role "board"' in r.getMessage() for r in caplog.records)
+    listed = [u["policy_id"] for u in client.get("/status").json()["unreachable_escalations"]]
+    assert "ask-the-board" in listed

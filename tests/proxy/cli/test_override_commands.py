@@ -26,7 +26,7 @@ from proxy.oversight.overrides import Ballot
 from proxy.runtime import Runtime
 from proxy.settings.config import ApproverCredential
 
-ROLES = {"erin": ("engineering-manager",), "fran": ("finance",)}
+ROLES = {"erin": ("engineering-manager",), "fran": ("finance",), "sam": ("security",), "lee": ("lead-engineer",)}
 
 
 @pytest.fixture
@@ -100,6 +100,23 @@ def test_list_names_a_manifest_action_and_takes_it_with_or_without_action_quotes
         assert out.splitlines()[0].startswith(f"{refund}  pending ")
         assert 'POST Action::"process_refund" https://api.payments.example/v1/refunds/o-2' in out
         assert "i-0abc" not in out
+
+
+def test_list_shows_key_arguments_severity_roles_needed_and_votes(runtime, api, monkeypatch, capsys):
+    large_refund(runtime)
+    code, out, _ = cedargate(api, "list", approver="fran", monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[1] == "    order_id=o-2 amount=750.0 currency=EUR"
+    assert "severity high · reversible false · needs finance · votes: none yet" in lines[2]
+
+    deletion = escalate(runtime, Call(agent="ops-bot", method="DELETE", scheme="http", host="localhost", port=9000,
+                                      path="/v1/volumes/vol-1"))
+    runtime.workflow.vote(deletion, "sam", frozenset({"security"}), Ballot.APPROVE, "backed up first")
+    code, out, _ = cedargate(api, "list", approver="lee", monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0
+    assert out.splitlines()[0].startswith(f"{deletion}  pending ")
+    assert 'needs lead-engineer · votes: sam approve "backed up first"' in out.splitlines()[1]
 
 
 def test_list_json_is_the_apis_answer(runtime, api, monkeypatch, capsys):
