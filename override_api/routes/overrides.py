@@ -84,6 +84,9 @@ class OverrideSummary(BaseModel):
     approvals_needed: int = Field(description="the fewest further approvals that could grant it")
     decided_at: datetime | None
     decided_reason: str | None
+    changes: dict[str, Any] | None = Field(
+        description="the values the approvals changed; what goes upstream is the call with them. "
+                    "None: approved (or to be approved) as sent")
 
 
 class ToolCallPublic(BaseModel):
@@ -113,9 +116,6 @@ class OverridePublic(OverrideSummary):
     released_at: datetime | None
     editable_fields: list[EditableFieldPublic] = Field(
         description="the call's values an approval may change (manifest body fields, MCP tool arguments)")
-    changes: dict[str, Any] | None = Field(
-        description="the values the approvals changed; what goes upstream is the call with them. "
-                    "None: approved (or to be approved) as sent")
     conversation: list[MessagePublic] = Field(
         default_factory=list, description="questions reviewers asked the agent and its answers, oldest first")
 
@@ -141,7 +141,8 @@ def _summary_fields(o: Override, votes: list[Vote], now: datetime) -> dict[str, 
         id=o.id, status=o.status, agent=o.agent, method=o.method, url=o.url, action=o.action,
         resource=o.resource, reasons=[p["reason"] or p["id"] for p in json.loads(o.policies)],
         created_at=o.created_at, expires_at=o.expires_at, decided_at=o.decided_at,
-        decided_reason=o.decided_reason, **summarize(o, votes, now).as_dict(),
+        decided_reason=o.decided_reason, changes=json.loads(o.changes) if o.changes else None,
+        **summarize(o, votes, now).as_dict(),
     )
 
 
@@ -157,7 +158,6 @@ def _public(runtime, o: Override) -> OverridePublic:
         policies=json.loads(o.policies), requirements=json.loads(o.requirements), policy_revision=o.policy_revision,
         decision_id=o.decision_id, grant_expires_at=o.grant_expires_at, released_at=o.released_at,
         editable_fields=[EditableFieldPublic(**f.as_dict()) for f in runtime.workflow.editable_fields(o)],
-        changes=json.loads(o.changes) if o.changes else None,
         conversation=[MessagePublic(at=m.at, by=m.by, kind=MessageKind(m.kind), text=m.text)
                       for m in runtime.overrides.messages(o.id)],
     )

@@ -99,6 +99,7 @@ def similar_requests(store: OverrideStore, override: Override, roles: frozenset[
             "requests": [{
                 "id": o.id, "status": o.status, "agent": o.agent, "created_at": o.created_at,
                 "decided_at": o.decided_at, "decided_reason": o.decided_reason,
+                "changes": json.loads(o.changes) if o.changes else None,
                 "key_arguments": key_arguments(arguments_of(o)),
                 "votes": [{"approver": v.approver, "verdict": v.verdict, "reason": v.reason, "at": v.at}
                           for v in votes[o.id]],

@@ -81,19 +81,25 @@ def test_each_listed_request_says_at_a_glance_what_it_is_and_who_is_still_needed
 
 def test_undecided_first_by_deadline_then_the_history_with_who_when_and_why(client: TestClient,
                                                                             runtime: Runtime):
-    first, second, third = (refund(runtime, order, "700.00") for order in ("A-1", "A-2", "A-3"))
+    first, second, third, fourth = (refund(runtime, order, "700.00") for order in ("A-1", "A-2", "A-3", "A-4"))
     client.post(f"/overrides/{second}/deny", json={"reason": "refund already paid"}, headers=as_("fay"))
+    approved = client.post(f"/overrides/{fourth}/approve", headers=as_("gus"),
+                           json={"reason": "only the second charge", "changes": {"amount": 350}})
+    assert approved.status_code == 200, approved.text
 
     listed = client.get("/overrides", headers=as_("gus")).json()
-    assert [o["id"] for o in listed] == [first, third, second]  # the inbox, then the history
-    assert [o["roles_needed"] for o in listed] == [["finance"], ["finance"], []]
+    assert [o["id"] for o in listed] == [first, third, fourth, second]  # the inbox, then the history
+    assert [o["roles_needed"] for o in listed] == [["finance"], ["finance"], [], []]
 
     inbox = client.get("/overrides", params={"decided": "false"}, headers=as_("gus")).json()
     assert [o["id"] for o in inbox] == [first, third]
-    [denied] = client.get("/overrides", params={"decided": "true"}, headers=as_("gus")).json()
+    changed, denied = client.get("/overrides", params={"decided": "true"}, headers=as_("gus")).json()
     assert (denied["id"], denied["status"], denied["decided_reason"]) == (second, "denied", "refund already paid")
-    assert denied["decided_at"] is not None
+    assert denied["decided_at"] is not None and denied["changes"] is None
     assert [(v["approver"], v["verdict"]) for v in denied["votes"]] == [("fay", "deny")]
+    # Who, when, why, and what changed.
+    assert (changed["id"], changed["status"], changed["changes"]) == (fourth, "granted", {"amount": 350})
+    assert [(v["approver"], v["reason"]) for v in changed["votes"]] == [("gus", "only the second charge")]
 
 
 @pytest.mark.parametrize("action", ["process_refund", 'Action::"process_refund"'])
