@@ -89,8 +89,9 @@ def check_same_origin(request: Request) -> None:
 
 
 def check_csrf(request: Request, signed_in: SignedIn) -> None:
-    sent = request.headers.get(CSRF_HEADER, "")
-    if not sent or not hmac.compare_digest(sent, signed_in.csrf_token):
+    # Compared as bytes: compare_digest raises on a str that is not ASCII, and headers are read as Latin-1.
+    sent = request.headers.get(CSRF_HEADER, "").encode("latin-1")
+    if not sent or not hmac.compare_digest(sent, signed_in.csrf_token.encode()):
         raise HTTPException(403, detail=f"missing or wrong {CSRF_HEADER}: a change made with the session cookie "
                                         "must carry the session's CSRF token (GET /session gives it)")
 

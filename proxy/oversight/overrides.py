@@ -18,8 +18,8 @@ second process's insert fail, and `open_or_attach` then attaches the call to the
 Opening is where floods are stopped (see `proxy.oversight.limits`): a body too large to show a reviewer whole,
 an agent with too many requests pending, or one opening them too fast gets `OverrideRefused` and
 nothing is stored. What is stored of the call has its query secrets redacted (`proxy.calls.redaction`);
-the fingerprint, which a grant binds to, is of the call as sent, less the headers that only say how to
-answer or what the agent intends (`Prefer`, `X-Agent-*`: see `fingerprint`).
+the fingerprint, which a grant binds to, is of the call as sent, less what only says how to answer or
+what the agent intends (`Prefer: respond-async`/`wait=N`, `X-Agent-Justification`...: see `fingerprint`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import builtins
 import hashlib
 import json
 import math
+import re
 import threading
 import time
 import uuid
@@ -186,36 +187,58 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-a
 MCP_SESSION_HEADERS = frozenset({"mcp-session-id", "last-event-id"})
 
 
-def _is_about_answering(name: str) -> bool:
-    # How to answer (`Prefer: respond-async`, `wait=N`) and what the agent says of its intent
-    # (`X-Agent-Justification`, `-Confidence`, `-Session`) do not change what the server does: a retry
-    # that changes only these is the same request, not a new one a human must decide again. A grant is
-    # still safe to release for it: at release the call as sent now is decided again (its X-Agent-*
-    # statements included), and released only if policy still allows it with the granted forbids lifted.
-    return name == "prefer" or name.startswith("x-agent-")
+# What the agent says of its intent (`proxy.calls.mapping.agent_statements`): cedargate's own headers. Any
+# other X-Agent-* header is one the upstream may act on (`X-Agent-Tenant`), so it stays in the identity.
+AGENT_STATEMENTS = frozenset({"x-agent-justification", "x-agent-confidence", "x-agent-session"})
+# The preferences cedargate itself honours: how long to hold the call (`requested_wait`). Others tell the
+# server what to do (PostgREST's `tx=rollback`, `resolution=merge-duplicates`, `max-affected=1`; RFC
+# 7240's `handling=strict`), so they stay in the identity.
+_ANSWERING_PREFERENCE = re.compile(r"respond-async|wait\s*=\s*\d+")
+
+
+def _identity_header(name: str, value: str) -> str | None:
+    """The header's value as bound into the fingerprint; None when it is not part of a request's identity.
+
+    How cedargate should answer (`Prefer: respond-async`, `wait=N`) and what the agent says of its
+    intent do not change what the server does: a retry that changes only these is the same request, not
+    a new one a human must decide again. A grant is still safe to release for it: at release the call as
+    sent now is decided again (its X-Agent-* statements included).
+    """
+    if name in AGENT_STATEMENTS:
+        return None
+    if name != "prefer" or '"' in value:  # a quoted value may hold commas: kept whole
+        return value
+    kept = [p.strip() for p in value.split(",")
+            if p.strip() and not _ANSWERING_PREFERENCE.fullmatch(p.strip().lower())]
+    return ", ".join(kept) or None
 
 
 def fingerprint(call: Call, binding: bytes | None = None) -> str:
     """Same agent, method, normalized URL, body and the headers that change what the server does =>
-    same fingerprint. Hop-by-hop headers, `Prefer` and `X-Agent-*` are not part of it.
+    same fingerprint. Hop-by-hop headers, the agent's statements (`X-Agent-Justification`, `-Confidence`,
+    `-Session`) and the preferences on how to answer (`Prefer: respond-async`, `wait=N`) are not part of it.
 
     `binding` stands in for the body when the body holds more than what the call does: an MCP message's
     JSON-RPC id and session differ on every retry of the same tool call (see `proxy.calls.mcp`).
     """
-    return _fingerprint(call, binding, _is_about_answering)
+    return _fingerprint(call, binding, _identity_header)
 
 
 def fingerprints(call: Call, binding: bytes | None = None) -> tuple[str, ...]:
     """The call's fingerprint, then the one releases before 2026-12 stored for it (which bound `Prefer`
     and `X-Agent-*` too) where that differs: requests opened before an upgrade are still found."""
-    current, previous = fingerprint(call, binding), _fingerprint(call, binding, lambda name: False)
+    current, previous = fingerprint(call, binding), _fingerprint(call, binding, lambda name, value: value)
     return (current,) if previous == current else (current, previous)
 
 
-def _fingerprint(call: Call, binding: bytes | None, unbound: Callable[[str], bool]) -> str:
+def _fingerprint(call: Call, binding: bytes | None, bound: Callable[[str, str], str | None]) -> str:
     skip = HOP_BY_HOP | MCP_SESSION_HEADERS if binding is not None else HOP_BY_HOP
-    headers = sorted((k.lower(), v) for k, v in call.headers.items()
-                     if k.lower() not in skip and not unbound(k.lower()))
+    headers = []
+    for name, value in call.headers.items():
+        key = name.lower()
+        if key not in skip and (kept := bound(key, value)) is not None:
+            headers.append((key, kept))
+    headers.sort()
     parts = {
         "agent": call.agent,
         "method": call.method.upper(),
