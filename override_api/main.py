@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from override_api.answers import JSONAnswer
 from override_api.routes import health, overrides, pages, session
 from override_api.security import SecurityHeaders
 from proxy.cedar.escalation import parse_duration
@@ -34,6 +35,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         version="0.1.0",
         # Served by `routes/pages.py` from local files; FastAPI's own load Swagger UI and ReDoc from a CDN.
         docs_url=None, redoc_url=None,
+        default_response_class=JSONAnswer,
     )
     app.state.runtime = runtime
     app.state.sessions = ReviewerSessions(
@@ -51,14 +53,14 @@ def create_app(runtime: Runtime) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         body = http_problem(exc.status_code, exc.detail)
-        return JSONResponse(body, exc.status_code, headers=exc.headers, media_type=PROBLEM)
+        return JSONAnswer(body, exc.status_code, headers=exc.headers, media_type=PROBLEM)
 
     @app.exception_handler(RequestValidationError)
     async def validation_problem(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
         body = http_problem(422, detail, title="Request is not valid", errors=errors)
-        return JSONResponse(body, 422, media_type=PROBLEM)
+        return JSONAnswer(body, 422, media_type=PROBLEM)
 
     return app
 

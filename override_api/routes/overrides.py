@@ -31,6 +31,7 @@ from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from override_api.answers import JSONAnswer
 from override_api.deps import Approver, CurrentApprover, RuntimeDep
 from proxy.calls.mcp.binding import tool_call
 from proxy.oversight.overrides import Ballot, MessageKind, Override, OverrideError, OverrideStatus, Vote, can_decide
@@ -244,7 +245,7 @@ def _review(runtime, approver, override_id: str, ballot: Ballot, reason: str,
             raise HTTPException(exc.status, detail=exc.detail) from exc
         body = (http_problem(exc.status, exc.detail, **exc.more) if exc.problem is None
                 else problem_document(exc.problem, exc.status, exc.detail, **exc.more))
-        return JSONResponse(body, exc.status, media_type=MEDIA_TYPE)
+        return JSONAnswer(body, exc.status, media_type=MEDIA_TYPE)
     return _public(runtime, override)
 
 

@@ -7,8 +7,8 @@ and its type), and the scalar arguments of an MCP tool call (typed as actions.ya
 by their JSON value). Path and query fields are not editable: they name what the call acts on, which
 an approval with a different target would make a different call, not a changed amount.
 
-`changed_body` rewrites the JSON body with the changes (for MCP, the tool call's arguments in the
-JSON-RPC message), and `changed_call` gives the call carrying it, its Content-Length the new length:
+`changed_body` rewrites the changed values in the JSON body and nothing else (for MCP, the tool call's
+arguments in the JSON-RPC message), and `changed_call` gives the call carrying it, its Content-Length the new length:
 that call is decided by policy again, and is what goes upstream. `mark_changed` adds
 `_meta["cedargate/changes"]` to the MCP server's result for the changed message, so the agent's model
 learns its call was changed.
@@ -17,6 +17,7 @@ learns its call was changed.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -57,7 +58,9 @@ def editable_fields(manifest: Manifest | None, host: str, method: str, path: str
     if manifest is None:
         return []
     try:
-        parsed = json.loads(body) if body else None
+        # As UTF-8, as the mapping reads a JSON body (json.loads would guess UTF-16 or -32 from the bytes),
+        # and as `changed_body` rewrites it.
+        parsed = json.loads(body.decode("utf-8")) if body else None
     except (ValueError, UnicodeDecodeError):
         return []
     if not isinstance(parsed, dict):
@@ -152,16 +155,55 @@ def _type_problem(found: EditableField, value: Any) -> str | None:
 
 
 def changed_body(body: bytes, fields: Iterable[EditableField], changes: Mapping[str, Any]) -> bytes:
-    """`body` (a JSON object) with each changed field's value replaced, the rest as it was."""
-    parsed = json.loads(body)
+    """`body` (a JSON object) with each changed field's value replaced, every other byte as it was.
+
+    Not parsed and written again: that would change what nobody changed, what the reviewer saw (a number
+    rounded to a float's 17 digits, one past a float's range written as `Infinity`, which is not JSON) or
+    fail on a string the agent sent (a lone surrogate escape cannot be encoded as UTF-8).
+    """
+    text = body.decode("utf-8")
     by_name = {f.name: f for f in fields}
-    for name, value in changes.items():
-        node = parsed
-        *parents, last = by_name[name].at
-        for key in parents:
-            node = node[key]
-        node[last] = value
-    return json.dumps(parsed, ensure_ascii=False).encode()
+    spans = sorted((_span(text, by_name[name].at), name) for name in changes)
+    parts, last = [], 0
+    for (start, end), name in spans:
+        if start < last:
+            raise ChangeError([{"field": name, "message": "is the same value as another field changed"}])
+        parts += [text[last:start], json.dumps(changes[name], allow_nan=False)]
+        last = end
+    parts.append(text[last:])
+    return "".join(parts).encode()
+
+
+_VALUE = json.JSONDecoder()
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _skip(text: str, at: int) -> int:
+    return _SPACE.match(text, at).end()  # type: ignore[union-attr]  # matches anywhere, if only ""
+
+
+def _span(text: str, at: tuple[str, ...]) -> tuple[int, int]:
+    """Where in the JSON text the value at the keys `at` starts and ends."""
+    start, end = _skip(text, 0), len(text)
+    for key in at:
+        start, end = _members(text, start)[key]
+    return start, end
+
+
+def _members(text: str, at: int) -> dict[str, tuple[int, int]]:
+    """Where each member's value of the JSON object at `at` starts and ends (of a repeated key, the last:
+    the one json.loads keeps, and `editable_fields` shows)."""
+    members: dict[str, tuple[int, int]] = {}
+    at = _skip(text, at + 1)
+    while text[at] != "}":
+        key, at = _VALUE.raw_decode(text, at)
+        at = _skip(text, _skip(text, at) + 1)  # past the colon
+        _, end = _VALUE.raw_decode(text, at)
+        members[key] = (at, end)
+        at = _skip(text, end)
+        if text[at] == ",":
+            at = _skip(text, at + 1)
+    return members
 
 
 def changed_call(call: Call, body: bytes) -> Call:
