@@ -321,3 +321,35 @@ def test_a_refund_approved_with_a_changed_amount_reaches_the_upstream_changed_on
 
 def upstream_bodies(upstream: Upstream, path: str) -> list[bytes]:
     return [c.body for c in upstream.calls if c.path == path]
+
+
+def test_a_question_from_the_page_reaches_the_agent_and_its_answer_the_page(
+        gate: Cedargate, browser: webdriver.Chrome, upstream: Upstream):
+    url = stop_url(upstream, "i-question")
+    question, answer = "Which customers are on i-question now?", "None: drained at 09:00 (OPS-12)"
+    with ThreadPoolExecutor(2) as pool, agent_client(gate) as http:
+        held = pool.submit(http.post, url, json={"grace": 30}, headers={"X-Agent-Justification": "wedged"})
+        request = opened(gate, url)
+        signed_in(browser, gate)
+        open_request(browser, gate, request["id"])
+        assert browser.find_element(By.ID, "conversation").text.endswith("No questions asked yet.")
+
+        assert decide(browser, "ask", question=question) == "Asked the agent — the request is now needs info."
+        told = held.result(timeout=30)
+        assert told.status_code == 403
+        assert (told.json()["type"], told.json()["question"]) == (
+            "urn:cedargate:problem:override-needs-info", question)
+
+        # The agent answers by retrying with a new justification; the page, polling, shows the answer.
+        retry = pool.submit(http.post, url, json={"grace": 30}, headers={"X-Agent-Justification": answer})
+        WebDriverWait(browser, 15).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#conversation li")) == 2)
+        turns = [(turn.find_element(By.CSS_SELECTOR, ".turn-by").text,
+                  turn.find_element(By.CSS_SELECTOR, ".turn-text").text)
+                 for turn in browser.find_elements(By.CSS_SELECTOR, "#conversation li")]
+        assert turns == [("Question from erin", question), ("Answer from ops-bot", answer)]
+        assert upstream_calls(upstream, "i-question") == []
+
+        assert decide(browser, "approve", reason="drained, fine") == "Approved — the request is now granted."
+        released = retry.result(timeout=30)
+    assert released.status_code == 200
+    assert upstream_calls(upstream, "i-question") == [b'{"grace":30}']
