@@ -5,7 +5,8 @@ docs/request.png, one request's screen) for the README.
 
 It runs a real cedargate on free loopback ports with the bundled policies, has two agents make calls
 that policy escalates (answered at once with Prefer: respond-async, so nothing goes upstream), records
-one reviewer's vote, then signs in on the page as a reviewer holding every role and photographs it.
+one reviewer's vote and one question to an agent, then signs in on the page as a reviewer holding every
+role and photographs it.
 Needs chromium and chromium-driver (apt-get install chromium chromium-driver), as the browser tests do.
 """
 
@@ -92,6 +93,10 @@ def main() -> None:
             volume = next(o for o in found if "/volumes/" in o["url"])
             api.post(f"/overrides/{volume['id']}/approve", headers=sam,
                      json={"reason": "Snapshot taken, vol-7 unused for 90 days"})
+            dana = {"Authorization": f"Bearer {APPROVERS['dana'][0]}"}
+            stop = next(o for o in api.get("/overrides", headers=dana).json() if "/stop" in o["url"])
+            api.post(f"/overrides/{stop['id']}/request-info", headers=dana,
+                     json={"question": "Is i-0abc still serving customers?"})
             with chromium(width=1400, height=720) as browser:
                 browser.get(f"{gate.api_url}/inbox/sign-in")
                 browser.find_element(By.ID, "token").send_keys(APPROVERS["dana"][0])
@@ -100,7 +105,9 @@ def main() -> None:
                     lambda b: len(b.find_elements(By.CSS_SELECTOR, "tr.request-row")) >= 5)
                 time.sleep(0.5)
                 browser.save_screenshot(str(out / "inbox.png"))
-                refund = browser.find_element(By.CSS_SELECTOR, "tr.request-row:nth-child(1) .what a")
+                refund = browser.find_element(
+                    By.XPATH, "//tr[contains(@class, 'request-row')][.//td[contains(., 'o-1042')]]"
+                              "//td[contains(@class, 'what')]/a")
                 refund.click()
                 WebDriverWait(browser, 15).until(lambda b: b.find_elements(By.ID, "status"))
                 browser.set_window_size(1400, 1100)
