@@ -512,15 +512,25 @@ function renderChangeFields(o) {
   $("#approve-changes").hidden = false;
 }
 
+// The number the reviewer typed. A number input the browser cannot read (cleared, or a lone "-") has the
+// value "", which Number reads as 0, and parseInt reads "1e3" as 1: neither may become a change nobody typed.
+function typedNumber(input, whole) {
+  const value = input.value.trim() === "" || !input.validity.valid ? NaN : Number(input.value);
+  if (!Number.isFinite(value) || (whole && !Number.isSafeInteger(value))) {
+    throw new Error(input.name + ": not a number" + (whole ? " (a whole number)" : "") + "; type it again");
+  }
+  return value;
+}
+
 function changedFields() {
   const changes = {};
   for (const input of document.querySelectorAll(".change-field")) {
     const type = input.dataset.type;
     let value;
     if (input.type === "checkbox") value = input.checked;
-    else if (/long|int/i.test(type)) value = Number.parseInt(input.value, 10);
+    else if (/long|int/i.test(type)) value = typedNumber(input, true);
     // A Decimal is sent as a JSON number, as the call's own body has it.
-    else if (/decimal|number|float/i.test(type)) value = Number(input.value);
+    else if (/decimal|number|float/i.test(type)) value = typedNumber(input, false);
     else value = input.value;
     const original = JSON.parse(input.dataset.original);
     if (JSON.stringify(value) !== JSON.stringify(original) && String(value) !== shortValue(original)) {
@@ -553,7 +563,14 @@ function wireDecisions(id, refresh) {
   $("#approve").addEventListener("click", () => run("Approved",
     () => api("POST", path("approve"), { reason: reason() || "approved on the review page" })));
   $("#approve-changes").addEventListener("click", () => {
-    const changes = changedFields();
+    let changes;
+    try {
+      changes = changedFields();
+    } catch (error) {
+      result.textContent = error.message;
+      result.className = "result error";
+      return;
+    }
     if (!Object.keys(changes).length) {
       result.textContent = "Change a value first, or use Approve.";
       result.className = "result error";
