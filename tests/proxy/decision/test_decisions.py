@@ -292,3 +292,17 @@ def test_explain_and_the_proxy_decide_a_call_alike(runtime, monkeypatch, call):
         assert part["problem"] == (verdict.problem.uri if verdict.problem else None)
     # And what the proxy did follows the decision: forwarded only if a message was allowed.
     assert (flow.response is None) == any(v.allowed for v in proxied.verdicts)
+
+
+def test_a_message_released_with_changes_goes_changed_in_its_batch(mcp_gate):
+    """A batch message a reviewer approved with changes is forwarded changed, the others as they came."""
+    batch = [tool_call("search_issues", {"query": "bug"}, id=2), tool_call("delete_repository", {"repo": "a/b"}, id=3)]
+    decision = decide_call(mcp_gate, mcp_call(batch))
+    changed = {**batch[1], "params": {"name": "delete_repository", "arguments": {"repo": "a/c"}}}
+    answer = decision.answer([None, None]).with_changes({decision.verdicts[1].decision_id:
+                                                        json.dumps(changed).encode()})
+    assert answer.body is not None and json.loads(answer.body) == [batch[0], changed]
+    alone = decide_call(mcp_gate, mcp_call(batch[1]))
+    body = json.dumps(changed).encode()
+    assert alone.answer([None]).with_changes({alone.verdicts[0].decision_id: body}).body == body
+    assert decision.answer([None, None]).with_changes({"another-decision": body}).body is None

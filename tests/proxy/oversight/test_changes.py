@@ -238,3 +238,45 @@ def test_a_denial_cannot_bring_changes(runtime: Runtime):
     with pytest.raises(OverrideError) as refused:
         runtime.workflow.vote(override_id, "fay", frozenset({"finance"}), "deny", "no", {"amount": 1})
     assert refused.value.status == 422
+
+
+# --- release: the changed call is what goes, decided again ---------------------------------------
+
+def release(runtime: Runtime, call: Call):
+    return asyncio.run(runtime.oversight.resolve(runtime.gate.decide(call), 5, None, client_alive=lambda: True))
+
+
+def test_the_release_carries_the_changed_body_and_the_record_says_what_changed(runtime: Runtime):
+    override_id = escalated_refund(runtime)
+    runtime.workflow.vote(override_id, "fay", frozenset({"finance"}), "approve", "ok", {"amount": 400})
+    resolution = release(runtime, refund_call())  # the agent's call as it sent it
+    assert resolution.release and resolution.override_id == override_id
+    assert resolution.changes == {"amount": 400}
+    assert resolution.body is not None and json.loads(resolution.body) == {"amount": 400, "currency": "EUR"}
+    assert audit_payloads(runtime, override_id)["release"]["changes"] == {"amount": 400}
+    assert runtime.overrides.get(override_id).status == OverrideStatus.RELEASED.value  # type: ignore[union-attr]
+
+
+def test_the_release_s_own_check_of_the_changed_call_is_the_one_that_counts(runtime: Runtime, policy_dir: Path):
+    override_id = escalated_refund(runtime)
+    runtime.workflow.vote(override_id, "fay", frozenset({"finance"}), "approve", "ok", {"amount": 400})
+    # Between approval and release a policy comes to refuse the changed amount (not the one sent).
+    (policy_dir / "band.cedar").write_text(
+        '@id("no-mid-refunds")\n@reason("Refunds between 300 and 600 go through the shop.")\n'
+        'forbid (principal, action == Action::"process_refund", resource)\n'
+        'when { context.amount.greaterThan(decimal("300.0")) && context.amount.lessThan(decimal("600.0")) };\n')
+    assert runtime.engine.reload()
+    resolution = release(runtime, refund_call())
+    assert not resolution.release and resolution.body is None
+    body = resolution.verdict.problem_body()
+    assert body["type"] == "urn:cedargate:problem:override-release-refused"
+    assert "go through the shop" in body["detail"]
+    assert runtime.overrides.get(override_id).status == OverrideStatus.RELEASE_REFUSED.value  # type: ignore[union-attr]
+
+
+def test_an_approval_without_changes_releases_the_call_as_sent(runtime: Runtime):
+    override_id = escalated_refund(runtime)
+    runtime.workflow.vote(override_id, "fay", frozenset({"finance"}), "approve", "ok")
+    resolution = release(runtime, refund_call())
+    assert resolution.release and resolution.changes is None and resolution.body is None
+    assert "changes" not in audit_payloads(runtime, override_id)["release"]
