@@ -206,3 +206,18 @@ def test_version(capsys):
     assert exited.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("cedargate ") and out.split()[1][0].isdigit()
+
+
+def test_watch_shows_a_request_waiting_on_the_agent_and_list_filters_it(runtime, api, monkeypatch, capsys):
+    stop = production_stop(runtime)
+    steps = iter([lambda: runtime.workflow.request_info(stop, "erin", frozenset({"engineering-manager"}),
+                                                        "Which ticket is this for?")])
+    assert watch(Api(api, "erin-token"), 0.01, once=False, looks=2, sleep=lambda _: next(steps)()) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f" waiting  {stop}  pending " in lines[0]
+    assert any(f" needs_info {stop}  needs_info " in line for line in lines[1:]), lines
+    # Still undecided: the next watcher shows it waiting, and list finds it by its status.
+    code, out, _ = cedargate(api, "watch", "--once", monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0 and f" waiting  {stop}  needs_info " in out
+    code, out, _ = cedargate(api, "list", "--status", "needs_info", monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0 and out.startswith(f"{stop}  needs_info ")
