@@ -14,6 +14,7 @@ import shlex
 import subprocess
 import sys
 import threading
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -166,6 +167,11 @@ def test_the_readme_walkthrough_does_what_it_says(tmp_path: Path, monkeypatch: p
         assert status == int(held.group(1))
         wait_until(lambda: posts() == posts_before + 1, "the released call's log line")
         assert posts() == posts_before + 1  # upstream exactly once
+
+        # 5. /status names what nobody can grant yet: erin's role is covered now, the others are not.
+        with urllib.request.urlopen(f"{gate.api_url}/status", timeout=10) as answer:
+            unreachable = {u["policy_id"] for u in json.load(answer)["unreachable_escalations"]}
+        assert unreachable == {"no-volume-deletion", "large-refunds", "no-repository-deletion"}
     finally:
         if walk and walk.gate:
             walk.gate.stop()
