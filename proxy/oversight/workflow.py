@@ -230,6 +230,9 @@ class OverrideWorkflow:
         Raises `OverrideError` (with the HTTP status to answer) when the vote may not be cast.
         """
         ballot = Ballot(ballot)
+        if not (reason or "").strip():
+            # The reason is what the agent is told (a denial's, on its retry) and what the record keeps.
+            raise OverrideError(422, "a reason is required: say why; it is shown to the agent and kept in the record")
         changes = dict(changes) if changes else None
         if changes is not None:
             if ballot is not Ballot.APPROVE:

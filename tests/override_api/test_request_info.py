@@ -110,3 +110,11 @@ def test_a_second_question_before_the_answer_is_refused(client: TestClient, runt
     missing = client.post("/overrides/nope/request-info", json={"question": QUESTION}, headers=as_("erin"))
     assert missing.status_code == 404
     assert client.post(f"/overrides/{override_id}/request-info", json={"question": QUESTION}).status_code == 401
+
+
+@pytest.mark.parametrize("verb", ["deny", "approve"])
+def test_a_blank_reason_is_refused_since_the_agent_is_told_it(client: TestClient, runtime: Runtime, verb: str):
+    _, override_id = agent_calls(runtime, "instance is wedged")
+    refused = client.post(f"/overrides/{override_id}/{verb}", json={"reason": "   "}, headers=as_("erin"))
+    assert refused.status_code == 422 and "a reason is required" in refused.json()["detail"]
+    assert audit_kinds(runtime, override_id) == ["override_created"]

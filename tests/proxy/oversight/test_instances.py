@@ -97,6 +97,14 @@ def test_an_expiry_swept_by_one_instance_wakes_the_call_held_on_the_other(instan
     assert status_of(a.store, override.id) == "expired"
 
 
+def test_a_question_asked_through_one_instance_wakes_the_call_held_on_the_other(instances):
+    a, b = instances
+    override, _ = open_request(a.store)
+    asked = held_on(a, override.id, lambda: b.workflow.request_info(override.id, "erin", ERIN[1], "why now?"))
+    assert asked is True
+    assert status_of(a.store, override.id) == "needs_info"
+
+
 def test_a_change_that_concerns_no_held_call_wakes_nobody(instances):
     a, b = instances
     held, _ = open_request(a.store)
