@@ -33,6 +33,7 @@ from pydantic import BaseModel, Field
 
 from override_api.answers import JSONAnswer
 from override_api.deps import Approver, CurrentApprover, RuntimeDep
+from override_api.review_models import ReviewContextPublic
 from proxy.calls.mcp.binding import tool_call
 from proxy.oversight.overrides import Ballot, MessageKind, Override, OverrideError, OverrideStatus, Vote, can_decide
 from proxy.oversight.review_context import review_context
@@ -207,12 +208,14 @@ def show_override(override_id: str, runtime: RuntimeDep, approver: CurrentApprov
     return _public(runtime, _visible(runtime, approver, override_id))
 
 
-@router.get("/{override_id}/context", summary="What surrounds one request: the agent's statements and recent "
-            "calls in its session, similar requests and how they were decided, whether its policy revision is live")
-def override_context(override_id: str, runtime: RuntimeDep, approver: CurrentApprover) -> dict[str, Any]:
+@router.get("/{override_id}/context", response_model=ReviewContextPublic,
+            summary="What surrounds one request: the agent's statements and recent calls in its session, "
+                    "similar requests and how they were decided, whether its policy revision is live")
+def override_context(override_id: str, runtime: RuntimeDep, approver: CurrentApprover) -> ReviewContextPublic:
     override = _visible(runtime, approver, override_id)
     roles = None if runtime.sees_all_overrides(approver.roles) else approver.roles
-    return review_context(override, store=runtime.overrides, bundle=runtime.engine.snapshot.bundle, roles=roles)
+    return ReviewContextPublic.model_validate(review_context(
+        override, store=runtime.overrides, bundle=runtime.engine.snapshot.bundle, roles=roles))
 
 
 class AuditRowPublic(BaseModel):

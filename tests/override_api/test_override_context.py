@@ -179,3 +179,10 @@ def test_context_and_audit_are_shown_only_to_those_who_may_see_the_request(clien
         assert hidden.status_code == 404 and hidden.json()["detail"] == f"no override request {opened}"
         assert client.get(route).status_code == 401
     assert client.get("/overrides/nope/context", headers=as_("fay")).status_code == 404
+
+
+def test_the_api_docs_describe_the_summary_and_the_context(client: TestClient):
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    assert {"tool", "key_arguments", "severity", "reversible", "seconds_left", "votes", "roles_needed"} <= set(
+        schemas["OverrideSummary"]["properties"])
+    assert set(schemas["ReviewContextPublic"]["properties"]) == {"id", "agent", "recent_calls", "similar", "policy"}
