@@ -6,7 +6,6 @@ the approvers disagree). On a real core and a temporary SQLite record."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +16,7 @@ from fastapi.testclient import TestClient
 from proxy.calls.mapping import Call
 from proxy.runtime import Runtime
 from proxy.settings.config import ApproverCredential
+from tests.support.approvers import bearer, credentials
 
 PROBLEM = "application/problem+json"
 ROLES = {"fay": ("finance",), "fred": ("finance",), "erin": ("engineering-manager",)}
@@ -24,8 +24,7 @@ ROLES = {"fay": ("finance",), "fred": ("finance",), "erin": ("engineering-manage
 
 @pytest.fixture
 def approvers() -> dict[str, ApproverCredential]:
-    return {name: ApproverCredential(token_sha256=hashlib.sha256(f"{name}-token".encode()).hexdigest(),
-                                     roles=roles) for name, roles in ROLES.items()}
+    return credentials(ROLES)
 
 
 @pytest.fixture
@@ -35,10 +34,6 @@ def policy_dir(policy_dir: Path) -> Path:
         'forbid (principal, action == Action::"process_refund", resource)\n'
         'when { context.amount.greaterThan(decimal("10000.0")) };\n')
     return policy_dir
-
-
-def as_(name: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {name}-token"}
 
 
 def escalated_refund(runtime: Runtime, amount: int = 900, approvals: int = 1) -> str:
@@ -59,7 +54,7 @@ def approve(client: TestClient, override_id: str, who: str, changes: object = No
     body: dict = {"reason": "agreed with the customer"}
     if changes is not None:
         body["changes"] = changes
-    return client.post(f"/overrides/{override_id}/approve", json=body, headers=as_(who))
+    return client.post(f"/overrides/{override_id}/approve", json=body, headers=bearer(who))
 
 
 def problem(response, status: int, kind: str) -> dict:
@@ -72,14 +67,14 @@ def problem(response, status: int, kind: str) -> dict:
 
 def test_a_request_shows_what_may_be_changed_and_an_approval_changes_it(runtime: Runtime, client: TestClient):
     override_id = escalated_refund(runtime)
-    shown = client.get(f"/overrides/{override_id}", headers=as_("fay")).json()
+    shown = client.get(f"/overrides/{override_id}", headers=bearer("fay")).json()
     assert shown["editable_fields"] == [{"name": "amount", "type": "Decimal", "value": 900},
                                         {"name": "currency", "type": "String", "value": "EUR"}]
     assert shown["changes"] is None
     approved = approve(client, override_id, "fay", {"amount": 450})
     assert approved.status_code == 200, approved.text
     assert approved.json()["status"] == "granted" and approved.json()["changes"] == {"amount": 450}
-    assert client.get(f"/overrides/{override_id}", headers=as_("fay")).json()["changes"] == {"amount": 450}
+    assert client.get(f"/overrides/{override_id}", headers=bearer("fay")).json()["changes"] == {"amount": 450}
 
 
 @pytest.mark.parametrize("changes, field", [({"order_id": "o-3"}, "order_id"), ({"amount": "450"}, "amount"),
@@ -89,7 +84,7 @@ def test_an_unknown_field_or_a_wrong_type_is_422(runtime: Runtime, client: TestC
     body = problem(approve(client, override_id, "fay", changes), 422, "override-changes-invalid")
     assert [e["field"] for e in body["errors"]] == [field] and field in body["detail"]
     assert [f["name"] for f in body["editable_fields"]] == ["amount", "currency"]
-    assert client.get(f"/overrides/{override_id}", headers=as_("fay")).json()["status"] == "pending"
+    assert client.get(f"/overrides/{override_id}", headers=bearer("fay")).json()["status"] == "pending"
 
 
 def test_changes_that_are_not_an_object_are_422(runtime: Runtime, client: TestClient):
@@ -102,7 +97,7 @@ def test_a_changed_call_the_policies_refuse_is_409_naming_the_policy(runtime: Ru
     override_id = escalated_refund(runtime)
     body = problem(approve(client, override_id, "fay", {"amount": 25000}), 409, "override-changes-refused")
     assert body["policies"] == ["refund-ceiling"] and "never made by an agent" in body["detail"]
-    assert client.get(f"/overrides/{override_id}", headers=as_("fay")).json()["votes"] == []
+    assert client.get(f"/overrides/{override_id}", headers=bearer("fay")).json()["votes"] == []
 
 
 def test_approvers_who_disagree_on_the_changes_get_409(runtime: Runtime, client: TestClient):
@@ -126,7 +121,7 @@ def test_a_call_without_editable_values_takes_no_changes(runtime: Runtime, clien
                                        path="/v1/instances/i-1/stop"))
     resolution = asyncio.run(runtime.oversight.resolve(verdict, 0, None, client_alive=lambda: True))
     assert resolution.override_id is not None
-    shown = client.get(f"/overrides/{resolution.override_id}", headers=as_("erin")).json()
+    shown = client.get(f"/overrides/{resolution.override_id}", headers=bearer("erin")).json()
     assert shown["editable_fields"] == []
     body = problem(approve(client, resolution.override_id, "erin", {"force": True}), 422,
                    "override-changes-invalid")

@@ -5,7 +5,6 @@ order (the inbox and the history), a request's context and its audit rows, and w
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 
 import pytest
@@ -14,6 +13,7 @@ from fastapi.testclient import TestClient
 from proxy.calls.mapping import Call
 from proxy.runtime import Runtime
 from proxy.settings.config import ApproverCredential
+from tests.support.approvers import bearer, credentials
 
 ROLES = {"fay": ("finance",), "gus": ("finance",), "erin": ("engineering-manager",), "audra": ("auditor",)}
 PAYMENTS = "api.payments.example"
@@ -21,12 +21,7 @@ PAYMENTS = "api.payments.example"
 
 @pytest.fixture
 def approvers() -> dict[str, ApproverCredential]:
-    return {name: ApproverCredential(token_sha256=hashlib.sha256(f"{name}-token".encode()).hexdigest(),
-                                     roles=roles) for name, roles in ROLES.items()}
-
-
-def as_(name: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {name}-token"}
+    return credentials(ROLES)
 
 
 def refund_call(order: str, amount: str, *, method: str = "POST", session: str = "s-42",
@@ -59,7 +54,7 @@ def test_each_listed_request_says_at_a_glance_what_it_is_and_who_is_still_needed
                                                                                   runtime: Runtime):
     opened = refund(runtime, "A-17", "900.00")
 
-    [item] = client.get("/overrides", headers=as_("gus")).json()
+    [item] = client.get("/overrides", headers=bearer("gus")).json()
 
     assert item["id"] == opened and item["tool"] is None
     assert item["key_arguments"] == {"order_id": "A-17", "amount": "900.0", "currency": "EUR"}
@@ -68,13 +63,13 @@ def test_each_listed_request_says_at_a_glance_what_it_is_and_who_is_still_needed
     assert 0 < item["seconds_left"] <= 3600
     assert (item["votes"], item["roles_needed"], item["approvals_needed"]) == ([], ["finance"], 1)
 
-    client.post(f"/overrides/{opened}/approve", json={"reason": "matches the ticket"}, headers=as_("fay"))
-    [item] = client.get("/overrides", headers=as_("gus")).json()
+    client.post(f"/overrides/{opened}/approve", json={"reason": "matches the ticket"}, headers=bearer("fay"))
+    [item] = client.get("/overrides", headers=bearer("gus")).json()
     assert [(v["approver"], v["verdict"], v["reason"]) for v in item["votes"]] == [
         ("fay", "approve", "matches the ticket")]
     # One finance approval is what large-refunds needs: granted, nobody else needed, no deadline to meet.
     assert (item["status"], item["roles_needed"], item["seconds_left"]) == ("granted", [], None)
-    shown = client.get(f"/overrides/{opened}", headers=as_("gus")).json()
+    shown = client.get(f"/overrides/{opened}", headers=bearer("gus")).json()
     assert {k: shown[k] for k in ("tool", "key_arguments", "severity", "reversible")} == {
         k: item[k] for k in ("tool", "key_arguments", "severity", "reversible")}
 
@@ -82,18 +77,18 @@ def test_each_listed_request_says_at_a_glance_what_it_is_and_who_is_still_needed
 def test_undecided_first_by_deadline_then_the_history_with_who_when_and_why(client: TestClient,
                                                                             runtime: Runtime):
     first, second, third, fourth = (refund(runtime, order, "700.00") for order in ("A-1", "A-2", "A-3", "A-4"))
-    client.post(f"/overrides/{second}/deny", json={"reason": "refund already paid"}, headers=as_("fay"))
-    approved = client.post(f"/overrides/{fourth}/approve", headers=as_("gus"),
+    client.post(f"/overrides/{second}/deny", json={"reason": "refund already paid"}, headers=bearer("fay"))
+    approved = client.post(f"/overrides/{fourth}/approve", headers=bearer("gus"),
                            json={"reason": "only the second charge", "changes": {"amount": 350}})
     assert approved.status_code == 200, approved.text
 
-    listed = client.get("/overrides", headers=as_("gus")).json()
+    listed = client.get("/overrides", headers=bearer("gus")).json()
     assert [o["id"] for o in listed] == [first, third, fourth, second]  # the inbox, then the history
     assert [o["roles_needed"] for o in listed] == [["finance"], ["finance"], [], []]
 
-    inbox = client.get("/overrides", params={"decided": "false"}, headers=as_("gus")).json()
+    inbox = client.get("/overrides", params={"decided": "false"}, headers=bearer("gus")).json()
     assert [o["id"] for o in inbox] == [first, third]
-    changed, denied = client.get("/overrides", params={"decided": "true"}, headers=as_("gus")).json()
+    changed, denied = client.get("/overrides", params={"decided": "true"}, headers=bearer("gus")).json()
     assert (denied["id"], denied["status"], denied["decided_reason"]) == (second, "denied", "refund already paid")
     assert denied["decided_at"] is not None and denied["changes"] is None
     assert [(v["approver"], v["verdict"]) for v in denied["votes"]] == [("fay", "deny")]
@@ -106,10 +101,10 @@ def test_undecided_first_by_deadline_then_the_history_with_who_when_and_why(clie
 def test_the_list_filters_by_action_either_way_it_is_written_and_by_policy_and_time(
         client: TestClient, runtime: Runtime, action: str):
     opened = refund(runtime, "A-9", "650.00")
-    created_at = client.get(f"/overrides/{opened}", headers=as_("fay")).json()["created_at"]
+    created_at = client.get(f"/overrides/{opened}", headers=bearer("fay")).json()["created_at"]
 
     def ids(**params: str) -> list[str]:
-        response = client.get("/overrides", params=params, headers=as_("fay"))
+        response = client.get("/overrides", params=params, headers=bearer("fay"))
         assert response.status_code == 200, response.text
         return [o["id"] for o in response.json()]
 
@@ -119,20 +114,20 @@ def test_the_list_filters_by_action_either_way_it_is_written_and_by_policy_and_t
     assert ids(policy="protect-production-instances") == []
     assert ids(agent="billing-bot", status="pending", since=created_at) == [opened]
     assert ids(since="2999-01-01T00:00:00Z") == []
-    assert client.get("/overrides", params={"since": "yesterday"}, headers=as_("fay")).status_code == 422
+    assert client.get("/overrides", params={"since": "yesterday"}, headers=bearer("fay")).status_code == 422
 
 
 def test_the_context_shows_the_session_s_calls_similar_decisions_and_the_live_revision(client: TestClient,
                                                                                        runtime: Runtime):
     earlier = refund(runtime, "B-1", "800.00", session="s-1")
-    client.post(f"/overrides/{earlier}/deny", json={"reason": "duplicate of B-0"}, headers=as_("fay"))
+    client.post(f"/overrides/{earlier}/deny", json={"reason": "duplicate of B-0"}, headers=bearer("fay"))
     lookup(runtime, "C-1")
     lookup(runtime, "C-2")
     lookup(runtime, "C-3", session="s-other")
     current = refund(runtime, "C-1", "900.00", justification="<b>urgent</b>: charged twice")
     assert runtime.recorder.flush()
 
-    response = client.get(f"/overrides/{current}/context", headers=as_("gus"))
+    response = client.get(f"/overrides/{current}/context", headers=bearer("gus"))
 
     assert response.status_code == 200 and response.headers["content-type"] == "application/json"
     context = response.json()
@@ -157,11 +152,11 @@ def test_the_context_shows_the_session_s_calls_similar_decisions_and_the_live_re
 
 def test_a_request_s_audit_rows_are_its_events_and_its_call_s_decision(client: TestClient, runtime: Runtime):
     opened = refund(runtime, "D-1", "990.00")
-    client.post(f"/overrides/{opened}/deny", json={"reason": "not this quarter"}, headers=as_("fay"))
+    client.post(f"/overrides/{opened}/deny", json={"reason": "not this quarter"}, headers=bearer("fay"))
     refund(runtime, "D-2", "990.00")  # another request's rows are not this one's
     assert runtime.recorder.flush()
 
-    rows = client.get(f"/overrides/{opened}/audit", headers=as_("audra")).json()
+    rows = client.get(f"/overrides/{opened}/audit", headers=bearer("audra")).json()
 
     assert [(r["kind"], r["actor"]) for r in rows] == [
         ("decision", None), ("override_created", None), ("denial", "fay"), ("denied", "fay")]
@@ -173,12 +168,12 @@ def test_a_request_s_audit_rows_are_its_events_and_its_call_s_decision(client: T
 def test_context_and_audit_are_shown_only_to_those_who_may_see_the_request(client: TestClient, runtime: Runtime):
     opened = refund(runtime, "E-1", "1200.00")
     for route in (f"/overrides/{opened}/context", f"/overrides/{opened}/audit"):
-        assert client.get(route, headers=as_("fay")).status_code == 200
-        assert client.get(route, headers=as_("audra")).status_code == 200
-        hidden = client.get(route, headers=as_("erin"))
+        assert client.get(route, headers=bearer("fay")).status_code == 200
+        assert client.get(route, headers=bearer("audra")).status_code == 200
+        hidden = client.get(route, headers=bearer("erin"))
         assert hidden.status_code == 404 and hidden.json()["detail"] == f"no override request {opened}"
         assert client.get(route).status_code == 401
-    assert client.get("/overrides/nope/context", headers=as_("fay")).status_code == 404
+    assert client.get("/overrides/nope/context", headers=bearer("fay")).status_code == 404
 
 
 def test_the_api_docs_describe_the_summary_and_the_context(client: TestClient):

@@ -5,7 +5,6 @@ problem+json `type` and `detail`; and what a vote changed is checked where the a
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import sqlite3
 import uuid
 
@@ -16,6 +15,7 @@ from proxy.calls.mapping import Call
 from proxy.cedar.escalation import Escalation, Requirement
 from proxy.runtime import Runtime
 from proxy.settings.config import ApproverCredential
+from tests.support.approvers import bearer, credentials
 
 STOP_PROD = ("POST", "http://127.0.0.1:9000/v1/instances/i-1/stop")
 TWO_PERSON = Requirement("no-volume-deletion", ("security", "lead-engineer"), 2)
@@ -26,8 +26,7 @@ PROBLEM = "application/problem+json"
 
 @pytest.fixture
 def approvers() -> dict[str, ApproverCredential]:
-    return {name: ApproverCredential(token_sha256=hashlib.sha256(f"{name}-token".encode()).hexdigest(),
-                                     roles=roles) for name, roles in ROLES.items()}
+    return credentials(ROLES)
 
 
 def make_call(method: str, url: str) -> Call:
@@ -36,10 +35,6 @@ def make_call(method: str, url: str) -> Call:
     authority, path = rest.split("/", 1)
     host, port = authority.split(":")
     return Call(agent="ops-bot", method=method, scheme=scheme, host=host, port=int(port), path=f"/{path}")
-
-
-def as_(name: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {name}-token"}
 
 
 def escalated_stop(runtime: Runtime) -> str:
@@ -86,27 +81,27 @@ def test_a_reviewer_lists_the_requests_their_roles_can_decide(client: TestClient
     stop = escalated_stop(runtime)
     volume = volume_deletion(runtime)
 
-    listing = client.get("/overrides", headers=as_("erin"))
+    listing = client.get("/overrides", headers=bearer("erin"))
 
     assert listing.status_code == 200
     [summary] = listing.json()
     assert (summary["id"], summary["status"], summary["agent"]) == (stop, "pending", "ops-bot")
     assert summary["reasons"] == [
         "Stopping an instance on a production-critical host needs a human decision."]
-    assert [o["id"] for o in client.get("/overrides", headers=as_("sam")).json()] == [volume]
+    assert [o["id"] for o in client.get("/overrides", headers=bearer("sam")).json()] == [volume]
 
 
 def test_a_listing_filters_by_status(client: TestClient, runtime: Runtime):
     stop = escalated_stop(runtime)
-    assert [o["id"] for o in client.get("/overrides?status=pending", headers=as_("erin")).json()] == [stop]
-    assert client.get("/overrides?status=granted", headers=as_("erin")).json() == []
+    assert [o["id"] for o in client.get("/overrides?status=pending", headers=bearer("erin")).json()] == [stop]
+    assert client.get("/overrides?status=granted", headers=bearer("erin")).json() == []
 
 
 def test_show_gives_the_call_the_policies_and_the_votes(client: TestClient, runtime: Runtime):
     stop = escalated_stop(runtime)
-    client.post(f"/overrides/{stop}/approve", json={"reason": "checked with on-call"}, headers=as_("erin"))
+    client.post(f"/overrides/{stop}/approve", json={"reason": "checked with on-call"}, headers=bearer("erin"))
 
-    shown = client.get(f"/overrides/{stop}", headers=as_("erin"))
+    shown = client.get(f"/overrides/{stop}", headers=bearer("erin"))
 
     assert shown.status_code == 200
     body = shown.json()
@@ -118,9 +113,9 @@ def test_show_gives_the_call_the_policies_and_the_votes(client: TestClient, runt
 
 
 def test_an_unknown_request_is_404(client: TestClient):
-    for response in (client.get("/overrides/no-such-id", headers=as_("erin")),
-                     client.post("/overrides/no-such-id/approve", json={"reason": "ok"}, headers=as_("erin")),
-                     client.post("/overrides/no-such-id/deny", json={"reason": "no"}, headers=as_("erin"))):
+    for response in (client.get("/overrides/no-such-id", headers=bearer("erin")),
+                     client.post("/overrides/no-such-id/approve", json={"reason": "ok"}, headers=bearer("erin")),
+                     client.post("/overrides/no-such-id/deny", json={"reason": "no"}, headers=bearer("erin"))):
         assert_problem(response, 404, "no override request no-such-id")
 
 
@@ -128,12 +123,12 @@ def test_the_auditor_sees_every_request_but_cannot_vote(client: TestClient, runt
     stop = escalated_stop(runtime)
     volume = volume_deletion(runtime)
 
-    assert {o["id"] for o in client.get("/overrides", headers=as_("audra")).json()} == {stop, volume}
-    assert client.get(f"/overrides/{volume}", headers=as_("audra")).status_code == 200
-    refused = client.post(f"/overrides/{stop}/approve", json={"reason": "looks fine"}, headers=as_("audra"))
+    assert {o["id"] for o in client.get("/overrides", headers=bearer("audra")).json()} == {stop, volume}
+    assert client.get(f"/overrides/{volume}", headers=bearer("audra")).status_code == 200
+    refused = client.post(f"/overrides/{stop}/approve", json={"reason": "looks fine"}, headers=bearer("audra"))
 
     assert_problem(refused, 403, "audra holds none of the roles this request needs (engineering-manager)")
-    assert client.get(f"/overrides/{stop}", headers=as_("audra")).json()["status"] == "pending"
+    assert client.get(f"/overrides/{stop}", headers=bearer("audra")).json()["status"] == "pending"
 
 
 # --- votes ----------------------------------------------------------------------------------------
@@ -143,7 +138,7 @@ def test_approve_grants_records_and_answers_with_the_request(client: TestClient,
     stop = escalated_stop(runtime)
 
     approved = client.post(f"/overrides/{stop}/approve", json={"reason": "checked with on-call"},
-                           headers=as_("erin"))
+                           headers=bearer("erin"))
 
     assert approved.status_code == 200
     body = approved.json()
@@ -158,13 +153,13 @@ def test_deny_is_final_and_the_reason_is_kept(client: TestClient, runtime: Runti
     stop = escalated_stop(runtime)
 
     denied = client.post(f"/overrides/{stop}/deny", json={"reason": "not during business hours"},
-                         headers=as_("erin"))
+                         headers=bearer("erin"))
 
     assert denied.status_code == 200
     assert denied.json()["status"] == "denied"
     assert denied.json()["decided_reason"] == "not during business hours"
     assert audit_kinds(runtime, stop) == ["override_created", "denial", "denied"]
-    again = client.post(f"/overrides/{stop}/approve", json={"reason": "changed my mind"}, headers=as_("max"))
+    again = client.post(f"/overrides/{stop}/approve", json={"reason": "changed my mind"}, headers=bearer("max"))
     assert_problem(again, 409, "the override request is denied, not pending")
 
 
@@ -172,9 +167,9 @@ def test_two_approvers_with_different_roles_make_the_quorum(client: TestClient, 
     volume = volume_deletion(runtime)
 
     first = client.post(f"/overrides/{volume}/approve", json={"reason": "backups verified"},
-                        headers=as_("sam"))
+                        headers=bearer("sam"))
     assert first.status_code == 200 and first.json()["status"] == "pending"
-    second = client.post(f"/overrides/{volume}/approve", json={"reason": "not in use"}, headers=as_("lee"))
+    second = client.post(f"/overrides/{volume}/approve", json={"reason": "not in use"}, headers=bearer("lee"))
 
     assert second.status_code == 200 and second.json()["status"] == "granted"
     assert {(v["approver"], tuple(v["roles"])) for v in second.json()["votes"]} == {
@@ -185,26 +180,26 @@ def test_two_approvers_with_different_roles_make_the_quorum(client: TestClient, 
 def test_a_voter_without_the_role_is_403_and_nothing_changes(client: TestClient, runtime: Runtime):
     stop = escalated_stop(runtime)
 
-    refused = client.post(f"/overrides/{stop}/approve", json={"reason": "ok"}, headers=as_("sam"))
+    refused = client.post(f"/overrides/{stop}/approve", json={"reason": "ok"}, headers=bearer("sam"))
 
     # sam cannot see the request either, but a vote names what was missing rather than pretend.
     assert_problem(refused, 403, "sam holds none of the roles this request needs (engineering-manager)")
-    assert client.get(f"/overrides/{stop}", headers=as_("erin")).json()["votes"] == []
+    assert client.get(f"/overrides/{stop}", headers=bearer("erin")).json()["votes"] == []
     assert audit_kinds(runtime, stop) == ["override_created"]
 
 
 def test_an_approver_cannot_decide_their_own_call(client: TestClient, runtime: Runtime):
     stop = escalated_stop(runtime)  # made by ops-bot, which is also an approver here
-    refused = client.post(f"/overrides/{stop}/approve", json={"reason": "trust me"}, headers=as_("ops-bot"))
+    refused = client.post(f"/overrides/{stop}/approve", json={"reason": "trust me"}, headers=bearer("ops-bot"))
     assert_problem(refused, 403, "an approver cannot decide on a call made under their own identity")
 
 
 def test_a_vote_on_a_decided_request_is_409(client: TestClient, runtime: Runtime):
     stop = escalated_stop(runtime)
-    approved = client.post(f"/overrides/{stop}/approve", json={"reason": "ok"}, headers=as_("erin"))
+    approved = client.post(f"/overrides/{stop}/approve", json={"reason": "ok"}, headers=bearer("erin"))
     assert approved.status_code == 200
 
-    late = client.post(f"/overrides/{stop}/deny", json={"reason": "too late"}, headers=as_("max"))
+    late = client.post(f"/overrides/{stop}/deny", json={"reason": "too late"}, headers=bearer("max"))
 
     assert_problem(late, 409, "the override request is granted, not pending")
 
@@ -212,18 +207,18 @@ def test_a_vote_on_a_decided_request_is_409(client: TestClient, runtime: Runtime
 def test_a_vote_on_an_expired_request_is_409(client: TestClient, runtime: Runtime):
     volume = volume_deletion(runtime, expires_in=0)
 
-    late = client.post(f"/overrides/{volume}/approve", json={"reason": "ok"}, headers=as_("sam"))
+    late = client.post(f"/overrides/{volume}/approve", json={"reason": "ok"}, headers=bearer("sam"))
     assert_problem(late, 409, "the override request has expired")
 
     runtime.workflow.expire_due()
-    swept = client.post(f"/overrides/{volume}/approve", json={"reason": "ok"}, headers=as_("sam"))
+    swept = client.post(f"/overrides/{volume}/approve", json={"reason": "ok"}, headers=bearer("sam"))
     assert_problem(swept, 409, "the override request is expired, not pending")
 
 
 def test_an_approval_cannot_become_a_denial(client: TestClient, runtime: Runtime):
     volume = volume_deletion(runtime)
-    client.post(f"/overrides/{volume}/approve", json={"reason": "ok"}, headers=as_("sam"))
-    turned = client.post(f"/overrides/{volume}/deny", json={"reason": "no"}, headers=as_("sam"))
+    client.post(f"/overrides/{volume}/approve", json={"reason": "ok"}, headers=bearer("sam"))
+    turned = client.post(f"/overrides/{volume}/deny", json={"reason": "no"}, headers=bearer("sam"))
     assert_problem(turned, 409, "sam already voted to approve this request")
 
 
@@ -238,18 +233,18 @@ def test_an_approval_cannot_become_a_denial(client: TestClient, runtime: Runtime
 def test_a_vote_without_a_usable_reason_is_422(client: TestClient, runtime: Runtime, body: dict, detail: str):
     stop = escalated_stop(runtime)
 
-    refused = client.post(f"/overrides/{stop}/approve", json=body, headers=as_("erin"))
+    refused = client.post(f"/overrides/{stop}/approve", json=body, headers=bearer("erin"))
 
     assert_problem(refused, 422, detail)
-    assert client.get(f"/overrides/{stop}", headers=as_("erin")).json()["status"] == "pending"
+    assert client.get(f"/overrides/{stop}", headers=bearer("erin")).json()["status"] == "pending"
 
 
 def test_an_unknown_status_or_limit_out_of_range_is_422(client: TestClient):
-    assert_problem(client.get("/overrides?status=approved", headers=as_("erin")), 422, "query.status")
-    assert_problem(client.get("/overrides?limit=0", headers=as_("erin")), 422,
+    assert_problem(client.get("/overrides?status=approved", headers=bearer("erin")), 422, "query.status")
+    assert_problem(client.get("/overrides?limit=0", headers=bearer("erin")), 422,
                    "query.limit: Input should be greater than or equal to 1")
 
 
 def test_no_token_or_an_unknown_one_is_401(client: TestClient):
     assert_problem(client.get("/overrides"), 401, "send an approver token: Authorization: Bearer <token>")
-    assert_problem(client.get("/overrides", headers=as_("nobody")), 401, "unknown approver token")
+    assert_problem(client.get("/overrides", headers=bearer("nobody")), 401, "unknown approver token")

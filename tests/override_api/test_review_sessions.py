@@ -15,12 +15,12 @@ from test_override_routes import ROLES, assert_problem, escalated_stop
 from proxy.record.store import utcnow
 from proxy.runtime import Runtime
 from proxy.settings.config import ApproverCredential
+from tests.support.approvers import credentials
 
 
 @pytest.fixture
 def approvers() -> dict[str, ApproverCredential]:
-    return {name: ApproverCredential(token_sha256=hashlib.sha256(f"{name}-token".encode()).hexdigest(),
-                                     roles=roles) for name, roles in ROLES.items()}
+    return credentials(ROLES)
 
 
 def sign_in(client: TestClient, name: str = "erin", **headers: str):
