@@ -38,7 +38,8 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from enum import Enum
+from typing import Any, Final, Literal
 
 from proxy.calls.mcp.binding import binding_of
 from proxy.decision.gate import Gate, Outcome, Verdict
@@ -99,7 +100,11 @@ def _binding(verdict: Verdict) -> bytes | None:
 
 
 _HELD = (OverrideStatus.PENDING.value, OverrideStatus.GRANTED.value)  # statuses a call is held on
-_STILL_PENDING = object()  # `Oversight._answer`: the request is pending, the call keeps holding
+class _Pending(Enum):
+    STILL = "still pending"  # `Oversight._answer`: the request is pending, the call keeps holding
+
+
+_STILL_PENDING: Final = _Pending.STILL
 
 
 class Oversight:
@@ -196,7 +201,7 @@ class Oversight:
                                 override.id, exc)
                 troubled, outcome = True, _STILL_PENDING
             if outcome is not _STILL_PENDING:
-                return outcome  # type: ignore[return-value]  # a Resolution, or None: decide again
+                return outcome  # a Resolution, or None: decide again
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 if troubled:
@@ -210,7 +215,7 @@ class Oversight:
             await wait_for_event(woken, min(remaining, STORE_RETRY_INTERVAL) if troubled else remaining)
 
     async def _answer(self, verdict: Verdict, override: Override,
-                      client_alive: Callable[[], bool]) -> Resolution | None | object:
+                      client_alive: Callable[[], bool]) -> Resolution | None | Literal[_Pending.STILL]:
         """What the request's state means for the held call: a Resolution; None when an identical call
         used the grant (this one is a new decision); or `_STILL_PENDING`."""
         status = OverrideStatus(override.status)

@@ -398,7 +398,7 @@ class OverrideWorkflow:
         if override is None or override.release_decision_id != decision_id:
             return False
         return self._move(override, OverrideStatus.RELEASED, OverrideStatus.GRANTED, EventKind.GRANT_RESTORED,
-                          decision_id=decision_id, payload={"upstream_failure": dict(failure)},
+                          decision_id=decision_id, payload={"not_forwarded": dict(failure)},
                           released_at=None, release_decision_id=None)
 
     # --- expiry -----------------------------------------------------------------------------------

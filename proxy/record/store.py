@@ -254,16 +254,16 @@ class Recorder:
         commit it fails, so a call waiting to go is refused now; without, it resolves only when the row is
         in (for a held call, which goes much later, if at all: a passing failure must not count then).
         Either way the row is retried until it is in. The writer takes it at once, without lingering."""
-        committed = _Commit(fail_fast)
-        self._put((_DECISION, _storable_row(row), committed))
-        self._hurry.set()
-        return committed
+        return self._waited(_DECISION, _storable_row(row), fail_fast)
 
     def commit_event(self, event: Mapping[str, Any]) -> Future[None]:
         """`record_event` for an event that must be on the record before what it describes happens (a
         tunnel relayed uninspected): the future as `commit`'s, failing fast."""
-        committed = _Commit(True)
-        self._put((_EVENT, _event_item(event), committed))
+        return self._waited(_EVENT, _event_item(event), True)
+
+    def _waited(self, tag: str, item: Any, fail_fast: bool) -> Future[None]:
+        committed = _Commit(fail_fast)
+        self._put((tag, item, committed))
         self._hurry.set()
         return committed
 
@@ -451,7 +451,7 @@ class Recorder:
                     break
                 self._failed(exc)
                 for future in waiting:  # a call waiting to go upstream is refused now, not at its timeout
-                    if not isinstance(future, _Commit) or future.fail_fast:
+                    if not isinstance(future, _Commit) or future.fail_fast:  # narrows the type: a batch's are all
                         _settle(future, StoreUnavailable(f"the decision store is failing: {self.last_error}"))
                 if self._stop.wait(self.retry_interval):
                     return False

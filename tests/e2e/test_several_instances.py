@@ -156,7 +156,7 @@ def test_a_grant_whose_call_could_not_reach_the_upstream_is_kept_and_the_retry_g
     finally:
         store.dispose()
     assert story == ["override_created", "approval", "grant", "release", "grant_restored", "release"]
-    assert restored["upstream_failure"]["kind"] == "connect-refused"
+    assert restored["not_forwarded"]["kind"] == "connect-refused"
     verified = subprocess.run([str(CEDARGATE), "audit", "verify", "--database-url", shared_url],
                               capture_output=True, text=True, timeout=60)
     assert verified.returncode == 0, verified.stdout + verified.stderr

@@ -184,7 +184,7 @@ def test_a_grant_whose_call_never_reached_the_upstream_is_put_back_once(instance
     kinds = [e.kind for e in _events(a) if e.override_id == override.id]
     assert kinds == ["approval", "grant", "release", "grant_restored", "release"]
     restored = [e for e in _events(a) if e.kind == "grant_restored"][0]
-    assert json.loads(restored.payload)["upstream_failure"] == failure
+    assert json.loads(restored.payload)["not_forwarded"] == failure
     assert verify(a.store.engine).ok
 
 

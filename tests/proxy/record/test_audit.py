@@ -307,9 +307,12 @@ def test_failed_batch_is_chained_once_after_recovery(audited, database_url: str)
     assert recorder.flush()
     _sql(database_url, "DROP TABLE decisions")
 
-    gate.finish(gate.decide(make_call(*LIST)), 200)
+    # Both decided before the first failed write: a call decided after it would be refused (and counted
+    # as a store refusal), which is not what this test is about.
+    listed, stopped = gate.decide(make_call(*LIST)), gate.decide(make_call(*STOP_DEV))
+    gate.finish(listed, 200)
     recorder.record_event({"kind": "approval", "override_id": "ovr-1", "actor": "alice"})
-    gate.finish(gate.decide(make_call(*STOP_DEV)), 200)
+    gate.finish(stopped, 200)
     wait_until(recorder.unavailable_reason, "the recorder to report the failure")
     assert not recorder.flush(timeout=0.3)
     assert [r.kind for r in _rows(database_url)] == ["override_created"]  # nothing half-written
