@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from override_api.answers import JSONAnswer
-from override_api.routes import health, overrides, pages, session
+from override_api.routes import health, metrics, overrides, pages, session
 from override_api.security import SecurityHeaders
 from proxy.cedar.escalation import parse_duration
 from proxy.oversight.reviewer_sessions import ReviewerSessions, SignInThrottle
@@ -42,8 +42,10 @@ def create_app(runtime: Runtime) -> FastAPI:
         runtime.overrides.engine, idle=parse_duration(runtime.settings.review_session_idle),
         absolute=parse_duration(runtime.settings.review_session_max_age))
     app.state.sign_in_throttle = SignInThrottle()
+    app.state.metrics_token = metrics.scrape_token()  # read once, at start, like the approvers' tokens
     app.add_middleware(SecurityHeaders)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(overrides.router)
     app.include_router(session.router)
     app.include_router(pages.router)

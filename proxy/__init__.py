@@ -4,6 +4,7 @@ Packages by concern, each importing only the ones listed before it:
 
 - `vocabulary`: the words every layer shares: the catalogue of refusals, canonical JSON, printable text,
   host names.
+- `observe`: what cedargate tells its operators about itself: the Prometheus metrics every layer records.
 - `record`: where something is recorded: the decision rows and the tamper-evident audit chain.
 - `cedar`: Cedar itself: the context's description, the policy bundle, the action manifest, entities, the
   engine and its slicing.

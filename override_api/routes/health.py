@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from override_api.deps import RuntimeDep
+from proxy.observe import metrics
 
 router = APIRouter(tags=["health"])
 
@@ -38,6 +39,13 @@ class UnreachableEscalationStatus(BaseModel):
     why: str
 
 
+class MetricsStatus(BaseModel):
+    path: str = "/metrics"
+    shared_between_processes: bool = Field(
+        description="every process's values are summed at each scrape (cedargate run); false: this process's only")
+    token_required: bool = Field(description="a scrape must send Authorization: Bearer $CEDARGATE_METRICS_TOKEN")
+
+
 class Status(BaseModel):
     status: str
     policies: PolicyStatus
@@ -45,6 +53,7 @@ class Status(BaseModel):
     unreachable_escalations: list[UnreachableEscalationStatus] = Field(
         description="escalating policies no configured approver with a token could grant: their calls would "
                     "be held, and their requests wait, for nobody")
+    metrics: MetricsStatus
 
 
 @router.get("/healthz", summary="Can the proxy decide and record calls?")
@@ -57,7 +66,7 @@ def healthz(runtime: RuntimeDep) -> JSONResponse:
 
 @router.get("/status", response_model=Status,
             summary="Live policy revision, reload errors, store health, escalations nobody could grant")
-def status(runtime: RuntimeDep) -> Status:
+def status(request: Request, runtime: RuntimeDep) -> Status:
     engine, recorder = runtime.engine, runtime.recorder
     bundle = engine.snapshot.bundle
     return Status(
@@ -79,4 +88,6 @@ def status(runtime: RuntimeDep) -> Status:
         ),
         unreachable_escalations=[UnreachableEscalationStatus.model_validate(u.as_dict())
                                  for u in runtime.unreachable_escalations()],
+        metrics=MetricsStatus(shared_between_processes=metrics.shared_directory() is not None,
+                              token_required=request.app.state.metrics_token is not None),
     )

@@ -51,6 +51,7 @@ from proxy.cedar.policy import (
     load_bundle,
     policy_set_of,
 )
+from proxy.observe.metrics import live_revision, policy_reloaded
 from proxy.vocabulary.canonical import canonical
 
 log = logging.getLogger(__name__)
@@ -340,6 +341,7 @@ class Engine:
         self._signature = directory_signature(self.policy_dir) if self.policy_dir.is_dir() else ()
         self._snapshot = Snapshot(load_bundle(self.policy_dir))  # a bad set at start refuses to start
         self._mark_loaded()
+        live_revision(self._snapshot.bundle.revision)
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         # Called with each new set once it is live (whoever composes the program reports on it).
@@ -391,9 +393,13 @@ class Engine:
             self.status.last_error = str(exc)
             self.status.last_error_at = datetime.now(UTC)
             log.error("policy reload failed, keeping revision %s: %s", self.status.revision, exc)
+            policy_reloaded(False)
             return False
+        previous = self._snapshot.bundle.revision
         self._snapshot = Snapshot(bundle)
         self._mark_loaded()
+        policy_reloaded(True)
+        live_revision(bundle.revision, previous)
         log.info("policies reloaded: revision %s (%d policies)", bundle.revision[:12], len(bundle.policies))
         for listener in self.on_reload:
             try:

@@ -5,7 +5,8 @@ reports on exactly the core that decides the calls. With `--workers N` this proc
 port and runs the API and the core's jobs (expiry), and N proxy processes (`proxy.cli.workers`) serve
 that port, each with its own core on the shared store. Either way the proxy is the lean mitmproxy master
 of `proxy.cli.master`; what `cedargate run` shares with `mitmdump -s addons/enforcer.py`
-(`proxy.cli.standalone`) is in `proxy.cli.fronts`.
+(`proxy.cli.standalone`) is in `proxy.cli.fronts`. Every process records its metrics into `metrics/`
+under the state dir, emptied at start, so the API's `GET /metrics` sums them (`proxy.observe.metrics`).
 """
 
 from __future__ import annotations
@@ -22,13 +23,16 @@ from proxy.calls.connections import open_file_limit
 from proxy.cli.fronts import api_server, bind_api, check_loopback, ensure_ca, mitmproxy_options
 from proxy.cli.master import listening_sockets, proxy_addrs, proxy_master, stop_gracefully
 from proxy.cli.workers import WorkerFailed, Workers
-from proxy.runtime import Runtime
+from proxy.observe import metrics
+from proxy.runtime import Runtime, private_state_dir
 from proxy.settings.config import ConfigError, Listen, Settings
 
 if TYPE_CHECKING:
     import uvicorn
 
 log = logging.getLogger(__name__)
+
+METRICS_DIR = "metrics"  # under the state dir: every process's metric values, summed by GET /metrics
 
 
 async def serve(settings: Settings, ready: asyncio.Event | None = None, log_level: str = "INFO") -> None:
@@ -38,6 +42,12 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None, log_leve
     except ConfigError as exc:
         raise SystemExit(str(exc)) from None
 
+    try:
+        private_state_dir(settings.state_dir)
+        # Before the core records anything, and before the workers start (they inherit the directory).
+        metrics.share_between_processes(settings.state_dir / METRICS_DIR)
+    except OSError as exc:
+        raise SystemExit(f"cedargate: cannot prepare the metrics directory under {settings.state_dir}: {exc}") from None
     runtime = Runtime.start(settings)
     with contextlib.ExitStack() as sockets:
         try:

@@ -25,6 +25,7 @@ import time
 from collections import deque
 
 from proxy.cli.worker import READY
+from proxy.observe.metrics import process_gone
 from proxy.settings.config import Settings
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class Workers:
                         f"{len(self._deaths)}th to die in {RESTART_WINDOW:.0f} s: not restarting again"
                     )
                 log.error("proxy worker %d exited (%s): starting another", dead.pid, _exit(future.result()))
+                process_gone(dead.pid)
                 index = self.processes.index(dead)
                 self.processes[index] = await self._spawn(self.sockets[index])
 
@@ -130,6 +132,7 @@ class Workers:
                 log.error("proxy worker %d still running %.0f s after SIGTERM: killing it", process.pid, grace)
                 process.kill()
                 codes.append(await process.wait())
+            process_gone(process.pid)
         if self._relays:
             await asyncio.gather(*self._relays, return_exceptions=True)
         return codes

@@ -33,6 +33,7 @@ from proxy.cedar.engine import CedarRequest, Engine, Evaluation, Snapshot
 from proxy.cedar.escalation import Escalation, escalation_of, is_escalatable
 from proxy.cedar.manifest import MCP_ACTIONS, TOOL_NAME, McpEndpointSpec
 from proxy.cedar.policy import PolicyInfo
+from proxy.observe.metrics import count_decision
 from proxy.record.store import Recorder, utcnow
 from proxy.vocabulary.hosts import canonical_host, is_local
 from proxy.vocabulary.printable import printable
@@ -260,6 +261,7 @@ class Gate:
         failure that passed before a human decides must not refuse the call then. What became of the
         call is added later (`outcome`)."""
         assert self.recorder is not None  # a gate without a record (explain's) decides, never records
+        _count(verdict)
         return self.recorder.commit(self._row(verdict, self._errors(verdict), None),
                                     fail_fast=verdict.outcome is not Outcome.ESCALATE)
 
@@ -283,6 +285,7 @@ class Gate:
         forwarded, so nobody waits for the commit), with the upstream's status if it went, or how the
         exchange failed. A call refused because the store cannot take it is counted, not written."""
         assert self.recorder is not None  # a gate without a record (explain's) decides, never finishes
+        _count(verdict)
         if verdict.problem is Problem.STORE_UNAVAILABLE:
             self.recorder.count_refusal(verdict.call.agent)
             return
@@ -337,6 +340,13 @@ class Gate:
         if request is None or request.action[1] not in MCP_ACTIONS:
             return {}
         return {"detail": {k: request.context[k] for k in MCP_DETAIL if k in request.context}}
+
+
+def _count(verdict: Verdict) -> None:
+    """The decision in the metrics, once per recorded verdict (a refusal for the store included)."""
+    request = verdict.request
+    count_decision(verdict.outcome.value, request.action[1] if request is not None else "",
+                   tuple(p.policy_id for p in verdict.determining))
 
 
 def _session_and_tool(verdict: Verdict) -> dict[str, Any]:

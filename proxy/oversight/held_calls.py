@@ -44,6 +44,7 @@ from typing import Any, Final, Literal
 from proxy.calls.mcp.binding import binding_of
 from proxy.decision.gate import Gate, Outcome, Verdict
 from proxy.decision.upstream import UpstreamFailure
+from proxy.observe.metrics import HELD_CALLS
 from proxy.oversight.changes import ChangeError
 from proxy.oversight.holds import wait_for_event
 from proxy.oversight.limits import OverrideRefused, Refusal
@@ -150,7 +151,7 @@ class Oversight:
             while True:
                 if override.status in _HELD:
                     self._log_hold(verdict, override, deadline - time.monotonic())
-                with self.holds.watching(override.id) as woken:
+                with self.holds.watching(override.id) as woken, HELD_CALLS.track_inprogress():
                     outcome = await self._hold(verdict, override, deadline, woken, client_alive)
                 if outcome is not None:
                     return outcome

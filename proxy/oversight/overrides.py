@@ -563,6 +563,14 @@ class OverrideStore:
         ).rowcount
         return changed == 1
 
+    def count_by_status(self) -> dict[str, int]:
+        """How many requests the store holds in each status (every status named, zeros included)."""
+        with Session(self.engine) as session:
+            rows = session.exec(select(Override.status, func.count()).group_by(Override.status)).all()
+        counts = {status.value: 0 for status in OverrideStatus}
+        counts.update({status: count for status, count in rows})
+        return counts
+
     def due(self, now: datetime) -> builtins.list[tuple[str, OverrideStatus]]:
         """Undecided requests and unused grants past their time: (id, status now)."""
         with Session(self.engine) as session:

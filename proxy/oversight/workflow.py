@@ -51,6 +51,7 @@ from sqlmodel import Session
 from proxy.calls.mapping import Call
 from proxy.cedar.escalation import Escalation, is_escalatable, quorum_met
 from proxy.decision.gate import Gate, Outcome, Verdict
+from proxy.observe.metrics import observe_review
 from proxy.oversight.changes import ChangeError, EditableField, apply_changes, check_changes, editable_fields
 from proxy.oversight.holds import Holds
 from proxy.oversight.overrides import (
@@ -267,6 +268,7 @@ class OverrideWorkflow:
                                          "retry in a little while") from exc
             if decided:
                 self.holds.notify(override_id)
+                _observe_review(override)
             return override, decided
         raise OverrideError(503, "the override request is too contended to update; retry")
 
@@ -492,6 +494,14 @@ def _check_agreement(override: Override, others: set[str], changes: dict[str, An
     raise OverrideError(409, f"{who} approved this request {said}; approvers must agree on what goes: "
                              "approve it the same way, or deny it", problem=Problem.OVERRIDE_CHANGES_DISAGREE,
                         changes=agreed)
+
+
+def _observe_review(override: Override) -> None:
+    """How long the request waited for its reviewers, in the metrics (by the process whose vote decided it)."""
+    if override.decided_at is None:
+        return
+    waited = (aware(override.decided_at) - aware(override.created_at)).total_seconds()
+    observe_review((p["id"] for p in json.loads(override.policies)), override.status, waited)
 
 
 def check_voter(override: Override, approver: str, roles: frozenset[str], now: datetime) -> None:

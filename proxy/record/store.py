@@ -55,6 +55,7 @@ from sqlalchemy.engine import Engine as SAEngine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Field, Session, SQLModel, create_engine, func, select
 
+from proxy.observe.metrics import store_backlog
 from proxy.record import audit
 from proxy.record.migrations import migrate
 from proxy.vocabulary.canonical import canonical_text
@@ -398,6 +399,7 @@ class Recorder:
             except queue.Empty:
                 if self._refusals:
                     self._write([])
+                store_backlog(0, 0.0)
                 self._checkpoint(idle=True)
                 continue
             if first[0] != _UNIT and first[2] is None:  # nobody waits on it: it may wait for company
@@ -458,6 +460,7 @@ class Recorder:
         self._recovered()
         self._refusals_writing = False
         self.written += len(rows)
+        store_backlog(self._queue.qsize(), _lag(batch))
         self._unsynced = True
         for future in waiting:
             _settle(future)
@@ -607,6 +610,13 @@ class Recorder:
         if self._rate >= self.busy_rate and self._queue.qsize() + 1 < self.batch_size:
             if self._hurry.wait(self.linger):
                 self._hurry.clear()
+
+
+def _lag(batch: list[Item]) -> float:
+    """Seconds since the oldest decision or event of a batch just committed was made (0 if none says)."""
+    times = [item["at"] for tag, item, _ in batch if tag in (_DECISION, _EVENT)]
+    aware = [at for at in times if isinstance(at, datetime) and at.tzinfo is not None]
+    return (utcnow() - min(aware)).total_seconds() if aware else 0.0
 
 
 class _Commit(Future[None]):

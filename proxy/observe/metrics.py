@@ -1,0 +1,266 @@
+"""cedargate's Prometheus metrics: the metric objects, the cheap helpers the hot path calls, the scrape.
+
+Every metric cedargate exports is declared here, once, with prometheus_client, so the names, labels and
+help texts are one list (the README's "Metrics" section describes it). Who records what:
+
+- the gate counts each recorded decision (`count_decision`: outcome, action, determining policies);
+- a held call is counted while it waits for a human (`HELD_CALLS`);
+- the override workflow observes how long a request waited for its decision (`observe_review`);
+- the recorder's writer thread sets its queue's depth and lag (`store_backlog`);
+- the policy engine counts reloads and marks the live revision (`policy_reloaded`, `live_revision`);
+- the override requests by status are read from the store at scrape time (`OverrideStatusCollector`,
+  registered by the API, the one process that answers `GET /metrics`).
+
+`cedargate run` serves the proxy from one or several processes (`--workers N`), and one scrape must
+show them all: it calls `share_between_processes` before anything is recorded, which points
+prometheus_client's multiprocess mode at a fresh directory under the state directory (exported as
+PROMETHEUS_MULTIPROC_DIR, so the workers it then starts inherit it): each process writes its values to
+its own memory-mapped files there, and the scrape (`exposition`) sums them. Gauges say how to combine
+processes (`multiprocess_mode`): what is held or queued now is summed over the live processes, a lag is
+their maximum. Without it (`mitmdump -s addons/enforcer.py`, the tests of the core) the values live in
+this process and the scrape reads them directly.
+
+The proxy records a decision on every call, so `count_decision` keeps the labelled child of each label
+combination it has seen (looking one up through `labels()` costs several times the increment). Label
+values are bounded by the policy set: an action is one the schema declares (a call whose action cannot
+be named is counted with ""), policies are @ids. Adding a metric: declare it with `_counter`, `_gauge`
+or `_histogram` below (so `share_between_processes` can move it into the directory), prefix its name
+`cedargate_`, and keep agent-controlled text out of its labels.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    values,
+)
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+_METRICS: list[MetricWrapperBase] = []  # every metric declared below, in order
+
+
+def _counter(name: str, documentation: str, labels: Sequence[str] = ()) -> Counter:
+    metric = Counter(name, documentation, labels, registry=None)
+    _METRICS.append(metric)
+    return metric
+
+
+def _gauge(name: str, documentation: str, labels: Sequence[str] = (), *, mode: str) -> Gauge:
+    metric = Gauge(name, documentation, labels, registry=None, multiprocess_mode=mode)  # type: ignore[arg-type]
+    _METRICS.append(metric)
+    return metric
+
+
+def _histogram(name: str, documentation: str, labels: Sequence[str], buckets: Sequence[float]) -> Histogram:
+    metric = Histogram(name, documentation, labels, registry=None, buckets=buckets)
+    _METRICS.append(metric)
+    return metric
+
+
+DECISIONS = _counter(
+    "cedargate_decisions_total",
+    "Calls decided and recorded, by outcome (allow, deny, escalate, error), Cedar action, and the "
+    "determining policies' @ids (sorted, comma-separated; empty when none determined it)",
+    ("outcome", "action", "policy"))
+HELD_CALLS = _gauge(
+    "cedargate_held_calls", "Agent calls held open now, waiting for a human's decision on an override request",
+    mode="livesum")
+# Human review takes seconds to days: the buckets span a quick look to a day's wait.
+REVIEW_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400, 172800)
+REVIEW_LATENCY = _histogram(
+    "cedargate_review_latency_seconds",
+    "Seconds from an override request's opening to its decision by reviewers, by escalating policy @id and "
+    "decision (granted, denied); a request escalated by two policies is observed under each",
+    ("policy", "decision"), REVIEW_BUCKETS)
+STORE_QUEUE = _gauge(
+    "cedargate_store_queue_depth", "Decisions and audit events waiting for the recorder's writer to commit them",
+    mode="livesum")
+STORE_LAG = _gauge(
+    "cedargate_store_lag_seconds",
+    "Seconds from the oldest row of the recorder's last committed batch being queued to its commit (0 when "
+    "idle): how far the record runs behind the calls", mode="livemax")
+POLICY_RELOADS = _counter(
+    "cedargate_policy_reloads_total",
+    "Policy directory reloads: applied (the new set is live) or refused (invalid; the last good set stays live)",
+    ("result",))
+POLICY_REVISION = _gauge(
+    "cedargate_policy_revision", "1 for the live policy revision (its hash), 0 for one that was live before",
+    ("revision",), mode="livemax")
+
+# The labelled children the hot path increments, by their label values (see the module's docstring).
+_decision_children: dict[tuple[str, str, tuple[str, ...]], Counter] = {}
+MAX_CACHED_CHILDREN = 10_000  # beyond this many label combinations, children are looked up each time
+_switch_lock = threading.Lock()
+_directory: Path | None = None  # where this process's values are shared with the others' (multiprocess)
+
+
+def count_decision(outcome: str, action: str, policies: tuple[str, ...]) -> None:
+    """One recorded decision. `action` is the Cedar action's id (`get`, `tools/call`) or "" when the call
+    could not be named; `policies` the determining policies' @ids, in Cedar's order."""
+    key = (outcome, action, policies)
+    child = _decision_children.get(key)
+    if child is None:
+        child = DECISIONS.labels(outcome, action, ",".join(sorted(policies)))
+        if len(_decision_children) < MAX_CACHED_CHILDREN:
+            _decision_children[key] = child
+    child.inc()
+
+
+def observe_review(policies: Iterable[str], decision: str, seconds: float) -> None:
+    """An override request decided by its reviewers (`decision`: granted or denied) `seconds` after it
+    was opened; counted under each policy that escalated it."""
+    for policy in policies:
+        REVIEW_LATENCY.labels(policy, decision).observe(max(0.0, seconds))
+
+
+def store_backlog(depth: int, lag: float) -> None:
+    """The recorder's queue now (called by its writer thread, once per batch and when idle)."""
+    STORE_QUEUE.set(depth)
+    STORE_LAG.set(max(0.0, lag))
+
+
+def policy_reloaded(applied: bool) -> None:
+    POLICY_RELOADS.labels("applied" if applied else "refused").inc()
+
+
+def live_revision(revision: str, previous: str | None = None) -> None:
+    """Mark `revision` live and `previous` (if any) no longer. Set to 0 rather than removed: multiprocess
+    mode cannot remove a label set, and a scraper sees the change either way."""
+    if previous is not None and previous != revision:
+        POLICY_REVISION.labels(previous).set(0)
+    POLICY_REVISION.labels(revision).set(1)
+
+
+# --- several processes ----------------------------------------------------------------------------------
+
+
+def share_between_processes(directory: Path) -> None:
+    """Record into `directory` from now on, in this process and (through PROMETHEUS_MULTIPROC_DIR) in every
+    process it starts after this: the directory is emptied first, since files a previous run left would
+    be summed into this one's counts.
+
+    Called by `cedargate run` before its core starts. Values recorded in this process before the call are
+    dropped (its metrics begin again in the directory); prometheus_client picks its storage when it is
+    imported, so the metrics declared above are moved over here.
+    """
+    global _directory
+    with _switch_lock:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for stale in directory.glob("*.db"):
+            stale.unlink()
+        os.environ[MULTIPROC_ENV] = str(directory)
+        values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+        with warnings.catch_warnings():
+            # prometheus_client warns that clearing children does not clear what other processes wrote; the
+            # children dropped here are this process's, made before it shared anything, so that is moot.
+            warnings.simplefilter("ignore", UserWarning)
+            for metric in _METRICS:
+                _restart(metric)
+        _decision_children.clear()
+        _directory = directory
+
+
+def process_gone(pid: int) -> None:
+    """A process sharing the directory has exited (a worker that died or stopped): its live gauges (calls
+    held, queue depth) no longer count. Its counters still do: what it counted happened."""
+    if _directory is not None:
+        multiprocess.mark_process_dead(pid, str(_directory))  # type: ignore[no-untyped-call]
+
+
+def _restart(metric: MetricWrapperBase) -> None:
+    # A labelled metric makes its children (and their values) on first use, with the storage of the
+    # moment; an unlabelled one made its value when declared, so it is made again.
+    if metric._labelnames:
+        metric.clear()
+    else:
+        metric._metric_init()  # type: ignore[no-untyped-call]  # prometheus_client's own re-initialiser
+
+
+# --- the scrape -------------------------------------------------------------------------------------------
+
+
+class OverrideStatusCollector(Collector):
+    """`cedargate_override_requests{status}`, read from the store when scraped: a count kept in memory would
+    be one process's view, and requests outlive processes. `counts` returns every status's count (zeros
+    included, so a status that empties is seen to). If the store cannot be read, the family is left out
+    and `cedargate_override_requests_readable` says 0."""
+
+    def __init__(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        readable = GaugeMetricFamily("cedargate_override_requests_readable",
+                                     "1 if the override requests could be counted from the store at this scrape")
+        try:
+            counted = self.counts()
+        except Exception as exc:  # the scrape still answers with every other metric
+            log.warning("override requests not counted for /metrics: %s", exc)
+            readable.add_metric([], 0)
+            yield readable
+            return
+        family = GaugeMetricFamily("cedargate_override_requests",
+                                   "Override requests in the store now, by status", labels=["status"])
+        for status, count in sorted(counted.items()):
+            family.add_metric([status], count)
+        readable.add_metric([], 1)
+        yield family
+        yield readable
+
+
+class _Declared(Collector):
+    """The metrics declared above, as this process holds them (when values are not shared in files)."""
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in _METRICS:
+            yield from metric.collect()
+
+
+def exposition(extra: Iterable[Collector] = ()) -> bytes:
+    """Every metric in Prometheus's text format: all processes' values (summed from the shared directory,
+    or this process's own), then `extra` collectors' (read at this scrape)."""
+    registry = CollectorRegistry(auto_describe=False)
+    if _directory is not None:
+        multiprocess.MultiProcessCollector(registry, str(_directory))  # type: ignore[no-untyped-call]
+    else:
+        registry.register(_Declared())
+    for collector in extra:
+        registry.register(collector)
+    return generate_latest(registry)
+
+
+def sample(name: str, labels: Mapping[str, str] | None = None) -> float | None:
+    """One sample's value as this process holds it (None if never recorded): for tests and `/status`."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Declared())
+    return registry.get_sample_value(name, dict(labels or {}))
+
+
+def shared_directory() -> Path | None:
+    return _directory
+
+
+__all__ = [
+    "CONTENT_TYPE", "DECISIONS", "HELD_CALLS", "POLICY_RELOADS", "POLICY_REVISION", "REVIEW_LATENCY",
+    "STORE_LAG", "STORE_QUEUE", "OverrideStatusCollector", "count_decision", "exposition", "live_revision",
+    "observe_review", "policy_reloaded", "process_gone", "share_between_processes", "store_backlog",
+]

@@ -1,0 +1,95 @@
+"""`GET /metrics` of a real `cedargate run` (one process, and `--workers 2`) after real calls through the
+proxy: allowed, denied, escalated and held, approved through the API; one scrape counts them all."""
+
+from __future__ import annotations
+
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from e2e_support import APPROVERS, Cedargate, Upstream, recorded_rows, start_cedargate, write_config
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.waiting import wait_until
+
+INSTANCES = "/v1/instances"
+STOP = "/v1/instances/i-0abc/stop"
+
+
+def scrape(gate: Cedargate, **headers: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    answer = httpx.get(f"{gate.api_url}/metrics", headers=headers, timeout=10)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"].startswith("text/plain; version=")  # the text exposition format
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(answer.text) for s in family.samples}
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    """The sum of `name`'s samples whose labels include `labels` (0 when there are none)."""
+    return sum(v for (n, got), v in samples.items() if n == name and set(labels.items()) <= set(got))
+
+
+@pytest.fixture(params=[1, 2], ids=["one-process", "two-workers"])
+def gate(request, tmp_path, policy_dir, upstream: Upstream) -> Iterator[Cedargate]:
+    config = write_config(tmp_path / "c.yaml", policy_dir, tmp_path / "state", upstream)
+    started = start_cedargate(config, "--workers", str(request.param))
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+def test_one_scrape_counts_the_calls_of_every_process(gate: Cedargate, upstream: Upstream) -> None:
+    trust = ssl.create_default_context(cafile=str(gate.ca_cert))
+    dev, production = f"http://localhost:{upstream.http_port}", f"http://127.0.0.1:{upstream.http_port}"
+    # New connections each: under --workers 2 the kernel spreads them over both workers.
+    for _ in range(4):
+        with httpx.Client(proxy=gate.proxy_url, verify=trust, timeout=30) as agent:
+            assert agent.get(f"{dev}{INSTANCES}").status_code == 200
+    with httpx.Client(proxy=gate.proxy_url, timeout=30) as agent:
+        refused = agent.put(f"{dev}{INSTANCES}/i-0abc")
+    assert refused.status_code == 403 and refused.json()["type"].endswith("no-permit")
+
+    answers: list[httpx.Response] = []
+
+    def held_call() -> None:
+        with httpx.Client(proxy=gate.proxy_url, timeout=60) as agent:
+            answers.append(agent.post(f"{production}{STOP}", headers={"X-Agent-Justification": "wedged"}))
+
+    holder = threading.Thread(target=held_call)
+    holder.start()
+    try:
+        wait_until(lambda: value(scrape(gate), "cedargate_held_calls") == 1, "the held call in the metrics")
+        waiting = scrape(gate)
+        assert value(waiting, "cedargate_override_requests", status="pending") == 1
+        erin = {"Authorization": f"Bearer {APPROVERS['erin'][0]}"}
+        [request] = httpx.get(f"{gate.api_url}/overrides?status=pending", headers=erin, timeout=10).json()
+        time.sleep(0.2)  # so the review takes a measurable while
+        approved = httpx.post(f"{gate.api_url}/overrides/{request['id']}/approve", headers=erin,
+                              json={"reason": "checked with on-call"}, timeout=10)
+        assert approved.status_code == 200, approved.text
+    finally:
+        holder.join(60)
+    assert [a.status_code for a in answers] == [200]  # released: the upstream's answer
+
+    rows = recorded_rows(gate, "SELECT decision, action FROM decisions", 6)
+    get_action = next(r["action"] for r in rows if r["decision"] == "allow")
+    samples = scrape(gate)
+    assert value(samples, "cedargate_decisions_total", outcome="allow", policy="ops-read",
+                 action=get_action.removeprefix('Action::"').removesuffix('"')) == 4
+    assert value(samples, "cedargate_decisions_total", outcome="deny", policy="") == 1
+    assert value(samples, "cedargate_decisions_total", outcome="escalate", policy="protect-production-instances") == 1
+    assert value(samples, "cedargate_decisions_total") == len(rows) == 6
+    assert value(samples, "cedargate_held_calls") == 0
+    assert value(samples, "cedargate_override_requests", status="released") == 1
+    assert value(samples, "cedargate_override_requests", status="pending") == 0
+    latency = dict(policy="protect-production-instances", decision="granted")
+    assert value(samples, "cedargate_review_latency_seconds_count", **latency) == 1
+    assert value(samples, "cedargate_review_latency_seconds_sum", **latency) >= 0.2
+    status = httpx.get(f"{gate.api_url}/status", timeout=10).json()
+    assert value(samples, "cedargate_policy_revision", revision=status["policies"]["revision"]) == 1
+    assert status["metrics"] == {"path": "/metrics", "shared_between_processes": True, "token_required": False}
+    assert ("cedargate_store_queue_depth", ()) in samples and ("cedargate_store_lag_seconds", ()) in samples

@@ -1,0 +1,89 @@
+"""The metrics module: counts as recorded, and values shared between processes through one directory
+(`cedargate run`'s way of showing every worker in one scrape), in real separate Python processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.observe import metrics
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_a_decision_is_counted_under_its_outcome_action_and_sorted_policies() -> None:
+    labels = {"outcome": "deny", "action": "delete", "policy": "a-policy,z-policy"}
+    before = metrics.sample("cedargate_decisions_total", labels) or 0.0
+    for _ in range(3):
+        metrics.count_decision("deny", "delete", ("z-policy", "a-policy"))
+    assert metrics.sample("cedargate_decisions_total", labels) == before + 3
+
+
+def test_the_override_requests_are_counted_at_scrape_time_and_a_failing_store_is_said() -> None:
+    counts = {"pending": 2, "granted": 0}
+    text = metrics.exposition([metrics.OverrideStatusCollector(lambda: counts)]).decode()
+    seen = samples(text)
+    assert seen[("cedargate_override_requests", (("status", "pending"),))] == 2
+    assert seen[("cedargate_override_requests", (("status", "granted"),))] == 0
+    assert seen[("cedargate_override_requests_readable", ())] == 1
+
+    def broken() -> dict[str, int]:
+        raise OSError("database is locked")
+
+    seen = samples(metrics.exposition([metrics.OverrideStatusCollector(broken)]).decode())
+    assert seen[("cedargate_override_requests_readable", ())] == 0
+    assert not any(name == "cedargate_override_requests" for name, _ in seen)
+    assert any(name == "cedargate_decisions_total" for name, _ in seen)  # the rest still answers
+
+
+# A process that shares its metrics as `cedargate run` does, counts, starts a second process (which
+# inherits the directory, as a worker does) that counts and holds a call, and scrapes after it ended.
+SUPERVISOR = textwrap.dedent("""
+    import subprocess, sys
+    from pathlib import Path
+    from proxy.observe import metrics
+
+    metrics.count_decision("allow", "get", ("ops-read",))  # before sharing: not in the directory's counts
+    metrics.share_between_processes(Path(sys.argv[1]))
+    metrics.count_decision("allow", "get", ("ops-read",))
+    metrics.count_decision("allow", "get", ("ops-read",))
+    metrics.live_revision("rev-1")
+    worker = subprocess.run([sys.executable, "-c", sys.argv[2]], check=True, capture_output=True, text=True)
+    print(metrics.exposition().decode())
+    print("---")
+    metrics.process_gone(int(worker.stdout))
+    print(metrics.exposition().decode())
+""")
+WORKER = textwrap.dedent("""
+    import os
+    from proxy.observe import metrics
+
+    for _ in range(3):
+        metrics.count_decision("allow", "get", ("ops-read",))
+    metrics.HELD_CALLS.inc()
+    metrics.live_revision("rev-2", "rev-1")
+    print(os.getpid())
+""")
+
+
+def test_processes_sharing_a_directory_are_summed_in_one_scrape(tmp_path: Path) -> None:
+    shared = tmp_path / "metrics"
+    shared.mkdir()
+    (shared / "counter_99999.db").write_bytes(b"left by an earlier run")
+    done = subprocess.run([sys.executable, "-c", SUPERVISOR, str(shared), WORKER], capture_output=True, text=True,
+                          timeout=60, check=True)
+    while_alive, after = (samples(part) for part in done.stdout.split("---"))
+    allowed = ("cedargate_decisions_total", (("action", "get"), ("outcome", "allow"), ("policy", "ops-read")))
+    assert while_alive[allowed] == after[allowed] == 5  # the supervisor's 2 and the worker's 3: nothing stale
+    # The worker exited without being marked gone: its held call still counts; once marked, it does not.
+    assert while_alive[("cedargate_held_calls", ())] == 1
+    assert after[("cedargate_held_calls", ())] == 0
+    assert after[("cedargate_policy_revision", (("revision", "rev-1"),))] == 1  # the supervisor's own view
+    assert not (shared / "counter_99999.db").exists()
