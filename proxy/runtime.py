@@ -27,6 +27,7 @@ from proxy.oversight.limits import OverrideLimits
 from proxy.oversight.overrides import OverrideStore
 from proxy.oversight.reachability import UnreachableEscalation, approver_roles, unreachable_escalations
 from proxy.oversight.workflow import OverrideWorkflow
+from proxy.record.retention import RequestRetention
 from proxy.record.store import Recorder, make_engine
 from proxy.settings.agents import AgentDirectory
 from proxy.settings.config import ConfigError, Settings
@@ -72,7 +73,8 @@ class Runtime:
         runtime = cls(
             settings, engine, recorder, gate, AgentDirectory(settings.agents),
             AgentDirectory(settings.approvers, kind="approver"),
-            overrides, holds, None, workflow, Jobs(workflow),  # type: ignore[arg-type]
+            overrides, holds, None, workflow,  # type: ignore[arg-type]
+            Jobs(workflow, retention=RequestRetention(recorder, parse_duration(settings.cedar_request_retention))),
             api_base_url=f"http://{settings.api.host}:{settings.api.port}",
         )
         runtime.oversight = Oversight(gate, workflow, lambda: runtime.api_base_url)

@@ -1,4 +1,5 @@
-"""The `cedargate` command: run the proxy, review overrides, hash tokens, check a policy directory."""
+"""The `cedargate` command: run the proxy, review overrides, hash tokens, check a policy directory, replay
+recorded calls against candidate policies."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from proxy.cli.audit_commands import add_audit_commands, run_audit_command
 from proxy.cli.db_commands import add_db_commands, run_db_command
 from proxy.cli.explain import add_explain_command, run_explain_command
 from proxy.cli.override_commands import add_overrides_commands, run_overrides_command
+from proxy.cli.replay import add_replay_command, run_replay_command
 from proxy.oversight.reachability import approver_roles, unreachable_escalations, with_tokens
 from proxy.record.store import StoreUnavailable
 from proxy.settings.agents import hash_token, new_token
@@ -66,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     add_audit_commands(sub)
     add_db_commands(sub)
     add_explain_command(sub)
+    add_replay_command(sub)
 
     args = parser.parse_args(argv)
     if args.command == "run":
@@ -78,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_db_command(args)
     if args.command == "explain":
         return run_explain_command(args)
+    if args.command == "replay":
+        return run_replay_command(args)
     if args.command == "check":
         return _check(args.policy_dir, args.config)
     if args.command == "schema":

@@ -23,18 +23,20 @@ from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from proxy.calls.mapping import Call, MappingError, MappingOptions, Reading, UnknownAction, map_call
 from proxy.calls.redaction import Redaction
 from proxy.cedar.context import MCP_DETAIL
-from proxy.cedar.engine import CedarRequest, Engine, Evaluation, Snapshot
-from proxy.cedar.escalation import Escalation, escalation_of, is_escalatable
+from proxy.cedar.engine import CedarRequest, Engine, Snapshot
+from proxy.cedar.escalation import Escalation, escalation_of
 from proxy.cedar.manifest import MCP_ACTIONS, TOOL_NAME, McpEndpointSpec
 from proxy.cedar.policy import PolicyInfo
+from proxy.decision.judgement import Outcome as Outcome  # re-exported: the gate's verdicts say it
+from proxy.decision.judgement import judge
 from proxy.observe.metrics import count_decision
 from proxy.record.store import Recorder, utcnow
+from proxy.vocabulary.canonical import canonical_text
 from proxy.vocabulary.hosts import canonical_host, is_local
 from proxy.vocabulary.printable import printable
 from proxy.vocabulary.problems import Problem, problem_document
@@ -45,13 +47,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STORE_RETRY_AFTER = 5  # seconds an agent refused for store trouble is told to wait before retrying
-
-
-class Outcome(str, Enum):
-    ALLOW = "allow"
-    DENY = "deny"  # a hard deny: no human can override it
-    ESCALATE = "escalate"  # denied only by @escalate forbids, beneath which a permit allows the call
-    ERROR = "error"
 
 
 @dataclass(frozen=True)
@@ -157,53 +152,31 @@ class Gate:
             return Verdict(
                 **base, outcome=Outcome.ERROR, problem=Problem.MAPPING_ERROR, status=exc.status, detail=str(exc)
             )
-        evaluation = self.engine.evaluate(request, snapshot)
-        determining = evaluation.policies
-        common = dict(base, request=request, determining=determining, errors=evaluation.errors,
-                      revision=evaluation.revision, binding=_binding(request, reading))
-        if evaluation.allowed:
+        judged = judge(self.engine, request, snapshot)
+        common = dict(base, request=request, determining=judged.determining, errors=judged.errors,
+                      revision=judged.revision, binding=_binding(request, reading))
+        if judged.outcome is Outcome.ALLOW:
             return Verdict(**common, outcome=Outcome.ALLOW)
-        if evaluation.errors or evaluation.decision != "Deny":
+        if judged.outcome is Outcome.ERROR:
             return Verdict(
                 **common, outcome=Outcome.ERROR, problem=Problem.EVALUATION_ERROR, status=403,
                 detail="a policy could not be evaluated for this call, so it is refused: "
-                + "; ".join(evaluation.errors or (f"Cedar returned {evaluation.decision}",)),
+                + "; ".join(judged.errors or (f"Cedar returned {judged.cedar_decision}",)),
             )
-        forbids = tuple(p for p in determining if p.effect == "forbid")
+        forbids = judged.forbids
         default_deny = f"no policy permits {call.agent} to {call.method.upper()} {call.url} (default deny)"
+        reasons = "; ".join(p.reason or f'forbidden by policy "{p.policy_id}"' for p in forbids)
+        if judged.outcome is Outcome.ESCALATE:
+            return Verdict(
+                **common, outcome=Outcome.ESCALATE, problem=Problem.POLICY_DENIED, status=403, detail=reasons,
+                escalation=escalation_of(forbids, self.default_expiry), beneath=judged.beneath,
+            )
+        if judged.problem is Problem.POLICY_DENIED:
+            return Verdict(**common, outcome=Outcome.DENY, problem=Problem.POLICY_DENIED, status=403,
+                           detail=reasons)
         if not forbids:
             return Verdict(**common, outcome=Outcome.DENY, problem=Problem.NO_PERMIT, status=403,
                            detail=default_deny)
-        reasons = "; ".join(p.reason or f'forbidden by policy "{p.policy_id}"' for p in forbids)
-        if not all(is_escalatable(p) for p in forbids):
-            return Verdict(**common, outcome=Outcome.DENY, problem=Problem.POLICY_DENIED, status=403,
-                           detail=reasons)
-        # Every forbid is escalatable; a grant would lift them, so what lies beneath decides.
-        lifted = self.engine.evaluate(request, snapshot, lifted=True)
-        if lifted.allowed:
-            return Verdict(
-                **common, outcome=Outcome.ESCALATE, problem=Problem.POLICY_DENIED, status=403, detail=reasons,
-                escalation=escalation_of(forbids, self.default_expiry), beneath=lifted.policies,
-            )
-        return self._not_grantable(common, forbids, lifted, default_deny)
-
-    @staticmethod
-    def _not_grantable(common: dict[str, Any], forbids: tuple[PolicyInfo, ...], lifted: Evaluation,
-                       default_deny: str) -> Verdict:
-        """The hard deny of a call whose escalatable forbids cover for a missing permit."""
-        if lifted.errors:  # cannot happen after an error-free first evaluation of a superset; refuse anyway
-            return Verdict(
-                **{**common, "errors": lifted.errors}, outcome=Outcome.ERROR, problem=Problem.EVALUATION_ERROR,
-                status=403, detail="a policy could not be evaluated for this call, so it is refused: "
-                + "; ".join(lifted.errors),
-            )
-        others = tuple(p for p in lifted.policies if p.effect == "forbid")
-        if others:  # likewise impossible (Cedar reports every matching forbid), and a hard deny all the same
-            return Verdict(
-                **{**common, "determining": forbids + others}, outcome=Outcome.DENY,
-                problem=Problem.POLICY_DENIED, status=403,
-                detail="; ".join(p.reason or f'forbidden by policy "{p.policy_id}"' for p in forbids + others),
-            )
         ids = ", ".join(f'"{p.policy_id}"' for p in forbids)
         return Verdict(
             **common, outcome=Outcome.DENY, problem=Problem.NO_PERMIT, status=403,
@@ -330,8 +303,24 @@ class Gate:
             "upstream_status": upstream_status,
             "duration_ms": round((time.perf_counter() - verdict.started) * 1000, 3),
             **_session_and_tool(verdict),
+            "cedar_request": self.stored_request(verdict),
             **self._detail(verdict),
         }
+
+    def stored_request(self, verdict: Verdict) -> str | None:
+        """The Cedar request the verdict was made on, as the record keeps it (canonical JSON, Cedar's own
+        request form) so that it can be explained and replayed later; None for a call refused before it
+        was mapped. Never a secret: credentials never enter a context (`proxy.calls.mapping`), and query
+        secrets are redacted as in every other view of the call (`Redaction.context`)."""
+        request = verdict.request
+        if request is None:
+            return None
+        return canonical_text({
+            "principal": {"type": request.principal[0], "id": request.principal[1]},
+            "action": {"type": request.action[0], "id": request.action[1]},
+            "resource": {"type": request.resource[0], "id": request.resource[1]},
+            "context": self.redaction.context(request.context, verdict.call.query),
+        })
 
     @staticmethod
     def _detail(verdict: Verdict) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The override workflow's background jobs: expiry, and the wake-ups of held calls by decisions made in
+"""The core's background jobs: override expiry, clearing decisions' Cedar requests past their retention
+(`proxy.record.retention`), and the wake-ups of held calls by decisions made in
 other processes (`proxy.oversight.wakeups`); notifications and SLA timers are to join them.
 
 The core owns what the jobs do and how often; whoever composes the running program starts them on its
@@ -16,10 +17,12 @@ from dataclasses import dataclass
 
 from proxy.oversight.wakeups import Wakeups
 from proxy.oversight.workflow import OverrideWorkflow
+from proxy.record.retention import RequestRetention
 
 log = logging.getLogger(__name__)
 
 EXPIRY_INTERVAL = 1.0  # seconds between expiry runs: how late a hold hears that its request expired
+RETENTION_INTERVAL = 60.0  # seconds between clearings of Cedar requests past their retention
 
 
 @dataclass(frozen=True)
@@ -30,8 +33,11 @@ class Job:
 
 
 class Jobs:
-    def __init__(self, workflow: OverrideWorkflow, *, expiry_interval: float = EXPIRY_INTERVAL) -> None:
+    def __init__(self, workflow: OverrideWorkflow, *, expiry_interval: float = EXPIRY_INTERVAL,
+                 retention: RequestRetention | None = None, retention_interval: float = RETENTION_INTERVAL) -> None:
         self.jobs = [Job("override expiry", expiry_interval, workflow.expire_due)]
+        if retention is not None:
+            self.jobs.append(Job("cedar request retention", retention_interval, retention.run))
         self.wakeups = Wakeups(workflow.store.engine, workflow.holds)
         self._tasks: list[asyncio.Task[None]] = []
 

@@ -88,6 +88,10 @@ class DecisionRecord(SQLModel, table=True):
     duration_ms: float | None = None
     session: str | None = None  # the agent's X-Agent-Session, when it sent one (revision 0005)
     tool: str | None = None  # an MCP tools/call's tool (revision 0005)
+    # The Cedar request decided (canonical JSON, secrets redacted), for `cedargate replay` and explaining
+    # it later; cleared after `cedar_request_retention` (`clear_cedar_requests`), NULL for a call refused
+    # before it was mapped and for rows before revision 0007.
+    cedar_request: str | None = None
 
 
 # An execution option: a transaction begun with it set writes, so on SQLite it begins IMMEDIATE.
@@ -722,9 +726,12 @@ _ADD_OUTCOME = (
 
 
 def _decision_event(row: dict[str, Any]) -> dict[str, Any]:
+    # The Cedar request stays out of the chain: the log is kept for good, and the request only as long as
+    # `cedar_request_retention` says (its action and resource are in the payload all the same).
+    payload = {k: v for k, v in row.items() if k != "cedar_request"}
     return {"kind": audit.EventKind.DECISION.value, "at": row.get("at"),
             "decision_id": row.get("decision_id"),
-            "agent": row.get("agent"), "payload": row}
+            "agent": row.get("agent"), "payload": payload}
 
 
 def _storable(text: str) -> str:

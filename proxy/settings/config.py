@@ -150,6 +150,10 @@ class Settings(_Strict):
         DEFAULT_SECRET_QUERY_PARAMS, description="query parameters (names, any case) whose values are "
         "redacted in the record, the logs and every view, as secret headers are"
     )
+    cedar_request_retention: str = Field(
+        "30d", description="how long each decision keeps the Cedar request it was made on (secrets redacted), "
+        "for `cedargate replay` and explaining it later; then a background job clears it (the decision stays)"
+    )
     auditor_role: str = Field(
         "auditor", min_length=1, description="approvers holding this role see every override request (others "
         "only those their roles can decide); it gives no vote"
@@ -195,7 +199,8 @@ class Settings(_Strict):
             return parse_duration(value)
         return value
 
-    @field_validator("override_expiry", "grant_ttl", "review_session_idle", "review_session_max_age")
+    @field_validator("override_expiry", "grant_ttl", "review_session_idle", "review_session_max_age",
+                     "cedar_request_retention")
     @classmethod
     def _duration(cls, value: str) -> str:
         from proxy.cedar.escalation import parse_duration

@@ -241,6 +241,9 @@ def test_finish_writes_the_row_an_operator_reads(gate: Gate, recorder: Recorder,
         "upstream_status": 200,
         "session": None,
         "tool": None,
+        "cedar_request": '{"action":{"id":"get","type":"Action"},"context":{"headers":{},"host":"127.0.0.1",'
+                         '"method":"GET","path":"/v1/instances","port":9000,"query":"","scheme":"http"},'
+                         '"principal":{"id":"ops-bot","type":"Agent"},"resource":{"id":"127.0.0.1","type":"Host"}}',
     }
     assert row["duration_ms"] is not None and row["duration_ms"] >= 0
     # Stored as the decision's UTC moment, not shifted into a local zone.

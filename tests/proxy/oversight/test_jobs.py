@@ -4,12 +4,15 @@ failing run does not end it."""
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 import pytest
 from test_workflow import open_request
 
 from proxy.oversight.jobs import Jobs
 from proxy.oversight.workflow import OverrideWorkflow
+from proxy.record.retention import RequestRetention
+from proxy.record.store import utcnow
 
 
 async def until(condition, what: str, timeout: float = 10.0) -> None:
@@ -58,3 +61,25 @@ def test_a_failing_run_does_not_end_the_job(workflow: OverrideWorkflow, caplog: 
 
     asyncio.run(scenario())
     assert "override expiry failed" in caplog.text
+
+
+def test_the_retention_job_clears_requests_past_their_retention_until_stopped(workflow: OverrideWorkflow):
+    retention = RequestRetention(workflow.recorder, timedelta(days=1).total_seconds())
+    jobs = Jobs(workflow, expiry_interval=60, retention=retention, retention_interval=0.01)
+    workflow.recorder.record({
+        "decision_id": "d-1", "at": utcnow() - timedelta(days=2), "agent": "ops-bot", "method": "GET",
+        "scheme": "https", "host": "api.example", "port": 443, "path": "/", "action": 'Action::"get"',
+        "resource": 'Host::"api.example"', "decision": "allow", "determining_policies": "[]", "errors": "[]",
+        "policy_revision": "r1", "upstream_status": None, "duration_ms": None, "session": None, "tool": None,
+        "cedar_request": "{}"})
+    assert workflow.recorder.flush()
+
+    async def scenario() -> None:
+        jobs.start()
+        try:
+            await until(lambda: retention.cleared == 1, "the request cleared")
+        finally:
+            jobs.stop()
+
+    asyncio.run(scenario())
+    assert not jobs.running

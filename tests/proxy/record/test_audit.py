@@ -141,6 +141,8 @@ def test_decisions_and_events_are_chained_in_the_order_they_happened(audited, da
             stored = decisions[row.decision_id]
             assert (payload["path"], payload["decision"], payload["upstream_status"]) == (
                 stored.path, stored.decision, stored.upstream_status)
+            # ...but not its Cedar request: the log is kept for good, the request only for its retention.
+            assert "cedar_request" not in payload and stored.cedar_request is not None
     assert json.loads(rows[2].payload) == {
         "reason": "clean up v-1", "expires_at": "2030-01-01T00:00:00+00:00"}
     assert head == [(10, rows[-1].hash)]

@@ -555,3 +555,28 @@ def test_a_database_at_0005_upgrades_to_override_conversations_and_keeps_its_req
     with pytest.raises(Exception, match="ux_overrides_live_fingerprint|UNIQUE constraint failed"):
         with database.begin() as conn:
             conn.execute(text("UPDATE overrides SET status = 'pending', fingerprint = 'f1' WHERE id = 'ovr-denied'"))
+
+
+def test_a_database_at_0006_gains_each_decisions_cedar_request_keeping_its_rows(database: SAEngine):
+    """Revision 0007: decisions recorded before it keep no Cedar request (NULL: replay counts them as
+    such); new ones keep theirs, and the audit chain still verifies across both."""
+    make_0_1_0_database(database)
+    add_0_1_0_rows(database)
+    migrate_to(database, "0006")
+    assert "cedar_request" not in {c["name"] for c in inspect(database).get_columns("decisions")}
+
+    assert migrate(database) == head_revision()
+    recorder = Recorder(database, retry_interval=0.05)
+    try:
+        recorder.record({**_new_decision(), "decision_id": "d-new", "session": None, "tool": None,
+                         "cedar_request": '{"action":{"id":"list","type":"Action"}}'})
+        assert recorder.flush()
+    finally:
+        recorder.close()
+    with database.connect() as conn:
+        rows = conn.execute(text("SELECT decision_id, decision, cedar_request FROM decisions ORDER BY id")).all()
+        assert schema_differences(conn, _models()) == []
+    assert [tuple(r) for r in rows] == [("d-old", "escalate", None),
+                                        ("d-new", "allow", '{"action":{"id":"list","type":"Action"}}')]
+    checked = audit.verify(database)
+    assert checked.ok and checked.rows_checked == 2

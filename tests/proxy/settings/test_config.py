@@ -148,6 +148,7 @@ def test_database_url_given_is_used():
          "greater than or equal to 1"),
         ("hold_max_wait: soon\n", "hold_max_wait", "not a duration like 90s"),
         ("hold_max_wait: -5\n", "hold_max_wait", "greater than or equal to 0"),
+        ("cedar_request_retention: forever\n", "cedar_request_retention", "not a duration like 90s"),
     ],
 )
 def test_bad_values_name_the_field(tmp_path: Path, text: str, where: str, words: str):
