@@ -7,6 +7,7 @@ Five targets, measured in one run, interleaved round by round so drift hits them
   cedargate     `cedargate run` (one process, the default) enforcing the bundled example policies (a copy
                 of policies/), recording every decision to SQLite in a temporary state dir
   cedargate-w2  the same with `--workers 2`: two proxy processes on one port, the API in a third
+  cedargate-shadow  (with --shadow) one process judging every call by a shadow policy set as well
 
 Every request is `GET <scheme>://localhost:<upstream>/v1/instances` as agent ops-bot (Team ops), which
 the example policy "ops-read" permits. Over HTTP it is sent to the proxy in absolute form with basic
@@ -563,11 +564,16 @@ def start_mitmdump(procs: Processes, tmp: Path, upstream_ca: Path) -> Target:
 
 
 def start_cedargate(
-    procs: Processes, tmp: Path, name: str, upstream_ca: Path, workers: int
+    procs: Processes, tmp: Path, name: str, upstream_ca: Path, workers: int, shadow: bool = False
 ) -> tuple[Target, Path, Cedargate]:
-    """cedargate, started by the e2e tests' launcher (tests/support/launch.py)."""
+    """cedargate, started by the e2e tests' launcher (tests/support/launch.py); with `shadow`, a copy of
+    the same policies as its shadow set (every call judged twice, no disagreement recorded)."""
     policy_dir = tmp / f"{name}-policies"
     shutil.copytree(REPO / "policies", policy_dir)  # a stable copy: the repo may change under us
+    shadow_line = ""
+    if shadow:
+        shutil.copytree(REPO / "policies", tmp / f"{name}-shadow")
+        shadow_line = f"shadow_policy_dir: {tmp / f'{name}-shadow'}\n"
     state_dir = tmp / f"{name}-state"
     config = tmp / f"{name}.yaml"
     config.write_text(
@@ -575,6 +581,7 @@ def start_cedargate(
         f"policy_dir: {policy_dir}\n"
         f"state_dir: {state_dir}\n"
         f"upstream_ca_bundle: {upstream_ca}\n"
+        + shadow_line +
         "agents:\n"
         f"  {AGENT}:\n"
         f"    token_sha256: {hashlib.sha256(TOKEN.encode()).hexdigest()}\n"
@@ -652,6 +659,9 @@ def main() -> int:
     parser.add_argument("--client", choices=["auto", "wrk", "python"], default="auto",
                         help="the HTTP load client (HTTPS always uses the python one)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--shadow", action="store_true",
+                        help="also measure cedargate-shadow: one process judging every call by a shadow policy set "
+                        "too (a copy of the live one, so nothing disagrees): what shadow policies cost")
     parser.add_argument("--serve-upstream", nargs=2, metavar=("CERT", "KEY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_upstream:
@@ -694,8 +704,11 @@ def main() -> int:
             Target("direct", upstream.http_port, False, note="client -> upstream", ca=upstream.ca),
             start_mitmdump(procs, tmp, upstream.ca),
         ]
-        for name, workers in (("cedargate", 1), ("cedargate-w2", 2)):
-            target, state_dir, gate = start_cedargate(procs, tmp, name, upstream.ca, workers)
+        cedargates = [("cedargate", 1, False), ("cedargate-w2", 2, False)]
+        if args.shadow:
+            cedargates.append(("cedargate-shadow", 1, True))
+        for name, workers, shadow in cedargates:
+            target, state_dir, gate = start_cedargate(procs, tmp, name, upstream.ca, workers, shadow)
             targets.append(target)
             gates[name] = (state_dir, gate)
 
@@ -758,7 +771,7 @@ def main() -> int:
                         cell = measure(scheme, t, concurrency, args.requests)
                         raw[scheme][t.name][concurrency].append(cell)
                         print(
-                            f"round {rnd + 1}/{args.rounds} {scheme:<5} c={concurrency:<3} {t.name:<12} "
+                            f"round {rnd + 1}/{args.rounds} {scheme:<5} c={concurrency:<3} {t.name:<16} "
                             f"{cell.rps:8.0f} req/s  p50 {cell.p50_ms:6.3f} ms  p99 {cell.p99_ms:6.3f} ms"
                             f"  errors {cell.errors}"
                             + (f"  proxy CPU {cell.proxy_cpu_us_per_req:.0f} us/req" if t.proc else ""),
@@ -865,7 +878,7 @@ def main() -> int:
         + "; ".join(f"{k}: {v}" for k, v in client_desc.items() if k in args.schemes)
     )
     header = (
-        f"{'scheme':<6} {'target':<12} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs mitmdump':>12} "
+        f"{'scheme':<6} {'target':<16} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs mitmdump':>12} "
         f"{'CPU us/req':>11} {'CPU vs mitmdump':>16}"
     )
     print(header)
@@ -880,7 +893,7 @@ def main() -> int:
                 cpu_text = "" if cpu is None else f"{cpu:.0f}"
                 cpu_rel = "" if cpu is None else times(cpu, base["proxy_cpu_us_per_req"])
                 print(
-                    f"{scheme:<6} {name:<12} {c:>4} {cell['rps']:>9.0f} {cell['p50_ms']:>8.3f} "
+                    f"{scheme:<6} {name:<16} {c:>4} {cell['rps']:>9.0f} {cell['p50_ms']:>8.3f} "
                     f"{cell['p99_ms']:>8.3f} {rel:>12} {cpu_text:>11} {cpu_rel:>16}"
                 )
     print()

@@ -20,6 +20,7 @@ from proxy.calls.redaction import Redaction
 from proxy.cedar.engine import Engine
 from proxy.cedar.escalation import parse_duration
 from proxy.decision.gate import Gate, Outcome, Verdict
+from proxy.decision.shadow import ShadowPolicies
 from proxy.oversight.held_calls import Oversight, Resolution
 from proxy.oversight.holds import Holds
 from proxy.oversight.jobs import Jobs
@@ -51,6 +52,7 @@ class Runtime:
     workflow: OverrideWorkflow
     jobs: Jobs
     api_base_url: str = field(default="")
+    shadow: ShadowPolicies | None = None  # `shadow_policy_dir`'s set, judged beside the live one
 
     @classmethod
     def start(cls, settings: Settings) -> Runtime:
@@ -79,6 +81,10 @@ class Runtime:
         )
         runtime.oversight = Oversight(gate, workflow, lambda: runtime.api_base_url)
         engine.watch(settings.policy_reload_interval)
+        if settings.shadow_policy_dir is not None:
+            # Never raises: a missing or invalid shadow set is reported, and live decisions go on.
+            runtime.shadow = gate.shadow = ShadowPolicies(settings.shadow_policy_dir, recorder)
+            runtime.shadow.watch(settings.policy_reload_interval)
         revision = engine.status.revision
         assert revision is not None  # Engine() loads the policies or raises
         log.info(
@@ -119,6 +125,9 @@ class Runtime:
     def close(self) -> None:
         self.jobs.stop()
         self.engine.close()
+        if self.shadow is not None:
+            self.shadow.flush(2.0)  # what it judged is recorded with the rest, as far as it gets
+            self.shadow.close()
         self.recorder.close()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import datetime
 
 from fastapi import APIRouter, Request
@@ -46,10 +47,25 @@ class MetricsStatus(BaseModel):
     token_required: bool = Field(description="a scrape must send Authorization: Bearer $CEDARGATE_METRICS_TOKEN")
 
 
+class ShadowStatus(BaseModel):
+    directory: str
+    revision: str | None = Field(description="the shadow set in use; null while none could be loaded")
+    loaded_at: datetime | None
+    last_error: str | None = Field(description="why the shadow directory could not be (re)loaded; live "
+                                   "decisions are never affected")
+    last_error_at: datetime | None
+    evaluated: int = Field(description="calls judged by the shadow set in this process since it started")
+    disagreements: int = Field(description="of those, the calls it decided otherwise than the live set "
+                               "(each is a row of shadow_disagreements)")
+    skipped: int = Field(description="calls not judged because too many were waiting")
+
+
 class Status(BaseModel):
     status: str
     policies: PolicyStatus
     store: StoreStatus
+    shadow: ShadowStatus | None = Field(None, description="the shadow policies (`shadow_policy_dir`), when "
+                                        "configured: evaluated beside the live set, never enforced")
     unreachable_escalations: list[UnreachableEscalationStatus] = Field(
         description="escalating policies no configured approver with a token could grant: their calls would "
                     "be held, and their requests wait, for nobody")
@@ -90,4 +106,5 @@ def status(request: Request, runtime: RuntimeDep) -> Status:
                                  for u in runtime.unreachable_escalations()],
         metrics=MetricsStatus(shared_between_processes=metrics.shared_directory() is not None,
                               token_required=request.app.state.metrics_token is not None),
+        shadow=ShadowStatus.model_validate(asdict(runtime.shadow.status)) if runtime.shadow else None,
     )

@@ -42,6 +42,7 @@ from proxy.vocabulary.printable import printable
 from proxy.vocabulary.problems import Problem, problem_document
 
 if TYPE_CHECKING:
+    from proxy.decision.shadow import ShadowPolicies
     from proxy.decision.upstream import UpstreamFailure
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,8 @@ class Gate:
         self.default_expiry = default_expiry
         # (host, port) of cedargate's own API: an agent must never reach it through the proxy.
         self.protected = protected
+        # Policies judged beside the live set once a verdict is on the record, never enforced.
+        self.shadow: ShadowPolicies | None = None
 
     def decide(self, call: Call, reading: Reading | None = None, snapshot: Snapshot | None = None) -> Verdict:
         """The verdict on one call (one message of a batch: see `proxy.decision.decisions.decide_call`).
@@ -235,8 +238,10 @@ class Gate:
         call is added later (`outcome`)."""
         assert self.recorder is not None  # a gate without a record (explain's) decides, never records
         _count(verdict)
-        return self.recorder.commit(self._row(verdict, self._errors(verdict), None),
-                                    fail_fast=verdict.outcome is not Outcome.ESCALATE)
+        committed = self.recorder.commit(self._row(verdict, self._errors(verdict), None),
+                                         fail_fast=verdict.outcome is not Outcome.ESCALATE)
+        self._shadow(verdict)
+        return committed
 
     def outcome(self, verdict: Verdict, upstream_status: int | None = None,
                 failure: UpstreamFailure | None = None, refused: Verdict | None = None) -> None:
@@ -264,6 +269,12 @@ class Gate:
             return
         extra = [failure.recorded] if failure is not None else []
         self.recorder.record(self._row(verdict, self._errors(verdict, extra), upstream_status))
+        self._shadow(verdict)
+
+    def _shadow(self, verdict: Verdict) -> None:
+        """Hand a recorded verdict to the shadow policies, which judge it off the call's path."""
+        if self.shadow is not None and verdict.request is not None:
+            self.shadow.observe(verdict)
 
     def store_unavailable(self, verdict: Verdict) -> Verdict:
         """`verdict`'s call refused because the record cannot take it: a 503 that says to retry, and

@@ -160,7 +160,7 @@ def private_sqlite_files(url: str) -> None:
             pass
 
 
-_DECISION, _OUTCOME, _EVENT, _UNIT = "decision", "outcome", "event", "unit"
+_DECISION, _OUTCOME, _EVENT, _UNIT, _ROW = "decision", "outcome", "event", "unit", "row"
 T = TypeVar("T")
 # What a unit of work run by `Recorder.transact` returns: its result, and the audit events that
 # record it (each as `record_event` takes it).
@@ -301,6 +301,11 @@ class Recorder:
         """
         self._put((_EVENT, _event_item(event), None))
 
+    def record_row(self, table: Table, row: dict[str, Any]) -> None:
+        """Enqueue a row of another table (a shadow disagreement) to be inserted in the transaction of the
+        decisions around it: no commit of its own, and not chained (it records no enforced decision)."""
+        self._put((_ROW, {"table": table, "row": _storable_row(row)}, None))
+
     def _put(self, item: Item) -> None:
         self._queue.put_nowait(item)
         if self._closed:
@@ -434,10 +439,14 @@ class Recorder:
         outcomes = [{"b_id": item["decision_id"], "b_status": item["upstream_status"],
                      "b_ms": item["duration_ms"], "b_errors": item["errors"]}
                     for tag, item, _ in batch if tag == _OUTCOME]
+        others: dict[Table, list[dict[str, Any]]] = {}
+        for tag, item, _ in batch:
+            if tag == _ROW:
+                others.setdefault(item["table"], []).append(item["row"])
         self._refusals_writing = True  # before taking them, so `pending` never reads none meanwhile
         refusals = self._take_refusals()
         self._refusals_writing = bool(refusals)
-        events = [_chained(tag, item) for tag, item, _ in batch] + refusals
+        events = [_chained(tag, item) for tag, item, _ in batch if tag != _ROW] + refusals
         waiting = [future for _, _, future in batch if future is not None]
         unsure: tuple[int, str] | None = None  # the head of a try whose commit may have happened
         while True:
@@ -450,6 +459,8 @@ class Recorder:
                         conn.execute(_insert_new(conn), rows)
                     if outcomes:
                         conn.execute(_ADD_OUTCOME, outcomes)
+                    for table, table_rows in others.items():
+                        conn.execute(table.insert(), table_rows)
                     unsure = audit.append(conn, events)
                 break
             except Exception as exc:  # any driver error: keep the batch, refuse calls, retry

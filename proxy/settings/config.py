@@ -150,6 +150,10 @@ class Settings(_Strict):
         DEFAULT_SECRET_QUERY_PARAMS, description="query parameters (names, any case) whose values are "
         "redacted in the record, the logs and every view, as secret headers are"
     )
+    shadow_policy_dir: Path | None = Field(
+        None, description="a second policy directory evaluated beside policy_dir on every call and never "
+        "enforced; where its decision differs from the live one, the disagreement is recorded and counted"
+    )
     cedar_request_retention: str = Field(
         "30d", description="how long each decision keeps the Cedar request it was made on (secrets redacted), "
         "for `cedargate replay` and explaining it later; then a background job clears it (the decision stays)"

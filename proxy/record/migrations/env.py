@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection
 
 from proxy.record.migrations import VERSION_TABLE
 
-MODEL_MODULES = ("proxy.record.store", "proxy.record.audit", "proxy.oversight.overrides",
+MODEL_MODULES = ("proxy.record.store", "proxy.record.audit", "proxy.record.shadow", "proxy.oversight.overrides",
                  "proxy.oversight.reviewer_sessions")
 
 config = context.config

@@ -4,7 +4,6 @@ and what each decision keeps of its Cedar request holds no secret."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sqlite3
@@ -14,20 +13,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
-from tests.support.launch import AGENT, CEDARGATE, TOKEN, Cedargate, start_cedargate
+from tests.support.candidates import candidate_policies, start_with
+from tests.support.launch import AGENT, CEDARGATE, TOKEN, Cedargate
 from tests.support.upstream import Upstream, logging_upstream
 
 QUERY_SECRET = "q-secret-9d81f3"
 BEARER_SECRET = "bearer-secret-77ab20"
 API_KEY_SECRET = "api-key-secret-3c5e"
-# A candidate that forbids listing instances, and no longer escalates a production stop.
-NO_LISTING = """
-// Candidate: nobody lists instances any more.
-@id("no-instance-listing")
-forbid (principal, action == Action::"get", resource) when { context.path like "/v1/instances*" };
-"""
 
 
 @pytest.fixture
@@ -37,18 +30,9 @@ def upstream(tmp_path: Path) -> Iterator[Upstream]:
         yield served
 
 
-def start(tmp_path: Path, policy_dir: Path, **extra: object) -> Cedargate:
-    config = {
-        "proxy": {"host": "127.0.0.1", "port": 0}, "api": {"host": "127.0.0.1", "port": 0},
-        "policy_dir": str(policy_dir), "state_dir": str(tmp_path / "state"), "policy_reload_interval": 0,
-        "agents": {AGENT: {"token_sha256": hashlib.sha256(TOKEN.encode()).hexdigest()}},
-        # Selected for the policy's context, yet credentials never reach it.
-        "context_headers": ["content-type", "authorization", "x-api-key"],
-        **extra,
-    }
-    path = tmp_path / "cedargate.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return start_cedargate(path)
+def start(tmp_path: Path, policy_dir: Path) -> Cedargate:
+    # Selected for the policy's context, yet credentials never reach it.
+    return start_with(tmp_path, policy_dir, context_headers=["content-type", "authorization", "x-api-key"])
 
 
 def make_history(gate: Cedargate, upstream: Upstream) -> None:
@@ -82,12 +66,7 @@ def test_replay_reports_exactly_what_a_candidate_set_would_change_and_contacts_n
     seen = len(upstream.calls)
     assert seen == 2  # the listing and the dev stop went upstream
 
-    candidate = tmp_path / "candidate"
-    shutil.copytree(policy_dir, candidate)
-    ops = (candidate / "ops.cedar").read_text()
-    start_of = ops.index('@id("protect-production-instances")')
-    end_of = ops.index("};", start_of) + 2
-    (candidate / "ops.cedar").write_text(ops[:start_of] + ops[end_of:] + NO_LISTING)
+    candidate = candidate_policies(policy_dir, tmp_path / "candidate")
 
     result = replay(gate, candidate, "--json")
     assert result.returncode == 1, result.stderr

@@ -30,6 +30,7 @@ from proxy.record.migrations import (
     migrate,
     schema_differences,
 )
+from proxy.record.shadow import ShadowDisagreement
 from proxy.record.store import DecisionRecord, Recorder, make_engine
 
 # What cedargate 0.1.0's `SQLModel.metadata.create_all` ran, frozen: the two dialects differ only in
@@ -580,3 +581,30 @@ def test_a_database_at_0006_gains_each_decisions_cedar_request_keeping_its_rows(
                                         ("d-new", "allow", '{"action":{"id":"list","type":"Action"}}')]
     checked = audit.verify(database)
     assert checked.ok and checked.rows_checked == 2
+
+
+def test_a_database_at_0007_gains_the_shadow_disagreements_table(database: SAEngine):
+    """Revision 0008: the calls a shadow policy set decided otherwise than the live one, next to the
+    decisions, which keep every row."""
+    make_0_1_0_database(database)
+    add_0_1_0_rows(database)
+    migrate_to(database, "0007")
+    assert "shadow_disagreements" not in inspect(database).get_table_names()
+
+    assert migrate(database) == head_revision()
+    recorder = Recorder(database, retry_interval=0.05)
+    try:
+        recorder.record_row(ShadowDisagreement.__table__, {  # type: ignore[attr-defined]
+            "decision_id": "d-old", "at": AT, "agent": "ops-bot", "action": 'Action::"stop"',
+            "resource": 'Instance::"i-1"', "live_decision": "escalate", "shadow_decision": "allow",
+            "live_policies": '["ops-stop-instance"]', "shadow_policies": "[]", "live_revision": "r1",
+            "shadow_revision": "s1"})
+        assert recorder.flush()
+    finally:
+        recorder.close()
+    with database.connect() as conn:
+        assert schema_differences(conn, _models()) == []
+        rows = conn.execute(text("SELECT s.shadow_decision, d.decision FROM shadow_disagreements s"
+                                 " JOIN decisions d ON d.decision_id = s.decision_id")).all()
+    assert [tuple(r) for r in rows] == [("allow", "escalate")]
+    assert audit.verify(database).ok  # not chained: the log holds what was enforced
