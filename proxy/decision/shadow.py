@@ -6,8 +6,9 @@ The live decision is taken and recorded first; the gate then hands the verdict h
 only queues it: a thread of its own judges the call's Cedar request against the shadow set by the gate's
 rules (`proxy.decision.judgement`), and where the outcome differs (allow, deny, escalate, error) it
 records a disagreement (`proxy.record.shadow`) with both sides' determining policies, written with the
-decisions around it, and counts it. So the agent's call never waits for the shadow set; the queue is
-bounded, and a call that finds it full is counted as skipped rather than making anyone wait.
+decisions around it, and counts it (`cedargate_shadow_disagreements_total{live,shadow}`). So the agent's
+call never waits for the shadow set; the queue is bounded, and a call that finds it full is counted as
+skipped rather than making anyone wait.
 
 The shadow set is loaded and reloaded like the live one (`proxy.cedar.engine.Engine`, polled, taken only
 once the files look the same on two polls), but it may be missing or invalid at start, or become so: that
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from proxy.cedar.engine import Engine
 from proxy.cedar.policy import PolicyLoadError, directory_signature
 from proxy.decision.judgement import judge
+from proxy.observe.metrics import shadow_disagreed
 from proxy.record.shadow import disagreements
 from proxy.record.store import Recorder
 
@@ -56,7 +58,7 @@ class ShadowStatus:
 
 class ShadowPolicies:
     def __init__(self, directory: Path, recorder: Recorder | None, *, queue_size: int = QUEUE_SIZE,
-                 on_disagreement: Callable[[str, str], None] | None = None) -> None:
+                 on_disagreement: Callable[[str, str], None] = shadow_disagreed) -> None:
         self.directory = Path(directory)
         self.recorder = recorder
         self.engine: Engine | None = None
@@ -169,8 +171,7 @@ class ShadowPolicies:
         if live == shadow:
             return
         self.disagreements += 1
-        if self.on_disagreement is not None:
-            self.on_disagreement(live, shadow)
+        self.on_disagreement(live, shadow)
         if self.recorder is not None:
             self.recorder.record_row(disagreements, _row(verdict, judged.determining, snapshot.bundle.revision,
                                                          shadow))

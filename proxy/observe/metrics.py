@@ -8,6 +8,7 @@ help texts are one list (the README's "Metrics" section describes it). Who recor
 - the override workflow observes how long a request waited for its decision (`observe_review`);
 - the recorder's writer thread sets its queue's depth and lag (`store_backlog`);
 - the policy engine counts reloads and marks the live revision (`policy_reloaded`, `live_revision`);
+- the shadow policies count the calls they decided otherwise than the live set (`shadow_disagreed`);
 - the override requests by status are read from the store at scrape time (`OverrideStatusCollector`,
   registered by the API, the one process that answers `GET /metrics`).
 
@@ -103,6 +104,10 @@ POLICY_RELOADS = _counter(
     "cedargate_policy_reloads_total",
     "Policy directory reloads: applied (the new set is live) or refused (invalid; the last good set stays live)",
     ("result",))
+SHADOW_DISAGREEMENTS = _counter(
+    "cedargate_shadow_disagreements_total",
+    "Calls the shadow policies (shadow_policy_dir, never enforced) decided otherwise than the live set, by the "
+    "live and the shadow outcome (allow, deny, escalate, error)", ("live", "shadow"))
 POLICY_REVISION = _gauge(
     "cedargate_policy_revision", "1 for the live policy revision (its hash), 0 for one that was live before",
     ("revision",), mode="livemax")
@@ -137,6 +142,11 @@ def store_backlog(depth: int, lag: float) -> None:
     """The recorder's queue now (called by its writer thread, once per batch and when idle)."""
     STORE_QUEUE.set(depth)
     STORE_LAG.set(max(0.0, lag))
+
+
+def shadow_disagreed(live: str, shadow: str) -> None:
+    """A call the shadow policies judged otherwise than the live set (called off the call's path)."""
+    SHADOW_DISAGREEMENTS.labels(live, shadow).inc()
 
 
 def policy_reloaded(applied: bool) -> None:

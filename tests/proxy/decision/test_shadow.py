@@ -66,6 +66,9 @@ def test_shadow_disagreements_are_recorded_for_real_calls_and_never_enforced(
         shown = eventually(lambda: (s := status(gate)["shadow"]) and s["evaluated"] == 3 and s, "3 calls judged")
         assert shown["directory"] == str(shadow) and shown["revision"] and shown["last_error"] is None
         assert shown["disagreements"] == 2 and shown["skipped"] == 0
+        scraped = httpx.get(f"{gate.api_url}/metrics", timeout=10).text
+        assert 'cedargate_shadow_disagreements_total{live="allow",shadow="deny"} 1.0' in scraped
+        assert 'cedargate_shadow_disagreements_total{live="escalate",shadow="allow"} 1.0' in scraped
         rows = eventually(lambda: len(found := disagreements(gate)) == 2 and found, "2 disagreements recorded")
         assert rows == [
             ("ops-bot", 'Action::"get"', "allow", "deny", '["ops-read"]', '["no-instance-listing"]', "/v1/instances"),
