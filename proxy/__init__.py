@@ -12,6 +12,8 @@ Packages by concern, each importing only the ones listed before it:
 - `settings`: cedargate.yaml and the agents' credentials.
 - `decision`: where a call gets decided (the gate), and what an upstream failure means for it.
 - `oversight`: where an override changes state: opening, voting, holding, releasing, expiring.
+- `notify`: telling humans about override requests (webhook, Slack, email), from an outbox read from the
+  audit log, by a background job.
 - `runtime`: the core composed from settings, the one object both adapters are handed.
 - `cli`: the commands, and the composition of the running program: the only place that knows both
   adapters (`addons/` for mitmproxy, `override_api/` for FastAPI).

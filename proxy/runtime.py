@@ -1,4 +1,5 @@
-"""Assembling the core from settings: engine, recorder, gate, the override workflow and its jobs, and
+"""Assembling the core from settings: engine, recorder, gate, the override workflow and its jobs (the
+notifications' sweep among them), and
 directories, started and stopped together.
 
 Both fronts use this: `cedargate run` builds one `Runtime` and hands it to the addons and the API, and
@@ -21,9 +22,10 @@ from proxy.cedar.engine import Engine
 from proxy.cedar.escalation import parse_duration
 from proxy.decision.gate import Gate, Outcome, Verdict
 from proxy.decision.shadow import ShadowPolicies
+from proxy.notify.notifier import SWEEP_INTERVAL, Notifier, missing_variables
 from proxy.oversight.held_calls import Oversight, Resolution
 from proxy.oversight.holds import Holds
-from proxy.oversight.jobs import Jobs
+from proxy.oversight.jobs import Job, Jobs
 from proxy.oversight.limits import OverrideLimits
 from proxy.oversight.overrides import OverrideStore
 from proxy.oversight.reachability import UnreachableEscalation, approver_roles, unreachable_escalations
@@ -53,6 +55,7 @@ class Runtime:
     jobs: Jobs
     api_base_url: str = field(default="")
     shadow: ShadowPolicies | None = None  # `shadow_policy_dir`'s set, judged beside the live one
+    notifier: Notifier | None = None  # None: no notification routes configured
 
     @classmethod
     def start(cls, settings: Settings) -> Runtime:
@@ -80,6 +83,14 @@ class Runtime:
             api_base_url=f"http://{settings.api.host}:{settings.api.port}",
         )
         runtime.oversight = Oversight(gate, workflow, lambda: runtime.api_base_url)
+        runtime.notifier = notifier = Notifier(database, settings.notifications, settings.approvers,
+                                               lambda: runtime.api_base_url)
+        if notifier.active:
+            runtime.jobs.add(Job("notifications", SWEEP_INTERVAL, notifier.sweep, stop=notifier.close))
+            for missing in missing_variables(settings.notifications):
+                log.warning("%s", missing)
+        else:
+            runtime.notifier = None
         engine.watch(settings.policy_reload_interval)
         if settings.shadow_policy_dir is not None:
             # Never raises: a missing or invalid shadow set is reported, and live decisions go on.

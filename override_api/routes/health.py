@@ -8,9 +8,11 @@ from datetime import datetime
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from sqlalchemy.exc import SQLAlchemyError
 
 from override_api.deps import RuntimeDep
 from proxy.observe import metrics
+from proxy.runtime import Runtime
 
 router = APIRouter(tags=["health"])
 
@@ -60,12 +62,24 @@ class ShadowStatus(BaseModel):
     skipped: int = Field(description="calls not judged because too many were waiting")
 
 
+class NotificationChannelStatus(BaseModel):
+    pending: int = Field(description="messages owed to this channel, waiting to be delivered")
+    delivered: int
+    failed: int = Field(description="messages the channel refused for good (kept, not retried)")
+    last_delivery_at: datetime | None
+    failing_since: datetime | None = Field(description="set while the channel fails: since its first failed try")
+    retry_at: datetime | None = Field(description="while failing: when it is tried again")
+    last_error: str | None = Field(description="what the last failed try met (hosts only, never a URL or secret)")
+
+
 class Status(BaseModel):
     status: str
     policies: PolicyStatus
     store: StoreStatus
     shadow: ShadowStatus | None = Field(None, description="the shadow policies (`shadow_policy_dir`), when "
                                         "configured: evaluated beside the live set, never enforced")
+    notifications: dict[str, NotificationChannelStatus] = Field(
+        description="each notification channel's outbox and health; empty when none is configured")
     unreachable_escalations: list[UnreachableEscalationStatus] = Field(
         description="escalating policies no configured approver with a token could grant: their calls would "
                     "be held, and their requests wait, for nobody")
@@ -81,7 +95,8 @@ def healthz(runtime: RuntimeDep) -> JSONResponse:
 
 
 @router.get("/status", response_model=Status,
-            summary="Live policy revision, reload errors, store health, escalations nobody could grant")
+            summary="Live policy revision, reload errors, store health, escalations nobody could grant, "
+                    "notification channels")
 def status(request: Request, runtime: RuntimeDep) -> Status:
     engine, recorder = runtime.engine, runtime.recorder
     bundle = engine.snapshot.bundle
@@ -107,4 +122,17 @@ def status(request: Request, runtime: RuntimeDep) -> Status:
         metrics=MetricsStatus(shared_between_processes=metrics.shared_directory() is not None,
                               token_required=request.app.state.metrics_token is not None),
         shadow=ShadowStatus.model_validate(asdict(runtime.shadow.status)) if runtime.shadow else None,
+        notifications=_notifications(runtime),
     )
+
+
+def _notifications(runtime: Runtime) -> dict[str, NotificationChannelStatus]:
+    if runtime.notifier is None:
+        return {}
+    try:
+        channels = runtime.notifier.status()
+    except SQLAlchemyError:
+        return {}  # the store's own health says why; /status must still answer
+    return {c.channel: NotificationChannelStatus(
+        pending=c.pending, delivered=c.delivered, failed=c.failed, last_delivery_at=c.last_delivery_at,
+        failing_since=c.failing_since, retry_at=c.retry_at, last_error=c.last_error) for c in channels}

@@ -1,6 +1,7 @@
 """The core's background jobs: override expiry, clearing decisions' Cedar requests past their retention
-(`proxy.record.retention`), and the wake-ups of held calls by decisions made in
-other processes (`proxy.oversight.wakeups`); notifications and SLA timers are to join them.
+(`proxy.record.retention`), the wake-ups of held calls by decisions made in other processes
+(`proxy.oversight.wakeups`), and the jobs others add (`add`): the notifications' sweep, composed in
+`proxy.runtime` (this package knows no channel); SLA timers are to join them.
 
 The core owns what the jobs do and how often; whoever composes the running program starts them on its
 event loop and stops them at the end: `cedargate run` (`proxy.cli.serve`), and the enforcer addon when
@@ -30,6 +31,7 @@ class Job:
     name: str
     interval: float
     run: Callable[[], object]  # blocking: run on a worker thread, off the event loop
+    stop: Callable[[], object] | None = None  # called once when the jobs stop (give back a lease, say)
 
 
 class Jobs:
@@ -40,6 +42,10 @@ class Jobs:
             self.jobs.append(Job("cedar request retention", retention_interval, retention.run))
         self.wakeups = Wakeups(workflow.store.engine, workflow.holds)
         self._tasks: list[asyncio.Task[None]] = []
+
+    def add(self, job: Job) -> None:
+        """One more sweep, started with the others (by the process that runs the sweeps)."""
+        self.jobs.append(job)
 
     @property
     def running(self) -> bool:
@@ -61,6 +67,12 @@ class Jobs:
             task.cancel()
         self._tasks = []
         self.wakeups.stop()
+        for job in self.jobs:
+            if job.stop is not None:
+                try:
+                    job.stop()
+                except Exception:  # one job's cleanup must not keep the others' from running
+                    log.exception("stopping %s failed", job.name)
 
     @staticmethod
     async def _every(job: Job) -> None:

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from proxy.calls.redaction import DEFAULT_SECRET_QUERY_PARAMS
+from proxy.settings.notifications import Notifications, check_address
 from proxy.vocabulary.hosts import is_loopback
 
 
@@ -50,6 +51,12 @@ class ApproverCredential(AgentCredential):
     """A human reviewer: a bearer token (hashed, or from a variable) and the roles they hold."""
 
     roles: tuple[str, ...] = Field(min_length=1)
+    email: str | None = Field(None, description="where email notifications for their roles go (see notifications)")
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, address: str | None) -> str | None:
+        return None if address is None else check_address(address)
 
 
 class Settings(_Strict):
@@ -158,6 +165,8 @@ class Settings(_Strict):
         "30d", description="how long each decision keeps the Cedar request it was made on (secrets redacted), "
         "for `cedargate replay` and explaining it later; then a background job clears it (the decision stays)"
     )
+    notifications: Notifications = Field(
+        Notifications(), description="channels (webhook, Slack, email) and routes telling reviewers of requests")
     auditor_role: str = Field(
         "auditor", min_length=1, description="approvers holding this role see every override request (others "
         "only those their roles can decide); it gives no vote"

@@ -198,3 +198,52 @@ def test_a_reloaded_policy_escalating_to_nobody_is_warned_about_and_listed(clien
                and 'no configured approver holds role "board"' in r.getMessage() for r in caplog.records)
     listed = [u["policy_id"] for u in client.get("/status").json()["unreachable_escalations"]]
     assert "ask-the-board" in listed
+
+
+def test_status_shows_each_notification_channel_owing_and_failing_without_its_secret(
+        tmp_path: Path, policy_dir: Path, monkeypatch, caplog):
+    """A webhook whose receiver is down: the request opens all the same, the channel owes its message,
+    and /status says since when it fails and why (the host, never the URL's path or the secret)."""
+    import socket
+    import uuid
+
+    from proxy.cedar.escalation import Escalation, Requirement
+
+    with socket.socket() as probe:  # a port nothing listens on: the receiver is down
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("CEDARGATE_TEST_HOOK_SECRET", "s3cret-hook")
+    notifications = {
+        "channels": {"ops-hook": {"type": "webhook", "url": f"http://127.0.0.1:{port}/hook?token=abc",
+                                  "secret_env": "CEDARGATE_TEST_HOOK_SECRET"},
+                     "mail": {"type": "email", "from": "cedargate@example.test", "host_env": "CEDARGATE_TEST_NO_SMTP",
+                              "to": ["oncall@example.test"]}},
+        "routes": [{"events": ["opened"], "channels": ["ops-hook", "mail"]}],
+    }
+    with caplog.at_level(logging.WARNING), \
+            started_runtime(policy_dir, tmp_path / "state", notifications=notifications) as runtime, \
+            TestClient(create_app(runtime)) as client:
+        assert client.get("/status").json()["notifications"]["ops-hook"]["pending"] == 0
+        call = Call(agent="ops-bot", method="POST", scheme="http", host="127.0.0.1", port=9000,
+                    path="/v1/instances/i-1/stop")
+        runtime.workflow.open(call, decision_id=str(uuid.uuid4()),
+                              escalation=Escalation((Requirement("p", ("engineering-manager",), 1),), 600),
+                              policies=[{"id": "p", "reason": None, "annotations": {}}],
+                              cedar_request={"action": 'Action::"post"', "resource": 'Host::"127.0.0.1"'},
+                              revision="r", justification=None)
+        assert runtime.notifier is not None
+        runtime.notifier.sweep()
+        shown = client.get("/status").json()["notifications"]
+    hook, mail = shown["ops-hook"], shown["mail"]
+    assert (hook["pending"], hook["delivered"], hook["failed"]) == (1, 0, 0)
+    assert hook["failing_since"] is not None and hook["retry_at"] is not None
+    assert hook["last_error"].startswith(f"http://127.0.0.1:{port} could not be reached")
+    assert "token" not in hook["last_error"] and "s3cret" not in hook["last_error"]
+    assert mail["pending"] == 1 and "CEDARGATE_TEST_NO_SMTP" in mail["last_error"]
+    # Start-up warned of the variable that is not set.
+    assert any("notification channel mail: environment variable CEDARGATE_TEST_NO_SMTP" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_status_has_no_notifications_when_none_are_configured(client):
+    assert client.get("/status").json()["notifications"] == {}

@@ -10,7 +10,8 @@ import pytest
 
 PROXY = Path(__file__).resolve().parents[2] / "proxy"
 # Bottom to top: a package may import those before it, never those after it.
-ORDER = ["vocabulary", "observe", "record", "cedar", "calls", "settings", "decision", "oversight", "runtime", "cli"]
+ORDER = ["vocabulary", "observe", "record", "cedar", "calls", "settings", "decision", "oversight", "notify", "runtime",
+         "cli"]
 ADAPTERS = ("mitmproxy", "fastapi", "starlette", "uvicorn", "addons", "override_api")
 
 

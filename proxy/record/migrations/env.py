@@ -4,7 +4,7 @@
 A developer runs `alembic` with the repository's alembic.ini, which names no database: give one with
 `alembic -x url=sqlite:///.cedargate/cedargate.db ...`. Only then are the
 models loaded, every package's tables into one metadata, for `alembic revision --autogenerate`; that is
-why this script, which the core never imports, may reach the oversight package above the record.
+why this script, which the core never imports, may reach the oversight and notify packages above the record.
 Either way the revision is kept in cedargate's own table (`VERSION_TABLE`), not Alembic's default
 alembic_version, which another application's migrations may own in a shared schema.
 """
@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection
 from proxy.record.migrations import VERSION_TABLE
 
 MODEL_MODULES = ("proxy.record.store", "proxy.record.audit", "proxy.record.shadow", "proxy.oversight.overrides",
-                 "proxy.oversight.reviewer_sessions")
+                 "proxy.oversight.reviewer_sessions", "proxy.notify.outbox")
 
 config = context.config
 

@@ -18,6 +18,7 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, inspect, text
 from sqlalchemy.engine import Engine as SAEngine
 from sqlmodel import SQLModel
 
+from proxy.notify import outbox as notify_outbox
 from proxy.oversight.overrides import OverrideStore, OverrideVote
 from proxy.oversight.reviewer_sessions import ReviewerSessions
 from proxy.record import audit
@@ -608,3 +609,23 @@ def test_a_database_at_0007_gains_the_shadow_disagreements_table(database: SAEng
                                  " JOIN decisions d ON d.decision_id = s.decision_id")).all()
     assert [tuple(r) for r in rows] == [("allow", "escalate")]
     assert audit.verify(database).ok  # not chained: the log holds what was enforced
+
+
+def test_a_database_at_0008_gains_the_notification_outbox_starting_at_its_audit_head(database: SAEngine):
+    """Revision 0009 adds the notifications' outbox to a database in use: its cursor starts at the audit
+    log's head, so channels configured now are not sent the requests of before; new events are."""
+    make_0_1_0_database(database)
+    add_0_1_0_rows(database)  # one audit row, and ovr-old pending
+    migrate_to(database, "0008")
+    assert "notification_deliveries" not in inspect(database).get_table_names()
+
+    assert migrate(database) == head_revision()
+    with database.connect() as conn:
+        assert schema_differences(conn, _models()) == []
+        assert conn.execute(text("SELECT id, seq, lease_holder FROM notification_cursor")).all() == [(1, 1, None)]
+    outbox = notify_outbox.Outbox(database)
+    assert outbox.lease("here", 30)
+    with outbox.transaction() as conn:
+        assert outbox.cursor(conn) == 1
+    assert outbox.status(["ops-hook"])[0].pending == 0
+    assert OverrideStore(database).get("ovr-old") is not None and audit.verify(database).ok
