@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import MANAGER, SECRET, SECURITY, open_request, webhook_config
+from notify_support import MANAGER, SECRET, SECURITY, open_request, webhook_config
 
 from proxy.notify.outbox import DeliveryState
 from proxy.notify.webhook import SIGNATURE, sign, verify
