@@ -417,6 +417,7 @@ class Enforcer:
         changed = flow.metadata.get(CHANGED_IDS)
 
         def rewrite(answer):
+            gate.observe_tools(call, answer)  # before filtering: the hints of every tool the server lists
             filtered = filter_tool_list(answer, lambda names: gate.visible_tools(call, names))
             if not changed:
                 return filtered

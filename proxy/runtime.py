@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from proxy.calls.mapping import MappingOptions
 from proxy.calls.redaction import Redaction
@@ -70,7 +71,8 @@ class Runtime:
                                 max_body_bytes=settings.max_override_body_bytes)
         overrides = OverrideStore(database, grant_ttl=parse_duration(settings.grant_ttl), limits=limits,
                                   redaction=redaction)
-        mapping = MappingOptions(context_headers=settings.context_headers, max_body_bytes=settings.max_body_bytes)
+        mapping = MappingOptions(context_headers=settings.context_headers, max_body_bytes=settings.max_body_bytes,
+                                 time_zone=ZoneInfo(settings.time_zone))
         gate = Gate(engine, recorder, mapping, default_expiry=parse_duration(settings.override_expiry),
                     protected=frozenset({(settings.api.host, settings.api.port)}), redaction=redaction)
         holds = Holds()

@@ -2,7 +2,8 @@
 
 principal = `Agent::"<id>"`, action = the HTTP method (`Action::"get"`, `"post"`, ...; the schema groups
 them as `read` and `write`), resource = `Host::"<host>"`, context = scheme, host, port, method, path,
-query, the operator's selected headers and the JSON body when there is one. The Cedar schema of this
+query, the operator's selected headers, when it was decided (`time`, `local`) and the JSON body when
+there is one. The Cedar schema of this
 mapping is `policies/schema.cedarschema`. On a host the action manifest covers, the action is the
 route's named action and its typed fields join the context (see `proxy.cedar.manifest`). Anything that
 cannot be mapped faithfully raises `MappingError`; the caller refuses the call rather than guess.
@@ -14,14 +15,15 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, tzinfo
 from typing import Any
 from urllib.parse import parse_qs
 
 from proxy.calls import ambiguity
 from proxy.calls.mcp.jsonrpc import McpError, Message, parse_messages
-from proxy.calls.mcp.mapping import map_message
+from proxy.calls.mcp.mapping import HintLookup, map_message
 from proxy.calls.tunnels import server_name_problem, target_problem
-from proxy.cedar.context import METHOD_ACTIONS, decimal, decimal_of_float
+from proxy.cedar.context import METHOD_ACTIONS, decimal, decimal_of_float, time_context
 from proxy.cedar.engine import CedarRequest
 from proxy.cedar.manifest import FieldError, Manifest, McpEndpointSpec, extract_fields
 from proxy.vocabulary.hosts import canonical_host
@@ -100,6 +102,7 @@ class Call:
 class MappingOptions:
     context_headers: tuple[str, ...] = ("content-type", "user-agent", "accept")
     max_body_bytes: int = 64 * 1024
+    time_zone: tzinfo = UTC  # the wall clock of `context.local`
 
 
 @dataclass(frozen=True)
@@ -164,8 +167,13 @@ def split_batch(call: Call, reading: Reading, max_body_bytes: int) -> list[tuple
 
 
 def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = None,
-             reading: Reading | None = None) -> CedarRequest:
-    """The Cedar request for `call`; `reading` is what `read_call` read of it, if the caller has it."""
+             reading: Reading | None = None, *, at: datetime | None = None,
+             hints: HintLookup | None = None) -> CedarRequest:
+    """The Cedar request for `call`; `reading` is what `read_call` read of it, if the caller has it.
+
+    `at`: when the call is decided (default now); `hints`: what MCP servers' tool lists said of their
+    tools (default: nothing, so a tool the manifest does not classify has MCP's cautious defaults).
+    """
     action = METHOD_ACTIONS.get(call.method.upper())
     if action is None:
         raise MappingError(f"HTTP method {call.method!r} has no Cedar action; cedargate does not forward it", 405)
@@ -227,6 +235,7 @@ def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = No
         "path": call.path,
         "query": call.query,
         "headers": select_headers(call.headers, options.context_headers),
+        **time_context(at or datetime.now(UTC), options.time_zone),
     }
     told = agent_statements(call.headers)
     if told:
@@ -236,7 +245,7 @@ def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = No
         if reading is None:
             reading = read_call(call, options, manifest)
         if reading.endpoint is not None:
-            return _mcp_request(call, reading, context, manifest.argument_types)
+            return _mcp_request(call, reading, context, manifest.argument_types, hints)
         lookalike = manifest.mcp_lookalike(host, call.path)
         if lookalike is not None:
             # The server may route it to its MCP endpoint, where it would not be decided as MCP.
@@ -252,7 +261,7 @@ def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = No
 
 
 def _mcp_request(call: Call, reading: Reading, context: dict[str, Any],
-                 argument_types: Mapping[str, str]) -> CedarRequest:
+                 argument_types: Mapping[str, str], hints: HintLookup | None) -> CedarRequest:
     """A message on an MCP endpoint: `call_tool` on its Tool, or `mcp_rpc` on its server
     (see proxy.calls.mcp)."""
     endpoint, body = reading.endpoint, reading.body
@@ -268,7 +277,7 @@ def _mcp_request(call: Call, reading: Reading, context: dict[str, Any],
         # Decided as the stream's GET or the session's DELETE; a server reading a body would act on it.
         raise MappingError(f"a {call.method.upper()} to the MCP endpoint {call.path} carries no body")
     try:
-        mapped = map_message(endpoint, call.method, message, to_cedar_value, call.headers, argument_types)
+        mapped = map_message(endpoint, call.method, message, to_cedar_value, call.headers, argument_types, hints)
     except McpError as exc:
         raise MappingError(str(exc), 400 if message else 405) from None
     except LookupError as exc:

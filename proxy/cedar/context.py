@@ -1,10 +1,16 @@
 """The one description of what a Cedar request's context holds, for each kind of action.
 
 An HTTP call (`Action::"get"` ... `"delete"`, or a manifest route's named action) has the call's scheme,
-host, port, method, path, query, selected headers and the agent's statements, its JSON body at run time,
+host, port, method, path, query, selected headers and the agent's statements, when it was decided
+(`time`, and `local`: that instant's wall clock in the configured time zone), its JSON body at run time,
 and on a route the classification (severity, reversible) and the route's typed fields. A message on an
 MCP endpoint (`call_tool`, `mcp_rpc`) has the same HTTP attributes and what the message is: its server,
-kind and JSON-RPC method, and the tool and arguments, or the resource or prompt it names.
+kind and JSON-RPC method, and the tool and arguments, or the resource or prompt it names; for a tool the
+manifest does not classify, the server's own annotations (`hints`).
+
+An attribute is `advisory` when someone cedargate does not trust says it (an MCP server's hints): the
+engine decides a call carrying one twice, with and without it, and keeps the stricter answer, so what
+such a source says can add caution and never take it away.
 
 The mapping (`proxy.calls.mapping`, `proxy.calls.mcp.mapping`) fills these attributes, the manifest
 reserves their names (`RESERVED`) and writes them into the generated schema (`schema_text`), and a test
@@ -17,6 +23,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from datetime import UTC, datetime, tzinfo
 from typing import Any, TypeGuard
 
 # The methods cedargate forwards, each the Cedar action of its lower-case name; any other is refused.
@@ -33,6 +40,7 @@ class Attribute:
     type: str  # as the schema spells it; "" for an attribute the schema leaves undeclared
     required: bool = True
     comment: str = ""  # shown beside it in the generated schema
+    advisory: bool = False  # said by an untrusted source: may add caution, never remove it (see above)
 
     @property
     def declared(self) -> bool:
@@ -45,6 +53,8 @@ HTTP = (
     Attribute("method", "String"), Attribute("path", "String"), Attribute("query", "String"),
     Attribute("headers", "Headers"),  # only the operator's `context_headers`, never credentials
     Attribute("agent", "AgentStatements", required=False),  # from X-Agent-* headers, when sent
+    Attribute("time", "datetime", comment="when the call was decided (UTC, whole seconds)"),
+    Attribute("local", "LocalTime", comment="that instant in the configured time_zone"),
 )
 # A call's JSON body, as Cedar values: present at run time, typed by no schema (a policy on it declares it).
 BODY = Attribute("body", "", required=False)
@@ -64,6 +74,8 @@ CALL_TOOL = (
     Attribute("arguments", "ToolArguments"),
     Attribute("severity", "String", comment='from actions.yaml; "unclassified" for a tool it does not list'),
     Attribute("reversible", "Bool"),
+    Attribute("hints", "ToolHints", required=False, advisory=True,
+              comment="a tool actions.yaml does not list: the server's annotations"),
 )
 MCP_RPC = (
     *HTTP, *MCP_MESSAGE,
@@ -79,6 +91,52 @@ METHOD_CONTEXT = (*HTTP, BODY)
 ROUTE_CONTEXT = (*HTTP, BODY, *CLASSIFICATION)
 # Names a manifest field may not take: they would shadow what every HTTP call carries.
 RESERVED = frozenset(a.name for a in ROUTE_CONTEXT)
+# The attributes an untrusted source fills: a call carrying one is decided with and without it.
+ADVISORY = frozenset(a.name for a in (*METHOD_CONTEXT, *ROUTE_CONTEXT, *CALL_TOOL, *MCP_RPC) if a.advisory)
+
+
+# -- when: context.time and context.local ------------------------------------------------------------------
+
+# `context.local`'s fields with their Cedar types, and how often each changes: a decision that reads only
+# some of them is cached until one of those changes (the engine hands Cedar only the fields its policies read).
+LOCAL_TIME = {"hour": "Long", "minute": "Long", "weekday": "String", "date": "String"}
+WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+TIME_RECORD = "local"  # the context record whose fields the engine prunes to those read
+
+
+def time_context(at: datetime, zone: tzinfo = UTC) -> dict[str, Any]:
+    """`context.time` (a Cedar datetime, UTC, whole seconds) and `context.local` for the instant `at`.
+
+    Whole seconds: a policy needs no finer clock, and a decision reading `context.time` can then be
+    cached for the rest of its second. `local.weekday` is the English name in lower case ("saturday");
+    `local.date` is "YYYY-MM-DD"; both, like the hour and minute, as the wall clock of `zone` shows them.
+    """
+    utc = at.astimezone(UTC).replace(microsecond=0)
+    local = utc.astimezone(zone)
+    return {
+        "time": {"__extn": {"fn": "datetime", "arg": utc.strftime("%Y-%m-%dT%H:%M:%SZ")}},
+        "local": {"hour": local.hour, "minute": local.minute, "weekday": WEEKDAYS[local.weekday()],
+                  "date": local.strftime("%Y-%m-%d")},
+    }
+
+
+# -- MCP tool annotations: context.hints ------------------------------------------------------------------
+
+# The annotations of MCP's Tool (2025-03-26 on), with the value the specification gives an absent one: the
+# most cautious reading (a tool that says nothing may destroy, write, repeat its effect and reach anywhere).
+HINT_DEFAULTS = {"readOnlyHint": False, "destructiveHint": True, "idempotentHint": False, "openWorldHint": True}
+# `listed`: whether the values came from the server's tools/list (else they are all the defaults).
+HINT_FIELDS = {**{name: "Bool" for name in HINT_DEFAULTS}, "listed": "Bool"}
+
+
+def tool_hints(annotations: Any = None) -> dict[str, bool]:
+    """`context.hints` from a tool's `annotations` as a tools/list gave it; None: the tool was never listed.
+    A hint that is absent, or not a boolean, is MCP's default for it."""
+    given = annotations if isinstance(annotations, dict) else {}
+    hints = {name: value if isinstance(value := given.get(name), bool) else default
+             for name, default in HINT_DEFAULTS.items()}
+    hints["listed"] = annotations is not None
+    return hints
 
 
 def schema_lines(attributes: tuple[Attribute, ...], indent: str = "    ") -> list[str]:

@@ -12,11 +12,21 @@ principal and resource attributes (`context.customer == "acme"`), `has`, `contai
 `context.path like "/literal/prefix*..."`; so many policies on one action that differ only in their
 conditions cost what the few that can apply cost. Each slice also knows which context attributes its
 policies read; Cedar is handed only those (turning the context into Cedar values is most of cedarpy's
-cost per call), or all of it when a policy uses `context` as a whole. A Cedar decision is a pure
-function of the request and the snapshot's policies and entities (Cedar has no clock or randomness),
-so each snapshot keeps a bounded cache of decisions keyed by the exact request handed to Cedar and the
+cost per call), or all of it when a policy uses `context` as a whole; of `context.local` (the wall
+clock) only the fields they read. A Cedar decision is a pure function of the request and the snapshot's
+policies and entities (Cedar has no clock or randomness: the time of the call is in its context), so
+each snapshot keeps a bounded cache of decisions keyed by the exact request handed to Cedar and the
 request's condition signature (calls whose contexts differ only where the index looked get different
 slices, yet may hand Cedar the same context); a reload starts a new snapshot and so an empty cache.
+Because Cedar gets only what the slice reads, the time is in the key only as finely as its policies
+read it: not at all when none reads `context.time` or `context.local`, the hour when one reads
+`context.local.hour`, so such a decision is made again when the hour changes, and no sooner.
+
+An advisory attribute (`proxy.cedar.context.ADVISORY`: an MCP server's tool hints) comes from a source
+cedargate does not trust. A request carrying one is evaluated with it and without it, and the stricter
+answer stands (`stricter`): allowed only if both allow, with the determining policies and errors of
+both. So such a source can add caution (a forbid on `context.hints.destructiveHint`), never take it away
+(a permit on `context.hints.readOnlyHint` lets nothing through that policy without it would not).
 
 An override lifts the escalatable forbids (`@escalate`) and nothing else, so a denial is grantable only
 if the call would be allowed without them. `evaluate(..., lifted=True)` answers that against the same
@@ -41,6 +51,7 @@ import cedarpy
 from cedarpy import pst
 
 from proxy.cedar.conditions import ConditionIndex, Scope
+from proxy.cedar.context import ADVISORY, TIME_RECORD
 from proxy.cedar.entities import bare_entity, implicit_parents
 from proxy.cedar.escalation import is_escalatable
 from proxy.cedar.policy import (
@@ -90,6 +101,30 @@ class Evaluation:
     def allowed(self) -> bool:
         # Cedar skips a forbid whose condition errors, so an Allow with errors may hide a forbid.
         return self.decision == "Allow" and not self.errors
+
+
+def stricter(told: Evaluation, untold: Evaluation) -> Evaluation:
+    """One answer from an evaluation with advisory attributes (`told`) and one without (`untold`):
+    allowed only if both are (then `untold`, since its permits allow the call on trusted facts alone);
+    otherwise a denial with both sides' determining policies and errors.
+
+    The union keeps what the gate needs exact: a denial whose forbids are all escalatable is grantable
+    only if the same request with them lifted is allowed, again by both evaluations.
+    """
+    if told.allowed and untold.allowed:
+        return untold  # allowed by the policies that hold without the advisory attributes: those are why
+    if told.allowed != untold.allowed and not (told.errors or untold.errors):
+        return untold if told.allowed else told
+    denied = [e for e in (told, untold) if not e.allowed]
+    determining = tuple(dict.fromkeys(p for e in denied for p in e.determining))
+    policies = {p.policy_id: p for e in denied for p in e.policies}
+    return Evaluation(
+        decision="Deny" if any(e.decision == "Deny" for e in (told, untold)) else told.decision,
+        determining=determining,
+        errors=tuple(dict.fromkeys((*told.errors, *untold.errors))),
+        revision=told.revision,
+        policies=tuple(policies[p] for p in determining if p in policies),
+    )
 
 
 Uid = tuple[str, str]
@@ -187,11 +222,17 @@ class Slice:
     ids: tuple[str, ...]
     policy_set: cedarpy.PolicySet
     context_attributes: frozenset[str] | None  # None: some policy reads `context` whole
+    clock_fields: frozenset[str] | None = None  # of `context.local`; None: read whole (or as a record)
 
     def context_of(self, context: dict[str, Any]) -> dict[str, Any]:
         if self.context_attributes is None:
             return context
-        return {k: v for k, v in context.items() if k in self.context_attributes}
+        kept = {k: v for k, v in context.items() if k in self.context_attributes}
+        local = kept.get(TIME_RECORD)
+        if self.clock_fields is not None and isinstance(local, dict):
+            # Only the wall-clock fields read, so a cached decision on the hour lasts the hour.
+            kept[TIME_RECORD] = {k: v for k, v in local.items() if k in self.clock_fields}
+        return kept
 
 
 def _context_attributes(templates: Iterable[pst.Template]) -> frozenset[str] | None:
@@ -216,6 +257,39 @@ def _context_attributes(templates: Iterable[pst.Template]) -> frozenset[str] | N
                 elif dataclasses.is_dataclass(value):
                     stack.append(value)
     return frozenset(found)
+
+
+def _record_fields(templates: Iterable[pst.Template], record: str) -> frozenset[str] | None:
+    """The fields of `context.<record>` these policies read (`.field` or `has field`), or None if any
+    uses the record (or `context`) otherwise, as a whole."""
+    found: set[str] = set()
+    stack: list[Any] = [clause.expr for t in templates for clause in t.clauses]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (pst.GetAttr, pst.HasAttr)) and _is_context_record(node.base, record):
+            found.add(node.attr if isinstance(node, pst.GetAttr) else node.attrs[0])
+            continue
+        if isinstance(node, pst.HasAttr) and isinstance(node.base, pst.Var) and node.base.name == "context":
+            if node.attrs[0] == record and len(node.attrs) > 1:  # `context has local.hour`
+                found.add(node.attrs[1])
+            continue
+        if _is_context_record(node, record) or isinstance(node, pst.Var) and node.name == "context":
+            return None
+        if dataclasses.is_dataclass(node):
+            for f in dataclasses.fields(node):
+                value = getattr(node, f.name)
+                if isinstance(value, tuple):
+                    stack.extend(v for v in value if dataclasses.is_dataclass(v))
+                elif isinstance(value, Mapping):
+                    stack.extend(v for v in value.values() if dataclasses.is_dataclass(v))
+                elif dataclasses.is_dataclass(value):
+                    stack.append(value)
+    return frozenset(found)
+
+
+def _is_context_record(node: Any, record: str) -> bool:
+    return (isinstance(node, pst.GetAttr) and node.attr == record
+            and isinstance(node.base, pst.Var) and node.base.name == "context")
 
 
 class Snapshot:
@@ -264,7 +338,7 @@ class Snapshot:
             templates = self.bundle.templates
             chosen = [templates[i] for i in ids]
             policy_set = self.bundle.policy_set if len(ids) == len(templates) else policy_set_of(chosen)
-            sliced = Slice(ids, policy_set, _context_attributes(chosen))
+            sliced = Slice(ids, policy_set, _context_attributes(chosen), _record_fields(chosen, TIME_RECORD))
         with self._lock:
             self._sets.put(ids, sliced)
             self._slices.put(key, sliced)
@@ -354,9 +428,19 @@ class Engine:
     def evaluate(self, request: CedarRequest, snapshot: Snapshot | None = None, *,
                  lifted: bool = False) -> Evaluation:
         """Cedar's decision on the request; with `lifted`, as if every escalatable forbid were removed
-        (what a human's grant could at most release)."""
+        (what a human's grant could at most release). A request with advisory attributes is decided
+        with and without them, the stricter answer standing (`stricter`)."""
         # Read once (or given by a caller that mapped with it): one decision, one revision.
         snap = snapshot or self._snapshot
+        advised = ADVISORY.intersection(request.context)
+        if not advised:
+            return self._evaluate(request, snap, lifted)
+        untold = dataclasses.replace(request, context={
+            k: v for k, v in request.context.items() if k not in advised})
+        # When no policy of the slice reads them, both hand Cedar the same request: one is a cache hit.
+        return stricter(self._evaluate(request, snap, lifted), self._evaluate(untold, snap, lifted))
+
+    def _evaluate(self, request: CedarRequest, snap: Snapshot, lifted: bool) -> Evaluation:
         signature = snap.conditions.signature(request.context)
         sliced = snap.slice_for(request.principal, request.action, request.resource, signature, lifted=lifted)
         entities = snap.entities_for(request.principal, request.resource)

@@ -19,13 +19,14 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from proxy.calls.mapping import Call, MappingError, MappingOptions, Reading, UnknownAction, map_call
+from proxy.calls.mcp.hints import ToolHints
 from proxy.calls.redaction import Redaction
 from proxy.cedar.context import MCP_DETAIL
 from proxy.cedar.engine import CedarRequest, Engine, Snapshot
@@ -108,9 +109,14 @@ class Gate:
     def __init__(
         self, engine: Engine, recorder: Recorder | None, mapping: MappingOptions | None = None, *,
         default_expiry: int = 3600, protected: frozenset[tuple[str, int]] = frozenset(),
-        redaction: Redaction = Redaction(),
+        redaction: Redaction = Redaction(), clock: Callable[[], datetime] = utcnow,
+        hints: ToolHints | None = None,
     ) -> None:
         self.engine = engine
+        # When a call is decided: its record's `at` and its `context.time` (tests give a fixed clock).
+        self.clock = clock
+        # What MCP servers' tool lists said of their tools (`observe_tools`), for `context.hints`.
+        self.hints = hints or ToolHints()
         self.recorder = recorder
         self.mapping = mapping or MappingOptions()
         self.redaction = redaction  # query secrets, cut out of what is recorded and logged
@@ -127,7 +133,7 @@ class Gate:
         the policy revision to decide it by; without them the call is read here, under the current one.
         """
         started = time.perf_counter()
-        base: dict[str, Any] = dict(decision_id=str(uuid.uuid4()), call=call, at=utcnow(), started=started)
+        base: dict[str, Any] = dict(decision_id=str(uuid.uuid4()), call=call, at=self.clock(), started=started)
         try:
             return self._decide(call, base, reading, self.engine.snapshot if snapshot is None else snapshot)
         except Exception as exc:  # anything unforeseen refuses the call; it never lets it through
@@ -147,7 +153,8 @@ class Gate:
                 detail="cedargate's override API is for humans; the proxy never forwards calls to it",
             )
         try:
-            request = map_call(call, self.mapping, snapshot.bundle.manifest, reading)
+            request = map_call(call, self.mapping, snapshot.bundle.manifest, reading, at=base["at"],
+                               hints=self.hints.of)
         except UnknownAction as exc:
             return Verdict(**base, outcome=Outcome.DENY, problem=Problem.UNKNOWN_ACTION, status=exc.status,
                            detail=str(exc), revision=snapshot.bundle.revision)
@@ -209,6 +216,17 @@ class Gate:
             if TOOL_NAME.match(name) and (name in endpoint.tools or endpoint.unknown_tools == "policy")
             and snapshot.could_allow(agent, action, ("Tool", f"{endpoint.server}/{name}"), call.path)
         }
+
+    def observe_tools(self, call: Call, answer: Any) -> None:
+        """Keep what an MCP server's answer to `call` says of its tools (their annotations), for the
+        tools the manifest leaves to policy; see `proxy.calls.mcp.hints`. Never raises."""
+        endpoint = self.mcp_endpoint(call)
+        if endpoint is None or endpoint.unknown_tools != "policy":
+            return  # elsewhere a tool the manifest does not list is refused: its hints are never read
+        try:
+            self.hints.observe(endpoint.server, answer, endpoint.tools)
+        except Exception:  # hints only ever add caution: losing one must not lose the answer
+            log.exception("cannot read the tool hints of MCP server %s", endpoint.server)
 
     def _addresses_own_api(self, call: Call) -> bool:
         return self.reaches_own_api([call.host], call.port)

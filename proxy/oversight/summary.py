@@ -32,7 +32,7 @@ from proxy.vocabulary.printable import printable
 MAX_ARGUMENTS = 6  # key arguments shown per request: a row is read at a glance
 MAX_TEXT = 60  # characters of each key argument's value (and name) shown; the request has it whole
 # Context attributes of an MCP message that describe the message, not what the tool is asked to do.
-_MCP_ATTRIBUTES = frozenset({"server", "rpc_kind", "rpc_method", "tool", "arguments"})
+_MCP_ATTRIBUTES = frozenset({"server", "rpc_kind", "rpc_method", "tool", "arguments", "hints"})
 
 
 @dataclass(frozen=True)

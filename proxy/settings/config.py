@@ -167,6 +167,10 @@ class Settings(_Strict):
     )
     notifications: Notifications = Field(
         Notifications(), description="channels (webhook, Slack, email) and routes telling reviewers of requests")
+    time_zone: str = Field(
+        "UTC", description="the time zone (IANA name, e.g. Europe/Berlin) of context.local, the wall clock "
+        "policies read for office hours; context.time is always UTC"
+    )
     auditor_role: str = Field(
         "auditor", min_length=1, description="approvers holding this role see every override request (others "
         "only those their roles can decide); it gives no vote"
@@ -220,6 +224,18 @@ class Settings(_Strict):
 
         parse_duration(value)
         return value
+
+    @field_validator("time_zone")
+    @classmethod
+    def _zone(cls, name: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError, OSError):
+            raise ValueError(f"{name!r} is not a time zone this machine knows; give an IANA name such as "
+                             "Europe/Berlin or America/New_York, or UTC") from None
+        return name
 
     @field_validator("context_headers", "secret_query_params")
     @classmethod

@@ -16,7 +16,7 @@ from tests.support.waiting import wait_until  # noqa: F401  # re-exported: the c
 REPO = Path(__file__).resolve().parents[2]
 POLICIES = REPO / "policies"
 BUNDLED_IDS = frozenset(
-    {"ops-read", "ops-delete-volumes", "ops-stop-instance", "protect-production-instances",
+    {"ops-read", "ops-delete-volumes", "ops-stop-instance", "protect-production-instances", "staging-after-hours",
      "no-volume-deletion", "finance-refunds", "large-refunds", "low-confidence-writes", "github-mcp-sessions",
      "github-tools",
      "no-repository-deletion", "no-repository-transfer", "no-merges-to-payments"}

@@ -8,11 +8,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.calls.mcp.jsonrpc import McpError, Message, check_routing_headers
+from proxy.cedar.context import tool_hints
 from proxy.cedar.manifest import TOOL_NAME, FieldError, FieldSpec, McpEndpointSpec, typed_value
 
 log = logging.getLogger(__name__)
 
 UNCLASSIFIED = "unclassified"
+
+# (server, tool) -> `context.hints` for a tool the manifest does not classify (`proxy.calls.mcp.hints`).
+HintLookup = Callable[[str, str], dict[str, bool]]
+
+
+def _never_listed(server: str, tool: str) -> dict[str, bool]:
+    return tool_hints(None)
 
 
 @dataclass(frozen=True)
@@ -26,7 +34,7 @@ class McpMapping:
 
 def map_message(endpoint: McpEndpointSpec, http_method: str, message: Message | None,
                 to_cedar: Callable[[Any], Any], headers: Mapping[str, str] | None = None,
-                argument_types: Mapping[str, str] | None = None) -> McpMapping:
+                argument_types: Mapping[str, str] | None = None, hints: HintLookup | None = None) -> McpMapping:
     """Map one message on `endpoint` (None for the GET/DELETE that carry none).
 
     Raises McpError when it cannot be mapped and LookupError when it names a tool the endpoint
@@ -83,5 +91,8 @@ def map_message(endpoint: McpEndpointSpec, http_method: str, message: Message | 
         tool=tool, arguments=cedar_arguments,
         severity=spec.severity if spec else UNCLASSIFIED, reversible=spec.reversible if spec else False,
     )
+    if spec is None:
+        # Only where the manifest is silent: its classification always wins over the server's word.
+        context["hints"] = (hints or _never_listed)(server, tool)
     return McpMapping("call_tool", ("Tool", f"{server}/{tool}"), context)
 

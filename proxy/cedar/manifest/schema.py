@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from proxy.cedar.context import (
     CALL_TOOL,
+    HINT_FIELDS,
     MCP_RPC,
     ROUTE_CONTEXT,
     schema_lines,
@@ -49,6 +50,13 @@ def _mcp_schema(manifest: Manifest) -> list[str]:
         "// Arguments declared in actions.yaml, typed; a call's other arguments are present but untyped.",
         "type ToolArguments = {",
         *[f'  "{n}"?: {t},' for n, t in sorted(arguments.items())],
+        "};",
+        "",
+        "// The server's own annotations of a tool actions.yaml does not list (context.hints), from its tools/list",
+        "// answers; MCP's cautious defaults for a hint it did not give, and for every hint while `listed` is",
+        "// false. They may only add caution: a call is decided with and without them, the stricter answer wins.",
+        "type ToolHints = {",
+        *[f"  {n}: {t}," for n, t in HINT_FIELDS.items()],
         "};",
         "",
         "action mcp;",

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import cedarpy
 import pytest
@@ -63,12 +65,12 @@ def test_unknown_method_is_refused_with_405(method: str):
 
 
 def test_principal_resource_and_context_fields():
-    request = _map(
+    request = map_call(make_call(
         "GET",
         "https://API.Example.COM.:8443/v1/items?limit=5&x=1",
         agent="ops-bot",
         headers={"User-Agent": "bot/1", "Accept": "application/json", "X-Trace": "t"},
-    )
+    ), MappingOptions(time_zone=ZoneInfo("Europe/Berlin")), at=datetime(2026, 12, 5, 22, 59, 30, 500, UTC))
     assert request.principal == ("Agent", "ops-bot")
     assert request.resource == ("Host", "api.example.com")
     assert request.context == {
@@ -79,6 +81,9 @@ def test_principal_resource_and_context_fields():
         "path": "/v1/items",
         "query": "limit=5&x=1",
         "headers": {"user-agent": "bot/1", "accept": "application/json"},
+        # 22:59:30.0005 UTC on a Saturday: 23:59 in Berlin, still Saturday; the instant to the second.
+        "time": {"__extn": {"fn": "datetime", "arg": "2026-12-05T22:59:30Z"}},
+        "local": {"hour": 23, "minute": 59, "weekday": "saturday", "date": "2026-12-05"},
     }
 
 

@@ -170,8 +170,8 @@ def test_the_schema_reader_reads_what_it_is_given():
 
 def test_a_manifest_field_may_not_take_a_described_name():
     assert RESERVED == {a.name for a in ROUTE_CONTEXT}
-    assert {"scheme", "host", "port", "method", "path", "query", "headers", "body", "agent", "severity",
-            "reversible"} == RESERVED
+    assert {"scheme", "host", "port", "method", "path", "query", "headers", "body", "agent", "time", "local",
+            "severity", "reversible"} == RESERVED
 
 
 # -- the description against what the mapping sends ------------------------------------------------------

@@ -12,7 +12,7 @@ from proxy.cli.main import main
 from tests.support.launch import REPO
 
 ONLY_ERIN = """approvers:
-  erin: {token_env: CHECK_TEST_ERIN_TOKEN, roles: [engineering-manager]}
+  erin: {token_env: CHECK_TEST_ERIN_TOKEN, roles: [engineering-manager, on-call]}
   sam: {token_env: CHECK_TEST_SAM_TOKEN, roles: [security]}
 """
 
@@ -31,7 +31,7 @@ def test_an_escalation_to_a_role_nobody_holds_is_a_warning_naming_policy_and_rol
     monkeypatch.delenv("CHECK_TEST_SAM_TOKEN", raising=False)
     code, out, err = check(monkeypatch, capsys, str(policy_dir), "--config", str(config))
     assert code == 0  # a warning: the policies themselves are valid
-    assert "13 policies valid" in out
+    assert "14 policies valid" in out
     assert f"approvers from {config}: 1 of 2 can sign in here; 3 escalations cannot be granted" in out
     warnings = err.splitlines()
     assert all(line.startswith("cedargate: warning: policy ") for line in warnings)
@@ -43,12 +43,12 @@ def test_an_escalation_to_a_role_nobody_holds_is_a_warning_naming_policy_and_rol
 
 def test_every_escalation_reachable_is_said_plainly(tmp_path: Path, policy_dir, monkeypatch, capsys):
     config = tmp_path / "all.yaml"
-    roles = ["engineering-manager", "security", "lead-engineer", "finance"]
+    roles = ["engineering-manager", "security", "lead-engineer", "finance", "on-call"]
     config.write_text("approvers:\n" + "".join(f"  a{i}: {{token_sha256: {'ab' * 32}, roles: [{r}]}}\n"
                                                for i, r in enumerate(roles)))
     code, out, err = check(monkeypatch, capsys, str(policy_dir), "--config", str(config))
     assert (code, err) == (0, "")
-    assert out.endswith(f"approvers from {config}: 4 of 4 can sign in here; every escalation can be granted\n")
+    assert out.endswith(f"approvers from {config}: 5 of 5 can sign in here; every escalation can be granted\n")
 
 
 def test_without_a_config_it_reads_the_one_here_or_says_it_did_not_check(tmp_path: Path, policy_dir, monkeypatch,
@@ -60,7 +60,7 @@ def test_without_a_config_it_reads_the_one_here_or_says_it_did_not_check(tmp_pat
     for name in ("ERIN", "SAM", "LEE", "FRAN"):
         monkeypatch.delenv(f"CEDARGATE_{name}_TOKEN", raising=False)
     code, out, err = check(monkeypatch, capsys, str(policy_dir))
-    assert code == 0 and "approvers from cedargate.yaml: 0 of 4 can sign in here; 5 escalations cannot" in out
+    assert code == 0 and "approvers from cedargate.yaml: 0 of 4 can sign in here; 6 escalations cannot" in out
     assert 'policy "protect-production-instances" (ops.cedar:21)' in err
 
 

@@ -79,7 +79,7 @@ def test_only_a_forbid_with_escalate_can_be_lifted(effect: str, annotations: dic
 
 
 def test_the_lifted_evaluation_leaves_out_the_escalatable_forbids_and_nothing_else(engine: Engine):
-    assert engine.snapshot.escalatable == {"protect-production-instances", "no-volume-deletion",
+    assert engine.snapshot.escalatable == {"protect-production-instances", "no-volume-deletion", "staging-after-hours",
                                            "low-confidence-writes", "large-refunds", "no-repository-deletion"}
     stop = request_of(*STOP_PROD)
     assert decided(engine.evaluate(stop)) == ("Deny", ("protect-production-instances",), ())
