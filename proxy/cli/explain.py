@@ -11,8 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo
 
 from proxy.calls.mapping import Call, MappingOptions
 from proxy.cedar.engine import Engine
@@ -20,6 +23,7 @@ from proxy.cedar.escalation import is_escalatable
 from proxy.cedar.policy import PolicyLoadError
 from proxy.decision.decisions import decide_call
 from proxy.decision.gate import Gate, Outcome, Verdict
+from proxy.settings.config import ConfigError, load_settings
 from proxy.vocabulary.printable import printable, printable_json
 from proxy.vocabulary.problems import Problem
 
@@ -32,6 +36,10 @@ def add_explain_command(subparsers: argparse._SubParsersAction[argparse.Argument
     explain.add_argument("--header", "-H", action="append", default=[], metavar="NAME: VALUE")
     explain.add_argument("--data", "-d", help="the request body (sent as application/json if it parses as JSON)")
     explain.add_argument("--policy-dir", default="policies")
+    explain.add_argument("--at", help="decide it as if at this time, ISO 8601 (2026-12-05T21:00, in the time zone, "
+                         "or with an offset); default now")
+    explain.add_argument("--config", default="cedargate.yaml",
+                         help="read time_zone (context.local) from this file, if it exists (default ./cedargate.yaml)")
     explain.add_argument("--json", action="store_true", help="print the explanation as JSON")
 
 
@@ -46,7 +54,12 @@ def run_explain_command(args: argparse.Namespace) -> int:
     except PolicyLoadError as exc:
         print(f"cedargate: {exc}", file=sys.stderr)
         return 2
-    report = explain(engine, call)
+    try:
+        mapping, at = _when(args)
+    except (ValueError, ConfigError) as exc:
+        print(printable(f"cedargate: {exc}"), file=sys.stderr)
+        return 2
+    report = explain(engine, call, mapping, at=at)
     if args.json:
         print(printable_json(report, indent=2, default=str))
     else:
@@ -54,13 +67,29 @@ def run_explain_command(args: argparse.Namespace) -> int:
     return 0 if report["decision"] == "allow" else 1
 
 
-def explain(engine: Engine, call: Call, mapping: MappingOptions | None = None) -> dict[str, Any]:
-    """The mapping, the decision and why, as plain data (nothing is recorded).
+def _when(args: argparse.Namespace) -> tuple[MappingOptions, datetime | None]:
+    """The time zone of the config (UTC without one) and the `--at` instant, read in that zone."""
+    config = Path(args.config)
+    zone = ZoneInfo(load_settings(config).time_zone if config.is_file() else "UTC")
+    if args.at is None:
+        return MappingOptions(time_zone=zone), None
+    try:
+        at = datetime.fromisoformat(args.at)
+    except ValueError:
+        raise ValueError(f"--at {args.at!r} is not an ISO 8601 time such as 2026-12-05T21:00 or "
+                         "2026-12-05T20:00:00Z") from None
+    return MappingOptions(time_zone=zone), (at.replace(tzinfo=zone) if at.tzinfo is None else at).astimezone(UTC)
+
+
+def explain(engine: Engine, call: Call, mapping: MappingOptions | None = None, *,
+            at: datetime | None = None) -> dict[str, Any]:
+    """The mapping, the decision and why, as plain data (nothing is recorded); `at`: as if then.
 
     A JSON-RPC batch to an MCP endpoint is decided message by message, as the proxy does: the report
     then has one report per message under "batch", and its decision is "allow" only if all are allowed.
     """
-    gate = Gate(engine, recorder=None, mapping=mapping)
+    gate = Gate(engine, recorder=None, mapping=mapping) if at is None else \
+        Gate(engine, recorder=None, mapping=mapping, clock=lambda: at)
     decision = decide_call(gate, call)  # as the proxy decides it
     parts = [_explain(gate, verdict) for verdict in decision.verdicts]
     if not decision.batch:

@@ -66,7 +66,7 @@ def test_status_shows_the_live_policy_revision_and_a_healthy_store(client, runti
     policies = status["policies"]
     assert re.fullmatch(r"[0-9a-f]{64}", policies["revision"])
     assert policies["revision"] == runtime.engine.status.revision
-    assert policies["policies"] == 13
+    assert policies["policies"] == 14
     assert sorted(policies["files"]) == ["actions.cedarschema", "actions.yaml", "entities.json", "github.cedar",
                                          "ops.cedar", "payments.cedar", "schema.cedarschema"]
     assert policies["directory"] == str(policy_dir)
@@ -167,7 +167,7 @@ def test_status_names_the_escalations_no_approver_could_grant(client):
     # This core knows no approvers at all: every escalating policy waits for nobody.
     unreachable = {u["policy_id"]: u for u in client.get("/status").json()["unreachable_escalations"]}
     assert set(unreachable) == {"protect-production-instances", "no-volume-deletion", "low-confidence-writes",
-                                "large-refunds", "no-repository-deletion"}
+                                "large-refunds", "no-repository-deletion", "staging-after-hours"}
     assert unreachable["no-volume-deletion"]["roles"] == ["security", "lead-engineer"]
     assert unreachable["large-refunds"]["why"] == 'no configured approver holds role "finance"'
     assert unreachable["large-refunds"]["file"] == "payments.cedar"
@@ -175,7 +175,8 @@ def test_status_names_the_escalations_no_approver_could_grant(client):
 
 def test_status_names_only_the_role_nobody_with_a_token_holds(tmp_path: Path, policy_dir: Path, caplog):
     approvers = {name: ApproverCredential(token_sha256=hash_token(name), roles=roles) for name, roles in
-                 {"erin": ("engineering-manager",), "sam": ("security",), "lee": ("lead-engineer",)}.items()}
+                 {"erin": ("engineering-manager", "on-call"), "sam": ("security",),
+                  "lee": ("lead-engineer",)}.items()}
     approvers["fran"] = ApproverCredential(token_env="CEDARGATE_TEST_UNSET_FRAN_TOKEN", roles=("finance",))
     with caplog.at_level(logging.WARNING), \
             started_runtime(policy_dir, tmp_path / "state", approvers=approvers) as runtime, \

@@ -73,15 +73,19 @@ class Cedargate:
 
 
 def start_cedargate(
-    config: Path, *extra_args: str, timeout: float = 30.0, preexec_fn: Callable[[], object] | None = None
+    config: Path, *extra_args: str, timeout: float = 30.0, preexec_fn: Callable[[], object] | None = None,
+    clock_file: Path | None = None,
 ) -> Cedargate:
     """Start `cedargate run --config config *extra_args` and wait until both its proxy and its API listen.
 
     Its output (stdout and stderr) is kept in `Cedargate.output`. `preexec_fn` runs in the child before
-    cedargate starts (e.g. to lower its open-file limit).
+    cedargate starts (e.g. to lower its open-file limit). With `clock_file`, the same program decides
+    calls at the time that file says, read at each decision (tests/support/fixed_clock.py).
     """
     loaded = yaml.safe_load(config.read_text())
-    argv = [str(CEDARGATE), "run", "--config", str(config), *extra_args]
+    program = [str(CEDARGATE)] if clock_file is None else [
+        sys.executable, "-m", "tests.support.fixed_clock", str(clock_file)]
+    argv = [*program, "run", "--config", str(config), *extra_args]
     process = subprocess.Popen(
         argv,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,

@@ -85,3 +85,21 @@ def test_the_text_report_escapes_what_a_terminal_would_act_on():
     assert "i-1\\x1b[2K\\x9bGET harmless/stop?x=\\u202e1" in out
     _, as_json, _ = explain("POST", url, "--agent", "ops-bot", "--json")
     assert "\x1b" not in as_json and json.loads(as_json)["call"]["url"] == url
+
+
+def test_at_decides_the_call_as_if_then_on_the_config_s_wall_clock():
+    stop = ("POST", "https://cloud.staging.example/v1/instances/i-7/stop", "--agent", "ops-bot", "--json")
+    code, out, _ = explain(*stop, "--at", "2026-12-05T21:00", "--config", str(POLICIES.parent / "cedargate.yaml"))
+    report = json.loads(out)
+    assert code == 1 and report["decision"] == "escalate"
+    assert [p["id"] for p in report["policies"]] == ["staging-after-hours"]
+    # 21:00 is read in the config's time zone (Europe/Berlin): 20:00 UTC.
+    assert report["context"]["time"] == {"__extn": {"fn": "datetime", "arg": "2026-12-05T20:00:00Z"}}
+    assert report["context"]["local"] == {"hour": 21, "minute": 0, "weekday": "saturday", "date": "2026-12-05"}
+    code, out, _ = explain(*stop, "--at", "2026-12-02T09:00:00Z", "--config", str(POLICIES.parent / "cedargate.yaml"))
+    assert code == 0 and json.loads(out)["context"]["local"]["hour"] == 10
+
+
+def test_a_bad_at_says_what_to_give():
+    code, _, err = explain("GET", "http://localhost:9000/v1/instances", "--agent", "ops-bot", "--at", "Tuesday")
+    assert code == 2 and "--at 'Tuesday' is not an ISO 8601 time such as 2026-12-05T21:00" in err

@@ -11,6 +11,7 @@ import pytest
 from proxy_support import make_call, sqlite_rows, wait_until, write_policy_file
 from sqlmodel import SQLModel
 
+from proxy.cedar.context import time_context
 from proxy.cedar.engine import Engine
 from proxy.decision.gate import Gate, Outcome
 from proxy.record.store import Recorder, make_engine
@@ -224,6 +225,7 @@ def test_finish_writes_the_row_an_operator_reads(gate: Gate, recorder: Recorder,
     rows = {r["decision_id"]: r for r in sqlite_rows(db_path)}
     assert set(rows) == {allowed.decision_id, denied.decision_id}
     row = rows[allowed.decision_id]
+    local = time_context(allowed.at)["local"]  # when it was decided, on the default (UTC) wall clock
     assert {k: row[k] for k in row.keys() if k not in ("id", "at", "duration_ms")} == {
         "decision_id": allowed.decision_id,
         "agent": "ops-bot",
@@ -242,7 +244,10 @@ def test_finish_writes_the_row_an_operator_reads(gate: Gate, recorder: Recorder,
         "session": None,
         "tool": None,
         "cedar_request": '{"action":{"id":"get","type":"Action"},"context":{"headers":{},"host":"127.0.0.1",'
-                         '"method":"GET","path":"/v1/instances","port":9000,"query":"","scheme":"http"},'
+                         f'"local":{{"date":"{local["date"]}","hour":{local["hour"]},"minute":{local["minute"]},'
+                         f'"weekday":"{local["weekday"]}"}},'
+                         '"method":"GET","path":"/v1/instances","port":9000,"query":"","scheme":"http",'
+                         f'"time":{{"__extn":{{"arg":"{allowed.at:%Y-%m-%dT%H:%M:%SZ}","fn":"datetime"}}}}}},'
                          '"principal":{"id":"ops-bot","type":"Agent"},"resource":{"id":"127.0.0.1","type":"Host"}}',
     }
     assert row["duration_ms"] is not None and row["duration_ms"] >= 0
