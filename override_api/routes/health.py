@@ -56,7 +56,9 @@ class ShadowStatus(BaseModel):
     last_error: str | None = Field(description="why the shadow directory could not be (re)loaded; live "
                                    "decisions are never affected")
     last_error_at: datetime | None
-    evaluated: int = Field(description="calls judged by the shadow set in this process since it started")
+    evaluated: int = Field(description="calls judged by the shadow set in this process since it started (under "
+                           "--workers the workers judge them: see cedargate_shadow_disagreements_total or the "
+                           "shadow_disagreements table)")
     disagreements: int = Field(description="of those, the calls it decided otherwise than the live set "
                                "(each is a row of shadow_disagreements)")
     skipped: int = Field(description="calls not judged because too many were waiting")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, inspect, select
+from sqlalchemy import Table, func, inspect, select
 from sqlalchemy.engine import Engine as SAEngine
 
 from proxy.cedar.engine import CedarRequest, Engine
@@ -137,7 +137,12 @@ def _rows(store: SAEngine, since: datetime, batch_size: int) -> Iterator[Any]:
             raise ReplayError("this store's decisions keep no Cedar requests yet (its schema predates them): "
                               "run `cedargate db upgrade`, or start cedargate on it, and replay the calls "
                               "recorded after that")
-        after = 0
+        # The window's first row through the time index; from there the batches walk the primary key,
+        # each starting where the last ended, so no row before the window is read and none twice.
+        first = conn.execute(select(func.min(_decisions.c.id)).where(_decisions.c.at >= since)).scalar()
+        if first is None:
+            return
+        after = first - 1
         while True:
             query = (select(*(_decisions.c[name] for name in _COLUMNS))
                      .where(_decisions.c.at >= since, _decisions.c.id > after)
