@@ -1,6 +1,6 @@
 """Replay's walk over the record: a window of any size read in batches of a fixed size, each row counted
 once, none from before the window; and a store whose schema predates stored requests refused with what to
-do. (The command over a real cedargate's history: tests/proxy/cli/test_replay.py.)"""
+do. (The command over a real cedargate's history: tests/proxy/cli/test_replay_command.py.)"""
 
 from __future__ import annotations
 
