@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from datetime import datetime
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -11,6 +12,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy.exc import SQLAlchemyError
 
 from override_api.deps import RuntimeDep
+from proxy.cedar.context import time_context
 from proxy.observe import metrics
 from proxy.runtime import Runtime
 
@@ -74,9 +76,19 @@ class NotificationChannelStatus(BaseModel):
     last_error: str | None = Field(description="what the last failed try met (hosts only, never a URL or secret)")
 
 
+class ClockStatus(BaseModel):
+    time_zone: str = Field(description="`time_zone` of the config: the wall clock of context.local")
+    now: datetime = Field(description="this process's clock (UTC): what context.time says of a call now")
+    local: dict[str, Any] = Field(description="context.local for a call decided now (hour, minute, weekday, date)")
+
+
 class Status(BaseModel):
     status: str
     policies: PolicyStatus
+    clock: ClockStatus = Field(description="when policies on the time take a call to be, were it decided now")
+    tool_hints: dict[str, int] = Field(
+        description="MCP servers whose tool annotations (context.hints) this process keeps, with how many "
+                    "tools each; under --workers the API's process proxies nothing and each worker keeps its own")
     store: StoreStatus
     shadow: ShadowStatus | None = Field(None, description="the shadow policies (`shadow_policy_dir`), when "
                                         "configured: evaluated beside the live set, never enforced")
@@ -125,7 +137,15 @@ def status(request: Request, runtime: RuntimeDep) -> Status:
                               token_required=request.app.state.metrics_token is not None),
         shadow=ShadowStatus.model_validate(asdict(runtime.shadow.status)) if runtime.shadow else None,
         notifications=_notifications(runtime),
+        clock=_clock(runtime),
+        tool_hints=runtime.gate.hints.known(),
     )
+
+
+def _clock(runtime: Runtime) -> ClockStatus:
+    now = runtime.gate.clock()
+    local = time_context(now, runtime.gate.mapping.time_zone)["local"]
+    return ClockStatus(time_zone=runtime.settings.time_zone, now=now, local=local)
 
 
 def _notifications(runtime: Runtime) -> dict[str, NotificationChannelStatus]:

@@ -112,12 +112,19 @@ def time_context(at: datetime, zone: tzinfo = UTC) -> dict[str, Any]:
     `local.date` is "YYYY-MM-DD"; both, like the hour and minute, as the wall clock of `zone` shows them.
     """
     utc = at.astimezone(UTC).replace(microsecond=0)
-    local = utc.astimezone(zone)
-    return {
-        "time": {"__extn": {"fn": "datetime", "arg": utc.strftime("%Y-%m-%dT%H:%M:%SZ")}},
-        "local": {"hour": local.hour, "minute": local.minute, "weekday": WEEKDAYS[local.weekday()],
-                  "date": local.strftime("%Y-%m-%d")},
-    }
+    global _last_second
+    key, known = _last_second
+    if key != (utc, zone):
+        local = utc.astimezone(zone)
+        known = ({"__extn": {"fn": "datetime", "arg": utc.strftime("%Y-%m-%dT%H:%M:%SZ")}},
+                 {"hour": local.hour, "minute": local.minute, "weekday": WEEKDAYS[local.weekday()],
+                  "date": local.strftime("%Y-%m-%d")})
+        # Every call of the same second has the same fields: worked out once (a tuple swap is atomic).
+        _last_second = ((utc, zone), known)
+    return {"time": {"__extn": dict(known[0]["__extn"])}, "local": dict(known[1])}
+
+
+_last_second: tuple[Any, tuple[dict[str, Any], dict[str, Any]]] = (None, ({}, {}))
 
 
 # -- MCP tool annotations: context.hints ------------------------------------------------------------------

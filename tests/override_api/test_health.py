@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import sqlite3
+from datetime import UTC, datetime
 from pathlib import Path
 
 from fastapi.testclient import TestClient
@@ -248,3 +249,13 @@ def test_status_shows_each_notification_channel_owing_and_failing_without_its_se
 
 def test_status_has_no_notifications_when_none_are_configured(client):
     assert client.get("/status").json()["notifications"] == {}
+
+
+def test_status_shows_the_clock_policies_read_and_the_tool_hints_kept(client, runtime):
+    runtime.gate.clock = lambda: datetime(2026, 12, 5, 21, 30, tzinfo=UTC)
+    runtime.gate.hints.observe("tools", {"jsonrpc": "2.0", "id": 1, "result": {"tools": [
+        {"name": "wipe", "annotations": {"destructiveHint": True}}, {"name": "peek"}]}})
+    status = client.get("/status").json()
+    assert status["clock"] == {"time_zone": "UTC", "now": "2026-12-05T21:30:00Z",
+                               "local": {"hour": 21, "minute": 30, "weekday": "saturday", "date": "2026-12-05"}}
+    assert status["tool_hints"] == {"tools": 2}

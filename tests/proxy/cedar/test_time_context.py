@@ -155,6 +155,20 @@ when { !["saturday", "sunday"].contains(context.local.weekday) };
     assert [c["context"]["local"] for c in cedar_calls] == [{"weekday": "friday"}, {"weekday": "saturday"}]
 
 
+def test_a_policy_on_context_time_is_cached_for_its_second(tmp_path, cedar_calls):
+    clock = Clock("2026-12-24T11:59:58.100+00:00")
+    gate = gate_on(policy_dir(tmp_path, """
+@id("before-noon")
+permit (principal in Team::"ops", action, resource)
+when { context.time < datetime("2026-12-24T12:00:00Z") };
+"""), clock)
+    for at in ("2026-12-24T11:59:58.100+00:00", "2026-12-24T11:59:58.900+00:00", "2026-12-24T11:59:59+00:00"):
+        clock.set(at)
+        assert gate.decide(stop()).outcome is Outcome.ALLOW
+    assert len(cedar_calls) == 2  # 11:59:58 (twice) and 11:59:59
+    assert "local" not in cedar_calls[0]["context"]
+
+
 def test_a_policy_reading_local_as_a_whole_gets_every_field(tmp_path, cedar_calls):
     clock = Clock("2026-12-04T08:00:00+00:00")
     gate = gate_on(policy_dir(tmp_path, """
