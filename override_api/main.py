@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from override_api.answers import JSONAnswer
-from override_api.routes import health, metrics, overrides, pages, session
+from override_api.routes import health, metrics, overrides, pages, report, session
 from override_api.security import SecurityHeaders
 from proxy.cedar.escalation import parse_duration
 from proxy.oversight.reviewer_sessions import ReviewerSessions, SignInThrottle
@@ -47,6 +47,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(overrides.router)
+    app.include_router(report.router)
     app.include_router(session.router)
     app.include_router(pages.router)
     app.mount("/static/swagger-ui", StaticFiles(directory=SWAGGER_UI), name="swagger-ui")

@@ -48,6 +48,12 @@ def history() -> FileResponse:
     return _page("history.html")
 
 
+@router.get("/inbox/report")
+def report() -> FileResponse:
+    # For auditors: the page asks GET /report, which refuses everyone else (403), and says so.
+    return _page("report.html")
+
+
 @router.get("/docs")
 def docs() -> FileResponse:
     return _page("docs.html")

@@ -39,12 +39,14 @@ class SessionPublic(BaseModel):
     csrf_token: str = Field(description="send it as X-CSRF-Token with every change made with the cookie")
     expires_at: datetime = Field(description="when the session ends however much it is used")
     idle_seconds: int = Field(description="the session ends when unused this long")
+    auditor: bool = Field(default=False, description="holds the auditor role: sees every request, and the report")
 
 
 def _public(runtime, sessions, signed_in: SignedIn) -> SessionPublic:
     return SessionPublic(approver=signed_in.approver, roles=sorted(runtime.roles_of(signed_in.approver)),
                          csrf_token=signed_in.csrf_token, expires_at=signed_in.expires_at,
-                         idle_seconds=int(sessions.idle.total_seconds()))
+                         idle_seconds=int(sessions.idle.total_seconds()),
+                         auditor=runtime.sees_all_overrides(runtime.roles_of(signed_in.approver)))
 
 
 def _client(request: Request) -> str:

@@ -110,6 +110,7 @@ function header(current) {
     el("nav", {},
       el("a", { href: "/inbox" }, "Inbox"),
       el("a", { href: "/inbox/history" }, "History"),
+      current.auditor ? el("a", { href: "/inbox/report" }, "Report") : null,
       el("a", { href: "/docs" }, "API docs")),
     el("span", { className: "who" },
       el("span", { id: "approver" }, current.approver),

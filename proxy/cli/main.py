@@ -23,6 +23,7 @@ from proxy.cli.db_commands import add_db_commands, run_db_command
 from proxy.cli.explain import add_explain_command, run_explain_command
 from proxy.cli.override_commands import add_overrides_commands, run_overrides_command
 from proxy.cli.replay import add_replay_command, run_replay_command
+from proxy.cli.report_command import add_report_command, run_report_command
 from proxy.oversight.reachability import approver_roles, unreachable_escalations, with_tokens
 from proxy.record.store import StoreUnavailable
 from proxy.settings.agents import hash_token, new_token
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     add_db_commands(sub)
     add_explain_command(sub)
     add_replay_command(sub)
+    add_report_command(sub)
 
     args = parser.parse_args(argv)
     if args.command == "run":
@@ -83,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_explain_command(args)
     if args.command == "replay":
         return run_replay_command(args)
+    if args.command == "report":
+        return run_report_command(args)
     if args.command == "check":
         return _check(args.policy_dir, args.config)
     if args.command == "schema":

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from override_api.routes.pages import STATIC
 
-PAGES = ["/inbox", "/inbox/sign-in", "/inbox/requests/ovr-1", "/inbox/history", "/docs"]
+PAGES = ["/inbox", "/inbox/sign-in", "/inbox/requests/ovr-1", "/inbox/history", "/inbox/report", "/docs"]
 
 
 @pytest.mark.parametrize("path", PAGES)
@@ -30,7 +30,8 @@ def test_the_root_leads_to_the_inbox(client: TestClient):
     assert (answer.status_code, answer.headers["location"]) == (307, "/inbox")
 
 
-def test_the_script_never_parses_markup():
-    script = (STATIC / "inbox.js").read_text()
+@pytest.mark.parametrize("name", ["inbox.js", "report.js"])
+def test_the_script_never_parses_markup(name: str):
+    script = (STATIC / name).read_text()
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
         assert sink not in script, sink
