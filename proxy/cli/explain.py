@@ -21,6 +21,7 @@ from proxy.calls.mapping import Call, MappingOptions
 from proxy.cedar.engine import Engine
 from proxy.cedar.escalation import is_escalatable
 from proxy.cedar.policy import PolicyLoadError
+from proxy.cli.explain_recorded import explain_recorded
 from proxy.decision.decisions import decide_call
 from proxy.decision.gate import Gate, Outcome, Verdict
 from proxy.settings.config import ConfigError, load_settings
@@ -30,9 +31,13 @@ from proxy.vocabulary.problems import Problem
 
 def add_explain_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     explain = subparsers.add_parser("explain", help="show how a call maps to Cedar and what would be decided")
-    explain.add_argument("method", help="HTTP method, e.g. POST")
-    explain.add_argument("url", help="the full URL the agent calls")
-    explain.add_argument("--agent", required=True, help="the agent id the call is made under")
+    explain.add_argument("method", nargs="?", help="HTTP method, e.g. POST")
+    explain.add_argument("url", nargs="?", help="the full URL the agent calls")
+    explain.add_argument("--agent", help="the agent id the call is made under (required with a method and URL)")
+    explain.add_argument("--decision", metavar="ID", help="instead of a call: a recorded decision, explained from "
+                         "the Cedar request it was made on and decided again under --policy-dir")
+    explain.add_argument("--state-dir", help="with --decision: state dir whose cedargate.db to read")
+    explain.add_argument("--database-url", help="with --decision: SQLAlchemy URL of the decision store")
     explain.add_argument("--header", "-H", action="append", default=[], metavar="NAME: VALUE")
     explain.add_argument("--data", "-d", help="the request body (sent as application/json if it parses as JSON)")
     explain.add_argument("--policy-dir", default="policies")
@@ -44,6 +49,14 @@ def add_explain_command(subparsers: argparse._SubParsersAction[argparse.Argument
 
 
 def run_explain_command(args: argparse.Namespace) -> int:
+    if args.decision is not None:
+        if args.method or args.url or args.agent:
+            print("cedargate: give either --decision ID or a call (METHOD URL --agent ID), not both", file=sys.stderr)
+            return 2
+        return explain_recorded(args, _explain, _text)
+    if not (args.method and args.url and args.agent):
+        print("cedargate: explain needs METHOD URL --agent ID (or --decision ID)", file=sys.stderr)
+        return 2
     try:
         call = _call_of(args)
     except ValueError as exc:

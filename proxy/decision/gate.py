@@ -162,6 +162,17 @@ class Gate:
             return Verdict(
                 **base, outcome=Outcome.ERROR, problem=Problem.MAPPING_ERROR, status=exc.status, detail=str(exc)
             )
+        return self._judged(call, request, base, reading, snapshot)
+
+    def redecide(self, call: Call, request: CedarRequest, snapshot: Snapshot | None = None) -> Verdict:
+        """The verdict on a Cedar request mapped before (a recorded decision's, for `cedargate explain
+        --decision`), judged now under `snapshot` (default the live one), as `decide` would word it."""
+        base: dict[str, Any] = dict(decision_id=str(uuid.uuid4()), call=call, at=self.clock(),
+                                    started=time.perf_counter())
+        return self._judged(call, request, base, None, self.engine.snapshot if snapshot is None else snapshot)
+
+    def _judged(self, call: Call, request: CedarRequest, base: dict[str, Any], reading: Reading | None,
+                snapshot: Snapshot) -> Verdict:
         judged = judge(self.engine, request, snapshot)
         common = dict(base, request=request, determining=judged.determining, errors=judged.errors,
                       revision=judged.revision, binding=_binding(request, reading))
