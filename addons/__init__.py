@@ -20,5 +20,5 @@ def default_addons(runtime=None, open_files: int | None = None) -> list:
         UpstreamDeadlines(runtime.settings if runtime else None),
         Passthrough(lambda: enforcer.runtime),
         # Last: it reads what the others decided (AgentAuth's credentials, relayed tunnels).
-        ClientLimits(runtime.settings if runtime else None, open_files),
+        ClientLimits(runtime.settings if runtime else None, open_files, runtime.capacity if runtime else None),
     ]

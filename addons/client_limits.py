@@ -6,7 +6,10 @@ One agent (or anyone who can reach the port) must not stall the proxy for everyo
 - reports every client connection to a `proxy.calls.connections.ConnectionGuard`, which closes a connection that
   sends no complete request head in `header_read_timeout` (silent or slowloris clients), one idle for
   `idle_timeout` after an answer, and the oldest unauthenticated connection once more than
-  `max_unauthenticated_connections` are open.
+  `max_unauthenticated_connections` are open;
+- counts the proxy's upstream connections on the process's `proxy.calls.capacity.Capacity`: they take files
+  as agents' connections do, so the ceiling on connections (`max_proxy_connections`, applied where agents'
+  connections are accepted, `proxy.cli.listeners`) counts both.
 
 A connection counts as authenticated once AgentAuth accepted its credentials (on a CONNECT, or on a plain
 request), so this addon must come after AgentAuth (and, to see tunnels relayed unread, after any addon
@@ -20,11 +23,12 @@ from __future__ import annotations
 import logging
 
 from mitmproxy import connection, ctx, http, tls
-from mitmproxy.proxy import layer, layers
+from mitmproxy.proxy import layer, layers, server_hooks
 
 from addons import limited_http
 from addons.agent_auth import AGENT
 from addons.options import add_options, settings_from_options
+from proxy.calls.capacity import Capacity
 from proxy.calls.connections import ConnectionGuard, default_connection_cap, open_file_limit
 from proxy.settings.config import Settings
 
@@ -34,10 +38,12 @@ TUNNEL = "relayed tunnel"  # stands for the one "request" of a connection relaye
 
 
 class ClientLimits:
-    def __init__(self, settings: Settings | None = None, open_files: int | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, open_files: int | None = None,
+                 capacity: Capacity | None = None) -> None:
         self._given = settings is not None
         self.settings = settings
         self.open_files = open_files
+        self.capacity = capacity
         self.guard: ConnectionGuard[connection.Client] | None = None
 
     def load(self, loader) -> None:
@@ -81,6 +87,14 @@ class ClientLimits:
     def client_disconnected(self, client: connection.Client) -> None:
         if self.guard is not None:
             self.guard.closed(client)
+
+    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        if self.capacity is not None:
+            self.capacity.upstream_opened()
+
+    def server_disconnected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        if self.capacity is not None:
+            self.capacity.upstream_closed()
 
     # A tunnel relayed as raw bytes (passthrough_hosts) has no requests to wait for. mitmproxy relays one
     # when an addon picks a TCP layer for it, or has a TLS handshake ignored: seen here, as this addon

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from proxy.calls.capacity import Capacity
+from proxy.calls.connections import open_file_limit
 from proxy.calls.mapping import MappingOptions
 from proxy.calls.redaction import Redaction
 from proxy.cedar.engine import Engine
@@ -54,6 +56,7 @@ class Runtime:
     oversight: Oversight
     workflow: OverrideWorkflow
     jobs: Jobs
+    capacity: Capacity
     api_base_url: str = field(default="")
     shadow: ShadowPolicies | None = None  # `shadow_policy_dir`'s set, judged beside the live one
     notifier: Notifier | None = None  # None: no notification routes configured
@@ -82,9 +85,11 @@ class Runtime:
             AgentDirectory(settings.approvers, kind="approver"),
             overrides, holds, None, workflow,  # type: ignore[arg-type]
             Jobs(workflow, retention=RequestRetention(recorder, parse_duration(settings.cedar_request_retention))),
+            # The open-file limit as it is now: `cedargate run` raises it to the hard limit before this.
+            Capacity.of(open_file_limit(), settings.max_proxy_connections, settings.max_held_calls),
             api_base_url=f"http://{settings.api.host}:{settings.api.port}",
         )
-        runtime.oversight = Oversight(gate, workflow, lambda: runtime.api_base_url)
+        runtime.oversight = Oversight(gate, workflow, lambda: runtime.api_base_url, runtime.capacity)
         runtime.notifier = notifier = Notifier(database, settings.notifications, settings.approvers,
                                                lambda: runtime.api_base_url)
         if notifier.active:

@@ -82,6 +82,22 @@ class ClockStatus(BaseModel):
     local: dict[str, Any] = Field(description="context.local for a call decided now (hour, minute, weekday, date)")
 
 
+class LimitsStatus(BaseModel):
+    """The saturation ceilings of the proxy in this process (proxy.calls.capacity), and the headroom now."""
+
+    held_calls: int = Field(description="calls held for review now")
+    max_held_calls: int = Field(description="past it, an escalation is answered at once, not held")
+    proxy_connections: int = Field(description="agents' and upstream connections open now")
+    agent_connections: int
+    upstream_connections: int
+    max_proxy_connections: int = Field(description="past it, a new agent connection gets 503 proxy-saturated")
+    refused_connections: int = Field(description="agent connections refused at the ceiling since start")
+    not_held: int = Field(description="escalations answered at once at the held ceiling since start")
+    open_file_limit: int
+    proxy_workers: int = Field(description="with --workers N the proxy runs in N other processes, each with "
+                                           "these ceilings; the counts here are then this process's (none)")
+
+
 class Status(BaseModel):
     status: str
     policies: PolicyStatus
@@ -94,6 +110,7 @@ class Status(BaseModel):
                                         "configured: evaluated beside the live set, never enforced")
     notifications: dict[str, NotificationChannelStatus] = Field(
         description="each notification channel's outbox and health; empty when none is configured")
+    limits: LimitsStatus
     unreachable_escalations: list[UnreachableEscalationStatus] = Field(
         description="escalating policies no configured approver with a token could grant: their calls would "
                     "be held, and their requests wait, for nobody")
@@ -112,7 +129,7 @@ def healthz(runtime: RuntimeDep) -> JSONResponse:
             summary="Live policy revision, reload errors, store health, escalations nobody could grant, "
                     "notification channels")
 def status(request: Request, runtime: RuntimeDep) -> Status:
-    engine, recorder = runtime.engine, runtime.recorder
+    engine, recorder, capacity = runtime.engine, runtime.recorder, runtime.capacity
     bundle = engine.snapshot.bundle
     return Status(
         status="degraded" if engine.status.last_error or not recorder.healthy else "ok",
@@ -130,6 +147,13 @@ def status(request: Request, runtime: RuntimeDep) -> Status:
             pending_records=recorder.pending,
             records_written=recorder.written,
             last_error=recorder.last_error,
+        ),
+        limits=LimitsStatus(
+            held_calls=runtime.holds.held, max_held_calls=capacity.max_held,
+            proxy_connections=capacity.connections, agent_connections=capacity.agents,
+            upstream_connections=capacity.upstreams, max_proxy_connections=capacity.max_connections,
+            refused_connections=capacity.refused_connections, not_held=capacity.not_held,
+            open_file_limit=capacity.open_files, proxy_workers=runtime.settings.workers,
         ),
         unreachable_escalations=[UnreachableEscalationStatus.model_validate(u.as_dict())
                                  for u in runtime.unreachable_escalations()],

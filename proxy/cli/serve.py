@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from proxy.calls.connections import open_file_limit
 from proxy.cli.fronts import api_server, bind_api, check_loopback, ensure_ca, mitmproxy_options
+from proxy.cli.listeners import guard_accepts, limit_connections
 from proxy.cli.master import listening_sockets, proxy_addrs, proxy_master, stop_gracefully
 from proxy.cli.workers import WorkerFailed, Workers
 from proxy.observe import metrics
@@ -42,6 +43,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None, log_leve
     except ConfigError as exc:
         raise SystemExit(str(exc)) from None
 
+    open_files = open_file_limit(raise_to_hard=True)  # first: the runtime's ceilings derive from it
     try:
         private_state_dir(settings.state_dir)
         # Before the core records anything, and before the workers start (they inherit the directory).
@@ -57,7 +59,6 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None, log_leve
         except ConfigError:
             runtime.close()
             raise
-        open_files = open_file_limit(raise_to_hard=True)
         api = api_server(runtime, open_files)
         # Port 0 asks the OS for a free port; the real ones are printed so tests and users can find them.
         proxy_port, api_port = proxy_sockets[0].getsockname()[1], api_socket.getsockname()[1]
@@ -75,6 +76,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None, log_leve
                 ready.set()
 
         runtime.jobs.start()  # expiry: the core's, on this loop, in this process only
+        guard_accepts()  # before any listener serves: accept errors back off and are logged once a minute
         try:
             if settings.workers == 1:
                 await _one_process(settings, runtime, proxy_sockets[0], api, api_socket, announce)
@@ -93,6 +95,7 @@ Announce = Callable[[Callable[[], bool]], Coroutine[Any, Any, None]]
 async def _one_process(settings: Settings, runtime: Runtime, proxy_socket: socket.socket, api: uvicorn.Server,
                        api_socket: socket.socket, announce: Announce) -> None:
     master = proxy_master(runtime, open_file_limit(), proxy_socket, mitmproxy_options(settings))
+    limit_connections(proxy_socket, runtime.capacity)  # the API's listener: backing off only (guard_accepts)
 
     async def stop_in_order() -> None:
         await stop_gracefully(master)

@@ -22,6 +22,7 @@ import sys
 
 from proxy.calls.connections import open_file_limit
 from proxy.cli.fronts import mitmproxy_options
+from proxy.cli.listeners import limit_connections
 from proxy.cli.master import proxy_addrs, proxy_master, stop_gracefully
 from proxy.runtime import Runtime
 from proxy.settings.config import Settings
@@ -33,12 +34,14 @@ LOG_FORMAT = "%(asctime)s %(levelname)s [worker %(process)d] %(name)s: %(message
 
 
 async def work(settings: Settings, sock: socket.socket) -> None:
+    open_files = open_file_limit(raise_to_hard=True)  # first: the runtime's ceilings derive from it
     runtime = Runtime.start(settings)
     try:
         # The supervisor's API, at the real address it bound: held calls' answers link to it.
         runtime.api_started(settings.api.host, settings.api.port)
         runtime.jobs.start(sweeps=False)
-        master = proxy_master(runtime, open_file_limit(raise_to_hard=True), sock, mitmproxy_options(settings))
+        master = proxy_master(runtime, open_files, sock, mitmproxy_options(settings))
+        limit_connections(sock, runtime.capacity)  # before the master serves on it
         loop = asyncio.get_running_loop()
 
         def stop() -> None:

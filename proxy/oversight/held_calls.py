@@ -17,6 +17,9 @@ An agent's retry of a granted call that current policy hard-denies never reaches
 spends that grant as refused, so the agent (and the reviewer) learn why.
 A call for which no request may be opened (see `proxy.oversight.limits`) is refused at once, not held, and the
 refusal is recorded as an `override_refused` event.
+A process holds at most `max_held_calls` calls (`proxy.calls.capacity`): past it, the request is opened
+(or joined) all the same and the agent answered at once, as if it had sent `Prefer: respond-async`, so a
+flood of escalations cannot take the files every other call and every reviewer needs.
 
 Store trouble on this path (the store down or too slow, a driver error) is never answered as a policy
 refusal, and never with the driver's words: a call that cannot be held is answered 503 `store-unavailable`
@@ -41,6 +44,7 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any, Final, Literal
 
+from proxy.calls.capacity import Capacity
 from proxy.calls.mcp.binding import binding_of
 from proxy.decision.gate import Gate, Outcome, Verdict
 from proxy.decision.upstream import UpstreamFailure
@@ -62,6 +66,9 @@ REFUSALS = {
     Refusal.TOO_MANY_PENDING: Problem.TOO_MANY_PENDING_OVERRIDES,
     Refusal.RATE_LIMITED: Problem.OVERRIDE_RATE_LIMITED,
 }
+
+# Seconds between two warnings that escalations are not held for the ceiling: once per flood, not per call.
+CEILING_LOG_INTERVAL = 60.0
 
 # How often a held call looks at its request again while the store fails: how soon after the store is
 # back a granted call is released, against one failing query a second per held call.
@@ -109,12 +116,15 @@ _STILL_PENDING: Final = _Pending.STILL
 
 
 class Oversight:
-    def __init__(self, gate: Gate, workflow: OverrideWorkflow, api_base_url: Callable[[], str]) -> None:
+    def __init__(self, gate: Gate, workflow: OverrideWorkflow, api_base_url: Callable[[], str],
+                 capacity: Capacity | None = None) -> None:
         self.gate = gate
         self.workflow = workflow
         self.overrides = workflow.store  # reads only
         self.holds = workflow.holds
         self.api_base_url = api_base_url
+        self.capacity = capacity  # None: no ceiling on held calls (tests of the workflow alone)
+        self._ceiling_warned = -CEILING_LOG_INTERVAL
 
     async def settle(self, verdict: Verdict, wait: float, justification: str | None,
                      client_alive: Callable[[], bool]) -> Resolution:
@@ -149,16 +159,33 @@ class Oversight:
         try:
             override = await self._open(verdict, justification)
             while True:
-                if override.status in _HELD:
+                not_held = False
+                if override.status in _HELD and deadline > time.monotonic() and not self._may_hold(verdict):
+                    deadline, not_held = time.monotonic(), True  # answered at once, as respond-async is
+                elif override.status in _HELD:
                     self._log_hold(verdict, override, deadline - time.monotonic())
+                # No await between the ceiling's check and `watching`, which counts this call as held.
                 with self.holds.watching(override.id) as woken, HELD_CALLS.track_inprogress():
-                    outcome = await self._hold(verdict, override, deadline, woken, client_alive)
+                    outcome = await self._hold(verdict, override, deadline, woken, client_alive, not_held)
                 if outcome is not None:
                     return outcome
                 # Another identical call consumed the grant first: this one is a new decision.
                 override = await self._open(verdict, justification)
         except OverrideRefused as refused:
             return self._not_opened(verdict, refused)
+
+    def _may_hold(self, verdict: Verdict) -> bool:
+        capacity = self.capacity
+        if capacity is None or capacity.may_hold(self.holds.held):
+            return True
+        now = time.monotonic()
+        if now - self._ceiling_warned >= CEILING_LOG_INTERVAL:
+            self._ceiling_warned = now
+            log.warning("holding %d calls, the ceiling (max_held_calls): escalations are answered at once "
+                        "until held calls end (%d so far)", self.holds.held, capacity.not_held)
+        log.debug("not holding %s %s for %s: max_held_calls reached", printable(verdict.call.method),
+                  self.gate.shown_url(verdict.call.url), verdict.call.agent)
+        return False
 
     def _log_hold(self, verdict: Verdict, override: Override, wait: float) -> None:
         # Said when the hold starts, so an operator watching a call that seems to hang can look the
@@ -185,7 +212,7 @@ class Oversight:
                                          extra_headers=headers, extra=extra))
 
     async def _hold(self, verdict: Verdict, override: Override, deadline: float, woken: asyncio.Event,
-                    client_alive: Callable[[], bool]) -> Resolution | None:
+                    client_alive: Callable[[], bool], not_held: bool = False) -> Resolution | None:
         troubled = False
         while True:
             try:
@@ -207,6 +234,13 @@ class Oversight:
             if remaining <= 0:
                 if troubled:
                     return Resolution(False, self.gate.store_unavailable(verdict), override.id)
+                if not_held:
+                    assert self.capacity is not None
+                    return self._refuse(verdict, override, Problem.OVERRIDE_PENDING,
+                                        f"{verdict.detail} An override request is waiting for review. The call "
+                                        f"was not held: cedargate holds {self.capacity.max_held} calls, as many "
+                                        "as it may (max_held_calls); retry the identical call after it is "
+                                        "granted.", held=False)
                 return self._refuse(verdict, override, Problem.OVERRIDE_PENDING,
                                     f"{verdict.detail} An override request is waiting for review; "
                                     "retry the identical call after it is granted.")

@@ -21,11 +21,11 @@ class Holds:
         self._events: dict[str, set[asyncio.Event]] = defaultdict(set)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()  # `_events` is changed on the loop and read by `waiting` elsewhere
+        self._held = 0  # waiters now: read per escalation against max_held_calls, so counted, not summed
 
     @property
     def held(self) -> int:
-        with self._lock:
-            return sum(len(events) for events in self._events.values())
+        return self._held
 
     def waiting(self) -> set[str]:
         """The ids of the override requests some call waits on now."""
@@ -39,10 +39,12 @@ class Holds:
         event = asyncio.Event()
         with self._lock:
             self._events[override_id].add(event)
+            self._held += 1
         try:
             yield event
         finally:
             with self._lock:
+                self._held -= 1
                 waiting = self._events.get(override_id)
                 if waiting is not None:
                     waiting.discard(event)

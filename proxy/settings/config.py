@@ -116,6 +116,18 @@ class Settings(_Strict):
                     "proxy, no valid Proxy-Authorization; on the API, none with a request in progress. A new "
                     "one past the cap closes the oldest. Default: a quarter of the open-file limit",
     )
+    max_proxy_connections: int | None = Field(
+        None, ge=1,
+        description="connections one proxy process keeps open at once, agents' and upstream ones together; a "
+                    "new agent connection past it is answered 503 proxy-saturated with Retry-After. Default: "
+                    "from the open-file limit, leaving a quarter for the API and some for the store",
+    )
+    max_held_calls: int | None = Field(
+        None, ge=1,
+        description="calls one proxy process holds for review at once; past it, an escalation's override "
+                    "request is opened and the agent answered at once (as with Prefer: respond-async). "
+                    "Default: two thirds of max_proxy_connections",
+    )
     max_mcp_event_bytes: int = Field(
         1024 * 1024, ge=1024,
         description="largest event an MCP server may send on an event stream, bytes; each event is checked "
@@ -183,6 +195,16 @@ class Settings(_Strict):
                 f"max_body_bytes ({self.max_body_bytes}) exceeds max_request_body_bytes "
                 f"({self.max_request_body_bytes}): no body that large reaches the policy; raise "
                 "max_request_body_bytes or lower max_body_bytes"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _ceilings(self) -> Settings:
+        if self.max_held_calls and self.max_proxy_connections and self.max_held_calls > self.max_proxy_connections:
+            raise ValueError(
+                f"max_held_calls ({self.max_held_calls}) exceeds max_proxy_connections "
+                f"({self.max_proxy_connections}): every held call keeps its connection open; lower "
+                "max_held_calls or raise max_proxy_connections"
             )
         return self
 

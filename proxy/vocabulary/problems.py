@@ -69,6 +69,8 @@ class Problem(str, Enum):
     INTERNAL_ERROR = "internal-error"
     # Refused before any decision: the proxy is stopping, and takes no new call on a kept-alive connection.
     STOPPING = "proxy-stopping"
+    # Refused before any decision: the proxy has as many connections open as it may (proxy.calls.capacity).
+    SATURATED = "proxy-saturated"
     # A reviewer's approval with changes that cannot be taken (the override API; see proxy.oversight.changes).
     OVERRIDE_CHANGES_INVALID = "override-changes-invalid"
     OVERRIDE_CHANGES_REFUSED = "override-changes-refused"
@@ -171,6 +173,9 @@ CATALOGUE: dict[Problem, ProblemType] = {
                                         "Retry later; if it persists, tell an operator."),
     Problem.STOPPING: ProblemType("cedargate is stopping; the call was not forwarded", 503,
                                   "Retry the call on a new connection: another cedargate process takes it."),
+    Problem.SATURATED: ProblemType("cedargate has as many connections open as it may; the call was not read", 503,
+                                   "Retry after the seconds in Retry-After, when held calls have ended and "
+                                   "connections have closed."),
     # For a reviewer, not an agent: their approval with changes was not taken.
     Problem.OVERRIDE_CHANGES_INVALID: ProblemType(
         "The changes do not fit the call", 422,

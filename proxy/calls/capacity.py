@@ -1,0 +1,94 @@
+"""How much one proxy process takes on at once: its ceilings on held calls and on open connections.
+
+Every held call keeps its agent's connection open, and every connection is an open file; a process out of
+files can accept no agent, open no upstream, write no record, and (the API sharing the process) let no
+reviewer in, so every held call could only expire. So a process keeps below two ceilings, set in
+cedargate.yaml or derived from its open-file limit:
+
+- `max_proxy_connections`: the connections the proxy keeps open at once, agents' and upstream ones
+  together (each costs one file). A new agent connection past it is answered `503 proxy-saturated` with
+  Retry-After and closed, unread (`proxy.cli.listeners`).
+- `max_held_calls`: calls held for review at once. An escalation past it is not held: its override
+  request is opened and the agent is answered at once, as if it had sent `Prefer: respond-async`
+  (`proxy.oversight.held_calls`).
+
+The derived defaults leave a quarter of the files for the override API (whose idle connections are
+capped at a quarter by default, `max_unauthenticated_connections`) and a fiftieth (at least 64) for the
+store, the logs, the CA and the workers' pipes; of the rest, the proxy's connections may take all, and
+held calls two thirds, so allowed calls still find connections while the held ceiling is reached.
+
+Plain Python: the fronts report connections here, and `/status` and the metrics read the counts.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+RETRY_AFTER = 5  # seconds an agent refused for saturation is told to wait: held calls end, connections close
+
+
+def default_ceilings(open_files: int) -> tuple[int, int]:
+    """(max_proxy_connections, max_held_calls) for a process with `open_files` files."""
+    reserve = open_files // 4 + max(64, open_files // 50)
+    connections = max(16, open_files - reserve)
+    return connections, max(8, connections * 2 // 3)
+
+
+@dataclass
+class Capacity:
+    """A process's ceilings and what it has open now; counted from the event loop and read anywhere."""
+
+    max_connections: int
+    max_held: int
+    open_files: int
+    agents: int = 0  # agents' connections to the proxy, from accept to close
+    upstreams: int = 0  # the proxy's connections to upstreams
+    refused_connections: int = 0  # agents' connections refused at the ceiling, since start
+    not_held: int = 0  # escalations answered at once at the held ceiling, since start
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def of(cls, open_files: int, max_connections: int | None = None, max_held: int | None = None) -> Capacity:
+        """The ceilings configured, the unset ones derived from `open_files`."""
+        connections, held = default_ceilings(open_files)
+        connections = max_connections or connections
+        return cls(connections, max_held or min(held, connections), open_files)
+
+    @property
+    def connections(self) -> int:
+        return self.agents + self.upstreams
+
+    def admit_agent(self) -> bool:
+        """Whether a newly accepted agent connection may stay; if so it is counted (`agent_closed` ends it)."""
+        with self._lock:
+            if self.agents + self.upstreams >= self.max_connections:
+                self.refused_connections += 1
+                return False
+            self.agents += 1
+            return True
+
+    def agent_closed(self) -> None:
+        with self._lock:
+            self.agents = max(0, self.agents - 1)
+
+    def upstream_opened(self) -> None:
+        with self._lock:
+            self.upstreams += 1
+
+    def upstream_closed(self) -> None:
+        with self._lock:
+            self.upstreams = max(0, self.upstreams - 1)
+
+    def may_hold(self, held: int) -> bool:
+        """Whether one more call may be held, `held` being held now; counts the ones that may not."""
+        if held < self.max_held:
+            return True
+        with self._lock:
+            self.not_held += 1
+        return False
+
+    def saturated_detail(self) -> str:
+        return (f"cedargate has {self.connections} of its {self.max_connections} connections open "
+                "(max_proxy_connections); this connection was not read and nothing was forwarded. "
+                f"Retry after {RETRY_AFTER} seconds.")
