@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 EXPIRY_INTERVAL = 1.0  # seconds between expiry runs: how late a hold hears that its request expired
 RETENTION_INTERVAL = 60.0  # seconds between clearings of Cedar requests past their retention
+FAILURE_LOG_INTERVAL = 60.0  # seconds between two lines about a job that keeps failing
 
 
 @dataclass(frozen=True)
@@ -76,9 +78,23 @@ class Jobs:
 
     @staticmethod
     async def _every(job: Job) -> None:
+        failures, said = 0, -FAILURE_LOG_INTERVAL
         while True:
             await asyncio.sleep(job.interval)
             try:
                 await asyncio.to_thread(job.run)
-            except Exception:  # a store hiccup must not end the job for good
-                log.exception("%s failed", job.name)
+            except Exception as exc:  # a store hiccup must not end the job for good
+                # Said with its traceback when it starts, then once a minute with a count: a job failing
+                # every second (the store away, the process out of files) must not flood the log.
+                failures += 1
+                now = time.monotonic()
+                if failures == 1:
+                    log.exception("%s failed", job.name)
+                    said = now
+                elif now - said >= FAILURE_LOG_INTERVAL:
+                    log.error("%s still failing (%d times so far): %s", job.name, failures, exc)
+                    said = now
+            else:
+                if failures > 1:
+                    log.info("%s runs again, after failing %d times", job.name, failures)
+                failures = 0

@@ -180,10 +180,11 @@ def test_out_of_files_on_accept_backs_off_and_logs_once(tmp_path, policy_dir, up
                 break  # the listen queue is full too
         until(lambda: any("out of files" in line for line in gate.output), "the out-of-files line")
         time.sleep(3)  # a while at the limit, retrying: the retries must not be logged one by one
-        logged = [line for line in gate.output
-                  if any(word in line for word in ("out of files", "socket.accept", "Traceback", "Unhandled"))]
-        assert len(logged) == 1, logged
-        assert len(gate.output) < 40, gate.output  # nothing else repeats either
+        said = "".join(gate.output)
+        assert said.count("out of files") == 1, said
+        assert "socket.accept" not in said and "Unhandled error" not in said, said
+        # Another part needing a file meanwhile (the expiry job, say) may say so once, not once a second.
+        assert said.count("Traceback") <= 1 and len(gate.output) < 100, said
     finally:
         for sock in flood:
             sock.close()

@@ -4,6 +4,7 @@ failing run does not end it."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import timedelta
 
 import pytest
@@ -83,3 +84,30 @@ def test_the_retention_job_clears_requests_past_their_retention_until_stopped(wo
 
     asyncio.run(scenario())
     assert not jobs.running
+
+
+def test_a_job_failing_run_after_run_is_logged_once_not_once_a_run(workflow: OverrideWorkflow,
+                                                                   caplog: pytest.LogCaptureFixture):
+    """The store away, or the process out of files: every run fails, and the log says so once."""
+    caplog.set_level(logging.INFO, "proxy.oversight.jobs")
+    runs: list[int] = []
+
+    def failing() -> list:
+        runs.append(1)
+        if len(runs) <= 20:
+            raise OSError(24, "Too many open files")
+        return []
+
+    workflow.expire_due = failing  # type: ignore[method-assign]
+    jobs = Jobs(workflow, expiry_interval=0.001)
+
+    async def scenario() -> None:
+        jobs.start()
+        try:
+            await until(lambda: len(runs) >= 22, "twenty failed runs and two good ones")
+        finally:
+            jobs.stop()
+
+    asyncio.run(scenario())
+    lines = [r.getMessage() for r in caplog.records if "override expiry" in r.getMessage()]
+    assert lines == ["override expiry failed", "override expiry runs again, after failing 20 times"]
