@@ -8,7 +8,7 @@ durable outbox read from the audit log, off the request path.
 - `notifier`: the background sweep (`Notifier.sweep`): fan-out, delivery, retries with back-off.
 - `channels`: what a channel is and how a try fails; `webhook`, `slack`, `mail`: the three channels.
 
-May import `record`, `settings`, `oversight` and the packages beneath them. Only the composition of the
-jobs (`proxy.runtime`), the API's /status and the commands import it; nothing in it decides a call or
-moves a request.
+May import `record`, `settings`, `oversight` and the packages beneath them (`observe` for its counters).
+Only the composition of the jobs (`proxy.runtime`), the API's /status and the commands import it; nothing
+in it decides a call or moves a request.
 """

@@ -7,7 +7,8 @@ takes the outbox's lease (one process at a time), turns the audit rows after the
 fails waits (exponential back-off, capped) and keeps what it owes, in order, for when it is back; the
 others go on. A message a channel refuses for good (HTTP 400, 413, 422; an SMTP 5xx for every
 recipient) is kept as failed and the channel's next messages go on. A secret the channel needs that is
-not set is a failure like any other: nothing is sent unsigned, and /status says which variable.
+not set is a failure like any other: nothing is sent unsigned, and /status says which variable. Each
+try is counted by channel (`cedargate_notification_deliveries_total`, `..._failures_total`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from proxy.cedar.escalation import parse_duration
 from proxy.notify.channels import Channel, DeliveryError
 from proxy.notify.notices import TOLD, Notice, notice_of, parse_payload, route
 from proxy.notify.outbox import BackOff, ChannelStatus, DeliveryState, LeaseLost, Outbox, Owed
+from proxy.observe import metrics
 from proxy.oversight.overrides import Override, aware
 from proxy.record.audit import AuditEntry
 from proxy.record.store import utcnow
@@ -178,16 +180,20 @@ class Notifier:
                 log.warning("notification %s (%s of audit row %d) refused for good by %s: %s", owed.key, owed.kind,
                             owed.seq, channel.name, exc)
                 self.outbox.refused(owed, str(exc))
+                metrics.notification_failed(channel.name, refused=True)
                 return True
+            metrics.notification_failed(channel.name, refused=False)
             retry = self.outbox.failed(owed, str(exc), self.backoff)
             log.warning("notification channel %s failed (%s); it is tried again at %s, keeping what it owes",
                         channel.name, exc, retry.isoformat(timespec="seconds"))
             return False
         except Exception as exc:  # a defect in a channel must not stop the others, nor lose the message
             log.exception("notification channel %s failed unexpectedly", channel.name)
+            metrics.notification_failed(channel.name, refused=False)
             self.outbox.failed(owed, f"internal error: {type(exc).__name__}", self.backoff)
             return False
         self.outbox.delivered(owed)
+        metrics.notification_delivered(channel.name)
         return True
 
     def status(self) -> list[ChannelStatus]:

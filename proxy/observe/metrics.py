@@ -9,6 +9,8 @@ help texts are one list (the README's "Metrics" section describes it). Who recor
 - the recorder's writer thread sets its queue's depth and lag (`store_backlog`);
 - the policy engine counts reloads and marks the live revision (`policy_reloaded`, `live_revision`);
 - the shadow policies count the calls they decided otherwise than the live set (`shadow_disagreed`);
+- the notifications' sweep counts each channel's deliveries and failed tries (`notification_delivered`,
+  `notification_failed`; channel names are the operator's, from cedargate.yaml);
 - the override requests by status are read from the store at scrape time (`OverrideStatusCollector`,
   registered by the API, the one process that answers `GET /metrics`).
 
@@ -108,6 +110,14 @@ SHADOW_DISAGREEMENTS = _counter(
     "cedargate_shadow_disagreements_total",
     "Calls the shadow policies (shadow_policy_dir, never enforced) decided otherwise than the live set, by the "
     "live and the shadow outcome (allow, deny, escalate, error)", ("live", "shadow"))
+NOTIFICATION_DELIVERIES = _counter(
+    "cedargate_notification_deliveries_total",
+    "Notifications a channel took (webhook 2xx, Slack ok, the SMTP server's acceptance), by channel name",
+    ("channel",))
+NOTIFICATION_FAILURES = _counter(
+    "cedargate_notification_failures_total",
+    "Tries of a notification that failed, by channel name and outcome: retried (the channel was down or "
+    "answered otherwise; the message waits) or refused (refused for good; kept as failed)", ("channel", "outcome"))
 POLICY_REVISION = _gauge(
     "cedargate_policy_revision", "1 for the live policy revision (its hash), 0 for one that was live before",
     ("revision",), mode="livemax")
@@ -147,6 +157,14 @@ def store_backlog(depth: int, lag: float) -> None:
 def shadow_disagreed(live: str, shadow: str) -> None:
     """A call the shadow policies judged otherwise than the live set (called off the call's path)."""
     SHADOW_DISAGREEMENTS.labels(live, shadow).inc()
+
+
+def notification_delivered(channel: str) -> None:
+    NOTIFICATION_DELIVERIES.labels(channel).inc()
+
+
+def notification_failed(channel: str, *, refused: bool) -> None:
+    NOTIFICATION_FAILURES.labels(channel, "refused" if refused else "retried").inc()
 
 
 def policy_reloaded(applied: bool) -> None:
@@ -270,7 +288,8 @@ def shared_directory() -> Path | None:
 
 
 __all__ = [
-    "CONTENT_TYPE", "DECISIONS", "HELD_CALLS", "POLICY_RELOADS", "POLICY_REVISION", "REVIEW_LATENCY",
-    "STORE_LAG", "STORE_QUEUE", "OverrideStatusCollector", "count_decision", "exposition", "live_revision",
-    "observe_review", "policy_reloaded", "process_gone", "share_between_processes", "store_backlog",
+    "CONTENT_TYPE", "DECISIONS", "HELD_CALLS", "NOTIFICATION_DELIVERIES", "NOTIFICATION_FAILURES", "POLICY_RELOADS",
+    "POLICY_REVISION", "REVIEW_LATENCY", "STORE_LAG", "STORE_QUEUE", "OverrideStatusCollector", "count_decision",
+    "exposition", "live_revision", "notification_delivered", "notification_failed", "observe_review",
+    "policy_reloaded", "process_gone", "share_between_processes", "store_backlog",
 ]

@@ -11,6 +11,7 @@ from notify_support import MANAGER, SECRET, SECURITY, open_request, webhook_conf
 
 from proxy.notify.outbox import DeliveryState
 from proxy.notify.webhook import SIGNATURE, sign, verify
+from proxy.observe import metrics
 from proxy.oversight.overrides import OverrideStatus
 from proxy.oversight.workflow import OverrideWorkflow
 from tests.support.receiver import Receiver
@@ -46,6 +47,7 @@ def test_an_opened_request_is_posted_signed_with_what_a_reviewer_needs(workflow,
 def test_a_receiver_that_is_down_blocks_nothing_and_gets_everything_once_it_is_back(
         workflow: OverrideWorkflow, receiver: Receiver, make_notifier):
     notifier = make_notifier(webhook_config(receiver))
+    delivered_before, retried_before = counted()
     receiver.down()
 
     # The workflow goes on while the channel is down: requests open, votes decide them.
@@ -74,6 +76,15 @@ def test_a_receiver_that_is_down_blocks_nothing_and_gets_everything_once_it_is_b
     assert delivered[2].json["notice"]["actor"] == "erin" and delivered[3].json["notice"]["reason"] == "not now"
     [state] = notifier.status()
     assert (state.pending, state.delivered, state.failing_since, state.retry_at) == (0, 4, None, None)
+    delivered_after, retried_after = counted()
+    assert delivered_after - delivered_before == 4 and retried_after - retried_before >= 2
+
+
+def counted() -> tuple[float, float]:
+    """This process's metrics of the ops-hook channel: deliveries, and tries retried."""
+    return (metrics.sample("cedargate_notification_deliveries_total", {"channel": "ops-hook"}) or 0.0,
+            metrics.sample("cedargate_notification_failures_total", {"channel": "ops-hook", "outcome": "retried"})
+            or 0.0)
 
 
 def test_a_delivery_whose_answer_was_lost_comes_again_with_the_same_key(workflow, receiver, make_notifier):
