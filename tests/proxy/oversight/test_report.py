@@ -19,8 +19,9 @@ from tests.support.review_history import REVIEWERS, make_history, production_sto
 
 
 @pytest.fixture
-def runtime_settings() -> dict:
-    return {"approvers": credentials(REVIEWERS)}
+def runtime_settings(database_url: str) -> dict:
+    """On both stores: the window is compared with times SQLite keeps without an offset, PostgreSQL with one."""
+    return {"approvers": credentials(REVIEWERS), "database_url": database_url}
 
 
 @pytest.fixture
