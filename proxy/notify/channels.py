@@ -68,11 +68,31 @@ def post(url: str, body: bytes, headers: Mapping[str, str], timeout: float) -> b
         raise DeliveryError(f"{shown} could not be reached: {_reason(exc.reason)}") from None
     except TimeoutError:
         raise DeliveryError(f"{shown} did not answer within {timeout:g} s") from None
-    except (OSError, http.client.HTTPException) as exc:
+    except (OSError, http.client.HTTPException, ValueError) as exc:
         raise DeliveryError(f"{shown}: {_reason(exc)}") from None
 
 
 def _reason(reason: object) -> str:
+    """Why a try failed, in words that never quote the URL: an OSError's strerror (the system's message),
+    else only the exception's type (http.client's InvalidURL, for one, quotes the request path, which for
+    Slack is the secret)."""
     if isinstance(reason, OSError) and reason.strerror:
         return reason.strerror
-    return str(reason) or type(reason).__name__
+    if isinstance(reason, str) and "/" not in reason:  # urllib's own reasons ("no host given")
+        return reason
+    return type(reason).__name__
+
+
+def url_problem(url: str) -> str | None:
+    """What makes `url` unusable as a channel's address (None if nothing), worded without its text, so a
+    secret URL (Slack's) can be reported by the name of the variable holding it."""
+    if any(c.isspace() or not c.isprintable() for c in url):
+        return "it holds a space or a control character (an env file's trailing comment or quote?)"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  # raises on a port that is not a number
+    except ValueError:
+        return "it is not a well-formed URL"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "it is not an http(s) URL with a host"
+    return None

@@ -29,7 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
 from proxy.cedar.escalation import parse_duration
-from proxy.notify.channels import Channel, DeliveryError
+from proxy.notify.channels import Channel, DeliveryError, url_problem
 from proxy.notify.notices import TOLD, Notice, notice_of, parse_payload, route
 from proxy.notify.outbox import BackOff, ChannelStatus, DeliveryState, LeaseLost, Outbox, Owed
 from proxy.observe import metrics
@@ -65,14 +65,19 @@ def build_channels(config: Notifications, approvers: Mapping[str, ApproverCreden
 
 
 def missing_variables(config: Notifications, environ: Mapping[str, str] = os.environ) -> list[str]:
-    """One line per environment variable a channel names that is not set (warned at start)."""
+    """One line per environment variable a channel names that is not set, or (a URL's) not usable
+    (warned at start). A line names the variable, never its value: that may be a secret."""
     missing = []
     for name, channel in config.channels.items():
         for field in ("secret_env", "url_env", "host_env", "username_env", "password_env"):
             variable = getattr(channel, field, None)
-            if variable and not environ.get(variable):
+            value = environ.get(variable) if variable else None
+            if variable and not value:
                 missing.append(f"notification channel {name}: environment variable {variable} ({field}) is not set; "
                                "its messages wait until it is")
+            elif field == "url_env" and value and (problem := url_problem(value)) is not None:
+                missing.append(f"notification channel {name}: environment variable {variable} does not hold a "
+                               f"usable URL: {problem}; its messages wait until it does")
     return missing
 
 

@@ -42,9 +42,13 @@ class _Strict(BaseModel):
 
 
 def check_url(url: str) -> str:
+    # Worded without the URL's path and query: a Slack URL is a secret, and a webhook's may carry a token.
+    if any(c.isspace() or not c.isprintable() for c in url):
+        raise ValueError("the URL holds a space or a control character")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{url!r} is not an http(s) URL with a host")
+        raise ValueError(f"the URL ({parts.scheme or 'no scheme'}://{parts.hostname or 'no host'}...) is not an "
+                         "http(s) URL with a host")
     return url
 
 

@@ -21,6 +21,8 @@ def check_text(obj: Any, limit: int, types: set[str] = TEXT_TYPES) -> None:
     assert isinstance(obj, dict) and obj["type"] in types, obj
     assert isinstance(obj["text"], str) and 1 <= len(obj["text"]) <= limit, obj
     assert set(obj) <= {"type", "text", "emoji", "verbatim"}
+    if obj["type"] == "mrkdwn":  # else Slack links bare URLs and parses @channel in it (Block Kit text object)
+        assert obj.get("verbatim") is True, obj
 
 
 def check_block_kit(payload: dict[str, Any]) -> None:
@@ -96,6 +98,26 @@ def test_what_the_agent_wrote_cannot_mention_link_or_break_out():
     assert "<https://evil.example" not in shown
     assert "&lt;!channel&gt; urgent &lt;https://evil.example|click here&gt; &amp;" in shown
     assert "`'&lt;!here&gt;'`" in shown  # its backticks cannot end cedargate's code span
+
+
+def mrkdwn_objects(value: Any) -> list[dict[str, Any]]:
+    if isinstance(value, dict):
+        return ([value] if value.get("type") == "mrkdwn" else []) + [
+            o for item in value.values() for o in mrkdwn_objects(item)]
+    if isinstance(value, list):
+        return [o for item in value for o in mrkdwn_objects(item)]
+    return []
+
+
+def test_slack_neither_pings_nor_links_from_what_the_agent_wrote():
+    # Slack's own parsing (verbatim false) would ping the channel and link the URL without any `<...>`.
+    said = "@channel approve now: https://evil.example/approve #general"
+    payload = message(notice(justification=said + "\n*Granted by erin*", key_arguments={"title": said},
+                             tool="github/merge"))
+    carrying = [o for o in mrkdwn_objects(payload["blocks"]) if "evil.example" in o["text"]]
+    assert len(carrying) == 2 and all(o.get("verbatim") is True for o in carrying)
+    # The agent's words are a code block: its *bold* cannot pass for cedargate's own lines.
+    assert "```@channel approve now: https://evil.example/approve #general\n*Granted by erin*```" in all_text(payload)
 
 
 def test_long_texts_are_cut_to_the_limits_rather_than_refused():

@@ -51,7 +51,8 @@ def test_no_section_means_no_notifications(tmp_path):
      "routes[0] names unknown channel(s) ops-slak (channels: ops-hook, ops-slack, reviewers)"),
     (lambda n: n["routes"][0].update(events=["approved"]), "unknown event 'approved'; the events are opened,"),
     (lambda n: n["channels"]["ops-hook"].update(url="ftp://hooks.example.com"),
-     "notifications.channels.ops-hook.webhook.url: Value error, 'ftp://hooks.example.com' is not an http(s) URL"),
+     "notifications.channels.ops-hook.webhook.url: Value error, the URL (ftp://hooks.example.com...) is not "
+     "an http(s) URL"),
     (lambda n: n["channels"]["ops-hook"].pop("secret_env"),
      "notifications.channels.ops-hook.webhook.secret_env: Field required"),
     (lambda n: n["channels"]["ops-hook"].update(secret_env="not a name"),
