@@ -87,3 +87,26 @@ class ReviewContextPublic(BaseModel):
     recent_calls: RecentCallsPublic
     similar: SimilarPublic
     policy: PolicyStatePublic
+
+
+class ChainTierPublic(BaseModel):
+    tier: int = Field(description="1 for the policy's @escalate roles, 2 and up for @escalate_after's tiers")
+    roles: list[str] = Field(description="the roles this tier adds: their approvers may decide once it is reached")
+    after_seconds: int = Field(description="how long after the request was opened the tier is reached")
+    at: datetime = Field(description="when the tier is (or was) reached")
+    reached: bool = Field(description="whether it has been reached (for a decided request: by its decision)")
+
+
+class ChainPublic(BaseModel):
+    """Where a request stands in its escalation chain: each tier may decide once reached, the earlier
+    tiers still may; at the expiry the request is rejected."""
+
+    tiers: list[ChainTierPublic] = Field(description="tier 1 first; a request without @escalate_after has one")
+    tier: int = Field(description="the current tier: the last one reached")
+    tier_count: int
+    remind_every: int | None = Field(description="seconds between reminders of the current tier (@remind)")
+    next_step: str | None = Field(description='"tier N" or "expiry"; null once decided')
+    next_step_at: datetime | None = Field(description="when the next step comes; null once decided")
+    primary_reviewer: str | None = Field(
+        description="the approver named first at the last step: of the current tier's, the one with the fewest "
+                    "requests waiting that they may decide; null when none can sign in, or once decided")

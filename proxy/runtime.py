@@ -79,10 +79,12 @@ class Runtime:
         gate = Gate(engine, recorder, mapping, default_expiry=parse_duration(settings.override_expiry),
                     protected=frozenset({(settings.api.host, settings.api.port)}), redaction=redaction)
         holds = Holds()
-        workflow = OverrideWorkflow(overrides, recorder, holds, gate)
+        approvers = AgentDirectory(settings.approvers, kind="approver")
+        # The chains name a primary reviewer among those who can sign in: one without a token cannot act.
+        reviewers, _ = approver_roles(settings.approvers, approvers.agent_ids)
+        workflow = OverrideWorkflow(overrides, recorder, holds, gate, reviewers=reviewers)
         runtime = cls(
-            settings, engine, recorder, gate, AgentDirectory(settings.agents),
-            AgentDirectory(settings.approvers, kind="approver"),
+            settings, engine, recorder, gate, AgentDirectory(settings.agents), approvers,
             overrides, holds, None, workflow,  # type: ignore[arg-type]
             Jobs(workflow, retention=RequestRetention(recorder, parse_duration(settings.cedar_request_retention))),
             # The open-file limit as it is now: `cedargate run` raises it to the hard limit before this.

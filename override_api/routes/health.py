@@ -42,6 +42,8 @@ class UnreachableEscalationStatus(BaseModel):
     line: int
     roles: list[str] = Field(description="the roles it escalates to that no approver able to sign in holds")
     why: str
+    tiers: list[int] = Field(default_factory=list, description="the tiers of its escalation chain that reach "
+                             "nobody (2 and up); empty when its first tier (@escalate) does")
 
 
 class MetricsStatus(BaseModel):

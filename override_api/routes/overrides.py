@@ -1,20 +1,23 @@
-"""Reviewing override requests: list, show, approve, deny, ask the agent; each request's context and
-audit rows. Every answer says what the reviewer needs.
+"""Reviewing override requests: list, show, approve, deny, ask the agent; each request's context and audit
+rows. Every answer says what the reviewer needs.
 
 Each request, listed or shown, carries its summary (`proxy.oversight.summary`: tool, key arguments,
-severity, reversibility, seconds left, votes, roles still needed); `GET /overrides/{id}/context` what
-surrounds it (`proxy.oversight.review_context`); `GET /overrides/{id}/audit` its audit rows. Everything
-the agent chose is answered as JSON data, never as markup.
+severity, reversibility, seconds left, votes, roles still needed) and where it stands in its escalation
+chain (`chain`, `proxy.oversight.chains.standing`: tiers, current tier, next step, primary reviewer);
+`GET /overrides/{id}/context` what surrounds it (`proxy.oversight.review_context`); `GET
+/overrides/{id}/audit` its audit rows. Everything the agent chose is answered as JSON data, never as
+markup.
 
-An approver sees only the requests their roles can decide; another request is answered as if it did
-not exist (404). An approver holding the auditor role (`auditor_role`, default "auditor") sees them
-all, and votes only where another of their roles is needed. The routes only translate: every vote is
+An approver sees only the requests their roles can decide now (a later tier's approver, once the
+request's chain has reached that tier); another request is answered as if it did not exist (404). An
+approver holding the auditor role (`auditor_role`, default "auditor") sees them all, and votes only
+where another of their roles is needed. The routes only translate: every vote is
 `OverrideWorkflow.vote`, which checks, records and wakes the held call.
 
-An approval may change the call's typed values (`"changes": {"amount": 50}`): the request shows which
-it has (`editable_fields`) and the changes its approvals agreed on (`changes`); a change that does not
-fit the call is answered 422, one the policies refuse or the earlier approvals disagree with 409, each
-as problem+json of cedargate's catalogue (`override-changes-*`).
+An approval may change the call's typed values (`"changes": {"amount": 50}`): the request shows which it
+has (`editable_fields`) and the changes its approvals agreed on (`changes`); a change that does not fit
+the call is answered 422, one the policies refuse or the earlier approvals disagree with 409, each as
+problem+json of cedargate's catalogue (`override-changes-*`).
 
 A reviewer may ask the agent a question instead of deciding (`request-info`): the held call is answered
 `override-needs-info` with it, and the agent's retry with a new `X-Agent-Justification` is the answer,
@@ -33,8 +36,9 @@ from pydantic import BaseModel, Field
 
 from override_api.answers import JSONAnswer
 from override_api.deps import Approver, CurrentApprover, RuntimeDep
-from override_api.review_models import ReviewContextPublic
+from override_api.review_models import ChainPublic, ReviewContextPublic
 from proxy.calls.mcp.binding import tool_call
+from proxy.oversight.chains import standing
 from proxy.oversight.overrides import Ballot, MessageKind, Override, OverrideError, OverrideStatus, Vote, can_decide
 from proxy.oversight.review_context import review_context
 from proxy.oversight.summary import summarize
@@ -89,6 +93,8 @@ class OverrideSummary(BaseModel):
     changes: dict[str, Any] | None = Field(
         description="the values the approvals changed; what goes upstream is the call with them. "
                     "None: approved (or to be approved) as sent")
+    chain: ChainPublic = Field(description="the escalation chain: its tiers, the current one, the next step and "
+                                           "the primary reviewer")
 
 
 class ToolCallPublic(BaseModel):
@@ -144,7 +150,7 @@ def _summary_fields(o: Override, votes: list[Vote], now: datetime) -> dict[str, 
         resource=o.resource, reasons=[p["reason"] or p["id"] for p in json.loads(o.policies)],
         created_at=o.created_at, expires_at=o.expires_at, decided_at=o.decided_at,
         decided_reason=o.decided_reason, changes=json.loads(o.changes) if o.changes else None,
-        **summarize(o, votes, now).as_dict(),
+        chain=standing(o, now), **summarize(o, votes, now).as_dict(),
     )
 
 

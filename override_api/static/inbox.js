@@ -209,6 +209,60 @@ function rolesNeeded(o) {
   return roles.length ? roles.join(", ") : "—";
 }
 
+// Where a request stands in its escalation chain, for the inbox row: "tier 2 of 3", the next step with a
+// ticking countdown, and the primary reviewer. A one-tier request with nobody named shows nothing.
+function chainCell(o) {
+  const chain = o.chain;
+  if (!chain || !UNDECIDED.includes(o.status)) return null;
+  const parts = [];
+  if (chain.tier_count > 1) {
+    parts.push(el("span", { className: "badge tier" }, "tier " + chain.tier + " of " + chain.tier_count));
+    if (chain.next_step && chain.next_step_at) {
+      const until = Date.parse(chain.next_step_at);
+      parts.push(el("span", { className: "next-step" }, " " + chain.next_step + " in ",
+        el("span", { className: "time-left", dataset: { deadline: String(until) } }, timeLeft(until))));
+    }
+  }
+  if (chain.primary_reviewer) {
+    parts.push(el("div", { className: "primary" }, "primary: ", el("strong", {}, chain.primary_reviewer)));
+  }
+  return parts;
+}
+
+// The whole chain on a request's page: each tier with its roles and when it is reached, the current one
+// marked, the next step, the reminders and the primary reviewer.
+function renderChain(o) {
+  const chain = o.chain;
+  const target = $("#chain .content");
+  if (!target) return;
+  if (!chain) {
+    fill(target, el("p", { className: "hint" }, "No escalation chain."));
+    return;
+  }
+  const undecided = UNDECIDED.includes(o.status);
+  const tiers = el("ol", { className: "chain" }, (chain.tiers || []).map((tier) => el("li", {
+      className: "chain-tier" + (tier.reached ? " reached" : "") + (undecided && tier.tier === chain.tier ? " current" : ""),
+      dataset: { tier: String(tier.tier) } },
+    el("span", { className: "tier-name" }, "Tier " + tier.tier), " ",
+    el("span", { className: "tier-roles" }, (tier.roles || []).join(", ")),
+    el("div", { className: "hint" },
+      (tier.after_seconds ? "from " + when(tier.at) : "from the opening")
+      + (tier.reached ? " · reached" : " · not yet")
+      + (undecided && tier.tier === chain.tier ? " · current" : "")))));
+  const pairs = [];
+  if (undecided && chain.next_step && chain.next_step_at) {
+    const until = Date.parse(chain.next_step_at);
+    pairs.push(["Next step", el("span", { id: "next-step" }, chain.next_step + " at " + when(chain.next_step_at) + " (in ",
+      el("span", { className: "time-left", dataset: { deadline: String(until) } }, timeLeft(until)), ")")]);
+  }
+  if (chain.remind_every) pairs.push(["Reminders", "every " + chain.remind_every + " s"]);
+  if (undecided) pairs.push(["Primary reviewer", el("span", { id: "primary-reviewer" }, chain.primary_reviewer || "none named")]);
+  fill(target, tiers, definitionList(pairs),
+    undecided && chain.next_step === "expiry"
+      ? el("p", { className: "hint" }, "Undecided at its expiry, the request is rejected and the agent is told.")
+      : null);
+}
+
 function when(iso) {
   if (!iso) return "";
   const date = new Date(iso);
@@ -283,7 +337,8 @@ function renderInbox(waiting) {
       el("td", { className: "args" }, keyArguments(o)),
       el("td", { className: "risk" }, classification(o)),
       el("td", { className: "votes" }, votesText(o)),
-      el("td", { className: "roles" }, rolesNeeded(o)));
+      el("td", { className: "roles" }, rolesNeeded(o)),
+      el("td", { className: "chain-cell" }, chainCell(o)));
     row.addEventListener("click", (event) => {
       if (event.target.tagName !== "A") location.assign(requestHref(o.id));
     });
@@ -379,6 +434,8 @@ function renderRequest(o, fetchedAt) {
         el("span", { className: "vote-reason" }, v.reason), el("span", { className: "hint" }, " " + when(v.at)))))
     : el("p", { className: "hint" }, "No votes yet."),
     el("p", {}, "Roles still needed: " + rolesNeeded(o)));
+
+  renderChain(o);
 
   $("#decision").hidden = !undecided;
   const decided = $("#decided");

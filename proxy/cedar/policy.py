@@ -124,7 +124,8 @@ def load_bundle(directory: str | Path) -> PolicyBundle:
     try:
         check_annotations(infos.values())
     except AnnotationError as exc:
-        bad = next((i for i in infos.values() if f'"{i.policy_id}"' in str(exc)), None)
+        bad = infos.get(exc.policy_id) if exc.policy_id else None
+        bad = bad or next((i for i in infos.values() if f'"{i.policy_id}"' in str(exc)), None)
         where = f"{bad.file}:{bad.line}: " if bad else ""
         raise PolicyLoadError(f"{where}{exc}") from exc
     policy_set = policy_set_of(templates.values())

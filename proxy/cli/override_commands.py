@@ -18,7 +18,7 @@ import urllib.request
 from datetime import UTC, datetime
 from typing import Any
 
-from proxy.cli.override_views import action_uid, describe
+from proxy.cli.override_views import action_uid, chain_lines, describe
 from proxy.oversight.changes import value_from_text
 from proxy.oversight.overrides import OverrideStatus
 from proxy.vocabulary.printable import printable, printable_json
@@ -93,6 +93,8 @@ def run_overrides_command(args: argparse.Namespace) -> int:
         ok, body = api.call("GET", f"/overrides/{urllib.parse.quote(args.id)}")
         if ok:
             print(printable_json(body, indent=2))
+            for line in chain_lines(body, datetime.now(UTC)):
+                print(line)
             _print_conversation(body.get("conversation") or [])
     elif command == "request-info":
         ok, body = api.call("POST", f"/overrides/{urllib.parse.quote(args.id)}/request-info",

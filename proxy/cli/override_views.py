@@ -1,5 +1,6 @@
 """How the `overrides` commands show a request in a terminal: what it is (agent, call, tool and its key
-arguments), how old, how long it has left, who voted and which roles are still needed.
+arguments), how old, how long it has left, who voted, which roles are still needed, and where it stands in
+its escalation chain (tier, next step, primary reviewer; `show` lists every tier).
 
 Plain functions on the API's JSON, so `list` and `watch` print alike. They read the summary fields when
 the API gives them (`tool`, `key_arguments`, `seconds_left`, `votes`, `roles_needed`) and leave out what it
@@ -123,8 +124,55 @@ def describe(item: dict[str, Any], now: datetime) -> list[str]:
         facts.append("needs " + ", ".join(printable(str(r)) for r in needed))
     if "votes" in item:
         facts.append(f"votes: {votes_text(item)}")
+    chain = chain_text(item, now)
+    if chain:
+        facts.append(chain)
     lines.append("    " + " · ".join(facts))
     reasons = item.get("reasons") or []
     if reasons:
         lines.append(f"    why: {printable('; '.join(str(r) for r in reasons))}")
+    return lines
+
+
+def chain_text(item: dict[str, Any], now: datetime) -> str | None:
+    """Where an undecided request stands in a chain of several tiers, on one line: `tier 2/3, tier 3 in
+    19m30s, primary sid`; None for a request of one tier with nobody named, or once decided."""
+    chain = item.get("chain")
+    if not isinstance(chain, dict) or item.get("status") not in UNDECIDED:
+        return None
+    parts = []
+    if int(chain.get("tier_count") or 1) > 1:
+        parts.append(f"tier {chain.get('tier')}/{chain.get('tier_count')}")
+        upcoming = moment(chain.get("next_step_at"))
+        if chain.get("next_step") and upcoming is not None:
+            parts.append(f"{printable(str(chain['next_step']))} in {span((upcoming - now).total_seconds())}")
+    if chain.get("primary_reviewer"):
+        parts.append(f"primary {printable(str(chain['primary_reviewer']))}")
+    return ", ".join(parts) or None
+
+
+def chain_lines(item: dict[str, Any], now: datetime) -> list[str]:
+    """The escalation chain as `overrides show` prints it: each tier with its roles and when it is
+    reached, the current one marked, then the next step and the primary reviewer."""
+    chain = item.get("chain")
+    if not isinstance(chain, dict) or not chain.get("tiers"):
+        return []
+    lines = ["escalation chain:"]
+    for tier in chain["tiers"]:
+        at = moment(tier.get("at"))
+        when = "at opening" if not tier.get("after_seconds") else f"after {span(tier['after_seconds'])}"
+        if at is not None:
+            when += f" ({at.strftime('%Y-%m-%d %H:%M:%S')} UTC)"
+        mark = "->" if tier.get("tier") == chain.get("tier") and item.get("status") in UNDECIDED else "  "
+        state = "reached" if tier.get("reached") else "not yet"
+        roles = ", ".join(printable(str(r)) for r in tier.get("roles") or [])
+        lines.append(f"  {mark} tier {tier.get('tier')}: {roles}  {when}, {state}")
+    upcoming = moment(chain.get("next_step_at"))
+    if chain.get("next_step") and upcoming is not None:
+        lines.append(f"  next: {printable(str(chain['next_step']))} at {upcoming.strftime('%Y-%m-%d %H:%M:%S')} "
+                     f"UTC (in {span((upcoming - now).total_seconds())})")
+    if chain.get("remind_every"):
+        lines.append(f"  reminders every {span(chain['remind_every'])}")
+    if chain.get("primary_reviewer"):
+        lines.append(f"  primary reviewer: {printable(str(chain['primary_reviewer']))}")
     return lines

@@ -1,7 +1,8 @@
-"""The core's background jobs: override expiry, clearing decisions' Cedar requests past their retention
+"""The core's background jobs: override expiry, escalation chains (each tier reached and each reminder
+announced once, `OverrideWorkflow.advance_due`), clearing decisions' Cedar requests past their retention
 (`proxy.record.retention`), the wake-ups of held calls by decisions made in other processes
 (`proxy.oversight.wakeups`), and the jobs others add (`add`): the notifications' sweep, composed in
-`proxy.runtime` (this package knows no channel); SLA timers are to join them.
+`proxy.runtime` (this package knows no channel).
 
 The core owns what the jobs do and how often; whoever composes the running program starts them on its
 event loop and stops them at the end: `cedargate run` (`proxy.cli.serve`), and the enforcer addon when
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 EXPIRY_INTERVAL = 1.0  # seconds between expiry runs: how late a hold hears that its request expired
 RETENTION_INTERVAL = 60.0  # seconds between clearings of Cedar requests past their retention
 FAILURE_LOG_INTERVAL = 60.0  # seconds between two lines about a job that keeps failing
+# Seconds between chain runs: how late a tier reached or a reminder is announced at most. A run reads
+# only the requests with a step due (an index on `next_step_at`), so an idle store costs one small query.
+CHAIN_INTERVAL = 1.0
 
 
 @dataclass(frozen=True)
@@ -38,8 +42,10 @@ class Job:
 
 class Jobs:
     def __init__(self, workflow: OverrideWorkflow, *, expiry_interval: float = EXPIRY_INTERVAL,
-                 retention: RequestRetention | None = None, retention_interval: float = RETENTION_INTERVAL) -> None:
-        self.jobs = [Job("override expiry", expiry_interval, workflow.expire_due)]
+                 chain_interval: float = CHAIN_INTERVAL, retention: RequestRetention | None = None,
+                 retention_interval: float = RETENTION_INTERVAL) -> None:
+        self.jobs = [Job("override expiry", expiry_interval, workflow.expire_due),
+                     Job("escalation chains", chain_interval, workflow.advance_due)]
         if retention is not None:
             self.jobs.append(Job("cedar request retention", retention_interval, retention.run))
         self.wakeups = Wakeups(workflow.store.engine, workflow.holds)

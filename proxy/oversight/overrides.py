@@ -45,7 +45,7 @@ from sqlmodel import Field, Session, SQLModel, col, func, select
 
 from proxy.calls.mapping import Call, is_secret_header
 from proxy.calls.redaction import Redaction
-from proxy.cedar.escalation import Escalation, Requirement
+from proxy.cedar.escalation import Chain, Escalation, Requirement
 from proxy.oversight.limits import OverrideLimits, OverrideRefused, Refusal, TokenBuckets
 from proxy.record.migrations import migrate
 from proxy.record.store import WRITES, utcnow
@@ -139,6 +139,16 @@ class Override(SQLModel, table=True):
     # When the agent was told how the request ended (denied, expired), by a held call or on a retry:
     # until then the identical call's retry is told that, rather than opening a new request.
     outcome_told_at: datetime | None = _moment(optional=True)
+    # The escalation chain (`proxy.cedar.escalation.Chain.as_dict`: tiers, expiry, reminders; None for a
+    # request opened before chains, whose one tier is its requirements' roles) and where the chain job
+    # has moved it: the tier announced (1-based), when, the reminders sent in it, when the job should
+    # look next (None: nothing before the expiry), and the primary reviewer named at the last step.
+    chain: str | None = None
+    tier: int = 1
+    tier_started_at: datetime | None = _moment(optional=True)
+    reminders_sent: int = 0
+    next_step_at: datetime | None = _moment(index=True, optional=True)
+    primary_reviewer: str | None = None
 
 
 class OverrideVote(SQLModel, table=True):
@@ -332,6 +342,7 @@ class OverrideStore:
                     told.append(ended)
                 return ended, False
             self._admit(session, call, now)
+            chain = escalation.chain
             shown_request = dict(cedar_request)
             if isinstance(cedar_request.get("context"), dict):
                 shown_request["context"] = self.redaction.context(cedar_request["context"], call.query)
@@ -346,6 +357,8 @@ class OverrideStore:
                 requirements=json.dumps([r.as_dict() for r in escalation.requirements]),
                 policy_revision=revision, decision_id=decision_id, justification=justification,
                 created_at=now, expires_at=now + timedelta(seconds=escalation.expires_in),
+                chain=json.dumps(chain.as_dict()), tier=1, tier_started_at=now, reminders_sent=0,
+                next_step_at=at_offset(now, chain.next_step(1, 0)),
             )
             try:
                 with session.begin_nested():
@@ -571,6 +584,31 @@ class OverrideStore:
         counts.update({status: count for status, count in rows})
         return counts
 
+    @staticmethod
+    def advance(session: Session, override_id: str, from_tier: int, from_reminders: int, now: datetime,
+                **values: Any) -> bool:
+        """Move an undecided, unexpired request along its chain, if it still stands at (`from_tier`,
+        `from_reminders` sent): True for exactly one caller. Its `version` is left alone: a step of the
+        chain changes nothing a vote relies on, so it never makes a concurrent vote start over."""
+        return session.exec(update(Override).where(
+            col(Override.id) == override_id, col(Override.tier) == from_tier,
+            col(Override.reminders_sent) == from_reminders,
+            col(Override.status).in_([s.value for s in UNDECIDED]), col(Override.expires_at) > now,
+        ).values(**values).execution_options(synchronize_session=False)).rowcount == 1
+
+    def chain_due(self, now: datetime) -> builtins.list[str]:
+        """Undecided, unexpired requests whose chain has a step due (a tier reached, a reminder)."""
+        with Session(self.engine) as session:
+            return builtins.list(session.exec(select(Override.id).where(
+                col(Override.status).in_([s.value for s in UNDECIDED]), col(Override.next_step_at) <= now,
+                col(Override.expires_at) > now).order_by(col(Override.next_step_at))).all())
+
+    @staticmethod
+    def waiting(session: Session, now: datetime) -> builtins.list[Override]:
+        """Every undecided, unexpired request: what the reviewers have on their plates."""
+        return builtins.list(session.exec(select(Override).where(
+            col(Override.status).in_([s.value for s in UNDECIDED]), col(Override.expires_at) > now)).all())
+
     def due(self, now: datetime) -> builtins.list[tuple[str, OverrideStatus]]:
         """Undecided requests and unused grants past their time: (id, status now)."""
         with Session(self.engine) as session:
@@ -582,8 +620,31 @@ class OverrideStore:
 
 
 def needed_roles(override: Override) -> frozenset[str]:
-    """Every role that can approve some part of the request: holding one makes a person its reviewer."""
+    """The roles of the request's first tier: every role that can approve some part of it from the start."""
     return frozenset(role for r in json.loads(override.requirements) for role in r["roles"])
+
+
+def chain_of(override: Override) -> Chain:
+    """The request's escalation chain; for one opened before chains, its one tier."""
+    if override.chain:
+        return Chain.from_dict(json.loads(override.chain))
+    expires_in = int((aware(override.expires_at) - aware(override.created_at)).total_seconds())
+    return Chain.of(requirements_of(override), expires_in)
+
+
+def elapsed(override: Override, now: datetime) -> float:
+    """Seconds since the request was opened: where its chain stands by the clock."""
+    return (now - aware(override.created_at)).total_seconds()
+
+
+def reachable_roles(override: Override, now: datetime | None = None) -> frozenset[str]:
+    """Every role that may decide the request at `now`: its first tier's and those of every tier its
+    chain has reached by then (on the clock, whether or not the chain job has announced it yet)."""
+    return needed_roles(override) | chain_of(override).roles_reached(elapsed(override, now or utcnow()))
+
+
+def at_offset(opened: datetime, seconds: float | None) -> datetime | None:
+    return None if seconds is None else aware(opened) + timedelta(seconds=seconds)
 
 
 def policy_ids(override: Override) -> list[str]:
@@ -591,12 +652,13 @@ def policy_ids(override: Override) -> list[str]:
     return [p["id"] for p in json.loads(override.policies)]
 
 
-def can_decide(override: Override, roles: frozenset[str]) -> bool:
-    return bool(roles & needed_roles(override))
+def can_decide(override: Override, roles: frozenset[str], now: datetime | None = None) -> bool:
+    """Whether someone holding `roles` may decide the request at `now` (its chain's tiers reached by then)."""
+    return bool(roles & reachable_roles(override, now))
 
 
 def requirements_of(override: Override) -> list[Requirement]:
-    return [Requirement(r["policy_id"], tuple(r["roles"]), r["approvals"]) for r in json.loads(override.requirements)]
+    return [Requirement.from_dict(r) for r in json.loads(override.requirements)]
 
 
 def _still_live(override: Override, now: datetime) -> bool:

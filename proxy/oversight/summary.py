@@ -26,7 +26,7 @@ from typing import Any
 from proxy.calls.mcp.binding import tool_call
 from proxy.cedar.context import RESERVED
 from proxy.cedar.escalation import SEVERITIES, Requirement
-from proxy.oversight.overrides import UNDECIDED, Ballot, Override, Vote, aware, requirements_of
+from proxy.oversight.overrides import UNDECIDED, Ballot, Override, Vote, aware, elapsed, requirements_of
 from proxy.vocabulary.printable import printable
 
 MAX_ARGUMENTS = 6  # key arguments shown per request: a row is read at a glance
@@ -59,8 +59,8 @@ def summarize(override: Override, votes: Sequence[Vote], now: datetime) -> Summa
     policies = _loads(override.policies, [])
     tool = tool_call(cedar_request, override.body)
     undecided = override.status in {status.value for status in UNDECIDED}
-    roles, approvals = (still_needed(requirements_of(override), approvals_of(votes)) if undecided
-                        else ([], 0))
+    roles, approvals = (still_needed(requirements_of(override), approvals_of(votes), elapsed(override, now))
+                        if undecided else ([], 0))
     return Summary(
         tool=None if tool is None else printable(str(tool["name"])),
         key_arguments=key_arguments(tool["arguments"] if tool is not None else route_fields(context)),
@@ -131,27 +131,30 @@ def approvals_of(votes: Iterable[Vote]) -> dict[str, frozenset[str]]:
     return {v.approver: v.roles for v in votes if v.verdict == Ballot.APPROVE.value}
 
 
-def still_needed(requirements: Iterable[Requirement],
-                 approvals: Mapping[str, frozenset[str]]) -> tuple[list[str], int]:
-    """The roles whose holder's approval would still count, and the fewest approvals still needed.
+def still_needed(requirements: Iterable[Requirement], approvals: Mapping[str, frozenset[str]],
+                 elapsed: float = 0.0) -> tuple[list[str], int]:
+    """The roles whose holder's approval would still count, and the fewest approvals still needed,
+    `elapsed` seconds after the request was opened (its chain's tiers reached by then count too).
 
     Per requirement not yet met: the roles whose new approver would cover one more of its roles with
-    distinct people (or, when every role is covered but too few approvers are, any of its roles), and
-    the approvals it lacks. Across requirements the count is the largest of theirs: one approver holding
-    roles of two policies can count for both, so more may be needed, never fewer.
+    distinct people (or, when every role is covered but too few approvers are, any of its roles), the
+    roles of its reached later tiers (whose approver may fill any slot), and the approvals it lacks.
+    Across requirements the count is the largest of theirs: one approver holding roles of two policies
+    can count for both, so more may be needed, never fewer.
     """
     roles: set[str] = set()
     count = 0
     for requirement in requirements:
-        if requirement.satisfied_by(approvals):
+        if requirement.satisfied_by(approvals, elapsed):
             continue
         wanted = set(requirement.roles)
-        eligible = {a: held & wanted for a, held in approvals.items() if held & wanted}
+        eligible = requirement.eligible(approvals, elapsed)
         covered = len(_matched_roles(requirement.roles, eligible))
         # A fresh approver (the empty name is no approver's) holding only `role`.
         helpful = [role for role in requirement.roles
                    if len(_matched_roles(requirement.roles, {**eligible, "": frozenset({role})})) > covered]
         roles.update(helpful or requirement.roles)
+        roles.update(requirement.stand_ins(elapsed))
         count = max(count, len(wanted) - covered, requirement.count - len(eligible))
     return sorted(roles), count
 

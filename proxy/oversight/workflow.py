@@ -36,9 +36,11 @@ real call, changed, is decided again, and that is the check that counts (`proxy.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -52,6 +54,7 @@ from proxy.calls.mapping import Call
 from proxy.cedar.escalation import Escalation, is_escalatable, quorum_met
 from proxy.decision.gate import Gate, Outcome, Verdict
 from proxy.observe.metrics import observe_review
+from proxy.oversight.chains import Routing, due_step, routing, step_payload
 from proxy.oversight.changes import ChangeError, EditableField, apply_changes, check_changes, editable_fields
 from proxy.oversight.holds import Holds
 from proxy.oversight.overrides import (
@@ -62,8 +65,11 @@ from proxy.oversight.overrides import (
     OverrideError,
     OverrideStatus,
     OverrideStore,
+    at_offset,
     aware,
-    needed_roles,
+    chain_of,
+    elapsed,
+    reachable_roles,
     requirements_of,
 )
 from proxy.oversight.wakeups import announce
@@ -83,11 +89,14 @@ class _Conflict(Exception):
 class OverrideWorkflow:
     RETRIES = 20
 
-    def __init__(self, store: OverrideStore, recorder: Recorder, holds: Holds, gate: Gate | None = None) -> None:
+    def __init__(self, store: OverrideStore, recorder: Recorder, holds: Holds, gate: Gate | None = None,
+                 reviewers: Mapping[str, frozenset[str]] | None = None) -> None:
         self.store = store
         self.recorder = recorder
         self.holds = holds
         self.gate = gate  # decides a changed call before an approval with changes is taken; None: none are
+        # The approvers who can sign in, with their roles: whom each step of a chain may name (`chains`).
+        self.reviewers = dict(reviewers or {})
 
     # --- opening ----------------------------------------------------------------------------------
 
@@ -130,9 +139,17 @@ class OverrideWorkflow:
                 events.append(_event(EventKind.INFO_GIVEN, override, decision_id=decision_id, actor=override.agent,
                                      payload={"answer": justification}))
             if created:
+                chain = chain_of(override)
+                with _session(conn) as session:
+                    route = self._route(session, override, chain.tiers[0].roles, utcnow())
+                    if route.primary is not None:
+                        self.store.advance(session, override.id, 1, 0, utcnow(), primary_reviewer=route.primary)
+                        override.primary_reviewer = route.primary
+                    session.commit()
                 events.append(_event(EventKind.OVERRIDE_CREATED, override, decision_id=decision_id, payload={
                     "policies": policies, "requirements": override.requirements,
                     "expires_at": override.expires_at.isoformat(), "justification": justification,
+                    **step_payload(override, chain, 1, chain.tiers[0].roles, route),
                 }))
             return (override, created), events
 
@@ -304,7 +321,8 @@ class OverrideWorkflow:
             if ballot is Ballot.DENY:
                 target = OverrideStatus.DENIED
                 values.update(decided_at=now, decided_reason=reason)
-            elif quorum_met(requirements_of(override), self.store.approvals(session, override_id)):
+            elif quorum_met(requirements_of(override), self.store.approvals(session, override_id),
+                            elapsed(override, now)):
                 target = OverrideStatus.GRANTED
                 values.update(decided_at=now, decided_reason=reason,
                               grant_expires_at=now + timedelta(seconds=self.store.grant_ttl))
@@ -423,9 +441,73 @@ class OverrideWorkflow:
                 if override is None:
                     continue
                 target = _EXPIRED[status]
-                if self._move(override, status, target, _EXPIRY_EVENTS[target], decided_at=now):
+                # Who was asked, so the notifications can tell each of them (and the requester) it ended.
+                payload = ({"tier": override.tier, "roles": sorted(reachable_roles(override, now))}
+                           if status in UNDECIDED else {})
+                if self._move(override, status, target, _EXPIRY_EVENTS[target], payload=payload, decided_at=now):
                     expired.append((override_id, target))
             return expired
+
+    # --- escalation chains ------------------------------------------------------------------------
+
+    def advance_due(self) -> list[tuple[str, EventKind]]:
+        """Announce every step of a chain that has come: each tier reached (`escalated`), a reminder of
+        the current tier (`reminder`), recorded once with the request's new standing in one transaction;
+        returns (id, kind) of the events this call wrote.
+
+        Nothing is woken: a step changes no held call's answer, and who may vote is read off the clock.
+        On PostgreSQL one process sweeps at a time (the others skip the round); the move is conditional
+        on where the request stood, so two sweeps never announce one step twice anywhere.
+        """
+        with self.store.engine.connect() as lock:
+            if lock.dialect.name == "postgresql" and not lock.execute(_CHAIN_LOCK).scalar_one():
+                return []
+            written: list[tuple[str, EventKind]] = []
+            for override_id in self.store.chain_due(utcnow()):
+                try:
+                    written += self.recorder.transact(functools.partial(self._advance, override_id=override_id))
+                except AmbiguousCommit:
+                    # Whether it landed is in the row (the events commit with it): the next round looks.
+                    log.warning("a step of override %s's chain may not have been recorded", override_id)
+            return written
+
+    def _advance(self, conn: Connection, *, override_id: str
+                 ) -> tuple[list[tuple[str, EventKind]], list[Event]]:
+        with _session(conn) as session:
+            override = session.get(Override, override_id)
+            now = utcnow()
+            if (override is None or OverrideStatus(override.status) not in UNDECIDED
+                    or aware(override.expires_at) <= now):
+                return [], []
+            step = due_step(override, now)
+            chain = chain_of(override)
+            events: list[Event] = []
+            values: dict[str, Any] = {"tier": step.tier, "reminders_sent": step.reminders_sent,
+                                      "next_step_at": step.next_step_at}
+            route = Routing(override.primary_reviewer, ())
+            for number in step.escalate_to:
+                roles = chain.tiers[number - 1].roles
+                route = self._route(session, override, roles, now)
+                events.append(_event(EventKind.ESCALATED, override,
+                                     payload=step_payload(override, chain, number, roles, route)))
+            if step.escalate_to:
+                values.update(tier_started_at=now, primary_reviewer=route.primary)
+            elif step.remind:
+                # Everyone who may decide now is reminded; the primary is named afresh among the tier's.
+                route = self._route(session, override, chain.tiers[step.tier - 1].roles, now)
+                events.append(_event(EventKind.REMINDER, override, payload={
+                    **step_payload(override, chain, step.tier, reachable_roles(override, now), route),
+                    "reminder": step.reminders_sent}))
+                values["primary_reviewer"] = route.primary
+            if not self.store.advance(session, override_id, override.tier, override.reminders_sent, now, **values):
+                return [], []  # another sweep moved it first: it wrote the events
+            session.commit()
+        return [(override_id, EventKind(e["kind"])) for e in events], events
+
+    def _route(self, session: Session, override: Override, roles: Iterable[str], now: datetime) -> Routing:
+        if not self.reviewers:
+            return Routing(None, ())
+        return routing(override, roles, self.reviewers, self.store.waiting(session, now), now)
 
     def _move(self, override: Override, from_status: OverrideStatus, to_status: OverrideStatus,
               kind: EventKind,
@@ -463,6 +545,7 @@ _EXPIRY_EVENTS = {OverrideStatus.EXPIRED: EventKind.EXPIRED, OverrideStatus.GRAN
 # A transaction-level advisory lock, keyed by schema like the migration lock: held by one sweeping
 # process until its connection's transaction ends (the `with` in `expire_due`).
 _SWEEP_LOCK = text("SELECT pg_try_advisory_xact_lock(hashtext('cedargate-expiry:' || coalesce(current_schema(), '')))")
+_CHAIN_LOCK = text("SELECT pg_try_advisory_xact_lock(hashtext('cedargate-chains:' || coalesce(current_schema(), '')))")
 
 
 def release_refused(recheck: Verdict, override: Override) -> bool:
@@ -510,13 +593,24 @@ def check_voter(override: Override, approver: str, roles: frozenset[str], now: d
         raise OverrideError(409, f"the override request is {override.status}, not pending")
     if approver == override.agent:
         raise OverrideError(403, "an approver cannot decide on a call made under their own identity")
-    needed = needed_roles(override)
+    if aware(override.expires_at) <= now:
+        raise OverrideError(409, "the override request has expired")
+    needed = reachable_roles(override, now)
     if not roles & needed:
+        chain = chain_of(override)
+        later = [(number, tier) for number, tier in enumerate(chain.tiers, start=1) if roles & set(tier.roles)]
+        if later:
+            # A later tier's approver: not yet, and the answer says when.
+            number, tier = later[0]
+            opens = at_offset(override.created_at, tier.after)
+            assert opens is not None
+            raise OverrideError(403, f"{approver} may decide this request from its escalation tier {number}, "
+                                     f"reached at {opens.isoformat(timespec='seconds')} (in "
+                                     f"{max(1, math.ceil((opens - now).total_seconds()))} s); until then it "
+                                     f"needs {', '.join(sorted(needed))}")
         raise OverrideError(
             403, f"{approver} holds none of the roles this request needs ({', '.join(sorted(needed))})"
         )
-    if aware(override.expires_at) <= now:
-        raise OverrideError(409, "the override request has expired")
 
 
 def _is_new(session: Session, store: OverrideStore, override: Override, justification: str) -> bool:

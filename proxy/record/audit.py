@@ -71,6 +71,11 @@ class EventKind(StrEnum):
     # A reviewer's browser session on the review page began or ended (sign-in, sign-out).
     REVIEWER_SIGNED_IN = "reviewer_signed_in"
     REVIEWER_SIGNED_OUT = "reviewer_signed_out"
+    # An undecided request's escalation chain moved on (`proxy.oversight.chains`): a later tier reached,
+    # or the current tier reminded. Their payload, like `override_created`'s, routes the notifications:
+    # {"tier": n, "roles": [...], "primary": approver or null, "fallback": [...], "deadline": ISO 8601}.
+    ESCALATED = "escalated"
+    REMINDER = "reminder"
 
 
 class AuditEntry(SQLModel, table=True):

@@ -177,7 +177,7 @@ def test_status_names_the_escalations_no_approver_could_grant(client):
 def test_status_names_only_the_role_nobody_with_a_token_holds(tmp_path: Path, policy_dir: Path, caplog):
     approvers = {name: ApproverCredential(token_sha256=hash_token(name), roles=roles) for name, roles in
                  {"erin": ("engineering-manager", "on-call"), "sam": ("security",),
-                  "lee": ("lead-engineer",)}.items()}
+                  "lee": ("lead-engineer",), "sid": ("secondary-on-call",)}.items()}
     approvers["fran"] = ApproverCredential(token_env="CEDARGATE_TEST_UNSET_FRAN_TOKEN", roles=("finance",))
     with caplog.at_level(logging.WARNING), \
             started_runtime(policy_dir, tmp_path / "state", approvers=approvers) as runtime, \

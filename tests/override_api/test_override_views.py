@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlmodel import Session
 
 from override_api.main import create_app
 from proxy.calls.mapping import Call
-from proxy.cedar.escalation import Escalation, Requirement
+from proxy.cedar.escalation import Escalation, Requirement, Tier
+from proxy.cli.override_views import moment
 from proxy.oversight.overrides import Override
 from proxy.runtime import Runtime
 from tests.support.approvers import bearer, credentials
@@ -21,7 +24,7 @@ from tests.support.approvers import bearer, credentials
 MANAGER = Requirement("protect-production-instances", ("engineering-manager",), 1)
 TWO_PERSON = Requirement("no-volume-deletion", ("security", "lead-engineer"), 2)
 ROLES = {"erin": ("engineering-manager",), "sam": ("security",), "audra": ("auditor",),
-         "ada": ("auditor", "engineering-manager")}
+         "ada": ("auditor", "engineering-manager"), "olga": ("on-call",)}
 
 
 @pytest.fixture
@@ -84,3 +87,48 @@ def test_a_reviewer_sees_a_query_secret_redacted(runtime: Runtime, client: TestC
     assert shown["url"] == "http://127.0.0.1:9000/v1/instances/i-1/stop?sig=[redacted]&zone=a"
     assert shown["cedar_request"]["context"]["query"] == "sig=[redacted]&zone=a"
     assert "s3cr3t-v4lue" not in client.get("/overrides", headers=bearer("erin")).text
+
+
+ON_CALL_CHAIN = Requirement("protect-staging-instances", ("on-call",), 1, (Tier(600, ("engineering-manager",)),))
+
+
+def test_a_request_shows_its_chain_and_a_later_tier_sees_it_once_reached(runtime: Runtime, client: TestClient):
+    call = Call(agent="ops-bot", method="POST", scheme="https", host="cloud.staging.example", port=443,
+                path="/v1/instances/i-9/stop")
+    override, _ = runtime.workflow.open(
+        call, decision_id=str(uuid.uuid4()), escalation=Escalation((ON_CALL_CHAIN,), 3600, 300),
+        policies=[{"id": ON_CALL_CHAIN.policy_id, "reason": None, "annotations": {}}],
+        cedar_request={"principal": 'Agent::"ops-bot"', "action": 'Action::"post"',
+                       "resource": 'Host::"cloud.staging.example"', "context": {}},
+        revision="rev-1", justification=None)
+
+    [listed] = client.get("/overrides", headers=bearer("olga")).json()
+    chain = listed["chain"]
+    assert [(t["tier"], t["roles"], t["after_seconds"], t["reached"]) for t in chain["tiers"]] == [
+        (1, ["on-call"], 0, True), (2, ["engineering-manager"], 600, False)]
+    assert (chain["tier"], chain["tier_count"], chain["next_step"], chain["remind_every"]) == (1, 2, "tier 2", 300)
+    assert chain["primary_reviewer"] == "olga"
+    opened = moment(listed["created_at"])  # an API time without an offset is UTC
+    assert opened is not None and moment(chain["next_step_at"]) == opened + timedelta(minutes=10)
+    assert client.get(f"/overrides/{override.id}", headers=bearer("olga")).json()["chain"] == chain
+
+    # The manager's tier is not reached: the request is not theirs to see yet.
+    assert client.get("/overrides", headers=bearer("erin")).json() == []
+    assert client.get(f"/overrides/{override.id}", headers=bearer("erin")).status_code == 404
+    with Session(runtime.overrides.engine) as session:  # eleven minutes later
+        row = session.get(Override, override.id)
+        assert row is not None
+        row.created_at -= timedelta(minutes=11)
+        session.add(row)
+        session.commit()
+    shown = client.get(f"/overrides/{override.id}", headers=bearer("erin"))
+    assert shown.status_code == 200
+    assert (shown.json()["chain"]["tier"], shown.json()["chain"]["next_step"]) == (2, "expiry")
+    assert "engineering-manager" in shown.json()["roles_needed"]
+
+
+def test_the_api_docs_declare_the_chain(client: TestClient):
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    assert {"ChainPublic", "ChainTierPublic"} <= set(schemas)
+    assert set(schemas["ChainPublic"]["properties"]) == {"tiers", "tier", "tier_count", "remind_every", "next_step",
+                                                        "next_step_at", "primary_reviewer"}

@@ -10,10 +10,13 @@ from proxy_support import write_policy_file
 from proxy.cedar.engine import Engine
 from proxy.cedar.escalation import (
     AnnotationError,
+    Chain,
     Escalation,
     Requirement,
+    Tier,
     check_annotations,
     escalation_of,
+    quorum_met,
     requirement_of,
 )
 from proxy.cedar.policy import PolicyInfo, PolicyLoadError, load_bundle
@@ -235,3 +238,125 @@ def test_one_forbid_without_escalate_makes_a_hard_deny():
 def test_no_forbid_is_no_escalation():
     assert escalation_of([], 3600) is None
     assert escalation_of([policy("ops-read", effect="permit")], 3600) is None
+
+
+# --- escalation chains: @escalate_after, @remind ------------------------------------------------------
+
+SEEDS = dict(escalate="on-call", escalate_after="10m: secondary-on-call; 30m: engineering-manager",
+             expires="1h", remind="5m")
+
+
+def test_the_seeds_chain_parses_into_tiers_counted_from_the_opening():
+    requirement = requirement_of(policy("stop", **SEEDS))
+    assert requirement == Requirement("stop", ("on-call",), 1, (
+        Tier(600, ("secondary-on-call",)), Tier(1800, ("engineering-manager",))))
+    assert requirement.as_dict()["escalate_after"] == [
+        {"after": 600, "roles": ["secondary-on-call"]}, {"after": 1800, "roles": ["engineering-manager"]}]
+    assert Requirement.from_dict(requirement.as_dict()) == requirement
+    escalation = escalation_of([policy("stop", **SEEDS)], default_expiry=7200)
+    assert escalation is not None and (escalation.expires_in, escalation.remind_every) == (3600, 300)
+    chain = escalation.chain
+    assert [(t.after, t.roles) for t in chain.tiers] == [
+        (0, ("on-call",)), (600, ("secondary-on-call",)), (1800, ("engineering-manager",))]
+
+
+def test_a_tier_may_name_several_roles():
+    requirement = requirement_of(policy("p", escalate="on-call", expires="1h",
+                                        escalate_after="15m: sre-lead, engineering-manager"))
+    assert requirement is not None and requirement.tiers == (Tier(900, ("sre-lead", "engineering-manager")),)
+
+
+@pytest.mark.parametrize(("annotations", "message"), [
+    (dict(escalate_after="10m secondary-on-call"), 'tier 2 "10m secondary-on-call" must be written DELAY: ROLE'),
+    (dict(escalate_after="ten minutes: secondary-on-call"), "tier 2: 'ten minutes' is not a duration"),
+    (dict(escalate_after="10m: "), "tier 2 (after 10m) names no role"),
+    (dict(escalate_after="30m: secondary-on-call; 10m: engineering-manager"),
+     "tier 3's delay 10m must come after tier 2's 30m"),
+    (dict(escalate_after="0s: secondary-on-call"), "tier 2's delay 0s must come after the opening"),
+    (dict(escalate_after="10m: on-call"), 'role "on-call" is already in tier 1'),
+    (dict(escalate_after=" ; "), "names no tier"),
+    (dict(escalate_after="1h: engineering-manager"), 'tier 2 at 1h is not before @expires("1h")'),
+    (dict(escalate_after="10m: secondary-on-call", expires=None), "@escalate_after needs @expires"),
+    (dict(remind="soon"), "@remind: 'soon' is not a duration"),
+    (dict(remind="0s"), '@remind("0s") must be at least 1s'),
+    (dict(remind="2h"), '@remind("2h") is not shorter than @expires("1h")'),
+    (dict(escalate=None), '@escalate_after needs @escalate("role")'),
+])
+def test_a_malformed_chain_is_refused_naming_the_policy(annotations: dict, message: str):
+    values = {**SEEDS, **annotations}
+    bad = policy("stop", **{k: v for k, v in values.items() if v is not None})
+    with pytest.raises(AnnotationError) as caught:
+        check_annotations([bad])
+    assert str(caught.value).startswith('policy "stop": ')
+    assert message in str(caught.value)
+    assert caught.value.policy_id == "stop"
+
+
+SEEDS_POLICY = """\
+// Stopping an instance on a staging host: on-call first, then the secondary, then the manager.
+
+@id("staging-stop")
+@reason("Stopping a staging instance needs an engineer.")
+@escalate("on-call")
+@escalate_after("10m: secondary-on-call; 5m: engineering-manager")
+@expires("1h")
+forbid (principal, action == Action::"post", resource)
+when { context.path like "/v1/instances/*/stop" };
+"""
+
+
+def test_load_bundle_refuses_a_chain_whose_delays_do_not_increase_with_file_line_and_id(policy_dir: Path):
+    write_policy_file(policy_dir / "extra.cedar", SEEDS_POLICY)
+    with pytest.raises(PolicyLoadError) as caught:
+        load_bundle(policy_dir)
+    assert str(caught.value).startswith('extra.cedar:3: policy "staging-stop": @escalate_after(')
+    assert "tier 3's delay 5m must come after tier 2's 10m" in str(caught.value)
+
+
+def test_load_bundle_accepts_the_seeds_chain_with_roles_nobody_holds(policy_dir: Path):
+    write_policy_file(policy_dir / "extra.cedar", SEEDS_POLICY.replace("5m: engineering-manager",
+                                                                       "30m: engineering-manager"))
+    bundle = load_bundle(policy_dir)
+    requirement = requirement_of(bundle.policies["staging-stop"])
+    assert requirement is not None and [t.after for t in requirement.tiers] == [600, 1800]
+
+
+def test_a_reached_tier_may_fill_any_slot_and_the_number_of_approvers_is_unchanged():
+    chained = Requirement("del", ("security", "lead-engineer"), 2, (Tier(60, ("engineering-manager",)),))
+    # Before its tier is reached a manager counts for nothing.
+    assert not chained.satisfied_by(approvers(sam="security", erin="engineering-manager"), elapsed=59)
+    # After, the manager fills the lead engineer's slot...
+    assert chained.satisfied_by(approvers(sam="security", erin="engineering-manager"), elapsed=60)
+    # ...but one manager is still one person: two distinct approvers are needed.
+    assert not chained.satisfied_by(approvers(erin="engineering-manager"), elapsed=3600)
+    assert chained.satisfied_by(approvers(erin="engineering-manager", eve="engineering-manager"), elapsed=60)
+
+
+def test_the_quorum_rule_reads_each_policys_own_tiers():
+    stop = Requirement("stop", ("on-call",), 1, (Tier(60, ("engineering-manager",)),))
+    snap = Requirement("snap", ("security",), 1)
+    erin = approvers(erin="engineering-manager")
+    assert quorum_met([stop], erin, elapsed=60)
+    # The manager stands in for on-call, not for security, whose policy has no chain.
+    assert not quorum_met([stop, snap], erin, elapsed=60)
+    assert quorum_met([stop, snap], approvers(erin="engineering-manager", sam="security"), elapsed=60)
+
+
+def test_the_merged_chain_of_two_policies_and_its_clock():
+    stop = Requirement("stop", ("on-call",), 1, (Tier(60, ("secondary-on-call",)), Tier(180, ("engineering-manager",))))
+    snap = Requirement("snap", ("security",), 1, (Tier(60, ("security-lead",)), Tier(7200, ("ciso",))))
+    chain = Chain.of([stop, snap], expires_in=3600, remind_every=50)
+    # Tiers at one delay merge; one past the expiry is never reached, so it is left out.
+    assert [(t.after, t.roles) for t in chain.tiers] == [
+        (0, ("on-call", "security")), (60, ("secondary-on-call", "security-lead")), (180, ("engineering-manager",))]
+    assert [chain.reached(s) for s in (0, 59, 60, 179, 180, 3599)] == [1, 1, 2, 2, 3, 3]
+    assert chain.roles_reached(61) == {"on-call", "security", "secondary-on-call", "security-lead"}
+    assert [chain.deadline(n) for n in (1, 2, 3)] == [60, 180, 3600]
+    # Tier 1 (0-60s) is reminded at 50s; tier 2 (60-180s) at 110s and 160s; tier 3 every 50s until expiry.
+    assert [chain.reminders_due(1, s) for s in (49, 50, 60)] == [0, 1, 1]
+    assert [chain.reminders_due(2, s) for s in (109, 110, 160, 179)] == [0, 1, 2, 2]
+    assert (chain.next_step(1, 0), chain.next_step(1, 1), chain.next_step(2, 2), chain.next_step(3, 0)) == (
+        50, 60, 180, 230)
+    assert Chain.from_dict(chain.as_dict()) == chain
+    # Without reminders the last tier has nothing left but the expiry.
+    assert Chain.of([stop], 3600).next_step(3, 0) is None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import socket
 import threading
 import uuid
@@ -17,7 +18,7 @@ import uvicorn
 
 from override_api.main import create_app
 from proxy.calls.mapping import Call
-from proxy.cedar.escalation import Escalation, Requirement
+from proxy.cedar.escalation import Escalation, Requirement, Tier
 from proxy.cli.main import main
 from proxy.cli.override_commands import Api
 from proxy.cli.override_views import action_uid, span
@@ -26,7 +27,8 @@ from proxy.oversight.overrides import Ballot
 from proxy.runtime import Runtime
 from proxy.settings.config import ApproverCredential
 
-ROLES = {"erin": ("engineering-manager",), "fran": ("finance",), "sam": ("security",), "lee": ("lead-engineer",)}
+ROLES = {"erin": ("engineering-manager",), "fran": ("finance",), "sam": ("security",), "lee": ("lead-engineer",),
+         "olga": ("on-call",)}
 
 
 @pytest.fixture
@@ -221,3 +223,39 @@ def test_watch_shows_a_request_waiting_on_the_agent_and_list_filters_it(runtime,
     assert code == 0 and f" waiting  {stop}  needs_info " in out
     code, out, _ = cedargate(api, "list", "--status", "needs_info", monkeypatch=monkeypatch, capsys=capsys)
     assert code == 0 and out.startswith(f"{stop}  needs_info ")
+
+
+def staging_stop(runtime: Runtime) -> str:
+    """A staging stop under the seeds' chain (staging-after-hours', opened whatever the hour it is)."""
+    chain = Requirement("staging-after-hours", ("on-call",), 1,
+                        (Tier(600, ("secondary-on-call",)), Tier(1800, ("engineering-manager",))))
+    override, _ = runtime.workflow.open(
+        Call(agent="ops-bot", method="POST", scheme="https", host="cloud.staging.example", port=443,
+             path="/v1/instances/i-9/stop"),
+        decision_id=str(uuid.uuid4()), escalation=Escalation((chain,), 3600, 300),
+        policies=[{"id": chain.policy_id, "reason": None, "annotations": {}}],
+        cedar_request={"principal": 'Agent::"ops-bot"', "action": 'Action::"post"',
+                       "resource": 'Host::"cloud.staging.example"', "context": {}},
+        revision="rev-1", justification="instance is wedged")
+    return override.id
+
+
+def test_list_and_show_say_where_a_request_stands_in_its_escalation_chain(runtime, api, monkeypatch, capsys):
+    staging = staging_stop(runtime)  # on-call, the secondary at 10m, the manager at 30m
+    code, out, _ = cedargate(api, "list", approver="olga", monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].startswith(f"{staging}  pending ")
+    assert re.search(r"votes: none yet · tier 1/3, tier 2 in 9m[0-9]{2}s, primary olga$", lines[1]), lines[1]
+
+    code, out, _ = cedargate(api, "show", staging, approver="olga", monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0
+    shown = out[out.index("escalation chain:"):].splitlines()
+    assert re.fullmatch(r"  -> tier 1: on-call  at opening \(\S+ \S+ UTC\), reached", shown[1]), shown[1]
+    assert re.fullmatch(r"     tier 2: secondary-on-call  after 10m00s \(\S+ \S+ UTC\), not yet", shown[2]), shown[2]
+    assert re.fullmatch(r"     tier 3: engineering-manager  after 30m00s \(\S+ \S+ UTC\), not yet", shown[3])
+    assert re.fullmatch(r"  next: tier 2 at \S+ \S+ UTC \(in 9m[0-9]{2}s\)", shown[4]), shown[4]
+    assert shown[5:7] == ["  reminders every 5m00s", "  primary reviewer: olga"]
+    # The manager's tier is not reached: the manager does not see the request yet.
+    code, out, _ = cedargate(api, "list", approver="erin", monkeypatch=monkeypatch, capsys=capsys)
+    assert staging not in out

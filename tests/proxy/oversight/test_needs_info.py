@@ -168,7 +168,8 @@ def test_a_request_that_needs_info_is_the_calls_one_live_request(workflow: Overr
                 "INSERT INTO overrides SELECT 'second', fingerprint, 'pending', version, agent, method, url, host,"
                 " path, action, resource, headers, body, body_sha256, cedar_request, policies, requirements,"
                 " policy_revision, decision_id, justification, created_at, expires_at, decided_at, decided_reason,"
-                " grant_expires_at, released_at, release_decision_id, changes, outcome_told_at"
+                " grant_expires_at, released_at, release_decision_id, changes, outcome_told_at, chain, tier,"
+                " tier_started_at, reminders_sent, next_step_at, primary_reviewer"
                 " FROM overrides WHERE id = :id"), {"id": override.id})
 
 

@@ -61,3 +61,18 @@ def test_only_the_missing_role_of_several_is_named():
                                     {"sam": frozenset({"security"})})
     assert found[0].roles == ("lead-engineer",)
     assert found[0].why == 'no configured approver holds role "lead-engineer"'
+
+
+def test_a_chain_tier_whose_roles_nobody_holds_is_named_with_its_tier():
+    chained = PolicyInfo(policy_id="staging-stop", effect="forbid", file="ops.cedar", line=30, annotations={
+        "id": "staging-stop", "escalate": "on-call", "expires": "1h",
+        "escalate_after": "10m: secondary-on-call; 30m: engineering-manager"})
+    approvers = {"olga": frozenset({"on-call"}), "erin": frozenset({"engineering-manager"})}
+    [found] = unreachable_escalations([chained], approvers, {"sid": frozenset({"secondary-on-call"})})
+    assert (found.policy_id, found.roles, found.tiers) == ("staging-stop", ("secondary-on-call",), (2,))
+    assert found.message == ('policy "staging-stop" (ops.cedar:30) escalates to nobody at its chain\'s tier 2: '
+                             'tier 2 (after 10m): role "secondary-on-call" is held only by sid, without a token '
+                             "(its token_env variable is not set)")
+    assert found.as_dict()["tiers"] == [2]
+    # Every tier reached by someone: nothing to say.
+    assert unreachable_escalations([chained], {**approvers, "sid": frozenset({"secondary-on-call"})}) == []

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine as SAEngine
 from sqlmodel import SQLModel
 
 from proxy.notify import outbox as notify_outbox
-from proxy.oversight.overrides import OverrideStore, OverrideVote
+from proxy.oversight.overrides import OverrideStore, OverrideVote, can_decide, chain_of
 from proxy.oversight.reviewer_sessions import ReviewerSessions
 from proxy.record import audit
 from proxy.record.migrations import (
@@ -619,6 +619,19 @@ def test_a_database_at_0008_gains_the_notification_outbox_starting_at_its_audit_
     migrate_to(database, "0008")
     assert "notification_deliveries" not in inspect(database).get_table_names()
 
+
+def test_a_database_at_0009_upgrades_to_escalation_chains_and_keeps_its_requests(database: SAEngine):
+    """Revision 0010 gives each request its chain's standing: one opened before it stands at tier 1,
+    started when it was opened, no reminder sent, nothing due (its chain is its one tier), and is decided
+    by its requirements' roles as before."""
+    make_0_1_0_database(database)
+    add_0_1_0_rows(database)  # ovr-old: pending, opened at AT
+    migrate_to(database, "0009")
+    with database.begin() as conn:
+        conn.execute(text("UPDATE overrides SET requirements = :req, expires_at = :until WHERE id = 'ovr-old'"),
+                     {"req": '[{"policy_id": "p", "roles": ["ops"], "approvals": 1}]',
+                      "until": AT.replace(hour=13)})
+
     assert migrate(database) == head_revision()
     with database.connect() as conn:
         assert schema_differences(conn, _models()) == []
@@ -629,3 +642,13 @@ def test_a_database_at_0008_gains_the_notification_outbox_starting_at_its_audit_
         assert outbox.cursor(conn) == 1
     assert outbox.status(["ops-hook"])[0].pending == 0
     assert OverrideStore(database).get("ovr-old") is not None and audit.verify(database).ok
+
+
+    overrides = OverrideStore(database)
+    old = overrides.get("ovr-old")
+    assert old is not None and (old.chain, old.tier, old.reminders_sent, old.next_step_at) == (None, 1, 0, None)
+    assert old.tier_started_at is not None and old.tier_started_at.replace(tzinfo=None) == AT.replace(tzinfo=None)
+    assert [(t.after, t.roles) for t in chain_of(old).tiers] == [(0, ("ops",))]
+    assert can_decide(old, frozenset({"ops"}), AT) and not can_decide(old, frozenset({"security"}), AT)
+    assert overrides.chain_due(AT.replace(hour=12, minute=30)) == []  # nothing for the chain job to do
+    assert [v.approver for v in overrides.votes("ovr-old")] == ["alice"]
