@@ -2,6 +2,7 @@
 delays: the opened request names tier 1 (the on-call) in its `override_created` event; the manager may
 not decide before tier 2 is reached, and the `escalated` event names tier 2 once it is; at expiry the
 request is rejected, and the agent's retry learns it (`override-expired`). Nothing reaches the upstream.
+A local webhook receiver, configured as a notification channel, is told of each of those steps once.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 import httpx
 import pytest
 from e2e_support import APPROVERS, start_cedargate, write_config
+
+from tests.support.receiver import webhook_receiver
 
 STOP = "/v1/instances/i-0abc/stop"
 # The seeds' chain, on seconds: on-call at once, the engineering manager after 5 s, rejected at 12 s.
@@ -95,3 +98,39 @@ def test_a_chain_names_tier_1_escalates_to_tier_2_after_its_delay_and_expiry_rej
             "urn:cedargate:problem:override-expired", override_id)
     assert upstream.calls == []
     assert gate.audit_verify().returncode == 0
+
+
+WEBHOOK_SECRET = "chain-hook-secret"
+
+
+def test_a_webhook_receiver_is_told_opened_escalated_and_expired_for_a_chain(tmp_path, policy_dir, upstream,
+                                                                             monkeypatch):
+    """The notifications read the chain's events: a signed webhook gets the opening (tier 1, the on-call),
+    the escalation (tier 2, the manager, named primary) and the expiry, each once, in that order."""
+    ops = policy_dir / "ops.cedar"
+    ops.write_text(ops.read_text().replace('@escalate("engineering-manager")\n@expires("30m")', CHAIN, 1))
+    monkeypatch.setitem(APPROVERS, "olga", ON_CALL["olga"])
+    monkeypatch.setenv("CHAINS_TEST_WEBHOOK_SECRET", WEBHOOK_SECRET)
+    with webhook_receiver(WEBHOOK_SECRET.encode()) as receiver:
+        notifications = {"channels": {"hook": {"type": "webhook", "url": receiver.url,
+                                               "secret_env": "CHAINS_TEST_WEBHOOK_SECRET"}},
+                         "routes": [{"events": ["opened", "escalated", "expired"], "channels": ["hook"]}]}
+        gate = start_cedargate(write_config(tmp_path / "c.yaml", policy_dir, tmp_path / "state", upstream,
+                                            notifications=notifications))
+        try:
+            with agent(gate) as http:
+                opened = http.post(f"http://127.0.0.1:{upstream.http_port}{STOP}", json={"grace": 30},
+                                   headers={"Prefer": "respond-async"})
+            override_id = opened.json()["override_id"]
+            about = lambda d: d.json["notice"]["override_id"] == override_id  # noqa: E731
+            told = receiver.wait_for(3, timeout=40, predicate=about)
+        finally:
+            gate.stop()
+    assert [d.json["event"] for d in told] == ["opened", "escalated", "expired"]
+    assert all(d.signed for d in told)
+    assert len({d.key for d in told}) == 3  # each event once
+    first, escalated, expired = (d.json["notice"] for d in told)
+    assert (first["tier"], first["roles"], first["primary"]) == (1, ["on-call"], "olga")
+    assert (escalated["tier"], escalated["roles"], escalated["primary"], escalated["fallback"]) == (
+        2, ["engineering-manager"], "erin", ["max"])
+    assert expired["status"] == "expired"
