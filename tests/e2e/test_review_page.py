@@ -45,6 +45,22 @@ when { context.amount.greaterThan(decimal("50.0")) };
 """
 
 
+# An escalation chain on seconds: a reboot is the engineering managers' call, and security's too from 2 s on.
+CHAIN_POLICIES = """
+@id("ops-reboots")
+permit (principal in Team::"ops", action == Action::"post", resource)
+when { context.path like "/v1/instances/*/reboot" };
+
+@id("reboots-climb")
+@reason("Rebooting an instance needs an engineering manager; security is asked too if nobody answers.")
+@escalate("engineering-manager")
+@escalate_after("2s: security")
+@expires("10m")
+forbid (principal, action == Action::"post", resource)
+when { context.path like "/v1/instances/*/reboot" };
+"""
+
+
 @pytest.fixture(scope="module")
 def gate(tmp_path_factory, upstream) -> Iterator[Cedargate]:
     root = tmp_path_factory.mktemp("review-page")
@@ -54,6 +70,7 @@ def gate(tmp_path_factory, upstream) -> Iterator[Cedargate]:
     manifest["hosts"].append(REFUNDS_HOST)
     (policies / "actions.yaml").write_text(yaml.safe_dump(manifest))
     (policies / "refunds.cedar").write_text(REFUND_POLICIES)
+    (policies / "chains.cedar").write_text(CHAIN_POLICIES)
     schema = subprocess.run([str(CEDARGATE), "schema", str(policies)], capture_output=True, text=True, timeout=30)
     assert schema.returncode == 0, schema.stderr
     started = start_cedargate(write_config(root / "cedargate.yaml", policies, root / "state", upstream))
@@ -353,3 +370,30 @@ def test_a_question_from_the_page_reaches_the_agent_and_its_answer_the_page(
         released = retry.result(timeout=30)
     assert released.status_code == 200
     assert upstream_calls(upstream, "i-question") == [b'{"grace":30}']
+
+
+def test_the_inbox_and_the_request_page_show_where_a_request_stands_in_its_chain(
+        gate: Cedargate, browser: webdriver.Chrome, upstream: Upstream):
+    url = f"http://127.0.0.1:{upstream.http_port}/v1/instances/i-chain/reboot"
+    with agent_client(gate) as http:
+        assert http.post(url, headers={"Prefer": "respond-async"}).status_code == 403
+    request = opened(gate, url)
+    signed_in(browser, gate)
+    row = inbox_row(browser, request["id"])
+    cell = row.find_element(By.CSS_SELECTOR, "td.chain-cell")
+    # erin and max hold the role and have nothing else waiting: the tie goes by name.
+    WebDriverWait(browser, 15).until(lambda b: "primary: erin" in cell.text)
+    assert "tier" in cell.text
+
+    open_request(browser, gate, request["id"])
+    wait_for(browser, "#chain li.chain-tier")
+    tiers = browser.find_elements(By.CSS_SELECTOR, "#chain li.chain-tier")
+    assert [t.find_element(By.CSS_SELECTOR, ".tier-roles").text for t in tiers] == ["engineering-manager",
+                                                                                    "security"]
+    assert browser.find_element(By.ID, "primary-reviewer").text == "erin"
+    # Tier 2 comes 2 s after the opening: the polling page marks it reached and current.
+    WebDriverWait(browser, 20).until(lambda b: "current" in b.find_element(
+        By.CSS_SELECTOR, '#chain li.chain-tier[data-tier="2"]').get_attribute("class"))
+    assert "expiry at" in browser.find_element(By.ID, "next-step").text
+    # Security may decide it now, and sees it.
+    assert api(gate, "GET", f"/overrides/{request['id']}", "sam").status_code == 200
