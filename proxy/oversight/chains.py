@@ -15,7 +15,7 @@ May import `proxy.cedar` and `proxy.oversight.overrides`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -34,17 +34,18 @@ class Routing:
 
 
 def routing(override: Override, roles: Iterable[str], reviewers: Mapping[str, frozenset[str]],
-            waiting: Iterable[Override], now: datetime) -> Routing:
+            waiting: Iterable[Override] | Callable[[], Iterable[Override]], now: datetime) -> Routing:
     """The primary reviewer and fallback for a step announcing `roles` on `override`.
 
-    `reviewers` maps each approver who can sign in to their roles; `waiting` are the undecided requests,
-    whose count each candidate may decide at `now` is their load (the request itself left out).
+    `reviewers` maps each approver who can sign in to their roles; `waiting` are the undecided requests
+    (or what reads them: read only when two or more qualify), whose count each candidate may decide at
+    `now` is their load (the request itself left out).
     """
     wanted = frozenset(roles)
     qualified = [name for name, held in reviewers.items() if held & wanted and name != override.agent]
-    if not qualified:
-        return Routing(None, ())
-    others = [o for o in waiting if o.id != override.id]
+    if len(qualified) < 2:
+        return Routing(qualified[0] if qualified else None, ())
+    others = [o for o in (waiting() if callable(waiting) else waiting) if o.id != override.id]
     load = {name: sum(1 for o in others if can_decide(o, reviewers[name], now)) for name in qualified}
     ranked = sorted(qualified, key=lambda name: (load[name], name))
     return Routing(ranked[0], tuple(ranked[1:]))

@@ -41,6 +41,7 @@ from typing import Any
 from sqlalchemy import Column, ColumnElement, DateTime, Index, LargeBinary, UniqueConstraint, case, text, update
 from sqlalchemy.engine import Engine as SAEngine
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import load_only
 from sqlmodel import Field, Session, SQLModel, col, func, select
 
 from proxy.calls.mapping import Call, is_secret_header
@@ -605,8 +606,11 @@ class OverrideStore:
 
     @staticmethod
     def waiting(session: Session, now: datetime) -> builtins.list[Override]:
-        """Every undecided, unexpired request: what the reviewers have on their plates."""
-        return builtins.list(session.exec(select(Override).where(
+        """Every undecided, unexpired request: what the reviewers have on their plates. Only what says
+        who may decide it is read (not its call's body and headers): a step of a chain reads them all."""
+        who_decides = [getattr(Override, name) for name in
+                       ("id", "agent", "status", "requirements", "chain", "created_at", "expires_at")]
+        return builtins.list(session.exec(select(Override).options(load_only(*who_decides)).where(
             col(Override.status).in_([s.value for s in UNDECIDED]), col(Override.expires_at) > now)).all())
 
     def due(self, now: datetime) -> builtins.list[tuple[str, OverrideStatus]]:

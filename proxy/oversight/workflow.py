@@ -507,7 +507,7 @@ class OverrideWorkflow:
     def _route(self, session: Session, override: Override, roles: Iterable[str], now: datetime) -> Routing:
         if not self.reviewers:
             return Routing(None, ())
-        return routing(override, roles, self.reviewers, self.store.waiting(session, now), now)
+        return routing(override, roles, self.reviewers, lambda: self.store.waiting(session, now), now)
 
     def _move(self, override: Override, from_status: OverrideStatus, to_status: OverrideStatus,
               kind: EventKind,
