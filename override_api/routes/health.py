@@ -14,6 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from override_api.deps import RuntimeDep
 from proxy.cedar.context import time_context
 from proxy.observe import metrics
+from proxy.record.store import utcnow
 from proxy.runtime import Runtime
 
 router = APIRouter(tags=["health"])
@@ -100,6 +101,12 @@ class LimitsStatus(BaseModel):
                                            "these ceilings; the counts here are then this process's (none)")
 
 
+class ChainsStatus(BaseModel):
+    escalated: int = Field(description="requests waiting whose escalation chain has moved past its first tier")
+    steps_due: int = Field(description="tiers reached or reminders due and not yet announced: more than a "
+                                       "few for more than a few seconds means the chain job is not keeping up")
+
+
 class Status(BaseModel):
     status: str
     policies: PolicyStatus
@@ -113,6 +120,9 @@ class Status(BaseModel):
     notifications: dict[str, NotificationChannelStatus] = Field(
         description="each notification channel's outbox and health; empty when none is configured")
     limits: LimitsStatus
+    escalation_chains: ChainsStatus | None = Field(
+        None, description="where the waiting requests stand in their escalation chains; null when the store "
+                          "cannot say")
     unreachable_escalations: list[UnreachableEscalationStatus] = Field(
         description="escalating policies no configured approver with a token could grant: their calls would "
                     "be held, and their requests wait, for nobody")
@@ -163,9 +173,18 @@ def status(request: Request, runtime: RuntimeDep) -> Status:
                               token_required=request.app.state.metrics_token is not None),
         shadow=ShadowStatus.model_validate(asdict(runtime.shadow.status)) if runtime.shadow else None,
         notifications=_notifications(runtime),
+        escalation_chains=_chains(runtime),
         clock=_clock(runtime),
         tool_hints=runtime.gate.hints.known(),
     )
+
+
+def _chains(runtime: Runtime) -> ChainsStatus | None:
+    try:
+        escalated, due = runtime.overrides.chain_standing(utcnow())
+    except SQLAlchemyError:
+        return None  # the store's own health says why; /status must still answer
+    return ChainsStatus(escalated=escalated, steps_due=due)
 
 
 def _clock(runtime: Runtime) -> ClockStatus:

@@ -597,6 +597,14 @@ class OverrideStore:
             col(Override.status).in_([s.value for s in UNDECIDED]), col(Override.expires_at) > now,
         ).values(**values).execution_options(synchronize_session=False)).rowcount == 1
 
+    def chain_standing(self, now: datetime) -> tuple[int, int]:
+        """(undecided requests whose chain has moved past its first tier, steps due and not yet announced)."""
+        live = col(Override.status).in_([s.value for s in UNDECIDED]) & (col(Override.expires_at) > now)
+        with Session(self.engine) as session:
+            climbed = session.exec(select(func.count()).where(live, col(Override.tier) > 1)).one()
+            due = session.exec(select(func.count()).where(live, col(Override.next_step_at) <= now)).one()
+        return int(climbed), int(due)
+
     def chain_due(self, now: datetime) -> builtins.list[str]:
         """Undecided, unexpired requests whose chain has a step due (a tier reached, a reminder)."""
         with Session(self.engine) as session:

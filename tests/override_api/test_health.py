@@ -5,13 +5,17 @@ from __future__ import annotations
 import logging
 import re
 import sqlite3
-from datetime import UTC, datetime
+import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from fastapi.testclient import TestClient
+from sqlmodel import Session
 
 from override_api.main import create_app
 from proxy.calls.mapping import Call
+from proxy.cedar.escalation import Escalation, Requirement, Tier
+from proxy.oversight.overrides import Override, aware
 from proxy.runtime import Runtime
 from proxy.settings.agents import hash_token
 from proxy.settings.config import ApproverCredential
@@ -259,3 +263,26 @@ def test_status_shows_the_clock_policies_read_and_the_tool_hints_kept(client, ru
     assert status["clock"] == {"time_zone": "UTC", "now": "2026-12-05T21:30:00Z",
                                "local": {"hour": 21, "minute": 30, "weekday": "saturday", "date": "2026-12-05"}}
     assert status["tool_hints"] == {"tools": 2}
+
+
+def test_status_says_how_many_requests_climbed_their_chain_and_how_many_steps_are_due(runtime, client):
+    assert client.get("/status").json()["escalation_chains"] == {"escalated": 0, "steps_due": 0}
+    chain = Requirement("staging-after-hours", ("on-call",), 1, (Tier(600, ("secondary-on-call",)),))
+    override, _ = runtime.workflow.open(
+        Call(agent="ops-bot", method="POST", scheme="https", host="cloud.staging.example", port=443,
+             path="/v1/instances/i-9/stop"),
+        decision_id=str(uuid.uuid4()), escalation=Escalation((chain,), 3600),
+        policies=[{"id": chain.policy_id, "reason": None, "annotations": {}}],
+        cedar_request={"principal": 'Agent::"ops-bot"', "action": 'Action::"post"',
+                       "resource": 'Host::"cloud.staging.example"', "context": {}},
+        revision="rev-1", justification=None)
+    with Session(runtime.overrides.engine) as session:  # eleven minutes later, before the job has run
+        row = session.get(Override, override.id)
+        assert row is not None
+        row.created_at -= timedelta(minutes=11)
+        row.next_step_at = aware(row.next_step_at) - timedelta(minutes=11)  # type: ignore[arg-type]
+        session.add(row)
+        session.commit()
+    assert client.get("/status").json()["escalation_chains"] == {"escalated": 0, "steps_due": 1}
+    assert [kind for _, kind in runtime.workflow.advance_due()] == ["escalated"]
+    assert client.get("/status").json()["escalation_chains"] == {"escalated": 1, "steps_due": 0}
