@@ -67,6 +67,8 @@ class ShadowStatus(BaseModel):
     disagreements: int = Field(description="of those, the calls it decided otherwise than the live set "
                                "(each is a row of shadow_disagreements)")
     skipped: int = Field(description="calls not judged because too many were waiting")
+    lost: int = Field(0, description="disagreements judged but not written, because the store refused them "
+                      "(dropped and logged; live decisions never wait on them)")
 
 
 class NotificationChannelStatus(BaseModel):

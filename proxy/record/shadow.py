@@ -1,17 +1,24 @@
 """The shadow policies' record: one row per call on which the shadow set and the live set disagreed.
 
 Only disagreements are written, never agreements, so shadow policies that mostly agree cost the record
-next to nothing; each row goes through the recorder's writer in the batch of the decisions around it
-(`Recorder.record_row`), never as a commit of its own. The row names its decision (`decision_id`), whose
-row holds the call and its Cedar request. Not part of the audit chain: a shadow decision enforced nothing.
+next to nothing. The shadow's own thread writes them (`write_disagreements`), a few at a time, in
+transactions of their own and never in the recorder's batches: a live decision's commit must never
+depend on a row that enforces nothing (a table missing after a restore, a role without a grant on it),
+so a shadow row that cannot be written is dropped and counted by its caller. The row names its decision
+(`decision_id`), whose row holds the call and its Cedar request. Not part of the audit chain: a shadow
+decision enforced nothing.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Table
+from sqlalchemy.engine import Engine as SAEngine
 from sqlmodel import Field, SQLModel
+
+from proxy.record.store import WRITES, storable_row
 
 
 class ShadowDisagreement(SQLModel, table=True):
@@ -32,3 +39,13 @@ class ShadowDisagreement(SQLModel, table=True):
 
 
 disagreements: Table = ShadowDisagreement.__table__  # type: ignore[attr-defined]  # SQLModel sets it, untyped
+
+
+def write_disagreements(engine: SAEngine, rows: list[dict[str, Any]]) -> None:
+    """Insert disagreement rows in one transaction of their own; raises whatever the store raises (the
+    caller drops them: nothing live waits on them). On SQLite it takes the write lock at BEGIN, like the
+    recorder's writer, and holds it only for this one INSERT."""
+    if not rows:
+        return
+    with engine.execution_options(**{WRITES: True}).begin() as conn:
+        conn.execute(disagreements.insert(), [storable_row(row) for row in rows])

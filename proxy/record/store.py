@@ -160,7 +160,7 @@ def private_sqlite_files(url: str) -> None:
             pass
 
 
-_DECISION, _OUTCOME, _EVENT, _UNIT, _ROW = "decision", "outcome", "event", "unit", "row"
+_DECISION, _OUTCOME, _EVENT, _UNIT = "decision", "outcome", "event", "unit"
 T = TypeVar("T")
 # What a unit of work run by `Recorder.transact` returns: its result, and the audit events that
 # record it (each as `record_event` takes it).
@@ -251,7 +251,7 @@ class Recorder:
     def record(self, row: dict[str, Any]) -> None:
         """Enqueue a decision row, for a call that goes nowhere (refused): nobody waits for its commit.
         Like everything enqueued, it is never dropped: it is retried until it is in."""
-        self._put((_DECISION, _storable_row(row), None))
+        self._put((_DECISION, storable_row(row), None))
 
     def commit(self, row: dict[str, Any], *, fail_fast: bool = True) -> Future[None]:
         """Enqueue a decision row for a call about to go upstream, which waits on the future: it resolves
@@ -259,7 +259,7 @@ class Recorder:
         commit it fails, so a call waiting to go is refused now; without, it resolves only when the row is
         in (for a held call, which goes much later, if at all: a passing failure must not count then).
         Either way the row is retried until it is in. The writer takes it at once, without lingering."""
-        return self._waited(_DECISION, _storable_row(row), fail_fast)
+        return self._waited(_DECISION, storable_row(row), fail_fast)
 
     def commit_event(self, event: Mapping[str, Any]) -> Future[None]:
         """`record_event` for an event that must be on the record before what it describes happens (a
@@ -300,11 +300,6 @@ class Recorder:
         dropped; an event the log could not hold raises here, in the caller, not later in the writer.
         """
         self._put((_EVENT, _event_item(event), None))
-
-    def record_row(self, table: Table, row: dict[str, Any]) -> None:
-        """Enqueue a row of another table (a shadow disagreement) to be inserted in the transaction of the
-        decisions around it: no commit of its own, and not chained (it records no enforced decision)."""
-        self._put((_ROW, {"table": table, "row": _storable_row(row)}, None))
 
     def _put(self, item: Item) -> None:
         self._queue.put_nowait(item)
@@ -439,14 +434,10 @@ class Recorder:
         outcomes = [{"b_id": item["decision_id"], "b_status": item["upstream_status"],
                      "b_ms": item["duration_ms"], "b_errors": item["errors"]}
                     for tag, item, _ in batch if tag == _OUTCOME]
-        others: dict[Table, list[dict[str, Any]]] = {}
-        for tag, item, _ in batch:
-            if tag == _ROW:
-                others.setdefault(item["table"], []).append(item["row"])
         self._refusals_writing = True  # before taking them, so `pending` never reads none meanwhile
         refusals = self._take_refusals()
         self._refusals_writing = bool(refusals)
-        events = [_chained(tag, item) for tag, item, _ in batch if tag != _ROW] + refusals
+        events = [_chained(tag, item) for tag, item, _ in batch] + refusals
         waiting = [future for _, _, future in batch if future is not None]
         unsure: tuple[int, str] | None = None  # the head of a try whose commit may have happened
         while True:
@@ -459,8 +450,6 @@ class Recorder:
                         conn.execute(_insert_new(conn), rows)
                     if outcomes:
                         conn.execute(_ADD_OUTCOME, outcomes)
-                    for table, table_rows in others.items():
-                        conn.execute(table.insert(), table_rows)
                     unsure = audit.append(conn, events)
                 break
             except Exception as exc:  # any driver error: keep the batch, refuse calls, retry
@@ -697,7 +686,8 @@ def _event_item(event: Mapping[str, Any]) -> dict[str, Any]:
     return item
 
 
-def _storable_row(row: dict[str, Any]) -> dict[str, Any]:
+def storable_row(row: dict[str, Any]) -> dict[str, Any]:
+    """`row` (changed in place) with every string, and every string in a dict value, made `_storable`."""
     for key, value in row.items():
         if isinstance(value, str):
             row[key] = _storable(value)

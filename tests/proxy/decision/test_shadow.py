@@ -110,3 +110,31 @@ def test_a_broken_shadow_set_leaves_live_traffic_untouched_and_shows_in_status(
         assert json.loads(disagreements(gate)[0][5]) == ["no-instance-listing"]
     finally:
         assert gate.stop() == 0
+
+
+def test_calls_go_on_when_the_store_refuses_shadow_disagreements_which_status_counts_as_lost(
+        tmp_path: Path, policy_dir: Path, upstream: Upstream):
+    """A shadow row is written apart from the live decisions: a table gone (a restore of an older schema,
+    a role without a grant on it) drops the rows, and never refuses a live call (review 1, finding 1)."""
+    shadow = candidate_policies(policy_dir, tmp_path / "shadow")
+    gate = start_with(tmp_path, policy_dir, shadow_policy_dir=str(shadow))
+    try:
+        with sqlite3.connect(gate.database) as db:
+            db.execute("DROP TABLE shadow_disagreements")
+        url = f"http://localhost:{upstream.http_port}/v1/instances"
+        answers = []
+        with httpx.Client(proxy=gate.proxy_url, timeout=15) as client:
+            for count in range(1, 5):  # live allows each, shadow would deny: a disagreement each time
+                answers.append(client.get(url).status_code)
+                # The next call comes once this one's row was tried, so it would meet a wedged batch.
+                eventually(lambda n=count: status(gate)["shadow"]["lost"] == n, f"{count} rows lost")
+        assert answers == [200, 200, 200, 200]
+        shown = status(gate)
+        assert shown["status"] == "ok" and shown["shadow"]["disagreements"] == 4
+        assert len(upstream.calls) == 4
+        assert any("shadow disagreements could not be written" in line for line in gate.output)
+    finally:
+        assert gate.stop() == 0
+    assert gate.audit_verify().returncode == 0
+    with sqlite3.connect(gate.database) as db:
+        assert db.execute("SELECT decision FROM decisions").fetchall() == [("allow",)] * 4

@@ -31,7 +31,7 @@ from proxy.record.migrations import (
     migrate,
     schema_differences,
 )
-from proxy.record.shadow import ShadowDisagreement
+from proxy.record.shadow import write_disagreements
 from proxy.record.store import DecisionRecord, Recorder, make_engine
 
 # What cedargate 0.1.0's `SQLModel.metadata.create_all` ran, frozen: the two dialects differ only in
@@ -593,16 +593,11 @@ def test_a_database_at_0007_gains_the_shadow_disagreements_table(database: SAEng
     assert "shadow_disagreements" not in inspect(database).get_table_names()
 
     assert migrate(database) == head_revision()
-    recorder = Recorder(database, retry_interval=0.05)
-    try:
-        recorder.record_row(ShadowDisagreement.__table__, {  # type: ignore[attr-defined]
-            "decision_id": "d-old", "at": AT, "agent": "ops-bot", "action": 'Action::"stop"',
-            "resource": 'Instance::"i-1"', "live_decision": "escalate", "shadow_decision": "allow",
-            "live_policies": '["ops-stop-instance"]', "shadow_policies": "[]", "live_revision": "r1",
-            "shadow_revision": "s1"})
-        assert recorder.flush()
-    finally:
-        recorder.close()
+    write_disagreements(database, [{
+        "decision_id": "d-old", "at": AT, "agent": "ops-bot", "action": 'Action::"stop"',
+        "resource": 'Instance::"i-1"', "live_decision": "escalate", "shadow_decision": "allow",
+        "live_policies": '["ops-stop-instance"]', "shadow_policies": "[]", "live_revision": "r1",
+        "shadow_revision": "s1"}])
     with database.connect() as conn:
         assert schema_differences(conn, _models()) == []
         rows = conn.execute(text("SELECT s.shadow_decision, d.decision FROM shadow_disagreements s"
