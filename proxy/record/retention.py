@@ -2,11 +2,13 @@
 decisions older than `cedar_request_retention`, in bounded batches, run as a background job
 (`proxy.oversight.jobs`).
 
-Each batch is one transaction on the recorder's writer (`Recorder.transact`), between the decision rows
-it commits, so the clearing never competes with the record for SQLite's write lock and a batch holds the
-writer only briefly. The decision rows themselves, and the audit log (which never held the request), stay.
-The job remembers how far it has cleared, so each run starts where the last one ended rather than
-walking the rows cleared before; a new process walks them once.
+A batch's rows are found on a read connection of its own, outside the recorder's writer, through the
+partial index on `at` of the decisions that still hold a request (`ix_decisions_at_with_request`,
+revision 0011): a cleared row leaves that index, so finding the next batch costs the same however long
+the cleared history grows, after a restart too. Only the UPDATE of the rows found goes through the
+writer (`Recorder.transact`), one short transaction between the decision rows it commits, so the
+clearing never competes with the record for SQLite's write lock and holds the writer only briefly. The
+decision rows themselves, and the audit log (which never held the request), stay.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 from sqlalchemy import Table, select, update
 from sqlalchemy.engine import Connection
 
-from proxy.record.store import DecisionRecord, Recorder, utcnow
+from proxy.record.store import DecisionRecord, Recorder, Work, utcnow
 
 BATCH_SIZE = 500  # rows a transaction clears: short enough not to hold back the calls waiting on the writer
 # Per run (a minute apart): 100,000 requests, well above what a busy proxy records in a minute, so the
@@ -37,7 +39,6 @@ class RequestRetention:
         self.batch_size = batch_size
         self.max_batches = max_batches
         self.clock = clock
-        self._from: datetime | None = None  # every request older than this is cleared already
         self.cleared = 0  # requests cleared by this process, for /status and tests
 
     def run(self) -> int:
@@ -45,23 +46,30 @@ class RequestRetention:
         cutoff = self.clock() - self.keep
         cleared = 0
         for _ in range(self.max_batches):
-            count, last = self.recorder.transact(lambda conn: (self._clear(conn, cutoff), []))
-            cleared += count
-            if last is not None:
-                self._from = last  # only once committed: a failed batch is tried again next time
-            if count < self.batch_size:
+            ids = self._due(cutoff)
+            if not ids:
+                break
+            cleared += self.recorder.transact(_clearing(ids))
+            if len(ids) < self.batch_size:
                 break
         self.cleared += cleared
         return cleared
 
-    def _clear(self, conn: Connection, cutoff: datetime) -> tuple[int, datetime | None]:
-        query = (select(_decisions.c.id, _decisions.c.at)
+    def _due(self, cutoff: datetime) -> list[int]:
+        """The next batch's row ids, read outside the writer (on SQLite's WAL a read never waits for it)."""
+        query = (select(_decisions.c.id)
                  .where(_decisions.c.at < cutoff, _decisions.c.cedar_request.is_not(None))
                  .order_by(_decisions.c.at).limit(self.batch_size))
-        if self._from is not None:
-            query = query.where(_decisions.c.at >= self._from)
-        rows: list[Any] = list(conn.execute(query).all())
-        if not rows:
-            return 0, None
-        conn.execute(update(_decisions).where(_decisions.c.id.in_([r.id for r in rows])).values(cedar_request=None))
-        return len(rows), rows[-1].at
+        with self.recorder.engine.connect() as conn:
+            return [row.id for row in conn.execute(query)]
+
+
+def _clearing(ids: list[int]) -> Work[int]:
+    """The writer's part: one UPDATE of the rows found, by primary key."""
+    def clear(conn: Connection) -> tuple[int, list[dict[str, Any]]]:
+        # Still holding a request: a row another process cleared meanwhile is not counted twice.
+        result = conn.execute(update(_decisions)
+                              .where(_decisions.c.id.in_(ids), _decisions.c.cedar_request.is_not(None))
+                              .values(cedar_request=None))
+        return int(result.rowcount), []
+    return clear

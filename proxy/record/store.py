@@ -67,7 +67,13 @@ class DecisionRecord(SQLModel, table=True):
     __tablename__ = "decisions"
     # Every index is paid for on each recorded call: keep the ones audits need, "this decision" and
     # "what did this agent do, when" (the time index serves time ranges across agents).
-    __table_args__ = (Index("ix_decisions_agent_at", "agent", "at"),)
+    # And one for retention (revision 0011): the decisions still holding a Cedar request, by time, which a
+    # cleared row leaves, so finding the next ones to clear never walks the cleared history.
+    __table_args__ = (
+        Index("ix_decisions_agent_at", "agent", "at"),
+        Index("ix_decisions_at_with_request", "at", sqlite_where=text("cedar_request IS NOT NULL"),
+              postgresql_where=text("cedar_request IS NOT NULL")),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     decision_id: str = Field(index=True, unique=True)

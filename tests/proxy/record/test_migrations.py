@@ -203,7 +203,7 @@ def test_a_database_of_a_release_before_the_decisions_indexes_changed_starts_wit
     assert checked.ok and checked.rows_checked == 2
     assert version_rows(database) == [head_revision()]
     assert index_names(database, "decisions") == [
-        "ix_decisions_agent_at", "ix_decisions_at", "ix_decisions_decision_id"]
+        "ix_decisions_agent_at", "ix_decisions_at", "ix_decisions_at_with_request", "ix_decisions_decision_id"]
 
 
 def test_an_index_cedargate_never_made_is_refused_and_left_alone(database: SAEngine):
@@ -647,3 +647,27 @@ def test_a_database_at_0009_upgrades_to_escalation_chains_and_keeps_its_requests
     assert can_decide(old, frozenset({"ops"}), AT) and not can_decide(old, frozenset({"security"}), AT)
     assert overrides.chain_due(AT.replace(hour=12, minute=30)) == []  # nothing for the chain job to do
     assert [v.approver for v in overrides.votes("ovr-old")] == ["alice"]
+
+
+def test_a_database_at_0010_gains_the_index_retention_searches_keeping_its_rows(database: SAEngine):
+    """Revision 0011: the decisions still holding a Cedar request, by time, in a partial index of their own;
+    a request cleared leaves it."""
+    make_0_1_0_database(database)
+    add_0_1_0_rows(database)
+    migrate_to(database, "0010")
+    assert "ix_decisions_at_with_request" not in index_names(database, "decisions")
+
+    assert migrate(database) == head_revision()
+    assert "ix_decisions_at_with_request" in index_names(database, "decisions")
+    recorder = Recorder(database, retry_interval=0.05)
+    try:
+        recorder.record({**_new_decision(), "decision_id": "d-new", "session": None, "tool": None,
+                         "cedar_request": '{"action":{"id":"list","type":"Action"}}'})
+        assert recorder.flush()
+    finally:
+        recorder.close()
+    with database.connect() as conn:
+        assert schema_differences(conn, _models()) == []
+        rows = conn.execute(text("SELECT decision_id FROM decisions WHERE cedar_request IS NOT NULL")).all()
+    assert [tuple(r) for r in rows] == [("d-new",)]
+    assert audit.verify(database).ok
