@@ -256,7 +256,10 @@ def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = No
     if body is not None:
         context["body"] = body
     if manifest is not None:
-        action = _manifest_action(manifest, host, call, body, context) or action
+        routed = _manifest_action(manifest, host, call, body, context)
+        if routed is not None:
+            action, query_fields = routed
+            return CedarRequest(("Agent", call.agent), ("Action", action), ("Host", host), context, query_fields)
     return CedarRequest(("Agent", call.agent), ("Action", action), ("Host", host), context)
 
 
@@ -286,8 +289,10 @@ def _mcp_request(call: Call, reading: Reading, context: dict[str, Any],
     return CedarRequest(("Agent", call.agent), ("Action", mapped.action), mapped.resource, context)
 
 
-def _manifest_action(manifest: Manifest, host: str, call: Call, body: Any, context: dict[str, Any]) -> str | None:
-    """The route's action, its fields added to `context`; None on a host the manifest does not cover."""
+def _manifest_action(manifest: Manifest, host: str, call: Call, body: Any,
+                     context: dict[str, Any]) -> tuple[str, tuple[tuple[str, str], ...]] | None:
+    """The route's action and its fields taken from the query (context key, parameter), its fields added to
+    `context`; None on a host the manifest does not cover."""
     host_spec, match = manifest.match(host, call.method, call.path)
     if host_spec is None:
         return None
@@ -302,10 +307,13 @@ def _manifest_action(manifest: Manifest, host: str, call: Call, body: Any, conte
     # the policy one value and the upstream another.
     query = {k: v[0] if len(v) == 1 else v for k, v in parse_qs(call.query, keep_blank_values=True).items()}
     try:
-        context.update(extract_fields(match, query, body))
+        fields = extract_fields(match, query, body)
     except FieldError as exc:
         raise MappingError(str(exc)) from exc
-    return match.route.action
+    context.update(fields)
+    from_query = tuple((name, spec.at or name) for name, spec in match.route.fields.items()
+                       if spec.source == "query" and name in fields)
+    return match.route.action, from_query
 
 
 def _refuse(problem: str | None) -> None:

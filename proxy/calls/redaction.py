@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_plus
 
+from proxy.cedar.context import CALL_TOOL, MCP_RPC, ROUTE_CONTEXT
+
 REDACTED = "[redacted]"
 
 DEFAULT_SECRET_QUERY_PARAMS = (
@@ -32,6 +34,9 @@ _PAIR = re.compile(r"(?<![\w.%\[\]-])([\w.%\[\]-]+)=([^&;#\s'\"]+)")
 # A value is looked for in free text (error messages) only from this length on: shorter ones are not
 # credentials, and replacing "1" everywhere would garble the text around it.
 MIN_SCRUBBED = 4
+# The context keys the mapping sets itself (where the call goes, when, its body, what an MCP message is):
+# never a value taken from a secret parameter, so never rewritten, whatever the agent puts in its query.
+MAPPED = frozenset(a.name for a in (*ROUTE_CONTEXT, *CALL_TOOL, *MCP_RPC))
 
 
 @dataclass(frozen=True)
@@ -101,23 +106,29 @@ class Redaction:
             return {k: self._scrub(v, values) for k, v in value.items()}
         return value
 
-    def context(self, context: dict[str, Any], query: str) -> dict[str, Any]:
-        """A Cedar context as a reviewer may see it: `query` redacted by name, and any value that is
-        exactly a secret (a manifest field taken from a secret parameter) replaced."""
+    def context(self, context: dict[str, Any], query: str,
+                query_fields: Iterable[tuple[str, str]] | None = None) -> dict[str, Any]:
+        """A Cedar context as it may be stored or shown: `query` redacted by name, and the manifest fields
+        taken from a secret query parameter replaced, whatever their value.
+
+        `query_fields` (context key, query parameter) says which fields came from the query, as the mapping
+        found them (`CedarRequest.query_fields`). Where that is unknown (None), a field is replaced when its
+        value is exactly a secret value. Nothing else is touched, never by value: the keys the mapping sets
+        itself (`MAPPED`: method, host, path, time, local, body, tool arguments...) stay as decided, so an
+        agent cannot make a stored request (replayed, explained, shown to a reviewer) differ from the one
+        the live gate decided by putting one of them in a secret parameter."""
         secrets = self.values(query)
         if not secrets:
             return context
-        shown = {k: _replace_exact(v, secrets) for k, v in context.items()}
+        shown = dict(context)
         if isinstance(shown.get("query"), str):
-            shown["query"] = self.query(context["query"])
+            shown["query"] = self.query(shown["query"])
+        if query_fields is None:
+            for key, value in context.items():
+                if key not in MAPPED and isinstance(value, str) and value in secrets:
+                    shown[key] = REDACTED
+        else:
+            for key, parameter in query_fields:
+                if key in shown and key not in MAPPED and self.is_secret(parameter):
+                    shown[key] = REDACTED
         return shown
-
-
-def _replace_exact(value: Any, secrets: frozenset[str]) -> Any:
-    if isinstance(value, str):
-        return REDACTED if value in secrets else value
-    if isinstance(value, list):
-        return [_replace_exact(v, secrets) for v in value]
-    if isinstance(value, dict):
-        return {k: _replace_exact(v, secrets) for k, v in value.items()}
-    return value

@@ -42,7 +42,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,9 @@ class CedarRequest:
     action: tuple[str, str]
     resource: tuple[str, str]
     context: dict[str, Any]
+    # (context key, query parameter) of each manifest field the mapping took from the query: what a
+    # redaction of the query's secrets must also cut out of the context (`Redaction.context`), and nothing else.
+    query_fields: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
     def as_cedarpy(self) -> dict[str, Any]:
         return {

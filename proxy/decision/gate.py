@@ -359,7 +359,7 @@ class Gate:
             "principal": {"type": request.principal[0], "id": request.principal[1]},
             "action": {"type": request.action[0], "id": request.action[1]},
             "resource": {"type": request.resource[0], "id": request.resource[1]},
-            "context": self.redaction.context(request.context, verdict.call.query),
+            "context": self.redaction.context(request.context, verdict.call.query, request.query_fields),
         })
 
     @staticmethod

@@ -349,7 +349,7 @@ class Oversight:
             cedar_request={"principal": f'Agent::"{request.principal[1]}"', "action": verdict.action,
                            "resource": verdict.resource, "context": request.context},
             revision=revision, justification=justification,
-            binding=_binding(verdict),
+            binding=_binding(verdict), query_fields=request.query_fields,
         )
         return override
 

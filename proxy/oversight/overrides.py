@@ -32,7 +32,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum, StrEnum
@@ -301,7 +301,7 @@ class OverrideStore:
         self, call: Call, *, decision_id: str, escalation: Escalation, policies: list[dict[str, Any]],
         cedar_request: dict[str, Any], revision: str, justification: str | None, binding: bytes | None = None,
         session: Session | None = None, lapsed: builtins.list[tuple[Override, OverrideStatus]] | None = None,
-        told: builtins.list[Override] | None = None,
+        told: builtins.list[Override] | None = None, query_fields: Sequence[tuple[str, str]] | None = None,
     ) -> tuple[Override, bool]:
         """The live (undecided or granted) override for this exact call; else the call's last request if
         it ended denied or expired and the agent was not told yet (marked told now, and added to `told`
@@ -321,7 +321,7 @@ class OverrideStore:
                 opened = self.open_or_attach(
                     call, decision_id=decision_id, escalation=escalation, policies=policies,
                     cedar_request=cedar_request, revision=revision, justification=justification,
-                    binding=binding, session=own, lapsed=lapsed, told=told)
+                    binding=binding, session=own, lapsed=lapsed, told=told, query_fields=query_fields)
                 own.commit()
                 return opened
         prints = fingerprints(call, binding)
@@ -346,7 +346,8 @@ class OverrideStore:
             chain = escalation.chain
             shown_request = dict(cedar_request)
             if isinstance(cedar_request.get("context"), dict):
-                shown_request["context"] = self.redaction.context(cedar_request["context"], call.query)
+                shown_request["context"] = self.redaction.context(cedar_request["context"], call.query,
+                                                                  query_fields)
             override = Override(
                 id=str(uuid.uuid4()), fingerprint=prints[0], status=OverrideStatus.PENDING.value,
                 agent=call.agent, method=call.method.upper(), url=self.redaction.url(call.url),

@@ -40,7 +40,7 @@ import functools
 import json
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -102,7 +102,8 @@ class OverrideWorkflow:
 
     def open(self, call: Call, *, decision_id: str, escalation: Escalation, policies: list[dict[str, Any]],
              cedar_request: dict[str, Any], revision: str, justification: str | None,
-             binding: bytes | None = None) -> tuple[Override, bool]:
+             binding: bytes | None = None,
+             query_fields: Sequence[tuple[str, str]] | None = None) -> tuple[Override, bool]:
         """The live request for this exact call, or a new pending one recorded as `override_created`.
 
         A needs_info request takes the call's new `justification` as the agent's answer (`info_given`)
@@ -118,7 +119,7 @@ class OverrideWorkflow:
                 override, created = self.store.open_or_attach(
                     call, decision_id=decision_id, escalation=escalation, policies=policies,
                     cedar_request=cedar_request, revision=revision, justification=justification,
-                    binding=binding, session=session, lapsed=lapsed, told=told)
+                    binding=binding, session=session, lapsed=lapsed, told=told, query_fields=query_fields)
                 if (justification and override.status == OverrideStatus.NEEDS_INFO.value
                         and _is_new(session, self.store, override, justification)):
                     self.store.add_message(session, override.id, override.agent, MessageKind.ANSWER,

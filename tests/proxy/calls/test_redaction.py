@@ -80,3 +80,16 @@ def test_recorded_errors_never_hold_a_query_secret(policy_dir: Path, tmp_path: P
     assert json.loads(errors) == [
         f"{REDACTED} is odd", f"cannot read the query 'zone=a&access_token={REDACTED}'"]
     assert "tok_live_5e1f" not in dump
+
+
+def test_a_context_loses_what_came_from_a_secret_parameter_and_nothing_the_mapping_set_itself():
+    """An agent chooses its query: a secret parameter equal to its path, its weekday or another field must
+    not rewrite them, or the stored request (replayed, explained, shown) differs from the one decided."""
+    query = "code=/v1/x&key=saturday&n=1"
+    context = {"path": "/v1/x", "query": query, "local": {"weekday": "saturday"}, "body": {"p": "/v1/x"},
+               "api_key": "saturday", "instance": "/v1/x", "n": "1"}
+    shown = {**context, "query": f"code={REDACTED}&key={REDACTED}&n=1", "api_key": REDACTED}
+    # The mapping says which fields came from the query: `api_key` from the secret `key`, `n` from `n`.
+    assert REDACT.context(context, query, [("api_key", "key"), ("n", "n")]) == shown
+    # Unknown sources: a field exactly equal to a secret is cut out; the mapping's own keys never are.
+    assert REDACT.context(context, query) == {**shown, "instance": REDACTED}

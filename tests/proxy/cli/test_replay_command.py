@@ -139,3 +139,25 @@ def test_replay_refuses_an_invalid_candidate_set_saying_why(tmp_path: Path, poli
     bad_since = subprocess.run([str(CEDARGATE), "replay", "--policies", str(policy_dir), "--state-dir", str(state),
                                 "--since", "last week"], capture_output=True, text=True, timeout=60)
     assert bad_since.returncode == 2 and "--since 'last week'" in bad_since.stderr
+
+
+def test_replaying_the_live_set_changes_nothing_whatever_the_agent_puts_in_a_secret_parameter(
+        tmp_path: Path, policy_dir: Path, upstream: Upstream):
+    """Redaction cuts a query secret out of the query (and of a field taken from it), never out of what the
+    mapping sets itself: `?code=<its own path>` cannot make the stored path differ from the one decided, so
+    the replay of the live set matches the live gate (review 1, finding 3)."""
+    gate = start_with(tmp_path, policy_dir)
+    path = "/v1/instances/i-1/stop"
+    try:
+        with httpx.Client(proxy=gate.proxy_url, timeout=10) as client:
+            # A dev stop, allowed live by ops-stop-instance (`context.path like "/v1/instances/*/stop"`).
+            assert client.post(f"http://localhost:{upstream.http_port}{path}?code={path}").status_code == 200
+    finally:
+        assert gate.stop() == 0
+    with sqlite3.connect(gate.database) as db:
+        (stored,) = db.execute("SELECT cedar_request FROM decisions").fetchone()
+    context = json.loads(stored)["context"]
+    assert (context["path"], context["query"]) == (path, "code=[redacted]")
+    result = replay(gate, policy_dir, "--json")
+    report = json.loads(result.stdout)
+    assert (report["replayed"], report["changed"]) == (1, 0), report
