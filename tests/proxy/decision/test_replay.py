@@ -48,6 +48,7 @@ def test_a_window_is_read_in_batches_each_row_once_and_none_before_it(
 def test_a_store_from_before_stored_requests_is_refused_saying_what_to_do(
         recorder: Recorder, policy_dir: Path, tmp_path: Path):
     with recorder.engine.begin() as conn:
+        conn.execute(text("DROP INDEX ix_decisions_at_with_request"))  # as before revision 0007, too
         conn.execute(text("ALTER TABLE decisions DROP COLUMN cedar_request"))
     with pytest.raises(ReplayError, match=r"cedargate db upgrade"):
         replay(recorder.engine, Engine(shutil.copytree(policy_dir, tmp_path / "c")), utcnow())
