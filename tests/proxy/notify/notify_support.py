@@ -36,12 +36,13 @@ def webhook_config(receiver: Receiver, **routes: Any) -> Notifications:
 
 
 def open_request(workflow: OverrideWorkflow, *requirements: Requirement, path: str = "/v1/instances/i-1/stop",
-                 justification: str = "instance is wedged", body: bytes = b'{"grace": 30}') -> Override:
+                 justification: str = "instance is wedged", body: bytes = b'{"grace": 30}',
+                 expires_in: int = 1800) -> Override:
     call = make_call("POST", f"http://127.0.0.1:9000{path}", body=body,
                      headers={"Content-Type": "application/json"})
     requirements = requirements or (MANAGER,)
     override, created = workflow.open(
-        call, decision_id=str(uuid.uuid4()), escalation=Escalation(requirements, 1800),
+        call, decision_id=str(uuid.uuid4()), escalation=Escalation(requirements, expires_in),
         policies=[{"id": r.policy_id, "reason": None, "annotations": {"severity": "high"}} for r in requirements],
         cedar_request={"principal": 'Agent::"ops-bot"', "action": 'Action::"post"',
                        "resource": 'Host::"127.0.0.1"', "context": {}},
