@@ -29,7 +29,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from figures import summary, timed, write_figures  # noqa: E402
+from figures import interleaved, summary, write_figures  # noqa: E402
 
 from proxy.calls.mapping import Call, MappingOptions, map_call  # noqa: E402
 from proxy.cedar.engine import Engine  # noqa: E402
@@ -98,12 +98,12 @@ def main() -> int:
             decisions.clear()
             engine.evaluate(requests[i])
 
-        cells = {
-            "match": timed(match, indexes, repeat),
-            "mapping": timed(lambda i: map_call(calls[i], options, manifest), indexes, repeat),
-            "decision": timed(decide_uncached, indexes, repeat),
-            "cached": timed(lambda i: engine.evaluate(requests[i]), indexes, repeat),
-        }
+        cells = interleaved({
+            "match": (match, indexes),
+            "mapping": (lambda i: map_call(calls[i], options, manifest), indexes),
+            "decision": (decide_uncached, indexes),
+            "cached": (lambda i: engine.evaluate(requests[i]), indexes),
+        }, repeat)
     figures = summary(cells)
     result = {
         "at": datetime.now(UTC).isoformat(timespec="seconds"),

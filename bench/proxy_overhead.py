@@ -258,8 +258,18 @@ class CellResult:
     proxy_cpu_us_per_req: float | None = None  # user+system CPU of the proxy process, all threads
 
 
-def request_bytes(upstream_port: int, via_proxy: bool) -> bytes:
-    target = f"http://localhost:{upstream_port}{REQUEST_PATH}" if via_proxy else REQUEST_PATH
+# A fresh path for every call of a "unique" cell: the Cedar context differs, so cedargate's decision cache
+# cannot answer and every call is evaluated (the "same" cells repeat one call, answered from the cache
+# after the first). Numbered across the whole run, so no cell repeats another's.
+_unique = iter(range(10**12))
+
+
+def call_path(unique: bool) -> str:
+    return f"{REQUEST_PATH}/i-{next(_unique)}" if unique else REQUEST_PATH
+
+
+def request_bytes(upstream_port: int, via_proxy: bool, path: str = REQUEST_PATH) -> bytes:
+    target = f"http://localhost:{upstream_port}{path}" if via_proxy else path
     lines = [
         f"GET {target} HTTP/1.1",
         f"Host: localhost:{upstream_port}",
@@ -279,6 +289,7 @@ wrk.headers["Host"] = "@HOST@"
 wrk.headers["User-Agent"] = "cedargate-bench"
 wrk.headers["Accept"] = "application/json"
 @AUTH@
+@UNIQUE@
 local limit = @LIMIT@
 local count = 0
 -- wrk has no request-count option and its main thread sleeps for the whole -d duration: once the
@@ -305,8 +316,18 @@ end
 """
 
 
+WRK_UNIQUE = r"""
+local n = @START@
+request = function()
+  n = n + 1
+  return wrk.format(nil, wrk.path .. "/i-" .. n)
+end
+"""
+
+
 def run_wrk(
-    workdir: Path, connect_port: int, upstream_port: int, via_proxy: bool, concurrency: int, count: int
+    workdir: Path, connect_port: int, upstream_port: int, via_proxy: bool, concurrency: int, count: int,
+    unique: bool = False,
 ) -> CellResult:
     script = (
         WRK_SCRIPT.replace(
@@ -315,6 +336,8 @@ def run_wrk(
         .replace("@HOST@", f"localhost:{upstream_port}")
         .replace("@AUTH@", f'wrk.headers["Proxy-Authorization"] = "{proxy_auth()}"' if via_proxy else "")
         .replace("@LIMIT@", str(count))
+        .replace("@UNIQUE@", WRK_UNIQUE.replace("@START@", str(_reserve(count * 2)))
+                 if unique else "")
     )
     lua = workdir / f"wrk-{connect_port}-{concurrency}.lua"
     lua.write_text(script)
@@ -344,6 +367,14 @@ def run_wrk(
         p99_ms=data["p99_us"] / 1000,
         mean_ms=data["mean_us"] / 1000,
     )
+
+
+def _reserve(count: int) -> int:
+    """The first of `count` unique numbers taken for a wrk run (wrk numbers its calls itself)."""
+    first = next(_unique)
+    for _ in range(count - 1):
+        next(_unique)
+    return first
 
 
 class _ClientConn(asyncio.Protocol):
@@ -430,13 +461,14 @@ async def _drive(roundtrips: list, count: int) -> CellResult:
     )
 
 
-async def _python_load(connect_port: int, payload: bytes, concurrency: int, count: int) -> CellResult:
+async def _python_load(connect_port: int, payload, concurrency: int, count: int) -> CellResult:
+    """`payload()` gives each call's bytes."""
     loop = asyncio.get_running_loop()
     conns = []
     for _ in range(concurrency):
         _t, proto = await loop.create_connection(_ClientConn, "127.0.0.1", connect_port)
         conns.append(proto)
-    cell = await _drive([lambda c=c: c.roundtrip(payload) for c in conns], count)
+    cell = await _drive([lambda c=c: c.roundtrip(payload()) for c in conns], count)
     for c in conns:
         c.transport.close()
     await asyncio.gather(*(c.closed for c in conns))
@@ -444,13 +476,15 @@ async def _python_load(connect_port: int, payload: bytes, concurrency: int, coun
 
 
 async def _https_load(
-    connect_port: int, tls_port: int, via_proxy: bool, trust: ssl.SSLContext, concurrency: int, count: int
+    connect_port: int, tls_port: int, via_proxy: bool, trust: ssl.SSLContext, concurrency: int, count: int,
+    unique: bool = False,
 ) -> CellResult:
     """Keep-alive HTTPS: through a proxy, a CONNECT tunnel (with the credentials) then TLS inside it."""
-    request = (
-        f"GET {REQUEST_PATH} HTTP/1.1\r\nHost: localhost:{tls_port}\r\nUser-Agent: cedargate-bench\r\n"
-        "Accept: application/json\r\n\r\n"
-    ).encode()
+    def request() -> bytes:
+        return (
+            f"GET {call_path(unique)} HTTP/1.1\r\nHost: localhost:{tls_port}\r\nUser-Agent: cedargate-bench\r\n"
+            "Accept: application/json\r\n\r\n"
+        ).encode()
 
     async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if not via_proxy:
@@ -469,7 +503,7 @@ async def _https_load(
         return reader, writer
 
     async def roundtrip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
-        writer.write(request)
+        writer.write(request())
         head = (await reader.readuntil(b"\r\n\r\n")).lower()
         at = head.find(b"\r\ncontent-length:")
         line_end = head.find(b"\r\n", at + 2)
@@ -484,17 +518,17 @@ async def _https_load(
 
 
 def run_https(
-    connect_port: int, tls_port: int, via_proxy: bool, trust: ssl.SSLContext, concurrency: int, count: int
+    connect_port: int, tls_port: int, via_proxy: bool, trust: ssl.SSLContext, concurrency: int, count: int,
+    unique: bool = False,
 ) -> CellResult:
-    return asyncio.run(_https_load(connect_port, tls_port, via_proxy, trust, concurrency, count))
+    return asyncio.run(_https_load(connect_port, tls_port, via_proxy, trust, concurrency, count, unique))
 
 
 def run_python(
-    connect_port: int, upstream_port: int, via_proxy: bool, concurrency: int, count: int
+    connect_port: int, upstream_port: int, via_proxy: bool, concurrency: int, count: int, unique: bool = False
 ) -> CellResult:
-    return asyncio.run(
-        _python_load(connect_port, request_bytes(upstream_port, via_proxy), concurrency, count)
-    )
+    return asyncio.run(_python_load(
+        connect_port, lambda: request_bytes(upstream_port, via_proxy, call_path(unique)), concurrency, count))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -547,7 +581,11 @@ def start_mitmdump(procs: Processes, tmp: Path, upstream_ca: Path) -> Target:
         "127.0.0.1",
         "--listen-port",
         str(port),
-        "-q",
+        # The logging cedargate runs with here (--log-level WARNING, no per-flow lines), not -q's (errors only).
+        "--set",
+        "termlog_verbosity=warn",
+        "--set",
+        "flow_detail=0",
         "--set",
         "connection_strategy=lazy",
         "--set",
@@ -656,6 +694,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds; a cell reports the median round")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--schemes", nargs="+", choices=["http", "https"], default=["http", "https"])
+    parser.add_argument("--calls", nargs="+", choices=["same", "unique"], default=["same", "unique"],
+                        help="same: one call repeated (decided from the cache after the first); unique: a "
+                             "new path each call, so every call is evaluated")
     parser.add_argument("--client", choices=["auto", "wrk", "python"], default="auto",
                         help="the HTTP load client (HTTPS always uses the python one)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -743,26 +784,30 @@ def main() -> int:
                     file=sys.stderr,
                 )
 
-        def measure(scheme: str, t: Target, concurrency: int, count: int) -> CellResult:
+        # Each variant: a scheme and whether every call is new ("http-unique") or one call repeated ("http").
+        variants = [scheme if kind == "same" else f"{scheme}-unique" for scheme in args.schemes for kind in args.calls]
+
+        def measure(variant: str, t: Target, concurrency: int, count: int) -> CellResult:
+            scheme, unique = variant.split("-")[0], variant.endswith("-unique")
             cpu_before = tree_cpu_seconds(t.proc.pid) if t.proc else None
             if scheme == "https":
                 trust = ssl.create_default_context(cafile=str(t.ca))
                 port = t.port if t.via_proxy else upstream.https_port
-                cell = run_https(port, upstream.https_port, t.via_proxy, trust, concurrency, count)
+                cell = run_https(port, upstream.https_port, t.via_proxy, trust, concurrency, count, unique)
             elif client == "wrk":
-                cell = run_wrk(tmp, t.port, upstream.http_port, t.via_proxy, concurrency, count)
+                cell = run_wrk(tmp, t.port, upstream.http_port, t.via_proxy, concurrency, count, unique)
             else:
-                cell = run_python(t.port, upstream.http_port, t.via_proxy, concurrency, count)
+                cell = run_python(t.port, upstream.http_port, t.via_proxy, concurrency, count, unique)
             if cpu_before is not None:
                 cpu = tree_cpu_seconds(t.proc.pid) - cpu_before
                 cell.proxy_cpu_us_per_req = cpu / cell.requests * 1e6
             return cell
 
         raw: dict[str, dict[str, dict[int, list[CellResult]]]] = {
-            scheme: {t.name: {c: [] for c in args.concurrency} for t in targets} for scheme in args.schemes
+            scheme: {t.name: {c: [] for c in args.concurrency} for t in targets} for scheme in variants
         }
         for rnd in range(args.rounds):
-            for scheme in args.schemes:
+            for scheme in variants:
                 for concurrency in args.concurrency:
                     # Rotate the order each round so no target always runs first (or right after another).
                     order = targets[rnd % len(targets) :] + targets[: rnd % len(targets)]
@@ -807,12 +852,32 @@ def main() -> int:
                     "rounds": [asdict(x) for x in cells],
                 }
 
+    # Each round measured every target back to back (order rotated): the ratio of a round is a pair taken
+    # under the same conditions. Their spread says how far one run can be trusted on a busy machine.
+    for scheme, by_target in raw.items():
+        base_cells = by_target["mitmdump"]
+        for name in by_target:
+            if name in ("mitmdump", "direct"):
+                continue
+            for c, cells in by_target[name].items():
+                rps = [x.rps / b.rps for x, b in zip(cells, base_cells[c], strict=True)]
+                cpu = [x.proxy_cpu_us_per_req / b.proxy_cpu_us_per_req
+                       for x, b in zip(cells, base_cells[c], strict=True)
+                       if x.proxy_cpu_us_per_req and b.proxy_cpu_us_per_req]
+                summary[scheme][name][str(c)]["vs_mitmdump_per_round"] = {
+                    "throughput": {"min": round(min(rps), 3), "median": round(statistics.median(rps), 3),
+                                   "max": round(max(rps), 3)},
+                    "cpu_per_request": {"min": round(min(cpu), 3), "median": round(statistics.median(cpu), 3),
+                                        "max": round(max(cpu), 3)} if cpu else None,
+                }
+
     checks = []
-    for scheme in args.schemes:
+    for scheme in variants:
         for c in args.concurrency:
-            base = summary[scheme]["mitmdump"][str(c)]["rps"]
             for name, goal in (("cedargate", TARGET_ONE_WORKER_RATIO), ("cedargate-w2", TARGET_TWO_WORKERS_RATIO)):
-                ratio = summary[scheme][name][str(c)]["rps"] / base
+                if name not in summary[scheme]:
+                    continue
+                ratio = summary[scheme][name][str(c)]["vs_mitmdump_per_round"]["throughput"]["median"]
                 checks.append(
                     {
                         "target": f"{name} throughput >= {goal}x plain mitmdump, {scheme}, concurrency {c}",
@@ -820,7 +885,7 @@ def main() -> int:
                         "meets": ratio >= goal,
                     }
                 )
-    if "http" in args.schemes and 1 in args.concurrency:
+    if "http" in summary and 1 in args.concurrency:
         delta = summary["http"]["cedargate"]["1"]["p50_ms"] - summary["http"]["mitmdump"]["1"]["p50_ms"]
         checks.append(
             {
@@ -833,7 +898,7 @@ def main() -> int:
 
     # One allowed probe plus every request sent through each cedargate; wrk may send a few more than
     # asked (the requests in flight on other connections when it stops), so the count is a lower bound.
-    expected_allowed = 1 + args.rounds * len(args.schemes) * len(args.concurrency) * (args.warmup + args.requests)
+    expected_allowed = 1 + args.rounds * len(variants) * len(args.concurrency) * (args.warmup + args.requests)
     total_errors = sum(
         summary[scheme][n][str(c)]["errors"] for scheme in summary for n in summary[scheme] for c in args.concurrency
     )
@@ -850,7 +915,8 @@ def main() -> int:
         "warmup_per_cell": args.warmup,
         "rounds": args.rounds,
         "statistic": "median over rounds of each round's throughput, latency percentiles and CPU per request "
-        "(CPU: user+system of every process of the target, a supervisor and its workers summed)",
+        "(CPU: user+system of every process of the target, a supervisor and its workers summed); "
+        "vs_mitmdump_per_round: min/median/max over rounds of the ratio to mitmdump's figure of the same round",
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
@@ -878,23 +944,26 @@ def main() -> int:
         + "; ".join(f"{k}: {v}" for k, v in client_desc.items() if k in args.schemes)
     )
     header = (
-        f"{'scheme':<6} {'target':<16} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs mitmdump':>12} "
+        f"{'cell':<13} {'target':<16} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs mitmdump':>15} "
         f"{'CPU us/req':>11} {'CPU vs mitmdump':>16}"
     )
     print(header)
     print("-" * len(header))
-    for scheme in args.schemes:
+    for scheme in variants:
         for c in args.concurrency:
             base = summary[scheme]["mitmdump"][str(c)]
             for name in summary[scheme]:
                 cell = summary[scheme][name][str(c)]
-                rel = times(cell["rps"], base["rps"])
+                paired = cell.get("vs_mitmdump_per_round")
+                rel = (times(cell["rps"], base["rps"]) if not paired else
+                       "{min:.2f}-{median:.2f}-{max:.2f}".format(**paired["throughput"]))
                 cpu = cell["proxy_cpu_us_per_req"]
                 cpu_text = "" if cpu is None else f"{cpu:.0f}"
-                cpu_rel = "" if cpu is None else times(cpu, base["proxy_cpu_us_per_req"])
+                cpu_rel = ("" if cpu is None else "{min:.2f}-{median:.2f}-{max:.2f}".format(**paired["cpu_per_request"])
+                           if paired and paired["cpu_per_request"] else times(cpu, base["proxy_cpu_us_per_req"]))
                 print(
-                    f"{scheme:<6} {name:<16} {c:>4} {cell['rps']:>9.0f} {cell['p50_ms']:>8.3f} "
-                    f"{cell['p99_ms']:>8.3f} {rel:>12} {cpu_text:>11} {cpu_rel:>16}"
+                    f"{scheme:<13} {name:<16} {c:>4} {cell['rps']:>9.0f} {cell['p50_ms']:>8.3f} "
+                    f"{cell['p99_ms']:>8.3f} {rel:>15} {cpu_text:>11} {cpu_rel:>16}"
                 )
     print()
     for chk in checks:

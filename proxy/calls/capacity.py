@@ -17,13 +17,17 @@ capped at a quarter by default, `max_unauthenticated_connections`) and a fiftiet
 store, the logs, the CA and the workers' pipes; of the rest, the proxy's connections may take all, and
 held calls two thirds, so allowed calls still find connections while the held ceiling is reached.
 
-Plain Python: the fronts report connections here, and `/status` and the metrics read the counts.
+Plain Python: the fronts report connections here; `/status` reads the counts, and the metrics
+(`proxy.observe.metrics`: cedargate_proxy_connections, the ceilings, cedargate_saturation_refusals_total)
+are kept as they change.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+
+from proxy.observe import metrics
 
 RETRY_AFTER = 5  # seconds an agent refused for saturation is told to wait: held calls end, connections close
 
@@ -64,21 +68,30 @@ class Capacity:
         with self._lock:
             if self.agents + self.upstreams >= self.max_connections:
                 self.refused_connections += 1
+                metrics.saturation_refusal("connection")
                 return False
             self.agents += 1
-            return True
+        metrics.proxy_connection("agent", 1)
+        return True
 
     def agent_closed(self) -> None:
         with self._lock:
             self.agents = max(0, self.agents - 1)
+        metrics.proxy_connection("agent", -1)
 
     def upstream_opened(self) -> None:
         with self._lock:
             self.upstreams += 1
+        metrics.proxy_connection("upstream", 1)
 
     def upstream_closed(self) -> None:
         with self._lock:
             self.upstreams = max(0, self.upstreams - 1)
+        metrics.proxy_connection("upstream", -1)
+
+    def serving(self) -> None:
+        """This process serves the proxy now: its ceilings join the metrics' (summed over processes)."""
+        metrics.proxy_ceilings(self.max_connections, self.max_held)
 
     def may_hold(self, held: int) -> bool:
         """Whether one more call may be held, `held` being held now; counts the ones that may not."""
@@ -86,6 +99,7 @@ class Capacity:
             return True
         with self._lock:
             self.not_held += 1
+        metrics.saturation_refusal("not_held")
         return False
 
     def saturated_detail(self) -> str:

@@ -187,3 +187,4 @@ def guard_accepts(loop: asyncio.AbstractEventLoop | None = None) -> Listeners:
 def limit_connections(sock: socket.socket, capacity: Capacity, loop: asyncio.AbstractEventLoop | None = None) -> None:
     """Apply `capacity`'s connection ceiling to the listening socket `sock` (served on `loop`)."""
     guard_accepts(loop).ceilings[sock.fileno()] = capacity
+    capacity.serving()

@@ -122,6 +122,24 @@ POLICY_REVISION = _gauge(
     "cedargate_policy_revision", "1 for the live policy revision (its hash), 0 for one that was live before",
     ("revision",), mode="livemax")
 
+PROXY_CONNECTIONS = _gauge(
+    "cedargate_proxy_connections",
+    "Connections the proxy has open now, by side (agent: agents' connections to it; upstream: its own to "
+    "upstreams), summed over live processes; with the ceiling, the headroom before 503 proxy-saturated",
+    ("side",), mode="livesum")
+PROXY_CONNECTIONS_CEILING = _gauge(
+    "cedargate_proxy_connections_ceiling",
+    "max_proxy_connections of every live proxy process, summed: agents' and upstream connections together",
+    mode="livesum")
+HELD_CALLS_CEILING = _gauge(
+    "cedargate_held_calls_ceiling",
+    "max_held_calls of every live proxy process, summed: past it an escalation is answered at once, not held",
+    mode="livesum")
+SATURATION_REFUSALS = _counter(
+    "cedargate_saturation_refusals_total",
+    "Answers given at a ceiling, by kind: connection (a new agent connection answered 503 proxy-saturated), "
+    "not_held (an escalation answered at once past max_held_calls)", ("kind",))
+
 # The labelled children the hot path increments, by their label values (see the module's docstring).
 _decision_children: dict[tuple[str, str, tuple[str, ...]], Counter] = {}
 MAX_CACHED_CHILDREN = 10_000  # beyond this many label combinations, children are looked up each time
@@ -293,3 +311,19 @@ __all__ = [
     "exposition", "live_revision", "notification_delivered", "notification_failed", "observe_review",
     "policy_reloaded", "process_gone", "share_between_processes", "store_backlog",
 ]
+
+
+def proxy_ceilings(max_connections: int, max_held: int) -> None:
+    """This process serves the proxy with these ceilings (`proxy.calls.capacity`)."""
+    PROXY_CONNECTIONS_CEILING.set(max_connections)
+    HELD_CALLS_CEILING.set(max_held)
+
+
+def proxy_connection(side: str, change: int) -> None:
+    """An agent's (`side` "agent") or upstream ("upstream") connection opened (+1) or closed (-1)."""
+    PROXY_CONNECTIONS.labels(side).inc(change)
+
+
+def saturation_refusal(kind: str) -> None:
+    """An answer given at a ceiling: "connection" or "not_held"."""
+    SATURATION_REFUSALS.labels(kind).inc()

@@ -8,6 +8,7 @@ sockets. Each wait is a bounded poll for something that must happen, never a tim
 from __future__ import annotations
 
 import json
+import re
 import resource
 import socket
 import ssl
@@ -142,6 +143,10 @@ def test_past_the_connection_ceiling_a_new_connection_is_refused_at_once_and_rev
             assert httpx.get(f"{gate.api_url}/healthz", timeout=BOUND).status_code == 200
             status = limits(gate)
             assert status["max_proxy_connections"] == 9 and status["refused_connections"] >= 2
+            scrape = httpx.get(f"{gate.api_url}/metrics", timeout=BOUND).text
+            assert "cedargate_proxy_connections_ceiling 9.0" in scrape
+            refused = re.search(r'cedargate_saturation_refusals_total\{kind="connection"\} (\S+)', scrape)
+            assert refused and float(refused.group(1)) >= 2
             pending = api(gate, "GET", "/overrides?status=pending").json()
             released = next(o["id"] for o in pending if o["url"].endswith("i-0000/stop"))
             assert api(gate, "POST", f"/overrides/{released}/approve", json={"reason": "ok"}).status_code == 200
