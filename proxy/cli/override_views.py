@@ -153,9 +153,12 @@ def chain_text(item: dict[str, Any], now: datetime) -> str | None:
 
 def chain_lines(item: dict[str, Any], now: datetime) -> list[str]:
     """The escalation chain as `overrides show` prints it: each tier with its roles and when it is
-    reached, the current one marked, then the next step and the primary reviewer."""
+    reached, the current one marked, then the next step and the primary reviewer. Nothing for a plain
+    escalation (one tier, no reminders): the JSON above says it all, and stays the whole output."""
     chain = item.get("chain")
     if not isinstance(chain, dict) or not chain.get("tiers"):
+        return []
+    if len(chain["tiers"]) <= 1 and not chain.get("remind_every"):
         return []
     lines = ["escalation chain:"]
     for tier in chain["tiers"]:
