@@ -62,7 +62,7 @@ from proxy.cedar.policy import (
     load_bundle,
     policy_set_of,
 )
-from proxy.observe.metrics import live_revision, policy_reloaded
+from proxy.observe.metrics import LIVE_POLICIES, PolicyReports
 from proxy.vocabulary.canonical import canonical
 
 log = logging.getLogger(__name__)
@@ -410,15 +410,19 @@ class ReloadStatus:
 
 
 class Engine:
-    """Owns the live snapshot of one policy directory and reloads it when its files change."""
+    """Owns the live snapshot of one policy directory and reloads it when its files change.
 
-    def __init__(self, policy_dir: str | Path) -> None:
+    `reports` says how its loads and reloads are reported (the metrics, the log's wording): the live set's
+    by default; the shadow set's engine reports under its own names, so it never reads as the live set."""
+
+    def __init__(self, policy_dir: str | Path, *, reports: PolicyReports = LIVE_POLICIES) -> None:
         self.policy_dir = Path(policy_dir)
+        self.reports = reports
         self.status = ReloadStatus()
         self._signature = directory_signature(self.policy_dir) if self.policy_dir.is_dir() else ()
         self._snapshot = Snapshot(load_bundle(self.policy_dir))  # a bad set at start refuses to start
         self._mark_loaded()
-        live_revision(self._snapshot.bundle.revision)
+        reports.revision(self._snapshot.bundle.revision, None)
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         # Called with each new set once it is live (whoever composes the program reports on it).
@@ -479,15 +483,16 @@ class Engine:
         except (PolicyLoadError, OSError) as exc:
             self.status.last_error = str(exc)
             self.status.last_error_at = datetime.now(UTC)
-            log.error("policy reload failed, keeping revision %s: %s", self.status.revision, exc)
-            policy_reloaded(False)
+            log.error("%s reload failed, keeping revision %s: %s", self.reports.role, self.status.revision, exc)
+            self.reports.reloaded(False)
             return False
         previous = self._snapshot.bundle.revision
         self._snapshot = Snapshot(bundle)
         self._mark_loaded()
-        policy_reloaded(True)
-        live_revision(bundle.revision, previous)
-        log.info("policies reloaded: revision %s (%d policies)", bundle.revision[:12], len(bundle.policies))
+        self.reports.reloaded(True)
+        self.reports.revision(bundle.revision, previous)
+        log.info("%s reloaded: revision %s (%d policies)", self.reports.role, bundle.revision[:12],
+                 len(bundle.policies))
         for listener in self.on_reload:
             try:
                 listener(bundle)

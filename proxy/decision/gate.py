@@ -125,6 +125,8 @@ class Gate:
         self.protected = protected
         # Policies judged beside the live set once a verdict is on the record, never enforced.
         self.shadow: ShadowPolicies | None = None
+        # `record`ed verdicts not yet counted in the metrics (their commit, or refusal, still to come).
+        self._uncounted: dict[str, Verdict] = {}
 
     def decide(self, call: Call, reading: Reading | None = None, snapshot: Snapshot | None = None) -> Verdict:
         """The verdict on one call (one message of a batch: see `proxy.decision.decisions.decide_call`).
@@ -266,17 +268,33 @@ class Gate:
         failure that passed before a human decides must not refuse the call then. What became of the
         call is added later (`outcome`)."""
         assert self.recorder is not None  # a gate without a record (explain's) decides, never records
-        _count(verdict)
         committed = self.recorder.commit(self._row(verdict, self._errors(verdict), None),
                                          fail_fast=verdict.outcome is not Outcome.ESCALATE)
         self._shadow(verdict)
-        return committed
+        # Counted once its fate is known: as decided if the row is in, else as the refusal it becomes. The
+        # future handed back resolves after the count, so whoever waits on it finds the count made.
+        self._uncounted[verdict.decision_id] = verdict
+        counted: Future[None] = Future()
+
+        def settle(done: Future[None]) -> None:
+            failure = done.exception()
+            self._count_once(verdict if failure is None else self.store_unavailable(verdict))
+            if failure is None:
+                counted.set_result(None)
+            else:
+                counted.set_exception(failure)
+
+        committed.add_done_callback(settle)
+        return counted
 
     def outcome(self, verdict: Verdict, upstream_status: int | None = None,
                 failure: UpstreamFailure | None = None, refused: Verdict | None = None) -> None:
         """Add to a `record`ed verdict what became of its call: the upstream's status, or how the exchange
         failed (kept in `errors`, as "upstream <kind>: ..."), or the refusal it ended in (not forwarded)."""
         assert self.recorder is not None
+        if refused is not None and refused.problem is Problem.STORE_UNAVAILABLE:
+            # Refused before its commit was known (too slow): counted as refused, not when the row lands.
+            self._count_once(refused)
         extra = [failure.recorded] if failure is not None else []
         if refused is not None and refused.problem is not None:
             extra.append(f"not forwarded: {refused.problem.value}")
@@ -299,6 +317,10 @@ class Gate:
         extra = [failure.recorded] if failure is not None else []
         self.recorder.record(self._row(verdict, self._errors(verdict, extra), upstream_status))
         self._shadow(verdict)
+
+    def _count_once(self, verdict: Verdict) -> None:
+        if self._uncounted.pop(verdict.decision_id, None) is not None:
+            _count(verdict)
 
     def _shadow(self, verdict: Verdict) -> None:
         """Hand a recorded verdict to the shadow policies, which judge it off the call's path."""
@@ -372,7 +394,8 @@ class Gate:
 
 
 def _count(verdict: Verdict) -> None:
-    """The decision in the metrics, once per recorded verdict (a refusal for the store included)."""
+    """The decision in the metrics, once per call decided, when its outcome is final (a refusal for the
+    store is an error, whatever was decided before)."""
     request = verdict.request
     count_decision(verdict.outcome.value, request.action[1] if request is not None else "",
                    tuple(p.policy_id for p in verdict.determining))

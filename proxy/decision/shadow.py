@@ -16,7 +16,9 @@ counted as skipped rather than making anyone wait.
 The shadow set is loaded and reloaded like the live one (`proxy.cedar.engine.Engine`, polled, taken only
 once the files look the same on two polls), but it may be missing or invalid at start, or become so: that
 is reported (the log, `/status` under `shadow`) and never touches live decisions; the last good shadow set
-stays in use. The shadow judges the request as the live set's mapping made it (the live manifest).
+stays in use. Its engine reports under its own metrics (`cedargate_shadow_policy_revision`,
+`cedargate_shadow_policy_reloads_total`), never as the live set. The shadow judges the request as the live
+set's mapping made it (the live manifest).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from proxy.cedar.engine import CedarRequest, Engine
 from proxy.cedar.policy import PolicyLoadError, directory_signature
 from proxy.decision.judgement import Outcome, judge
-from proxy.observe.metrics import shadow_disagreed
+from proxy.observe.metrics import SHADOW_POLICIES, shadow_disagreed
 from proxy.record.shadow import write_disagreements
 from proxy.record.store import Recorder
 
@@ -169,7 +171,7 @@ class ShadowPolicies:
     def _load(self) -> None:
         try:
             self._signature = directory_signature(self.directory) if self.directory.is_dir() else ()
-            self.engine = Engine(self.directory)
+            self.engine = Engine(self.directory, reports=SHADOW_POLICIES)
         except (PolicyLoadError, OSError) as exc:
             self._error = (f"{exc}", datetime.now(UTC))
             log.error("shadow policies in %s not loaded (live decisions are unaffected): %s", self.directory, exc)

@@ -3,11 +3,13 @@
 Every metric cedargate exports is declared here, once, with prometheus_client, so the names, labels and
 help texts are one list (the README's "Metrics" section describes it). Who records what:
 
-- the gate counts each recorded decision (`count_decision`: outcome, action, determining policies);
+- the gate counts each decision once its outcome is final (`count_decision`: outcome and action, and
+  apart, once under each determining policy);
 - a held call is counted while it waits for a human (`HELD_CALLS`);
 - the override workflow observes how long a request waited for its decision (`observe_review`);
 - the recorder's writer thread sets its queue's depth and lag (`store_backlog`);
-- the policy engine counts reloads and marks the live revision (`policy_reloaded`, `live_revision`);
+- the live policy engine counts reloads and marks the live revision (`LIVE_POLICIES`); the shadow set's
+  engine reports under names of its own (`SHADOW_POLICIES`), so it never reads as live;
 - the shadow policies count the calls they decided otherwise than the live set (`shadow_disagreed`);
 - the notifications' sweep counts each channel's deliveries and failed tries (`notification_delivered`,
   `notification_failed`; channel names are the operator's, from cedargate.yaml);
@@ -26,9 +28,11 @@ this process and the scrape reads them directly.
 The proxy records a decision on every call, so `count_decision` keeps the labelled child of each label
 combination it has seen (looking one up through `labels()` costs several times the increment). Label
 values are bounded by the policy set: an action is one the schema declares (a call whose action cannot
-be named is counted with ""), policies are @ids. Adding a metric: declare it with `_counter`, `_gauge`
-or `_histogram` below (so `share_between_processes` can move it into the directory), prefix its name
-`cedargate_`, and keep agent-controlled text out of its labels.
+be named is counted with ""), a policy is one @id. Never a combination of them as one value: forbids an
+agent can match at will (on its query, body or tool arguments) would give 2^k series for k of them.
+Adding a metric: declare it with `_counter`, `_gauge` or `_histogram` below (so `share_between_processes`
+can move it into the directory), prefix its name `cedargate_`, and keep agent-controlled text out of its
+labels.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import os
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import (
@@ -82,9 +87,12 @@ def _histogram(name: str, documentation: str, labels: Sequence[str], buckets: Se
 
 DECISIONS = _counter(
     "cedargate_decisions_total",
-    "Calls decided and recorded, by outcome (allow, deny, escalate, error), Cedar action, and the "
-    "determining policies' @ids (sorted, comma-separated; empty when none determined it)",
-    ("outcome", "action", "policy"))
+    "Calls decided, by final outcome (allow, deny, escalate, error: a call refused because its decision could "
+    "not be recorded is an error) and Cedar action", ("outcome", "action"))
+DECISION_POLICIES = _counter(
+    "cedargate_decision_policies_total",
+    "Decisions by outcome and determining policy @id: a call two policies determined counts once under each "
+    "(a default deny, under none)", ("outcome", "policy"))
 HELD_CALLS = _gauge(
     "cedargate_held_calls", "Agent calls held open now, waiting for a human's decision on an override request",
     mode="livesum")
@@ -121,6 +129,13 @@ NOTIFICATION_FAILURES = _counter(
 POLICY_REVISION = _gauge(
     "cedargate_policy_revision", "1 for the live policy revision (its hash), 0 for one that was live before",
     ("revision",), mode="livemax")
+SHADOW_RELOADS = _counter(
+    "cedargate_shadow_policy_reloads_total",
+    "Shadow policy directory reloads (shadow_policy_dir, never enforced): applied or refused (invalid; the last "
+    "good shadow set stays in use)", ("result",))
+SHADOW_REVISION = _gauge(
+    "cedargate_shadow_policy_revision",
+    "1 for the shadow policy revision in use (its hash), 0 for one in use before", ("revision",), mode="livemax")
 
 PROXY_CONNECTIONS = _gauge(
     "cedargate_proxy_connections",
@@ -141,22 +156,29 @@ SATURATION_REFUSALS = _counter(
     "not_held (an escalation answered at once past max_held_calls)", ("kind",))
 
 # The labelled children the hot path increments, by their label values (see the module's docstring).
-_decision_children: dict[tuple[str, str, tuple[str, ...]], Counter] = {}
+_decision_children: dict[tuple[str, str], Counter] = {}
+_policy_children: dict[tuple[str, str], Counter] = {}
 MAX_CACHED_CHILDREN = 10_000  # beyond this many label combinations, children are looked up each time
 _switch_lock = threading.Lock()
 _directory: Path | None = None  # where this process's values are shared with the others' (multiprocess)
 
 
 def count_decision(outcome: str, action: str, policies: tuple[str, ...]) -> None:
-    """One recorded decision. `action` is the Cedar action's id (`get`, `tools/call`) or "" when the call
-    could not be named; `policies` the determining policies' @ids, in Cedar's order."""
-    key = (outcome, action, policies)
-    child = _decision_children.get(key)
+    """One decision whose outcome is final. `action` is the Cedar action's id (`get`, `tools/call`) or ""
+    when the call could not be named; `policies` the determining policies' @ids, each counted apart."""
+    _child(_decision_children, DECISIONS, outcome, action).inc()
+    for policy in dict.fromkeys(policies):
+        _child(_policy_children, DECISION_POLICIES, outcome, policy).inc()
+
+
+def _child(cache: dict[tuple[str, str], Counter], metric: Counter, *values: str) -> Counter:
+    key = (values[0], values[1])
+    child = cache.get(key)
     if child is None:
-        child = DECISIONS.labels(outcome, action, ",".join(sorted(policies)))
-        if len(_decision_children) < MAX_CACHED_CHILDREN:
-            _decision_children[key] = child
-    child.inc()
+        child = metric.labels(*values)
+        if len(cache) < MAX_CACHED_CHILDREN:
+            cache[key] = child
+    return child
 
 
 def observe_review(policies: Iterable[str], decision: str, seconds: float) -> None:
@@ -192,9 +214,40 @@ def policy_reloaded(applied: bool) -> None:
 def live_revision(revision: str, previous: str | None = None) -> None:
     """Mark `revision` live and `previous` (if any) no longer. Set to 0 rather than removed: multiprocess
     mode cannot remove a label set, and a scraper sees the change either way."""
-    if previous is not None and previous != revision:
-        POLICY_REVISION.labels(previous).set(0)
-    POLICY_REVISION.labels(revision).set(1)
+    _mark(POLICY_REVISION, revision, previous)
+
+
+def shadow_policy_reloaded(applied: bool) -> None:
+    SHADOW_RELOADS.labels("applied" if applied else "refused").inc()
+
+
+def shadow_revision(revision: str, previous: str | None = None) -> None:
+    _mark(SHADOW_REVISION, revision, previous)
+
+
+_marked: dict[str, str] = {}  # the revision this process last marked, by gauge name
+
+
+def _mark(gauge: Gauge, revision: str, previous: str | None) -> None:
+    # One set in use per process and role: a new engine's revision also supersedes the one marked before.
+    for old in {previous, _marked.get(gauge._name)} - {None, revision}:
+        gauge.labels(old).set(0)
+    gauge.labels(revision).set(1)
+    _marked[gauge._name] = revision
+
+
+@dataclass(frozen=True)
+class PolicyReports:
+    """What a policy engine reports of its set: `role` names it in log lines ("policies", "shadow
+    policies"); `reloaded(applied)` counts a reload; `revision(new, previous)` marks the set in use."""
+
+    role: str
+    reloaded: Callable[[bool], None]
+    revision: Callable[[str, str | None], None]
+
+
+LIVE_POLICIES = PolicyReports("policies", policy_reloaded, live_revision)
+SHADOW_POLICIES = PolicyReports("shadow policies", shadow_policy_reloaded, shadow_revision)
 
 
 # --- several processes ----------------------------------------------------------------------------------
@@ -223,6 +276,8 @@ def share_between_processes(directory: Path) -> None:
             for metric in _METRICS:
                 _restart(metric)
         _decision_children.clear()
+        _policy_children.clear()
+        _marked.clear()
         _directory = directory
 
 
@@ -306,7 +361,8 @@ def shared_directory() -> Path | None:
 
 
 __all__ = [
-    "CONTENT_TYPE", "DECISIONS", "HELD_CALLS", "NOTIFICATION_DELIVERIES", "NOTIFICATION_FAILURES", "POLICY_RELOADS",
+    "CONTENT_TYPE", "DECISIONS", "DECISION_POLICIES", "HELD_CALLS", "LIVE_POLICIES", "SHADOW_POLICIES",
+    "PolicyReports", "NOTIFICATION_DELIVERIES", "NOTIFICATION_FAILURES", "POLICY_RELOADS",
     "POLICY_REVISION", "REVIEW_LATENCY", "STORE_LAG", "STORE_QUEUE", "OverrideStatusCollector", "count_decision",
     "exposition", "live_revision", "notification_delivered", "notification_failed", "observe_review",
     "policy_reloaded", "process_gone", "share_between_processes", "store_backlog",

@@ -28,8 +28,8 @@ def test_a_scrape_shows_every_override_status_and_the_live_revision(client: Test
     statuses = {s.labels["status"]: s.value for s in families["cedargate_override_requests"].samples}
     assert statuses["pending"] == 0 and {"granted", "denied", "expired", "released", "needs_info"} <= set(statuses)
     revision = runtime.engine.status.revision
-    marked = families["cedargate_policy_revision"].samples
-    assert any(s.labels == {"revision": revision} and s.value == 1 for s in marked)
+    marked_live = [s.labels["revision"] for s in families["cedargate_policy_revision"].samples if s.value == 1]
+    assert marked_live == [revision]  # only the live engine's; one before it in this process is no longer
     assert client.get("/status").json()["metrics"]["token_required"] is False
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.candidates import candidate_policies, start_with
 from tests.support.launch import Cedargate
@@ -138,3 +139,38 @@ def test_calls_go_on_when_the_store_refuses_shadow_disagreements_which_status_co
     assert gate.audit_verify().returncode == 0
     with sqlite3.connect(gate.database) as db:
         assert db.execute("SELECT decision FROM decisions").fetchall() == [("allow",)] * 4
+
+
+def scrape(gate: Cedargate) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = httpx.get(f"{gate.api_url}/metrics", timeout=10).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def marked(seen: dict, name: str) -> list[str]:
+    return sorted(dict(labels)["revision"] for (n, labels), value in seen.items() if n == name and value == 1)
+
+
+def test_the_shadow_set_reports_under_its_own_metrics_never_as_the_live_policies(
+        tmp_path: Path, policy_dir: Path) -> None:
+    shadow = candidate_policies(policy_dir, tmp_path / "shadow")
+    gate = start_with(tmp_path, policy_dir, shadow_policy_dir=str(shadow))
+    try:
+        shown = status(gate)
+        live, shadow_revision = shown["policies"]["revision"], shown["shadow"]["revision"]
+        assert live and shadow_revision and live != shadow_revision
+        seen = scrape(gate)
+        assert marked(seen, "cedargate_policy_revision") == [live]
+        assert marked(seen, "cedargate_shadow_policy_revision") == [shadow_revision]
+
+        # A broken shadow set is a refused shadow reload; an alert on the live set's refusals stays quiet.
+        ops = shadow / "ops.cedar"
+        ops.write_text(ops.read_text() + "\nforbid (principal, action, resource);\n")
+        eventually(lambda: status(gate)["shadow"]["last_error"], "the broken shadow set noticed")
+        seen = scrape(gate)
+        assert seen.get(("cedargate_policy_reloads_total", (("result", "refused"),)), 0.0) == 0.0
+        assert seen[("cedargate_shadow_policy_reloads_total", (("result", "refused"),))] == 1
+        assert marked(seen, "cedargate_policy_revision") == [live]
+        assert not any("shadow" not in line and "policy reload failed" in line for line in gate.output)
+    finally:
+        assert gate.stop() == 0

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 import textwrap
@@ -18,12 +19,30 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-def test_a_decision_is_counted_under_its_outcome_action_and_sorted_policies() -> None:
-    labels = {"outcome": "deny", "action": "delete", "policy": "a-policy,z-policy"}
-    before = metrics.sample("cedargate_decisions_total", labels) or 0.0
+def test_a_decision_is_counted_under_its_outcome_and_action_and_under_each_determining_policy() -> None:
+    decided = {"outcome": "deny", "action": "delete"}
+    before = metrics.sample("cedargate_decisions_total", decided) or 0.0
+    by_policy = {p: metrics.sample("cedargate_decision_policies_total", {"outcome": "deny", "policy": p}) or 0.0
+                 for p in ("a-policy", "z-policy")}
     for _ in range(3):
         metrics.count_decision("deny", "delete", ("z-policy", "a-policy"))
-    assert metrics.sample("cedargate_decisions_total", labels) == before + 3
+    assert metrics.sample("cedargate_decisions_total", decided) == before + 3
+    for policy, was in by_policy.items():
+        assert metrics.sample("cedargate_decision_policies_total", {"outcome": "deny", "policy": policy}) == was + 3
+
+
+def test_decision_series_stay_linear_in_the_policies_whatever_combinations_agents_trigger() -> None:
+    # Forbids conditioned on what the agent sends can be matched in any combination it picks: 1023 here.
+    forbids = [f"agent-chosen-forbid-{n}" for n in range(10)]
+    for size in range(1, len(forbids) + 1):
+        for subset in itertools.combinations(forbids, size):
+            metrics.count_decision("deny", "post", subset)
+    series = [labels for name, labels in samples(metrics.exposition().decode())
+              if name.startswith("cedargate_decision") and name.endswith("_total")
+              and "agent-chosen-forbid-" in str(labels)]
+    assert len(series) == len(forbids), f"{len(series)} series for {len(forbids)} policies"
+    assert metrics.sample("cedargate_decision_policies_total",
+                          {"outcome": "deny", "policy": "agent-chosen-forbid-0"}) == 2 ** 9  # subsets holding it
 
 
 def test_the_override_requests_are_counted_at_scrape_time_and_a_failing_store_is_said() -> None:
@@ -80,7 +99,7 @@ def test_processes_sharing_a_directory_are_summed_in_one_scrape(tmp_path: Path) 
     done = subprocess.run([sys.executable, "-c", SUPERVISOR, str(shared), WORKER], capture_output=True, text=True,
                           timeout=60, check=True)
     while_alive, after = (samples(part) for part in done.stdout.split("---"))
-    allowed = ("cedargate_decisions_total", (("action", "get"), ("outcome", "allow"), ("policy", "ops-read")))
+    allowed = ("cedargate_decisions_total", (("action", "get"), ("outcome", "allow")))
     assert while_alive[allowed] == after[allowed] == 5  # the supervisor's 2 and the worker's 3: nothing stale
     # The worker exited without being marked gone: its held call still counts; once marked, it does not.
     assert while_alive[("cedargate_held_calls", ())] == 1
