@@ -37,7 +37,9 @@ def webhook_config(receiver: Receiver, **routes: Any) -> Notifications:
 
 def open_request(workflow: OverrideWorkflow, *requirements: Requirement, path: str = "/v1/instances/i-1/stop",
                  justification: str = "instance is wedged", body: bytes = b'{"grace": 30}',
-                 expires_in: int = 1800) -> Override:
+                 expires_in: int = 1800, context: dict[str, Any] | None = None) -> Override:
+    """An override request opened as the gate opens one; `context` is its Cedar request's (a manifest
+    route's typed fields there become the notice's key arguments)."""
     call = make_call("POST", f"http://127.0.0.1:9000{path}", body=body,
                      headers={"Content-Type": "application/json"})
     requirements = requirements or (MANAGER,)
@@ -45,7 +47,7 @@ def open_request(workflow: OverrideWorkflow, *requirements: Requirement, path: s
         call, decision_id=str(uuid.uuid4()), escalation=Escalation(requirements, expires_in),
         policies=[{"id": r.policy_id, "reason": None, "annotations": {"severity": "high"}} for r in requirements],
         cedar_request={"principal": 'Agent::"ops-bot"', "action": 'Action::"post"',
-                       "resource": 'Host::"127.0.0.1"', "context": {}},
+                       "resource": 'Host::"127.0.0.1"', "context": context or {}},
         revision="rev-1", justification=justification,
     )
     assert created
