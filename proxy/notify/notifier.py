@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 _log: Table = AuditEntry.__table__  # type: ignore[attr-defined]
 SWEEP_INTERVAL = 1.0  # seconds between sweeps: how late a notification leaves at the earliest
 BATCH = 200  # audit rows read per fan-out transaction
+CLOSE_WAIT = 1.0  # seconds `close` waits for a sweep to stop between deliveries before leaving it to lapse
 PER_CHANNEL = 100  # deliveries tried per channel per sweep, so the lease is renewed and others get a turn
 
 
@@ -118,14 +119,21 @@ class Notifier:
             self._sweeping.release()
 
     def close(self) -> None:
-        """Stop between two deliveries and give the lease back, so a restarted process sweeps at once."""
+        """Stop between two deliveries and give the lease back, so a restarted process sweeps at once;
+        never waits more than CLOSE_WAIT for a send under way."""
         self._stopping.set()
-        with self._sweeping:
-            try:
-                self.outbox.release(self.holder)
-            except SQLAlchemyError as exc:
-                log.warning("notifications: the sweep's lease was not given back (%s); it lapses in %g s",
-                            type(exc).__name__, self.lease_seconds)
+        # A send under way ends by its own deadline (the channel's timeout); shutdown does not wait for it.
+        if not self._sweeping.acquire(timeout=CLOSE_WAIT):
+            log.warning("notifications: a delivery is still under way at shutdown; its lease lapses in %g s",
+                        self.lease_seconds)
+            return
+        try:
+            self.outbox.release(self.holder)
+        except SQLAlchemyError as exc:
+            log.warning("notifications: the sweep's lease was not given back (%s); it lapses in %g s",
+                        type(exc).__name__, self.lease_seconds)
+        finally:
+            self._sweeping.release()
 
     # --- reading the log ----------------------------------------------------------------------------
 

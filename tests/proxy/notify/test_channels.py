@@ -4,10 +4,14 @@ variable to mend, never what it holds. A Slack incoming-webhook URL's path is it
 from __future__ import annotations
 
 import logging
+import socket
+import threading
+import time
 
 import pytest
 from notify_support import open_request
 
+from proxy.notify.channels import DeliveryError, post
 from proxy.notify.notifier import missing_variables
 from proxy.settings.notifications import Notifications
 
@@ -40,3 +44,47 @@ def test_the_start_warning_names_a_malformed_url_variable_not_its_value() -> Non
     [warning] = missing_variables(slack_config(), {"SLACK_URL": MALFORMED})
     assert "SLACK_URL" in warning and "space" in warning and TOKEN not in warning
     assert missing_variables(slack_config(), {"SLACK_URL": "https://hooks.slack.example/services/T/B/x"}) == []
+
+
+class Trickler:
+    """A receiver on loopback that takes the request, then answers one byte of its headers at a time,
+    each well within a socket's timeout: it would hold a send by per-operation timeouts for ever."""
+
+    def __init__(self, pause: float = 0.05, bytes_to_send: int = 400) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.pause, self.left = pause, bytes_to_send
+        self.sent = 0
+        self.cut_off = threading.Event()  # the sender hung up before the answer was done
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        connection, _ = self.listener.accept()
+        with connection:
+            connection.recv(65536)
+            try:
+                connection.sendall(b"HTTP/1.1 200 OK\r\n")
+                for _ in range(self.left):  # bounded: the test never waits past it
+                    connection.sendall(b"X-Slow: " + b"a" * 1 + b"\r\n")
+                    self.sent += 1
+                    time.sleep(self.pause)
+                connection.sendall(b"Content-Length: 0\r\n\r\n")
+            except OSError:
+                self.cut_off.set()
+
+    def close(self) -> None:
+        self.listener.close()
+        self.thread.join(30)
+
+
+def test_a_receiver_that_trickles_its_answer_cannot_hold_a_send_past_its_timeout() -> None:
+    trickler = Trickler()
+    try:
+        with pytest.raises(DeliveryError, match=r"did not answer within 0\.5 s"):
+            post(f"http://127.0.0.1:{trickler.port}/hook", b"{}", {"Content-Type": "application/json"}, 0.5)
+        trickler.thread.join(30)
+        # The receiver still had most of its answer to give when the sender hung up on it.
+        assert trickler.cut_off.is_set() and trickler.sent < trickler.left
+    finally:
+        trickler.close()
