@@ -41,7 +41,7 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -250,15 +250,7 @@ def _context_attributes(templates: Iterable[pst.Template]) -> frozenset[str] | N
             continue
         if isinstance(node, pst.Var) and node.name == "context":
             return None
-        if dataclasses.is_dataclass(node):
-            for f in dataclasses.fields(node):
-                value = getattr(node, f.name)
-                if isinstance(value, tuple):
-                    stack.extend(v for v in value if dataclasses.is_dataclass(v))
-                elif isinstance(value, Mapping):
-                    stack.extend(v for v in value.values() if dataclasses.is_dataclass(v))
-                elif dataclasses.is_dataclass(value):
-                    stack.append(value)
+        stack.extend(_children(node))
     return frozenset(found)
 
 
@@ -278,21 +270,27 @@ def _record_fields(templates: Iterable[pst.Template], record: str) -> frozenset[
             continue
         if _is_context_record(node, record) or isinstance(node, pst.Var) and node.name == "context":
             return None
-        if dataclasses.is_dataclass(node):
-            for f in dataclasses.fields(node):
-                value = getattr(node, f.name)
-                if isinstance(value, tuple):
-                    stack.extend(v for v in value if dataclasses.is_dataclass(v))
-                elif isinstance(value, Mapping):
-                    stack.extend(v for v in value.values() if dataclasses.is_dataclass(v))
-                elif dataclasses.is_dataclass(value):
-                    stack.append(value)
+        stack.extend(_children(node))
     return frozenset(found)
 
 
 def _is_context_record(node: Any, record: str) -> bool:
     return (isinstance(node, pst.GetAttr) and node.attr == record
             and isinstance(node.base, pst.Var) and node.base.name == "context")
+
+def _children(node: Any) -> Iterator[Any]:
+    """A policy syntax node's sub-expressions: its dataclass fields, and those inside tuples and mappings."""
+    if not dataclasses.is_dataclass(node):
+        return
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if isinstance(value, tuple):
+            yield from (v for v in value if dataclasses.is_dataclass(v))
+        elif isinstance(value, Mapping):
+            yield from (v for v in value.values() if dataclasses.is_dataclass(v))
+        elif dataclasses.is_dataclass(value):
+            yield value
+
 
 
 class Snapshot:

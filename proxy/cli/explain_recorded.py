@@ -10,7 +10,6 @@ contacts no upstream.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,10 +19,11 @@ from sqlalchemy import Table, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from proxy.calls.mapping import Call
-from proxy.cedar.engine import CedarRequest, Engine
+from proxy.cedar.engine import Engine
 from proxy.cedar.policy import PolicyLoadError
 from proxy.cli.audit_commands import StoreNotFound, open_store
 from proxy.decision.gate import Gate, Verdict
+from proxy.decision.replay import recorded_policies, stored_request
 from proxy.record.store import DecisionRecord
 from proxy.vocabulary.printable import printable, printable_json
 
@@ -59,16 +59,15 @@ def explain_recorded(args: argparse.Namespace, explained: Callable[[Gate, Verdic
     except PolicyLoadError as exc:
         print(f"cedargate: {exc}", file=sys.stderr)
         return 2
-    stored = json.loads(row.cedar_request)
-    request = CedarRequest(_uid(stored["principal"]), _uid(stored["action"]), _uid(stored["resource"]),
-                           stored["context"])
-    query = stored["context"].get("query")
+    request = stored_request(row.cedar_request)
+    query = request.context.get("query")
     call = Call(agent=row.agent, method=row.method, scheme=row.scheme, host=row.host, port=row.port,
                 path=row.path, query=query if isinstance(query, str) else "")
     gate = Gate(engine, recorder=None)
     report = explained(gate, gate.redecide(call, request))
     report["recorded"] = {"decision_id": row.decision_id, "at": row.at.isoformat(), "decision": row.decision,
-                          "policies": _ids(row.determining_policies), "policy_revision": row.policy_revision}
+                          "policies": recorded_policies(row.determining_policies),
+                          "policy_revision": row.policy_revision}
     if args.json:
         print(printable_json(report, indent=2, default=str))
     else:
@@ -79,18 +78,6 @@ def explain_recorded(args: argparse.Namespace, explained: Callable[[Gate, Verdic
             f"(revision {(recorded['policy_revision'] or '?')[:12]}); decided again now:"))
         print(text(report))
     return 0 if report["decision"] == row.decision else 1
-
-
-def _uid(value: Any) -> tuple[str, str]:
-    return (str(value["type"]), str(value["id"]))
-
-
-def _ids(text: str) -> list[str]:
-    try:
-        ids = json.loads(text)
-    except ValueError:
-        return []
-    return [str(i) for i in ids] if isinstance(ids, list) else []
 
 
 def _fail(message: str) -> int:

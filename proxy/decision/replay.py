@@ -107,15 +107,13 @@ def replay(store: SAEngine, candidate: Engine, since: datetime, *, batch_size: i
             else:
                 report.not_mapped += 1
             continue
-        stored = json.loads(row.cedar_request)
-        request = CedarRequest(_uid(stored["principal"]), _uid(stored["action"]), _uid(stored["resource"]),
-                               stored["context"])
+        request = stored_request(row.cedar_request)
         judged = judge(candidate, request, snapshot)
         report.replayed += 1
         if judged.outcome.value == row.decision:
             report.unchanged += 1
             continue
-        before = tuple(_ids(row.determining_policies))
+        before = tuple(recorded_policies(row.determining_policies))
         after = tuple(p.policy_id for p in judged.determining)
         key = (row.decision, before, judged.outcome.value, after)
         change = tally.get(key)
@@ -124,7 +122,7 @@ def replay(store: SAEngine, candidate: Engine, since: datetime, *, batch_size: i
         change.count += 1
         if len(change.examples) < examples:
             change.examples.append(Example(row.decision_id, row.at, row.agent, row.method,
-                                           _url(row, stored["context"]), row.action))
+                                           _url(row, request.context), row.action))
     report.changes = sorted(tally.values(), key=lambda c: (-c.count, c.recorded, c.candidate))
     return report
 
@@ -155,16 +153,24 @@ def _rows(store: SAEngine, since: datetime, batch_size: int) -> Iterator[Any]:
             after = batch[-1].id
 
 
-def _uid(value: Any) -> tuple[str, str]:
-    return (str(value["type"]), str(value["id"]))
+def stored_request(text: str) -> CedarRequest:
+    """The Cedar request a decision row keeps (`decisions.cedar_request`), as the engine takes it."""
+    stored = json.loads(text)
+    return CedarRequest(_uid(stored["principal"]), _uid(stored["action"]), _uid(stored["resource"]),
+                        stored["context"])
 
 
-def _ids(text: str) -> list[str]:
+def recorded_policies(text: str) -> list[str]:
+    """The @ids a decision row names as determining (`decisions.determining_policies`); [] if unreadable."""
     try:
         ids = json.loads(text)
     except ValueError:
         return []
     return [str(i) for i in ids] if isinstance(ids, list) else []
+
+
+def _uid(value: Any) -> tuple[str, str]:
+    return (str(value["type"]), str(value["id"]))
 
 
 def _url(row: Any, context: dict[str, Any]) -> str:
