@@ -1,5 +1,6 @@
 """Fixtures for the core's unit tests: a private copy of the bundled policies, a real SQLite record in
-a temporary file, a gate wired from both, and a throw-away PostgreSQL schema.
+a temporary file, a gate wired from both, a throw-away PostgreSQL schema, and the override workflow on
+either database.
 
 Everything here is a real part: real cedarpy, real files, real databases. Nothing is mocked.
 """
@@ -15,6 +16,9 @@ from proxy_support import PG_CONNINFO, PG_SERVER, pg_unreachable_reason
 
 from proxy.cedar.engine import Engine
 from proxy.decision.gate import Gate
+from proxy.oversight.holds import Holds
+from proxy.oversight.overrides import OverrideStore
+from proxy.oversight.workflow import OverrideWorkflow
 from proxy.record.store import Recorder, make_engine
 
 
@@ -51,6 +55,18 @@ def recorder(db_path: Path) -> Iterator[Recorder]:
 @pytest.fixture
 def gate(engine: Engine, recorder: Recorder) -> Gate:
     return Gate(engine, recorder)
+
+
+@pytest.fixture
+def workflow(database_url: str) -> Iterator[OverrideWorkflow]:
+    """The override workflow (its store, recorder and wake-ups) on the record's database, either kind."""
+    database = make_engine(database_url)
+    recorder = Recorder(database)
+    try:
+        yield OverrideWorkflow(OverrideStore(database), recorder, Holds())
+    finally:
+        recorder.close()
+        database.dispose()
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
-"""The notification tests' parts: the override workflow on a real database (a SQLite file, and a
-throw-away PostgreSQL schema), a signing webhook receiver on loopback, and notifiers built from a
-`notifications:` section as cedargate.yaml would give it."""
+"""The notification tests' parts: a signing webhook receiver on loopback, and notifiers built from a
+`notifications:` section as cedargate.yaml would give it, on the override workflow of tests/proxy/conftest.py
+(a real database: a SQLite file, and a throw-away PostgreSQL schema)."""
 
 from __future__ import annotations
 
@@ -10,23 +10,9 @@ import pytest
 from notify_support import APPROVERS, SECRET
 
 from proxy.notify.notifier import Notifier
-from proxy.oversight.holds import Holds
-from proxy.oversight.overrides import OverrideStore
 from proxy.oversight.workflow import OverrideWorkflow
-from proxy.record.store import Recorder, make_engine
 from proxy.settings.notifications import Notifications
 from tests.support.receiver import Receiver, webhook_receiver
-
-
-@pytest.fixture
-def workflow(database_url: str) -> Iterator[OverrideWorkflow]:
-    database = make_engine(database_url)
-    recorder = Recorder(database)
-    try:
-        yield OverrideWorkflow(OverrideStore(database), recorder, Holds())
-    finally:
-        recorder.close()
-        database.dispose()
 
 
 @pytest.fixture
