@@ -176,26 +176,28 @@ def test_out_of_files_on_accept_backs_off_and_logs_once(tmp_path, policy_dir, up
                           max_proxy_connections=5000, max_held_calls=100, max_unauthenticated_connections=5000,
                           header_read_timeout=120.0, idle_timeout=120.0)
     gate = start_cedargate(config, preexec_fn=low_limit)
-    flood: list[socket.socket] = []
     try:
-        for _ in range(files + 50):  # more than the process has files: the rest wait in the listen queue
-            try:
-                flood.append(socket.create_connection(("127.0.0.1", gate.proxy_port), timeout=2))
-            except TimeoutError:
-                break  # the listen queue is full too
-        until(lambda: any("out of files" in line for line in gate.output), "the out-of-files line")
-        time.sleep(3)  # a while at the limit, retrying: the retries must not be logged one by one
-        said = "".join(gate.output)
-        assert said.count("out of files") == 1, said
-        assert "socket.accept" not in said and "Unhandled error" not in said, said
-        # Other parts needing a file meanwhile (the core's jobs: expiry, chains...) may each say so once,
-        # not once a second.
-        failed = re.findall(r" ERROR (\S+): (.* failed)$", said, re.M)
-        assert len(failed) == len(set(failed)), said
+        flood: list[socket.socket] = []
+        try:
+            for _ in range(files + 50):  # more than the process has files: the rest wait in the listen queue
+                try:
+                    flood.append(socket.create_connection(("127.0.0.1", gate.proxy_port), timeout=2))
+                except TimeoutError:
+                    break  # the listen queue is full too
+            until(lambda: any("out of files" in line for line in gate.output), "the out-of-files line")
+            time.sleep(3)  # a while at the limit, retrying: the retries must not be logged one by one
+            said = "".join(gate.output)
+            assert said.count("out of files") == 1, said
+            assert "socket.accept" not in said and "Unhandled error" not in said, said
+            # Other parts needing a file meanwhile (the core's jobs: expiry, chains...) may each say so once,
+            # not once a second.
+            failed = re.findall(r" ERROR (\S+): (.* failed)$", said, re.M)
+            assert len(failed) == len(set(failed)), said
+        finally:
+            for sock in flood:
+                sock.close()
+        until(lambda: httpx.get(f"{gate.api_url}/healthz", timeout=BOUND).status_code == 200, "healthz answers")
+        with agent(gate) as http:
+            assert http.get(f"http://127.0.0.1:{upstream.http_port}/v1/instances").status_code == 200
     finally:
-        for sock in flood:
-            sock.close()
-    until(lambda: httpx.get(f"{gate.api_url}/healthz", timeout=BOUND).status_code == 200, "healthz answers")
-    with agent(gate) as http:
-        assert http.get(f"http://127.0.0.1:{upstream.http_port}/v1/instances").status_code == 200
-    gate.stop()
+        gate.stop()  # also when the test fails: a cedargate left running would hold its ports and files
