@@ -30,7 +30,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.engine import Engine as SAEngine
 from sqlmodel import Field, SQLModel
 
-from proxy.record.audit import AuditEntry
+from proxy.record.audit import ROW_NUMBER, AuditEntry
 from proxy.record.store import WRITES, utcnow
 
 
@@ -44,7 +44,7 @@ class NotificationCursor(SQLModel, table=True):
     __tablename__ = "notification_cursor"
 
     id: int = Field(default=1, primary_key=True, sa_column_kwargs={"autoincrement": False})
-    seq: int = 0
+    seq: int = Field(default=0, sa_type=ROW_NUMBER)  # an audit seq: as wide (revision 0012)
     lease_holder: str | None = None
     lease_until: datetime | None = _moment(optional=True)
 
@@ -61,7 +61,7 @@ class NotificationDelivery(SQLModel, table=True):
     __tablename__ = "notification_deliveries"
     __table_args__ = (Index("ix_notification_deliveries_channel_state_seq", "channel", "state", "seq"),)
 
-    seq: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    seq: int = Field(primary_key=True, sa_type=ROW_NUMBER, sa_column_kwargs={"autoincrement": False})
     channel: str = Field(primary_key=True)
     key: str = Field(index=True, unique=True)  # the Idempotency-Key: the same on every try
     kind: str  # a NoticeKind value

@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Engine, Table, bindparam, func, inspect, select, text
+from sqlalchemy import BigInteger, Engine, Integer, Table, bindparam, func, inspect, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlmodel import Field, SQLModel
@@ -78,10 +78,17 @@ class EventKind(StrEnum):
     REMINDER = "reminder"
 
 
+# A count of recorded rows: one or more per proxied call, so past 2**31 on a busy proxy. 64-bit on
+# PostgreSQL (revision 0012; its INTEGER is 32-bit and the next append would fail, refusing every call);
+# SQLite's INTEGER already holds 64 bits, and only a column declared exactly INTEGER PRIMARY KEY is the
+# table's rowid (numbered by SQLite), so it stays INTEGER there.
+ROW_NUMBER = BigInteger().with_variant(Integer(), "sqlite")
+
+
 class AuditEntry(SQLModel, table=True):
     __tablename__ = "audit_log"
 
-    seq: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    seq: int = Field(primary_key=True, sa_type=ROW_NUMBER, sa_column_kwargs={"autoincrement": False})
     at: datetime
     kind: str  # an EventKind value
     decision_id: str | None = Field(default=None, index=True)
@@ -99,7 +106,7 @@ class AuditHead(SQLModel, table=True):
     __tablename__ = "audit_head"
 
     id: int = Field(default=1, primary_key=True, sa_column_kwargs={"autoincrement": False})
-    seq: int
+    seq: int = Field(sa_type=ROW_NUMBER)
     hash: str
 
 

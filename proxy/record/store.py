@@ -75,7 +75,7 @@ class DecisionRecord(SQLModel, table=True):
               postgresql_where=text("cedar_request IS NOT NULL")),
     )
 
-    id: int | None = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True, sa_type=audit.ROW_NUMBER)  # one per call (revision 0012)
     decision_id: str = Field(index=True, unique=True)
     at: datetime = Field(index=True)
     agent: str

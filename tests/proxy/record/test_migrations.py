@@ -16,6 +16,7 @@ import pytest
 from alembic import command
 from sqlalchemy import Column, Integer, MetaData, String, Table, inspect, text
 from sqlalchemy.engine import Engine as SAEngine
+from sqlalchemy.exc import DBAPIError
 from sqlmodel import SQLModel
 
 from proxy.notify import outbox as notify_outbox
@@ -614,6 +615,17 @@ def test_a_database_at_0008_gains_the_notification_outbox_starting_at_its_audit_
     migrate_to(database, "0008")
     assert "notification_deliveries" not in inspect(database).get_table_names()
 
+    assert migrate(database) == head_revision()
+    with database.connect() as conn:
+        assert schema_differences(conn, _models()) == []
+        assert conn.execute(text("SELECT id, seq, lease_holder FROM notification_cursor")).all() == [(1, 1, None)]
+    outbox = notify_outbox.Outbox(database)
+    assert outbox.lease("here", 30)
+    with outbox.transaction() as conn:
+        assert outbox.cursor(conn) == 1
+    assert outbox.status(["ops-hook"])[0].pending == 0
+    assert OverrideStore(database).get("ovr-old") is not None and audit.verify(database).ok
+
 
 def test_a_database_at_0009_upgrades_to_escalation_chains_and_keeps_its_requests(database: SAEngine):
     """Revision 0010 gives each request its chain's standing: one opened before it stands at tier 1,
@@ -630,14 +642,6 @@ def test_a_database_at_0009_upgrades_to_escalation_chains_and_keeps_its_requests
     assert migrate(database) == head_revision()
     with database.connect() as conn:
         assert schema_differences(conn, _models()) == []
-        assert conn.execute(text("SELECT id, seq, lease_holder FROM notification_cursor")).all() == [(1, 1, None)]
-    outbox = notify_outbox.Outbox(database)
-    assert outbox.lease("here", 30)
-    with outbox.transaction() as conn:
-        assert outbox.cursor(conn) == 1
-    assert outbox.status(["ops-hook"])[0].pending == 0
-    assert OverrideStore(database).get("ovr-old") is not None and audit.verify(database).ok
-
 
     overrides = OverrideStore(database)
     old = overrides.get("ovr-old")
@@ -671,3 +675,58 @@ def test_a_database_at_0010_gains_the_index_retention_searches_keeping_its_rows(
         rows = conn.execute(text("SELECT decision_id FROM decisions WHERE cedar_request IS NOT NULL")).all()
     assert [tuple(r) for r in rows] == [("d-new",)]
     assert audit.verify(database).ok
+
+
+LAST_32_BIT = 2**31 - 1
+
+
+def test_a_database_at_0011_records_past_two_to_the_31_rows_once_upgraded(database: SAEngine):
+    """Revision 0012: a log whose seq reached the last 32-bit number goes on appending (on PostgreSQL the
+    next append failed before, and so every call was refused); so do the notification outbox and the
+    decisions' ids. SQLite's integers were 64-bit already: there the upgrade changes nothing."""
+    make_0_1_0_database(database)
+    add_0_1_0_rows(database)
+    migrate_to(database, "0011")
+    # A busy proxy's log: its last row at the largest seq a 32-bit column holds, correctly chained.
+    last = {"seq": LAST_32_BIT, "at": AT, "kind": "decision", "decision_id": "d-old", "override_id": None,
+            "agent": "ops-bot", "actor": None, "payload": "{}", "prev_hash": audit.GENESIS}
+    last["hash"] = audit.entry_hash(**last)  # type: ignore[arg-type]
+    with database.begin() as conn:
+        conn.execute(text("DELETE FROM audit_log"))
+        conn.execute(audit.AuditEntry.__table__.insert(), [last])  # type: ignore[attr-defined]
+        conn.execute(text("UPDATE audit_head SET seq = :seq, hash = :hash"), last)
+        conn.execute(text("UPDATE notification_cursor SET seq = :seq"), last)
+        conn.execute(DecisionRecord.__table__.insert(),  # type: ignore[attr-defined]
+                     [{**_new_decision(), "id": LAST_32_BIT, "decision_id": "d-last"}])
+        if database.dialect.name == "postgresql":
+            conn.execute(text("SELECT setval(pg_get_serial_sequence('decisions', 'id'), :seq)"), last)
+    event = {"kind": "decision", "at": AT, "decision_id": "d-next", "agent": "ops-bot", "payload": {}}
+    if database.dialect.name == "postgresql":
+        with pytest.raises(DBAPIError, match="out of range"), database.begin() as conn:
+            audit.append(conn, [event])  # what every call met before the upgrade
+
+    assert migrate(database) == head_revision()
+    with database.connect() as conn:
+        assert schema_differences(conn, _models()) == []
+    with database.begin() as conn:
+        assert audit.append(conn, [event])[0] == 2**31  # type: ignore[index]
+    recorder = Recorder(database, retry_interval=0.05)
+    try:
+        recorder.record({**_new_decision(), "decision_id": "d-new", "session": None, "tool": None,
+                         "cedar_request": None})
+        assert recorder.flush() and recorder.healthy
+    finally:
+        recorder.close()
+    with database.connect() as conn:
+        ids = conn.execute(text("SELECT id FROM decisions WHERE decision_id IN ('d-last', 'd-new') ORDER BY id"))
+        assert list(ids.scalars()) == [LAST_32_BIT, 2**31]
+        assert conn.execute(text("SELECT MAX(seq) FROM audit_log")).scalar() == 2**31 + 1
+
+    outbox = notify_outbox.Outbox(database)
+    with outbox.transaction() as conn:
+        outbox.advance(conn, LAST_32_BIT, 2**31, [{
+            "seq": 2**31, "channel": "ops-hook", "key": "k-past-32-bits", "kind": "opened", "override_id": None,
+            "notice": "{}", "state": notify_outbox.DeliveryState.PENDING, "attempts": 0, "created_at": AT}])
+        assert outbox.cursor(conn) == 2**31
+    [owed] = outbox.due("ops-hook", 10)
+    assert owed.seq == 2**31
