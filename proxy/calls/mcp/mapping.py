@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 from proxy.calls.mcp.jsonrpc import McpError, Message, check_routing_headers
@@ -17,6 +18,12 @@ UNCLASSIFIED = "unclassified"
 
 # (server, tool) -> `context.hints` for a tool the manifest does not classify (`proxy.calls.mcp.hints`).
 HintLookup = Callable[[str, str], dict[str, bool]]
+
+
+@cache
+def _body_field(kind: str) -> FieldSpec:
+    """A tool argument typed as a body field of `kind` (validated once per type, not once per call)."""
+    return FieldSpec.model_validate({"from": "body", "type": kind})
 
 
 def _never_listed(server: str, tool: str) -> dict[str, bool]:
@@ -73,20 +80,25 @@ def map_message(endpoint: McpEndpointSpec, http_method: str, message: Message | 
             "what it does; add it under the endpoint's tools in actions.yaml to allow it"
         )
     cedar_arguments = to_cedar(arguments)
-    declared = dict(spec.arguments) if spec is not None else {}
+    declared = spec.arguments if spec is not None else {}
     for name, argument in declared.items():
         if argument.required and (name not in arguments or arguments[name] is None):
             raise McpError(f"tools/call {tool}: argument {name!r} is required by actions.yaml")
     # The schema gives an argument name one type for every tool, so a name declared for any tool is
-    # typed (or refused) in every tool's call: a policy never compares a value of another type.
-    types = {**(argument_types or {}), **{n: a.type for n, a in declared.items()}}
-    for name, kind in types.items():
-        if name in arguments and arguments[name] is not None:
-            field = FieldSpec.model_validate({"from": "body", "type": kind})
-            try:
-                cedar_arguments[name] = typed_value(name, field, arguments[name])
-            except FieldError as exc:
-                raise McpError(f"tools/call {tool}: {exc}") from None
+    # typed (or refused) in every tool's call: a policy never compares a value of another type. The
+    # call's own arguments are walked, not every name the manifest declares: a call has a few.
+    types = argument_types or {}
+    for name, value in arguments.items():
+        if value is None:
+            continue
+        own = declared.get(name)
+        kind = own.type if own is not None else types.get(name)
+        if kind is None:
+            continue
+        try:
+            cedar_arguments[name] = typed_value(name, _body_field(kind), value)
+        except FieldError as exc:
+            raise McpError(f"tools/call {tool}: {exc}") from None
     context.update(
         tool=tool, arguments=cedar_arguments,
         severity=spec.severity if spec else UNCLASSIFIED, reversible=spec.reversible if spec else False,

@@ -6,6 +6,7 @@ import fnmatch
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from proxy.cedar.manifest.spec import PLACEHOLDER, HostSpec, ManifestSpec, McpEndpointSpec, RouteSpec
 from proxy.vocabulary.hosts import canonical_host
@@ -39,6 +40,9 @@ class Manifest:
                 self._globs.append((host.host.lower(), compiled))
             else:  # spelled as calls' hosts are: "API.Example." and "127.1" name the hosts they are
                 self._exact[canonical_host(host.host)] = compiled
+        # Read by every tools/call: gathered once (the spec is frozen), not walked over every tool per call.
+        self._argument_types: Mapping[str, str] = MappingProxyType(
+            {n: a.type for e in self.mcp_endpoints for t in e.tools.values() for n, a in t.arguments.items()})
 
     @property
     def actions(self) -> dict[str, RouteSpec]:
@@ -67,9 +71,9 @@ class Manifest:
         return next((e for p, e in routes.mcp.items() if p.lower().rstrip("/") == folded), None)
 
     @property
-    def argument_types(self) -> dict[str, str]:
+    def argument_types(self) -> Mapping[str, str]:
         """Each declared tool argument's type; one name has one type across all tools (checked at load)."""
-        return {n: a.type for e in self.mcp_endpoints for t in e.tools.values() for n, a in t.arguments.items()}
+        return self._argument_types
 
     def match(self, host: str, method: str, path: str) -> tuple[HostSpec | None, RouteMatch | None]:
         """(the host's spec or None if the host has no manifest, the matching route or None)."""
