@@ -473,7 +473,10 @@ def parse_json(call: Call, max_bytes: int) -> Any:
     _check_json_size(call, max_bytes)
     try:
         # Decoded as UTF-8 first: json.loads would guess UTF-16 or UTF-32 from the bytes.
-        parsed = json.loads(call.body.decode("utf-8"), object_pairs_hook=_unique_keys)
+        text = call.body.decode("utf-8")
+        if text.startswith("\ufeff"):  # refused as json.loads refuses it: a BOM is not JSON
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        parsed = _STRICT_JSON.decode(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise MappingError(f"body is declared as JSON but does not parse as UTF-8 JSON: {exc}") from exc
     except RecursionError:
@@ -522,6 +525,11 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
         raise MappingError(f"the JSON body has keys {first!r} and {second!r}, one name to servers that match "
                            "keys ignoring case (which take the last); send each key once, in one spelling")
     return found
+
+
+# json.loads with a hook builds a decoder and its scanner on every call: one, built once, parses every
+# body (it keeps no state between documents).
+_STRICT_JSON = json.JSONDecoder(object_pairs_hook=_unique_keys)
 
 
 def to_cedar_value(value: Any, depth: int = 0) -> Any:

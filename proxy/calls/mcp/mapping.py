@@ -65,10 +65,11 @@ def map_message(endpoint: McpEndpointSpec, http_method: str, message: Message | 
         if message.method == "prompts/get" and isinstance(params.get("name"), str):
             context["prompt"] = params["name"]
         return McpMapping("mcp_rpc", ("McpServer", server), context)
-    tool = message.params.get("name")
+    params = message.params
+    tool = params.get("name")
     if not isinstance(tool, str) or not TOOL_NAME.match(tool):
         raise McpError("tools/call names no tool, or one that is not 1 to 128 letters, digits, _ . or -")
-    arguments = message.params.get("arguments", {})
+    arguments = params.get("arguments", {})
     if arguments is None:
         arguments = {}
     if not isinstance(arguments, dict):
