@@ -10,7 +10,10 @@ Five targets, measured in one run, interleaved round by round so drift hits them
   cedargate-shadow  (with --shadow) one process judging every call by a shadow policy set as well
 
 Every request is `GET <scheme>://localhost:<upstream>/v1/instances` as agent ops-bot (Team ops), which
-the example policy "ops-read" permits. Over HTTP it is sent to the proxy in absolute form with basic
+the example policy "ops-read" permits; the `mcp` cells send an MCP `tools/call` instead (streamable HTTP:
+a JSON-RPC POST to `http://127.0.0.1:<upstream>/mcp`, answered with a JSON result), which each cedargate
+reads as `Action::"call_tool"` on `Tool::"bench/lookup_item"`: its copy of the example policies gains that
+MCP endpoint in actions.yaml and a permit for it. Over HTTP it is sent to the proxy in absolute form with basic
 proxy credentials; over HTTPS the client opens a CONNECT tunnel (with the credentials) and sends its
 requests inside TLS, trusting the proxy's CA; both proxies get the same bytes. Each cell (scheme x
 target x concurrency) runs a warm-up, then a fixed number of requests on keep-alive connections; a
@@ -22,7 +25,7 @@ else an asyncio raw-socket client in this process; HTTPS always uses the asyncio
 tunnel through a proxy). The upstream is an asyncio raw-socket HTTP/1.1 server in its own process, on a
 plain and a TLS port. Results go to bench/results/proxy_overhead.json.
 
-    .venv/bin/python bench/proxy_overhead.py [--requests 3000] [--rounds 3] [--schemes http https]
+    .venv/bin/python bench/proxy_overhead.py [--requests 3000] [--rounds 3] [--schemes http https mcp]
 """
 
 from __future__ import annotations
@@ -66,6 +69,14 @@ TOKEN = "bench-token-" + "x" * 32
 REQUEST_PATH = "/v1/instances"
 UPSTREAM_BODY = b'{"instances": [{"id": "i-1", "state": "running"}]}'
 
+# The MCP cells: a tools/call to an MCP server on the upstream, as an MCP client sends it over streamable
+# HTTP. 127.0.0.1, not localhost, so the endpoint the cedargates' manifest gains covers no other cell's calls.
+MCP_HOST = "127.0.0.1"
+MCP_PATH = "/mcp"
+MCP_SERVER = "bench"
+MCP_TOOL = "lookup_item"
+MCP_RESULT = {"content": [{"type": "text", "text": "item it-1: in stock"}], "isError": False}
+
 # Targets the brief sets (issue 10); a miss is reported, never a failing exit.
 TARGET_ONE_WORKER_RATIO = 0.95  # cedargate (one process) against plain mitmdump's throughput
 TARGET_TWO_WORKERS_RATIO = 1.5  # cedargate --workers 2 against plain mitmdump's throughput
@@ -82,6 +93,12 @@ _RESPONSE = (
     + b"\r\nConnection: keep-alive\r\n\r\n"
     + UPSTREAM_BODY
 )
+
+
+def _mcp_answer(body: bytes) -> bytes:
+    payload = json.dumps({"jsonrpc": "2.0", "id": json.loads(body).get("id"), "result": MCP_RESULT}).encode()
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            b"Connection: keep-alive\r\n\r\n" % len(payload)) + payload
 
 
 class _UpstreamProtocol(asyncio.Protocol):
@@ -105,8 +122,10 @@ class _UpstreamProtocol(asyncio.Protocol):
                 length = int(head[at + 17 : line_end if line_end >= 0 else len(head)].strip())
             if len(self.buf) < end + 4 + length:
                 break  # wait for the rest of the body
+            body = self.buf[end + 4 : end + 4 + length]
             self.buf = self.buf[end + 4 + length :]
-            out.append(_RESPONSE)
+            # A POST is an MCP tools/call (the only POST sent): its JSON-RPC result, under the call's id.
+            out.append(_mcp_answer(body) if head.startswith(b"post ") else _RESPONSE)
             if b"\r\nconnection: close" in head:
                 close = True
                 break
@@ -281,6 +300,30 @@ def request_bytes(upstream_port: int, via_proxy: bool, path: str = REQUEST_PATH)
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
+def mcp_body(n: int, unique: bool) -> bytes:
+    """Call n's tools/call: its own JSON-RPC id always; its own arguments in a unique cell (so cedargate
+    evaluates every call), else the same arguments each call (decided from the cache after the first).
+    Spelled as wrk's Lua script spells it, so both clients send the same bytes."""
+    item = n if unique else 1
+    return json.dumps({"jsonrpc": "2.0", "id": n, "method": "tools/call", "params": {
+        "name": MCP_TOOL, "arguments": {"item_id": f"it-{item}", "amount": item % 150}}}).encode()
+
+
+def mcp_request_bytes(upstream_port: int, via_proxy: bool, body: bytes) -> bytes:
+    target = f"http://{MCP_HOST}:{upstream_port}{MCP_PATH}" if via_proxy else MCP_PATH
+    lines = [
+        f"POST {target} HTTP/1.1",
+        f"Host: {MCP_HOST}:{upstream_port}",
+        "User-Agent: cedargate-bench",
+        "Accept: application/json, text/event-stream",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+    ]
+    if via_proxy:
+        lines.append(f"Proxy-Authorization: {proxy_auth()}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
 WRK_SCRIPT = r"""
 -- Generated by bench/proxy_overhead.py: fixed request count, figures as one JSON line.
 wrk.method = "GET"
@@ -316,6 +359,23 @@ end
 """
 
 
+# The MCP cells: a POST of a tools/call, numbered as mcp_body numbers it.
+WRK_MCP = r"""
+wrk.method = "POST"
+wrk.headers["Accept"] = "application/json, text/event-stream"
+wrk.headers["Content-Type"] = "application/json"
+local n = @START@
+local unique = @UNIQUE_ARGS@
+request = function()
+  n = n + 1
+  local item = unique and n or 1
+  return wrk.format(nil, nil, nil, string.format(
+    '{"jsonrpc": "2.0", "id": %d, "method": "tools/call", "params": {"name": "@TOOL@", ' ..
+    '"arguments": {"item_id": "it-%d", "amount": %d}}}', n, item, item % 150))
+end
+"""
+
+
 WRK_UNIQUE = r"""
 local n = @START@
 request = function()
@@ -327,17 +387,20 @@ end
 
 def run_wrk(
     workdir: Path, connect_port: int, upstream_port: int, via_proxy: bool, concurrency: int, count: int,
-    unique: bool = False,
+    unique: bool = False, mcp: bool = False,
 ) -> CellResult:
+    host, path = (MCP_HOST, MCP_PATH) if mcp else ("localhost", REQUEST_PATH)
+    if mcp:
+        numbering = (WRK_MCP.replace("@START@", str(_reserve(count * 2)))
+                     .replace("@UNIQUE_ARGS@", "true" if unique else "false").replace("@TOOL@", MCP_TOOL))
+    else:
+        numbering = WRK_UNIQUE.replace("@START@", str(_reserve(count * 2))) if unique else ""
     script = (
-        WRK_SCRIPT.replace(
-            "@PATH@", f"http://localhost:{upstream_port}{REQUEST_PATH}" if via_proxy else REQUEST_PATH
-        )
-        .replace("@HOST@", f"localhost:{upstream_port}")
+        WRK_SCRIPT.replace("@PATH@", f"http://{host}:{upstream_port}{path}" if via_proxy else path)
+        .replace("@HOST@", f"{host}:{upstream_port}")
         .replace("@AUTH@", f'wrk.headers["Proxy-Authorization"] = "{proxy_auth()}"' if via_proxy else "")
         .replace("@LIMIT@", str(count))
-        .replace("@UNIQUE@", WRK_UNIQUE.replace("@START@", str(_reserve(count * 2)))
-                 if unique else "")
+        .replace("@UNIQUE@", numbering)
     )
     lua = workdir / f"wrk-{connect_port}-{concurrency}.lua"
     lua.write_text(script)
@@ -525,10 +588,16 @@ def run_https(
 
 
 def run_python(
-    connect_port: int, upstream_port: int, via_proxy: bool, concurrency: int, count: int, unique: bool = False
+    connect_port: int, upstream_port: int, via_proxy: bool, concurrency: int, count: int, unique: bool = False,
+    mcp: bool = False,
 ) -> CellResult:
-    return asyncio.run(_python_load(
-        connect_port, lambda: request_bytes(upstream_port, via_proxy, call_path(unique)), concurrency, count))
+    if mcp:
+        def payload() -> bytes:
+            return mcp_request_bytes(upstream_port, via_proxy, mcp_body(next(_unique), unique))
+    else:
+        def payload() -> bytes:
+            return request_bytes(upstream_port, via_proxy, call_path(unique))
+    return asyncio.run(_python_load(connect_port, payload, concurrency, count))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -601,6 +670,45 @@ def start_mitmdump(procs: Processes, tmp: Path, upstream_ca: Path) -> Target:
     return Target("mitmdump", port, True, proc, " ".join(argv[1:]), ca)
 
 
+def add_mcp_server(policy_dir: Path) -> None:
+    """The MCP cells' server in a copy of the example policies: an endpoint on the upstream's host in
+    actions.yaml (one classified tool with typed arguments, as in bench/mcp_mapping.py), its Cedar schema
+    written again, and a permit for ops on it (the example github server's two permits, for this one)."""
+    import yaml
+
+    from proxy.cedar.manifest import load_manifest, schema_text
+
+    manifest_file = policy_dir / "actions.yaml"
+    manifest = yaml.safe_load(manifest_file.read_text())
+    manifest["hosts"].append({"host": MCP_HOST, "mcp": [{"path": MCP_PATH, "server": MCP_SERVER, "tools": {
+        MCP_TOOL: {"severity": "low", "arguments": {
+            "item_id": {}, "amount": {"type": "Decimal", "required": False}}}}}]})
+    manifest_file.write_text(yaml.safe_dump(manifest, sort_keys=False))
+    (policy_dir / "actions.cedarschema").write_text(schema_text(load_manifest(policy_dir)))
+    (policy_dir / "bench-mcp.cedar").write_text(
+        f'@id("bench-mcp-sessions")\npermit (principal in Team::"ops", action == Action::"mcp_rpc", '
+        f'resource == McpServer::"{MCP_SERVER}");\n\n'
+        f'@id("bench-mcp-tools")\npermit (principal in Team::"ops", action == Action::"call_tool", '
+        f'resource in McpServer::"{MCP_SERVER}");\n')
+
+
+def mcp_probe(port: int, upstream_port: int, via_proxy: bool, tool: str = MCP_TOOL) -> tuple[int, dict]:
+    """One tools/call through the proxy (or direct): the HTTP status and the JSON-RPC answer."""
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                       "params": {"name": tool, "arguments": {"item_id": "it-1"}}}).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(mcp_request_bytes(upstream_port, via_proxy, body).replace(
+            b"Content-Type:", b"Connection: close\r\nContent-Type:"))
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    try:
+        return int(head[9:12]), json.loads(payload)
+    except ValueError:
+        return int(head[9:12] or 0), {"unreadable": payload[:300].decode(errors="replace")}
+
+
 def start_cedargate(
     procs: Processes, tmp: Path, name: str, upstream_ca: Path, workers: int, shadow: bool = False
 ) -> tuple[Target, Path, Cedargate]:
@@ -608,9 +716,11 @@ def start_cedargate(
     the same policies as its shadow set (every call judged twice, no disagreement recorded)."""
     policy_dir = tmp / f"{name}-policies"
     shutil.copytree(REPO / "policies", policy_dir)  # a stable copy: the repo may change under us
+    add_mcp_server(policy_dir)
     shadow_line = ""
     if shadow:
         shutil.copytree(REPO / "policies", tmp / f"{name}-shadow")
+        add_mcp_server(tmp / f"{name}-shadow")
         shadow_line = f"shadow_policy_dir: {tmp / f'{name}-shadow'}\n"
     state_dir = tmp / f"{name}-state"
     config = tmp / f"{name}.yaml"
@@ -693,10 +803,11 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=500, help="unmeasured requests before each cell")
     parser.add_argument("--rounds", type=int, default=3, help="rounds; a cell reports the median round")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--schemes", nargs="+", choices=["http", "https"], default=["http", "https"])
+    parser.add_argument("--schemes", nargs="+", choices=["http", "https", "mcp"], default=["http", "https", "mcp"],
+                        help="mcp: an MCP tools/call (a JSON-RPC POST over HTTP) instead of a GET")
     parser.add_argument("--calls", nargs="+", choices=["same", "unique"], default=["same", "unique"],
                         help="same: one call repeated (decided from the cache after the first); unique: a "
-                             "new path each call, so every call is evaluated")
+                             "new path (mcp: new arguments) each call, so every call is evaluated")
     parser.add_argument("--client", choices=["auto", "wrk", "python"], default="auto",
                         help="the HTTP load client (HTTPS always uses the python one)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -721,6 +832,7 @@ def main() -> int:
         }[client],
         "https": "asyncio streams client in the benchmark process: CONNECT tunnel, then TLS, keep-alive",
     }
+    client_desc["mcp"] = client_desc["http"]
 
     # SIGTERM/SIGHUP become SystemExit, so the ExitStack below still stops every child.
     for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -783,21 +895,40 @@ def main() -> int:
                     f"permits: {status} {body[:300]!r}",
                     file=sys.stderr,
                 )
+        # The MCP cells: every target answers the tool call with the server's result, and each cedargate
+        # reads the message: a tool the manifest does not list is refused (an isError result it writes).
+        if "mcp" in args.schemes:
+            for t in targets:
+                status, answer = mcp_probe(t.port, upstream.http_port, t.via_proxy)
+                if status != 200 or answer.get("result") != MCP_RESULT:
+                    raise RuntimeError(f"{t.name}: the benchmark tools/call got {status} {answer}")
+            for t in targets:
+                if t.name not in gates:
+                    continue
+                status, answer = mcp_probe(t.port, upstream.http_port, True, "unlisted_tool")
+                result = answer.get("result") or {}
+                refused = status == 200 and result.get("isError") is True and "cedargate/problem" in (
+                    result.get("_meta") or {})
+                enforcing[t.name] = enforcing[t.name] and refused
+                if not refused:
+                    print(f"warning: {t.name} did not refuse tools/call unlisted_tool, which actions.yaml "
+                          f"does not list: {status} {answer}", file=sys.stderr)
 
         # Each variant: a scheme and whether every call is new ("http-unique") or one call repeated ("http").
         variants = [scheme if kind == "same" else f"{scheme}-unique" for scheme in args.schemes for kind in args.calls]
 
         def measure(variant: str, t: Target, concurrency: int, count: int) -> CellResult:
             scheme, unique = variant.split("-")[0], variant.endswith("-unique")
+            mcp = scheme == "mcp"  # over HTTP, as the http cells
             cpu_before = tree_cpu_seconds(t.proc.pid) if t.proc else None
             if scheme == "https":
                 trust = ssl.create_default_context(cafile=str(t.ca))
                 port = t.port if t.via_proxy else upstream.https_port
                 cell = run_https(port, upstream.https_port, t.via_proxy, trust, concurrency, count, unique)
             elif client == "wrk":
-                cell = run_wrk(tmp, t.port, upstream.http_port, t.via_proxy, concurrency, count, unique)
+                cell = run_wrk(tmp, t.port, upstream.http_port, t.via_proxy, concurrency, count, unique, mcp)
             else:
-                cell = run_python(t.port, upstream.http_port, t.via_proxy, concurrency, count, unique)
+                cell = run_python(t.port, upstream.http_port, t.via_proxy, concurrency, count, unique, mcp)
             if cpu_before is not None:
                 cpu = tree_cpu_seconds(t.proc.pid) - cpu_before
                 cell.proxy_cpu_us_per_req = cpu / cell.requests * 1e6
@@ -896,9 +1027,12 @@ def main() -> int:
             }
         )
 
-    # One allowed probe plus every request sent through each cedargate; wrk may send a few more than
-    # asked (the requests in flight on other connections when it stops), so the count is a lower bound.
-    expected_allowed = 1 + args.rounds * len(variants) * len(args.concurrency) * (args.warmup + args.requests)
+    # One allowed probe (two with the MCP cells) plus every request sent through each cedargate; wrk may
+    # send a few more than asked (the requests in flight on other connections when it stops), so the count
+    # is a lower bound. The refused probes: the PUT, and with the MCP cells the unlisted tool.
+    with_mcp = "mcp" in args.schemes
+    expected_allowed = (1 + with_mcp
+                        + args.rounds * len(variants) * len(args.concurrency) * (args.warmup + args.requests))
     total_errors = sum(
         summary[scheme][n][str(c)]["errors"] for scheme in summary for n in summary[scheme] for c in args.concurrency
     )
@@ -908,7 +1042,9 @@ def main() -> int:
         "command": "python bench/proxy_overhead.py " + " ".join(sys.argv[1:]),
         "client": client_desc,
         "request": f"GET <scheme>://localhost:<port>{REQUEST_PATH} as agent {AGENT} (allowed by policy "
-        "ops-read), HTTP/1.1 keep-alive; HTTPS through a CONNECT tunnel",
+        "ops-read), HTTP/1.1 keep-alive; HTTPS through a CONNECT tunnel; mcp: POST "
+        f"http://{MCP_HOST}:<port>{MCP_PATH} of a JSON-RPC tools/call of {MCP_TOOL} (call_tool on "
+        f"Tool::\"{MCP_SERVER}/{MCP_TOOL}\", allowed by policy bench-mcp-tools), answered with a JSON result",
         "upstream": "asyncio raw-socket HTTP/1.1 server in its own process (plain and TLS ports), "
         f"{len(UPSTREAM_BODY)}-byte JSON body",
         "requests_per_cell": args.requests,
@@ -932,7 +1068,7 @@ def main() -> int:
         "errors_total": total_errors,
         "cedargate_refused_forbidden_probe": enforcing,
         "cedargate_decisions_recorded": recorded,
-        "cedargate_decisions_expected": {"allow_at_least": expected_allowed, "deny": 1},
+        "cedargate_decisions_expected": {"allow_at_least": expected_allowed, "deny": 1 + with_mcp},
         "elapsed_s": round(elapsed, 1),
     }
     write_figures(args.out, result)
@@ -968,7 +1104,8 @@ def main() -> int:
     print()
     for chk in checks:
         print(f"{chk['target']}: measured {chk['measured']} -> meets target: {'yes' if chk['meets'] else 'no'}")
-    print(f"errors: {total_errors}; recorded: {recorded} (expected allow >= {expected_allowed}, deny = 1 each)")
+    print(f"errors: {total_errors}; recorded: {recorded} (expected allow >= {expected_allowed}, "
+          f"deny = {1 + with_mcp} each)")
     if total_errors:
         print("warning: some requests failed; see the JSON. cedargate log tails:\n" + "\n".join(logs.values()))
     print(
