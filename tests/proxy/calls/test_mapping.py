@@ -213,7 +213,9 @@ def test_large_non_json_body_is_not_refused():
     assert "body" not in request.context
 
 
-@pytest.mark.parametrize("raw", [b"{not json", b'{"a": 1', b"\xff\xfe\x00garbage", b"\x80abc"])
+# A UTF-8 byte order mark, and data after the document, as json.loads refuses them.
+@pytest.mark.parametrize("raw", [b"{not json", b'{"a": 1', b"\xff\xfe\x00garbage", b"\x80abc",
+                                 b'\xef\xbb\xbf{"a": 1}', b'{"a": 1} x', b'{"a": 1}{"a": 2}'])
 def test_invalid_json_is_refused_with_400(raw: bytes):
     with pytest.raises(MappingError) as info:
         _body(raw)
