@@ -166,6 +166,12 @@ def read_head(conn: Connection, *, lock: bool = False) -> tuple[int, str]:
         made = conn.execute(_genesis_head(conn).returning(_head.c.id)).first() is not None
         head = conn.execute(_HEAD_LOCKED).first()
     last = head.last if head is not None else conn.execute(_LAST).scalar()
+    return _checked_head(None if head is None else (head.seq, head.hash), last, made)
+
+
+def _checked_head(head: tuple[int, str] | None, last: int | None, made: bool) -> tuple[int, str]:
+    """`read_head`'s answer from what it read: the head row (None if there is none), the last row's seq
+    in the log, and whether this transaction made the head (its first append)."""
     if (head is None or made) and last is not None:
         raise AuditLogError(
             f"audit_log has rows up to seq {last} but audit_head is empty: the log was edited outside "
@@ -173,12 +179,12 @@ def read_head(conn: Connection, *, lock: bool = False) -> tuple[int, str]:
         )
     if head is None:
         return 0, GENESIS
-    if last is not None and last > head.seq:
+    if last is not None and last > head[0]:
         raise AuditLogError(
-            f"audit_log has rows up to seq {last} beyond audit_head (seq {head.seq}): rows were added "
+            f"audit_log has rows up to seq {last} beyond audit_head (seq {head[0]}): rows were added "
             "outside cedargate's append; run `cedargate audit verify`"
         )
-    return head.seq, head.hash
+    return head
 
 
 def _genesis_head(conn: Connection) -> Any:
@@ -202,7 +208,15 @@ def append(conn: Connection, events: Sequence[Mapping[str, Any]]) -> tuple[int, 
     """
     if not events:
         return None
-    seq, prev_hash = read_head(conn, lock=True)
+    rows = _chain(*read_head(conn, lock=True), events)
+    conn.execute(_INSERT, rows)
+    head = rows[-1]["seq"], rows[-1]["hash"]
+    conn.execute(_MOVE_HEAD, {"new_seq": head[0], "new_hash": head[1]})
+    return head
+
+
+def _chain(seq: int, prev_hash: str, events: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The rows that chain `events` after the head (`seq`, `prev_hash`), each with its hash."""
     rows = []
     for event in events:
         seq += 1
@@ -217,9 +231,59 @@ def append(conn: Connection, events: Sequence[Mapping[str, Any]]) -> tuple[int, 
         }
         row["hash"] = prev_hash = entry_hash(**row)
         rows.append(row)
-    conn.execute(_INSERT, rows)
-    conn.execute(_MOVE_HEAD, {"new_seq": seq, "new_hash": prev_hash})
-    return seq, prev_hash
+    return rows
+
+
+# `append` on SQLite through the driver itself (`append_sqlite`): the recorder's writer chains every
+# batch, and SQLAlchemy's execution path costs it more than SQLite's own statements do.
+_SQLITE_HEAD = "SELECT seq, hash, (SELECT max(seq) FROM audit_log) FROM audit_head WHERE id = 1"
+_SQLITE_GENESIS = f"INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, '{GENESIS}') ON CONFLICT (id) DO NOTHING"
+_LOG_COLUMNS = ("seq", "at", "kind", "decision_id", "override_id", "agent", "actor", "payload", "prev_hash", "hash")
+_SQLITE_MOVE_HEAD = "UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1"
+
+
+def append_sqlite(cursor: Any, events: Sequence[Mapping[str, Any]]) -> tuple[int, str] | None:
+    """`append` through a sqlite3 cursor whose connection is in a transaction begun IMMEDIATE (it holds
+    the write lock, so the head it reads stays its own until the commit). Rows and head are stored as
+    SQLAlchemy stores them (`sqlite_datetime`), so either path reads and verifies the other's."""
+    if not events:
+        return None
+    found = cursor.execute(_SQLITE_HEAD).fetchone()
+    made = False
+    if found is None:  # the first append to an empty log (the write lock is ours: nobody else can race)
+        made = cursor.execute(_SQLITE_GENESIS).rowcount == 1
+        found = cursor.execute(_SQLITE_HEAD).fetchone()
+    last = found[2] if found is not None else cursor.execute("SELECT max(seq) FROM audit_log").fetchone()[0]
+    rows = _chain(*_checked_head(None if found is None else (found[0], found[1]), last, made), events)
+    values = [value for row in rows
+              for value in (row["seq"], sqlite_datetime(row["at"]), *(row[k] for k in _LOG_COLUMNS[2:]))]
+    for start in range(0, len(rows), SQLITE_ROWS_PER_INSERT):
+        chunk = rows[start:start + SQLITE_ROWS_PER_INSERT]
+        cursor.execute(sqlite_insert("audit_log", _LOG_COLUMNS, len(chunk)),
+                       values[start * len(_LOG_COLUMNS):(start + len(chunk)) * len(_LOG_COLUMNS)])
+    head = rows[-1]["seq"], rows[-1]["hash"]
+    cursor.execute(_SQLITE_MOVE_HEAD, head)
+    return head
+
+
+# Rows per multi-row INSERT on SQLite: its limit on bound parameters is 32,766 (999 before 3.32), and
+# a decision row has 19 columns.
+SQLITE_ROWS_PER_INSERT = 50
+
+
+def sqlite_insert(table: str, columns: Sequence[str], rows: int, suffix: str = "") -> str:
+    """A multi-row INSERT of `rows` rows (one statement: the driver's executemany would release and
+    retake the GIL for every row)."""
+    one = "(" + ", ".join("?" * len(columns)) + ")"
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES {', '.join([one] * rows)}{suffix}"
+
+
+def sqlite_datetime(at: datetime) -> str:
+    """A datetime as SQLAlchemy's SQLite dialect stores one (`UTCDateTime`): UTC, no offset, microseconds.
+    A time without an offset is refused, as SQLAlchemy refuses it."""
+    if at.utcoffset() is None:
+        raise ValueError(f"a stored time needs its offset (UTC): {at!r}")
+    return at.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 def landed(conn: Connection, head: tuple[int, str]) -> bool:

@@ -12,7 +12,7 @@ import sqlite3
 import stat
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,7 @@ from proxy_support import sqlite_rows, wait_until
 from sqlalchemy import text
 from sqlmodel import SQLModel
 
-from proxy.record import audit
+from proxy.record import audit, store
 from proxy.record.store import Recorder, StoreUnavailable, count_decisions, make_engine
 
 
@@ -362,3 +362,54 @@ def test_a_row_enqueued_after_close_is_written_by_its_caller(db_path: Path):
     assert [(r["path"], r["upstream_status"]) for r in sqlite_rows(db_path)] == [
         ("/v1/instances/i-0", 200), ("/v1/instances/i-1", 200)]
     assert audit.verify(make_engine(f"sqlite:///{db_path}")).ok
+
+
+def test_the_writer_stores_rows_and_chain_byte_for_byte_as_sqlalchemy_does(tmp_path: Path):
+    """On SQLite the writer binds its batches through the driver: what it stores must read back the same
+    as SQLAlchemy's own binding of the same rows and events (times, defaults, text)."""
+    paris = timezone(timedelta(hours=1))
+    unset = {"session": None, "tool": None, "cedar_request": None}
+    rows = [_row(0, upstream_status=None, **unset), _row(1, at=datetime(2025, 6, 1, 12, 0, 0, tzinfo=paris),
+                                                         path="/v1/é", **unset),
+            _row(2, session="s-1", tool="t", cedar_request='{"a":1}')]
+    del rows[0]["determining_policies"]
+    rows[1]["at"] = rows[1]["at"].replace(microsecond=0)
+    outcomes = [{"upstream_status": 200 + i, "duration_ms": 1.5 * i, "errors": "[]"} for i in range(3)]
+
+    driver = Recorder(make_engine(f"sqlite:///{tmp_path / 'driver.db'}"))
+    try:
+        for row in rows:
+            driver.record(dict(row))
+        assert driver.flush()
+        for row, outcome in zip(rows, outcomes, strict=True):
+            driver.record_outcome(row["decision_id"], "ops-bot", outcome)
+        assert driver.flush()
+    finally:
+        driver.close()
+        driver.engine.dispose()
+
+    # The same through SQLAlchemy: the decisions, then their outcomes, the events chained in that order.
+    engine = make_engine(f"sqlite:///{tmp_path / 'sqlalchemy.db'}")
+    Recorder(engine).close()
+    events = [store._decision_event(dict(row)) for row in rows]
+    with engine.begin() as conn:
+        conn.execute(store._insert_new(conn), [dict(row, determining_policies=row.get("determining_policies", "[]"))
+                                               for row in rows])
+        audit.append(conn, events)
+    with engine.begin() as conn:
+        conn.execute(store._ADD_OUTCOME, [{"b_id": row["decision_id"], "b_status": o["upstream_status"],
+                                           "b_ms": o["duration_ms"], "b_errors": o["errors"]}
+                                          for row, o in zip(rows, outcomes, strict=True)])
+    engine.dispose()
+
+    def stored(name: str) -> tuple[list, list]:
+        con = sqlite3.connect(tmp_path / name)
+        try:
+            decisions = con.execute("SELECT * FROM decisions ORDER BY id").fetchall()
+            chain = con.execute("SELECT * FROM audit_log WHERE kind = 'decision' ORDER BY seq").fetchall()
+        finally:
+            con.close()
+        return decisions, chain
+
+    assert stored("driver.db") == stored("sqlalchemy.db")
+    assert audit.verify(make_engine(f"sqlite:///{tmp_path / 'driver.db'}")).ok
