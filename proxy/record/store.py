@@ -24,8 +24,10 @@ Writing twice is harmless: decision rows are inserted with ON CONFLICT (decision
 commit whose acknowledgement was lost (the server committed, the connection died) is never repeated:
 the head each transaction would leave names it (`audit.landed`), so before a retry the writer reads
 the log to learn whether the commit happened. `close` writes everything queued while it makes
-progress, and says loudly what it could not. On SQLite the writer checkpoints the WAL when idle
-(truncating it past `wal_limit`), and a database that cannot be written is refused at start (`writable`).
+progress, and says loudly what it could not. On SQLite a thread of its own checkpoints the WAL while
+rows are committed (truncating it past `wal_limit`), never the writer in a commit that calls wait on; the
+writer's batches go through the driver itself, and a database that cannot be written is refused at
+start (`writable`).
 
 A state change that must be recorded with its audit events (an override voted on, released, expired)
 goes through `Recorder.transact`: the writer thread runs it in its own transaction, after everything
