@@ -7,12 +7,14 @@ Two measurements, side by side in one run:
                 PostgreSQL), by 1 and by 16 concurrent
                 callers (group commit: the rows that arrive while one commit runs share the next).
                 Latency per wait, rows a second, and CPU per row (this process, writer thread included).
-  end to end    `cedargate run` of this checkout (records before forwarding) against a baseline
-                `cedargate` that records after the upstream answered (by default the one installed in
-                /work/main/.venv, the release before this change), each on its own SQLite state dir,
+  end to end    `cedargate run` of this checkout (records before forwarding) against the same checkout
+                whose calls do not wait for their record (`no_wait`: `Recorder.commit` only enqueues the
+                row, as `record` does, so it is written after the call went; a wrapper started in
+                place of the console script patches it in), each on its own SQLite state dir,
                 `GET /v1/instances` allowed by the bundled policies, at c=1 and c=16, rounds interleaved
-                so drift hits both alike. Latency, throughput and the proxy's CPU per request
-                (user+system of the whole process, from /proc).
+                so drift hits both alike: the difference is what waiting for the commit costs. Latency,
+                throughput and the proxy's CPU per request (user+system of the whole process, from /proc).
+                `--baseline PATH` compares with another cedargate console script instead.
 
 The load client and the upstream are bench/proxy_overhead.py's (imported, not changed).
 Figures go to bench/results/record_latency.json.
@@ -38,6 +40,7 @@ from figures import write_figures
 from proxy_overhead import (
     REPO,
     Processes,
+    Upstreams,
     cpu_seconds,
     git_commit,
     run_python,
@@ -51,7 +54,27 @@ from proxy.record.store import Recorder, make_engine  # noqa: E402
 from tests.support import launch  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "record_latency.json"
-DEFAULT_BASELINE = Path("/work/main/.venv/bin/cedargate")
+# `cedargate` whose calls go without waiting for their record: what the record-before-forward wait adds is
+# the difference. The rows are still written, by the writer, as `record` writes a refusal's.
+NO_WAIT = f"""#!{sys.executable}
+import sys
+from concurrent.futures import Future
+
+from proxy.record.store import Recorder
+
+
+def commit(self, row, *, fail_fast=True):
+    self.record(row)
+    done = Future()
+    done.set_result(None)
+    return done
+
+
+Recorder.commit = commit
+from proxy.cli.main import main  # noqa: E402
+
+sys.exit(main())
+"""
 
 
 def _row() -> dict:
@@ -99,16 +122,15 @@ def commit_wait(url: str, concurrency: int, count: int) -> dict:
             "cpu_us_per_row": round(cpu / n * 1e6, 1)}
 
 
-def end_to_end(procs: Processes, tmp: Path, name: str, binary: Path, upstream: int, concurrency: int,
+def end_to_end(procs: Processes, tmp: Path, name: str, binary: Path, upstream: Upstreams, concurrency: int,
                count: int, warmup: int) -> dict:
     launch.CEDARGATE = binary  # the launcher starts this build's console script
-    home = tmp / f"{name}-c{concurrency}-{uuid.uuid4().hex[:6]}"
-    home.mkdir()
-    target, _state, gate = start_cedargate(procs, home)
+    target, _state, gate = start_cedargate(procs, tmp, f"{name}-c{concurrency}-{uuid.uuid4().hex[:6]}",
+                                           upstream.ca, 1)
     try:
-        run_python(target.port, upstream, True, concurrency, warmup)
+        run_python(target.port, upstream.http_port, True, concurrency, warmup)
         cpu = cpu_seconds(gate.process.pid)
-        result = run_python(target.port, upstream, True, concurrency, count)
+        result = run_python(target.port, upstream.http_port, True, concurrency, count)
         result.proxy_cpu_us_per_req = (cpu_seconds(gate.process.pid) - cpu) / result.requests * 1e6
     finally:
         procs.stop(gate.process)
@@ -128,23 +150,30 @@ def main() -> int:
                         help="also time the commit wait on this PostgreSQL database (a throw-away schema: "
                         "it gets cedargate's tables), e.g. postgresql+psycopg://postgres@127.0.0.1/test"
                         "?options=-csearch_path%%3Dbench")
-    parser.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE,
-                        help="a cedargate console script that records after the upstream answered")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--baseline", type=Path,
+                        help="compare with this cedargate console script rather than this build without the wait")
     args = parser.parse_args()
     this = launch.CEDARGATE
     builds = {"record_before_forward": this}
-    if args.baseline.exists():
-        builds["record_after_answer"] = args.baseline
-    else:
-        print(f"no baseline at {args.baseline}: measuring this build only", file=sys.stderr)
+    if args.baseline is not None and not args.baseline.exists():
+        parser.error(f"no cedargate at {args.baseline}")
 
     figures: dict = {"when": datetime.now(UTC).isoformat(timespec="seconds"), "commit": git_commit(),
                      "versions": versions(), "cpus": os.cpu_count(),
                      "command": "python bench/record_latency.py " + " ".join(sys.argv[1:]),
-                     "builds": {name: str(path) for name, path in builds.items()}}
+                     "load_average": os.getloadavg()}
     procs = Processes()
     with tempfile.TemporaryDirectory(prefix="cedargate-record-latency-") as tmp_name:
         tmp = Path(tmp_name)
+        if args.baseline is None:
+            no_wait = tmp / "cedargate-no-wait"
+            no_wait.write_text(NO_WAIT)
+            no_wait.chmod(0o755)
+            builds["record_after_answer"] = no_wait
+        else:
+            builds["record_after_answer"] = args.baseline
+        figures["builds"] = {name: str(path) for name, path in builds.items()}
         try:
             figures["commit_wait_sqlite"] = {
                 f"c{c}": commit_wait(f"sqlite:///{tmp / f'commit-wait-c{c}.db'}", c, args.requests * 2)
@@ -154,7 +183,7 @@ def main() -> int:
                 figures["commit_wait_postgres"] = {
                     f"c{c}": commit_wait(args.postgres, c, args.requests * 2) for c in (1, 16)}
                 print("commit wait, PostgreSQL:", figures["commit_wait_postgres"], flush=True)
-            upstream = start_upstream(procs)
+            upstream = start_upstream(procs, tmp)
             rounds: dict[str, list[dict]] = {}
             for round_ in range(args.rounds):
                 for concurrency in (1, 16):
@@ -183,7 +212,7 @@ def main() -> int:
                                                   / busy_after["proxy_cpu_us_per_req"], 3),
         }
     figures["goal"] = "record-before-forward adds under 0.5 ms p50 at c=1 on SQLite (group commit)"
-    write_figures(RESULTS, figures)
+    write_figures(args.out, figures)
     print(figures.get("added"), flush=True)
     return 0
 
