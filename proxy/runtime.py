@@ -60,6 +60,10 @@ class Runtime:
     api_base_url: str = field(default="")
     shadow: ShadowPolicies | None = None  # `shadow_policy_dir`'s set, judged beside the live one
     notifier: Notifier | None = None  # None: no notification routes configured
+    # Under `cedargate run --workers N`, the pids of every proxy worker started, live or gone (set by the
+    # supervisor): the processes whose figures /status reports, this one proxying nothing. None: this
+    # process is the proxy.
+    proxy_workers: Callable[[], list[int]] | None = None
 
     @classmethod
     def start(cls, settings: Settings) -> Runtime:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
 from datetime import datetime
 from typing import Any
@@ -12,7 +13,9 @@ from pydantic import BaseModel, Field
 from sqlalchemy.exc import SQLAlchemyError
 
 from override_api.deps import RuntimeDep
+from proxy.calls.capacity import proxy_processes
 from proxy.cedar.context import time_context
+from proxy.decision.shadow import judged_by
 from proxy.observe import metrics
 from proxy.record.store import utcnow
 from proxy.runtime import Runtime
@@ -61,9 +64,8 @@ class ShadowStatus(BaseModel):
     last_error: str | None = Field(description="why the shadow directory could not be (re)loaded; live "
                                    "decisions are never affected")
     last_error_at: datetime | None
-    evaluated: int = Field(description="calls judged by the shadow set in this process since it started (under "
-                           "--workers the workers judge them: see cedargate_shadow_disagreements_total or the "
-                           "shadow_disagreements table)")
+    evaluated: int = Field(description="calls judged by the shadow set since cedargate started (with --workers "
+                           "N, by every worker, summed)")
     disagreements: int = Field(description="of those, the calls it decided otherwise than the live set "
                                "(each is a row of shadow_disagreements)")
     skipped: int = Field(description="calls not judged because too many were waiting")
@@ -87,20 +89,40 @@ class ClockStatus(BaseModel):
     local: dict[str, Any] = Field(description="context.local for a call decided now (hour, minute, weekday, date)")
 
 
+class ProxyProcessLimits(BaseModel):
+    """One process serving the proxy: its ceilings and what it has open now."""
+
+    pid: int
+    held_calls: int = Field(description="calls it holds for review now")
+    max_held_calls: int = Field(description="past it, an escalation it gets is answered at once, not held")
+    proxy_connections: int = Field(description="agents' and upstream connections it has open now")
+    agent_connections: int
+    upstream_connections: int
+    max_proxy_connections: int = Field(description="past it, a new agent connection to it gets 503 proxy-saturated")
+    refused_connections: int = Field(description="agent connections it refused at its ceiling since it started")
+    not_held: int = Field(description="escalations it answered at once at its held ceiling since it started")
+
+
 class LimitsStatus(BaseModel):
-    """The saturation ceilings of the proxy in this process (proxy.calls.capacity), and the headroom now."""
+    """The proxy's saturation ceilings (proxy.calls.capacity) and the headroom now: of this process, or with
+    --workers N of every worker, summed, each worker's figures under `processes`."""
 
     held_calls: int = Field(description="calls held for review now")
-    max_held_calls: int = Field(description="past it, an escalation is answered at once, not held")
+    max_held_calls: int = Field(description="past it, an escalation is answered at once, not held (with "
+                                            "--workers N, the workers' ceilings summed: each has its own)")
     proxy_connections: int = Field(description="agents' and upstream connections open now")
     agent_connections: int
     upstream_connections: int
-    max_proxy_connections: int = Field(description="past it, a new agent connection gets 503 proxy-saturated")
-    refused_connections: int = Field(description="agent connections refused at the ceiling since start")
-    not_held: int = Field(description="escalations answered at once at the held ceiling since start")
-    open_file_limit: int
-    proxy_workers: int = Field(description="with --workers N the proxy runs in N other processes, each with "
-                                           "these ceilings; the counts here are then this process's (none)")
+    max_proxy_connections: int = Field(description="past it, a new agent connection gets 503 proxy-saturated "
+                                                   "(with --workers N, summed: each worker has its own)")
+    refused_connections: int = Field(description="agent connections refused at the ceiling since cedargate "
+                                                 "started (with --workers N, by every worker, replaced ones too)")
+    not_held: int = Field(description="escalations answered at once at the held ceiling since cedargate started")
+    open_file_limit: int = Field(description="this process's; the workers of --workers N inherit it")
+    proxy_workers: int = Field(description="the processes serving the proxy: with --workers N, N others "
+                                           "than the API's")
+    processes: list[ProxyProcessLimits] = Field(description="each process serving the proxy: this one, or "
+                                                            "with --workers N each live worker")
 
 
 class ChainsStatus(BaseModel):
@@ -143,7 +165,7 @@ def healthz(runtime: RuntimeDep) -> JSONResponse:
             summary="Live policy revision, reload errors, store health, escalations nobody could grant, "
                     "notification channels")
 def status(request: Request, runtime: RuntimeDep) -> Status:
-    engine, recorder, capacity = runtime.engine, runtime.recorder, runtime.capacity
+    engine, recorder = runtime.engine, runtime.recorder
     bundle = engine.snapshot.bundle
     return Status(
         status="degraded" if engine.status.last_error or not recorder.healthy else "ok",
@@ -162,23 +184,48 @@ def status(request: Request, runtime: RuntimeDep) -> Status:
             records_written=recorder.written,
             last_error=recorder.last_error,
         ),
-        limits=LimitsStatus(
-            held_calls=runtime.holds.held, max_held_calls=capacity.max_held,
-            proxy_connections=capacity.connections, agent_connections=capacity.agents,
-            upstream_connections=capacity.upstreams, max_proxy_connections=capacity.max_connections,
-            refused_connections=capacity.refused_connections, not_held=capacity.not_held,
-            open_file_limit=capacity.open_files, proxy_workers=runtime.settings.workers,
-        ),
+        limits=_limits(runtime),
         unreachable_escalations=[UnreachableEscalationStatus.model_validate(u.as_dict())
                                  for u in runtime.unreachable_escalations()],
         metrics=MetricsStatus(shared_between_processes=metrics.shared_directory() is not None,
                               token_required=request.app.state.metrics_token is not None),
-        shadow=ShadowStatus.model_validate(asdict(runtime.shadow.status)) if runtime.shadow else None,
+        shadow=_shadow(runtime),
         notifications=_notifications(runtime),
         escalation_chains=_chains(runtime),
         clock=_clock(runtime),
         tool_hints=runtime.gate.hints.known(),
     )
+
+
+def _limits(runtime: Runtime) -> LimitsStatus:
+    capacity = runtime.capacity
+    here = capacity.figures(runtime.holds.held, os.getpid())
+    processes, refused, not_held = [here], here.refused_connections, here.not_held
+    # Under --workers N the proxy's figures are the workers', read from the metrics they share.
+    if runtime.proxy_workers is not None and (workers := proxy_processes(runtime.proxy_workers())) is not None:
+        processes, refused, not_held = workers.processes, workers.refused_connections, workers.not_held
+    each = [ProxyProcessLimits(
+        pid=p.pid, held_calls=p.held, max_held_calls=p.max_held, proxy_connections=p.agents + p.upstreams,
+        agent_connections=p.agents, upstream_connections=p.upstreams, max_proxy_connections=p.max_connections,
+        refused_connections=p.refused_connections, not_held=p.not_held) for p in processes]
+    return LimitsStatus(
+        held_calls=sum(p.held_calls for p in each), max_held_calls=sum(p.max_held_calls for p in each),
+        proxy_connections=sum(p.proxy_connections for p in each),
+        agent_connections=sum(p.agent_connections for p in each),
+        upstream_connections=sum(p.upstream_connections for p in each),
+        max_proxy_connections=sum(p.max_proxy_connections for p in each),
+        refused_connections=refused, not_held=not_held, open_file_limit=capacity.open_files,
+        proxy_workers=runtime.settings.workers, processes=each,
+    )
+
+
+def _shadow(runtime: Runtime) -> ShadowStatus | None:
+    if runtime.shadow is None:
+        return None
+    status = runtime.shadow.status
+    if runtime.proxy_workers is not None:  # the workers judge the calls; this process judges none
+        status = judged_by(status, runtime.proxy_workers())
+    return ShadowStatus.model_validate(asdict(status))
 
 
 def _chains(runtime: Runtime) -> ChainsStatus | None:

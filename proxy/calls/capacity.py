@@ -19,12 +19,15 @@ held calls two thirds, so allowed calls still find connections while the held ce
 
 Plain Python: the fronts report connections here; `/status` reads the counts, and the metrics
 (`proxy.observe.metrics`: cedargate_proxy_connections, the ceilings, cedargate_saturation_refusals_total)
-are kept as they change.
+are kept as they change. Under `cedargate run --workers N` the proxy's counts live in the workers, and the
+supervisor, whose API answers `/status`, reads them from the metrics every process shares
+(`proxy_processes`).
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from proxy.observe import metrics
@@ -102,7 +105,68 @@ class Capacity:
         metrics.saturation_refusal("not_held")
         return False
 
+    def figures(self, held: int, pid: int) -> ProcessLimits:
+        """This process's figures, `held` calls being held now."""
+        return ProcessLimits(pid, held, self.max_held, self.agents, self.upstreams, self.max_connections,
+                             self.refused_connections, self.not_held)
+
     def saturated_detail(self) -> str:
         return (f"cedargate has {self.connections} of its {self.max_connections} connections open "
                 "(max_proxy_connections); this connection was not read and nothing was forwarded. "
                 f"Retry after {RETRY_AFTER} seconds.")
+
+
+@dataclass(frozen=True)
+class ProcessLimits:
+    """One proxy process's ceilings and what it has open now; `refused_connections` and `not_held` count
+    since it started."""
+
+    pid: int
+    held: int
+    max_held: int
+    agents: int
+    upstreams: int
+    max_connections: int
+    refused_connections: int
+    not_held: int
+
+
+@dataclass(frozen=True)
+class ProxyLimits:
+    """The proxy processes' figures: each live one's, and since cedargate started, the answers given at the
+    ceilings by all of them (those of workers that died and were replaced included)."""
+
+    processes: list[ProcessLimits]
+    refused_connections: int
+    not_held: int
+
+
+_SAMPLES = ("cedargate_held_calls", "cedargate_held_calls_ceiling", "cedargate_proxy_connections",
+            "cedargate_proxy_connections_ceiling", "cedargate_saturation_refusals_total")
+
+
+def proxy_processes(pids: Iterable[int]) -> ProxyLimits | None:
+    """The figures of the proxy workers `pids` (every one started, live or gone), as they record them in
+    the metrics shared between processes (`cedargate run --workers N`); None when values are not shared.
+
+    A worker that is gone has no live gauges left (they went with it: `metrics.process_gone`), so it is
+    not listed, though its refusals still count in the totals.
+    """
+    if metrics.shared_directory() is None:
+        return None
+    found = metrics.by_process(_SAMPLES, pids)
+    processes, refused, not_held = [], 0, 0
+    for pid, samples in sorted(found.items()):
+        refusals = _value(samples, "cedargate_saturation_refusals_total", kind="connection")
+        unheld = _value(samples, "cedargate_saturation_refusals_total", kind="not_held")
+        refused, not_held = refused + refusals, not_held + unheld
+        if ceiling := _value(samples, "cedargate_proxy_connections_ceiling"):
+            processes.append(ProcessLimits(
+                pid, _value(samples, "cedargate_held_calls"), _value(samples, "cedargate_held_calls_ceiling"),
+                _value(samples, "cedargate_proxy_connections", side="agent"),
+                _value(samples, "cedargate_proxy_connections", side="upstream"), ceiling, refusals, unheld))
+    return ProxyLimits(processes, refused, not_held)
+
+
+def _value(samples: dict[metrics.SampleKey, float], name: str, **labels: str) -> int:
+    return int(samples.get((name, tuple(sorted(labels.items()))), 0))

@@ -83,7 +83,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None, log_leve
             else:
                 at = settings.model_copy(update={"proxy": Listen(host=settings.proxy.host, port=proxy_port),
                                                  "api": Listen(host=settings.api.host, port=api_port)})
-                await _supervise(at, proxy_sockets, api, api_socket, announce, log_level)
+                await _supervise(at, runtime, proxy_sockets, api, api_socket, announce, log_level)
         finally:
             runtime.jobs.stop()
             runtime.close()
@@ -112,9 +112,10 @@ async def _one_process(settings: Settings, runtime: Runtime, proxy_socket: socke
                          announce(lambda: bool(proxy_addrs(master))))
 
 
-async def _supervise(settings: Settings, proxy_sockets: list[socket.socket], api: uvicorn.Server,
-                     api_socket: socket.socket, announce: Announce, log_level: str) -> None:
+async def _supervise(settings: Settings, runtime: Runtime, proxy_sockets: list[socket.socket],
+                     api: uvicorn.Server, api_socket: socket.socket, announce: Announce, log_level: str) -> None:
     workers = Workers(settings, proxy_sockets, log_level)
+    runtime.proxy_workers = lambda: workers.started  # /status reports theirs: this process proxies nothing
     stopped = asyncio.Event()
 
     def stop() -> None:

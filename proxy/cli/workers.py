@@ -47,6 +47,7 @@ class Workers:
         self.sockets = sockets  # worker i serves on sockets[i], and so does the one that replaces it
         self.log_level = log_level
         self.processes: list[asyncio.subprocess.Process] = []
+        self.started: list[int] = []  # every worker's pid, live or gone: whose figures /status sums
         self.stopping = False
         self._deaths: deque[float] = deque()
         self._relays: set[asyncio.Task[None]] = set()
@@ -74,6 +75,7 @@ class Workers:
             start_new_session=True,
         )
         assert process.stdin is not None and process.stdout is not None
+        self.started.append(process.pid)
         # Its settings, then nothing: the pipe stays open as long as this process lives (see the worker).
         process.stdin.write(self.settings.model_dump_json().encode() + b"\n")
         await process.stdin.drain()

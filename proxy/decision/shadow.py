@@ -11,7 +11,9 @@ error) it counts it (`cedargate_shadow_disagreements_total{live,shadow}`) and re
 transactions of their own, never in the recorder's batches: a live decision's commit never depends on a
 shadow row. A row the store refuses is dropped, logged and counted (`lost` under /status `shadow`). So
 the agent's call never waits for the shadow set; the queue is bounded, and a call that finds it full is
-counted as skipped rather than making anyone wait.
+counted as skipped rather than making anyone wait. Each of these counts is kept in the process and in
+the metrics (`cedargate_shadow_calls_total{result}`), whence `/status` sums the workers' under `--workers N`
+(`judged_by`): there the workers judge the calls, and the API's process judges none.
 
 The shadow set is loaded and reloaded like the live one (`proxy.cedar.engine.Engine`, polled, taken only
 once the files look the same on two polls), but it may be missing or invalid at start, or become so: that
@@ -28,8 +30,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,7 +39,8 @@ from typing import TYPE_CHECKING, Any
 from proxy.cedar.engine import CedarRequest, Engine
 from proxy.cedar.policy import PolicyLoadError, directory_signature
 from proxy.decision.judgement import Outcome, judge
-from proxy.observe.metrics import SHADOW_POLICIES, shadow_disagreed
+from proxy.observe import metrics
+from proxy.observe.metrics import SHADOW_POLICIES, shadow_calls, shadow_disagreed
 from proxy.record.shadow import write_disagreements
 from proxy.record.store import Recorder
 
@@ -126,6 +129,7 @@ class ShadowPolicies:
             self._queue.put_nowait(observed)
         except queue.Full:
             self.skipped += 1
+            shadow_calls("skipped")
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every call queued so far has been judged and its disagreement written or counted as
@@ -189,6 +193,7 @@ class ShadowPolicies:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
+            judged = self.evaluated
             try:
                 for observed in batch:
                     if observed is None:
@@ -202,6 +207,7 @@ class ShadowPolicies:
             finally:
                 # Before task_done: `flush` returns only once the rows judged so far are written (or lost).
                 self._write_rows()
+                shadow_calls("judged", self.evaluated - judged)  # once a batch: a mapped file's lock each time
                 for _ in batch:
                     self._queue.task_done()
             # Let the next calls gather: a busy proxy then wakes this thread LINGER apart, not once per
@@ -236,6 +242,7 @@ class ShadowPolicies:
             write_disagreements(self.recorder.engine, rows)
         except Exception as exc:
             self.lost += len(rows)
+            shadow_calls("lost", len(rows))
             if not self._writing_failed:
                 log.error("shadow disagreements could not be written and are dropped (live decisions are "
                           "unaffected; /status shadow.lost counts them): %s", _short(exc))
@@ -244,6 +251,23 @@ class ShadowPolicies:
         if self._writing_failed:
             log.warning("shadow disagreements are written again (%d lost meanwhile)", self.lost)
         self._writing_failed = False
+
+
+def judged_by(status: ShadowStatus, pids: Iterable[int]) -> ShadowStatus:
+    """`status` (this process's shadow set) with the counts of the processes `pids` instead, summed from
+    the metrics they share (`cedargate run --workers N`: the workers judge the calls, the API's process
+    none); as it is when values are not shared."""
+    if metrics.shared_directory() is None:
+        return status
+    counts = {"judged": 0, "skipped": 0, "lost": 0, "disagreements": 0}
+    for samples in metrics.by_process(("cedargate_shadow_calls_total", "cedargate_shadow_disagreements_total"),
+                                      pids).values():
+        for (name, labels), value in samples.items():
+            key = dict(labels).get("result", "") if name == "cedargate_shadow_calls_total" else "disagreements"
+            if key in counts:
+                counts[key] += int(value)
+    return replace(status, evaluated=counts["judged"], disagreements=counts["disagreements"],
+                   skipped=counts["skipped"], lost=counts["lost"])
 
 
 def _row(observed: Observed, shadow_policies: list[str], shadow_revision: str, shadow: str) -> dict[str, Any]:

@@ -10,7 +10,10 @@ help texts are one list (the README's "Metrics" section describes it). Who recor
 - the recorder's writer thread sets its queue's depth and lag (`store_backlog`);
 - the live policy engine counts reloads and marks the live revision (`LIVE_POLICIES`); the shadow set's
   engine reports under names of its own (`SHADOW_POLICIES`), so it never reads as live;
-- the shadow policies count the calls they decided otherwise than the live set (`shadow_disagreed`);
+- the shadow policies count the calls they decided otherwise than the live set (`shadow_disagreed`), and
+  the calls they judged, skipped or lost (`shadow_calls`);
+- the proxy's fronts count its connections and the answers given at its ceilings (`proxy_connection`,
+  `saturation_refusal`), and each proxy process its ceilings (`proxy_ceilings`);
 - the notifications' sweep counts each channel's deliveries and failed tries (`notification_delivered`,
   `notification_failed`; channel names are the operator's, from cedargate.yaml);
 - the override requests by status are read from the store at scrape time (`OverrideStatusCollector`,
@@ -20,7 +23,8 @@ help texts are one list (the README's "Metrics" section describes it). Who recor
 show them all: it calls `share_between_processes` before anything is recorded, which points
 prometheus_client's multiprocess mode at a fresh directory under the state directory (exported as
 PROMETHEUS_MULTIPROC_DIR, so the workers it then starts inherit it): each process writes its values to
-its own memory-mapped files there, and the scrape (`exposition`) sums them. Gauges say how to combine
+its own memory-mapped files there, and the scrape (`exposition`) sums them; `/status` reads them per
+process (`by_process`). Gauges say how to combine
 processes (`multiprocess_mode`): what is held or queued now is summed over the live processes, a lag is
 their maximum. Without it (`mitmdump -s addons/enforcer.py`, the tests of the core) the values live in
 this process and the scrape reads them directly.
@@ -37,6 +41,7 @@ labels.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -57,6 +62,7 @@ from prometheus_client import (
 )
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -150,6 +156,11 @@ HELD_CALLS_CEILING = _gauge(
     "cedargate_held_calls_ceiling",
     "max_held_calls of every live proxy process, summed: past it an escalation is answered at once, not held",
     mode="livesum")
+SHADOW_CALLS = _counter(
+    "cedargate_shadow_calls_total",
+    "Calls handed to the shadow policies (shadow_policy_dir, never enforced), by result: judged (the shadow set "
+    "decided it), skipped (too many were waiting: not judged), lost (a disagreement judged but not written, the "
+    "store refusing it; also counted as judged)", ("result",))
 SATURATION_REFUSALS = _counter(
     "cedargate_saturation_refusals_total",
     "Answers given at a ceiling, by kind: connection (a new agent connection answered 503 proxy-saturated), "
@@ -197,6 +208,13 @@ def store_backlog(depth: int, lag: float) -> None:
 def shadow_disagreed(live: str, shadow: str) -> None:
     """A call the shadow policies judged otherwise than the live set (called off the call's path)."""
     SHADOW_DISAGREEMENTS.labels(live, shadow).inc()
+
+
+def shadow_calls(result: str, count: int = 1) -> None:
+    """`count` calls the shadow policies judged ("judged"), skipped or lost (see SHADOW_CALLS); off the
+    call's path but for "skipped", counted once per batch."""
+    if count:
+        SHADOW_CALLS.labels(result).inc(count)
 
 
 def notification_delivered(channel: str) -> None:
@@ -358,6 +376,36 @@ def sample(name: str, labels: Mapping[str, str] | None = None) -> float | None:
 
 def shared_directory() -> Path | None:
     return _directory
+
+
+SampleKey = tuple[str, tuple[tuple[str, str], ...]]  # a sample's name and its labels, sorted
+
+
+def by_process(names: Iterable[str], pids: Iterable[int]) -> dict[int, dict[SampleKey, float]]:
+    """The processes `pids`' own samples of the metrics `names` (sample names, as scraped), by pid, read
+    from the shared directory; empty when values are not shared. What `/status` reports of the proxy workers under
+    `--workers N`, whose values live in their processes: the directory is the one place the supervisor's
+    API sees them. The live gauges of a process that is gone went with it (`process_gone`); its counters
+    stay, as what it counted happened."""
+    if _directory is None:
+        return {}
+    wanted, ours = set(names), {str(pid) for pid in pids}
+    found: dict[int, dict[SampleKey, float]] = {}
+    for path in _directory.glob("*.db"):
+        pid = path.stem.rpartition("_")[2]  # counter_PID.db, gauge_livesum_PID.db, ...
+        if pid not in ours:
+            continue
+        try:
+            rows = MmapedDict.read_all_values_from_file(str(path))  # type: ignore[no-untyped-call]
+        except FileNotFoundError:  # a live gauge's file, removed as its process was marked gone
+            continue
+        for key, value, _timestamp, _position in rows:
+            _metric, name, labels, _help = json.loads(key)
+            if name in wanted:
+                samples = found.setdefault(int(pid), {})
+                label_key = (name, tuple(sorted(labels.items())))
+                samples[label_key] = samples.get(label_key, 0.0) + value
+    return found
 
 
 __all__ = [

@@ -25,6 +25,7 @@ from e2e_support import APPROVERS, Cedargate, Upstream, start_cedargate, write_c
 from sqlalchemy import text
 
 from proxy.record.store import make_engine
+from tests.support.candidates import candidate_policies
 from tests.support.waiting import wait_until
 
 CLIENTS = 12  # agents connected at once, each on its own keep-alive connection
@@ -307,3 +308,72 @@ def test_two_instances_on_one_new_state_dir_share_its_ca_and_its_record(tmp_path
     assert codes == [0, 0]
     verified = gates[0].audit_verify()
     assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_status_shows_each_workers_limits_and_shadow_counts_and_their_sums(tmp_path, policy_dir, upstream):
+    """/status is answered by the supervisor, which proxies nothing: what it says of the ceilings, held
+    calls, connections and shadow judgements is the workers' (each, and summed), as the kernel and the
+    calls made see them; a worker replaced drops out of the list, and what it counted stays in the sums."""
+    shadow = candidate_policies(policy_dir, tmp_path / "shadow")  # it allows the stops, denies the listings
+    gate = start_workers(tmp_path, policy_dir, upstream, None, max_held_calls=1, max_proxy_connections=20,
+                         override_rate=100, shadow_policy_dir=str(shadow))
+    reviewer = {"Authorization": f"Bearer {APPROVERS['erin'][0]}"}
+
+    def status() -> dict:
+        return httpx.get(f"{gate.api_url}/status", timeout=10).json()
+
+    def escalate(n: int) -> httpx.Response:  # a production stop: held, on a connection of its own
+        with httpx.Client(proxy=gate.proxy_url, timeout=60) as client:
+            return client.post(f"http://127.0.0.1:{upstream.http_port}/v1/instances/i-{n}/stop")
+
+    try:
+        workers = sorted(gate.children())
+        limits = status()["limits"]
+        assert [p["pid"] for p in limits["processes"]] == workers and limits["proxy_workers"] == 2
+        assert [(p["max_held_calls"], p["max_proxy_connections"]) for p in limits["processes"]] == [(1, 20)] * 2
+        assert (limits["max_held_calls"], limits["max_proxy_connections"], limits["held_calls"]) == (2, 40, 0)
+
+        with ThreadPoolExecutor(4) as pool:
+            # One escalation after another: a worker holds one, and answers the next it is given at once.
+            calls, answered = [], []
+            for n in range(4):
+                calls.append(pool.submit(escalate, n))
+                held = len(calls) - len(answered)
+                wait_until(lambda: calls[-1].done() or status()["limits"]["held_calls"] == held,
+                           what=f"escalation {n} held or answered")
+                if calls[-1].done():
+                    assert calls[-1].result().json()["held"] is False
+                    answered.append(n)
+            held = 4 - len(answered)
+            assert 1 <= held <= 2
+            wait_until(lambda: status()["limits"]["agent_connections"] == held, what="answered connections closed")
+            limits = status()["limits"]
+            kernel = connections_by_process(gate.proxy_port, workers)
+            assert {p["pid"]: (p["held_calls"], p["agent_connections"]) for p in limits["processes"]} == {
+                pid: (count, count) for pid, count in kernel.items()}
+            assert (limits["held_calls"], limits["not_held"]) == (held, len(answered))
+            assert sum(p["not_held"] for p in limits["processes"]) == len(answered)
+
+            with httpx.Client(proxy=gate.proxy_url, timeout=10) as client:  # live allows, shadow would deny
+                assert [client.get(f"http://localhost:{upstream.http_port}{ALLOWED}").status_code
+                        for _ in range(3)] == [200] * 3
+            judged = {"evaluated": 7, "disagreements": 7, "skipped": 0, "lost": 0}
+            wait_until(lambda: {k: status()["shadow"][k] for k in judged} == judged, what="7 calls judged")
+
+            # A worker holding a call is killed: its replacement is listed instead; its counts stay summed.
+            killed = next(pid for pid, count in kernel.items() if count)
+            os.kill(killed, signal.SIGKILL)
+            wait_until(lambda: len(gate.children()) == 2 and killed not in gate.children(), what="a new worker")
+            now = sorted(gate.children())
+            wait_until(lambda: [p["pid"] for p in status()["limits"]["processes"]] == now, what="the new worker listed")
+            limits = status()["limits"]
+            assert (limits["held_calls"], limits["not_held"]) == (held - 1, len(answered))
+            assert {k: status()["shadow"][k] for k in judged} == judged
+
+            for request in httpx.get(f"{gate.api_url}/overrides?status=pending", headers=reviewer, timeout=10).json():
+                httpx.post(f"{gate.api_url}/overrides/{request['id']}/deny", headers=reviewer,
+                           json={"reason": "not now"}, timeout=10)
+            ended = [call.exception(30) or call.result().status_code for call in calls]
+        assert sum(isinstance(end, httpx.HTTPError) for end in ended) == 1  # the killed worker's held call
+    finally:
+        assert gate.stop() == 0
