@@ -109,14 +109,18 @@ def proxy_master(runtime: Runtime, open_files: int, sock: socket.socket, options
     from mitmproxy.options import Options
 
     from addons import default_addons
+    from proxy.cli.dispatch import HookTable
 
     host, port = sock.getsockname()[:2]
     opts = Options(listen_host=host, listen_port=port)
     master = Master(opts)
-    master.addons.add(*proxy_addons())  # type: ignore[no-untyped-call]  # mitmproxy: unannotated
+    # Hooks found once per event rather than searched for on every event (`proxy.cli.dispatch`).
+    master.options.changed.disconnect(master.addons._configure_all)
+    master.addons = HookTable(master)
+    master.addons.add(*proxy_addons())
     # Among them ClientLimits: request size caps, timeouts and the unauthenticated-connection cap.
-    master.addons.add(*default_addons(runtime, open_files))  # type: ignore[no-untyped-call]  # mitmproxy: unannotated
-    master.addons.add(ServeOn(sock), Drain())  # type: ignore[no-untyped-call]  # mitmproxy: unannotated
+    master.addons.add(*default_addons(runtime, open_files))
+    master.addons.add(ServeOn(sock), Drain())
     opts.update(**options)  # type: ignore[no-untyped-call]  # mitmproxy: unannotated
     return master
 
