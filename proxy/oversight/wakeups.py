@@ -37,6 +37,7 @@ from sqlalchemy.engine import Engine as SAEngine
 from sqlalchemy.pool import PoolProxiedConnection
 
 from proxy.oversight.holds import Holds
+from proxy.record.audit import EventKind
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,17 @@ RECONNECT_BACKOFF = (0.5, 30.0)
 _CHANNEL = "'cedargate_overrides_' || left(md5(coalesce(current_schema(), '')), 16)"
 _ANNOUNCE = text(f"SELECT pg_notify({_CHANNEL}, :override_id)")
 _LAST = text("SELECT coalesce(max(seq), 0) FROM audit_log")
+# Events that never change a request's status, so no held call's answer: a request opened (its hold
+# knows, having opened or joined it), a vote that did not decide (one that did is followed by `grant` or
+# `denied`), an end told, a chain's step. Waking on them cost every hold a needless read of its request
+# (and the collector the objects of a new wait): on SQLite the watcher sees this process's own
+# commits too, so each of 10,000 calls held was woken once more by its own `override_created`.
+# Any other kind, a new one included, wakes: a needless wake-up costs a read, a missed one a release.
+_QUIET = (EventKind.OVERRIDE_CREATED, EventKind.APPROVAL, EventKind.DENIAL, EventKind.OUTCOME_TOLD,
+          EventKind.ESCALATED, EventKind.REMINDER)
 _CHANGED = text("SELECT DISTINCT override_id FROM audit_log WHERE seq > :after AND seq <= :upto"
-                " AND override_id IS NOT NULL")
+                " AND override_id IS NOT NULL AND kind NOT IN ("
+                + ", ".join(f"'{kind.value}'" for kind in _QUIET) + ")")
 
 
 def announce(conn: Connection, override_id: str) -> None:

@@ -21,7 +21,19 @@ import pytest
 from proxy_support import wait_until
 from sqlalchemy import text
 from sqlmodel import Session, col, select
-from test_overrides import ERIN, MANAGER, ROUNDS, THREADS, approve, open_request, release, status_of, stop_call
+from test_overrides import (
+    ERIN,
+    MANAGER,
+    MAX,
+    ROUNDS,
+    THREADS,
+    TWO_MANAGERS,
+    approve,
+    open_request,
+    release,
+    status_of,
+    stop_call,
+)
 
 from proxy.cedar.escalation import Escalation
 from proxy.oversight import wakeups
@@ -118,6 +130,27 @@ def test_a_change_that_concerns_no_held_call_wakes_nobody(instances):
         return await waiter
 
     assert asyncio.run(scenario()) is False
+
+
+def test_a_vote_that_decides_nothing_wakes_no_held_call_and_the_deciding_one_does(instances):
+    a, b = instances
+    held, _ = open_request(a.store, None, TWO_MANAGERS)
+
+    async def scenario() -> tuple[bool, bool]:
+        waiter = asyncio.create_task(a.holds.wait(held.id, NEVER))
+        while held.id not in a.holds.waiting():
+            await asyncio.sleep(0.001)
+        # Opened through B too (an identical call joins it) and one of two approvals: the status stays
+        # pending, so the held call has nothing to learn, and is not woken to read it again.
+        await asyncio.to_thread(open_request, b.store, None, TWO_MANAGERS)
+        await asyncio.to_thread(approve, b.workflow, held.id, ERIN)
+        await asyncio.sleep(0.5)  # ten of the watcher's looks on SQLite
+        woken_early = waiter.done()
+        await asyncio.to_thread(approve, b.workflow, held.id, MAX)
+        return woken_early, await waiter
+
+    assert asyncio.run(scenario()) == (False, True)
+    assert status_of(a.store, held.id) == "granted"
 
 
 def test_identical_calls_through_two_instances_at_once_open_one_request(instances):
