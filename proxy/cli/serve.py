@@ -25,6 +25,7 @@ from proxy.cli.listeners import guard_accepts, limit_connections
 from proxy.cli.master import listening_sockets, proxy_addrs, proxy_master, stop_gracefully
 from proxy.cli.workers import WorkerFailed, Workers
 from proxy.observe import metrics
+from proxy.oversight.heap import HeldHeap
 from proxy.runtime import Runtime, private_state_dir
 from proxy.settings.config import ConfigError, Listen, Settings
 
@@ -96,6 +97,8 @@ async def _one_process(settings: Settings, runtime: Runtime, proxy_socket: socke
                        api_socket: socket.socket, announce: Announce) -> None:
     master = proxy_master(runtime, open_file_limit(), proxy_socket, mitmproxy_options(settings))
     limit_connections(proxy_socket, runtime.capacity)  # the API's listener: backing off only (guard_accepts)
+    runtime.holds.heap = HeldHeap()  # long holds out of the collector's full passes (proxy.oversight.heap)
+    runtime.holds.heap.started()
 
     async def stop_in_order() -> None:
         await stop_gracefully(master)

@@ -24,6 +24,7 @@ from proxy.calls.connections import open_file_limit
 from proxy.cli.fronts import mitmproxy_options
 from proxy.cli.listeners import limit_connections
 from proxy.cli.master import proxy_addrs, proxy_master, stop_gracefully
+from proxy.oversight.heap import HeldHeap
 from proxy.runtime import Runtime
 from proxy.settings.config import Settings
 
@@ -42,6 +43,8 @@ async def work(settings: Settings, sock: socket.socket) -> None:
         runtime.jobs.start(sweeps=False)
         master = proxy_master(runtime, open_files, sock, mitmproxy_options(settings))
         limit_connections(sock, runtime.capacity)  # before the master serves on it
+        runtime.holds.heap = HeldHeap()  # long holds out of the collector's full passes (proxy.oversight.heap)
+        runtime.holds.heap.started()
         loop = asyncio.get_running_loop()
 
         def stop() -> None:

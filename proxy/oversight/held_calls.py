@@ -50,7 +50,7 @@ from proxy.decision.gate import Gate, Outcome, Verdict
 from proxy.decision.upstream import UpstreamFailure
 from proxy.observe.metrics import HELD_CALLS
 from proxy.oversight.changes import ChangeError
-from proxy.oversight.holds import wait_for_event
+from proxy.oversight.holds import Woken
 from proxy.oversight.limits import OverrideRefused, Refusal
 from proxy.oversight.overrides import MessageKind, Override, OverrideStatus
 from proxy.oversight.workflow import OverrideWorkflow, release_refused
@@ -110,9 +110,11 @@ def _binding(verdict: Verdict) -> bytes | None:
 _HELD = (OverrideStatus.PENDING.value, OverrideStatus.GRANTED.value)  # statuses a call is held on
 class _Pending(Enum):
     STILL = "still pending"  # `Oversight._answer`: the request is pending, the call keeps holding
+    UNREAD = "read the store"  # `Oversight._decided`: no answer without reading the request
 
 
 _STILL_PENDING: Final = _Pending.STILL
+_UNREAD: Final = _Pending.UNREAD
 
 
 class Oversight:
@@ -211,11 +213,14 @@ class Oversight:
         return Resolution(False, replace(verdict, problem=problem, status=status, detail=detail,
                                          extra_headers=headers, extra=extra))
 
-    async def _hold(self, verdict: Verdict, override: Override, deadline: float, woken: asyncio.Event,
+    async def _hold(self, verdict: Verdict, override: Override, deadline: float, woken: Woken,
                     client_alive: Callable[[], bool], not_held: bool = False) -> Resolution | None:
         troubled = False
         while True:
             try:
+                decided = await self._decided(verdict, override, woken.take(), client_alive)
+                if decided is not _UNREAD:
+                    return decided
                 # Read after subscribing, so a decision committed from here on still wakes this hold.
                 current = await asyncio.to_thread(self.overrides.get, override.id)
                 override = current or override
@@ -247,7 +252,19 @@ class Oversight:
             woken.clear()
             # No polling: decisions made through any instance's API and expiries by any expiry job notify
             # this hold (`proxy.oversight.wakeups`); while the store fails, it looks again now and then.
-            await wait_for_event(woken, min(remaining, STORE_RETRY_INTERVAL) if troubled else remaining)
+            await self.holds.sleep(woken, min(remaining, STORE_RETRY_INTERVAL) if troubled else remaining)
+
+    async def _decided(self, verdict: Verdict, override: Override, decided: Override | None,
+                       client_alive: Callable[[], bool]) -> Resolution | Literal[_Pending.UNREAD]:
+        """The answer from the state a deciding vote's wake-up brought (`Holds.notify`), without reading
+        the store: a grant goes straight to its release, a denial to its refusal. `_UNREAD` when there
+        is no such state newer than the one this hold saw, or when the grant was gone by the release
+        (used, refused or expired meanwhile): the stored request then says which."""
+        if (decided is None or decided.version <= override.version
+                or OverrideStatus(decided.status) not in (OverrideStatus.GRANTED, OverrideStatus.DENIED)):
+            return _UNREAD
+        outcome = await self._answer(verdict, decided, client_alive)
+        return outcome if isinstance(outcome, Resolution) else _UNREAD
 
     async def _answer(self, verdict: Verdict, override: Override,
                       client_alive: Callable[[], bool]) -> Resolution | None | Literal[_Pending.STILL]:

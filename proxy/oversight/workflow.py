@@ -285,7 +285,8 @@ class OverrideWorkflow:
                 raise OverrideError(503, "the decision store is unavailable; the vote was not recorded: "
                                          "retry in a little while") from exc
             if decided:
-                self.holds.notify(override_id)
+                # With the request as the vote committed it: a hold here releases without reading it again.
+                self.holds.notify(override_id, decided=override)
                 _observe_review(override)
             return override, decided
         raise OverrideError(503, "the override request is too contended to update; retry")

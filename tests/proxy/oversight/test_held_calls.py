@@ -196,6 +196,34 @@ def test_a_held_call_is_released_once_when_approved(runtime: Runtime):
     assert [e["kind"] for e in events(runtime, again.override_id)] == ["override_created"]
 
 
+def test_an_approval_releases_a_held_call_without_the_hold_reading_its_request_again(runtime: Runtime, monkeypatch):
+    reads: list[str] = []
+    read = runtime.overrides.get
+
+    def counted(override_id: str) -> Any:
+        reads.append(override_id)
+        return read(override_id)
+
+    monkeypatch.setattr(runtime.overrides, "get", counted)
+
+    async def scenario() -> tuple[Resolution, str]:
+        verdict = stop_verdict(runtime)
+        hold = asyncio.create_task(runtime.oversight.resolve(verdict, 5, None, client_alive=lambda: True))
+        while not reads:  # held, and its one read after subscribing done: the request is pending
+            await asyncio.sleep(0.005)
+        [override_id] = runtime.holds.waiting()
+        await asyncio.to_thread(runtime.workflow.vote, override_id, "erin", runtime.roles_of("erin"), "approve",
+                                "checked with on-call")
+        return await hold, override_id
+
+    resolution, override_id = asyncio.run(scenario())
+    # The vote's wake-up brought the grant as committed: released by its conditional update, not a re-read.
+    assert resolution.release and resolution.override_id == override_id
+    assert reads == [override_id]
+    assert runtime.overrides.get(override_id).status == "released"
+    assert [e["kind"] for e in events(runtime, override_id)] == ["override_created", "approval", "grant", "release"]
+
+
 def test_the_override_id_is_logged_when_the_hold_starts(runtime: Runtime, caplog: pytest.LogCaptureFixture):
     caplog.set_level(logging.INFO, logger="proxy.oversight.held_calls")
     logged_while_held: list[str] = []
@@ -522,21 +550,31 @@ def test_store_trouble_on_the_override_path_is_answered_503_without_the_drivers_
 # --- store trouble while a call is held -------------------------------------------------------------
 
 class FailingReads:
-    """The override store's reads failing as a driver fails them while `down` is set (a store outage)."""
+    """The override store's reads, and the release's write, failing as a driver fails them while `down`
+    is set (a store outage). A reviewer's vote still lands: it is cast just before the outage is felt."""
 
     def __init__(self, runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
         self.down = threading.Event()
         self.failed = 0
-        read = runtime.overrides.get
+        read, release = runtime.overrides.get, runtime.workflow.release
+
+        def refused() -> OperationalError:
+            return OperationalError("SELECT overrides", {}, Exception(
+                'connection to server at "db.internal" (10.0.0.7), port 5432 failed: Connection refused'))
 
         def get(override_id: str) -> Any:
             if self.down.is_set():
                 self.failed += 1
-                raise OperationalError("SELECT overrides", {}, Exception(
-                    'connection to server at "db.internal" (10.0.0.7), port 5432 failed: Connection refused'))
+                raise refused()
             return read(override_id)
 
+        def failing_release(*args: Any, **kwargs: Any) -> bool:
+            if self.down.is_set():  # the hold woken with the grant goes straight to its release
+                raise refused()
+            return release(*args, **kwargs)
+
         monkeypatch.setattr(runtime.overrides, "get", get)
+        monkeypatch.setattr(runtime.workflow, "release", failing_release)
 
 
 def held_while_the_store_fails(runtime: Runtime, reads: FailingReads, wait: float, recover: bool) -> Resolution:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from types import SimpleNamespace
+from typing import Any
 
 from proxy.oversight.holds import Holds
 
@@ -119,3 +121,34 @@ def test_a_cancelled_hold_is_no_longer_counted():
         return holds.held
 
     assert asyncio.run(scenario()) == 0
+
+
+def decided(version: int, status: str = "granted") -> Any:
+    """A request as a deciding transaction leaves it: the holds read only its version (and pass it on)."""
+    return SimpleNamespace(id="o-1", version=version, status=status)
+
+
+def test_a_wake_up_brings_the_decided_request_to_the_waiter_and_the_newest_one_wins():
+    holds = Holds()
+
+    async def scenario() -> list[Any]:
+        seen = []
+        with holds.watching("o-1") as woken:
+            await asyncio.to_thread(holds.notify, "o-1", decided(3))
+            await asyncio.wait_for(woken.wait(), NEVER)
+            seen.append(woken.take())
+            seen.append(woken.take())  # taken once
+            woken.clear()
+            # From two threads, out of order: the older state arriving last does not replace the newer,
+            # and a wake-up without a state (another process's change) keeps what was brought.
+            holds.notify("o-1", decided(5, "released"))
+            holds.notify("o-1", decided(4))
+            holds.notify("o-1")
+            await asyncio.wait_for(woken.wait(), NEVER)
+            await asyncio.sleep(0)  # every wake-up queued has run
+            seen.append(woken.take())
+        return seen
+
+    first, again, newest = asyncio.run(scenario())
+    assert (first.version, again) == (3, None)
+    assert (newest.version, newest.status) == (5, "released")
