@@ -217,6 +217,13 @@ Work = Callable[[Connection], tuple[T, Sequence[Mapping[str, Any]]]]
 # One queued thing: what it is, its content, and the future its writer resolves (None: nobody waits).
 Item = tuple[str, dict[str, Any], "Future[Any] | None"]
 RATE_HORIZON = 0.5  # seconds: how far back the writer's estimate of the row rate mostly looks
+# A caller commits its row itself (`Recorder._commit_now`) only with fewer than this many rows queued
+# before it: more is a burst, better written in one of the writer's batches than on the caller's loop.
+INLINE_MAX_QUEUED = 32
+# Seconds after which a committed call still without its outcome (a slow upstream, a long answer, a hold)
+# no longer counts as in flight for `Recorder._opened`: calls that overlap it by chance are not a load
+# that group commit would serve better.
+OPEN_HORIZON = 1.0
 EVENT_KEYS = frozenset({"kind", "decision_id", "override_id", "agent", "actor", "payload"})
 OUTCOME_KEYS = ("upstream_status", "duration_ms", "errors")
 UNSURE_READS = 5  # tries to learn whether a unit's lost commit happened before its caller is told "unknown"
@@ -287,6 +294,14 @@ class Recorder:
         self._conn: Connection | None = None  # the writer thread's own (see `_transaction`)
         self._closed = False  # the writer thread has ended (`close`)
         self._late_lock = threading.Lock()
+        # Held by whoever takes queued items and writes them: the writer thread, or a caller committing
+        # its row itself (`_commit_now`). Taking and writing under it keeps the queue's order on the chain.
+        self._writing = threading.Lock()
+        # A batch committed by a caller whose commit failed in a way that leaves unknown whether it
+        # happened, with the head that would tell: the writer settles it first (`_write`'s `unsure`).
+        self._unsure: tuple[tuple[int, str], list[Item]] | None = None
+        self._open: dict[str, float] = {}  # calls committed, not yet finished: decision id -> when (`_opened`)
+        self._open_lock = threading.Lock()
         self._stop = threading.Event()
         migrate(engine)
         writable(self._writes)
@@ -319,12 +334,62 @@ class Recorder:
         commit it fails, so a call waiting to go is refused now; without, it resolves only when the row is
         in (for a held call, which goes much later, if at all: a passing failure must not count then).
         Either way the row is retried until it is in. The writer takes it at once, without lingering."""
-        return self._waited(_DECISION, storable_row(row), fail_fast)
+        item = storable_row(row)
+        alone = self._opened(item["decision_id"])
+        return (self._commit_now(item, fail_fast) if alone else None) or self._waited(_DECISION, item, fail_fast)
+
+    def _opened(self, decision_id: str) -> bool:
+        """Note a call committed and not yet finished (until its `record_outcome`); whether it is the
+        only one. Calls in flight together share the writer's commits (group commit), which a caller
+        committing its own row (`_commit_now`) on their event loop would take from them: each would
+        commit alone. A call whose outcome never comes stops counting after `OPEN_HORIZON` seconds."""
+        now = time.monotonic()
+        with self._open_lock:
+            while self._open:
+                first = next(iter(self._open))
+                if now - self._open[first] < OPEN_HORIZON:
+                    break
+                del self._open[first]
+            alone = not self._open
+            self._open[decision_id] = now
+        return alone
 
     def commit_event(self, event: Mapping[str, Any]) -> Future[None]:
         """`record_event` for an event that must be on the record before what it describes happens (a
         tunnel relayed uninspected): the future as `commit`'s, failing fast."""
         return self._waited(_EVENT, _event_item(event), True)
+
+    def _commit_now(self, item: dict[str, Any], fail_fast: bool) -> Future[None] | None:
+        """SQLite: commit a waited-on row in the caller's thread, if the writer is idle and the write lock
+        is free now; None (nothing written) if not, and the row goes through the writer.
+
+        A call that waits for its row alone otherwise pays two thread hand-offs (to the writer, and
+        back to its event loop), each a wake-up of a thread that, on a busy machine, waits its turn for
+        a CPU: at one call at a time they were most of the wait. The caller's loop is held for the
+        commit itself (about 0.2 ms: SQLite's WAL without syncs, checkpoints on their own thread) and
+        never for a lock: one try, and another process's lock, the writer at work, a unit of work or
+        many rows queued, a failing store or counted refusals all leave it to the writer. What is
+        queued (outcomes, events: nobody waits on them) is taken into the same transaction, first."""
+        if not self._sqlite or self._failing or self._closed or self._refusals or self._unsure is not None:
+            return None
+        if not self._writing.acquire(blocking=False):
+            return None
+        try:
+            with self._queue.mutex:
+                queued = list(self._queue.queue)
+            if len(queued) >= INLINE_MAX_QUEUED or any(tag == _UNIT for tag, _, _ in queued):
+                return None
+            batch = [self._queue.get_nowait() for _ in queued]  # exactly those: only writers take, under the lock
+            committed = _Commit(fail_fast)
+            if self._write(batch, own=(_DECISION, item, committed), once=True) is None:
+                # Not written: the rows taken go back to the front of the queue, in order, for the writer.
+                with self._queue.mutex:
+                    self._queue.queue.extendleft(reversed(batch))
+                    self._queue.not_empty.notify()
+                return None
+            return committed  # settled; or, after an unsure commit, left to the writer to settle
+        finally:
+            self._writing.release()
 
     def _waited(self, tag: str, item: Any, fail_fast: bool) -> Future[None]:
         committed = _Commit(fail_fast)
@@ -335,6 +400,8 @@ class Recorder:
     def record_outcome(self, decision_id: str, agent: str, outcome: Mapping[str, Any]) -> None:
         """Add what became of a recorded call (`upstream_status`, `duration_ms`, `errors`) to its row, and
         chain it as an `outcome` event, so the tamper-evident log holds it too."""
+        with self._open_lock:
+            self._open.pop(decision_id, None)
         values = {key: outcome.get(key) for key in OUTCOME_KEYS}
         if isinstance(values["errors"], str):
             values["errors"] = _storable(values["errors"])
@@ -370,7 +437,7 @@ class Recorder:
         """Write what was enqueued after the writer stopped, in the caller's thread: a call still
         finishing while the program shuts down (its event loop runs the last steps of its connections
         after the core was closed) is recorded all the same, or said loudly not to be."""
-        with self._late_lock:
+        with self._late_lock, self._writing:
             batch = []
             while True:
                 try:
@@ -460,54 +527,81 @@ class Recorder:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                first = self._queue.get(timeout=0.2)
-            except queue.Empty:
-                if self._refusals:
-                    self._write([])
+            first = self._next(0.2)
+            if first is None:
+                if self._refusals or self._unsure is not None:
+                    with self._writing:
+                        self._write([])
                 store_backlog(0, 0.0)
                 continue
             if first[0] != _UNIT and first[2] is None:  # nobody waits on it: it may wait for company
                 self._linger()
-            batch = [first]
-            while len(batch) < self.batch_size:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            self._rate += len(batch) / RATE_HORIZON
-            # In queue order: the rows and events up to a unit of work, then the unit, then the rest.
-            start = 0
-            for index, (tag, item, future) in enumerate([*batch, (_UNIT, None, None)]):
-                if tag != _UNIT:
+            with self._writing:
+                batch: list[Item] = []
+                while len(batch) < self.batch_size:
+                    try:
+                        batch.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                if not batch:  # a caller committed them with its own row (`_commit_now`)
                     continue
-                if index > start and not self._write(batch[start:index]):
-                    return
-                if item is not None:
-                    self._run_unit(item, future)
-                    self._queue.task_done()
-                start = index + 1
+                # In queue order: the rows and events up to a unit of work, then the unit, then the rest.
+                start = 0
+                for index, (tag, item, future) in enumerate([*batch, (_UNIT, None, None)]):
+                    if tag != _UNIT:
+                        continue
+                    if (index > start or self._unsure is not None) and not self._write(batch[start:index]):
+                        return
+                    if item is not None:
+                        self._run_unit(item, future)
+                        self._queue.task_done()
+                    start = index + 1
 
-    def _write(self, batch: list[Item]) -> bool:
+    def _next(self, timeout: float) -> Item | None:
+        """The first queued item, left in the queue (whoever writes takes it, under `_writing`), once
+        there is one; None if none came within `timeout` seconds."""
+        with self._queue.not_empty:
+            if not self._queue.queue:
+                self._queue.not_empty.wait(timeout)
+            return self._queue.queue[0] if self._queue.queue else None
+
+    def _write(self, batch: list[Item], *, own: Item | None = None, once: bool = False) -> bool | None:
         """Commit decisions, outcomes and events, retrying until they are in; False if the recorder closed
-        first. Never twice: after a failed commit, the log is read to learn whether it happened anyway."""
-        rows = [_table_row(item) for tag, item, _ in batch if tag == _DECISION]
+        first. Never twice: after a failed commit, the log is read to learn whether it happened anyway.
+        Called with `_writing` held. First, a caller's batch whose commit was unsure (`_unsure`) is settled.
+
+        `own`: a caller's row written after `batch`, not taken from the queue. `once`: one try, taking
+        the write lock only if it is free (`_commit_now`): None if nothing was written (the caller hands
+        the rows back); an unsure commit is left to the writer (`_unsure`), its waiters unsettled."""
+        if self._unsure is not None and not once:
+            unsure, taken = self._unsure
+            if not self._write_all(taken, [], unsure=unsure):
+                return False
+            self._unsure = None
+        if not batch and own is None and not self._refusals:
+            return True
+        return self._write_all(batch, [] if own is None else [own], once=once)
+
+    def _write_all(self, batch: list[Item], own: list[Item], *, once: bool = False,
+                   unsure: tuple[int, str] | None = None) -> bool | None:
+        items = batch + own
+        rows = [_table_row(item) for tag, item, _ in items if tag == _DECISION]
         outcomes = [{"b_id": item["decision_id"], "b_status": item["upstream_status"],
                      "b_ms": item["duration_ms"], "b_errors": item["errors"]}
-                    for tag, item, _ in batch if tag == _OUTCOME]
+                    for tag, item, _ in items if tag == _OUTCOME]
         self._refusals_writing = True  # before taking them, so `pending` never reads none meanwhile
-        refusals = self._take_refusals()
+        refusals = [] if once else self._take_refusals()
         self._refusals_writing = bool(refusals)
-        events = [_chained(tag, item) for tag, item, _ in batch] + refusals
-        waiting = [future for _, _, future in batch if future is not None]
-        unsure: tuple[int, str] | None = None  # the head of a try whose commit may have happened
+        events = [_chained(tag, item) for tag, item, _ in items] + refusals
+        waiting = [future for _, _, future in items if future is not None]
+        # `unsure`: the head of a try whose commit may have happened
         while True:
             try:
                 if unsure is not None and self._landed(unsure):
                     break
                 unsure = None
                 if self._sqlite:
-                    with self._sqlite_transaction() as cursor:
+                    with self._sqlite_transaction(wait=not once) as cursor:
                         if rows:
                             _insert_sqlite(cursor, rows)
                         if outcomes:
@@ -524,6 +618,15 @@ class Recorder:
             except Exception as exc:  # any driver error: keep the batch, refuse calls, retry
                 if unsure is not None and self._landed_now(unsure):
                     break
+                if once:
+                    if unsure is None:
+                        return None  # nothing committed: the writer takes the rows, and any failure, from here
+                    # It may have happened: the writer finds out before it writes anything else.
+                    self._unsure = (unsure, items)
+                    with self._queue.mutex:
+                        self._queue.unfinished_tasks += len(own)  # pending until the writer settles them
+                        self._queue.not_empty.notify()
+                    return True
                 self._failed(exc)
                 for future in waiting:  # a call waiting to go upstream is refused now, not at its timeout
                     if not isinstance(future, _Commit) or future.fail_fast:  # narrows the type: a batch's are all
@@ -534,10 +637,11 @@ class Recorder:
             _settle(future)
         self._commits += 1
         self._wrote_at = time.monotonic()
+        self._rate += len(items) / RATE_HORIZON  # whoever wrote them (`_linger` reads it)
         self._recovered()
         self._refusals_writing = False
         self.written += len(rows)
-        store_backlog(self._queue.qsize(), _lag(batch))
+        store_backlog(self._queue.qsize(), _lag(items))
         for _ in batch:
             self._queue.task_done()
         return True
@@ -556,13 +660,23 @@ class Recorder:
             raise
 
     @contextmanager
-    def _sqlite_transaction(self) -> Iterator[sqlite3.Cursor]:
+    def _sqlite_transaction(self, *, wait: bool = True) -> Iterator[sqlite3.Cursor]:
         """`_transaction` on SQLite for a batch, through the driver: SQLAlchemy's execution path for the
-        batch's few statements cost the writer more than SQLite's own work (about 0.25 ms a commit)."""
+        batch's few statements cost the writer more than SQLite's own work (about 0.25 ms a commit).
+        Without `wait`, one try to take the write lock: `_LockTaken` if another connection holds it."""
         raw = self._writer_connection().connection.dbapi_connection
         assert isinstance(raw, sqlite3.Connection)
+        if not wait:
+            try:
+                raw.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if _busy(exc):
+                    raise _LockTaken() from None  # nothing wrong with the connection: keep it
+                self._drop_connection()
+                raise
         try:
-            begin_immediate(raw.execute)
+            if wait:
+                begin_immediate(raw.execute)
             yield raw.cursor()
             raw.execute("COMMIT")
         except BaseException:
@@ -730,6 +844,10 @@ def _lag(batch: list[Item]) -> float:
     times = [item["at"] for tag, item, _ in batch if tag in (_DECISION, _EVENT)]
     aware = [at for at in times if isinstance(at, datetime) and at.tzinfo is not None]
     return (utcnow() - min(aware)).total_seconds() if aware else 0.0
+
+
+class _LockTaken(Exception):
+    """Another connection holds SQLite's write lock (`Recorder._commit_now` does not wait for it)."""
 
 
 class _Commit(Future[None]):

@@ -413,3 +413,70 @@ def test_the_writer_stores_rows_and_chain_byte_for_byte_as_sqlalchemy_does(tmp_p
 
     assert stored("driver.db") == stored("sqlalchemy.db")
     assert audit.verify(make_engine(f"sqlite:///{tmp_path / 'driver.db'}")).ok
+
+
+def test_a_lone_call_commits_its_row_itself_after_what_was_queued_before_it(db_path: Path):
+    """One call at a time: the caller commits its row in its own thread (no hand-off to the writer and
+    back), taking what was queued before it into the same transaction, in queue order."""
+    recorder = Recorder(make_engine(f"sqlite:///{db_path}"), linger=5.0, busy_rate=0.0)  # the writer lingers
+    try:
+        first = _row(0)
+        recorder.commit(first).result(5)
+        recorder.record_outcome(first["decision_id"], "ops-bot", {"upstream_status": 201, "duration_ms": 2.0,
+                                                                  "errors": "[]"})
+        recorder.record_event({"kind": "approval", "override_id": "o-1", "actor": "erin"})
+        second = _row(1)
+        committed = recorder.commit(second)
+        assert committed.done() and committed.result(0) is None  # on the record before `commit` returned
+        con = sqlite3.connect(db_path)
+        try:
+            chain = con.execute("SELECT kind, decision_id FROM audit_log ORDER BY seq").fetchall()
+            status = con.execute("SELECT upstream_status FROM decisions WHERE decision_id = ?",
+                                 (first["decision_id"],)).fetchone()
+        finally:
+            con.close()
+        assert chain == [("decision", first["decision_id"]), ("outcome", first["decision_id"]),
+                         ("approval", None), ("decision", second["decision_id"])]
+        assert status == (201,)
+        assert recorder.pending == 0
+    finally:
+        recorder.close()
+        recorder.engine.dispose()
+    assert audit.verify(make_engine(f"sqlite:///{db_path}")).ok
+
+
+def test_a_lone_call_never_waits_in_its_own_thread_for_another_writers_lock(db_path: Path):
+    """Another process holds SQLite's write lock: the caller hands its row to the writer at once (which
+    waits its turn), rather than stalling its event loop."""
+    recorder = Recorder(make_engine(f"sqlite:///{db_path}"))
+    other = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        row = _row(0)
+        committed = recorder.commit(row)
+        assert not committed.done()
+        other.execute("COMMIT")
+        committed.result(5)
+        assert [r["decision_id"] for r in sqlite_rows(db_path)] == [row["decision_id"]]
+    finally:
+        other.close()
+        recorder.close()
+        recorder.engine.dispose()
+
+
+def test_calls_in_flight_together_share_the_writers_commits(db_path: Path):
+    """With another call committed and not yet finished, a call's row goes through the writer, whose
+    batches many calls share (group commit), rather than being committed alone by its caller."""
+    recorder = Recorder(make_engine(f"sqlite:///{db_path}"))
+    other = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        recorder.commit(_row(0)).result(5)  # in flight: no outcome yet
+        other.execute("BEGIN IMMEDIATE")  # so that the writer cannot have written it by the check below
+        committed = recorder.commit(_row(1))
+        assert not committed.done()
+        other.execute("COMMIT")
+        committed.result(5)
+    finally:
+        other.close()
+        recorder.close()
+        recorder.engine.dispose()
