@@ -214,7 +214,7 @@ class Enforcer:
         waits = [committed[v.decision_id] for v in forwarded if not committed[v.decision_id].done()]
         try:
             if waits:
-                await asyncio.wait_for(asyncio.gather(*map(asyncio.wrap_future, waits)), RECORD_TIMEOUT)
+                await all_done(waits, RECORD_TIMEOUT)
             for verdict in forwarded:
                 committed[verdict.decision_id].result(0)  # raises what failed it
         except Exception as exc:  # the store failing (StoreUnavailable), or too slow: never forward unrecorded
@@ -439,6 +439,40 @@ class Enforcer:
             gate.outcome(verdict, refused=verdict)
         else:
             gate.finish(verdict, None)
+
+
+async def all_done(futures: Sequence[Future[None]], timeout: float) -> None:
+    """Wait until every one of `futures` (resolved by the recorder's thread) is done, or raise TimeoutError.
+
+    The commit every forwarded call waits for, awaited with one loop future and one timer: wrapping each
+    future for asyncio and gathering them under `wait_for` built four futures, a task and their callbacks
+    per call. Whether each one succeeded is for the caller to read (`Future.result`).
+    """
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+    left = len(futures)
+
+    def one_done() -> None:  # on the loop
+        nonlocal left
+        left -= 1
+        if left == 0 and not waiter.done():
+            waiter.set_result(None)
+
+    def on_thread(_: Future[None]) -> None:  # on the recorder's thread (or this one, if already done)
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(one_done)
+
+    def timed_out() -> None:
+        if not waiter.done():
+            waiter.set_exception(TimeoutError())
+
+    for future in futures:
+        future.add_done_callback(on_thread)
+    timer = loop.call_later(timeout, timed_out)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
 
 
 def _say_changed(flow: http.HTTPFlow) -> None:
