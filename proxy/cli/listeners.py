@@ -28,6 +28,7 @@ import logging
 import math
 import socket
 import time
+from asyncio.trsock import TransportSocket
 from collections.abc import Callable
 from typing import Any
 
@@ -184,7 +185,9 @@ def guard_accepts(loop: asyncio.AbstractEventLoop | None = None) -> Listeners:
     return listeners
 
 
-def limit_connections(sock: socket.socket, capacity: Capacity, loop: asyncio.AbstractEventLoop | None = None) -> None:
-    """Apply `capacity`'s connection ceiling to the listening socket `sock` (served on `loop`)."""
+def limit_connections(sock: socket.socket | TransportSocket, capacity: Capacity,
+                      loop: asyncio.AbstractEventLoop | None = None) -> None:
+    """Apply `capacity`'s connection ceiling to the listening socket `sock` (served on `loop`, whose accept
+    step `guard_accepts` must have given it before it started serving)."""
     guard_accepts(loop).ceilings[sock.fileno()] = capacity
     capacity.serving()

@@ -7,6 +7,16 @@ default) unless `listen_host`, `listen_port` or `confdir` were set on mitmproxy'
 override API starts on the same event loop, so held calls can be reviewed. Should the API not start (its
 port taken, say), the proxy still decides calls, but refuses escalated ones at once instead of holding
 them for a review nobody could give (`proxy.runtime.WithoutReview`), and a log line says why.
+
+The limits at accept are `cedargate run`'s too (`proxy.cli.listeners`): the open-file limit is raised to
+the hard limit when the script is read, before the core derives its ceilings from it; the event loop's
+accept step is replaced when this addon loads (mitmdump loads scripts on its running loop, before its
+servers listen), so every listener, mitmproxy's and the API's, backs off on "too many open files" and
+logs once a minute; and each TCP listener mitmproxy starts for its proxy modes is put under the core's
+`max_proxy_connections` as it starts listening (its `listen` wrapped, as `proxy.cli.master.ServeOn`
+wraps it), so a connection past the ceiling is answered `503 proxy-saturated` and closed unread. Not
+through mitmproxy's `client_connected` hook, which can only kill a connection (`client.error`): the
+agent would see it closed with no answer, and mitmproxy would have made its connection handler first.
 """
 
 from __future__ import annotations
@@ -14,15 +24,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, cast
 
 from mitmproxy import ctx, exceptions
 
 from addons import default_addons
+from addons.client_limits import ClientLimits
 from addons.enforcer import Enforcer
 from proxy.calls.connections import open_file_limit
 from proxy.cli.fronts import api_server, bind_api, check_loopback, mitmproxy_options
+from proxy.cli.listeners import guard_accepts, limit_connections
 from proxy.runtime import Runtime
 from proxy.settings.config import ConfigError
 
@@ -39,15 +51,19 @@ STOP_TIMEOUT = 5.0
 
 
 def standalone_addons() -> list[object]:
+    open_file_limit(raise_to_hard=True)  # first: the core's ceilings derive from it, as under `cedargate run`
     chain = default_addons()
     enforcer = next(addon for addon in chain if isinstance(addon, Enforcer))
-    return [*chain, Standalone(lambda: enforcer.runtime)]
+    limits = next(addon for addon in chain if isinstance(addon, ClientLimits))
+    return [*chain, Standalone(lambda: enforcer.runtime, limits)]
 
 
 class Standalone:
-    def __init__(self, runtime_of: Callable[[], Runtime | None]) -> None:
+    def __init__(self, runtime_of: Callable[[], Runtime | None], limits: ClientLimits | None = None) -> None:
         # The enforcer's runtime: it builds it from the options, and rebuilds it when they change.
         self._runtime_of = runtime_of
+        self._limits = limits  # told the core's Capacity, to count upstream connections against the ceiling
+        self._ceiled: list[Any] = []  # mitmproxy's listening sockets under the ceiling
         self._runtime: Runtime | None = None
         self._chosen: frozenset[str] | None = None
         self.api: uvicorn.Server | None = None
@@ -55,6 +71,41 @@ class Standalone:
         self.unavailable: str | None = None
         self._socket: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
+
+    def load(self, loader: Any) -> None:
+        try:
+            guard_accepts()  # before mitmproxy's servers listen: they start serving with this accept step
+        except RuntimeError:  # no running loop (mitmproxy's test master): `running` guards it then
+            pass
+        proxyserver = ctx.master.addons.get("proxyserver")  # type: ignore[no-untyped-call]  # mitmproxy: unhinted
+        if proxyserver is not None:  # its signal holds receivers weakly: this addon keeps the method alive
+            proxyserver.servers.changed.connect(self._ceil_new_servers)
+
+    def _ceil_new_servers(self) -> None:
+        """Wrap the `listen` of each TCP server instance about to start, so that its sockets come under the
+        connection ceiling as they listen (`Servers.changed` fires with the instances before they start)."""
+        from mitmproxy.proxy.mode_servers import AsyncioServerInstance
+
+        proxyserver = ctx.master.addons.get("proxyserver")  # type: ignore[no-untyped-call]  # mitmproxy: unhinted
+        for instance in proxyserver.servers:
+            if (isinstance(instance, AsyncioServerInstance) and not instance.is_running
+                    and instance.mode.transport_protocol in ("tcp", "both")
+                    and not getattr(instance, "_cedargate_ceiled", False)):
+                instance.listen = self._ceiled_listen(instance.listen)  # type: ignore[method-assign,assignment]
+                instance._cedargate_ceiled = True  # type: ignore[attr-defined]
+
+    def _ceiled_listen(self, listen: Callable[[str, int], Awaitable[list[Any]]]
+                       ) -> Callable[[str, int], Awaitable[list[Any]]]:
+        async def ceiled(host: str, port: int) -> list[Any]:
+            servers = await listen(host, port)
+            for server in servers:
+                if isinstance(server, asyncio.Server):  # a UDP server (DNS mode) has no connections to count
+                    for sock in server.sockets:
+                        self._ceiled.append(sock)
+                        if self._runtime is not None:
+                            limit_connections(sock, self._runtime.capacity)
+            return servers
+        return ceiled
 
     def configure(self, updated: set[str]) -> None:
         runtime = self._runtime_of()
@@ -90,13 +141,21 @@ class Standalone:
         self._hand_over(runtime)
 
     def _hand_over(self, runtime: Runtime) -> None:
-        """Tell a runtime where its reviewers are, or that there are none."""
+        """Tell a runtime where its reviewers are, or that there are none; and count the proxy's connections
+        on its Capacity from now on (a rebuilt core starts counting afresh: connections open before it
+        close off the old one's counts)."""
+        if self._limits is not None:
+            self._limits.capacity = runtime.capacity
+        for sock in self._ceiled:
+            if sock.fileno() >= 0:  # still listening
+                limit_connections(sock, runtime.capacity)
         if self.unavailable is not None:
             runtime.refuse_holds(self.unavailable)
         elif self.api_address is not None:
             runtime.api_started(*self.api_address)
 
     async def running(self) -> None:
+        guard_accepts()  # done at load under mitmdump; here for a master that loaded this addon off its loop
         runtime = self._runtime
         if runtime is None:
             return

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import shutil
 import socket
 import sqlite3
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -110,8 +111,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(directory: Path, api_port: int = 0) -> Path:
-    """cedargate's config; the proxy's port is chosen here, its address left to the defaults."""
+def write_config(directory: Path, api_port: int = 0, **settings: object) -> Path:
+    """cedargate's config, with `settings`; the proxy's port is chosen here, its address left to the defaults."""
     config = directory / "cedargate.yaml"
     config.write_text(yaml.safe_dump({
         "state_dir": str(directory / "state"),
@@ -120,12 +121,15 @@ def write_config(directory: Path, api_port: int = 0) -> Path:
         "agents": {AGENT: {"token_sha256": TOKEN_SHA256}},
         "approvers": {APPROVER: {"token_sha256": hashlib.sha256(APPROVER_TOKEN.encode()).hexdigest(),
                                  "roles": ["engineering-manager"]}},
+        **settings,
     }))
     return config
 
 
-def start_mitmdump(directory: Path, policy_dir: Path, config: Path, *options: str) -> Mitmdump:
-    """mitmdump with the script and cedargate's options only: no listen address, port or confdir."""
+def start_mitmdump(directory: Path, policy_dir: Path, config: Path, *options: str,
+                   preexec_fn: Callable[[], object] | None = None) -> Mitmdump:
+    """mitmdump with the script and cedargate's options only: no listen address, port or confdir.
+    `preexec_fn` runs in the child before mitmdump starts (to lower its open-file limit, say)."""
     log = directory / "mitmdump.log"
     home = directory / "home"
     home.mkdir(exist_ok=True)
@@ -137,7 +141,7 @@ def start_mitmdump(directory: Path, policy_dir: Path, config: Path, *options: st
                 *options,
             ],
             cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-            env={**os.environ, "HOME": str(home), "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "HOME": str(home), "PYTHONUNBUFFERED": "1"}, preexec_fn=preexec_fn,
         )
     port = yaml.safe_load(config.read_text())["proxy"]["port"]
     return Mitmdump(process, port, directory / "state", log, home)
@@ -421,3 +425,113 @@ def test_a_wrong_cedargate_option_stops_mitmdump_saying_what_to_fix(tmp_path, op
         stop(started)
     assert started.process.returncode != 0
     assert message in started.log.read_text()
+
+
+def read_answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """An HTTP answer read to the connection's end: its status, headers (lower-cased) and body."""
+    sock.settimeout(STARTUP_TIMEOUT)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    return int(status_line.split()[1]), {k.strip().lower(): v.strip() for k, _, v in
+                                         (line.partition(":") for line in lines)}, body
+
+
+def until(check: Callable[[], object], what: str) -> object:
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while not (found := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never: {what}")
+        time.sleep(0.05)
+    return found
+
+
+def own_mitmdump(tmp_path: Path, **settings: object) -> Mitmdump:
+    policy_dir = tmp_path / "policies"
+    shutil.copytree(REPO / "policies", policy_dir, ignore=shutil.ignore_patterns("tests"))
+    return start_mitmdump(tmp_path, policy_dir, write_config(tmp_path, **settings))
+
+
+def test_past_max_proxy_connections_a_new_connection_gets_503_proxy_saturated(tmp_path, upstream):
+    """The ceiling `cedargate run` applies where it accepts applies under mitmdump too: agents' and upstream
+    connections count against it, and one past it is answered at once and closed unread."""
+    started = own_mitmdump(tmp_path, max_proxy_connections=3, header_read_timeout=120.0, idle_timeout=120.0)
+    idle: socket.socket | None = None
+    try:
+        wait_until_ready(started)
+        api = api_url(started)
+
+        def limits() -> dict:
+            return httpx.get(f"{api}/status", trust_env=False, timeout=15).json()["limits"]
+
+        upstream.calls.clear()
+        with agent_client(started.proxy()) as agent:
+            # A kept-alive agent and the upstream connection mitmproxy keeps for it: 2; one idle client: 3.
+            assert agent.get(f"http://localhost:{upstream.port}/v1/instances").status_code == 200
+            idle = socket.create_connection(("127.0.0.1", started.port), timeout=15)
+            until(lambda: limits()["proxy_connections"] == 3, "3 connections open")
+            shown = limits()
+            assert (shown["agent_connections"], shown["upstream_connections"]) == (2, 1)
+            assert [p["pid"] for p in shown["processes"]] == [started.process.pid]
+            with socket.create_connection(("127.0.0.1", started.port), timeout=15) as refused:
+                refused.sendall(f"GET http://localhost:{upstream.port}/v1/instances HTTP/1.1\r\n"
+                                f"Host: localhost:{upstream.port}\r\n\r\n".encode())
+                status, headers, body = read_answer(refused)
+            assert status == 503 and headers["retry-after"] == "5"
+            assert headers["content-type"] == "application/problem+json"
+            problem = json.loads(body)
+            assert problem["type"] == "urn:cedargate:problem:proxy-saturated"
+            assert "3 of its 3 connections" in problem["detail"]
+            shown = limits()
+            assert (shown["max_proxy_connections"], shown["refused_connections"]) == (3, 1)
+            assert httpx.get(f"{api}/healthz", trust_env=False, timeout=15).status_code == 200
+            idle.close()
+            until(lambda: limits()["proxy_connections"] == 2, "the idle connection closed")
+            # Below the ceiling again: calls flow.
+            assert agent.get(f"http://localhost:{upstream.port}/v1/instances").status_code == 200
+        assert [c.path for c in upstream.calls] == ["/v1/instances"] * 2  # the refused one never went
+    finally:
+        if idle is not None:
+            idle.close()
+        stop(started)
+
+
+def test_out_of_files_on_accept_backs_off_and_logs_once(tmp_path, upstream):
+    """As under `cedargate run`: accept out of files pauses the listener and says so once a minute, instead
+    of mitmproxy logging a traceback per retry; once files are free again, calls are served."""
+    files = 256
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
+
+    policy_dir = tmp_path / "policies"
+    shutil.copytree(REPO / "policies", policy_dir, ignore=shutil.ignore_patterns("tests"))
+    config = write_config(tmp_path, max_proxy_connections=5000, max_held_calls=100,
+                          max_unauthenticated_connections=5000, header_read_timeout=120.0, idle_timeout=120.0)
+    started = start_mitmdump(tmp_path, policy_dir, config, preexec_fn=low_limit)
+    flood: list[socket.socket] = []
+    try:
+        wait_until_ready(started)
+        api = api_url(started)
+        try:
+            for _ in range(files + 50):  # more than the process has files: the rest wait in the listen queue
+                try:
+                    flood.append(socket.create_connection(("127.0.0.1", started.port), timeout=2))
+                except TimeoutError:
+                    break  # the listen queue is full too
+            until(lambda: "out of files" in started.log.read_text(), "the out-of-files line")
+            time.sleep(3)  # a while at the limit, retrying: the retries must not be logged one by one
+            said = started.log.read_text()
+            assert said.count("out of files") == 1, said
+            assert "socket.accept" not in said and "Unhandled error" not in said, said
+        finally:
+            for sock in flood:
+                sock.close()
+        until(lambda: httpx.get(f"{api}/healthz", trust_env=False, timeout=15).status_code == 200, "healthz")
+        upstream.calls.clear()
+        with agent_client(started.proxy()) as agent:
+            assert agent.get(f"http://localhost:{upstream.port}/v1/instances").status_code == 200
+    finally:
+        stop(started)
