@@ -175,6 +175,17 @@ def begin_immediate(execute: Callable[[str], object]) -> None:
         pause = min(pause * 2, BUSY_LONGEST_PAUSE)
 
 
+def _sqlite_wal(engine: SAEngine) -> str | None:
+    """The WAL file of a SQLite database in WAL mode, None if it has none (in memory, another journal mode).
+
+    Asked of SQLite, not read from the URL: a `file:` URI URL's database is not the file's path."""
+    with engine.connect() as conn:
+        if str(conn.exec_driver_sql("PRAGMA journal_mode").scalar()).lower() != "wal":
+            return None
+        main = [row[2] for row in conn.exec_driver_sql("PRAGMA database_list") if row[1] == "main"]
+    return f"{main[0]}-wal" if main and main[0] else None
+
+
 def _busy(exc: BaseException) -> bool:
     """Whether `exc` (the driver's, or SQLAlchemy's around it) is SQLite's "database is locked"."""
     cause = getattr(exc, "orig", None) or exc
@@ -231,6 +242,7 @@ WAL_LIMIT = 16 * 1024 * 1024  # bytes: a SQLite WAL past this is truncated by a 
 # Seconds between SQLite checkpoints while rows are committed (`Recorder._checkpoints`): about as often
 # as SQLite's own checkpoint every 1,000 pages would run at a few hundred commits a second.
 CHECKPOINT_INTERVAL = 0.25
+SQLITE_AUTOCHECKPOINT = 1000  # pages: SQLite's default, for a writer that checkpoints in its commits again
 
 
 # Seconds a call (or a tunnel relayed uninspected) waits for its decision to be committed before it is
@@ -286,12 +298,15 @@ class Recorder:
         self._refusals_lock = threading.Lock()
         self._refusals_writing = False  # taken for the batch being written, not yet committed
         self._sqlite = engine.dialect.name == "sqlite"
-        # SQLite: commits by the writer, and how many of them the last checkpoint found (`_checkpoint`).
+        # SQLite: commits by the writer (batches and units), and how many of them the last checkpoint found
+        # (`_checkpoint`).
         self._commits = self._synced = 0
+        # SQLite: the last checkpoint failed, so the writer checkpoints in its commits again (`_writer_connection`).
+        self._self_checkpoint = False
+        self._conn_wal = self._conn_self_checkpoint = False  # the writer's connection's mode and its setting
         self._wrote_at = time.monotonic()
-        database = make_url(str(engine.url)).database if self._sqlite else None
-        self._wal = f"{database}-wal" if database and database != ":memory:" else None
         self._conn: Connection | None = None  # the writer thread's own (see `_transaction`)
+        self._wal: str | None = None  # SQLite in WAL mode: the WAL file `_checkpoints` keeps bounded
         self._closed = False  # the writer thread has ended (`close`)
         self._late_lock = threading.Lock()
         # Held by whoever takes queued items and writes them: the writer thread, or a caller committing
@@ -305,6 +320,8 @@ class Recorder:
         self._stop = threading.Event()
         migrate(engine)
         writable(self._writes)
+        if self._sqlite:
+            self._wal = _sqlite_wal(engine)
         self._thread = threading.Thread(target=self._run, name="cedargate-recorder", daemon=True)
         self._thread.start()
         self._checkpointer: threading.Thread | None = None
@@ -371,6 +388,8 @@ class Recorder:
         many rows queued, a failing store or counted refusals all leave it to the writer. What is
         queued (outcomes, events: nobody waits on them) is taken into the same transaction, first."""
         if not self._sqlite or self._failing or self._closed or self._refusals or self._unsure is not None:
+            return None
+        if self._wal is None:  # not in WAL mode: its COMMIT would wait for readers (`_writer_connection`)
             return None
         if not self._writing.acquire(blocking=False):
             return None
@@ -698,9 +717,27 @@ class Recorder:
             if self._sqlite:
                 raw = conn.connection.dbapi_connection
                 assert raw is not None
-                raw.execute("PRAGMA busy_timeout=0")
-                raw.execute("PRAGMA wal_autocheckpoint=0")
+                # Not waiting in SQLite's busy handler is right only in WAL mode, where COMMIT never waits
+                # for readers: in a rollback journal it must wait for every reader's lock, and with no
+                # timeout it would fail (refusing calls) whenever anyone reads. Such a file (journal_mode=WAL
+                # did not take) keeps SQLite's waiting, and its own checkpoints.
+                self._conn_wal = raw.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
+                if self._conn_wal:
+                    raw.execute("PRAGMA busy_timeout=0")
+                else:
+                    log.warning("the decision store %s is not in WAL mode (journal_mode=WAL did not take): "
+                                "its commits wait for readers", self.engine.url.render_as_string(hide_password=True))
+                self._conn_self_checkpoint = True  # SQLite's default
             self._conn = conn
+        if self._sqlite:
+            # Checkpoints are `_checkpoints`' only while it finds the WAL and its checkpoints succeed; else
+            # SQLite's own, in the commits, rather than a WAL that grows without bound.
+            itself = not self._conn_wal or self._wal is None or self._self_checkpoint
+            if itself != self._conn_self_checkpoint:
+                raw = self._conn.connection.dbapi_connection
+                assert raw is not None
+                raw.execute(f"PRAGMA wal_autocheckpoint={SQLITE_AUTOCHECKPOINT if itself else 0}")
+                self._conn_self_checkpoint = itself
         return self._conn
 
     def _drop_connection(self) -> None:
@@ -750,6 +787,7 @@ class Recorder:
             else:
                 future.set_exception(exc)
             return
+        self._commits += 1  # for `_checkpoints`: a unit's commit grows the WAL as a batch's does
         future.set_result(result)
 
     def _unit_landed(self, head: tuple[int, str], exc: BaseException) -> bool | None:
@@ -804,8 +842,8 @@ class Recorder:
             return
         try:
             large = os.stat(self._wal).st_size > self.wal_limit
-        except OSError:
-            return
+        except OSError:  # no WAL file to measure (none yet, say): copy what there is, if any
+            large = False
         try:
             with self.engine.connect() as conn:
                 if large:
@@ -817,8 +855,12 @@ class Recorder:
                 else:
                     conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             self._synced = commits
+            self._self_checkpoint = False  # the writer leaves checkpoints to this thread again
         except Exception as exc:  # a checkpoint is housekeeping: the next round tries again
             log.warning("decision store checkpoint failed: %s", _short(exc))
+            # Meanwhile the writer checkpoints in its commits (`_writer_connection`): slower commits rather
+            # than a WAL that grows until the disk is full.
+            self._self_checkpoint = True
 
     def _linger(self) -> None:
         """Group commit: while rows come faster than `busy_rate` a second, wait up to `linger` seconds

@@ -1,0 +1,213 @@
+"""The recorder's SQLite writer: its WAL stays bounded whatever the URL's form and whoever commits, it waits
+for another writer's lock a bounded time and then refuses, a file not in WAL mode still commits while others
+read, and batches larger than one statement's chunk land whole with a chain that verifies.
+
+Outcomes only (committed, refused, sizes after a number of commits), never how long anything took.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import sqlite3
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from proxy_support import sqlite_rows, wait_until
+from sqlalchemy import event, text
+from sqlalchemy.exc import OperationalError
+
+from proxy.record import audit, store
+from proxy.record.store import Recorder, StoreUnavailable, make_engine
+
+
+def _row(i: int = 0, **overrides) -> dict:
+    row = {"decision_id": str(uuid.uuid4()), "at": datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=i),
+           "agent": "ops-bot", "method": "GET", "scheme": "http", "host": "localhost", "port": 9000,
+           "path": f"/v1/instances/i-{i}", "action": 'Action::"get"', "resource": 'Host::"localhost"',
+           "decision": "allow", "errors": "[]", "session": None, "tool": None, "cedar_request": None}
+    row.update(overrides)
+    return row
+
+
+def _vote(conn) -> tuple[None, list[dict]]:
+    """A unit of work as an override's vote is: a state change and its audit event, ~2 KB."""
+    conn.execute(text("INSERT INTO votes (v) VALUES (:v)"), {"v": "x" * 2000})
+    return None, [{"kind": "override_voted", "agent": "ops-bot", "payload": {"n": 1}}]
+
+
+def _url(db_path: Path, form: str) -> str:
+    return f"sqlite:///file:{db_path}?uri=true" if form == "uri" else f"sqlite:///{db_path}"
+
+
+@pytest.fixture
+def closing() -> Iterator[list[Recorder]]:
+    recorders: list[Recorder] = []
+    yield recorders
+    for recorder in recorders:
+        recorder.close(timeout=5)
+        recorder.engine.dispose()
+
+
+WAL_BOUND = 256 * 1024
+# Commits enough that an unchecked WAL (~20 KB of frames a commit) would be a hundred times the bound.
+COMMITS = 1500
+
+
+@pytest.mark.parametrize("form", ["path", "uri"])
+@pytest.mark.parametrize("work", ["calls", "units"])
+def test_the_wal_stays_bounded_for_every_url_form_and_for_units_of_work(
+        db_path: Path, closing: list[Recorder], form: str, work: str):
+    """The writer leaves checkpoints to its own thread: that thread must find the WAL of a `file:` URI URL
+    (whose database is not the file's path) and see the commits of units of work (votes, releases), or
+    nobody checkpoints and the WAL grows until the disk is full."""
+    recorder = Recorder(make_engine(_url(db_path, form)), wal_limit=WAL_BOUND)
+    closing.append(recorder)
+    if work == "units":
+        with recorder.engine.begin() as conn:
+            conn.execute(text("CREATE TABLE votes (id INTEGER PRIMARY KEY, v TEXT)"))
+        for _ in range(COMMITS):
+            recorder.transact(_vote)
+    else:
+        for i in range(COMMITS):  # one commit each, as calls waiting for their record one at a time
+            recorder.commit(_row(i, cedar_request="y" * 1500)).result(10)
+    wal = Path(f"{db_path}-wal")
+    assert wal.exists()  # the very file the checkpoints measure
+    wait_until(lambda: wal.stat().st_size <= WAL_BOUND, f"the WAL ({wal.stat().st_size} bytes) to be truncated")
+    if work == "calls":
+        assert len(sqlite_rows(db_path)) == COMMITS
+
+
+def test_a_writer_whose_checkpoints_fail_checkpoints_in_its_commits(
+        db_path: Path, closing: list[Recorder], caplog: pytest.LogCaptureFixture):
+    """If the checkpoint thread cannot checkpoint, SQLite's own checkpoints in the writer's commits keep
+    the WAL bounded (slower commits rather than a full disk)."""
+    recorder = Recorder(make_engine(f"sqlite:///{db_path}"), wal_limit=WAL_BOUND)
+    closing.append(recorder)
+    with recorder.engine.begin() as conn:
+        conn.execute(text("CREATE TABLE votes (id INTEGER PRIMARY KEY, v TEXT)"))
+
+    def broken():  # the checkpoint thread's connections; the writer's own are opened apart
+        raise OperationalError("PRAGMA wal_checkpoint", {}, sqlite3.OperationalError("disk I/O error"))
+
+    recorder.engine.connect = broken  # type: ignore[method-assign]
+    with caplog.at_level(logging.WARNING, logger="proxy.record.store"):
+        recorder.transact(_vote)
+        wait_until(lambda: "checkpoint failed" in caplog.text, "a checkpoint to fail")
+        for _ in range(COMMITS):
+            recorder.transact(_vote)
+    # SQLite's checkpoint every 1,000 pages (4 MiB): unchecked, ~30 MB.
+    assert Path(f"{db_path}-wal").stat().st_size < 6 * 1024 * 1024
+
+
+def test_a_file_not_in_wal_mode_commits_while_another_connection_reads(
+        db_path: Path, closing: list[Recorder], caplog: pytest.LogCaptureFixture):
+    """journal_mode=WAL did not take (here: forced back to DELETE): a COMMIT must wait for the readers'
+    locks, so the writer keeps SQLite's waiting rather than failing (and refusing calls) while anyone reads."""
+    engine = make_engine(f"sqlite:///{db_path}")
+    event.listen(engine, "connect", lambda conn, _record: conn.execute("PRAGMA journal_mode=DELETE"))
+    with caplog.at_level(logging.WARNING, logger="proxy.record.store"):
+        recorder = Recorder(engine, retry_interval=0.05)
+        closing.append(recorder)
+        recorder.commit(_row(0)).result(10)
+    assert "not in WAL mode" in caplog.text
+    reader = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM decisions").fetchone()  # holds a read lock until COMMIT
+        committed = recorder.commit(_row(1))
+        # The writer reached its COMMIT (its rollback journal is written first) and waits for the reader.
+        wait_until(lambda: Path(f"{db_path}-journal").exists() or committed.done(), "the writer to commit")
+        done, _ = concurrent.futures.wait([committed], timeout=0.5)
+        assert not done, committed.exception()  # not refused while someone reads
+        reader.execute("COMMIT")
+        committed.result(10)
+    finally:
+        reader.close()
+    assert len(sqlite_rows(db_path)) == 2
+    assert recorder.healthy
+
+
+def test_the_writer_waits_for_another_writers_lock_then_commits(db_path: Path, closing: list[Recorder]):
+    recorder = Recorder(make_engine(f"sqlite:///{db_path}"))
+    closing.append(recorder)
+    recorder.commit(_row(0)).result(10)
+    other = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        committed = recorder.commit(_row(1))
+        done, _ = concurrent.futures.wait([committed], timeout=0.5)
+        assert not done, committed.exception()  # waiting its turn, not refused
+        other.execute("COMMIT")
+        committed.result(10)
+    finally:
+        other.close()
+    assert len(sqlite_rows(db_path)) == 2
+    assert recorder.healthy
+
+
+def test_a_write_lock_held_past_the_bound_refuses_the_call_and_the_row_lands_once_released(
+        db_path: Path, closing: list[Recorder], monkeypatch: pytest.MonkeyPatch):
+    """`begin_immediate` gives up at BUSY_TIMEOUT (shortened here): the waiting call is refused as the store
+    being unavailable (the gate answers it 503 store-unavailable and forwards nothing); its row is kept and
+    written once the lock is free, and the store is healthy again."""
+    monkeypatch.setattr(store, "BUSY_TIMEOUT", 0.2)
+    recorder = Recorder(make_engine(f"sqlite:///{db_path}"), retry_interval=0.05)
+    closing.append(recorder)
+    recorder.commit(_row(0)).result(10)
+    other = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        row = _row(1)
+        committed = recorder.commit(row)
+        with pytest.raises(StoreUnavailable, match="database is locked"):
+            committed.result(30)  # the lock is still held: only the bound ends the wait
+        assert not recorder.healthy  # new calls are refused meanwhile
+        other.execute("COMMIT")
+    finally:
+        other.close()
+    assert recorder.flush()
+    assert recorder.healthy
+    assert [r["decision_id"] for r in sqlite_rows(db_path)][1:] == [row["decision_id"]]
+    assert audit.verify(make_engine(f"sqlite:///{db_path}")).ok
+
+
+def test_batches_larger_than_a_statements_chunk_land_whole_and_the_chain_verifies(
+        db_path: Path, closing: list[Recorder]):
+    """Decisions, events and outcomes are written in chunks of SQLITE_ROWS_PER_INSERT rows a statement:
+    batches of several chunks (and a partial one) keep every row, the last outcome of a decision wins and
+    every decision and outcome is on a chain that verifies."""
+    recorder = Recorder(make_engine(f"sqlite:///{db_path}"))
+    closing.append(recorder)
+    assert store.audit.SQLITE_ROWS_PER_INSERT == 50
+    rows = [_row(i) for i in range(173)]
+    other = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        # The write lock held while they are queued: the writer takes them in at most two batches, one of
+        # them with more than 87 decisions and every outcome (233, of 173 decisions).
+        other.execute("BEGIN IMMEDIATE")
+        for row in rows:
+            recorder.record(row)
+        for i, row in enumerate(rows):
+            recorder.record_outcome(row["decision_id"], "ops-bot",
+                                    {"upstream_status": 200 + i % 50, "duration_ms": float(i), "errors": f'["e{i}"]'})
+        for row in rows[:60]:  # a second outcome for some: the last wins
+            recorder.record_outcome(row["decision_id"], "ops-bot",
+                                    {"upstream_status": 500, "duration_ms": -1.0, "errors": "[]"})
+        other.execute("COMMIT")
+    finally:
+        other.close()
+    assert recorder.flush()
+    stored = [(r["decision_id"], r["upstream_status"], r["duration_ms"], r["errors"]) for r in sqlite_rows(db_path)]
+    assert stored == [(row["decision_id"], *((500, -1.0, "[]") if i < 60 else (200 + i % 50, float(i), f'["e{i}"]')))
+                      for i, row in enumerate(rows)]
+    con = sqlite3.connect(db_path)
+    try:
+        kinds = dict(con.execute("SELECT kind, count(*) FROM audit_log GROUP BY kind").fetchall())
+    finally:
+        con.close()
+    assert kinds == {"decision": 173, "outcome": 233}
+    assert audit.verify(make_engine(f"sqlite:///{db_path}")).ok
