@@ -10,7 +10,7 @@ import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import httpx
@@ -129,3 +129,28 @@ def test_a_held_call_whose_record_met_a_passing_failure_is_released_once_approve
     assert answer.status_code == 200, answer.text
     assert [c.path for c in upstream.calls] == ["/v1/instances/i-0abc/stop"]
     assert api(cedargate, "GET", f"/overrides/{request['id']}").json()["status"] == "released"
+
+
+def test_a_call_waits_for_another_writers_lock_and_is_refused_when_it_is_held_past_the_bound(cedargate, upstream):
+    """Another process holds SQLite's write lock: a call's record waits its turn and the call goes once the
+    lock is free; held past the writer's bound (BUSY_TIMEOUT), the call is refused 503 store-unavailable and
+    nothing is forwarded, and cedargate recovers when the lock is let go."""
+    lock = sqlite3.connect(cedargate.database, isolation_level=None)
+    try:
+        lock.execute("BEGIN IMMEDIATE")
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(_get, cedargate, upstream, "/v1/instances/waited")
+            done, _ = wait([waiting], timeout=1)
+            assert not done and upstream.calls == []  # waiting for its record, not refused nor forwarded
+            lock.execute("COMMIT")
+            assert waiting.result(timeout=15).status_code == 200
+        lock.execute("BEGIN IMMEDIATE")
+        # Held until the answer comes: only the bound ends the wait.
+        _refused_honestly(_get(cedargate, upstream, "/v1/instances/held-past-the-bound"))
+    finally:
+        if lock.in_transaction:
+            lock.execute("ROLLBACK")
+        lock.close()
+    assert [c.path for c in upstream.calls] == ["/v1/instances/waited"]
+    assert _until_answered(cedargate, upstream, "/v1/instances/after", 200).status_code == 200
+    assert [c.path for c in upstream.calls] == ["/v1/instances/waited", "/v1/instances/after"]
