@@ -245,7 +245,7 @@ def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = No
         if reading is None:
             reading = read_call(call, options, manifest)
         if reading.endpoint is not None:
-            return _mcp_request(call, reading, context, manifest.argument_types, hints)
+            return _mcp_request(call, reading, context, manifest, hints)
         lookalike = manifest.mcp_lookalike(host, call.path)
         if lookalike is not None:
             # The server may route it to its MCP endpoint, where it would not be decided as MCP.
@@ -264,7 +264,7 @@ def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = No
 
 
 def _mcp_request(call: Call, reading: Reading, context: dict[str, Any],
-                 argument_types: Mapping[str, str], hints: HintLookup | None) -> CedarRequest:
+                 manifest: Manifest, hints: HintLookup | None) -> CedarRequest:
     """A message on an MCP endpoint: `call_tool` on its Tool, or `mcp_rpc` on its server
     (see proxy.calls.mcp)."""
     endpoint, body = reading.endpoint, reading.body
@@ -280,7 +280,8 @@ def _mcp_request(call: Call, reading: Reading, context: dict[str, Any],
         # Decided as the stream's GET or the session's DELETE; a server reading a body would act on it.
         raise MappingError(f"a {call.method.upper()} to the MCP endpoint {call.path} carries no body")
     try:
-        mapped = map_message(endpoint, call.method, message, to_cedar_value, call.headers, argument_types, hints)
+        mapped = map_message(endpoint, call.method, message, to_cedar_value, call.headers,
+                             manifest.argument_types, hints, manifest.argument_folds)
     except McpError as exc:
         raise MappingError(str(exc), 400 if message else 405) from None
     except LookupError as exc:

@@ -360,6 +360,24 @@ def test_mcp_routing_headers_must_match_the_message(gate):
     assert server.bodies == []
 
 
+def test_a_key_in_another_spelling_is_refused_before_the_server(gate):
+    # A server matching JSON keys ignoring case (Go's encoding/json) would run the tool with these
+    # arguments, which the policy never saw (it saw none).
+    server = _BatchServer()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/mcp"
+    message = {"jsonrpc": "2.0", "id": 9, "method": "tools/call",
+               "params": {"name": "search_issues", "Arguments": {"query": "prod secrets"}}}
+    try:
+        with httpx.Client(proxy=gate.proxy_url, timeout=30) as http:
+            answered = http.post(url, json=message)
+    finally:
+        server.shutdown()
+    assert answered.status_code == 200 and answered.json()["result"]["isError"] is True
+    assert "spell it 'arguments'" in answered.json()["result"]["content"][0]["text"]
+    assert server.bodies == []
+
+
 class _QuirkyServer(ThreadingHTTPServer):
     """An MCP server that answers in ways clients accept but a strict reader might miss: a tool list
     replayed on the GET stream (resumption) with a Content-Length, and JSON under another media type."""

@@ -8,12 +8,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.calls.ambiguity import fold_key
 from proxy.vocabulary.canonical import Form, canonical
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 64  # messages in one JSON-RPC batch; more is refused, not truncated
 MAX_METHOD = 256
+# A message's own keys. Servers that match keys ignoring case (Go's encoding/json) read "Params" or "ID"
+# as these, where cedargate would see no params (or a notification).
+_MESSAGE_KEYS = frozenset({"jsonrpc", "id", "method", "params", "result", "error"})
 
 
 class McpError(ValueError):
@@ -91,6 +95,10 @@ def parse_messages(parsed: Any) -> tuple[list[Message], bool]:
 def read_message(item: Any, where: str) -> Message:
     if not isinstance(item, dict) or item.get("jsonrpc") != "2.0":
         raise McpError(f"{where} is not a JSON-RPC 2.0 message (an object with \"jsonrpc\": \"2.0\")")
+    for key in item:
+        if key not in _MESSAGE_KEYS and fold_key(key) in _MESSAGE_KEYS:
+            raise McpError(f"{where} has {key!r}, which servers that match keys ignoring case read as "
+                           f"{fold_key(key)!r}; spell it {fold_key(key)!r}")
     has_id = "id" in item
     ident = item.get("id")
     if has_id and (isinstance(ident, bool) or not isinstance(ident, (str, int))):

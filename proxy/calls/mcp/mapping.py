@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
+from proxy.calls.ambiguity import fold_key
 from proxy.calls.mcp.jsonrpc import McpError, Message, check_routing_headers
 from proxy.cedar.context import tool_hints
 from proxy.cedar.manifest import TOOL_NAME, FieldError, FieldSpec, McpEndpointSpec, typed_value
@@ -26,6 +27,22 @@ def _body_field(kind: str) -> FieldSpec:
     return FieldSpec.model_validate({"from": "body", "type": kind})
 
 
+# The `params` keys the mapping reads, by method: a server that matches keys ignoring case (Go's
+# encoding/json) reads "Arguments" or "URI" as these, which the policy would not have seen.
+_TOOL_PARAMS = {"name": "name", "arguments": "arguments", "_meta": "_meta"}
+_RESOURCE_PARAMS = {"uri": "uri"}
+_PROMPT_PARAMS = {"name": "name"}
+
+
+def _check_spelling(where: str, keys: Iterable[str], folds: Mapping[str, str], what: str) -> None:
+    """Refuse a key that is not spelled as the name it folds to (`folds`: fold -> name)."""
+    for key in keys:
+        exact = folds.get(fold_key(key))
+        if exact is not None and exact != key:
+            raise McpError(f"{where}: {what} {key!r} is {exact!r} to servers that match keys ignoring case, "
+                           f"but would not be decided as {exact!r}; spell it {exact!r}")
+
+
 def _never_listed(server: str, tool: str) -> dict[str, bool]:
     return tool_hints(None)
 
@@ -41,11 +58,14 @@ class McpMapping:
 
 def map_message(endpoint: McpEndpointSpec, http_method: str, message: Message | None,
                 to_cedar: Callable[[Any], Any], headers: Mapping[str, str] | None = None,
-                argument_types: Mapping[str, str] | None = None, hints: HintLookup | None = None) -> McpMapping:
+                argument_types: Mapping[str, str] | None = None, hints: HintLookup | None = None,
+                argument_folds: Mapping[str, str] | None = None) -> McpMapping:
     """Map one message on `endpoint` (None for the GET/DELETE that carry none).
 
     Raises McpError when it cannot be mapped and LookupError when it names a tool the endpoint
     refuses as unknown. `to_cedar` turns parsed JSON into Cedar values (the HTTP mapping's rules).
+    `argument_folds` is `Manifest.argument_folds`: an argument spelled in another case of a declared
+    name is refused.
     """
     server = endpoint.server
     if message is None:
@@ -60,12 +80,17 @@ def map_message(endpoint: McpEndpointSpec, http_method: str, message: Message | 
     # decided as the tool call it asks for.
     if message.method != "tools/call":
         params = message.params
-        if message.method.startswith("resources/") and isinstance(params.get("uri"), str):
-            context["uri"] = params["uri"]
-        if message.method == "prompts/get" and isinstance(params.get("name"), str):
-            context["prompt"] = params["name"]
+        if message.method.startswith("resources/"):
+            _check_spelling(message.method, params, _RESOURCE_PARAMS, "params key")
+            if isinstance(params.get("uri"), str):
+                context["uri"] = params["uri"]
+        if message.method == "prompts/get":
+            _check_spelling(message.method, params, _PROMPT_PARAMS, "params key")
+            if isinstance(params.get("name"), str):
+                context["prompt"] = params["name"]
         return McpMapping("mcp_rpc", ("McpServer", server), context)
     params = message.params
+    _check_spelling("tools/call", params, _TOOL_PARAMS, "params key")
     tool = params.get("name")
     if not isinstance(tool, str) or not TOOL_NAME.match(tool):
         raise McpError("tools/call names no tool, or one that is not 1 to 128 letters, digits, _ . or -")
@@ -80,6 +105,9 @@ def map_message(endpoint: McpEndpointSpec, http_method: str, message: Message | 
             f"tool {tool!r} of MCP server {server!r} is not in the action manifest, so nobody has classified "
             "what it does; add it under the endpoint's tools in actions.yaml to allow it"
         )
+    # Every tool's declared names, not only this tool's: as with the types below, a policy may read a
+    # name for any tool (the schema has one ToolArguments), and the server may bind it in any tool.
+    _check_spelling(f"tools/call {tool}", arguments, argument_folds or {}, "argument")
     cedar_arguments = to_cedar(arguments)
     declared = spec.arguments if spec is not None else {}
     for name, argument in declared.items():

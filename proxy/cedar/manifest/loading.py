@@ -45,10 +45,19 @@ def load_manifest(directory: str | Path) -> Manifest | None:
             if paths.count(endpoint.path) > 1:
                 raise ManifestError(f"{path.name}: hosts[{h}].mcp[{e}]: path {endpoint.path!r} appears twice")
     argument_types: dict[str, tuple[str, str]] = {}
+    spellings: dict[str, tuple[str, str]] = {}
     for endpoint in (e for host in spec.hosts for e in host.mcp):
         for tool, tool_spec in endpoint.tools.items():
             for name, argument in tool_spec.arguments.items():
                 where = f"{endpoint.server}/{tool}"
+                spelled = spellings.setdefault(name.lower(), (name, where))
+                if spelled[0] != name:
+                    # Servers that match JSON keys ignoring case read both as one argument, and a call
+                    # may only spell an argument as declared (proxy.calls.mcp.mapping).
+                    raise ManifestError(
+                        f"{path.name}: tool {where!r}: argument {name!r} is {spelled[0]!r} of {spelled[1]!r} "
+                        "in another case, one name to servers that match keys ignoring case; spell it one way"
+                    )
                 first = argument_types.setdefault(name, (argument.type, where))
                 if first[0] != argument.type:
                     # All tools share one Cedar context type, so an argument name has one type.

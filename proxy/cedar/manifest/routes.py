@@ -43,6 +43,11 @@ class Manifest:
         # Read by every tools/call: gathered once (the spec is frozen), not walked over every tool per call.
         self._argument_types: Mapping[str, str] = MappingProxyType(
             {n: a.type for e in self.mcp_endpoints for t in e.tools.values() for n, a in t.arguments.items()})
+        # Servers that match JSON keys ignoring case (Go's encoding/json) bind "Amount" to a declared
+        # `amount`: a tools/call refuses an argument spelled so, found by its fold. Argument names are
+        # ASCII identifiers (spec._NAME), whose fold (proxy.calls.ambiguity.fold_key) is their lower();
+        # no two fold alike (checked at load).
+        self._argument_folds: Mapping[str, str] = MappingProxyType({n.lower(): n for n in self._argument_types})
 
     @property
     def actions(self) -> dict[str, RouteSpec]:
@@ -74,6 +79,11 @@ class Manifest:
     def argument_types(self) -> Mapping[str, str]:
         """Each declared tool argument's type; one name has one type across all tools (checked at load)."""
         return self._argument_types
+
+    @property
+    def argument_folds(self) -> Mapping[str, str]:
+        """Each declared tool argument's name by its fold: the spelling a call must use for it."""
+        return self._argument_folds
 
     def match(self, host: str, method: str, path: str) -> tuple[HostSpec | None, RouteMatch | None]:
         """(the host's spec or None if the host has no manifest, the matching route or None)."""

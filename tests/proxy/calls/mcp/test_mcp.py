@@ -344,6 +344,85 @@ def test_an_optional_declared_argument_may_be_left_out(open_manifest):
     assert "attempt" not in request.context["arguments"]
 
 
+# Servers that match JSON keys ignoring case (Go's encoding/json, so Go MCP SDKs) bind "Attempt" to a
+# declared `attempt` and "Arguments" to `arguments`: a key spelled so would reach the tool undecided.
+
+@pytest.mark.parametrize("key", ["Attempt", "ATTEMPT", "attempT"])
+def test_a_declared_argument_in_another_spelling_is_refused(open_manifest, key):
+    with pytest.raises(MappingError) as refused:
+        map_mcp(open_manifest, tool_call("refund", {"order_id": "o-1", "amount": 1, key: "not a Long"}),
+                url="http://tools.example/mcp")
+    assert not isinstance(refused.value, UnknownAction)
+    assert refused.value.status == 400
+    assert f"{key!r}" in str(refused.value) and "spell it 'attempt'" in str(refused.value)
+
+
+@pytest.mark.parametrize("key", ["Amount", "ORDER_ID"])
+def test_a_name_declared_for_another_tool_in_another_spelling_is_refused_for_any_tool(open_manifest, key):
+    # A policy reads context.arguments.amount for every tool (one ToolArguments), the server binds it.
+    with pytest.raises(MappingError, match=f"spell it '{key.lower()}'"):
+        map_mcp(open_manifest, tool_call("new_tool", {key: 1}), url="http://tools.example/mcp")
+
+
+def test_only_declared_names_are_held_to_their_spelling(bundled, open_manifest):
+    request = map_mcp(bundled, tool_call("search_issues", {"Query": "x", "LABEL": "bug"}))
+    assert request.context["arguments"] == {"Query": "x", "LABEL": "bug"}
+    request = map_mcp(open_manifest, tool_call("new_tool", {"amount": 2, "Order": "o-1"}),
+                      url="http://tools.example/mcp")
+    assert request.context["arguments"] == {"amount": {"__extn": {"fn": "decimal", "arg": "2.0"}}, "Order": "o-1"}
+
+
+@pytest.mark.parametrize("key, declared", [("\u017ftatus", "status"), ("STATU\u017f", "status"),
+                                           ("\u212aind", "kind"), ("\u212aIND", "kind")])
+def test_a_declared_argument_spelled_with_a_character_go_folds_to_it_is_refused(tmp_path, key, declared):
+    # Go folds U+017F (long s) to s and U+212A (Kelvin sign) to k, as ambiguity.fold_key does.
+    server = {"path": "/mcp", "server": "tools", "unknown_tools": "policy",
+              "tools": {"label": {"arguments": {"status": {"required": False}, "kind": {"required": False}}}}}
+    (tmp_path / "actions.yaml").write_text(yaml.safe_dump(mcp_host(server, host="tools.example")))
+    manifest = load_manifest(tmp_path)
+    with pytest.raises(MappingError, match=f"spell it '{declared}'") as refused:
+        map_mcp(manifest, tool_call("label", {key: "x"}), url="http://tools.example/mcp")
+    assert refused.value.status == 400
+
+
+def test_two_argument_names_one_ignoring_case_do_not_load(tmp_path):
+    server = {"path": "/mcp", "server": "tools",
+              "tools": {"refund": {"arguments": {"amount": {"type": "Decimal"}}},
+                        "tip": {"arguments": {"Amount": {"type": "Decimal"}}}}}
+    says = manifest_error(tmp_path, mcp_host(server, host="tools.example"))
+    assert "'Amount'" in says and "'amount'" in says and "ignoring case" in says
+
+
+@pytest.mark.parametrize("key", ["Arguments", "ARGUMENTS", "argument\u017f"])
+def test_arguments_in_another_spelling_is_refused(bundled, key):
+    with pytest.raises(MappingError, match="spell it 'arguments'") as refused:
+        map_mcp(bundled, tool_call("search_issues", **{key: {"repo": "prod/secret"}}))
+    assert refused.value.status == 400
+
+
+@pytest.mark.parametrize("key, exact", [("_Meta", "_meta"), ("_META", "_meta"), ("Name", "name")])
+def test_meta_or_name_in_another_spelling_is_refused(bundled, key, exact):
+    message = tool_call("search_issues", {"query": "x"})
+    if exact == "name":
+        del message["params"]["name"]
+    message["params"][key] = {"progressToken": 1} if exact == "_meta" else "search_issues"
+    with pytest.raises(MappingError, match=f"spell it '{exact}'"):
+        map_mcp(bundled, message)
+
+
+@pytest.mark.parametrize("message, exact", [
+    (rpc("resources/read", URI="file:///etc/shadow"), "uri"),
+    (rpc("prompts/get", NAME="secrets"), "name"),
+    ({"jsonrpc": "2.0", "id": 1, "method": "resources/read", "Params": {"uri": "file:///etc/shadow"}}, "params"),
+    ({"jsonrpc": "2.0", "ID": 1, "method": "tools/list"}, "id"),
+    ({"jsonrpc": "2.0", "id": 1, "method": "ping", "Result": {}}, "result"),
+])
+def test_a_key_the_mapping_reads_in_another_spelling_is_refused_in_any_message(bundled, message, exact):
+    with pytest.raises(MappingError, match=f"spell it '{exact}'") as refused:
+        map_mcp(bundled, message)
+    assert refused.value.status == 400
+
+
 # -- mapping: every other message -----------------------------------------------------------------------
 
 @pytest.mark.parametrize(
