@@ -17,7 +17,6 @@ that says so, and `cedargate run --workers N` hands one socket to every worker.
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import logging
 import socket
@@ -123,11 +122,6 @@ def proxy_master(runtime: Runtime, open_files: int, sock: socket.socket, options
     master.addons.add(*default_addons(runtime, open_files))
     master.addons.add(ServeOn(sock), Drain())
     opts.update(**options)  # type: ignore[no-untyped-call]  # mitmproxy: unannotated
-    # What is loaded by now (modules, the policies, mitmproxy, SQLAlchemy: some 190,000 objects) lives as long
-    # as the process: kept out of the cyclic collector's full collections, which scanned all of it again
-    # every few thousand calls (~150 ms each, half the collector's time per call). Its garbage goes first.
-    gc.collect()
-    gc.freeze()
     return master
 
 
