@@ -475,7 +475,9 @@ def parse_json(call: Call, max_bytes: int) -> Any:
     try:
         # Decoded as UTF-8 first: json.loads would guess UTF-16 or UTF-32 from the bytes.
         text = call.body.decode("utf-8")
-        if text.startswith("\ufeff"):  # refused as json.loads refuses it: a BOM is not JSON
+        # A BOM is not JSON. The decoder refuses it anyway ("Expecting value"); this says why, in the
+        # words json.loads used before one decoder was built once.
+        if text.startswith("\ufeff"):
             raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
         parsed = _STRICT_JSON.decode(text)
     except (ValueError, UnicodeDecodeError) as exc:

@@ -223,6 +223,15 @@ def test_invalid_json_is_refused_with_400(raw: bytes):
     assert "does not parse" in str(info.value)
 
 
+def test_a_json_body_opening_with_a_byte_order_mark_is_refused_saying_so():
+    # The decoder alone refuses it too, but only as "Expecting value: line 1 column 1": the agent is told
+    # what json.loads told it, the mark its client added.
+    with pytest.raises(MappingError) as info:
+        _body(b'\xef\xbb\xbf{"a": 1}')
+    assert info.value.status == 400
+    assert "Unexpected UTF-8 BOM" in str(info.value)
+
+
 @pytest.mark.parametrize("key", ["__entity", "__extn", "__expr"])
 def test_cedar_escape_keys_are_refused_wherever_they_are(key: str):
     smuggled = {key: {"type": "Agent", "id": "admin"}}
