@@ -18,13 +18,14 @@ from sqlalchemy import Table
 from sqlalchemy.engine import Engine as SAEngine
 from sqlmodel import Field, SQLModel
 
+from proxy.record.audit import ROW_NUMBER
 from proxy.record.store import WRITES, storable_row
 
 
 class ShadowDisagreement(SQLModel, table=True):
     __tablename__ = "shadow_disagreements"
 
-    id: int | None = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True, sa_type=ROW_NUMBER)  # one per call at most (revision 0013)
     decision_id: str  # the live decision's row
     at: datetime = Field(index=True)
     agent: str

@@ -730,3 +730,35 @@ def test_a_database_at_0011_records_past_two_to_the_31_rows_once_upgraded(databa
         assert outbox.cursor(conn) == 2**31
     [owed] = outbox.due("ops-hook", 10)
     assert owed.seq == 2**31
+
+
+def test_a_database_at_0012_records_shadow_disagreements_past_two_to_the_31_once_upgraded(database: SAEngine):
+    """Revision 0013: the shadow disagreements' id, one per call when the shadow set is stricter than the
+    live one, goes on past the last 32-bit number (on PostgreSQL every shadow write failed before, dropped
+    and counted while the live decisions went on). Nothing changes on SQLite."""
+    make_0_1_0_database(database)
+    add_0_1_0_rows(database)
+    migrate_to(database, "0012")
+    row = {"decision_id": "d-old", "at": AT, "agent": "ops-bot", "action": 'Action::"stop"',
+           "resource": 'Instance::"i-1"', "live_decision": "escalate", "shadow_decision": "allow",
+           "live_policies": "[]", "shadow_policies": "[]", "live_revision": "r1", "shadow_revision": "s1"}
+    with database.begin() as conn:
+        conn.execute(text("INSERT INTO shadow_disagreements (id, decision_id, at, agent, action, resource,"
+                          " live_decision, shadow_decision, live_policies, shadow_policies, live_revision,"
+                          " shadow_revision) VALUES (:id, :decision_id, :at, :agent, :action, :resource,"
+                          " :live_decision, :shadow_decision, :live_policies, :shadow_policies,"
+                          " :live_revision, :shadow_revision)"), {**row, "id": LAST_32_BIT})
+        if database.dialect.name == "postgresql":
+            conn.execute(text("SELECT setval(pg_get_serial_sequence('shadow_disagreements', 'id'), :id)"),
+                         {"id": LAST_32_BIT})
+    if database.dialect.name == "postgresql":
+        with pytest.raises(DBAPIError, match="reached maximum value|out of range"):
+            write_disagreements(database, [row])  # what every shadow write met before the upgrade
+
+    assert migrate(database) == head_revision()
+    with database.connect() as conn:
+        assert schema_differences(conn, _models()) == []
+    write_disagreements(database, [row])
+    with database.connect() as conn:
+        ids = conn.execute(text("SELECT id FROM shadow_disagreements ORDER BY id")).scalars()
+        assert list(ids) == [LAST_32_BIT, 2**31]
