@@ -1,4 +1,10 @@
-"""Liveness and status: is the proxy able to decide calls, and with which policies."""
+"""Liveness and status: is the proxy able to decide calls, and with which policies.
+
+/healthz and /status answer anyone who can reach the API (a load balancer, a monitor). Each proxy
+process's own figures, with its pid (`GET /status/processes`), are for auditors only, as /report is: which
+worker has the least headroom, and its process id, help whoever means to flood it, and /status's sums
+say what a monitor needs.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +13,12 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.exc import SQLAlchemyError
 
-from override_api.deps import RuntimeDep
+from override_api.deps import CurrentApprover, RuntimeDep
 from proxy.calls.capacity import proxy_processes
 from proxy.cedar.context import time_context
 from proxy.decision.shadow import judged_by
@@ -105,7 +111,7 @@ class ProxyProcessLimits(BaseModel):
 
 class LimitsStatus(BaseModel):
     """The proxy's saturation ceilings (proxy.calls.capacity) and the headroom now: of this process, or with
-    --workers N of every worker, summed, each worker's figures under `processes`."""
+    --workers N of every worker, summed (each worker's own figures: `GET /status/processes`, auditors only)."""
 
     held_calls: int = Field(description="calls held for review now")
     max_held_calls: int = Field(description="past it, an escalation is answered at once, not held (with "
@@ -121,8 +127,6 @@ class LimitsStatus(BaseModel):
     open_file_limit: int = Field(description="this process's; the workers of --workers N inherit it")
     proxy_workers: int = Field(description="the processes serving the proxy: with --workers N, N others "
                                            "than the API's")
-    processes: list[ProxyProcessLimits] = Field(description="each process serving the proxy: this one, or "
-                                                            "with --workers N each live worker")
 
 
 class ChainsStatus(BaseModel):
@@ -197,9 +201,20 @@ def status(request: Request, runtime: RuntimeDep) -> Status:
     )
 
 
-def _limits(runtime: Runtime) -> LimitsStatus:
-    capacity = runtime.capacity
-    here = capacity.figures(runtime.holds.held, os.getpid())
+@router.get("/status/processes", response_model=list[ProxyProcessLimits],
+            summary="Each process serving the proxy (this one, or with --workers N each live worker): its pid, "
+                    "ceilings and load (auditors only)")
+def processes(runtime: RuntimeDep, approver: CurrentApprover) -> list[ProxyProcessLimits]:
+    if not runtime.sees_all_overrides(approver.roles):
+        raise HTTPException(403, detail=f"each process's figures are for approvers holding the auditor role "
+                                        f"({runtime.settings.auditor_role}); {approver.id} does not")
+    return _processes(runtime)[0]
+
+
+def _processes(runtime: Runtime) -> tuple[list[ProxyProcessLimits], int, int]:
+    """Each proxy process's figures, and the refusals and escalations not held since start (replaced
+    workers' included, so not the sum of the live ones')."""
+    here = runtime.capacity.figures(runtime.holds.held, os.getpid())
     processes, refused, not_held = [here], here.refused_connections, here.not_held
     # Under --workers N the proxy's figures are the workers', read from the metrics they share.
     if runtime.proxy_workers is not None and (workers := proxy_processes(runtime.proxy_workers())) is not None:
@@ -208,14 +223,19 @@ def _limits(runtime: Runtime) -> LimitsStatus:
         pid=p.pid, held_calls=p.held, max_held_calls=p.max_held, proxy_connections=p.agents + p.upstreams,
         agent_connections=p.agents, upstream_connections=p.upstreams, max_proxy_connections=p.max_connections,
         refused_connections=p.refused_connections, not_held=p.not_held) for p in processes]
+    return each, refused, not_held
+
+
+def _limits(runtime: Runtime) -> LimitsStatus:
+    each, refused, not_held = _processes(runtime)
     return LimitsStatus(
         held_calls=sum(p.held_calls for p in each), max_held_calls=sum(p.max_held_calls for p in each),
         proxy_connections=sum(p.proxy_connections for p in each),
         agent_connections=sum(p.agent_connections for p in each),
         upstream_connections=sum(p.upstream_connections for p in each),
         max_proxy_connections=sum(p.max_proxy_connections for p in each),
-        refused_connections=refused, not_held=not_held, open_file_limit=capacity.open_files,
-        proxy_workers=runtime.settings.workers, processes=each,
+        refused_connections=refused, not_held=not_held, open_file_limit=runtime.capacity.open_files,
+        proxy_workers=runtime.settings.workers,
     )
 
 

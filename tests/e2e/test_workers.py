@@ -7,6 +7,7 @@ Which worker served a connection is read from the kernel (/proc: the worker hold
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
@@ -312,15 +313,22 @@ def test_two_instances_on_one_new_state_dir_share_its_ca_and_its_record(tmp_path
 
 def test_status_shows_each_workers_limits_and_shadow_counts_and_their_sums(tmp_path, policy_dir, upstream):
     """/status is answered by the supervisor, which proxies nothing: what it says of the ceilings, held
-    calls, connections and shadow judgements is the workers' (each, and summed), as the kernel and the
-    calls made see them; a worker replaced drops out of the list, and what it counted stays in the sums."""
+    calls, connections and shadow judgements is the workers' (summed; each worker's, by pid, to an auditor
+    only, at /status/processes), as the kernel and the calls made see them; a worker replaced drops out of
+    the list, and what it counted stays in the sums."""
     shadow = candidate_policies(policy_dir, tmp_path / "shadow")  # it allows the stops, denies the listings
+    approvers = {name: {"token_sha256": hashlib.sha256(token.encode()).hexdigest(), "roles": roles}
+                 for name, (token, roles) in {**APPROVERS, "audra": ("audra-token-7", ["auditor"])}.items()}
     gate = start_workers(tmp_path, policy_dir, upstream, None, max_held_calls=1, max_proxy_connections=20,
-                         override_rate=100, shadow_policy_dir=str(shadow))
+                         override_rate=100, shadow_policy_dir=str(shadow), approvers=approvers)
     reviewer = {"Authorization": f"Bearer {APPROVERS['erin'][0]}"}
+    auditor = {"Authorization": "Bearer audra-token-7"}
 
     def status() -> dict:
         return httpx.get(f"{gate.api_url}/status", timeout=10).json()
+
+    def each() -> list[dict]:
+        return httpx.get(f"{gate.api_url}/status/processes", headers=auditor, timeout=10).raise_for_status().json()
 
     def escalate(n: int) -> httpx.Response:  # a production stop: held, on a connection of its own
         with httpx.Client(proxy=gate.proxy_url, timeout=60) as client:
@@ -329,8 +337,12 @@ def test_status_shows_each_workers_limits_and_shadow_counts_and_their_sums(tmp_p
     try:
         workers = sorted(gate.children())
         limits = status()["limits"]
-        assert [p["pid"] for p in limits["processes"]] == workers and limits["proxy_workers"] == 2
-        assert [(p["max_held_calls"], p["max_proxy_connections"]) for p in limits["processes"]] == [(1, 20)] * 2
+        # Unauthenticated, /status says no pid and no worker's own load: only the sums.
+        assert "processes" not in limits and "pid" not in str(limits)
+        assert httpx.get(f"{gate.api_url}/status/processes", timeout=10).status_code == 401
+        assert httpx.get(f"{gate.api_url}/status/processes", headers=reviewer, timeout=10).status_code == 403
+        assert [p["pid"] for p in each()] == workers and limits["proxy_workers"] == 2
+        assert [(p["max_held_calls"], p["max_proxy_connections"]) for p in each()] == [(1, 20)] * 2
         assert (limits["max_held_calls"], limits["max_proxy_connections"], limits["held_calls"]) == (2, 40, 0)
 
         with ThreadPoolExecutor(4) as pool:
@@ -347,12 +359,12 @@ def test_status_shows_each_workers_limits_and_shadow_counts_and_their_sums(tmp_p
             held = 4 - len(answered)
             assert 1 <= held <= 2
             wait_until(lambda: status()["limits"]["agent_connections"] == held, what="answered connections closed")
-            limits = status()["limits"]
+            limits, processes = status()["limits"], each()
             kernel = connections_by_process(gate.proxy_port, workers)
-            assert {p["pid"]: (p["held_calls"], p["agent_connections"]) for p in limits["processes"]} == {
+            assert {p["pid"]: (p["held_calls"], p["agent_connections"]) for p in processes} == {
                 pid: (count, count) for pid, count in kernel.items()}
             assert (limits["held_calls"], limits["not_held"]) == (held, len(answered))
-            assert sum(p["not_held"] for p in limits["processes"]) == len(answered)
+            assert sum(p["not_held"] for p in processes) == len(answered)
 
             with httpx.Client(proxy=gate.proxy_url, timeout=10) as client:  # live allows, shadow would deny
                 assert [client.get(f"http://localhost:{upstream.http_port}{ALLOWED}").status_code
@@ -365,7 +377,7 @@ def test_status_shows_each_workers_limits_and_shadow_counts_and_their_sums(tmp_p
             os.kill(killed, signal.SIGKILL)
             wait_until(lambda: len(gate.children()) == 2 and killed not in gate.children(), what="a new worker")
             now = sorted(gate.children())
-            wait_until(lambda: [p["pid"] for p in status()["limits"]["processes"]] == now, what="the new worker listed")
+            wait_until(lambda: [p["pid"] for p in each()] == now, what="the new worker listed")
             limits = status()["limits"]
             assert (limits["held_calls"], limits["not_held"]) == (held - 1, len(answered))
             assert {k: status()["shadow"][k] for k in judged} == judged

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sqlite3
 import uuid
@@ -286,3 +287,20 @@ def test_status_says_how_many_requests_climbed_their_chain_and_how_many_steps_ar
     assert client.get("/status").json()["escalation_chains"] == {"escalated": 0, "steps_due": 1}
     assert [kind for _, kind in runtime.workflow.advance_due()] == ["escalated"]
     assert client.get("/status").json()["escalation_chains"] == {"escalated": 1, "steps_due": 0}
+
+
+def test_each_proxy_process_and_its_pid_are_shown_to_auditors_only(tmp_path: Path, policy_dir: Path):
+    """/status answers anyone who reaches the API: it gives the sums. Each process's figures, with its pid,
+    are for an approver holding the auditor role, like the report."""
+    approvers = {name: ApproverCredential(token_sha256=hash_token(name), roles=roles) for name, roles in
+                 {"erin": ("engineering-manager",), "audra": ("auditor",)}.items()}
+    with started_runtime(policy_dir, tmp_path / "state", approvers=approvers) as runtime, \
+            TestClient(create_app(runtime)) as client:
+        limits = client.get("/status").json()["limits"]
+        assert "processes" not in limits and "pid" not in str(limits)
+        assert client.get("/status/processes").status_code == 401
+        refused = client.get("/status/processes", headers={"Authorization": "Bearer erin"})
+        assert refused.status_code == 403 and "auditor" in refused.json()["detail"]
+        [here] = client.get("/status/processes", headers={"Authorization": "Bearer audra"}).json()
+    assert here["pid"] == os.getpid()
+    assert (here["max_held_calls"], here["held_calls"]) == (limits["max_held_calls"], limits["held_calls"])
