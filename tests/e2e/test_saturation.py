@@ -19,6 +19,9 @@ import httpx
 import pytest
 from e2e_support import APPROVERS, start_cedargate, write_config
 
+from tests.support.raw_http import read_answer
+from tests.support.waiting import wait_until
+
 BOUND = 20.0
 
 
@@ -52,15 +55,6 @@ def limits(gate) -> dict:
     return api(gate, "GET", "/status").json()["limits"]
 
 
-def until(check, what: str):
-    deadline = time.monotonic() + BOUND
-    while time.monotonic() < deadline:
-        if found := check():
-            return found
-        time.sleep(0.05)
-    raise AssertionError(f"never: {what}")
-
-
 def hold(pool: ThreadPoolExecutor, gate, upstream, count: int) -> list:
     """`count` escalated calls, each on its own connection, held; returns their futures once all are held."""
     def call(n: int) -> httpx.Response:
@@ -68,19 +62,8 @@ def hold(pool: ThreadPoolExecutor, gate, upstream, count: int) -> list:
             return http.post(stop(upstream, n))
 
     futures = [pool.submit(call, n) for n in range(count)]
-    until(lambda: limits(gate)["held_calls"] == count, f"{count} calls held")
+    wait_until(lambda: limits(gate)["held_calls"] == count, f"{count} calls held", BOUND)
     return futures
-
-
-def read_answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    sock.settimeout(BOUND)
-    data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    return int(status_line.split()[1]), {k.strip().lower(): v.strip() for k, _, v in
-                                         (line.partition(":") for line in lines)}, body
 
 
 def test_past_the_held_ceiling_an_escalation_is_answered_at_once_and_approvals_still_release(ceilings, upstream):
@@ -126,10 +109,10 @@ def test_past_the_connection_ceiling_a_new_connection_is_refused_at_once_and_rev
         held = hold(pool, gate, upstream, 5)
         try:
             idle = [socket.create_connection(("127.0.0.1", gate.proxy_port), timeout=BOUND) for _ in range(4)]
-            until(lambda: limits(gate)["proxy_connections"] == 9, "9 connections open")
+            wait_until(lambda: limits(gate)["proxy_connections"] == 9, "9 connections open", BOUND)
             with socket.create_connection(("127.0.0.1", gate.proxy_port), timeout=BOUND) as refused:
                 refused.sendall(b"GET http://127.0.0.1/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-                status, headers, body = read_answer(refused)
+                status, headers, body = read_answer(refused, BOUND)
             assert status == 503 and headers["retry-after"] == "5"
             assert headers["content-type"] == "application/problem+json"
             problem = json.loads(body)
@@ -155,7 +138,7 @@ def test_past_the_connection_ceiling_a_new_connection_is_refused_at_once_and_rev
             for sock in idle:
                 sock.close()
         # Once connections close, allowed calls flow again.
-        until(lambda: limits(gate)["proxy_connections"] <= 4, "idle connections closed")
+        wait_until(lambda: limits(gate)["proxy_connections"] <= 4, "idle connections closed", BOUND)
         with agent(gate) as http:
             assert http.get(f"http://127.0.0.1:{upstream.http_port}/v1/instances").status_code == 200
         for o in api(gate, "GET", "/overrides?status=pending").json():
@@ -184,7 +167,7 @@ def test_out_of_files_on_accept_backs_off_and_logs_once(tmp_path, policy_dir, up
                     flood.append(socket.create_connection(("127.0.0.1", gate.proxy_port), timeout=2))
                 except TimeoutError:
                     break  # the listen queue is full too
-            until(lambda: any("out of files" in line for line in gate.output), "the out-of-files line")
+            wait_until(lambda: any("out of files" in line for line in gate.output), "the out-of-files line", BOUND)
             time.sleep(3)  # a while at the limit, retrying: the retries must not be logged one by one
             said = "".join(gate.output)
             assert said.count("out of files") == 1, said
@@ -196,7 +179,8 @@ def test_out_of_files_on_accept_backs_off_and_logs_once(tmp_path, policy_dir, up
         finally:
             for sock in flood:
                 sock.close()
-        until(lambda: httpx.get(f"{gate.api_url}/healthz", timeout=BOUND).status_code == 200, "healthz answers")
+        wait_until(lambda: httpx.get(f"{gate.api_url}/healthz", timeout=BOUND).status_code == 200, "healthz answers",
+                   BOUND)
         with agent(gate) as http:
             assert http.get(f"http://127.0.0.1:{upstream.http_port}/v1/instances").status_code == 200
     finally:
