@@ -17,6 +17,8 @@ import re
 from collections.abc import Collection, Iterable
 from urllib.parse import unquote_plus
 
+from proxy.vocabulary.folds import fold_key
+
 # Never in a request target (RFC 9112 section 3.2, RFC 3986): spaces and control characters (C0, DEL,
 # C1; C1 also as raw bytes 0x80-0x9F, which reach us surrogate-escaped), and "#", which starts a fragment.
 _NOT_IN_TARGET = re.compile("[\x00-\x20\x7f-\x9f#\udc80-\udc9f]")
@@ -141,16 +143,6 @@ def multipart_method_parameter(body: bytes) -> str | None:
 def override_problem(where: str, parameter: str) -> str:
     return (f"the {where} has a {parameter!r} parameter, which makes Symfony, Laravel, Rails and Express run "
             "the method it names instead of the one decided; send the call with its real method instead")
-
-
-def fold_key(key: str) -> str:
-    """A JSON key as servers that match keys ignoring case compare it, or more loosely: refusing more
-    than they match is safe. Python's casefold covers Go's folding of 'ſ' to s and the Kelvin sign to
-    k (and folds ß to ss); the dotless ı and the dotted İ (casefolded to i and a combining dot) are
-    taken for i, as Java's equalsIgnoreCase takes them."""
-    if key.isascii():
-        return key.lower()
-    return key.casefold().replace("\u0131", "i").replace("i\u0307", "i")
 
 
 def has_colliding_keys(keys: Collection[str]) -> bool:

@@ -41,7 +41,7 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -61,6 +61,8 @@ from proxy.cedar.policy import (
     directory_signature,
     load_bundle,
     policy_set_of,
+    record_fields,
+    syntax_children,
 )
 from proxy.observe.metrics import LIVE_POLICIES, PolicyReports
 from proxy.vocabulary.canonical import canonical
@@ -250,47 +252,8 @@ def _context_attributes(templates: Iterable[pst.Template]) -> frozenset[str] | N
             continue
         if isinstance(node, pst.Var) and node.name == "context":
             return None
-        stack.extend(_children(node))
+        stack.extend(syntax_children(node))
     return frozenset(found)
-
-
-def _record_fields(templates: Iterable[pst.Template], record: str) -> frozenset[str] | None:
-    """The fields of `context.<record>` these policies read (`.field` or `has field`), or None if any
-    uses the record (or `context`) otherwise, as a whole."""
-    found: set[str] = set()
-    stack: list[Any] = [clause.expr for t in templates for clause in t.clauses]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, (pst.GetAttr, pst.HasAttr)) and _is_context_record(node.base, record):
-            found.add(node.attr if isinstance(node, pst.GetAttr) else node.attrs[0])
-            continue
-        if isinstance(node, pst.HasAttr) and isinstance(node.base, pst.Var) and node.base.name == "context":
-            if node.attrs[0] == record and len(node.attrs) > 1:  # `context has local.hour`
-                found.add(node.attrs[1])
-            continue
-        if _is_context_record(node, record) or isinstance(node, pst.Var) and node.name == "context":
-            return None
-        stack.extend(_children(node))
-    return frozenset(found)
-
-
-def _is_context_record(node: Any, record: str) -> bool:
-    return (isinstance(node, pst.GetAttr) and node.attr == record
-            and isinstance(node.base, pst.Var) and node.base.name == "context")
-
-def _children(node: Any) -> Iterator[Any]:
-    """A policy syntax node's sub-expressions: its dataclass fields, and those inside tuples and mappings."""
-    if not dataclasses.is_dataclass(node):
-        return
-    for f in dataclasses.fields(node):
-        value = getattr(node, f.name)
-        if isinstance(value, tuple):
-            yield from (v for v in value if dataclasses.is_dataclass(v))
-        elif isinstance(value, Mapping):
-            yield from (v for v in value.values() if dataclasses.is_dataclass(v))
-        elif dataclasses.is_dataclass(value):
-            yield value
-
 
 
 class Snapshot:
@@ -339,7 +302,7 @@ class Snapshot:
             templates = self.bundle.templates
             chosen = [templates[i] for i in ids]
             policy_set = self.bundle.policy_set if len(ids) == len(templates) else policy_set_of(chosen)
-            sliced = Slice(ids, policy_set, _context_attributes(chosen), _record_fields(chosen, TIME_RECORD))
+            sliced = Slice(ids, policy_set, _context_attributes(chosen), record_fields(chosen, TIME_RECORD))
         with self._lock:
             self._sets.put(ids, sliced)
             self._slices.put(key, sliced)

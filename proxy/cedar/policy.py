@@ -12,9 +12,10 @@ import dataclasses
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cedarpy
 from cedarpy import pst
@@ -131,6 +132,8 @@ def load_bundle(directory: str | Path) -> PolicyBundle:
     policy_set = policy_set_of(templates.values())
     entities_json = texts.get(ENTITIES_FILE, "[]")
     entities, uids = _load_entities(entities_json, schema)
+    if manifest is not None:
+        manifest = manifest.reading(_argument_reads(templates.values()))
     return PolicyBundle(
         directory=directory,
         revision=revision,
@@ -143,6 +146,51 @@ def load_bundle(directory: str | Path) -> PolicyBundle:
         files=tuple(texts),
         manifest=manifest,
     )
+
+
+def record_fields(templates: Iterable[pst.Template], record: str) -> frozenset[str] | None:
+    """The fields of `context.<record>` these policies read (`.field` or `has field`), or None if any
+    uses the record (or `context`) otherwise, as a whole."""
+    found: set[str] = set()
+    stack: list[Any] = [clause.expr for t in templates for clause in t.clauses]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (pst.GetAttr, pst.HasAttr)) and _is_context_record(node.base, record):
+            found.add(node.attr if isinstance(node, pst.GetAttr) else node.attrs[0])
+            continue
+        if isinstance(node, pst.HasAttr) and isinstance(node.base, pst.Var) and node.base.name == "context":
+            if node.attrs[0] == record and len(node.attrs) > 1:  # `context has local.hour`
+                found.add(node.attrs[1])
+            continue
+        if _is_context_record(node, record) or isinstance(node, pst.Var) and node.name == "context":
+            return None
+        stack.extend(syntax_children(node))
+    return frozenset(found)
+
+
+def _is_context_record(node: Any, record: str) -> bool:
+    return (isinstance(node, pst.GetAttr) and node.attr == record
+            and isinstance(node.base, pst.Var) and node.base.name == "context")
+
+
+def syntax_children(node: Any) -> Iterator[Any]:
+    """A policy syntax node's sub-expressions: its dataclass fields, and those inside tuples and mappings."""
+    if not dataclasses.is_dataclass(node):
+        return
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if isinstance(value, tuple):
+            yield from (v for v in value if dataclasses.is_dataclass(v))
+        elif isinstance(value, Mapping):
+            yield from (v for v in value.values() if dataclasses.is_dataclass(v))
+        elif dataclasses.is_dataclass(value):
+            yield value
+
+
+def _argument_reads(templates: Iterable[pst.Template]) -> frozenset[str]:
+    """The `context.arguments` names the policies read, undeclared ones too (`has query && .query`),
+    policy by policy: one policy reading the record whole does not hide the names the others read."""
+    return frozenset(name for t in templates for name in record_fields((t,), "arguments") or ())
 
 
 def policy_set_of(templates: Iterable[pst.Template]) -> cedarpy.PolicySet:

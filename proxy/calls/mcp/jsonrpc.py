@@ -8,8 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.calls.ambiguity import fold_key
 from proxy.vocabulary.canonical import Form, canonical
+from proxy.vocabulary.folds import fold_key
 
 log = logging.getLogger(__name__)
 

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from proxy.calls.ambiguity import fold_key
 from proxy.calls.mcp.jsonrpc import McpError, Message, check_routing_headers
 from proxy.cedar.context import tool_hints
-from proxy.cedar.manifest import TOOL_NAME, FieldError, FieldSpec, McpEndpointSpec, typed_value
+from proxy.cedar.manifest import AMBIGUOUS, TOOL_NAME, FieldError, FieldSpec, McpEndpointSpec, typed_value
+from proxy.vocabulary.folds import fold_key
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,10 @@ def _check_spelling(where: str, keys: Iterable[str], folds: Mapping[str, str], w
     """Refuse a key that is not spelled as the name it folds to (`folds`: fold -> name)."""
     for key in keys:
         exact = folds.get(fold_key(key))
+        if exact == AMBIGUOUS:
+            raise McpError(f"{where}: {what} {key!r} is one name to servers that match keys ignoring case with "
+                           "other spellings the policies read, so it could be decided as another name than "
+                           "the server binds; make the policies read it one way")
         if exact is not None and exact != key:
             raise McpError(f"{where}: {what} {key!r} is {exact!r} to servers that match keys ignoring case, "
                            f"but would not be decided as {exact!r}; spell it {exact!r}")
@@ -65,7 +69,7 @@ def map_message(endpoint: McpEndpointSpec, http_method: str, message: Message | 
     Raises McpError when it cannot be mapped and LookupError when it names a tool the endpoint
     refuses as unknown. `to_cedar` turns parsed JSON into Cedar values (the HTTP mapping's rules).
     `argument_folds` is `Manifest.argument_folds`: an argument spelled in another case of a declared
-    name is refused.
+    name, or of one the policies read, is refused.
     """
     server = endpoint.server
     if message is None:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from proxy.cedar.manifest.fields import extract_fields, typed_value
 from proxy.cedar.manifest.loading import load_manifest
-from proxy.cedar.manifest.routes import Manifest, RouteMatch
+from proxy.cedar.manifest.routes import AMBIGUOUS, Manifest, RouteMatch
 from proxy.cedar.manifest.schema import schema_text
 from proxy.cedar.manifest.spec import (
     FIELD_TYPES,
@@ -50,7 +50,7 @@ from proxy.cedar.manifest.spec import (
 )
 
 __all__ = [
-    "FIELD_TYPES", "MANIFEST_FILE", "MANIFEST_SCHEMA_FILE", "MCP_ACTIONS", "TOOL_NAME", "FieldError", "FieldSpec",
-    "HostSpec", "Manifest", "ManifestError", "ManifestSpec", "McpEndpointSpec", "RouteMatch", "RouteSpec",
+    "AMBIGUOUS", "FIELD_TYPES", "MANIFEST_FILE", "MANIFEST_SCHEMA_FILE", "MCP_ACTIONS", "TOOL_NAME", "FieldError",
+    "FieldSpec", "HostSpec", "Manifest", "ManifestError", "ManifestSpec", "McpEndpointSpec", "RouteMatch", "RouteSpec",
     "ToolSpec", "extract_fields", "load_manifest", "schema_text", "typed_value",
 ]

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
 from proxy.cedar.manifest.spec import PLACEHOLDER, HostSpec, ManifestSpec, McpEndpointSpec, RouteSpec
+from proxy.vocabulary.folds import fold_key
 from proxy.vocabulary.hosts import canonical_host
+
+# In `Manifest.argument_folds`, a fold no spelling of which is right: two names policies read fold to it.
+AMBIGUOUS = ""
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,7 @@ class _HostRoutes:
 class Manifest:
     """Compiled routes by host; `match` answers which route (if any) a call is."""
 
-    def __init__(self, spec: ManifestSpec) -> None:
+    def __init__(self, spec: ManifestSpec, read_arguments: Iterable[str] = ()) -> None:
         self.spec = spec
         self._exact: dict[str, _HostRoutes] = {}
         self._globs: list[tuple[str, _HostRoutes]] = []
@@ -45,9 +49,23 @@ class Manifest:
             {n: a.type for e in self.mcp_endpoints for t in e.tools.values() for n, a in t.arguments.items()})
         # Servers that match JSON keys ignoring case (Go's encoding/json) bind "Amount" to a declared
         # `amount`: a tools/call refuses an argument spelled so, found by its fold. Argument names are
-        # ASCII identifiers (spec._NAME), whose fold (proxy.calls.ambiguity.fold_key) is their lower();
+        # ASCII identifiers (spec._NAME), whose fold (proxy.vocabulary.folds.fold_key) is their lower();
         # no two fold alike (checked at load).
-        self._argument_folds: Mapping[str, str] = MappingProxyType({n.lower(): n for n in self._argument_types})
+        folds = {n.lower(): n for n in self._argument_types}
+        # Names the policies read that no tool declares (`context.arguments has query && ...query`) are
+        # spelled as read, too. A declared name keeps its spelling (the manifest says what the server
+        # takes); two read names of one fold leave no right spelling: AMBIGUOUS refuses every key of it.
+        # Not refused at load, as two declared names are: existing policy sets would stop loading.
+        read: dict[str, str] = {}
+        for name in sorted(read_arguments):
+            fold = fold_key(name)
+            if fold not in folds:
+                read[fold] = name if read.setdefault(fold, name) == name else AMBIGUOUS
+        self._argument_folds: Mapping[str, str] = MappingProxyType(folds | read)
+
+    def reading(self, read_arguments: Iterable[str]) -> Manifest:
+        """This manifest, its argument folds also holding the names `read_arguments` (policies read)."""
+        return Manifest(self.spec, read_arguments)
 
     @property
     def actions(self) -> dict[str, RouteSpec]:

@@ -746,6 +746,76 @@ def test_a_policy_on_an_undeclared_argument_guarded_by_has_applies(policy_dir):
     assert plain.outcome is Outcome.ALLOW
 
 
+NO_FORCE = """
+@id("no-force")
+forbid (principal, action == Action::"call_tool", resource == Tool::"github/search_issues")
+when { context.arguments has force && context.arguments.force == true };
+"""
+
+
+@pytest.mark.parametrize("key", ["Force", "FORCE", "forcE"])
+def test_an_undeclared_argument_a_policy_reads_in_another_spelling_is_refused(policy_dir, key):
+    # A Go server binds "Force" to its `force`, which the guarded forbid would not have seen.
+    (policy_dir / "extra.cedar").write_text(NO_FORCE)
+    gate = gate_for(policy_dir)
+    try:
+        other = gate.decide(mcp_call(tool_call("search_issues", {"query": "x", key: True})))
+        forced = gate.decide(mcp_call(tool_call("search_issues", {"query": "x", "force": True})))
+        unrelated = gate.decide(mcp_call(tool_call("search_issues", {"query": "x", "Limit": 5})))
+    finally:
+        gate.engine.close()
+    assert other.problem is Problem.MAPPING_ERROR and other.status == 400
+    assert f"{key!r}" in other.detail and "spell it 'force'" in other.detail
+    assert forced.outcome is Outcome.DENY and [p.policy_id for p in forced.determining] == ["no-force"]
+    assert unrelated.outcome is Outcome.ALLOW
+
+
+def test_names_policies_read_are_held_to_their_spelling_in_the_bundles_manifest(policy_dir):
+    (policy_dir / "extra.cedar").write_text(NO_FORCE + """
+@id("no-street")
+forbid (principal, action == Action::"call_tool", resource == Tool::"github/search_issues")
+when { context.arguments has "Stra\u00dfe" && context.arguments["Stra\u00dfe"] == "x" };
+""")
+    manifest = load_bundle(policy_dir).manifest
+    assert manifest is not None
+    with pytest.raises(MappingError, match="spell it 'force'"):
+        map_mcp(manifest, tool_call("search_issues", {"FORCE": True}))
+    # fold_key folds ß to ss, more than Go does: refusing more than a server binds is safe.
+    with pytest.raises(MappingError, match="spell it 'Stra\u00dfe'"):
+        map_mcp(manifest, tool_call("search_issues", {"STRASSE": "x"}))
+    assert map_mcp(manifest, tool_call("search_issues", {"force": 1, "Other": 2})).context["arguments"] == {
+        "force": 1, "Other": 2}
+
+
+def test_two_names_policies_read_one_ignoring_case_refuse_every_spelling_of_it(policy_dir):
+    # No spelling is the server's for sure: the call is refused, the policies still load.
+    (policy_dir / "extra.cedar").write_text(NO_FORCE + """
+@id("no-force-either")
+forbid (principal, action == Action::"call_tool", resource == Tool::"github/search_issues")
+when { context.arguments has Force && context.arguments.Force == true };
+""")
+    manifest = load_bundle(policy_dir).manifest
+    assert manifest is not None
+    for key in ("force", "Force", "FORCE"):
+        with pytest.raises(MappingError, match="make the policies read it one way") as refused:
+            map_mcp(manifest, tool_call("search_issues", {key: True}))
+        assert refused.value.status == 400
+
+
+def test_a_name_policies_read_in_another_spelling_of_a_declared_one_keeps_the_declared_spelling(policy_dir):
+    (policy_dir / "extra.cedar").write_text("""
+@id("odd-repo")
+forbid (principal, action == Action::"call_tool", resource == Tool::"github/search_issues")
+when { context.arguments has Repo && context.arguments.Repo == "x" };
+""")
+    manifest = load_bundle(policy_dir).manifest
+    assert manifest is not None
+    assert map_mcp(manifest, tool_call("search_issues", {"repo": "acme/web"})).context["arguments"] == {
+        "repo": "acme/web"}
+    with pytest.raises(MappingError, match="spell it 'repo'"):
+        map_mcp(manifest, tool_call("search_issues", {"Repo": "acme/web"}))
+
+
 def test_a_schema_not_regenerated_after_adding_a_tool_argument_refuses_to_load(policy_dir):
     manifest = yaml.safe_load((policy_dir / "actions.yaml").read_text())
     manifest["hosts"][1]["mcp"][0]["tools"]["search_issues"]["arguments"] = {"limit": {"type": "Long"}}
