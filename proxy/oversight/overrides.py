@@ -48,6 +48,7 @@ from proxy.calls.mapping import Call, is_secret_header
 from proxy.calls.redaction import Redaction
 from proxy.cedar.escalation import Chain, Escalation, Requirement
 from proxy.oversight.limits import OverrideLimits, OverrideRefused, Refusal, TokenBuckets
+from proxy.record.audit import ROW_NUMBER
 from proxy.record.migrations import migrate
 from proxy.record.store import WRITES, utcnow
 from proxy.vocabulary.canonical import Form, canonical
@@ -156,7 +157,7 @@ class OverrideVote(SQLModel, table=True):
     __tablename__ = "override_votes"
     __table_args__ = (UniqueConstraint("override_id", "approver"),)
 
-    id: int | None = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True, sa_type=ROW_NUMBER)  # never deleted (revision 0014)
     override_id: str = Field(index=True, foreign_key="overrides.id")
     approver: str
     roles: str = "[]"
@@ -170,7 +171,7 @@ class OverrideMessage(SQLModel, table=True):
 
     __tablename__ = "override_messages"
 
-    id: int | None = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True, sa_type=ROW_NUMBER)  # never deleted (revision 0014)
     override_id: str = Field(index=True, foreign_key="overrides.id")
     at: datetime = _moment()
     by: str  # the approver who asked, or the agent who answered

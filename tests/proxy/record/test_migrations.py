@@ -17,10 +17,10 @@ from alembic import command
 from sqlalchemy import Column, Integer, MetaData, String, Table, inspect, text
 from sqlalchemy.engine import Engine as SAEngine
 from sqlalchemy.exc import DBAPIError
-from sqlmodel import SQLModel
+from sqlmodel import Session, SQLModel
 
 from proxy.notify import outbox as notify_outbox
-from proxy.oversight.overrides import OverrideStore, OverrideVote, can_decide, chain_of
+from proxy.oversight.overrides import Ballot, MessageKind, OverrideStore, OverrideVote, can_decide, chain_of
 from proxy.oversight.reviewer_sessions import ReviewerSessions
 from proxy.record import audit
 from proxy.record.migrations import (
@@ -762,3 +762,39 @@ def test_a_database_at_0012_records_shadow_disagreements_past_two_to_the_31_once
     with database.connect() as conn:
         ids = conn.execute(text("SELECT id FROM shadow_disagreements ORDER BY id")).scalars()
         assert list(ids) == [LAST_32_BIT, 2**31]
+
+
+def test_a_database_at_0013_records_votes_and_messages_past_two_to_the_31_once_upgraded(database: SAEngine):
+    """Revision 0014: the override votes' and messages' ids go on past the last 32-bit number (on
+    PostgreSQL the next vote, and so every grant or denial, failed before, as did every question and
+    answer). Nothing changes on SQLite."""
+    make_0_1_0_database(database)
+    add_0_1_0_rows(database)  # ovr-old, with alice's vote
+    migrate_to(database, "0013")
+    with database.begin() as conn:
+        conn.execute(text("UPDATE override_votes SET id = :id"), {"id": LAST_32_BIT})
+        conn.execute(text("INSERT INTO override_messages (id, override_id, at, by, kind, text)"
+                          " VALUES (:id, 'ovr-old', :at, 'alice', 'question', 'why?')"), {"id": LAST_32_BIT, "at": AT})
+        if database.dialect.name == "postgresql":
+            for table in ("override_votes", "override_messages"):
+                conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), :id)"),
+                             {"id": LAST_32_BIT})
+    if database.dialect.name == "postgresql":  # what every vote met before the upgrade
+        with pytest.raises(DBAPIError, match="reached maximum value|out of range"), database.begin() as conn:
+            conn.execute(OverrideVote.__table__.insert(), [  # type: ignore[attr-defined]
+                {"override_id": "ovr-old", "approver": "bob", "roles": '["ops"]', "verdict": "approve",
+                 "reason": "ok", "at": AT}])
+
+    assert migrate(database) == head_revision()
+    with database.connect() as conn:
+        assert schema_differences(conn, _models()) == []
+    overrides, later = OverrideStore(database), AT.replace(hour=13)
+    with Session(database) as session, session.begin():
+        overrides.add_vote(session, "ovr-old", "bob", frozenset({"ops"}), Ballot.APPROVE, "ok", later)
+        overrides.add_message(session, "ovr-old", "ops-bot", MessageKind.ANSWER, "ticket 12", later)
+    with database.connect() as conn:
+        for table in ("override_votes", "override_messages"):
+            ids = conn.execute(text(f"SELECT id FROM {table} ORDER BY id")).scalars()
+            assert list(ids) == [LAST_32_BIT, 2**31], table
+    assert [v.approver for v in overrides.votes("ovr-old")] == ["alice", "bob"]
+    assert [m.text for m in overrides.messages("ovr-old")] == ["why?", "ticket 12"]
