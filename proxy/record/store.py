@@ -37,6 +37,7 @@ transaction, so the change and its audit rows commit together or not at all.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
@@ -525,15 +526,7 @@ class Recorder:
         writer has not started within `timeout` seconds (the store is failing, say) is withdrawn and
         `TimeoutError` raised; while the store is known to be failing, `StoreUnavailable` is raised at once.
         """
-        if threading.current_thread() is self._thread:
-            raise RuntimeError("Recorder.transact called from the writer thread itself")
-        if self._stop.is_set():
-            raise RuntimeError("the recorder is closed")
-        if self._failing:  # as the gate refuses calls: fail now rather than wait behind the retries
-            raise StoreUnavailable(f"the decision store is failing: {self.last_error}")
-        future: Future[T] = Future()
-        self._queue.put_nowait((_UNIT, {"work": work}, future))
-        self._hurry.set()
+        future = self.transact_soon(work)
         try:
             return future.result(timeout)
         except FutureTimeout:
@@ -543,6 +536,32 @@ class Recorder:
                     f"{self.last_error or 'busy'}"
                 ) from None
             return future.result()  # started meanwhile: its outcome is the answer
+
+    def transact_soon(self, work: Work[T], timeout: float | None = None) -> Future[T]:
+        """`transact` without waiting, for an event loop: the unit is queued as `transact` queues it and
+        the future, resolved on the writer thread, holds what `transact` would return or raise. Never
+        blocks; `StoreUnavailable` is raised at once while the store is known to be failing.
+
+        Until the writer starts the unit, `future.cancel()` withdraws it (nothing runs). With `timeout`,
+        called on a thread that runs an event loop, a loop timer does that after `timeout` seconds: a
+        unit not started by then ends cancelled (`CancelledError`), one started runs to its outcome."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("Recorder.transact called from the writer thread itself")
+        if self._stop.is_set():
+            raise RuntimeError("the recorder is closed")
+        if self._failing:  # as the gate refuses calls: fail now rather than wait behind the retries
+            raise StoreUnavailable(f"the decision store is failing: {self.last_error}")
+        future: Future[T] = Future()
+        self._queue.put_nowait((_UNIT, {"work": work}, future))
+        self._hurry.set()
+        if timeout is not None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            if loop is not None:  # left to fire: cancelling a future already done does nothing
+                loop.call_later(timeout, future.cancel)
+        return future
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -6,6 +6,7 @@ its own schema.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sqlite3
@@ -478,5 +479,82 @@ def test_calls_in_flight_together_share_the_writers_commits(db_path: Path):
         committed.result(5)
     finally:
         other.close()
+        recorder.close()
+        recorder.engine.dispose()
+
+
+def _note(conn) -> tuple[str, list[dict]]:
+    """A unit of work: a state change and the audit event that records it."""
+    conn.execute(text("INSERT INTO notes (v) VALUES ('approved')"))
+    return "done", [{"kind": "approval", "override_id": "o-1", "actor": "erin"}]
+
+
+def test_a_unit_submitted_from_an_event_loop_runs_in_queue_order_without_blocking_the_loop(db_path: Path):
+    """`transact_soon` queues a unit behind what was queued before it and returns at once; the loop
+    awaits the future (resolved on the writer thread) and gets the unit's result; a unit that raises
+    hands its exception back with nothing of it written."""
+    recorder = Recorder(make_engine(f"sqlite:///{db_path}"), linger=5.0, busy_rate=0.0)
+    with recorder.engine.begin() as conn:
+        conn.execute(text("CREATE TABLE notes (id INTEGER PRIMARY KEY, v TEXT)"))
+
+    def broken(conn) -> tuple[None, list[dict]]:
+        conn.execute(text("INSERT INTO notes (v) VALUES ('half done')"))
+        raise ValueError("the request changed meanwhile")
+
+    async def submit() -> tuple[str, BaseException | None]:
+        recorder.record(_row(0))  # nobody waits on it: the writer would linger, but the unit hurries it
+        result = await asyncio.wrap_future(recorder.transact_soon(_note))
+        failed = recorder.transact_soon(broken)
+        try:
+            await asyncio.wrap_future(failed)
+        except ValueError as exc:
+            return result, exc
+        return result, None
+
+    try:
+        result, failure = asyncio.run(submit())
+        assert result == "done"
+        assert str(failure) == "the request changed meanwhile"
+        con = sqlite3.connect(db_path)
+        try:
+            chain = con.execute("SELECT kind FROM audit_log ORDER BY seq").fetchall()
+            notes = con.execute("SELECT v FROM notes").fetchall()
+        finally:
+            con.close()
+        assert chain == [("decision",), ("approval",)]
+        assert notes == [("approved",)]
+    finally:
+        recorder.close()
+        recorder.engine.dispose()
+    assert audit.verify(make_engine(f"sqlite:///{db_path}")).ok
+
+
+def test_a_unit_submitted_from_an_event_loop_is_withdrawn_when_not_started_in_time(db_path: Path):
+    """The writer is stuck (here: another holder of the writing lock): past its timeout the unit is
+    cancelled and never runs; while the store is known to be failing, submitting raises at once."""
+    recorder = Recorder(make_engine(f"sqlite:///{db_path}"))
+    with recorder.engine.begin() as conn:
+        conn.execute(text("CREATE TABLE notes (id INTEGER PRIMARY KEY, v TEXT)"))
+
+    async def submit() -> bool:
+        future = recorder.transact_soon(_note, timeout=0.2)
+        await asyncio.wait([asyncio.wrap_future(future)], timeout=5)  # not cancelled by us if it is late
+        return future.cancelled()
+
+    try:
+        with recorder._writing:
+            assert asyncio.run(submit())
+        assert recorder.flush()
+        con = sqlite3.connect(db_path)
+        try:
+            assert con.execute("SELECT count(*) FROM notes").fetchone() == (0,)
+        finally:
+            con.close()
+
+        recorder._failing, recorder.last_error = True, "OperationalError: disk I/O error"
+        with pytest.raises(StoreUnavailable, match="disk I/O error"):
+            recorder.transact_soon(_note)
+        recorder._failing = False
+    finally:
         recorder.close()
         recorder.engine.dispose()
