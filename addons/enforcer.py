@@ -21,12 +21,14 @@ On an MCP endpoint (see `proxy.calls.mcp`) a batch is decided message by message
 answered in JSON-RPC, and the server's answers are read before the agent gets them: tool lists are
 filtered (event streams as they stream) and an answer cedargate cannot read is not passed on. One
 event may hold `max_mcp_event_bytes` (past it, the stream ends with a JSON-RPC error); a whole answer
-is decoded within `max_mcp_answer_bytes` and read off the event loop (past it, a 502 problem).
+is decoded within `max_mcp_answer_bytes` (past it, a 502 problem), and read off the event loop unless
+small and in no content coding.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from collections.abc import Sequence
@@ -40,7 +42,7 @@ from addons.options import RELEVANT, add_options, settings_from_options
 from addons.upstream_deadline import DEADLINE_MISSED
 from proxy.calls.decoding import ENCODINGS, AnswerTooLarge
 from proxy.calls.mapping import FRAMING_HEADERS, Call, plain_utf8
-from proxy.calls.mcp.answers import check_answer
+from proxy.calls.mcp.answers import check_answer, read_on_loop
 from proxy.calls.mcp.jsonrpc import Exchange
 from proxy.calls.mcp.sse import SseRewriter, unreadable_problem
 from proxy.calls.mcp.tools import filter_tool_list
@@ -59,6 +61,7 @@ log = logging.getLogger(__name__)
 
 VERDICTS = "cedargate.verdicts"  # recorded and forwarded: their outcome is added when the upstream answers or fails
 MCP = "cedargate.mcp"
+MCP_CALL = "cedargate.mcp_call"  # the forwarded MCP call as decided: whose answer, from which endpoint
 RELEASED = "cedargate.released"  # decision id -> the override it was released under, should the call not go
 CHANGED = "cedargate.changed"  # decision id -> (changes, body) of a call released with a reviewer's changes
 CHANGED_IDS = "cedargate.changed_ids"  # JSON-RPC id (JSON text) -> changes, for the answer's _meta
@@ -196,7 +199,7 @@ class Enforcer:
                     if verdict.decision_id in changed}
         if answer.body is not None:
             flow.request.set_content(answer.body)
-        self._prepare_mcp(flow, answer.exchange)
+        self._prepare_mcp(flow, call, answer.exchange)
 
     def _record_first(self, verdicts: Sequence[Verdict]) -> dict[str, Future[None]]:
         """Record the verdicts whose calls may go upstream or be held, before either happens: an allowed
@@ -283,10 +286,11 @@ class Enforcer:
             refusals.append(refused)
         return decision.answer(refusals), committed
 
-    def _prepare_mcp(self, flow: http.HTTPFlow, exchange: Exchange | None) -> None:
+    def _prepare_mcp(self, flow: http.HTTPFlow, call: Call, exchange: Exchange | None) -> None:
         """Mark a forwarded MCP call, so the server's answer is read (only those: not cedargate's own)."""
         if exchange is not None:
             flow.metadata[MCP] = exchange
+            flow.metadata[MCP_CALL] = call
             # The answers are read (tools/list is filtered) and, for an event stream, rewritten as they
             # stream: ask the server for them unencoded.
             flow.request.headers.pop("accept-encoding", None)
@@ -306,8 +310,9 @@ class Enforcer:
         if exchange is None:
             return
         try:
-            readable = _readable(response)
-            if readable and _media(response) == "text/event-stream" and _encoding(response) == "identity":
+            content_type, encoding = response.headers.get("content-type", ""), _encoding(response)
+            if (encoding == "identity" and _media_of(content_type) == "text/event-stream"
+                    and plain_utf8(content_type)):
                 # An MCP server's stream may stay open for the session: pass events on as they come,
                 # tool lists filtered, cedargate's answers for refused messages appended at the end.
                 # (Any other answer is read whole, in `response`.)
@@ -390,19 +395,23 @@ class Enforcer:
     async def _rewrite_answer(self, flow: http.HTTPFlow, response: http.Response, exchange: Exchange) -> None:
         """Filter the tool lists in a whole (not streamed) MCP answer and add cedargate's answers to it.
 
-        Decoding, reading and rewriting run in a worker thread: a large or compressed answer must not
-        hold up the other calls on the event loop. An answer cedargate changed or decoded goes to the
-        agent unencoded: the bytes it checked.
+        Decoding, reading and rewriting a large or compressed answer run in a worker thread: it must not
+        hold up the other calls on the event loop. A small one in no coding is checked on the loop, where
+        it costs less than the hand-off (`read_on_loop`). An answer cedargate changed or decoded goes to
+        the agent unencoded: the bytes it checked.
         """
-        if _encoding(response) not in ANSWER_ENCODINGS or (response.raw_content and not _readable(response)):
+        content_type, encoding = response.headers.get("content-type", ""), _encoding(response)
+        raw = response.raw_content or b""
+        if encoding not in ANSWER_ENCODINGS or (raw and not plain_utf8(content_type)):
             raise ValueError(f"an answer cedargate may read otherwise than the client: "
-                             f"{response.headers.get('content-type')!r}, {_encoding(response)!r}")
+                             f"{response.headers.get('content-type')!r}, {encoding!r}")
         settings = self._core().settings
-        checked = await asyncio.to_thread(
-            check_answer, response.raw_content or b"", _encoding(response), _media(response),
-            response.status_code, self._tool_filter(flow), exchange.answers, _requests(exchange),
+        check = functools.partial(
+            check_answer, raw, encoding, _media_of(content_type), response.status_code, self._tool_filter(flow),
+            exchange.answers, _requests(exchange),
             max_answer_bytes=settings.max_mcp_answer_bytes, max_event_bytes=settings.max_mcp_event_bytes,
         )
+        checked = check() if read_on_loop(raw, encoding) else await asyncio.to_thread(check)
         if checked.own_answers:
             flow.response = rpc_response(list(checked.own_answers), True, None)
         elif checked.body is not None:
@@ -412,7 +421,7 @@ class Enforcer:
     def _tool_filter(self, flow: http.HTTPFlow):
         """What every MCP answer (or event) goes through: tool lists filtered, and a result answering a
         message a reviewer changed marked with `_meta["cedargate/changes"]`."""
-        call = call_of(flow, flow.metadata[AGENT])
+        call: Call = flow.metadata[MCP_CALL]
         gate = self._core().gate
         changed = flow.metadata.get(CHANGED_IDS)
 
@@ -600,13 +609,8 @@ def _encoding(message: http.Message) -> str:
     return message.headers.get("content-encoding", "identity").strip().lower() or "identity"
 
 
-def _readable(response: http.Response) -> bool:
-    """Whether an MCP client reads this answer's bytes as cedargate does: UTF-8, a common encoding."""
-    return plain_utf8(response.headers.get("content-type", "")) and _encoding(response) in ANSWER_ENCODINGS
-
-
-def _media(message: http.Message) -> str:
-    return message.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+def _media_of(content_type: str) -> str:
+    return content_type.split(";", 1)[0].strip().lower()
 
 
 def rpc_response(answers: list[dict], batch: bool, verdict: Verdict | None) -> http.Response:

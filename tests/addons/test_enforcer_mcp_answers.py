@@ -1,6 +1,6 @@
-"""The enforcer reading an MCP server's answers: whole answers checked off the event loop within their
-cap, event streams passed on through a capped rewriter that honours mitmproxy's stream contract, and
-the decision recorded on both paths.
+"""The enforcer reading an MCP server's answers: whole answers checked within their cap (off the event
+loop when large or encoded, on it when small and plain), event streams passed on through a capped
+rewriter that honours mitmproxy's stream contract, and the decision recorded on both paths.
 
 A real Runtime (bundled policies, real cedarpy, real SQLite record) under mitmproxy's test helpers.
 """
@@ -21,11 +21,13 @@ from mitmproxy.test import taddons
 
 import addons.enforcer
 from addons.enforcer import Enforcer
+from proxy.calls.mcp.answers import READ_ON_LOOP_BYTES
 from proxy.runtime import Runtime
 from proxy.settings.config import AgentCredential
+from tests.support.runtime import started_runtime
 
 MCP_URL = "http://mcp.github.example/mcp"
-EVENT_CAP, ANSWER_CAP = 4096, 64 * 1024
+EVENT_CAP, ANSWER_CAP = 4096, 2 * READ_ON_LOOP_BYTES
 TOOLS = {"jsonrpc": "2.0", "id": 1,
          "result": {"tools": [{"name": "search_issues"}, {"name": "not_in_manifest"}]}}
 FILTERED = {**TOOLS, "result": {"tools": [{"name": "search_issues"}]}}
@@ -93,6 +95,61 @@ def test_a_whole_answer_is_checked_off_the_event_loop(runtime, monkeypatch):
     assert json.loads(flow.response.content) == FILTERED
     [row] = recorded(runtime)
     assert (row["decision"], row["upstream_status"]) == ("allow", 200)
+
+
+def checked_on(runtime, monkeypatch, body: bytes, coding: str | None = None) -> tuple[bool, http.HTTPFlow]:
+    """Whether the answer `body` was checked on the event loop's thread, and the flow as the agent gets it."""
+    threads = []
+    check = addons.enforcer.check_answer
+
+    def recording_check(*args, **kwargs):
+        threads.append(threading.get_ident())
+        return check(*args, **kwargs)
+
+    monkeypatch.setattr(addons.enforcer, "check_answer", recording_check)
+    enforcer = Enforcer(runtime)
+    with taddons.context(enforcer) as tctx:
+        flow = tools_list_flow()
+        fire(tctx, enforcer, HttpRequestHook(flow))
+        answered(flow, body, "application/json", coding)
+        fire(tctx, enforcer, HttpResponseHook(flow))
+    assert len(threads) == 1
+    return threads[0] == threading.get_ident(), flow
+
+
+def padded(answer: dict, size: int) -> bytes:
+    """`answer` as JSON text of exactly `size` bytes (blanks after it, which JSON allows)."""
+    text = json.dumps(answer).encode()
+    return text + b" " * (size - len(text))
+
+
+def test_a_small_plain_answer_is_checked_on_the_event_loop(runtime, monkeypatch):
+    on_loop, flow = checked_on(runtime, monkeypatch, padded(TOOLS, READ_ON_LOOP_BYTES))
+    assert on_loop
+    assert json.loads(flow.response.content) == FILTERED  # checked all the same
+
+
+@pytest.mark.parametrize("body, coding", [
+    (padded(TOOLS, READ_ON_LOOP_BYTES + 1), None),  # one byte more
+    (gzip.compress(json.dumps(TOOLS).encode()), "gzip"),  # small, but what is read is a decoder's output
+])
+def test_a_larger_or_encoded_answer_is_checked_off_the_event_loop(runtime, monkeypatch, body, coding):
+    on_loop, flow = checked_on(runtime, monkeypatch, body, coding)
+    assert not on_loop
+    assert json.loads(flow.response.content) == FILTERED
+
+
+@pytest.mark.parametrize("size", [2048, READ_ON_LOOP_BYTES + 2])
+def test_a_plain_answer_past_the_cap_gets_a_502_problem_wherever_it_is_checked(
+        policy_dir, tmp_path, runtime_settings, monkeypatch, size):
+    settings = {**runtime_settings, "max_mcp_answer_bytes": size - 1}
+    with started_runtime(policy_dir, tmp_path / "state", **settings) as runtime:
+        on_loop, flow = checked_on(runtime, monkeypatch, padded(TOOLS, size))
+    assert on_loop == (size <= READ_ON_LOOP_BYTES)
+    assert flow.response.status_code == 502
+    problem = json.loads(flow.response.content)
+    assert problem["type"] == UPSTREAM_ANSWER
+    assert f"larger than {size - 1} bytes" in problem["detail"]
 
 
 def test_a_gzip_bomb_gets_a_502_problem_and_the_call_is_recorded(runtime):

@@ -2,7 +2,9 @@
 
 The answer's content coding is decoded within a cap (`proxy.calls.decoding`), its JSON read, its tool lists
 filtered and cedargate's own answers for refused messages added. All of it is plain work on bytes,
-which the enforcer runs off the event loop, so one large answer does not hold up every other call.
+which the enforcer runs off the event loop for a large or encoded answer, so one such answer does not
+hold up every other call; a small answer in no coding (most tool results) is checked on the loop, where
+it costs less than the hand-off to a thread and back (`read_on_loop`).
 What is checked is what the agent gets: an encoded answer reaches it decoded, so no client reads
 the bytes otherwise than cedargate did.
 """
@@ -18,6 +20,9 @@ from proxy.calls.decoding import decode_bounded
 from proxy.calls.mcp.sse import DEFAULT_MAX_EVENT, SseRewriter, read_json
 
 DEFAULT_MAX_ANSWER = 16 * 1024 * 1024
+# The largest answer in no content coding checked on the event loop: reading 64 KiB of JSON takes about
+# as long as deciding a call (the mapping reads request bodies up to 64 KiB on the loop too).
+READ_ON_LOOP_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,12 @@ class CheckedAnswer:
 
     body: bytes | None = None
     own_answers: tuple[dict[str, Any], ...] = ()
+
+
+def read_on_loop(raw: bytes, encoding: str) -> bool:
+    """Whether an answer is checked on the event loop: in no content coding (what is read is what came,
+    never a decoder's output) and at most READ_ON_LOOP_BYTES long. What is refused is the same either way."""
+    return encoding == "identity" and len(raw) <= READ_ON_LOOP_BYTES
 
 
 def check_answer(raw: bytes, encoding: str, media: str, status: int, rewrite: Callable[[Any], Any | None],
