@@ -20,6 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from override_api.deps import CurrentApprover, RuntimeDep
 from proxy.calls.capacity import proxy_processes
+from proxy.calls.mcp.hints import kept_by
 from proxy.cedar.context import time_context
 from proxy.decision.shadow import judged_by
 from proxy.observe import metrics
@@ -141,7 +142,8 @@ class Status(BaseModel):
     clock: ClockStatus = Field(description="when policies on the time take a call to be, were it decided now")
     tool_hints: dict[str, int] = Field(
         description="MCP servers whose tool annotations (context.hints) this process keeps, with how many "
-                    "tools each; under --workers the API's process proxies nothing and each worker keeps its own")
+                    "tools each; under --workers N (the API's process proxies nothing, each worker keeps its "
+                    "own) the most any live worker keeps")
     store: StoreStatus
     shadow: ShadowStatus | None = Field(None, description="the shadow policies (`shadow_policy_dir`), when "
                                         "configured: evaluated beside the live set, never enforced")
@@ -197,7 +199,7 @@ def status(request: Request, runtime: RuntimeDep) -> Status:
         notifications=_notifications(runtime),
         escalation_chains=_chains(runtime),
         clock=_clock(runtime),
-        tool_hints=runtime.gate.hints.known(),
+        tool_hints=_tool_hints(runtime),
     )
 
 
@@ -246,6 +248,13 @@ def _shadow(runtime: Runtime) -> ShadowStatus | None:
     if runtime.proxy_workers is not None:  # the workers judge the calls; this process judges none
         status = judged_by(status, runtime.proxy_workers())
     return ShadowStatus.model_validate(asdict(status))
+
+
+def _tool_hints(runtime: Runtime) -> dict[str, int]:
+    # Under --workers N the hints are the workers', read from the metrics they share.
+    if runtime.proxy_workers is not None and (kept := kept_by(runtime.proxy_workers())) is not None:
+        return kept
+    return runtime.gate.hints.known()
 
 
 def _chains(runtime: Runtime) -> ChainsStatus | None:

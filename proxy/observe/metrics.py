@@ -165,6 +165,11 @@ SATURATION_REFUSALS = _counter(
     "cedargate_saturation_refusals_total",
     "Answers given at a ceiling, by kind: connection (a new agent connection answered 503 proxy-saturated), "
     "not_held (an escalation answered at once past max_held_calls)", ("kind",))
+TOOL_HINTS = _gauge(
+    "cedargate_mcp_tool_hints",
+    "Tools of an MCP server whose annotations (context.hints) a proxy process keeps, by the manifest's server "
+    "name: the most any live process keeps (each keeps the lists that passed through it)", ("server",),
+    mode="livemax")
 
 # The labelled children the hot path increments, by their label values (see the module's docstring).
 _decision_children: dict[tuple[str, str], Counter] = {}
@@ -431,3 +436,8 @@ def proxy_connection(side: str, change: int) -> None:
 def saturation_refusal(kind: str) -> None:
     """An answer given at a ceiling: "connection" or "not_held"."""
     SATURATION_REFUSALS.labels(kind).inc()
+
+
+def tool_hints_kept(server: str, tools: int) -> None:
+    """This process keeps the hints of `tools` tools of the MCP server `server` (the manifest's name)."""
+    TOOL_HINTS.labels(server).set(tools)

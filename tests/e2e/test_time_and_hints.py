@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
 import time
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -19,6 +21,7 @@ from e2e_support import start_cedargate, write_config
 from test_mcp_flow import PEER_PYTHON, _start_server, run_agent
 
 from tests.support.launch import CEDARGATE, REPO
+from tests.support.waiting import wait_until
 
 # -- the time --------------------------------------------------------------------------------------------
 
@@ -103,17 +106,19 @@ def annotated_server(request, tmp_path):
     yield from _start_server(tmp_path, "--annotated", *(["--json-response"] if request.param == "json" else []))
 
 
-@pytest.fixture
-def hints_gate(tmp_path, policy_dir, upstream):
+def start_hints_gate(tmp_path, policy_dir, upstream, *args: str):
     (policy_dir / "actions.yaml").write_text(yaml.safe_dump(MANIFEST))
     (policy_dir / "github.cedar").write_text(POLICIES)
     (policy_dir / "payments.cedar").unlink()  # its actions come from the bundled manifest this one replaces
-    import subprocess
-
     written = subprocess.run([str(CEDARGATE), "schema", str(policy_dir)], capture_output=True, text=True,
                              cwd=REPO, timeout=30)
     assert written.returncode == 0, written.stderr
-    gate = start_cedargate(write_config(tmp_path / "c.yaml", policy_dir, tmp_path / "state", upstream))
+    return start_cedargate(write_config(tmp_path / "c.yaml", policy_dir, tmp_path / "state", upstream), *args)
+
+
+@pytest.fixture
+def hints_gate(tmp_path, policy_dir, upstream):
+    gate = start_hints_gate(tmp_path, policy_dir, upstream)
     yield gate
     gate.stop()
 
@@ -148,3 +153,23 @@ def test_a_tool_the_server_marks_destructive_needs_a_human_and_a_lie_changes_not
     hints = json.loads(found[0][0])["context"]["hints"]
     assert hints == {"readOnlyHint": False, "destructiveHint": True, "idempotentHint": False,
                      "openWorldHint": False, "listed": True}
+
+
+@pytest.mark.skipif(not PEER_PYTHON.exists(), reason="the MCP peers' venv is built by `make test`")
+def test_status_under_workers_shows_the_tool_hints_the_workers_keep(tmp_path, policy_dir, upstream):
+    """The supervisor answering /status proxies nothing and so learns no hints: what it says under
+    `tool_hints` is what the workers keep (the most any of them keeps for a server)."""
+    gate = start_hints_gate(tmp_path, policy_dir, upstream, "--workers", "2")
+    try:
+        def tool_hints() -> dict:
+            return httpx.get(f"{gate.api_url}/status", timeout=10).json()["tool_hints"]
+
+        assert tool_hints() == {}
+        with contextmanager(_start_server)(tmp_path, "--annotated", "--json-response") as server:
+            [listed] = run_agent(gate, server.url, [{"op": "list_tools"}])
+        # Every tool listed but those the manifest classifies (search_issues; delete_repository is hidden).
+        unclassified = set(listed["tools"]) - set(MANIFEST["hosts"][0]["mcp"][0]["tools"])
+        assert {"list_branches", "wipe_cache"} <= unclassified
+        wait_until(lambda: tool_hints() == {"github": len(unclassified)}, what="the hints a worker keeps")
+    finally:
+        assert gate.stop() == 0

@@ -17,7 +17,9 @@ them hints that a client must not trust from an untrusted server, so they count 
 Memory is bounded: at most `MAX_TOOLS` tools a server, the least recently listed forgotten first (it is
 then "never listed", the cautious case), for the servers the manifest names with `unknown_tools: policy`
 (elsewhere an unclassified tool is refused, so its hints are never read). Each process keeps its own:
-a worker of `--workers N` that has not seen a list decides with the defaults.
+a worker of `--workers N` that has not seen a list decides with the defaults. How many tools each keeps
+is in the metrics the processes share, which is how the supervisor's /status says what its workers keep
+(`kept_by`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 
 from proxy.cedar.context import tool_hints
 from proxy.cedar.manifest import TOOL_NAME
+from proxy.observe import metrics
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,8 @@ class ToolHints:
                 known.move_to_end(name)
             while len(known) > self.max_tools:
                 known.popitem(last=False)
+            kept = len(known)
+        metrics.tool_hints_kept(server, kept)
         return len(seen)
 
     def of(self, server: str, tool: str) -> dict[str, bool]:
@@ -80,3 +85,17 @@ class ToolHints:
         """How many tools each server's hints are kept for (for /status)."""
         with self._lock:
             return {server: len(tools) for server, tools in self._servers.items()}
+
+
+def kept_by(pids: Iterable[int]) -> dict[str, int] | None:
+    """How many tools' hints the processes `pids` keep, by server: the most any of them keeps (each keeps
+    the lists that passed through it), read from the metrics they share (`cedargate run --workers N`);
+    None when values are not shared. A process that is gone keeps nothing."""
+    if metrics.shared_directory() is None:
+        return None
+    kept: dict[str, int] = {}
+    for samples in metrics.by_process(("cedargate_mcp_tool_hints",), pids).values():
+        for (_name, labels), tools in samples.items():
+            server = dict(labels).get("server", "")
+            kept[server] = max(kept.get(server, 0), int(tools))
+    return kept
