@@ -38,6 +38,7 @@ transaction, so the change and its audit rows commit together or not at all.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import os
@@ -48,15 +49,17 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from datetime import UTC, datetime
 from typing import Any, TypeVar
+from urllib.parse import unquote
 
 from sqlalchemy import ColumnDefault, Index, Table, bindparam, event, make_url, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.engine import Engine as SAEngine
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.util import asbool
 from sqlmodel import Field, Session, SQLModel, create_engine, func, select
 
 from proxy.observe.metrics import store_backlog
@@ -200,25 +203,52 @@ def private_sqlite_files(url: str) -> None:
     SQLite creates a database as 0644 less the umask, and its -wal and -shm files with the database
     file's mode: a file that is 0600 from the start keeps every call of every agent private to its owner.
     """
-    database = make_url(url).database
-    if not database or database == ":memory:" or database.startswith("file:"):
+    found = _sqlite_file(url)
+    if found is None:
         return
-    path = database
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-    except OSError:
-        return  # e.g. a directory that does not exist: SQLite will say so, with its own message
-    try:
-        if os.fstat(fd).st_mode & 0o777 != 0o600:
-            os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
-    for companion in (f"{path}-wal", f"{path}-shm", f"{path}-journal"):
+    path, may_create = found
+    if may_create:
         try:
-            if os.stat(companion).st_mode & 0o777 != 0o600:
-                os.chmod(companion, 0o600)
+            os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+        except OSError:
+            return  # e.g. a directory that does not exist: SQLite will say so, with its own message
+    for name in (path, f"{path}-wal", f"{path}-shm", f"{path}-journal"):
+        try:
+            if os.stat(name).st_mode & 0o777 != 0o600:
+                os.chmod(name, 0o600)
         except FileNotFoundError:
             pass
+
+
+def _sqlite_file(url: str) -> tuple[str, bool] | None:
+    """The file SQLite opens for `url`, and whether it may create it (None: a database in memory).
+
+    A `file:` URI (with `uri=true`) is read as SQLite reads one: an empty or `localhost` authority, the
+    path's %HH escapes decoded, and `mode` (ro and rw never create; memory is no file). Without `uri=true`
+    a SQLite built without SQLITE_USE_URI opens the name as it stands."""
+    parsed = make_url(url)
+    database = parsed.database
+    if not database or database == ":memory:":
+        return None
+    if not (database.startswith("file:") and (asbool(parsed.query.get("uri", False)) or _uri_names())):
+        return database, True
+    path = database[len("file:"):].partition("?")[0].partition("#")[0]
+    if path.startswith("//"):
+        authority, _, rest = path[2:].partition("/")
+        if authority not in ("", "localhost"):
+            return None  # SQLite refuses it, saying why
+        path = "/" + rest
+    path, mode = unquote(path), parsed.query.get("mode")
+    if not path or path == ":memory:" or mode == "memory":
+        return None
+    return path, mode in (None, "rwc")
+
+
+@functools.cache
+def _uri_names() -> bool:
+    """Whether this SQLite reads every `file:` name as a URI (built with SQLITE_USE_URI, as Debian's is)."""
+    with closing(sqlite3.connect(":memory:")) as conn:
+        return ("USE_URI",) in conn.execute("PRAGMA compile_options").fetchall()
 
 
 _DECISION, _OUTCOME, _EVENT, _UNIT = "decision", "outcome", "event", "unit"

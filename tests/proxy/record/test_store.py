@@ -238,11 +238,13 @@ def test_postgres_one_unstorable_row_does_not_wedge_the_record(pg_url: str):
         recorder.engine.dispose()
 
 
-def test_a_new_sqlite_store_is_private_to_its_owner(tmp_path: Path):
+@pytest.mark.parametrize("url", ["sqlite:///{path}", "sqlite:///file:{path}?uri=true",
+                                 "sqlite:///file://localhost{path}?mode=rwc&uri=true"], ids=["path", "uri", "uri-host"])
+def test_a_new_sqlite_store_is_private_to_its_owner(tmp_path: Path, url: str):
     database = tmp_path / "new.db"
     old_umask = os.umask(0o022)  # the usual umask: SQLite alone would make the file 0644
     try:
-        recorder = Recorder(make_engine(f"sqlite:///{database}"))
+        recorder = Recorder(make_engine(url.format(path=database)))
     finally:
         os.umask(old_umask)
     try:
