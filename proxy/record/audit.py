@@ -26,9 +26,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
+from json.encoder import encode_basestring as _json_string  # what canonical's encoder escapes with
 from typing import Any
 
-from sqlalchemy import BigInteger, Engine, Integer, Table, bindparam, func, inspect, select, text
+from sqlalchemy import BigInteger, Engine, Index, Integer, Table, bindparam, func, inspect, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlmodel import Field, SQLModel
@@ -87,12 +88,18 @@ ROW_NUMBER = BigInteger().with_variant(Integer(), "sqlite")
 
 class AuditEntry(SQLModel, table=True):
     __tablename__ = "audit_log"
+    # Only the events about an override request are read by override id: the calls' decisions and outcomes,
+    # most of the log, stay out of that index (revision 0015), a page fewer written by every call's commit.
+    __table_args__ = (
+        Index("ix_audit_log_override_id", "override_id", sqlite_where=text("override_id IS NOT NULL"),
+              postgresql_where=text("override_id IS NOT NULL")),
+    )
 
     seq: int = Field(primary_key=True, sa_type=ROW_NUMBER, sa_column_kwargs={"autoincrement": False})
     at: datetime
     kind: str  # an EventKind value
     decision_id: str | None = Field(default=None, index=True)
-    override_id: str | None = Field(default=None, index=True)
+    override_id: str | None = None  # indexed where it is set: see __table_args__
     agent: str | None = None
     actor: str | None = None  # the approver, for approvals and denials
     payload: str  # canonical JSON of the event
@@ -130,6 +137,8 @@ class AuditLogError(Exception):
 def iso_utc(at: datetime | str) -> str:
     """The time as hashed: UTC with microseconds. A time without an offset is UTC (as SQLite returns it)."""
     moment = datetime.fromisoformat(at) if isinstance(at, str) else at
+    if moment.tzinfo is UTC:  # the recorder's own times: no conversion to make
+        return moment.isoformat(timespec="microseconds")
     return _as_utc(moment).isoformat(timespec="microseconds")
 
 
@@ -141,11 +150,25 @@ def entry_hash(
     seq: int, at: datetime | str, kind: str, decision_id: str | None, override_id: str | None,
     agent: str | None, actor: str | None, payload: str, prev_hash: str,
 ) -> str:
+    if (type(seq) is int and type(kind) is str and type(payload) is str and type(prev_hash) is str
+            and all(value is None or type(value) is str for value in (decision_id, override_id, agent, actor))):
+        # The row as every append makes it: its canonical JSON spelt out in sorted key order, with the
+        # encoder's own string escaping: the same bytes as `canonical(content)` (pinned by a test), for
+        # a third of its cost, paid twice per recorded call.
+        text = (f'{{"actor":{_json_text(actor)},"agent":{_json_text(agent)},"at":"{iso_utc(at)}",'
+                f'"decision_id":{_json_text(decision_id)},"kind":{_json_string(kind)},'
+                f'"override_id":{_json_text(override_id)},"payload":{_json_string(payload)},'
+                f'"prev_hash":{_json_string(prev_hash)},"seq":{int.__repr__(seq)}}}')
+        return hashlib.sha256(text.encode("utf-8", "backslashreplace")).hexdigest()
     content = {
         "seq": seq, "at": iso_utc(at), "kind": kind, "decision_id": decision_id, "override_id": override_id,
         "agent": agent, "actor": actor, "payload": payload, "prev_hash": prev_hash,
     }
     return hashlib.sha256(canonical(content)).hexdigest()
+
+
+def _json_text(value: str | None) -> str:
+    return "null" if value is None else _json_string(value)
 
 
 def read_head(conn: Connection, *, lock: bool = False) -> tuple[int, str]:
@@ -281,6 +304,8 @@ def sqlite_insert(table: str, columns: Sequence[str], rows: int, suffix: str = "
 def sqlite_datetime(at: datetime) -> str:
     """A datetime as SQLAlchemy's SQLite dialect stores one (`UTCDateTime`): UTC, no offset, microseconds.
     A time without an offset is refused, as SQLAlchemy refuses it."""
+    if at.tzinfo is UTC:
+        return at.replace(tzinfo=None).isoformat(" ", "microseconds")
     if at.utcoffset() is None:
         raise ValueError(f"a stored time needs its offset (UTC): {at!r}")
     return at.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")

@@ -612,6 +612,7 @@ class Recorder:
                     except queue.Empty:
                         break
                 if not batch:  # a caller committed them with its own row (`_commit_now`)
+                    store_backlog(self._queue.qsize(), 0.0)
                     continue
                 # In queue order: the rows and events up to a unit of work, then the unit, then the rest.
                 start = 0
@@ -709,7 +710,8 @@ class Recorder:
         self._recovered()
         self._refusals_writing = False
         self.written += len(rows)
-        store_backlog(self._queue.qsize(), _lag(items))
+        if not once:  # a caller's own commit (a call alone) leaves the gauges to the writer's next round
+            store_backlog(self._queue.qsize(), _lag(items))
         for _ in batch:
             self._queue.task_done()
         return True

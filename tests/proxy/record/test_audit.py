@@ -13,7 +13,7 @@ import hashlib
 import json
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -24,8 +24,9 @@ from sqlmodel import SQLModel
 from proxy.cedar.engine import Engine
 from proxy.cli.audit_commands import add_audit_commands, run_audit_command
 from proxy.decision.gate import Gate
-from proxy.record.audit import GENESIS, VerifyResult, verify
+from proxy.record.audit import GENESIS, VerifyResult, entry_hash, iso_utc, verify
 from proxy.record.store import Recorder, make_engine
+from proxy.vocabulary.canonical import canonical
 
 LIST = ("GET", "http://127.0.0.1:9000/v1/instances")
 STOP_DEV = ("POST", "http://localhost:9000/v1/instances/i-1/stop")
@@ -158,6 +159,25 @@ def test_every_row_hash_follows_the_documented_formula(audited, database_url: st
     for before, row in zip(rows, rows[1:], strict=False):
         assert row.prev_hash == before.hash
     assert [r.hash for r in rows] == [_documented_hash(r) for r in rows]
+
+
+@pytest.mark.parametrize("text", [
+    "plain", "", 'quotes " and \\ backslashes', "line\nbreak\ttab\x01control\x7f", "caf\u00e9 \u65e5\u672c \U0001f600",
+    "lone \udc80 surrogate", "\u2028 separators \u2029", "</script>"])
+@pytest.mark.parametrize("at", [datetime(2026, 12, 2, 15, 4, 5, 123456, tzinfo=UTC),
+                                datetime(2026, 12, 2, 16, 4, 5, tzinfo=timezone(timedelta(hours=1))),
+                                "2026-12-02 15:04:05.000001"])
+def test_a_rows_hash_is_over_its_canonical_json_whatever_its_text(text: str, at: datetime | str):
+    """The hash of an appended row is spelt out field by field (cheaper than building the dict): it must
+    be byte for byte the documented formula, the canonical JSON of the row, for every string."""
+    for fields in [(7, at, text, text, None, text, None, text, "a" * 64),
+                   (2**40, at, "decision", None, text, None, text, "{}", GENESIS)]:
+        seq, when, kind, decision_id, override_id, agent, actor, payload, prev_hash = fields
+        documented = hashlib.sha256(canonical({
+            "seq": seq, "at": iso_utc(when), "kind": kind, "decision_id": decision_id,
+            "override_id": override_id, "agent": agent, "actor": actor, "payload": payload,
+            "prev_hash": prev_hash})).hexdigest()
+        assert entry_hash(*fields) == documented
 
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 1000])

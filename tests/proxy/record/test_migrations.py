@@ -798,3 +798,52 @@ def test_a_database_at_0013_records_votes_and_messages_past_two_to_the_31_once_u
             assert list(ids) == [LAST_32_BIT, 2**31], table
     assert [v.approver for v in overrides.votes("ovr-old")] == ["alice", "bob"]
     assert [m.text for m in overrides.messages("ovr-old")] == ["why?", "ticket 12"]
+
+
+def _uses_override_index(database: SAEngine) -> bool:
+    """Whether the database reads the log by override id through `ix_audit_log_override_id` (PostgreSQL
+    told not to scan the table, which it would prefer for a few rows)."""
+    query = "SELECT seq FROM audit_log WHERE override_id = 'ovr-old'"
+    with database.connect() as conn:
+        if database.dialect.name == "postgresql":
+            conn.exec_driver_sql("SET enable_seqscan = off")
+            plan = " ".join(conn.exec_driver_sql(f"EXPLAIN {query}").scalars())
+            conn.rollback()
+        else:
+            plan = " ".join(row[-1] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {query}"))
+    return "ix_audit_log_override_id" in plan
+
+
+def test_a_database_at_0014_keeps_only_override_events_in_the_override_index(database: SAEngine):
+    """Revision 0015: the audit log's override index leaves out the rows without an override id (every
+    call's decision and outcome), and reading the log by override request still goes through it and
+    finds the same rows, old and new."""
+    make_0_1_0_database(database)
+    add_0_1_0_rows(database)
+    migrate_to(database, "0014")
+    with database.begin() as conn:
+        audit.append(conn, [{"kind": "override_created", "override_id": "ovr-old", "decision_id": "d-old",
+                             "agent": "ops-bot"}])
+
+    assert migrate(database) == head_revision()
+    with database.connect() as conn:
+        assert schema_differences(conn, _models()) == []
+        if database.dialect.name == "postgresql":
+            definition = conn.execute(text("SELECT indexdef FROM pg_indexes WHERE indexname = "
+                                           "'ix_audit_log_override_id'")).scalar()
+        else:
+            definition = conn.execute(text("SELECT sql FROM sqlite_master WHERE name = "
+                                           "'ix_audit_log_override_id'")).scalar()
+    assert "override_id IS NOT NULL" in str(definition)
+    assert _uses_override_index(database)
+    recorder = Recorder(database, retry_interval=0.05)
+    try:
+        recorder.record({**_new_decision(), "decision_id": "d-new"})
+        recorder.record_event({"kind": "approval", "override_id": "ovr-old", "actor": "alice"})
+        assert recorder.flush()
+    finally:
+        recorder.close()
+    about = audit.entries_about(database, "ovr-old")
+    assert [(e.kind, e.decision_id) for e in about] == [
+        ("decision", "d-old"), ("override_created", "d-old"), ("approval", None)]
+    assert audit.verify(database).ok
