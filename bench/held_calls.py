@@ -43,9 +43,183 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import proxy_overhead as po  # noqa: E402  (the upstream, the load client and process handling)
 from figures import report  # noqa: E402
 
+from tests.support import launch  # noqa: E402  (on sys.path through proxy_overhead)
+
 REPO = po.REPO
 RESULTS = REPO / "bench" / "results" / "held_calls.json"
 APPROVER, APPROVER_TOKEN = "erin", "bench-approver-" + "y" * 32
+
+
+# `--trace`: A is started by this wrapper, which notes when an approval passes each point of its way to
+# the upstream (monotonic clock, shared with this process), and the collector's pauses, in a file.
+TRACER = f"""#!{sys.executable}
+import gc
+import os
+import sys
+import threading
+import time
+
+_fd = os.open(os.environ["CEDARGATE_TRACE"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+_unit: list[str] = []  # the writer thread's unit now running: (what, override id)
+
+
+if os.environ.get("CEDARGATE_SWITCH_INTERVAL"):
+    sys.setswitchinterval(float(os.environ["CEDARGATE_SWITCH_INTERVAL"]))
+
+
+def mark(stage, oid=""):
+    # The thread's CPU time and its wait for a CPU so far, so a step's time splits into running, waiting
+    # for a CPU, and the rest (the GIL, I/O).
+    try:
+        with open(f"/proc/self/task/{{threading.get_native_id()}}/schedstat", "rb") as stat:
+            queued = int(stat.read().split()[1])
+    except OSError:
+        queued = 0
+    os.write(_fd, f"{{time.perf_counter_ns()}} {{stage}} {{oid}} {{time.thread_time_ns()}},{{queued}}\\n".encode())
+
+
+_gc = {{"start": 0, "n": [0, 0, 0], "ns": [0, 0, 0]}}
+
+
+def _collected(phase, info):
+    if phase == "start":
+        _gc["start"] = time.perf_counter_ns()
+        return
+    gen, took = info["generation"], time.perf_counter_ns() - _gc["start"]
+    _gc["n"][gen] += 1
+    _gc["ns"][gen] += took
+    if gen == 2 or took > 2_000_000:
+        os.write(_fd, f"{{_gc['start']}} gc{{gen}} {{took}} -\\n".encode())
+
+
+gc.callbacks.append(_collected)
+
+
+def _gc_totals():
+    while True:
+        figures = ",".join(map(str, _gc["n"] + _gc["ns"]))
+        os.write(_fd, f"{{time.perf_counter_ns()}} gcstat {{figures}} -\\n".encode())
+        time.sleep(0.5)
+
+
+threading.Thread(target=_gc_totals, daemon=True, name="trace-gc").start()
+
+import override_api.main as api_main  # noqa: E402
+from addons.enforcer import RELEASED, Enforcer  # noqa: E402
+from proxy.oversight.held_calls import Oversight  # noqa: E402
+from proxy.oversight.holds import Holds  # noqa: E402
+from proxy.oversight.overrides import OverrideStatus, OverrideStore  # noqa: E402
+from proxy.oversight.workflow import OverrideWorkflow  # noqa: E402
+from proxy.record.store import Recorder  # noqa: E402
+
+_create_app = api_main.create_app
+
+
+def create_app(runtime):
+    app = _create_app(runtime)
+
+    async def traced(scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.endswith("/approve"):
+            return await app(scope, receive, send)
+        oid = path.rsplit("/", 2)[-2]
+        mark("api_in", oid)
+
+        async def answer(message):
+            if message["type"] == "http.response.start":
+                mark("api_answer", oid)
+            await send(message)
+
+        return await app(scope, receive, answer)
+
+    traced.state = app.state
+    return traced
+
+
+api_main.create_app = create_app
+
+
+def wrap(cls, name, before=None, after=None):
+    original = getattr(cls, name)
+
+    def wrapper(self, *args, **kwargs):
+        if before:
+            before(*args)
+        result = original(self, *args, **kwargs)
+        if after:
+            after(result, *args)
+        return result
+
+    setattr(cls, name, wrapper)
+
+
+wrap(OverrideWorkflow, "vote", lambda oid, *a: mark("vote_thread", oid), lambda r, oid, *a: mark("vote_return", oid))
+
+
+def _vote_unit(conn, oid, *a):
+    _unit[:] = ["vote", oid]
+    mark("vote_unit", oid)
+
+
+wrap(OverrideWorkflow, "_vote", _vote_unit)
+wrap(Holds, "_wake", lambda oid, *a: mark("wake", oid))
+wrap(Oversight, "_release", lambda verdict, override: mark("release_thread", override.id),
+     lambda r, verdict, override: mark("release_return", override.id))
+wrap(OverrideWorkflow, "release", lambda override, **k: mark("recheck_done", override.id))
+
+_move = OverrideStore.move
+
+
+def move(session, override_id, from_status, to_status, **kwargs):
+    if to_status is OverrideStatus.RELEASED:
+        _unit[:] = ["release", override_id]
+        mark("release_unit", override_id)
+    return _move(session, override_id, from_status, to_status, **kwargs)
+
+
+OverrideStore.move = staticmethod(move)
+_run_unit = Recorder._run_unit
+
+
+def run_unit(self, unit, future):
+    _unit.clear()
+    try:
+        return _run_unit(self, unit, future)
+    finally:
+        if _unit:
+            mark(_unit[0] + "_committed", _unit[1])
+
+
+Recorder._run_unit = run_unit
+_resolve = Oversight.resolve
+
+
+async def resolve(self, *args, **kwargs):
+    resolution = await _resolve(self, *args, **kwargs)
+    if resolution.release and resolution.override_id:
+        mark("resolved", resolution.override_id)
+    return resolution
+
+
+Oversight.resolve = resolve
+_request = Enforcer.request
+
+
+async def request(self, flow):
+    await _request(self, flow)
+    for oid in flow.metadata.get(RELEASED, {{}}).values():
+        mark("hook_done", oid)
+
+
+Enforcer.request = request
+from proxy.cli.main import main  # noqa: E402
+
+sys.exit(main())
+"""
+# The points in the order an approval passes them, `sent` (this process) first, `upstream` last.
+TRACE_STAGES = ("sent", "api_in", "vote_thread", "vote_unit", "vote_committed", "vote_return", "wake",
+                "release_thread", "recheck_done", "release_unit", "release_committed", "release_return",
+                "resolved", "hook_done", "upstream")
 
 
 def rss_mib(pid: int) -> float:
@@ -56,9 +230,11 @@ def rss_mib(pid: int) -> float:
 
 
 def start_cedargate(procs: po.Processes, tmp: Path, name: str = "", database_url: str | None = None,
-                    max_held: int | None = None) -> tuple[subprocess.Popen, int, int, Path]:
+                    max_held: int | None = None,
+                    trace: Path | None = None) -> tuple[subprocess.Popen, int, int, Path]:
     """cedargate started by the e2e tests' launcher (tests/support/launch.py); `name` tells several apart,
-    `database_url` is the record's (default: the SQLite file in its state directory)."""
+    `database_url` is the record's (default: the SQLite file in its state directory); with `trace`, through
+    the TRACER wrapper, writing to that file."""
     policy_dir = tmp / "policies"
     if not policy_dir.exists():
         shutil.copytree(REPO / "policies", policy_dir, ignore=shutil.ignore_patterns("tests"))
@@ -77,7 +253,17 @@ def start_cedargate(procs: po.Processes, tmp: Path, name: str = "", database_url
         # the calls answered past it and the other traffic.
         **({"max_held_calls": max_held, "max_proxy_connections": max_held + 3000} if max_held else {}),
     }))
-    gate = po.launch_cedargate(config, "--log-level", "WARNING", timeout=60)
+    program = launch.CEDARGATE
+    if trace is not None:
+        wrapper = tmp / f"cedargate-traced{name}"
+        wrapper.write_text(TRACER)
+        wrapper.chmod(0o755)
+        os.environ["CEDARGATE_TRACE"] = str(trace)
+        launch.CEDARGATE = wrapper
+    try:
+        gate = po.launch_cedargate(config, "--log-level", "WARNING", timeout=60)
+    finally:
+        launch.CEDARGATE = program
     procs.children.append(("cedargate", gate.process))
     return gate.process, gate.proxy_port, gate.api_port, state_dir
 
@@ -179,6 +365,89 @@ async def answered_at_once(proxy_port: int, upstream_port: int, first: int, coun
     return answers
 
 
+def traced(trace: Path, sent: dict[str, int], arrived: dict[str, int],
+           windows: list[tuple[str, int, int]]) -> dict:
+    """What the TRACER wrote, read: each step of an approval's way (p50/p99/max ms, from one point of
+    TRACE_STAGES to the next one the approval passed), the slowest approvals step by step, the collector's
+    pauses that fell within approvals, and its collections in each phase (`windows`)."""
+    points: dict[str, dict[str, int]] = {oid: {"sent": t} for oid, t in sent.items()}
+    threads: dict[str, dict[str, tuple[int, int]]] = {oid: {} for oid in sent}  # stage -> (cpu, queued) ns
+    pauses: list[tuple[int, int, int]] = []  # (start, end, generation)
+    totals: list[tuple[int, list[int]]] = []
+    for line in trace.read_text().splitlines():
+        at, stage, oid, *rest = line.split(" ")
+        if stage == "gcstat":
+            totals.append((int(at), [int(n) for n in oid.split(",")]))
+        elif stage.startswith("gc"):
+            pauses.append((int(at), int(at) + int(oid), int(stage[2:])))
+        elif oid in points:
+            points[oid].setdefault(stage, int(at))  # the first time it passed there
+            if rest and "," in rest[0]:
+                cpu, queued = rest[0].split(",")
+                threads[oid].setdefault(stage, (int(cpu), int(queued)))
+    for oid, at in arrived.items():
+        if oid in points:
+            points[oid]["upstream"] = at
+    steps: dict[str, list[float]] = {}
+    paths = {}
+    for oid, seen in points.items():
+        passed = [stage for stage in TRACE_STAGES if stage in seen]
+        path = {f"{a}>{b}": (seen[b] - seen[a]) / 1e6 for a, b in zip(passed, passed[1:], strict=False)}
+        paths[oid] = path
+        for step, ms in path.items():
+            steps.setdefault(step, []).append(ms)
+    # The two commits, on the writer thread: of their time, how much it ran and how much it waited for a CPU.
+    units: dict[str, dict[str, list[float]]] = {}
+    for unit in ("vote", "release"):
+        split: dict[str, list[float]] = {"ms": [], "running_ms": [], "waiting_for_a_cpu_ms": []}
+        for oid, seen in threads.items():
+            begin, end = seen.get(f"{unit}_unit"), seen.get(f"{unit}_committed")
+            if begin and end:
+                split["ms"].append((points[oid][f"{unit}_committed"] - points[oid][f"{unit}_unit"]) / 1e6)
+                split["running_ms"].append((end[0] - begin[0]) / 1e6)
+                split["waiting_for_a_cpu_ms"].append((end[1] - begin[1]) / 1e6)
+        units[unit] = split
+    gc_in_approval = sorted(
+        sum(max(0, min(end, points[oid]["upstream"]) - max(start, points[oid]["sent"])) for start, end, _ in pauses)
+        / 1e6 for oid in points if "upstream" in points[oid])
+    slowest = sorted(paths, key=lambda oid: points[oid].get("upstream", 0) - points[oid]["sent"], reverse=True)
+
+    def totals_at(at: int) -> list[int]:
+        before = [t for when, t in totals if when <= at]
+        return before[-1] if before else [0] * 6
+
+    phases: dict[str, dict[str, float]] = {}
+    for phase, start, end in windows:
+        first, last = totals_at(start), totals_at(end)
+        cell = phases.setdefault(phase, {"seconds": 0.0, **{f"gen{g}_collections": 0 for g in range(3)},
+                                         **{f"gen{g}_ms": 0.0 for g in range(3)}})
+        cell["seconds"] = round(cell["seconds"] + (end - start) / 1e9, 2)
+        for g in range(3):
+            cell[f"gen{g}_collections"] += last[g] - first[g]
+            cell[f"gen{g}_ms"] = round(cell[f"gen{g}_ms"] + (last[3 + g] - first[3 + g]) / 1e6, 1)
+    return {
+        "steps_ms": {step: {"p50": round(statistics.median(v), 2), "p99": round(percentile(v, 0.99), 2),
+                            "max": round(max(v), 2), "n": len(v)}
+                     for step, v in sorted(steps.items(), key=lambda kv: TRACE_STAGES.index(kv[0].split(">")[0]))},
+        "commits_on_the_writer_ms": {
+            unit: {part: {"p50": round(statistics.median(v), 2), "p99": round(percentile(v, 0.99), 2)}
+                   for part, v in split.items() if v}
+            for unit, split in units.items()},
+        "slowest_approvals_steps_ms": [{step: round(ms, 1) for step, ms in paths[oid].items()} for oid in slowest[:3]],
+        "gc_pause_within_an_approval_ms": {"p50": round(statistics.median(gc_in_approval), 2),
+                                           "p99": round(percentile(gc_in_approval, 0.99), 2),
+                                           "max": round(max(gc_in_approval), 2),
+                                           "approvals_with_one": sum(1 for g in gc_in_approval if g > 0)}
+        if gc_in_approval else {},
+        "gc_by_phase": phases,
+    }
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * share))]
+
+
 def spread(values: list[float]) -> dict:
     return {"min": round(min(values), 3), "median": round(statistics.median(values), 3),
             "max": round(max(values), 3)}
@@ -194,7 +463,9 @@ async def run(args) -> dict:
     writers: list[asyncio.StreamWriter] = []
     try:
         load_upstream = po.start_upstream(procs, tmp).http_port
-        proc, proxy_port, api_port, state_dir = start_cedargate(procs, tmp, max_held=args.held)
+        trace = tmp / "trace.log" if args.trace else None
+        proc, proxy_port, api_port, state_dir = start_cedargate(procs, tmp, max_held=args.held, trace=trace)
+        windows: list[tuple[str, int, int]] = []  # (phase, start, end) on the monotonic clock, for the trace
         ref_proc, ref_port, _ref_api, _ref_state = start_cedargate(procs, tmp, "-reference")
         loop = asyncio.get_running_loop()
         arrival_server = await loop.create_server(ArrivalServer, "127.0.0.1", 0, backlog=4096)
@@ -228,8 +499,10 @@ async def run(args) -> dict:
             order = [("held", proxy_port, proc), ("reference", ref_port, ref_proc)]
             cells = {}
             for name, port, p in order if rnd % 2 == 0 else reversed(order):
-                cpu0 = po.tree_cpu_seconds(p.pid)
+                cpu0, began = po.tree_cpu_seconds(p.pid), time.perf_counter_ns()
                 cell = await po._python_load(port, payload, 16, args.requests)
+                if name == "held":
+                    windows.append(("throughput", began, time.perf_counter_ns()))
                 cell.proxy_cpu_us_per_req = (po.tree_cpu_seconds(p.pid) - cpu0) / cell.requests * 1e6
                 cells[name] = cell
             rounds.append(cells)
@@ -245,6 +518,9 @@ async def run(args) -> dict:
             po.run_wrk, tmp, proxy_port, load_upstream, True, 4, args.approvals * 40))
         await asyncio.sleep(1.0)  # the traffic is flowing before the first approval
         latencies, health, cpu_waits = [], set(), []
+        sent: dict[str, int] = {}
+        arrived: dict[str, int] = {}
+        approvals_began = time.perf_counter_ns()
         for override_id, path in rows:
             ArrivalServer.arrivals.pop(path, None)
             waited = runqueue_wait_ns(proc.pid)
@@ -253,18 +529,21 @@ async def run(args) -> dict:
             while path not in ArrivalServer.arrivals:
                 await asyncio.sleep(0.0005)
             latency = (ArrivalServer.arrivals[path] - t0) / 1e6
+            sent[override_id], arrived[override_id] = t0, ArrivalServer.arrivals[path]
             latencies.append(latency)
             cpu_waits.append((latency, (runqueue_wait_ns(proc.pid) - waited) / 1e6))
             if len(latencies) % 50 == 0:
                 health.add(await asyncio.to_thread(healthz, api_port))
             await asyncio.sleep(0.02)
         traffic_done_with_approvals = traffic.done()
+        windows.append(("approvals", approvals_began, time.perf_counter_ns()))
         during = await traffic
         latencies.sort()
         p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
         waits = sorted(wait for _, wait in cpu_waits)
         slowest = sorted(cpu_waits, reverse=True)[:max(2, len(cpu_waits) // 50)]
         ratio = [r["held"].rps / r["reference"].rps for r in rounds]
+        trace_figures = {"trace": traced(trace, sent, arrived, windows)} if trace is not None else {}
         cpu_ratio = [r["held"].proxy_cpu_us_per_req / r["reference"].proxy_cpu_us_per_req for r in rounds]
         return {
             "at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -310,6 +589,7 @@ async def run(args) -> dict:
                     "GETs through A at concurrency 4; approval timed from sending POST /overrides/{id}/approve "
                     "to the upstream receiving the call; the loop's CPU wait: A's main thread runnable but not "
                     "running during that approval (/proc schedstat)",
+            **trace_figures,
         }
     finally:
         for writer in writers:
@@ -326,6 +606,9 @@ def main() -> int:
     parser.add_argument("--approvals", type=int, default=200)
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--trace", action="store_true",
+                        help="start A through a wrapper noting each approval's way step by step, and the "
+                             "collector's pauses (the figures' `trace`)")
     args = parser.parse_args()
     return report(args.out, asyncio.run(run(args)))
 
