@@ -54,6 +54,7 @@ APPROVER, APPROVER_TOKEN = "erin", "bench-approver-" + "y" * 32
 # the upstream (monotonic clock, shared with this process), and the collector's pauses, in a file.
 TRACER = f"""#!{sys.executable}
 import gc
+import inspect
 import os
 import sys
 import threading
@@ -140,7 +141,9 @@ api_main.create_app = create_app
 
 
 def wrap(cls, name, before=None, after=None):
-    original = getattr(cls, name)
+    original = getattr(cls, name, None)
+    if original is None:  # a build without it
+        return
 
     def wrapper(self, *args, **kwargs):
         if before:
@@ -150,10 +153,19 @@ def wrap(cls, name, before=None, after=None):
             after(result, *args)
         return result
 
-    setattr(cls, name, wrapper)
+    async def async_wrapper(self, *args, **kwargs):
+        if before:
+            before(*args)
+        result = await original(self, *args, **kwargs)
+        if after:
+            after(result, *args)
+        return result
+
+    setattr(cls, name, async_wrapper if inspect.iscoroutinefunction(original) else wrapper)
 
 
-wrap(OverrideWorkflow, "vote", lambda oid, *a: mark("vote_thread", oid), lambda r, oid, *a: mark("vote_return", oid))
+for voting in ("vote", "vote_soon"):
+    wrap(OverrideWorkflow, voting, lambda oid, *a: mark("vote_begin", oid), lambda r, oid, *a: mark("vote_return", oid))
 
 
 def _vote_unit(conn, oid, *a):
@@ -163,9 +175,10 @@ def _vote_unit(conn, oid, *a):
 
 wrap(OverrideWorkflow, "_vote", _vote_unit)
 wrap(Holds, "_wake", lambda oid, *a: mark("wake", oid))
-wrap(Oversight, "_release", lambda verdict, override: mark("release_thread", override.id),
+wrap(Oversight, "_release", lambda verdict, override: mark("release_begin", override.id),
      lambda r, verdict, override: mark("release_return", override.id))
-wrap(OverrideWorkflow, "release", lambda override, **k: mark("recheck_done", override.id))
+for releasing in ("release", "release_soon"):
+    wrap(OverrideWorkflow, releasing, lambda override, **k: mark("recheck_done", override.id))
 
 _move = OverrideStore.move
 
@@ -217,8 +230,8 @@ from proxy.cli.main import main  # noqa: E402
 sys.exit(main())
 """
 # The points in the order an approval passes them, `sent` (this process) first, `upstream` last.
-TRACE_STAGES = ("sent", "api_in", "vote_thread", "vote_unit", "vote_committed", "vote_return", "wake",
-                "release_thread", "recheck_done", "release_unit", "release_committed", "release_return",
+TRACE_STAGES = ("sent", "api_in", "vote_begin", "vote_unit", "vote_committed", "vote_return", "wake",
+                "release_begin", "recheck_done", "release_unit", "release_committed", "release_return",
                 "resolved", "hook_done", "upstream")
 
 

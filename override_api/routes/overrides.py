@@ -12,7 +12,9 @@ An approver sees only the requests their roles can decide now (a later tier's ap
 request's chain has reached that tier); another request is answered as if it did not exist (404). An
 approver holding the auditor role (`auditor_role`, default "auditor") sees them all, and votes only
 where another of their roles is needed. The routes only translate: every vote is
-`OverrideWorkflow.vote`, which checks, records and wakes the held call.
+`OverrideWorkflow.vote`, which checks, records and wakes the held call. Approve and deny run on the event
+loop and cast it with `vote_soon`, which awaits the vote's transaction there: the held call is woken
+from the loop, with no worker thread on its way (the answer, which reads the store, is built on one).
 
 An approval may change the call's typed values (`"changes": {"amount": 50}`): the request shows which it
 has (`editable_fields`) and the changes its approvals agreed on (`changes`); a change that does not fit
@@ -31,6 +33,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
@@ -245,17 +248,18 @@ def override_audit(override_id: str, runtime: RuntimeDep, approver: CurrentAppro
             for e in audit.entries_about(runtime.overrides.engine, override_id)]
 
 
-def _review(runtime, approver, override_id: str, ballot: Ballot, reason: str,
-            changes: dict[str, Any] | None = None) -> OverridePublic | JSONResponse:
+async def _review(runtime, approver, override_id: str, ballot: Ballot, reason: str,
+                  changes: dict[str, Any] | None = None) -> OverridePublic | JSONResponse:
     try:
-        override, _ = runtime.workflow.vote(override_id, approver.id, approver.roles, ballot, reason, changes)
+        override, _ = await runtime.workflow.vote_soon(override_id, approver.id, approver.roles, ballot, reason,
+                                                       changes)
     except OverrideError as exc:
         if exc.problem is None and not exc.more:
             raise HTTPException(exc.status, detail=exc.detail) from exc
         body = (http_problem(exc.status, exc.detail, **exc.more) if exc.problem is None
                 else problem_document(exc.problem, exc.status, exc.detail, **exc.more))
         return JSONAnswer(body, exc.status, media_type=MEDIA_TYPE)
-    return _public(runtime, override)
+    return await run_in_threadpool(_public, runtime, override)
 
 
 _CHANGE_PROBLEMS: dict[int | str, dict[str, Any]] = {
@@ -269,15 +273,15 @@ _CHANGE_PROBLEMS: dict[int | str, dict[str, Any]] = {
 @router.post("/{override_id}/approve", response_model=OverridePublic, responses=_CHANGE_PROBLEMS,
              summary="Approve, as sent or with changes: once every required approval is in, the call is "
                      "released once")
-def approve(override_id: str, review: Approval, runtime: RuntimeDep,
-            approver: CurrentApprover) -> OverridePublic | JSONResponse:
-    return _review(runtime, approver, override_id, Ballot.APPROVE, review.reason, review.changes)
+async def approve(override_id: str, review: Approval, runtime: RuntimeDep,
+                  approver: CurrentApprover) -> OverridePublic | JSONResponse:
+    return await _review(runtime, approver, override_id, Ballot.APPROVE, review.reason, review.changes)
 
 
 @router.post("/{override_id}/deny", response_model=OverridePublic, summary="Deny: final; the agent is told why")
-def deny(override_id: str, review: Review, runtime: RuntimeDep,
-         approver: CurrentApprover) -> OverridePublic | JSONResponse:
-    return _review(runtime, approver, override_id, Ballot.DENY, review.reason)
+async def deny(override_id: str, review: Review, runtime: RuntimeDep,
+               approver: CurrentApprover) -> OverridePublic | JSONResponse:
+    return await _review(runtime, approver, override_id, Ballot.DENY, review.reason)
 
 
 @router.post("/{override_id}/request-info", response_model=OverridePublic,

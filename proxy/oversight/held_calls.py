@@ -274,7 +274,7 @@ class Oversight:
         if status is OverrideStatus.GRANTED:
             if not client_alive():  # leave the grant for the agent's retry
                 return self._refuse(verdict, override, Problem.OVERRIDE_PENDING, "the client went away")
-            return await asyncio.to_thread(self._release, verdict, override)
+            return await self._release(verdict, override)
         if status is OverrideStatus.RELEASED:
             if override.release_decision_id == verdict.decision_id:
                 # This call's own release, committed while the store's answer was lost: it goes, as granted.
@@ -384,9 +384,14 @@ class Oversight:
             return None
         return await asyncio.to_thread(self._refuse_release, verdict, verdict, override, True)
 
-    def _release(self, verdict: Verdict, override: Override) -> Resolution | None:
+    async def _release(self, verdict: Verdict, override: Override) -> Resolution | None:
         """Check the call (with the reviewers' changes, if any) against the current policies, then consume
-        the grant; None if already consumed."""
+        the grant; None if already consumed.
+
+        On the event loop, where an allowed call is decided too (on a thread for a large body, as the
+        enforcer does), the grant consumed by a transaction this loop awaits (`release_soon`): the way
+        from an approval to its upstream crosses no thread but the writer's. A refusal, which reads the
+        store, is answered from a thread."""
         call, changes = verdict.call, json.loads(override.changes) if override.changes else None
         if changes is not None:
             try:
@@ -394,20 +399,21 @@ class Oversight:
             except ChangeError as exc:
                 recheck = replace(verdict, outcome=Outcome.ERROR, problem=Problem.RELEASE_REFUSED,
                                   detail=f"the changes it was granted with no longer fit the call: {exc}")
-                return self._refuse_release(verdict, recheck, override, False)
+                return await asyncio.to_thread(self._refuse_release, verdict, recheck, override, False)
         # The release decides the real call as it will go (changed): this check is the one that counts.
-        recheck = self.gate.decide(call)
+        recheck = (await asyncio.to_thread(self.gate.decide, call) if len(call.body) > self.gate.mapping.max_body_bytes
+                   else self.gate.decide(call))
         if recheck.problem is Problem.STORE_UNAVAILABLE:  # passing trouble: keep the grant, keep holding
             raise StoreUnavailable("the decision store cannot record the release now")
         if release_refused(recheck, override):
             # A hard deny now (no permit beneath any more, say), or policies that changed to need
             # approvals nobody gave: never release.
-            return self._refuse_release(verdict, recheck, override, False)
+            return await asyncio.to_thread(self._refuse_release, verdict, recheck, override, False)
         payload: dict[str, Any] = {"policy_revision": recheck.revision, "recheck": recheck.outcome.value,
                                    "policies": [p.policy_id for p in recheck.determining]}
         if changes is not None:
             payload["changes"] = changes
-        if not self.workflow.release(override, decision_id=verdict.decision_id, payload=payload):
+        if not await self.workflow.release_soon(override, decision_id=verdict.decision_id, payload=payload):
             return None
         log.info("released %s %s for %s under override %s%s", printable(verdict.call.method),
                  self.gate.shown_url(verdict.call.url), verdict.call.agent, override.id,

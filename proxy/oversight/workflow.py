@@ -5,7 +5,10 @@ Every adapter calls `OverrideWorkflow`: the API's routes (`vote`), the held call
 method checks what may happen, changes the request with a conditional UPDATE, and chains the audit
 event that says so in the same database transaction, run by the recorder's writer thread
 (`Recorder.transact`), so the change and its audit row commit together or not at all, in the order
-of everything else recorded. Then it wakes the held calls waiting on that request (`Holds`), in this
+of everything else recorded. The two steps on an approval's way to its held call also have a form for
+the event loop (`vote_soon`, `release_soon`), which queues the same transaction and awaits its commit
+without a thread of its own: a thread hand-off waits for the GIL and for a CPU, which a busy proxy
+shares, and these two ran three each. Then it wakes the held calls waiting on that request (`Holds`), in this
 process at once and in every other process sharing the database through the notification the
 transaction sends on commit (`proxy.oversight.wakeups.announce`).
 
@@ -36,13 +39,15 @@ real call, changed, is decided again, and that is the check that counts (`proxy.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from sqlalchemy import text
@@ -80,6 +85,11 @@ from proxy.vocabulary.problems import Problem
 log = logging.getLogger(__name__)
 
 Event = dict[str, Any]
+T = TypeVar("T")
+
+# Seconds a unit of work queued from the event loop may wait for the writer before it is withdrawn
+# (`Recorder.transact`'s default, for the same units).
+UNIT_TIMEOUT = 30.0
 
 
 class _Conflict(Exception):
@@ -249,9 +259,7 @@ class OverrideWorkflow:
         Raises `OverrideError` (with the HTTP status to answer) when the vote may not be cast.
         """
         ballot = Ballot(ballot)
-        if not (reason or "").strip():
-            # The reason is what the agent is told (a denial's, on its retry) and what the record keeps.
-            raise OverrideError(422, "a reason is required: say why; it is shown to the agent and kept in the record")
+        _check_reason(reason)
         changes = dict(changes) if changes else None
         if changes is not None:
             if ballot is not Ballot.APPROVE:
@@ -263,33 +271,65 @@ class OverrideWorkflow:
             check_voter(current, approver, roles, utcnow())  # whether they may vote, before what they change
             changes = self.check_changes(override_id, changes)
         for _ in range(self.RETRIES):
+            voted: tuple[Override, bool] | None
             try:
-                override, decided = self.recorder.transact(
+                voted = self.recorder.transact(
                     lambda conn: self._vote(conn, override_id, approver, roles, ballot, reason, changes))
-            except _Conflict:
-                continue  # a vote from another process moved it first: retry against the new state
-            except (IntegrityError, OperationalError):
-                continue  # a concurrent vote or a busy SQLite writer: retry against the new state
-            except AmbiguousCommit as exc:
-                try:
-                    found = self._vote_landed(override_id, approver, ballot)
-                except SQLAlchemyError:
-                    raise OverrideError(503, f"{exc}; whether the vote was recorded is unknown: look at the "
-                                        "request before voting again") from exc
-                if found is None:
-                    continue  # it did not land: cast it again
-                override, decided = found
-            except (StoreUnavailable, TimeoutError) as exc:
-                # The driver's words (hosts, ports) go to the log, not to the reviewer.
-                log.warning("a vote on override %s was not recorded: %s", override_id, exc)
-                raise OverrideError(503, "the decision store is unavailable; the vote was not recorded: "
-                                         "retry in a little while") from exc
-            if decided:
-                # With the request as the vote committed it: a hold here releases without reading it again.
-                self.holds.notify(override_id, decided=override)
-                _observe_review(override)
-            return override, decided
+            except _VOTE_FAILURES as exc:
+                voted = self._vote_failed(exc, override_id, approver, ballot)
+                if voted is None:
+                    continue  # not recorded: cast it again, against the request as it is now
+            return self._voted(override_id, *voted)
         raise OverrideError(503, "the override request is too contended to update; retry")
+
+    async def vote_soon(self, override_id: str, approver: str, roles: frozenset[str], ballot: Ballot | str,
+                        reason: str, changes: Mapping[str, Any] | None = None) -> tuple[Override, bool]:
+        """`vote`, from the event loop: the same transaction, queued to the writer and awaited here, so
+        a deciding vote wakes its holds from this loop with no worker thread between. A vote with
+        changes (read and decided against the store first) and the rare look after an ambiguous
+        commit run on a thread."""
+        if changes:
+            return await asyncio.to_thread(self.vote, override_id, approver, roles, ballot, reason, changes)
+        ballot = Ballot(ballot)
+        _check_reason(reason)
+        for _ in range(self.RETRIES):
+            voted: tuple[Override, bool] | None
+            try:
+                voted = await committed(self.recorder.transact_soon(
+                    lambda conn: self._vote(conn, override_id, approver, roles, ballot, reason, None),
+                    UNIT_TIMEOUT))
+            except _VOTE_FAILURES as exc:
+                voted = (await asyncio.to_thread(self._vote_failed, exc, override_id, approver, ballot)
+                         if isinstance(exc, AmbiguousCommit) else self._vote_failed(exc, override_id, approver, ballot))
+                if voted is None:
+                    continue
+            return self._voted(override_id, *voted)
+        raise OverrideError(503, "the override request is too contended to update; retry")
+
+    def _vote_failed(self, exc: Exception, override_id: str, approver: str,
+                     ballot: Ballot) -> tuple[Override, bool] | None:
+        """What a vote's failed transaction means: None to cast it again (another vote or process moved
+        the request first, or a busy SQLite writer); the vote as stored, if an ambiguous commit landed;
+        otherwise `OverrideError` (503) raised. Reads the store after an ambiguous commit only."""
+        if isinstance(exc, _Conflict | IntegrityError | OperationalError):
+            return None
+        if isinstance(exc, AmbiguousCommit):
+            try:
+                return self._vote_landed(override_id, approver, ballot)  # None: it did not land
+            except SQLAlchemyError:
+                raise OverrideError(503, f"{exc}; whether the vote was recorded is unknown: look at the "
+                                    "request before voting again") from exc
+        # The driver's words (hosts, ports) go to the log, not to the reviewer.
+        log.warning("a vote on override %s was not recorded: %s", override_id, exc)
+        raise OverrideError(503, "the decision store is unavailable; the vote was not recorded: "
+                                 "retry in a little while") from exc
+
+    def _voted(self, override_id: str, override: Override, decided: bool) -> tuple[Override, bool]:
+        if decided:
+            # With the request as the vote committed it: a hold here releases without reading it again.
+            self.holds.notify(override_id, decided=override)
+            _observe_review(override)
+        return override, decided
 
     def _vote_landed(self, override_id: str, approver: str,
                      ballot: Ballot) -> tuple[Override, bool] | None:
@@ -405,6 +445,19 @@ class OverrideWorkflow:
                           decision_id=decision_id, payload=payload, unexpired_grant=True,
                           released_at=utcnow(), release_decision_id=decision_id)
 
+    async def release_soon(self, override: Override, *, decision_id: str, payload: Mapping[str, Any]) -> bool:
+        """`release`, from the event loop: the same transaction, queued to the writer and awaited here."""
+        values = {"released_at": utcnow(), "release_decision_id": decision_id}
+        work = self._move_work(override, OverrideStatus.GRANTED, OverrideStatus.RELEASED, EventKind.RELEASE,
+                               decision_id, payload, True, values)
+        try:
+            moved = await committed(self.recorder.transact_soon(work, UNIT_TIMEOUT))
+        except AmbiguousCommit:
+            moved = await asyncio.to_thread(self._move_landed, override, OverrideStatus.RELEASED, values)
+        if moved:
+            self.holds.notify(override.id)
+        return moved
+
     def refuse_release(self, override: Override, *, decision_id: str, payload: Mapping[str, Any]) -> bool:
         """Spend a grant that current policy refuses, recorded as `release_refused`; True if this
         caller did."""
@@ -516,6 +569,19 @@ class OverrideWorkflow:
               *, decision_id: str | None = None, payload: Mapping[str, Any] | None = None,
               unexpired_grant: bool = False, **values: Any) -> bool:
         """One conditional transition and its event in one transaction, then wake the holds."""
+        work = self._move_work(override, from_status, to_status, kind, decision_id, payload, unexpired_grant,
+                               values)
+        try:
+            moved = self.recorder.transact(work)
+        except AmbiguousCommit:
+            moved = self._move_landed(override, to_status, values)
+        if moved:
+            self.holds.notify(override.id)
+        return moved
+
+    def _move_work(self, override: Override, from_status: OverrideStatus, to_status: OverrideStatus,
+                   kind: EventKind, decision_id: str | None, payload: Mapping[str, Any] | None,
+                   unexpired_grant: bool, values: dict[str, Any]) -> Callable[[Connection], tuple[bool, list[Event]]]:
         def work(conn: Connection) -> tuple[bool, list[Event]]:
             with _session(conn) as session:
                 moved = self.store.move(session, override.id, from_status, to_status,
@@ -526,18 +592,15 @@ class OverrideWorkflow:
             event = _event(kind, override, decision_id=decision_id, payload=dict(payload or {}))
             return moved, [event] if moved else []
 
-        try:
-            moved = self.recorder.transact(work)
-        except AmbiguousCommit:
-            # The commit's acknowledgement was lost and the log could not say whether it happened: the
-            # request's state does (its events committed with it, or neither did). A release that did
-            # not land must not go ahead; one that did must (its grant is spent).
-            current = self.store.get(override.id)
-            moved = current is not None and current.status == to_status.value and (
-                current.release_decision_id == values.get("release_decision_id"))
-        if moved:
-            self.holds.notify(override.id)
-        return moved
+        return work
+
+    def _move_landed(self, override: Override, to_status: OverrideStatus, values: Mapping[str, Any]) -> bool:
+        """After a move's ambiguous commit (its acknowledgement lost, and the log could not say whether it
+        happened): the request's state does (its events committed with it, or neither did). A release that
+        did not land must not go ahead; one that did must (its grant is spent)."""
+        current = self.store.get(override.id)
+        return current is not None and current.status == to_status.value and (
+            current.release_decision_id == values.get("release_decision_id"))
 
 
 _EXPIRED = {OverrideStatus.PENDING: OverrideStatus.EXPIRED, OverrideStatus.NEEDS_INFO: OverrideStatus.EXPIRED,
@@ -548,6 +611,38 @@ _EXPIRY_EVENTS = {OverrideStatus.EXPIRED: EventKind.EXPIRED, OverrideStatus.GRAN
 # process until its connection's transaction ends (the `with` in `expire_due`).
 _SWEEP_LOCK = text("SELECT pg_try_advisory_xact_lock(hashtext('cedargate-expiry:' || coalesce(current_schema(), '')))")
 _CHAIN_LOCK = text("SELECT pg_try_advisory_xact_lock(hashtext('cedargate-chains:' || coalesce(current_schema(), '')))")
+
+
+_VOTE_FAILURES = (_Conflict, IntegrityError, OperationalError, StoreUnavailable, TimeoutError)
+
+
+async def committed(future: Future[T]) -> T:
+    """The outcome of a unit of work queued with `Recorder.transact_soon`, awaited on the event loop
+    with one callback from the writer thread (as the enforcer awaits its record, `all_done`). A unit
+    the writer did not start within its timeout was withdrawn: `TimeoutError`, as `transact` raises.
+    Should the awaiting task be cancelled, the unit still runs to its outcome, as a thread's would."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def now_done() -> None:  # on the loop
+        if not done.done():
+            done.set_result(None)
+
+    def on_thread(_: Future[T]) -> None:  # on the writer thread (or this one, if already done)
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(now_done)
+
+    future.add_done_callback(on_thread)
+    await done
+    if future.cancelled():
+        raise TimeoutError("the decision store did not take the change in time: busy or failing")
+    return future.result()
+
+
+def _check_reason(reason: str) -> None:
+    if not (reason or "").strip():
+        # The reason is what the agent is told (a denial's, on its retry) and what the record keeps.
+        raise OverrideError(422, "a reason is required: say why; it is shown to the agent and kept in the record")
 
 
 def release_refused(recheck: Verdict, override: Override) -> bool:

@@ -13,7 +13,8 @@ import json
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from sqlalchemy.exc import OperationalError
 
 from proxy.decision.gate import Outcome, Verdict
 from proxy.oversight.held_calls import Resolution, requested_wait
+from proxy.oversight.overrides import OverrideError
+from proxy.record.store import AmbiguousCommit, StoreUnavailable
 from proxy.runtime import Runtime
 from proxy.settings.config import AgentCredential, ApproverCredential, Settings
 from proxy.vocabulary.problems import Problem
@@ -556,7 +559,7 @@ class FailingReads:
     def __init__(self, runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
         self.down = threading.Event()
         self.failed = 0
-        read, release = runtime.overrides.get, runtime.workflow.release
+        read, release = runtime.overrides.get, runtime.workflow.release_soon
 
         def refused() -> OperationalError:
             return OperationalError("SELECT overrides", {}, Exception(
@@ -568,13 +571,13 @@ class FailingReads:
                 raise refused()
             return read(override_id)
 
-        def failing_release(*args: Any, **kwargs: Any) -> bool:
+        async def failing_release(*args: Any, **kwargs: Any) -> bool:
             if self.down.is_set():  # the hold woken with the grant goes straight to its release
                 raise refused()
-            return release(*args, **kwargs)
+            return await release(*args, **kwargs)
 
         monkeypatch.setattr(runtime.overrides, "get", get)
-        monkeypatch.setattr(runtime.workflow, "release", failing_release)
+        monkeypatch.setattr(runtime.workflow, "release_soon", failing_release)
 
 
 def held_while_the_store_fails(runtime: Runtime, reads: FailingReads, wait: float, recover: bool) -> Resolution:
@@ -617,3 +620,96 @@ def test_a_held_call_whose_store_stays_down_is_answered_503_when_its_hold_ends(r
     assert "10.0.0.7" not in refused.problem_json().decode() and "5432" not in refused.problem_json().decode()
     reads.down.clear()
     assert runtime.overrides.get(resolution.override_id).status == "granted"  # kept for the retry
+
+
+# --- an approval cast from the event loop (the API's approve and deny) ------------------------------
+
+def held_and_voted_from_the_loop(runtime: Runtime, ballot: str = "approve",
+                                 once_held: Callable[[], object] = lambda: None) -> tuple[Resolution, str, Any]:
+    """Hold a call, then (after `once_held`) cast a vote on the same event loop, as the API's routes do
+    (`vote_soon`)."""
+    async def scenario() -> tuple[Resolution, str, Any]:
+        hold = asyncio.create_task(runtime.oversight.resolve(stop_verdict(runtime), 5, None,
+                                                             client_alive=lambda: True))
+        while not runtime.holds.waiting():
+            await asyncio.sleep(0.005)
+        [override_id] = runtime.holds.waiting()
+        once_held()
+        voted = await runtime.workflow.vote_soon(override_id, "erin", runtime.roles_of("erin"), ballot,
+                                                 "checked with on-call")
+        return await hold, override_id, voted
+
+    return asyncio.run(scenario())
+
+
+def test_an_approval_cast_on_the_event_loop_releases_the_held_call_once(runtime: Runtime):
+    resolution, override_id, (voted, decided) = held_and_voted_from_the_loop(runtime)
+    assert decided and voted.id == override_id and voted.status == "granted"
+    assert resolution.release and resolution.override_id == override_id
+    assert runtime.overrides.get(override_id).status == "released"
+    recorded = events(runtime, override_id)
+    assert [e["kind"] for e in recorded] == ["override_created", "approval", "grant", "release"]
+    assert [e["actor"] for e in recorded] == [None, "erin", "erin", None]
+
+
+def test_a_denial_cast_on_the_event_loop_refuses_the_held_call_with_its_reason(runtime: Runtime):
+    resolution, override_id, (voted, decided) = held_and_voted_from_the_loop(runtime, "deny")
+    assert decided and voted.status == "denied"
+    assert not resolution.release and resolution.verdict.problem is Problem.OVERRIDE_DENIED
+    assert resolution.verdict.extra["reason"] == "checked with on-call"
+
+
+def ambiguous(runtime: Runtime, monkeypatch: pytest.MonkeyPatch, lost: list[str]) -> None:
+    """From now on every unit of work queued from the loop commits, but its caller hears the connection
+    was lost during COMMIT and the log could not say whether it happened (`AmbiguousCommit`)."""
+    queue = runtime.recorder.transact_soon
+
+    def transact_soon(work: Any, timeout: float | None = None) -> Future[Any]:
+        answered: Future[Any] = Future()
+
+        def lose(done: Future[Any]) -> None:
+            lost.append(str(done.result()))  # it did commit
+            answered.set_exception(AmbiguousCommit("the connection was lost while committing"))
+
+        queue(work, timeout).add_done_callback(lose)
+        return answered
+
+    monkeypatch.setattr(runtime.recorder, "transact_soon", transact_soon)
+
+
+def test_a_vote_and_a_release_whose_commits_went_unacknowledged_are_read_back_and_the_call_goes_once(
+        runtime: Runtime, monkeypatch):
+    lost: list[str] = []
+    resolution, override_id, (voted, decided) = held_and_voted_from_the_loop(
+        runtime, once_held=lambda: ambiguous(runtime, monkeypatch, lost))
+    assert len(lost) == 2  # the vote and the release both committed, unacknowledged
+    assert decided and voted.status == "granted"  # the vote is found stored: cast once, not twice
+    assert resolution.release
+    assert runtime.overrides.get(override_id).status == "released"
+    assert [v.approver for v in runtime.overrides.votes(override_id)] == ["erin"]
+    assert [e["kind"] for e in events(runtime, override_id)] == ["override_created", "approval", "grant", "release"]
+
+
+def test_a_vote_cast_on_the_event_loop_while_the_store_fails_is_answered_503_and_not_recorded(
+        runtime: Runtime, monkeypatch):
+    async def scenario() -> tuple[OverrideError, str]:
+        hold = asyncio.create_task(runtime.oversight.resolve(stop_verdict(runtime), 1, None,
+                                                             client_alive=lambda: True))
+        while not runtime.holds.waiting():
+            await asyncio.sleep(0.005)
+        [override_id] = runtime.holds.waiting()
+
+        def failing(work: Any, timeout: float | None = None) -> Future[Any]:
+            raise StoreUnavailable('the decision store is failing: connection to "db.internal" refused')
+
+        monkeypatch.setattr(runtime.recorder, "transact_soon", failing)
+        with pytest.raises(OverrideError) as refused:
+            await runtime.workflow.vote_soon(override_id, "erin", runtime.roles_of("erin"), "approve", "ok")
+        monkeypatch.undo()
+        await hold
+        return refused.value, override_id
+
+    refused, override_id = asyncio.run(scenario())
+    assert refused.status == 503 and "retry" in refused.detail and "db.internal" not in refused.detail
+    assert runtime.overrides.get(override_id).status == "pending"
+    assert runtime.overrides.votes(override_id) == []
