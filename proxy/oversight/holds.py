@@ -6,10 +6,11 @@ re-reads the override after waking, except when the wake-up carries the request 
 committed it (`notify(..., decided=...)`): a granted request then goes straight to its release, saving
 a read and two thread hops on the approval's way upstream, and the release's conditional update is the
 check that counts (should the grant be gone meanwhile, the hold reads the request and answers from what
-it finds). Reviewers' decisions arrive on other threads (the API's worker threads, and
-`proxy.oversight.wakeups` for decisions made by another process), hence `notify` and `waiting` are
-thread-safe. The count of held calls asleep is told to the process's `HeldHeap`, if it has one
-(`proxy.oversight.heap`), which keeps long holds out of the garbage collector's full passes.
+it finds). Reviewers' decisions arrive on the event loop (the API's approve and deny, `vote_soon`) and
+on other threads (a vote with changes, a question, the expiry job, and `proxy.oversight.wakeups` for
+decisions made by another process), hence `notify` and `waiting` are thread-safe. The count of held
+calls asleep is told to the process's `HeldHeap`, if it has one (`proxy.oversight.heap`), which keeps
+long holds out of the garbage collector's full passes.
 """
 
 from __future__ import annotations
