@@ -5,8 +5,9 @@ reports on exactly the core that decides the calls. With `--workers N` this proc
 port and runs the API and the core's jobs (expiry), and N proxy processes (`proxy.cli.workers`) serve
 that port, each with its own core on the shared store. Either way the proxy is the lean mitmproxy master
 of `proxy.cli.master`; what `cedargate run` shares with `mitmdump -s addons/enforcer.py`
-(`proxy.cli.standalone`) is in `proxy.cli.fronts`. Every process records its metrics into `metrics/`
-under the state dir, emptied at start, so the API's `GET /metrics` sums them (`proxy.observe.metrics`).
+(`proxy.cli.standalone`) is in `proxy.cli.fronts`. Every process records its metrics into a new
+directory of this run's own under `metrics/` in the state dir, so the API's `GET /metrics` sums them
+(`proxy.observe.metrics`), and another `cedargate run` on the same state dir keeps its own.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-METRICS_DIR = "metrics"  # under the state dir: every process's metric values, summed by GET /metrics
+METRICS_DIR = "metrics"  # under the state dir: each run's processes' metric values, summed by GET /metrics
 
 
 async def serve(settings: Settings, ready: asyncio.Event | None = None, log_level: str = "INFO") -> None:
@@ -48,7 +49,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None, log_leve
     try:
         private_state_dir(settings.state_dir)
         # Before the core records anything, and before the workers start (they inherit the directory).
-        metrics.share_between_processes(settings.state_dir / METRICS_DIR)
+        metrics.share_between_processes(metrics.claim_directory(settings.state_dir / METRICS_DIR))
     except OSError as exc:
         raise SystemExit(f"cedargate: cannot prepare the metrics directory under {settings.state_dir}: {exc}") from None
     runtime = Runtime.start(settings)

@@ -21,7 +21,8 @@ help texts are one list (the README's "Metrics" section describes it). Who recor
 
 `cedargate run` serves the proxy from one or several processes (`--workers N`), and one scrape must
 show them all: it calls `share_between_processes` before anything is recorded, which points
-prometheus_client's multiprocess mode at a fresh directory under the state directory (exported as
+prometheus_client's multiprocess mode at a fresh directory of its own under the state directory
+(`claim_directory`: another `cedargate run` on the same state directory keeps its own; exported as
 PROMETHEUS_MULTIPROC_DIR, so the workers it then starts inherit it): each process writes its values to
 its own memory-mapped files there, and the scrape (`exposition`) sums them; `/status` reads them per
 process (`by_process`). Gauges say how to combine
@@ -41,9 +42,12 @@ labels.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -177,6 +181,7 @@ _policy_children: dict[tuple[str, str], Counter] = {}
 MAX_CACHED_CHILDREN = 10_000  # beyond this many label combinations, children are looked up each time
 _switch_lock = threading.Lock()
 _directory: Path | None = None  # where this process's values are shared with the others' (multiprocess)
+_claimed: int | None = None  # the open directory whose lock says this run still uses it (`claim_directory`)
 
 
 def count_decision(outcome: str, action: str, policies: tuple[str, ...]) -> None:
@@ -302,6 +307,50 @@ def share_between_processes(directory: Path) -> None:
         _policy_children.clear()
         _marked.clear()
         _directory = directory
+
+
+def claim_directory(parent: Path) -> Path:
+    """A new directory under `parent` (`metrics/` in the state directory) for this run's processes to share
+    their values in, locked for as long as this process lives; those under `parent` that no live process
+    holds (runs that ended) are removed first.
+
+    Several `cedargate run` may share a state directory (its CA, its SQLite record): each must count its
+    own processes in its scrape, and a second one starting must not empty the directory of the first,
+    whose values would then vanish from its scrape and its /status. Claims and sweeps take turns under
+    `parent`'s lock file, so a directory is never swept between being made and being locked.
+    """
+    global _claimed
+    parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    turn = os.open(parent / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(turn, fcntl.LOCK_EX)
+        for run in parent.glob("run-*"):
+            if _abandoned(run):
+                shutil.rmtree(run, ignore_errors=True)
+        directory = Path(tempfile.mkdtemp(prefix="run-", dir=parent))  # 0700
+        held = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)  # not inherited by the workers (O_CLOEXEC)
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(turn)
+    if _claimed is not None:
+        os.close(_claimed)
+    _claimed = held
+    return directory
+
+
+def _abandoned(run: Path) -> bool:
+    """Whether no live process holds `run`'s lock (its `cedargate run` has ended)."""
+    try:
+        fd = os.open(run, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def process_gone(pid: int) -> None:

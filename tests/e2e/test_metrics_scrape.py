@@ -121,3 +121,39 @@ def test_a_call_refused_because_the_store_failed_is_counted_as_an_error_not_allo
             assert value(samples, "cedargate_decisions_total", outcome="error") == 1  # the one refused
         finally:
             gate.stop()
+
+
+def test_a_second_cedargate_on_the_same_state_dir_leaves_the_first_ones_figures_alone(
+        tmp_path: Path, policy_dir: Path, upstream: Upstream) -> None:
+    """Two `cedargate run` may share a state directory (its CA and SQLite record): the second's start
+    must not empty the metrics of the first, whose /metrics and /status (its workers' figures) go on
+    counting its own processes, and only them."""
+    state, allowed = tmp_path / "state", f"http://localhost:{upstream.http_port}{INSTANCES}"
+
+    def calls(gate: Cedargate, count: int) -> None:
+        with httpx.Client(proxy=gate.proxy_url, timeout=30) as agent:
+            assert [agent.get(allowed).status_code for _ in range(count)] == [200] * count
+
+    def limits(gate: Cedargate) -> dict:
+        return httpx.get(f"{gate.api_url}/status", timeout=10).json()["limits"]
+
+    first = start_cedargate(write_config(tmp_path / "first.yaml", policy_dir, state, upstream), "--workers", "2")
+    try:
+        calls(first, 3)
+        wait_until(lambda: value(scrape(first), "cedargate_decisions_total", outcome="allow") == 3, "3 counted")
+        ceilings = limits(first)["max_proxy_connections"]
+        assert ceilings > 0
+        second = start_cedargate(write_config(tmp_path / "second.yaml", policy_dir, state, upstream))
+        try:
+            calls(second, 2)
+            wait_until(lambda: value(scrape(second), "cedargate_decisions_total", outcome="allow") == 2,
+                       "the second's 2 counted")
+            calls(first, 1)
+            wait_until(lambda: value(scrape(first), "cedargate_decisions_total", outcome="allow") == 4,
+                       "the first's 4 counted, and only them")
+            assert limits(first)["max_proxy_connections"] == ceilings  # its workers' own, still read
+        finally:
+            assert second.stop() == 0
+        assert value(scrape(first), "cedargate_decisions_total", outcome="allow") == 4
+    finally:
+        assert first.stop() == 0

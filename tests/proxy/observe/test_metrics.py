@@ -106,3 +106,39 @@ def test_processes_sharing_a_directory_are_summed_in_one_scrape(tmp_path: Path) 
     assert after[("cedargate_held_calls", ())] == 0
     assert after[("cedargate_policy_revision", (("revision", "rev-1"),))] == 1  # the supervisor's own view
     assert not (shared / "counter_99999.db").exists()
+
+
+# A `cedargate run` as far as its metrics directory goes: it claims one, says which, and lives until told.
+CLAIMANT = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from proxy.observe import metrics
+
+    print(metrics.claim_directory(Path(sys.argv[1])), flush=True)
+    sys.stdin.read()
+""")
+
+
+def test_each_run_keeps_a_directory_of_its_own_and_an_ended_runs_is_removed_at_the_next_start(tmp_path: Path):
+    parent = tmp_path / "metrics"
+
+    def claimant() -> tuple[subprocess.Popen[str], Path]:
+        run = subprocess.Popen([sys.executable, "-c", CLAIMANT, str(parent)], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+        assert run.stdout is not None
+        return run, Path(run.stdout.readline().strip())
+
+    (first, first_dir), (ended, ended_dir) = claimant(), claimant()
+    try:
+        assert first_dir != ended_dir and first_dir.parent == ended_dir.parent == parent
+        (first_dir / "counter_1.db").write_bytes(b"the first run's values")
+        ended.communicate("", timeout=30)
+        (second, second_dir) = claimant()
+        try:
+            assert (first_dir / "counter_1.db").exists()  # a live run's directory is left alone
+            assert not ended_dir.exists()
+            assert sorted(parent.glob("run-*")) == sorted([first_dir, second_dir])
+        finally:
+            second.communicate("", timeout=30)
+    finally:
+        first.communicate("", timeout=30)
