@@ -33,7 +33,7 @@ import pytest
 import yaml
 from addon_support import AGENT, REPO, TOKEN, TOKEN_SHA256
 
-from tests.support.raw_http import read_answer
+from tests.support.raw_http import assert_refused_saturated
 from tests.support.waiting import wait_until
 
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
@@ -457,15 +457,8 @@ def test_past_max_proxy_connections_a_new_connection_gets_503_proxy_saturated(tm
             shown = limits()
             assert (shown["agent_connections"], shown["upstream_connections"]) == (2, 1)
             assert "processes" not in shown  # each process's own figures are for auditors (/status/processes)
-            with socket.create_connection(("127.0.0.1", started.port), timeout=15) as refused:
-                refused.sendall(f"GET http://localhost:{upstream.port}/v1/instances HTTP/1.1\r\n"
-                                f"Host: localhost:{upstream.port}\r\n\r\n".encode())
-                status, headers, body = read_answer(refused, STARTUP_TIMEOUT)
-            assert status == 503 and headers["retry-after"] == "5"
-            assert headers["content-type"] == "application/problem+json"
-            problem = json.loads(body)
-            assert problem["type"] == "urn:cedargate:problem:proxy-saturated"
-            assert "3 of its 3 connections" in problem["detail"]
+            assert_refused_saturated(started.port, f"GET http://localhost:{upstream.port}/v1/instances HTTP/1.1\r\n"
+                                     f"Host: localhost:{upstream.port}\r\n\r\n".encode(), STARTUP_TIMEOUT, 3)
             shown = limits()
             assert (shown["max_proxy_connections"], shown["refused_connections"]) == (3, 1)
             assert httpx.get(f"{api}/healthz", trust_env=False, timeout=15).status_code == 200

@@ -343,39 +343,38 @@ def test_batch_is_decided_message_by_message(gate):
     assert server.bodies == [[batch[0], batch[1], batch[4]], [progress]]
 
 
-def test_mcp_routing_headers_must_match_the_message(gate):
+def post_through(gate, message: dict, headers: dict[str, str] | None = None) -> tuple[httpx.Response, list]:
+    """`message` posted through cedargate to a `_BatchServer` of its own: the answer, and what reached
+    the server."""
     server = _BatchServer()
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/mcp"
-    message = {"jsonrpc": "2.0", "id": 9, "method": "tools/call",
-               "params": {"name": "shutdown_cluster", "arguments": {"cluster": "eu-1"}}}
     try:
         with httpx.Client(proxy=gate.proxy_url, timeout=30) as http:
-            # A gateway behind cedargate routing on Mcp-Name would run search_issues' handler... or not.
-            answered = http.post(url, json=message, headers={"Mcp-Method": "tools/call", "Mcp-Name": "search_issues"})
+            answered = http.post(f"http://127.0.0.1:{server.server_address[1]}/mcp", json=message, headers=headers)
     finally:
         server.shutdown()
+    return answered, server.bodies
+
+
+def test_mcp_routing_headers_must_match_the_message(gate):
+    message = {"jsonrpc": "2.0", "id": 9, "method": "tools/call",
+               "params": {"name": "shutdown_cluster", "arguments": {"cluster": "eu-1"}}}
+    # A gateway behind cedargate routing on Mcp-Name would run search_issues' handler... or not.
+    answered, reached = post_through(gate, message, {"Mcp-Method": "tools/call", "Mcp-Name": "search_issues"})
     assert answered.status_code == 200 and answered.json()["result"]["isError"] is True
     assert "Mcp-Name header says 'search_issues'" in answered.json()["result"]["content"][0]["text"]
-    assert server.bodies == []
+    assert reached == []
 
 
 def test_a_key_in_another_spelling_is_refused_before_the_server(gate):
     # A server matching JSON keys ignoring case (Go's encoding/json) would run the tool with these
     # arguments, which the policy never saw (it saw none).
-    server = _BatchServer()
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/mcp"
     message = {"jsonrpc": "2.0", "id": 9, "method": "tools/call",
                "params": {"name": "search_issues", "Arguments": {"query": "prod secrets"}}}
-    try:
-        with httpx.Client(proxy=gate.proxy_url, timeout=30) as http:
-            answered = http.post(url, json=message)
-    finally:
-        server.shutdown()
+    answered, reached = post_through(gate, message)
     assert answered.status_code == 200 and answered.json()["result"]["isError"] is True
     assert "spell it 'arguments'" in answered.json()["result"]["content"][0]["text"]
-    assert server.bodies == []
+    assert reached == []
 
 
 class _QuirkyServer(ThreadingHTTPServer):

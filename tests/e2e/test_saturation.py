@@ -7,7 +7,6 @@ sockets. Each wait is a bounded poll for something that must happen, never a tim
 
 from __future__ import annotations
 
-import json
 import re
 import resource
 import socket
@@ -19,7 +18,7 @@ import httpx
 import pytest
 from e2e_support import APPROVERS, start_cedargate, write_config
 
-from tests.support.raw_http import read_answer
+from tests.support.raw_http import assert_refused_saturated
 from tests.support.waiting import wait_until
 
 BOUND = 20.0
@@ -110,14 +109,8 @@ def test_past_the_connection_ceiling_a_new_connection_is_refused_at_once_and_rev
         try:
             idle = [socket.create_connection(("127.0.0.1", gate.proxy_port), timeout=BOUND) for _ in range(4)]
             wait_until(lambda: limits(gate)["proxy_connections"] == 9, "9 connections open", BOUND)
-            with socket.create_connection(("127.0.0.1", gate.proxy_port), timeout=BOUND) as refused:
-                refused.sendall(b"GET http://127.0.0.1/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-                status, headers, body = read_answer(refused, BOUND)
-            assert status == 503 and headers["retry-after"] == "5"
-            assert headers["content-type"] == "application/problem+json"
-            problem = json.loads(body)
-            assert problem["type"] == "urn:cedargate:problem:proxy-saturated"
-            assert "9 of its 9 connections" in problem["detail"]
+            assert_refused_saturated(gate.proxy_port, b"GET http://127.0.0.1/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+                                     BOUND, 9)
             # A client of httpx (through the proxy) hears the same.
             with agent(gate) as http:
                 assert http.get(f"http://127.0.0.1:{upstream.http_port}/v1/instances").status_code == 503

@@ -11,7 +11,7 @@ import concurrent.futures
 import logging
 import sqlite3
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -114,31 +114,30 @@ def test_a_file_not_in_wal_mode_commits_while_another_connection_reads(
         closing.append(recorder)
         recorder.commit(_row(0)).result(10)
     assert "not in WAL mode" in caplog.text
-    reader = sqlite3.connect(db_path, isolation_level=None)
-    try:
-        reader.execute("BEGIN")
-        reader.execute("SELECT count(*) FROM decisions").fetchone()  # holds a read lock until COMMIT
-        committed = recorder.commit(_row(1))
-        # The writer reached its COMMIT (its rollback journal is written first) and waits for the reader.
-        wait_until(lambda: Path(f"{db_path}-journal").exists() or committed.done(), "the writer to commit")
-        done, _ = concurrent.futures.wait([committed], timeout=0.5)
-        assert not done, committed.exception()  # not refused while someone reads
-        reader.execute("COMMIT")
-        committed.result(10)
-    finally:
-        reader.close()
-    assert len(sqlite_rows(db_path)) == 2
-    assert recorder.healthy
+    # A reader's lock, held until its COMMIT. The writer reaches its own COMMIT (its rollback journal is
+    # written first) and waits for the reader there.
+    commits_once_released(recorder, db_path, ["BEGIN", "SELECT count(*) FROM decisions"],
+                          lambda: Path(f"{db_path}-journal").exists())
 
 
 def test_the_writer_waits_for_another_writers_lock_then_commits(db_path: Path, closing: list[Recorder]):
     recorder = Recorder(make_engine(f"sqlite:///{db_path}"))
     closing.append(recorder)
     recorder.commit(_row(0)).result(10)
+    commits_once_released(recorder, db_path, ["BEGIN IMMEDIATE"])
+
+
+def commits_once_released(recorder: Recorder, db_path: Path, holding: list[str],
+                          waiting: Callable[[], bool] = lambda: True) -> None:
+    """Another connection runs `holding` and so holds a lock while the recorder commits a second row
+    (until `waiting()` says the writer waits for it): the commit is not refused meanwhile, and lands once
+    the lock is let go."""
     other = sqlite3.connect(db_path, isolation_level=None)
     try:
-        other.execute("BEGIN IMMEDIATE")
+        for statement in holding:
+            other.execute(statement).fetchall()
         committed = recorder.commit(_row(1))
+        wait_until(lambda: waiting() or committed.done(), "the writer to wait for the lock")
         done, _ = concurrent.futures.wait([committed], timeout=0.5)
         assert not done, committed.exception()  # waiting its turn, not refused
         other.execute("COMMIT")
