@@ -18,7 +18,8 @@ same database reaches them here:
   hold reads its request after it subscribed, and the watcher wakes the holds subscribed when it reads,
   so no change falls between the two. On SQLite the watcher looks only when `PRAGMA data_version` says
   another connection committed (a read of a counter in shared memory, no I/O), checked every
-  `SQLITE_INTERVAL`; on PostgreSQL every `FALLBACK_INTERVAL`.
+  `SQLITE_INTERVAL`; on PostgreSQL every `FALLBACK_INTERVAL`. While no call is held in the process it only
+  moves its place on, at most every `IDLE_INTERVAL`.
 
 The channel is named after the schema, so cedargates in two schemas of one database do not wake each
 other's holds.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -46,6 +48,11 @@ log = logging.getLogger(__name__)
 # p99 230 ms, too near the 250 ms goal), at the cost of one PRAGMA per interval (no I/O), and one
 # query when it changed.
 SQLITE_INTERVAL = 0.05
+# While no call is held in this process, how often the watcher moves its place in the log on (one read of
+# the last seq): never more, since a watcher that found changes read the log twice whoever was held (every
+# commit changes data_version, this process's own recorder's too: under load, 20 looks a second in each
+# process for nobody). The first look with a call held reads the rows appended since, at most this long's.
+IDLE_INTERVAL = 1.0
 # How often a PostgreSQL process re-reads its waited-on requests whatever the listener says: the longest
 # a hold waits past its decision when a notification is lost (the listener was reconnecting, say). One
 # small indexed query per process per interval, however many calls are held.
@@ -108,19 +115,28 @@ class Wakeups:
         interval = FALLBACK_INTERVAL if self.postgresql else SQLITE_INTERVAL
         changes = None if self.postgresql else _DataVersion(self.engine)
         after = self._last_seq()  # the log's last seq seen: taken at the start, before any call is held
+        looked = time.monotonic()
         try:
             while not self._stop.wait(interval):
                 try:
                     if changes is not None and not changes.changed():
                         continue
+                    idle = not self.holds.waiting()
+                    if idle and after is not None and time.monotonic() - looked < IDLE_INTERVAL:
+                        continue  # a call held from now on reads its request after this: it saw what came before
+                    looked = time.monotonic()
                     with self.engine.connect() as conn:
                         upto = int(conn.execute(_LAST).scalar_one())
-                        if after is None or upto < after:  # the store was down at the start, or restored
-                            changed: Iterable[str] = self.holds.waiting()  # what may have changed before
+                        # Who waits, read after the head: a call held after this read its request after it.
+                        waiting = self.holds.waiting()
+                        if not waiting:
+                            changed: Iterable[str] = ()
+                        elif after is None or upto < after:  # the store was down at the start, or restored
+                            changed = waiting  # what may have changed before
                         else:
                             changed = conn.execute(_CHANGED, {"after": after, "upto": upto}).scalars().all()
                     after = upto
-                    self._wake(set(changed) & self.holds.waiting())
+                    self._wake(set(changed) & waiting)
                 except Exception as exc:  # the store is down: the holds keep waiting, and this keeps looking
                     log.debug("could not read the audit log for held calls' requests: %s", exc)
         finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,7 @@ from threading import Barrier
 
 import pytest
 from proxy_support import wait_until
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlmodel import Session, col, select
 from test_overrides import (
     ERIN,
@@ -252,3 +253,36 @@ def test_a_listener_whose_connection_is_cut_reconnects_and_hears_the_next_decisi
     wait_until(a.wakeups.listening.is_set, "the listener to LISTEN again")
     override, _ = open_request(a.store)
     assert held_on(a, override.id, lambda: approve(b.workflow, override.id, ERIN)) is True
+
+
+def test_with_no_call_held_commits_cost_the_watcher_no_read_of_the_log_and_a_later_hold_is_woken(instances,
+                                                                                                   monkeypatch):
+    a, b = instances
+    if a.wakeups.postgresql:
+        pytest.skip("on PostgreSQL the watcher is the slow fallback, not looking on commits")
+    monkeypatch.setattr(wakeups, "IDLE_INTERVAL", 3600.0)  # nothing held: it never moves on, however long
+    looks, reads = [], []
+    changed = wakeups._DataVersion.changed
+
+    def counted(self) -> bool:
+        seen = changed(self)
+        looks.append(seen)
+        return seen
+
+    monkeypatch.setattr(wakeups._DataVersion, "changed", counted)
+
+    @event.listens_for(a.wakeups.engine, "before_cursor_execute")
+    def read(conn, cursor, statement, *args) -> None:
+        if threading.current_thread().name == "cedargate-watch" and "audit_log" in statement:
+            reads.append(statement)
+
+    wait_until(lambda: looks, "a's watcher's first look")
+    before = len(looks)
+    first, _ = open_request(b.store)
+    approve(b.workflow, first.id, ERIN)
+    wait_until(lambda: True in looks[before:] and looks[-1] is False, "a's watcher to see the commits, then none")
+    assert reads == []  # seen to change, not read: nobody is held on a
+
+    held, _ = open_request(a.store, stop_call(body=b'{"grace": 2}'))
+    assert held_on(a, held.id, lambda: approve(b.workflow, held.id, ERIN)) is True
+    assert reads  # held: the log was read, from where the watcher last moved on
