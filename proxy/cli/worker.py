@@ -73,6 +73,9 @@ async def work(settings: Settings, sock: socket.socket) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A process group apart from the terminal's foreground one (`proxy.cli.workers`): with the terminal's
+    # `stty tostop`, writing a log line would stop this process; it writes all the same.
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)
     parser = argparse.ArgumentParser(prog="python -m proxy.cli.worker", description=__doc__)
     parser.add_argument("--fd", type=int, required=True, help="the inherited listening socket")
     parser.add_argument("--log-level", default="INFO")

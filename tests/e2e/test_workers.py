@@ -246,6 +246,32 @@ def test_workers_do_not_outlive_a_killed_supervisor(tmp_path, policy_dir, upstre
         httpx.get(f"http://localhost:{upstream.http_port}{ALLOWED}", proxy=gate.proxy_url, timeout=5)
 
 
+def test_workers_run_in_the_supervisors_session_and_a_ctrl_c_reaches_the_supervisor_alone(tmp_path, policy_dir,
+                                                                                            upstream):
+    config = write_config(tmp_path / "cedargate.yaml", policy_dir, tmp_path / "state", upstream)
+    # Started as a shell starts a command: a session and a process group of its own, the terminal's foreground.
+    gate = start_cedargate(config, "--workers", "2", preexec_fn=os.setsid)
+    try:
+        supervisor = gate.process.pid
+        workers = gate.children()
+        assert len(workers) == 2
+        # One session, so the scheduler weighs them as one program (the kernel's autogroup, when enabled)...
+        assert [os.getsid(pid) for pid in workers] == [supervisor, supervisor]
+        autogroup = Path(f"/proc/{supervisor}/autogroup")
+        if autogroup.exists():
+            group = autogroup.read_text().split()[0]
+            assert [Path(f"/proc/{pid}/autogroup").read_text().split()[0] for pid in workers] == [group, group]
+        # ... and each worker in a process group of its own, out of the foreground group a Ctrl-C goes to.
+        assert all(os.getpgid(pid) not in (supervisor, os.getpgid(0)) for pid in workers)
+        answer = httpx.get(f"http://localhost:{upstream.http_port}{ALLOWED}", proxy=gate.proxy_url, timeout=10)
+        assert answer.status_code == 200
+        os.killpg(supervisor, signal.SIGINT)  # what the terminal does on Ctrl-C
+        assert gate.process.wait(60) == 0
+    finally:
+        gate.stop()
+    assert not any(alive(pid) for pid in workers), "a worker outlived its supervisor"
+
+
 def start_together(configs: list[Path], *extra: str) -> list[Cedargate]:
     """`cedargate run` on each config at once (threads), each waited for until it listens."""
     started: list[Cedargate | BaseException] = [RuntimeError("not started")] * len(configs)
