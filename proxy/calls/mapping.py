@@ -281,7 +281,8 @@ def _mcp_request(call: Call, reading: Reading, context: dict[str, Any],
         raise MappingError(f"a {call.method.upper()} to the MCP endpoint {call.path} carries no body")
     try:
         mapped = map_message(endpoint, call.method, message, to_cedar_value, call.headers,
-                             manifest.argument_types, hints, manifest.argument_folds)
+                             manifest.argument_types, hints, manifest.argument_folds,
+                             manifest.nested_argument_folds)
     except McpError as exc:
         raise MappingError(str(exc), 400 if message else 405) from None
     except LookupError as exc:

@@ -187,10 +187,34 @@ def syntax_children(node: Any) -> Iterator[Any]:
             yield value
 
 
-def _argument_reads(templates: Iterable[pst.Template]) -> frozenset[str]:
-    """The `context.arguments` names the policies read, undeclared ones too (`has query && .query`),
-    policy by policy: one policy reading the record whole does not hide the names the others read."""
-    return frozenset(name for t in templates for name in record_fields((t,), "arguments") or ())
+def _argument_reads(templates: Iterable[pst.Template]) -> frozenset[tuple[str, ...]]:
+    """The paths under `context.arguments` the policies read, undeclared ones too, and into nested
+    records: ("force",) for `.force` or `has force`, ("opts",) and ("opts", "force") for `.opts.force`
+    or `.opts has force`. Wherever a policy names them: one that also reads a record whole does not
+    hide the names it reads besides."""
+    found: set[tuple[str, ...]] = set()
+    stack: list[Any] = [clause.expr for t in templates for clause in t.clauses]
+    while stack:
+        node = stack.pop()
+        path = None
+        if isinstance(node, pst.GetAttr):
+            path = _context_path(node)
+        elif isinstance(node, pst.HasAttr):
+            base = _context_path(node.base)
+            path = base + tuple(node.attrs) if base is not None else None
+        if path is not None and path[:1] == ("arguments",):
+            found.update(path[1:end] for end in range(2, len(path) + 1))
+        stack.extend(syntax_children(node))
+    return frozenset(found)
+
+
+def _context_path(node: Any) -> tuple[str, ...] | None:
+    """("arguments", "opts") for `context.arguments.opts`; () for `context`; None if not a path from it."""
+    attrs: list[str] = []
+    while isinstance(node, pst.GetAttr):
+        attrs.append(node.attr)
+        node = node.base
+    return tuple(reversed(attrs)) if isinstance(node, pst.Var) and node.name == "context" else None
 
 
 def policy_set_of(templates: Iterable[pst.Template]) -> cedarpy.PolicySet:

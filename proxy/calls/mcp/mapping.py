@@ -63,13 +63,15 @@ class McpMapping:
 def map_message(endpoint: McpEndpointSpec, http_method: str, message: Message | None,
                 to_cedar: Callable[[Any], Any], headers: Mapping[str, str] | None = None,
                 argument_types: Mapping[str, str] | None = None, hints: HintLookup | None = None,
-                argument_folds: Mapping[str, str] | None = None) -> McpMapping:
+                argument_folds: Mapping[str, str] | None = None,
+                nested_folds: Mapping[tuple[str, ...], Mapping[str, str]] | None = None) -> McpMapping:
     """Map one message on `endpoint` (None for the GET/DELETE that carry none).
 
     Raises McpError when it cannot be mapped and LookupError when it names a tool the endpoint
     refuses as unknown. `to_cedar` turns parsed JSON into Cedar values (the HTTP mapping's rules).
     `argument_folds` is `Manifest.argument_folds`: an argument spelled in another case of a declared
-    name, or of one the policies read, is refused.
+    name, or of one the policies read, is refused; `nested_folds` (`Manifest.nested_argument_folds`)
+    does the same for the keys the policies read inside an argument's record, at any depth.
     """
     server = endpoint.server
     if message is None:
@@ -112,6 +114,13 @@ def map_message(endpoint: McpEndpointSpec, http_method: str, message: Message | 
     # Every tool's declared names, not only this tool's: as with the types below, a policy may read a
     # name for any tool (the schema has one ToolArguments), and the server may bind it in any tool.
     _check_spelling(f"tools/call {tool}", arguments, argument_folds or {}, "argument")
+    for path, folds in (nested_folds or {}).items():
+        # Each record on the way is reached by its one right spelling: any other was refused a level up.
+        record: Any = arguments
+        for key in path:
+            record = record.get(key) if isinstance(record, dict) else None
+        if isinstance(record, dict):
+            _check_spelling(f"tools/call {tool}", record, folds, f"key of argument {'.'.join(path)!r}")
     cedar_arguments = to_cedar(arguments)
     declared = spec.arguments if spec is not None else {}
     for name, argument in declared.items():

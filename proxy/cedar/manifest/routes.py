@@ -34,7 +34,7 @@ class _HostRoutes:
 class Manifest:
     """Compiled routes by host; `match` answers which route (if any) a call is."""
 
-    def __init__(self, spec: ManifestSpec, read_arguments: Iterable[str] = ()) -> None:
+    def __init__(self, spec: ManifestSpec, read_arguments: Iterable[tuple[str, ...]] = ()) -> None:
         self.spec = spec
         self._exact: dict[str, _HostRoutes] = {}
         self._globs: list[tuple[str, _HostRoutes]] = []
@@ -57,14 +57,22 @@ class Manifest:
         # takes); two read names of one fold leave no right spelling: AMBIGUOUS refuses every key of it.
         # Not refused at load, as two declared names are: existing policy sets would stop loading.
         read: dict[str, str] = {}
-        for name in sorted(read_arguments):
-            fold = fold_key(name)
-            if fold not in folds:
-                read[fold] = name if read.setdefault(fold, name) == name else AMBIGUOUS
+        # Keys of nested records the policies read (`context.arguments.opts.force`), by the path of their
+        # record: a server that matches keys ignoring case binds {"opts": {"Force": true}} to that force too.
+        nested: dict[tuple[str, ...], dict[str, str]] = {}
+        for path in sorted(read_arguments):
+            fold = fold_key(path[-1])
+            if len(path) > 1:
+                within = nested.setdefault(path[:-1], {})
+                within[fold] = path[-1] if within.setdefault(fold, path[-1]) == path[-1] else AMBIGUOUS
+            elif fold not in folds:
+                read[fold] = path[0] if read.setdefault(fold, path[0]) == path[0] else AMBIGUOUS
         self._argument_folds: Mapping[str, str] = MappingProxyType(folds | read)
+        self._nested_argument_folds: Mapping[tuple[str, ...], Mapping[str, str]] = MappingProxyType(
+            {path: MappingProxyType(within) for path, within in nested.items()})
 
-    def reading(self, read_arguments: Iterable[str]) -> Manifest:
-        """This manifest, its argument folds also holding the names `read_arguments` (policies read)."""
+    def reading(self, read_arguments: Iterable[tuple[str, ...]]) -> Manifest:
+        """This manifest, its argument folds also holding the paths `read_arguments` (policies read)."""
         return Manifest(self.spec, read_arguments)
 
     @property
@@ -102,6 +110,12 @@ class Manifest:
     def argument_folds(self) -> Mapping[str, str]:
         """Each declared tool argument's name by its fold: the spelling a call must use for it."""
         return self._argument_folds
+
+    @property
+    def nested_argument_folds(self) -> Mapping[tuple[str, ...], Mapping[str, str]]:
+        """For each nested record of the arguments the policies read into (its path from the arguments),
+        the names they read in it by their fold: the spelling a call must use there."""
+        return self._nested_argument_folds
 
     def match(self, host: str, method: str, path: str) -> tuple[HostSpec | None, RouteMatch | None]:
         """(the host's spec or None if the host has no manifest, the matching route or None)."""

@@ -802,6 +802,84 @@ when { context.arguments has Force && context.arguments.Force == true };
         assert refused.value.status == 400
 
 
+def go_bind(fields: dict, value: dict) -> dict:
+    """What Go's encoding/json binds the JSON object `value` to in a struct whose fields' JSON names are
+    `fields` (name -> its nested struct's fields, or None for a scalar): each key, in order, sets the field
+    named exactly so, or else one whose name equals it ignoring case; a later key for a field overwrites an
+    earlier one, and a key for a nested struct decodes into the struct already there."""
+    bound: dict = {}
+    for key, item in value.items():
+        name = key if key in fields else next((f for f in fields if f.lower() == key.lower()), None)
+        if name is None:
+            continue
+        if fields[name] is not None and isinstance(item, dict):
+            bound[name] = go_bind(fields[name], {**bound.get(name, {}), **item})
+        else:
+            bound[name] = item
+    return bound
+
+
+NESTED_FORCE = """
+@id("no-nested-force")
+forbid (principal, action == Action::"call_tool", resource == Tool::"github/search_issues")
+when { CONDITION };
+"""
+GO_SEARCH = {"query": None, "opts": {"force": None, "depth": None, "deep": {"force": None}}}
+
+
+@pytest.mark.parametrize("condition, path", [
+    ("context.arguments has opts.force && context.arguments.opts.force == true", ("opts",)),
+    ("context.arguments has opts && context.arguments.opts has force && context.arguments.opts.force == true",
+     ("opts",)),
+    ("context.arguments has opts.deep.force && context.arguments.opts.deep.force == true",
+     ("opts", "deep")),
+])
+@pytest.mark.parametrize("sent", [
+    {"force": True}, {"Force": True}, {"FORCE": True}, {"force": False, "Force": True}, {"Depth": 2},
+    {"force": True, "Depth": 2}, {"force": "yes"},
+])
+def test_a_key_policies_read_inside_an_argument_is_decided_as_a_go_server_binds_it_or_refused(
+        policy_dir, condition, path, sent):
+    (policy_dir / "extra.cedar").write_text(NESTED_FORCE.replace("CONDITION", condition))
+    arguments: dict = {"query": "x"}
+    record = arguments
+    for key in path:
+        record = record.setdefault(key, {})
+    record.update(sent)
+    gate = gate_for(policy_dir)
+    try:
+        verdict = gate.decide(mcp_call(tool_call("search_issues", arguments)))
+    finally:
+        gate.engine.close()
+    server_force = go_bind(GO_SEARCH, arguments)
+    for key in path:
+        server_force = server_force[key]
+    misspelt = [key for key in sent if key != "force" and key.lower() == "force"]
+    if misspelt:
+        # A Go server would bind that key to the force the forbid reads, unseen by the policy.
+        assert verdict.problem is Problem.MAPPING_ERROR and verdict.status == 400
+        assert repr(misspelt[0]) in verdict.detail
+        if "force" not in sent:  # (with both spellings, the body's keys are refused as ambiguous first)
+            assert "spell it 'force'" in verdict.detail and f"argument {'.'.join(path)!r}" in verdict.detail
+    else:  # what the policy judged is what the server runs with
+        assert verdict.outcome is (Outcome.DENY if server_force.get("force") is True else Outcome.ALLOW)
+
+
+def test_keys_policies_read_inside_an_argument_in_two_spellings_refuse_every_spelling(policy_dir):
+    (policy_dir / "extra.cedar").write_text(NESTED_FORCE.replace(
+        "CONDITION", "context.arguments has opts.force && context.arguments has opts.Force"))
+    manifest = load_bundle(policy_dir).manifest
+    assert manifest is not None
+    for key in ("force", "Force", "FORCE"):
+        with pytest.raises(MappingError, match="make the policies read it one way"):
+            map_mcp(manifest, tool_call("search_issues", {"opts": {key: True}}))
+    # Elsewhere, and where the record is not one, nothing is checked.
+    for arguments in ({"opts": "Force"}, {"other": {"Force": True}}, {"opts": {"Depth": 1}}):
+        assert map_mcp(manifest, tool_call("search_issues", arguments)).context["arguments"] == arguments
+    with pytest.raises(MappingError, match="spell it 'opts'"):
+        map_mcp(manifest, tool_call("search_issues", {"Opts": {"force": True}}))
+
+
 def test_a_name_policies_read_in_another_spelling_of_a_declared_one_keeps_the_declared_spelling(policy_dir):
     (policy_dir / "extra.cedar").write_text("""
 @id("odd-repo")
