@@ -494,8 +494,16 @@ class Recorder:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            if batch and not self._write(batch):
-                log.error("after close, %d decisions/events NOT written: %s", len(batch),
+            # A unit of work queued as the writer stopped (`transact_soon` passed its check first) is
+            # never run after close: its caller learns so; the rows and events around it are written.
+            rows = [queued for queued in batch if queued[0] != _UNIT]
+            for tag, _, future in batch:
+                if tag == _UNIT:
+                    if future is not None and future.set_running_or_notify_cancel():
+                        future.set_exception(RuntimeError("the recorder is closed"))
+                    self._queue.task_done()
+            if rows and not self._write(rows):
+                log.error("after close, %d decisions/events NOT written: %s", len(rows),
                           self.last_error or "the store failed")
             self._drop_connection()
 

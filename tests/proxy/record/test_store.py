@@ -13,6 +13,7 @@ import sqlite3
 import stat
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -364,6 +365,39 @@ def test_a_row_enqueued_after_close_is_written_by_its_caller(db_path: Path):
     recorder.engine.dispose()
     assert [(r["path"], r["upstream_status"]) for r in sqlite_rows(db_path)] == [
         ("/v1/instances/i-0", 200), ("/v1/instances/i-1", 200)]
+    assert audit.verify(make_engine(f"sqlite:///{db_path}")).ok
+
+
+def test_a_unit_left_queued_at_close_fails_and_the_other_late_rows_are_written(db_path: Path):
+    """Review finding 7: a unit of work queued (`transact_soon` passed its closed check) just as the
+    writer stopped is never run after close: its future fails with "closed", and the decisions and
+    events queued around it are still written by the late writer, none lost."""
+    recorder = Recorder(make_engine(f"sqlite:///{db_path}"), retry_interval=0.05)
+    with recorder.engine.begin() as conn:
+        conn.execute(text("CREATE TABLE notes (id INTEGER PRIMARY KEY, v TEXT)"))
+    recorder.record_event({"kind": "approval", "override_id": "o-1", "actor": "erin"})
+    assert recorder.flush()
+    recorder._stop.set()  # the writer stops before it takes the unit (the window close() leaves)
+    recorder._thread.join(5)
+    recorder.record(_row(1))
+    unit: Future = Future()
+    recorder._queue.put_nowait((store._UNIT, {"work": _note}, unit))
+    recorder.record_event({"kind": "denial", "override_id": "o-2", "actor": "sam"})
+    recorder.close(timeout=1)
+    recorder.engine.dispose()
+
+    with pytest.raises(RuntimeError, match="the recorder is closed"):
+        unit.result(0)
+    assert recorder.pending == 0
+    con = sqlite3.connect(db_path)
+    try:
+        chain = con.execute("SELECT kind FROM audit_log ORDER BY seq").fetchall()
+        notes = con.execute("SELECT count(*) FROM notes").fetchone()
+    finally:
+        con.close()
+    assert chain == [("approval",), ("decision",), ("denial",)]
+    assert notes == (0,)
+    assert [r["path"] for r in sqlite_rows(db_path)] == ["/v1/instances/i-1"]
     assert audit.verify(make_engine(f"sqlite:///{db_path}")).ok
 
 
