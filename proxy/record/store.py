@@ -251,6 +251,15 @@ def _uri_names() -> bool:
         return ("USE_URI",) in conn.execute("PRAGMA compile_options").fetchall()
 
 
+def _cancel_timer(loop: asyncio.AbstractEventLoop, handle: asyncio.TimerHandle, _done: Future[Any]) -> None:
+    """A done unit's withdrawal timer (`transact_soon`) cancelled in its loop's thread; nothing if the loop
+    has closed meanwhile (its timers went with it)."""
+    try:
+        loop.call_soon_threadsafe(handle.cancel)
+    except RuntimeError:
+        pass
+
+
 _DECISION, _OUTCOME, _EVENT, _UNIT = "decision", "outcome", "event", "unit"
 T = TypeVar("T")
 # What a unit of work run by `Recorder.transact` returns: its result, and the audit events that
@@ -582,7 +591,8 @@ class Recorder:
 
         Until the writer starts the unit, `future.cancel()` withdraws it (nothing runs). With `timeout`,
         called on a thread that runs an event loop, a loop timer does that after `timeout` seconds: a
-        unit not started by then ends cancelled (`CancelledError`), one started runs to its outcome."""
+        unit not started by then ends cancelled (`CancelledError`), one started runs to its outcome; the
+        timer is cancelled once the unit is done."""
         if threading.current_thread() is self._thread:
             raise RuntimeError("Recorder.transact called from the writer thread itself")
         if self._stop.is_set():
@@ -597,8 +607,11 @@ class Recorder:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
                 loop = None
-            if loop is not None:  # left to fire: cancelling a future already done does nothing
-                loop.call_later(timeout, future.cancel)
+            if loop is not None:
+                handle = loop.call_later(timeout, future.cancel)
+                # Once the unit is done, its timer goes (resolved on the writer thread: via the loop), rather
+                # than keeping a timer, the future and its result alive for `timeout` after every unit.
+                future.add_done_callback(functools.partial(_cancel_timer, loop, handle))
         return future
 
     def _run(self) -> None:

@@ -565,6 +565,31 @@ def test_a_unit_submitted_from_an_event_loop_runs_in_queue_order_without_blockin
     assert audit.verify(make_engine(f"sqlite:///{db_path}")).ok
 
 
+def test_a_units_loop_timer_is_cancelled_once_the_unit_is_done(db_path: Path):
+    """Review finding 5: the timer that withdraws a late unit goes once the unit is done, rather than
+    keeping a loop timer, the future and its result alive for the whole timeout after every unit.
+    (asyncio has no public view of its timers: the loop's `_scheduled` heap is read.)"""
+    recorder = Recorder(make_engine(f"sqlite:///{db_path}"))
+    with recorder.engine.begin() as conn:
+        conn.execute(text("CREATE TABLE notes (id INTEGER PRIMARY KEY, v TEXT)"))
+
+    async def submit(n: int) -> int:
+        loop = asyncio.get_running_loop()
+        for _ in range(n):
+            assert await asyncio.wrap_future(recorder.transact_soon(_note, timeout=30.0)) == "done"
+        for _ in range(100):  # the cancellations come from the writer thread, via call_soon_threadsafe
+            if not any(not handle.cancelled() for handle in loop._scheduled):  # type: ignore[attr-defined]
+                break
+            await asyncio.sleep(0.01)
+        return sum(1 for handle in loop._scheduled if not handle.cancelled())  # type: ignore[attr-defined]
+
+    try:
+        assert asyncio.run(submit(20)) == 0
+    finally:
+        recorder.close()
+        recorder.engine.dispose()
+
+
 def test_a_unit_submitted_from_an_event_loop_is_withdrawn_when_not_started_in_time(db_path: Path):
     """The writer is stuck (here: another holder of the writing lock): past its timeout the unit is
     cancelled and never runs; while the store is known to be failing, submitting raises at once."""
