@@ -396,8 +396,9 @@ class Enforcer:
         """Filter the tool lists in a whole (not streamed) MCP answer and add cedargate's answers to it.
 
         Decoding, reading and rewriting a large or compressed answer run in a worker thread: it must not
-        hold up the other calls on the event loop. A small one in no coding is checked on the loop, where
-        it costs less than the hand-off (`read_on_loop`). An answer cedargate changed or decoded goes to
+        hold up the other calls on the event loop. A small one in no coding that may carry no tool list
+        (filtering one asks the policy per tool name) is checked on the loop, saving the hand-off
+        (`read_on_loop`). An answer cedargate changed or decoded goes to
         the agent unencoded: the bytes it checked.
         """
         content_type, encoding = response.headers.get("content-type", ""), _encoding(response)

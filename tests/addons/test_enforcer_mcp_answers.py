@@ -1,6 +1,7 @@
 """The enforcer reading an MCP server's answers: whole answers checked within their cap (off the event
-loop when large or encoded, on it when small and plain), event streams passed on through a capped
-rewriter that honours mitmproxy's stream contract, and the decision recorded on both paths.
+loop when large, encoded or carrying a tool list, on it when small, plain and without one), event
+streams passed on through a capped rewriter that honours mitmproxy's stream contract, and the decision
+recorded on both paths.
 
 A real Runtime (bundled policies, real cedarpy, real SQLite record) under mitmproxy's test helpers.
 """
@@ -11,6 +12,7 @@ import asyncio
 import gzip
 import json
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -31,6 +33,7 @@ EVENT_CAP, ANSWER_CAP = 4096, 2 * READ_ON_LOOP_BYTES
 TOOLS = {"jsonrpc": "2.0", "id": 1,
          "result": {"tools": [{"name": "search_issues"}, {"name": "not_in_manifest"}]}}
 FILTERED = {**TOOLS, "result": {"tools": [{"name": "search_issues"}]}}
+RESULT = {"jsonrpc": "2.0", "id": 1, "result": {"content": [{"type": "text", "text": "3 issues"}]}}
 UPSTREAM_ANSWER = "urn:cedargate:problem:upstream-answer"
 
 
@@ -41,7 +44,16 @@ def runtime_settings() -> dict[str, Any]:
 
 
 def tools_list_flow() -> http.HTTPFlow:
-    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}).encode()
+    return mcp_flow({"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+
+
+def tools_call_flow() -> http.HTTPFlow:
+    return mcp_flow({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                     "params": {"name": "search_issues", "arguments": {"query": "flaky test"}}})
+
+
+def mcp_flow(message: dict) -> http.HTTPFlow:
+    body = json.dumps(message).encode()
     flow = make_flow("POST", MCP_URL, content=body, headers={
         "Content-Type": "application/json", "Accept": "application/json, text/event-stream"})
     flow.metadata["cedargate.agent"] = AGENT
@@ -97,8 +109,10 @@ def test_a_whole_answer_is_checked_off_the_event_loop(runtime, monkeypatch):
     assert (row["decision"], row["upstream_status"]) == ("allow", 200)
 
 
-def checked_on(runtime, monkeypatch, body: bytes, coding: str | None = None) -> tuple[bool, http.HTTPFlow]:
-    """Whether the answer `body` was checked on the event loop's thread, and the flow as the agent gets it."""
+def checked_on(runtime, monkeypatch, body: bytes, coding: str | None = None,
+               request: Callable[[], http.HTTPFlow] = tools_list_flow) -> tuple[bool, http.HTTPFlow]:
+    """Whether the answer `body` to `request` was checked on the event loop's thread, and the flow as the
+    agent gets it."""
     threads = []
     check = addons.enforcer.check_answer
 
@@ -109,8 +123,9 @@ def checked_on(runtime, monkeypatch, body: bytes, coding: str | None = None) -> 
     monkeypatch.setattr(addons.enforcer, "check_answer", recording_check)
     enforcer = Enforcer(runtime)
     with taddons.context(enforcer) as tctx:
-        flow = tools_list_flow()
+        flow = request()
         fire(tctx, enforcer, HttpRequestHook(flow))
+        assert flow.response is None, "the request was not forwarded"
         answered(flow, body, "application/json", coding)
         fire(tctx, enforcer, HttpResponseHook(flow))
     assert len(threads) == 1
@@ -123,20 +138,47 @@ def padded(answer: dict, size: int) -> bytes:
     return text + b" " * (size - len(text))
 
 
-def test_a_small_plain_answer_is_checked_on_the_event_loop(runtime, monkeypatch):
-    on_loop, flow = checked_on(runtime, monkeypatch, padded(TOOLS, READ_ON_LOOP_BYTES))
+def test_a_small_plain_tool_result_is_checked_on_the_event_loop(runtime, monkeypatch):
+    body = padded(RESULT, READ_ON_LOOP_BYTES)
+    on_loop, flow = checked_on(runtime, monkeypatch, body, request=tools_call_flow)
     assert on_loop
-    assert json.loads(flow.response.content) == FILTERED  # checked all the same
+    assert flow.response.status_code == 200 and flow.response.content == body  # as the server sent it
+
+
+def many_tools(count: int) -> dict:
+    return {"jsonrpc": "2.0", "id": 1,
+            "result": {"tools": [{"name": f"not_in_manifest_{i}"} for i in range(count)]
+                       + [{"name": "search_issues"}]}}
+
+
+@pytest.mark.parametrize("escape", [False, True])
+def test_a_small_plain_tool_list_is_filtered_off_the_event_loop(runtime, monkeypatch, escape):
+    # Review finding 1: filtering asks the policy once per name, and thousands fit in 64 KiB.
+    text = json.dumps(many_tools(1500)).encode()
+    if escape:  # a key spelt with an escape is the same key to every JSON reader
+        text = text.replace(b'"tools"', b'"\\u0074ools"')
+    assert len(text) <= READ_ON_LOOP_BYTES
+    on_loop, flow = checked_on(runtime, monkeypatch, text)
+    assert not on_loop
+    assert json.loads(flow.response.content) == FILTERED  # only the tool the manifest lists
+
+
+@pytest.mark.parametrize("request_flow", [tools_list_flow, tools_call_flow])
+def test_a_tool_list_is_filtered_off_the_event_loop_whatever_it_answers(runtime, monkeypatch, request_flow):
+    # Every result carrying a tool list is filtered (`filter_tool_list`), so every one goes to the thread.
+    on_loop, flow = checked_on(runtime, monkeypatch, json.dumps(TOOLS).encode(), request=request_flow)
+    assert not on_loop
+    assert json.loads(flow.response.content) == FILTERED
 
 
 @pytest.mark.parametrize("body, coding", [
-    (padded(TOOLS, READ_ON_LOOP_BYTES + 1), None),  # one byte more
-    (gzip.compress(json.dumps(TOOLS).encode()), "gzip"),  # small, but what is read is a decoder's output
+    (padded(RESULT, READ_ON_LOOP_BYTES + 1), None),  # one byte more
+    (gzip.compress(json.dumps(RESULT).encode()), "gzip"),  # small, but what is read is a decoder's output
 ])
 def test_a_larger_or_encoded_answer_is_checked_off_the_event_loop(runtime, monkeypatch, body, coding):
-    on_loop, flow = checked_on(runtime, monkeypatch, body, coding)
+    on_loop, flow = checked_on(runtime, monkeypatch, body, coding, request=tools_call_flow)
     assert not on_loop
-    assert json.loads(flow.response.content) == FILTERED
+    assert json.loads(flow.response.content) == RESULT
 
 
 @pytest.mark.parametrize("size", [2048, READ_ON_LOOP_BYTES + 2])
@@ -144,7 +186,7 @@ def test_a_plain_answer_past_the_cap_gets_a_502_problem_wherever_it_is_checked(
         policy_dir, tmp_path, runtime_settings, monkeypatch, size):
     settings = {**runtime_settings, "max_mcp_answer_bytes": size - 1}
     with started_runtime(policy_dir, tmp_path / "state", **settings) as runtime:
-        on_loop, flow = checked_on(runtime, monkeypatch, padded(TOOLS, size))
+        on_loop, flow = checked_on(runtime, monkeypatch, padded(RESULT, size), request=tools_call_flow)
     assert on_loop == (size <= READ_ON_LOOP_BYTES)
     assert flow.response.status_code == 502
     problem = json.loads(flow.response.content)

@@ -2,9 +2,10 @@
 
 The answer's content coding is decoded within a cap (`proxy.calls.decoding`), its JSON read, its tool lists
 filtered and cedargate's own answers for refused messages added. All of it is plain work on bytes,
-which the enforcer runs off the event loop for a large or encoded answer, so one such answer does not
-hold up every other call; a small answer in no coding (most tool results) is checked on the loop, where
-it costs less than the hand-off to a thread and back (`read_on_loop`).
+which the enforcer runs off the event loop for a large or encoded answer, or one that may carry a tool
+list, so one such answer does not hold up every other call; a small answer in no coding that names no
+`tools` (most tool results) is checked on the loop, saving the hand-off to a thread and back
+(`read_on_loop`).
 What is checked is what the agent gets: an encoded answer reaches it decoded, so no client reads
 the bytes otherwise than cedargate did.
 """
@@ -20,9 +21,15 @@ from proxy.calls.decoding import decode_bounded
 from proxy.calls.mcp.sse import DEFAULT_MAX_EVENT, SseRewriter, read_json
 
 DEFAULT_MAX_ANSWER = 16 * 1024 * 1024
-# The largest answer in no content coding checked on the event loop: reading 64 KiB of JSON takes about
-# as long as deciding a call (the mapping reads request bodies up to 64 KiB on the loop too).
+# The largest answer in no content coding checked on the event loop, if it carries no tool list (the mapping
+# reads request bodies up to 64 KiB on the loop too). No figure here: the A/B of d016d2c measured tool
+# results (tools/call) only. A tool list is never read on the loop, whatever its size: filtering it asks
+# the policy once per tool name, and 64 KiB hold thousands of names the server chooses (review finding 1
+# of 2026-12-02: 80-220 ms of the loop's CPU per such answer).
 READ_ON_LOOP_BYTES = 64 * 1024
+# Bytes of an answer that may carry a tool list to filter (`filter_tool_list`, the gate's tool hints):
+# the key `"tools"`, or any \u escape, which may spell that key (`"\u0074ools"` reads as `tools`).
+_MAY_LIST_TOOLS = (b'"tools"', b"\\u")
 
 
 @dataclass(frozen=True)
@@ -36,8 +43,11 @@ class CheckedAnswer:
 
 def read_on_loop(raw: bytes, encoding: str) -> bool:
     """Whether an answer is checked on the event loop: in no content coding (what is read is what came,
-    never a decoder's output) and at most READ_ON_LOOP_BYTES long. What is refused is the same either way."""
-    return encoding == "identity" and len(raw) <= READ_ON_LOOP_BYTES
+    never a decoder's output), at most READ_ON_LOOP_BYTES long, and with nothing in it that may be a tool
+    list (filtering one costs a policy question per tool; a scan of the bytes, not of the parsed answer,
+    so an escape sends the answer to the thread). What is refused is the same either way."""
+    return (encoding == "identity" and len(raw) <= READ_ON_LOOP_BYTES
+            and not any(marker in raw for marker in _MAY_LIST_TOOLS))
 
 
 def check_answer(raw: bytes, encoding: str, media: str, status: int, rewrite: Callable[[Any], Any | None],
