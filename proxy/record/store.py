@@ -49,17 +49,16 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, TypeVar
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 
 from sqlalchemy import ColumnDefault, Index, Table, bindparam, event, make_url, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.engine import Engine as SAEngine
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.util import asbool
 from sqlmodel import Field, Session, SQLModel, create_engine, func, select
 
 from proxy.observe.metrics import store_backlog
@@ -223,32 +222,30 @@ def private_sqlite_files(url: str) -> None:
 def _sqlite_file(url: str) -> tuple[str, bool] | None:
     """The file SQLite opens for `url`, and whether it may create it (None: a database in memory).
 
-    A `file:` URI (with `uri=true`) is read as SQLite reads one: an empty or `localhost` authority, the
-    path's %HH escapes decoded, and `mode` (ro and rw never create; memory is no file). Without `uri=true`
-    a SQLite built without SQLITE_USE_URI opens the name as it stands."""
-    parsed = make_url(url)
-    database = parsed.database
+    Read as SQLAlchemy's pysqlite dialect hands it to SQLite (`create_connect_args`): a URI only with
+    `uri=true`, and then as SQLite reads one (an empty or `localhost` authority, the path's %HH escapes
+    decoded, and `mode`: ro and rw never create; memory is no file); otherwise the dialect's absolute
+    filename as it stands, `file:` prefix and all (SQLite opens `<cwd>/file:NAME` for `sqlite:///file:NAME`)."""
+    args, kwargs = sqlite.pysqlite.SQLiteDialect_pysqlite().create_connect_args(make_url(url))
+    database = str(args[0]) if args else ""
     if not database or database == ":memory:":
         return None
-    if not (database.startswith("file:") and (asbool(parsed.query.get("uri", False)) or _uri_names())):
+    if not kwargs.get("uri"):
         return database, True
-    path = database[len("file:"):].partition("?")[0].partition("#")[0]
+    if not database.startswith("file:"):
+        return None  # not a name SQLite reads as a file URI: no file of ours to guess at
+    path, _, rest = database[len("file:"):].partition("?")
+    query = parse_qs(rest.partition("#")[0])
+    path = path.partition("#")[0]
     if path.startswith("//"):
         authority, _, rest = path[2:].partition("/")
         if authority not in ("", "localhost"):
             return None  # SQLite refuses it, saying why
         path = "/" + rest
-    path, mode = unquote(path), parsed.query.get("mode")
+    path, mode = unquote(path), query.get("mode", [None])[-1]
     if not path or path == ":memory:" or mode == "memory":
         return None
     return path, mode in (None, "rwc")
-
-
-@functools.cache
-def _uri_names() -> bool:
-    """Whether this SQLite reads every `file:` name as a URI (built with SQLITE_USE_URI, as Debian's is)."""
-    with closing(sqlite3.connect(":memory:")) as conn:
-        return ("USE_URI",) in conn.execute("PRAGMA compile_options").fetchall()
 
 
 def _cancel_timer(loop: asyncio.AbstractEventLoop, handle: asyncio.TimerHandle, _done: Future[Any]) -> None:

@@ -259,6 +259,32 @@ def test_a_new_sqlite_store_is_private_to_its_owner(tmp_path: Path, url: str):
         recorder.engine.dispose()
 
 
+def test_a_file_name_without_uri_true_is_the_file_made_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Review finding 3: `sqlite:///file:rel.db` without `uri=true` is no URI to SQLAlchemy, which opens
+    `<cwd>/file:rel.db`: that file (the one with the tables) is the one made 0600, and no other is made."""
+    monkeypatch.chdir(tmp_path)
+    old_umask = os.umask(0o022)  # the usual umask: SQLite alone would make the file 0644
+    try:
+        recorder = Recorder(make_engine("sqlite:///file:rel.db"))
+    finally:
+        os.umask(old_umask)
+    try:
+        recorder.record(_row())
+        assert recorder.flush(10)
+        written = tmp_path / "file:rel.db"
+        con = sqlite3.connect(written)
+        try:
+            assert con.execute("SELECT count(*) FROM decisions").fetchone() == (1,)
+        finally:
+            con.close()
+        files = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+        assert set(files) <= {"file:rel.db", "file:rel.db-wal", "file:rel.db-shm", "file:rel.db-journal"}
+        assert files == {name: 0o600 for name in files} and "file:rel.db" in files
+    finally:
+        recorder.close()
+        recorder.engine.dispose()
+
+
 # ---- record before forward: a waited-on commit, outcomes, idempotent rows, draining -----------------
 
 
