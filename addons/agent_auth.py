@@ -51,13 +51,13 @@ class AgentAuth:
         if agent:
             flow.metadata[AGENT] = agent
             # A tunnelled request carries no proxy credential of its own; drop one if sent anyway.
-            flow.request.headers.pop("Proxy-Authorization", None)
+            take_credentials(flow.request.headers)
         else:
             self._authenticate(flow)
 
     def _authenticate(self, flow: http.HTTPFlow) -> str | None:
         try:
-            credentials = parse_basic(flow.request.headers.pop("Proxy-Authorization", ""))
+            credentials = parse_basic(take_credentials(flow.request.headers))
             valid = bool(credentials and self.directory and self.directory.verify(*credentials))
         except Exception:  # mitmproxy would answer a CONNECT whose hook raised with 200: refuse instead
             log.exception("proxy authentication failed unexpectedly")
@@ -68,6 +68,21 @@ class AgentAuth:
         log.info("proxy authentication failed from %s", flow.client_conn.peername)
         flow.response = proxy_auth_required("missing" if credentials is None else "invalid")
         return None
+
+
+_CREDENTIALS = b"proxy-authorization"
+
+
+def take_credentials(headers: http.Headers) -> str:
+    """`headers.pop("Proxy-Authorization", "")` in one pass over the fields: every field of that name
+    (in any case) removed, their values joined with ", ". Through its Mapping interface `http.Headers`
+    scanned the fields four times, lower-casing every name each time."""
+    fields = headers.fields
+    values = [value for name, value in fields if name.lower() == _CREDENTIALS]
+    if not values:
+        return ""
+    headers.fields = tuple(field for field in fields if field[0].lower() != _CREDENTIALS)
+    return ", ".join(value.decode("utf-8", "surrogateescape") for value in values)
 
 
 def parse_basic(value: str) -> tuple[str, str] | None:

@@ -247,10 +247,11 @@ class Enforcer:
     async def _decided(self, flow: http.HTTPFlow, verdict: Verdict, wait: float | None = None) -> Verdict | None:
         """None when the call may go upstream (allowed, or granted and released); else the refusal."""
         runtime = self._core()
+        prefer, justification = header_values(flow.request.headers, b"prefer", b"x-agent-justification")
         if wait is None:
-            wait = requested_wait(flow.request.headers.get("Prefer"), runtime.settings.hold_max_wait)
+            wait = requested_wait(prefer, runtime.settings.hold_max_wait)
         resolution = await runtime.oversight.settle(
-            verdict, wait, flow.request.headers.get("X-Agent-Justification"),
+            verdict, wait, justification,
             client_alive=lambda: flow.live and not flow.error and flow.client_conn.connected,
         )
         if resolution.release:
@@ -534,7 +535,7 @@ def send_origin_form(request: http.Request) -> None:
         return
     authority = request.authority or authority_of(request.scheme, request.host, request.port)
     request.authority = ""
-    if "host" not in request.headers:
+    if not any(name.lower() == b"host" for name, _ in request.headers.fields):
         request.headers.insert(0, "Host", authority)
 
 
@@ -569,6 +570,19 @@ def plain_headers(headers: http.Headers) -> dict[str, str]:
         else:
             plain[name] += ", " + value
     return plain
+
+
+def header_values(headers: http.Headers, *names: bytes) -> list[str | None]:
+    """`headers.get(name)` for each of `names` (lower-case), in one pass over the raw fields: the values of a
+    name repeated (in any case) joined with ", ", None for a name not sent. Each `get` of `http.Headers`
+    scans and lower-cases every field."""
+    found: dict[bytes, list[bytes]] = {}
+    for raw_name, raw_value in headers.fields:
+        key = raw_name.lower()
+        if key in names:
+            found.setdefault(key, []).append(raw_value)
+    return [", ".join(value.decode("utf-8", "surrogateescape") for value in found[name]) if name in found
+            else None for name in names]
 
 
 # Encodings an MCP client decodes as cedargate does; others (mitmproxy even decodes "base64") are refused.

@@ -51,6 +51,10 @@ def _make_body_reader(expected_size: int | None):
 def _read_body(self: _http1.Http1Connection, event):
     """mitmproxy's read_body, with the trailers kept aside passed on before the end of the message."""
     reader = self.body_reader
+    if not isinstance(reader, _TrailerKeepingReader):
+        # A body framed by its length (every answer this proxy sees most) has no trailers: mitmproxy's
+        # reader as it is, without a step through this loop for each of its commands.
+        return (yield from _original_read_body(self, event))
     inner = _original_read_body(self, event)
     reply = None
     while True:

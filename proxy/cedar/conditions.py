@@ -277,6 +277,9 @@ class ConditionIndex:
         self._compared = tuple((path, frozenset(values)) for path, values in literals.items())
         self._others = tuple(others)
         self.path_prefixes = frozenset(prefixes)
+        # A path has an indexed prefix of length n when its first n characters are one: one slice per
+        # distinct length, not one per character of the path.
+        self._prefix_lengths = tuple(sorted({len(prefix) for prefix in prefixes}))
         # Where each read sits in a signature: a compared path by its path, another test by itself.
         self._position: dict[tuple[str, ...] | Has | Contains, int] = {
             path: i for i, (path, _) in enumerate(self._compared)}
@@ -299,7 +302,8 @@ class ConditionIndex:
         elif not isinstance(path, str):
             values.append(UNKNOWN)
         else:
-            values.append(frozenset(path[:i] for i in range(len(path) + 1)) & self.path_prefixes)
+            values.append(frozenset(path[:n] for n in self._prefix_lengths
+                                    if n <= len(path) and path[:n] in self.path_prefixes))
         return tuple(values)
 
     def plan(self, ids: tuple[str, ...]) -> Scope:

@@ -5,9 +5,9 @@ one) each time an event fires, through a context manager, a coroutine and two ge
 whether or not the addon has that hook: measured, an event none of the lean master's 14 addons handle
 (the `update` that follows every flow hook) cost about 45 us, and a call fires eight such events on a
 kept-alive connection. `HookTable` finds each event's hooks once, the way mitmproxy finds them, and
-then calls only those, in the same order, each top-level addon's hooks under mitmproxy's own `safecall`
-(an addon's error is logged and the next addon still runs; `AddonHalt` stops the event). The tables are
-dropped whenever an addon is added, registered or removed; the addons of `cedargate run` never change
+then calls only those, in the same order, an error in a top-level addon's hooks handled by mitmproxy's
+own `safecall` (an addon's error is logged and the next addon still runs; `AddonHalt` stops the event).
+The tables are dropped whenever an addon is added, registered or removed; the addons of `cedargate run` never change
 their hooks once loaded, which is what makes a table valid until then.
 """
 
@@ -85,13 +85,18 @@ class HookTable(AddonManager):
         args = event.args()
         for addon, funcs in table:
             try:
-                with safecall():
-                    if funcs is None:
+                if funcs is None:
+                    with safecall():
                         await self.invoke_addon(addon, event)
-                        continue
-                    for func in funcs:
-                        result = func(*args)
-                        if result is not None and inspect.isawaitable(result):
-                            await result
+                    continue
+                for func in funcs:
+                    result = func(*args)
+                    if result is not None and inspect.isawaitable(result):
+                        await result
             except exceptions.AddonHalt:
                 return
+            except Exception:
+                # mitmproxy's safecall, entered only on an error (it logs it, or raises OptionsError on): around
+                # every hook it cost a generator and two calls per addon and event, some 14 per call.
+                with safecall():
+                    raise

@@ -16,7 +16,7 @@ from addon_support import AGENT, TOKEN, TOKEN_SHA256, basic, make_flow
 from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons.agent_auth import AgentAuth
+from addons.agent_auth import AgentAuth, take_credentials
 from proxy.settings.agents import AgentDirectory
 from proxy.settings.config import AgentCredential
 
@@ -177,6 +177,35 @@ def test_tunnelled_request_keeps_the_tunnel_agent_and_drops_a_credential_sent_in
     assert flow.response is None
     assert flow.metadata["cedargate.agent"] == AGENT
     assert "Proxy-Authorization" not in flow.request.headers
+
+
+@pytest.mark.parametrize("second", ["Proxy-Authorization", "proxy-authorization", "PROXY-AUTHORIZATION"])
+def test_a_repeated_credential_is_read_joined_and_no_copy_goes_upstream(auth, second):
+    """Two credential fields in any case are one value to the proxy (joined, so not a valid credential):
+    refused, and neither is left on the request."""
+    with taddons.context(auth):
+        request = http.Request.make("GET", URL, b"", [
+            (b"Host", b"localhost:9000"), (b"Proxy-Authorization", basic(AGENT, TOKEN).encode()),
+            (b"Accept", b"*/*"), (second.encode(), basic(AGENT, TOKEN).encode())])
+        flow = tflow.tflow(req=request)
+        auth.requestheaders(flow)
+    assert flow.response is not None and flow.response.status_code == 407
+    assert [name for name, _ in flow.request.headers.fields if name.lower() == b"proxy-authorization"] == []
+    assert flow.request.headers.get_all("Accept") == ["*/*"]
+
+
+@pytest.mark.parametrize("fields", [
+    [],
+    [(b"Accept", b"*/*")],
+    [(b"proxy-authorization", b"Basic eA==")],
+    [(b"Proxy-Authorization", b"a"), (b"X", b"\xff\xfe"), (b"PROXY-AUTHORIZATION", b"b\xe9")],
+    [(b"Proxy-Authorization-X", b"a"), (b"Proxy-Authorizatio", b"b")],
+])
+def test_take_credentials_is_headers_pop(fields):
+    """`take_credentials` gives and leaves what `Headers.pop("Proxy-Authorization", "")` does."""
+    mine, theirs = http.Headers(list(fields)), http.Headers(list(fields))
+    assert take_credentials(mine) == theirs.pop("Proxy-Authorization", "")
+    assert mine.fields == theirs.fields
 
 
 def test_plain_http_request_does_not_authenticate_its_connection(auth):

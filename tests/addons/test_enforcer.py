@@ -21,7 +21,7 @@ from mitmproxy.proxy.layers.http import HttpErrorHook, HttpRequestHook, HttpResp
 from mitmproxy.test import taddons, tflow, tutils
 
 from addons.agent_auth import AgentAuth
-from addons.enforcer import Enforcer
+from addons.enforcer import Enforcer, header_values
 from proxy.runtime import Runtime
 
 DEV = "http://localhost:9000"  # Host::"localhost" is tagged dev in the bundled entities
@@ -488,3 +488,16 @@ def test_standalone_the_enforcer_runs_its_own_cores_expiry_until_done(runtime: R
         assert runtime.jobs.running
         own.done()
         assert not runtime.jobs.running
+
+
+@pytest.mark.parametrize("fields", [
+    [],
+    [(b"Prefer", b"wait=0")],
+    [(b"prefer", b"wait=5"), (b"Accept", b"*/*"), (b"PREFER", b"respond-async")],
+    [(b"X-Agent-Justification", b"ticket \xc3\xa9 \xff"), (b"Prefer-X", b"wait=1")],
+])
+def test_header_values_reads_as_headers_get(fields):
+    """What the enforcer reads of Prefer and X-Agent-Justification is what `Headers.get` gives."""
+    headers = http.Headers(list(fields))
+    assert header_values(headers, b"prefer", b"x-agent-justification") == [
+        headers.get("Prefer"), headers.get("X-Agent-Justification")]

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from proxy_support import POLICIES
 
 from proxy.calls.mapping import Call, MappingError, MappingOptions, map_call
-from proxy.cedar.conditions import Equals, Has, Not, PathPrefix, leading_tests
+from proxy.cedar.conditions import ConditionIndex, Equals, Has, Not, PathPrefix, leading_tests
 from proxy.cedar.engine import Engine
 from tests.proxy.cedar.test_slicing import (
     ENTITIES,
@@ -195,3 +195,18 @@ def test_leading_tests_stop_where_the_index_cannot_answer():
     assert tests('when { context.path like "/v1/*" && context.x == 1 }') == (PathPrefix("/v1/"),)
     assert tests('when { context.customer == principal.team }') == ()
     assert tests('unless { context.a == 1 && context.b == 2 }') == ()
+
+
+PREFIXES = ["/v1/", "/v1/volumes/", "/v", "/v1/volumes/vol-1", "/admin", "/v2"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(path=st.one_of(st.sampled_from([*PREFIXES, "", "/", "/v1", "/v1/volumes", "/v1/volumes/vol-10/x"]),
+                      st.builds("".join, st.lists(st.sampled_from(["/", "v", "1", "volumes", "vol-1", "admin",
+                                                                  "x", "2"]), max_size=8))))
+def test_a_signature_holds_exactly_the_indexed_prefixes_the_path_starts_with(path: str):
+    texts = "\n".join(f'@id("p{i}") permit (principal, action, resource) when {{ context.path like "{p}*" }};'
+                      for i, p in enumerate(PREFIXES))
+    index = ConditionIndex(cedarpy.policies_to_pst(texts).static_policies.values(), lambda uid: {})
+    assert index.signature({"path": path})[-1] == {p for p in PREFIXES if path.startswith(p)}
+    assert index.signature(None, path)[-1] == {p for p in PREFIXES if path.startswith(p)}
