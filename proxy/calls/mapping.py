@@ -16,6 +16,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, tzinfo
+from functools import lru_cache
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -33,6 +34,7 @@ from proxy.vocabulary.hosts import canonical_host
 _SECRET_HEADER = re.compile(r"auth|token|secret|password|passwd|cookie|api[-_]?key|signature|credential", re.I)
 
 
+@lru_cache(maxsize=1024)  # asked of the operator's few context headers on every call
 def is_secret_header(name: str) -> bool:
     return _SECRET_HEADER.search(name) is not None
 
@@ -207,9 +209,14 @@ def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = No
                            "body, which cedargate does not decide on; send them as headers")
     content_type = ""
     for name, value in call.headers.items():
+        key = _PLAIN_NAMES.get(name)
+        if key is not None:  # a name that passed every check of the name alone: only its value is checked
+            _refuse(ambiguity.header_problem(name, key, value))
+            continue
         key = name.lower()
         if key == "host":  # besides :authority in HTTP/2
-            _check_host_header(call, host, value)
+            if value != call.host_header:  # (else checked above)
+                _check_host_header(call, host, value)
             continue
         _refuse(ambiguity.header_problem(name, key, value))  # line breaks and other controls in the value
         if not _FIELD_NAME.fullmatch(name):
@@ -227,6 +234,8 @@ def map_call(call: Call, options: MappingOptions, manifest: Manifest | None = No
             # Decoders differ (mitmproxy even decodes "base64"): the policy and the server must read
             # the same bytes, so a body is sent as it is.
             raise MappingError(f"cedargate decides on bodies sent without Content-Encoding, not {value[:40]!r}", 415)
+        if key not in _VALUED_NAMES and len(_PLAIN_NAMES) < _MAX_PLAIN_NAMES:
+            _PLAIN_NAMES[name] = key
     context: dict[str, Any] = {
         "scheme": call.scheme,
         "host": host,
@@ -289,6 +298,14 @@ def _mcp_request(call: Call, reading: Reading, context: dict[str, Any],
         raise UnknownAction(str(exc)) from None
     context.update(mapped.context)
     return CedarRequest(("Agent", call.agent), ("Action", mapped.action), mapped.resource, context)
+
+
+# Header names (as spelled) that passed every check of the name alone in `map_call`, with their lower-case
+# form: a token, neither an override header nor an upgrade, and none of `_VALUED_NAMES`, whose checks read
+# the value too. For these the loop checks only the value. Bounded: names past the bound are checked whole.
+_PLAIN_NAMES: dict[str, str] = {}
+_MAX_PLAIN_NAMES = 1024
+_VALUED_NAMES = frozenset({"host", "content-type", "content-encoding"})
 
 
 def _manifest_action(manifest: Manifest, host: str, call: Call, body: Any,
@@ -363,7 +380,11 @@ def check_framing(call: Call) -> None:
     not the body's, or a length beside chunked, makes a server read part of the body, or of the next
     request, as a request of its own (request smuggling, RFC 9112 6.3 and 11.2).
     """
-    framing = {k.lower(): v for k, v in call.headers.items() if k.lower() in FRAMING_HEADERS}
+    framing = {}
+    for name, value in call.headers.items():
+        key = name.lower()
+        if key in FRAMING_HEADERS:
+            framing[key] = value
     coding = framing.get("transfer-encoding")
     if coding is not None and coding.strip().lower() != "chunked":
         # The body is decided as mitmproxy de-chunks it; a server that also undoes the other codings
