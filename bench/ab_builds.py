@@ -9,7 +9,9 @@ mitmdump, the baseline and this tree back to back (the order rotated each round)
 (scheme x concurrency, unique calls: every call mapped and evaluated), so a ratio of one round is a pair
 taken under the same conditions. It reports, per cell, min-median-max over the rounds of this tree's
 throughput and CPU per request against the baseline's and against mitmdump's, the CPU per request of
-each process (user+system, all threads), and the load average at the start and the end.
+each process (user+system, all threads) and of its event loop's thread alone (the process's main
+thread: cedargate's record writer and other threads left out), and the load average at the start and
+the end.
 
     .venv/bin/python bench/ab_builds.py --baseline main --requests 2000 --rounds 3
 """
@@ -62,6 +64,12 @@ def start_build(procs: po.Processes, tmp: Path, name: str, upstream_ca: Path, so
     return target
 
 
+def loop_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process's main thread (the event loop, in mitmdump and cedargate)."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def spread(values: list[float]) -> dict[str, float]:
     return {"min": round(min(values), 3), "median": round(statistics.median(values), 3),
             "max": round(max(values), 3)}
@@ -99,15 +107,18 @@ def main() -> int:
                 raise RuntimeError(f"{t.name}: the benchmark request got {status} {body[:300]!r}")
 
         def measure(scheme: str, t: po.Target, concurrency: int, count: int) -> po.CellResult:
-            cpu_before = po.tree_cpu_seconds(t.proc.pid)
+            cpu_before, loop_before = po.tree_cpu_seconds(t.proc.pid), loop_cpu_seconds(t.proc.pid)
             if scheme == "https":
                 trust = ssl.create_default_context(cafile=str(t.ca))
                 cell = po.run_https(t.port, upstream.https_port, True, trust, concurrency, count, True)
             else:
                 cell = po.run_wrk(tmp, t.port, upstream.http_port, True, concurrency, count, True)
             cell.proxy_cpu_us_per_req = (po.tree_cpu_seconds(t.proc.pid) - cpu_before) / cell.requests * 1e6
+            loop_cpu[id(cell)] = (loop_cpu_seconds(t.proc.pid) - loop_before) / cell.requests * 1e6
             return cell
 
+        # A cell's event-loop CPU per request (us), by id: every measured cell stays alive in `raw`.
+        loop_cpu: dict[int, float] = {}
         raw: dict[str, dict[str, list[po.CellResult]]] = {}
         for rnd in range(args.rounds):
             for scheme in args.schemes:
@@ -119,7 +130,8 @@ def main() -> int:
                         cell = measure(scheme, t, concurrency, args.requests)
                         raw.setdefault(key, {}).setdefault(t.name, []).append(cell)
                         print(f"round {rnd + 1}/{args.rounds} {key:<18} {t.name:<10} {cell.rps:7.0f} req/s  "
-                              f"CPU {cell.proxy_cpu_us_per_req:5.0f} us/req  errors {cell.errors}  "
+                              f"CPU {cell.proxy_cpu_us_per_req:5.0f} us/req (loop {loop_cpu[id(cell)]:5.0f})  "
+                              f"errors {cell.errors}  "
                               f"load {os.getloadavg()[0]:.1f}", flush=True)
     load_at_end = os.getloadavg()
 
@@ -131,6 +143,8 @@ def main() -> int:
         cell = {
             "cpu_us_per_req": {name: round(statistics.median(c.proxy_cpu_us_per_req for c in runs))
                                for name, runs in by_target.items()},
+            "loop_cpu_us_per_req": {name: round(statistics.median(loop_cpu[id(c)] for c in runs))
+                                    for name, runs in by_target.items()},
             "rps": {name: round(statistics.median(c.rps for c in runs)) for name, runs in by_target.items()},
             "errors": {name: sum(c.errors for c in runs) for name, runs in by_target.items()},
         }
@@ -141,6 +155,8 @@ def main() -> int:
                 "throughput": spread([a.rps / b.rps for a, b in zip(mine, other, strict=True)]),
                 "cpu_per_request": spread([a.proxy_cpu_us_per_req / b.proxy_cpu_us_per_req
                                            for a, b in zip(mine, other, strict=True)]),
+                "loop_cpu_per_request": spread([loop_cpu[id(a)] / loop_cpu[id(b)]
+                                                for a, b in zip(mine, other, strict=True)]),
             }
         cells[key] = cell
 
@@ -148,10 +164,12 @@ def main() -> int:
             return f"{d['min']:.2f}-{d['median']:.2f}-{d['max']:.2f}x"
 
         print(f"{key:<18} vs baseline: throughput {fmt(cell['vs_baseline']['throughput'])}, CPU/req "
-              f"{fmt(cell['vs_baseline']['cpu_per_request'])} | vs mitmdump: this tree "
+              f"{fmt(cell['vs_baseline']['cpu_per_request'])}, loop CPU/req "
+              f"{fmt(cell['vs_baseline']['loop_cpu_per_request'])} | vs mitmdump: this tree "
               f"{fmt(cell['vs_mitmdump']['throughput'])} (CPU {fmt(cell['vs_mitmdump']['cpu_per_request'])}), "
               f"baseline {fmt(cell['baseline_vs_mitmdump']['throughput'])} "
-              f"(CPU {fmt(cell['baseline_vs_mitmdump']['cpu_per_request'])}) | CPU us/req {cell['cpu_us_per_req']}")
+              f"(CPU {fmt(cell['baseline_vs_mitmdump']['cpu_per_request'])}) | CPU us/req {cell['cpu_us_per_req']}, "
+              f"loop {cell['loop_cpu_us_per_req']}")
 
     write_figures(args.out, {
         "benchmark": "ab_builds",
