@@ -7,7 +7,6 @@ Outcomes only (committed, refused, sizes after a number of commits), never how l
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import sqlite3
 import uuid
@@ -115,31 +114,74 @@ def test_a_file_not_in_wal_mode_commits_while_another_connection_reads(
         recorder.commit(_row(0)).result(10)
     assert "not in WAL mode" in caplog.text
     # A reader's lock, held until its COMMIT. The writer reaches its own COMMIT (its rollback journal is
-    # written first) and waits for the reader there.
-    commits_once_released(recorder, db_path, ["BEGIN", "SELECT count(*) FROM decisions"],
-                          lambda: Path(f"{db_path}-journal").exists())
+    # written first) and waits for the reader there, in SQLite's busy handler: it holds the PENDING lock
+    # meanwhile, so a new reader is turned away, every time we look, until the writer commits or gives up.
+    blocked = 0
+
+    def writer_waits_at_commit() -> int:
+        nonlocal blocked
+        probe = sqlite3.connect(db_path, timeout=0, isolation_level=None)
+        try:
+            probe.execute("SELECT count(*) FROM decisions").fetchall()
+            blocked = 0  # the writer has not reached its COMMIT yet (or no longer waits there)
+        except sqlite3.OperationalError as exc:
+            assert "database is locked" in str(exc)
+            blocked += 1
+        finally:
+            probe.close()
+        return blocked
+
+    commits_once_released(recorder, db_path, ["BEGIN", "SELECT count(*) FROM decisions"], writer_waits_at_commit,
+                          COMMIT_WAITS_OBSERVED)
 
 
-def test_the_writer_waits_for_another_writers_lock_then_commits(db_path: Path, closing: list[Recorder]):
+def test_the_writer_waits_for_another_writers_lock_then_commits(
+        db_path: Path, closing: list[Recorder], monkeypatch: pytest.MonkeyPatch):
     recorder = Recorder(make_engine(f"sqlite:///{db_path}"))
     closing.append(recorder)
     recorder.commit(_row(0)).result(10)
-    commits_once_released(recorder, db_path, ["BEGIN IMMEDIATE"])
+    # The writer's tries to take the write lock in `begin_immediate`, and those turned away as busy.
+    busy = 0
+    begin_immediate = store.begin_immediate
+
+    def counting(execute: Callable[[str], object]) -> None:
+        def tried(statement: str) -> object:
+            nonlocal busy
+            try:
+                return execute(statement)
+            except sqlite3.OperationalError as exc:
+                if store._busy(exc):
+                    busy += 1
+                raise
+        begin_immediate(tried)
+
+    monkeypatch.setattr(store, "begin_immediate", counting)
+    commits_once_released(recorder, db_path, ["BEGIN IMMEDIATE"], lambda: busy, BUSY_TRIES_OBSERVED)
 
 
-def commits_once_released(recorder: Recorder, db_path: Path, holding: list[str],
-                          waiting: Callable[[], bool] = lambda: True) -> None:
-    """Another connection runs `holding` and so holds a lock while the recorder commits a second row
-    (until `waiting()` says the writer waits for it): the commit is not refused meanwhile, and lands once
-    the lock is let go."""
+# How many of the writer's tries to take the write lock are turned away as busy (its call neither committed
+# nor refused) before the lock is let go: far past its first tries, so a writer that gives up early fails here.
+BUSY_TRIES_OBSERVED = 200
+# How many times in a row a new reader is turned away by the writer waiting at its COMMIT (SQLite's busy
+# handler waits there, out of sight; each look is one poll of `wait_until`).
+COMMIT_WAITS_OBSERVED = 10
+
+
+def commits_once_released(recorder: Recorder, db_path: Path, holding: list[str], waits: Callable[[], int],
+                          times: int) -> None:
+    """Another connection runs `holding` and so holds a lock while the recorder commits a second row. The
+    writer is seen waiting for that lock (`waits()` counts the times, in a row) `times` times while its
+    call is neither committed nor refused, and the store stays healthy; the row lands, once, when the lock
+    is let go. Ordering, not seconds: the lock is held until the writer has been seen waiting that often."""
     other = sqlite3.connect(db_path, isolation_level=None)
     try:
         for statement in holding:
             other.execute(statement).fetchall()
         committed = recorder.commit(_row(1))
-        wait_until(lambda: waiting() or committed.done(), "the writer to wait for the lock")
-        done, _ = concurrent.futures.wait([committed], timeout=0.5)
-        assert not done, committed.exception()  # waiting its turn, not refused
+        wait_until(lambda: committed.done() or not recorder.healthy or waits() >= times,
+                   f"the writer to be seen waiting {times} times")
+        assert not committed.done(), committed.exception()  # waiting its turn, not refused
+        assert recorder.healthy  # and new calls are not refused meanwhile
         other.execute("COMMIT")
         committed.result(10)
     finally:
