@@ -288,6 +288,15 @@ def test_a_file_name_without_uri_true_is_the_file_made_private(tmp_path: Path, m
 # ---- record before forward: a waited-on commit, outcomes, idempotent rows, draining -----------------
 
 
+def read(db_path: Path, sql: str, params: tuple = ()) -> list[tuple]:
+    """The rows `sql` finds in the SQLite file, read through a connection of its own (not the recorder's)."""
+    con = sqlite3.connect(db_path)
+    try:
+        return con.execute(sql, params).fetchall()
+    finally:
+        con.close()
+
+
 def _drop_decisions(db_path: Path) -> None:
     con = sqlite3.connect(db_path)
     con.execute("DROP TABLE decisions")
@@ -321,9 +330,7 @@ def test_an_outcome_completes_the_row_and_is_chained(sqlite_recorder: Recorder, 
     (stored,) = sqlite_rows(db_path)
     assert (stored["upstream_status"], stored["duration_ms"], stored["errors"]) == (
         502, 31.5, '["upstream connection lost"]')
-    con = sqlite3.connect(db_path)
-    chained = con.execute("SELECT kind, decision_id, payload FROM audit_log ORDER BY seq").fetchall()
-    con.close()
+    chained = read(db_path, "SELECT kind, decision_id, payload FROM audit_log ORDER BY seq")
     assert [(kind, decision_id) for kind, decision_id, _ in chained] == [
         ("decision", row["decision_id"]), ("outcome", row["decision_id"])]
     assert json.loads(chained[1][2]) == {"upstream_status": 502, "duration_ms": 31.5,
@@ -415,14 +422,8 @@ def test_a_unit_left_queued_at_close_fails_and_the_other_late_rows_are_written(d
     with pytest.raises(RuntimeError, match="the recorder is closed"):
         unit.result(0)
     assert recorder.pending == 0
-    con = sqlite3.connect(db_path)
-    try:
-        chain = con.execute("SELECT kind FROM audit_log ORDER BY seq").fetchall()
-        notes = con.execute("SELECT count(*) FROM notes").fetchone()
-    finally:
-        con.close()
-    assert chain == [("approval",), ("decision",), ("denial",)]
-    assert notes == (0,)
+    assert read(db_path, "SELECT kind FROM audit_log ORDER BY seq") == [("approval",), ("decision",), ("denial",)]
+    assert read(db_path, "SELECT count(*) FROM notes") == [(0,)]
     assert [r["path"] for r in sqlite_rows(db_path)] == ["/v1/instances/i-1"]
     assert audit.verify(make_engine(f"sqlite:///{db_path}")).ok
 
@@ -491,13 +492,9 @@ def test_a_lone_call_commits_its_row_itself_after_what_was_queued_before_it(db_p
         second = _row(1)
         committed = recorder.commit(second)
         assert committed.done() and committed.result(0) is None  # on the record before `commit` returned
-        con = sqlite3.connect(db_path)
-        try:
-            chain = con.execute("SELECT kind, decision_id FROM audit_log ORDER BY seq").fetchall()
-            status = con.execute("SELECT upstream_status FROM decisions WHERE decision_id = ?",
-                                 (first["decision_id"],)).fetchone()
-        finally:
-            con.close()
+        chain = read(db_path, "SELECT kind, decision_id FROM audit_log ORDER BY seq")
+        [status] = read(db_path, "SELECT upstream_status FROM decisions WHERE decision_id = ?",
+                        (first["decision_id"],))
         assert chain == [("decision", first["decision_id"]), ("outcome", first["decision_id"]),
                          ("approval", None), ("decision", second["decision_id"])]
         assert status == (201,)
@@ -577,14 +574,8 @@ def test_a_unit_submitted_from_an_event_loop_runs_in_queue_order_without_blockin
         result, failure = asyncio.run(submit())
         assert result == "done"
         assert str(failure) == "the request changed meanwhile"
-        con = sqlite3.connect(db_path)
-        try:
-            chain = con.execute("SELECT kind FROM audit_log ORDER BY seq").fetchall()
-            notes = con.execute("SELECT v FROM notes").fetchall()
-        finally:
-            con.close()
-        assert chain == [("decision",), ("approval",)]
-        assert notes == [("approved",)]
+        assert read(db_path, "SELECT kind FROM audit_log ORDER BY seq") == [("decision",), ("approval",)]
+        assert read(db_path, "SELECT v FROM notes") == [("approved",)]
     finally:
         recorder.close()
         recorder.engine.dispose()
@@ -632,11 +623,7 @@ def test_a_unit_submitted_from_an_event_loop_is_withdrawn_when_not_started_in_ti
         with recorder._writing:
             assert asyncio.run(submit())
         assert recorder.flush()
-        con = sqlite3.connect(db_path)
-        try:
-            assert con.execute("SELECT count(*) FROM notes").fetchone() == (0,)
-        finally:
-            con.close()
+        assert read(db_path, "SELECT count(*) FROM notes") == [(0,)]
 
         recorder._failing, recorder.last_error = True, "OperationalError: disk I/O error"
         with pytest.raises(StoreUnavailable, match="disk I/O error"):
