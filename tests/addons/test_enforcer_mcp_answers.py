@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +25,7 @@ from mitmproxy.test import taddons
 import addons.enforcer
 from addons.enforcer import Enforcer
 from proxy.calls.mcp.answers import READ_ON_LOOP_BYTES
+from proxy.calls.mcp.sse import MAX_ANSWER_DEPTH
 from proxy.runtime import Runtime
 from proxy.settings.config import AgentCredential
 from tests.support.runtime import started_runtime
@@ -179,6 +181,32 @@ def test_a_larger_or_encoded_answer_is_checked_off_the_event_loop(runtime, monke
     on_loop, flow = checked_on(runtime, monkeypatch, body, coding, request=tools_call_flow)
     assert not on_loop
     assert json.loads(flow.response.content) == RESULT
+
+
+def nested_result(depth: int) -> bytes:
+    """A tool result whose JSON nests arrays and objects `depth` levels deep: the message, its result and
+    structuredContent, then lists. Written as text: json.dumps itself stops short of some depths."""
+    rows = b"[" * (depth - 3) + b"]" * (depth - 3)
+    return json.dumps({**RESULT, "result": {**RESULT["result"], "structuredContent": {"rows": "ROWS"}}}
+                      ).encode().replace(b'"ROWS"', rows)
+
+
+@pytest.mark.parametrize("on_loop", [True, False])
+@pytest.mark.parametrize("depth", [
+    MAX_ANSWER_DEPTH, MAX_ANSWER_DEPTH + 1,
+    sys.getrecursionlimit() - 40,  # past the parser's own stack limit on the loop, not in a thread (before)
+])
+def test_an_answer_nesting_past_the_limit_is_refused_wherever_it_is_checked(runtime, monkeypatch, on_loop, depth):
+    # Review finding 4: json.loads stops at the stack left to it, which differs on and off the event loop.
+    text = nested_result(depth)
+    body = text if on_loop else text + b" " * (READ_ON_LOOP_BYTES + 1 - len(text))
+    checked_on_loop, flow = checked_on(runtime, monkeypatch, body, request=tools_call_flow)
+    assert checked_on_loop == on_loop
+    if depth <= MAX_ANSWER_DEPTH:
+        assert flow.response.status_code == 200 and flow.response.content == body
+    else:
+        assert flow.response.status_code == 502
+        assert json.loads(flow.response.content)["type"] == UPSTREAM_ANSWER
 
 
 @pytest.mark.parametrize("size", [2048, READ_ON_LOOP_BYTES + 2])

@@ -56,8 +56,9 @@ def check_answer(raw: bytes, encoding: str, media: str, status: int, rewrite: Ca
                  max_event_bytes: int = DEFAULT_MAX_EVENT) -> CheckedAnswer:
     """Check a whole MCP answer: `raw` as the server sent it under Content-Encoding `encoding`.
 
-    Raises AnswerTooLarge (decoded, it passes `max_answer_bytes`) and ValueError (it does not decode,
-    or a success cedargate cannot read as JSON); the caller refuses the answer for both.
+    Raises AnswerTooLarge (decoded, it passes `max_answer_bytes`) and ValueError (it does not decode, or
+    a success cedargate cannot read as JSON nested at most MAX_ANSWER_DEPTH deep); the caller refuses the
+    answer for both.
     """
     own_answers = tuple(own_answers)
     body = decode_bounded(raw, encoding, max_answer_bytes)
@@ -71,10 +72,10 @@ def check_answer(raw: bytes, encoding: str, media: str, status: int, rewrite: Ca
         return CheckedAnswer(own_answers=own_answers) if own_answers else CheckedAnswer(decoded)
     try:
         answer = read_json(body)
-    except (ValueError, RecursionError):
+    except ValueError as exc:
         if 200 <= status < 300:
-            raise ValueError("a success the agent's client may read, but cedargate cannot read as "
-                             "UTF-8 JSON") from None
+            raise ValueError(f"a success the agent's client may read, but cedargate cannot read as "
+                             f"UTF-8 JSON: {exc}") from None
         return CheckedAnswer(decoded)  # an error page: nothing in it for the client to act on
     filtered = rewrite(answer)
     answer = filtered if filtered is not None else answer

@@ -13,14 +13,20 @@ import json
 import re
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import proxy.calls.mcp.sse
 from proxy.calls.decoding import AnswerTooLarge
 from proxy.calls.mcp.answers import DEFAULT_MAX_ANSWER, check_answer
 from proxy.calls.mcp.refusals import REFUSED_CODE
-from proxy.calls.mcp.sse import DEFAULT_MAX_EVENT, UPSTREAM_ANSWER, SseRewriter
+from proxy.calls.mcp.sse import (
+    DEFAULT_MAX_EVENT,
+    MAX_ANSWER_DEPTH,
+    UPSTREAM_ANSWER,
+    SseRewriter,
+    nests_too_deep,
+)
 from proxy.calls.mcp.tools import filter_tool_list
 from proxy.settings.config import Settings
 
@@ -240,6 +246,55 @@ def test_a_success_that_is_not_json_is_refused_and_an_error_page_passes():
     with pytest.raises(ValueError):
         check_answer(b"<html>ok</html>", "identity", "text/html", 200, keep)
     assert check_answer(b"<html>busy</html>", "identity", "text/html", 503, keep).body is None
+
+
+def depth_of(value) -> int:
+    """How deep a parsed JSON value nests its arrays and objects, walked without recursion."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            todo.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+# Strings full of what a bracket counter could mistake: brackets, quotes, runs of backslashes.
+TRICKY_TEXT = st.text(alphabet='[]{}"\\ a\u00e9\n', max_size=8)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | TRICKY_TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TRICKY_TEXT, inner, max_size=3),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON_VALUES, st.integers(min_value=0, max_value=MAX_ANSWER_DEPTH + 8), TRICKY_TEXT, st.booleans(),
+       st.booleans())
+@example(None, MAX_ANSWER_DEPTH, '"', False, False)  # an escaped quote, once per level
+@example(None, MAX_ANSWER_DEPTH, "\\", False, False)  # an escaped backslash ending a string
+def test_the_depth_limit_is_read_off_the_text_as_a_parser_reads_it(value, wrappers, key, ascii_only, indented):
+    for level in range(wrappers):
+        value = [value] if level % 2 else {key: value}
+    text = json.dumps(value, ensure_ascii=ascii_only, indent=1 if indented else None).encode()
+    assert nests_too_deep(text) == (depth_of(value) > MAX_ANSWER_DEPTH)
+
+
+def deep(depth: int, ident: int = 1) -> bytes:
+    """A tool result nesting `depth` levels: the message, its result, then lists."""
+    return b'{"jsonrpc": "2.0", "id": %d, "result": {"rows": %s}}' % (
+        ident, b"[" * (depth - 2) + b"]" * (depth - 2))
+
+
+def test_an_answer_or_event_nesting_past_the_limit_is_refused_and_one_at_it_passes():
+    # Review finding 4: the limit is the same wherever the answer is read (see the enforcer's tests).
+    assert check_answer(deep(MAX_ANSWER_DEPTH), "identity", "application/json", 200, keep).body is None
+    with pytest.raises(ValueError, match=f"deeper than {MAX_ANSWER_DEPTH} levels"):
+        check_answer(deep(MAX_ANSWER_DEPTH + 1), "identity", "application/json", 200, keep)
+    # An error page the parser cannot read goes on as it came, as any other unreadable one does.
+    assert check_answer(deep(MAX_ANSWER_DEPTH + 1), "identity", "application/json", 500, keep).body is None
+    stream = b"data: " + deep(MAX_ANSWER_DEPTH, 1) + b"\n\ndata: " + deep(MAX_ANSWER_DEPTH + 1, 2) + b"\n\n"
+    assert [event["id"] for event in sse_events(SseRewriter(keep).feed(stream))] == [1]
 
 
 def test_the_caps_default_to_the_settings_defaults():
