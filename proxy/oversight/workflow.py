@@ -619,8 +619,9 @@ _VOTE_FAILURES = (_Conflict, IntegrityError, OperationalError, StoreUnavailable,
 async def committed(future: Future[T]) -> T:
     """The outcome of a unit of work queued with `Recorder.transact_soon`, awaited on the event loop
     with one callback from the writer thread (as the enforcer awaits its record, `all_done`). A unit
-    the writer did not start within its timeout was withdrawn: `TimeoutError`, as `transact` raises.
-    Should the awaiting task be cancelled, the unit still runs to its outcome, as a thread's would."""
+    the writer did not start within its timeout was withdrawn: its future holds `TimeoutError`, as
+    `transact` raises. Should the awaiting task be cancelled, the unit still runs to its outcome, as a
+    thread's would."""
     loop = asyncio.get_running_loop()
     done = loop.create_future()
 
@@ -634,8 +635,6 @@ async def committed(future: Future[T]) -> T:
 
     future.add_done_callback(on_thread)
     await done
-    if future.cancelled():
-        raise TimeoutError("the decision store did not take the change in time: busy or failing")
     return future.result()
 
 

@@ -570,16 +570,12 @@ class Recorder:
         writer has not started within `timeout` seconds (the store is failing, say) is withdrawn and
         `TimeoutError` raised; while the store is known to be failing, `StoreUnavailable` is raised at once.
         """
-        future = self.transact_soon(work)
+        future = self._queued_unit(work)
         try:
             return future.result(timeout)
         except FutureTimeout:
-            if future.cancel():
-                raise TimeoutError(
-                    f"the decision store did not take the change within {timeout:g} s: "
-                    f"{self.last_error or 'busy'}"
-                ) from None
-            return future.result()  # started meanwhile: its outcome is the answer
+            self._withdraw(future, timeout)
+            return future.result()  # TimeoutError if withdrawn; if started meanwhile, its outcome
 
     def transact_soon(self, work: Work[T], timeout: float | None = None) -> Future[T]:
         """`transact` without waiting, for an event loop: the unit is queued as `transact` queues it and
@@ -587,29 +583,40 @@ class Recorder:
         blocks; `StoreUnavailable` is raised at once while the store is known to be failing.
 
         Until the writer starts the unit, `future.cancel()` withdraws it (nothing runs). With `timeout`,
-        called on a thread that runs an event loop, a loop timer does that after `timeout` seconds: a
-        unit not started by then ends cancelled (`CancelledError`), one started runs to its outcome; the
-        timer is cancelled once the unit is done."""
-        if threading.current_thread() is self._thread:
-            raise RuntimeError("Recorder.transact called from the writer thread itself")
-        if self._stop.is_set():
-            raise RuntimeError("the recorder is closed")
-        if self._failing:  # as the gate refuses calls: fail now rather than wait behind the retries
-            raise StoreUnavailable(f"the decision store is failing: {self.last_error}")
-        future: Future[T] = Future()
-        self._queue.put_nowait((_UNIT, {"work": work}, future))
-        self._hurry.set()
+        called on a thread that runs an event loop, a loop timer withdraws it after `timeout` seconds as
+        `transact` does: a unit not started by then never runs and its future holds `TimeoutError`, one
+        started runs to its outcome; the timer is cancelled once the unit is done."""
+        future = self._queued_unit(work)
         if timeout is not None:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
                 loop = None
             if loop is not None:
-                handle = loop.call_later(timeout, future.cancel)
+                handle = loop.call_later(timeout, self._withdraw, future, timeout)
                 # Once the unit is done, its timer goes (resolved on the writer thread: via the loop), rather
                 # than keeping a timer, the future and its result alive for `timeout` after every unit.
                 future.add_done_callback(functools.partial(_cancel_timer, loop, handle))
         return future
+
+    def _queued_unit(self, work: Work[T]) -> _Unit[T]:
+        """`work` queued for the writer, once checked as both `transact` and `transact_soon` check it."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("Recorder.transact called from the writer thread itself")
+        if self._stop.is_set():
+            raise RuntimeError("the recorder is closed")
+        if self._failing:  # as the gate refuses calls: fail now rather than wait behind the retries
+            raise StoreUnavailable(f"the decision store is failing: {self.last_error}")
+        future: _Unit[T] = _Unit()
+        self._queue.put_nowait((_UNIT, {"work": work}, future))
+        self._hurry.set()
+        return future
+
+    def _withdraw(self, unit: _Unit[Any], waited: float) -> None:
+        """End a unit the writer has not started after `waited` seconds with `TimeoutError`, saying why
+        (the one message whoever waits for a unit gets, on a thread or an event loop); nothing of it runs."""
+        unit.withdraw(TimeoutError(
+            f"the decision store did not take the change within {waited:g} s: {self.last_error or 'busy'}"))
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -981,6 +988,33 @@ def _settle(future: Future[None], exc: Exception | None = None) -> None:
             future.set_exception(exc)
     except InvalidStateError:
         pass
+
+
+class _Unit(Future[T]):
+    """A unit of work's future (`Recorder.transact_soon`), which may be withdrawn with an error until the
+    writer starts it. Withdrawing and starting take one lock, so a unit either never runs and ends with
+    that error, or runs to its own outcome; `Future.cancel` alone could only end it cancelled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._starting = threading.Lock()
+
+    def withdraw(self, exc: BaseException) -> None:
+        """End the unit with `exc` unless the writer has started it or it is already done."""
+        with self._starting:
+            if self.running() or self.done():
+                return
+            try:
+                self.set_exception(exc)
+            except InvalidStateError:  # its caller cancelled it meanwhile: withdrawn all the same
+                pass
+
+    def set_running_or_notify_cancel(self) -> bool:
+        """The writer's start: False, and nothing runs, if the unit was withdrawn or cancelled."""
+        with self._starting:
+            if self.done() and not self.cancelled():
+                return False
+            return super().set_running_or_notify_cancel()
 
 
 def writable(engine: SAEngine) -> None:

@@ -11,6 +11,7 @@ import json
 import os
 import sqlite3
 import stat
+import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -582,6 +583,52 @@ def test_a_unit_submitted_from_an_event_loop_runs_in_queue_order_without_blockin
     assert audit.verify(make_engine(f"sqlite:///{db_path}")).ok
 
 
+def test_a_unit_not_started_in_time_on_a_thread_is_withdrawn_with_the_same_timeout_error(db_path: Path):
+    recorder = Recorder(make_engine(f"sqlite:///{db_path}"))
+    with recorder.engine.begin() as conn:
+        conn.execute(text("CREATE TABLE notes (id INTEGER PRIMARY KEY, v TEXT)"))
+    try:
+        with recorder._writing, pytest.raises(TimeoutError, match="did not take the change within 0.2 s: busy"):
+            recorder.transact(_note, timeout=0.2)
+        assert recorder.flush()
+        assert read(db_path, "SELECT count(*) FROM notes") == [(0,)]
+    finally:
+        recorder.close()
+        recorder.engine.dispose()
+
+
+def test_a_unit_started_before_its_timeout_runs_to_its_outcome(db_path: Path):
+    """The timer withdraws only a unit the writer has not started: one running when it fires commits,
+    and its caller gets its result."""
+    recorder = Recorder(make_engine(f"sqlite:///{db_path}"))
+    with recorder.engine.begin() as conn:
+        conn.execute(text("CREATE TABLE notes (id INTEGER PRIMARY KEY, v TEXT)"))
+    started, go_on = threading.Event(), threading.Event()
+
+    def slow(conn) -> tuple[str, list[dict]]:
+        started.set()
+        if not go_on.wait(10):
+            raise AssertionError("the test never let the unit finish")
+        return _note(conn)
+
+    async def submit() -> str:
+        future = recorder.transact_soon(slow, timeout=0.05)
+        # The loop is held until the unit runs, so its timer cannot fire before; then it fires (its time
+        # comes before the sleep's end) while the unit is still running.
+        assert started.wait(10), "the writer did not start the unit"
+        await asyncio.sleep(0.2)
+        go_on.set()
+        return await asyncio.wrap_future(future)
+
+    try:
+        assert asyncio.run(submit()) == "done"
+        assert read(db_path, "SELECT v FROM notes") == [("approved",)]
+    finally:
+        go_on.set()
+        recorder.close()
+        recorder.engine.dispose()
+
+
 def test_a_units_loop_timer_is_cancelled_once_the_unit_is_done(db_path: Path):
     """Review finding 5: the timer that withdraws a late unit goes once the unit is done, rather than
     keeping a loop timer, the future and its result alive for the whole timeout after every unit.
@@ -609,19 +656,19 @@ def test_a_units_loop_timer_is_cancelled_once_the_unit_is_done(db_path: Path):
 
 def test_a_unit_submitted_from_an_event_loop_is_withdrawn_when_not_started_in_time(db_path: Path):
     """The writer is stuck (here: another holder of the writing lock): past its timeout the unit is
-    cancelled and never runs; while the store is known to be failing, submitting raises at once."""
+    withdrawn and never runs, and whoever awaits its future (not only through `committed`) gets
+    `TimeoutError` saying why, as `transact` raises (review finding 5b: it was `CancelledError`); while
+    the store is known to be failing, submitting raises at once."""
     recorder = Recorder(make_engine(f"sqlite:///{db_path}"))
     with recorder.engine.begin() as conn:
         conn.execute(text("CREATE TABLE notes (id INTEGER PRIMARY KEY, v TEXT)"))
 
-    async def submit() -> bool:
-        future = recorder.transact_soon(_note, timeout=0.2)
-        await asyncio.wait([asyncio.wrap_future(future)], timeout=5)  # not cancelled by us if it is late
-        return future.cancelled()
+    async def submit() -> None:
+        await asyncio.wrap_future(recorder.transact_soon(_note, timeout=0.2))
 
     try:
-        with recorder._writing:
-            assert asyncio.run(submit())
+        with recorder._writing, pytest.raises(TimeoutError, match="did not take the change within 0.2 s: busy"):
+            asyncio.run(submit())
         assert recorder.flush()
         assert read(db_path, "SELECT count(*) FROM notes") == [(0,)]
 
