@@ -21,8 +21,8 @@ On an MCP endpoint (see `proxy.calls.mcp`) a batch is decided message by message
 answered in JSON-RPC, and the server's answers are read before the agent gets them: tool lists are
 filtered (event streams as they stream) and an answer cedargate cannot read is not passed on. One
 event may hold `max_mcp_event_bytes` (past it, the stream ends with a JSON-RPC error); a whole answer
-is decoded within `max_mcp_answer_bytes` (past it, a 502 problem), and read off the event loop unless
-small and in no content coding.
+is decoded within `max_mcp_answer_bytes` (past it, a 502 problem). A whole answer is read off the event
+loop unless small, in no content coding and without a tool list; so is an event (`addons.event_streams`).
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ from concurrent.futures import Future
 
 from mitmproxy import ctx, exceptions, http
 
-from addons import error_pages
+from addons import error_pages, event_streams
 from addons.agent_auth import AGENT, proxy_auth_required
+from addons.event_streams import ChunkToRead
 from addons.options import RELEVANT, add_options, settings_from_options
 from addons.upstream_deadline import DEADLINE_MISSED
 from proxy.calls.decoding import ENCODINGS, AnswerTooLarge
@@ -76,6 +77,7 @@ class Enforcer:
     def load(self, loader) -> None:
         add_options(loader)
         error_pages.install()
+        event_streams.install()
 
     def configure(self, updated: set[str]) -> None:
         if "stream_large_bodies" in updated and ctx.options.stream_large_bodies:
@@ -330,6 +332,11 @@ class Enforcer:
         except Exception:
             log.exception("cannot prepare reading the MCP answer to %s", self._shown(flow.request.pretty_url))
             flow.kill()  # never pass an answer on unread
+
+    async def read_off_loop(self, read: ChunkToRead) -> None:
+        """A chunk of an MCP event stream that may complete a large event, or one listing tools, read in
+        a worker thread, while the stream's layer waits for it (`addons.event_streams`)."""
+        await asyncio.to_thread(read)
 
     def websocket_message(self, flow) -> None:
         # Never reached while 101 answers are cut off; should one get through, nothing is relayed.

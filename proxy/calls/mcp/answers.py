@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.calls.decoding import decode_bounded
-from proxy.calls.mcp.sse import DEFAULT_MAX_EVENT, SseRewriter, read_json
+from proxy.calls.mcp.sse import DEFAULT_MAX_EVENT, MAY_LIST_TOOLS, SseRewriter, read_json
 
 DEFAULT_MAX_ANSWER = 16 * 1024 * 1024
 # The largest answer in no content coding checked on the event loop, if it carries no tool list (the mapping
@@ -27,9 +27,6 @@ DEFAULT_MAX_ANSWER = 16 * 1024 * 1024
 # the policy once per tool name, and 64 KiB hold thousands of names the server chooses (review finding 1
 # of 2026-12-02: 80-220 ms of the loop's CPU per such answer).
 READ_ON_LOOP_BYTES = 64 * 1024
-# Bytes of an answer that may carry a tool list to filter (`filter_tool_list`, the gate's tool hints):
-# the key `"tools"`, or any \u escape, which may spell that key (`"\u0074ools"` reads as `tools`).
-_MAY_LIST_TOOLS = (b'"tools"', b"\\u")
 
 
 @dataclass(frozen=True)
@@ -47,7 +44,7 @@ def read_on_loop(raw: bytes, encoding: str) -> bool:
     list (filtering one costs a policy question per tool; a scan of the bytes, not of the parsed answer,
     so an escape sends the answer to the thread). What is refused is the same either way."""
     return (encoding == "identity" and len(raw) <= READ_ON_LOOP_BYTES
-            and not any(marker in raw for marker in _MAY_LIST_TOOLS))
+            and not any(marker in raw for marker in MAY_LIST_TOOLS))
 
 
 def check_answer(raw: bytes, encoding: str, media: str, status: int, rewrite: Callable[[Any], Any | None],

@@ -57,6 +57,14 @@ def nests_too_deep(body: bytes) -> bool:
 
 UPSTREAM_ANSWER = Problem.UPSTREAM_ANSWER.uri
 DEFAULT_MAX_EVENT = 1024 * 1024
+# A chunk of an event stream is read on the event loop unless it may complete an event longer than this,
+# or one that may carry a tool list: then it is read in a worker thread (`SseRewriter.reads_off_loop`), as a
+# whole answer is past the same size (`proxy.calls.mcp.answers.READ_ON_LOOP_BYTES`). One event of 45,000
+# tool names took 1 to 1.5 s of the loop's CPU (review finding 2 of 2026-12-02).
+EVENT_ON_LOOP_BYTES = 64 * 1024
+# Bytes of an answer or event that may carry a tool list to filter (`filter_tool_list`, the gate's tool
+# hints): the key `"tools"`, or any \u escape, which may spell that key (`"\u0074ools"` reads as `tools`).
+MAY_LIST_TOOLS = (b'"tools"', b"\\u")
 
 
 _UNCHECKED = "cedargate could not check the MCP server's answer, so it is not passed on"
@@ -87,6 +95,10 @@ class SseRewriter:
     event, a JSON-RPC error for each of `requests` (the ids it is still waiting on) saying why,
     nothing more of the server's stream is passed on, and `on_refused` is called (to end the exchange).
     Each chunk is searched once, so a long event costs its length, not its length squared.
+
+    A chunk that may complete a large event, or one listing tools, is better read off the event loop
+    (`reads_off_loop`): `read_ahead` reads it in a worker thread, and the call that follows for that chunk
+    gives what was read (`addons.event_streams` does both, in the order the chunks came).
     """
 
     def __init__(self, rewrite: Callable[[Any], Any | None], extra: Iterable[dict[str, Any]] = (), *,
@@ -99,6 +111,7 @@ class SseRewriter:
         self._on_refused = on_refused
         self._pending = bytearray()  # the start of an event not complete yet
         self._searched = 0  # where in _pending the search for its end resumes
+        self._read: tuple[bytes, bytes | Exception] | None = None  # a chunk read ahead, and what it gave
         self.refused = False
 
     def __call__(self, chunk: bytes) -> list[bytes]:
@@ -107,8 +120,39 @@ class SseRewriter:
         A list, empty when the chunk completes no event: mitmproxy sends each item as one piece of the
         body, and an empty piece to an HTTP/1.1 client is the chunk that ends the body.
         """
-        out = self.feed(chunk)
+        read, self._read = self._read, None
+        if read is None:
+            out = self.feed(chunk)
+        elif read[0] != chunk:
+            raise RuntimeError("an event stream was handed another chunk than the one it read ahead")
+        elif isinstance(read[1], Exception):
+            raise read[1]
+        else:
+            out = read[1]
+        if self.refused and self._on_refused is not None:
+            on_refused, self._on_refused = self._on_refused, None
+            on_refused()  # here, on the loop, even when the refusal was read in a thread
         return [out] if out else []
+
+    def reads_off_loop(self, chunk: bytes) -> bool:
+        """Whether `chunk` is better read off the event loop: it may complete an event (it holds a line
+        ending, or ends the stream) of more than EVENT_ON_LOOP_BYTES with what is pending, or one that
+        may carry a tool list. A guess from the bytes, never a parse: reading is the same either way."""
+        if self.refused or (chunk and b"\n" not in chunk and b"\r" not in chunk):
+            return False
+        pending = self._pending
+        if len(pending) + len(chunk) > EVENT_ON_LOOP_BYTES:
+            return True
+        seam = bytes(pending[-8:]) + chunk[:8]  # a marker cut in two by the chunk's start
+        return any(marker in chunk or marker in pending or marker in seam for marker in MAY_LIST_TOOLS)
+
+    def read_ahead(self, chunk: bytes) -> None:
+        """`feed` the chunk this stream is handed next, now, in whatever thread calls: the call for that
+        chunk then gives what this read (or raises what it raised). Nothing else may call meanwhile."""
+        try:
+            self._read = (chunk, self.feed(chunk))
+        except Exception as exc:
+            self._read = (chunk, exc)
 
     def feed(self, chunk: bytes) -> bytes:
         """What the agent gets for this chunk of the server's stream; b"" ends the stream."""
@@ -169,8 +213,6 @@ class SseRewriter:
                    + ": " + detail, "data": problem}} for ident in waiting]
         out = b"".join(_event_bytes(answer) for answer in [*errors, *self._extra])
         self._extra = []
-        if self._on_refused is not None:
-            self._on_refused()
         return out
 
     def _answered(self, parsed: Any) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import threading
 
 import pytest
 from hypothesis import example, given, settings
@@ -22,6 +23,7 @@ from proxy.calls.mcp.answers import DEFAULT_MAX_ANSWER, check_answer
 from proxy.calls.mcp.refusals import REFUSED_CODE
 from proxy.calls.mcp.sse import (
     DEFAULT_MAX_EVENT,
+    EVENT_ON_LOOP_BYTES,
     MAX_ANSWER_DEPTH,
     UPSTREAM_ANSWER,
     SseRewriter,
@@ -295,6 +297,52 @@ def test_an_answer_or_event_nesting_past_the_limit_is_refused_and_one_at_it_pass
     assert check_answer(deep(MAX_ANSWER_DEPTH + 1), "identity", "application/json", 500, keep).body is None
     stream = b"data: " + deep(MAX_ANSWER_DEPTH, 1) + b"\n\ndata: " + deep(MAX_ANSWER_DEPTH + 1, 2) + b"\n\n"
     assert [event["id"] for event in sse_events(SseRewriter(keep).feed(stream))] == [1]
+
+
+def event(answer: dict) -> bytes:
+    return b"data: " + json.dumps(answer).encode() + b"\n\n"
+
+
+@pytest.mark.parametrize("chunk, off_loop", [
+    (event(message(1)), False),  # a small tool result
+    (event(message(1, "x" * EVENT_ON_LOOP_BYTES)), True),  # a large one
+    (event(tool_list(1, "search_issues")), True),  # a tool list, however small
+    (event(message(1, "\u0074ools")), True),  # an escape that may spell the key
+    (event(message(1, "x" * EVENT_ON_LOOP_BYTES))[:-2], False),  # no line ending: completes no event
+])
+def test_a_chunk_that_may_complete_a_large_event_or_a_tool_list_is_read_off_the_event_loop(chunk, off_loop):
+    # Review finding 2: filtering a tool list asks the policy once per name (1 to 1.5 s of the loop's CPU
+    # for one event of 45,000 names); small events stay on the loop, as small whole answers do.
+    assert SseRewriter(keep).reads_off_loop(chunk) == off_loop
+
+
+def test_the_end_of_a_stream_or_a_marker_cut_by_a_chunk_is_read_off_the_event_loop():
+    rewriter = SseRewriter(keep)
+    assert rewriter(b"data: " + b"x" * EVENT_ON_LOOP_BYTES) == []
+    assert rewriter.reads_off_loop(b"")  # the stream ends: the pending event is read
+    rewriter = SseRewriter(keep)
+    assert rewriter(b'data: {"result": {"to') == []
+    assert rewriter.reads_off_loop(b'ols": []}}\n\n')
+
+
+def test_a_chunk_read_ahead_gives_what_reading_it_then_would_and_refuses_on_the_loop():
+    stream = event(message(1)) + event(tool_list(2, "search_issues", "delete_repo")) + event(message(3))
+    ended: list[int] = []
+    ahead = SseRewriter(hide("delete_repo"), requests=[4], max_event_bytes=200, on_refused=lambda: ended.append(1))
+    now = SseRewriter(hide("delete_repo"), requests=[4], max_event_bytes=200)
+    reader = threading.Thread(target=ahead.read_ahead, args=(stream,))
+    reader.start()
+    reader.join()
+    assert ahead(stream) == now(stream)
+    with pytest.raises(RuntimeError, match="another chunk"):  # read ahead for one chunk, handed another
+        ahead.read_ahead(event(message(5)))
+        ahead(event(message(6)))
+    over = b"data: " + b"x" * 300
+    reader = threading.Thread(target=ahead.read_ahead, args=(over,))
+    reader.start()
+    reader.join()
+    assert ended == []  # not from the thread: ending the exchange is the loop's to do
+    assert sse_events(b"".join(ahead(over)))[0]["id"] == 4 and ended == [1]
 
 
 def test_the_caps_default_to_the_settings_defaults():
