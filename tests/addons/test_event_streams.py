@@ -45,7 +45,7 @@ permit (principal in Team::"ops", action == Action::"mcp_rpc", resource == McpSe
 permit (principal in Team::"ops", action == Action::"call_tool", resource in McpServer::"github");
 """
 WAIT = 30  # seconds any one step may take before the test gives up (a bound, not a measurement)
-HIDDEN = 5000  # tools the manifest does not list, in one event of some 150 KB
+HIDDEN = 5000  # tools the manifest does not list, in one event of some 310 KB
 
 
 PROGRESS = {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progressToken": 1, "progress": 1}}
