@@ -207,6 +207,64 @@ def tree_cpu_seconds(pid: int) -> float:
     return cpu_seconds(pid) + sum(tree_cpu_seconds(int(child)) for child in children)
 
 
+def workers_of(pid: int) -> list[int]:
+    try:
+        return sorted(int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split())
+    except OSError:
+        return []
+
+
+def connections_by_process(port: int, pids: list[int]) -> list[int]:
+    """How many established connections accepted on `port` each of `pids` holds (read from /proc)."""
+    accepted = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 01: ESTABLISHED
+                accepted.add(fields[9])
+    counts = []
+    for pid in pids:
+        held = 0
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                try:
+                    target = os.readlink(fd)
+                except OSError:
+                    continue
+                held += target.startswith("socket:[") and target[8:-1] in accepted
+        except OSError:
+            pass
+        counts.append(held)
+    return counts
+
+
+class SplitSampler:
+    """Which worker holds the load client's connections, read from the kernel once they are all open: a
+    thread polls every 50 ms until it sees `expected` of them, then stops (a few reads of /proc per cell)."""
+
+    def __init__(self, port: int, workers: list[int], expected: int) -> None:
+        import threading
+
+        self.port, self.workers, self.expected = port, workers, expected
+        self.split: list[int] | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._done.wait(0.05):
+            counts = connections_by_process(self.port, self.workers)
+            if self.split is None or sum(counts) > sum(self.split):
+                self.split = counts
+            if sum(counts) >= self.expected:
+                return
+
+    def stop(self) -> list[int] | None:
+        self._done.set()
+        self._thread.join()
+        return self.split
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -275,6 +333,10 @@ class CellResult:
     p99_ms: float
     mean_ms: float
     proxy_cpu_us_per_req: float | None = None  # user+system CPU of the proxy process, all threads
+    # Under --workers N: the agents' connections each worker held (sampled once the client had them all
+    # open), and each worker's share of the CPU the workers spent on the cell.
+    worker_connections: list[int] | None = None
+    worker_cpu_share: list[float] | None = None
 
 
 # A fresh path for every call of a "unique" cell: the Cedar context differs, so cedargate's decision cache
@@ -921,6 +983,9 @@ def main() -> int:
             scheme, unique = variant.split("-")[0], variant.endswith("-unique")
             mcp = scheme == "mcp"  # over HTTP, as the http cells
             cpu_before = tree_cpu_seconds(t.proc.pid) if t.proc else None
+            workers = workers_of(t.proc.pid) if t.proc and t.name.endswith("-w2") else []
+            worker_cpu = [cpu_seconds(pid) for pid in workers]
+            sampler = SplitSampler(t.port, workers, concurrency) if workers and count == args.requests else None
             if scheme == "https":
                 trust = ssl.create_default_context(cafile=str(t.ca))
                 port = t.port if t.via_proxy else upstream.https_port
@@ -932,6 +997,10 @@ def main() -> int:
             if cpu_before is not None:
                 cpu = tree_cpu_seconds(t.proc.pid) - cpu_before
                 cell.proxy_cpu_us_per_req = cpu / cell.requests * 1e6
+            if sampler is not None:
+                cell.worker_connections = sampler.stop()
+                spent = [cpu_seconds(pid) - before for pid, before in zip(workers, worker_cpu, strict=True)]
+                cell.worker_cpu_share = [round(x / sum(spent), 3) if sum(spent) else 0.0 for x in spent]
             return cell
 
         raw: dict[str, dict[str, dict[int, list[CellResult]]]] = {
@@ -950,7 +1019,9 @@ def main() -> int:
                             f"round {rnd + 1}/{args.rounds} {scheme:<5} c={concurrency:<3} {t.name:<16} "
                             f"{cell.rps:8.0f} req/s  p50 {cell.p50_ms:6.3f} ms  p99 {cell.p99_ms:6.3f} ms"
                             f"  errors {cell.errors}"
-                            + (f"  proxy CPU {cell.proxy_cpu_us_per_req:.0f} us/req" if t.proc else ""),
+                            + (f"  proxy CPU {cell.proxy_cpu_us_per_req:.0f} us/req" if t.proc else "")
+                            + (f"  workers' connections {cell.worker_connections} CPU {cell.worker_cpu_share}"
+                               if cell.worker_connections is not None else ""),
                             flush=True,
                         )
 
@@ -995,6 +1066,12 @@ def main() -> int:
                 cpu = [x.proxy_cpu_us_per_req / b.proxy_cpu_us_per_req
                        for x, b in zip(cells, base_cells[c], strict=True)
                        if x.proxy_cpu_us_per_req and b.proxy_cpu_us_per_req]
+                if name.endswith("-w2") and "cedargate" in by_target:
+                    # Two workers against one process, round by round, and how each round's connections fell.
+                    summary[scheme][name][str(c)]["vs_cedargate_each_round"] = [
+                        round(x.rps / one.rps, 3) for x, one in zip(cells, by_target["cedargate"][c], strict=True)]
+                    summary[scheme][name][str(c)]["worker_connections_each_round"] = [
+                        x.worker_connections for x in cells]
                 summary[scheme][name][str(c)]["vs_mitmdump_per_round"] = {
                     "throughput": {"min": round(min(rps), 3), "median": round(statistics.median(rps), 3),
                                    "max": round(max(rps), 3)},
@@ -1102,6 +1179,12 @@ def main() -> int:
                     f"{cell['p99_ms']:>8.3f} {rel:>15} {cpu_text:>11} {cpu_rel:>16}"
                 )
     print()
+    for scheme in variants:
+        for c in args.concurrency:
+            w2 = summary[scheme].get("cedargate-w2", {}).get(str(c), {})
+            if "vs_cedargate_each_round" in w2:
+                print(f"{scheme} c={c}: cedargate-w2 / cedargate each round {w2['vs_cedargate_each_round']}, "
+                      f"workers' connections {w2['worker_connections_each_round']}")
     for chk in checks:
         print(f"{chk['target']}: measured {chk['measured']} -> meets target: {'yes' if chk['meets'] else 'no'}")
     print(f"errors: {total_errors}; recorded: {recorded} (expected allow >= {expected_allowed}, "

@@ -15,6 +15,9 @@ and undecided, so the agent hears at once rather than wait in the listen queue. 
 lingers briefly (reading and discarding), so that a client still sending its request reads the answer
 rather than a reset; at most `MAX_LINGERING` do, the others are closed at once.
 
+Under `cedargate run --workers N` a worker's listener is also given its `Share` (`proxy.cli.balance`): it
+accepts one connection per wake, and only while its share says it may, so the workers take turns.
+
 The override API's listener gets the backing off too, not the ceiling: its connections are few and
 capped by its own guard (`override_api.connections`), and the files the proxy's ceiling leaves are its.
 """
@@ -33,6 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 from proxy.calls.capacity import RETRY_AFTER, Capacity
+from proxy.cli.balance import Share
 from proxy.vocabulary.problems import MEDIA_TYPE, Problem, problem_document
 
 log = logging.getLogger(__name__)
@@ -67,6 +71,7 @@ class Listeners:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop: Any = loop  # a selector loop: its private serving methods are used below
         self.ceilings: dict[int, Capacity] = {}  # listening socket's descriptor -> its ceiling
+        self.shares: dict[int, Share] = {}  # listening socket's descriptor -> its worker's share
         self._backoff: dict[int, float] = {}
         self._lingering: set[asyncio.Task[None]] = set()
         self._out_of_files = _Tally(logging.ERROR, "cannot accept connections: out of files (%d times since "
@@ -79,7 +84,11 @@ class Listeners:
                sslcontext: Any = None, server: Any = None, backlog: int = 100, *timeouts: Any) -> None:
         """The loop's accept step, called when a listening socket is readable (CPython's signature)."""
         capacity = self.ceilings.get(sock.fileno())
-        for _ in range(backlog):
+        share = self.shares.get(sock.fileno())
+        if share is not None and not share.my_turn():
+            self._wait_turn(share, protocol_factory, sock, sslcontext, server, backlog, timeouts)
+            return
+        for _ in range(backlog if share is None else 1):
             try:
                 conn, addr = sock.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
@@ -94,7 +103,9 @@ class Listeners:
                 self._refuse(conn, capacity)
                 continue
             conn.setblocking(False)
-            factory = protocol_factory if capacity is None else _counted(protocol_factory, capacity)
+            factory = protocol_factory if capacity is None else _counted(protocol_factory, capacity, share)
+            if share is not None:
+                share.opened()
             self.loop.create_task(self.loop._accept_connection2(factory, conn, {"peername": addr}, sslcontext,
                                                                 server, *timeouts))
 
@@ -111,6 +122,18 @@ class Listeners:
                 self.loop._start_serving(protocol_factory, sock, sslcontext, server, backlog, *timeouts)
 
         self.loop.call_later(delay, resume)
+
+    def _wait_turn(self, share: Share, protocol_factory: Any, sock: socket.socket, sslcontext: Any, server: Any,
+                   backlog: int, timeouts: tuple[Any, ...]) -> None:
+        """Stop watching `sock` until `share` says this worker may accept again: the others take what comes."""
+        fd = sock.fileno()
+        self.loop._remove_reader(fd)
+
+        def resume() -> None:
+            if sock.fileno() == fd and (server is None or server.is_serving()):
+                self.loop._start_serving(protocol_factory, sock, sslcontext, server, backlog, *timeouts)
+
+        share.wait(resume)
 
     def _refuse(self, conn: socket.socket, capacity: Capacity) -> None:
         self._refused.add(capacity.connections, capacity.max_connections)
@@ -148,19 +171,24 @@ async def _linger(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
         conn.close()
 
 
-def _counted(protocol_factory: Callable[[], asyncio.BaseProtocol],
-             capacity: Capacity) -> Callable[[], asyncio.BaseProtocol]:
-    """The factory, its protocols counted off `capacity` when their connection is lost."""
+def _counted(protocol_factory: Callable[[], asyncio.BaseProtocol], capacity: Capacity,
+             share: Share | None = None) -> Callable[[], asyncio.BaseProtocol]:
+    """The factory, its protocols counted off `capacity` (and `share`) when their connection is lost."""
+    def closed() -> None:
+        capacity.agent_closed()
+        if share is not None:
+            share.closed()
+
     def factory() -> asyncio.BaseProtocol:
         try:
             protocol = protocol_factory()
         except BaseException:
-            capacity.agent_closed()
+            closed()
             raise
         lost = protocol.connection_lost
 
         def connection_lost(exc: Exception | None) -> None:
-            capacity.agent_closed()
+            closed()
             lost(exc)
 
         protocol.connection_lost = connection_lost  # type: ignore[method-assign]
@@ -186,8 +214,12 @@ def guard_accepts(loop: asyncio.AbstractEventLoop | None = None) -> Listeners:
 
 
 def limit_connections(sock: socket.socket | TransportSocket, capacity: Capacity,
-                      loop: asyncio.AbstractEventLoop | None = None) -> None:
+                      loop: asyncio.AbstractEventLoop | None = None, share: Share | None = None) -> None:
     """Apply `capacity`'s connection ceiling to the listening socket `sock` (served on `loop`, whose accept
-    step `guard_accepts` must have given it before it started serving)."""
-    guard_accepts(loop).ceilings[sock.fileno()] = capacity
+    step `guard_accepts` must have given it before it started serving), and with `share` take only this
+    worker's share of the connections."""
+    listeners = guard_accepts(loop)
+    listeners.ceilings[sock.fileno()] = capacity
+    if share is not None:
+        listeners.shares[sock.fileno()] = share
     capacity.serving()

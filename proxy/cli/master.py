@@ -11,7 +11,7 @@ logged at start (`ErrorCheck`), then cedargate's own (`addons.default_addons`). 
 addons/enforcer.py` keeps mitmproxy's own set.
 
 The proxy listens on a socket bound by cedargate (`listening_socket`): a taken port is a `ConfigError`
-that says so, and `cedargate run --workers N` hands one socket to every worker.
+that says so, and `cedargate run --workers N` hands that socket to every worker.
 """
 
 from __future__ import annotations
@@ -36,46 +36,26 @@ log = logging.getLogger(__name__)
 PROXY_ACCEPT_BACKLOG = 100  # asyncio's default, which mitmproxy's own listener uses
 
 
-def listening_sockets(settings: Settings, count: int = 1) -> list[socket.socket]:
-    """The proxy's listening sockets, one per worker, or `ConfigError` naming the address and what to change.
+def listening_socket(settings: Settings) -> socket.socket:
+    """The proxy's listening socket, or `ConfigError` naming the address and what to change.
 
-    One is a plain socket, the port this process's alone: a second cedargate (or anything else) on the
-    same port is refused with EADDRINUSE, as with mitmdump. More are SO_REUSEPORT sockets on one port, so
-    the kernel spreads new connections over them by their addresses: one socket that every worker
-    inherited would not, since a worker woken by new connections accepts all that are queued at once (an
-    agent opening 16 connections together got all 16 on one worker). Since any process of the same user
-    may join a port shared that way, the port is first bound plainly, which fails if anything listens
-    there (another cedargate's workers included), and only then shared, so a second cedargate is refused
-    here too rather than silently taking part of the agents' connections.
+    A plain socket, the port this process's alone: a second cedargate (or anything else) on the same port
+    is refused with EADDRINUSE, as with mitmdump. Under `cedargate run --workers N` every worker inherits
+    it and they take turns accepting from it (`proxy.cli.balance`).
     """
     host, port = settings.proxy.host, settings.proxy.port
-    probe = _tcp_socket(host)
-    sockets: list[socket.socket] = []
+    sock = _tcp_socket(host)
     try:
-        probe.bind((host, port))
-        port = probe.getsockname()[1]  # port 0: the free one the OS chose, for every worker's socket
-        for _ in range(count if count > 1 else 0):
-            sock = _tcp_socket(host)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((host, port))
-        if count > 1:
-            probe.close()  # it is in the way of the shared sockets' listen, which a plain bind excludes
-        else:
-            sockets = [probe]
-        for sock in sockets:
-            sock.listen(PROXY_ACCEPT_BACKLOG)
-            sock.set_inheritable(True)  # for the workers of `--workers N`
+        sock.bind((host, port))
+        sock.listen(PROXY_ACCEPT_BACKLOG)
     except OSError as exc:
-        probe.close()
-        for sock in sockets:
-            sock.close()
+        sock.close()
         raise ConfigError(
             f"the proxy cannot listen on {host}:{port}: {exc.strerror or exc}; is another cedargate or proxy "
             "running there? Set proxy.port (--listen-port) or proxy.host to a free address, or 0 for any "
             "free port"
         ) from exc
-    return sockets
+    return sock
 
 
 def _tcp_socket(host: str) -> socket.socket:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from proxy.calls.connections import open_file_limit
 from proxy.cli.fronts import api_server, bind_api, check_loopback, ensure_ca, mitmproxy_options
 from proxy.cli.listeners import guard_accepts, limit_connections
-from proxy.cli.master import listening_sockets, proxy_addrs, proxy_master, stop_gracefully
+from proxy.cli.master import listening_socket, proxy_addrs, proxy_master, stop_gracefully
 from proxy.cli.workers import WorkerFailed, Workers
 from proxy.observe import metrics
 from proxy.oversight.heap import HeldHeap
@@ -56,14 +56,14 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None, log_leve
     with contextlib.ExitStack() as sockets:
         try:
             ensure_ca(settings.state_dir)
-            proxy_sockets = [sockets.enter_context(sock) for sock in listening_sockets(settings, settings.workers)]
+            proxy_socket = sockets.enter_context(listening_socket(settings))
             api_socket = sockets.enter_context(bind_api(settings))
         except ConfigError:
             runtime.close()
             raise
         api = api_server(runtime, open_files)
         # Port 0 asks the OS for a free port; the real ones are printed so tests and users can find them.
-        proxy_port, api_port = proxy_sockets[0].getsockname()[1], api_socket.getsockname()[1]
+        proxy_port, api_port = proxy_socket.getsockname()[1], api_socket.getsockname()[1]
         runtime.api_started(settings.api.host, api_port)
 
         async def announce(proxy_ready: Callable[[], bool]) -> None:
@@ -81,11 +81,11 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None, log_leve
         guard_accepts()  # before any listener serves: accept errors back off and are logged once a minute
         try:
             if settings.workers == 1:
-                await _one_process(settings, runtime, proxy_sockets[0], api, api_socket, announce)
+                await _one_process(settings, runtime, proxy_socket, api, api_socket, announce)
             else:
                 at = settings.model_copy(update={"proxy": Listen(host=settings.proxy.host, port=proxy_port),
                                                  "api": Listen(host=settings.api.host, port=api_port)})
-                await _supervise(at, runtime, proxy_sockets, api, api_socket, announce, log_level)
+                await _supervise(at, runtime, proxy_socket, api, api_socket, announce, log_level)
         finally:
             runtime.jobs.stop()
             runtime.close()
@@ -116,9 +116,9 @@ async def _one_process(settings: Settings, runtime: Runtime, proxy_socket: socke
                          announce(lambda: bool(proxy_addrs(master))))
 
 
-async def _supervise(settings: Settings, runtime: Runtime, proxy_sockets: list[socket.socket],
+async def _supervise(settings: Settings, runtime: Runtime, proxy_socket: socket.socket,
                      api: uvicorn.Server, api_socket: socket.socket, announce: Announce, log_level: str) -> None:
-    workers = Workers(settings, proxy_sockets, log_level)
+    workers = Workers(settings, proxy_socket, log_level)
     runtime.proxy_workers = lambda: workers.started  # /status reports theirs: this process proxies nothing
     stopped = asyncio.Event()
 
@@ -147,8 +147,7 @@ async def _supervise(settings: Settings, runtime: Runtime, proxy_sockets: list[s
     watching.cancel()
     stopping.cancel()
     # Once every worker has closed its copy too, new connections are refused rather than queued unseen.
-    for sock in proxy_sockets:
-        sock.close()
+    proxy_socket.close()
     # The workers drain first, the API serving meanwhile (a held call may yet be decided); then the API.
     codes = await workers.stop()
     api.should_exit = True

@@ -1,10 +1,10 @@
 """The proxy workers of `cedargate run --workers N`: started, watched, restarted and stopped here.
 
 The supervisor (the `cedargate run` process, which also runs the override API and the core's jobs)
-binds N SO_REUSEPORT sockets on the proxy's port (`proxy.cli.master.listening_sockets`, which says why
-not one shared socket) and hands worker i socket i (`proxy.cli.worker`); the kernel spreads new
-connections over them. The supervisor keeps every socket open, so the connections queued on a dead
-worker's socket wait there for the worker that replaces it, on the same socket.
+binds the proxy's port (`proxy.cli.master.listening_socket`) and hands the socket to every worker
+(`proxy.cli.worker`), with the table in which the workers count their open connections to take turns
+accepting (`proxy.cli.balance`); worker i keeps entry i, and so does the worker that replaces it, which
+starts from zero: the supervisor clears a dead worker's entry, so the others take what comes meanwhile.
 
 A worker that dies after it served is restarted, as gunicorn's arbiter does: the other workers and the
 API are not taken down with it (what the dead one had in flight is lost as with any killed cedargate
@@ -24,6 +24,7 @@ import sys
 import time
 from collections import deque
 
+from proxy.cli.balance import ConnectionShares
 from proxy.cli.worker import READY
 from proxy.observe.metrics import process_gone
 from proxy.settings.config import Settings
@@ -42,9 +43,10 @@ class WorkerFailed(Exception):
 
 
 class Workers:
-    def __init__(self, settings: Settings, sockets: list[socket.socket], log_level: str) -> None:
+    def __init__(self, settings: Settings, sock: socket.socket, log_level: str) -> None:
         self.settings = settings
-        self.sockets = sockets  # worker i serves on sockets[i], and so does the one that replaces it
+        self.sock = sock  # every worker serves on it
+        self.shares = ConnectionShares.create(settings.workers)  # worker i keeps entry i
         self.log_level = log_level
         self.processes: list[asyncio.subprocess.Process] = []
         self.started: list[int] = []  # every worker's pid, live or gone: whose figures /status sums
@@ -58,18 +60,20 @@ class Workers:
 
     async def start(self) -> None:
         """Start every worker and wait until each serves, or raise `WorkerFailed` (none left running)."""
-        spawned = await asyncio.gather(*(self._spawn(sock) for sock in self.sockets), return_exceptions=True)
+        spawned = await asyncio.gather(*(self._spawn(slot) for slot in range(self.settings.workers)),
+                                       return_exceptions=True)
         self.processes = [process for process in spawned if isinstance(process, asyncio.subprocess.Process)]
         failures = [failure for failure in spawned if isinstance(failure, BaseException)]
         if failures:
             await self.stop()
             raise failures[0]
 
-    async def _spawn(self, sock: socket.socket) -> asyncio.subprocess.Process:
-        fd = sock.fileno()
+    async def _spawn(self, slot: int) -> asyncio.subprocess.Process:
+        fd = self.sock.fileno()
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy.cli.worker", "--fd", str(fd), "--log-level", self.log_level,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, pass_fds=(fd,),
+            sys.executable, "-m", "proxy.cli.worker", "--fd", str(fd), "--shares", self.shares.descriptors,
+            "--slot", str(slot), "--log-level", self.log_level,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, pass_fds=(fd, *self.shares.fds),
             # Its own process group: a Ctrl-C in the terminal (sent to the foreground group) reaches this
             # process alone, which stops the workers in order (see `stop`), rather than every worker at
             # once behind its back. Not its own session: Linux schedules each session as one group
@@ -121,8 +125,9 @@ class Workers:
                     )
                 log.error("proxy worker %d exited (%s): starting another", dead.pid, _exit(future.result()))
                 process_gone(dead.pid)
-                index = self.processes.index(dead)
-                self.processes[index] = await self._spawn(self.sockets[index])
+                slot = self.processes.index(dead)
+                self.shares.vacate(slot)  # the live workers take what comes until its replacement serves
+                self.processes[slot] = await self._spawn(slot)
 
     async def stop(self) -> list[int]:
         """Stop every worker as SIGTERM stops `cedargate run` (they finish their calls); their exit codes."""
@@ -142,6 +147,7 @@ class Workers:
             process_gone(process.pid)
         if self._relays:
             await asyncio.gather(*self._relays, return_exceptions=True)
+        self.shares.close()
         return codes
 
 

@@ -7,7 +7,9 @@ Which worker served a connection is read from the kernel (/proc: the worker hold
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import http.client
 import os
 import re
 import signal
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2e_support import APPROVERS, Cedargate, Upstream, start_cedargate, write_config
+from e2e_support import AGENT, APPROVERS, TOKEN, Cedargate, Upstream, start_cedargate, write_config
 from sqlalchemy import text
 
 from proxy.record.store import make_engine
@@ -172,6 +174,56 @@ def slow_upstream(release: threading.Event) -> Iterator[tuple[int, threading.Eve
         release.set()
         server.shutdown()
         server.server_close()
+
+
+def open_connections(gate: Cedargate, count: int) -> list[http.client.HTTPConnection]:
+    """`count` agent connections to the proxy, all opened before any is used (as an agent's pool opening
+    together), each then making one allowed call and kept open."""
+    connections = [http.client.HTTPConnection("127.0.0.1", gate.proxy_port, timeout=30) for _ in range(count)]
+    for connection in connections:
+        connection.connect()
+    return connections
+
+
+def call_on(connections: list[http.client.HTTPConnection], upstream: Upstream) -> list[int]:
+    statuses = []
+    for connection in connections:
+        connection.request("GET", f"http://localhost:{upstream.http_port}{ALLOWED}", headers={
+            "Proxy-Authorization": "Basic " + base64.b64encode(f"{AGENT}:{TOKEN}".encode()).decode()})
+        answer = connection.getresponse()
+        answer.read()
+        statuses.append(answer.status)
+    return statuses
+
+
+def test_connections_opened_together_are_dealt_out_evenly_and_a_replaced_worker_takes_its_share(
+        tmp_path, policy_dir, upstream):
+    """16 connections opened at once land 8 on each worker, whatever their addresses; a worker killed
+    is replaced, and the new connections go to the replacement until it holds as many as the other."""
+    gate = start_workers(tmp_path, policy_dir, upstream, None)
+    first: list[http.client.HTTPConnection] = []
+    then: list[http.client.HTTPConnection] = []
+    try:
+        workers = gate.children()
+        first = open_connections(gate, 16)
+        assert call_on(first, upstream) == [200] * 16
+        assert sorted(connections_by_process(gate.proxy_port, workers).values()) == [8, 8]
+
+        killed, kept = workers
+        os.kill(killed, signal.SIGKILL)
+        wait_until(lambda: len(gate.children()) == 2 and killed not in gate.children(), what="a new worker")
+        replacement = next(pid for pid in gate.children() if pid != kept)
+        wait_until(lambda: any(f"proxy worker {replacement} serving" in line for line in gate.output),
+                   what="the new worker to serve")
+        then = open_connections(gate, 8)
+        assert call_on(then, upstream) == [200] * 8
+        # The kept worker still holds its 8; the 8 new ones all went to the replacement, which had none.
+        assert connections_by_process(gate.proxy_port, [kept, replacement]) == {kept: 8, replacement: 8}
+        assert gate.process.poll() is None
+    finally:
+        for connection in first + then:
+            connection.close()
+        assert gate.stop() == 0
 
 
 def test_sigterm_stops_the_workers_after_their_calls(tmp_path, policy_dir, upstream):
