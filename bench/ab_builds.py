@@ -11,9 +11,11 @@ taken under the same conditions. It reports, per cell, min-median-max over the r
 throughput and CPU per request against the baseline's and against mitmdump's, the CPU per request of
 each process (user+system, all threads) and of its event loop's thread alone (the process's main
 thread: cedargate's record writer and other threads left out), and the load average at the start and
-the end.
+the end. With `--workers N` both builds run as `cedargate run --workers N` (the loop CPU is then the
+workers' and the supervisor's main threads summed), and each round records how the load client's
+connections fell on the workers.
 
-    .venv/bin/python bench/ab_builds.py --baseline main --requests 2000 --rounds 3
+    .venv/bin/python bench/ab_builds.py --baseline main --requests 2000 --rounds 3 [--workers 2]
 """
 
 from __future__ import annotations
@@ -49,13 +51,14 @@ def export(ref: str, into: Path) -> str:
     return commit
 
 
-def start_build(procs: po.Processes, tmp: Path, name: str, upstream_ca: Path, source: Path | None) -> po.Target:
-    """cedargate from `source` (None: this tree), one process."""
+def start_build(procs: po.Processes, tmp: Path, name: str, upstream_ca: Path, source: Path | None,
+                workers: int = 1) -> po.Target:
+    """cedargate from `source` (None: this tree), one process or `workers` workers."""
     before = os.environ.get("PYTHONPATH")
     if source is not None:
         os.environ["PYTHONPATH"] = str(source) + (os.pathsep + before if before else "")
     try:
-        target, _state, _gate = po.start_cedargate(procs, tmp, name, upstream_ca, 1)
+        target, _state, _gate = po.start_cedargate(procs, tmp, name, upstream_ca, workers)
     finally:
         if before is None:
             os.environ.pop("PYTHONPATH", None)
@@ -65,9 +68,11 @@ def start_build(procs: po.Processes, tmp: Path, name: str, upstream_ca: Path, so
 
 
 def loop_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process's main thread (the event loop, in mitmdump and cedargate)."""
+    """User + system CPU time of a process's main thread (the event loop, in mitmdump and cedargate), and
+    of its workers' under `--workers N`."""
     fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(loop_cpu_seconds(worker) for worker in po.workers_of(pid))
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -83,6 +88,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--schemes", nargs="+", choices=["http", "https"], default=["http", "https"])
+    parser.add_argument("--workers", type=int, default=1, help="run both builds with `--workers N`")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if not shutil.which("wrk"):
@@ -97,8 +103,8 @@ def main() -> int:
         upstream = po.start_upstream(procs, tmp)
         targets = [
             po.start_mitmdump(procs, tmp, upstream.ca),
-            start_build(procs, tmp, "baseline", upstream.ca, tmp / "baseline-src"),
-            start_build(procs, tmp, "this-tree", upstream.ca, None),
+            start_build(procs, tmp, "baseline", upstream.ca, tmp / "baseline-src", args.workers),
+            start_build(procs, tmp, "this-tree", upstream.ca, None, args.workers),
         ]
         url = f"http://localhost:{upstream.http_port}{po.REQUEST_PATH}"
         for t in targets:
@@ -108,6 +114,8 @@ def main() -> int:
 
         def measure(scheme: str, t: po.Target, concurrency: int, count: int) -> po.CellResult:
             cpu_before, loop_before = po.tree_cpu_seconds(t.proc.pid), loop_cpu_seconds(t.proc.pid)
+            workers = po.workers_of(t.proc.pid)
+            sampler = po.SplitSampler(t.port, workers, concurrency) if workers and count == args.requests else None
             if scheme == "https":
                 trust = ssl.create_default_context(cafile=str(t.ca))
                 cell = po.run_https(t.port, upstream.https_port, True, trust, concurrency, count, True)
@@ -115,6 +123,8 @@ def main() -> int:
                 cell = po.run_wrk(tmp, t.port, upstream.http_port, True, concurrency, count, True)
             cell.proxy_cpu_us_per_req = (po.tree_cpu_seconds(t.proc.pid) - cpu_before) / cell.requests * 1e6
             loop_cpu[id(cell)] = (loop_cpu_seconds(t.proc.pid) - loop_before) / cell.requests * 1e6
+            if sampler is not None:
+                cell.worker_connections = sampler.stop()
             return cell
 
         # A cell's event-loop CPU per request (us), by id: every measured cell stays alive in `raw`.
@@ -132,7 +142,9 @@ def main() -> int:
                         print(f"round {rnd + 1}/{args.rounds} {key:<18} {t.name:<10} {cell.rps:7.0f} req/s  "
                               f"CPU {cell.proxy_cpu_us_per_req:5.0f} us/req (loop {loop_cpu[id(cell)]:5.0f})  "
                               f"errors {cell.errors}  "
-                              f"load {os.getloadavg()[0]:.1f}", flush=True)
+                              f"load {os.getloadavg()[0]:.1f}"
+                              + (f"  workers' connections {cell.worker_connections}"
+                                 if cell.worker_connections is not None else ""), flush=True)
     load_at_end = os.getloadavg()
 
     cells = {}
@@ -147,6 +159,9 @@ def main() -> int:
                                     for name, runs in by_target.items()},
             "rps": {name: round(statistics.median(c.rps for c in runs)) for name, runs in by_target.items()},
             "errors": {name: sum(c.errors for c in runs) for name, runs in by_target.items()},
+            "rps_each_round": {name: [round(c.rps) for c in runs] for name, runs in by_target.items()},
+            "worker_connections_each_round": {name: [c.worker_connections for c in runs]
+                                              for name, runs in by_target.items() if name != "mitmdump"},
         }
         for label, base in (("vs_baseline", old), ("vs_mitmdump", mitm), ("baseline_vs_mitmdump", None)):
             mine = old if base is None else new
