@@ -54,16 +54,21 @@ def export(ref: str, into: Path) -> str:
 def start_build(procs: po.Processes, tmp: Path, name: str, upstream_ca: Path, source: Path | None,
                 workers: int = 1) -> po.Target:
     """cedargate from `source` (None: this tree), one process or `workers` workers."""
-    before = os.environ.get("PYTHONPATH")
+    saved = {name: os.environ.get(name) for name in ("PYTHONPATH", "PYTHONSAFEPATH")}
     if source is not None:
+        before = saved["PYTHONPATH"]
         os.environ["PYTHONPATH"] = str(source) + (os.pathsep + before if before else "")
+        # Its workers (`python -m proxy.cli.worker`, started in this tree) would import this tree's
+        # `proxy` from their current directory, ahead of PYTHONPATH, in a build that does not pass -P.
+        os.environ["PYTHONSAFEPATH"] = "1"
     try:
         target, _state, _gate = po.start_cedargate(procs, tmp, name, upstream_ca, workers)
     finally:
-        if before is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = before
+        for variable, value in saved.items():
+            if value is None:
+                os.environ.pop(variable, None)
+            else:
+                os.environ[variable] = value
     return target
 
 

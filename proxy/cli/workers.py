@@ -71,7 +71,9 @@ class Workers:
     async def _spawn(self, slot: int) -> asyncio.subprocess.Process:
         fd = self.sock.fileno()
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy.cli.worker", "--fd", str(fd), "--shares", self.shares.descriptors,
+            # -P: the worker imports cedargate as this process did, not from a `proxy` package that happens
+            # to be in the current directory (which `-m` would put first on its path).
+            sys.executable, "-P", "-m", "proxy.cli.worker", "--fd", str(fd), "--shares", self.shares.descriptors,
             "--slot", str(slot), "--log-level", self.log_level,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, pass_fds=(fd, *self.shares.fds),
             # Its own process group: a Ctrl-C in the terminal (sent to the foreground group) reaches this
