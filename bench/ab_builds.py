@@ -54,7 +54,7 @@ def export(ref: str, into: Path) -> str:
 def start_build(procs: po.Processes, tmp: Path, name: str, upstream_ca: Path, source: Path | None,
                 workers: int = 1) -> po.Target:
     """cedargate from `source` (None: this tree), one process or `workers` workers."""
-    saved = {name: os.environ.get(name) for name in ("PYTHONPATH", "PYTHONSAFEPATH")}
+    saved = {variable: os.environ.get(variable) for variable in ("PYTHONPATH", "PYTHONSAFEPATH")}
     if source is not None:
         before = saved["PYTHONPATH"]
         os.environ["PYTHONPATH"] = str(source) + (os.pathsep + before if before else "")
