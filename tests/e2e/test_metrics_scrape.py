@@ -48,7 +48,7 @@ def gate(request, tmp_path, policy_dir, upstream: Upstream) -> Iterator[Cedargat
 def test_one_scrape_counts_the_calls_of_every_process(gate: Cedargate, upstream: Upstream) -> None:
     trust = ssl.create_default_context(cafile=str(gate.ca_cert))
     dev, production = f"http://localhost:{upstream.http_port}", f"http://127.0.0.1:{upstream.http_port}"
-    # New connections each: under --workers 2 the kernel spreads them over both workers.
+    # New connections each: under --workers 2 each goes to whichever worker takes it first (neither holds one).
     for _ in range(4):
         with httpx.Client(proxy=gate.proxy_url, verify=trust, timeout=30) as agent:
             assert agent.get(f"{dev}{INSTANCES}").status_code == 200
