@@ -13,15 +13,15 @@ is dealt out in turn whatever their addresses hash to, and an agent opening many
 spread too.
 
 A worker waiting for its turn is woken at once by the worker whose accept gave it back the lowest count
-(an eventfd per worker, written only when that worker waits), by its own connections closing, and by
+(a pipe per worker, written only when that worker waits), by its own connections closing, and by
 the supervisor when a worker dies. A worker also beats in the table (`BEAT`): one whose loop has not
 run for `STALE` seconds (blocked, stopped, dead and not yet replaced) is left out of the lowest count,
 so it cannot keep the others from accepting; a dead worker's entry is cleared by the supervisor, and
 its replacement starts at zero, so it is given new connections until it holds its share.
 
-Linux only (memfd, eventfd), as `--workers N` is. Each entry has one writer, the worker that owns it
-(the supervisor writes it only while no worker does); the readers only compare counts, so a stale read
-costs at most one connection placed a little unevenly.
+The table is a memfd where there is one (Linux), else an unlinked temporary file. Each entry has one
+writer, the worker that owns it (the supervisor writes it only while no worker does); the readers only
+compare counts, so a stale read costs at most one connection placed a little unevenly.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import mmap
 import os
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -42,38 +43,45 @@ _WORD = 8
 
 
 class ConnectionShares:
-    """The table of the workers' open connections, in shared memory, with a wake-up per worker.
+    """The table of the workers' open connections, in shared memory, with a wake-up pipe per worker.
 
-    The supervisor creates it (`create`) and passes its descriptors (`descriptors`) to every worker,
-    which attaches to it (`inherit`) and keeps its own entry through a `Share`.
+    The supervisor creates it (`create`) and passes its descriptors (`descriptors`, `fds`) to every
+    worker, which attaches to it (`inherit`) and keeps its own entry through a `Share`.
     """
 
-    def __init__(self, table_fd: int, wake_fds: list[int]) -> None:
+    def __init__(self, table_fd: int, wakes: list[tuple[int, int]]) -> None:
         self.table_fd = table_fd
-        self.wake_fds = wake_fds
-        self._map = mmap.mmap(table_fd, len(wake_fds) * _FIELDS * _WORD)
+        self.wakes = wakes  # per worker: the pipe's (read end, write end)
+        self._map = mmap.mmap(table_fd, len(wakes) * _FIELDS * _WORD)
         self._words = memoryview(self._map).cast("q")
 
     @classmethod
     def create(cls, workers: int) -> ConnectionShares:
-        table_fd = os.memfd_create("cedargate-connection-shares", os.MFD_CLOEXEC)
+        if hasattr(os, "memfd_create"):
+            table_fd = os.memfd_create("cedargate-connection-shares", os.MFD_CLOEXEC)
+        else:
+            table_fd, path = tempfile.mkstemp(prefix="cedargate-connection-shares-")
+            os.unlink(path)
         os.ftruncate(table_fd, workers * _FIELDS * _WORD)  # zeros: no worker has beaten yet
-        wake_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(workers)]
-        return cls(table_fd, wake_fds)
+        wakes = [os.pipe() for _ in range(workers)]
+        for read_end, write_end in wakes:
+            os.set_blocking(read_end, False)
+            os.set_blocking(write_end, False)
+        return cls(table_fd, wakes)
 
     @classmethod
     def inherit(cls, descriptors: str) -> ConnectionShares:
         """Attach to the table a worker was given as `descriptors` (from `descriptors`)."""
-        table_fd, *wake_fds = (int(fd) for fd in descriptors.split(","))
-        return cls(table_fd, wake_fds)
+        table_fd, *ends = (int(fd) for fd in descriptors.split(","))
+        return cls(table_fd, list(zip(ends[::2], ends[1::2], strict=True)))
 
     @property
     def descriptors(self) -> str:
-        return ",".join(str(fd) for fd in (self.table_fd, *self.wake_fds))
+        return ",".join(str(fd) for fd in self.fds)
 
     @property
     def fds(self) -> tuple[int, ...]:
-        return (self.table_fd, *self.wake_fds)
+        return (self.table_fd, *(end for wake in self.wakes for end in wake))
 
     def get(self, slot: int, field: int) -> int:
         return self._words[slot * _FIELDS + field]
@@ -84,7 +92,7 @@ class ConnectionShares:
     def counts(self) -> list[int | None]:
         """Each worker's open connections, None for one that is not live (gone, or not beating)."""
         fresh = time.monotonic_ns() - int(STALE * 1e9)
-        return [self.get(slot, COUNT) if self.get(slot, BEAT) > fresh else None for slot in range(len(self.wake_fds))]
+        return [self.get(slot, COUNT) if self.get(slot, BEAT) > fresh else None for slot in range(len(self.wakes))]
 
     def vacate(self, slot: int) -> None:
         """The worker of `slot` is gone: it counts no more, and those waiting behind it are woken."""
@@ -94,12 +102,15 @@ class ConnectionShares:
         self.wake_waiting(but=slot)
 
     def wake_waiting(self, but: int) -> None:
-        for slot, fd in enumerate(self.wake_fds):
+        for slot, (_read_end, write_end) in enumerate(self.wakes):
             if slot != but and self.get(slot, WAITING):
                 try:
-                    os.eventfd_write(fd, 1)
-                except BlockingIOError:  # its counter is full: it has been woken plenty
+                    os.write(write_end, b"!")
+                except BlockingIOError:  # its pipe is full: it has been woken plenty
                     pass
+
+    def wake_fd(self, slot: int) -> int:
+        return self.wakes[slot][0]
 
     def close(self) -> None:
         if self._map.closed:
@@ -156,7 +167,7 @@ class Share:
         """Call `on_turn` (once) when this worker may accept again."""
         if self._on_turn is None:
             self._drain()
-            self.loop.add_reader(self.shares.wake_fds[self.slot], self._woken)
+            self.loop.add_reader(self.shares.wake_fd(self.slot), self._woken)
         self._on_turn = on_turn
         self.shares.set(self.slot, WAITING, 1)
         # Again after saying so: a worker that accepted meanwhile did not know to wake this one.
@@ -176,11 +187,12 @@ class Share:
         if self._on_turn is not None:
             self._on_turn = None
             self.shares.set(self.slot, WAITING, 0)
-            self.loop.remove_reader(self.shares.wake_fds[self.slot])
+            self.loop.remove_reader(self.shares.wake_fd(self.slot))
 
     def _drain(self) -> None:
         try:
-            os.eventfd_read(self.shares.wake_fds[self.slot])
+            while os.read(self.shares.wake_fd(self.slot), 4096):
+                pass
         except BlockingIOError:
             pass
 

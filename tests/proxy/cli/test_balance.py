@@ -6,6 +6,7 @@ rules themselves: who may accept, who is woken, and a worker that stops beating 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -13,8 +14,10 @@ import pytest
 from proxy.cli.balance import BEAT, ConnectionShares, Share
 
 
-@pytest.fixture
-def shares() -> Iterator[ConnectionShares]:
+@pytest.fixture(params=["memfd", "file"])
+def shares(request, monkeypatch) -> Iterator[ConnectionShares]:
+    if request.param == "file":  # where there is no memfd (macOS): an unlinked temporary file
+        monkeypatch.delattr(os, "memfd_create")
     table = ConnectionShares.create(2)
     yield table
     table.close()
@@ -52,7 +55,7 @@ def test_a_waiting_worker_is_woken_when_the_other_accepts_past_it(shares):
         first.wait(lambda: woken.append("first"))
         await asyncio.sleep(0.02)
         assert woken == []  # still ahead of the other
-        second.opened()  # level again: the first's turn, told through its eventfd
+        second.opened()  # level again: the first's turn, told through its pipe
         for _ in range(100):
             if woken:
                 break
