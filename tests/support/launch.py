@@ -74,17 +74,22 @@ class Cedargate:
 
 def start_cedargate(
     config: Path, *extra_args: str, timeout: float = 30.0, preexec_fn: Callable[[], object] | None = None,
-    clock_file: Path | None = None,
+    clock_file: Path | None = None, heap_probe: Path | None = None,
 ) -> Cedargate:
     """Start `cedargate run --config config *extra_args` and wait until both its proxy and its API listen.
 
     Its output (stdout and stderr) is kept in `Cedargate.output`. `preexec_fn` runs in the child before
     cedargate starts (e.g. to lower its open-file limit). With `clock_file`, the same program decides
-    calls at the time that file says, read at each decision (tests/support/fixed_clock.py).
+    calls at the time that file says, read at each decision (tests/support/fixed_clock.py). With
+    `heap_probe`, it answers SIGUSR1 by writing what its held calls left in memory to that file
+    (tests/support/heap_probe.py).
     """
     loaded = yaml.safe_load(config.read_text())
-    program = [str(CEDARGATE)] if clock_file is None else [
-        sys.executable, "-m", "tests.support.fixed_clock", str(clock_file)]
+    program = [str(CEDARGATE)]
+    if clock_file is not None:
+        program = [sys.executable, "-m", "tests.support.fixed_clock", str(clock_file)]
+    elif heap_probe is not None:
+        program = [sys.executable, "-m", "tests.support.heap_probe", str(heap_probe)]
     argv = [*program, "run", "--config", str(config), *extra_args]
     process = subprocess.Popen(
         argv,
