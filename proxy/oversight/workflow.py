@@ -343,39 +343,44 @@ class OverrideWorkflow:
 
     def _vote(self, conn: Connection, override_id: str, approver: str, roles: frozenset[str], ballot: Ballot,
               reason: str, changes: dict[str, Any] | None = None) -> tuple[tuple[Override, bool], list[Event]]:
-        with _session(conn) as session:
-            override = session.get(Override, override_id)
-            if override is None:
-                raise OverrideError(404, f"no override request {override_id}")
-            now = utcnow()
-            check_voter(override, approver, roles, now)
-            values: dict[str, Any] = {}
+        # Four statements in Core (`OverrideStore.read`, `ballots`, `cast`, `moved`): the request, every
+        # vote on it, the new vote, the conditional UPDATE returning the request as it leaves it.
+        override = self.store.read(conn, override_id)
+        if override is None:
+            raise OverrideError(404, f"no override request {override_id}")
+        now = utcnow()
+        check_voter(override, approver, roles, now)
+        ballots = self.store.ballots(conn, override_id)
+        approvals = {voter: held for voter, (verdict, held) in ballots.items() if verdict == Ballot.APPROVE.value}
+        values: dict[str, Any] = {}
+        if ballot is Ballot.APPROVE:
+            others = set(approvals) - {approver}
+            if others:
+                _check_agreement(override, others, changes)
+            else:  # the first approval says what is approved: the call as sent, or changed
+                values["changes"] = None if changes is None else json.dumps(changes)
+        prior = ballots.get(approver)
+        if prior is None:
+            self.store.cast(conn, override_id, approver, roles, ballot, reason, now)
             if ballot is Ballot.APPROVE:
-                others = set(self.store.approvals(session, override_id)) - {approver}
-                if others:
-                    _check_agreement(override, others, changes)
-                else:  # the first approval says what is approved: the call as sent, or changed
-                    values["changes"] = None if changes is None else json.dumps(changes)
-            prior = self.store.add_vote(session, override_id, approver, roles, ballot, reason, now)
-            if prior is not None and prior.verdict != ballot.value:
-                raise OverrideError(409, f"{approver} already voted to {prior.verdict} this request")
-            target: OverrideStatus | None = None
-            if ballot is Ballot.DENY:
-                target = OverrideStatus.DENIED
-                values.update(decided_at=now, decided_reason=reason)
-            elif quorum_met(requirements_of(override), self.store.approvals(session, override_id),
-                            elapsed(override, now)):
-                target = OverrideStatus.GRANTED
-                values.update(decided_at=now, decided_reason=reason,
-                              grant_expires_at=now + timedelta(seconds=self.store.grant_ttl))
-            if not self.store.move(session, override_id, OverrideStatus(override.status), target,
-                                   version=override.version, **values):
-                raise _Conflict
-            session.commit()  # the session's part: the connection's transaction commits with the events
-            if target is not None:
-                announce(conn, override_id)
-            session.refresh(override)
-            session.expunge(override)
+                approvals[approver] = roles
+        elif prior[0] != ballot.value:
+            raise OverrideError(409, f"{approver} already voted to {prior[0]} this request")
+        target: OverrideStatus | None = None
+        if ballot is Ballot.DENY:
+            target = OverrideStatus.DENIED
+            values.update(decided_at=now, decided_reason=reason)
+        elif quorum_met(requirements_of(override), approvals, elapsed(override, now)):
+            target = OverrideStatus.GRANTED
+            values.update(decided_at=now, decided_reason=reason,
+                          grant_expires_at=now + timedelta(seconds=self.store.grant_ttl))
+        moved = self.store.moved(conn, override_id, OverrideStatus(override.status), target,
+                                 version=override.version, **values)
+        if moved is None:
+            raise _Conflict
+        override = moved  # as this transaction leaves it, and commits it with the events
+        if target is not None:
+            announce(conn, override_id)
         vote_payload: dict[str, Any] = {"reason": reason, "roles": sorted(roles)}
         decided_payload: dict[str, Any] = {"reason": reason}
         if ballot is Ballot.APPROVE and override.changes is not None:
@@ -583,10 +588,9 @@ class OverrideWorkflow:
                    kind: EventKind, decision_id: str | None, payload: Mapping[str, Any] | None,
                    unexpired_grant: bool, values: dict[str, Any]) -> Callable[[Connection], tuple[bool, list[Event]]]:
         def work(conn: Connection) -> tuple[bool, list[Event]]:
-            with _session(conn) as session:
-                moved = self.store.move(session, override.id, from_status, to_status,
-                                        unexpired_grant=unexpired_grant, **values)
-                session.commit()
+            # No ORM objects in it: the UPDATE in Core, with no session to keep in step (`OverrideStore.move`).
+            moved = self.store.move(conn, override.id, from_status, to_status, unexpired_grant=unexpired_grant,
+                                    **values)
             if moved:
                 announce(conn, override.id)
             event = _event(kind, override, decision_id=decision_id, payload=dict(payload or {}))
