@@ -123,9 +123,11 @@ def main() -> int:
             sampler = po.SplitSampler(t.port, workers, concurrency) if workers and count == args.requests else None
             if scheme == "https":
                 trust = ssl.create_default_context(cafile=str(t.ca))
-                cell = po.run_https(t.port, upstream.https_port, True, trust, concurrency, count, True)
+                cell = upstream.count_connections(scheme, lambda: po.run_https(
+                    t.port, upstream.https_port, True, trust, concurrency, count, True))
             else:
-                cell = po.run_wrk(tmp, t.port, upstream.http_port, True, concurrency, count, True)
+                cell = upstream.count_connections(scheme, lambda: po.run_wrk(
+                    tmp, t.port, upstream.http_port, True, concurrency, count, True))
             cell.proxy_cpu_us_per_req = (po.tree_cpu_seconds(t.proc.pid) - cpu_before) / cell.requests * 1e6
             loop_cpu[id(cell)] = (loop_cpu_seconds(t.proc.pid) - loop_before) / cell.requests * 1e6
             if sampler is not None:
@@ -146,7 +148,7 @@ def main() -> int:
                         raw.setdefault(key, {}).setdefault(t.name, []).append(cell)
                         print(f"round {rnd + 1}/{args.rounds} {key:<18} {t.name:<10} {cell.rps:7.0f} req/s  "
                               f"CPU {cell.proxy_cpu_us_per_req:5.0f} us/req (loop {loop_cpu[id(cell)]:5.0f})  "
-                              f"errors {cell.errors}  "
+                              f"errors {cell.errors}  upstream connections {cell.upstream_connections}  "
                               f"load {os.getloadavg()[0]:.1f}"
                               + (f"  workers' connections {cell.worker_connections}"
                                  if cell.worker_connections is not None else ""), flush=True)
@@ -167,6 +169,8 @@ def main() -> int:
             "rps_each_round": {name: [round(c.rps) for c in runs] for name, runs in by_target.items()},
             "worker_connections_each_round": {name: [c.worker_connections for c in runs]
                                               for name, runs in by_target.items() if name != "mitmdump"},
+            # Per round: one per client connection when the proxy keeps its upstream connections alive.
+            "upstream_connections": {name: [c.upstream_connections for c in runs] for name, runs in by_target.items()},
         }
         for label, base in (("vs_baseline", old), ("vs_mitmdump", mitm), ("baseline_vs_mitmdump", None)):
             mine = old if base is None else new

@@ -48,6 +48,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -101,10 +102,34 @@ def _mcp_answer(body: bytes) -> bytes:
             b"Connection: keep-alive\r\n\r\n" % len(payload)) + payload
 
 
+class _ConnectionTally:
+    """The connections the upstream accepted on its plain and its TLS port, kept in a file the benchmark reads
+    before and after a cell: how many upstream connections (on the TLS port, TLS handshakes) a proxy opened
+    for it. Written at each connection only (a client keeps its connections alive), replaced whole."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.counts = {"plain": 0, "tls": 0}
+        self._write()
+
+    def opened(self, port: str) -> None:
+        self.counts[port] += 1
+        self._write()
+
+    def _write(self) -> None:
+        partial = self.path.with_suffix(".partial")
+        partial.write_text(json.dumps(self.counts))
+        os.replace(partial, self.path)
+
+
 class _UpstreamProtocol(asyncio.Protocol):
+    def __init__(self, tally: _ConnectionTally, port: str) -> None:
+        self.tally, self.port = tally, port
+
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.buf = b""
+        self.tally.opened(self.port)
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -135,13 +160,16 @@ class _UpstreamProtocol(asyncio.Protocol):
             self.transport.close()
 
 
-def serve_upstream(cert: str, key: str) -> None:
+def serve_upstream(cert: str, key: str, connections: str) -> None:
+    tally = _ConnectionTally(Path(connections))
+
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(_UpstreamProtocol, "127.0.0.1", 0, backlog=512)
+        server = await loop.create_server(lambda: _UpstreamProtocol(tally, "plain"), "127.0.0.1", 0, backlog=512)
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls.load_cert_chain(cert, key)
-        tls_server = await loop.create_server(_UpstreamProtocol, "127.0.0.1", 0, backlog=512, ssl=tls)
+        tls_server = await loop.create_server(lambda: _UpstreamProtocol(tally, "tls"), "127.0.0.1", 0,
+                                              backlog=512, ssl=tls)
         print(server.sockets[0].getsockname()[1], tls_server.sockets[0].getsockname()[1], flush=True)
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -337,6 +365,9 @@ class CellResult:
     # open), and each worker's share of the CPU the workers spent on the cell.
     worker_connections: list[int] | None = None
     worker_cpu_share: list[float] | None = None
+    # Connections the upstream accepted during the cell (over HTTPS, TLS handshakes): a proxy keeping its
+    # upstream connections alive opens one per client connection, whatever the number of calls.
+    upstream_connections: int | None = None
 
 
 # A fresh path for every call of a "unique" cell: the Cedar context differs, so cedargate's decision cache
@@ -682,13 +713,26 @@ class Upstreams:
     http_port: int
     https_port: int
     ca: Path
+    connections_file: Path
+
+    def connections(self, scheme: str) -> int:
+        """How many connections the upstream has accepted so far on the port `scheme` goes to."""
+        return json.loads(self.connections_file.read_text())["tls" if scheme == "https" else "plain"]
+
+    def count_connections(self, scheme: str, cell_of: Callable[[], CellResult]) -> CellResult:
+        """`cell_of()`, with the upstream connections it opened."""
+        before = self.connections(scheme)
+        cell = cell_of()
+        cell.upstream_connections = self.connections(scheme) - before
+        return cell
 
 
 def start_upstream(procs: Processes, tmp: Path) -> Upstreams:
     ca, cert, key = make_tls(tmp)
+    connections = tmp / "upstream-connections.json"
     proc = procs.start(
         "upstream",
-        [sys.executable, str(Path(__file__).resolve()), "--serve-upstream", str(cert), str(key)],
+        [sys.executable, str(Path(__file__).resolve()), "--serve-upstream", str(cert), str(key), str(connections)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -698,7 +742,7 @@ def start_upstream(procs: Processes, tmp: Path) -> Upstreams:
         raise RuntimeError("upstream server did not start")
     http_port, https_port = map(int, line.split())
     wait_for(lambda: port_open(http_port) and port_open(https_port), 10, "upstream")
-    return Upstreams(http_port, https_port, ca)
+    return Upstreams(http_port, https_port, ca, connections)
 
 
 def start_mitmdump(procs: Processes, tmp: Path, upstream_ca: Path) -> Target:
@@ -876,7 +920,7 @@ def main() -> int:
     parser.add_argument("--shadow", action="store_true",
                         help="also measure cedargate-shadow: one process judging every call by a shadow policy set "
                         "too (a copy of the live one, so nothing disagrees): what shadow policies cost")
-    parser.add_argument("--serve-upstream", nargs=2, metavar=("CERT", "KEY"), help=argparse.SUPPRESS)
+    parser.add_argument("--serve-upstream", nargs=3, metavar=("CERT", "KEY", "CONNECTIONS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_upstream:
         serve_upstream(*args.serve_upstream)
@@ -989,11 +1033,14 @@ def main() -> int:
             if scheme == "https":
                 trust = ssl.create_default_context(cafile=str(t.ca))
                 port = t.port if t.via_proxy else upstream.https_port
-                cell = run_https(port, upstream.https_port, t.via_proxy, trust, concurrency, count, unique)
+                cell = upstream.count_connections(scheme, lambda: run_https(
+                    port, upstream.https_port, t.via_proxy, trust, concurrency, count, unique))
             elif client == "wrk":
-                cell = run_wrk(tmp, t.port, upstream.http_port, t.via_proxy, concurrency, count, unique, mcp)
+                cell = upstream.count_connections(scheme, lambda: run_wrk(
+                    tmp, t.port, upstream.http_port, t.via_proxy, concurrency, count, unique, mcp))
             else:
-                cell = run_python(t.port, upstream.http_port, t.via_proxy, concurrency, count, unique, mcp)
+                cell = upstream.count_connections(scheme, lambda: run_python(
+                    t.port, upstream.http_port, t.via_proxy, concurrency, count, unique, mcp))
             if cpu_before is not None:
                 cpu = tree_cpu_seconds(t.proc.pid) - cpu_before
                 cell.proxy_cpu_us_per_req = cpu / cell.requests * 1e6
@@ -1018,7 +1065,7 @@ def main() -> int:
                         print(
                             f"round {rnd + 1}/{args.rounds} {scheme:<5} c={concurrency:<3} {t.name:<16} "
                             f"{cell.rps:8.0f} req/s  p50 {cell.p50_ms:6.3f} ms  p99 {cell.p99_ms:6.3f} ms"
-                            f"  errors {cell.errors}"
+                            f"  errors {cell.errors}  upstream connections {cell.upstream_connections}"
                             + (f"  proxy CPU {cell.proxy_cpu_us_per_req:.0f} us/req" if t.proc else "")
                             + (f"  workers' connections {cell.worker_connections} CPU {cell.worker_cpu_share}"
                                if cell.worker_connections is not None else ""),
