@@ -3,7 +3,7 @@
 
 Two measurements, side by side in one run:
   commit wait   in this process, the wait itself as the enforcer has it: `Recorder.commit(row)` awaited
-                on an asyncio loop (`asyncio.wrap_future`), on a SQLite file (and with --postgres, on
+                on an asyncio loop (`addons.enforcer.all_done`), on a SQLite file (and with --postgres, on
                 PostgreSQL), by 1 and by 16 concurrent
                 callers (group commit: the rows that arrive while one commit runs share the next).
                 Latency per wait, rows a second, and CPU per row (this process, writer thread included).
@@ -50,7 +50,8 @@ from proxy_overhead import (
 )
 
 # proxy_overhead has put the repository on sys.path (for tests.support), so these import.
-from proxy.record.store import Recorder, make_engine  # noqa: E402
+from addons.enforcer import all_done  # noqa: E402
+from proxy.record.store import RECORD_TIMEOUT, Recorder, make_engine  # noqa: E402
 from tests.support import launch  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "record_latency.json"
@@ -96,7 +97,10 @@ async def _waits(recorder: Recorder, concurrency: int, count: int) -> tuple[list
             remaining -= 1
             row = _row()
             started = time.perf_counter_ns()
-            await asyncio.wrap_future(recorder.commit(row))
+            committed = recorder.commit(row)
+            if not committed.done():  # as the enforcer waits (`_on_record`)
+                await all_done([committed], RECORD_TIMEOUT)
+            committed.result(0)
             latencies.append(time.perf_counter_ns() - started)
             # As the enforcer does once the call is answered.
             recorder.record_outcome(row["decision_id"], row["agent"],
