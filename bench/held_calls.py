@@ -5,7 +5,7 @@ holding them costs, and how fast an approval releases one at steady state with o
 One run, against loopback servers only, with cedargate A (its held ceiling, `max_held_calls`, set to N)
 and a reference cedargate B with nothing held:
   1. open N held calls on A (default 10,000; each a distinct escalatable POST .../i-<n>/stop on its own
-     connection, `Prefer: wait=600`), then `--beyond` more: past the ceiling each must be answered at
+     connection, `Prefer: wait=1800`), then `--beyond` more: past the ceiling each must be answered at
      once (403 override-pending, "held": false) rather than held; A's /status says how many it holds;
   2. wait for steady state (A's CPU under 10% for a second), then A's memory;
   3. throughput of allowed GETs (concurrency 16) through A and through B, in rounds that alternate A and
@@ -48,6 +48,10 @@ from tests.support import launch  # noqa: E402  (on sys.path through proxy_overh
 REPO = po.REPO
 RESULTS = REPO / "bench" / "results" / "held_calls.json"
 APPROVER, APPROVER_TOKEN = "erin", "bench-approver-" + "y" * 32
+# How long each call is held at most (its `Prefer: wait`, and A's hold_max_wait): longer than a whole run,
+# holding 10,000 included, on a loaded machine, or the first calls' holds end before they are approved.
+HOLD_SECONDS = 1800
+ARRIVAL_BOUND = 60.0  # seconds an approved call may take to reach its upstream before the run fails
 
 
 # `--trace`: A is started by this wrapper, which notes when an approval passes each point of its way to
@@ -254,7 +258,7 @@ def start_cedargate(procs: po.Processes, tmp: Path, name: str = "", database_url
     state_dir = tmp / f"state{name}"
     config = tmp / f"cedargate{name}.yaml"
     config.write_text(json.dumps({
-        "policy_dir": str(policy_dir), "state_dir": str(state_dir), "hold_max_wait": 600,
+        "policy_dir": str(policy_dir), "state_dir": str(state_dir), "hold_max_wait": HOLD_SECONDS,
         "proxy": {"port": 0}, "api": {"port": 0},
         # One agent holds them all: the limits that stop one agent flooding reviewers are lifted.
         "max_pending_overrides_per_agent": 1_000_000, "override_rate": 1_000_000,
@@ -305,7 +309,7 @@ async def open_held(proxy_port: int, upstream_port: int, count: int) -> list[asy
         _reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port)
         writer.write(
             f"POST http://127.0.0.1:{upstream_port}/v1/instances/i-{n}/stop HTTP/1.1\r\n"
-            f"Host: 127.0.0.1:{upstream_port}\r\nProxy-Authorization: {auth}\r\nPrefer: wait=600\r\n"
+            f"Host: 127.0.0.1:{upstream_port}\r\nProxy-Authorization: {auth}\r\nPrefer: wait={HOLD_SECONDS}\r\n"
             "Content-Length: 0\r\n\r\n".encode()
         )
         writers.append(writer)
@@ -366,7 +370,7 @@ async def answered_at_once(proxy_port: int, upstream_port: int, first: int, coun
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port)
         writer.write(
             f"POST http://127.0.0.1:{upstream_port}/v1/instances/i-{n}/stop HTTP/1.1\r\n"
-            f"Host: 127.0.0.1:{upstream_port}\r\nProxy-Authorization: {auth}\r\nPrefer: wait=600\r\n"
+            f"Host: 127.0.0.1:{upstream_port}\r\nProxy-Authorization: {auth}\r\nPrefer: wait={HOLD_SECONDS}\r\n"
             "Content-Length: 0\r\nConnection: close\r\n\r\n".encode())
         t0 = time.perf_counter()
         data = await asyncio.wait_for(reader.read(), 120)
@@ -540,6 +544,8 @@ async def run(args) -> dict:
             t0 = time.perf_counter_ns()
             await asyncio.to_thread(approve, api_port, override_id)
             while path not in ArrivalServer.arrivals:
+                if time.perf_counter_ns() - t0 > ARRIVAL_BOUND * 1e9:
+                    raise RuntimeError(f"approved call {path} did not reach its upstream in {ARRIVAL_BOUND:g} s")
                 await asyncio.sleep(0.0005)
             latency = (ArrivalServer.arrivals[path] - t0) / 1e6
             sent[override_id], arrived[override_id] = t0, ArrivalServer.arrivals[path]
