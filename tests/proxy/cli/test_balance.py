@@ -90,3 +90,24 @@ def test_a_worker_that_stops_beating_or_dies_holds_no_one_back(shares):
         return stalled, woken
 
     assert asyncio.run(run()) == (True, ["first"])
+
+
+def test_a_worker_that_accepted_before_joining_counts_what_it_holds(shares):
+    """Connections queued at a worker's start may be accepted before it joins the table: joining at 0
+    would leave it never again its turn, and the other worker, seeing it at 0, stopped at one."""
+    async def run() -> list[tuple[bool, bool]]:
+        loop = asyncio.get_running_loop()
+        first, second = Share(shares, 0, loop), Share(shares, 1, loop)
+        for _ in range(3):
+            first.opened()
+        first.join()
+        second.join()
+        turns = [(first.my_turn(), second.my_turn())]
+        for _ in range(3):
+            second.opened()
+        turns.append((first.my_turn(), second.my_turn()))
+        first.leave()
+        second.leave()
+        return turns
+
+    assert asyncio.run(run()) == [(False, True), (True, True)]
