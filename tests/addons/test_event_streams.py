@@ -28,7 +28,7 @@ from addon_support import AGENT, TOKEN, TOKEN_SHA256
 from proxy.calls.connections import open_file_limit
 from proxy.cedar.manifest import MANIFEST_SCHEMA_FILE, load_manifest, schema_text
 from proxy.cli.fronts import mitmproxy_options
-from proxy.cli.master import listening_sockets, proxy_master
+from proxy.cli.master import listening_socket, proxy_master
 from proxy.decision.gate import Gate
 from proxy.runtime import Runtime
 from proxy.settings.config import AgentCredential, Listen
@@ -127,7 +127,7 @@ def runtime(policy_dir: Path, tmp_path: Path) -> Iterator[Runtime]:
 def proxy_serving(runtime: Runtime) -> Iterator[tuple[str, int]]:
     """cedargate's proxy on loopback, on an event loop in a thread of its own: its URL with the agent's
     credentials, and that thread's id."""
-    [sock] = listening_sockets(runtime.settings)
+    sock = listening_socket(runtime.settings)
     started = threading.Event()
     running: dict[str, Any] = {}
 
