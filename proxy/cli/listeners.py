@@ -103,7 +103,11 @@ class Listeners:
                 self._refuse(conn, capacity)
                 continue
             conn.setblocking(False)
-            factory = protocol_factory if capacity is None else _counted(protocol_factory, capacity, share)
+            factory = protocol_factory
+            if capacity is not None or share is not None:
+                # Counted off when its connection is lost, in the ceiling and in the share alike: a count
+                # never given back would hold this worker's turns as if the connection stayed open.
+                factory = _counted(protocol_factory, capacity, share)
             if share is not None:
                 share.opened()
             self.loop.create_task(self.loop._accept_connection2(factory, conn, {"peername": addr}, sslcontext,
@@ -171,11 +175,13 @@ async def _linger(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
         conn.close()
 
 
-def _counted(protocol_factory: Callable[[], asyncio.BaseProtocol], capacity: Capacity,
-             share: Share | None = None) -> Callable[[], asyncio.BaseProtocol]:
-    """The factory, its protocols counted off `capacity` (and `share`) when their connection is lost."""
+def _counted(protocol_factory: Callable[[], asyncio.BaseProtocol], capacity: Capacity | None,
+             share: Share | None) -> Callable[[], asyncio.BaseProtocol]:
+    """The factory, its protocols counted off `capacity` and `share` (those given) when their connection is
+    lost."""
     def closed() -> None:
-        capacity.agent_closed()
+        if capacity is not None:
+            capacity.agent_closed()
         if share is not None:
             share.closed()
 

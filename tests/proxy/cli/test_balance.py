@@ -1,17 +1,23 @@
 """Workers taking turns to accept (proxy/cli/balance.py): two workers' entries in one table, on one loop.
 
 The real processes are in tests/e2e/test_workers.py (16 connections opened together land 8/8); here the
-rules themselves: who may accept, who is woken, and a worker that stops beating or dies."""
+rules themselves: who may accept, who is woken, and a worker that stops beating or dies; and, through
+the real accept step on a loopback listener, that a worker's count is the connections it holds."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from collections.abc import Iterator
 
 import pytest
 
-from proxy.cli.balance import BEAT, ConnectionShares, Share
+from proxy.calls.capacity import Capacity
+from proxy.cli.balance import BEAT, COUNT, ConnectionShares, Share
+from proxy.cli.listeners import guard_accepts, limit_connections
+
+WAIT = 30  # seconds one step may take before the test gives up (a bound, not a measurement)
 
 
 @pytest.fixture(params=["memfd", "file"])
@@ -111,3 +117,65 @@ def test_a_worker_that_accepted_before_joining_counts_what_it_holds(shares):
         return turns
 
     assert asyncio.run(run()) == [(False, True), (True, True)]
+
+
+class Served(asyncio.Protocol):
+    """The server's end of each connection: `made` and `lost` count them, in order."""
+
+    def __init__(self, events: asyncio.Queue[str]) -> None:
+        self.events = events
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.events.put_nowait("made")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.events.put_nowait("lost")
+
+
+async def _serve(listening: socket.socket, protocol_factory) -> asyncio.Server:
+    return await asyncio.get_running_loop().create_server(protocol_factory, sock=listening)
+
+
+def _listening() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    sock.setblocking(False)
+    return sock
+
+
+@pytest.mark.parametrize("ceiling", [None, 1])
+def test_a_workers_count_is_the_connections_it_holds(shares, ceiling):
+    """Through the accept step (proxy/cli/listeners.py): a connection counts from accept to close, with or
+    without the connection ceiling; one the ceiling refuses is never counted."""
+    async def run() -> list[tuple[str, int]]:
+        loop = asyncio.get_running_loop()
+        listening = _listening()
+        share = Share(shares, 0, loop)
+        listeners = guard_accepts(loop)
+        if ceiling is None:  # a share alone: no ceiling to count connections off when they close
+            share.join()
+            listeners.shares[listening.fileno()] = share
+        else:
+            limit_connections(listening, Capacity(ceiling, 1, 1024), loop, share)
+        events: asyncio.Queue[str] = asyncio.Queue()
+        server = await _serve(listening, lambda: Served(events))
+        seen = []
+        address = listening.getsockname()
+        _, first = await asyncio.open_connection(*address)
+        seen.append((await asyncio.wait_for(events.get(), WAIT), shares.get(0, COUNT)))
+        if ceiling is not None:  # the ceiling is full: the next is answered 503, and not counted
+            refused, refused_end = await asyncio.open_connection(*address)
+            assert (await asyncio.wait_for(refused.readline(), WAIT)).startswith(b"HTTP/1.1 503")
+            seen.append(("refused", shares.get(0, COUNT)))
+            refused_end.close()
+        first.close()
+        seen.append((await asyncio.wait_for(events.get(), WAIT), shares.get(0, COUNT)))
+        server.close()
+        share.leave()
+        return seen
+
+    expected = [("made", 1), ("lost", 0)]
+    if ceiling is not None:
+        expected.insert(1, ("refused", 1))
+    assert asyncio.run(run()) == expected
