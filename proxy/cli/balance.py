@@ -133,10 +133,11 @@ class Share:
         self._beat: asyncio.TimerHandle | None = None
 
     def join(self) -> None:
-        """Start counting and beating: from now on this worker takes its share. What it already holds
-        (connections it accepted before joining: queued at its start) is its count, not 0: a count below
-        what it holds would never be its turn again, and the others, seeing a live worker at 0, would stop
-        too (review finding 1: every worker stopped accepting)."""
+        """Start counting and beating: from now on this worker takes its share. A worker joins before it
+        serves (`proxy.cli.listeners.limit_connections`), so it holds nothing yet; were it to hold some all
+        the same, that is its count, not 0: a count below what it holds would never be its turn again, and
+        the others, seeing a live worker at 0, would stop too (review finding 1: every worker stopped
+        accepting)."""
         self.shares.set(self.slot, COUNT, self.open)
         self.shares.set(self.slot, WAITING, 1 if self._on_turn is not None else 0)
         self._heartbeat()

@@ -223,9 +223,12 @@ def limit_connections(sock: socket.socket | TransportSocket, capacity: Capacity,
                       loop: asyncio.AbstractEventLoop | None = None, share: Share | None = None) -> None:
     """Apply `capacity`'s connection ceiling to the listening socket `sock` (served on `loop`, whose accept
     step `guard_accepts` must have given it before it started serving), and with `share` take only this
-    worker's share of the connections."""
+    worker's share of the connections: the share joins the table here, before the listener serves, so the
+    worker is counted by the others from its first accept (connections queued at its start are accepted
+    as soon as it serves)."""
     listeners = guard_accepts(loop)
     listeners.ceilings[sock.fileno()] = capacity
     if share is not None:
         listeners.shares[sock.fileno()] = share
+        share.join()
     capacity.serving()

@@ -46,7 +46,9 @@ async def work(settings: Settings, sock: socket.socket, shares: ConnectionShares
         master = proxy_master(runtime, open_files, sock, mitmproxy_options(settings))
         loop = asyncio.get_running_loop()
         share = Share(shares, slot, loop)
-        limit_connections(sock, runtime.capacity, share=share)  # before the master serves on it
+        # Before the master serves on it: the share joins the table here, so this worker never accepts
+        # unseen by the others.
+        limit_connections(sock, runtime.capacity, share=share)
         runtime.holds.heap = HeldHeap()  # long holds out of the collector's full passes (proxy.oversight.heap)
         runtime.holds.heap.started()
 
@@ -69,7 +71,6 @@ async def work(settings: Settings, sock: socket.socket, shares: ConnectionShares
         async def announce() -> None:
             while not proxy_addrs(master):
                 await asyncio.sleep(0.01)
-            share.join()
             print(READY, flush=True)
 
         await asyncio.gather(master.run(), announce())

@@ -179,3 +179,30 @@ def test_a_workers_count_is_the_connections_it_holds(shares, ceiling):
     if ceiling is not None:
         expected.insert(1, ("refused", 1))
     assert asyncio.run(run()) == expected
+
+
+def test_a_worker_has_joined_when_it_accepts_its_first_connection(shares):
+    """A connection queued before the worker serves is accepted at once when it does: by then the worker
+    must be in the table, live, or the others would not count it while it accepts (review leftover)."""
+    async def run() -> list[tuple[int, bool]]:
+        loop = asyncio.get_running_loop()
+        listening = _listening()
+        queued = socket.create_connection(listening.getsockname())  # in the listen queue before any serving
+        share = Share(shares, 0, loop)
+        limit_connections(listening, Capacity(16, 1, 1024), loop, share)  # as the worker: then it serves
+        seen: list[tuple[int, bool]] = []
+        events: asyncio.Queue[str] = asyncio.Queue()
+
+        def served() -> Served:  # called as the accept step hands over the connection
+            seen.append((share.open, shares.counts()[0] is not None))
+            return Served(events)
+
+        server = await _serve(listening, served)
+        assert await asyncio.wait_for(events.get(), WAIT) == "made"
+        queued.close()
+        assert await asyncio.wait_for(events.get(), WAIT) == "lost"
+        server.close()
+        share.leave()
+        return seen
+
+    assert asyncio.run(run()) == [(1, True)]
