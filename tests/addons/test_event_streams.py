@@ -22,28 +22,17 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 from addon_support import AGENT, TOKEN, TOKEN_SHA256
 
 from proxy.calls.connections import open_file_limit
-from proxy.cedar.manifest import MANIFEST_SCHEMA_FILE, load_manifest, schema_text
 from proxy.cli.fronts import mitmproxy_options
 from proxy.cli.master import listening_socket, proxy_master
 from proxy.decision.gate import Gate
 from proxy.runtime import Runtime
 from proxy.settings.config import AgentCredential, Listen
+from tests.support.mcp_policies import loopback_mcp_policies
 from tests.support.runtime import started_runtime
 
-MANIFEST = {"hosts": [{"host": "127.0.0.1", "mcp": [{
-    "path": "/mcp", "server": "github", "tools": {"search_issues": {"severity": "low"}},
-}]}]}
-POLICIES = """
-@id("github-mcp-sessions")
-permit (principal in Team::"ops", action == Action::"mcp_rpc", resource == McpServer::"github");
-
-@id("github-tools")
-permit (principal in Team::"ops", action == Action::"call_tool", resource in McpServer::"github");
-"""
 WAIT = 30  # seconds any one step may take before the test gives up (a bound, not a measurement)
 HIDDEN = 5000  # tools the manifest does not list, in one event of some 310 KB
 
@@ -107,13 +96,7 @@ def mcp() -> Iterator[StreamingMcpServer]:
 @pytest.fixture
 def policy_dir(policy_dir: Path) -> Path:
     """The bundled policies with an MCP server on loopback, the one this test runs."""
-    (policy_dir / "actions.yaml").write_text(yaml.safe_dump(MANIFEST))
-    (policy_dir / "github.cedar").write_text(POLICIES)
-    (policy_dir / "payments.cedar").unlink()  # its actions come from the bundled manifest this one replaces
-    manifest = load_manifest(str(policy_dir))
-    assert manifest is not None
-    (policy_dir / MANIFEST_SCHEMA_FILE).write_text(schema_text(manifest), encoding="utf-8")
-    return policy_dir
+    return loopback_mcp_policies(policy_dir)
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ import queue
 import re
 import shutil
 import sqlite3
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -24,23 +23,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-import yaml
-from e2e_support import CEDARGATE, REPO, start_cedargate, write_config
+from e2e_support import REPO, start_cedargate, write_config
 
+from tests.support.mcp_policies import loopback_mcp_policies
 from tests.support.waiting import wait_until
 
 BUNDLED_POLICIES = REPO / "policies"
 
-MANIFEST = {"hosts": [{"host": "127.0.0.1", "mcp": [{
-    "path": "/mcp", "server": "github", "tools": {"search_issues": {"severity": "low"}},
-}]}]}
-POLICIES = """
-@id("github-mcp-sessions")
-permit (principal in Team::"ops", action == Action::"mcp_rpc", resource == McpServer::"github");
-
-@id("github-tools")
-permit (principal in Team::"ops", action == Action::"call_tool", resource in McpServer::"github");
-"""
 WAIT = 30  # seconds any one step may take before the test gives up (a bound, not a measurement)
 UPSTREAM_ANSWER = "urn:cedargate:problem:upstream-answer"
 
@@ -217,12 +206,7 @@ def gate(tmp_path_factory, upstream):
     tmp_path = tmp_path_factory.mktemp("gate")
     policy_dir = tmp_path / "policies"
     shutil.copytree(BUNDLED_POLICIES, policy_dir, ignore=shutil.ignore_patterns("tests"))
-    (policy_dir / "actions.yaml").write_text(yaml.safe_dump(MANIFEST))
-    (policy_dir / "github.cedar").write_text(POLICIES)
-    (policy_dir / "payments.cedar").unlink()  # its actions come from the bundled manifest this one replaces
-    written = subprocess.run([str(CEDARGATE), "schema", str(policy_dir)], capture_output=True, text=True,
-                             cwd=REPO, timeout=60)
-    assert written.returncode == 0, written.stderr
+    loopback_mcp_policies(policy_dir)
     gate = start_cedargate(write_config(tmp_path / "c.yaml", policy_dir, tmp_path / "state", upstream))
     yield gate
     gate.stop()
