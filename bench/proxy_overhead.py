@@ -58,6 +58,7 @@ from figures import write_figures
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # for tests.support: the launcher of a real cedargate the e2e tests use
+from tests.support.kernel import connections_by_process  # noqa: E402
 from tests.support.launch import Cedargate  # noqa: E402
 from tests.support.launch import start_cedargate as launch_cedargate  # noqa: E402
 from tests.support.upstream import make_tls  # noqa: E402
@@ -242,30 +243,6 @@ def workers_of(pid: int) -> list[int]:
         return []
 
 
-def connections_by_process(port: int, pids: list[int]) -> list[int]:
-    """How many established connections accepted on `port` each of `pids` holds (read from /proc)."""
-    accepted = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 01: ESTABLISHED
-                accepted.add(fields[9])
-    counts = []
-    for pid in pids:
-        held = 0
-        try:
-            for fd in Path(f"/proc/{pid}/fd").iterdir():
-                try:
-                    target = os.readlink(fd)
-                except OSError:
-                    continue
-                held += target.startswith("socket:[") and target[8:-1] in accepted
-        except OSError:
-            pass
-        counts.append(held)
-    return counts
-
-
 class SplitSampler:
     """Which worker holds the load client's connections, read from the kernel once they are all open: a
     thread polls every 50 ms until it sees `expected` of them, then stops (a few reads of /proc per cell)."""
@@ -281,7 +258,7 @@ class SplitSampler:
 
     def _poll(self) -> None:
         while not self._done.wait(0.05):
-            counts = connections_by_process(self.port, self.workers)
+            counts = list(connections_by_process(self.port, self.workers).values())
             if self.split is None or sum(counts) > sum(self.split):
                 self.split = counts
             if sum(counts) >= self.expected:

@@ -29,6 +29,7 @@ from sqlalchemy import text
 
 from proxy.record.store import make_engine
 from tests.support.candidates import candidate_policies
+from tests.support.kernel import connections_by_process
 from tests.support.waiting import wait_until
 
 CLIENTS = 12  # agents connected at once, each on its own keep-alive connection
@@ -67,28 +68,6 @@ def calls_through(gate: Cedargate, upstream: Upstream, clients: int, calls: int)
     finally:
         for client in opened:
             client.close()
-
-
-def connections_by_process(port: int, pids: list[int]) -> dict[int, int]:
-    """How many established connections to `port` each process holds (its end accepted on that port)."""
-    accepted = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 01: ESTABLISHED
-                accepted.add(fields[9])
-    counts = {}
-    for pid in pids:
-        sockets = set()
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            try:
-                target = os.readlink(fd)
-            except OSError:  # closed meanwhile
-                continue
-            if target.startswith("socket:["):
-                sockets.add(target[len("socket:["):-1])
-        counts[pid] = len(sockets & accepted)
-    return counts
 
 
 def decisions(url: str) -> int:
