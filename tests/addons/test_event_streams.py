@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +29,7 @@ from proxy.cli.master import listening_socket, proxy_master
 from proxy.decision.gate import Gate
 from proxy.runtime import Runtime
 from proxy.settings.config import AgentCredential, Listen
+from tests.support.event_stream import sse_data
 from tests.support.mcp_policies import loopback_mcp_policies
 from tests.support.runtime import started_runtime
 
@@ -131,19 +131,6 @@ def proxy_serving(runtime: Runtime) -> Iterator[tuple[str, int]]:
         sock.close()
 
 
-def events(raw: bytes) -> list[dict]:
-    """The data of each event an EventSource-conformant client dispatches from `raw`."""
-    found, data = [], []
-    for line in re.split(rb"\r\n|\r|\n", raw)[:-1]:
-        if not line:
-            if data:
-                found.append(json.loads(b"\n".join(data)))
-            data = []
-        elif line.startswith(b"data:"):
-            data.append(line[5:].removeprefix(b" "))
-    return found
-
-
 def test_a_large_tool_list_event_is_filtered_off_the_event_loop_and_the_stream_keeps_its_order(
         runtime, mcp, monkeypatch):
     filtering, other_call_answered = threading.Event(), threading.Event()
@@ -179,4 +166,4 @@ def test_a_large_tool_list_event_is_filtered_off_the_event_loop_and_the_stream_k
         listing.join(WAIT)
     assert filtered_in and filtered_in[0] != loop_thread
     assert answer["status"] == 200
-    assert events(answer["body"]) == [PROGRESS, SHOWN, LOG]
+    assert sse_data(answer["body"]) == [PROGRESS, SHOWN, LOG]

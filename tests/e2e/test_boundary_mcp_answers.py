@@ -13,7 +13,6 @@ from __future__ import annotations
 import gzip
 import json
 import queue
-import re
 import shutil
 import sqlite3
 import threading
@@ -25,6 +24,7 @@ import httpx
 import pytest
 from e2e_support import REPO, start_cedargate, write_config
 
+from tests.support.event_stream import sse_data
 from tests.support.mcp_policies import loopback_mcp_policies
 from tests.support.waiting import wait_until
 
@@ -255,19 +255,6 @@ def ping(gate, url: str, ident: int) -> httpx.Response:
         return http.post(url, json={"jsonrpc": "2.0", "id": ident, "method": "ping"})
 
 
-def events(raw: bytes) -> list[dict]:
-    """The data of each event an EventSource-conformant client dispatches from `raw`."""
-    found, data = [], []
-    for line in re.split(rb"\r\n|\r|\n", raw)[:-1]:
-        if not line:
-            if data:
-                found.append(json.loads(b"\n".join(data)))
-            data = []
-        elif line.startswith(b"data:"):
-            data.append(line[5:].removeprefix(b" "))
-    return found
-
-
 def tool_calls_recorded(gate, at_least: int = 0) -> list[tuple]:
     """The recorded tool calls (decision, upstream status), once there are `at_least` of them."""
     deadline = time.monotonic() + WAIT
@@ -291,7 +278,7 @@ def test_events_split_across_chunks_all_reach_an_http11_agent(gate, mcp):
         mcp.release(f"split-{n}")
     assert agent.finished() == "complete"
     assert agent.status == 200 and agent.headers["content-type"] == "text/event-stream"
-    assert events(agent.body) == [json.loads(event.split(b"data: ", 1)[1]) for event in SPLIT_EVENTS]
+    assert sse_data(agent.body) == [json.loads(event.split(b"data: ", 1)[1]) for event in SPLIT_EVENTS]
     assert search(1, "split") in mcp.seen
     # The streamed answer's decision is recorded (when the stream starts), with the server's status.
     assert tool_calls_recorded(gate, before + 1)[before:] == [("allow", 200)]
@@ -308,7 +295,7 @@ def test_an_unterminated_oversized_event_is_refused_and_other_calls_go_on(gate, 
     agent.finished()
     assert agent.status == 200
     assert b"AAAA" not in agent.body  # not one byte of the event cedargate could not check
-    [refusal] = events(agent.body)
+    [refusal] = sse_data(agent.body)
     assert refusal["id"] == 1 and refusal["error"]["data"]["type"] == UPSTREAM_ANSWER
     assert "more than 1048576 bytes" in refusal["error"]["data"]["detail"]
     # cedargate stopped reading the server: it could not send the rest of its 8 MiB.

@@ -31,21 +31,7 @@ from proxy.calls.mcp.sse import (
 )
 from proxy.calls.mcp.tools import filter_tool_list
 from proxy.settings.config import Settings
-
-
-def sse_events(raw: bytes) -> list[dict]:
-    """The events an EventSource-conformant client dispatches from `raw` (WHATWG HTML, 9.2.6): data only."""
-    lines = re.split(rb"\r\n|\r|\n", raw)[:-1]
-    events, data = [], []
-    for line in lines:
-        if not line:
-            if data:
-                events.append(json.loads(b"\n".join(data)))
-            data = []
-        elif line.startswith(b"data:"):
-            value = line[5:]
-            data.append(value[1:] if value.startswith(b" ") else value)
-    return events
+from tests.support.event_stream import sse_data
 
 
 def message(ident, text="ok") -> dict:
@@ -89,7 +75,7 @@ def test_an_event_split_anywhere_gives_no_empty_piece_and_every_event(cut):
     returned = pieces(SseRewriter(hide("hidden")), [STREAM[:cut], STREAM[cut:]])
     assert all(isinstance(piece_list, list) for piece_list in returned)
     assert b"" not in [piece for piece_list in returned for piece in piece_list]
-    events = sse_events(b"".join(piece for piece_list in returned for piece in piece_list))
+    events = sse_data(b"".join(piece for piece_list in returned for piece in piece_list))
     assert events == [PROGRESS, tool_list(1, "shown"), message(3), message(4, "last")]
 
 
@@ -109,7 +95,7 @@ def test_the_end_of_the_stream_sends_what_is_left_and_cedargates_answers():
     rewriter = SseRewriter(keep, [own])
     assert rewriter(b"data: " + json.dumps(message(1)).encode() + b"\r\n\r") == []
     [last] = rewriter(b"")  # the CR that ends the stream ends the event too
-    assert sse_events(last) == [message(1), own]
+    assert sse_data(last) == [message(1), own]
 
 
 def test_a_stream_with_nothing_left_ends_with_nothing():
@@ -140,7 +126,7 @@ def test_an_unterminated_event_past_the_cap_ends_the_stream_with_an_error_for_ea
     out = b"".join(piece for piece_list in returned for piece in piece_list)
     assert b"AAAA" not in out  # nothing of the event that could not be checked
     assert ended == [1]
-    events = sse_events(sent + out)
+    events = sse_data(sent + out)
     assert [e["id"] for e in events] == [1, "two", 3, 8]
     for error in events[1:3]:
         assert error["error"]["code"] == REFUSED_CODE
@@ -158,15 +144,15 @@ def test_a_complete_event_past_the_cap_in_one_chunk_is_refused_after_the_events_
     rewriter = SseRewriter(keep, max_event_bytes=4096)
     out = rewriter.feed(before + big_event(5000) + before)
     assert out.startswith(before) and b"xxxx" not in out
-    assert [e.get("error", {}).get("code") for e in sse_events(out)] == [None, REFUSED_CODE]
-    assert sse_events(out)[1]["id"] is None  # no request left waiting: JSON-RPC's id for "unknown"
+    assert [e.get("error", {}).get("code") for e in sse_data(out)] == [None, REFUSED_CODE]
+    assert sse_data(out)[1]["id"] is None  # no request left waiting: JSON-RPC's id for "unknown"
 
 
 def test_a_last_event_past_the_cap_at_the_end_of_the_stream_is_refused():
     rewriter = SseRewriter(keep, max_event_bytes=4096, requests=[1])
     assert rewriter(big_event(3000)[:-2] + b"xx") == []  # under the cap, not complete yet
     out = rewriter.feed(b"x" * 2000 + b"\r")  # past the cap, refused before it ends
-    assert rewriter.refused and b"xxx" not in out and sse_events(out)[0]["id"] == 1
+    assert rewriter.refused and b"xxx" not in out and sse_data(out)[0]["id"] == 1
 
 
 def test_each_chunk_is_searched_once(monkeypatch):
@@ -234,7 +220,7 @@ def test_an_encoded_event_stream_is_read_with_the_event_cap():
     stream = big_event(10) + big_event(5000)
     checked = check_answer(gzip.compress(stream), "gzip", "text/event-stream", 200, keep, requests=[1],
                            max_event_bytes=4096)
-    events = sse_events(checked.body)
+    events = sse_data(checked.body)
     assert events[0] == message(1, "x" * 10) and events[1]["error"]["data"]["type"] == UPSTREAM_ANSWER
     assert b"xxxxxxxxxxxxxxxxxxxx" not in checked.body
 
@@ -296,7 +282,7 @@ def test_an_answer_or_event_nesting_past_the_limit_is_refused_and_one_at_it_pass
     # An error page the parser cannot read goes on as it came, as any other unreadable one does.
     assert check_answer(deep(MAX_ANSWER_DEPTH + 1), "identity", "application/json", 500, keep).body is None
     stream = b"data: " + deep(MAX_ANSWER_DEPTH, 1) + b"\n\ndata: " + deep(MAX_ANSWER_DEPTH + 1, 2) + b"\n\n"
-    assert [event["id"] for event in sse_events(SseRewriter(keep).feed(stream))] == [1]
+    assert [event["id"] for event in sse_data(SseRewriter(keep).feed(stream))] == [1]
 
 
 def event(answer: dict) -> bytes:
@@ -342,7 +328,7 @@ def test_a_chunk_read_ahead_gives_what_reading_it_then_would_and_refuses_on_the_
     reader.start()
     reader.join()
     assert ended == []  # not from the thread: ending the exchange is the loop's to do
-    assert sse_events(b"".join(ahead(over)))[0]["id"] == 4 and ended == [1]
+    assert sse_data(b"".join(ahead(over)))[0]["id"] == 4 and ended == [1]
 
 
 def test_the_caps_default_to_the_settings_defaults():

@@ -33,6 +33,7 @@ from proxy.decision.decisions import decide_call
 from proxy.decision.gate import Gate, Outcome
 from proxy.oversight.overrides import fingerprint
 from proxy.vocabulary.problems import Problem
+from tests.support.event_stream import sse_events
 
 GITHUB_MCP = "http://mcp.github.example/mcp"
 JSON = {"Content-Type": "application/json"}
@@ -77,29 +78,6 @@ def manifest_error(tmp_path: Path, manifest: dict) -> str:
     with pytest.raises(ManifestError) as refused:
         load_manifest(tmp_path)
     return str(refused.value)
-
-
-def sse_events(raw: bytes) -> list[dict]:
-    """The events an EventSource-conformant client dispatches from `raw` (WHATWG HTML, 9.2.6)."""
-    lines = re.split(rb"\r\n|\r|\n", raw)[:-1]  # the last piece has no line end: never dispatched
-    events, data, fields = [], [], {}
-    for line in lines:
-        if not line:
-            if data:
-                events.append({"event": fields.get(b"event", b"message").decode(),
-                               "id": fields[b"id"].decode() if b"id" in fields else None,
-                               "data": b"\n".join(data).decode()})
-            data, fields = [], {}
-            continue
-        if line.startswith(b":"):
-            continue
-        name, _, value = line.partition(b":")
-        value = value[1:] if value.startswith(b" ") else value
-        if name == b"data":
-            data.append(value)
-        else:
-            fields[name] = value
-    return events
 
 
 def feed(chunks, rewrite, extra=()) -> bytes:
