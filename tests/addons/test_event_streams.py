@@ -30,7 +30,7 @@ from proxy.decision.gate import Gate
 from proxy.runtime import Runtime
 from proxy.settings.config import AgentCredential, Listen
 from tests.support.event_stream import sse_data
-from tests.support.mcp_policies import loopback_mcp_policies
+from tests.support.manifests import loopback_mcp_policies
 from tests.support.runtime import started_runtime
 
 WAIT = 30  # seconds any one step may take before the test gives up (a bound, not a measurement)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import ssl
-import subprocess
 
 import httpx
-import yaml
-from e2e_support import CEDARGATE, REPO, start_cedargate, write_config
+from e2e_support import start_cedargate, write_config
+
+from tests.support.manifests import use_manifest
 
 MANIFEST = {"hosts": [{"host": "localhost", "routes": [
     {"route": "POST /v1/refunds/{order_id}", "action": "process_refund", "severity": "high", "reversible": False,
@@ -31,12 +31,7 @@ when { context has reversible && !context.reversible && resource.tags.contains("
 
 
 def test_manifest_routes_drive_allow_escalation_hard_deny_and_unknown_refusal(tmp_path, policy_dir, upstream):
-    (policy_dir / "actions.yaml").write_text(yaml.safe_dump(MANIFEST))
-    (policy_dir / "payments.cedar").write_text(POLICIES)  # replaces the bundled payments example
-    (policy_dir / "github.cedar").unlink()  # its MCP actions come from the bundled manifest replaced here
-    written = subprocess.run([str(CEDARGATE), "schema", str(policy_dir)], capture_output=True, text=True,
-                             cwd=REPO, timeout=30)
-    assert written.returncode == 0, written.stderr
+    use_manifest(policy_dir, MANIFEST, POLICIES, into="payments.cedar", replaces="github.cedar")
     gate = start_cedargate(write_config(tmp_path / "c.yaml", policy_dir, tmp_path / "state", upstream))
     upstream.reset()
     base = f"http://localhost:{upstream.http_port}/v1/refunds"

@@ -21,9 +21,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import yaml
-from e2e_support import APPROVERS, CEDARGATE, REPO, start_cedargate, write_config
+from e2e_support import APPROVERS, CEDARGATE, start_cedargate, write_config
 from test_mcp_flow import PEER_PYTHON, _pending, _start_gate, mcp_server, run_agent  # noqa: F401 (a fixture)
+
+from tests.support.manifests import use_manifest
 
 MANIFEST = {"hosts": [{"host": "localhost", "routes": [
     {"route": "POST /v1/refunds/{order_id}", "action": "process_refund", "severity": "high", "reversible": False,
@@ -60,12 +61,7 @@ def pending(gate, approver: str) -> dict:
 
 @pytest.fixture
 def refunds_gate(tmp_path, policy_dir, upstream):
-    (policy_dir / "actions.yaml").write_text(yaml.safe_dump(MANIFEST))
-    (policy_dir / "payments.cedar").write_text(POLICIES)  # replaces the bundled payments example
-    (policy_dir / "github.cedar").unlink()  # its MCP actions come from the bundled manifest replaced here
-    written = subprocess.run([str(CEDARGATE), "schema", str(policy_dir)], capture_output=True, text=True,
-                             cwd=REPO, timeout=30)
-    assert written.returncode == 0, written.stderr
+    use_manifest(policy_dir, MANIFEST, POLICIES, into="payments.cedar", replaces="github.cedar")
     gate = start_cedargate(write_config(tmp_path / "c.yaml", policy_dir, tmp_path / "state", upstream,
                                         hold_max_wait=30))
     upstream.reset()

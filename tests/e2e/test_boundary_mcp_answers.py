@@ -25,7 +25,7 @@ import pytest
 from e2e_support import REPO, start_cedargate, write_config
 
 from tests.support.event_stream import sse_data
-from tests.support.mcp_policies import loopback_mcp_policies
+from tests.support.manifests import loopback_mcp_policies
 from tests.support.waiting import wait_until
 
 BUNDLED_POLICIES = REPO / "policies"

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
-from e2e_support import APPROVERS, CEDARGATE, REPO, start_cedargate, write_config
+from e2e_support import APPROVERS, REPO, start_cedargate, write_config
+
+from tests.support.manifests import use_manifest
 
 POLICIES = REPO / "policies"
 STOP = "/v1/instances/i-0abc/stop"  # allowed on localhost (a dev host), escalated on 127.0.0.1
@@ -419,12 +420,7 @@ permit (principal in Team::"ops", action == Action::"mcp_rpc", resource == McpSe
 
 @pytest.fixture
 def mcp_gate(tmp_path, policy_dir, upstream):
-    (policy_dir / "actions.yaml").write_text(yaml.safe_dump(MCP_MANIFEST))
-    (policy_dir / "github.cedar").write_text(MCP_POLICIES)
-    (policy_dir / "payments.cedar").unlink()  # its actions come from the bundled manifest this one replaces
-    written = subprocess.run([str(CEDARGATE), "schema", str(policy_dir)], capture_output=True, text=True,
-                             cwd=REPO, timeout=30)
-    assert written.returncode == 0, written.stderr
+    use_manifest(policy_dir, MCP_MANIFEST, MCP_POLICIES)
     gate = start_cedargate(write_config(tmp_path / "c.yaml", policy_dir, tmp_path / "state", upstream,
                                         upstream_connect_timeout=TIMEOUT, upstream_read_timeout=TIMEOUT))
     yield gate

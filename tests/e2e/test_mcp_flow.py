@@ -22,8 +22,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
-from e2e_support import APPROVERS, CEDARGATE, REPO, start_cedargate, write_config
+from e2e_support import APPROVERS, REPO, start_cedargate, write_config
+
+from tests.support.manifests import use_manifest
 
 PEERS = REPO / "tests" / "e2e" / "mcp_peers"
 PEER_PYTHON = REPO / ".venv-mcp" / "bin" / "python"
@@ -102,12 +103,7 @@ def mcp_server(request, tmp_path) -> Iterator[McpServer]:
 
 
 def _start_gate(tmp_path, policy_dir, upstream, policies: str = POLICIES):
-    (policy_dir / "actions.yaml").write_text(yaml.safe_dump(MANIFEST))
-    (policy_dir / "github.cedar").write_text(policies)
-    (policy_dir / "payments.cedar").unlink()  # its actions come from the bundled manifest this one replaces
-    written = subprocess.run([str(CEDARGATE), "schema", str(policy_dir)], capture_output=True, text=True,
-                             cwd=REPO, timeout=30)
-    assert written.returncode == 0, written.stderr
+    use_manifest(policy_dir, MANIFEST, policies)
     return start_cedargate(write_config(tmp_path / "c.yaml", policy_dir, tmp_path / "state", upstream,
                                         hold_max_wait=30))
 

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
 import time
 from contextlib import contextmanager
 
 import httpx
 import pytest
-import yaml
 from e2e_support import start_cedargate, write_config
 from test_mcp_flow import PEER_PYTHON, _start_server, run_agent
 
-from tests.support.launch import CEDARGATE, REPO
+from tests.support.manifests import use_manifest
 from tests.support.waiting import wait_until
 
 # -- the time --------------------------------------------------------------------------------------------
@@ -107,12 +105,7 @@ def annotated_server(request, tmp_path):
 
 
 def start_hints_gate(tmp_path, policy_dir, upstream, *args: str):
-    (policy_dir / "actions.yaml").write_text(yaml.safe_dump(MANIFEST))
-    (policy_dir / "github.cedar").write_text(POLICIES)
-    (policy_dir / "payments.cedar").unlink()  # its actions come from the bundled manifest this one replaces
-    written = subprocess.run([str(CEDARGATE), "schema", str(policy_dir)], capture_output=True, text=True,
-                             cwd=REPO, timeout=30)
-    assert written.returncode == 0, written.stderr
+    use_manifest(policy_dir, MANIFEST, POLICIES)
     return start_cedargate(write_config(tmp_path / "c.yaml", policy_dir, tmp_path / "state", upstream), *args)
 
 
