@@ -413,12 +413,34 @@ def exposition(extra: Iterable[Collector] = ()) -> bytes:
     or this process's own), then `extra` collectors' (read at this scrape)."""
     registry = CollectorRegistry(auto_describe=False)
     if _directory is not None:
-        multiprocess.MultiProcessCollector(registry, str(_directory))  # type: ignore[no-untyped-call]
+        _SharedValues(registry, str(_directory))  # type: ignore[no-untyped-call]  # prometheus_client: unannotated
     else:
         registry.register(_Declared())
     for collector in extra:
         registry.register(collector)
     return generate_latest(registry)
+
+
+class _SharedValues(multiprocess.MultiProcessCollector):
+    """prometheus_client's collector of the shared directory, reading only the files that hold values."""
+
+    def collect(self) -> Iterable[Metric]:
+        return self.merge(_value_files(Path(self._path)), accumulate=True)  # type: ignore[no-any-return,no-untyped-call]
+
+
+def _value_files(directory: Path) -> list[str]:
+    """The value files in `directory` that are not empty. prometheus_client creates a process's file and then
+    sizes it, so a reader can find it empty (its process about to write, or killed between the two, which
+    leaves it so for good); reading its missing header would fail the whole read, every process's values with
+    it (prometheus/client_python#1199), and an empty file holds nothing yet."""
+    found = []
+    for path in directory.glob("*.db"):
+        try:
+            if path.stat().st_size:
+                found.append(str(path))
+        except FileNotFoundError:  # a live gauge's file, removed as its process was marked gone
+            continue
+    return found
 
 
 def sample(name: str, labels: Mapping[str, str] | None = None) -> float | None:
@@ -445,7 +467,7 @@ def by_process(names: Iterable[str], pids: Iterable[int]) -> dict[int, dict[Samp
         return {}
     wanted, ours = set(names), {str(pid) for pid in pids}
     found: dict[int, dict[SampleKey, float]] = {}
-    for path in _directory.glob("*.db"):
+    for path in map(Path, _value_files(_directory)):
         pid = path.stem.rpartition("_")[2]  # counter_PID.db, gauge_livesum_PID.db, ...
         if pid not in ours:
             continue

@@ -108,6 +108,36 @@ def test_processes_sharing_a_directory_are_summed_in_one_scrape(tmp_path: Path) 
     assert not (shared / "counter_99999.db").exists()
 
 
+# A process sharing its metrics, beside a worker's value file that exists but is still empty: prometheus_client
+# creates a file and then sizes it, so a scrape can find it so (the worker about to write, or killed between
+# the two: prometheus/client_python#1199). Read and printed: the scrape, then the worker's own values.
+WITH_AN_EMPTY_FILE = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    from proxy.observe import metrics
+
+    shared = Path(sys.argv[1])
+    metrics.share_between_processes(shared)
+    metrics.count_decision("allow", "get", ("ops-read",))
+    (shared / "counter_4242.db").touch()
+    (shared / "gauge_livesum_4242.db").touch()
+    print(metrics.exposition().decode())
+    print("---")
+    print(json.dumps({str(pid): len(found) for pid, found in
+                      metrics.by_process(["cedargate_held_calls"], [4242]).items()}))
+""")
+
+
+def test_a_value_file_still_empty_holds_nothing_and_fails_no_scrape(tmp_path: Path) -> None:
+    shared = tmp_path / "metrics"
+    done = subprocess.run([sys.executable, "-c", WITH_AN_EMPTY_FILE, str(shared)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    scraped, worker = done.stdout.split("---")
+    assert samples(scraped)[("cedargate_decisions_total", (("action", "get"), ("outcome", "allow")))] == 1
+    assert worker.strip() == "{}"
+
+
 # A `cedargate run` as far as its metrics directory goes: it claims one, says which, and lives until told.
 CLAIMANT = textwrap.dedent("""
     import sys
