@@ -8,11 +8,11 @@ call and `/healthz` behind it. Those objects live as long as their hold (minutes
 and again finds nothing.
 
 `HeldHeap` moves them out of the collector's reach with `gc.freeze()` (which only relinks lists: no
-pause): once at start-up (modules, policies, the core), then each time the number of held calls asleep
-in their wait (`Holds.sleep`: by then each has built what it keeps) reaches a new mark, `GROWTH` times
-the count at the last freeze (at least `FIRST`), so a flood of 10,000 holds is frozen about twenty
-times, not once per call; and `SETTLE` seconds after a call fell asleep past the last freeze, whatever
-is asleep by then. Without that settle point the calls held after the last mark (up to a fifth of
+pause): once at start-up (modules, policies, the core), then each time the number of held calls that
+have slept in their wait (`Holds.sleep`: by then each has built what it keeps) and not ended reaches a
+new mark, `GROWTH` times the count at the last freeze (at least `FIRST`), so a flood of 10,000 holds is
+frozen about twenty times, not once per call; and `SETTLE` seconds after a call fell asleep past the
+last freeze, whatever has slept by then. Without that settle point the calls held after the last mark (up to a fifth of
 them: 8,943 frozen of 10,000) stayed in every full pass: some 200,000 objects, 80 ms a pass on this
 project's busy machine, within one approval in six. A freeze is preceded by a collection of the young
 generations, so the garbage of the calls that just ended is reclaimed rather than frozen.
@@ -61,7 +61,10 @@ class HeldHeap:
         gc.freeze()
 
     def held(self, count: int) -> None:
-        """Called on the event loop whenever the number of held calls asleep changes (one up or down)."""
+        """Called on the event loop whenever the number of held calls that have slept and not ended changes:
+        one up at a hold's first sleep, one down when a call that slept ends (`Holds.watching`'s exit). A
+        wake-up after which the call sleeps again is neither: counted as an end, a few rounds of them
+        (another process's changes, retries while the store fails) would hand everything back early."""
         arrived, self._asleep = count > self._asleep, count
         if count >= self._next:
             self._freeze(count)

@@ -8,9 +8,13 @@ a read and two thread hops on the approval's way upstream, and the release's con
 check that counts (should the grant be gone meanwhile, the hold reads the request and answers from what
 it finds). Reviewers' decisions arrive on the event loop (the API's approve and deny, `vote_soon`) and
 on other threads (a vote with changes, a question, the expiry job, and `proxy.oversight.wakeups` for
-decisions made by another process), hence `notify` and `waiting` are thread-safe. The count of held
-calls asleep is told to the process's `HeldHeap`, if it has one (`proxy.oversight.heap`), which keeps
-long holds out of the garbage collector's full passes.
+decisions made by another process), hence `notify` and `waiting` are thread-safe.
+
+The number of held calls that have slept (each has by then built what it keeps) and not yet ended is
+told to the process's `HeldHeap`, if it has one (`proxy.oversight.heap`), which keeps long holds out of
+the garbage collector's full passes: counted up at a hold's first sleep and down when its `watching`
+ends, so a wake-up that finds no decision (another process's change, a retry while the store fails)
+is not taken for a call that ended.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class Woken(asyncio.Event):
     def __init__(self) -> None:
         super().__init__()
         self.decided: Override | None = None
+        self.slept = False  # has slept in `Holds.sleep`: counted for the heap until its `watching` ends
 
     def take(self) -> Override | None:
         decided, self.decided = self.decided, None
@@ -46,7 +51,7 @@ class Holds:
         self._lock = threading.Lock()  # `_events` is changed on the loop and read by `waiting` elsewhere
         self._held = 0  # waiters now: read per escalation against max_held_calls, so counted, not summed
         self.heap = heap
-        self._sleeping = 0  # holds asleep in `sleep`: changed on the event loop only
+        self._slept = 0  # holds that have slept and not ended, told to the heap: on the event loop only
 
     @property
     def held(self) -> int:
@@ -75,23 +80,24 @@ class Holds:
                     waiting.discard(event)
                     if not waiting:
                         del self._events[override_id]
+            if event.slept:  # the call ends here, however often it was woken
+                self._slept -= 1
+                if self.heap is not None:
+                    self.heap.held(self._slept)
 
     async def sleep(self, woken: Woken, timeout: float) -> bool:
         """Wait on a hold's event (from `watching`) until notified (True) or `timeout` passes.
 
-        The heap counts the holds asleep here rather than those subscribed: a hold has built what it
-        keeps for its whole wait (its read of the request included) only once it sleeps, and in a flood
-        of escalations the reads lag far behind the subscriptions.
+        The heap counts a hold from its first sleep rather than from its subscription: a hold has built
+        what it keeps for its whole wait (its read of the request included) only once it sleeps, and in a
+        flood of escalations the reads lag far behind the subscriptions.
         """
-        self._sleeping += 1
-        if self.heap is not None:
-            self.heap.held(self._sleeping)
-        try:
-            return await wait_for_event(woken, timeout)
-        finally:
-            self._sleeping -= 1
+        if not woken.slept:
+            woken.slept = True
+            self._slept += 1
             if self.heap is not None:
-                self.heap.held(self._sleeping)
+                self.heap.held(self._slept)
+        return await wait_for_event(woken, timeout)
 
     async def wait(self, override_id: str, timeout: float) -> bool:
         """Wait until notified about this override or `timeout` passes; True if notified."""

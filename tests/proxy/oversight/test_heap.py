@@ -33,26 +33,40 @@ def tracked(obj: object) -> bool:
     return any(o is obj for o in gc.get_objects())
 
 
+NEVER = 30.0  # a hold's time: these holds end by a wake-up
+
+
+async def held(holds: Holds, override_id: str, remains: dict[str, weakref.ref[Remains]],
+               decided: set[str] | None = None) -> None:
+    """A held call: keeps a `Remains` (noted in `remains`) while it waits on its request. It ends at its
+    first wake-up, or with `decided`, at the first once its request is in it: a wake-up without a
+    decision sends it back to sleep, as `Oversight._hold` does."""
+    kept = Remains()
+    remains[override_id] = weakref.ref(kept)
+    with holds.watching(override_id) as woken:
+        while await holds.sleep(woken, NEVER) and decided is not None and override_id not in decided:
+            woken.clear()
+    del kept
+
+
+async def until_held(holds: Holds, count: int) -> None:
+    """Until `count` calls are held, each asleep in its wait."""
+    while holds.held < count:
+        await asyncio.sleep(0)
+    await asyncio.sleep(0)
+
+
 def test_held_calls_past_the_marks_are_frozen_and_handed_back_once_most_have_ended():
     heap = HeldHeap(first=4, growth=2.0, thaw=0.25)
     holds = Holds(heap)
-    remains: list[weakref.ref[Remains]] = []
+    remains: dict[str, weakref.ref[Remains]] = {}
     seen: dict[str, object] = {}
 
-    async def held(override_id: str) -> None:
-        kept = Remains()
-        remains.append(weakref.ref(kept))
-        with holds.watching(override_id) as woken:
-            await holds.sleep(woken, 30.0)
-        del kept
-
     async def scenario() -> None:
-        calls = [asyncio.create_task(held(f"o-{n}")) for n in range(8)]
-        while holds.held < 8:
-            await asyncio.sleep(0)
-        await asyncio.sleep(0)  # each asleep in its wait
+        calls = [asyncio.create_task(held(holds, f"o-{n}", remains)) for n in range(8)]
+        await until_held(holds, 8)
         seen["freezes while 8 held"] = heap.freezes
-        seen["walked while held"] = [tracked(ref()) for ref in remains[:4]]
+        seen["walked while held"] = [tracked(remains[f"o-{n}"]()) for n in range(4)]
         for n in range(6):  # 2 of 8 left: a quarter of the 8 last frozen
             holds.notify(f"o-{n}")
         await asyncio.gather(*calls[:6])
@@ -69,7 +83,7 @@ def test_held_calls_past_the_marks_are_frozen_and_handed_back_once_most_have_end
     # Down to a quarter: everything is the collector's again, and the cycles the ended calls left are reclaimed.
     assert seen["thaws after 6 ended"] == 1 and seen["frozen after 6 ended"] == 0
     gc.collect()
-    assert [ref() for ref in remains] == [None] * 8
+    assert [ref() for ref in remains.values()] == [None] * 8
 
 
 def test_a_few_held_calls_are_never_frozen():
@@ -107,24 +121,16 @@ def test_holding_goes_on_as_before_without_a_heap():
 def test_held_calls_past_the_last_mark_are_frozen_once_they_settle():
     heap = HeldHeap(first=4, growth=2.0, thaw=0.25, settle=0.05)
     holds = Holds(heap)
-    remains: list[weakref.ref[Remains]] = []
+    remains: dict[str, weakref.ref[Remains]] = {}
     seen: dict[str, object] = {}
 
-    async def held(override_id: str) -> None:
-        kept = Remains()
-        remains.append(weakref.ref(kept))
-        with holds.watching(override_id) as woken:
-            await holds.sleep(woken, 30.0)
-        del kept
-
     async def scenario() -> None:
-        calls = [asyncio.create_task(held(f"o-{n}")) for n in range(6)]  # marks at 4 and 8: 6 reach one
-        while holds.held < 6:
-            await asyncio.sleep(0)
-        await asyncio.sleep(0)
-        seen["walked before settling"] = [tracked(ref()) for ref in remains]
+        # marks at 4 and 8: 6 reach one
+        calls = [asyncio.create_task(held(holds, f"o-{n}", remains)) for n in range(6)]
+        await until_held(holds, 6)
+        seen["walked before settling"] = [tracked(ref()) for ref in remains.values()]
         await asyncio.sleep(0.2)
-        seen["walked once settled"] = [tracked(ref()) for ref in remains]
+        seen["walked once settled"] = [tracked(ref()) for ref in remains.values()]
         seen["frozen at"] = heap.frozen_at
         for n in range(6):
             holds.notify(f"o-{n}")
@@ -135,7 +141,7 @@ def test_held_calls_past_the_last_mark_are_frozen_once_they_settle():
     assert seen["walked before settling"] == [False] * 4 + [True] * 2
     assert seen["walked once settled"] == [False] * 6 and seen["frozen at"] == 6
     gc.collect()
-    assert [ref() for ref in remains] == [None] * 6
+    assert [ref() for ref in remains.values()] == [None] * 6
 
 
 def test_calls_ending_while_as_many_are_held_again_are_handed_back_and_reclaimed():
@@ -143,34 +149,24 @@ def test_calls_ending_while_as_many_are_held_again_are_handed_back_and_reclaimed
     what the ended calls left in cycles is reclaimed, not kept frozen for as long as the process runs."""
     heap = HeldHeap(first=4, growth=2.0, thaw=0.25, settle=0.05)
     holds = Holds(heap)
-    ended: list[weakref.ref[Remains]] = []
+    remains: dict[str, weakref.ref[Remains]] = {}
     seen: dict[str, object] = {}
 
-    async def held(override_id: str) -> None:
-        kept = Remains()
-        with holds.watching(override_id) as woken:
-            await holds.sleep(woken, 30.0)
-        ended.append(weakref.ref(kept))
-        del kept
-
     async def scenario() -> None:
-        calls = {f"o-{n}": asyncio.create_task(held(f"o-{n}")) for n in range(8)}
-        while holds.held < 8:
-            await asyncio.sleep(0)
+        calls = {f"o-{n}": asyncio.create_task(held(holds, f"o-{n}", remains)) for n in range(8)}
+        await until_held(holds, 8)
         await asyncio.sleep(0.2)
         seen["frozen at"], seen["thaws before"] = heap.frozen_at, heap.thaws
         for n in range(8, 14):  # six of the eight end, one at a time, each replaced by a new call
             done = f"o-{n - 8}"
             holds.notify(done)
             await calls.pop(done)
-            calls[f"o-{n}"] = asyncio.create_task(held(f"o-{n}"))
-            while holds.held < 8:
-                await asyncio.sleep(0)
-            await asyncio.sleep(0)
+            calls[f"o-{n}"] = asyncio.create_task(held(holds, f"o-{n}", remains))
+            await until_held(holds, 8)
         seen["thaws after 6 ended"] = heap.thaws
         seen["held"] = holds.held
         gc.collect()
-        seen["ended and still alive"] = [ref() is not None for ref in ended]
+        seen["ended and still alive"] = [remains[f"o-{n}"]() is not None for n in range(6)]
         for override_id in list(calls):
             holds.notify(override_id)
         await asyncio.gather(*calls.values())
@@ -179,3 +175,40 @@ def test_calls_ending_while_as_many_are_held_again_are_handed_back_and_reclaimed
     assert seen["frozen at"] == 8 and seen["thaws before"] == 0
     assert seen["thaws after 6 ended"] == 1 and seen["held"] == 8
     assert seen["ended and still alive"] == [False] * 6
+
+
+def test_wake_ups_without_a_decision_are_not_counted_as_calls_ended():
+    """A held call woken with nothing decided (another process's change, a retry while the store fails)
+    sleeps again: it has not ended, and wake-ups alone never hand the frozen calls back."""
+    heap = HeldHeap(first=4, growth=2.0, thaw=0.25)
+    holds = Holds(heap)
+    remains: dict[str, weakref.ref[Remains]] = {}
+    decided: set[str] = set()
+    seen: dict[str, object] = {}
+
+    async def scenario() -> None:
+        calls = [asyncio.create_task(held(holds, f"o-{n}", remains, decided)) for n in range(8)]
+        await until_held(holds, 8)
+        seen["frozen at"] = heap.frozen_at
+        for _ in range(2):  # each of six woken twice, deciding nothing: as many wake-ups as 12 calls ending
+            for n in range(6):
+                holds.notify(f"o-{n}")
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+        seen["thaws after the wake-ups"] = heap.thaws
+        seen["walked after the wake-ups"] = [tracked(remains[f"o-{n}"]()) for n in range(8)]
+        decided.update(f"o-{n}" for n in range(6))  # now six are decided: they end, and that counts
+        for n in range(6):
+            holds.notify(f"o-{n}")
+        await asyncio.gather(*calls[:6])
+        seen["thaws after 6 ended"] = heap.thaws
+        decided.update(("o-6", "o-7"))
+        for n in range(6, 8):
+            holds.notify(f"o-{n}")
+        await asyncio.gather(*calls[6:])
+
+    asyncio.run(scenario())
+    assert seen["frozen at"] == 8
+    assert seen["thaws after the wake-ups"] == 0
+    assert seen["walked after the wake-ups"] == [False] * 8
+    assert seen["thaws after 6 ended"] == 1
