@@ -1,4 +1,5 @@
-"""Where held calls wait: one asyncio event per waiter, woken when a human decides or the request expires.
+"""Where held calls wait: one `Woken` per waiter, woken when a human decides or the request expires, and
+one timer wheel for all their deadlines.
 
 A waiter subscribes *before* it reads the override's status, so a decision committed between the read
 and the wait still wakes it: no wake-up is lost, and no held call needs to poll the store. The waiter
@@ -9,6 +10,14 @@ check that counts (should the grant be gone meanwhile, the hold reads the reques
 it finds). Reviewers' decisions arrive on the event loop (the API's approve and deny, `vote_soon`) and
 on other threads (a vote with changes, a question, the expiry job, and `proxy.oversight.wakeups` for
 decisions made by another process), hence `notify` and `waiting` are thread-safe.
+
+A hold's time is kept by a coarse timer wheel, not by a loop timer of its own (`asyncio.wait_for` gave
+each hold a timer, a task, and a contextvars Context for each): deadlines fall into buckets of `TICK`
+seconds, and one loop timer, set for the earliest bucket, ends every hold due in it. At 10,000 held
+that is 10,000 timers fewer in the loop's heap, where each stayed until its deadline, and where the
+cancelled timers of all other traffic then lingered too (the loop sweeps cancelled timers only once they
+are half its heap): with their Contexts, most of what the collector's full passes still walked. A hold
+ends when its bucket comes due: never before its deadline, at most one `TICK` after it.
 
 The number of held calls that have slept (each has by then built what it keeps) and not yet ended is
 told to the process's `HeldHeap`, if it has one (`proxy.oversight.heap`), which keeps long holds out of
@@ -21,6 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import math
 import threading
 from collections import defaultdict
 from collections.abc import Iterator
@@ -30,28 +41,77 @@ if TYPE_CHECKING:
     from proxy.oversight.heap import HeldHeap
     from proxy.oversight.overrides import Override
 
+# Seconds per bucket of the timer wheel: how late a hold may end after its deadline. The wheel has one
+# loop timer whatever the tick; the tick sets how many buckets (sets) the held calls' deadlines fill, and
+# how often the loop wakes to end holds: 10 times a second at most.
+TICK = 0.1
 
-class Woken(asyncio.Event):
-    """A waiter's event, and the newest decided state a wake-up brought with it (None: read the store)."""
+
+class Woken:
+    """A hold's wake-up flag (set by `Holds.notify`), the newest decided state a wake-up brought with it
+    (None: read the store), and the one coroutine waiting on it (`wait`)."""
+
+    __slots__ = ("decided", "slept", "_set", "_waiter")
 
     def __init__(self) -> None:
-        super().__init__()
         self.decided: Override | None = None
         self.slept = False  # has slept in `Holds.sleep`: counted for the heap until its `watching` ends
+        self._set = False
+        self._waiter: asyncio.Future[None] | None = None
 
     def take(self) -> Override | None:
         decided, self.decided = self.decided, None
         return decided
 
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        self._resume()
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self) -> bool:
+        """Until set (True), or until its hold's time is up (False; `Holds.sleep` keeps that time).
+        One waiter at a time: a hold is one coroutine."""
+        if self._set:
+            return True
+        if self._waiter is not None:
+            raise RuntimeError("a hold's wake-up has one waiter")
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+        return self._set
+
+    def time_up(self) -> None:
+        """End the wait without setting the flag (`wait` answers False): the hold's time is up."""
+        self._resume()
+
+    def _resume(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
 
 class Holds:
-    def __init__(self, heap: HeldHeap | None = None) -> None:
+    def __init__(self, heap: HeldHeap | None = None, tick: float = TICK) -> None:
         self._events: dict[str, set[Woken]] = defaultdict(set)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()  # `_events` is changed on the loop and read by `waiting` elsewhere
         self._held = 0  # waiters now: read per escalation against max_held_calls, so counted, not summed
         self.heap = heap
         self._slept = 0  # holds that have slept and not ended, told to the heap: on the event loop only
+        # The timer wheel, on the event loop only: bucket n ends the holds due by n * tick.
+        self.tick = tick
+        self._due: dict[int, set[Woken]] = {}
+        self._buckets: list[int] = []  # a heap of the buckets made; an emptied one stays until it is due
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_bucket = 0  # the bucket `_timer` is set for
+        self._wheel_loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def held(self) -> int:
@@ -86,18 +146,33 @@ class Holds:
                     self.heap.held(self._slept)
 
     async def sleep(self, woken: Woken, timeout: float) -> bool:
-        """Wait on a hold's event (from `watching`) until notified (True) or `timeout` passes.
+        """Wait on a hold's event (from `watching`) until notified (True) or `timeout` passes (False).
 
-        The heap counts a hold from its first sleep rather than from its subscription: a hold has built
-        what it keeps for its whole wait (its read of the request included) only once it sleeps, and in a
-        flood of escalations the reads lag far behind the subscriptions.
+        The timeout is kept by the timer wheel: the wait ends in the first tick at or after it, never
+        before it and at most `tick` seconds after it. The heap counts a hold from its first sleep rather
+        than from its subscription: a hold has built what it keeps for its whole wait (its read of the
+        request included) only once it sleeps, and in a flood of escalations the reads lag far behind the
+        subscriptions.
         """
         if not woken.slept:
             woken.slept = True
             self._slept += 1
             if self.heap is not None:
                 self.heap.held(self._slept)
-        return await wait_for_event(woken, timeout)
+        if woken.is_set():
+            return True
+        if timeout <= 0:
+            return False
+        loop = asyncio.get_running_loop()
+        bucket = self._enter(woken, loop, loop.time() + timeout)
+        try:
+            return await woken.wait()
+        finally:
+            sleepers = self._due.get(bucket)
+            if sleepers is not None:  # woken before its time, or cancelled (the client went away)
+                sleepers.discard(woken)
+                if not sleepers:
+                    del self._due[bucket]
 
     async def wait(self, override_id: str, timeout: float) -> bool:
         """Wait until notified about this override or `timeout` passes; True if notified."""
@@ -122,10 +197,42 @@ class Holds:
                 event.decided = decided
             event.set()
 
+    def _enter(self, woken: Woken, loop: asyncio.AbstractEventLoop, deadline: float) -> int:
+        """Put a sleeping hold in the bucket of its deadline (on the loop's clock); that bucket's number."""
+        if self._wheel_loop is not loop:  # a new event loop (tests run several): nothing of the old one holds
+            self._due.clear()
+            self._buckets.clear()
+            self._timer, self._wheel_loop = None, loop
+        bucket = math.ceil(deadline / self.tick)
+        if bucket * self.tick < deadline:  # the division rounded down: never end a hold early
+            bucket += 1
+        sleepers = self._due.get(bucket)
+        if sleepers is None:
+            sleepers = self._due[bucket] = set()
+            heapq.heappush(self._buckets, bucket)
+            if self._timer is None or bucket < self._timer_bucket:
+                self._arm(loop, bucket)
+        sleepers.add(woken)
+        return bucket
 
-async def wait_for_event(event: asyncio.Event, timeout: float) -> bool:
-    try:
-        await asyncio.wait_for(event.wait(), timeout)
-        return True
-    except TimeoutError:
-        return False
+    def _arm(self, loop: asyncio.AbstractEventLoop, bucket: int) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_bucket = loop.call_at(bucket * self.tick, self._expire, loop), bucket
+
+    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The wheel's timer: end the holds of every bucket now due, and set the timer for the next."""
+        self._timer = None
+        now = loop.time()
+        buckets = self._buckets
+        while buckets:
+            bucket = buckets[0]
+            if bucket not in self._due:  # emptied by wake-ups (or already ended: pushed twice)
+                heapq.heappop(buckets)
+            elif bucket * self.tick > now:  # the loop may run a timer a clock resolution early
+                self._arm(loop, bucket)
+                return
+            else:
+                heapq.heappop(buckets)
+                for woken in self._due.pop(bucket):
+                    woken.time_up()

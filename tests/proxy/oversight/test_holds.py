@@ -152,3 +152,80 @@ def test_a_wake_up_brings_the_decided_request_to_the_waiter_and_the_newest_one_w
     first, again, newest = asyncio.run(scenario())
     assert (first.version, again) == (3, None)
     assert (newest.version, newest.status) == (5, "released")
+
+
+def counting_timers(loop: asyncio.AbstractEventLoop) -> list[float]:
+    """The times of the timers set on `loop` from now on (`call_later` sets them through `call_at`)."""
+    set_at: list[float] = []
+    call_at = loop.call_at
+
+    def counted(when: float, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+        set_at.append(when)
+        return call_at(when, *args, **kwargs)
+
+    loop.call_at = counted  # type: ignore[method-assign]
+    return set_at
+
+
+def test_holds_share_the_wheels_timer_and_none_ends_before_its_deadline():
+    holds = Holds(tick=0.05)
+    timeouts = [0.01 * (n % 25 + 1) for n in range(50)]  # 50 holds, due within 0.25 s: 5 or 6 buckets
+    ended: list[tuple[float, float, bool]] = []  # (deadline, when it ended, woken)
+
+    async def held(override_id: str, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        woken = await holds.wait(override_id, timeout)
+        ended.append((deadline, loop.time(), woken))
+
+    async def scenario() -> list[float]:
+        timers = counting_timers(asyncio.get_running_loop())
+        await asyncio.gather(*(held(f"o-{n}", timeout) for n, timeout in enumerate(timeouts)))
+        return timers
+
+    loop = asyncio.new_event_loop()
+    try:
+        timers = loop.run_until_complete(scenario())
+    finally:
+        loop.close()
+    assert len(ended) == 50 and not any(woken for _, _, woken in ended)
+    assert all(at >= deadline for deadline, at, _ in ended)  # never early
+    # One timer a bucket at most (each set when the one before it has run), not one a hold.
+    assert 1 <= len(timers) <= 7
+    assert holds.held == 0
+
+
+def test_a_hold_woken_or_cancelled_before_its_time_leaves_the_others_their_time():
+    holds = Holds(tick=0.01)
+
+    async def scenario() -> list[bool]:
+        woken = asyncio.create_task(holds.wait("o-1", NEVER))
+        cancelled = asyncio.create_task(holds.wait("o-2", 0.05))
+        expiring = asyncio.create_task(holds.wait("o-3", 0.1))
+        await until_held(holds, 3)
+        holds.notify("o-1")
+        cancelled.cancel()
+        results = [await woken, await expiring]
+        await asyncio.gather(cancelled, return_exceptions=True)
+        return results
+
+    assert asyncio.run(scenario()) == [True, False]
+    assert holds.held == 0
+
+
+def test_holds_in_a_later_event_loop_still_end_at_their_time():
+    """Tests (and a restart in one process) run several loops: a wheel's timer set on a closed loop must
+    not stand in for one on the new loop."""
+    holds = Holds(tick=0.01)
+
+    async def woken_early() -> bool:
+        waiter = asyncio.create_task(holds.wait("o-1", 0.05))  # sets the wheel's timer on this loop
+        await until_held(holds, 1)
+        holds.notify("o-1")
+        return await waiter
+
+    async def expires() -> bool:
+        return await asyncio.wait_for(holds.wait("o-2", 0.2), NEVER)  # due after that closed loop's timer
+
+    assert asyncio.run(woken_early()) is True
+    assert asyncio.run(expires()) is False
