@@ -163,6 +163,8 @@ class Holds:
             return True
         if timeout <= 0:
             return False
+        if math.isinf(timeout):  # no end but a wake-up (`hold_max_wait: .inf`)
+            return await woken.wait()
         loop = asyncio.get_running_loop()
         bucket = self._enter(woken, loop, loop.time() + timeout)
         try:

@@ -229,3 +229,15 @@ def test_holds_in_a_later_event_loop_still_end_at_their_time():
 
     assert asyncio.run(woken_early()) is True
     assert asyncio.run(expires()) is False
+
+
+def test_a_hold_without_end_waits_for_its_wake_up():
+    holds = Holds()
+
+    async def scenario() -> bool:
+        waiter = asyncio.create_task(holds.wait("o-1", float("inf")))
+        await until_held(holds, 1)
+        holds.notify("o-1")
+        return await waiter
+
+    assert asyncio.run(scenario()) is True
