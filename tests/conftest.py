@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,13 @@ import pytest
 from proxy.runtime import Runtime
 from tests.support.runtime import started_runtime
 
-BUNDLED_POLICIES = Path(__file__).resolve().parents[1] / "policies"
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED_POLICIES = ROOT / "policies"
+
+# The processes the tests start (`cedargate run`, its workers, the MCP peers) run this tree's code, the
+# tree pytest imports: a venv's editable install points at the checkout it was made in, which in another
+# worktree is not this one. A PYTHONPATH already set (a benchmark's build under test) is kept.
+os.environ.setdefault("PYTHONPATH", str(ROOT))
 
 
 @pytest.fixture
