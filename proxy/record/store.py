@@ -62,7 +62,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Field, Session, SQLModel, create_engine, func, select
 
 from proxy.observe.metrics import store_backlog
-from proxy.record import audit
+from proxy.record import audit, journal
 from proxy.record.migrations import migrate
 from proxy.vocabulary.canonical import canonical_text
 
@@ -285,6 +285,10 @@ SQLITE_AUTOCHECKPOINT = 1000  # pages: SQLite's default, for a writer that check
 # Seconds a call (or a tunnel relayed uninspected) waits for its decision to be committed before it is
 # refused: the writer fails a waiting call at once when the store fails; this bounds a store that only stalls.
 RECORD_TIMEOUT = 5.0
+# Seconds a journaled row (`Recorder.commit`) waits for others before the writer commits it: its call has
+# gone on, so only the record's freshness waits, and the call's outcome usually shares the transaction.
+JOURNAL_LINGER = 0.005
+JOURNAL_SCAN_INTERVAL = 5.0  # seconds between looks for dead processes' journal segments
 
 
 class StoreUnavailable(Exception):
@@ -312,6 +316,8 @@ class Recorder:
         linger: float = 0.05,
         busy_rate: float = 100.0,
         wal_limit: int = WAL_LIMIT,
+        journaled: bool = True,
+        journal_linger: float = JOURNAL_LINGER,
     ) -> None:
         self.engine = engine
         # The writer's transactions: on SQLite they take the write lock at BEGIN (see `make_engine`).
@@ -321,6 +327,7 @@ class Recorder:
         self.linger = linger
         self.busy_rate = busy_rate
         self.wal_limit = wal_limit
+        self.journal_linger = journal_linger
         self._rate, self._rate_at = 0.0, time.monotonic()  # rows a second lately (writer thread only)
         self._hurry = threading.Event()  # set by flush and by waiters: write what is queued now, no lingering
         # Unbounded so that a call already forwarded is always recorded; admission of new calls is
@@ -357,8 +364,15 @@ class Recorder:
         self._stop = threading.Event()
         migrate(engine)
         writable(self._writes)
+        self._journal: journal.Journal | None = None  # SQLite in WAL mode: rows promised, not yet committed
+        self._journal_dir: str | None = None
+        self._scanned_at = time.monotonic()  # the last look for dead processes' segments (`_journal_chores`)
         if self._sqlite:
             self._wal = _sqlite_wal(engine)
+            if self._wal is not None and journaled:
+                self._journal_dir = journal.directory_for(self._wal[:-len("-wal")])
+                self._journal = _open_journal(self._journal_dir)
+                self._replay_dead()
         self._thread = threading.Thread(target=self._run, name="cedargate-recorder", daemon=True)
         self._thread.start()
         self._checkpointer: threading.Thread | None = None
@@ -387,10 +401,32 @@ class Recorder:
         once the row is committed. With `fail_fast` it fails (`StoreUnavailable`) as soon as a try to
         commit it fails, so a call waiting to go is refused now; without, it resolves only when the row is
         in (for a held call, which goes much later, if at all: a passing failure must not count then).
-        Either way the row is retried until it is in. The writer takes it at once, without lingering."""
+        Either way the row is retried until it is in. The writer takes it at once, without lingering.
+
+        On SQLite, a row whose call fails fast while the store is healthy is appended to the journal
+        (`proxy.record.journal`) instead, which is as durable as SQLite's commit (a process killed after it
+        loses nothing; the next start replays it), and the future is resolved at once: the writer commits
+        the row a few milliseconds later, with others. A journal that cannot be written fails the future
+        (`StoreUnavailable`): the call is refused, and its row goes to the writer as a refused call's does."""
         item = storable_row(row)
+        if fail_fast and self._journal is not None and not self._failing and not self._stop.is_set():
+            return self._journaled(item)
         alone = self._opened(item["decision_id"])
         return (self._commit_now(item, fail_fast) if alone else None) or self._waited(_DECISION, item, fail_fast)
+
+    def _journaled(self, item: dict[str, Any]) -> Future[None]:
+        assert self._journal is not None
+        try:
+            segment = self._journal.append(item)
+        except OSError as exc:
+            log.error("the decision journal cannot be written; refusing the call: %s", exc)
+            self._put((_DECISION, item, None))
+            failed: Future[None] = Future()
+            failed.set_exception(StoreUnavailable(f"the decision journal cannot be written: {_short(exc)}"))
+            return failed
+        done = _Journaled(segment)
+        self._put((_DECISION, item, done))
+        return done
 
     def _opened(self, decision_id: str) -> bool:
         """Note a call committed and not yet finished (until its `record_outcome`); whether it is the
@@ -551,6 +587,15 @@ class Recorder:
         if not self._thread.is_alive():
             self._closed = True  # from now on a late row is written by whoever enqueues it (`_put`)
             self._write_late()
+        if self._journal is not None:
+            # Deleted if everything in it is committed, else left for the next start to replay. Without the
+            # writing lock (a writer stuck in the store), a row it commits later only keeps its segment.
+            locked = self._writing.acquire(timeout=timeout)
+            try:
+                self._journal.close()
+            finally:
+                if locked:
+                    self._writing.release()
         if self.pending:
             log.error(
                 "closing the decision record with %d decisions/events NOT written (the store made no progress "
@@ -625,10 +670,13 @@ class Recorder:
                 if self._refusals or self._unsure is not None:
                     with self._writing:
                         self._write([])
+                if self._journal is not None:
+                    with self._writing:
+                        self._journal_chores()
                 store_backlog(0, 0.0)
                 continue
-            if first[0] != _UNIT and first[2] is None:  # nobody waits on it: it may wait for company
-                self._linger()
+            if first[0] != _UNIT and (first[2] is None or isinstance(first[2], _Journaled)):
+                self._linger(journaled=isinstance(first[2], _Journaled))  # nobody waits on it: it may wait for company
             with self._writing:
                 batch: list[Item] = []
                 while len(batch) < self.batch_size:
@@ -650,6 +698,8 @@ class Recorder:
                         self._run_unit(item, future)
                         self._queue.task_done()
                     start = index + 1
+                if self._journal is not None:
+                    self._journal_chores()
 
     def _next(self, timeout: float) -> Item | None:
         """The first queued item, left in the queue (whoever writes takes it, under `_writing`), once
@@ -728,7 +778,10 @@ class Recorder:
                 if self._stop.wait(self.retry_interval):
                     return False
         for future in waiting:  # first: these calls wait to go upstream
-            _settle(future)
+            if isinstance(future, _Journaled):
+                future.segment.committed += 1  # under `_writing`: `Journal.maintain` reads it there
+            else:
+                _settle(future)
         self._commits += 1
         self._wrote_at = time.monotonic()
         self._rate += len(items) / RATE_HORIZON  # whoever wrote them (`_linger` reads it)
@@ -878,6 +931,63 @@ class Recorder:
                   _short(exc))
         return None
 
+    def _journal_chores(self) -> None:
+        """Rotate the journal and delete its committed segments; now and then, replay the segments of
+        processes that died (a `--workers` worker killed, say). Called by the writer, with `_writing` held."""
+        assert self._journal is not None
+        try:
+            self._journal.maintain()
+        except OSError as exc:  # the next append finds out for itself, and refuses its call
+            log.error("decision journal rotation failed: %s", exc)
+        if time.monotonic() - self._scanned_at >= JOURNAL_SCAN_INTERVAL and not self._failing:
+            self._replay_dead()
+
+    def _replay_dead(self) -> int:
+        """Commit the rows of every journal segment whose owner is gone (its lock can be taken), each
+        segment in one transaction, then delete it; rows already in (by decision id) are not written again.
+        A segment that cannot be committed now is left for the next look. The rows replayed."""
+        assert self._journal_dir is not None and self._journal is not None
+        self._scanned_at = time.monotonic()
+        replayed = 0
+        for path in journal.segment_paths(self._journal_dir):
+            if self._journal.owns(path):
+                continue
+            with journal.dead_segment(path) as dead:
+                if dead is None:
+                    continue
+                try:
+                    rows = dead.rows()
+                    replayed += self._replay(rows)
+                except Exception as exc:
+                    log.error("decision journal %s could not be replayed now (kept for the next try): %s",
+                              path, _short(exc))
+                    continue
+                dead.remove()
+                if rows:
+                    log.warning("replayed decision journal %s of a process that stopped without committing it: "
+                                "%d of its %d rows were not in the record", path, replayed, len(rows))
+        return replayed
+
+    def _replay(self, rows: list[dict[str, Any]]) -> int:
+        """Insert the decision rows not yet in the record and chain them, in one transaction."""
+        if not rows:
+            return 0
+        rows = list({row["decision_id"]: row for row in rows}.values())
+        with self._sqlite_transaction() as cursor:
+            known: set[str] = set()
+            ids = [row["decision_id"] for row in rows]
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                known.update(found for (found,) in cursor.execute(
+                    f"SELECT decision_id FROM decisions WHERE decision_id IN ({', '.join('?' * len(chunk))})", chunk))
+            missing = [row for row in rows if row["decision_id"] not in known]
+            if missing:
+                _insert_sqlite(cursor, [_table_row(row) for row in missing])
+                audit.append_sqlite(cursor, [_decision_event(row) for row in missing])
+        self._commits += 1
+        self.written += len(missing)
+        return len(missing)
+
     def _failed(self, exc: Exception) -> None:
         if not self._failing:
             log.error("decision store write failed; refusing calls until it recovers: %s", exc)
@@ -938,7 +1048,7 @@ class Recorder:
             # than a WAL that grows until the disk is full.
             self._self_checkpoint = True
 
-    def _linger(self) -> None:
+    def _linger(self, journaled: bool = False) -> None:
         """Group commit: while rows come faster than `busy_rate` a second, wait up to `linger` seconds
         before taking a batch, so the calls in flight join its transaction.
 
@@ -947,11 +1057,16 @@ class Recorder:
         hundred calls a second, batches of one or two rows cost the proxy more than deciding the calls.
         Only rows nobody waits on linger: a call waiting for its record before it goes upstream cuts
         the wait short (`hurry`), and the calls that arrive while a commit runs share the next one.
-        An idle proxy writes each row as soon as this thread wakes.
+        An idle proxy writes each row as soon as this thread wakes. A journaled row (`commit`) always
+        waits up to `journal_linger`: its call has gone on, and its outcome usually joins it in the batch.
         """
         now = time.monotonic()
         self._rate *= math.exp((self._rate_at - now) / RATE_HORIZON)  # rows taken since are added on
         self._rate_at = now
+        if journaled and self._queue.qsize() + 1 < self.batch_size:
+            if self._hurry.wait(max(self.journal_linger, self.linger if self._rate >= self.busy_rate else 0.0)):
+                self._hurry.clear()
+            return
         if self._rate >= self.busy_rate and self._queue.qsize() + 1 < self.batch_size:
             if self._hurry.wait(self.linger):
                 self._hurry.clear()
@@ -962,6 +1077,26 @@ def _lag(batch: list[Item]) -> float:
     times = [item["at"] for tag, item, _ in batch if tag in (_DECISION, _EVENT)]
     aware = [at for at in times if isinstance(at, datetime) and at.tzinfo is not None]
     return (utcnow() - min(aware)).total_seconds() if aware else 0.0
+
+
+class _Journaled(Future[None]):
+    """A journaled row's future (`Recorder.commit`): resolved from the start, since the row is in the journal;
+    it carries the segment, which counts the row once the writer has committed it."""
+
+    def __init__(self, segment: journal.Segment) -> None:
+        super().__init__()
+        self.segment = segment
+        self.set_result(None)
+
+
+def _open_journal(directory: str) -> journal.Journal:
+    try:
+        return journal.Journal(directory)
+    except OSError as exc:
+        raise StoreUnavailable(
+            f"the decision journal {directory} cannot be written ({_short(exc)}): cedargate records every call "
+            "before forwarding it. Make the database's directory writable by this user, then start again"
+        ) from None
 
 
 class _LockTaken(Exception):

@@ -71,8 +71,10 @@ def test_the_wal_stays_bounded_for_every_url_form_and_for_units_of_work(
         for _ in range(COMMITS):
             recorder.transact(_vote)
     else:
-        for i in range(COMMITS):  # one commit each, as calls waiting for their record one at a time
-            recorder.commit(_row(i, cedar_request="y" * 1500)).result(10)
+        # One commit each, as calls waiting for their record one at a time: held calls (not fail-fast) wait
+        # for their commit; a fail-fast call's row is journaled and committed later, in batches.
+        for i in range(COMMITS):
+            recorder.commit(_row(i, cedar_request="y" * 1500), fail_fast=False).result(10)
     wal = Path(f"{db_path}-wal")
     assert wal.exists()  # the very file the checkpoints measure
     wait_until(lambda: wal.stat().st_size <= WAL_BOUND, f"the WAL ({wal.stat().st_size} bytes) to be truncated")
@@ -137,7 +139,8 @@ def test_a_file_not_in_wal_mode_commits_while_another_connection_reads(
 
 def test_the_writer_waits_for_another_writers_lock_then_commits(
         db_path: Path, closing: list[Recorder], monkeypatch: pytest.MonkeyPatch):
-    recorder = Recorder(make_engine(f"sqlite:///{db_path}"))
+    # Calls that wait for their commit (without the journal: PostgreSQL's way, and a held call's).
+    recorder = Recorder(make_engine(f"sqlite:///{db_path}"), journaled=False)
     closing.append(recorder)
     recorder.commit(_row(0)).result(10)
     # The writer's tries to take the write lock in `begin_immediate`, and those turned away as busy.
@@ -196,7 +199,9 @@ def test_a_write_lock_held_past_the_bound_refuses_the_call_and_the_row_lands_onc
     being unavailable (the gate answers it 503 store-unavailable and forwards nothing); its row is kept and
     written once the lock is free, and the store is healthy again."""
     monkeypatch.setattr(store, "BUSY_TIMEOUT", 0.2)
-    recorder = Recorder(make_engine(f"sqlite:///{db_path}"), retry_interval=0.05)
+    # A call that waits for its commit (without the journal: PostgreSQL's way); the journaled call's case is
+    # tests/proxy/record/test_journal.py's.
+    recorder = Recorder(make_engine(f"sqlite:///{db_path}"), retry_interval=0.05, journaled=False)
     closing.append(recorder)
     recorder.commit(_row(0)).result(10)
     other = sqlite3.connect(db_path, isolation_level=None)

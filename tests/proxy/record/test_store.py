@@ -253,8 +253,12 @@ def test_a_new_sqlite_store_is_private_to_its_owner(tmp_path: Path, url: str):
         recorder.record(_row())
         assert recorder.flush(10)
         files = [p for p in tmp_path.iterdir() if p.name.startswith("new.db")]
-        assert {p.name for p in files} >= {"new.db", "new.db-wal", "new.db-shm"}
-        assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o600 for p in files}
+        assert {p.name for p in files} >= {"new.db", "new.db-wal", "new.db-shm", "new.db.journal"}
+        # The journal is a directory (0700) of segment files (0600), one of them this process's.
+        segments = list((tmp_path / "new.db.journal").iterdir())
+        assert segments and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in segments)
+        assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {
+            p.name: 0o700 if p.is_dir() else 0o600 for p in files}
     finally:
         recorder.close()
         recorder.engine.dispose()
@@ -279,8 +283,10 @@ def test_a_file_name_without_uri_true_is_the_file_made_private(tmp_path: Path, m
         finally:
             con.close()
         files = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
-        assert set(files) <= {"file:rel.db", "file:rel.db-wal", "file:rel.db-shm", "file:rel.db-journal"}
-        assert files == {name: 0o600 for name in files} and "file:rel.db" in files
+        assert set(files) <= {"file:rel.db", "file:rel.db-wal", "file:rel.db-shm", "file:rel.db-journal",
+                              "file:rel.db.journal"}
+        assert files == {name: 0o700 if (tmp_path / name).is_dir() else 0o600 for name in files}
+        assert "file:rel.db" in files
     finally:
         recorder.close()
         recorder.engine.dispose()
@@ -306,19 +312,26 @@ def _drop_decisions(db_path: Path) -> None:
 
 
 def test_a_waited_on_row_resolves_once_committed_and_fails_at_once_while_the_store_fails(
-        sqlite_recorder: Recorder, db_path: Path):
-    first = _row(1, upstream_status=None)
-    assert sqlite_recorder.commit(first).result(5) is None
-    assert [r["decision_id"] for r in sqlite_rows(db_path)] == [first["decision_id"]]
+        db_path: Path):
+    # A call that waits for its commit (without the journal: PostgreSQL's way); with the journal, the row is
+    # journaled and its call goes (tests/proxy/record/test_journal.py).
+    sqlite_recorder = Recorder(make_engine(f"sqlite:///{db_path}"), retry_interval=0.05, journaled=False)
+    try:
+        first = _row(1, upstream_status=None)
+        assert sqlite_recorder.commit(first).result(5) is None
+        assert [r["decision_id"] for r in sqlite_rows(db_path)] == [first["decision_id"]]
 
-    _drop_decisions(db_path)
-    second = _row(2, upstream_status=None)
-    with pytest.raises(StoreUnavailable, match="no such table"):
-        sqlite_recorder.commit(second).result(5)  # the call waiting on it is refused, not kept waiting
+        _drop_decisions(db_path)
+        second = _row(2, upstream_status=None)
+        with pytest.raises(StoreUnavailable, match="no such table"):
+            sqlite_recorder.commit(second).result(5)  # the call waiting on it is refused, not kept waiting
 
-    SQLModel.metadata.create_all(make_engine(f"sqlite:///{db_path}"))
-    assert sqlite_recorder.flush()  # and the row itself was kept: a refused call is on the record too
-    assert [r["decision_id"] for r in sqlite_rows(db_path)] == [second["decision_id"]]
+        SQLModel.metadata.create_all(make_engine(f"sqlite:///{db_path}"))
+        assert sqlite_recorder.flush()  # and the row itself was kept: a refused call is on the record too
+        assert [r["decision_id"] for r in sqlite_rows(db_path)] == [second["decision_id"]]
+    finally:
+        sqlite_recorder.close(timeout=2)
+        sqlite_recorder.engine.dispose()
 
 
 def test_an_outcome_completes_the_row_and_is_chained(sqlite_recorder: Recorder, db_path: Path):
@@ -483,7 +496,8 @@ def test_the_writer_stores_rows_and_chain_byte_for_byte_as_sqlalchemy_does(tmp_p
 def test_a_lone_call_commits_its_row_itself_after_what_was_queued_before_it(db_path: Path):
     """One call at a time: the caller commits its row in its own thread (no hand-off to the writer and
     back), taking what was queued before it into the same transaction, in queue order."""
-    recorder = Recorder(make_engine(f"sqlite:///{db_path}"), linger=5.0, busy_rate=0.0)  # the writer lingers
+    # the writer lingers; without the journal, as a held call's row (not fail-fast) is committed
+    recorder = Recorder(make_engine(f"sqlite:///{db_path}"), linger=5.0, busy_rate=0.0, journaled=False)
     try:
         first = _row(0)
         recorder.commit(first).result(5)
@@ -508,8 +522,8 @@ def test_a_lone_call_commits_its_row_itself_after_what_was_queued_before_it(db_p
 
 def test_a_lone_call_never_waits_in_its_own_thread_for_another_writers_lock(db_path: Path):
     """Another process holds SQLite's write lock: the caller hands its row to the writer at once (which
-    waits its turn), rather than stalling its event loop."""
-    recorder = Recorder(make_engine(f"sqlite:///{db_path}"))
+    waits its turn), rather than stalling its event loop. (Without the journal, as a held call's row.)"""
+    recorder = Recorder(make_engine(f"sqlite:///{db_path}"), journaled=False)
     other = sqlite3.connect(db_path, isolation_level=None)
     try:
         other.execute("BEGIN IMMEDIATE")
@@ -527,8 +541,9 @@ def test_a_lone_call_never_waits_in_its_own_thread_for_another_writers_lock(db_p
 
 def test_calls_in_flight_together_share_the_writers_commits(db_path: Path):
     """With another call committed and not yet finished, a call's row goes through the writer, whose
-    batches many calls share (group commit), rather than being committed alone by its caller."""
-    recorder = Recorder(make_engine(f"sqlite:///{db_path}"))
+    batches many calls share (group commit), rather than being committed alone by its caller. (Without the
+    journal, as held calls' rows.)"""
+    recorder = Recorder(make_engine(f"sqlite:///{db_path}"), journaled=False)
     other = sqlite3.connect(db_path, isolation_level=None)
     try:
         recorder.commit(_row(0)).result(5)  # in flight: no outcome yet
