@@ -9,6 +9,7 @@ made just before the kill are in the killed process's journal, replayed by the n
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import threading
@@ -23,6 +24,8 @@ import httpx
 import pytest
 import sqlalchemy
 from e2e_support import CEDARGATE, Cedargate, start_cedargate, write_config
+
+from tests.support.waiting import wait_until
 
 AGENTS = 12  # concurrent agents
 SLOW = 2.5  # seconds a slow call takes upstream: killed mid-answer, it must already be on the record
@@ -224,3 +227,34 @@ def _held_call(gate: Cedargate, upstream) -> None:
                       headers={"Prefer": "wait=20"})
         except httpx.HTTPError:
             pass  # the proxy was killed while it held the call
+
+
+def test_a_worker_killed_under_load_leaves_every_call_it_forwarded_on_the_record(tmp_path, policy_dir, upstream,
+                                                                                 slow):
+    """`--workers 2` on SQLite: a worker killed with SIGKILL under load leaves the rows of its last calls in
+    its journal; the worker started in its place replays them (and the other would, on its next look), with
+    no restart of the whole program."""
+    config = write_config(tmp_path / "cedargate.yaml", policy_dir, tmp_path / "state", upstream)
+    gate = start_cedargate(config, "--workers", "2")
+    url = f"sqlite:///{gate.database}"
+    try:
+        agents = Agents(gate, slow.port)
+        under_load(slow, agents)
+        killed, kept = gate.children()
+        os.kill(killed, signal.SIGKILL)
+        wait_until(lambda: len(gate.children()) == 2 and killed not in gate.children(), "a worker in its place")
+        replacement = next(pid for pid in gate.children() if pid != kept)
+        wait_until(lambda: any(f"proxy worker {replacement} serving" in line for line in gate.output),
+                   "the new worker to serve")
+        agents.join()
+        seen = list(slow.seen)
+        assert len(seen) >= BUSY
+        wait_until(lambda: [path for path in seen if path not in _recorded(url)] == [],
+                   "every call the upstream saw to be on the record")
+        assert "replayed decision journal" in "".join(gate.output)
+    finally:
+        agents.join()
+        stopped = gate.stop()
+    assert stopped == 0, "".join(gate.output)[-3000:]
+    result = _verify(url)
+    assert result.returncode == 0, result.stdout + result.stderr
