@@ -10,7 +10,7 @@ import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -54,14 +54,25 @@ def test_a_call_the_record_cannot_take_is_refused_honestly_and_the_store_recover
     with sqlite3.connect(cedargate.database) as db:  # the record breaks under the running proxy
         db.execute("DROP TABLE decisions")
 
-    # The first call after finds out: it was about to go upstream, but its record failed.
-    _refused_honestly(_get(cedargate, upstream, "/v1/instances/during"))
+    # A call's row is journaled before it goes and committed a few ms later: the calls journaled before the
+    # writer finds the store failing go (their rows are kept, in the journal and the writer's queue); from
+    # then on every call is refused, honestly, and nothing more is forwarded.
+    _refused_honestly(_until_answered(cedargate, upstream, "/v1/instances/during", 503))
     _refused_honestly(_get(cedargate, upstream, "/v1/instances/during-2"))
-    assert [c.path for c in upstream.calls] == ["/v1/instances/before"]
+    assert {c.path for c in upstream.calls} <= {"/v1/instances/before", "/v1/instances/during"}
 
     SQLModel.metadata.create_all(make_engine(f"sqlite:///{cedargate.database}"))
     assert _until_answered(cedargate, upstream, "/v1/instances/after", 200).status_code == 200
-    assert [c.path for c in upstream.calls] == ["/v1/instances/before", "/v1/instances/after"]
+    assert [c.path for c in upstream.calls][-1] == "/v1/instances/after"
+    assert "/v1/instances/during-2" not in {c.path for c in upstream.calls}
+    # Every call forwarded while the table was gone is on the record once the store is back.
+    forwarded = {c.path for c in upstream.calls} - {"/v1/instances/before"}
+    wait_until(lambda: forwarded <= _recorded_paths(cedargate), what="the journaled calls to be committed")
+
+
+def _recorded_paths(gate: Cedargate) -> set[str]:
+    with sqlite3.connect(gate.database) as db:
+        return {path for (path,) in db.execute("SELECT path FROM decisions")}
 
 
 def _immutable(path: Path, on: bool) -> None:
@@ -131,26 +142,28 @@ def test_a_held_call_whose_record_met_a_passing_failure_is_released_once_approve
     assert api(cedargate, "GET", f"/overrides/{request['id']}").json()["status"] == "released"
 
 
-def test_a_call_waits_for_another_writers_lock_and_is_refused_when_it_is_held_past_the_bound(cedargate, upstream):
-    """Another process holds SQLite's write lock: a call's record waits its turn and the call goes once the
-    lock is free; held past the writer's bound (BUSY_TIMEOUT), the call is refused 503 store-unavailable and
-    nothing is forwarded, and cedargate recovers when the lock is let go."""
+def test_a_call_goes_while_another_writer_holds_the_lock_and_is_refused_when_it_is_held_past_the_bound(
+        cedargate, upstream):
+    """Another process holds SQLite's write lock: a call's row is journaled and the call goes at once, its
+    commit waiting its turn; held past the writer's bound (BUSY_TIMEOUT), the commit fails and calls are
+    refused 503 store-unavailable with nothing forwarded, and cedargate recovers when the lock is let go,
+    every call it forwarded on the record."""
     lock = sqlite3.connect(cedargate.database, isolation_level=None)
     try:
         lock.execute("BEGIN IMMEDIATE")
-        with ThreadPoolExecutor(1) as pool:
-            waiting = pool.submit(_get, cedargate, upstream, "/v1/instances/waited")
-            done, _ = wait([waiting], timeout=1)
-            assert not done and upstream.calls == []  # waiting for its record, not refused nor forwarded
-            lock.execute("COMMIT")
-            assert waiting.result(timeout=15).status_code == 200
-        lock.execute("BEGIN IMMEDIATE")
-        # Held until the answer comes: only the bound ends the wait.
-        _refused_honestly(_get(cedargate, upstream, "/v1/instances/held-past-the-bound"))
+        assert _get(cedargate, upstream, "/v1/instances/waited").status_code == 200
+        # Held until the writer's wait passes the bound: from then on calls are refused.
+        _refused_honestly(_until_answered(cedargate, upstream, "/v1/instances/held-past-the-bound", 503))
+        _refused_honestly(_get(cedargate, upstream, "/v1/instances/refused"))
+        assert _recorded_paths(cedargate) == set()  # nothing committed while the lock is held
     finally:
         if lock.in_transaction:
             lock.execute("ROLLBACK")
         lock.close()
-    assert [c.path for c in upstream.calls] == ["/v1/instances/waited"]
+    forwarded = {c.path for c in upstream.calls}
+    assert "/v1/instances/waited" in forwarded
+    assert forwarded <= {"/v1/instances/waited", "/v1/instances/held-past-the-bound"}
     assert _until_answered(cedargate, upstream, "/v1/instances/after", 200).status_code == 200
-    assert [c.path for c in upstream.calls] == ["/v1/instances/waited", "/v1/instances/after"]
+    assert "/v1/instances/refused" not in {c.path for c in upstream.calls}
+    wait_until(lambda: forwarded | {"/v1/instances/after"} <= _recorded_paths(cedargate),
+               what="every call forwarded to be on the record")
