@@ -147,6 +147,7 @@ def main() -> int:
                         cell = measure(scheme, t, concurrency, args.requests)
                         raw.setdefault(key, {}).setdefault(t.name, []).append(cell)
                         print(f"round {rnd + 1}/{args.rounds} {key:<18} {t.name:<10} {cell.rps:7.0f} req/s  "
+                              f"p50 {cell.p50_ms:6.3f} ms  "
                               f"CPU {cell.proxy_cpu_us_per_req:5.0f} us/req (loop {loop_cpu[id(cell)]:5.0f})  "
                               f"errors {cell.errors}  upstream connections {cell.upstream_connections}  "
                               f"load {os.getloadavg()[0]:.1f}"
@@ -165,6 +166,7 @@ def main() -> int:
             "loop_cpu_us_per_req": {name: round(statistics.median(loop_cpu[id(c)] for c in runs))
                                     for name, runs in by_target.items()},
             "rps": {name: round(statistics.median(c.rps for c in runs)) for name, runs in by_target.items()},
+            "p50_ms": {name: round(statistics.median(c.p50_ms for c in runs), 3) for name, runs in by_target.items()},
             "errors": {name: sum(c.errors for c in runs) for name, runs in by_target.items()},
             "rps_each_round": {name: [round(c.rps) for c in runs] for name, runs in by_target.items()},
             "worker_connections_each_round": {name: [c.worker_connections for c in runs]
@@ -193,7 +195,7 @@ def main() -> int:
               f"{fmt(cell['vs_mitmdump']['throughput'])} (CPU {fmt(cell['vs_mitmdump']['cpu_per_request'])}), "
               f"baseline {fmt(cell['baseline_vs_mitmdump']['throughput'])} "
               f"(CPU {fmt(cell['baseline_vs_mitmdump']['cpu_per_request'])}) | CPU us/req {cell['cpu_us_per_req']}, "
-              f"loop {cell['loop_cpu_us_per_req']}")
+              f"loop {cell['loop_cpu_us_per_req']}, p50 ms {cell['p50_ms']}")
 
     write_figures(args.out, {
         "benchmark": "ab_builds",
