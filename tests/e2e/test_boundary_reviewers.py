@@ -287,6 +287,8 @@ def test_an_existing_state_dir_is_made_private_and_the_store_files_0600(start, t
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
     files = {p.name: stat.S_IMODE(p.stat().st_mode) for p in state.iterdir()
              if p.name.startswith("cedargate.db")}
-    assert set(files) >= {"cedargate.db", "cedargate.db-wal", "cedargate.db-shm"}
-    assert files == dict.fromkeys(files, 0o600)
+    assert set(files) >= {"cedargate.db", "cedargate.db-wal", "cedargate.db-shm", "cedargate.db.journal"}
+    # The journal of rows not yet committed is a directory (0700) of segment files (0600).
+    assert files == {name: 0o700 if name == "cedargate.db.journal" else 0o600 for name in files}
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in (state / "cedargate.db.journal").iterdir())
     assert gate.process.poll() is None

@@ -61,9 +61,9 @@ def test_stopping_a_staging_instance_after_hours_waits_for_the_on_call_engineer(
         assert refused.status_code == 403 and problem["type"] == "urn:cedargate:problem:override-pending"
         assert problem["required_roles"] == ["on-call"]
         assert [p["id"] for p in problem["policies"]] == ["staging-after-hours"]
-    # The record says when each call was decided: the clock's time.
-    with sqlite3.connect(gate.database) as db:
-        rows = db.execute("SELECT at, decision FROM decisions WHERE path LIKE '%/stop' ORDER BY at").fetchall()
+    # The record says when each call was decided: the clock's time. (A forwarded call's row is journaled
+    # before it goes and committed a few ms later: wait for the four.)
+    rows = wait_until(lambda: len(found := _stops(gate)) >= 4 and found, "the four calls to be recorded")
     assert [(at[:16], decision) for at, decision in rows] == [
         ("2026-12-02 09:00", "allow"), ("2026-12-02 20:00", "escalate"), ("2026-12-05 10:00", "escalate"),
         ("2026-12-07 07:00", "allow")]
@@ -166,3 +166,8 @@ def test_status_under_workers_shows_the_tool_hints_the_workers_keep(tmp_path, po
         wait_until(lambda: tool_hints() == {"github": len(unclassified)}, what="the hints a worker keeps")
     finally:
         assert gate.stop() == 0
+
+
+def _stops(gate) -> list[tuple[str, str]]:
+    with sqlite3.connect(gate.database) as db:
+        return db.execute("SELECT at, decision FROM decisions WHERE path LIKE '%/stop' ORDER BY at").fetchall()

@@ -28,7 +28,10 @@ def test_an_existing_state_dir_and_database_are_made_private(policy_dir: Path, t
         assert mode(database) == 0o600
         # SQLite gives its WAL and shared-memory files the database's mode; they hold the same rows.
         assert {p.name for p in state.iterdir()} >= {"cedargate.db-wal", "cedargate.db-shm"}
-        assert all(mode(p) == 0o600 for p in state.iterdir() if p.name.startswith("cedargate.db"))
+        assert all(mode(p) == 0o600 for p in state.iterdir() if p.name.startswith("cedargate.db") and p.is_file())
+        # The journal of rows not yet committed: a directory of this process's own, its segments 0600.
+        journal = state / "cedargate.db.journal"
+        assert mode(journal) == 0o700 and all(mode(p) == 0o600 for p in journal.iterdir())
     finally:
         runtime.close()
         runtime.recorder.engine.dispose()
