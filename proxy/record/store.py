@@ -733,10 +733,10 @@ class Recorder:
         outcomes = [{"b_id": item["decision_id"], "b_status": item["upstream_status"],
                      "b_ms": item["duration_ms"], "b_errors": item["errors"]}
                     for tag, item, _ in items if tag == _OUTCOME]
-        self._refusals_writing = True  # before taking them, so `pending` never reads none meanwhile
-        refusals = [] if once else self._take_refusals()
-        self._refusals_writing = bool(refusals)
-        events = [_chained(tag, item) for tag, item, _ in items] + refusals
+        events = [_chained(tag, item) for tag, item, _ in items]
+        # The refusals counted are taken into the first try that writes: not before the check of an unsure
+        # commit, which did not hold them, so a commit found to have landed leaves them for the next.
+        refusals_due = not once
         waiting = [future for _, _, future in items if future is not None]
         # `unsure`: the head of a try whose commit may have happened
         while True:
@@ -744,6 +744,12 @@ class Recorder:
                 if unsure is not None and self._landed(unsure):
                     break
                 unsure = None
+                if refusals_due:
+                    refusals_due = False
+                    self._refusals_writing = True  # before taking them, so `pending` never reads none meanwhile
+                    refusals = self._take_refusals()
+                    self._refusals_writing = bool(refusals)
+                    events += refusals
                 if self._sqlite:
                     with self._sqlite_transaction(wait=not once) as cursor:
                         if rows:

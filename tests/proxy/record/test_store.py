@@ -15,6 +15,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -537,6 +538,43 @@ def test_a_lone_call_never_waits_in_its_own_thread_for_another_writers_lock(db_p
         other.close()
         recorder.close()
         recorder.engine.dispose()
+
+
+def test_refusals_counted_while_an_unsure_commit_is_settled_are_chained_not_dropped(
+        db_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Review finding: a caller's own commit whose acknowledgement was lost, with the log unreadable just
+    then, is left to the writer to settle (`_unsure`). Calls refused meanwhile are counted; the settling
+    finds the commit landed, and those counts must still reach the log (they were dropped)."""
+    real_transaction = Recorder._sqlite_transaction
+    lose = [True]
+
+    @contextmanager
+    def losing_the_acknowledgement(self, *, wait=True):
+        with real_transaction(self, wait=wait) as cursor:
+            yield cursor
+        if not wait and lose:  # the caller's own commit went through; its caller is told it failed
+            lose.clear()
+            raise sqlite3.OperationalError("disk I/O error")
+
+    def log_unreadable(self, head):  # the caller cannot tell now; meanwhile another call is refused
+        self.count_refusal("late-bot")
+        return False
+
+    monkeypatch.setattr(Recorder, "_sqlite_transaction", losing_the_acknowledgement)
+    monkeypatch.setattr(Recorder, "_landed_now", log_unreadable)
+    # Without the journal, as a held call's row: the caller commits it itself.
+    recorder = Recorder(make_engine(f"sqlite:///{db_path}"), journaled=False)
+    try:
+        row = _row(0)
+        recorder.commit(row).result(5)  # settled by the writer: the commit had landed
+        assert not lose
+        assert recorder.flush()
+        assert read(db_path, "SELECT agent FROM audit_log WHERE kind = 'store_refusals'") == [("late-bot",)]
+        assert read(db_path, "SELECT count(*) FROM decisions") == [(1,)]
+    finally:
+        recorder.close()
+        recorder.engine.dispose()
+    assert audit.verify(make_engine(f"sqlite:///{db_path}")).ok
 
 
 def test_calls_in_flight_together_share_the_writers_commits(db_path: Path):
