@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 # loop timer whatever the tick; the tick sets how many buckets (sets) the held calls' deadlines fill, and
 # how often the loop wakes to end holds: 10 times a second at most.
 TICK = 0.1
+LONGEST_SLEEP = 86400.0  # seconds: a longer wait is slept a day at a time
 
 
 class Woken:
@@ -105,13 +106,8 @@ class Holds:
         self._held = 0  # waiters now: read per escalation against max_held_calls, so counted, not summed
         self.heap = heap
         self._slept = 0  # holds that have slept and not ended, told to the heap: on the event loop only
-        # The timer wheel, on the event loop only: bucket n ends the holds due by n * tick.
         self.tick = tick
-        self._due: dict[int, set[Woken]] = {}
-        self._buckets: list[int] = []  # a heap of the buckets made; an emptied one stays until it is due
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_bucket = 0  # the bucket `_timer` is set for
-        self._wheel_loop: asyncio.AbstractEventLoop | None = None
+        self._wheels: dict[asyncio.AbstractEventLoop, _Wheel] = {}  # the timer wheel of each loop
 
     @property
     def held(self) -> int:
@@ -165,16 +161,22 @@ class Holds:
             return False
         if math.isinf(timeout):  # no end but a wake-up (`hold_max_wait: .inf`)
             return await woken.wait()
+        # A wait longer than a day ends after a day, and its hold, finding its request pending and time
+        # left, sleeps again: a huge finite wait (1e308 s) would overflow the bucket's number.
+        timeout = min(timeout, LONGEST_SLEEP)
         loop = asyncio.get_running_loop()
-        bucket = self._enter(woken, loop, loop.time() + timeout)
+        wheel = self._wheels.get(loop)
+        if wheel is None:  # one wheel per loop (tests run several, a process may run two)
+            for other in [other for other in self._wheels if other.is_closed()]:
+                del self._wheels[other]
+            wheel = self._wheels[loop] = _Wheel(self.tick)
+        bucket = wheel.enter(woken, loop, loop.time() + timeout)
         try:
             return await woken.wait()
         finally:
-            sleepers = self._due.get(bucket)
+            sleepers = wheel.due.get(bucket)
             if sleepers is not None:  # woken before its time, or cancelled (the client went away)
-                sleepers.discard(woken)
-                if not sleepers:
-                    del self._due[bucket]
+                sleepers.discard(woken)  # an emptied bucket stays until due: entered again, not pushed again
 
     async def wait(self, override_id: str, timeout: float) -> bool:
         """Wait until notified about this override or `timeout` passes; True if notified."""
@@ -199,18 +201,25 @@ class Holds:
                 event.decided = decided
             event.set()
 
-    def _enter(self, woken: Woken, loop: asyncio.AbstractEventLoop, deadline: float) -> int:
+
+class _Wheel:
+    """One loop's timer wheel: bucket n ends the holds due by n * tick."""
+
+    def __init__(self, tick: float) -> None:
+        self.tick = tick
+        self.due: dict[int, set[Woken]] = {}
+        self._buckets: list[int] = []  # a heap of the buckets made, each once
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_bucket = 0  # the bucket `_timer` is set for
+
+    def enter(self, woken: Woken, loop: asyncio.AbstractEventLoop, deadline: float) -> int:
         """Put a sleeping hold in the bucket of its deadline (on the loop's clock); that bucket's number."""
-        if self._wheel_loop is not loop:  # a new event loop (tests run several): nothing of the old one holds
-            self._due.clear()
-            self._buckets.clear()
-            self._timer, self._wheel_loop = None, loop
         bucket = math.ceil(deadline / self.tick)
         if bucket * self.tick < deadline:  # the division rounded down: never end a hold early
             bucket += 1
-        sleepers = self._due.get(bucket)
+        sleepers = self.due.get(bucket)
         if sleepers is None:
-            sleepers = self._due[bucket] = set()
+            sleepers = self.due[bucket] = set()
             heapq.heappush(self._buckets, bucket)
             if self._timer is None or bucket < self._timer_bucket:
                 self._arm(loop, bucket)
@@ -229,12 +238,12 @@ class Holds:
         buckets = self._buckets
         while buckets:
             bucket = buckets[0]
-            if bucket not in self._due:  # emptied by wake-ups (or already ended: pushed twice)
+            if bucket not in self.due:  # emptied by wake-ups (or already ended: pushed twice)
                 heapq.heappop(buckets)
             elif bucket * self.tick > now:  # the loop may run a timer a clock resolution early
                 self._arm(loop, bucket)
                 return
             else:
                 heapq.heappop(buckets)
-                for woken in self._due.pop(bucket):
+                for woken in self.due.pop(bucket):
                     woken.time_up()

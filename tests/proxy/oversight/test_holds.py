@@ -241,3 +241,56 @@ def test_a_hold_without_end_waits_for_its_wake_up():
         return await waiter
 
     assert asyncio.run(scenario()) is True
+
+
+def test_holds_ended_early_one_after_another_leave_no_entries_in_the_wheel():
+    """Approvals that each end the only hold of its bucket: every such hold left a bucket number in the
+    wheel's heap until its deadline (one entry per hold, up to hold_max_wait: rate x wait ints)."""
+    holds = Holds()
+
+    async def scenario() -> int:
+        for n in range(500):
+            waiter = asyncio.create_task(holds.wait(f"o-{n}", 300.0))
+            while holds.held < 1:
+                await asyncio.sleep(0)
+            await asyncio.sleep(0)  # asleep in the wheel
+            holds.notify(f"o-{n}")
+            assert await waiter is True
+        return sum(len(wheel._buckets) for wheel in holds._wheels.values())
+
+    # At most the buckets 500 holds begun within a second or two can fall in (0.1 s each), not 500.
+    assert asyncio.run(scenario()) <= 50
+
+
+def test_a_hold_of_a_huge_finite_wait_holds_rather_than_fails():
+    """hold_max_wait accepts any float >= 0: 1e308 s (YAML 1.0e+308) made math.ceil(deadline / tick)
+    overflow, and every escalated call was refused as 'could not be handled' (41b32e5 held it)."""
+    holds = Holds()
+
+    async def scenario() -> bool:
+        waiter = asyncio.create_task(holds.wait("o-1", 1e308))
+        await asyncio.sleep(0.05)
+        assert holds.held == 1
+        holds.notify("o-1")
+        return await waiter
+
+    assert asyncio.run(scenario()) is True
+
+
+def test_a_hold_on_a_loop_still_running_keeps_its_deadline_when_another_loop_holds_too():
+    """Two live loops on one Holds: the second loop's first hold cleared the wheel, and the first loop's
+    hold never ended (no wake-up came)."""
+    holds = Holds(tick=0.01)
+    first, second = asyncio.new_event_loop(), asyncio.new_event_loop()
+    try:
+        short = first.create_task(holds.wait("o-1", 0.1))
+        first.run_until_complete(asyncio.sleep(0.01))
+        other = second.create_task(holds.wait("o-2", 30.0))
+        second.run_until_complete(asyncio.sleep(0.01))
+        ended = first.run_until_complete(asyncio.wait({short}, timeout=2.0))[0]
+        assert short in ended and short.result() is False
+    finally:
+        for loop, task in ((first, short), (second, other)):
+            task.cancel()
+            loop.run_until_complete(asyncio.gather(task, return_exceptions=True))
+            loop.close()
