@@ -140,6 +140,8 @@ class Share:
         accepting)."""
         self.shares.set(self.slot, COUNT, self.open)
         self.shares.set(self.slot, WAITING, 1 if self._on_turn is not None else 0)
+        if self._beat is not None:  # joined again: one heartbeat, the one `leave` cancels
+            self._beat.cancel()
         self._heartbeat()
 
     def leave(self) -> None:

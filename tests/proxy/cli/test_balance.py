@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from proxy.calls.capacity import Capacity
-from proxy.cli.balance import BEAT, COUNT, ConnectionShares, Share
+from proxy.cli.balance import BEAT, BEAT_INTERVAL, COUNT, ConnectionShares, Share
 from proxy.cli.listeners import guard_accepts, limit_connections
 
 WAIT = 30  # seconds one step may take before the test gives up (a bound, not a measurement)
@@ -96,6 +96,25 @@ def test_a_worker_that_stops_beating_or_dies_holds_no_one_back(shares):
         return stalled, woken
 
     assert asyncio.run(run()) == (True, ["first"])
+
+
+def test_a_worker_that_joined_twice_and_left_no_longer_counts(shares):
+    """`leave` ends the worker's heartbeat: had a second `join` started a second one, a stopping worker
+    would go on looking live at 0 connections, and the others would not accept for its whole drain."""
+
+    async def run() -> list[int | None]:
+        loop = asyncio.get_running_loop()
+        first, second = Share(shares, 0, loop), Share(shares, 1, loop)
+        first.join()
+        first.join()
+        second.join()
+        first.leave()
+        await asyncio.sleep(3 * BEAT_INTERVAL)  # beats that were still due would have run by now
+        counts = shares.counts()
+        second.leave()
+        return counts
+
+    assert asyncio.run(run())[0] is None
 
 
 def test_a_worker_that_accepted_before_joining_counts_what_it_holds(shares):
