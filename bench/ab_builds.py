@@ -55,12 +55,14 @@ def start_build(procs: po.Processes, tmp: Path, name: str, upstream_ca: Path, so
                 workers: int = 1) -> po.Target:
     """cedargate from `source` (None: this tree), one process or `workers` workers."""
     saved = {variable: os.environ.get(variable) for variable in ("PYTHONPATH", "PYTHONSAFEPATH")}
-    if source is not None:
-        before = saved["PYTHONPATH"]
-        os.environ["PYTHONPATH"] = str(source) + (os.pathsep + before if before else "")
-        # Its workers (`python -m proxy.cli.worker`, started in this tree) would import this tree's
-        # `proxy` from their current directory, ahead of PYTHONPATH, in a build that does not pass -P.
-        os.environ["PYTHONSAFEPATH"] = "1"
+    # This tree too is put first on PYTHONPATH: the venv's editable install points at the checkout it was
+    # made in, which, run from another worktree, is not this one (and the results would name this one).
+    source = Path(__file__).resolve().parents[1] if source is None else source
+    before = saved["PYTHONPATH"]
+    os.environ["PYTHONPATH"] = str(source) + (os.pathsep + before if before else "")
+    # Its workers (`python -m proxy.cli.worker`, started in this tree) would import this tree's
+    # `proxy` from their current directory, ahead of PYTHONPATH, in a build that does not pass -P.
+    os.environ["PYTHONSAFEPATH"] = "1"
     try:
         target, _state, _gate = po.start_cedargate(procs, tmp, name, upstream_ca, workers)
     finally:
