@@ -113,11 +113,17 @@ def test_a_call_refused_because_the_store_failed_is_counted_as_an_error_not_allo
                 assert agent.get(url).status_code == 200
                 with sqlite3.connect(gate.database) as db:  # the record breaks under the running proxy
                     db.execute("DROP TABLE decisions")
-                refused = agent.get(url)
+                # A call's row is journaled before it goes and committed a few ms later: the calls journaled
+                # before the writer finds the store failing go (their rows kept); then calls are refused.
+                answers = [agent.get(url)]
+                while answers[-1].status_code == 200 and len(answers) < 200:
+                    answers.append(agent.get(url))
+                refused = answers.pop()
                 assert refused.status_code == 503 and refused.json()["type"].endswith("store-unavailable")
-            assert [c.path for c in served.calls] == [INSTANCES]
+            went = 1 + len(answers)  # the call before the table went, and those journaled before it was missed
+            assert [c.path for c in served.calls] == [INSTANCES] * went
             samples = scrape(gate)
-            assert value(samples, "cedargate_decisions_total", outcome="allow") == 1  # the one that went
+            assert value(samples, "cedargate_decisions_total", outcome="allow") == went  # those that went
             assert value(samples, "cedargate_decisions_total", outcome="error") == 1  # the one refused
         finally:
             gate.stop()
