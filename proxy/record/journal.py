@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import secrets
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -46,6 +47,43 @@ ROTATE_AFTER = 5.0  # seconds: a segment with rows this old is retired, so a com
 def directory_for(database_file: str) -> str:
     """The journal directory of a SQLite database file."""
     return f"{database_file}.journal"
+
+
+class JournalRefused(Exception):
+    """The journal directory is not safe to use (not a directory of this user's); the message says why."""
+
+
+def private_directory(directory: str) -> None:
+    """Create `directory` (0700), or check an existing one: a directory, not a symlink, owned by this user,
+    tightened to 0700 if looser. Whoever can write it could forge the rows a replay chains as decisions,
+    read every journaled call, or delete them (`JournalRefused`; OSError if it cannot be created)."""
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass
+    try:  # opened, not looked up by name again: what is checked and chmod-ed is what was opened
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise JournalRefused(
+                f"the decision journal {directory} is not a directory (a symlink or a file): move it away, "
+                "then start again") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if info.st_uid != os.geteuid():
+            raise JournalRefused(
+                f"the decision journal {directory} belongs to uid {info.st_uid}, not to this user "
+                f"(uid {os.geteuid()}): run cedargate as its owner, or move it away") from None
+        if stat.S_IMODE(info.st_mode) != 0o700:
+            log.warning("decision journal %s was mode %o: made 0700", directory, stat.S_IMODE(info.st_mode))
+            try:
+                os.fchmod(fd, 0o700)
+            except OSError as exc:
+                raise JournalRefused(
+                    f"the decision journal {directory} cannot be made private (mode 0700): {exc.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 def encode(row: dict[str, Any]) -> bytes:
@@ -104,7 +142,7 @@ class Journal:
         self.directory = directory
         self.rotate_bytes = ROTATE_BYTES if rotate_bytes is None else rotate_bytes
         self.rotate_after = ROTATE_AFTER if rotate_after is None else rotate_after
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        private_directory(directory)
         self._lock = threading.Lock()  # taken for each append: a write and two counters
         self._retired: list[Segment] = []
         self._broken = False  # the last append failed: the next one starts a new segment first
@@ -142,13 +180,15 @@ class Journal:
         """Retire the current segment if it is large or has held rows for `rotate_after` seconds, and
         delete every retired segment whose rows are all committed. Called by the store's writer."""
         now = time.monotonic() if now is None else now
-        current = self._current
-        if current.appended and (current.size >= self.rotate_bytes or now - current.opened_at >= self.rotate_after):
-            with self._lock:
-                if not self._closed:
-                    self._retire_current()
-        for segment in [s for s in self._retired if s.settled]:
-            self._retired.remove(segment)
+        with self._lock:  # the retired list under the lock: `close` and this never both remove a segment
+            if self._closed:
+                return
+            current = self._current
+            if current.appended and (current.size >= self.rotate_bytes or now - current.opened_at >= self.rotate_after):
+                self._retire_current()
+            done = [s for s in self._retired if s.settled]
+            self._retired = [s for s in self._retired if not s.settled]
+        for segment in done:
             _remove(segment)
 
     def close(self) -> bool:
@@ -158,16 +198,16 @@ class Journal:
             if self._closed:
                 return True
             self._closed = True
+            segments, self._retired = [*self._retired, self._current], []
         kept = 0
-        for segment in [*self._retired, self._current]:
+        for segment in segments:
             if segment.settled:
                 _remove(segment)
             else:
                 kept += 1
                 log.error("the decision journal %s keeps %d rows not committed; the next start replays them",
                           segment.path, segment.appended - segment.committed)
-                os.close(segment.fd)
-        self._retired = []
+                _release(segment)
         return kept == 0
 
     def _retire_current(self) -> None:
@@ -183,7 +223,9 @@ class Journal:
         path = os.path.join(self.directory, f"{name}{SUFFIX}")
         fd = os.open(hidden, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Blocking: another process's cleanup of stale `.new` files (`segment_paths`) may hold it for
+            # an instant between our create and our lock; it leaves a fresh file alone.
+            fcntl.flock(fd, fcntl.LOCK_EX)
             os.rename(hidden, path)
         except BaseException:
             os.close(fd)
@@ -197,12 +239,21 @@ class Journal:
 
 def _remove(segment: Segment) -> None:
     """Delete a segment, then release it (unlinked first: nobody replays a file that is gone)."""
+    if segment.fd < 0:
+        return  # removed already
     try:
         os.unlink(segment.path)
     except FileNotFoundError:
         pass
     finally:
-        os.close(segment.fd)
+        _release(segment)
+
+
+def _release(segment: Segment) -> None:
+    """Close a segment's file (which releases its lock) once: a second close could close a reused fd."""
+    fd, segment.fd = segment.fd, -1
+    if fd >= 0:
+        os.close(fd)
 
 
 class DeadSegment:
@@ -246,9 +297,19 @@ class DeadSegment:
 def dead_segment(path: str) -> Iterator[DeadSegment | None]:
     """The segment at `path` locked for replay, or None if its owner lives (its lock is held) or it is
     gone (replayed and deleted by another process meanwhile). Released on leaving, unless removed."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:  # never follows a symlink, never waits on a FIFO
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
+        yield None
+        return
+    except OSError as exc:
+        _skipped(path, f"cannot be opened: {exc.strerror}")
+        yield None
+        return
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+        os.close(fd)
+        _skipped(path, "is not a regular file of this user")
         yield None
         return
     dead = DeadSegment(path, fd)
@@ -266,6 +327,16 @@ def dead_segment(path: str) -> Iterator[DeadSegment | None]:
         dead.release()
 
 
+_SKIPPED: set[str] = set()  # paths said to be skipped (`_skipped`), each said once
+
+
+def _skipped(path: str, why: str) -> None:
+    """Say once that a file in the journal directory is not replayed (a symlink, a FIFO, another user's)."""
+    if path not in _SKIPPED and len(_SKIPPED) < 1000:
+        _SKIPPED.add(path)
+        log.warning("decision journal %s %s: skipped, never replayed", path, why)
+
+
 def segment_paths(directory: str) -> list[str]:
     """The segments in `directory` (none if it does not exist), oldest name first."""
     try:
@@ -275,6 +346,11 @@ def segment_paths(directory: str) -> list[str]:
     stale = time.time() - 60
     for name in names:  # a segment's creator died before it was locked and named: empty, and nobody's
         if name.startswith(".") and name.endswith(".new"):
+            try:  # a fresh one is being born: not even opened, so its creator's lock is never delayed
+                if os.lstat(os.path.join(directory, name)).st_mtime >= stale:
+                    continue
+            except FileNotFoundError:
+                continue
             with dead_segment(os.path.join(directory, name)) as dead:
                 if dead is not None and os.fstat(dead.fd).st_mtime < stale:
                     dead.remove()

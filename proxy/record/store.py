@@ -289,6 +289,10 @@ RECORD_TIMEOUT = 5.0
 # gone on, so only the record's freshness waits, and the call's outcome usually shares the transaction.
 JOURNAL_LINGER = 0.005
 JOURNAL_SCAN_INTERVAL = 5.0  # seconds between looks for dead processes' journal segments
+# A row is journaled (its call goes at once) only while the writer keeps up: fewer than this many items
+# queued. Beyond, the call waits for its commit (and is refused if it does not come): a stuck writer must
+# not let calls go that it will never commit.
+JOURNAL_MAX_QUEUED = 2000
 
 
 class StoreUnavailable(Exception):
@@ -362,6 +366,7 @@ class Recorder:
         self._open: dict[str, float] = {}  # calls committed, not yet finished: decision id -> when (`_opened`)
         self._open_lock = threading.Lock()
         self._stop = threading.Event()
+        self._writer_error: str | None = None  # the writer thread ended on an unexpected error (`_run`)
         migrate(engine)
         writable(self._writes)
         self._journal: journal.Journal | None = None  # SQLite in WAL mode: rows promised, not yet committed
@@ -372,7 +377,7 @@ class Recorder:
             if self._wal is not None and journaled:
                 self._journal_dir = journal.directory_for(self._wal[:-len("-wal")])
                 self._journal = _open_journal(self._journal_dir)
-                self._replay_dead()
+                self._scan_dead()
         self._thread = threading.Thread(target=self._run, name="cedargate-recorder", daemon=True)
         self._thread.start()
         self._checkpointer: threading.Thread | None = None
@@ -409,10 +414,16 @@ class Recorder:
         the row a few milliseconds later, with others. A journal that cannot be written fails the future
         (`StoreUnavailable`): the call is refused, and its row goes to the writer as a refused call's does."""
         item = storable_row(row)
-        if fail_fast and self._journal is not None and not self._failing and not self._stop.is_set():
+        if fail_fast and self._journal is not None and self._keeping_up():
             return self._journaled(item)
         alone = self._opened(item["decision_id"])
         return (self._commit_now(item, fail_fast) if alone else None) or self._waited(_DECISION, item, fail_fast)
+
+    def _keeping_up(self) -> bool:
+        """Whether a journaled row will be committed soon: the store is not failing, and the writer
+        thread lives (`_run`) and is not far behind. Otherwise a call waits for its own commit."""
+        return (not self._failing and not self._stop.is_set() and self._thread.is_alive()
+                and self._queue.qsize() < JOURNAL_MAX_QUEUED)
 
     def _journaled(self, item: dict[str, Any]) -> Future[None]:
         assert self._journal is not None
@@ -550,6 +561,9 @@ class Recorder:
             self._drop_connection()
 
     def unavailable_reason(self) -> str | None:
+        if self._writer_error is not None:
+            return (f"the decision store's writer stopped on an unexpected error ({self._writer_error}): "
+                    "restart cedargate")
         if self._failing:
             return f"the decision store is failing: {self.last_error}"
         if self._queue.qsize() >= self.max_pending:
@@ -664,6 +678,18 @@ class Recorder:
             f"the decision store did not take the change within {waited:g} s: {self.last_error or 'busy'}"))
 
     def _run(self) -> None:
+        """The writer thread. An unexpected error ends it, but never silently: the recorder is failing from
+        then on (calls are refused, units fail at once), and `unavailable_reason` says why."""
+        try:
+            self._write_until_stopped()
+        except BaseException as exc:
+            self._writer_error = _short(exc)
+            self.last_error = f"the writer stopped: {self._writer_error}"
+            self._failing = True
+            log.critical("the decision store's writer stopped on an unexpected error; refusing calls until "
+                         "cedargate is restarted", exc_info=True)
+
+    def _write_until_stopped(self) -> None:
         while not self._stop.is_set():
             first = self._next(0.2)
             if first is None:
@@ -946,7 +972,17 @@ class Recorder:
         except OSError as exc:  # the next append finds out for itself, and refuses its call
             log.error("decision journal rotation failed: %s", exc)
         if time.monotonic() - self._scanned_at >= JOURNAL_SCAN_INTERVAL and not self._failing:
+            self._scan_dead()
+
+    def _scan_dead(self) -> None:
+        """`_replay_dead`, whose failure (EMFILE at the open-file limit, an unreadable directory...) is said
+        and tried again at the next look, never raised into the writer."""
+        try:
             self._replay_dead()
+        except Exception as exc:
+            self._scanned_at = time.monotonic()
+            log.error("looking for dead decision journals failed (next look in %g s): %s", JOURNAL_SCAN_INTERVAL,
+                      _short(exc))
 
     def _replay_dead(self) -> int:
         """Commit the rows of every journal segment whose owner is gone (its lock can be taken), each
@@ -1098,6 +1134,8 @@ class _Journaled(Future[None]):
 def _open_journal(directory: str) -> journal.Journal:
     try:
         return journal.Journal(directory)
+    except journal.JournalRefused as exc:
+        raise StoreUnavailable(f"{exc}; cedargate records every call there before forwarding it") from None
     except OSError as exc:
         raise StoreUnavailable(
             f"the decision journal {directory} cannot be written ({_short(exc)}): cedargate records every call "

@@ -7,12 +7,17 @@ linger for an hour, so that its rows are in its journal and nowhere else.
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import logging
 import os
+import resource
 import signal
 import sqlite3
 import stat
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -254,3 +259,210 @@ def test_while_the_store_fails_calls_are_refused_and_nothing_is_journaled(db_pat
     assert recorder.flush()
     assert recorder.healthy and waiting.result(0) is None
     assert gone["decision_id"] in {r["decision_id"] for r in sqlite_rows(db_path)}
+
+
+def _journaled_ids(db_path: Path) -> list[str]:
+    return [journal.decode(line)["decision_id"] for path in _segments(db_path)
+            for line in path.read_bytes().splitlines()]
+
+
+def test_a_scan_that_fails_emfile_leaves_the_writer_committing(db_path: Path, closing: list[Recorder],
+                                                             monkeypatch: pytest.MonkeyPatch):
+    """The proxy at its open-file limit when the writer looks for dead journals (a real EMFILE, from
+    RLIMIT_NOFILE): the look fails and is tried again later; the writer lives on and commits what comes."""
+    monkeypatch.setattr(store, "JOURNAL_SCAN_INTERVAL", 0.05)
+    recorder = Recorder(make_engine(f"sqlite:///{db_path}"), journal_linger=0)
+    closing.append(recorder)
+    assert recorder.commit(_row(0)).result(0) is None
+    assert recorder.flush()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers: list[int] = []
+    scanned = recorder._scanned_at
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 20, hard))
+        with pytest.raises(OSError) as full:
+            for _ in range(200):  # bounded: the limit is about 20 above what is open
+                fillers.append(os.open("/dev/null", os.O_RDONLY))
+        assert full.value.errno == errno.EMFILE
+        wait_until(lambda: recorder._scanned_at > scanned, "a look for dead journals at the open-file limit")
+        scanned = recorder._scanned_at
+        wait_until(lambda: recorder._scanned_at > scanned, "a second look, the first having failed")
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert recorder._thread.is_alive(), "the writer thread died in the journal scan"
+    later = _row(1)
+    assert recorder.commit(later).result(0) is None
+    assert recorder.flush(10), "a forwarded call's row is never committed"
+    assert recorder.healthy
+    assert later["decision_id"] in {r["decision_id"] for r in sqlite_rows(db_path)}
+
+
+def test_a_writer_stopped_by_an_unexpected_error_refuses_calls(db_path: Path, closing: list[Recorder],
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture):
+    """A bug in the writer's loop (here: its journal chores raise what nobody expects) ends the writer
+    thread: from then on no call is journaled and let go, /status says why, and the traceback is logged."""
+    recorder = Recorder(make_engine(f"sqlite:///{db_path}"), journal_linger=0)
+    closing.append(recorder)
+    assert recorder._journal is not None
+
+    def broken(now: float | None = None) -> None:
+        raise ZeroDivisionError("a bug in the chores")
+
+    monkeypatch.setattr(recorder._journal, "maintain", broken)
+    with caplog.at_level(logging.CRITICAL, logger="proxy.record.store"):
+        recorder.hurry()
+        wait_until(lambda: not recorder._thread.is_alive(), "the writer to hit the bug")
+    assert [r.exc_info is not None for r in caplog.records if "writer stopped" in r.getMessage()] == [True]
+    assert not recorder.healthy
+    assert "writer stopped" in (recorder.unavailable_reason() or "")
+    waiting = recorder.commit(_row(1))
+    assert not waiting.done(), "a call was let go while nothing commits its row"
+    assert _journaled_ids(db_path) == []
+    with pytest.raises(StoreUnavailable):
+        recorder.transact(lambda conn: (None, []), timeout=5)
+
+
+def test_a_writer_far_behind_lets_no_more_calls_go_before_their_commit(
+        db_path: Path, closing: list[Recorder], monkeypatch: pytest.MonkeyPatch):
+    """Calls are journaled (and go at once) only while the writer keeps up; past `JOURNAL_MAX_QUEUED` queued
+    items a call waits for its own commit."""
+    monkeypatch.setattr(store, "JOURNAL_MAX_QUEUED", 3)
+    recorder = Recorder(make_engine(f"sqlite:///{db_path}"), journal_linger=0)
+    closing.append(recorder)
+    rows = [_row(i) for i in range(4)]
+    with recorder._writing:  # the writer is stuck: it takes nothing
+        assert all(recorder.commit(row).result(0) is None for row in rows[:3])
+        waiting = recorder.commit(rows[3])
+        assert not waiting.done()
+    assert waiting.result(10) is None
+    assert recorder.flush()
+    assert sorted(r["decision_id"] for r in sqlite_rows(db_path)) == sorted(row["decision_id"] for row in rows)
+
+
+def test_a_fifo_named_like_a_segment_is_skipped_and_the_writer_goes_on(
+        db_path: Path, closing: list[Recorder], monkeypatch: pytest.MonkeyPatch):
+    """A FIFO named *.seg in the journal directory: opening it to replay it would wait for a writer forever,
+    in the writer thread. It is skipped (left there), and the rows journaled meanwhile are committed."""
+    monkeypatch.setattr(store, "JOURNAL_SCAN_INTERVAL", 0.05)
+    recorder = Recorder(make_engine(f"sqlite:///{db_path}"), journal_linger=0)
+    closing.append(recorder)
+    fifo = _journal_dir(db_path) / "1-1-deadbeef.seg"
+    os.mkfifo(fifo)
+    try:
+        scanned = recorder._scanned_at
+        wait_until(lambda: recorder._scanned_at > scanned, "a look for dead journals")
+        scanned = recorder._scanned_at
+        wait_until(lambda: recorder._scanned_at > scanned, "another look for dead journals")
+        later = _row(1)
+        assert recorder.commit(later).result(0) is None
+        assert recorder.flush(5), "a forwarded call's row is never committed: the writer waits on a FIFO"
+        assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    finally:
+        os.close(os.open(fifo, os.O_RDWR | os.O_NONBLOCK))  # frees a writer blocked on it, if any
+
+
+def test_a_symlinked_segment_in_a_loose_directory_is_not_replayed_and_the_directory_made_private(
+        db_path: Path, closing: list[Recorder]):
+    """The journal directory made earlier with mode 0777, a *.seg symlink in it to a file of forged rows: the
+    forged row never becomes a decision (nor a chained event), and the directory is 0700 again."""
+    directory = _journal_dir(db_path)
+    directory.mkdir()
+    os.chmod(directory, 0o777)
+    forged = _row(0, agent="forged")
+    elsewhere = db_path.parent / "forged.txt"
+    elsewhere.write_bytes(journal.encode(forged))
+    os.symlink(elsewhere, directory / "1-1-deadbeef.seg")
+    recorder = Recorder(make_engine(f"sqlite:///{db_path}"))
+    closing.append(recorder)
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert recorder.flush()
+    assert [r["agent"] for r in sqlite_rows(db_path)] == []
+    assert _decision_events(db_path, forged["decision_id"]) == 0
+    assert os.path.islink(directory / "1-1-deadbeef.seg")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a file another user's needs root")
+def test_another_user_s_segment_is_not_replayed(db_path: Path, closing: list[Recorder]):
+    directory = _journal_dir(db_path)
+    directory.mkdir(mode=0o700)
+    theirs = _row(0, agent="theirs")
+    segment = directory / "1-1-deadbeef.seg"
+    segment.write_bytes(journal.encode(theirs))
+    os.chown(segment, 65534, 65534)
+    recorder = Recorder(make_engine(f"sqlite:///{db_path}"))
+    closing.append(recorder)
+    assert recorder.flush()
+    assert sqlite_rows(db_path) == []
+    assert segment.exists()
+
+
+def test_a_journal_directory_that_is_a_symlink_refuses_to_start(db_path: Path, tmp_path: Path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    os.symlink(elsewhere, _journal_dir(db_path))
+    with pytest.raises(StoreUnavailable, match=f"{_journal_dir(db_path)} is not a directory"):
+        Recorder(make_engine(f"sqlite:///{db_path}"))
+    assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a directory another user's needs root")
+def test_another_user_s_journal_directory_refuses_to_start(db_path: Path):
+    directory = _journal_dir(db_path)
+    directory.mkdir(mode=0o700)
+    os.chown(directory, 65534, 65534)
+    with pytest.raises(StoreUnavailable, match=f"{directory} belongs to uid 65534"):
+        Recorder(make_engine(f"sqlite:///{db_path}"))
+
+
+def test_a_journal_directory_that_cannot_be_made_is_a_clear_error(tmp_path: Path):
+    """The directory cannot be created (here its parent is a file: ENOTDIR, as EACCES under a read-only
+    parent): a StoreUnavailable naming it, which `cedargate run` prints as one line, not an OSError."""
+    parent = tmp_path / "a-file"
+    parent.write_text("")
+    with pytest.raises(StoreUnavailable, match=f"the decision journal {parent}/db.journal cannot be written"):
+        store._open_journal(str(parent / "db.journal"))
+
+
+def test_a_new_segment_waits_for_a_cleanup_holding_its_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Another process's cleanup of stale `.new` files (`segment_paths`) may lock a newborn segment between
+    its creation and its creator's lock: the creator waits for it rather than failing."""
+    real_flock = fcntl.flock
+    released: list[threading.Timer] = []
+
+    def cleanup_first(fd: int, operation: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if path.endswith(".new") and not released:
+            other = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # as the cleanup opens it
+            real_flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            released.append(threading.Timer(0.05, os.close, (other,)))
+            released[0].start()
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(journal.fcntl, "flock", cleanup_first)
+    owned = journal.Journal(str(tmp_path / "db.journal"))
+    try:
+        assert released, "the cleanup never held the newborn's lock"
+        assert owned.append(_row(0)) is owned._current
+    finally:
+        released[0].join()
+        owned.close()
+
+
+def test_a_segment_removed_twice_closes_its_file_once(tmp_path: Path):
+    """`close` and the writer's `maintain` may both reach a retired segment: the second removal must not
+    close whatever file reused its descriptor number."""
+    owned = journal.Journal(str(tmp_path / "db.journal"))
+    segment = owned._current
+    owned.append(_row(0))
+    segment.committed = segment.appended
+    journal._remove(segment)
+    reused = os.open("/dev/null", os.O_RDONLY)
+    try:
+        journal._remove(segment)
+        os.fstat(reused)  # EBADF if the second removal closed it
+    finally:
+        os.close(reused)
+        owned.close()
