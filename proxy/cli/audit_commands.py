@@ -2,12 +2,14 @@
 
 `cedargate audit verify` finds the store the way `cedargate run` does (`--database-url`, else the
 SQLite file in the state dir, from `--state-dir` or `--config`), walks the hash chain and exits 0 if
-it is intact, 1 naming the first bad row if not, and 2 if there is no log it can read.
+it is intact, 1 naming the first bad row if not, 2 if there is no log it can read, and 3 if the chain
+is intact but forwarded calls are still only in a dead process's decision journal (see `open_record`).
 """
 
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from sqlalchemy import Engine, create_engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from proxy.record.audit import AuditLogError, verify
+from proxy.record.store import journal_waiting, replay_journal
 from proxy.settings.config import ConfigError, load_settings
 from proxy.vocabulary.printable import printable
 
@@ -23,7 +26,8 @@ def add_audit_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     audit = subparsers.add_parser("audit", help="check the tamper-evident audit log")
     commands = audit.add_subparsers(dest="audit_command", required=True)
     check = commands.add_parser(
-        "verify", help="walk the hash chain; exit 0 if intact, 1 naming the first bad row, 2 if unreadable"
+        "verify", help="walk the hash chain; exit 0 if intact, 1 naming the first bad row, 2 if unreadable, "
+        "3 if intact but forwarded calls are still only in a stopped process's decision journal"
     )
     add_store_arguments(check)
 
@@ -66,6 +70,40 @@ def open_store(args: argparse.Namespace) -> tuple[Engine, str]:
         raise StoreNotFound(f"cannot open {shown}: {exc}") from exc
 
 
+def open_record(args: argparse.Namespace) -> tuple[Engine, str, str | None]:
+    """`open_store` for a command that reads the record, and what the record lacks (None: nothing known).
+
+    On SQLite a call's row may be only in the decision journal of a process killed before committing it
+    (`proxy.record.journal`); a start of cedargate replays it, and so does this, first: the calls it
+    forwarded are on the record before anyone reads it. That needs write access to the database and its
+    journal; without it, what is left out is said on stderr and returned."""
+    engine, shown = open_store(args)
+    try:
+        done = replay_journal(engine)
+        waiting = journal_waiting(engine, done.kept_ids) if done.kept_ids else 0
+    except (SQLAlchemyError, sqlite3.Error, OSError) as exc:  # the command's own read says what is wrong
+        print(printable(f"cedargate: {shown}: the decision journal was not looked at: {exc}"), file=sys.stderr)
+        return engine, shown, None
+    if done.replayed:
+        print(printable(f"cedargate: {shown}: {done.replayed} forwarded calls committed from the decision journal "
+                        "of a process that stopped before it could"), file=sys.stderr)
+    if done.rejected:
+        print(printable(f"cedargate: {shown}: WARNING: {done.rejected} journaled rows the store refuses are NOT in "
+                        "the record: set aside in the journal directory's *.rejected files"), file=sys.stderr)
+    lacking = []
+    if waiting:
+        lacking.append(f"{waiting} forwarded calls are in the decision journal of a stopped process and NOT yet in "
+                       "the record")
+    if done.unread:
+        lacking.append(f"{done.unread} journal segments of stopped processes could not be read")
+    if not lacking:
+        return engine, shown, None
+    said = "; ".join(lacking)
+    print(printable(f"cedargate: {shown}: WARNING: {said}; this command could not replay them: start cedargate "
+                    "on this store, or run this as a user who can write it and its journal"), file=sys.stderr)
+    return engine, shown, said
+
+
 def add_store_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file, to find the store as `cedargate run` would")
     parser.add_argument("--state-dir", help="state dir whose cedargate.db to use (default .cedargate)")
@@ -74,7 +112,7 @@ def add_store_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _verify(args: argparse.Namespace) -> int:
     try:
-        engine, shown = open_store(args)
+        engine, shown, lacking = open_record(args)
     except StoreNotFound as exc:
         return _fail(str(exc))
     try:
@@ -94,6 +132,10 @@ def _verify(args: argparse.Namespace) -> int:
     if result.rows_checked:
         seq, digest = result.head
         print(printable(f"head: seq {seq} hash {digest}"))
+    if lacking:
+        # Not 0: a script that certifies the record on this exit code must not be told it is complete.
+        print(printable(f"audit log INCOMPLETE: {lacking}"))
+        return 3
     return 0
 
 

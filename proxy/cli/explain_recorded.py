@@ -21,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from proxy.calls.mapping import Call
 from proxy.cedar.engine import Engine
 from proxy.cedar.policy import PolicyLoadError
-from proxy.cli.audit_commands import StoreNotFound, open_store
+from proxy.cli.audit_commands import StoreNotFound, open_record
 from proxy.decision.gate import Gate, Verdict
 from proxy.decision.replay import recorded_policies, stored_request
 from proxy.record.store import DecisionRecord
@@ -36,7 +36,7 @@ def explain_recorded(args: argparse.Namespace, explained: Callable[[Gate, Verdic
     one), so a recorded decision's explanation reads as a call's does."""
     config = args.config if Path(args.config).is_file() else None
     try:
-        store, shown = open_store(argparse.Namespace(config=config, state_dir=args.state_dir,
+        store, shown, _ = open_record(argparse.Namespace(config=config, state_dir=args.state_dir,
                                                      database_url=args.database_url))
     except StoreNotFound as exc:
         return _fail(str(exc))

@@ -18,7 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from proxy.cedar.engine import Engine
 from proxy.cedar.escalation import parse_duration
 from proxy.cedar.policy import PolicyLoadError
-from proxy.cli.audit_commands import StoreNotFound, add_store_arguments, open_store
+from proxy.cli.audit_commands import StoreNotFound, add_store_arguments, open_record
 from proxy.decision.replay import EXAMPLES, ReplayError, ReplayReport, replay
 from proxy.vocabulary.printable import printable, printable_json
 
@@ -48,7 +48,7 @@ def run_replay_command(args: argparse.Namespace) -> int:
         print(f"cedargate: candidate policies not loaded: {exc}", file=sys.stderr)
         return 2
     try:
-        store, shown = open_store(args)
+        store, shown, _ = open_record(args)
     except StoreNotFound as exc:
         return _fail(str(exc))
     try:

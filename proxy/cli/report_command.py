@@ -20,7 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from proxy.cedar.escalation import parse_duration
 from proxy.cedar.policy import PolicyLoadError, load_bundle
-from proxy.cli.audit_commands import StoreNotFound, add_store_arguments, open_store
+from proxy.cli.audit_commands import StoreNotFound, add_store_arguments, open_record
 from proxy.oversight.report import DEFAULT_MIN_REQUESTS, DEFAULT_THRESHOLD, Report, build_report, parse_threshold
 from proxy.record.store import utcnow
 from proxy.settings.config import ConfigError, load_settings
@@ -56,7 +56,7 @@ def run_report_command(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.config, {"state_dir": args.state_dir, "database_url": args.database_url,
                                                "policy_dir": args.policy_dir})
-        engine, shown = open_store(args)
+        engine, shown, _ = open_record(args)
     except (ConfigError, StoreNotFound) as exc:
         return _fail(str(exc))
     try:

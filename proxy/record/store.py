@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import math
 import os
@@ -49,7 +50,8 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote
@@ -64,7 +66,7 @@ from sqlmodel import Field, Session, SQLModel, create_engine, func, select
 from proxy.observe.metrics import store_backlog
 from proxy.record import audit, journal
 from proxy.record.migrations import migrate
-from proxy.vocabulary.canonical import canonical_text
+from proxy.vocabulary.canonical import canonical, canonical_text
 
 log = logging.getLogger(__name__)
 
@@ -778,18 +780,24 @@ class Recorder:
                     events += refusals
                 if self._sqlite:
                     with self._sqlite_transaction(wait=not once) as cursor:
+                        chained = events
                         if rows:
-                            _insert_sqlite(cursor, rows)
+                            inserted = _insert_sqlite(cursor, rows)
+                            if len(inserted) < len(rows):
+                                chained = _only_inserted(items, events, inserted)
                         if outcomes:
                             _add_outcomes_sqlite(cursor, outcomes)
-                        unsure = audit.append_sqlite(cursor, events)
+                        unsure = audit.append_sqlite(cursor, chained)
                 else:
                     with self._transaction() as conn:
+                        chained = events
                         if rows:
-                            conn.execute(_insert_new(conn), rows)
+                            inserted = set(conn.execute(_insert_new(conn), rows).scalars())
+                            if len(inserted) < len(rows):
+                                chained = _only_inserted(items, events, inserted)
                         if outcomes:
                             conn.execute(_ADD_OUTCOME, outcomes)
-                        unsure = audit.append(conn, events)
+                        unsure = audit.append(conn, chained)
                 break
             except Exception as exc:  # any driver error: keep the batch, refuse calls, retry
                 if unsure is not None and self._landed_now(unsure):
@@ -985,50 +993,14 @@ class Recorder:
                       _short(exc))
 
     def _replay_dead(self) -> int:
-        """Commit the rows of every journal segment whose owner is gone (its lock can be taken), each
-        segment in one transaction, then delete it; rows already in (by decision id) are not written again.
-        A segment that cannot be committed now is left for the next look. The rows replayed."""
+        """Commit the rows of every journal segment whose owner is gone (`replay_segments`) on the writer's
+        connection; the rows replayed."""
         assert self._journal_dir is not None and self._journal is not None
         self._scanned_at = time.monotonic()
-        replayed = 0
-        for path in journal.segment_paths(self._journal_dir):
-            if self._journal.owns(path):
-                continue
-            with journal.dead_segment(path) as dead:
-                if dead is None:
-                    continue
-                try:
-                    rows = dead.rows()
-                    replayed += self._replay(rows)
-                except Exception as exc:
-                    log.error("decision journal %s could not be replayed now (kept for the next try): %s",
-                              path, _short(exc))
-                    continue
-                dead.remove()
-                if rows:
-                    log.warning("replayed decision journal %s of a process that stopped without committing it: "
-                                "%d of its %d rows were not in the record", path, replayed, len(rows))
-        return replayed
-
-    def _replay(self, rows: list[dict[str, Any]]) -> int:
-        """Insert the decision rows not yet in the record and chain them, in one transaction."""
-        if not rows:
-            return 0
-        rows = list({row["decision_id"]: row for row in rows}.values())
-        with self._sqlite_transaction() as cursor:
-            known: set[str] = set()
-            ids = [row["decision_id"] for row in rows]
-            for start in range(0, len(ids), 500):
-                chunk = ids[start:start + 500]
-                known.update(found for (found,) in cursor.execute(
-                    f"SELECT decision_id FROM decisions WHERE decision_id IN ({', '.join('?' * len(chunk))})", chunk))
-            missing = [row for row in rows if row["decision_id"] not in known]
-            if missing:
-                _insert_sqlite(cursor, [_table_row(row) for row in missing])
-                audit.append_sqlite(cursor, [_decision_event(row) for row in missing])
-        self._commits += 1
-        self.written += len(missing)
-        return len(missing)
+        done = replay_segments(self._journal_dir, self._sqlite_transaction, owns=self._journal.owns)
+        self._commits += done.commits
+        self.written += done.replayed
+        return done.replayed
 
     def _failed(self, exc: Exception) -> None:
         if not self._failing:
@@ -1141,6 +1113,189 @@ def _open_journal(directory: str) -> journal.Journal:
             f"the decision journal {directory} cannot be written ({_short(exc)}): cedargate records every call "
             "before forwarding it. Make the database's directory writable by this user, then start again"
         ) from None
+
+
+@dataclass
+class JournalReplay:
+    """What a look at the dead journal segments (`replay_segments`) did."""
+
+    replayed: int = 0  # rows committed to the record now
+    rejected: int = 0  # rows the store refused, moved to a quarantine file beside their segment
+    commits: int = 0  # transactions committed
+    kept: int = 0  # dead segments left for the next look (the store failed, or a file could not be read)
+    unread: int = 0  # of those, segments whose rows could not even be read (so not in `kept_ids`)
+    # The decision ids of the kept segments' rows (some may be in the record already: `journal_waiting`).
+    kept_ids: set[str] = field(default_factory=set)
+
+
+# A row the store refuses for what it holds (a NOT NULL column missing from a line written by another
+# release, a value of a type no column takes), not because the store fails: such a row is set aside rather
+# than kept with its segment, where it would keep every other row of the segment off the record for good.
+_DATA_ERRORS = (sqlite3.IntegrityError, sqlite3.DataError, KeyError, TypeError, ValueError)
+
+
+def _data_error(exc: BaseException) -> bool:
+    return isinstance(exc, _DATA_ERRORS) or (
+        isinstance(exc, sqlite3.ProgrammingError) and str(exc).startswith("Error binding parameter"))
+
+
+Transaction = Callable[[], AbstractContextManager[sqlite3.Cursor]]
+
+
+def replay_segments(directory: str, transaction: Transaction, *,
+                    owns: Callable[[str], bool] = lambda path: False) -> JournalReplay:
+    """Commit the rows of every journal segment in `directory` whose owner is gone (its lock can be taken)
+    and is not `owns`'d, each segment in one `transaction()` (a cursor in a transaction begun IMMEDIATE),
+    then delete it; rows already in (by decision id) are neither written nor chained again.
+
+    A segment whose transaction fails for a row's data (`_data_error`) is written again row by row: the
+    rows the store takes are committed, the others go with the reason to `<segment>.rejected` (0600,
+    one line each, a journal line with a "reason") and are logged loudly. A segment that cannot be
+    committed now (the store fails) or read is left for the next look; one such segment does not stop
+    the others. Serves the recorder (`Recorder._replay_dead`) and the commands that read the record
+    (`replay_journal`)."""
+    done = JournalReplay()
+    try:
+        paths = journal.segment_paths(directory)
+    except OSError as exc:
+        log.error("the decision journal %s cannot be listed now (looked at again later): %s", directory, exc)
+        return done
+    for path in paths:
+        if owns(path):
+            continue
+        rows: list[dict[str, Any]] | None = None
+        try:
+            with journal.dead_segment(path) as dead:
+                if dead is None:
+                    continue
+                rows = dead.rows()
+                replayed, rejected = _replay_segment(path, rows, transaction)
+                done.commits += 1 if replayed or rejected else 0
+                done.replayed += replayed
+                if rejected:
+                    _quarantine(path, rejected)
+                    done.rejected += len(rejected)
+                dead.remove()
+                if rows:
+                    log.warning("replayed decision journal %s of a process that stopped without committing it: "
+                                "%d of its %d rows were not in the record, %d set aside", path, replayed, len(rows),
+                                len(rejected))
+        except Exception as exc:
+            done.kept += 1
+            if rows is None:
+                done.unread += 1
+            else:
+                done.kept_ids.update(row["decision_id"] for row in rows if isinstance(row.get("decision_id"), str))
+            log.error("decision journal %s could not be replayed now (kept for the next try): %s", path, _short(exc))
+    return done
+
+
+def _replay_segment(path: str, rows: list[dict[str, Any]],
+                    transaction: Transaction) -> tuple[int, list[tuple[dict[str, Any], str]]]:
+    """A dead segment's rows into the record: the rows inserted, and the rows refused with the reason."""
+    rejected: list[tuple[dict[str, Any], str]] = []
+    unique: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if isinstance(row.get("decision_id"), str):
+            unique.setdefault(row["decision_id"], row)
+        else:
+            rejected.append((row, "no decision_id"))
+    if not unique:
+        return 0, rejected
+    try:
+        with transaction() as cursor:
+            inserted = _insert_sqlite(cursor, [_table_row(row) for row in unique.values()])
+            audit.append_sqlite(cursor, [_decision_event(row) for row in unique.values()
+                                         if row["decision_id"] in inserted])
+        return len(inserted), rejected
+    except Exception as exc:
+        if not _data_error(exc):
+            raise
+        log.error("decision journal %s holds a row the store refuses (%s): replaying it row by row",
+                  path, _short(exc))
+    count = 0
+    with transaction() as cursor:
+        for row in unique.values():
+            cursor.execute("SAVEPOINT replay_row")
+            try:
+                if _insert_sqlite(cursor, [_table_row(row)]):
+                    audit.append_sqlite(cursor, [_decision_event(row)])
+                    count += 1
+            except Exception as exc:
+                if not _data_error(exc):
+                    raise
+                cursor.execute("ROLLBACK TO replay_row")
+                rejected.append((row, _short(exc)))
+            cursor.execute("RELEASE replay_row")
+    return count, rejected
+
+
+def _quarantine(path: str, rejected: list[tuple[dict[str, Any], str]]) -> None:
+    """Append the rows the store refused to `<path>.rejected` (0600), each a journal line with its reason,
+    and say so loudly: those calls went upstream and are not in the record. Raises OSError if it cannot
+    (the segment is then kept, and its refused rows with it)."""
+    target = f"{path}.rejected"
+    lines = b"".join(canonical({"reason": reason, **json.loads(journal.encode(row))}) + b"\n"
+                     for row, reason in rejected)
+    fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(lines)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    for row, reason in rejected:
+        log.error("a forwarded call's row in decision journal %s cannot be stored (%s): it is NOT in the record; "
+                  "kept in %s (decision %s)", path, reason, target, row.get("decision_id"))
+
+
+def journal_of(engine: SAEngine) -> str | None:
+    """The journal directory of a SQLite database in WAL mode (the only kind with a journal), else None."""
+    if engine.dialect.name != "sqlite":
+        return None
+    wal = _sqlite_wal(engine)
+    return None if wal is None else journal.directory_for(wal[:-len("-wal")])
+
+
+def replay_journal(engine: SAEngine) -> JournalReplay:
+    """For a command about to read the record: commit the rows of dead processes' journal segments
+    (`replay_segments`), as a recorder does at start, so that the calls they forwarded are on the record.
+    Needs write access to the database and the journal; what could not be replayed is in `kept`/`kept_ids`
+    (`journal_waiting` tells how many of those rows the record lacks)."""
+    directory = journal_of(engine)
+    if directory is None or not os.path.isdir(directory):
+        return JournalReplay()
+    database = directory[:-len(".journal")]
+
+    @contextmanager
+    def transaction() -> Iterator[sqlite3.Cursor]:
+        raw = sqlite3.connect(database, timeout=BUSY_TIMEOUT, isolation_level=None)
+        try:
+            begin_immediate(raw.execute)
+            try:
+                yield raw.cursor()
+                raw.execute("COMMIT")
+            except BaseException:
+                if raw.in_transaction:
+                    raw.execute("ROLLBACK")
+                raise
+        finally:
+            raw.close()
+
+    return replay_segments(directory, transaction)
+
+
+def journal_waiting(engine: SAEngine, ids: set[str]) -> int:
+    """How many of the decision ids `ids` (a journal's, `JournalReplay.kept_ids`) are not in the record."""
+    known: set[str] = set()
+    listed = sorted(ids)
+    with engine.connect() as conn:
+        for start in range(0, len(listed), 500):
+            chunk = listed[start:start + 500]
+            known.update(conn.execute(select(DecisionRecord.decision_id)
+                                      .where(DecisionRecord.decision_id.in_(chunk))).scalars())  # type: ignore[attr-defined]
+    return len(ids - known)
 
 
 class _LockTaken(Exception):
@@ -1269,8 +1424,11 @@ def _insert_new(conn: Connection) -> Any:
 
 
 _decisions: Table = DecisionRecord.__table__  # type: ignore[attr-defined]  # SQLModel sets it, untyped
-_INSERT_NEW = {"postgresql": postgresql.insert(_decisions).on_conflict_do_nothing(index_elements=["decision_id"]),
-               "sqlite": sqlite.insert(_decisions).on_conflict_do_nothing(index_elements=["decision_id"])}
+# RETURNING the ids inserted: only they are chained (`_insert_sqlite` says why).
+_INSERT_NEW = {"postgresql": postgresql.insert(_decisions).on_conflict_do_nothing(index_elements=["decision_id"])
+               .returning(_decisions.c.decision_id),
+               "sqlite": sqlite.insert(_decisions).on_conflict_do_nothing(index_elements=["decision_id"])
+               .returning(_decisions.c.decision_id)}
 _ADD_OUTCOME = (
     update(_decisions).where(_decisions.c.decision_id == bindparam("b_id"))
     .values(upstream_status=bindparam("b_status"), duration_ms=bindparam("b_ms"), errors=bindparam("b_errors"))
@@ -1286,16 +1444,44 @@ _SQLITE_ADD_OUTCOME = "UPDATE decisions SET upstream_status = ?, duration_ms = ?
 # Many outcomes in one UPDATE (SQLite 3.33 and later), not executemany: that releases and retakes the GIL
 # for every row, and each retake makes a busy proxy's event loop hand the GIL over.
 _UPDATE_FROM = sqlite3.sqlite_version_info >= (3, 33)
+_RETURNING = sqlite3.sqlite_version_info >= (3, 35)  # INSERT ... RETURNING
 
 
-def _insert_sqlite(cursor: sqlite3.Cursor, rows: list[dict[str, Any]]) -> None:
+def _insert_sqlite(cursor: sqlite3.Cursor, rows: list[dict[str, Any]]) -> set[str]:
+    """Insert the decision rows not stored yet (by decision_id); the ids of those inserted, so that only
+    they are chained: a row committed twice (its journal replayed by another process meanwhile) must not
+    give its call a second decision event."""
     values = [audit.sqlite_datetime(value) if isinstance(value, datetime) else value
               for row in rows for value in (row.get(column, _DEFAULTS.get(column)) for column in _COLUMNS)]
     width = len(_COLUMNS)
+    inserted: set[str] = set()
+    if not _RETURNING:  # SQLite before 3.35: the ids already stored, read in the same transaction
+        ids = [row["decision_id"] for row in rows]
+        known = {found for start in range(0, len(ids), 500) for (found,) in cursor.execute(
+            f"SELECT decision_id FROM decisions WHERE decision_id IN ({', '.join('?' * len(ids[start:start + 500]))})",
+            ids[start:start + 500])}
+        inserted = set(ids) - known
     for start in range(0, len(rows), audit.SQLITE_ROWS_PER_INSERT):
         count = min(audit.SQLITE_ROWS_PER_INSERT, len(rows) - start)
-        cursor.execute(audit.sqlite_insert("decisions", _COLUMNS, count, " ON CONFLICT (decision_id) DO NOTHING"),
+        suffix = " ON CONFLICT (decision_id) DO NOTHING" + (" RETURNING decision_id" if _RETURNING else "")
+        cursor.execute(audit.sqlite_insert("decisions", _COLUMNS, count, suffix),
                        values[start * width:(start + count) * width])
+        if _RETURNING:
+            inserted.update(found for (found,) in cursor.fetchall())
+    return inserted
+
+
+def _only_inserted(items: list[Item], events: list[dict[str, Any]], inserted: set[str]) -> list[dict[str, Any]]:
+    """`events` (`items`' own, then others) less the decision events of rows that were not inserted, being
+    in the record already (`_insert_sqlite`)."""
+    kept = []
+    for index, chained in enumerate(events):
+        if index < len(items) and items[index][0] == _DECISION:
+            if chained["decision_id"] not in inserted:
+                continue
+            inserted.discard(chained["decision_id"])  # a row queued twice is chained once
+        kept.append(chained)
+    return kept
 
 
 def _add_outcomes_sqlite(cursor: sqlite3.Cursor, outcomes: list[dict[str, Any]]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import logging
 import os
 import resource
@@ -466,3 +467,136 @@ def test_a_segment_removed_twice_closes_its_file_once(tmp_path: Path):
     finally:
         os.close(reused)
         owned.close()
+
+
+def _dead_segment(db_path: Path, *rows: dict, name: str = "1-1-deadbeef") -> Path:
+    """A segment left by a process that is gone (nobody holds its lock), holding `rows`."""
+    directory = _journal_dir(db_path)
+    directory.mkdir(mode=0o700, exist_ok=True)
+    path = directory / f"{name}{journal.SUFFIX}"
+    path.write_bytes(b"".join(journal.encode(row) for row in rows))
+    path.chmod(0o600)
+    return path
+
+
+def test_a_row_the_store_refuses_is_set_aside_and_the_rest_of_its_dead_segment_is_replayed(
+        db_path: Path, closing: list[Recorder]):
+    """Lines the store cannot take (from another release, say: without a NOT NULL column, without a decision
+    id). A segment replayed in one transaction kept every other row of it off the record for good (review2
+    R4): now its other rows are committed, the refused ones set aside beside it with the reason, and the
+    segment is gone."""
+    good, later = _row(0), _row(2)
+    no_method = _row(1)
+    del no_method["method"]  # NOT NULL, no default
+    nameless = _row(3)
+    del nameless["decision_id"]
+    segment = _dead_segment(db_path, good, no_method, nameless, later)
+
+    recorder = Recorder(make_engine(f"sqlite:///{db_path}"))
+    closing.append(recorder)
+    assert sorted(r["decision_id"] for r in sqlite_rows(db_path)) == sorted([good["decision_id"],
+                                                                            later["decision_id"]])
+    assert [_decision_events(db_path, row["decision_id"]) for row in (good, later)] == [1, 1]
+    assert not segment.exists()
+    rejected = Path(f"{segment}.rejected")
+    assert stat.S_IMODE(rejected.stat().st_mode) == 0o600
+    lines = rejected.read_bytes().splitlines()
+    reasons = {journal.decode(line)["path"]: json.loads(line)["reason"] for line in lines}
+    assert set(reasons) == {no_method["path"], nameless["path"]}  # each a journal line still
+    assert "NOT NULL" in reasons[no_method["path"]] and "method" in reasons[no_method["path"]]
+    assert "decision_id" in reasons[nameless["path"]]
+    assert audit.verify(make_engine(f"sqlite:///{db_path}")).ok
+
+
+def test_a_dead_segment_that_cannot_be_read_does_not_stop_the_others(db_path: Path, closing: list[Recorder]):
+    """`*.seg` files that cannot be opened or read (a symlink to itself: ELOOP, as root too; a directory:
+    EISDIR) are left for the next look, and the segments after them are replayed all the same. An OSError
+    opening one escaped the replay: a recorder did not start."""
+    looping = _journal_dir(db_path) / f"0-0-aaaaaaaa{journal.SUFFIX}"
+    directory = _journal_dir(db_path) / f"0-1-bbbbbbbb{journal.SUFFIX}"
+    directory.mkdir(parents=True)
+    looping.symlink_to(looping.name)
+    row = _row(0)
+    segment = _dead_segment(db_path, row)
+    recorder = Recorder(make_engine(f"sqlite:///{db_path}"))
+    closing.append(recorder)
+    assert [r["decision_id"] for r in sqlite_rows(db_path)] == [row["decision_id"]]
+    assert not segment.exists()
+
+
+def test_a_row_its_owner_commits_after_a_sibling_replayed_it_is_chained_once(db_path: Path, closing: list[Recorder]):
+    """`Recorder.close` releases a segment's lock while its writer may still commit the segment's rows (a
+    writer stuck in the store, a late row): a sibling replays it meanwhile, then the owner commits the row.
+    The row was stored once (ON CONFLICT DO NOTHING) but its decision event was chained twice (review2 R6)."""
+    first = Recorder(make_engine(f"sqlite:///{db_path}"), journal_linger=3600)
+    closing.append(first)
+    row = _row(0)
+    with first._writing:  # the writer cannot commit it yet, as while close() waits on a stuck writer
+        assert first.commit(row).result(0) is None
+        assert first._journal is not None
+        first._journal.close()  # what close() does then: the unsettled segment kept, its lock released
+        other = Recorder(make_engine(f"sqlite:///{db_path}"))  # a sibling worker starts, and replays it
+        closing.append(other)
+        assert [r["decision_id"] for r in sqlite_rows(db_path)] == [row["decision_id"]]
+    assert first.flush(10)  # the owner's writer commits it too
+    assert _decision_events(db_path, row["decision_id"]) == 1
+    assert audit.verify(make_engine(f"sqlite:///{db_path}")).ok
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "proxy.cli.main", *args], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_the_commands_that_read_the_record_replay_a_killed_process_journal_first(db_path: Path):
+    """After a kill -9 the last forwarded calls are only in the journal. `cedargate audit verify` said
+    "audit log OK: 0 rows" and `report` left them out until a proxy started again (review2 R7): the commands
+    that read the record replay dead journals first, as a start does."""
+    child, ids = _child(db_path, journaled=6)
+    _kill(child)
+    assert sqlite_rows(db_path) == []
+    verify = _cli("audit", "verify", "--database-url", f"sqlite:///{db_path}")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert "6 forwarded calls committed from the decision journal" in verify.stderr
+    assert sorted(r["decision_id"] for r in sqlite_rows(db_path)) == sorted(ids)
+    assert [_decision_events(db_path, decision_id) for decision_id in ids] == [1] * len(ids)
+    assert _segments(db_path) == []
+
+    child, more = _child(db_path, journaled=3)
+    _kill(child)
+    explain = _cli("explain", "--decision", more[0], "--database-url", f"sqlite:///{db_path}")
+    assert "3 forwarded calls committed" in explain.stderr
+    assert "keeps no Cedar request" in explain.stderr  # found (the child recorded none), not "no decision"
+    assert len(sqlite_rows(db_path)) == len(ids) + len(more)
+
+    child, last = _child(db_path, journaled=2)
+    _kill(child)
+    report = _cli("report", "--database-url", f"sqlite:///{db_path}", "--since", "1d", "--json")
+    assert report.returncode == 0, report.stdout + report.stderr
+    assert "2 forwarded calls committed" in report.stderr
+    assert len(sqlite_rows(db_path)) == len(ids) + len(more) + len(last)
+    assert _segments(db_path) == []
+    assert json.loads(report.stdout)
+
+
+def test_audit_verify_says_incomplete_when_it_cannot_replay_a_dead_journal(db_path: Path):
+    """The journal's rows cannot be committed (here another connection holds the store's write lock for longer
+    than a writer waits): `audit verify` checks the chain and exits 3, saying how many forwarded calls are not
+    in the record yet; the segment is kept for the next start."""
+    child, ids = _child(db_path, journaled=4)
+    _kill(child)
+    holder = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        verify = _cli("audit", "verify", "--database-url", f"sqlite:///{db_path}")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert verify.returncode == 3, verify.stdout + verify.stderr
+    assert ("4 forwarded calls are in the decision journal of a stopped process and NOT yet in the record"
+            in verify.stderr)
+    assert "INCOMPLETE" in verify.stdout
+    assert len(_segments(db_path)) == 1 and sqlite_rows(db_path) == []
+    again = _cli("audit", "verify", "--database-url", f"sqlite:///{db_path}")  # the lock gone: replayed
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert sorted(r["decision_id"] for r in sqlite_rows(db_path)) == sorted(ids)

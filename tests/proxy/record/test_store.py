@@ -222,6 +222,37 @@ def test_postgres_dropped_table_keeps_rows_reports_and_recovers(pg_recorder: Rec
     assert sum(count_decisions(pg_recorder.engine).values()) == 30
 
 
+def _decision_events(engine, decision_id: str) -> int:
+    with engine.connect() as con:
+        return con.execute(text("SELECT count(*) FROM audit_log WHERE kind = 'decision' AND decision_id = :d"),
+                           {"d": decision_id}).scalar_one()
+
+
+def _recorded_twice_chained_once(recorder: Recorder) -> None:
+    """A row committed again (its journal replayed by a sibling meanwhile, say) is stored once by ON CONFLICT
+    DO NOTHING; only a row actually inserted gets a decision event, in a later batch or in the same one."""
+    row, other, same_batch = _row(0), _row(1), _row(2)
+    recorder.record(row)
+    assert recorder.flush()
+    recorder.record(dict(row))
+    recorder.record(other)
+    recorder.record(same_batch)
+    recorder.record(dict(same_batch))
+    assert recorder.flush()
+    assert [_decision_events(recorder.engine, r["decision_id"]) for r in (row, other, same_batch)] == [1, 1, 1]
+    result = audit.verify(recorder.engine)
+    assert result.ok, result.reason
+
+
+def test_a_row_recorded_twice_is_chained_once(sqlite_recorder: Recorder):
+    _recorded_twice_chained_once(sqlite_recorder)
+
+
+@pytest.mark.postgres
+def test_postgres_a_row_recorded_twice_is_chained_once(pg_recorder: Recorder):
+    _recorded_twice_chained_once(pg_recorder)
+
+
 @pytest.mark.postgres
 def test_postgres_one_unstorable_row_does_not_wedge_the_record(pg_url: str):
     recorder = Recorder(make_engine(pg_url), retry_interval=0.05)
