@@ -45,6 +45,12 @@ class StoreStatus(BaseModel):
     pending_records: int
     records_written: int
     last_error: str | None
+    journal_segments_waiting: int = Field(
+        0, description="journal segments of stopped processes the last look could not replay (their calls went "
+                       "upstream and are not in the record yet); 0 when there is no journal")
+    journal_rows_set_aside: int = Field(
+        0, description="journaled rows of stopped processes the store refused, since this process started: "
+                       "NOT in the record, kept in the journal directory's *.rejected files")
 
 
 class UnreachableEscalationStatus(BaseModel):
@@ -189,6 +195,8 @@ def status(request: Request, runtime: RuntimeDep) -> Status:
             pending_records=recorder.pending,
             records_written=recorder.written,
             last_error=recorder.last_error,
+            journal_segments_waiting=recorder.journal_kept,
+            journal_rows_set_aside=recorder.journal_rejected,
         ),
         limits=_limits(runtime),
         unreachable_escalations=[UnreachableEscalationStatus.model_validate(u.as_dict())

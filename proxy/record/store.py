@@ -368,6 +368,8 @@ class Recorder:
         self._open: dict[str, float] = {}  # calls committed, not yet finished: decision id -> when (`_opened`)
         self._open_lock = threading.Lock()
         self._stop = threading.Event()
+        # Dead journal segments the last look left (`_replay_dead`), and rows it set aside since the start.
+        self.journal_kept = self.journal_rejected = 0
         self._writer_error: str | None = None  # the writer thread ended on an unexpected error (`_run`)
         migrate(engine)
         writable(self._writes)
@@ -1000,6 +1002,8 @@ class Recorder:
         done = replay_segments(self._journal_dir, self._sqlite_transaction, owns=self._journal.owns)
         self._commits += done.commits
         self.written += done.replayed
+        self.journal_kept = done.kept
+        self.journal_rejected += done.rejected
         return done.replayed
 
     def _failed(self, exc: Exception) -> None:

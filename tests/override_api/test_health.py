@@ -88,6 +88,39 @@ def test_status_counts_the_records_written(client, runtime):
     assert client.get("/status").json()["store"]["records_written"] == 1
 
 
+def test_status_counts_the_dead_journal_segments_waiting_and_the_rows_set_aside(client, runtime, monkeypatch):
+    """A stopped process's journal segment holding a good row and one the store refuses (a NOT NULL column
+    missing). While another connection holds the store's write lock the look for dead journals cannot replay
+    it: /status counts the segment waiting; once it can, the good row is committed and the other set aside."""
+    from proxy.record import journal, store  # noqa: PLC0415  (only this test needs them)
+
+    monkeypatch.setattr(store, "BUSY_TIMEOUT", 0.1)  # the look waits this long for the write lock
+    recorder = runtime.recorder
+    assert recorder._journal_dir is not None
+    good = {"decision_id": str(uuid.uuid4()), "at": datetime.now(UTC), "agent": "ops-bot", "method": "GET",
+            "scheme": "http", "host": "localhost", "port": 9000, "path": "/v1/instances", "action": 'Action::"get"',
+            "resource": 'Host::"localhost"', "decision": "allow", "errors": "[]"}
+    bad = {**good, "decision_id": str(uuid.uuid4())}
+    del bad["method"]
+    segment = Path(recorder._journal_dir) / f"1-1-deadbeef{journal.SUFFIX}"
+    segment.write_bytes(journal.encode(good) + journal.encode(bad))
+    segment.chmod(0o600)
+    holder = sqlite3.connect(recorder._journal_dir[:-len(".journal")], isolation_level=None)
+    try:
+        with recorder._writing:  # as the writer looks, every few seconds
+            holder.execute("BEGIN IMMEDIATE")
+            assert recorder._replay_dead() == 0
+            holder.execute("ROLLBACK")
+            waiting = client.get("/status").json()["store"]
+            assert recorder._replay_dead() == 1
+    finally:
+        holder.close()
+    assert (waiting["journal_segments_waiting"], waiting["journal_rows_set_aside"]) == (1, 0)
+    after = client.get("/status").json()["store"]
+    assert (after["journal_segments_waiting"], after["journal_rows_set_aside"]) == (0, 1)
+    assert not segment.exists()
+
+
 def test_failed_reload_is_reported_while_the_previous_revision_stays_live(client, runtime, policy_dir):
     live = client.get("/status").json()["policies"]
     (policy_dir / "broken.cedar").write_text('@id("half-written")\npermit (principal, action, resource\n')
