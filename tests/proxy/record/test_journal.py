@@ -20,7 +20,6 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -42,15 +41,6 @@ def _row(i: int = 0, **overrides) -> dict:
            "decision": "allow", "errors": "[]", "session": None, "tool": None, "cedar_request": None}
     row.update(overrides)
     return row
-
-
-@pytest.fixture
-def closing() -> Iterator[list[Recorder]]:
-    recorders: list[Recorder] = []
-    yield recorders
-    for recorder in recorders:
-        recorder.close(timeout=5)
-        recorder.engine.dispose()
 
 
 def _journal_dir(db_path: Path) -> Path:

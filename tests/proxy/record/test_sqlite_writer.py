@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -40,15 +40,6 @@ def _vote(conn) -> tuple[None, list[dict]]:
 
 def _url(db_path: Path, form: str) -> str:
     return f"sqlite:///file:{db_path}?uri=true" if form == "uri" else f"sqlite:///{db_path}"
-
-
-@pytest.fixture
-def closing() -> Iterator[list[Recorder]]:
-    recorders: list[Recorder] = []
-    yield recorders
-    for recorder in recorders:
-        recorder.close(timeout=5)
-        recorder.engine.dispose()
 
 
 WAL_BOUND = 256 * 1024
