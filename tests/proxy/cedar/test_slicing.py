@@ -308,7 +308,7 @@ def example_gate(scratch: Path) -> Iterator[Gate]:
 def test_gate_allows_exactly_what_cedar_allows_with_the_example_policies(example_gate: Gate, call: Call):
     verdict = example_gate.decide(call)
     try:
-        request = map_call(call, example_gate.mapping)
+        request = map_call(call, example_gate.mapping, at=verdict.at)  # the same second as the verdict
     except MappingError as exc:
         assert verdict.outcome is Outcome.ERROR and verdict.problem is Problem.MAPPING_ERROR
         assert verdict.status == exc.status

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -57,7 +58,12 @@ def mcp_call(message, *, method: str = "POST", agent: str = "ops-bot") -> Call:
 
 @pytest.fixture
 def mcp_gate(engine: Engine) -> Gate:
-    return Gate(engine, None)
+    return Gate(engine, None, clock=FIXED_CLOCK)
+
+
+# A verdict's Cedar request holds the time it was decided; verdicts compared must share it.
+def FIXED_CLOCK() -> datetime:  # noqa: N802
+    return datetime(2026, 12, 3, 9, 0, tzinfo=UTC)
 
 
 def same_verdict(one: Verdict, other: Verdict) -> None:
@@ -155,7 +161,7 @@ def test_a_batch_as_one_call_is_refused_by_the_gate(mcp_gate):
 
 def test_a_message_too_large_alone_is_refused_alone(engine):
     # Re-encoded alone, a message takes \u escapes for what came as UTF-8: past the cap, as if sent alone.
-    gate = Gate(engine, None, proxy.calls.mapping.MappingOptions(max_body_bytes=400))
+    gate = Gate(engine, None, proxy.calls.mapping.MappingOptions(max_body_bytes=400), clock=FIXED_CLOCK)
     batch = [tool_call("search_issues", {"query": "é" * 60}, id=1), tool_call("search_issues", {}, id=2)]
     call = mcp_call(None)
     call = call.with_body(json.dumps(batch, ensure_ascii=False).encode())
