@@ -260,6 +260,7 @@ def _cancel_timer(loop: asyncio.AbstractEventLoop, handle: asyncio.TimerHandle, 
 
 
 _DECISION, _OUTCOME, _EVENT, _UNIT = "decision", "outcome", "event", "unit"
+_JOURNALED_CALL = "journaled_call"  # an outcome's: whether its call's row went through the journal (`_passable`)
 T = TypeVar("T")
 # What a unit of work run by `Recorder.transact` returns: its result, and the audit events that
 # record it (each as `record_event` takes it).
@@ -295,6 +296,10 @@ JOURNAL_SCAN_INTERVAL = 5.0  # seconds between looks for dead processes' journal
 # queued. Beyond, the call waits for its commit (and is refused if it does not come): a stuck writer must
 # not let calls go that it will never commit.
 JOURNAL_MAX_QUEUED = 2000
+# Journaled calls whose outcome is not queued yet, remembered so that their outcome too may be passed by a
+# unit of work (`Recorder._passable`); past this many, the oldest are forgotten (their outcome then waits
+# its turn: slower for a unit, never wrong).
+JOURNALED_REMEMBERED = 10_000
 
 
 class StoreUnavailable(Exception):
@@ -366,6 +371,8 @@ class Recorder:
         # happened, with the head that would tell: the writer settles it first (`_write`'s `unsure`).
         self._unsure: tuple[tuple[int, str], list[Item]] | None = None
         self._open: dict[str, float] = {}  # calls committed, not yet finished: decision id -> when (`_opened`)
+        # Journaled calls not yet finished (their decision ids, oldest first): see `_passable`.
+        self._journaled_open: dict[str, None] = {}
         self._open_lock = threading.Lock()
         self._stop = threading.Event()
         # Dead journal segments the last look left (`_replay_dead`), and rows it set aside since the start.
@@ -440,6 +447,10 @@ class Recorder:
             failed.set_exception(StoreUnavailable(f"the decision journal cannot be written: {_short(exc)}"))
             return failed
         done = _Journaled(segment)
+        with self._open_lock:
+            self._journaled_open[item["decision_id"]] = None
+            if len(self._journaled_open) > JOURNALED_REMEMBERED:
+                del self._journaled_open[next(iter(self._journaled_open))]
         self._put((_DECISION, item, done))
         return done
 
@@ -509,10 +520,12 @@ class Recorder:
         chain it as an `outcome` event, so the tamper-evident log holds it too."""
         with self._open_lock:
             self._open.pop(decision_id, None)
+            journaled = self._journaled_open.pop(decision_id, False) is None
         values = {key: outcome.get(key) for key in OUTCOME_KEYS}
         if isinstance(values["errors"], str):
             values["errors"] = _storable(values["errors"])
-        self._put((_OUTCOME, {"decision_id": decision_id, "agent": agent, **values}, None))
+        self._put((_OUTCOME, {"decision_id": decision_id, "agent": agent, **values, _JOURNALED_CALL: journaled},
+                   None))
 
     def count_refusal(self, agent: str) -> None:
         """A call refused because the store could not take it: counted, and chained as one
@@ -625,7 +638,8 @@ class Recorder:
         """Run `work(connection)` on the writer thread in one transaction with the events it returns.
 
         The work runs after every row and event enqueued before this call and before any enqueued
-        after it; its events are chained in the same transaction, so what it changed and the audit rows
+        after it, except the journaled calls' rows and outcomes queued last before it, which it may pass
+        (`_passable`); its events are chained in the same transaction, so what it changed and the audit rows
         that say so commit together or not at all. Whatever `work` raises, or the commit raises, is
         raised here with nothing written. A commit that failed after it may have happened (the
         connection lost during COMMIT) is checked against the log: if it happened, its result is
@@ -717,17 +731,22 @@ class Recorder:
                 if not batch:  # a caller committed them with its own row (`_commit_now`)
                     store_backlog(self._queue.qsize(), 0.0)
                     continue
-                # In queue order: the rows and events up to a unit of work, then the unit, then the rest.
-                start = 0
-                for index, (tag, item, future) in enumerate([*batch, (_UNIT, None, None)]):
-                    if tag != _UNIT:
+                # In queue order, except that a unit of work goes ahead of the journaled calls' rows and
+                # outcomes queued just before it (`_passable`): what must precede it is written first.
+                ahead: list[Item] = []
+                for queued in batch:
+                    if queued[0] != _UNIT:
+                        ahead.append(queued)
                         continue
-                    if (index > start or self._unsure is not None) and not self._write(batch[start:index]):
+                    first_kept = next((index + 1 for index in range(len(ahead) - 1, -1, -1)
+                                       if not _passable(ahead[index])), 0)
+                    if (first_kept or self._unsure is not None) and not self._write(ahead[:first_kept]):
                         return
-                    if item is not None:
-                        self._run_unit(item, future)
-                        self._queue.task_done()
-                    start = index + 1
+                    del ahead[:first_kept]
+                    self._run_unit(queued[1], queued[2])
+                    self._queue.task_done()
+                if (ahead or self._unsure is not None) and not self._write(ahead):
+                    return
                 if self._journal is not None:
                     self._journal_chores()
 
@@ -1088,6 +1107,16 @@ class Recorder:
         if self._rate >= self.busy_rate and self._queue.qsize() + 1 < self.batch_size:
             if self._hurry.wait(self.linger):
                 self._hurry.clear()
+
+
+def _passable(queued: Item) -> bool:
+    """Whether a unit of work queued after this item may commit before it: a journaled call's decision row or
+    its outcome. The call has gone upstream and its row is safe in the journal; no unit reads the decisions
+    table, and a unit's events on the chain before these rows' says only that it committed first. So a
+    reviewer's vote does not wait for a batch of journaled rows lingering for company (`_linger`). An event,
+    or a row a caller waits on (a held call's), keeps its place: the chain tells their order."""
+    tag, item, future = queued
+    return (tag == _DECISION and isinstance(future, _Journaled)) or (tag == _OUTCOME and item[_JOURNALED_CALL])
 
 
 def _lag(batch: list[Item]) -> float:
