@@ -8,9 +8,11 @@ event that says so in the same database transaction, run by the recorder's write
 of everything else recorded. The two steps on an approval's way to its held call also have a form for
 the event loop (`vote_soon`, `release_soon`), which queues the same transaction and awaits its commit
 without a thread of its own: a thread hand-off waits for the GIL and for a CPU, which a busy proxy
-shares, and these two ran three each. Then it wakes the held calls waiting on that request (`Holds`), in this
-process at once and in every other process sharing the database through the notification the
-transaction sends on commit (`proxy.oversight.wakeups.announce`).
+shares, and these two ran three each. Their transactions go ahead of the journaled rows of calls
+already forwarded (`Recorder.transact_soon(ahead_of_calls=True)`): a reviewer waits on them, nobody on
+those. Then it wakes the held calls waiting on that request (`Holds`), in this process at once and in
+every other process sharing the database through the notification the transaction sends on commit
+(`proxy.oversight.wakeups.announce`).
 
 A grant whose release never reached the upstream (no connection, TLS failure) is put back
 (`restore_grant`): the agent's retry goes through without a second approval. Expiry is swept by one
@@ -297,7 +299,7 @@ class OverrideWorkflow:
             try:
                 voted = await committed(self.recorder.transact_soon(
                     lambda conn: self._vote(conn, override_id, approver, roles, ballot, reason, None),
-                    UNIT_TIMEOUT))
+                    UNIT_TIMEOUT, ahead_of_calls=True))
             except _VOTE_FAILURES as exc:
                 voted = (await asyncio.to_thread(self._vote_failed, exc, override_id, approver, ballot)
                          if isinstance(exc, AmbiguousCommit) else self._vote_failed(exc, override_id, approver, ballot))
@@ -456,7 +458,7 @@ class OverrideWorkflow:
         work = self._move_work(override, OverrideStatus.GRANTED, OverrideStatus.RELEASED, EventKind.RELEASE,
                                decision_id, payload, True, values)
         try:
-            moved = await committed(self.recorder.transact_soon(work, UNIT_TIMEOUT))
+            moved = await committed(self.recorder.transact_soon(work, UNIT_TIMEOUT, ahead_of_calls=True))
         except AmbiguousCommit:
             moved = await asyncio.to_thread(self._move_landed, override, OverrideStatus.RELEASED, values)
         if moved:

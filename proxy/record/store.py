@@ -32,7 +32,10 @@ start (`writable`).
 A state change that must be recorded with its audit events (an override voted on, released, expired)
 goes through `Recorder.transact`: the writer thread runs it in its own transaction, after everything
 enqueued before it and before everything enqueued after it, and chains its events in that same
-transaction, so the change and its audit rows commit together or not at all.
+transaction, so the change and its audit rows commit together or not at all. The two steps of an
+approval's way to its held call (a reviewer waits on them) may go ahead of the journaled calls' rows and
+outcomes queued just before them (`transact_soon(ahead_of_calls=True)`, `_passable`): those calls have
+gone upstream, their rows are safe in the journal, and no unit reads them.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -372,7 +376,10 @@ class Recorder:
         self._unsure: tuple[tuple[int, str], list[Item]] | None = None
         self._open: dict[str, float] = {}  # calls committed, not yet finished: decision id -> when (`_opened`)
         # Journaled calls not yet finished (their decision ids, oldest first): see `_passable`.
-        self._journaled_open: dict[str, None] = {}
+        self._journaled_open: OrderedDict[str, None] = OrderedDict()
+        # Units of work queued and not yet taken by the writer: while any is, it does not linger (`_linger`).
+        self._units_queued = 0
+        self._units_lock = threading.Lock()
         self._open_lock = threading.Lock()
         self._stop = threading.Event()
         # Dead journal segments the last look left (`_replay_dead`), and rows it set aside since the start.
@@ -450,7 +457,7 @@ class Recorder:
         with self._open_lock:
             self._journaled_open[item["decision_id"]] = None
             if len(self._journaled_open) > JOURNALED_REMEMBERED:
-                del self._journaled_open[next(iter(self._journaled_open))]
+                self._journaled_open.popitem(last=False)
         self._put((_DECISION, item, done))
         return done
 
@@ -569,6 +576,8 @@ class Recorder:
             rows = [queued for queued in batch if queued[0] != _UNIT]
             for tag, _, future in batch:
                 if tag == _UNIT:
+                    with self._units_lock:
+                        self._units_queued -= 1
                     if future is not None and future.set_running_or_notify_cancel():
                         future.set_exception(RuntimeError("the recorder is closed"))
                     self._queue.task_done()
@@ -638,8 +647,7 @@ class Recorder:
         """Run `work(connection)` on the writer thread in one transaction with the events it returns.
 
         The work runs after every row and event enqueued before this call and before any enqueued
-        after it, except the journaled calls' rows and outcomes queued last before it, which it may pass
-        (`_passable`); its events are chained in the same transaction, so what it changed and the audit rows
+        after it; its events are chained in the same transaction, so what it changed and the audit rows
         that say so commit together or not at all. Whatever `work` raises, or the commit raises, is
         raised here with nothing written. A commit that failed after it may have happened (the
         connection lost during COMMIT) is checked against the log: if it happened, its result is
@@ -654,7 +662,8 @@ class Recorder:
             self._withdraw(future, timeout)
             return future.result()  # TimeoutError if withdrawn; if started meanwhile, its outcome
 
-    def transact_soon(self, work: Work[T], timeout: float | None = None) -> Future[T]:
+    def transact_soon(self, work: Work[T], timeout: float | None = None, *,
+                      ahead_of_calls: bool = False) -> Future[T]:
         """`transact` without waiting, for an event loop: the unit is queued as `transact` queues it and
         the future, resolved on the writer thread, holds what `transact` would return or raise. Never
         blocks; `StoreUnavailable` is raised at once while the store is known to be failing.
@@ -662,8 +671,13 @@ class Recorder:
         Until the writer starts the unit, `future.cancel()` withdraws it (nothing runs). With `timeout`,
         called on a thread that runs an event loop, a loop timer withdraws it after `timeout` seconds as
         `transact` does: a unit not started by then never runs and its future holds `TimeoutError`, one
-        started runs to its outcome; the timer is cancelled once the unit is done."""
-        future = self._queued_unit(work)
+        started runs to its outcome; the timer is cancelled once the unit is done.
+
+        `ahead_of_calls`: the unit may commit before the journaled calls' rows and outcomes queued last
+        before it (`_passable`), rather than after their batch's commit; for a step a reviewer waits on.
+        Then its result says nothing of those rows (they may not be committed yet: `flush` waits for them),
+        and `work` must not read them."""
+        future = self._queued_unit(work, ahead_of_calls)
         if timeout is not None:
             try:
                 loop = asyncio.get_running_loop()
@@ -676,7 +690,7 @@ class Recorder:
                 future.add_done_callback(functools.partial(_cancel_timer, loop, handle))
         return future
 
-    def _queued_unit(self, work: Work[T]) -> _Unit[T]:
+    def _queued_unit(self, work: Work[T], ahead_of_calls: bool = False) -> _Unit[T]:
         """`work` queued for the writer, once checked as both `transact` and `transact_soon` check it."""
         if threading.current_thread() is self._thread:
             raise RuntimeError("Recorder.transact called from the writer thread itself")
@@ -685,7 +699,9 @@ class Recorder:
         if self._failing:  # as the gate refuses calls: fail now rather than wait behind the retries
             raise StoreUnavailable(f"the decision store is failing: {self.last_error}")
         future: _Unit[T] = _Unit()
-        self._queue.put_nowait((_UNIT, {"work": work}, future))
+        with self._units_lock:
+            self._units_queued += 1
+        self._queue.put_nowait((_UNIT, {"work": work, "ahead_of_calls": ahead_of_calls}, future))
         self._hurry.set()
         return future
 
@@ -731,15 +747,17 @@ class Recorder:
                 if not batch:  # a caller committed them with its own row (`_commit_now`)
                     store_backlog(self._queue.qsize(), 0.0)
                     continue
-                # In queue order, except that a unit of work goes ahead of the journaled calls' rows and
-                # outcomes queued just before it (`_passable`): what must precede it is written first.
+                # In queue order, except that a unit of work `ahead_of_calls` goes ahead of the journaled
+                # calls' rows and outcomes queued just before it (`_passable`).
                 ahead: list[Item] = []
                 for queued in batch:
                     if queued[0] != _UNIT:
                         ahead.append(queued)
                         continue
-                    first_kept = next((index + 1 for index in range(len(ahead) - 1, -1, -1)
-                                       if not _passable(ahead[index])), 0)
+                    with self._units_lock:
+                        self._units_queued -= 1
+                    first_kept = len(ahead) if not queued[1]["ahead_of_calls"] else next(
+                        (index + 1 for index in range(len(ahead) - 1, -1, -1) if not _passable(ahead[index])), 0)
                     if (first_kept or self._unsure is not None) and not self._write(ahead[:first_kept]):
                         return
                     del ahead[:first_kept]
@@ -1100,6 +1118,8 @@ class Recorder:
         now = time.monotonic()
         self._rate *= math.exp((self._rate_at - now) / RATE_HORIZON)  # rows taken since are added on
         self._rate_at = now
+        if self._units_queued:  # a unit waits in the queue (past the last batch, say): no lingering for it
+            return
         if journaled and self._queue.qsize() + 1 < self.batch_size:
             if self._hurry.wait(max(self.journal_linger, self.linger if self._rate >= self.busy_rate else 0.0)):
                 self._hurry.clear()
@@ -1110,11 +1130,12 @@ class Recorder:
 
 
 def _passable(queued: Item) -> bool:
-    """Whether a unit of work queued after this item may commit before it: a journaled call's decision row or
-    its outcome. The call has gone upstream and its row is safe in the journal; no unit reads the decisions
-    table, and a unit's events on the chain before these rows' says only that it committed first. So a
-    reviewer's vote does not wait for a batch of journaled rows lingering for company (`_linger`). An event,
-    or a row a caller waits on (a held call's), keeps its place: the chain tells their order."""
+    """Whether a unit of work `ahead_of_calls` queued after this item may commit before it: a journaled call's
+    decision row or its outcome. The call has gone upstream and its row is safe in the journal; no unit reads
+    the decisions table, and a unit's events on the chain before these rows' say only that it committed
+    first. So a reviewer's vote does not wait for the commit of the journaled rows queued before it (tens
+    of them under load). An event, a refused call's row or a row a caller waits on (a held call's) keeps its
+    place: the chain tells their order."""
     tag, item, future = queued
     return (tag == _DECISION and isinstance(future, _Journaled)) or (tag == _OUTCOME and item[_JOURNALED_CALL])
 

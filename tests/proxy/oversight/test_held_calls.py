@@ -664,14 +664,14 @@ def ambiguous(runtime: Runtime, monkeypatch: pytest.MonkeyPatch, lost: list[str]
     was lost during COMMIT and the log could not say whether it happened (`AmbiguousCommit`)."""
     queue = runtime.recorder.transact_soon
 
-    def transact_soon(work: Any, timeout: float | None = None) -> Future[Any]:
+    def transact_soon(work: Any, timeout: float | None = None, **options: Any) -> Future[Any]:
         answered: Future[Any] = Future()
 
         def lose(done: Future[Any]) -> None:
             lost.append(str(done.result()))  # it did commit
             answered.set_exception(AmbiguousCommit("the connection was lost while committing"))
 
-        queue(work, timeout).add_done_callback(lose)
+        queue(work, timeout, **options).add_done_callback(lose)
         return answered
 
     monkeypatch.setattr(runtime.recorder, "transact_soon", transact_soon)
@@ -699,7 +699,7 @@ def test_a_vote_cast_on_the_event_loop_while_the_store_fails_is_answered_503_and
             await asyncio.sleep(0.005)
         [override_id] = runtime.holds.waiting()
 
-        def failing(work: Any, timeout: float | None = None) -> Future[Any]:
+        def failing(work: Any, timeout: float | None = None, **options: Any) -> Future[Any]:
             raise StoreUnavailable('the decision store is failing: connection to "db.internal" refused')
 
         monkeypatch.setattr(runtime.recorder, "transact_soon", failing)

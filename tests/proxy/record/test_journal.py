@@ -93,36 +93,45 @@ def test_a_journaled_row_lets_its_call_go_at_once_and_is_committed_then_the_segm
     assert audit.verify(make_engine(f"sqlite:///{db_path}")).ok
 
 
-def test_a_unit_of_work_goes_ahead_of_the_journaled_calls_queued_before_it_but_not_of_an_event(
-        db_path: Path, closing: list[Recorder]):
-    """A reviewer's vote (a unit of work) does not wait behind the journaled rows lingering for company: it
-    commits before the journaled calls' rows and outcomes queued last before it; an event queued before it,
-    and what precedes that event, keep their place on the chain."""
+@pytest.mark.parametrize("between", ["event", "refused call"])
+@pytest.mark.parametrize("ahead_of_calls", [True, False])
+def test_a_reviewer_s_unit_goes_ahead_of_the_journaled_calls_queued_before_it_not_of_other_records(
+        db_path: Path, closing: list[Recorder], between: str, ahead_of_calls: bool):
+    """A reviewer's vote (a unit `ahead_of_calls`) does not wait for the commit of the journaled calls' rows
+    and outcomes queued before it: it commits first. An event or a refused call's row queued before it, and
+    what precedes them, keep their place on the chain; any other unit keeps queue order."""
     recorder = Recorder(make_engine(f"sqlite:///{db_path}"), journal_linger=3600)  # lingers until the vote
     closing.append(recorder)
-    earlier, later = _row(0), _row(1)
+    earlier, refused, later = _row(0), _row(1, decision="deny"), _row(2)
     answered = {"upstream_status": 200, "duration_ms": 1.5, "errors": "[]"}
     recorder.commit(earlier).result(0)
     recorder.record_outcome(earlier["decision_id"], "ops-bot", answered)
-    recorder.record_event({"kind": "approval", "override_id": "o-0", "actor": "erin"})
+    if between == "event":
+        recorder.record_event({"kind": "approval", "override_id": "o-0", "actor": "erin"})
+        kept = ("approval", "o-0")
+    else:
+        recorder.record(refused)
+        kept = ("decision", refused["decision_id"])
     recorder.commit(later).result(0)
     recorder.record_outcome(later["decision_id"], "ops-bot", answered)
 
     def vote(conn):
         return "voted", [{"kind": "approval", "override_id": "o-1", "actor": "erin"}]
 
-    assert recorder.transact(vote, timeout=5) == "voted"
+    assert recorder.transact_soon(vote, ahead_of_calls=ahead_of_calls).result(5) == "voted"
     assert recorder.flush()
     con = sqlite3.connect(db_path)
     try:
         chain = con.execute("SELECT kind, coalesce(decision_id, override_id) FROM audit_log ORDER BY seq").fetchall()
-        statuses = con.execute("SELECT upstream_status FROM decisions").fetchall()
+        statuses = con.execute("SELECT decision_id, upstream_status FROM decisions").fetchall()
     finally:
         con.close()
-    assert chain == [("decision", earlier["decision_id"]), ("outcome", earlier["decision_id"]),
-                     ("approval", "o-0"), ("approval", "o-1"),
-                     ("decision", later["decision_id"]), ("outcome", later["decision_id"])]
-    assert statuses == [(200,), (200,)]
+    before = [("decision", earlier["decision_id"]), ("outcome", earlier["decision_id"]), kept]
+    journaled = [("decision", later["decision_id"]), ("outcome", later["decision_id"])]
+    voted = [("approval", "o-1")]
+    assert chain == (before + voted + journaled if ahead_of_calls else before + journaled + voted)
+    assert dict(statuses) == {earlier["decision_id"]: 200, later["decision_id"]: 200,
+                              **({refused["decision_id"]: None} if between == "refused call" else {})}
     assert audit.verify(make_engine(f"sqlite:///{db_path}")).ok
 
 
