@@ -68,10 +68,6 @@ _fd = os.open(os.environ["CEDARGATE_TRACE"], os.O_WRONLY | os.O_APPEND | os.O_CR
 _unit: list[str] = []  # the writer thread's unit now running: (what, override id)
 
 
-if os.environ.get("CEDARGATE_SWITCH_INTERVAL"):
-    sys.setswitchinterval(float(os.environ["CEDARGATE_SWITCH_INTERVAL"]))
-
-
 def mark(stage, oid=""):
     # The thread's CPU time and its wait for a CPU so far, so a step's time splits into running, waiting
     # for a CPU, and the rest (the GIL, I/O).
