@@ -25,6 +25,7 @@ what the agent intends (`Prefer: respond-async`/`wait=N`, `X-Agent-Justification
 from __future__ import annotations
 
 import builtins
+import functools
 import hashlib
 import json
 import math
@@ -58,6 +59,8 @@ from sqlalchemy.engine import Connection, Row
 from sqlalchemy.engine import Engine as SAEngine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import load_only
+from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.util import identity_key
 from sqlmodel import Field, Session, SQLModel, col, func, select
 
 from proxy.calls.mapping import Call, is_secret_header
@@ -311,16 +314,38 @@ def _as_loaded(row: Row[Any]) -> Override:
 
 
 def _moving(override_id: str, from_status: OverrideStatus, to_status: OverrideStatus | None, version: int | None,
-            unexpired_grant: bool, values: dict[str, Any]) -> Update:
-    condition: list[ColumnElement[bool]] = [col(Override.id) == override_id,
-                                            col(Override.status) == from_status.value]
-    if version is not None:
-        condition.append(col(Override.version) == version)
-    if unexpired_grant:
-        condition.append(col(Override.grant_expires_at) > utcnow())
+            unexpired_grant: bool, values: Mapping[str, Any], *,
+            returning: bool = False) -> tuple[Update, dict[str, Any]]:
+    """The conditional UPDATE of `OverrideStore.move` and its parameters. The statement depends only on
+    the transition's shape, so each shape is built once (`_moving_shape`): a vote and a release run it
+    on the writer thread every decision waits for, and building it afresh (its values coerced, its cache
+    key generated) cost more CPU there than SQLite's execution of it."""
+    params = {"override_id": override_id, "from_status": from_status.value, **values}
     if to_status is not None:
-        values["status"] = to_status.value
-    return update(Override).where(*condition).values(version=col(Override.version) + 1, **values)
+        params["status"] = to_status.value
+    if version is not None:
+        params["from_version"] = version
+    if unexpired_grant:
+        params["now"] = utcnow()
+    shape = _moving_shape(tuple(sorted(values)), to_status is not None, version is not None, unexpired_grant,
+                          returning)
+    return shape, params
+
+
+@functools.cache
+def _moving_shape(values: tuple[str, ...], to_status: bool, version: bool, unexpired_grant: bool,
+                  returning: bool) -> Update:
+    # One per combination the callers use (a handful). Bound parameters in the WHERE clause are not
+    # named after a column the UPDATE sets: SQLAlchemy keeps those names for the SET clause.
+    condition: list[ColumnElement[bool]] = [col(Override.id) == bindparam("override_id"),
+                                            col(Override.status) == bindparam("from_status")]
+    if version:
+        condition.append(col(Override.version) == bindparam("from_version"))
+    if unexpired_grant:
+        condition.append(col(Override.grant_expires_at) > bindparam("now"))
+    setting: dict[str, Any] = {name: bindparam(name) for name in ((*values, "status") if to_status else values)}
+    moving = update(Override).where(*condition).values(version=col(Override.version) + 1, **setting)
+    return moving.returning(*_OVERRIDES.c) if returning else moving
 
 
 class OverrideStore:
@@ -606,8 +631,18 @@ class OverrideStore:
         on the expiry job having run. On a `Connection` (a transaction with no ORM objects, such as a
         release's) the UPDATE is plain SQL, with no session to keep in step.
         """
-        moving = _moving(override_id, from_status, to_status, version, unexpired_grant, values)
-        changed: int = session.execute(moving).rowcount  # type: ignore[attr-defined]
+        moving, params = _moving(override_id, from_status, to_status, version, unexpired_grant, values)
+        if isinstance(session, Connection):
+            return bool(session.execute(moving, params).rowcount == 1)
+        # The session's own synchronization reads the values written into a statement, not those bound
+        # at execution: the request it holds is brought in step here, as the UPDATE left the row.
+        changed: int = session.execute(  # type: ignore[attr-defined]
+            moving, params, execution_options={"synchronize_session": False}).rowcount
+        held = session.identity_map.get(identity_key(Override, override_id))
+        if changed == 1 and held is not None:
+            status = {} if to_status is None else {"status": to_status.value}
+            for name, value in {**values, **status, "version": held.version + 1}.items():
+                set_committed_value(held, name, value)
         return changed == 1
 
     # --- a vote's statements, on the writer's connection ---------------------------------------------
@@ -638,8 +673,8 @@ class OverrideStore:
     def moved(conn: Connection, override_id: str, from_status: OverrideStatus, to_status: OverrideStatus | None,
               *, version: int, **values: Any) -> Override | None:
         """`move`, returning the request as the UPDATE left it (None: it was not moved)."""
-        moving = _moving(override_id, from_status, to_status, version, False, values)
-        row = conn.execute(moving.returning(*_OVERRIDES.c)).one_or_none()
+        moving, params = _moving(override_id, from_status, to_status, version, False, values, returning=True)
+        row = conn.execute(moving, params).one_or_none()
         return None if row is None else _as_loaded(row)
 
     def count_by_status(self) -> dict[str, int]:

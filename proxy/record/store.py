@@ -64,7 +64,7 @@ from sqlalchemy import ColumnDefault, Index, Table, bindparam, event, make_url, 
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.engine import Engine as SAEngine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlmodel import Field, Session, SQLModel, create_engine, func, select
 
 from proxy.observe.metrics import store_backlog
@@ -983,7 +983,7 @@ class Recorder:
         try:
             with self._transaction() as conn:
                 result, events = unit["work"](conn)
-                head = audit.append(conn, [_event_item(e) for e in events])
+                head = self._chain_unit(conn, [_event_item(e) for e in events])
         except BaseException as exc:
             happened = None if head is None else self._unit_landed(head, exc)
             if happened:
@@ -997,6 +997,23 @@ class Recorder:
             return
         self._commits += 1  # for `_checkpoints`: a unit's commit grows the WAL as a batch's does
         future.set_result(result)
+
+    def _chain_unit(self, conn: Connection, events: list[dict[str, Any]]) -> tuple[int, str] | None:
+        """A unit's events chained in its transaction. On SQLite through the driver, as a batch's are
+        (`append_sqlite`; the transaction began IMMEDIATE, so the head it reads is its own): through
+        SQLAlchemy the three statements cost the writer 0.4 ms of CPU, over a quarter of a vote's unit, for
+        SQLite's 0.13 ms."""
+        if not self._sqlite:
+            return audit.append(conn, events)
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            return audit.append_sqlite(cursor, events)
+        except sqlite3.Error as exc:
+            # Raised as SQLAlchemy raises the driver's errors: the unit's caller tells a busy store
+            # (OperationalError: cast the vote again) or a refused write by SQLAlchemy's classes.
+            raise DBAPIError.instance(None, None, exc, sqlite3.Error, hide_parameters=True) from exc
+        finally:
+            cursor.close()
 
     def _unit_landed(self, head: tuple[int, str], exc: BaseException) -> bool | None:
         """Whether a unit's failed commit happened; None if the log could not be read to tell."""
