@@ -636,13 +636,18 @@ class OverrideStore:
             return bool(session.execute(moving, params).rowcount == 1)
         # The session's own synchronization reads the values written into a statement, not those bound
         # at execution: the request it holds is brought in step here, as the UPDATE left the row.
+        held = session.identity_map.get(identity_key(Override, override_id))
+        # Its version as held, read before the UPDATE: an expired one read after would load the new row's.
+        before = None if held is None else inspect(held).dict.get("version")
         changed: int = session.execute(  # type: ignore[attr-defined]
             moving, params, execution_options={"synchronize_session": False}).rowcount
-        held = session.identity_map.get(identity_key(Override, override_id))
         if changed == 1 and held is not None:
-            status = {} if to_status is None else {"status": to_status.value}
-            for name, value in {**values, **status, "version": held.version + 1}.items():
-                set_committed_value(held, name, value)
+            moved = {**values, **({} if to_status is None else {"status": to_status.value})}
+            if before is None:  # nothing held to add one to: read afresh when next used
+                session.expire(held, [*moved, "version"])
+            else:
+                for name, value in {**moved, "version": before + 1}.items():
+                    set_committed_value(held, name, value)
         return changed == 1
 
     # --- a vote's statements, on the writer's connection ---------------------------------------------

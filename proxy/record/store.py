@@ -41,6 +41,7 @@ gone upstream, their rows are safe in the journal, and no unit reads them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -1005,15 +1006,18 @@ class Recorder:
         SQLite's 0.13 ms."""
         if not self._sqlite:
             return audit.append(conn, events)
-        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        cursor = None
         try:
+            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
             return audit.append_sqlite(cursor, events)
         except sqlite3.Error as exc:
             # Raised as SQLAlchemy raises the driver's errors: the unit's caller tells a busy store
             # (OperationalError: cast the vote again) or a refused write by SQLAlchemy's classes.
             raise DBAPIError.instance(None, None, exc, sqlite3.Error, hide_parameters=True) from exc
         finally:
-            cursor.close()
+            with contextlib.suppress(sqlite3.Error):  # a closing error never hides the one raised
+                if cursor is not None:
+                    cursor.close()
 
     def _unit_landed(self, head: tuple[int, str], exc: BaseException) -> bool | None:
         """Whether a unit's failed commit happened; None if the log could not be read to tell."""

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from proxy_support import make_call
 from sqlalchemy import text
+from sqlmodel import Session
 
 from proxy.calls.mapping import Call
 from proxy.cedar.escalation import Escalation, Requirement
@@ -26,6 +27,7 @@ from proxy.oversight.holds import Holds
 from proxy.oversight.overrides import (
     Override,
     OverrideError,
+    OverrideStatus,
     OverrideStore,
     fingerprint,
     fingerprints,
@@ -111,6 +113,26 @@ def status_of(store: OverrideStore, override_id: str) -> str:
     found = store.get(override_id)
     assert found is not None
     return found.status
+
+
+@pytest.mark.parametrize("version_loaded", [True, False])
+def test_a_request_held_in_a_session_is_as_the_database_after_it_is_moved(store: OverrideStore,
+                                                                          version_loaded: bool):
+    """`move` on a session keeps the request it holds in step with the row, whether or not the session had
+    its version loaded (an expired one is read afresh, never counted up from the row already moved)."""
+    override, _ = open_request(store)
+    with Session(store.engine) as session:
+        held = session.get(Override, override.id)
+        assert held is not None and held.version == override.version
+        if not version_loaded:
+            session.expire(held, ["version"])
+        assert store.move(session, override.id, OverrideStatus.PENDING, OverrideStatus.DENIED,
+                          decided_reason="no")
+        seen = (held.status, held.version, held.decided_reason)  # before the commit, which expires it all
+        session.commit()
+    stored = store.get(override.id)
+    assert stored is not None
+    assert seen == (stored.status, stored.version, stored.decided_reason) == ("denied", override.version + 1, "no")
 
 
 # --- opening and joining --------------------------------------------------------------------------
