@@ -184,7 +184,7 @@ _move = OverrideStore.move
 
 
 def move(session, override_id, from_status, to_status, **kwargs):
-    if to_status is OverrideStatus.RELEASED:
+    if to_status is OverrideStatus.RELEASED and _unit[:1] != ["vote"]:  # not a release the vote carries
         _unit[:] = ["release", override_id]
         mark("release_unit", override_id)
     return _move(session, override_id, from_status, to_status, **kwargs)
@@ -404,7 +404,10 @@ def traced(trace: Path, sent: dict[str, int], arrived: dict[str, int],
     steps: dict[str, list[float]] = {}
     paths = {}
     for oid, seen in points.items():
-        passed = [stage for stage in TRACE_STAGES if stage in seen]
+        # A release the vote carried (no `release_begin`) wakes the hold before the vote returns to the
+        # API, off the approval's way: its steps go from the vote's commit to the wake-up.
+        passed = [stage for stage in TRACE_STAGES if stage in seen
+                  and not (stage == "vote_return" and "release_begin" not in seen)]
         path = {f"{a}>{b}": (seen[b] - seen[a]) / 1e6 for a, b in zip(passed, passed[1:], strict=False)}
         paths[oid] = path
         for step, ms in path.items():
@@ -528,7 +531,8 @@ async def run(args) -> dict:
         # Other traffic meanwhile: wrk in its own process, so it does not share this process's event loop
         # with the clocks of the approvals.
         traffic = asyncio.create_task(asyncio.to_thread(
-            po.run_wrk, tmp, proxy_port, load_upstream, True, 4, args.approvals * 40))
+            # Enough calls to outlast the approvals with room to spare (its rate and theirs both vary).
+            po.run_wrk, tmp, proxy_port, load_upstream, True, 4, args.approvals * 80))
         await asyncio.sleep(1.0)  # the traffic is flowing before the first approval
         latencies, health, cpu_waits = [], set(), []
         sent: dict[str, int] = {}
@@ -601,7 +605,8 @@ async def run(args) -> dict:
             "targets": {
                 "held_under_1GiB": rss_held < 1024,
                 "throughput_ratio_at_least_0.9": statistics.median(ratio) >= 0.9,
-                "approval_p99_under_50ms_with_traffic": p99 < 50,
+                # With traffic: wrk still sending when the last approval arrived, or the goal is not met.
+                "approval_p99_under_50ms_with_traffic": p99 < 50 and not traffic_done_with_approvals,
             },
             "note": "A holds the calls (max_held_calls = held); B is a reference cedargate with none held; "
                     "throughput: asyncio raw-socket client, 16 keep-alive connections, GET allowed by ops-read, "

@@ -20,10 +20,13 @@ target x concurrency) runs a warm-up, then a fixed number of requests on keep-al
 cell's figures are the median over the rounds. CPU per request is the user+system time of every process
 of the target (a supervisor and its workers summed).
 
-The HTTP load client is `wrk` (one thread; a Lua script fixes the request count) when it is installed,
-else an asyncio raw-socket client in this process; HTTPS always uses the asyncio client (wrk cannot
-tunnel through a proxy). The upstream is an asyncio raw-socket HTTP/1.1 server in its own process, on a
-plain and a TLS port. Results go to bench/results/proxy_overhead.json.
+The load client is `wrk` (one thread; a Lua script fixes the request count) when it is installed, else
+an asyncio raw-socket client in this process. wrk cannot tunnel through a proxy: over HTTPS through one it
+connects to a `socat` relay (started for each run of a cell, ended with it) that opens the CONNECT tunnel
+with the credentials, and speaks TLS to the proxy inside it; socat's CPU is the client's, counted in no
+target's. Without socat, HTTPS uses an asyncio streams client in this process. The upstream is an asyncio
+raw-socket HTTP/1.1 server in its own process, on a plain and a TLS port. Results go to
+bench/results/proxy_overhead.json.
 
     .venv/bin/python bench/proxy_overhead.py [--requests 3000] [--rounds 3] [--schemes http https mcp]
 """
@@ -48,8 +51,8 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -457,8 +460,10 @@ end
 
 def run_wrk(
     workdir: Path, connect_port: int, upstream_port: int, via_proxy: bool, concurrency: int, count: int,
-    unique: bool = False, mcp: bool = False,
+    unique: bool = False, mcp: bool = False, tls: bool = False,
 ) -> CellResult:
+    """With `tls`, wrk speaks HTTPS to localhost:`connect_port` (the upstream's TLS port, or a relay that
+    tunnels to it through a proxy: see `connect_relay`), in origin form, with the upstream's Host."""
     host, path = (MCP_HOST, MCP_PATH) if mcp else ("localhost", REQUEST_PATH)
     if mcp:
         numbering = (WRK_MCP.replace("@START@", str(_reserve(count * 2)))
@@ -483,7 +488,9 @@ def run_wrk(
         "10s",
         "-s",
         str(lua),
-        f"http://127.0.0.1:{connect_port}/",
+        # localhost over TLS: wrk sends the URL's host as SNI, and the proxies' certificates (and the
+        # upstream's) are for localhost. wrk does not verify the certificate.
+        f"https://localhost:{connect_port}/" if tls else f"http://127.0.0.1:{connect_port}/",
     ]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=180)
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
@@ -500,6 +507,65 @@ def run_wrk(
         p99_ms=data["p99_us"] / 1000,
         mean_ms=data["mean_us"] / 1000,
     )
+
+
+@contextmanager
+def connect_relay(workdir: Path, proxy_port: int, tls_port: int) -> Iterator[int]:
+    """A socat relay for wrk, which cannot tunnel through a proxy: each connection accepted on the port
+    yielded gets its own socat process (fork), which sends the proxy `CONNECT localhost:<tls_port>` with the
+    benchmark's credentials and then relays bytes both ways; TLS runs end to end between wrk and the proxy.
+    Part of the load client, so in no target's CPU (socat is not a child of the proxy). The relay and its
+    forked children are one process group of their own, all ended (bounded waits) when the block ends."""
+    port = free_port()
+    log = workdir / f"socat-{port}.log"
+    argv = [
+        "socat", "-d", "-d",
+        f"TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr,nodelay",
+        f"PROXY:127.0.0.1:localhost:{tls_port},proxyport={proxy_port},proxyauth={AGENT}:{TOKEN},nodelay",
+    ]
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        # Ready once it says it listens: a probe connection would open a tunnel through the proxy.
+        wait_for(lambda: "listening on" in log.read_text(errors="replace"), 10, "socat relay", proc, log)
+        yield port
+    finally:
+        _end_group(proc, log)
+
+
+def _end_group(proc: subprocess.Popen, log: Path) -> None:
+    """End a process group this script started (its leader's pid is the group's id): SIGTERM, then SIGKILL
+    whatever is left after 5 s; raises if any member outlives that."""
+    group = proc.pid
+
+    def gone() -> bool:
+        proc.poll()  # reap the leader (our child)
+        # Its forked children are reaped by whoever adopts them; a zombie waiting for that has ended.
+        return not any(state != "Z" for state, pgrp in _process_groups() if pgrp == group)
+
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(group, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while not gone() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if gone():
+            break
+    if not gone():
+        raise RuntimeError(f"socat relay: process group {group} still alive\n{log.read_text(errors='replace')[-2000:]}")
+
+
+def _process_groups() -> Iterator[tuple[str, int]]:
+    """The state and process group of every process, from /proc."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        yield fields[0], int(fields[2])
 
 
 def _reserve(count: int) -> int:
@@ -892,7 +958,8 @@ def main() -> int:
                         help="same: one call repeated (decided from the cache after the first); unique: a "
                              "new path (mcp: new arguments) each call, so every call is evaluated")
     parser.add_argument("--client", choices=["auto", "wrk", "python"], default="auto",
-                        help="the HTTP load client (HTTPS always uses the python one)")
+                        help="the load client; HTTPS takes wrk only with socat installed (the relay "
+                             "opening the CONNECT tunnel), else the python one")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--shadow", action="store_true",
                         help="also measure cedargate-shadow: one process judging every call by a shadow policy set "
@@ -908,12 +975,21 @@ def main() -> int:
         client = "wrk" if shutil.which("wrk") else "python"
     if client == "wrk" and not shutil.which("wrk"):
         parser.error("wrk is not installed (apt-get install wrk), use --client python")
+    # HTTPS through a proxy takes wrk only behind a socat relay opening the CONNECT tunnel (wrk has no proxy
+    # support); without socat, every HTTPS cell (direct too, so all compare alike) uses the asyncio client.
+    clients = {"http": client, "mcp": client, "https": client if shutil.which("socat") else "python"}
     client_desc = {
         "http": {
             "wrk": "wrk (1 thread, Lua script fixing the request count), keep-alive",
             "python": "asyncio raw-socket client in the benchmark process, keep-alive",
         }[client],
-        "https": "asyncio streams client in the benchmark process: CONNECT tunnel, then TLS, keep-alive",
+        "https": {
+            "wrk": "wrk (1 thread, Lua script fixing the request count), keep-alive, TLS to localhost; through a "
+            "proxy it connects to a socat relay (`socat TCP-LISTEN:<port>,fork PROXY:...,proxyauth=...`, a "
+            "process per connection, its CPU counted in no target's) that opens the CONNECT tunnel with the "
+            "credentials, TLS end to end inside it",
+            "python": "asyncio streams client in the benchmark process: CONNECT tunnel, then TLS, keep-alive",
+        }[clients["https"]],
     }
     client_desc["mcp"] = client_desc["http"]
 
@@ -1007,14 +1083,22 @@ def main() -> int:
             workers = workers_of(t.proc.pid) if t.proc and t.name.endswith("-w2") else []
             worker_cpu = [cpu_seconds(pid) for pid in workers]
             sampler = SplitSampler(t.port, workers, concurrency) if workers and count == args.requests else None
-            if scheme == "https":
+            https = scheme == "https"
+            if clients[scheme] == "wrk":
+                # Over HTTPS through a proxy, wrk connects to a socat relay that opens the CONNECT tunnel (one
+                # relay per run, ended with it); inside the tunnel, as to the upstream itself, the requests are
+                # in origin form without proxy credentials.
+                relay = (connect_relay(tmp, t.port, upstream.https_port) if https and t.via_proxy
+                         else nullcontext(upstream.https_port if https else t.port))
+                with relay as port:
+                    cell = upstream.count_connections(scheme, lambda: run_wrk(
+                        tmp, port, upstream.https_port if https else upstream.http_port, t.via_proxy and not https,
+                        concurrency, count, unique, mcp, tls=https))
+            elif https:
                 trust = ssl.create_default_context(cafile=str(t.ca))
                 port = t.port if t.via_proxy else upstream.https_port
                 cell = upstream.count_connections(scheme, lambda: run_https(
                     port, upstream.https_port, t.via_proxy, trust, concurrency, count, unique))
-            elif client == "wrk":
-                cell = upstream.count_connections(scheme, lambda: run_wrk(
-                    tmp, t.port, upstream.http_port, t.via_proxy, concurrency, count, unique, mcp))
             else:
                 cell = upstream.count_connections(scheme, lambda: run_python(
                     t.port, upstream.http_port, t.via_proxy, concurrency, count, unique, mcp))

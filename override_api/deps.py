@@ -19,6 +19,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 
 from proxy.oversight.reviewer_sessions import ReviewerSessions, SignedIn
+from proxy.oversight.urgency import mark_urgent
 from proxy.runtime import Runtime
 
 SESSION_COOKIE = "cedargate_session"
@@ -67,6 +68,8 @@ async def current_approver(
             if runtime.agents.identify(credentials.credentials):
                 raise HTTPException(403, detail="agent credentials cannot review overrides")
             raise HTTPException(401, detail="unknown approver token", headers={"WWW-Authenticate": "Bearer"})
+        if request.method not in SAFE_METHODS:  # an approver's change goes ahead of the calls (proxy.oversight.urgency)
+            mark_urgent()
         return Approver(approver, runtime.roles_of(approver))
     if cookie is not None:  # a session: looked up in the store, off the event loop
         signed_in = await run_in_threadpool(session_of, runtime, sessions, cookie)
@@ -76,6 +79,7 @@ async def current_approver(
         if request.method not in SAFE_METHODS:
             check_same_origin(request)
             check_csrf(request, signed_in)
+            mark_urgent()
         return Approver(signed_in.approver, runtime.roles_of(signed_in.approver))
     raise HTTPException(401, detail="send an approver token: Authorization: Bearer <token> (or sign in at /inbox)",
                         headers={"WWW-Authenticate": "Bearer"})

@@ -4,7 +4,6 @@ recorded calls against candidate policies."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
@@ -24,6 +23,7 @@ from proxy.cli.explain import add_explain_command, run_explain_command
 from proxy.cli.override_commands import add_overrides_commands, run_overrides_command
 from proxy.cli.replay import add_replay_command, run_replay_command
 from proxy.cli.report_command import add_report_command, run_report_command
+from proxy.oversight import urgency
 from proxy.oversight.reachability import approver_roles, unreachable_escalations, with_tokens
 from proxy.record.store import StoreUnavailable
 from proxy.settings.agents import hash_token, new_token
@@ -122,7 +122,7 @@ def _run(args: argparse.Namespace) -> int:
         settings = load_settings(args.config, overrides)
         from proxy.cli.serve import serve
 
-        asyncio.run(serve(settings, log_level=args.log_level))
+        urgency.run(serve(settings, log_level=args.log_level))
     except (ConfigError, PolicyLoadError, StoreUnavailable) as exc:
         print(f"cedargate: {exc}", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ from proxy.cli.balance import ConnectionShares, Share
 from proxy.cli.fronts import mitmproxy_options
 from proxy.cli.listeners import limit_connections
 from proxy.cli.master import proxy_addrs, proxy_master, stop_gracefully
+from proxy.oversight import urgency
 from proxy.oversight.heap import HeldHeap
 from proxy.runtime import Runtime
 from proxy.settings.config import Settings
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("mitmproxy").setLevel(max(logging.WARNING, logging.getLogger().level))
     settings = Settings.model_validate_json(sys.stdin.readline())
     sock = socket.socket(fileno=args.fd)
-    asyncio.run(work(settings, sock, ConnectionShares.inherit(args.shares), args.slot))
+    urgency.run(work(settings, sock, ConnectionShares.inherit(args.shares), args.slot))
     return 0
 
 

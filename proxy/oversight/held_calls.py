@@ -35,6 +35,7 @@ holds the call and turns the request's state into an answer.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
@@ -50,7 +51,7 @@ from proxy.decision.gate import Gate, Outcome, Verdict
 from proxy.decision.upstream import UpstreamFailure
 from proxy.observe.metrics import HELD_CALLS
 from proxy.oversight.changes import ChangeError
-from proxy.oversight.holds import Woken
+from proxy.oversight.holds import LONGEST_SLEEP, Prepared, Woken
 from proxy.oversight.limits import OverrideRefused, Refusal
 from proxy.oversight.overrides import MessageKind, Override, OverrideStatus
 from proxy.oversight.workflow import OverrideWorkflow, release_refused
@@ -73,6 +74,9 @@ CEILING_LOG_INTERVAL = 60.0
 # How often a held call looks at its request again while the store fails: how soon after the store is
 # back a granted call is released, against one failing query a second per held call.
 STORE_RETRY_INTERVAL = 1.0
+# Seconds past its deadline a held call waits for the vote that carries its release (`Holds.pledge`):
+# a transaction's usual few milliseconds, and a bound should the writer be stuck.
+PLEDGE_WAIT = 2.0
 
 
 @dataclass(frozen=True)
@@ -217,9 +221,13 @@ class Oversight:
                     client_alive: Callable[[], bool], not_held: bool = False) -> Resolution | None:
         troubled = False
         while True:
+            # Cleared before the look, not after it: a wake-up arriving while this hold reads or answers
+            # (a decision committed during its read of the request, say) ends its next sleep at once.
+            woken.clear()
             try:
                 decided = await self._decided(verdict, override, woken.take(), client_alive)
                 if decided is not _UNREAD:
+                    woken.went = decided.release
                     return decided
                 # Read after subscribing, so a decision committed from here on still wakes this hold.
                 current = await asyncio.to_thread(self.overrides.get, override.id)
@@ -234,8 +242,11 @@ class Oversight:
                                 override.id, exc)
                 troubled, outcome = True, _STILL_PENDING
             if outcome is not _STILL_PENDING:
+                woken.went = outcome is not None and outcome.release
                 return outcome  # a Resolution, or None: decide again
             remaining = deadline - time.monotonic()
+            if remaining <= 0 and woken.decided is not None:
+                continue  # a decision came while this hold looked: it answers, not the time
             if remaining <= 0:
                 if troubled:
                     return Resolution(False, self.gate.store_unavailable(verdict), override.id)
@@ -249,19 +260,36 @@ class Oversight:
                 return self._refuse(verdict, override, Problem.OVERRIDE_PENDING,
                                     f"{verdict.detail} An override request is waiting for review; "
                                     "retry the identical call after it is granted.")
-            woken.clear()
             # No polling: decisions made through any instance's API and expiries by any expiry job notify
             # this hold (`proxy.oversight.wakeups`); while the store fails, it looks again now and then.
-            await self.holds.sleep(woken, min(remaining, STORE_RETRY_INTERVAL) if troubled else remaining)
+            woken.release = None if troubled else functools.partial(self._prepared, verdict, override,
+                                                                     client_alive)
+            try:
+                await self.holds.sleep(woken, min(remaining, STORE_RETRY_INTERVAL) if troubled else remaining)
+            finally:
+                woken.release = None
+            pledge = woken.pledged
+            if pledge is not None:  # a vote's transaction carries this call's release: its outcome first
+                try:
+                    # Until its deadline (a day at most, for a hold without one), and PLEDGE_WAIT past it.
+                    await asyncio.wait_for(asyncio.shield(pledge.outcome),
+                                           min(max(0.0, deadline - time.monotonic()), LONGEST_SLEEP) + PLEDGE_WAIT)
+                except TimeoutError:  # the writer is stuck: leave the grant to the vote, unspent, and answer
+                    pledge.abandoned = True
 
     async def _decided(self, verdict: Verdict, override: Override, decided: Override | None,
                        client_alive: Callable[[], bool]) -> Resolution | Literal[_Pending.UNREAD]:
         """The answer from the state a deciding vote's wake-up brought (`Holds.notify`), without reading
-        the store: a grant goes straight to its release, a denial to its refusal. `_UNREAD` when there
-        is no such state newer than the one this hold saw, or when the grant was gone by the release
-        (used, refused or expired meanwhile): the stored request then says which."""
-        if (decided is None or decided.version <= override.version
-                or OverrideStatus(decided.status) not in (OverrideStatus.GRANTED, OverrideStatus.DENIED)):
+        the store: a grant goes straight to its release, a denial to its refusal, this call's release
+        (committed with the grant, `Holds.pledge`) upstream. `_UNREAD` when there is no such state newer
+        than the one this hold saw, or when the grant was gone by the release (used, refused or expired
+        meanwhile): the stored request then says which."""
+        if decided is None or decided.version <= override.version:
+            return _UNREAD
+        status = OverrideStatus(decided.status)
+        if status is OverrideStatus.RELEASED and decided.release_decision_id == verdict.decision_id:
+            self._log_released(verdict, decided, None)
+        elif status not in (OverrideStatus.GRANTED, OverrideStatus.DENIED):
             return _UNREAD
         outcome = await self._answer(verdict, decided, client_alive)
         return outcome if isinstance(outcome, Resolution) else _UNREAD
@@ -277,7 +305,12 @@ class Oversight:
             return await self._release(verdict, override)
         if status is OverrideStatus.RELEASED:
             if override.release_decision_id == verdict.decision_id:
-                # This call's own release, committed while the store's answer was lost: it goes, as granted.
+                # This call's own release, committed with the vote that granted it (`Holds.pledge`), or
+                # while the store's answer was lost: it goes, as granted, unless nobody waits for it now.
+                if not client_alive():
+                    await asyncio.to_thread(self.workflow.restore_grant, override.id, decision_id=verdict.decision_id,
+                                            failure={"kind": "client-gone", "message": "the client went away"})
+                    return self._refuse(verdict, override, Problem.OVERRIDE_PENDING, "the client went away")
                 changes = json.loads(override.changes) if override.changes else None
                 if changes is None:
                     return Resolution(True, verdict, override.id)
@@ -409,18 +442,32 @@ class Oversight:
             # A hard deny now (no permit beneath any more, say), or policies that changed to need
             # approvals nobody gave: never release.
             return await asyncio.to_thread(self._refuse_release, verdict, recheck, override, False)
-        payload: dict[str, Any] = {"policy_revision": recheck.revision, "recheck": recheck.outcome.value,
-                                   "policies": [p.policy_id for p in recheck.determining]}
-        if changes is not None:
-            payload["changes"] = changes
+        payload = _release_payload(recheck, changes)
         if not await self.workflow.release_soon(override, decision_id=verdict.decision_id, payload=payload):
             return None
-        log.info("released %s %s for %s under override %s%s", printable(verdict.call.method),
-                 self.gate.shown_url(verdict.call.url), verdict.call.agent, override.id,
-                 f", changed ({', '.join(sorted(changes))})" if changes else "")
+        self._log_released(verdict, override, changes)
         if changes is None:
             return Resolution(True, verdict, override.id)
         return Resolution(True, verdict, override.id, changes, call.body)
+
+    def _prepared(self, verdict: Verdict, override: Override, client_alive: Callable[[], bool]) -> Prepared | None:
+        """This held call's release, checked now against the current policies as `_release` checks it, for
+        a deciding vote to commit with the grant (`Holds.pledge`); None where `_release` must decide after
+        the vote: a request with changes (the changed call is decided), a client gone (the grant is left
+        for the retry), a large body (decided on a thread), or a recheck that does not let it go (refused
+        after the vote, with its reason). On the event loop, as `_release` runs."""
+        call = verdict.call
+        if override.changes is not None or not client_alive() or len(call.body) > self.gate.mapping.max_body_bytes:
+            return None
+        recheck = self.gate.decide(call)
+        if recheck.problem is Problem.STORE_UNAVAILABLE or release_refused(recheck, override):
+            return None
+        return Prepared(verdict.decision_id, _release_payload(recheck, None))
+
+    def _log_released(self, verdict: Verdict, override: Override, changes: dict[str, Any] | None) -> None:
+        log.info("released %s %s for %s under override %s%s", printable(verdict.call.method),
+                 self.gate.shown_url(verdict.call.url), verdict.call.agent, override.id,
+                 f", changed ({', '.join(sorted(changes))})" if changes else "")
 
     def _refuse_release(self, verdict: Verdict, recheck: Verdict, override: Override,
                         only_if_spent: bool) -> Resolution | None:
@@ -450,3 +497,12 @@ class Oversight:
         refused = replace(verdict, problem=problem, status=403, detail=detail, extra=extra,
                           extra_headers=headers)
         return Resolution(False, refused, override.id)
+
+
+def _release_payload(recheck: Verdict, changes: dict[str, Any] | None) -> dict[str, Any]:
+    """What a `release` event records: the check that let the call go, and the reviewers' changes."""
+    payload: dict[str, Any] = {"policy_revision": recheck.revision, "recheck": recheck.outcome.value,
+                               "policies": [p.policy_id for p in recheck.determining]}
+    if changes is not None:
+        payload["changes"] = changes
+    return payload

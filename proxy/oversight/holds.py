@@ -11,6 +11,13 @@ it finds). Reviewers' decisions arrive on the event loop (the API's approve and 
 on other threads (a vote with changes, a question, the expiry job, and `proxy.oversight.wakeups` for
 decisions made by another process), hence `notify` and `waiting` are thread-safe.
 
+A sleeping hold also keeps its release prepared (its call checked against the current policies), which
+an approval cast on the loop takes with it (`pledge`): should the vote grant the request, its
+transaction commits the release too, and the hold is woken with the request released for its call
+(`settle`). That saves the approval a second transaction, and its wait for the writer, on its way
+upstream. The hold answers nothing until that transaction's outcome is known: its deadline coming
+meanwhile must not refuse a call whose grant the vote spends.
+
 A hold's time is kept by a coarse timer wheel, not by a loop timer of its own (`asyncio.wait_for` gave
 each hold a timer, a task, and a contextvars Context for each): deadlines fall into buckets of `TICK`
 seconds, and one loop timer, set for the earliest bucket, ends every hold due in it. At 10,000 held
@@ -34,8 +41,11 @@ import heapq
 import math
 import threading
 from collections import defaultdict
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from proxy.oversight.urgency import URGENT, WOKEN_FOR, Urgency
 
 if TYPE_CHECKING:
     from proxy.oversight.heap import HeldHeap
@@ -52,16 +62,29 @@ class Woken:
     """A hold's wake-up flag (set by `Holds.notify`), the newest decided state a wake-up brought with it
     (None: read the store), and the one coroutine waiting on it (`wait`)."""
 
-    __slots__ = ("decided", "slept", "_set", "_waiter")
+    __slots__ = ("decided", "slept", "urgency", "release", "pledged", "owed", "ended", "went", "_set", "_waiter")
 
     def __init__(self) -> None:
         self.decided: Override | None = None
         self.slept = False  # has slept in `Holds.sleep`: counted for the heap until its `watching` ends
+        # While the hold sleeps: its release, prepared for a deciding vote to commit with itself (`pledge`).
+        self.release: Callable[[], Prepared | None] | None = None
+        # Once a vote's transaction carries that release, until its outcome is known (`settle`).
+        self.pledged: Pledge | None = None
+        # A vote committed its release and woke it: until the hold takes that (`take`), a grant spent for
+        # its call alone, put back should the hold end first (cancelled before it ran again).
+        self.owed: Pledge | None = None
+        self.ended = False  # its `watching` is over
+        self.went = False  # its call was released, to go upstream
         self._set = False
         self._waiter: asyncio.Future[None] | None = None
+        # The holding task's mark (`proxy.oversight.urgency`), begun by a wake-up that brings a decision.
+        self.urgency = Urgency()
 
     def take(self) -> Override | None:
-        decided, self.decided = self.decided, None
+        # Taken, a release the vote committed for this hold is its to answer (it goes, or, its client
+        # gone, puts the grant back): no longer owed by `watching`'s end.
+        decided, self.decided, self.owed = self.decided, None, None
         return decided
 
     def is_set(self) -> bool:
@@ -88,6 +111,10 @@ class Woken:
             self._waiter = None
         return self._set
 
+    @property
+    def asleep(self) -> bool:
+        return self._waiter is not None and not self._set
+
     def time_up(self) -> None:
         """End the wait without setting the flag (`wait` answers False): the hold's time is up."""
         self._resume()
@@ -96,6 +123,29 @@ class Woken:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A held call's release, checked against current policy and ready to commit: the call's decision
+    and what the `release` event records."""
+    decision_id: str
+    payload: dict[str, Any]
+
+
+@dataclass
+class Pledge:
+    """A sleeping hold's release, given to the vote that may decide its request (`Holds.pledge`).
+
+    `abandoned` (set on the loop, read by the writer thread): the hold no longer waits for it (it ended,
+    or waited too long), so the vote's transaction leaves the grant unspent. `unused`: called on the loop
+    when the release was committed and its call will not go (its hold ended first): it puts the grant back."""
+    override_id: str
+    release: Prepared
+    woken: Woken
+    outcome: asyncio.Future[None]
+    unused: Callable[[Pledge], None]
+    abandoned: bool = False
 
 
 class Holds:
@@ -118,17 +168,28 @@ class Holds:
         with self._lock:
             return set(self._events)
 
+    def asleep(self, override_id: str) -> bool:
+        """Whether a call held on this request sleeps now, waiting for a decision (on the loop)."""
+        with self._lock:
+            return any(woken.asleep for woken in self._events.get(override_id, ()))
+
     @contextlib.contextmanager
     def watching(self, override_id: str) -> Iterator[Woken]:
         """An event set whenever this override may have changed, for as long as the block runs."""
         self._loop = asyncio.get_running_loop()
         event = Woken()
+        URGENT.set(event.urgency)  # in the holding task's context: what it schedules from here carries it
         with self._lock:
             self._events[override_id].add(event)
             self._held += 1
         try:
             yield event
         finally:
+            event.ended = True
+            if event.pledged is not None:  # a vote still commits with its release: leave the grant
+                event.pledged.abandoned = True
+            if event.owed is not None and not event.went:  # released, and cancelled before it went
+                event.owed.unused(event.owed)
             with self._lock:
                 self._held -= 1
                 waiting = self._events.get(override_id)
@@ -191,6 +252,45 @@ class Holds:
             return
         loop.call_soon_threadsafe(self._wake, override_id, decided)
 
+    def pledge(self, override_id: str, unused: Callable[[Pledge], None]) -> Pledge | None:
+        """On the loop, before a vote that may decide this request is queued: the release of one of its
+        held calls, asleep and with its release prepared (checked against the current policies), for the
+        vote's transaction to commit with the grant. The approval then reaches the upstream after one
+        transaction, not two; the release is the same conditional move, recorded the same way.
+
+        The hold waits for that transaction's outcome before it answers anything (`settle`), so a deadline
+        coming meanwhile cannot refuse a call whose grant the vote spends. None: no such hold here."""
+        with self._lock:
+            events = list(self._events.get(override_id, ()))
+        for woken in events:
+            if woken.release is None or woken.pledged is not None or not woken.asleep:
+                continue
+            prepared = woken.release()
+            if prepared is not None:
+                pledge = woken.pledged = Pledge(override_id, prepared, woken,
+                                                asyncio.get_running_loop().create_future(), unused)
+                return pledge
+        return None
+
+    def settle(self, pledge: Pledge, released: Override | None) -> None:
+        """On the loop, once the pledging vote's transaction has an outcome: `released`, the request as it
+        left it if the release was committed with it (its hold is woken with it and goes), else None.
+        A release committed for a hold that ends without its call going (cancelled, or answered once it
+        stopped waiting for the vote) is `unused`: nobody forwards that call, so its grant goes back."""
+        woken = pledge.woken
+        if woken.pledged is pledge:
+            woken.pledged = None  # a retried vote may pledge it again
+        if not pledge.outcome.done():
+            pledge.outcome.set_result(None)
+        if released is None:
+            return
+        if woken.ended:
+            if not woken.went:
+                pledge.unused(pledge)
+            return
+        woken.owed = pledge
+        self._wake(pledge.override_id, released)
+
     def _wake(self, override_id: str, decided: Override | None = None) -> None:
         with self._lock:
             events = list(self._events.get(override_id, ()))
@@ -199,6 +299,8 @@ class Holds:
             # which every change of status moves on) is kept, and a wake-up without one keeps it too.
             if decided is not None and (event.decided is None or event.decided.version <= decided.version):
                 event.decided = decided
+            if decided is not None:  # a decision committed on this loop: its way upstream goes first
+                event.urgency.begin(WOKEN_FOR)
             event.set()
 
 

@@ -12,7 +12,8 @@ shares, and these two ran three each. Their transactions go ahead of the journal
 already forwarded (`Recorder.transact_soon(ahead_of_calls=True)`): a reviewer waits on them, nobody on
 those. Then it wakes the held calls waiting on that request (`Holds`), in this process at once and in
 every other process sharing the database through the notification the transaction sends on commit
-(`proxy.oversight.wakeups.announce`).
+(`proxy.oversight.wakeups.announce`). A deciding approval on the loop carries the release of a call
+held in this process with it (`Holds.pledge`): one transaction on the approval's way upstream, not two.
 
 A grant whose release never reached the upstream (no connection, TLS failure) is put back
 (`restore_grant`): the agent's retry goes through without a second approval. Expiry is swept by one
@@ -42,6 +43,7 @@ real call, changed, is decided again, and that is the check that counts (`proxy.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import json
 import logging
@@ -63,7 +65,7 @@ from proxy.decision.gate import Gate, Outcome, Verdict
 from proxy.observe.metrics import observe_review
 from proxy.oversight.chains import Routing, due_step, routing, step_payload
 from proxy.oversight.changes import ChangeError, EditableField, apply_changes, check_changes, editable_fields
-from proxy.oversight.holds import Holds
+from proxy.oversight.holds import Holds, Pledge
 from proxy.oversight.overrides import (
     UNDECIDED,
     Ballot,
@@ -297,9 +299,7 @@ class OverrideWorkflow:
         for _ in range(self.RETRIES):
             voted: tuple[Override, bool] | None
             try:
-                voted = await committed(self.recorder.transact_soon(
-                    lambda conn: self._vote(conn, override_id, approver, roles, ballot, reason, None),
-                    UNIT_TIMEOUT, ahead_of_calls=True))
+                voted = (await committed(self._queue_vote(override_id, approver, roles, ballot, reason)))[:2]
             except _VOTE_FAILURES as exc:
                 voted = (await asyncio.to_thread(self._vote_failed, exc, override_id, approver, ballot)
                          if isinstance(exc, AmbiguousCommit) else self._vote_failed(exc, override_id, approver, ballot))
@@ -307,6 +307,52 @@ class OverrideWorkflow:
                     continue
             return self._voted(override_id, *voted)
         raise OverrideError(503, "the override request is too contended to update; retry")
+
+    def _queue_vote(self, override_id: str, approver: str, roles: frozenset[str], ballot: Ballot,
+                    reason: str) -> Future[tuple[Override, bool, Override | None]]:
+        """Queue a vote's transaction (`_vote_releasing`), ahead of the calls' rows, with the release of a
+        call held here on this request should the vote grant it (`Holds.pledge`). The pledged hold is
+        settled from the writer's answer itself, not from the awaiting task: should the API's request be
+        cancelled while its vote commits, the hold still learns whether its call was released."""
+        pledge = self.holds.pledge(override_id, self._unused) if ballot is Ballot.APPROVE else None
+        try:
+            unit = self.recorder.transact_soon(
+                functools.partial(self._vote_releasing, override_id=override_id, approver=approver, roles=roles,
+                                  ballot=ballot, reason=reason, pledge=pledge),
+                UNIT_TIMEOUT, ahead_of_calls=True)
+        except BaseException:
+            if pledge is not None:  # nothing was queued: the hold goes on as it was
+                self.holds.settle(pledge, None)
+            raise
+        if pledge is not None:
+            loop = asyncio.get_running_loop()
+            awaiting = contextvars.copy_context()  # an approver's: the way upstream goes first (urgency)
+
+            def on_thread(done: Future[tuple[Override, bool, Override | None]]) -> None:
+                released = None if done.cancelled() or done.exception() is not None else done.result()[2]
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(self.holds.settle, pledge, released, context=awaiting)
+
+            unit.add_done_callback(on_thread)
+        return unit
+
+    def _unused(self, pledge: Pledge) -> None:
+        """On the loop: put back the grant of a release committed with its vote for a held call that ended
+        without going (its task cancelled: the proxy stopping, the client gone; or answered once it stopped
+        waiting for the vote), on a thread."""
+        failure = {"kind": "hold-ended", "message": "the held call ended while the vote releasing it committed"}
+
+        def restore() -> None:
+            try:
+                self.restore_grant(pledge.override_id, decision_id=pledge.release.decision_id, failure=failure)
+            except Exception:  # the grant is lost with the call, as when a forwarded call's restore fails
+                log.exception("could not put back the grant of override %s", pledge.override_id)
+
+        try:
+            asyncio.get_running_loop().run_in_executor(None, restore)
+        except RuntimeError:  # the loop's threads are shut down: the proxy is stopping
+            log.warning("the grant of override %s stays spent: its released call was not forwarded, and the "
+                        "proxy is stopping", pledge.override_id)
 
     def _vote_failed(self, exc: Exception, override_id: str, approver: str,
                      ballot: Ballot) -> tuple[Override, bool] | None:
@@ -342,6 +388,26 @@ class OverrideWorkflow:
         override = self.store.get(override_id)
         assert override is not None  # the vote is stored, so is its request
         return override, OverrideStatus(override.status) not in UNDECIDED
+
+    def _vote_releasing(self, conn: Connection, override_id: str, approver: str, roles: frozenset[str],
+                        ballot: Ballot, reason: str, pledge: Pledge | None
+                        ) -> tuple[tuple[Override, bool, Override | None], list[Event]]:
+        """`_vote`, and with a grant it decides, the pledged held call's release (`Holds.pledge`) in the
+        same transaction; the request as the release left it, or None. A grant with changes is left to
+        its hold, which decides the changed call."""
+        (override, decided), events = self._vote(conn, override_id, approver, roles, ballot, reason)
+        if (pledge is None or pledge.abandoned or override.status != OverrideStatus.GRANTED.value
+                or override.changes is not None):
+            return (override, decided, None), events
+        release = pledge.release
+        if self.gate is not None and self.gate.engine.snapshot.bundle.revision != release.payload["policy_revision"]:
+            return (override, decided, None), events  # the policies changed since its check: it checks again
+        values = {"released_at": utcnow(), "release_decision_id": release.decision_id}
+        moved, more = self._move_work(override, OverrideStatus.GRANTED, OverrideStatus.RELEASED,
+                                      EventKind.RELEASE, release.decision_id, release.payload, True, values)(conn)
+        if not moved:
+            return (override, decided, None), events
+        return (override, decided, self.store.read(conn, override_id)), events + more
 
     def _vote(self, conn: Connection, override_id: str, approver: str, roles: frozenset[str], ballot: Ballot,
               reason: str, changes: dict[str, Any] | None = None) -> tuple[tuple[Override, bool], list[Event]]:
@@ -630,6 +696,7 @@ async def committed(future: Future[T]) -> T:
     thread's would."""
     loop = asyncio.get_running_loop()
     done = loop.create_future()
+    awaiting = contextvars.copy_context()  # the hand-back goes in the awaiting task's lane (urgency)
 
     def now_done() -> None:  # on the loop
         if not done.done():
@@ -637,7 +704,7 @@ async def committed(future: Future[T]) -> T:
 
     def on_thread(_: Future[T]) -> None:  # on the writer thread (or this one, if already done)
         if not loop.is_closed():
-            loop.call_soon_threadsafe(now_done)
+            loop.call_soon_threadsafe(now_done, context=awaiting)
 
     future.add_done_callback(on_thread)
     await done

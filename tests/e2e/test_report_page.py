@@ -12,10 +12,9 @@ import pytest
 from e2e_support import APPROVERS, Cedargate, Upstream, start_cedargate, write_config
 from selenium import webdriver
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.conftest import BUNDLED_POLICIES
-from tests.support.browser import chromium
+from tests.support.browser import chromium, until
 
 AUDITOR, AUDITOR_TOKEN = "audrey", "audrey-token-7"
 
@@ -41,10 +40,10 @@ def browser() -> Iterator[webdriver.Chrome]:
 def sign_in_to_the_report(browser: webdriver.Chrome, gate: Cedargate, token: str) -> None:
     browser.delete_all_cookies()
     browser.get(f"{gate.api_url}/inbox/report")
-    WebDriverWait(browser, 15).until(lambda b: b.find_elements(By.ID, "token"))
+    until(browser, lambda b: b.find_elements(By.ID, "token"))
     browser.find_element(By.ID, "token").send_keys(token)
     browser.find_element(By.CSS_SELECTOR, "#sign-in button").click()
-    WebDriverWait(browser, 15).until(lambda b: b.current_url.startswith(f"{gate.api_url}/inbox/report"))
+    until(browser, lambda b: b.current_url.startswith(f"{gate.api_url}/inbox/report"))
 
 
 def test_an_auditor_sees_the_charts_and_a_reviewer_is_refused(gate: Cedargate, browser: webdriver.Chrome,
@@ -60,14 +59,14 @@ def test_an_auditor_sees_the_charts_and_a_reviewer_is_refused(gate: Cedargate, b
 
     sign_in_to_the_report(browser, gate, APPROVERS["erin"][0])
     refused = browser.find_element(By.ID, "refused")
-    WebDriverWait(browser, 15).until(lambda b: refused.is_displayed())
+    until(browser, lambda b: refused.is_displayed())
     assert refused.text == "the report is for approvers holding the auditor role (auditor); erin does not"
     assert not browser.find_element(By.ID, "report").is_displayed()
     assert not browser.find_elements(By.CSS_SELECTOR, '#bar a[href="/inbox/report"]')
 
     sign_in_to_the_report(browser, gate, AUDITOR_TOKEN)
     report = browser.find_element(By.ID, "report")
-    WebDriverWait(browser, 15).until(lambda b: report.is_displayed())
+    until(browser, lambda b: report.is_displayed())
     assert browser.find_elements(By.CSS_SELECTOR, '#bar a[href="/inbox/report"]')
     bars = browser.find_elements(By.CSS_SELECTOR, "#policy-chart svg rect.o-unchanged")
     assert len(bars) == 1 and bars[0].find_element(By.TAG_NAME, "title").get_attribute("textContent") == \

@@ -22,10 +22,9 @@ import yaml
 from e2e_support import APPROVERS, CEDARGATE, Cedargate, Upstream, start_cedargate, write_config
 from selenium import webdriver
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.conftest import BUNDLED_POLICIES
-from tests.support.browser import chromium
+from tests.support.browser import chromium, until
 
 # Refunds on the logging upstream (as `localhost`): a manifest route with typed fields, so a reviewer may
 # approve one with a changed amount. The bundled policies stay; the ops calls go to 127.0.0.1.
@@ -85,7 +84,7 @@ def browser() -> Iterator[webdriver.Chrome]:
 
 
 def wait_for(browser: webdriver.Chrome, css: str, timeout: float = 15.0):
-    return WebDriverWait(browser, timeout).until(lambda b: b.find_elements(By.CSS_SELECTOR, css))
+    return until(browser, lambda b: b.find_elements(By.CSS_SELECTOR, css), timeout)
 
 
 def test_the_api_docs_render_offline_from_the_apis_own_files(gate: Cedargate, browser: webdriver.Chrome):
@@ -136,14 +135,27 @@ def signed_in(browser: webdriver.Chrome, gate: Cedargate, approver: str = "erin"
     assert browser.current_url == f"{gate.api_url}/inbox/sign-in?next=%2Finbox"
     browser.find_element(By.ID, "token").send_keys(APPROVERS[approver][0])
     browser.find_element(By.CSS_SELECTOR, "#sign-in button").click()
-    WebDriverWait(browser, 15).until(lambda b: b.current_url == f"{gate.api_url}/inbox")
-    WebDriverWait(browser, 15).until(lambda b: b.find_element(By.ID, "approver").text == approver)
+    until(browser, lambda b: b.current_url == f"{gate.api_url}/inbox")
+    until(browser, lambda b: b.find_element(By.ID, "approver").text == approver)
 
 
-def inbox_row(browser: webdriver.Chrome, override_id: str, timeout: float = 15.0):
-    """The inbox's row for the request, once the page's polling shows it."""
-    wait_for(browser, f'tr.request-row[data-id="{override_id}"]', timeout)
-    return browser.find_element(By.CSS_SELECTOR, f'tr.request-row[data-id="{override_id}"]')
+ROW_PARTS = ("agent", "what", "target", "time-left", "risk", "votes", "roles", "chain-cell")
+
+
+def inbox_row(browser: webdriver.Chrome, override_id: str, timeout: float = 15.0) -> dict[str, str]:
+    """The text of each part of the inbox's row for the request (by its class), once the page's polling
+    shows the row. Read in one script: the inbox re-renders its rows on every poll, so a row element held
+    from one read to the next may be gone."""
+    return until(browser, lambda b: b.execute_script(
+        "const row = document.querySelector(arguments[0]);"
+        "return row && Object.fromEntries(arguments[1].map("
+        "  (part) => [part, row.querySelector('.' + part).innerText]));",
+        f'tr.request-row[data-id="{override_id}"]', list(ROW_PARTS)), timeout)
+
+
+def click(browser: webdriver.Chrome, css: str) -> None:
+    """Click what `css` finds, looked up again if the page re-rendered it in between."""
+    until(browser, lambda b: b.find_element(By.CSS_SELECTOR, css).click() or True)
 
 
 def open_request(browser: webdriver.Chrome, gate: Cedargate, override_id: str) -> None:
@@ -159,7 +171,7 @@ def decide(browser: webdriver.Chrome, button: str, *, reason: str = "", question
         browser.find_element(By.ID, "question").send_keys(question)
     browser.find_element(By.ID, button).click()
     result = browser.find_element(By.ID, "decide-result")
-    WebDriverWait(browser, 15).until(lambda b: result.text)
+    until(browser, lambda b: result.text)
     return result.text
 
 
@@ -174,15 +186,14 @@ def test_a_reviewer_signs_in_sees_the_held_call_in_context_and_approves_it_once(
         signed_in(browser, gate)
 
         row = inbox_row(browser, request["id"])
-        assert row.find_element(By.CSS_SELECTOR, ".agent").text == "ops-bot"
-        assert row.find_element(By.CSS_SELECTOR, ".what").text == "post"
-        assert row.find_element(By.CSS_SELECTOR, ".target").text == (
-            f"POST 127.0.0.1:{upstream.http_port}/v1/instances/i-approve/stop")
-        assert row.find_element(By.CSS_SELECTOR, ".time-left").text.endswith(" s")  # 30 min left: "29 min 59 s"
-        assert row.find_element(By.CSS_SELECTOR, ".risk").text == "high"  # @severity("high"), @reversible("true")
-        assert row.find_element(By.CSS_SELECTOR, ".votes").text == "none yet"
-        assert row.find_element(By.CSS_SELECTOR, ".roles").text == "engineering-manager"
-        row.find_element(By.CSS_SELECTOR, ".what a").click()
+        assert row["agent"] == "ops-bot"
+        assert row["what"] == "post"
+        assert row["target"] == f"POST 127.0.0.1:{upstream.http_port}/v1/instances/i-approve/stop"
+        assert row["time-left"].endswith(" s")  # 30 min left: "29 min 59 s"
+        assert row["risk"] == "high"  # @severity("high"), @reversible("true")
+        assert row["votes"] == "none yet"
+        assert row["roles"] == "engineering-manager"
+        click(browser, f'tr.request-row[data-id="{request["id"]}"] .what a')
 
         wait_for(browser, "#status")
         assert browser.current_url == f"{gate.api_url}/inbox/requests/{request['id']}"
@@ -208,10 +219,10 @@ def test_a_reviewer_signs_in_sees_the_held_call_in_context_and_approves_it_once(
         response = held.result(timeout=30)
     assert response.status_code == 200
     assert upstream_calls(upstream, "i-approve") == [b'{"grace":30,"notify":["oncall"]}']
-    WebDriverWait(browser, 15).until(lambda b: b.find_element(By.ID, "status").text == "released")
+    until(browser, lambda b: b.find_element(By.ID, "status").text == "released")
     assert "erin approved: checked with on-call" in browser.find_element(By.ID, "votes").text
     # The request's audit rows, as the page shows them after the decision.
-    WebDriverWait(browser, 15).until(lambda b: "release" in audit_kinds(b))
+    until(browser, lambda b: "release" in audit_kinds(b))
     kinds = audit_kinds(browser)
     assert [k for k in kinds if k in ("override_created", "approval", "grant", "release")] == [
         "override_created", "approval", "grant", "release"]
@@ -276,10 +287,11 @@ def test_another_roles_request_is_not_shown(gate: Cedargate, browser: webdriver.
     signed_in(browser, gate)
 
     inbox_row(browser, mine["id"])
-    shown = {row.get_attribute("data-id") for row in browser.find_elements(By.CSS_SELECTOR, "tr.request-row")}
+    shown = until(browser, lambda b: {row.get_attribute("data-id")
+                                      for row in b.find_elements(By.CSS_SELECTOR, "tr.request-row")})
     assert mine["id"] in shown and theirs["id"] not in shown
     browser.get(f"{gate.api_url}/inbox/requests/{theirs['id']}")
-    WebDriverWait(browser, 15).until(lambda b: b.find_element(By.ID, "error").text)
+    until(browser, lambda b: b.find_element(By.ID, "error").text)
     assert browser.find_element(By.ID, "error").text == f"no override request {theirs['id']}"
 
 
@@ -307,8 +319,7 @@ def test_a_refund_approved_with_a_changed_amount_reaches_the_upstream_changed_on
         held = pool.submit(http.post, url, json={"amount": 100, "currency": "EUR"})
         request = opened(gate, url)
         signed_in(browser, gate)
-        row = inbox_row(browser, request["id"])
-        assert row.find_element(By.CSS_SELECTOR, ".what").text == "refund_order"
+        assert inbox_row(browser, request["id"])["what"] == "refund_order"
         open_request(browser, gate, request["id"])
         badges = [b.text for b in browser.find_elements(By.CSS_SELECTOR, "#summary .badge")]
         assert badges == ["high", "irreversible"]  # the manifest's classification of the route
@@ -325,7 +336,7 @@ def test_a_refund_approved_with_a_changed_amount_reaches_the_upstream_changed_on
     assert response.headers["Cedargate-Changed"] == "amount"
     assert [json.loads(body) for body in upstream_bodies(upstream, "/v1/refunds/o-page")] == [
         {"amount": 50, "currency": "EUR"}]
-    WebDriverWait(browser, 15).until(lambda b: b.find_element(By.ID, "status").text == "released")
+    until(browser, lambda b: b.find_element(By.ID, "status").text == "released")
     assert "amount" in browser.find_element(By.ID, "call").text  # "Changed by the reviewer"
 
     browser.get(f"{gate.api_url}/inbox/history")
@@ -359,7 +370,7 @@ def test_a_question_from_the_page_reaches_the_agent_and_its_answer_the_page(
 
         # The agent answers by retrying with a new justification; the page, polling, shows the answer.
         retry = pool.submit(http.post, url, json={"grace": 30}, headers={"X-Agent-Justification": answer})
-        WebDriverWait(browser, 15).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#conversation li")) == 2)
+        until(browser, lambda b: len(b.find_elements(By.CSS_SELECTOR, "#conversation li")) == 2)
         turns = [(turn.find_element(By.CSS_SELECTOR, ".turn-by").text,
                   turn.find_element(By.CSS_SELECTOR, ".turn-text").text)
                  for turn in browser.find_elements(By.CSS_SELECTOR, "#conversation li")]
@@ -379,11 +390,9 @@ def test_the_inbox_and_the_request_page_show_where_a_request_stands_in_its_chain
         assert http.post(url, headers={"Prefer": "respond-async"}).status_code == 403
     request = opened(gate, url)
     signed_in(browser, gate)
-    row = inbox_row(browser, request["id"])
-    cell = row.find_element(By.CSS_SELECTOR, "td.chain-cell")
     # erin and max hold the role and have nothing else waiting: the tie goes by name.
-    WebDriverWait(browser, 15).until(lambda b: "primary: erin" in cell.text)
-    assert "tier" in cell.text
+    until(browser, lambda b: "primary: erin" in inbox_row(b, request["id"])["chain-cell"])
+    assert "tier" in inbox_row(browser, request["id"])["chain-cell"]
 
     open_request(browser, gate, request["id"])
     wait_for(browser, "#chain li.chain-tier")
@@ -392,8 +401,8 @@ def test_the_inbox_and_the_request_page_show_where_a_request_stands_in_its_chain
                                                                                     "security"]
     assert browser.find_element(By.ID, "primary-reviewer").text == "erin"
     # Tier 2 comes 2 s after the opening: the polling page marks it reached and current.
-    WebDriverWait(browser, 20).until(lambda b: "current" in b.find_element(
-        By.CSS_SELECTOR, '#chain li.chain-tier[data-tier="2"]').get_attribute("class"))
+    until(browser, lambda b: "current" in b.find_element(
+        By.CSS_SELECTOR, '#chain li.chain-tier[data-tier="2"]').get_attribute("class"), 20)
     assert "expiry at" in browser.find_element(By.ID, "next-step").text
     # Security may decide it now, and sees it.
     assert api(gate, "GET", f"/overrides/{request['id']}", "sam").status_code == 200

@@ -12,7 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.support.ui import WebDriverWait
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -36,3 +38,10 @@ def chromium(width: int = 1280, height: int = 900) -> Iterator[webdriver.Chrome]
         yield driver
     finally:
         driver.quit()
+
+
+def until(browser: webdriver.Chrome, condition, timeout: float = 15.0):
+    """What `condition(browser)` returns once truthy. The pages re-render what they poll for, so an element
+    looked up just before a re-render is stale when read: the condition is tried again, not failed, and
+    should look its elements up itself rather than hold ones found earlier."""
+    return WebDriverWait(browser, timeout, ignored_exceptions=(StaleElementReferenceException,)).until(condition)

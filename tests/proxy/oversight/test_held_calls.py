@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -227,6 +228,28 @@ def test_an_approval_releases_a_held_call_without_the_hold_reading_its_request_a
     assert [e["kind"] for e in events(runtime, override_id)] == ["override_created", "approval", "grant", "release"]
 
 
+def test_an_approval_committed_while_the_hold_reads_its_request_still_wakes_it(runtime: Runtime, monkeypatch):
+    """The hold subscribes, then reads: a decision committed during that read must end its sleep, or a
+    call held without end (`hold_max_wait: .inf`) would wait for ever on a request already granted."""
+    read = runtime.overrides.get
+
+    def approved_meanwhile(override_id: str) -> Any:
+        pending = read(override_id)  # the hold's read (on a thread) sees the request pending
+        monkeypatch.setattr(runtime.overrides, "get", read)
+        runtime.workflow.vote(override_id, "erin", runtime.roles_of("erin"), "approve", "ok")  # and wakes it
+        return pending
+
+    monkeypatch.setattr(runtime.overrides, "get", approved_meanwhile)
+
+    async def scenario() -> Resolution:
+        hold = runtime.oversight.resolve(stop_verdict(runtime), math.inf, None, client_alive=lambda: True)
+        return await asyncio.wait_for(hold, 60)  # a guard against a hang, not a measure
+
+    resolution = asyncio.run(scenario())
+    assert resolution.release
+    assert runtime.overrides.get(resolution.override_id).status == "released"
+
+
 def test_the_override_id_is_logged_when_the_hold_starts(runtime: Runtime, caplog: pytest.LogCaptureFixture):
     caplog.set_level(logging.INFO, logger="proxy.oversight.held_calls")
     logged_while_held: list[str] = []
@@ -396,6 +419,30 @@ def test_two_held_identical_calls_share_the_grant_and_only_one_goes_through(runt
     assert other.verdict.problem is Problem.OVERRIDE_PENDING and other.override_id != granted_id
     assert runtime.overrides.get(granted_id).status == "released"
     assert runtime.overrides.get(other.override_id).status == "pending"
+
+
+def test_two_held_identical_calls_approved_on_the_event_loop_release_one_and_the_other_asks_again(
+        runtime: Runtime):
+    async def scenario() -> tuple[list[Resolution], str]:
+        verdicts = (stop_verdict(runtime), stop_verdict(runtime))
+        calls = [asyncio.create_task(runtime.oversight.resolve(verdict, 1.5, None, client_alive=lambda: True))
+                 for verdict in verdicts]
+        for _ in range(2000):  # both asleep on the one request before the human decides
+            [request] = runtime.overrides.list(status="pending") or [None]
+            if request is not None and runtime.holds.held == 2 and runtime.holds.asleep(request.id):
+                break
+            await asyncio.sleep(0.005)
+        assert request is not None
+        await runtime.workflow.vote_soon(request.id, "erin", runtime.roles_of("erin"), "approve", "ok")
+        return list(await asyncio.gather(*calls)), request.id
+
+    resolutions, granted_id = asyncio.run(scenario())
+    [released] = [r for r in resolutions if r.release]
+    [other] = [r for r in resolutions if not r.release]
+    assert released.override_id == granted_id
+    assert runtime.overrides.get(granted_id).release_decision_id == released.verdict.decision_id
+    assert other.verdict.problem is Problem.OVERRIDE_PENDING and other.override_id != granted_id
+    assert [e["kind"] for e in events(runtime, granted_id)] == ["override_created", "approval", "grant", "release"]
 
 
 def make_stop_a_hard_deny(runtime: Runtime, policy_dir: Path) -> None:
@@ -624,16 +671,26 @@ def test_a_held_call_whose_store_stays_down_is_answered_503_when_its_hold_ends(r
 
 # --- an approval cast from the event loop (the API's approve and deny) ------------------------------
 
+async def asleep(runtime: Runtime) -> str:
+    """The id of the one request a call is held on, once that hold sleeps waiting for a decision."""
+    for _ in range(2000):
+        waiting = runtime.holds.waiting()
+        if waiting and runtime.holds.asleep(next(iter(waiting))):
+            [override_id] = waiting
+            return override_id
+        await asyncio.sleep(0.005)
+    raise AssertionError("no held call went to sleep")
+
+
 def held_and_voted_from_the_loop(runtime: Runtime, ballot: str = "approve",
-                                 once_held: Callable[[], object] = lambda: None) -> tuple[Resolution, str, Any]:
+                                 once_held: Callable[[], object] = lambda: None,
+                                 verdict: Verdict | None = None) -> tuple[Resolution, str, Any]:
     """Hold a call, then (after `once_held`) cast a vote on the same event loop, as the API's routes do
     (`vote_soon`)."""
     async def scenario() -> tuple[Resolution, str, Any]:
-        hold = asyncio.create_task(runtime.oversight.resolve(stop_verdict(runtime), 5, None,
+        hold = asyncio.create_task(runtime.oversight.resolve(verdict or stop_verdict(runtime), 5, None,
                                                              client_alive=lambda: True))
-        while not runtime.holds.waiting():
-            await asyncio.sleep(0.005)
-        [override_id] = runtime.holds.waiting()
+        override_id = await asleep(runtime)
         once_held()
         voted = await runtime.workflow.vote_soon(override_id, "erin", runtime.roles_of("erin"), ballot,
                                                  "checked with on-call")
@@ -650,6 +707,173 @@ def test_an_approval_cast_on_the_event_loop_releases_the_held_call_once(runtime:
     recorded = events(runtime, override_id)
     assert [e["kind"] for e in recorded] == ["override_created", "approval", "grant", "release"]
     assert [e["actor"] for e in recorded] == [None, "erin", "erin", None]
+
+
+def test_an_approval_on_the_event_loop_commits_the_held_calls_release_with_its_grant(runtime: Runtime, monkeypatch):
+    queued: list[str] = []
+    queue = runtime.recorder.transact_soon
+
+    def counted(work: Any, timeout: float | None = None, **options: Any) -> Future[Any]:
+        queued.append(getattr(work, "func", work).__name__)
+        return queue(work, timeout, **options)
+
+    verdict = stop_verdict(runtime)
+    resolution, override_id, (voted, decided) = held_and_voted_from_the_loop(
+        runtime, once_held=lambda: monkeypatch.setattr(runtime.recorder, "transact_soon", counted),
+        verdict=verdict)
+    # One transaction from the approval to the call's way upstream: the vote's, with the release in it.
+    assert queued == ["_vote_releasing"]
+    assert decided and voted.status == "granted"  # the approver is answered with what the vote did
+    assert resolution.release and resolution.override_id == override_id
+    stored = runtime.overrides.get(override_id)
+    assert stored.status == "released" and stored.release_decision_id == verdict.decision_id
+    recorded = events(runtime, override_id)
+    assert [e["kind"] for e in recorded] == ["override_created", "approval", "grant", "release"]
+    released = recorded[-1]
+    assert released["decision_id"] == verdict.decision_id and released["actor"] is None
+    assert json.loads(released["payload"]) == {"policy_revision": runtime.engine.status.revision,
+                                               "recheck": "escalate",
+                                               "policies": ["protect-production-instances"]}
+
+
+class PausedVote:
+    """From now on the vote's transaction pauses on the writer, before its statements or after them (its
+    commit still to come), until the test lets it go on: something happens to its held call meanwhile."""
+
+    def __init__(self, runtime: Runtime, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+        self.paused, self.go = threading.Event(), threading.Event()
+        voting = runtime.workflow._vote_releasing
+
+        def paused(conn: Any, **vote: Any) -> Any:
+            if where == "before":
+                self.pause()
+            voted = voting(conn, **vote)
+            if where == "after":
+                self.pause()
+            return voted
+
+        monkeypatch.setattr(runtime.workflow, "_vote_releasing", paused)
+
+    def pause(self) -> None:
+        self.paused.set()
+        assert self.go.wait(30), "the test never let the vote go on"
+
+
+def approved_while(runtime: Runtime, vote: PausedVote, meanwhile: Callable[[asyncio.Task[Resolution]], Any],
+                   wait: float = 5, client_alive: Callable[[], bool] = lambda: True
+                   ) -> tuple[Resolution | None, str]:
+    """Hold a call; once it sleeps, approve it from the loop and, while the vote is paused on the writer,
+    await `meanwhile` (given the held call's task); the held call's answer (None if it was cancelled) and
+    its request."""
+    async def scenario() -> tuple[Resolution | None, str]:
+        hold = asyncio.create_task(runtime.oversight.resolve(stop_verdict(runtime), wait, None,
+                                                             client_alive=client_alive))
+        override_id = await asleep(runtime)
+        voting = asyncio.create_task(runtime.workflow.vote_soon(override_id, "erin", runtime.roles_of("erin"),
+                                                                "approve", "ok"))
+        assert await asyncio.to_thread(vote.paused.wait, 30)
+        await meanwhile(hold)
+        vote.go.set()
+        await voting
+        try:
+            return await hold, override_id
+        except asyncio.CancelledError:
+            return None, override_id
+
+    return asyncio.run(scenario())
+
+
+async def cancelled(hold: asyncio.Task[Resolution]) -> None:
+    hold.cancel()
+    await asyncio.wait([hold])
+
+
+async def answered(hold: asyncio.Task[Resolution]) -> None:
+    await asyncio.wait([hold])
+
+
+def test_a_hold_whose_time_runs_out_while_the_vote_releasing_it_commits_goes_upstream(runtime: Runtime,
+                                                                                       monkeypatch):
+    """The vote carries the hold's release; the hold's deadline comes while that transaction runs. The
+    call goes, as its grant is spent for it, rather than be refused as still pending."""
+    vote = PausedVote(runtime, monkeypatch, "before")
+    resolution, override_id = approved_while(runtime, vote, lambda hold: asyncio.sleep(1.5), wait=1.0)
+    assert resolution is not None and resolution.release and resolution.override_id == override_id
+    assert runtime.overrides.get(override_id).status == "released"
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_a_held_call_cancelled_while_the_vote_releasing_it_commits_leaves_the_grant(runtime: Runtime,
+                                                                                     monkeypatch, where: str):
+    """The proxy stops, or mitmproxy ends the flow, while the vote carrying the call's release commits:
+    the grant is not spent on a call nobody forwards. Cancelled before the vote's statements ran, the
+    release is left out; after them, it is put back (`grant_restored`)."""
+    resolution, override_id = approved_while(runtime, PausedVote(runtime, monkeypatch, where), cancelled)
+    assert resolution is None
+    wait_until(lambda: runtime.overrides.get(override_id).status == "granted", "the grant left for the retry")
+    kinds = [e["kind"] for e in events(runtime, override_id)]
+    assert kinds == ["override_created", "approval", "grant"] + (["release", "grant_restored"] if where == "after"
+                                                                  else [])
+    retry = resolve(runtime, stop_verdict(runtime), 0)
+    assert retry.release and retry.override_id == override_id
+
+
+def test_a_hold_that_stops_waiting_for_a_stuck_vote_answers_and_the_grant_is_left(runtime: Runtime, monkeypatch):
+    """The writer is stuck in the vote's transaction past the hold's deadline and its wait for the vote
+    (`PLEDGE_WAIT`): the agent is answered that the request is pending, and the release the transaction
+    then commits is put back, since nobody forwards that call."""
+    monkeypatch.setattr("proxy.oversight.held_calls.PLEDGE_WAIT", 0.2)
+    resolution, override_id = approved_while(runtime, PausedVote(runtime, monkeypatch, "after"), answered, wait=1.0)
+    assert resolution is not None and not resolution.release
+    assert resolution.verdict.problem is Problem.OVERRIDE_PENDING
+    wait_until(lambda: runtime.overrides.get(override_id).status == "granted", "the grant left for the retry")
+    assert [e["kind"] for e in events(runtime, override_id)] == [
+        "override_created", "approval", "grant", "release", "grant_restored"]
+
+
+def test_a_held_client_gone_while_the_vote_releasing_it_commits_leaves_the_grant(runtime: Runtime, monkeypatch):
+    alive = [True]
+
+    async def gone(hold: asyncio.Task[Resolution]) -> None:
+        alive[0] = False
+
+    resolution, override_id = approved_while(runtime, PausedVote(runtime, monkeypatch, "after"), gone,
+                                             client_alive=lambda: alive[0])
+    assert resolution is not None and not resolution.release
+    assert resolution.verdict.problem is Problem.OVERRIDE_PENDING
+    wait_until(lambda: runtime.overrides.get(override_id).status == "granted", "the grant left for the retry")
+    assert [e["kind"] for e in events(runtime, override_id)] == [
+        "override_created", "approval", "grant", "release", "grant_restored"]
+
+
+def test_a_release_checked_before_the_policies_changed_is_not_committed_with_the_vote(
+        runtime: Runtime, monkeypatch, policy_dir: Path):
+    """The hold's release was checked under the policies before a reload that hard-denies its call: the
+    vote grants without it, and the hold, checking again, refuses the release."""
+    async def reloaded(hold: asyncio.Task[Resolution]) -> None:
+        make_stop_a_hard_deny(runtime, policy_dir)
+
+    resolution, override_id = approved_while(runtime, PausedVote(runtime, monkeypatch, "before"), reloaded)
+    assert resolution is not None and not resolution.release
+    assert resolution.verdict.problem is Problem.RELEASE_REFUSED
+    assert runtime.overrides.get(override_id).status == "release_refused"
+
+
+def test_a_grant_on_the_event_loop_waits_for_the_retry_when_the_held_client_went_away(runtime: Runtime):
+    alive = [True]
+
+    async def scenario() -> tuple[Resolution, str]:
+        hold = asyncio.create_task(runtime.oversight.resolve(stop_verdict(runtime), 5, None,
+                                                             client_alive=lambda: alive[0]))
+        override_id = await asleep(runtime)
+        alive[0] = False
+        await runtime.workflow.vote_soon(override_id, "erin", runtime.roles_of("erin"), "approve", "ok")
+        return await hold, override_id
+
+    resolution, override_id = asyncio.run(scenario())
+    assert not resolution.release and resolution.verdict.problem is Problem.OVERRIDE_PENDING
+    assert runtime.overrides.get(override_id).status == "granted"  # not spent on a call nobody waits for
+    assert [e["kind"] for e in events(runtime, override_id)] == ["override_created", "approval", "grant"]
 
 
 def test_a_denial_cast_on_the_event_loop_refuses_the_held_call_with_its_reason(runtime: Runtime):
@@ -682,8 +906,9 @@ def test_a_vote_and_a_release_whose_commits_went_unacknowledged_are_read_back_an
     lost: list[str] = []
     resolution, override_id, (voted, decided) = held_and_voted_from_the_loop(
         runtime, once_held=lambda: ambiguous(runtime, monkeypatch, lost))
-    assert len(lost) == 2  # the vote and the release both committed, unacknowledged
-    assert decided and voted.status == "granted"  # the vote is found stored: cast once, not twice
+    assert len(lost) == 1  # the vote, and the held call's release with it, committed unacknowledged
+    # The vote is found stored (cast once, not twice), read back as its transaction left the request.
+    assert decided and voted.status == "released"
     assert resolution.release
     assert runtime.overrides.get(override_id).status == "released"
     assert [v.approver for v in runtime.overrides.votes(override_id)] == ["erin"]
@@ -695,9 +920,7 @@ def test_a_vote_cast_on_the_event_loop_while_the_store_fails_is_answered_503_and
     async def scenario() -> tuple[OverrideError, str]:
         hold = asyncio.create_task(runtime.oversight.resolve(stop_verdict(runtime), 1, None,
                                                              client_alive=lambda: True))
-        while not runtime.holds.waiting():
-            await asyncio.sleep(0.005)
-        [override_id] = runtime.holds.waiting()
+        override_id = await asleep(runtime)  # its release is offered to the vote, which fails: it holds on
 
         def failing(work: Any, timeout: float | None = None, **options: Any) -> Future[Any]:
             raise StoreUnavailable('the decision store is failing: connection to "db.internal" refused')

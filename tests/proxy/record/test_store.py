@@ -11,9 +11,10 @@ import json
 import os
 import sqlite3
 import stat
+import sys
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta, timezone
@@ -452,8 +453,7 @@ def test_a_unit_left_queued_at_close_fails_and_the_other_late_rows_are_written(d
     writer stopped is never run after close: its future fails with "closed", and the decisions and
     events queued around it are still written by the late writer, none lost."""
     recorder = Recorder(make_engine(f"sqlite:///{db_path}"), retry_interval=0.05)
-    with recorder.engine.begin() as conn:
-        conn.execute(text("CREATE TABLE notes (id INTEGER PRIMARY KEY, v TEXT)"))
+    _with_notes(recorder)
     recorder.record_event({"kind": "approval", "override_id": "o-1", "actor": "erin"})
     assert recorder.flush()
     recorder._stop.set()  # the writer stops before it takes the unit (the window close() leaves)
@@ -627,6 +627,12 @@ def test_calls_in_flight_together_share_the_writers_commits(db_path: Path):
         recorder.engine.dispose()
 
 
+def _with_notes(recorder: Recorder) -> None:
+    """The table `_note` changes, in the recorder's database."""
+    with recorder.engine.begin() as conn:
+        conn.execute(text("CREATE TABLE notes (id INTEGER PRIMARY KEY, v TEXT)"))
+
+
 def _note(conn) -> tuple[str, list[dict]]:
     """A unit of work: a state change and the audit event that records it."""
     conn.execute(text("INSERT INTO notes (v) VALUES ('approved')"))
@@ -638,8 +644,7 @@ def test_a_unit_submitted_from_an_event_loop_runs_in_queue_order_without_blockin
     awaits the future (resolved on the writer thread) and gets the unit's result; a unit that raises
     hands its exception back with nothing of it written."""
     recorder = Recorder(make_engine(f"sqlite:///{db_path}"), linger=5.0, busy_rate=0.0)
-    with recorder.engine.begin() as conn:
-        conn.execute(text("CREATE TABLE notes (id INTEGER PRIMARY KEY, v TEXT)"))
+    _with_notes(recorder)
 
     def broken(conn) -> tuple[None, list[dict]]:
         conn.execute(text("INSERT INTO notes (v) VALUES ('half done')"))
@@ -669,8 +674,7 @@ def test_a_unit_submitted_from_an_event_loop_runs_in_queue_order_without_blockin
 
 def test_a_unit_not_started_in_time_on_a_thread_is_withdrawn_with_the_same_timeout_error(db_path: Path):
     recorder = Recorder(make_engine(f"sqlite:///{db_path}"))
-    with recorder.engine.begin() as conn:
-        conn.execute(text("CREATE TABLE notes (id INTEGER PRIMARY KEY, v TEXT)"))
+    _with_notes(recorder)
     try:
         with recorder._writing, pytest.raises(TimeoutError, match="did not take the change within 0.2 s: busy"):
             recorder.transact(_note, timeout=0.2)
@@ -685,8 +689,7 @@ def test_a_unit_started_before_its_timeout_runs_to_its_outcome(db_path: Path):
     """The timer withdraws only a unit the writer has not started: one running when it fires commits,
     and its caller gets its result."""
     recorder = Recorder(make_engine(f"sqlite:///{db_path}"))
-    with recorder.engine.begin() as conn:
-        conn.execute(text("CREATE TABLE notes (id INTEGER PRIMARY KEY, v TEXT)"))
+    _with_notes(recorder)
     started, go_on = threading.Event(), threading.Event()
 
     def slow(conn) -> tuple[str, list[dict]]:
@@ -718,8 +721,7 @@ def test_a_units_loop_timer_is_cancelled_once_the_unit_is_done(db_path: Path):
     keeping a loop timer, the future and its result alive for the whole timeout after every unit.
     (asyncio has no public view of its timers: the loop's `_scheduled` heap is read.)"""
     recorder = Recorder(make_engine(f"sqlite:///{db_path}"))
-    with recorder.engine.begin() as conn:
-        conn.execute(text("CREATE TABLE notes (id INTEGER PRIMARY KEY, v TEXT)"))
+    _with_notes(recorder)
 
     async def submit(n: int) -> int:
         loop = asyncio.get_running_loop()
@@ -744,8 +746,7 @@ def test_a_unit_submitted_from_an_event_loop_is_withdrawn_when_not_started_in_ti
     `TimeoutError` saying why, as `transact` raises (review finding 5b: it was `CancelledError`); while
     the store is known to be failing, submitting raises at once."""
     recorder = Recorder(make_engine(f"sqlite:///{db_path}"))
-    with recorder.engine.begin() as conn:
-        conn.execute(text("CREATE TABLE notes (id INTEGER PRIMARY KEY, v TEXT)"))
+    _with_notes(recorder)
 
     async def submit() -> None:
         await asyncio.wrap_future(recorder.transact_soon(_note, timeout=0.2))
@@ -762,4 +763,126 @@ def test_a_unit_submitted_from_an_event_loop_is_withdrawn_when_not_started_in_ti
         recorder._failing = False
     finally:
         recorder.close()
+        recorder.engine.dispose()
+
+
+@pytest.fixture
+def own_switch_interval() -> Iterator[Callable[[float], float]]:
+    """Sets the process's own switch interval for a test (returning it), and puts back what it was."""
+    before = sys.getswitchinterval()
+
+    def own(interval: float) -> float:
+        sys.setswitchinterval(interval)
+        return interval
+
+    yield own
+    sys.setswitchinterval(before)
+
+
+def _after_its_callbacks(unit: Future) -> Future:
+    """`unit`, whose `callbacks_done` is set once the callbacks added before this one have run (a future
+    runs them in order, after it has woken whoever waits on its result)."""
+    unit.callbacks_done = threading.Event()  # type: ignore[attr-defined]
+    unit.add_done_callback(lambda _: unit.callbacks_done.set())  # type: ignore[attr-defined]
+    return unit
+
+
+@pytest.mark.parametrize("ending", ["committed", "failed", "withdrawn"])
+def test_threads_switch_sooner_only_while_a_unit_a_reviewer_waits_on_is_queued_or_running(
+        db_path: Path, ending: str, own_switch_interval: Callable[[float], float]):
+    """While a unit `ahead_of_calls` (a vote, a release) waits or runs, the GIL's switch interval is
+    `URGENT_SWITCH_INTERVAL`, so the writer takes the GIL back from a busy loop sooner after each
+    call into the database; however the unit ends, the process's own interval comes back. A plain
+    unit leaves it alone."""
+    recorder = Recorder(make_engine(f"sqlite:///{db_path}"))
+    _with_notes(recorder)
+    own = own_switch_interval(0.004)
+    seen: list[float] = []
+
+    def note(conn, fails: bool = False) -> tuple[str, list[dict]]:
+        seen.append(sys.getswitchinterval())
+        if fails:
+            raise ValueError("the request changed meanwhile")
+        return _note(conn)
+
+    def failing(conn) -> tuple[str, list[dict]]:
+        return note(conn, fails=True)
+
+    try:
+        assert recorder.transact(note) == "done"  # a plain unit
+        assert seen == [pytest.approx(own, rel=0.05)]
+        seen.clear()
+        if ending == "withdrawn":
+            with recorder._writing:  # the writer cannot start it
+                unit = recorder.transact_soon(note, ahead_of_calls=True)
+                assert sys.getswitchinterval() == pytest.approx(store.URGENT_SWITCH_INTERVAL, rel=0.05)
+                recorder._withdraw(unit, 0.1)
+            with pytest.raises(TimeoutError):
+                unit.result(5)
+        else:
+            with recorder._writing:  # so the unit cannot end before the test's callback is added
+                unit = _after_its_callbacks(
+                    recorder.transact_soon(failing if ending == "failed" else note, ahead_of_calls=True))
+            if ending == "failed":
+                with pytest.raises(ValueError):
+                    unit.result(5)
+            else:
+                assert unit.result(5) == "done"
+            assert seen == [pytest.approx(store.URGENT_SWITCH_INTERVAL, rel=0.05)]
+            assert unit.callbacks_done.wait(5)  # a future wakes its waiters before it runs its callbacks
+        assert sys.getswitchinterval() == pytest.approx(own, rel=0.05)
+    finally:
+        recorder.close()
+        recorder.engine.dispose()
+
+
+def test_two_recorders_units_overlapping_leave_the_process_s_own_switch_interval(
+        tmp_path: Path, own_switch_interval: Callable[[float], float]):
+    """The switch interval is the process's: a reviewer's unit on one recorder ending while another's still
+    waits keeps it cut, and once both are done the process's own is back, to the microsecond (115 us is
+    one that reads back a hair under and would be set one microsecond shorter)."""
+    recorders = [Recorder(make_engine(f"sqlite:///{tmp_path / f'{n}.db'}")) for n in range(2)]
+    for recorder in recorders:
+        _with_notes(recorder)
+    own_switch_interval(115e-6)
+    blocked: list[Recorder] = []
+    try:
+        for recorder in recorders:  # neither writer can start its unit yet
+            recorder._writing.acquire()
+            blocked.append(recorder)
+        first, second = (_after_its_callbacks(recorder.transact_soon(_note, ahead_of_calls=True))
+                         for recorder in recorders)
+        blocked.pop(0)._writing.release()
+        assert first.result(5) == "done" and first.callbacks_done.wait(5)
+        assert sys.getswitchinterval() == pytest.approx(store.URGENT_SWITCH_INTERVAL, rel=0.05)  # still cut
+        blocked.pop(0)._writing.release()
+        assert second.result(5) == "done" and second.callbacks_done.wait(5)
+        assert round(sys.getswitchinterval() * 1e6) == 115
+    finally:
+        for recorder in blocked:  # a failed assertion must not leave a writer blocked at close
+            recorder._writing.release()
+        for recorder in recorders:
+            recorder.close()
+            recorder.engine.dispose()
+
+
+def test_a_unit_taken_for_a_batch_the_store_never_takes_fails_when_the_recorder_closes(
+        db_path: Path, own_switch_interval: Callable[[float], float]):
+    """The writer takes a unit with the rows before it; the store refuses those rows until `close` gives up
+    and the writer stops: the unit, never run, ends with "closed" rather than never, and a reviewer's unit
+    gives the process back its own switch interval (else the last one's count is held for good)."""
+    recorder = Recorder(make_engine(f"sqlite:///{db_path}"), retry_interval=0.05)
+    _with_notes(recorder)
+    own = own_switch_interval(0.004)
+    try:
+        with recorder._writing:  # both queued before the writer takes either
+            recorder.record(_row(0))
+            unit = recorder.transact_soon(_note, ahead_of_calls=True)
+            _drop_decisions(db_path)
+        wait_until(lambda: recorder.last_error is not None, "the writer to fail on the row before the unit")
+        recorder.close(timeout=0.3)
+        with pytest.raises(RuntimeError, match="the recorder is closed"):
+            unit.result(1)
+        assert sys.getswitchinterval() == pytest.approx(own, rel=0.05)
+    finally:
         recorder.engine.dispose()
