@@ -132,7 +132,10 @@ def make_engine(url: str) -> SAEngine:
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             # WAL lets the API read while the writer appends; NORMAL is durable across process crashes.
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
+            # Turning a new file to WAL takes its exclusive lock, and SQLite fails at once, without its
+            # busy handler, if another connection holds one (a second instance starting on the same new
+            # state dir): it would otherwise stop that instance's start with "database is locked".
+            _while_busy(lambda: cur.execute("PRAGMA journal_mode=WAL"))
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=5000")
             # A checkpoint that resets the WAL also shrinks it to this, so a burst leaves no large file.
@@ -173,12 +176,18 @@ def begin_immediate(execute: Callable[[str], object]) -> None:
     On a connection whose busy_timeout is 0 (the recorder's writer, `Recorder._writer_connection`) the
     waiting is done here, in short steps; on any other, SQLite's busy handler does it before the first
     try fails, and no second try is made."""
+    _while_busy(lambda: execute("BEGIN IMMEDIATE"))
+
+
+def _while_busy(attempt: Callable[[], T]) -> T:
+    """`attempt()`, tried again in short steps while SQLite says "database is locked", for up to
+    `BUSY_TIMEOUT`: for a connection without a busy handler, and for the statements SQLite fails at once
+    rather than risk a deadlock in its handler (turning a database to WAL while another holds a lock)."""
     deadline = time.monotonic() + BUSY_TIMEOUT
     pause = BUSY_FIRST_PAUSE
     while True:
         try:
-            execute("BEGIN IMMEDIATE")
-            return
+            return attempt()
         except Exception as exc:
             if not _busy(exc) or time.monotonic() >= deadline:
                 raise

@@ -19,6 +19,7 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from proxy_support import sqlite_rows, wait_until
@@ -97,6 +98,36 @@ def test_sqlite_file_is_in_wal_mode(sqlite_recorder: Recorder, db_path: Path):
     con = sqlite3.connect(db_path)
     assert con.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     con.close()
+
+
+def test_connections_opening_one_new_file_at_once_all_open_it_in_wal_mode(tmp_path: Path):
+    # Instances starting together on a new state dir: each connection turns the new file to WAL, and
+    # SQLite refuses all but one at once ("database is locked") rather than wait. Without waiting those
+    # out, some rounds of this race lost a connection (5 of 60 here), so an instance did not start.
+    def open_at_once(url: str, count: int) -> list[object]:
+        engines = [make_engine(url) for _ in range(count)]
+        together = threading.Barrier(count)
+        modes: list[object] = []
+
+        def open_one(engine: Any) -> None:
+            together.wait()
+            try:
+                with engine.connect() as conn:
+                    modes.append(conn.exec_driver_sql("PRAGMA journal_mode").scalar())
+            except Exception as exc:  # noqa: BLE001 - the failure is the finding
+                modes.append(exc)
+        threads = [threading.Thread(target=open_one, args=(engine,)) for engine in engines]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        for engine in engines:
+            engine.dispose()
+        return modes
+
+    for round_ in range(100):
+        modes = open_at_once(f"sqlite:///{tmp_path / f'round-{round_}.db'}", 3)
+        assert modes == ["wal"] * 3, f"round {round_}: {modes}"
 
 
 def test_dropped_table_keeps_rows_reports_and_recovers(sqlite_recorder: Recorder, db_path: Path):
